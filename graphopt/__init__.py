@@ -1,0 +1,66 @@
+"""graphopt: a compiler-style graph optimizer for PyTorch models, with proof of equivalence.
+
+```python
+fast = graphopt.optimize(model, example_inputs, target="cpu")   # or "gpu", "onnx"
+fast(*example_inputs)
+print(fast.report)
+fast.export_onnx("model.onnx")
+```
+"""
+
+from graphopt.api import OptimizedModel, optimize
+from graphopt.capture import CapturedModel, capture
+from graphopt.errors import (
+    CaptureError,
+    DeviceUnavailableError,
+    GraphoptError,
+    InputError,
+    LoweringError,
+    PassError,
+    UnknownPassError,
+    UnsupportedOpError,
+    VerificationError,
+)
+from graphopt.instruments import Instrument, IRDumpInstrument, TimingInstrument
+from graphopt.pass_infra import Pass, PassResult, available_passes, get_pass, register_pass
+from graphopt.pass_manager import PassManager
+from graphopt.report import PassRecord, Report
+from graphopt.rules import Match, RewriteRules, Rule
+from graphopt.target import DEFAULT_PIPELINE, Target, available_targets, get_target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_PIPELINE",
+    "CaptureError",
+    "CapturedModel",
+    "DeviceUnavailableError",
+    "GraphoptError",
+    "IRDumpInstrument",
+    "InputError",
+    "Instrument",
+    "LoweringError",
+    "Match",
+    "OptimizedModel",
+    "Pass",
+    "PassError",
+    "PassManager",
+    "PassRecord",
+    "PassResult",
+    "Report",
+    "RewriteRules",
+    "Rule",
+    "Target",
+    "TimingInstrument",
+    "UnknownPassError",
+    "UnsupportedOpError",
+    "VerificationError",
+    "__version__",
+    "available_passes",
+    "available_targets",
+    "capture",
+    "get_pass",
+    "get_target",
+    "optimize",
+    "register_pass",
+]

@@ -1,0 +1,156 @@
+"""The ``graphopt`` command: ``demo``, ``optimize FILE.py:FACTORY`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphopt.errors import GraphoptError, InputError
+
+__all__ = ["build_parser", "load_factory", "main", "parse_input_shapes"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+
+
+def load_factory(spec: str) -> Any:
+    """Import ``FILE.py:FACTORY`` and return the object it names."""
+    path_text, sep, attribute = spec.rpartition(":")
+    if not sep or not path_text or not attribute:
+        raise InputError(f"expected FILE.py:FACTORY, got {spec!r} (e.g. models.py:build_model)")
+    path = Path(path_text)
+    if not path.is_file():
+        raise InputError(f"model file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    if module_spec is None or module_spec.loader is None:
+        raise InputError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    if not hasattr(module, attribute):
+        names = sorted(n for n in vars(module) if not n.startswith("_") and callable(vars(module)[n]))
+        raise InputError(f"{path} has no {attribute!r}; callables there: {', '.join(names) or 'none'}")
+    return getattr(module, attribute)
+
+
+def parse_input_shapes(shapes: Sequence[str], dtypes: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    """Build random example inputs from ``--input-shape 1,3,224,224`` (and optional ``--input-dtype``)."""
+    if dtypes and len(dtypes) not in (1, len(shapes)):
+        raise InputError(f"give one --input-dtype, or one per --input-shape ({len(shapes)}), not {len(dtypes)}")
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for index, text in enumerate(shapes):
+        try:
+            shape = [int(d) for d in text.split(",") if d.strip()]
+        except ValueError as error:
+            raise InputError(f"--input-shape {text!r} is not a comma-separated list of integers") from error
+        name = dtypes[index if len(dtypes) > 1 else 0] if dtypes else "float32"
+        if name not in _DTYPES:
+            raise InputError(f"unknown --input-dtype {name!r}; choose from {', '.join(_DTYPES)}")
+        dtype = _DTYPES[name]
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator).to(dtype))
+        else:
+            inputs.append(torch.randint(0, 2 if dtype == torch.bool else 100, shape, generator=generator).to(dtype))
+    return tuple(inputs)
+
+
+def _command_optimize(args: argparse.Namespace) -> int:
+    import graphopt
+
+    factory = load_factory(args.model)
+    built = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
+    model, inputs = built if isinstance(built, tuple) else (built, None)
+    if args.input_shape:
+        inputs = parse_input_shapes(args.input_shape, args.input_dtype or [])
+    if inputs is None:
+        raise InputError("give --input-shape (e.g. --input-shape 1,3,224,224), or have FACTORY return (model, inputs)")
+    fast = graphopt.optimize(model, inputs, target=args.target, disabled=args.disable or (),
+                             on_error="rollback" if args.rollback else "raise")
+    print(fast.report)
+    if args.output:
+        output = Path(args.output)
+        if output.suffix == ".onnx":
+            fast.export_onnx(output)
+        elif output.suffix == ".pt2":
+            program = torch.export.export(fast.graph_module, inputs, strict=False)
+            torch.export.save(program, output)
+        else:
+            raise InputError(f"-o {output}: use a .onnx (ONNX) or .pt2 (torch.export) file name")
+        print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB)")
+    if args.report_markdown:
+        Path(args.report_markdown).write_text(fast.report.to_markdown())
+    return 0
+
+
+def _command_demo(args: argparse.Namespace) -> int:
+    import graphopt
+    from graphopt import zoo
+    from graphopt.bench import run_benchmark
+
+    entry = zoo.load(args.model, size="small", batch=args.batch)
+    print(f"demo: optimizing {entry.name} ({entry.description}) for target {args.target}\n")
+    fast = graphopt.optimize(entry.model, entry.example_inputs, target=args.target)
+    print(fast.report, "\n")
+    backend = f"graphopt-{args.target}"
+    result = run_benchmark([(entry.name, entry.model, entry.example_inputs)], target="cpu",
+                           backends=["eager", backend], progress=True)
+    print(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``graphopt`` command."""
+    parser = argparse.ArgumentParser(prog="graphopt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="optimize a built-in example model and measure the speedup")
+    demo.add_argument("--model", default="resnet18", help="zoo model to use (default: resnet18)")
+    demo.add_argument("--target", default="cpu", choices=["cpu", "onnx"])
+    demo.add_argument("--batch", type=int, default=8)
+    demo.set_defaults(func=_command_demo)
+
+    optimize = commands.add_parser("optimize", help="optimize a model defined in your own file")
+    optimize.add_argument("model", help="FILE.py:FACTORY — FACTORY() returns a module, or (module, inputs)")
+    optimize.add_argument("--input-shape", action="append", help="e.g. 1,3,224,224 (repeat for each input)")
+    optimize.add_argument("--input-dtype", action="append", help=f"one of {', '.join(_DTYPES)} (default float32)")
+    optimize.add_argument("--target", default="cpu", choices=["cpu", "gpu", "onnx"])
+    optimize.add_argument("-o", "--output", help="write the optimized model: .onnx or .pt2")
+    optimize.add_argument("--disable", action="append", help="skip a pass by name (repeatable)")
+    optimize.add_argument("--rollback", action="store_true", help="undo failing passes instead of stopping")
+    optimize.add_argument("--report-markdown", help="also write the report as Markdown to this file")
+    optimize.set_defaults(func=_command_optimize)
+
+    try:
+        from graphopt.bench import add_bench_parser
+    except ImportError:  # the benchmark harness is optional at import time
+        pass
+    else:
+        add_bench_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``graphopt`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="graphopt: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except GraphoptError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Exception classes: every error graphopt raises says what went wrong and what to do."""
+
+from __future__ import annotations
+
+
+class GraphoptError(Exception):
+    """Base class of every error graphopt raises on purpose."""
+
+
+class InputError(GraphoptError, ValueError):
+    """The model or its example inputs are not something graphopt can work with."""
+
+
+class CaptureError(GraphoptError):
+    """The model could not be captured into a graph (names the offending source line)."""
+
+    def __init__(self, message: str, source_line: str | None = None) -> None:
+        super().__init__(message)
+        self.source_line = source_line
+
+
+class PassError(GraphoptError):
+    """A pass raised, or produced a graph that fails verification."""
+
+    def __init__(self, message: str, pass_name: str, node: str | None = None) -> None:
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.node = node
+
+
+class VerificationError(PassError):
+    """A pass changed what the graph computes (outputs differ beyond tolerance) or broke it."""
+
+
+class UnknownPassError(GraphoptError, KeyError):
+    """No pass is registered under the requested name."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0])
+
+
+class LoweringError(GraphoptError):
+    """A target could not lower the optimized graph."""
+
+
+class UnsupportedOpError(LoweringError):
+    """The graph holds an op that the target cannot lower (names the op and the node)."""
+
+    def __init__(self, message: str, op: str, nodes: list[str]) -> None:
+        super().__init__(message)
+        self.op = op
+        self.nodes = nodes
+
+
+class DeviceUnavailableError(LoweringError):
+    """The target needs a device this machine does not have (e.g. CUDA for target='gpu')."""

@@ -1,0 +1,20 @@
+"""Built-in passes, one module per pass family. Find them by name with ``graphopt.get_pass``."""
+
+from graphopt.passes.batchnorm_folding import FoldConvBatchNorm, FoldLinearBatchNorm
+from graphopt.passes.cleanup import (
+    CommonSubexpressionElimination,
+    DeadCodeElimination,
+    RemoveDropout,
+    RemoveIdentity,
+)
+from graphopt.passes.constant_folding import ConstantFolding
+
+__all__ = [
+    "CommonSubexpressionElimination",
+    "ConstantFolding",
+    "DeadCodeElimination",
+    "FoldConvBatchNorm",
+    "FoldLinearBatchNorm",
+    "RemoveDropout",
+    "RemoveIdentity",
+]

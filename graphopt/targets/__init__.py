@@ -1,0 +1,1 @@
+"""Backends that lower an optimized graph: ``cpu`` and ``gpu`` (PyTorch), ``onnx`` (onnxruntime)."""

@@ -1,0 +1,136 @@
+"""Verification: structural lint and numerical comparison of a graph against a reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from graphopt.ir import attribute_value, run_and_record
+
+__all__ = ["Comparison", "Tolerance", "compare_outputs", "first_divergence", "lint", "tolerance_for"]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Allowed error: ``|a - b| <= atol + rtol * scale`` with scale the reference's max magnitude."""
+
+    rtol: float
+    atol: float
+
+
+_TOLERANCES = {
+    torch.float64: Tolerance(rtol=1e-7, atol=1e-9),
+    torch.float32: Tolerance(rtol=1e-4, atol=1e-5),
+    torch.float16: Tolerance(rtol=1e-2, atol=1e-3),
+    torch.bfloat16: Tolerance(rtol=2e-2, atol=1e-2),
+}
+_EXACT = Tolerance(rtol=0.0, atol=0.0)
+
+
+def tolerance_for(dtype: torch.dtype, scale: float = 1.0) -> Tolerance:
+    """The default tolerance for outputs of ``dtype`` (exact for integers and bools).
+
+    ``scale`` widens floating-point tolerances, for passes that trade precision on purpose.
+    """
+    base = _TOLERANCES.get(dtype)
+    if base is None:
+        return _EXACT
+    return Tolerance(rtol=base.rtol * scale, atol=base.atol * scale)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Result of comparing outputs: the worst absolute and scaled errors and whether all pass."""
+
+    ok: bool
+    max_abs_diff: float
+    max_scaled_diff: float
+    detail: str = ""
+
+
+def _compare_pair(actual: Any, expected: Any, tolerance_scale: float) -> tuple[bool, float, float, str]:
+    if not isinstance(expected, torch.Tensor):
+        same = actual == expected
+        return bool(same), 0.0 if same else float("inf"), 0.0 if same else float("inf"), "" if same else (
+            f"expected {expected!r}, got {actual!r}"
+        )
+    if not isinstance(actual, torch.Tensor):
+        return False, float("inf"), float("inf"), f"expected a tensor, got {type(actual).__name__}"
+    if actual.shape != expected.shape:
+        return False, float("inf"), float("inf"), f"shape {list(actual.shape)} != {list(expected.shape)}"
+    if actual.dtype != expected.dtype:
+        return False, float("inf"), float("inf"), f"dtype {actual.dtype} != {expected.dtype}"
+    if expected.numel() == 0:
+        return True, 0.0, 0.0, ""
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    if not expected.is_floating_point() and not expected.is_complex():
+        diff = float((a - e).abs().max())
+        return diff == 0.0, diff, diff, "" if diff == 0.0 else "integer outputs differ"
+    both_nan = torch.isnan(a) & torch.isnan(e)
+    delta = (a - e).abs().masked_fill(both_nan, 0.0)
+    if torch.isnan(delta).any():
+        return False, float("nan"), float("inf"), "NaN where the reference has a number"
+    finite = torch.isfinite(e)
+    scale = float(e[finite].abs().max()) if finite.any() else 1.0
+    tol = tolerance_for(expected.dtype, tolerance_scale)
+    max_abs = float(delta.max())
+    scaled = max_abs / max(scale, 1e-12)
+    ok = max_abs <= tol.atol + tol.rtol * scale
+    return ok, max_abs, scaled, "" if ok else f"max abs diff {max_abs:.3g} exceeds {tol.atol:.0e} + {tol.rtol:.0e}×{scale:.3g}"
+
+
+def compare_outputs(actual: Any, expected: Any, tolerance_scale: float = 1.0) -> Comparison:
+    """Compare two (nested) outputs leaf by leaf with dtype-aware tolerances."""
+    actual_leaves = pytree.tree_leaves(actual)
+    expected_leaves = pytree.tree_leaves(expected)
+    if len(actual_leaves) != len(expected_leaves):
+        return Comparison(False, float("inf"), float("inf"), f"{len(actual_leaves)} outputs, expected {len(expected_leaves)}")
+    ok, worst_abs, worst_scaled, detail = True, 0.0, 0.0, ""
+    for index, (a, e) in enumerate(zip(actual_leaves, expected_leaves, strict=True)):
+        leaf_ok, max_abs, scaled, why = _compare_pair(a, e, tolerance_scale)
+        worst_abs, worst_scaled = max(worst_abs, max_abs), max(worst_scaled, scaled)
+        if not leaf_ok and ok:
+            ok, detail = False, f"output {index}: {why}"
+    return Comparison(ok, worst_abs, worst_scaled, detail)
+
+
+def lint(gm: fx.GraphModule) -> list[str]:
+    """Structural problems of ``gm``: fx's own lint plus dangling attributes and missing meta."""
+    problems: list[str] = []
+    try:
+        gm.graph.lint()
+    except Exception as error:
+        problems.append(f"fx lint: {error}")
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and attribute_value(gm, node) is None:
+            try:
+                gm.get_submodule(str(node.target))
+            except AttributeError:
+                problems.append(f"node {node.name} reads missing attribute {node.target!r}")
+        if node.op == "call_function" and not callable(node.target):
+            problems.append(f"node {node.name} calls non-callable {node.target!r}")
+        if node.op in ("placeholder", "call_function") and "tensor_meta" not in node.meta and "val" not in node.meta:
+            problems.append(f"node {node.name} has no shape/dtype meta")
+    return problems
+
+
+def first_divergence(
+    before: fx.GraphModule, after: fx.GraphModule, flat_inputs: tuple[Any, ...], tolerance_scale: float = 1.0
+) -> str | None:
+    """Name the first node of ``after`` (in order) whose value differs from the same-named node of ``before``."""
+    _, old_values = run_and_record(before, flat_inputs, keep_values=True)
+    _, new_values = run_and_record(after, flat_inputs, keep_values=True)
+    for node in after.graph.nodes:
+        if node.name not in old_values or node.name not in new_values:
+            continue
+        old, new = old_values[node.name], new_values[node.name]
+        if not isinstance(old, torch.Tensor) or not isinstance(new, torch.Tensor) or old.shape != new.shape:
+            continue
+        if not compare_outputs(new, old, tolerance_scale).ok:
+            return node.name
+    return None

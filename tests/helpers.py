@@ -1,0 +1,69 @@
+"""Test helpers: non-trivial batch-norm statistics, output comparison, a small CNN."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every batch norm non-trivial statistics, so folding it is a real test."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=generator) * 2 - 1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            if module.affine:
+                module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.data.copy_(torch.rand(n, generator=generator) - 0.5)
+    return model
+
+
+class SmallCNN(nn.Module):
+    """conv → BN → ReLU6, a depthwise conv → BN, dropout, linear → BN1d: every built-in pass fires."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn_dw = nn.BatchNorm2d(8)
+        self.dropout = nn.Dropout(0.2)
+        self.fc = nn.Linear(8, 5)
+        self.bn_fc = nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self.bn(self.conv(x)))
+        y = F.relu6(self.bn_dw(self.depthwise(y)))
+        y = self.dropout(y.mean((2, 3)))
+        return self.bn_fc(self.fc(y))
+
+
+def max_scaled_error(actual, expected) -> float:
+    """Max abs difference over all output tensors, divided by the reference's max magnitude."""
+    worst = 0.0
+    for a, e in zip(pytree.tree_leaves(actual), pytree.tree_leaves(expected), strict=True):
+        if isinstance(e, torch.Tensor) and e.is_floating_point():
+            scale = max(float(e.abs().max()), 1e-6)
+            worst = max(worst, float((a.detach().cpu() - e.detach().cpu()).abs().max()) / scale)
+    return worst
+
+
+def assert_matches(optimized, model: nn.Module, inputs: tuple, kwargs: dict | None = None, tol: float = 1e-4) -> float:
+    """Assert the optimized module computes what the eager model computes; return the scaled error."""
+    kwargs = kwargs or {}
+    with torch.no_grad():
+        expected = model(*inputs, **kwargs)
+    actual = optimized(*inputs, **kwargs)
+    assert len(pytree.tree_leaves(actual)) == len(pytree.tree_leaves(expected))
+    error = max_scaled_error(actual, expected)
+    assert error <= tol, f"outputs differ: scaled error {error:.3g} > {tol}"
+    return error
+
+
+def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter and buffer, to prove a model was not modified."""
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}

@@ -1,0 +1,180 @@
+"""Tests for the benchmark harness: it ranks honestly, computes fidelity, and writes reproducible reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from graphopt import bench
+from graphopt.bench_report import BenchRow, TimingStats, compute_ratios
+from graphopt.bench_runner import Backend, Runner
+
+FAST = {"min_repeats": 5, "max_seconds": 0.3, "warmup": 1, "progress": False}
+
+
+class Tiny(nn.Module):
+    """Linear + ReLU, optionally sleeping a known time in forward."""
+
+    def __init__(self, sleep_s: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(8, 4)
+        self.sleep_s = sleep_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        return torch.relu(self.linear(x))
+
+
+def _tiny_inputs() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(2, 8, generator=torch.Generator().manual_seed(1)),)
+
+
+@dataclass(frozen=True)
+class PerturbedBackend(Backend):
+    """Eager, plus a fixed offset on every output: fidelity must notice it."""
+
+    name: str = "perturbed"
+    offset: float = 1e-3
+
+    def prepare(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Runner:
+        def perturbed(*inputs: torch.Tensor) -> torch.Tensor:
+            return model(*inputs) + self.offset
+
+        return perturbed
+
+
+@dataclass(frozen=True)
+class BrokenBackend(Backend):
+    """A backend whose setup fails: the run must record it and go on."""
+
+    name: str = "broken"
+
+    def prepare(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Runner:
+        raise RuntimeError("cannot lower this model")
+
+
+def _row(result: bench.BenchResult, model: str, backend: str) -> BenchRow:
+    return next(r for r in result.rows if r.model == model and r.backend == backend)
+
+
+@pytest.fixture(scope="module")
+def tiny_result() -> bench.BenchResult:
+    entries = [("tiny", Tiny(), _tiny_inputs())]
+    return bench.run_benchmark(entries, backends=["eager", PerturbedBackend(), BrokenBackend()], threads=1, **FAST)
+
+
+def test_sleeping_model_is_ranked_slower() -> None:
+    entries = [("sleepy", Tiny(sleep_s=0.02), _tiny_inputs()), ("plain", Tiny(), _tiny_inputs())]
+    result = bench.run_benchmark(entries, backends=["eager"], threads=1, **FAST)
+    sleepy, plain = _row(result, "sleepy", "eager"), _row(result, "plain", "eager")
+    assert sleepy.median_ms >= 20.0
+    assert plain.median_ms < sleepy.median_ms / 2
+    assert sleepy.timing.samples >= FAST["min_repeats"]
+
+
+def test_fidelity_is_computed_not_assumed(tiny_result: bench.BenchResult) -> None:
+    eager = _row(tiny_result, "tiny", "eager")
+    perturbed = _row(tiny_result, "tiny", "perturbed")
+    assert eager.max_abs_diff == 0.0
+    assert perturbed.max_abs_diff == pytest.approx(1e-3, rel=1e-3)
+    assert perturbed.min_cosine < 1.0
+    assert perturbed.median_ms is not None and perturbed.speedup_vs_eager is not None
+
+
+def test_failing_backend_is_recorded_not_raised(tiny_result: bench.BenchResult) -> None:
+    broken = _row(tiny_result, "tiny", "broken")
+    assert broken.error == "RuntimeError: cannot lower this model"
+    assert broken.timing is None
+    assert "ERROR: RuntimeError" in str(tiny_result)
+
+
+def test_json_and_markdown_state_machine_threads_and_command(tiny_result: bench.BenchResult) -> None:
+    data = json.loads(json.dumps(tiny_result.to_dict()))
+    meta = data["meta"]
+    assert meta["threads"] == 1
+    assert meta["machine"]["usable_cores"] >= 1 and "platform" in meta["machine"]
+    assert meta["versions"]["torch"] == torch.__version__
+    assert "run_benchmark(['tiny']" in meta["command"]
+    assert {row["backend"] for row in data["rows"]} == {"eager", "perturbed", "broken"}
+    assert all("median_ms" in row for row in data["rows"])
+    markdown = tiny_result.to_markdown()
+    for field in ("**Machine:**", "**Threads:** 1", "**Reproduce:**", "**Versions:**", "| tiny | 2 | eager |"):
+        assert field in markdown
+
+
+def test_timing_stats_and_noise_flag() -> None:
+    stats = TimingStats.from_samples([0.010, 0.010, 0.011, 0.012, 0.020])
+    assert stats.median_ms == pytest.approx(11.0)
+    assert stats.iqr_pct == pytest.approx(100 * (12.0 - 10.0) / 11.0)
+    assert stats.samples == 5
+
+
+def test_ratios_compare_with_eager_and_best_peer() -> None:
+    def timed(backend: str, ms: float) -> BenchRow:
+        return BenchRow("m", 1, backend, "cpu", timing=TimingStats(ms, ms, ms, 0.0, 5))
+
+    rows = [timed("eager", 10.0), timed("onnxruntime", 4.0), timed("graphopt-cpu", 2.0),
+            BenchRow("m", 1, "torch.compile", "cpu", error="boom")]
+    compute_ratios(rows)
+    assert rows[1].speedup_vs_eager == pytest.approx(2.5)
+    assert rows[2].best_peer == "onnxruntime" and rows[2].vs_best_peer == pytest.approx(2.0)
+    assert rows[1].vs_best_peer is None and rows[3].speedup_vs_eager is None
+
+
+def test_unknown_backend_name_lists_choices() -> None:
+    with pytest.raises(bench.UnknownBackendError, match="graphopt-cpu"):
+        bench.run_benchmark([("tiny", Tiny(), _tiny_inputs())], backends=["tvm"], **FAST)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphopt")
+    bench.add_bench_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_cli_writes_json_and_markdown(tmp_path: Path, capsys: Any) -> None:
+    json_path, md_path = tmp_path / "bench.json", tmp_path / "bench.md"
+    args = _parser().parse_args([
+        "bench", "resnet18", "--size", "small", "--backends", "eager", "--threads", "1", "--quiet",
+        "--max-seconds", "0.2", "--min-repeats", "3", "--json", str(json_path), "--markdown", str(md_path),
+    ])
+    assert args.func(args) == 0
+    assert "resnet18" in capsys.readouterr().out
+    meta = json.loads(json_path.read_text())["meta"]
+    assert meta["command"].startswith("graphopt bench resnet18 --target cpu --batch 1 --size small --threads 1")
+    assert "**Reproduce:** `graphopt bench resnet18" in md_path.read_text()
+
+
+def test_cli_rejects_gpu_without_cuda(capsys: Any) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args = _parser().parse_args(["bench", "resnet18", "--target", "gpu"])
+    assert args.func(args) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_batch_and_backend() -> None:
+    for bad in (["--batch", "0"], ["--batch", "x"], ["--backends", "tvm"]):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(["bench", "resnet18", *bad])
+
+
+def test_smoke_zoo_model_with_graphopt() -> None:
+    pytest.importorskip("graphopt.api", reason="graphopt.optimize is not importable yet")
+    result = bench.run_benchmark(["resnet18"], size="small", backends=["eager", "graphopt-cpu"], threads=1, **FAST)
+    row = _row(result, "resnet18", "graphopt-cpu")
+    assert row.error is None, row.details
+    assert row.median_ms > 0 and row.setup_s > 0
+    assert row.max_abs_diff < 1e-4 and row.min_cosine > 0.9999
+    assert row.vs_best_peer is not None and row.best_peer == "eager"
+    assert row.details  # graphopt's per-pass report is kept

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import graphopt
+from graphopt.ir import node_dtype, node_shape
+
+
+def test_every_node_has_shape_and_dtype(small_cnn):
+    model, inputs = small_cnn
+    captured = graphopt.capture(model, inputs)
+    computed = [n for n in captured.graph_module.graph.nodes if n.op in ("placeholder", "call_function", "get_attr")]
+    assert computed
+    for node in computed:
+        assert node_shape(node) is not None, node.name
+        assert node_dtype(node) is not None, node.name
+    conv = next(n for n in computed if n.target is torch.ops.aten.conv2d.default)
+    assert node_shape(conv) == (2, 8, 8, 8)
+    assert node_dtype(conv) == torch.float32
+
+
+def test_capture_hf_bert_returns_structured_output():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    fast = graphopt.optimize(model, (ids, torch.ones_like(ids)))
+    out = fast(ids, torch.ones_like(ids))
+    assert type(out).__name__ == "BaseModelOutputWithPoolingAndCrossAttentions"
+    torch.testing.assert_close(out.last_hidden_state, model(ids, torch.ones_like(ids)).last_hidden_state,
+                               atol=1e-5, rtol=1e-4)
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.linear(x)
+        if y.sum() > 0:  # value-dependent branch: not capturable
+            return y * 2
+        return y
+
+
+def test_untraceable_model_names_the_source_line():
+    with pytest.raises(graphopt.CaptureError) as info:
+        graphopt.optimize(DataDependent(), (torch.randn(2, 4),))
+    message = str(info.value)
+    assert "test_capture.py" in message
+    assert "if y.sum() > 0" in message
+    assert "torch.where" in message  # says what to do
+    assert info.value.source_line is not None and "test_capture.py" in info.value.source_line
+
+
+def test_wrong_input_shape_is_reported_with_shapes():
+    with pytest.raises(graphopt.InputError) as info:
+        graphopt.optimize(DataDependent(), (torch.randn(2, 5),))
+    message = str(info.value)
+    assert "torch.float32[2, 5]" in message
+    assert "example_inputs" in message
+    assert "self.linear(x)" in message
+
+
+def test_non_tensor_inputs_are_rejected():
+    with pytest.raises(graphopt.InputError, match="tuple of tensors"):
+        graphopt.optimize(DataDependent(), "not a tensor")
+    with pytest.raises(graphopt.InputError, match="torch.as_tensor"):
+        graphopt.optimize(DataDependent(), (np.zeros((2, 4)),))
+    with pytest.raises(graphopt.InputError, match="torch.nn.Module"):
+        graphopt.optimize(lambda x: x, (torch.randn(1),))
+
+
+def test_gpt2_with_cache_explains_use_cache():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with pytest.raises(graphopt.CaptureError, match="use_cache=False"):
+        graphopt.optimize(model, (torch.randint(0, 100, (1, 8)),), example_kwargs={"use_cache": True})
+    fast = graphopt.optimize(model, (torch.randint(0, 100, (1, 8)),), example_kwargs={"use_cache": False})
+    assert fast.report.final_check == "passed"
+
+
+def test_user_model_is_not_mutated(small_cnn):
+    model, inputs = small_cnn
+    model.train()  # optimize must not flip the user's mode either
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ids_before = {k: id(v) for k, v in model.state_dict(keep_vars=True).items()}
+    model.eval()
+    graphopt.optimize(model, inputs)
+    model.train()
+    graphopt.optimize(model, inputs)
+    assert model.training
+    after = model.state_dict(keep_vars=True)
+    assert set(after) == set(before)
+    for name, value in after.items():
+        assert torch.equal(value.detach(), before[name]), name
+        assert id(value) == ids_before[name], name
+    assert all(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in (model.bn, model.bn_fc))

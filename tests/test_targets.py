@@ -1,0 +1,107 @@
+"""Targets: cpu, gpu (skipped without CUDA), onnx; export_onnx; errors at lowering and call time."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+
+import graphopt
+from graphopt.ir import count_ops
+from helpers import assert_matches
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@torch.library.custom_op("graphopt_test::wobble", mutates_args=())
+def wobble(x: torch.Tensor) -> torch.Tensor:
+    return x.sin() * 2
+
+
+@wobble.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class UsesCustomOp(nn.Module):
+    def forward(self, x):
+        return wobble(x) + 1
+
+
+def test_onnx_target_runs_in_onnxruntime(small_cnn):
+    model, inputs = small_cnn
+    fast = graphopt.optimize(model, inputs, target="onnx")
+    assert type(fast.runner).__name__ == "OnnxRuntimeModule"
+    assert fast.report.final_check == "passed"
+    assert_matches(fast, model, inputs)
+
+
+def test_export_onnx_writes_a_checked_file_that_matches(small_cnn, tmp_path):
+    model, inputs = small_cnn
+    fast = graphopt.optimize(model, inputs, target="cpu")
+    path = fast.export_onnx(tmp_path / "model.onnx")
+    onnx.checker.check_model(onnx.load(str(path)))
+    session = ort.InferenceSession(str(path))
+    (out,) = session.run(None, {session.get_inputs()[0].name: inputs[0].numpy()})
+    np.testing.assert_allclose(out, model(*inputs).detach().numpy(), rtol=1e-4, atol=1e-5)
+    op_types = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "BatchNormalization" not in op_types
+
+
+def test_unexportable_op_names_op_and_node():
+    with pytest.raises(graphopt.UnsupportedOpError) as info:
+        graphopt.optimize(UsesCustomOp(), (torch.randn(3),), target="onnx")
+    assert info.value.op == "graphopt_test::wobble"
+    assert info.value.nodes == ["wobble"]
+    assert "graphopt_test::wobble" in str(info.value) and "node wobble" in str(info.value)
+    assert "target='cpu'" in str(info.value)
+    # the same model is fine on the cpu target
+    fast = graphopt.optimize(UsesCustomOp(), (torch.randn(3),), target="cpu")
+    assert count_ops(fast.graph_module)["graphopt_test.wobble.default"] == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_gpu_without_cuda_is_a_clear_error(small_cnn):
+    model, inputs = small_cnn
+    with pytest.raises(graphopt.DeviceUnavailableError, match="target='cpu'"):
+        graphopt.optimize(model, inputs, target="gpu")
+
+
+def test_unknown_target():
+    with pytest.raises(ValueError, match="choose one of cpu, gpu, onnx"):
+        graphopt.optimize(nn.ReLU(), (torch.randn(2),), target="tpu")
+
+
+@pytest.mark.parametrize("target", ["cpu", "onnx"])
+def test_calling_with_other_shapes_says_what_to_do(small_cnn, target):
+    model, inputs = small_cnn
+    fast = graphopt.optimize(model, inputs, target=target)
+    with pytest.raises(graphopt.InputError, match=r"shape \[4, 3, 8, 8\].*optimized for shape \[2, 3, 8, 8\]"):
+        fast(torch.randn(4, 3, 8, 8))
+    with pytest.raises(graphopt.InputError, match="do not match the example inputs"):
+        fast(torch.randn(2, 3, 8, 8), torch.randn(1))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_target_runs_on_cuda(small_cnn):
+    model, inputs = small_cnn
+    fast = graphopt.optimize(model, inputs, target="gpu")
+    out = fast(*inputs)
+    assert out.is_cuda
+    assert_matches(fast, model, inputs)
+    assert next(fast.runner.buffers()).is_cuda
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_target_runs_a_transformer_with_device_constants():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    fast = graphopt.optimize(model, (ids, torch.ones_like(ids)), target="gpu")
+    assert fast(ids, torch.ones_like(ids)).last_hidden_state.is_cuda
+    assert_matches(fast, model, (ids, torch.ones_like(ids)))
