@@ -18,6 +18,7 @@ from graphopt.errors import (
     LoweringError,
     PassError,
     UnknownPassError,
+    UnknownTargetError,
     UnsupportedOpError,
     VerificationError,
 )
@@ -25,7 +26,7 @@ from graphopt.instruments import Instrument, IRDumpInstrument, TimingInstrument
 from graphopt.pass_infra import Pass, PassResult, available_passes, get_pass, register_pass
 from graphopt.pass_manager import PassManager
 from graphopt.report import PassRecord, Report
-from graphopt.rules import Match, RewriteRules, Rule
+from graphopt.rules import Match, Refusal, RewriteRules, Rule
 from graphopt.target import DEFAULT_PIPELINE, Target, available_targets, get_target
 
 __version__ = "0.1.0"
@@ -47,12 +48,14 @@ __all__ = [
     "PassManager",
     "PassRecord",
     "PassResult",
+    "Refusal",
     "Report",
     "RewriteRules",
     "Rule",
     "Target",
     "TimingInstrument",
     "UnknownPassError",
+    "UnknownTargetError",
     "UnsupportedOpError",
     "VerificationError",
     "__version__",

@@ -114,8 +114,7 @@ def _entries(models: Sequence[Entry], size: str, batches: Sequence[int]) -> list
     plan: list[tuple[str, Any, int | None]] = []
     for entry in models:
         if isinstance(entry, str):
-            if entry not in zoo.list_models():
-                raise zoo.UnknownModelError(f"no zoo model named {entry!r}; available: {', '.join(zoo.list_models())}")
+            zoo.check_name(entry)
             plan += [(entry, entry, b) for b in batches]
         elif isinstance(entry, zoo.ZooModel):
             plan.append((entry.name, (entry.model, entry.example_inputs), None))
@@ -198,7 +197,7 @@ def run_benchmark(
                 try:
                     built = zoo.load(source, size=size, batch=batch or 1)
                 except zoo.ModelUnavailableError as exc:
-                    rows += [BenchRow(name, batch or 1, b.name, b.device, error=str(exc)) for b in chosen]
+                    rows.append(BenchRow(name, batch or 1, "*", "-", error=str(exc)))
                     report(f"{label}: unavailable: {exc}")
                     continue
                 model, inputs = built.model, built.example_inputs
@@ -284,14 +283,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
         print("graphopt bench: name at least one model, or --all; models: " + ", ".join(zoo.list_models()),
               file=sys.stderr)
         return 2
-    unknown = [m for m in models if m not in zoo.list_models()]
-    if unknown:
-        print(f"graphopt bench: unknown model(s) {', '.join(unknown)}; available: {', '.join(zoo.list_models())}",
-              file=sys.stderr)
-        return 2
     try:
+        for name in models:
+            zoo.check_name(name)
         _check_target(args.target)
-    except DeviceUnavailableError as exc:
+    except (zoo.UnknownModelError, DeviceUnavailableError) as exc:
         print(f"graphopt bench: {exc}", file=sys.stderr)
         return 2
     threads = args.threads or default_threads()

@@ -180,14 +180,14 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-COLUMNS = ("model", "batch", "backend", "median ms", "spread", "x eager", "vs best",
+COLUMNS = ("model", "batch", "backend", "median ms", "IQR", "x eager", "vs best",
            "setup s", "peak MiB", "size MB", "max |diff|", "min cos", "status")
 
 
 def row_cells(row: BenchRow) -> list[str]:
     """The table cells of one row, in ``COLUMNS`` order."""
     t = row.timing
-    spread = "-" if t is None else f"±{t.iqr_pct / 2:.1f}%" + (" NOISY" if row.noisy else "")
+    spread = "-" if t is None else f"{t.iqr_pct:.1f}%" + (" NOISY" if row.noisy else "")
     vs_best = "-" if row.vs_best_peer is None else f"{row.vs_best_peer:.2f}x {row.best_peer}"
     status = f"ERROR: {row.error}" if row.error else "; ".join(row.notes) or "ok"
     return [
@@ -199,8 +199,8 @@ def row_cells(row: BenchRow) -> list[str]:
 
 
 LEGEND = (
-    "median ms: median latency of one call after warm-up; spread: half the interquartile range "
-    f"as % of the median (NOISY above ±{NOISY_IQR_PCT / 2:.0f}%, i.e. IQR > {NOISY_IQR_PCT:.0f}%); "
+    "median ms: median latency of one call after warm-up; IQR: interquartile range of the "
+    f"latencies as % of the median (NOISY above {NOISY_IQR_PCT:.0f}%); "
     "x eager: eager median / backend median (>1 is faster); vs best: best of "
     f"{'/'.join(PEER_BACKENDS)} median / graphopt median (>1: graphopt is faster); "
     "setup s: model to first output (export/optimize, or torch.compile's first call); "

@@ -112,8 +112,7 @@ class OrtRunner:
 
         self._dir = tempfile.TemporaryDirectory(prefix="graphopt-bench-ort-")
         self.path = Path(self._dir.name) / "model.onnx"
-        with contextlib.redirect_stdout(sys.stderr):  # the exporter prints progress to stdout
-            program = torch.onnx.export(model, example_inputs, dynamo=True, verbose=False)
+        program = torch.onnx.export(model, example_inputs, dynamo=True, verbose=False)
         program.save(str(self.path))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -363,8 +362,8 @@ def setup_backend(backend: Backend, name: str, model: nn.Module, inputs: tuple[t
     row = BenchRow(name, _batch_of(inputs), backend.name, backend.device, notes=backend.notes())
     own_model = copy.deepcopy(model)  # before the probe: the copy is not the backend's cost
     device_inputs = tuple(x.to(backend.device) for x in inputs)
-    try:
-        with probe.measure() as peak, torch.no_grad():
+    try:  # libraries print progress to stdout, which belongs to the result table
+        with contextlib.redirect_stdout(sys.stderr), probe.measure() as peak, torch.no_grad():
             start = time.perf_counter()
             runner = backend.prepare(own_model, inputs)
             row.prepare_s = time.perf_counter() - start
@@ -376,7 +375,8 @@ def setup_backend(backend: Backend, name: str, model: nn.Module, inputs: tuple[t
         row.setup_peak_mib = peak[0]
         del own_model
         row.max_abs_diff, row.min_cosine = compare_to_reference(outputs, reference)
-        size = backend.artifact_bytes(runner, workdir)
+        with contextlib.redirect_stdout(sys.stderr):
+            size = backend.artifact_bytes(runner, workdir)
         row.size_mb = None if size is None else size / 1e6
         row.details = backend.describe(runner)
     except Exception as exc:  # a failing backend is a result, not a crash

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class GraphoptError(Exception):
     """Base class of every error graphopt raises on purpose."""
@@ -26,6 +28,7 @@ class PassError(GraphoptError):
         super().__init__(message)
         self.pass_name = pass_name
         self.node = node
+        self.report: Any = None  # the partial optimization report, attached by the pass manager
 
 
 class VerificationError(PassError):
@@ -37,6 +40,10 @@ class UnknownPassError(GraphoptError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0])
+
+
+class UnknownTargetError(GraphoptError, ValueError):
+    """``target=`` names no known backend."""
 
 
 class LoweringError(GraphoptError):

@@ -6,6 +6,8 @@ reading constants, registering new ones, dropping unused ones, and recording sha
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +19,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 __all__ = [
     "annotate_tensor_meta",
     "attribute_value",
+    "clone_graph_module",
     "count_ops",
     "iter_ops",
     "node_dtype",
@@ -103,6 +106,13 @@ def prune_unused_attributes(gm: fx.GraphModule) -> int:
             removed += 1
     gm.delete_all_unused_submodules()
     return removed
+
+
+def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of ``gm`` (weights included), without torch's pytree deprecation chatter."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(gm)
 
 
 def parameter_bytes(gm: torch.nn.Module) -> int:

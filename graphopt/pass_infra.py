@@ -32,9 +32,10 @@ class PassResult:
 class Pass:
     """Base class of every pass: subclass, set ``name``, implement ``run``.
 
-    ``run`` may edit ``gm`` in place (the pass manager keeps a copy to roll back to) and must
-    call ``gm.recompile()`` after editing its graph. Passes must preserve what the graph
-    computes; the pass manager verifies that after every pass.
+    ``run`` may edit ``gm`` in place: the pass manager keeps a copy to roll back to, and
+    recompiles the module afterwards (call ``gm.recompile()`` yourself only when running a
+    pass outside the manager). Passes must preserve what the graph computes; the pass
+    manager verifies that after every pass.
     """
 
     name: ClassVar[str] = ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -11,7 +10,7 @@ import torch.fx as fx
 
 from graphopt.errors import PassError, VerificationError
 from graphopt.instruments import Instrument
-from graphopt.ir import parameter_bytes, run_and_record
+from graphopt.ir import clone_graph_module, parameter_bytes, run_and_record
 from graphopt.pass_infra import Pass, PassResult
 from graphopt.report import PassRecord, Report
 from graphopt.verify import compare_outputs, first_divergence, lint
@@ -76,36 +75,39 @@ class PassManager:
         report: Report,
         iteration: int,
     ) -> tuple[fx.GraphModule, Any, bool]:
-        backup = copy.deepcopy(gm)
-        nodes_before, bytes_before = _node_count(gm), parameter_bytes(gm)
+        backup = clone_graph_module(gm)
+        record = PassRecord(pass_.name, "unchanged", _node_count(gm), _node_count(gm), parameter_bytes(gm),
+                            parameter_bytes(gm), 0.0, iteration=iteration)
         for instrument in self.instruments:
             instrument.before_pass(pass_, gm)
         started = time.perf_counter()
-        verify_started = started
         try:
-            result = self._apply(pass_, gm)
-            verify_started = time.perf_counter()
-            new_outputs, max_diff = self._check(pass_, gm, backup, flat_inputs, outputs) if self.verify else (outputs, None)
+            try:
+                result = self._apply(pass_, gm)
+            finally:
+                record.seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            new_outputs, record.max_abs_diff = (
+                self._check(pass_, gm, backup, flat_inputs, outputs) if self.verify else (outputs, None)
+            )
+            record.verify_seconds = time.perf_counter() - started
         except PassError as error:
             for instrument in self.instruments:
                 instrument.after_pass_failed(pass_, gm, error)
+            record.error = str(error)
+            record.status = "failed" if self.on_error == "raise" else "rolled back"
+            report.records.append(record)
             if self.on_error == "raise":
+                error.report = report
                 raise
-            report.records.append(PassRecord(
-                pass_.name, "rolled back", nodes_before, nodes_before, bytes_before, bytes_before,
-                verify_started - started, None, error=str(error), iteration=iteration,
-                verify_seconds=time.perf_counter() - verify_started,
-            ))
             return backup, outputs, False
         for instrument in self.instruments:
             instrument.after_pass(pass_, gm, result)
-        report.records.append(PassRecord(
-            pass_.name, "changed" if result.changed else "unchanged", nodes_before, _node_count(gm),
-            bytes_before, parameter_bytes(gm), verify_started - started, max_diff,
-            verify_seconds=time.perf_counter() - verify_started,
-            stats=dict(result.stats), rule_hits=dict(result.rule_hits),
-            near_misses={k: dict(v) for k, v in result.near_misses.items()}, iteration=iteration,
-        ))
+        record.status = "changed" if result.changed else "unchanged"
+        record.nodes_after, record.param_bytes_after = _node_count(gm), parameter_bytes(gm)
+        record.stats, record.rule_hits = dict(result.stats), dict(result.rule_hits)
+        record.near_misses = {k: dict(v) for k, v in result.near_misses.items()}
+        report.records.append(record)
         return gm, new_outputs, result.changed
 
     @staticmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from tabulate import tabulate
 
@@ -68,6 +68,17 @@ class Report:
                 totals[rule] = totals.get(rule, 0) + hits
         return totals
 
+    @property
+    def near_misses(self) -> dict[str, dict[str, int]]:
+        """For each rule or pass, how often a match was refused and why, summed over all passes."""
+        totals: dict[str, dict[str, int]] = {}
+        for record in self.records:
+            for rule, reasons in record.near_misses.items():
+                for reason, count in reasons.items():
+                    totals.setdefault(rule, {})
+                    totals[rule][reason] = totals[rule].get(reason, 0) + count
+        return totals
+
     def to_dict(self) -> dict[str, Any]:
         """The whole report as plain data (JSON-serialisable)."""
         return asdict(self)
@@ -89,15 +100,14 @@ class Report:
             ])
         return rows
 
-    _HEADERS = ["pass", "status", "nodes", "param bytes", "pass ms", "verify ms", "max |Δ|", "details"]
+    _HEADERS: ClassVar[list[str]] = ["pass", "status", "nodes", "param bytes", "pass ms", "verify ms", "max |Δ|", "details"]
 
     def _near_miss_lines(self) -> list[str]:
-        lines = []
-        for r in self.records:
-            for rule, reasons in r.near_misses.items():
-                for reason, count in reasons.items():
-                    lines.append(f"{rule}: {count}× not applied ({reason})")
-        return lines
+        return [
+            f"{rule}: {count}× not applied ({reason})"
+            for rule, reasons in self.near_misses.items()
+            for reason, count in reasons.items()
+        ]
 
     def _footer(self) -> list[str]:
         lines = [
@@ -117,10 +127,10 @@ class Report:
         return lines
 
     def __str__(self) -> str:
-        table = tabulate(self._rows(), headers=self._HEADERS, tablefmt="simple")
+        table = tabulate(self._rows(), headers=self._HEADERS, tablefmt="simple", disable_numparse=True)
         return table + "\n" + "\n".join(self._footer())
 
     def to_markdown(self) -> str:
         """The report as a Markdown table with its footer as a list."""
-        table = tabulate(self._rows(), headers=self._HEADERS, tablefmt="github")
+        table = tabulate(self._rows(), headers=self._HEADERS, tablefmt="github", disable_numparse=True)
         return table + "\n\n" + "\n".join(f"- {line}" for line in self._footer()) + "\n"

@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 
 import torch.fx as fx
 
+from graphopt.errors import UnknownTargetError
+
 __all__ = ["DEFAULT_PIPELINE", "Target", "available_targets", "get_target"]
 
 DEFAULT_PIPELINE: tuple[str, ...] = (
@@ -60,6 +62,6 @@ def get_target(name: str | Target) -> Target:
     if isinstance(name, Target):
         return name
     if name not in _TARGETS:
-        raise ValueError(f"unknown target {name!r}; choose one of {', '.join(available_targets())}")
+        raise UnknownTargetError(f"unknown target {name!r}; choose one of {', '.join(available_targets())}")
     module_name, class_name = _TARGETS[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)()

@@ -119,18 +119,39 @@ def lint(gm: fx.GraphModule) -> list[str]:
     return problems
 
 
+def _touched(before: fx.GraphModule, after: fx.GraphModule) -> set[str]:
+    """Names of the nodes of ``after`` that are new or whose op or arguments differ from ``before``."""
+    old = {n.name: n for n in before.graph.nodes}
+    touched = set()
+    for node in after.graph.nodes:
+        twin = old.get(node.name)
+        if twin is None or twin.target != node.target or repr(twin.args) != repr(node.args) or (
+            repr(twin.kwargs) != repr(node.kwargs)
+        ):
+            touched.add(node.name)
+    return touched
+
+
 def first_divergence(
     before: fx.GraphModule, after: fx.GraphModule, flat_inputs: tuple[Any, ...], tolerance_scale: float = 1.0
 ) -> str | None:
-    """Name the first node of ``after`` (in order) whose value differs from the same-named node of ``before``."""
+    """Name the node of ``after`` most likely to blame for a change in outputs.
+
+    That is the first node the pass touched whose value differs from the same-named node of
+    ``before``; failing that, the first same-named node whose value differs beyond tolerance.
+    """
     _, old_values = run_and_record(before, flat_inputs, keep_values=True)
     _, new_values = run_and_record(after, flat_inputs, keep_values=True)
-    for node in after.graph.nodes:
-        if node.name not in old_values or node.name not in new_values:
-            continue
-        old, new = old_values[node.name], new_values[node.name]
+    touched = _touched(before, after)
+
+    def differs(name: str, scale: float) -> bool:
+        old, new = old_values.get(name), new_values.get(name)
         if not isinstance(old, torch.Tensor) or not isinstance(new, torch.Tensor) or old.shape != new.shape:
-            continue
-        if not compare_outputs(new, old, tolerance_scale).ok:
-            return node.name
-    return None
+            return False
+        return not compare_outputs(new, old, scale).ok
+
+    names = [n.name for n in after.graph.nodes]
+    for name in names:
+        if name in touched and differs(name, tolerance_scale * 1e-2):
+            return name
+    return next((name for name in names if differs(name, tolerance_scale)), None)

@@ -204,7 +204,9 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_residual else self.conv(x)
 
 
-MOBILENET_V2_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+MOBILENET_V2_SETTINGS = (
+    (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1),
+)
 """(expand ratio t, channels c, repeats n, first stride s) per stage, from the paper."""
 
 
@@ -464,14 +466,19 @@ def list_models() -> list[str]:
     return list(_REGISTRY)
 
 
+def check_name(name: str) -> None:
+    """Raise UnknownModelError, listing the available names, unless ``name`` is a zoo entry."""
+    if name not in _REGISTRY:
+        raise UnknownModelError(f"no zoo model named {name!r}; available: {', '.join(list_models())}")
+
+
 def load(name: str, size: str = "small", batch: int = 1) -> ZooModel:
     """Build zoo entry ``name`` at ``size`` ("small" or "full") with ``batch`` example inputs.
 
     Raises UnknownModelError for a name not in ``list_models()``, ValueError for a
     bad size or batch, and ModelUnavailableError when the entry's weights are missing.
     """
-    if name not in _REGISTRY:
-        raise UnknownModelError(f"no zoo model named {name!r}; available: {', '.join(list_models())}")
+    check_name(name)
     if size not in SIZES:
         raise ValueError(f"zoo size must be one of {', '.join(SIZES)}, got {size!r}")
     if batch < 1:

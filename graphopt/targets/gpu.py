@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt.errors import DeviceUnavailableError
+from graphopt.ir import clone_graph_module
 from graphopt.target import Target
 
 __all__ = ["GpuTarget", "retarget_device_constants"]
@@ -66,7 +66,7 @@ class GpuTarget(Target):
     def lower(self, gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any]) -> Callable[..., Any]:
         """A CUDA copy of the graph module (the CPU graph stays for export and inspection)."""
         self.check_available()
-        on_device = copy.deepcopy(gm).to(self.device)
+        on_device = clone_graph_module(gm).to(self.device)
         retarget_device_constants(on_device, self.device)
         return on_device
 
