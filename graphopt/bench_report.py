@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,10 @@ LEGEND = (
 )
 
 
+def _markdown_line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
 @dataclass
 class BenchResult:
     """All rows of one benchmark run plus the facts needed to reproduce and compare it."""
@@ -252,7 +257,6 @@ class BenchResult:
             f"- **Reproduce:** `{meta['command']}`",
             "",
         ]
-        cells = [row_cells(r) for r in self.rows]
-        table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        table += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in cells]
+        table = [_markdown_line(COLUMNS), "|" + "---|" * len(COLUMNS)]
+        table += [_markdown_line(row_cells(r)) for r in self.rows]
         return "\n".join(header + table + ["", LEGEND, ""])

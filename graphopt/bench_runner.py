@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -310,6 +310,12 @@ class TimingPlan:
     min_sample_s: float = 0.002
     gap_s: float = 0.01
 
+    def __post_init__(self) -> None:
+        if self.min_repeats < 2:
+            raise ValueError(f"min_repeats must be at least 2 (a spread needs two samples), got {self.min_repeats}")
+        if self.max_seconds < 0 or self.warmup < 0 or self.gap_s < 0:
+            raise ValueError("max_seconds, warmup and gap_s must not be negative")
+
     def describe(self) -> str:
         """One line for report headers."""
         return (f"{self.warmup} warm-up rounds, then round-robin rounds until >= {self.min_repeats} and "
@@ -323,7 +329,7 @@ class _Prepared:
     runner: Runner
     inputs: tuple[torch.Tensor, ...]
     inner: int = 1
-    samples: list[float] | None = None
+    samples: list[float] = field(default_factory=list)
 
 
 Progress = Callable[[str], None]
@@ -386,46 +392,66 @@ def setup_backend(backend: Backend, name: str, model: nn.Module, inputs: tuple[t
     return _Prepared(row, runner, device_inputs)
 
 
+def _each_or_drop(active: list[_Prepared], action: Callable[[_Prepared], None], progress: Progress,
+                  start: int = 0) -> None:
+    """Apply ``action`` to every item from index ``start`` on, wrapping around.
+
+    An item whose runner raises gets the error in its row and leaves ``active``.
+    """
+    for item in active[start:] + active[:start]:
+        try:
+            action(item)
+        except Exception as exc:  # a backend failing mid-run is a result, not a crash
+            item.row.error = _short_error(exc)
+            item.row.details = f"{type(exc).__name__}: {exc}"
+            active.remove(item)
+            progress(f"{item.row.backend}: failed while timing: {item.row.error}")
+
+
 def time_interleaved(prepared: list[_Prepared], plan: TimingPlan, progress: Progress) -> None:
-    """Warm up, then time every runner round-robin (rotating the start) and fill each row's stats."""
+    """Warm up, then time every runner round-robin (rotating the start) and fill each row's stats.
+
+    A runner that raises is dropped (its row gets the error); the others go on.
+    """
+    def warm(item: _Prepared) -> None:
+        item.runner(*item.inputs)
+
+    def calibrate(item: _Prepared) -> None:
+        one = _timed_call(item, item.row.device)
+        item.inner = max(1, min(1000, math.ceil(plan.min_sample_s / max(one, 1e-9))))
+        item.samples = []
+
+    def sample(item: _Prepared) -> None:
+        if plan.gap_s:
+            time.sleep(plan.gap_s)
+        item.samples.append(_timed_call(item, item.row.device))
+
     gc.collect()
+    active = list(prepared)
     with torch.no_grad():
         for _ in range(plan.warmup):
-            for item in prepared:
-                item.runner(*item.inputs)
-        for item in prepared:
-            one = _timed_call(item, item.row.device)
-            item.inner = max(1, min(1000, math.ceil(plan.min_sample_s / max(one, 1e-9))))
-            item.samples = []
+            _each_or_drop(active, warm, progress)
+        _each_or_drop(active, calibrate, progress)
         gc_was_enabled = gc.isenabled()
         gc.disable()  # a collection inside one sample would be noise attributed to that backend
         try:
-            _rounds(prepared, plan, progress)
+            start = last_report = time.perf_counter()
+            rounds = 0
+            while active:
+                _each_or_drop(active, sample, progress, start=rounds % len(active))
+                rounds += 1
+                now = time.perf_counter()
+                if rounds >= plan.min_repeats and (now - start >= plan.max_seconds or rounds >= plan.max_repeats):
+                    break
+                if now - last_report >= 5.0:
+                    progress(f"timing: {rounds} rounds, {now - start:.0f} s")
+                    last_report = now
         finally:
             if gc_was_enabled:
                 gc.enable()
-    for item in prepared:
-        if item.samples and len(item.samples) >= 2:
-            item.row.timing = TimingStats.from_samples(item.samples)
-            item.row.noisy = item.row.timing.iqr_pct > NOISY_IQR_PCT
-
-
-def _rounds(prepared: list[_Prepared], plan: TimingPlan, progress: Progress) -> None:
-    start = last_report = time.perf_counter()
-    rounds = 0
-    while True:
-        shift = rounds % len(prepared)
-        for item in prepared[shift:] + prepared[:shift]:
-            if plan.gap_s:
-                time.sleep(plan.gap_s)
-            item.samples.append(_timed_call(item, item.row.device))
-        rounds += 1
-        now = time.perf_counter()
-        if rounds >= plan.min_repeats and (now - start >= plan.max_seconds or rounds >= plan.max_repeats):
-            return
-        if now - last_report >= 5.0:
-            progress(f"timing: {rounds} rounds, {now - start:.0f} s")
-            last_report = now
+    for item in active:
+        item.row.timing = TimingStats.from_samples(item.samples)
+        item.row.noisy = item.row.timing.iqr_pct > NOISY_IQR_PCT
 
 
 def measure_model(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], backends: Sequence[Backend],
@@ -458,7 +484,8 @@ def measure_model(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...],
         time_interleaved(prepared, plan, progress)
         with torch.no_grad():
             for item in prepared:
-                with probe.measure() as peak:
-                    item.runner(*item.inputs)
-                item.row.run_peak_mib = peak[0]
+                if item.row.error is None:
+                    with probe.measure() as peak:
+                        item.runner(*item.inputs)
+                    item.row.run_peak_mib = peak[0]
     return rows

@@ -30,6 +30,10 @@ from graphopt.errors import GraphoptError
 SEED = 0
 SIZES = ("small", "full")
 
+Built = tuple[nn.Module, tuple[torch.Tensor, ...], str]
+"""What a builder returns: the model, its example inputs, and a one-line description."""
+Builder = Callable[[str, int], Built]
+
 MINILM_SENTENCES: tuple[str, ...] = (
     "A man is playing a guitar on the stage.",
     "Someone is performing music with a guitar.",
@@ -40,7 +44,7 @@ MINILM_SENTENCES: tuple[str, ...] = (
     "Quantum computers use qubits to represent information.",
     "Share prices dropped steeply following the news.",
 )
-"""Fixed English sentences fed to ``minilm``; ``batch=N`` takes the first N.
+"""Fixed English sentences fed to ``minilm``; ``batch=N`` takes the first N (cycling past 8).
 
 Pairs with similar meaning: (0, 1), (3, 5), (2, 7). The others are unrelated.
 """
@@ -258,7 +262,7 @@ def _images(batch: int, side: int) -> tuple[torch.Tensor, ...]:
     return (torch.randn(batch, 3, side, side),)
 
 
-def _build_resnet(name: str, size: str, batch: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
+def _build_resnet(name: str, size: str, batch: int) -> Built:
     block, layers = (BasicBlock, (2, 2, 2, 2)) if name == "resnet18" else (Bottleneck, (3, 4, 6, 3))
     if size == "full":
         if _torchvision_available():
@@ -277,7 +281,7 @@ def _build_resnet(name: str, size: str, batch: int) -> tuple[nn.Module, tuple[to
     return model, _images(batch, 32), f"{name}-style, base width 8, blocks {small_layers}, 32x32, 10 classes"
 
 
-def _build_mobilenet_v2(size: str, batch: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
+def _build_mobilenet_v2(size: str, batch: int) -> Built:
     if size == "full":
         if _torchvision_available():
             import torchvision
@@ -345,7 +349,7 @@ def _token_inputs(batch: int, seq: int, vocab: int, with_mask: bool) -> tuple[to
     return ids, mask
 
 
-def _build_bert(size: str, batch: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
+def _build_bert(size: str, batch: int) -> Built:
     from transformers import BertConfig, BertModel
 
     if size == "full":
@@ -361,7 +365,7 @@ def _build_bert(size: str, batch: int) -> tuple[nn.Module, tuple[torch.Tensor, .
     return model, _token_inputs(batch, seq, config.vocab_size, True), f"BertModel ({shape}), seq {seq}"
 
 
-def _build_gpt2(size: str, batch: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
+def _build_gpt2(size: str, batch: int) -> Built:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if size == "full":
@@ -377,7 +381,7 @@ def _build_gpt2(size: str, batch: int) -> tuple[nn.Module, tuple[torch.Tensor, .
     return model, _token_inputs(batch, seq, config.vocab_size, False), f"GPT2LMHeadModel ({shape}), seq {seq}"
 
 
-def _build_vit(size: str, batch: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
+def _build_vit(size: str, batch: int) -> Built:
     from transformers import ViTConfig, ViTModel
 
     if size == "full":
@@ -424,7 +428,7 @@ def _quiet_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _build_minilm(size: str, batch: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
+def _build_minilm(size: str, batch: int) -> Built:
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_path()
@@ -436,10 +440,6 @@ def _build_minilm(size: str, batch: int) -> tuple[nn.Module, tuple[torch.Tensor,
     tokens = tokenizer(sentences, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
     inputs = (tokens["input_ids"], tokens["attention_mask"])
     return MeanPooledEmbedding(encoder), inputs, f"all-MiniLM-L6-v2 (real weights), mean-pooled, seq {seq}"
-
-
-Built = tuple[nn.Module, tuple[torch.Tensor, ...], str]
-Builder = Callable[[str, int], Built]
 
 
 def _resnet18(size: str, batch: int) -> Built:

@@ -63,6 +63,24 @@ class BrokenBackend(Backend):
         raise RuntimeError("cannot lower this model")
 
 
+@dataclass(frozen=True)
+class FlakyBackend(Backend):
+    """Works for setup and warm-up, then raises: the timing loop must drop it and go on."""
+
+    name: str = "flaky"
+
+    def prepare(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Runner:
+        calls = []
+
+        def flaky(*inputs: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            if len(calls) > 2:
+                raise RuntimeError("device lost")
+            return model(*inputs)
+
+        return flaky
+
+
 def _row(result: bench.BenchResult, model: str, backend: str) -> BenchRow:
     return next(r for r in result.rows if r.model == model and r.backend == backend)
 
@@ -70,7 +88,8 @@ def _row(result: bench.BenchResult, model: str, backend: str) -> BenchRow:
 @pytest.fixture(scope="module")
 def tiny_result() -> bench.BenchResult:
     entries = [("tiny", Tiny(), _tiny_inputs())]
-    return bench.run_benchmark(entries, backends=["eager", PerturbedBackend(), BrokenBackend()], threads=1, **FAST)
+    return bench.run_benchmark(entries, backends=["eager", PerturbedBackend(), BrokenBackend(), FlakyBackend()],
+                               threads=1, **FAST)
 
 
 def test_sleeping_model_is_ranked_slower() -> None:
@@ -96,6 +115,9 @@ def test_failing_backend_is_recorded_not_raised(tiny_result: bench.BenchResult) 
     assert broken.error == "RuntimeError: cannot lower this model"
     assert broken.timing is None
     assert "ERROR: RuntimeError" in str(tiny_result)
+    flaky = _row(tiny_result, "tiny", "flaky")
+    assert flaky.error == "RuntimeError: device lost" and flaky.timing is None
+    assert flaky.max_abs_diff == 0.0  # its setup was measured before it failed
 
 
 def test_json_and_markdown_state_machine_threads_and_command(tiny_result: bench.BenchResult) -> None:
@@ -105,7 +127,7 @@ def test_json_and_markdown_state_machine_threads_and_command(tiny_result: bench.
     assert meta["machine"]["usable_cores"] >= 1 and "platform" in meta["machine"]
     assert meta["versions"]["torch"] == torch.__version__
     assert "run_benchmark(['tiny']" in meta["command"]
-    assert {row["backend"] for row in data["rows"]} == {"eager", "perturbed", "broken"}
+    assert {row["backend"] for row in data["rows"]} == {"eager", "perturbed", "broken", "flaky"}
     assert all("median_ms" in row for row in data["rows"])
     markdown = tiny_result.to_markdown()
     for field in ("**Machine:**", "**Threads:** 1", "**Reproduce:**", "**Versions:**", "| tiny | 2 | eager |"):
@@ -131,9 +153,11 @@ def test_ratios_compare_with_eager_and_best_peer() -> None:
     assert rows[1].vs_best_peer is None and rows[3].speedup_vs_eager is None
 
 
-def test_unknown_backend_name_lists_choices() -> None:
+def test_unknown_backend_name_and_bad_timing_are_rejected() -> None:
     with pytest.raises(bench.UnknownBackendError, match="graphopt-cpu"):
         bench.run_benchmark([("tiny", Tiny(), _tiny_inputs())], backends=["tvm"], **FAST)
+    with pytest.raises(ValueError, match="min_repeats"):
+        bench.run_benchmark([("tiny", Tiny(), _tiny_inputs())], backends=["eager"], **{**FAST, "min_repeats": 1})
 
 
 def _parser() -> argparse.ArgumentParser:
