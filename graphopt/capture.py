@@ -24,9 +24,10 @@ from graphopt.ir import run_and_record
 
 __all__ = ["CapturedModel", "capture", "flatten_inputs", "user_source_line"]
 
-_LIBRARY_ROOTS = tuple(
-    os.path.dirname(m.__file__) + os.sep for m in (torch, pytree, copy) if getattr(m, "__file__", None)
-) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+_LIBRARY_ROOTS = (
+    *(os.path.dirname(m.__file__) + os.sep for m in (torch, pytree, copy) if getattr(m, "__file__", None)),
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+)
 
 
 @dataclass
@@ -53,14 +54,19 @@ def user_source_line(error: BaseException) -> str | None:
     return None
 
 
+def _children(spec: pytree.TreeSpec) -> list[pytree.TreeSpec]:
+    """A spec's child specs, across torch versions (``children()`` replaced ``children_specs``)."""
+    return list(spec.children()) if hasattr(spec, "children") else list(spec.children_specs)
+
+
 def flatten_inputs(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """Flatten call arguments into the order of the graph's placeholders."""
     expected = getattr(gm, "_in_spec", None)
     if expected is None:
         return tuple(pytree.tree_leaves((args, kwargs)))
     _, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-    expected_args, expected_kwargs = expected.children_specs
-    actual_args, actual_kwargs = spec.children_specs
+    expected_args, expected_kwargs = _children(expected)
+    actual_args, actual_kwargs = _children(spec)
     if actual_args != expected_args or set(actual_kwargs.context) != set(expected_kwargs.context):
         raise InputError(
             f"call arguments do not match the example inputs the model was optimized with: expected "
@@ -195,5 +201,7 @@ def capture(
     gm = _export(twin, args, kwargs)
     flat_inputs = flatten_inputs(gm, args, kwargs)
     run_and_record(gm, flat_inputs)
-    notes = ["the model was in training mode; graphopt optimized its inference (eval-mode) graph"] if model.training else []
+    notes = []
+    if model.training:
+        notes.append("the model was in training mode; graphopt optimized its inference (eval-mode) graph")
     return CapturedModel(gm, args, kwargs, flat_inputs, reference, notes)

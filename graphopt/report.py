@@ -100,7 +100,9 @@ class Report:
             ])
         return rows
 
-    _HEADERS: ClassVar[list[str]] = ["pass", "status", "nodes", "param bytes", "pass ms", "verify ms", "max |Δ|", "details"]
+    _HEADERS: ClassVar[list[str]] = [
+        "pass", "status", "nodes", "param bytes", "pass ms", "verify ms", "max |Δ|", "details",
+    ]
 
     def _near_miss_lines(self) -> list[str]:
         return [
@@ -127,10 +129,12 @@ class Report:
         return lines
 
     def __str__(self) -> str:
-        table = tabulate(self._rows(), headers=self._HEADERS, tablefmt="simple", disable_numparse=True)
+        table = tabulate(self._rows(), headers=self._HEADERS, tablefmt="simple",
+                         disable_numparse=True)
         return table + "\n" + "\n".join(self._footer())
 
     def to_markdown(self) -> str:
         """The report as a Markdown table with its footer as a list."""
-        table = tabulate(self._rows(), headers=self._HEADERS, tablefmt="github", disable_numparse=True)
+        table = tabulate(self._rows(), headers=self._HEADERS, tablefmt="github",
+                         disable_numparse=True)
         return table + "\n\n" + "\n".join(f"- {line}" for line in self._footer()) + "\n"

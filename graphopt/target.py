@@ -36,9 +36,19 @@ class Target:
     def check_available(self) -> None:
         """Raise ``DeviceUnavailableError`` when this machine cannot run the target."""
 
-    def lower(self, gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any]) -> Callable[..., Any]:
+    def lower(
+        self, gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any]
+    ) -> Callable[..., Any]:
         """Turn the optimized graph into a runnable callable."""
         raise NotImplementedError
+
+    def native_error(self, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], reference: list[Any]) -> float:
+        """Max abs error of the *unoptimized* model run the target's way, vs the CPU reference.
+
+        The final check allows twice this on top of the usual tolerance: graphopt must not
+        claim more precision than the device gives the original model (0 for CPU targets).
+        """
+        return 0.0
 
     def move_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Put call arguments where the lowered module expects them (identity by default)."""

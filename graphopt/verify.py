@@ -52,7 +52,9 @@ class Comparison:
     detail: str = ""
 
 
-def _compare_pair(actual: Any, expected: Any, tolerance_scale: float) -> tuple[bool, float, float, str]:
+def _compare_pair(
+    actual: Any, expected: Any, tolerance_scale: float, extra_atol: float = 0.0
+) -> tuple[bool, float, float, str]:
     if not isinstance(expected, torch.Tensor):
         same = actual == expected
         return bool(same), 0.0 if same else float("inf"), 0.0 if same else float("inf"), "" if same else (
@@ -80,19 +82,21 @@ def _compare_pair(actual: Any, expected: Any, tolerance_scale: float) -> tuple[b
     tol = tolerance_for(expected.dtype, tolerance_scale)
     max_abs = float(delta.max())
     scaled = max_abs / max(scale, 1e-12)
-    ok = max_abs <= tol.atol + tol.rtol * scale
-    return ok, max_abs, scaled, "" if ok else f"max abs diff {max_abs:.3g} exceeds {tol.atol:.0e} + {tol.rtol:.0e}×{scale:.3g}"
+    allowed = tol.atol + tol.rtol * scale + extra_atol
+    ok = max_abs <= allowed
+    return ok, max_abs, scaled, "" if ok else f"max abs diff {max_abs:.3g} exceeds the allowed {allowed:.3g}"
 
 
-def compare_outputs(actual: Any, expected: Any, tolerance_scale: float = 1.0) -> Comparison:
-    """Compare two (nested) outputs leaf by leaf with dtype-aware tolerances."""
+def compare_outputs(actual: Any, expected: Any, tolerance_scale: float = 1.0, extra_atol: float = 0.0) -> Comparison:
+    """Compare two (nested) outputs leaf by leaf with dtype-aware tolerances (plus ``extra_atol``)."""
     actual_leaves = pytree.tree_leaves(actual)
     expected_leaves = pytree.tree_leaves(expected)
     if len(actual_leaves) != len(expected_leaves):
-        return Comparison(False, float("inf"), float("inf"), f"{len(actual_leaves)} outputs, expected {len(expected_leaves)}")
+        why = f"{len(actual_leaves)} outputs, expected {len(expected_leaves)}"
+        return Comparison(False, float("inf"), float("inf"), why)
     ok, worst_abs, worst_scaled, detail = True, 0.0, 0.0, ""
     for index, (a, e) in enumerate(zip(actual_leaves, expected_leaves, strict=True)):
-        leaf_ok, max_abs, scaled, why = _compare_pair(a, e, tolerance_scale)
+        leaf_ok, max_abs, scaled, why = _compare_pair(a, e, tolerance_scale, extra_atol)
         worst_abs, worst_scaled = max(worst_abs, max_abs), max(worst_scaled, scaled)
         if not leaf_ok and ok:
             ok, detail = False, f"output {index}: {why}"

@@ -11,7 +11,8 @@ MODEL_FILE = textwrap.dedent("""
     import torch.nn as nn
 
     def build():
-        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+        layers = [nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)]
+        return nn.Sequential(*layers).eval()
 """)
 
 

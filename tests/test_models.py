@@ -6,6 +6,7 @@ import torch
 import graphopt
 from graphopt import zoo
 from graphopt.ir import count_ops
+
 from helpers import assert_matches, randomize_batchnorm
 
 MODELS = ["resnet18", "mobilenet_v2", "bert", "vit", "minilm"]

@@ -205,7 +205,7 @@ def conv_stacks(draw):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv_stacks())
 def test_default_pipeline_preserves_random_conv_stacks(stack):
-    channels, layers, seed = stack
+    _, layers, seed = stack
     torch.manual_seed(seed)
     in_channels = layers[0].in_channels
     model = randomize_batchnorm(nn.Sequential(*layers), seed).eval()

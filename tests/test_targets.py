@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.ir import count_ops
+
 from helpers import assert_matches
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -17,7 +17,9 @@ class CpuTarget(Target):
 
     name = "cpu"
 
-    def lower(self, gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any]) -> Callable[..., Any]:
+    def lower(
+        self, gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any]
+    ) -> Callable[..., Any]:
         """The graph module itself is the runnable form."""
         gm.recompile()
         return gm

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -10,14 +11,14 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt.errors import DeviceUnavailableError
-from graphopt.ir import clone_graph_module
 from graphopt.target import Target
+from graphopt.verify import compare_outputs
 
 __all__ = ["GpuTarget", "retarget_device_constants"]
 
 
 def _retarget(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.device) and value.type == "cpu":
+    if isinstance(value, torch.device) and value != device:
         return device
     if isinstance(value, (list, tuple)):
         return type(value)(_retarget(v, device) for v in value)
@@ -25,7 +26,7 @@ def _retarget(value: Any, device: torch.device) -> Any:
 
 
 def retarget_device_constants(gm: fx.GraphModule, device: torch.device) -> int:
-    """Point ops that name the CPU device (``arange(device=cpu)``, ``.to(cpu)``...) at ``device``.
+    """Point ops that name a device (``arange(device=cpu)``, ``.to(cpu)``...) at ``device``.
 
     Returns the number of nodes changed.
     """
@@ -34,8 +35,8 @@ def retarget_device_constants(gm: fx.GraphModule, device: torch.device) -> int:
         if node.op != "call_function":
             continue
         kwargs = dict(node.kwargs)
-        if kwargs.get("device") in ("cpu", torch.device("cpu")):
-            kwargs["device"] = device
+        if isinstance(kwargs.get("device"), str):
+            kwargs["device"] = torch.device(kwargs["device"])
         args = _retarget(node.args, device)
         kwargs = {k: _retarget(v, device) for k, v in kwargs.items()}
         if args != node.args or kwargs != dict(node.kwargs):
@@ -56,19 +57,32 @@ class GpuTarget(Target):
     def check_available(self) -> None:
         """Fail early, before any work, when CUDA is missing."""
         if not torch.cuda.is_available():
-            build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+            cuda = torch.version.cuda
+            build = "a CPU-only build of torch" if cuda is None else f"torch built for CUDA {cuda}"
             raise DeviceUnavailableError(
                 f"target='gpu' needs a CUDA GPU, but torch.cuda.is_available() is False ({build}). "
                 "Use target='cpu' or target='onnx' here, or run on a machine with an NVIDIA GPU "
                 "and a CUDA build of torch."
             )
 
-    def lower(self, gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any]) -> Callable[..., Any]:
-        """A CUDA copy of the graph module (the CPU graph stays for export and inspection)."""
+    def lower(
+        self, gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any]
+    ) -> Callable[..., Any]:
+        """Move the graph module, weights and device constants, to the GPU (one copy of the weights)."""
         self.check_available()
-        on_device = clone_graph_module(gm).to(self.device)
-        retarget_device_constants(on_device, self.device)
-        return on_device
+        gm.to(self.device)
+        retarget_device_constants(gm, self.device)
+        return gm
+
+    def native_error(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     reference: list[Any]) -> float:
+        """How far the unoptimized model on this GPU is from its CPU outputs (TF32, cuDNN algorithms)."""
+        twin = copy.deepcopy(model).eval().to(self.device)
+        moved_args, moved_kwargs = self.move_inputs(args, kwargs)
+        with torch.inference_mode():
+            outputs = pytree.tree_leaves(twin(*moved_args, **moved_kwargs))
+        del twin
+        return compare_outputs([o.cpu() if isinstance(o, torch.Tensor) else o for o in outputs], reference).max_abs_diff
 
     def move_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Copy tensor arguments to the GPU (no-op for those already there)."""

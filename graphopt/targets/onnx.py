@@ -75,7 +75,9 @@ def export_graph_to_onnx(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict
         unsupported = _unsupported_op(gm, error)
         if unsupported is not None:
             raise unsupported from error
-        raise LoweringError(f"torch.onnx could not export the optimized graph: {type(error).__name__}: {error}") from error
+        raise LoweringError(
+            f"torch.onnx could not export the optimized graph: {type(error).__name__}: {error}"
+        ) from error
     model = program.model_proto
     try:
         onnx.checker.check_model(model, full_check=model.ByteSize() < 2**31 - 1)
@@ -120,7 +122,9 @@ class OnnxTarget(Target):
 
     name = "onnx"
 
-    def lower(self, gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any]) -> Callable[..., Any]:
+    def lower(
+        self, gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any]
+    ) -> Callable[..., Any]:
         """Export, check, and open an onnxruntime session for the optimized graph."""
         model = export_graph_to_onnx(gm, example_args, example_kwargs)
         return OnnxRuntimeModule(model, getattr(gm, "_out_spec", None), threads=torch.get_num_threads())
