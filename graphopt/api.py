@@ -158,8 +158,8 @@ def optimize(
         report.notes.append(f"the original model on {target.name} differs from CPU eager by {native:.2e}; "
                             "the final check allows twice that on top of the usual tolerance")
     outputs = optimized(*captured.example_args, **captured.example_kwargs)
-    comparison = compare_outputs([o.cpu() if isinstance(o, torch.Tensor) else o for o in pytree.tree_leaves(outputs)],
-                                 captured.reference_outputs, tolerance_scale, extra_atol=2 * native)
+    comparison = compare_outputs(pytree.tree_leaves(outputs), captured.reference_outputs, tolerance_scale,
+                                 extra_atol=2 * native)
     report.final_max_abs_diff = comparison.max_abs_diff
     report.final_check = "passed" if comparison.ok else f"FAILED ({comparison.detail})"
     if not comparison.ok and verify:

@@ -76,8 +76,8 @@ class PassManager:
         iteration: int,
     ) -> tuple[fx.GraphModule, Any, bool]:
         backup = clone_graph_module(gm)
-        record = PassRecord(pass_.name, "unchanged", _node_count(gm), _node_count(gm), parameter_bytes(gm),
-                            parameter_bytes(gm), 0.0, iteration=iteration)
+        nodes, weight_bytes = _node_count(gm), parameter_bytes(gm)
+        record = PassRecord(pass_.name, "unchanged", nodes, nodes, weight_bytes, weight_bytes, 0.0, iteration=iteration)
         for instrument in self.instruments:
             instrument.before_pass(pass_, gm)
         started = time.perf_counter()
