@@ -17,6 +17,9 @@ from graphopt.errors import (
     InputError,
     LoweringError,
     PassError,
+    RollbackWarning,
+    SaveFileError,
+    StateError,
     UnknownPassError,
     UnknownTargetError,
     UnsupportedOpError,
@@ -25,8 +28,10 @@ from graphopt.errors import (
 from graphopt.instruments import Instrument, IRDumpInstrument, TimingInstrument
 from graphopt.pass_infra import Pass, PassResult, available_passes, get_pass, register_pass
 from graphopt.pass_manager import PassManager
-from graphopt.report import PassRecord, Report
+from graphopt.report import PassRecord, PlotSpec, Report, ReportSection
 from graphopt.rules import Match, Refusal, RewriteRules, Rule
+from graphopt.serialize import load
+from graphopt.shapes import DynamicDims
 from graphopt.target import DEFAULT_PIPELINE, Target, available_targets, get_target
 
 __version__ = "0.1.0"
@@ -36,6 +41,7 @@ __all__ = [
     "CaptureError",
     "CapturedModel",
     "DeviceUnavailableError",
+    "DynamicDims",
     "GraphoptError",
     "IRDumpInstrument",
     "InputError",
@@ -48,10 +54,15 @@ __all__ = [
     "PassManager",
     "PassRecord",
     "PassResult",
+    "PlotSpec",
     "Refusal",
     "Report",
+    "ReportSection",
     "RewriteRules",
+    "RollbackWarning",
     "Rule",
+    "SaveFileError",
+    "StateError",
     "Target",
     "TimingInstrument",
     "UnknownPassError",
@@ -64,6 +75,7 @@ __all__ = [
     "capture",
     "get_pass",
     "get_target",
+    "load",
     "optimize",
     "register_pass",
 ]

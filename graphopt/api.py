@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,12 +15,13 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt.capture import CapturedModel, capture, flatten_inputs
-from graphopt.errors import InputError, UnknownPassError, VerificationError
+from graphopt.errors import GraphoptError, InputError, UnknownPassError, VerificationError
 from graphopt.instruments import Instrument
 from graphopt.ir import clone_graph_module
 from graphopt.pass_infra import Pass, resolve_pass
 from graphopt.pass_manager import OnError, PassManager
 from graphopt.report import Report
+from graphopt.shapes import resize_inputs
 from graphopt.target import Target, get_target
 from graphopt.verify import compare_outputs
 
@@ -27,8 +30,42 @@ __all__ = ["OptimizedModel", "optimize"]
 log = logging.getLogger("graphopt")
 
 
-def _signature(values: Sequence[Any]) -> list[tuple[tuple[int, ...], torch.dtype] | None]:
+Signature = list[tuple[tuple[int, ...], torch.dtype] | None]
+"""Per flat input: the example's shape and dtype (None for a non-tensor input)."""
+
+
+def _signature(values: Sequence[Any]) -> Signature:
     return [(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None for v in values]
+
+
+def _like_example_layout(
+    args: tuple[Any, ...], kwargs: dict[str, Any], example_args: tuple[Any, ...], example_kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Make inputs contiguous where the example was: the graph may view them as the example's strides allow.
+
+    (Capture decomposes ``reshape`` of a contiguous example into ``view``.) A no-op for inputs
+    already laid out like the example, so it costs nothing in the usual case.
+    """
+    leaves, tree = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    examples = pytree.tree_leaves((tuple(example_args), dict(example_kwargs)))
+    if len(examples) != len(leaves):
+        return args, kwargs
+    fixed = [
+        value.contiguous()
+        if isinstance(value, torch.Tensor) and isinstance(example, torch.Tensor) and example.is_contiguous()
+        and not value.is_contiguous()
+        else value
+        for value, example in zip(leaves, examples, strict=True)
+    ]
+    return pytree.tree_unflatten(fixed, tree)
+
+
+def _default_on_error() -> OnError:
+    """``rollback`` unless the environment asks for strict runs (``GRAPHOPT_ON_ERROR=raise``, as the tests do)."""
+    value = os.environ.get("GRAPHOPT_ON_ERROR", "rollback")
+    if value not in ("raise", "rollback"):
+        raise InputError(f"GRAPHOPT_ON_ERROR must be 'raise' or 'rollback', got {value!r}")
+    return value  # type: ignore[return-value]
 
 
 class OptimizedModel(torch.nn.Module):
@@ -36,7 +73,7 @@ class OptimizedModel(torch.nn.Module):
 
     ``graph_module`` is the optimized fx graph, ``runner`` what the target lowered it to
     (the graph module itself for ``cpu``/``gpu``, an onnxruntime session for ``onnx``),
-    ``report`` what every pass did.
+    ``report`` what every pass did, ``dynamic`` which input dims may vary between calls.
     """
 
     def __init__(self, graph_module: fx.GraphModule, runner: Any, target: Target, report: Report,
@@ -53,20 +90,15 @@ class OptimizedModel(torch.nn.Module):
         self._example_kwargs = captured.example_kwargs
         self._reference = captured.reference_outputs
         self._signature = _signature(captured.flat_inputs)
+        self.dynamic = captured.dynamic
 
     def _check_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        got = _signature(flatten_inputs(self.graph_module, args, kwargs))
-        for index, (have, want) in enumerate(zip(got, self._signature, strict=False)):
-            if want is not None and have != want:
-                raise InputError(
-                    f"input {index} has shape {list(have[0]) if have else None} and dtype "
-                    f"{have[1] if have else None}, but the model was optimized for shape {list(want[0])} "
-                    f"and dtype {want[1]}. Run graphopt.optimize again with example inputs of the new shape."
-                )
+        self.dynamic.check(flatten_inputs(self.graph_module, args, kwargs), self._signature)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the optimized model (inputs are moved to the target's device)."""
+        """Run the optimized model (inputs are moved to the target's device, in the example's layout)."""
         self._check_call(args, kwargs)
+        args, kwargs = _like_example_layout(args, kwargs, self._example_args, self._example_kwargs)
         args, kwargs = self.target.move_inputs(args, kwargs)
         with torch.inference_mode():
             return self.runner(*args, **kwargs)
@@ -92,13 +124,22 @@ class OptimizedModel(torch.nn.Module):
         if isinstance(self.runner, OnnxRuntimeModule):
             session = self.runner
         else:
-            model = export_graph_to_onnx(self._cpu_graph(), self._example_args, self._example_kwargs)
+            model = export_graph_to_onnx(self._cpu_graph(), self._example_args, self._example_kwargs, self.dynamic)
             session = OnnxRuntimeModule(model, getattr(self.graph_module, "_out_spec", None))
         comparison = compare_outputs(session(*self._example_args, **self._example_kwargs), self._reference)
         if not comparison.ok:
             raise VerificationError(f"the ONNX export computes different outputs: {comparison.detail}", "export-onnx")
         log.info("ONNX outputs match (max |Δ| %.2e); writing %s", comparison.max_abs_diff, path)
         return session.save(path)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the optimized model as a torch.export ``.pt2`` file with graphopt's metadata.
+
+        ``graphopt.load(path)`` gives it back in another process (no pickled code is run).
+        """
+        from graphopt.serialize import save_optimized
+
+        return save_optimized(self, path)
 
 
 def _pipeline(target: Target, passes: Sequence[str | Pass] | None, disabled: Sequence[str]) -> list[Pass]:
@@ -118,38 +159,47 @@ def optimize(
     target: str | Target = "cpu",
     *,
     example_kwargs: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+    dynamic_batch: bool = False,
     passes: Sequence[str | Pass] | None = None,
     disabled: Sequence[str] = (),
     verify: bool = True,
-    on_error: OnError = "raise",
+    on_error: OnError | None = None,
     fixed_point: bool = False,
     instruments: Sequence[Instrument] = (),
     tolerance_scale: float = 1.0,
 ) -> OptimizedModel:
     """Optimize ``model`` for ``target`` ("cpu", "gpu" or "onnx") and return a module computing the same.
 
-    ``passes`` replaces the target's default pipeline (pass names or ``Pass`` objects);
+    ``dynamic_shapes`` declares input dims that may vary between calls, in torch.export's
+    format (``{"x": {0: Dim("batch")}}``); ``dynamic_batch=True`` marks dim 0 of every tensor
+    input. ``passes`` replaces the target's default pipeline (pass names or ``Pass`` objects);
     ``disabled`` drops passes by name. Every pass is verified on ``example_inputs`` unless
-    ``verify=False``; a pass that breaks the outputs raises ``VerificationError`` naming it,
-    or with ``on_error="rollback"`` is undone and reported. The user's model is never modified.
+    ``verify=False``. A pass that breaks the outputs is undone, reported and announced with a
+    ``RollbackWarning`` (``on_error="rollback"``, the default), or raises ``VerificationError``
+    naming it (``on_error="raise"``; ``GRAPHOPT_ON_ERROR`` sets the default). With dynamic dims
+    the final check also runs the optimized model at other sizes of those dims. The user's
+    model is never modified.
     """
+    on_error = on_error if on_error is not None else _default_on_error()
     target = get_target(target)
     target.check_available()
     pipeline = _pipeline(target, passes, disabled)
     report = Report(target=target.name)
 
     started = time.perf_counter()
-    captured = capture(model, example_inputs, example_kwargs)
+    captured = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes,
+                       dynamic_batch=dynamic_batch)
     report.capture_seconds = time.perf_counter() - started
     report.notes.extend(captured.notes)
     log.info("captured %d nodes; running %d passes", len(captured.graph_module.graph.nodes), len(pipeline))
 
     manager = PassManager(pipeline, verify=verify, on_error=on_error, fixed_point=fixed_point,
                           instruments=instruments, tolerance_scale=tolerance_scale)
-    gm = manager.run(captured.graph_module, captured.flat_inputs, report)
+    gm = manager.run(captured.graph_module, captured.flat_inputs, report, captured.graph_outputs)
 
     started = time.perf_counter()
-    runner = target.lower(gm, captured.example_args, captured.example_kwargs)
+    runner = target.lower(gm, captured.example_args, captured.example_kwargs, captured.dynamic)
     report.lowering_seconds = time.perf_counter() - started
     optimized = OptimizedModel(gm, runner, target, report, captured)
 
@@ -157,14 +207,65 @@ def optimize(
     if native > 0:
         report.notes.append(f"the original model on {target.name} differs from CPU eager by {native:.2e}; "
                             "the final check allows twice that on top of the usual tolerance")
-    outputs = optimized(*captured.example_args, **captured.example_kwargs)
-    comparison = compare_outputs(pytree.tree_leaves(outputs), captured.reference_outputs, tolerance_scale,
-                                 extra_atol=2 * native)
-    report.final_max_abs_diff = comparison.max_abs_diff
-    report.final_check = "passed" if comparison.ok else f"FAILED ({comparison.detail})"
-    if not comparison.ok and verify:
-        raise VerificationError(
-            f"the optimized model lowered to {target.name!r} differs from the original: {comparison.detail}",
-            f"lower-{target.name}",
-        )
+    graph_outputs = manager.outputs if runner is gm and verify else None  # cpu runs the verified graph itself
+    _final_check(optimized, model, captured, report, tolerance_scale, native, verify, graph_outputs)
     return optimized
+
+
+def _final_check(optimized: OptimizedModel, model: torch.nn.Module, captured: CapturedModel, report: Report,
+                 tolerance_scale: float, native: float, verify: bool, graph_outputs: Any = None) -> None:
+    """Compare the lowered model with eager on the example, and at other sizes of its dynamic dims.
+
+    ``graph_outputs``, when given, are the lowered model's outputs on the example already
+    (the pass manager's last verified run, for a target that runs that very graph).
+    """
+    probes: list[tuple[str, tuple[Any, ...], dict[str, Any], list[Any] | None]] = [
+        ("example inputs", captured.example_args, captured.example_kwargs, captured.reference_outputs)
+    ]
+    for grow in (True, False):
+        resized = resize_inputs(captured.example_args, captured.example_kwargs, captured.dynamic, grow)
+        if resized is not None:
+            args, kwargs, sizes = resized
+            label = ", ".join(f"{name}={size}" for name, size in sizes.items())
+            probes.append((label, args, kwargs, None))
+    results = []
+    for label, args, kwargs, reference in probes:
+        if reference is None:
+            reference = _eager_outputs(model, args, kwargs)
+        if graph_outputs is not None and label == "example inputs":
+            outputs = graph_outputs
+        else:
+            outputs = _run_lowered(optimized, args, kwargs, label)
+        comparison = compare_outputs(pytree.tree_leaves(outputs), reference, tolerance_scale, extra_atol=2 * native)
+        results.append((label, comparison))
+    report.final_max_abs_diff = max(c.max_abs_diff for _, c in results)
+    failures = [f"{label}: {c.detail}" for label, c in results if not c.ok]
+    report.final_check = "passed" if not failures else f"FAILED ({'; '.join(failures)})"
+    if len(results) > 1:
+        report.notes.append("dynamic dims checked against eager at: " + "; ".join(label for label, _ in results))
+    if failures and verify:
+        raise VerificationError(
+            f"the optimized model lowered to {optimized.target.name!r} differs from the original: {failures[0]}",
+            f"lower-{optimized.target.name}",
+        )
+
+
+def _run_lowered(optimized: OptimizedModel, args: tuple[Any, ...], kwargs: dict[str, Any], label: str) -> Any:
+    """Call the lowered model for the final check; a crash there blames the lowering, as a graphopt error."""
+    try:
+        return optimized(*args, **kwargs)
+    except GraphoptError:
+        raise
+    except Exception as error:
+        raise VerificationError(
+            f"the model lowered to {optimized.target.name!r} fails on the {label}: {type(error).__name__}: {error}. "
+            "Try another target, or declare fewer dims dynamic if it fails only at other sizes.",
+            f"lower-{optimized.target.name}",
+        ) from error
+
+
+def _eager_outputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """The user's model's outputs on a probe input, computed on a copy so the model is never touched."""
+    twin = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        return pytree.tree_leaves(twin(*args, **kwargs))

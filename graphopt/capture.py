@@ -20,7 +20,9 @@ import torch.utils._pytree as pytree
 from torch.fx._pytree import tree_flatten_spec
 
 from graphopt.errors import CaptureError, InputError
-from graphopt.ir import run_and_record
+from graphopt.ir import STATE_UPDATE, run_and_record
+from graphopt.shapes import DynamicDims, batch_dynamic_shapes, dims_from_graph, user_dim_names
+from graphopt.verify import compare_outputs
 
 __all__ = ["CapturedModel", "capture", "flatten_inputs", "user_source_line"]
 
@@ -40,6 +42,9 @@ class CapturedModel:
     flat_inputs: tuple[Any, ...]
     reference_outputs: list[Any]
     notes: list[str] = field(default_factory=list)
+    dynamic: DynamicDims = field(default_factory=DynamicDims)
+    functionalized: bool = False
+    graph_outputs: Any = None  # the captured graph's own outputs on flat_inputs
 
 
 def user_source_line(error: BaseException) -> str | None:
@@ -120,9 +125,12 @@ def _copy_for_capture(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _run_eager(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The eager outputs on the example inputs, leaving the model's buffers as they were before the call."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    versions = {name: p._version for name, p in model.named_parameters()}
     try:
         with torch.no_grad():
-            return model(*args, **kwargs)
+            outputs = model(*args, **kwargs)
     except Exception as error:
         where = user_source_line(error)
         raise InputError(
@@ -131,6 +139,16 @@ def _run_eager(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
             + (f"\n  at {where}" if where else "")
             + "\nCheck the number, shapes and dtypes of example_inputs against what forward() expects."
         ) from error
+    written = [name for name, p in model.named_parameters() if p._version != versions[name]]
+    if written:
+        raise InputError(
+            f"forward() writes into parameter(s) {', '.join(written[:3])} in place; graphopt optimizes "
+            "models whose weights are fixed at inference. Keep state that changes per call in buffers."
+        )
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])  # the graph must start from the state the user's model is in
+    return outputs
 
 
 def _check_outputs(outputs: Any) -> list[Any]:
@@ -149,28 +167,82 @@ def _check_outputs(outputs: Any) -> list[Any]:
     return leaves
 
 
-def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
+def _capture_error(error: BaseException, what: str) -> CaptureError:
+    where = user_source_line(error)
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else type(error).__name__
+    if "data-dependent" in text or "GuardOnDataDependent" in type(error).__name__:
+        hint = ("Control flow that depends on tensor values cannot be captured: replace the Python `if` "
+                "on a tensor with torch.where / torch.cond, or move it out of forward().")
+    elif "Constraints violated" in text or "specialized" in text or "dynamic_shapes" in text:
+        detail = "\n".join(line for line in text.splitlines()[1:8] if line.strip())
+        first_line += ("\n" + detail) if detail else ""
+        hint = ("A dim declared dynamic is fixed (or tied to another dim) by the model's code: mark only the dims "
+                "that really vary, give them the range the model supports (Dim(name, min=..., max=...)), or "
+                "leave that input static.")
+    else:
+        hint = "Make forward() traceable by torch.export (see the torch.export docs for the construct named above)."
+    return CaptureError(
+        f"could not {what}: {type(error).__name__}: {first_line}" + (f"\n  at {where}" if where else "") + f"\n{hint}",
+        source_line=where,
+    )
+
+
+def _is_mutating(node: fx.Node) -> bool:
+    return (
+        node.op == "call_function"
+        and isinstance(node.target, torch._ops.OpOverload)
+        and node.target._schema.is_mutable
+    )
+
+
+def _export(
+    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_shapes: Any
+) -> tuple[torch.export.ExportedProgram, bool]:
+    """Export ``model``; functionalize the program when it mutates anything. Returns it and that flag."""
     try:
-        exported = torch.export.export(model, args, kwargs, strict=False)
+        exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as error:
-        where = user_source_line(error)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        hint = (
-            "Control flow that depends on tensor values cannot be captured: replace the Python `if` "
-            "on a tensor with torch.where / torch.cond, or move it out of forward()."
-            if "data-dependent" in str(error) or "GuardOnDataDependent" in type(error).__name__
-            else "Make forward() traceable by torch.export (see the torch.export docs for the construct named above)."
-        )
-        raise CaptureError(
-            f"could not capture the model: {type(error).__name__}: {first_line}"
-            + (f"\n  at {where}" if where else "")
-            + f"\n{hint}",
-            source_line=where,
-        ) from error
+        raise _capture_error(error, "capture the model") from error
+    if not any(_is_mutating(node) for node in exported.graph.nodes):
+        return exported, False  # already free of mutation: functionalizing would change nothing
+    _alias_inference_dropout(exported.graph_module)
+    try:
+        return exported.run_decompositions({}), True
+    except Exception as error:
+        raise _capture_error(error, "functionalize the captured graph (remove its in-place ops)") from error
+
+
+def _draws_random_numbers(gm: fx.GraphModule) -> bool:
+    """True when some op samples random numbers, so two runs differ whatever the capture did."""
+    return any(
+        isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+    )
+
+
+def _alias_inference_dropout(gm: fx.GraphModule) -> None:
+    """Make ``dropout(x, train=False)`` an ``alias`` of ``x`` before functionalization.
+
+    Eager inference dropout returns its input itself, so an in-place write through its result
+    reaches the input; functionalization would decompose it to a ``clone`` and lose that.
+    """
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.aten.dropout.default and node.args[2:3] == (False,):
+            node.target, node.args, node.kwargs = torch.ops.aten.alias.default, (node.args[0],), {}
+    gm.recompile()
+
+
+def _unlift(exported: torch.export.ExportedProgram) -> fx.GraphModule:
+    """The program as a module whose weights are attributes; state writes stay explicit ``copy_`` nodes."""
     gm = exported.module()
     _drop_input_guards(gm)
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.aten.copy_.default and node.args[0].op in ("get_attr", "placeholder"):
+            node.meta[STATE_UPDATE] = True
     return gm
 
 
@@ -183,10 +255,29 @@ def _drop_input_guards(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _resolve_dynamic(
+    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_shapes: Any, dynamic_batch: bool
+) -> Any:
+    if dynamic_batch and dynamic_shapes is not None:
+        raise InputError("give either dynamic_shapes=... or dynamic_batch=True, not both")
+    return batch_dynamic_shapes(model, args, kwargs) if dynamic_batch else dynamic_shapes
+
+
 def capture(
-    model: torch.nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None = None
+    model: torch.nn.Module,
+    example_inputs: Any,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    dynamic_batch: bool = False,
 ) -> CapturedModel:
-    """Capture ``model`` on ``example_inputs`` into an fx graph with shape and dtype on every node.
+    """Capture ``model`` on ``example_inputs`` into a functional fx graph with shape and dtype on every node.
+
+    The graph holds no in-place op: when ``torch.export`` keeps any, the program is
+    functionalized; writes to buffers (or inputs) that the user can see stay as explicit
+    ``aten.copy_`` nodes at the end, marked ``node.meta[STATE_UPDATE]``.
+    ``dynamic_shapes`` (torch.export's format) or ``dynamic_batch=True`` declare dims that
+    may vary between calls.
 
     Raises InputError for inputs the model cannot run on, CaptureError (naming the user's source
     line) for a model torch.export cannot capture.
@@ -198,10 +289,37 @@ def capture(
     _check_leaves(args, kwargs)
     twin = _copy_for_capture(model)
     reference = _check_outputs(_run_eager(twin, args, kwargs))
-    gm = _export(twin, args, kwargs)
+    spec = _resolve_dynamic(twin, args, kwargs, dynamic_shapes, dynamic_batch)
+    exported, functionalized = _export(twin, args, kwargs, spec)
+    gm = _unlift(exported)
     flat_inputs = flatten_inputs(gm, args, kwargs)
-    run_and_record(gm, flat_inputs)
+    dynamic = dims_from_graph(gm, flat_inputs, exported.range_constraints,
+                              user_dim_names(twin, args, kwargs, spec) if spec is not None else {})
+    del exported
+    graph_outputs = _first_run(gm, flat_inputs)
+    comparison = compare_outputs(graph_outputs, reference)
+    if not comparison.ok and not _draws_random_numbers(gm):
+        raise CaptureError(
+            f"the captured graph computes something else than the model ({comparison.detail}) before any pass "
+            "ran. torch.export did not capture this model faithfully (often an in-place write through a view "
+            "or alias); rewrite that part of forward() out of place, and report it if the eager code is plain."
+        )
     notes = []
     if model.training:
         notes.append("the model was in training mode; graphopt optimized its inference (eval-mode) graph")
-    return CapturedModel(gm, args, kwargs, flat_inputs, reference, notes)
+    if functionalized:
+        notes.append("the captured graph had in-place ops; it was functionalized (no op mutates a value)")
+    return CapturedModel(gm, args, kwargs, flat_inputs, reference, notes, dynamic, functionalized, graph_outputs)
+
+
+def _first_run(gm: fx.GraphModule, flat_inputs: tuple[Any, ...]) -> Any:
+    """Run the captured graph once (recording shapes); a graph that fails is a capture problem."""
+    try:
+        outputs, _ = run_and_record(gm, flat_inputs)
+    except Exception as error:
+        raise CaptureError(
+            f"the captured graph fails on the example inputs although the model runs: {type(error).__name__}: "
+            f"{error}. Check the model with torch.export.export(model, example_inputs); if that graph runs, "
+            "report this as a graphopt bug."
+        ) from error
+    return outputs

@@ -76,20 +76,21 @@ def _command_optimize(args: argparse.Namespace) -> int:
     if inputs is None:
         raise InputError("give --input-shape (e.g. --input-shape 1,3,224,224), or have FACTORY return (model, inputs)")
     fast = graphopt.optimize(model, inputs, target=args.target, disabled=args.disable or (),
-                             on_error="rollback" if args.rollback else "raise")
+                             on_error="raise" if args.strict else "rollback", dynamic_batch=args.dynamic_batch)
     print(fast.report)
     if args.output:
         output = Path(args.output)
         if output.suffix == ".onnx":
             fast.export_onnx(output)
         elif output.suffix == ".pt2":
-            program = torch.export.export(fast.graph_module, inputs, strict=False)
-            torch.export.save(program, output)
+            fast.save(output)  # reload with graphopt.load(path)
         else:
             raise InputError(f"-o {output}: use a .onnx (ONNX) or .pt2 (torch.export) file name")
         print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB)")
     if args.report_markdown:
         Path(args.report_markdown).write_text(fast.report.to_markdown())
+    if args.report:
+        print(f"wrote {fast.report.to_html(args.report)}")
     return 0
 
 
@@ -128,8 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--target", default="cpu", choices=["cpu", "gpu", "onnx"])
     optimize.add_argument("-o", "--output", help="write the optimized model: .onnx or .pt2")
     optimize.add_argument("--disable", action="append", help="skip a pass by name (repeatable)")
-    optimize.add_argument("--rollback", action="store_true", help="undo failing passes instead of stopping")
+    optimize.add_argument("--strict", action="store_true",
+                          help="stop with an error when a pass fails verification (default: undo it and go on)")
+    optimize.add_argument("--rollback", action="store_true", help=argparse.SUPPRESS)  # the default now
+    optimize.add_argument("--dynamic-batch", action="store_true",
+                          help="accept any batch size (dim 0 of every input), in the model and its ONNX file")
     optimize.add_argument("--report-markdown", help="also write the report as Markdown to this file")
+    optimize.add_argument("--report", metavar="REPORT.html",
+                          help="also write the report as one self-contained HTML page (tables and plots)")
     optimize.set_defaults(func=_command_optimize)
 
     try:

@@ -9,6 +9,10 @@ class GraphoptError(Exception):
     """Base class of every error graphopt raises on purpose."""
 
 
+class SaveFileError(GraphoptError, ValueError):
+    """A saved graphopt model is missing, truncated, corrupt or not a graphopt save (names the file)."""
+
+
 class InputError(GraphoptError, ValueError):
     """The model or its example inputs are not something graphopt can work with."""
 
@@ -29,10 +33,19 @@ class PassError(GraphoptError):
         self.pass_name = pass_name
         self.node = node
         self.report: Any = None  # the partial optimization report, attached by the pass manager
+        self.recoverable = True  # False when the failure cannot be undone by rolling the pass back
 
 
 class VerificationError(PassError):
     """A pass changed what the graph computes (outputs differ beyond tolerance) or broke it."""
+
+
+class StateError(GraphoptError):
+    """Running a graph wrote into a tensor it must treat as constant (a weight, a folded constant)."""
+
+
+class RollbackWarning(UserWarning):
+    """A pass failed verification and was undone; the pipeline went on without it."""
 
 
 class UnknownPassError(GraphoptError, KeyError):

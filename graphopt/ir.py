@@ -16,7 +16,10 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
+from graphopt.errors import StateError
+
 __all__ = [
+    "STATE_UPDATE",
     "annotate_tensor_meta",
     "attribute_value",
     "clone_graph_module",
@@ -29,7 +32,13 @@ __all__ = [
     "prune_unused_attributes",
     "register_constant",
     "run_and_record",
+    "same_shape",
+    "snapshot_graph_module",
+    "state_update_nodes",
 ]
+
+STATE_UPDATE = "graphopt_state_update"
+"""``node.meta`` key marking an ``aten.copy_`` that writes a buffer (or input) the user can see."""
 
 
 def op_name(target: Any) -> str:
@@ -54,15 +63,28 @@ def count_ops(gm: fx.GraphModule) -> Counter[str]:
     return Counter(op_name(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_module"))
 
 
+def state_update_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The explicit writes of user-visible state (``copy_`` into a buffer or input) in ``gm``."""
+    return [n for n in gm.graph.nodes if n.meta.get(STATE_UPDATE)]
+
+
+def _is_state(node: fx.Node) -> bool:
+    """True when ``node`` reads an attribute that some node of the graph writes (so not a constant)."""
+    graph = node.graph
+    return any(
+        n.meta.get(STATE_UPDATE) and isinstance(n.args[0], fx.Node) and n.args[0].target == node.target
+        for n in graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)
+    )
+
+
 def attribute_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    """The tensor behind a ``get_attr`` node, or None when ``node`` is not a constant."""
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
+    """The tensor behind a ``get_attr`` node, or None when ``node`` is not a constant.
+
+    Buffers that the graph itself updates (explicit state writes) are not constants.
+    """
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or _is_state(node):
         return None
-    value: Any = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part, None)
-        if value is None:
-            return None
+    value = _resolve_attribute(gm, str(node.target))
     return value if isinstance(value, torch.Tensor) else None
 
 
@@ -108,6 +130,24 @@ def prune_unused_attributes(gm: fx.GraphModule) -> int:
     return removed
 
 
+def snapshot_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm``'s structure (graph, submodules, meta) that shares its weight tensors.
+
+    Cheap enough to take before every pass: no weight is copied. Passes must therefore never
+    write into an existing weight; they register a new tensor (``register_constant``) instead,
+    and the pass manager checks that they did.
+    """
+    memo: dict[int, Any] = {}
+    for _, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        memo[id(tensor)] = tensor
+    for node in gm.graph.nodes:
+        for value in node.meta.values():
+            memo[id(value)] = value  # meta values are facts about a node: shared, the dicts are copied
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(gm, memo)
+
+
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A deep copy of ``gm`` (weights included), without torch's pytree deprecation chatter."""
     with warnings.catch_warnings():
@@ -128,15 +168,36 @@ def parameter_bytes(gm: torch.nn.Module) -> int:
     return total
 
 
-def node_shape(node: fx.Node) -> tuple[int, ...] | None:
-    """The recorded output shape of ``node``, or None when it is not a single tensor."""
+Dimension = Any
+"""A dim of a recorded shape: an ``int``, or a sympy expression for a dynamic dim (``s0``, ``2*s0``)."""
+
+
+def _dimension(size: Any) -> Dimension:
+    if isinstance(size, torch.SymInt):
+        concrete = size.node.maybe_as_int()
+        return concrete if concrete is not None else size.node.expr
+    return int(size)
+
+
+def node_shape(node: fx.Node) -> tuple[Dimension, ...] | None:
+    """The output shape of ``node``, or None when it is not a single tensor.
+
+    Dims that are dynamic (captured with ``dynamic_shapes``) are sympy expressions, so two
+    shapes compare equal only when they are equal for every size the dims may take.
+    """
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(_dimension(d) for d in val.shape)
     meta = node.meta.get("tensor_meta")
     if isinstance(meta, TensorMetadata):
         return tuple(int(d) for d in meta.shape)
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return tuple(int(d) for d in val.shape)
     return None
+
+
+def same_shape(a: fx.Node, b: fx.Node) -> bool:
+    """True when ``a`` and ``b`` are known to have the same shape (for every dynamic size)."""
+    shape = node_shape(a)
+    return shape is not None and shape == node_shape(b)
 
 
 def node_dtype(node: fx.Node) -> torch.dtype | None:
@@ -169,17 +230,66 @@ class _Recorder(fx.Interpreter):
         return result
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+
+
+def _stored_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    return dict(named)
+
+
 def run_and_record(
     gm: fx.GraphModule, flat_inputs: tuple[Any, ...], keep_values: bool = False
 ) -> tuple[Any, dict[str, Any]]:
     """Run ``gm`` on flat inputs; annotate every node with ``tensor_meta``.
 
     Returns the graph's flat output and, when ``keep_values``, every node's value by node name.
+    The run leaves no trace: buffers and inputs that the graph updates on purpose are restored
+    afterwards, and a run that writes into any other stored tensor (a weight, a folded
+    constant) raises ``StateError`` naming it, since the next call would then compute
+    something else.
     """
+    updated_attributes: dict[str, torch.Tensor] = {}
+    inputs = list(flat_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for update in state_update_nodes(gm):
+        destination = update.args[0]
+        if destination.op == "get_attr":
+            value = _resolve_attribute(gm, str(destination.target))
+            if isinstance(value, torch.Tensor):
+                updated_attributes[str(destination.target)] = value.detach().clone()
+        elif destination.op == "placeholder" and destination in placeholders:
+            index = placeholders.index(destination)
+            if isinstance(inputs[index], torch.Tensor):
+                inputs[index] = inputs[index].clone()  # the caller's example tensor stays as it is
+    stored = {name: t for name, t in _stored_tensors(gm).items() if name not in updated_attributes}
+    versions = {name: _version(t) for name, t in stored.items()}
     recorder = _Recorder(gm, keep_values)
-    with torch.no_grad():
-        output = recorder.run(*flat_inputs)
+    try:
+        with torch.no_grad():
+            output = recorder.run(*inputs)
+    finally:
+        with torch.no_grad():
+            for name, value in updated_attributes.items():
+                _resolve_attribute(gm, name).copy_(value)
+    written = [name for name, t in stored.items() if versions[name] is not None and _version(t) != versions[name]]
+    if written:
+        raise StateError(
+            f"running the graph wrote into stored tensor(s) {', '.join(written[:5])} in place, so every call "
+            "would compute something different"
+        )
     return output, recorder.values
+
+
+def _resolve_attribute(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 def annotate_tensor_meta(gm: fx.GraphModule, flat_inputs: tuple[Any, ...]) -> None:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch.fx as fx
 
-from graphopt.errors import PassError, VerificationError
+from graphopt.errors import GraphoptError, PassError, RollbackWarning, StateError, VerificationError
 from graphopt.instruments import Instrument
-from graphopt.ir import clone_graph_module, parameter_bytes, run_and_record
+from graphopt.ir import parameter_bytes, run_and_record, snapshot_graph_module
 from graphopt.pass_infra import Pass, PassResult
 from graphopt.report import PassRecord, Report
 from graphopt.verify import compare_outputs, first_divergence, lint
@@ -24,13 +25,43 @@ def _node_count(gm: fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
 
 
+def _tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[Any, int]]:
+    """Every stored tensor with its version counter, to detect a pass writing into one in place."""
+    versions = {}
+    for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        try:
+            versions[name] = (tensor, tensor._version)
+        except RuntimeError:  # inference tensors keep no version counter
+            continue
+    return versions
+
+
+def _check_weights_untouched(pass_: Pass, versions: dict[str, tuple[Any, int]]) -> None:
+    """Raise when the pass wrote into an existing weight: its backup shares that weight, so no rollback."""
+    written = [name for name, (tensor, version) in versions.items() if tensor._version != version]
+    if written:
+        error = PassError(
+            f"pass {pass_.name!r} wrote into existing weight(s) {', '.join(written[:5])} in place. Passes must "
+            "register new tensors (graphopt.ir.register_constant) instead: weights are shared with the rollback "
+            "copy, so this change cannot be undone. Fix the pass.",
+            pass_.name,
+        )
+        error.recoverable = False
+        raise error
+
+
 class PassManager:
     """Run passes in order, optionally to a fixed point, verifying after each.
 
-    Verification (on by default) lints the graph and compares its outputs on the example
-    inputs with those of the graph before the pass. A pass that raises or fails
-    verification raises ``PassError``/``VerificationError`` naming the pass, or with
-    ``on_error="rollback"`` is undone and recorded, and the pipeline goes on.
+    Verification (on by default) lints the graph (no mutating op may appear), runs it on the
+    example inputs, checks that the run left every stored tensor unchanged, and compares its
+    outputs with those of the graph before the pass. A pass that reports no change and left
+    the code as it was is not re-run. A pass that raises or fails verification raises
+    ``PassError``/``VerificationError`` naming the pass, or with ``on_error="rollback"`` is
+    undone, recorded, announced with a ``RollbackWarning``, and the pipeline goes on.
+
+    Rollback copies only the graph's structure; weights are shared, so a pass must never write
+    into an existing tensor (it registers a new one); the manager checks that after every pass.
     """
 
     def __init__(
@@ -53,10 +84,18 @@ class PassManager:
         self.max_iterations = max_iterations if fixed_point else 1
         self.instruments = list(instruments)
         self.tolerance_scale = tolerance_scale
+        self.outputs: Any = None
 
-    def run(self, gm: fx.GraphModule, flat_inputs: tuple[Any, ...], report: Report) -> fx.GraphModule:
-        """Run the pipeline on ``gm``; returns the resulting module and appends records to ``report``."""
-        outputs, _ = run_and_record(gm, flat_inputs)
+    def run(
+        self, gm: fx.GraphModule, flat_inputs: tuple[Any, ...], report: Report, outputs: Any = None
+    ) -> fx.GraphModule:
+        """Run the pipeline on ``gm``; returns the resulting module and appends records to ``report``.
+
+        ``outputs`` are ``gm``'s outputs on ``flat_inputs`` when the caller has them already
+        (capture does); after the run, ``self.outputs`` holds the final graph's outputs.
+        """
+        if outputs is None:
+            outputs = self._first_run(gm, flat_inputs)
         for iteration in range(1, self.max_iterations + 1):
             changed_any = False
             for pass_ in self.passes:
@@ -64,7 +103,22 @@ class PassManager:
                 changed_any |= changed
             if not changed_any:
                 break
+        self.outputs = outputs
         return gm
+
+    @staticmethod
+    def _first_run(gm: fx.GraphModule, flat_inputs: tuple[Any, ...]) -> Any:
+        try:
+            outputs, _ = run_and_record(gm, flat_inputs)
+        except Exception as error:
+            if isinstance(error, GraphoptError):
+                raise
+            raise GraphoptError(
+                f"the captured graph fails on the example inputs before any pass ran: {type(error).__name__}: "
+                f"{error}. This is a capture problem, not a pass problem: check the model with "
+                "torch.export.export(model, example_inputs) and report it if eager runs but the export does not."
+            ) from error
+        return outputs
 
     def _run_one(
         self,
@@ -75,7 +129,9 @@ class PassManager:
         report: Report,
         iteration: int,
     ) -> tuple[fx.GraphModule, Any, bool]:
-        backup = clone_graph_module(gm)
+        backup = snapshot_graph_module(gm)
+        code_before = gm.code
+        weights = _tensor_versions(gm)
         nodes, weight_bytes = _node_count(gm), parameter_bytes(gm)
         record = PassRecord(pass_.name, "unchanged", nodes, nodes, weight_bytes, weight_bytes, 0.0, iteration=iteration)
         for instrument in self.instruments:
@@ -86,20 +142,27 @@ class PassManager:
                 result = self._apply(pass_, gm)
             finally:
                 record.seconds = time.perf_counter() - started
+            _check_weights_untouched(pass_, weights)
             started = time.perf_counter()
-            new_outputs, record.max_abs_diff = (
-                self._check(pass_, gm, backup, flat_inputs, outputs) if self.verify else (outputs, None)
-            )
+            untouched = not result.changed and gm.code == code_before
+            if self.verify and not untouched:
+                new_outputs, record.max_abs_diff = self._check(pass_, gm, backup, flat_inputs, outputs)
+            else:
+                new_outputs = outputs
+                record.max_abs_diff = 0.0 if untouched else None
             record.verify_seconds = time.perf_counter() - started
         except PassError as error:
             for instrument in self.instruments:
                 instrument.after_pass_failed(pass_, gm, error)
             record.error = str(error)
-            record.status = "failed" if self.on_error == "raise" else "rolled back"
+            record.status = "rolled back" if self.on_error == "rollback" and error.recoverable else "failed"
             report.records.append(record)
-            if self.on_error == "raise":
+            if record.status == "failed":
                 error.report = report
                 raise
+            self._check_backup_intact(pass_, backup, flat_inputs, outputs, error)
+            warnings.warn(f"graphopt: pass {pass_.name!r} was rolled back and skipped: {error}", RollbackWarning,
+                          stacklevel=4)
             return backup, outputs, False
         for instrument in self.instruments:
             instrument.after_pass(pass_, gm, result)
@@ -109,6 +172,35 @@ class PassManager:
         record.near_misses = {k: dict(v) for k, v in result.near_misses.items()}
         report.records.append(record)
         return gm, new_outputs, result.changed
+
+    @staticmethod
+    def _lint(pass_: Pass, gm: fx.GraphModule, check_meta: bool) -> None:
+        problems = lint(gm, check_meta=check_meta)
+        if problems:
+            raise VerificationError(
+                f"pass {pass_.name!r} produced a malformed graph: " + "; ".join(problems[:5]), pass_.name
+            )
+
+    def _check_backup_intact(
+        self, pass_: Pass, backup: fx.GraphModule, flat_inputs: tuple[Any, ...], outputs: Any, cause: PassError
+    ) -> None:
+        """Before rolling back, prove the backup still computes what it did (weights are shared with it)."""
+        if not self.verify:
+            return
+        try:
+            restored, _ = run_and_record(backup, flat_inputs)
+            intact = compare_outputs(restored, outputs, self.tolerance_scale).ok
+        except Exception:
+            intact = False
+        if not intact:
+            error = PassError(
+                f"pass {pass_.name!r} failed ({cause}) and also changed weights it shares with the rollback copy "
+                "(for example through tensor.data), so it cannot be undone. Passes must register new tensors "
+                "(graphopt.ir.register_constant) instead of writing into existing ones. Fix or disable the pass.",
+                pass_.name,
+            )
+            error.recoverable = False
+            raise error from cause
 
     @staticmethod
     def _apply(pass_: Pass, gm: fx.GraphModule) -> PassResult:
@@ -126,18 +218,21 @@ class PassManager:
     def _check(
         self, pass_: Pass, gm: fx.GraphModule, before: fx.GraphModule, flat_inputs: tuple[Any, ...], expected: Any
     ) -> tuple[Any, float]:
+        self._lint(pass_, gm, check_meta=False)  # refuse in-place ops before running anything
         try:
             actual, _ = run_and_record(gm, flat_inputs)
+        except StateError as error:
+            raise VerificationError(
+                f"pass {pass_.name!r} produced a graph whose state changes between calls: {error}. Passes must "
+                "keep the graph functional: compute new values instead of writing into existing ones.",
+                pass_.name,
+            ) from error
         except Exception as error:
             raise VerificationError(
                 f"pass {pass_.name!r} produced a graph that fails to run: {type(error).__name__}: {error}",
                 pass_.name,
             ) from error
-        problems = lint(gm)
-        if problems:
-            raise VerificationError(
-                f"pass {pass_.name!r} produced a malformed graph: " + "; ".join(problems[:5]), pass_.name
-            )
+        self._lint(pass_, gm, check_meta=True)
         comparison = compare_outputs(actual, expected, self.tolerance_scale)
         if not comparison.ok:
             node = first_divergence(before, gm, flat_inputs, self.tolerance_scale)

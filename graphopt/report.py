@@ -1,13 +1,28 @@
-"""The optimization report: one row per pass, plus the final check against the eager model."""
+"""The optimization report: one row per pass, the final check against the eager model, extra sections.
+
+Everything here is plain data (JSON-serialisable through ``Report.to_dict`` and back through
+``Report.from_dict``); rendering to HTML lives in ``graphopt.report_html``.
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 from tabulate import tabulate
 
-__all__ = ["PassRecord", "Report"]
+__all__ = ["PLOT_KINDS", "PassRecord", "PlotSpec", "Report", "ReportSection"]
+
+PLOT_KINDS = ("bar", "barh", "line")
+"""The ``PlotSpec.kind`` values the renderers draw."""
+
+_PLAIN = (str, int, float, bool, type(None))
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -28,6 +43,104 @@ class PassRecord:
     error: str | None = None
     iteration: int = 1
     verify_seconds: float = 0.0
+
+
+@dataclass
+class PlotSpec:
+    """A plot as pure data: what to draw, not how (the HTML renderer draws it with matplotlib).
+
+    ``series`` maps a legend name to one value per entry of ``x_labels``; ``None`` is a missing
+    value. ``log_scale`` puts the value axis on a log scale (values ``<= 0`` or ``None`` are then
+    labelled instead of drawn). ``stacked`` stacks the series of a bar plot instead of grouping
+    them. ``marked`` holds indices into ``x_labels`` drawn in the warning colour, with
+    ``marked_label`` as their legend entry (e.g. rolled-back passes).
+    """
+
+    kind: str  # "bar" | "barh" | "line"
+    title: str
+    x_labels: list[str]
+    series: dict[str, list[float | None]]
+    x_label: str = ""
+    y_label: str = ""
+    log_scale: bool = False
+    stacked: bool = False
+    marked: list[int] = field(default_factory=list)
+    marked_label: str = "marked"
+
+    def __post_init__(self) -> None:
+        if self.kind not in PLOT_KINDS:
+            raise ValueError(f"PlotSpec kind must be one of {', '.join(PLOT_KINDS)}, got {self.kind!r}")
+        self.x_labels = [str(label) for label in self.x_labels]
+        self.series = {str(name): [None if v is None else float(v) for v in values]
+                       for name, values in self.series.items()}
+        for name, values in self.series.items():
+            if len(values) != len(self.x_labels):
+                raise ValueError(f"plot {self.title!r}: series {name!r} has {len(values)} values "
+                                 f"for {len(self.x_labels)} x labels")
+        self.marked = [int(i) for i in self.marked]
+        if any(not 0 <= i < len(self.x_labels) for i in self.marked):
+            raise ValueError(f"plot {self.title!r}: marked indices {self.marked} out of range")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlotSpec:
+        """Rebuild a plot from ``dataclasses.asdict`` output (or its JSON)."""
+        return _build(cls, data)
+
+
+@dataclass
+class ReportSection:
+    """An extra part of a report (per-layer quantization, pruning, partitioning...): a table and plots.
+
+    ``rows`` hold plain values only (str, int, float, bool, None), one per header, so the
+    section stays JSON-serialisable; every renderer prints the table and the HTML one draws
+    the plots.
+    """
+
+    title: str
+    description: str | None = None
+    headers: list[str] = field(default_factory=list)
+    rows: list[list[Any]] = field(default_factory=list)
+    plots: list[PlotSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.headers = [str(h) for h in self.headers]
+        self.rows = [list(row) for row in self.rows]
+        for index, row in enumerate(self.rows):
+            if self.headers and len(row) != len(self.headers):
+                raise ValueError(f"section {self.title!r}: row {index} has {len(row)} cells "
+                                 f"for {len(self.headers)} headers")
+            bad = [v for v in row if not isinstance(v, _PLAIN)]
+            if bad:
+                raise TypeError(f"section {self.title!r}: row {index} holds {type(bad[0]).__name__}; "
+                                "use str, int, float, bool or None")
+        self.plots = [PlotSpec.from_dict(p) if isinstance(p, Mapping) else p for p in self.plots]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReportSection:
+        """Rebuild a section, with its plots, from ``dataclasses.asdict`` output (or its JSON)."""
+        return _build(cls, data)  # __post_init__ turns the plot dicts back into PlotSpecs
+
+    def text_table(self, tablefmt: str = "simple") -> str:
+        """The section's table formatted by ``tabulate`` (empty when there are no rows)."""
+        if not self.rows:
+            return ""
+        rows = [[format_cell(v) for v in row] for row in self.rows]
+        return tabulate(rows, headers=self.headers, tablefmt=tablefmt, disable_numparse=True)
+
+
+def _build(cls: type[_T], data: Mapping[str, Any]) -> _T:
+    """``cls(**data)`` with deep-copied values; unknown keys (from a newer version) are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: copy.deepcopy(v) for k, v in data.items() if k in names})
+
+
+def format_cell(value: Any) -> str:
+    """A table cell as text: floats to 4 significant digits, ``None`` as a dash."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def _bytes(n: int) -> str:
@@ -53,6 +166,28 @@ class Report:
     lowering_seconds: float = 0.0
     capture_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    sections: list[ReportSection] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Report:
+        """Rebuild a report from ``to_dict()`` output (or that dict saved as JSON and loaded back).
+
+        ``Report.from_dict(report.to_dict()) == report``. Keys this version does not know are
+        ignored; missing optional keys take their defaults.
+        """
+        report = _build(cls, data)
+        report.records = [_build(PassRecord, r) if isinstance(r, Mapping) else r for r in report.records]
+        report.sections = [ReportSection.from_dict(s) if isinstance(s, Mapping) else s for s in report.sections]
+        return report
+
+    def to_html(self, path: str | os.PathLike[str]) -> Path:
+        """Write the report as one self-contained HTML page (tables, inline SVG plots); returns the path.
+
+        Needs matplotlib (imported only here, so ``import graphopt`` stays fast).
+        """
+        from graphopt.report_html import write_html
+
+        return write_html(self, path)
 
     @property
     def rolled_back(self) -> list[str]:
@@ -82,6 +217,10 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """The whole report as plain data (JSON-serialisable)."""
         return asdict(self)
+
+    def pass_table(self) -> tuple[list[str], list[list[str]]]:
+        """Headers and rows of the per-pass table, as ``str(report)`` prints them."""
+        return list(self._HEADERS), self._rows()
 
     def _rows(self, raw: bool = False) -> list[list[Any]]:
         rows = []
@@ -128,13 +267,28 @@ class Report:
         lines.extend(self.notes)
         return lines
 
+    def _section_texts(self, markdown: bool) -> list[str]:
+        parts = []
+        for section in self.sections:
+            lines = [f"### {section.title}" if markdown else f"\n{section.title}"]
+            if section.description:
+                lines.append(section.description)
+            table = section.text_table("github" if markdown else "simple")
+            if table:
+                lines.append(table)
+            if section.plots:
+                lines.append(f"({len(section.plots)} plot(s) in the HTML report)")
+            parts.append(("\n\n" if markdown else "\n").join(lines))
+        return parts
+
     def __str__(self) -> str:
         table = tabulate(self._rows(), headers=self._HEADERS, tablefmt="simple",
                          disable_numparse=True)
-        return table + "\n" + "\n".join(self._footer())
+        return "\n".join([table, *self._footer(), *self._section_texts(markdown=False)])
 
     def to_markdown(self) -> str:
-        """The report as a Markdown table with its footer as a list."""
+        """The report as a Markdown table with its footer as a list, then one part per section."""
         table = tabulate(self._rows(), headers=self._HEADERS, tablefmt="github",
                          disable_numparse=True)
-        return table + "\n\n" + "\n".join(f"- {line}" for line in self._footer()) + "\n"
+        text = table + "\n\n" + "\n".join(f"- {line}" for line in self._footer()) + "\n"
+        return text + "".join(f"\n{part}\n" for part in self._section_texts(markdown=True))

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch.fx as fx
 
 from graphopt.errors import UnknownTargetError
+from graphopt.shapes import DynamicDims
 
 __all__ = ["DEFAULT_PIPELINE", "Target", "available_targets", "get_target"]
 
@@ -37,7 +38,11 @@ class Target:
         """Raise ``DeviceUnavailableError`` when this machine cannot run the target."""
 
     def lower(
-        self, gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any]
+        self,
+        gm: fx.GraphModule,
+        example_args: tuple[Any, ...],
+        example_kwargs: dict[str, Any],
+        dynamic: DynamicDims | None = None,
     ) -> Callable[..., Any]:
         """Turn the optimized graph into a runnable callable."""
         raise NotImplementedError

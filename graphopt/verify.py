@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.ir import attribute_value, run_and_record
+from graphopt.ir import STATE_UPDATE, attribute_value, run_and_record
 
 __all__ = ["Comparison", "Tolerance", "compare_outputs", "first_divergence", "lint", "tolerance_for"]
 
@@ -103,8 +103,13 @@ def compare_outputs(actual: Any, expected: Any, tolerance_scale: float = 1.0, ex
     return Comparison(ok, worst_abs, worst_scaled, detail)
 
 
-def lint(gm: fx.GraphModule) -> list[str]:
-    """Structural problems of ``gm``: fx's own lint plus dangling attributes and missing meta."""
+def lint(gm: fx.GraphModule, check_meta: bool = True) -> list[str]:
+    """Structural problems of ``gm``: fx's own lint, dangling attributes, missing meta, in-place ops.
+
+    The only mutation allowed is an explicit write of user-visible state made at capture
+    (``aten.copy_`` marked ``node.meta[STATE_UPDATE]``). ``check_meta=False`` skips the
+    shape/dtype check, for a graph not yet run since a pass added nodes.
+    """
     problems: list[str] = []
     try:
         gm.graph.lint()
@@ -118,9 +123,21 @@ def lint(gm: fx.GraphModule) -> list[str]:
                 problems.append(f"node {node.name} reads missing attribute {node.target!r}")
         if node.op == "call_function" and not callable(node.target):
             problems.append(f"node {node.name} calls non-callable {node.target!r}")
-        if node.op in ("placeholder", "call_function") and "tensor_meta" not in node.meta and "val" not in node.meta:
+        if _mutates(node) and not node.meta.get(STATE_UPDATE):
+            problems.append(
+                f"node {node.name} mutates a value in place ({node.target}); the IR is functional: "
+                "use the out-of-place op"
+            )
+        missing_meta = "tensor_meta" not in node.meta and "val" not in node.meta
+        if check_meta and node.op in ("placeholder", "call_function") and missing_meta and node.users:
             problems.append(f"node {node.name} has no shape/dtype meta")
     return problems
+
+
+def _mutates(node: fx.Node) -> bool:
+    """True for a call to an op whose schema writes into one of its arguments (``add_``, ``copy_``...)."""
+    target = node.target
+    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
 
 
 def _touched(before: fx.GraphModule, after: fx.GraphModule) -> set[str]:

@@ -14,8 +14,9 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             n = module.num_features
-            module.running_mean.copy_(torch.rand(n, generator=generator) * 2 - 1)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            if module.track_running_stats:  # a batch norm without running statistics has none to set
+                module.running_mean.copy_(torch.rand(n, generator=generator) * 2 - 1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
             if module.affine:
                 module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
                 module.bias.data.copy_(torch.rand(n, generator=generator) - 0.5)

@@ -38,8 +38,10 @@ def test_cnn_graphs_lose_every_batchnorm(name):
     before = count_ops(graphopt.capture(entry.model, entry.example_inputs).graph_module)
     fast = graphopt.optimize(entry.model, entry.example_inputs)
     after = count_ops(fast.graph_module)
-    assert before["aten.batch_norm.default"] > 0
-    assert "aten.batch_norm.default" not in after
+    # in-place ReLUs make capture functionalize the graph, where batch norm is the no-training op
+    norms = ("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default")
+    assert sum(before[op] for op in norms) > 0
+    assert not any(op in after for op in norms)
     assert after["aten.conv2d.default"] == before["aten.conv2d.default"]
     if name == "mobilenet_v2":
         assert sum(n for op, n in after.items() if "hardtanh" in op or "relu6" in op) > 0

@@ -240,3 +240,17 @@ def test_functional_forms_fold_too():
     fast = graphopt.optimize(model, inputs)
     assert "aten.batch_norm.default" not in count_ops(fast.graph_module)
     assert_matches(fast, model, inputs)
+
+
+class TwoEqualOutputs(nn.Module):
+    def forward(self, x):
+        return torch.relu(x) * 2, torch.relu(x) * 2
+
+
+def test_cse_keeps_returned_twins_apart():
+    x = torch.randn(3, 4)
+    fast = graphopt.optimize(TwoEqualOutputs(), (x,), passes=["cse", "dce"])
+    first, second = fast(x)
+    assert first.data_ptr() != second.data_ptr()  # eager returns two tensors; so must the optimized model
+    assert count_ops(fast.graph_module)["aten.relu.default"] == 1  # the shared relu was still merged
+    assert fast.report.near_misses["cse"] == {"both results are returned as separate outputs": 1}

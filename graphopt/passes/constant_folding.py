@@ -79,4 +79,4 @@ class ConstantFolding(Pass):
                 removed += 1
         if folded:
             prune_unused_attributes(gm)
-        return PassResult(changed=folded > 0, stats={"folded": folded, "removed": removed})
+        return PassResult(changed=folded > 0 or removed > 0, stats={"folded": folded, "removed": removed})

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from graphopt.shapes import DynamicDims
 from graphopt.target import Target
 
 __all__ = ["CpuTarget"]
@@ -18,7 +19,11 @@ class CpuTarget(Target):
     name = "cpu"
 
     def lower(
-        self, gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any]
+        self,
+        gm: fx.GraphModule,
+        example_args: tuple[Any, ...],
+        example_kwargs: dict[str, Any],
+        dynamic: DynamicDims | None = None,
     ) -> Callable[..., Any]:
         """The graph module itself is the runnable form."""
         gm.recompile()

@@ -11,6 +11,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt.errors import DeviceUnavailableError
+from graphopt.shapes import DynamicDims
 from graphopt.target import Target
 from graphopt.verify import compare_outputs
 
@@ -66,7 +67,11 @@ class GpuTarget(Target):
             )
 
     def lower(
-        self, gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any]
+        self,
+        gm: fx.GraphModule,
+        example_args: tuple[Any, ...],
+        example_kwargs: dict[str, Any],
+        dynamic: DynamicDims | None = None,
     ) -> Callable[..., Any]:
         """Move the graph module, weights and device constants, to the GPU (one copy of the weights)."""
         self.check_available()

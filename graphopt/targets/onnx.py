@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
@@ -18,6 +19,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt.errors import LoweringError, UnsupportedOpError
+from graphopt.ir import state_update_nodes
+from graphopt.shapes import DynamicDims
 from graphopt.target import Target
 
 __all__ = ["OnnxRuntimeModule", "OnnxTarget", "export_graph_to_onnx"]
@@ -60,17 +63,39 @@ def _quiet_exporter_logs() -> Iterator[None]:
         exporter_log.setLevel(previous)
 
 
-def export_graph_to_onnx(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> onnx.ModelProto:
+def _refuse_state(gm: fx.GraphModule) -> None:
+    """ONNX models are stateless: a graph that updates its own buffers on each call cannot be lowered."""
+    updates = state_update_nodes(gm)
+    if updates:
+        names = sorted({str(n.args[0].target) for n in updates})
+        raise LoweringError(
+            f"the model updates state on every call (buffer(s) {', '.join(names[:5])}), which an ONNX model "
+            "cannot hold between runs. Use target='cpu', or move the state out of forward() "
+            "(pass it in as an input and return the new value)."
+        )
+
+
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+"""Models larger than this many bytes keep their weights in a ``.data`` file beside the ``.onnx``
+(protobuf cannot serialise a message of 2 GiB or more)."""
+
+
+def export_graph_to_onnx(
+    gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: DynamicDims | None = None
+) -> onnx.ModelProto:
     """Export ``gm`` with ``torch.onnx`` (dynamo exporter) and check the result with ``onnx.checker``.
 
+    Dims in ``dynamic`` become symbolic ONNX dims named like them (``batch``, ``seq``...).
     Raises ``UnsupportedOpError`` naming the op and node when an op has no ONNX translation.
     """
+    _refuse_state(gm)
     log.info("exporting to ONNX (%d graph nodes)", len(gm.graph.nodes))
+    dynamic_shapes = dynamic.spec_for("onnx", gm.forward, args, kwargs) if dynamic else None
     try:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()), _quiet_exporter_logs():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(gm, args, kwargs=kwargs or None, dynamo=True, verbose=False,
-                                        report=False, optimize=True)
+                                        report=False, optimize=True, dynamic_shapes=dynamic_shapes)
     except Exception as error:
         unsupported = _unsupported_op(gm, error)
         if unsupported is not None:
@@ -80,10 +105,30 @@ def export_graph_to_onnx(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict
         ) from error
     model = program.model_proto
     try:
-        onnx.checker.check_model(model, full_check=model.ByteSize() < 2**31 - 1)
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(model, full_check=True)
+        else:
+            with tempfile.TemporaryDirectory() as folder:  # the checker reads models over 2 GiB from a path
+                path = _write_model(model, Path(folder) / "model.onnx")
+                onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as error:
         raise LoweringError(f"the exported ONNX model fails onnx.checker: {error}") from error
     return model
+
+
+def _write_model(model: onnx.ModelProto, path: Path) -> Path:
+    """Write ``model`` to ``path``, its weights in ``path.data`` when it is too large for one protobuf."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        path.write_bytes(model.SerializeToString())
+        return path
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # external data is appended to: start from an empty file
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # converting to external data rewrites the tensors of the model in place
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return path
 
 
 class OnnxRuntimeModule(torch.nn.Module):
@@ -96,8 +141,13 @@ class OnnxRuntimeModule(torch.nn.Module):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.model_bytes = model.SerializeToString()
-        self.session = ort.InferenceSession(self.model_bytes, options, providers=["CPUExecutionProvider"])
+        self.model = model
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        else:  # onnxruntime reads a large model (weights in a side file) from disk
+            with tempfile.TemporaryDirectory() as folder:
+                path = _write_model(model, Path(folder) / "model.onnx")
+                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.out_spec = out_spec
 
@@ -111,10 +161,8 @@ class OnnxRuntimeModule(torch.nn.Module):
         return pytree.tree_unflatten(outputs, self.out_spec) if self.out_spec is not None else tuple(outputs)
 
     def save(self, path: str | Path) -> Path:
-        """Write the ONNX model to ``path``."""
-        path = Path(path)
-        path.write_bytes(self.model_bytes)
-        return path
+        """Write the ONNX model to ``path`` (weights beside it in ``path.data`` when over 1.8 GB)."""
+        return _write_model(self.model, Path(path))
 
 
 class OnnxTarget(Target):
@@ -123,9 +171,13 @@ class OnnxTarget(Target):
     name = "onnx"
 
     def lower(
-        self, gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any]
+        self,
+        gm: fx.GraphModule,
+        example_args: tuple[Any, ...],
+        example_kwargs: dict[str, Any],
+        dynamic: DynamicDims | None = None,
     ) -> Callable[..., Any]:
         """Export, check, and open an onnxruntime session for the optimized graph."""
-        model = export_graph_to_onnx(gm, example_args, example_kwargs)
+        model = export_graph_to_onnx(gm, example_args, example_kwargs, dynamic)
         return OnnxRuntimeModule(model, getattr(gm, "_out_spec", None), threads=torch.get_num_threads())
 
