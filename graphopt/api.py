@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -14,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.capture import CapturedModel, capture, flatten_inputs
+from graphopt.capture import CapturedModel, capture, eval_twin, flatten_inputs
 from graphopt.errors import GraphoptError, InputError, UnknownPassError, VerificationError
 from graphopt.instruments import Instrument
 from graphopt.ir import clone_graph_module
@@ -41,23 +40,34 @@ def _signature(values: Sequence[Any]) -> Signature:
 def _like_example_layout(
     args: tuple[Any, ...], kwargs: dict[str, Any], example_args: tuple[Any, ...], example_kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Make inputs contiguous where the example was: the graph may view them as the example's strides allow.
+    """Lay inputs out in memory like the example inputs: the graph may view them as the example's strides allow.
 
-    (Capture decomposes ``reshape`` of a contiguous example into ``view``.) A no-op for inputs
-    already laid out like the example, so it costs nothing in the usual case.
+    (torch.export specializes on the example's strides: ``reshape`` of a contiguous tensor
+    becomes ``view``, ``contiguous()`` of an already contiguous one disappears.) Inputs already
+    laid out like the example pass through untouched, so this costs nothing in the usual case.
     """
     leaves, tree = pytree.tree_flatten((tuple(args), dict(kwargs)))
     examples = pytree.tree_leaves((tuple(example_args), dict(example_kwargs)))
     if len(examples) != len(leaves):
         return args, kwargs
     fixed = [
-        value.contiguous()
-        if isinstance(value, torch.Tensor) and isinstance(example, torch.Tensor) and example.is_contiguous()
-        and not value.is_contiguous()
-        else value
+        _relayout(value, example) if isinstance(value, torch.Tensor) and isinstance(example, torch.Tensor) else value
         for value, example in zip(leaves, examples, strict=True)
     ]
     return pytree.tree_unflatten(fixed, tree)
+
+
+def _relayout(value: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+    """``value`` with the example's dim order in memory (dense), when the example is dense."""
+    if value.dim() != example.dim() or value.dim() == 0:
+        return value
+    order = sorted(range(example.dim()), key=lambda d: -example.stride(d))
+    if not example.permute(order).is_contiguous():
+        return value  # the example itself is not dense (expanded, sliced): nothing to match
+    if value.permute(order).is_contiguous():
+        return value
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return value.permute(order).contiguous().permute(inverse)
 
 
 def _default_on_error() -> OnError:
@@ -91,6 +101,19 @@ class OptimizedModel(torch.nn.Module):
         self._reference = captured.reference_outputs
         self._signature = _signature(captured.flat_inputs)
         self.dynamic = captured.dynamic
+        # On the CPU the graph shares untouched weights with the user's model (no copy): remember
+        # their versions, so that changing them in place afterwards is an error, not a silent mix
+        # of new weights and weights folded from the old ones.
+        self._weights = [(name, p.detach(), p._version) for name, p in graph_module.named_parameters()]
+
+    def _check_weights_unchanged(self) -> None:
+        changed = [name for name, tensor, version in self._weights if tensor._version != version]
+        if changed:
+            raise InputError(
+                f"weights of the original model were changed in place after optimize ({', '.join(changed[:3])}"
+                f"{', ...' if len(changed) > 3 else ''}); the optimized model shares them with it, and weights "
+                "folded from the old values would no longer match. Run graphopt.optimize again."
+            )
 
     def _check_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.dynamic.check(flatten_inputs(self.graph_module, args, kwargs), self._signature)
@@ -98,6 +121,8 @@ class OptimizedModel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the optimized model (inputs are moved to the target's device, in the example's layout)."""
         self._check_call(args, kwargs)
+        if self.runner is self.graph_module:
+            self._check_weights_unchanged()
         args, kwargs = _like_example_layout(args, kwargs, self._example_args, self._example_kwargs)
         args, kwargs = self.target.move_inputs(args, kwargs)
         with torch.inference_mode():
@@ -124,6 +149,7 @@ class OptimizedModel(torch.nn.Module):
         if isinstance(self.runner, OnnxRuntimeModule):
             session = self.runner
         else:
+            self._check_weights_unchanged()
             model = export_graph_to_onnx(self._cpu_graph(), self._example_args, self._example_kwargs, self.dynamic)
             session = OnnxRuntimeModule(model, getattr(self.graph_module, "_out_spec", None))
         comparison = compare_outputs(session(*self._example_args, **self._example_kwargs), self._reference)
@@ -139,7 +165,17 @@ class OptimizedModel(torch.nn.Module):
         """
         from graphopt.serialize import save_optimized
 
+        self._check_weights_unchanged()
         return save_optimized(self, path)
+
+
+def _trusted(pipeline: Sequence[Pass]) -> bool:
+    """True when every pass is graphopt's own: they never write into weights, so weights may be shared.
+
+    A pipeline with a pass of the user's runs on a private copy of the weights, so that a bug
+    in that pass cannot reach the user's model.
+    """
+    return all(type(p).__module__.startswith(("graphopt.passes.", "graphopt.rules")) for p in pipeline)
 
 
 def _pipeline(target: Target, passes: Sequence[str | Pass] | None, disabled: Sequence[str]) -> list[Pass]:
@@ -178,8 +214,12 @@ def optimize(
     ``verify=False``. A pass that breaks the outputs is undone, reported and announced with a
     ``RollbackWarning`` (``on_error="rollback"``, the default), or raises ``VerificationError``
     naming it (``on_error="raise"``; ``GRAPHOPT_ON_ERROR`` sets the default). With dynamic dims
-    the final check also runs the optimized model at other sizes of those dims. The user's
-    model is never modified.
+    the final check also runs the optimized model at other sizes of those dims.
+
+    The user's model is never modified. When every pass is graphopt's own, the optimized graph
+    shares the weights it leaves untouched with the model (no copy, so no doubled memory), and
+    calling it after those weights were changed in place raises ``InputError``; a pipeline with
+    passes of your own works on a private copy of the weights.
     """
     on_error = on_error if on_error is not None else _default_on_error()
     target = get_target(target)
@@ -189,7 +229,7 @@ def optimize(
 
     started = time.perf_counter()
     captured = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes,
-                       dynamic_batch=dynamic_batch)
+                       dynamic_batch=dynamic_batch, share_weights=_trusted(pipeline))
     report.capture_seconds = time.perf_counter() - started
     report.notes.extend(captured.notes)
     log.info("captured %d nodes; running %d passes", len(captured.graph_module.graph.nodes), len(pipeline))
@@ -265,7 +305,7 @@ def _run_lowered(optimized: OptimizedModel, args: tuple[Any, ...], kwargs: dict[
 
 
 def _eager_outputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-    """The user's model's outputs on a probe input, computed on a copy so the model is never touched."""
-    twin = copy.deepcopy(model).eval()
+    """The user's model's outputs on a probe input, computed on a twin so the model is never touched."""
+    twin = eval_twin(model, share_weights=True)  # eager code only reads its weights
     with torch.no_grad():
         return pytree.tree_leaves(twin(*args, **kwargs))

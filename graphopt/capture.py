@@ -20,11 +20,11 @@ import torch.utils._pytree as pytree
 from torch.fx._pytree import tree_flatten_spec
 
 from graphopt.errors import CaptureError, InputError
-from graphopt.ir import STATE_UPDATE, run_and_record
+from graphopt.ir import STATE_UPDATE, is_mutating, run_and_record
 from graphopt.shapes import DynamicDims, batch_dynamic_shapes, dims_from_graph, user_dim_names
 from graphopt.verify import compare_outputs
 
-__all__ = ["CapturedModel", "capture", "flatten_inputs", "user_source_line"]
+__all__ = ["CapturedModel", "capture", "flatten_inputs", "eval_twin", "user_source_line"]
 
 _LIBRARY_ROOTS = (
     *(os.path.dirname(m.__file__) + os.sep for m in (torch, pytree, copy) if getattr(m, "__file__", None)),
@@ -112,10 +112,25 @@ def _shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _copy_for_capture(model: torch.nn.Module) -> torch.nn.Module:
-    """An eval-mode deep copy, so neither export nor passes can touch the user's module."""
+def eval_twin(model: torch.nn.Module, share_weights: bool = True) -> torch.nn.Module:
+    """An eval-mode copy of ``model`` that nothing graphopt does can reach the user's module through.
+
+    The copy has its own module objects, its own ``Parameter`` objects (so ``.to(device)`` moves
+    only the copy) and its own buffers (so a forward that updates state updates the copy). With
+    ``share_weights`` its parameters share storage with the model's instead of duplicating it,
+    so optimizing never doubles a model's memory; the storage shares the model's version
+    counters, which is how an optimized model notices the user changing those weights later.
+    Only code that never writes into weights may run on a shared twin (graphopt's own passes,
+    which the pass manager checks); otherwise pass ``share_weights=False``.
+    """
+    memo: dict[int, Any] = {}
+    for parameter in model.parameters():
+        data = parameter.detach() if share_weights else parameter.detach().clone()
+        memo[id(parameter)] = torch.nn.Parameter(data, requires_grad=False)
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer.detach().clone()
     try:
-        twin = copy.deepcopy(model)
+        twin = copy.deepcopy(model, memo)
     except Exception as error:
         raise InputError(
             f"could not copy the model ({type(error).__name__}: {error}); graphopt works on a copy "
@@ -188,14 +203,6 @@ def _capture_error(error: BaseException, what: str) -> CaptureError:
     )
 
 
-def _is_mutating(node: fx.Node) -> bool:
-    return (
-        node.op == "call_function"
-        and isinstance(node.target, torch._ops.OpOverload)
-        and node.target._schema.is_mutable
-    )
-
-
 def _export(
     model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_shapes: Any
 ) -> tuple[torch.export.ExportedProgram, bool]:
@@ -204,7 +211,7 @@ def _export(
         exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as error:
         raise _capture_error(error, "capture the model") from error
-    if not any(_is_mutating(node) for node in exported.graph.nodes):
+    if not any(is_mutating(node) for node in exported.graph.nodes):
         return exported, False  # already free of mutation: functionalizing would change nothing
     _alias_inference_dropout(exported.graph_module)
     try:
@@ -270,6 +277,7 @@ def capture(
     *,
     dynamic_shapes: Any = None,
     dynamic_batch: bool = False,
+    share_weights: bool = False,
 ) -> CapturedModel:
     """Capture ``model`` on ``example_inputs`` into a functional fx graph with shape and dtype on every node.
 
@@ -277,7 +285,8 @@ def capture(
     functionalized; writes to buffers (or inputs) that the user can see stay as explicit
     ``aten.copy_`` nodes at the end, marked ``node.meta[STATE_UPDATE]``.
     ``dynamic_shapes`` (torch.export's format) or ``dynamic_batch=True`` declare dims that
-    may vary between calls.
+    may vary between calls. With ``share_weights`` the graph's parameters share storage with
+    the model's (see ``eval_twin``); by default they are a private copy.
 
     Raises InputError for inputs the model cannot run on, CaptureError (naming the user's source
     line) for a model torch.export cannot capture.
@@ -287,7 +296,7 @@ def capture(
     args = _normalize_inputs(example_inputs)
     kwargs = dict(example_kwargs or {})
     _check_leaves(args, kwargs)
-    twin = _copy_for_capture(model)
+    twin = eval_twin(model, share_weights)
     reference = _check_outputs(_run_eager(twin, args, kwargs))
     spec = _resolve_dynamic(twin, args, kwargs, dynamic_shapes, dynamic_batch)
     exported, functionalized = _export(twin, args, kwargs, spec)

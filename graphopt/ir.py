@@ -24,6 +24,7 @@ __all__ = [
     "attribute_value",
     "clone_graph_module",
     "count_ops",
+    "is_mutating",
     "iter_ops",
     "node_dtype",
     "node_shape",
@@ -35,6 +36,8 @@ __all__ = [
     "same_shape",
     "snapshot_graph_module",
     "state_update_nodes",
+    "tensor_versions",
+    "written_since",
 ]
 
 STATE_UPDATE = "graphopt_state_update"
@@ -230,16 +233,26 @@ class _Recorder(fx.Interpreter):
         return result
 
 
-def _version(tensor: torch.Tensor) -> int | None:
-    try:
-        return tensor._version
-    except RuntimeError:  # inference tensors keep no version counter
-        return None
+def is_mutating(node: fx.Node) -> bool:
+    """True for a call to an op whose schema writes into one of its arguments (``add_``, ``copy_``...)."""
+    target = node.target
+    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
 
 
-def _stored_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
-    return dict(named)
+def tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, int]]:
+    """Every stored tensor of ``gm`` by name, with its version counter (which in-place writes advance)."""
+    versions = {}
+    for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        try:
+            versions[name] = (tensor, tensor._version)
+        except RuntimeError:  # inference tensors keep no version counter
+            continue
+    return versions
+
+
+def written_since(versions: dict[str, tuple[torch.Tensor, int]]) -> list[str]:
+    """Names of the tensors in ``versions`` (from ``tensor_versions``) written in place since then."""
+    return [name for name, (tensor, version) in versions.items() if tensor._version != version]
 
 
 def run_and_record(
@@ -266,8 +279,7 @@ def run_and_record(
             index = placeholders.index(destination)
             if isinstance(inputs[index], torch.Tensor):
                 inputs[index] = inputs[index].clone()  # the caller's example tensor stays as it is
-    stored = {name: t for name, t in _stored_tensors(gm).items() if name not in updated_attributes}
-    versions = {name: _version(t) for name, t in stored.items()}
+    versions = {name: v for name, v in tensor_versions(gm).items() if name not in updated_attributes}
     recorder = _Recorder(gm, keep_values)
     try:
         with torch.no_grad():
@@ -276,7 +288,7 @@ def run_and_record(
         with torch.no_grad():
             for name, value in updated_attributes.items():
                 _resolve_attribute(gm, name).copy_(value)
-    written = [name for name, t in stored.items() if versions[name] is not None and _version(t) != versions[name]]
+    written = written_since(versions)
     if written:
         raise StateError(
             f"running the graph wrote into stored tensor(s) {', '.join(written[:5])} in place, so every call "

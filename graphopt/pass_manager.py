@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from graphopt.errors import GraphoptError, PassError, RollbackWarning, StateError, VerificationError
 from graphopt.instruments import Instrument
-from graphopt.ir import parameter_bytes, run_and_record, snapshot_graph_module
+from graphopt.ir import parameter_bytes, run_and_record, snapshot_graph_module, tensor_versions, written_since
 from graphopt.pass_infra import Pass, PassResult
 from graphopt.report import PassRecord, Report
 from graphopt.verify import compare_outputs, first_divergence, lint
@@ -25,20 +25,9 @@ def _node_count(gm: fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
 
 
-def _tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[Any, int]]:
-    """Every stored tensor with its version counter, to detect a pass writing into one in place."""
-    versions = {}
-    for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-        try:
-            versions[name] = (tensor, tensor._version)
-        except RuntimeError:  # inference tensors keep no version counter
-            continue
-    return versions
-
-
 def _check_weights_untouched(pass_: Pass, versions: dict[str, tuple[Any, int]]) -> None:
     """Raise when the pass wrote into an existing weight: its backup shares that weight, so no rollback."""
-    written = [name for name, (tensor, version) in versions.items() if tensor._version != version]
+    written = written_since(versions)
     if written:
         error = PassError(
             f"pass {pass_.name!r} wrote into existing weight(s) {', '.join(written[:5])} in place. Passes must "
@@ -131,7 +120,7 @@ class PassManager:
     ) -> tuple[fx.GraphModule, Any, bool]:
         backup = snapshot_graph_module(gm)
         code_before = gm.code
-        weights = _tensor_versions(gm)
+        weights = tensor_versions(gm)
         nodes, weight_bytes = _node_count(gm), parameter_bytes(gm)
         record = PassRecord(pass_.name, "unchanged", nodes, nodes, weight_bytes, weight_bytes, 0.0, iteration=iteration)
         for instrument in self.instruments:

@@ -106,3 +106,50 @@ def test_gpu_target_runs_a_transformer_with_device_constants():
     fast = graphopt.optimize(model, (ids, torch.ones_like(ids)), target="gpu")
     assert fast(ids, torch.ones_like(ids)).last_hidden_state.is_cuda
     assert_matches(fast, model, (ids, torch.ones_like(ids)))
+
+
+class TransposeContiguousView(nn.Module):
+    def forward(self, x):
+        return x.transpose(2, 3).contiguous().view(x.shape[0], -1) * 2
+
+
+@pytest.mark.parametrize("example_layout", ["contiguous", "column-major"])
+def test_inputs_laid_out_unlike_the_example_still_run(example_layout):
+    # torch.export specializes the graph on the example's strides; calls in another layout must work too
+    base = torch.randn(2, 3, 4, 5)
+    column_major = base.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    example, other = (base, column_major) if example_layout == "contiguous" else (column_major, base)
+    model = TransposeContiguousView()
+    fast = graphopt.optimize(model, (example,))
+    torch.testing.assert_close(fast(other), model(other))
+    torch.testing.assert_close(fast(example), model(example))
+
+
+def _linear_stack() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+
+def test_cpu_model_shares_untouched_weights_with_the_original():
+    model = _linear_stack()
+    fast = graphopt.optimize(model, (torch.randn(2, 8),), target="cpu")
+    original = {p.data_ptr() for p in model.parameters()}
+    shared = [p for p in fast.graph_module.parameters() if p.data_ptr() in original]
+    assert len(shared) == 4  # no weight was copied: optimizing never doubles a model's memory
+    fast.graph_module.to(torch.float64)  # the optimized model's own Parameter objects: the user's stay
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_changing_the_original_weights_afterwards_is_caught(tmp_path):
+    model = _linear_stack()
+    x = torch.randn(2, 8)
+    fast = graphopt.optimize(model, (x,), target="cpu")
+    frozen = graphopt.optimize(model, (x,), target="onnx")
+    expected = model(x).detach()
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # e.g. an optimizer step on the user's model
+    with pytest.raises(graphopt.InputError, match=r"changed in place after optimize.*optimize again"):
+        fast(x)
+    with pytest.raises(graphopt.InputError, match="changed in place"):
+        fast.save(tmp_path / "stale.pt2")
+    torch.testing.assert_close(frozen(x), expected)  # the ONNX session holds its own copy of the weights

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir import node_dtype, node_shape, prune_unused_attributes
+from graphopt.ir import is_mutating, node_dtype, node_shape, prune_unused_attributes
 from graphopt.pass_infra import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -219,14 +219,6 @@ def _is_aten(node: fx.Node) -> bool:
     )
 
 
-def _is_mutating(node: fx.Node) -> bool:
-    return (
-        node.op == "call_function"
-        and isinstance(node.target, torch._ops.OpOverload)
-        and node.target._schema.is_mutable
-    )
-
-
 def _aliased_inputs(node: fx.Node) -> list[fx.Node]:
     """The inputs whose storage ``node``'s result may share (it is a view of them, or may return them)."""
     if node.op != "call_function":
@@ -244,7 +236,7 @@ def _aliased_inputs(node: fx.Node) -> list[fx.Node]:
 
 def _written_inputs(node: fx.Node) -> list[fx.Node]:
     """The inputs ``node`` writes in place."""
-    if not _is_mutating(node):
+    if not is_mutating(node):
         return []
     return [
         n
@@ -347,7 +339,7 @@ def _private_result(copy: fx.Node, source: fx.Node) -> bool:
     if len(source.users) != 1:
         return False
     producer = source.args[0] if source.op == "call_function" and source.target is operator.getitem else source
-    if not isinstance(producer, fx.Node) or not _is_aten(producer) or _is_mutating(producer):
+    if not isinstance(producer, fx.Node) or not _is_aten(producer) or is_mutating(producer):
         return False
     return not _aliased_inputs(producer) and producer.target.overloadpacket not in _EXPLICIT_STRIDES
 
@@ -372,7 +364,7 @@ class _CopyAnalysis:
 
     def __init__(self, gm: fx.GraphModule) -> None:
         self.order = {node: index for index, node in enumerate(gm.graph.nodes)}
-        self.mutating = [node for node in gm.graph.nodes if _is_mutating(node)]
+        self.mutating = [node for node in gm.graph.nodes if is_mutating(node)]
         self._write_aliases: set[fx.Node] | None = None
 
     def graph_changed(self) -> None:
@@ -406,7 +398,7 @@ class _CopyAnalysis:
         readers, returned = set(closure), False
         for node in closure:
             for user in node.users:
-                if _is_mutating(user):
+                if is_mutating(user):
                     return "copy feeds a mutating op", []
                 returned |= user.op == "output"
                 readers.add(user)
@@ -460,7 +452,7 @@ class _CopyAnalysis:
             if source_dtype is None or source_dtype.itemsize != user.args[1].itemsize:
                 return "copy feeds a view that cannot become reshape"
             return None
-        if _is_mutating(user):
+        if is_mutating(user):
             return None  # in-place ops accept any strides
         if _aliased_inputs(user) and packet not in _LAYOUT_FREE_VIEWS:
             return "copy feeds a view that cannot become reshape"
