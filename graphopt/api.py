@@ -16,7 +16,7 @@ import torch.utils._pytree as pytree
 from graphopt.capture import CapturedModel, capture, eval_twin, flatten_inputs
 from graphopt.errors import GraphoptError, InputError, UnknownPassError, VerificationError
 from graphopt.instruments import Instrument
-from graphopt.ir import clone_graph_module
+from graphopt.ir import clone_graph_module, preserved_state, tensor_versions, written_since
 from graphopt.pass_infra import Pass, resolve_pass
 from graphopt.pass_manager import OnError, PassManager
 from graphopt.report import Report
@@ -104,10 +104,11 @@ class OptimizedModel(torch.nn.Module):
         # On the CPU the graph shares untouched weights with the user's model (no copy): remember
         # their versions, so that changing them in place afterwards is an error, not a silent mix
         # of new weights and weights folded from the old ones.
-        self._weights = [(name, p.detach(), p._version) for name, p in graph_module.named_parameters()]
+        self._weights = {name: (tensor.detach(), version) for name, (tensor, version)
+                         in tensor_versions(graph_module).items() if isinstance(tensor, torch.nn.Parameter)}
 
     def _check_weights_unchanged(self) -> None:
-        changed = [name for name, tensor, version in self._weights if tensor._version != version]
+        changed = written_since(self._weights)
         if changed:
             raise InputError(
                 f"weights of the original model were changed in place after optimize ({', '.join(changed[:3])}"
@@ -268,16 +269,7 @@ def _final_check(optimized: OptimizedModel, model: torch.nn.Module, captured: Ca
             args, kwargs, sizes = resized
             label = ", ".join(f"{name}={size}" for name, size in sizes.items())
             probes.append((label, args, kwargs, None))
-    results = []
-    for label, args, kwargs, reference in probes:
-        if reference is None:
-            reference = _eager_outputs(model, args, kwargs)
-        if graph_outputs is not None and label == "example inputs":
-            outputs = graph_outputs
-        else:
-            outputs = _run_lowered(optimized, args, kwargs, label)
-        comparison = compare_outputs(pytree.tree_leaves(outputs), reference, tolerance_scale, extra_atol=2 * native)
-        results.append((label, comparison))
+    results = _run_probes(optimized, model, probes, tolerance_scale, native, graph_outputs)
     report.final_max_abs_diff = max(c.max_abs_diff for _, c in results)
     failures = [f"{label}: {c.detail}" for label, c in results if not c.ok]
     report.final_check = "passed" if not failures else f"FAILED ({'; '.join(failures)})"
@@ -288,6 +280,23 @@ def _final_check(optimized: OptimizedModel, model: torch.nn.Module, captured: Ca
             f"the optimized model lowered to {optimized.target.name!r} differs from the original: {failures[0]}",
             f"lower-{optimized.target.name}",
         )
+
+
+def _run_probes(optimized: OptimizedModel, model: torch.nn.Module, probes: list[Any], tolerance_scale: float,
+                native: float, graph_outputs: Any) -> list[tuple[str, Any]]:
+    """Run every probe through the lowered model and compare it with eager; state is restored after each."""
+    results = []
+    for label, args, kwargs, reference in probes:
+        if reference is None:
+            reference = _eager_outputs(model, args, kwargs)
+        if graph_outputs is not None and label == "example inputs":
+            outputs = graph_outputs
+        else:
+            with preserved_state(optimized.graph_module):  # a check must not advance state the model updates
+                outputs = _run_lowered(optimized, args, kwargs, label)
+        comparison = compare_outputs(pytree.tree_leaves(outputs), reference, tolerance_scale, extra_atol=2 * native)
+        results.append((label, comparison))
+    return results
 
 
 def _run_lowered(optimized: OptimizedModel, args: tuple[Any, ...], kwargs: dict[str, Any], label: str) -> Any:

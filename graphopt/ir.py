@@ -6,6 +6,7 @@ reading constants, registering new ones, dropping unused ones, and recording sha
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections import Counter
@@ -30,6 +31,7 @@ __all__ = [
     "node_shape",
     "op_name",
     "parameter_bytes",
+    "preserved_state",
     "prune_unused_attributes",
     "register_constant",
     "run_and_record",
@@ -255,6 +257,28 @@ def written_since(versions: dict[str, tuple[torch.Tensor, int]]) -> list[str]:
     return [name for name, (tensor, version) in versions.items() if tensor._version != version]
 
 
+@contextlib.contextmanager
+def preserved_state(gm: fx.GraphModule) -> Iterator[set[str]]:
+    """Restore, on leaving, the buffers that ``gm`` updates on every call (yields their names).
+
+    Checks that run an optimized model (verification, the final check) must not advance the
+    state the user's next call starts from.
+    """
+    saved: dict[str, torch.Tensor] = {}
+    for update in state_update_nodes(gm):
+        destination = update.args[0]
+        if destination.op == "get_attr":
+            value = _resolve_attribute(gm, str(destination.target))
+            if isinstance(value, torch.Tensor):
+                saved[str(destination.target)] = value.detach().clone()
+    try:
+        yield set(saved)
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                _resolve_attribute(gm, name).copy_(value.to(_resolve_attribute(gm, name).device))
+
+
 def run_and_record(
     gm: fx.GraphModule, flat_inputs: tuple[Any, ...], keep_values: bool = False
 ) -> tuple[Any, dict[str, Any]]:
@@ -266,28 +290,19 @@ def run_and_record(
     constant) raises ``StateError`` naming it, since the next call would then compute
     something else.
     """
-    updated_attributes: dict[str, torch.Tensor] = {}
     inputs = list(flat_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for update in state_update_nodes(gm):
         destination = update.args[0]
-        if destination.op == "get_attr":
-            value = _resolve_attribute(gm, str(destination.target))
-            if isinstance(value, torch.Tensor):
-                updated_attributes[str(destination.target)] = value.detach().clone()
-        elif destination.op == "placeholder" and destination in placeholders:
+        if destination.op == "placeholder" and destination in placeholders:
             index = placeholders.index(destination)
             if isinstance(inputs[index], torch.Tensor):
                 inputs[index] = inputs[index].clone()  # the caller's example tensor stays as it is
-    versions = {name: v for name, v in tensor_versions(gm).items() if name not in updated_attributes}
     recorder = _Recorder(gm, keep_values)
-    try:
+    with preserved_state(gm) as updated:
+        versions = {name: v for name, v in tensor_versions(gm).items() if name not in updated}
         with torch.no_grad():
             output = recorder.run(*inputs)
-    finally:
-        with torch.no_grad():
-            for name, value in updated_attributes.items():
-                _resolve_attribute(gm, name).copy_(value)
     written = written_since(versions)
     if written:
         raise StateError(

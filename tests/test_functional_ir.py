@@ -212,3 +212,14 @@ def test_write_through_inference_dropout_keeps_its_alias(target):
     model, x = WritesThroughDropout().eval(), torch.randn(2, 5)
     fast = graphopt.optimize(model, (x,), target=target)
     assert_matches(fast, model, (x,), tol=1e-6)
+
+
+def test_checks_do_not_advance_state_even_with_dynamic_probes():
+    torch.manual_seed(0)
+    model = CountsCalls().eval()
+    fast = graphopt.optimize(model, (torch.randn(2, 4),), target="cpu", dynamic_batch=True)
+    assert "batch=3" in " ".join(fast.report.notes)  # probes at other batch sizes ran the model ...
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = model(x)  # ... yet the first call after optimize sees the counter where eager's starts
+    torch.testing.assert_close(fast(x), expected)
