@@ -24,7 +24,7 @@ from graphopt.ir import STATE_UPDATE, is_mutating, run_and_record
 from graphopt.shapes import DynamicDims, batch_dynamic_shapes, dims_from_graph, user_dim_names
 from graphopt.verify import compare_outputs
 
-__all__ = ["CapturedModel", "capture", "flatten_inputs", "eval_twin", "user_source_line"]
+__all__ = ["CapturedModel", "capture", "eval_twin", "flatten_inputs", "unlift_program", "user_source_line"]
 
 _LIBRARY_ROOTS = (
     *(os.path.dirname(m.__file__) + os.sep for m in (torch, pytree, copy) if getattr(m, "__file__", None)),
@@ -241,7 +241,7 @@ def _alias_inference_dropout(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _unlift(exported: torch.export.ExportedProgram) -> fx.GraphModule:
+def unlift_program(exported: torch.export.ExportedProgram) -> fx.GraphModule:
     """The program as a module whose weights are attributes; state writes stay explicit ``copy_`` nodes."""
     gm = exported.module()
     _drop_input_guards(gm)
@@ -300,7 +300,7 @@ def capture(
     reference = _check_outputs(_run_eager(twin, args, kwargs))
     spec = _resolve_dynamic(twin, args, kwargs, dynamic_shapes, dynamic_batch)
     exported, functionalized = _export(twin, args, kwargs, spec)
-    gm = _unlift(exported)
+    gm = unlift_program(exported)
     flat_inputs = flatten_inputs(gm, args, kwargs)
     dynamic = dims_from_graph(gm, flat_inputs, exported.range_constraints,
                               user_dim_names(twin, args, kwargs, spec) if spec is not None else {})

@@ -228,7 +228,8 @@ class PassManager:
             where = f"; first diverging node: {node}" if node else ""
             raise VerificationError(
                 f"pass {pass_.name!r} changed the model's outputs ({comparison.detail}){where}. "
-                "Fix the pass, disable it (disabled=[...]) or use on_error='rollback'.",
+                "Fix the pass or disable it (disabled=[...]); with on_error='rollback' (the default) it is undone "
+                "and the pipeline goes on.",
                 pass_.name,
                 node,
             )

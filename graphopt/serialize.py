@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.utils._pytree as pytree
 
-from graphopt.capture import CapturedModel, _unlift, flatten_inputs
+from graphopt.capture import CapturedModel, flatten_inputs, unlift_program
 from graphopt.errors import GraphoptError, LoweringError, SaveFileError
 from graphopt.ir import run_and_record
 from graphopt.report import Report
@@ -174,15 +174,21 @@ def load(path: str | Path, target: str | None = None) -> OptimizedModel:
     _import_output_modules(metadata)
     program = _load_program(path)
     example_args, example_kwargs = program.example_inputs or ((), {})
-    gm = _unlift(program)
+    gm = unlift_program(program)
     del program
     flat_inputs = flatten_inputs(gm, tuple(example_args), dict(example_kwargs))
     try:
         outputs, _ = run_and_record(gm, flat_inputs)
     except Exception as error:
         raise SaveFileError(f"{path}: the loaded graph fails on its own example inputs: {error}") from error
-    report = Report.from_dict(metadata["report"]) if hasattr(Report, "from_dict") else Report(metadata["target"])
-    chosen = get_target(target or metadata["target"])
+    try:
+        report = Report.from_dict(metadata["report"])
+        dynamic = DynamicDims.from_dict(metadata.get("dynamic", {}))
+        saved_target = metadata["target"]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise SaveFileError(f"{path}: graphopt metadata is incomplete ({type(error).__name__}: {error}); "
+                            "save the model again") from error
+    chosen = get_target(target or saved_target)
     chosen.check_available()
     captured = CapturedModel(
         graph_module=gm,
@@ -191,7 +197,7 @@ def load(path: str | Path, target: str | None = None) -> OptimizedModel:
         flat_inputs=flat_inputs,
         reference_outputs=pytree.tree_leaves(outputs),
         notes=[],
-        dynamic=DynamicDims.from_dict(metadata.get("dynamic", {})),
+        dynamic=dynamic,
     )
     runner = chosen.lower(gm, captured.example_args, captured.example_kwargs, captured.dynamic)
     return OptimizedModel(gm, runner, chosen, report, captured)

@@ -47,7 +47,7 @@ def test_wrong_pass_is_caught_and_named(small_cnn):
     assert error.node == "relu6"  # the node the pass touched whose value changed
     assert [(r.name, r.status) for r in error.report.records] == [
         ("remove-dropout", "changed"), ("swap-relu6-for-sigmoid", "failed")]
-    assert "on_error='rollback'" in str(error)
+    assert "disabled=[...]" in str(error) and "on_error='rollback'" in str(error)  # says what to do
 
 
 def test_rollback_undoes_the_pass_and_the_pipeline_goes_on(small_cnn):
