@@ -37,34 +37,17 @@ def _signature(values: Sequence[Any]) -> Signature:
     return [(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None for v in values]
 
 
-def _like_example_layout(
-    args: tuple[Any, ...], kwargs: dict[str, Any], example_args: tuple[Any, ...], example_kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Lay inputs out in memory like the example inputs: the graph may view them as the example's strides allow.
-
-    (torch.export specializes on the example's strides: ``reshape`` of a contiguous tensor
-    becomes ``view``, ``contiguous()`` of an already contiguous one disappears.) Inputs already
-    laid out like the example pass through untouched, so this costs nothing in the usual case.
-    """
-    leaves, tree = pytree.tree_flatten((tuple(args), dict(kwargs)))
-    examples = pytree.tree_leaves((tuple(example_args), dict(example_kwargs)))
-    if len(examples) != len(leaves):
-        return args, kwargs
-    fixed = [
-        _relayout(value, example) if isinstance(value, torch.Tensor) and isinstance(example, torch.Tensor) else value
-        for value, example in zip(leaves, examples, strict=True)
-    ]
-    return pytree.tree_unflatten(fixed, tree)
-
-
-def _relayout(value: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
-    """``value`` with the example's dim order in memory (dense), when the example is dense."""
-    if value.dim() != example.dim() or value.dim() == 0:
-        return value
+def _dim_order(example: torch.Tensor) -> list[int] | None:
+    """The order of ``example``'s dims in memory (outermost first), or None when it is not dense."""
+    if example.dim() == 0:
+        return None
     order = sorted(range(example.dim()), key=lambda d: -example.stride(d))
-    if not example.permute(order).is_contiguous():
-        return value  # the example itself is not dense (expanded, sliced): nothing to match
-    if value.permute(order).is_contiguous():
+    return order if example.permute(order).is_contiguous() else None
+
+
+def _relayout(value: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """``value`` laid out densely with its dims in memory in ``order`` (itself when it already is)."""
+    if value.dim() != len(order) or value.permute(order).is_contiguous():
         return value
     inverse = sorted(range(len(order)), key=order.__getitem__)
     return value.permute(order).contiguous().permute(inverse)
@@ -101,6 +84,12 @@ class OptimizedModel(torch.nn.Module):
         self._reference = captured.reference_outputs
         self._signature = _signature(captured.flat_inputs)
         self.dynamic = captured.dynamic
+        # torch.export specializes the graph on the example's strides (``reshape`` of a contiguous
+        # tensor becomes ``view``...), so calls are laid out in memory like the example.
+        self._dim_orders = [_dim_order(v) if isinstance(v, torch.Tensor) else None for v in captured.flat_inputs]
+        self._plain_args = not captured.example_kwargs and all(
+            isinstance(a, torch.Tensor) for a in captured.example_args
+        )
         # On the CPU the graph shares untouched weights with the user's model (no copy): remember
         # their versions, so that changing them in place afterwards is an error, not a silent mix
         # of new weights and weights folded from the old ones.
@@ -116,15 +105,40 @@ class OptimizedModel(torch.nn.Module):
                 "folded from the old values would no longer match. Run graphopt.optimize again."
             )
 
-    def _check_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.dynamic.check(flatten_inputs(self.graph_module, args, kwargs), self._signature)
+    def _flat_call_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        if self._plain_args and not kwargs and len(args) == len(self._signature):
+            return args  # the common call, tensors only: no pytree work
+        return flatten_inputs(self.graph_module, args, kwargs)
+
+    def _check_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        flat = self._flat_call_inputs(args, kwargs)
+        self.dynamic.check(flat, self._signature)
+        return flat
+
+    def _like_example_layout(
+        self, flat: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's arguments laid out in memory like the example's (untouched when they already are)."""
+        moved = [
+            _relayout(value, order) if order is not None and isinstance(value, torch.Tensor) else value
+            for value, order in zip(flat, self._dim_orders, strict=False)
+        ]
+        if all(a is b for a, b in zip(moved, flat, strict=True)):
+            return args, kwargs
+        if flat is args:
+            return tuple(moved), kwargs
+        spec = getattr(self.graph_module, "_in_spec", None)
+        if spec is None:
+            return args, kwargs
+        new_args, new_kwargs = pytree.tree_unflatten(moved, spec)
+        return tuple(new_args), dict(new_kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the optimized model (inputs are moved to the target's device, in the example's layout)."""
-        self._check_call(args, kwargs)
+        flat = self._check_call(args, kwargs)
         if self.runner is self.graph_module:
             self._check_weights_unchanged()
-        args, kwargs = _like_example_layout(args, kwargs, self._example_args, self._example_kwargs)
+        args, kwargs = self._like_example_layout(flat, args, kwargs)
         args, kwargs = self.target.move_inputs(args, kwargs)
         with torch.inference_mode():
             return self.runner(*args, **kwargs)
