@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from torch.fx._pytree import tree_flatten_spec
 
 from graphopt.errors import CaptureError, InputError
+from graphopt.functional import outplace_simple_mutations
 from graphopt.ir import STATE_UPDATE, is_mutating, run_and_record
 from graphopt.shapes import DynamicDims, batch_dynamic_shapes, dims_from_graph, user_dim_names
 from graphopt.verify import compare_outputs
@@ -92,6 +93,21 @@ def _normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
             "Pass e.g. (torch.randn(1, 3, 224, 224),) — note the trailing comma for one input."
         )
     return example_inputs
+
+
+def _usual_layout(value: Any) -> Any:
+    """A tensor in a layout kernels and torch.export agree on: as it is when contiguous or channels-last.
+
+    torch.export specializes the graph on the example's strides, and for unusual layouts
+    (column-major, transposed views) its stride propagation can disagree with the real kernels,
+    giving a graph that cannot run. Calls are laid out like the example anyway.
+    """
+    if not isinstance(value, torch.Tensor) or value.is_contiguous():
+        return value
+    for layout, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if value.dim() == rank and value.is_contiguous(memory_format=layout):
+            return value
+    return value.contiguous()
 
 
 def _check_leaves(example_args: tuple[Any, ...], example_kwargs: dict[str, Any]) -> None:
@@ -205,19 +221,23 @@ def _capture_error(error: BaseException, what: str) -> CaptureError:
 
 def _export(
     model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_shapes: Any
-) -> tuple[torch.export.ExportedProgram, bool]:
-    """Export ``model``; functionalize the program when it mutates anything. Returns it and that flag."""
+) -> torch.export.ExportedProgram:
+    """Export ``model`` with torch.export (non-strict), as a graphopt error when it fails."""
     try:
         exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as error:
         raise _capture_error(error, "capture the model") from error
-    if not any(is_mutating(node) for node in exported.graph.nodes):
-        return exported, False  # already free of mutation: functionalizing would change nothing
+    return exported
+
+
+def _functionalize(exported: torch.export.ExportedProgram) -> tuple[torch.export.ExportedProgram, fx.GraphModule]:
+    """torch.export's own functionalization, for writes that the cheap rewrite cannot handle."""
     _alias_inference_dropout(exported.graph_module)
     try:
-        return exported.run_decompositions({}), True
+        functional = exported.run_decompositions({})
     except Exception as error:
         raise _capture_error(error, "functionalize the captured graph (remove its in-place ops)") from error
+    return functional, unlift_program(functional)
 
 
 def _draws_random_numbers(gm: fx.GraphModule) -> bool:
@@ -296,11 +316,15 @@ def capture(
     args = _normalize_inputs(example_inputs)
     kwargs = dict(example_kwargs or {})
     _check_leaves(args, kwargs)
+    args, kwargs = pytree.tree_map(_usual_layout, (args, kwargs))
     twin = eval_twin(model, share_weights)
     reference = _check_outputs(_run_eager(twin, args, kwargs))
     spec = _resolve_dynamic(twin, args, kwargs, dynamic_shapes, dynamic_batch)
-    exported, functionalized = _export(twin, args, kwargs, spec)
+    exported = _export(twin, args, kwargs, spec)
     gm = unlift_program(exported)
+    functionalized = any(is_mutating(n) for n in gm.graph.nodes)
+    if functionalized and not outplace_simple_mutations(gm):
+        exported, gm = _functionalize(exported)
     flat_inputs = flatten_inputs(gm, args, kwargs)
     dynamic = dims_from_graph(gm, flat_inputs, exported.range_constraints,
                               user_dim_names(twin, args, kwargs, spec) if spec is not None else {})

@@ -223,3 +223,40 @@ def test_checks_do_not_advance_state_even_with_dynamic_probes():
     with torch.no_grad():
         expected = model(x)  # ... yet the first call after optimize sees the counter where eager's starts
     torch.testing.assert_close(fast(x), expected)
+
+
+class ResidualInPlace(nn.Module):
+    """The common in-place writes: activations and residual adds on fresh intermediates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        before = y * 1.5  # reads y before the writes: must see the old value
+        y.relu_()
+        y += self.b(x)
+        return y + before
+
+
+def test_plain_in_place_writes_are_rewritten_without_full_functionalization():
+    from graphopt.functional import outplace_simple_mutations
+
+    torch.manual_seed(0)
+    model, x = ResidualInPlace().eval(), torch.randn(3, 4)
+    program = torch.export.export(model, (x,), strict=False).module()
+    assert outplace_simple_mutations(program)
+    assert _mutating_nodes(program) == []
+    torch.testing.assert_close(program(x), model(x))
+    fast = graphopt.optimize(model, (x,))
+    assert_matches(fast, model, (x,), tol=1e-6)
+
+
+def test_writes_into_state_still_get_full_functionalization():
+    from graphopt.functional import outplace_simple_mutations
+
+    program = torch.export.export(CountsCalls().eval(), (torch.randn(2, 4),), strict=False).module()
+    before = program.code
+    assert not outplace_simple_mutations(program)  # a buffer is written: left to torch.export
+    assert program.code == before
