@@ -145,11 +145,15 @@ class PassManager:
                 instrument.after_pass_failed(pass_, gm, error)
             record.error = str(error)
             record.status = "rolled back" if self.on_error == "rollback" and error.recoverable else "failed"
+            if record.status == "rolled back":
+                try:
+                    self._check_backup_intact(pass_, backup, flat_inputs, outputs, error)
+                except PassError as fatal:
+                    record.status, record.error, error = "failed", str(fatal), fatal
             report.records.append(record)
             if record.status == "failed":
                 error.report = report
-                raise
-            self._check_backup_intact(pass_, backup, flat_inputs, outputs, error)
+                raise error
             warnings.warn(f"graphopt: pass {pass_.name!r} was rolled back and skipped: {error}", RollbackWarning,
                           stacklevel=4)
             return backup, outputs, False

@@ -172,6 +172,7 @@ def test_pass_writing_into_a_weight_cannot_be_rolled_back(through_data):
     with pytest.raises(graphopt.PassError, match=r"weights?.*register_constant") as info:
         graphopt.optimize(model, inputs, passes=[BumpWeightInPlace(through_data)], on_error="rollback")
     assert not info.value.recoverable
+    assert info.value.report.records[-1].status == "failed"  # not recorded as a clean rollback
     torch.testing.assert_close(state_snapshot(model), before)  # the user's model is untouched all the same
 
 
