@@ -21,7 +21,7 @@ from torch.fx._pytree import tree_flatten_spec
 
 from graphopt.errors import CaptureError, InputError
 from graphopt.functional import outplace_simple_mutations
-from graphopt.ir import STATE_UPDATE, is_mutating, run_and_record
+from graphopt.ir import STATE_UPDATE, draws_random_numbers, is_mutating, run_and_record, tensor_versions, written_since
 from graphopt.shapes import DynamicDims, batch_dynamic_shapes, dims_from_graph, user_dim_names
 from graphopt.verify import compare_outputs
 
@@ -158,7 +158,8 @@ def eval_twin(model: torch.nn.Module, share_weights: bool = True) -> torch.nn.Mo
 def _run_eager(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The eager outputs on the example inputs, leaving the model's buffers as they were before the call."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    versions = {name: p._version for name, p in model.named_parameters()}
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    versions = {name: v for name, v in tensor_versions(model).items() if name in parameters}
     try:
         with torch.no_grad():
             outputs = model(*args, **kwargs)
@@ -170,7 +171,7 @@ def _run_eager(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
             + (f"\n  at {where}" if where else "")
             + "\nCheck the number, shapes and dtypes of example_inputs against what forward() expects."
         ) from error
-    written = [name for name, p in model.named_parameters() if p._version != versions[name]]
+    written = written_since(versions)
     if written:
         raise InputError(
             f"forward() writes into parameter(s) {', '.join(written[:3])} in place; graphopt optimizes "
@@ -238,15 +239,6 @@ def _functionalize(exported: torch.export.ExportedProgram) -> tuple[torch.export
     except Exception as error:
         raise _capture_error(error, "functionalize the captured graph (remove its in-place ops)") from error
     return functional, unlift_program(functional)
-
-
-def _draws_random_numbers(gm: fx.GraphModule) -> bool:
-    """True when some op samples random numbers, so two runs differ whatever the capture did."""
-    return any(
-        isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags
-        for n in gm.graph.nodes
-        if n.op == "call_function"
-    )
 
 
 def _alias_inference_dropout(gm: fx.GraphModule) -> None:
@@ -331,7 +323,7 @@ def capture(
     del exported
     graph_outputs = _first_run(gm, flat_inputs)
     comparison = compare_outputs(graph_outputs, reference)
-    if not comparison.ok and not _draws_random_numbers(gm):
+    if not comparison.ok and not any(draws_random_numbers(n) for n in gm.graph.nodes):
         raise CaptureError(
             f"the captured graph computes something else than the model ({comparison.detail}) before any pass "
             "ran. torch.export did not capture this model faithfully (often an in-place write through a view "

@@ -13,24 +13,17 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphopt.ir import is_mutating
+from graphopt.ir import MAYBE_ALIASING_OPS, is_aten, is_mutating
 
 __all__ = ["outplace_simple_mutations"]
 
 aten = torch.ops.aten
 
-# Ops whose result may be their input itself although their schema does not say so.
-_MAYBE_ALIASES = {
-    aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout, aten.type_as,
-    aten._unsafe_view, aten.atleast_1d, aten.atleast_2d, aten.atleast_3d,
-}
-
-
 def _out_of_place(node: fx.Node) -> torch._ops.OpOverload | None:
     """``aten.relu.default`` for ``aten.relu_.default``: the functional twin of a plain in-place op."""
-    target = node.target
-    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+    if not is_aten(node):
         return None
+    target = node.target
     name = target._opname
     if not name.endswith("_") or name.startswith("_"):
         return None
@@ -47,10 +40,10 @@ def _out_of_place(node: fx.Node) -> torch._ops.OpOverload | None:
 
 def _is_fresh(node: fx.Node) -> bool:
     """True when ``node`` is an aten op returning a new tensor that aliases none of its inputs."""
-    target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+    if not is_aten(node):
         return False
-    if target.overloadpacket in _MAYBE_ALIASES or target._schema.is_mutable:
+    target = node.target
+    if target.overloadpacket in MAYBE_ALIASING_OPS or target._schema.is_mutable:
         return False
     return all(r.alias_info is None for r in target._schema.returns)
 
@@ -64,7 +57,7 @@ def _creates_alias(user: fx.Node, of: fx.Node) -> bool:
         return True  # unknown code may keep a reference: be conservative
     if is_mutating(user):
         return False  # in-place ops are handled as links of the chain
-    if target.overloadpacket in _MAYBE_ALIASES:
+    if target.overloadpacket in MAYBE_ALIASING_OPS:
         return True
     return any(r.alias_info is not None for r in target._schema.returns)
 

@@ -20,11 +20,14 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from graphopt.errors import StateError
 
 __all__ = [
+    "MAYBE_ALIASING_OPS",
     "STATE_UPDATE",
     "annotate_tensor_meta",
     "attribute_value",
     "clone_graph_module",
     "count_ops",
+    "draws_random_numbers",
+    "is_aten",
     "is_mutating",
     "iter_ops",
     "node_dtype",
@@ -241,8 +244,32 @@ def is_mutating(node: fx.Node) -> bool:
     return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
 
 
-def tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, int]]:
-    """Every stored tensor of ``gm`` by name, with its version counter (which in-place writes advance)."""
+def is_aten(node: fx.Node) -> bool:
+    """True for a call to an ``aten`` op overload."""
+    target = node.target
+    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"
+
+
+def draws_random_numbers(node: fx.Node) -> bool:
+    """True for a call to an op that samples random numbers (two runs differ)."""
+    target = node.target
+    return (
+        node.op == "call_function"
+        and isinstance(target, torch._ops.OpOverload)
+        and torch.Tag.nondeterministic_seeded in target.tags
+    )
+
+
+MAYBE_ALIASING_OPS = frozenset({
+    torch.ops.aten.type_as, torch.ops.aten.dropout, torch.ops.aten.feature_dropout, torch.ops.aten.alpha_dropout,
+    torch.ops.aten.feature_alpha_dropout, torch.ops.aten.atleast_1d, torch.ops.aten.atleast_2d,
+    torch.ops.aten.atleast_3d, torch.ops.aten._unsafe_view,
+})
+"""Op packets whose result may be their input itself although their schema does not say so."""
+
+
+def tensor_versions(gm: torch.nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    """Every stored tensor of ``gm`` (any module) by name, with its version counter (which in-place writes advance)."""
     versions = {}
     for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
         try:

@@ -103,7 +103,7 @@ class DynamicDims:
                     spec[axis] = name
                 elif name.isidentifier():
                     low, high = self.ranges.get(name, (0, _MAX))
-                    dims_by_name.setdefault(name, Dim(name, min=max(low, 0), max=high) if high else Dim(name, min=low))
+                    dims_by_name.setdefault(name, Dim(name, min=max(low, 0), max=high))
                     spec[axis] = dims_by_name[name]
                 else:
                     spec[axis] = Dim.AUTO

@@ -11,7 +11,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir import is_mutating, node_dtype, node_shape, prune_unused_attributes
+from graphopt.ir import (
+    MAYBE_ALIASING_OPS,
+    draws_random_numbers,
+    is_aten,
+    is_mutating,
+    node_dtype,
+    node_shape,
+    prune_unused_attributes,
+)
 from graphopt.pass_infra import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -23,11 +31,7 @@ def is_pure(node: fx.Node) -> bool:
     """True when ``node`` may be removed or merged: no side effects, no mutation, no randomness."""
     if node.op != "call_function" or node.is_impure():
         return False
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        if target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
-            return False
-    return True
+    return not is_mutating(node) and not draws_random_numbers(node)
 
 
 @register_pass
@@ -147,12 +151,6 @@ _SCALAR_IDENTITY = {
 _TO = (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other)
 _SAME_VALUE_FORMATS = (None, torch.contiguous_format, torch.preserve_format)
 
-# Ops whose result may be their input itself although their schema does not say so.
-_MAYBE_ALIAS = (
-    _ops("type_as", "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
-         "atleast_1d", "atleast_2d", "atleast_3d")
-    | {aten._unsafe_view.default}
-)
 # Views valid on an input of any strides (they only re-index the input's strides).
 _LAYOUT_FREE_VIEWS = _ops(
     "alias", "detach", "transpose", "t", "permute", "expand", "expand_as", "broadcast_to", "slice", "select",
@@ -211,21 +209,13 @@ def _nodes_in(value: Any) -> list[fx.Node]:
     return []
 
 
-def _is_aten(node: fx.Node) -> bool:
-    return (
-        node.op == "call_function"
-        and isinstance(node.target, torch._ops.OpOverload)
-        and node.target.namespace == "aten"
-    )
-
-
 def _aliased_inputs(node: fx.Node) -> list[fx.Node]:
     """The inputs whose storage ``node``'s result may share (it is a view of them, or may return them)."""
     if node.op != "call_function":
         return []
     if node.target is operator.getitem:
         return _nodes_in(node.args[0])
-    if node.target in _MAYBE_ALIAS or getattr(node.target, "overloadpacket", None) in _MAYBE_ALIAS:
+    if getattr(node.target, "overloadpacket", None) in MAYBE_ALIASING_OPS:
         return _nodes_in(node.args[:1])
     if not isinstance(node.target, torch._ops.OpOverload):
         return []
@@ -339,7 +329,7 @@ def _private_result(copy: fx.Node, source: fx.Node) -> bool:
     if len(source.users) != 1:
         return False
     producer = source.args[0] if source.op == "call_function" and source.target is operator.getitem else source
-    if not isinstance(producer, fx.Node) or not _is_aten(producer) or is_mutating(producer):
+    if not isinstance(producer, fx.Node) or not is_aten(producer) or is_mutating(producer):
         return False
     return not _aliased_inputs(producer) and producer.target.overloadpacket not in _EXPLICIT_STRIDES
 
@@ -424,7 +414,7 @@ class _CopyAnalysis:
                 if reason is not None:
                     return reason, []
                 seen.add(user)
-                fresh = _is_aten(user) and user.target.overloadpacket in _FRESH_LAYOUT
+                fresh = is_aten(user) and user.target.overloadpacket in _FRESH_LAYOUT
                 if not fresh and _produces_tensors(user):
                     stack.append(user)
         return None, rewrites
@@ -433,7 +423,7 @@ class _CopyAnalysis:
         """Why ``user`` cannot take an input with another layout (None: it can, maybe once rewritten)."""
         if user.op == "call_function" and user.target is operator.getitem:
             return None
-        if not _is_aten(user):
+        if not is_aten(user):
             return "copy feeds a non-aten op"
         target = user.target
         packet = target.overloadpacket
