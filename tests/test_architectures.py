@@ -15,21 +15,11 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.passes.cleanup import RemoveIdentity
+from graphopt.zoo import LastHiddenState
 
 from helpers import assert_matches, randomize_batchnorm
 
 transformers = pytest.importorskip("transformers")
-
-
-class LastHiddenState(nn.Module):
-    """Wrap a transformers model so that ``forward`` returns a tensor."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.model(*args).last_hidden_state
 
 
 # --- ShuffleNetV2, as in torchvision (which is not a dependency) --------------------------------
