@@ -8,6 +8,7 @@ fast.export_onnx("model.onnx")
 ```
 """
 
+from graphopt.analysis import ModelAnalysis, NodeCost, analyze
 from graphopt.api import OptimizedModel, optimize
 from graphopt.capture import CapturedModel, capture
 from graphopt.errors import (
@@ -48,6 +49,8 @@ __all__ = [
     "Instrument",
     "LoweringError",
     "Match",
+    "ModelAnalysis",
+    "NodeCost",
     "OptimizedModel",
     "Pass",
     "PassError",
@@ -70,6 +73,7 @@ __all__ = [
     "UnsupportedOpError",
     "VerificationError",
     "__version__",
+    "analyze",
     "available_passes",
     "available_targets",
     "capture",
