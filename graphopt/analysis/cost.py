@@ -74,7 +74,7 @@ def _size(value: Any) -> int:
             return int(hint)
         try:
             return int(value.node.shape_env.size_hint(value.node.expr))
-        except Exception:  # noqa: BLE001 - an unbacked dim: count it as 1
+        except Exception:  # an unbacked dim: count it as 1
             return 1
     return int(value)
 

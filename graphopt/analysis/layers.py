@@ -83,9 +83,8 @@ def cost_section(layers: list[LayerCost], title: str = "Cost per layer") -> Repo
     description = (f"{len(layers)} layers; {sum(layer.flops for layer in layers) / 1e9:.3f} GFLOPs, "
                    f"{sum(layer.macs for layer in layers) / 1e9:.3f} GMACs"
                    + (f", {total_seconds * 1e3:.2f} ms measured (sum of per-node medians)" if total_seconds else ""))
-    return ReportSection(title, description,
-                         ["layer", "type", "nodes", "MFLOPs", "MMACs", "weights KiB", "activations KiB", "ms", "% time"],
-                         rows, plots)
+    headers = ["layer", "type", "nodes", "MFLOPs", "MMACs", "weights KiB", "activations KiB", "ms", "% time"]
+    return ReportSection(title, description, headers, rows, plots)
 
 
 @dataclass
