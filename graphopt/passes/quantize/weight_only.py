@@ -1,0 +1,242 @@
+"""Weight-only quantization: int8 per output channel, or int4 group-wise; activations stay float.
+
+``WeightOnlyQuantize(bits=8)`` stores every linear / matrix-product / convolution weight as
+``int8`` with one float scale per output channel (symmetric, ``q`` in [-127, 127],
+``scale = max|w_row| / 127``). ``WeightOnlyQuantize(bits=4, group_size=128)`` stores the
+weights of matrix products as 4-bit values, two per byte, with a float scale and a 4-bit zero
+point per group of ``group_size`` consecutive input features of one output channel
+(asymmetric: ``w = (q - zero_point) * scale``, ``q`` in [0, 15]; the group's range always holds 0,
+so zeros stay exact). Asymmetric because a 4-bit grid is coarse: spending the 16 levels on
+the group's actual range instead of ``[-max|w|, max|w|]`` halves the error on skewed groups,
+and it is the layout onnxruntime's ``MatMulNBits`` and PyTorch's int4 CPU kernel both take.
+
+In the IR each layer reads its weight through a ``graphopt_weights.dequantize_int8/int4`` node
+(``weight_ops``), so the PyTorch graph is the numerical reference; ``lower_weight_only`` turns
+them into int8/int4 kernels (cpu) and ``MatMulNBits`` / ``DequantizeLinear`` (onnx).
+One lossy unit per layer. Layers the scheme cannot take are near misses: int4 needs the
+input features to be a multiple of ``group_size`` and is for matrix products only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+
+from graphopt.errors import InputError
+from graphopt.lossy import CalibrationData, LossyPass, LossyPlan, LossyUnit
+from graphopt.pass_infra import PassResult
+from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT4, DEQUANTIZE_INT8, pack_nibbles
+from graphopt.passes.quantize.weight_sites import (
+    WeightSite,
+    find_weight_sites,
+    finish,
+    replace_weight,
+    tensor_bytes,
+)
+
+__all__ = ["WeightOnlyQuantize", "quantize_int4_groupwise", "quantize_int8_per_channel"]
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel (dim 0): returns ``(q int8, scale)`` with ``q * scale ≈ weight``."""
+    rows = weight.detach().float().reshape(weight.shape[0], -1)
+    scale = rows.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(weight.shape), scale.to(weight.dtype)
+
+
+def quantize_int4_groupwise(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit per group of ``group_size`` input features of ``weight [N, K]``.
+
+    Returns ``(packed uint8 [N, K/2], scale [N, K/g], zero_point uint8 [N, K/g])``.
+    """
+    rows, columns = weight.shape
+    groups = weight.detach().float().reshape(rows, columns // group_size, group_size)
+    low = groups.amin(dim=-1).clamp(max=0.0)
+    high = groups.amax(dim=-1).clamp(min=0.0)
+    scale = (high - low) / 15.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.round(-low / scale).clamp(0, 15)
+    q = (torch.round(groups / scale[..., None]) + zero_point[..., None]).clamp(0, 15)
+    packed = pack_nibbles(q.reshape(rows, columns).to(torch.uint8))
+    return packed, scale.to(weight.dtype), zero_point.to(torch.uint8)
+
+
+@dataclass
+class _Compressed:
+    site: WeightSite
+    constants: dict[str, torch.Tensor]
+    bits: int
+    group_size: int | None
+
+
+@dataclass
+class WeightOnlyPlan(LossyPlan):
+    """The quantized weights of every layer, computed once; ``apply`` swaps them in."""
+
+    bits: int
+    layers: dict[str, _Compressed]
+    near_misses: dict[str, str]
+    units: list[LossyUnit] = field(default_factory=list)
+
+    def apply(self, gm: fx.GraphModule, skip: frozenset[str] = frozenset()) -> PassResult:
+        """Make every layer not in ``skip`` read its weight through a dequantize node."""
+        applied, before, after = 0, 0, 0
+        for name, layer in self.layers.items():
+            if name in skip:
+                continue
+            if layer.bits == 8:
+                def build(graph: fx.Graph, attrs: dict[str, fx.Node]) -> fx.Node:
+                    return graph.call_function(DEQUANTIZE_INT8, (attrs["qweight"], attrs["scale"]))
+            else:
+                group = layer.group_size
+
+                def build(graph: fx.Graph, attrs: dict[str, fx.Node], group: int | None = group) -> fx.Node:
+                    return graph.call_function(DEQUANTIZE_INT4,
+                                               (attrs["qweight"], attrs["scale"], attrs["zero_point"], group))
+            replace_weight(gm, layer.site, layer.constants, build)
+            applied += 1
+            before += tensor_bytes(layer.site.matrix)
+            after += sum(tensor_bytes(t) for t in layer.constants.values())
+        if applied:
+            finish(gm)
+        near: dict[str, dict[str, int]] = {}
+        for reason in self.near_misses.values():
+            near.setdefault("weight-only", {}).setdefault(reason, 0)
+            near["weight-only"][reason] += 1
+        stats = {"quantized": applied, "skipped": len(skip & set(self.layers)),
+                 "weight_bytes_before": before, "weight_bytes_after": after, "bytes_saved": before - after}
+        return PassResult(changed=applied > 0, stats=stats, near_misses=near)
+
+    def notes(self) -> list[str]:
+        """Facts about the whole plan (what stayed float)."""
+        notes = []
+        if self.near_misses:
+            notes.append(f"{len(self.near_misses)} layer(s) stay float: "
+                         + "; ".join(f"{k}: {v}" for k, v in list(self.near_misses.items())[:8]))
+        if any(layer.site.shared for layer in self.layers.values()):
+            notes.append("some quantized weights are also read elsewhere (tied weights): the float copy stays "
+                         "for those readers, so the saving on disk is smaller than the per-layer figures")
+        return notes
+
+
+@dataclass(frozen=True)
+class WeightOnlyQuantize(LossyPass):
+    """Weight-only quantization of matrix products (and convolutions, int8): ``bits`` 8 or 4.
+
+    ``bits=8``: symmetric int8, one scale per output channel. ``bits=4``: asymmetric 4-bit
+    groups of ``group_size`` (default 128; 32/64/256 trade size for accuracy) input features,
+    for linear layers and products with a constant operand; layers whose input features are
+    not a multiple of ``group_size``, and convolutions, stay float (near misses).
+    Embedding tables (``embeddings=True``, the default) are stored int8 per row under either
+    setting: they are gathered, not multiplied, so the lowering reads only the rows it needs.
+    ``min_elements`` leaves tiny weights alone (their scales would cost more than they save).
+    """
+
+    name: ClassVar[str] = "weight-only-quantize"
+    bits: int = 8
+    group_size: int | None = None
+    min_elements: int = 1024
+    embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise InputError(f"WeightOnlyQuantize(bits=...) must be 8 or 4, got {self.bits}")
+        if self.bits == 8 and self.group_size is not None:
+            raise InputError("WeightOnlyQuantize(bits=8) is per output channel: leave group_size unset "
+                             "(group_size is for bits=4)")
+        if self.bits == 4 and self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise InputError(f"WeightOnlyQuantize(group_size=...) must be one of {GROUP_SIZES}, got {self.group_size}")
+
+    @property
+    def effective_group_size(self) -> int | None:
+        """The group size used (128 when ``bits=4`` and none was given)."""
+        return (self.group_size or 128) if self.bits == 4 else None
+
+    @property
+    def scheme(self) -> str:
+        """The scheme in words, for reports."""
+        if self.bits == 8:
+            return "int8 weight-only, per-channel symmetric"
+        return f"int4 weight-only, group {self.effective_group_size} asymmetric"
+
+    def plan(self, gm: fx.GraphModule, data: CalibrationData) -> WeightOnlyPlan:
+        """Quantize every eligible weight once (no calibration data needed)."""
+        layers: dict[str, _Compressed] = {}
+        near: dict[str, str] = {}
+        units: list[LossyUnit] = []
+        group = self.effective_group_size
+        for site in find_weight_sites(gm, self.min_elements):
+            if isinstance(site, tuple):
+                near[site[0]] = site[1]
+                continue
+            refusal = self._refusal(site)
+            if refusal:
+                near[site.node] = refusal
+                continue
+            constants = self._compress(site)
+            bits = self._bits_for(site)
+            layers[site.node] = _Compressed(site, constants, bits, group if bits == 4 else None)
+            units.append(LossyUnit(site.node, site.kind, self._scheme_for(site), self._details(site, constants)))
+        return WeightOnlyPlan(bits=self.bits, layers=layers, near_misses=near, units=units)
+
+    def _bits_for(self, site: WeightSite) -> int:
+        """Embedding tables are gathered row by row: int8 per row under either setting."""
+        return 8 if site.kind == "embedding" else self.bits
+
+    def _scheme_for(self, site: WeightSite) -> str:
+        if site.kind == "embedding":
+            return "int8 weight-only, per-row symmetric"
+        return self.scheme
+
+    def _refusal(self, site: WeightSite) -> str | None:
+        if site.kind == "embedding" and not self.embeddings:
+            return "embedding tables left float (embeddings=False)"
+        if self._bits_for(site) == 8:
+            return None
+        if not site.is_product:
+            return f"int4 group-wise is for matrix products; {site.kind} weight kept float (use bits=8)"
+        features = site.matrix.shape[1]
+        if features % self.effective_group_size:
+            return (f"in-features {features} not divisible by group_size {self.effective_group_size} "
+                    "(choose a group size that divides it)")
+        return None
+
+    def _compress(self, site: WeightSite) -> dict[str, torch.Tensor]:
+        if self._bits_for(site) == 8:
+            q, scale = quantize_int8_per_channel(site.matrix)
+            return {"qweight": q, "scale": scale}
+        packed, scale, zero_point = quantize_int4_groupwise(site.matrix, self.effective_group_size)
+        return {"qweight": packed, "scale": scale, "zero_point": zero_point}
+
+    def _details(self, site: WeightSite, constants: dict[str, torch.Tensor]) -> dict[str, Any]:
+        before = tensor_bytes(site.matrix)
+        after = sum(tensor_bytes(t) for t in constants.values())
+        bits = self._bits_for(site)
+        dequantized = _dequantize(constants, bits, self.effective_group_size)
+        error = (dequantized.float() - site.matrix.float().reshape(dequantized.shape)).pow(2).mean().sqrt()
+        return {
+            "weight": site.weight_target,
+            "shape": "x".join(str(s) for s in site.matrix.shape),
+            "bits": bits,
+            "group_size": self.effective_group_size if bits == 4 else "per-channel",
+            "bytes_before": before,
+            "bytes_after": after,
+            "size_ratio": round(after / before, 4),
+            "weight_rmse": float(error),
+            "tied": site.shared,
+        }
+
+
+def _dequantize(constants: dict[str, torch.Tensor], bits: int, group: int | None) -> torch.Tensor:
+    from graphopt.passes.quantize.weight_ops import dequantize_int4_reference, dequantize_int8_reference
+
+    if bits == 8:
+        return dequantize_int8_reference(constants["qweight"], constants["scale"])
+    return dequantize_int4_reference(constants["qweight"], constants["scale"], constants["zero_point"], group)
