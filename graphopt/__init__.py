@@ -14,6 +14,7 @@ from graphopt.capture import CapturedModel, capture
 from graphopt.errors import (
     CaptureError,
     DeviceUnavailableError,
+    FidelityError,
     GraphoptError,
     InputError,
     LoweringError,
@@ -27,6 +28,7 @@ from graphopt.errors import (
     VerificationError,
 )
 from graphopt.instruments import Instrument, IRDumpInstrument, TimingInstrument
+from graphopt.lossy import CalibrationData, Fidelity, LossyPass, LossyPlan, LossyUnit
 from graphopt.pass_infra import Pass, PassResult, available_passes, get_pass, register_pass
 from graphopt.pass_manager import PassManager
 from graphopt.report import PassRecord, PlotSpec, Report, ReportSection
@@ -42,11 +44,17 @@ __all__ = [
     "CaptureError",
     "CapturedModel",
     "DeviceUnavailableError",
+    "CalibrationData",
     "DynamicDims",
+    "Fidelity",
+    "FidelityError",
     "GraphoptError",
     "IRDumpInstrument",
     "InputError",
     "Instrument",
+    "LossyPass",
+    "LossyPlan",
+    "LossyUnit",
     "LoweringError",
     "Match",
     "ModelAnalysis",

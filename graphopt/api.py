@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +13,19 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from graphopt.calibration import calibration_batches
 from graphopt.capture import CapturedModel, capture, eval_twin, flatten_inputs
-from graphopt.errors import GraphoptError, InputError, UnknownPassError, VerificationError
+from graphopt.errors import FidelityError, GraphoptError, InputError, UnknownPassError, VerificationError
+from graphopt.fidelity_check import LossyRunner
 from graphopt.instruments import Instrument
 from graphopt.ir import clone_graph_module, preserved_state, tensor_versions, written_since
+from graphopt.lossy import CalibrationData, Fidelity, LossyPass, is_lossy, output_cosine
 from graphopt.pass_infra import Pass, resolve_pass
 from graphopt.pass_manager import OnError, PassManager
 from graphopt.report import Report
 from graphopt.shapes import resize_inputs
 from graphopt.target import Target, get_target
-from graphopt.verify import compare_outputs
+from graphopt.verify import Comparison, compare_outputs
 
 __all__ = ["OptimizedModel", "optimize"]
 
@@ -204,6 +207,39 @@ def _pipeline(target: Target, passes: Sequence[str | Pass] | None, disabled: Seq
     return [p for p in chosen if p.name not in set(disabled)]
 
 
+def _lossy_passes(prune: Any, quantize: Any) -> list[LossyPass]:
+    """The lossy passes asked for, in the order they compose: prune, then quantize."""
+    chosen: list[LossyPass] = []
+    if prune is not None:
+        from graphopt.passes.prune import prune_pass
+
+        chosen.append(prune_pass(prune))
+    if quantize is not None:
+        from graphopt.passes.quantize import quantize_pass
+
+        chosen.append(quantize_pass(quantize))
+    return chosen
+
+
+def _budgets(lossy: Sequence[Pass], fidelity: Fidelity | None, prune_pass: Pass | None) -> dict[str, Fidelity]:
+    """Each lossy pass's budget: the user's, else measured-only for ``prune=`` (distill follows), else the default."""
+    if fidelity is not None:
+        return {p.name: fidelity for p in lossy}
+    return {p.name: Fidelity(enforce=False) if p is prune_pass else Fidelity() for p in lossy}
+
+
+class _GraphCaller(torch.nn.Module):
+    """A graph module called like the user's model, for ``Fidelity.metric``."""
+
+    def __init__(self, graph_module: fx.GraphModule) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode():
+            return self.graph_module(*args, **kwargs)
+
+
 def optimize(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -219,6 +255,10 @@ def optimize(
     fixed_point: bool = False,
     instruments: Sequence[Instrument] = (),
     tolerance_scale: float = 1.0,
+    quantize: str | LossyPass | None = None,
+    prune: float | LossyPass | None = None,
+    calibration: Iterable[Any] | None = None,
+    fidelity: Fidelity | None = None,
 ) -> OptimizedModel:
     """Optimize ``model`` for ``target`` ("cpu", "gpu" or "onnx") and return a module computing the same.
 
@@ -231,6 +271,17 @@ def optimize(
     naming it (``on_error="raise"``; ``GRAPHOPT_ON_ERROR`` sets the default). With dynamic dims
     the final check also runs the optimized model at other sizes of those dims.
 
+    Lossy passes change numerics on purpose and answer to a ``fidelity`` budget instead of the
+    exact tolerance: ``prune`` (a ratio such as ``0.5`` or a ``graphopt.passes.Prune``), then
+    ``quantize`` (``"int8"``, ``"int8-dynamic"``, ``"int8-weight-only"``, ``"int4-weight-only"``,
+    ``"kmeans"`` or a ``graphopt.passes.Quantize``). ``calibration`` is an iterable of input
+    batches (tuples like ``example_inputs``, a tensor, or a dict of keyword inputs; a DataLoader
+    works) that observers and the budget run on. ``fidelity`` defaults to
+    ``Fidelity(min_cosine=0.99)``, enforced, for quantization; with ``prune`` and no
+    ``fidelity`` the pruning loss is measured and reported, not enforced (``graphopt.distill``
+    recovers it). Layers that break the budget fall back, most sensitive first; the report
+    lists every layer and the final check compares the lowered model with eager by the budget.
+
     The user's model is never modified. When every pass is graphopt's own, the optimized graph
     shares the weights it leaves untouched with the model (no copy, so no doubled memory), and
     calling it after those weights were changed in place raises ``InputError``; a pipeline with
@@ -240,6 +291,9 @@ def optimize(
     target = get_target(target)
     target.check_available()
     pipeline = _pipeline(target, passes, disabled)
+    lossy = _lossy_passes(prune, quantize)
+    if lossy:
+        pipeline += [*lossy, resolve_pass("cse"), resolve_pass("dce")]
     report = Report(target=target.name)
 
     started = time.perf_counter()
@@ -249,9 +303,12 @@ def optimize(
     report.notes.extend(captured.notes)
     log.info("captured %d nodes; running %d passes", len(captured.graph_module.graph.nodes), len(pipeline))
 
+    prune_pass = lossy[0] if prune is not None else None
+    lossy_runner = _lossy_runner(captured, pipeline, fidelity, prune_pass, calibration, report)
     manager = PassManager(pipeline, verify=verify, on_error=on_error, fixed_point=fixed_point,
-                          instruments=instruments, tolerance_scale=tolerance_scale)
+                          instruments=instruments, tolerance_scale=tolerance_scale, lossy_runner=lossy_runner)
     gm = manager.run(captured.graph_module, captured.flat_inputs, report, captured.graph_outputs)
+    budget = _final_budget(report, lossy_runner)
 
     started = time.perf_counter()
     runner = target.lower(gm, captured.example_args, captured.example_kwargs, captured.dynamic)
@@ -262,14 +319,69 @@ def optimize(
     if native > 0:
         report.notes.append(f"the original model on {target.name} differs from CPU eager by {native:.2e}; "
                             "the final check allows twice that on top of the usual tolerance")
-    graph_outputs = manager.outputs if runner is gm and verify else None  # cpu runs the verified graph itself
-    _final_check(optimized, model, captured, report, tolerance_scale, native, verify, graph_outputs)
+    # cpu runs the verified graph itself, unless lowering rewrote it (int8 kernels for a quantized graph)
+    graph_outputs = manager.outputs if runner is gm and verify and budget is None else None
+    _final_check(optimized, model, captured, report, tolerance_scale, native, verify, graph_outputs, budget)
+    if budget is not None and budget.metric is not None and lossy_runner is not None:
+        _final_metric(optimized, budget, lossy_runner.baseline_metric, report)
     return optimized
 
 
+def _final_metric(optimized: OptimizedModel, budget: Fidelity, baseline: float | None, report: Report) -> None:
+    """Measure the user's fidelity metric on the lowered model; raise when it dropped past the budget."""
+    value = float(budget.metric(optimized))  # type: ignore[misc]
+    report.final_metric = {"value": value}
+    if baseline is None:
+        return
+    drop = baseline - value
+    report.final_metric.update(baseline=baseline, drop=drop)
+    if budget.enforce and drop > budget.max_drop:  # type: ignore[operator]
+        error = FidelityError(
+            f"the model lowered to {optimized.target.name!r} scores {value:.4g} on the fidelity metric, {drop:.4g} "
+            f"below the original's {baseline:.4g} (budget: {budget.describe()}); the graph itself was within "
+            "budget, so the target's kernels lose the rest. Try another target or a looser budget.",
+            f"lower-{optimized.target.name}",
+        )
+        error.report = report
+        raise error
+
+
+def _lossy_runner(captured: CapturedModel, pipeline: Sequence[Pass], fidelity: Fidelity | None,
+                  prune_pass: Pass | None, calibration: Iterable[Any] | None, report: Report) -> LossyRunner | None:
+    """The fidelity machinery for the pipeline's lossy passes (None when it has none)."""
+    if fidelity is not None and not isinstance(fidelity, Fidelity):
+        raise InputError(f"fidelity must be a graphopt.Fidelity, got {type(fidelity).__name__}")
+    lossy = [p for p in pipeline if is_lossy(p)]
+    if not lossy:
+        if calibration is not None or fidelity is not None:
+            report.notes.append("calibration/fidelity given but no lossy pass (quantize=, prune=) asked for: unused")
+        return None
+    batches, notes = calibration_batches(calibration, captured)
+    report.notes.extend(notes)
+    data = CalibrationData(example=captured.flat_inputs, batches=batches)
+    return LossyRunner(_budgets(lossy, fidelity, prune_pass), data, call_graph=_GraphCaller)
+
+
+def _final_budget(report: Report, runner: LossyRunner | None) -> Fidelity | None:
+    """The budget the final check holds the lowered model to: the strictest enforced one of the lossy passes run.
+
+    None when no lossy pass changed the graph (the exact tolerance applies then).
+    """
+    if runner is None or not any(r.fidelity and r.status == "changed" for r in report.records):
+        return None
+    enforced = [f for f in runner.fidelities.values() if f.enforce]
+    if not enforced:
+        return Fidelity(enforce=False)
+    return max(enforced, key=lambda f: f.min_cosine)
+
+
 def _final_check(optimized: OptimizedModel, model: torch.nn.Module, captured: CapturedModel, report: Report,
-                 tolerance_scale: float, native: float, verify: bool, graph_outputs: Any = None) -> None:
+                 tolerance_scale: float, native: float, verify: bool, graph_outputs: Any = None,
+                 budget: Fidelity | None = None) -> None:
     """Compare the lowered model with eager on the example, and at other sizes of its dynamic dims.
+
+    After lossy passes (``budget`` given) the comparison is by output cosine against the budget
+    instead of the exact tolerance; the worst cosine goes into ``report.final_cosine``.
 
     ``graph_outputs``, when given, are the lowered model's outputs on the example already
     (the pass manager's last verified run, for a target that runs that very graph).
@@ -283,8 +395,10 @@ def _final_check(optimized: OptimizedModel, model: torch.nn.Module, captured: Ca
             args, kwargs, sizes = resized
             label = ", ".join(f"{name}={size}" for name, size in sizes.items())
             probes.append((label, args, kwargs, None))
-    results = _run_probes(optimized, model, probes, tolerance_scale, native, graph_outputs)
+    results = _run_probes(optimized, model, probes, tolerance_scale, native, graph_outputs, budget)
     report.final_max_abs_diff = max(c.max_abs_diff for _, c in results)
+    if budget is not None:
+        report.final_cosine = min(c.max_scaled_diff for _, c in results)
     failures = [f"{label}: {c.detail}" for label, c in results if not c.ok]
     report.final_check = "passed" if not failures else f"FAILED ({'; '.join(failures)})"
     if len(results) > 1:
@@ -297,8 +411,11 @@ def _final_check(optimized: OptimizedModel, model: torch.nn.Module, captured: Ca
 
 
 def _run_probes(optimized: OptimizedModel, model: torch.nn.Module, probes: list[Any], tolerance_scale: float,
-                native: float, graph_outputs: Any) -> list[tuple[str, Any]]:
-    """Run every probe through the lowered model and compare it with eager; state is restored after each."""
+                native: float, graph_outputs: Any, budget: Fidelity | None = None) -> list[tuple[str, Any]]:
+    """Run every probe through the lowered model and compare it with eager; state is restored after each.
+
+    With a ``budget`` the comparison is by cosine (carried in ``Comparison.max_scaled_diff``).
+    """
     results = []
     for label, args, kwargs, reference in probes:
         if reference is None:
@@ -308,9 +425,22 @@ def _run_probes(optimized: OptimizedModel, model: torch.nn.Module, probes: list[
         else:
             with preserved_state(optimized.graph_module):  # a check must not advance state the model updates
                 outputs = _run_lowered(optimized, args, kwargs, label)
-        comparison = compare_outputs(pytree.tree_leaves(outputs), reference, tolerance_scale, extra_atol=2 * native)
+        actual = pytree.tree_leaves(outputs)
+        if budget is None:
+            comparison = compare_outputs(actual, reference, tolerance_scale, extra_atol=2 * native)
+        else:
+            comparison = _budget_comparison(actual, reference, budget)
         results.append((label, comparison))
     return results
+
+
+def _budget_comparison(actual: list[Any], reference: list[Any], budget: Fidelity) -> Comparison:
+    """Compare lossy outputs with eager by cosine; ``max_scaled_diff`` carries the cosine."""
+    exact = compare_outputs(actual, reference)
+    cosine = output_cosine(reference, actual)
+    ok = cosine >= budget.min_cosine or not budget.enforce or budget.metric is not None
+    detail = "" if ok else f"output cosine {cosine:.5f} < {budget.min_cosine:g} (the fidelity budget)"
+    return Comparison(ok, exact.max_abs_diff, cosine, detail)
 
 
 def _run_lowered(optimized: OptimizedModel, args: tuple[Any, ...], kwargs: dict[str, Any], label: str) -> Any:

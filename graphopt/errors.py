@@ -40,6 +40,14 @@ class VerificationError(PassError):
     """A pass changed what the graph computes (outputs differ beyond tolerance) or broke it."""
 
 
+class FidelityError(PassError):
+    """A lossy pass (quantization, pruning) cannot meet the fidelity budget, even with fallbacks."""
+
+    def __init__(self, message: str, pass_name: str) -> None:
+        super().__init__(message, pass_name)
+        self.best: Any = None  # the best Measurement reached
+
+
 class StateError(GraphoptError):
     """Running a graph wrote into a tensor it must treat as constant (a weight, a folded constant)."""
 

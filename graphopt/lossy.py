@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from graphopt.errors import InputError
 from graphopt.pass_infra import Pass, PassResult
@@ -156,11 +157,13 @@ def is_lossy(pass_: Pass) -> bool:
     return bool(getattr(pass_, "lossy", False))
 
 
-def _float_leaves(outputs: Sequence[Any]) -> list[torch.Tensor]:
-    return [o for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point() and o.numel() > 0]
+def _float_leaves(outputs: Any) -> list[torch.Tensor]:
+    """The float tensors in ``outputs`` (a tensor, or any nesting of lists, tuples and dicts)."""
+    leaves = pytree.tree_leaves(outputs)
+    return [o for o in leaves if isinstance(o, torch.Tensor) and o.is_floating_point() and o.numel() > 0]
 
 
-def output_cosine(reference: Sequence[Any], actual: Sequence[Any]) -> float:
+def output_cosine(reference: Any, actual: Any) -> float:
     """Mean per-sample cosine similarity of float outputs (dim 0 is the sample), worst over outputs.
 
     Scalars and 1-D outputs count as one sample. Identical zero vectors count as 1.0.
@@ -179,7 +182,7 @@ def output_cosine(reference: Sequence[Any], actual: Sequence[Any]) -> float:
     return worst
 
 
-def output_sqnr_db(reference: Sequence[Any], actual: Sequence[Any]) -> float:
+def output_sqnr_db(reference: Any, actual: Any) -> float:
     """Signal-to-quantization-noise ratio of the float outputs in dB (worst over outputs; inf if exact)."""
     worst = math.inf
     for ref, out in zip(_float_leaves(reference), _float_leaves(actual), strict=True):

@@ -10,8 +10,10 @@ from typing import Any, Literal
 import torch.fx as fx
 
 from graphopt.errors import GraphoptError, PassError, RollbackWarning, StateError, VerificationError
+from graphopt.fidelity_check import LossyRunner, unit_section
 from graphopt.instruments import Instrument
 from graphopt.ir import parameter_bytes, run_and_record, snapshot_graph_module, tensor_versions, written_since
+from graphopt.lossy import LossyPass, is_lossy
 from graphopt.pass_infra import Pass, PassResult
 from graphopt.report import PassRecord, Report
 from graphopt.verify import compare_outputs, first_divergence, lint
@@ -49,6 +51,11 @@ class PassManager:
     ``PassError``/``VerificationError`` naming the pass, or with ``on_error="rollback"`` is
     undone, recorded, announced with a ``RollbackWarning``, and the pipeline goes on.
 
+    A lossy pass (``graphopt.lossy.LossyPass``: quantization, pruning) is checked against the
+    ``lossy_runner``'s fidelity budget instead of the exact tolerance (see
+    ``graphopt.fidelity_check``), runs once even in fixed-point mode, and adds a per-unit
+    section to the report.
+
     Rollback copies only the graph's structure; weights are shared, so a pass must never write
     into an existing tensor (it registers a new one); the manager checks that after every pass.
     """
@@ -63,6 +70,7 @@ class PassManager:
         max_iterations: int = 5,
         instruments: Sequence[Instrument] = (),
         tolerance_scale: float = 1.0,
+        lossy_runner: LossyRunner | None = None,
     ) -> None:
         if on_error not in ("raise", "rollback"):
             raise ValueError(f"on_error must be 'raise' or 'rollback', got {on_error!r}")
@@ -73,6 +81,7 @@ class PassManager:
         self.max_iterations = max_iterations if fixed_point else 1
         self.instruments = list(instruments)
         self.tolerance_scale = tolerance_scale
+        self.lossy_runner = lossy_runner
         self.outputs: Any = None
 
     def run(
@@ -118,6 +127,8 @@ class PassManager:
         report: Report,
         iteration: int,
     ) -> tuple[fx.GraphModule, Any, bool]:
+        if is_lossy(pass_) and iteration > 1:
+            return gm, outputs, False  # a lossy pass runs once: re-running it would compound its error
         backup = snapshot_graph_module(gm)
         code_before = gm.code
         weights = tensor_versions(gm)
@@ -125,21 +136,12 @@ class PassManager:
         record = PassRecord(pass_.name, "unchanged", nodes, nodes, weight_bytes, weight_bytes, 0.0, iteration=iteration)
         for instrument in self.instruments:
             instrument.before_pass(pass_, gm)
-        started = time.perf_counter()
         try:
-            try:
-                result = self._apply(pass_, gm)
-            finally:
-                record.seconds = time.perf_counter() - started
-            _check_weights_untouched(pass_, weights)
-            started = time.perf_counter()
-            untouched = not result.changed and gm.code == code_before
-            if self.verify and not untouched:
-                new_outputs, record.max_abs_diff = self._check(pass_, gm, backup, flat_inputs, outputs)
+            if is_lossy(pass_):
+                gm, new_outputs, result = self._attempt_lossy(pass_, gm, outputs, record, report)  # type: ignore[arg-type]
             else:
-                new_outputs = outputs
-                record.max_abs_diff = 0.0 if untouched else None
-            record.verify_seconds = time.perf_counter() - started
+                new_outputs, result = self._attempt_exact(pass_, gm, backup, code_before, flat_inputs, outputs, record)
+            _check_weights_untouched(pass_, weights)
         except PassError as error:
             for instrument in self.instruments:
                 instrument.after_pass_failed(pass_, gm, error)
@@ -165,6 +167,47 @@ class PassManager:
         record.near_misses = {k: dict(v) for k, v in result.near_misses.items()}
         report.records.append(record)
         return gm, new_outputs, result.changed
+
+    def _attempt_exact(self, pass_: Pass, gm: fx.GraphModule, backup: fx.GraphModule, code_before: str,
+                       flat_inputs: tuple[Any, ...], outputs: Any, record: PassRecord) -> tuple[Any, PassResult]:
+        """Run an exact pass in place on ``gm`` and verify it keeps the outputs to tolerance."""
+        started = time.perf_counter()
+        try:
+            result = self._apply(pass_, gm)
+        finally:
+            record.seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        untouched = not result.changed and gm.code == code_before
+        if self.verify and not untouched:
+            new_outputs, record.max_abs_diff = self._check(pass_, gm, backup, flat_inputs, outputs)
+        else:
+            new_outputs = outputs
+            record.max_abs_diff = 0.0 if untouched else None
+        record.verify_seconds = time.perf_counter() - started
+        return new_outputs, result
+
+    def _attempt_lossy(self, pass_: LossyPass, gm: fx.GraphModule, outputs: Any, record: PassRecord,
+                       report: Report) -> tuple[fx.GraphModule, Any, PassResult]:
+        """Run a lossy pass under the fidelity budget; returns the accepted copy of the graph."""
+        if self.lossy_runner is None:
+            raise PassError(
+                f"pass {pass_.name!r} changes numerics on purpose (a lossy pass) and needs a fidelity budget and "
+                "calibration data: run it through graphopt.optimize(..., fidelity=..., calibration=...) or give "
+                "PassManager(lossy_runner=LossyRunner(...))",
+                pass_.name,
+            )
+        started = time.perf_counter()
+        outcome = self.lossy_runner.run(pass_, gm, outputs)
+        record.seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        self._lint(pass_, outcome.gm, check_meta=True)
+        record.max_abs_diff = compare_outputs(outcome.outputs, outputs, self.tolerance_scale).max_abs_diff
+        record.verify_seconds = time.perf_counter() - started
+        if outcome.units:
+            record.fidelity = outcome.record_fields(self.lossy_runner.fidelity)
+            report.sections.append(unit_section(pass_.name, outcome))
+        report.notes.extend(f"{pass_.name}: {note}" for note in outcome.notes if not outcome.units)
+        return outcome.gm, outcome.outputs, outcome.result
 
     @staticmethod
     def _lint(pass_: Pass, gm: fx.GraphModule, check_meta: bool) -> None:

@@ -43,6 +43,7 @@ class PassRecord:
     error: str | None = None
     iteration: int = 1
     verify_seconds: float = 0.0
+    fidelity: dict[str, Any] = field(default_factory=dict)  # lossy passes: budget and measured values
 
 
 @dataclass
@@ -151,6 +152,18 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def _fidelity_text(fidelity: Mapping[str, Any]) -> str:
+    """A lossy pass's measured fidelity in a few words: cosine, SQNR, fallbacks, budget."""
+    parts = [f"cosine {fidelity.get('cosine', float('nan')):.5f}"]
+    if fidelity.get("sqnr_db") is not None:
+        parts.append(f"SQNR {fidelity['sqnr_db']:.1f} dB")
+    if "metric_drop" in fidelity:
+        parts.append(f"metric drop {fidelity['metric_drop']:.4g}")
+    parts.append(f"{fidelity.get('fallen_back', 0)}/{fidelity.get('units', 0)} fallen back")
+    parts.append(f"budget {fidelity.get('budget')}" + ("" if fidelity.get("enforced", True) else " (reported only)"))
+    return ", ".join(parts)
+
+
 def _diff(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
 
@@ -163,6 +176,8 @@ class Report:
     records: list[PassRecord] = field(default_factory=list)
     final_max_abs_diff: float | None = None
     final_check: str = "not run"
+    final_cosine: float | None = None  # after lossy passes: worst output cosine of the lowered model vs eager
+    final_metric: dict[str, float] = field(default_factory=dict)  # Fidelity.metric: baseline, value, drop
     lowering_seconds: float = 0.0
     capture_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -227,6 +242,8 @@ class Report:
         for r in self.records:
             hits = ", ".join(f"{k}×{v}" for k, v in r.rule_hits.items()) or ""
             stats = ", ".join(f"{k}={v}" for k, v in r.stats.items())
+            if r.fidelity:
+                stats = ", ".join(x for x in (_fidelity_text(r.fidelity), stats) if x)
             rows.append([
                 r.name,
                 r.status + (f": {r.error}" if r.error and raw else ""),
@@ -256,6 +273,10 @@ class Report:
             f" (max |Δ| {_diff(self.final_max_abs_diff)}); capture {self.capture_seconds:.2f} s,"
             f" lowering {self.lowering_seconds:.2f} s"
         ]
+        if self.final_cosine is not None:
+            lines.append(f"lossy passes: final output cosine vs eager {self.final_cosine:.5f}")
+        if self.final_metric:
+            lines.append("fidelity metric: " + ", ".join(f"{k} {v:.4g}" for k, v in self.final_metric.items()))
         if self.rolled_back:
             lines.append(f"rolled back: {', '.join(self.rolled_back)}")
         failed = [r for r in self.records if r.error]
