@@ -9,6 +9,7 @@ fast.export_onnx("model.onnx")
 """
 
 from graphopt.analysis import ModelAnalysis, NodeCost, analyze
+from graphopt.analysis.partitioning import PartitionError
 from graphopt.api import OptimizedModel, optimize
 from graphopt.capture import CapturedModel, capture
 from graphopt.errors import (
@@ -29,6 +30,7 @@ from graphopt.errors import (
 )
 from graphopt.instruments import Instrument, IRDumpInstrument, TimingInstrument
 from graphopt.lossy import CalibrationData, Fidelity, LossyPass, LossyPlan, LossyUnit
+from graphopt.partition import PartitionedModel, PartitionReport, partition
 from graphopt.pass_infra import Pass, PassResult, available_passes, get_pass, register_pass
 from graphopt.pass_manager import PassManager
 from graphopt.report import PassRecord, PlotSpec, Report, ReportSection
@@ -63,6 +65,9 @@ __all__ = [
     "Pass",
     "PassError",
     "PassManager",
+    "PartitionError",
+    "PartitionReport",
+    "PartitionedModel",
     "PassRecord",
     "PassResult",
     "PlotSpec",
@@ -89,5 +94,6 @@ __all__ = [
     "get_target",
     "load",
     "optimize",
+    "partition",
     "register_pass",
 ]

@@ -56,6 +56,7 @@ _BUILTIN: dict[str, str] = {
     "constant-folding": "graphopt.passes.constant_folding:ConstantFolding",
     "fold-conv-batchnorm": "graphopt.passes.batchnorm_folding:FoldConvBatchNorm",
     "fold-linear-batchnorm": "graphopt.passes.batchnorm_folding:FoldLinearBatchNorm",
+    "partition": "graphopt.passes.partition:Partition",
 }
 _REGISTERED: dict[str, type[Pass]] = {}
 

@@ -8,6 +8,7 @@ from graphopt.passes.cleanup import (
     RemoveIdentity,
 )
 from graphopt.passes.constant_folding import ConstantFolding
+from graphopt.passes.partition import Partition
 
 __all__ = [
     "CommonSubexpressionElimination",
@@ -15,6 +16,7 @@ __all__ = [
     "DeadCodeElimination",
     "FoldConvBatchNorm",
     "FoldLinearBatchNorm",
+    "Partition",
     "RemoveDropout",
     "RemoveIdentity",
 ]
