@@ -154,7 +154,7 @@ class LossyRunner:
                 break
             victim = self._most_sensitive(outcomes, skip)
             if victim is None or len(skip) + 1 == len(outcomes):
-                raise self._unmeetable(pass_, outcomes, measurement)
+                raise self._unmeetable(pass_, outcomes, measurement, len(skip))
             victim.status = "fallen back"
             victim.reason = (f"most sensitive kept unit while {measurement.headline(self.fidelity)} broke "
                              f"the budget ({self.fidelity.describe()})")
@@ -231,13 +231,15 @@ class LossyRunner:
             return None
         return min(kept, key=lambda o: (o.alone.sqnr_db, o.alone.cosine) if o.alone else (math.inf, 1.0))
 
-    def _unmeetable(self, pass_: LossyPass, outcomes: Sequence[UnitOutcome], last: Measurement) -> FidelityError:
+    def _unmeetable(self, pass_: LossyPass, outcomes: Sequence[UnitOutcome], last: Measurement,
+                    fallen: int) -> FidelityError:
         best = max((o for o in outcomes if o.alone), key=lambda o: o.alone.sqnr_db, default=None)  # type: ignore[union-attr]
         best_text = (f"; the least sensitive unit alone ({best.unit.name}) gives cosine {best.alone.cosine:.5f}, "
                      f"SQNR {best.alone.sqnr_db:.1f} dB" if best and best.alone else "")
         error = FidelityError(
-            f"pass {pass_.name!r} cannot meet the budget {self.fidelity.describe()}: with every unit but one fallen "
-            f"back it still reaches only {last.headline(self.fidelity)}{best_text}. Loosen the budget "
+            f"pass {pass_.name!r} cannot meet the budget {self.fidelity.describe()}: with {fallen} of its "
+            f"{len(outcomes)} unit(s) fallen back it still reaches only {last.headline(self.fidelity)}{best_text}, "
+            "and falling back the last unit would leave the pass with nothing to do. Loosen the budget "
             "(graphopt.Fidelity(min_cosine=...)), give more representative calibration data, choose a milder "
             "setting (more bits, a lower pruning ratio), or protect the sensitive layers.",
             pass_.name,
