@@ -1,0 +1,460 @@
+"""Structured pruning: remove whole channels, features and heads, so tensors really shrink.
+
+``plan_structured`` builds the dependency graph (``graphopt.analysis.dependency``), scores the
+units of every prunable group, and decides which units each group keeps (a uniform ratio per
+group, or one global threshold). Each group is one ``LossyUnit``: the pass manager may let the
+most sensitive groups fall back. ``StructuredPlan.apply`` slices every coupled weight with
+``index_select`` into new constants, rewrites the size arguments that hold a pruned size
+(``view``/``reshape`` shapes, ``split`` sizes, ``slice`` bounds, conv ``groups``, group-norm
+``num_groups``) and re-propagates shapes, so every node's ``val`` meta is the new shape.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from graphopt.analysis.dependency import Atom, DependencyGraph, Group, Layout
+from graphopt.errors import InputError
+from graphopt.ir import attribute_value, prune_unused_attributes, register_constant
+from graphopt.lossy import CalibrationData, LossyPlan, LossyUnit
+from graphopt.pass_infra import PassResult
+from graphopt.passes.prune.importance import (
+    check_kind,
+    chosen_units,
+    global_keep_counts,
+    group_scores,
+    keep_count,
+    taylor_gradients,
+)
+from graphopt.report import PlotSpec, ReportSection
+
+__all__ = ["GroupChoice", "StructuredPlan", "layer_section", "plan_structured", "repropagate_shapes"]
+
+aten = torch.ops.aten
+
+
+@dataclass
+class GroupChoice:
+    """What one group keeps: ``kept`` unit indices out of ``group.units``."""
+
+    name: str
+    group: Group
+    kept: list[int]
+    scores: list[float] = field(default_factory=list)
+
+
+def _group_kind(deps: DependencyGraph, group: Group) -> str:
+    weights = deps.weight_atoms(group)
+    per_unit = max((a.per_unit for a in weights), default=1)
+    layer_ops = {_layer_op(deps, a) for a in weights}
+    if per_unit > 1 and layer_ops & {"linear", "addmm", "matmul", "mm", "bmm"}:
+        return "attention-heads"
+    if "conv" in " ".join(layer_ops):
+        return "conv-channels"
+    return "features"
+
+
+def _layer_op(deps: DependencyGraph, atom: Atom) -> str:
+    node_name = deps.layer_weights.get(atom.target, "")
+    node = next((n for n in deps.gm.graph.nodes if n.name == node_name), None)
+    if node is None:
+        return ""
+    return str(getattr(node.target, "__name__", node.target)).split(".")[0]
+
+
+def _unit_name(deps: DependencyGraph, group: Group, used: set[str]) -> str:
+    producers = sorted({a.target for a in deps.weight_atoms(group) if a.dim == _out_dim(deps, a)})
+    base = producers[0] if producers else deps.weight_atoms(group)[0].target
+    base = base.removesuffix(".weight")
+    name, index = base, 1
+    while name in used:
+        index += 1
+        name = f"{base}#{index}"
+    used.add(name)
+    return name
+
+
+def _out_dim(deps: DependencyGraph, atom: Atom) -> int:
+    """The dim of a layer weight that holds the layer's outputs (1 for addmm's transposed weights)."""
+    node_name = deps.layer_weights.get(atom.target, "")
+    node = next((n for n in deps.gm.graph.nodes if n.name == node_name), None)
+    if node is not None and node.target in (aten.addmm.default, aten.mm.default, aten.matmul.default,
+                                            aten.bmm.default):
+        return deps.constant(atom.target).dim() - 1
+    if node is not None and node.target is aten.embedding.default:
+        return 1
+    return 0
+
+
+def plan_structured(gm: fx.GraphModule, data: CalibrationData, *, amount: float, importance: str,
+                    scope: str, protect: Sequence[str], round_to: int, max_group_amount: float) -> StructuredPlan:
+    """Decide which units of every prunable group to keep (``gm`` is not changed)."""
+    check_kind(importance)
+    deps = DependencyGraph.build(gm, protect)
+    groups = deps.prunable_groups()
+    if not groups:
+        raise InputError(_nothing_prunable_message(deps))
+    taylor = None
+    if importance == "taylor":
+        targets = {a.target for g in groups for a in deps.weight_atoms(g)}
+        taylor = taylor_gradients(gm, targets, data)
+    scores = [group_scores(deps, g, importance, taylor) for g in groups]
+    if scope == "global":
+        keeps = global_keep_counts(scores, amount, max_group_amount, round_to)
+    else:
+        keeps = [keep_count(g.units, amount, round_to) for g in groups]
+    used: set[str] = set()
+    choices = []
+    for group, score, keep in zip(groups, scores, keeps, strict=True):
+        if keep >= group.units:
+            continue
+        choices.append(GroupChoice(_unit_name(deps, group, used), group, chosen_units(score, keep),
+                                   [float(s) for s in score]))
+    return StructuredPlan(deps, choices, amount, importance, scope)
+
+
+def _nothing_prunable_message(deps: DependencyGraph) -> str:
+    reasons: Counter[str] = Counter()
+    for group in deps.blocked_groups():
+        reasons.update(group.reasons[:1])
+    detail = "; ".join(f"{reason} ({count} group{'s' if count > 1 else ''})"
+                       for reason, count in reasons.most_common(5))
+    return ("structured pruning found nothing it can shrink safely in this model: "
+            + (detail if detail else "it has no conv/linear/matmul weights with prunable output channels")
+            + ". Graph outputs and protected layers keep their shapes. Try unstructured pruning "
+            "(Prune(structured=False)), protect fewer layers, or prune a model with hidden layers.")
+
+
+class StructuredPlan(LossyPlan):
+    """The channels/heads each group keeps, and how to shrink the graph to them."""
+
+    def __init__(self, deps: DependencyGraph, choices: list[GroupChoice], amount: float, importance: str,
+                 scope: str) -> None:
+        self.deps = deps
+        self.choices = choices
+        self.amount = amount
+        self.importance = importance
+        self.scope = scope
+        self.last_section: ReportSection | None = None
+        self.units = [self._unit(c) for c in choices]
+
+    def _unit(self, choice: GroupChoice) -> LossyUnit:
+        deps, group = self.deps, choice.group
+        kind = _group_kind(deps, group)
+        noun = {"attention-heads": "heads", "conv-channels": "channels"}.get(kind, "features")
+        layers = sorted({f"{a.target}[{a.dim}]" for a in deps.weight_atoms(group)})
+        fraction = len(choice.kept) / group.units
+        params_before = params_after = 0
+        for numel in self._touched_numels(group).values():
+            params_before += numel
+            params_after += round(numel * fraction)
+        macs_before, macs_after = self._group_macs(group, fraction)
+        return LossyUnit(
+            choice.name, kind,
+            f"keep {len(choice.kept)} of {group.units} {noun} ({self.importance}, {self.scope})",
+            {"layers": ", ".join(layers[:6]) + (f" (+{len(layers) - 6})" if len(layers) > 6 else ""),
+             "units before": group.units, "units after": len(choice.kept),
+             "params before": params_before, "params after": params_after,
+             "MACs before": macs_before, "MACs after": macs_after,
+             "kept ratio": round(fraction, 4)},
+        )
+
+    def _touched_numels(self, group: Group) -> dict[str, int]:
+        """Elements of each constant the group runs through that belong to the group's slices."""
+        out: dict[str, int] = defaultdict(int)
+        for atom_id in group.atoms:
+            atom = self.deps.atoms[atom_id]
+            value = self.deps.constant(atom.target)
+            out[f"{atom.target}:{atom.dim}:{atom.offset}"] += value.numel() // value.shape[atom.dim] * atom.size
+        return out
+
+    def _group_macs(self, group: Group, fraction: float) -> tuple[int, int]:
+        """MACs of the layers whose weights the group runs through: before, and with this group alone pruned."""
+        try:
+            from graphopt.analysis.cost import node_costs
+        except ImportError:  # pragma: no cover - the cost model ships with graphopt
+            return 0, 0
+        costs = getattr(self, "_costs", None)
+        if costs is None:
+            costs = self._costs = node_costs(self.deps.gm)
+        layers = {self.deps.layer_weights[a.target] for a in self.deps.weight_atoms(group)}
+        before = sum(costs[name].macs for name in layers if name in costs)
+        return before, round(before * fraction)
+
+    def notes(self) -> list[str]:
+        """Groups left as they are, with why (from the dependency analysis)."""
+        reasons: Counter[str] = Counter()
+        for group in self.deps.blocked_groups():
+            reasons.update(group.reasons[:1])
+        if not reasons:
+            return []
+        return ["kept at full size: " + "; ".join(f"{count} group(s): {reason}" for reason, count
+                                                  in reasons.most_common(6))]
+
+    def sections(self) -> list[ReportSection]:
+        """The per-layer table of the last ``apply`` (shapes, params, MACs before and after), with a plot."""
+        return [self.last_section] if self.last_section is not None else []
+
+    # ------------------------------------------------------------------ apply
+
+    def apply(self, gm: fx.GraphModule, skip: frozenset[str] = frozenset()) -> PassResult:
+        """Shrink ``gm`` (a structure copy of the planned graph) to the kept units of every group not in ``skip``."""
+        active = {c.group.id: c for c in self.choices if c.name not in skip}
+        if not active:
+            return PassResult(False, {"groups_pruned": 0}, near_misses=self._near_misses())
+        before = _layer_facts(gm)
+        replaced = self._slice_constants(gm, active)
+        self._rewrite_sizes(gm, active)
+        gm.graph.lint()
+        gm.recompile()
+        repropagate_shapes(gm)
+        prune_unused_attributes(gm)
+        gm.recompile()
+        after = _layer_facts(gm)
+        self.last_section = layer_section(before, after)
+        params_before = sum(f["params"] for f in before.values())
+        params_after = sum(f["params"] for f in after.values())
+        stats: dict[str, int | float] = {
+            "groups_pruned": len(active),
+            "units_removed": sum(c.group.units - len(c.kept) for c in active.values()),
+            "constants_sliced": replaced,
+            "layer_params_before": params_before,
+            "layer_params_after": params_after,
+            "layer_macs_before": sum(f["macs"] for f in before.values()),
+            "layer_macs_after": sum(f["macs"] for f in after.values()),
+        }
+        return PassResult(True, stats, near_misses=self._near_misses())
+
+    def _near_misses(self) -> dict[str, dict[str, int]]:
+        reasons: Counter[str] = Counter()
+        for group in self.deps.blocked_groups():
+            reasons.update(group.reasons[:1])
+        return {"prune": dict(reasons)} if reasons else {}
+
+    def _kept_elements(self, atom: Atom, active: dict[int, GroupChoice]) -> torch.Tensor:
+        group = self.deps.group_of(atom.id)
+        choice = active.get(group.id)
+        if choice is None:
+            return torch.arange(atom.offset, atom.offset + atom.size)
+        units = torch.tensor(choice.kept, dtype=torch.long)
+        within = torch.arange(atom.per_unit)
+        return (atom.offset + (units[:, None] * atom.per_unit + within[None, :]).reshape(-1))
+
+    def _slice_constants(self, gm: fx.GraphModule, active: dict[int, GroupChoice]) -> int:
+        by_target: dict[str, dict[int, list[Atom]]] = defaultdict(lambda: defaultdict(list))
+        touched: set[str] = set()
+        for atom in self.deps.atoms:
+            if atom.pieces is not None:
+                continue
+            by_target[atom.target][atom.dim].append(atom)
+            if self.deps.group_of(atom.id).id in active:
+                touched.add(atom.target)
+        readers: dict[str, list[fx.Node]] = defaultdict(list)
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and str(node.target) in touched:
+                readers[str(node.target)].append(node)
+        for target in sorted(touched):
+            nodes = readers.get(target)
+            if not nodes:
+                continue
+            value = attribute_value(gm, nodes[0])
+            if value is None:
+                raise InputError(f"pruning planned to slice {target}, which this graph no longer stores")
+            new = value.detach()
+            for dim, atoms in sorted(by_target[target].items()):
+                index = torch.cat([self._kept_elements(a, active) for a in sorted(atoms, key=lambda a: a.offset)])
+                if len(index) != new.shape[dim]:
+                    new = new.index_select(dim, index.to(new.device))
+            replacement = register_constant(gm, f"pruned_{target}", new.contiguous(), before=nodes[0])
+            for node in nodes:
+                node.replace_all_uses_with(replacement)
+                gm.graph.erase_node(node)
+        return len(touched)
+
+    def new_length(self, layout: Layout, active: dict[int, GroupChoice]) -> Any:
+        """The size a dim with ``layout`` has once the active groups are pruned."""
+        total: Any = 0
+        for seg in self.deps.resolve(layout):
+            if seg.atom is None:
+                total = total + seg.length
+                continue
+            group = self.deps.group_of(seg.atom)
+            choice = active.get(group.id)
+            if choice is None:
+                total = total + seg.length
+            else:
+                total = total + int(len(choice.kept) * self.deps.atoms[seg.atom].per_unit * seg.scale)
+        return total
+
+    def _rewrite_sizes(self, gm: fx.GraphModule, active: dict[int, GroupChoice]) -> None:
+        deps = self.deps
+        for node in list(gm.graph.nodes):
+            kind = deps.rewrites.get(node.name)
+            if kind is None or node.op != "call_function":
+                continue
+            layouts = deps.layouts[node.name]
+            if kind == "shape":
+                node.args = (node.args[0], self._sizes(node.args[1], layouts, active), *node.args[2:])
+            elif kind == "unflatten":
+                dim = node.args[1] % len(layouts)
+                sizes = self._sizes(node.args[2], layouts[dim: dim + len(node.args[2])], active)
+                node.args = (node.args[0], node.args[1], sizes, *node.args[3:])
+            elif kind in ("groups", "num_groups"):
+                new = self.new_length(deps.virtual[(node.name, "groups")], active)
+                args = list(node.args)
+                index = 1 if kind == "num_groups" else (8 if node.target is aten.convolution.default else 6)
+                args[index] = int(new)
+                node.args = tuple(args)
+            elif kind == "split":
+                self._rewrite_split(node, layouts, active)
+            elif kind == "slice":
+                dim = (node.args[1] if len(node.args) > 1 else 0) % len(layouts)
+                start = self.new_length(deps.virtual[(node.name, "before")], active)
+                end = start + self.new_length(layouts[dim], active)
+                args = list(node.args) + [None] * (4 - len(node.args))
+                args[2], args[3] = int(start), int(end)
+                node.args = tuple(args)
+
+    def _sizes(self, sizes: Sequence[Any], layouts: Sequence[Layout], active: dict[int, GroupChoice]) -> list[Any]:
+        out = list(sizes)
+        for i, (size, layout) in enumerate(zip(sizes, layouts, strict=False)):
+            if isinstance(size, int) and size != -1:
+                new = self.new_length(layout, active)
+                if new != size and isinstance(new, int):
+                    out[i] = new
+        return out
+
+    def _rewrite_split(self, node: fx.Node, outputs: list[list[Layout]], active: dict[int, GroupChoice]) -> None:
+        dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        dim = dim_arg % len(outputs[0])
+        sizes = [int(self.new_length(out[dim], active)) for out in outputs]
+        node.target = aten.split_with_sizes.default
+        node.args = (node.args[0], sizes, dim)
+        node.kwargs = {}
+
+
+def repropagate_shapes(gm: fx.GraphModule) -> None:
+    """Recompute ``val`` (and ``tensor_meta`` where shapes are static) on every node from the constants.
+
+    Runs fake tensors through the graph in the fake mode of the graph's inputs, so dynamic dims
+    stay symbolic.
+    """
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in placeholders]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is None:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+    previous = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True
+    try:
+        interpreter = _FakeProp(gm, mode)
+        interpreter.run(*vals)
+    finally:
+        mode.allow_non_fake_inputs = previous
+
+
+class _FakeProp(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, mode: Any) -> None:
+        super().__init__(gm)
+        self.mode = mode
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "placeholder":
+            return super().run_node(n)
+        if n.op == "get_attr":
+            value = super().run_node(n)
+            fake = self.mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
+            _record(n, fake)
+            return fake
+        with self.mode:
+            result = super().run_node(n)
+        if n.op != "output":
+            _record(n, result)
+        return result
+
+
+def _record(node: fx.Node, value: Any) -> None:
+    node.meta["val"] = value
+    if isinstance(value, torch.Tensor) and all(isinstance(d, int) for d in value.shape):
+        node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+    else:
+        node.meta.pop("tensor_meta", None)
+
+
+# ---------------------------------------------------------------------- per-layer report
+
+_LAYER_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+              aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.matmul.default,
+              aten.embedding.default}
+
+
+def _layer_facts(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
+    """Per layer node (conv, linear, matmul with a stored weight): weight shape, params, MACs."""
+    try:
+        from graphopt.analysis.cost import node_costs
+
+        costs = node_costs(gm)
+    except ImportError:  # pragma: no cover
+        costs = {}
+    facts: dict[str, dict[str, Any]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _LAYER_OPS:
+            continue
+        weights = [a for a in node.all_input_nodes if a.op == "get_attr"]
+        if not weights:
+            continue
+        shapes = [tuple(attribute_value(gm, w).shape) for w in weights if attribute_value(gm, w) is not None]
+        main = max(shapes, key=len) if shapes else ()
+        facts[node.name] = {
+            "weight": _weight_name(weights),
+            "shape": main,
+            "params": sum(int(torch.Size(s).numel()) for s in shapes),
+            "macs": costs[node.name].macs if node.name in costs else 0,
+        }
+    return facts
+
+
+def _weight_name(weights: list[fx.Node]) -> str:
+    names = [str(w.target) for w in weights]
+    main = names[0]
+    return main.removeprefix("_go_pruned_").removesuffix("_weight").removesuffix(".weight")
+
+
+def layer_section(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> ReportSection:
+    """Per layer: weight shape, parameters and MACs before and after pruning, with a plot of kept ratios."""
+    rows = []
+    labels, param_ratio, mac_ratio = [], [], []
+    for name, old in before.items():
+        new = after.get(name)
+        if new is None:
+            continue
+        ratio = new["params"] / old["params"] if old["params"] else 1.0
+        macs = new["macs"] / old["macs"] if old["macs"] else 1.0
+        rows.append([name, old["weight"], "x".join(map(str, old["shape"])), "x".join(map(str, new["shape"])),
+                     old["params"], new["params"], old["macs"], new["macs"], round(ratio, 4)])
+        labels.append(name)
+        param_ratio.append(round(ratio, 4))
+        mac_ratio.append(round(macs, 4))
+    total_before = sum(f["params"] for f in before.values())
+    total_after = sum(f["params"] for f in after.values())
+    macs_before = sum(f["macs"] for f in before.values())
+    macs_after = sum(f["macs"] for f in after.values())
+    description = (f"layer parameters {total_before:,} -> {total_after:,} "
+                   f"({total_after / max(total_before, 1):.1%}), layer MACs {macs_before:,} -> {macs_after:,} "
+                   f"({macs_after / max(macs_before, 1):.1%})")
+    plot = PlotSpec(kind="barh", title="prune: kept fraction per layer", x_labels=labels,
+                    series={"params kept": param_ratio, "MACs kept": mac_ratio}, y_label="fraction kept")
+    return ReportSection("prune: per layer", description,
+                         ["layer", "weight", "shape before", "shape after", "params before", "params after",
+                          "MACs before", "MACs after", "params kept"], rows, [plot])
+
