@@ -1,4 +1,4 @@
-"""The ``graphopt`` command: ``demo``, ``optimize FILE.py:FACTORY`` and ``bench``."""
+"""The ``graphopt`` command: ``demo``, ``optimize FILE.py:FACTORY``, ``partition FILE.py:FACTORY`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -94,6 +94,39 @@ def _command_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_and_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
+    """The model and example inputs of ``FILE.py:FACTORY`` (inputs from --input-shape when given)."""
+    factory = load_factory(args.model)
+    built = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
+    model, inputs = built if isinstance(built, tuple) else (built, None)
+    if args.input_shape:
+        inputs = parse_input_shapes(args.input_shape, args.input_dtype or [])
+    if inputs is None:
+        raise InputError("give --input-shape (e.g. --input-shape 1,3,224,224), or have FACTORY return (model, inputs)")
+    return model, inputs
+
+
+def _command_partition(args: argparse.Namespace) -> int:
+    import graphopt
+
+    model, inputs = _model_and_inputs(args)
+    parts = graphopt.partition(model, inputs, stages=args.stages, balance=args.balance,
+                               memory_cap=args.memory_cap * 2**20 if args.memory_cap else None,
+                               microbatches=args.microbatches, optimize=not args.no_optimize)
+    print(parts.report)
+    if args.output:
+        directory = parts.save(args.output)
+        print(f"wrote {len(parts.stages)} stages and {directory / 'manifest.json'}; run them with:\n"
+              f"  torchrun --nproc-per-node {len(parts.stages)} -m graphopt.pipeline {directory} --inputs in.pt "
+              f"--microbatches {parts.microbatches} --output out.pt")
+    if args.onnx:
+        for path in parts.export_onnx(args.onnx):
+            print(f"wrote {path}")
+    if args.report:
+        print(f"wrote {parts.report.to_html(args.report)}")
+    return 0
+
+
 def _command_demo(args: argparse.Namespace) -> int:
     import graphopt
     from graphopt import zoo
@@ -138,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--report", metavar="REPORT.html",
                           help="also write the report as one self-contained HTML page (tables and plots)")
     optimize.set_defaults(func=_command_optimize)
+
+    split = commands.add_parser("partition", help="split a model into balanced pipeline stages (model parallelism)")
+    split.add_argument("model", help="FILE.py:FACTORY — FACTORY() returns a module, or (module, inputs)")
+    split.add_argument("--stages", type=int, default=2, help="number of pipeline stages (default 2)")
+    split.add_argument("--balance", default="time", choices=["time", "flops", "params", "memory"],
+                       help="what to equalize across stages (default: measured time)")
+    split.add_argument("--memory-cap", type=float, metavar="MIB", help="per-device memory cap in MiB")
+    split.add_argument("--microbatches", type=int, help="micro-batches per call (default: one per stage)")
+    split.add_argument("--input-shape", action="append", help="e.g. 8,3,224,224 (repeat for each input)")
+    split.add_argument("--input-dtype", action="append", help=f"one of {', '.join(_DTYPES)} (default float32)")
+    split.add_argument("--no-optimize", action="store_true", help="skip the default exact passes before splitting")
+    split.add_argument("-o", "--output", metavar="DIR", help="write one .pt2 per stage and manifest.json here")
+    split.add_argument("--onnx", metavar="DIR", help="also write one .onnx per stage here")
+    split.add_argument("--report", metavar="REPORT.html", help="write the partition report as an HTML page")
+    split.set_defaults(func=_command_partition)
 
     try:
         from graphopt.bench import add_bench_parser
