@@ -43,7 +43,7 @@ import torch.fx as fx
 
 from graphopt.ir import attribute_value, node_shape, op_name
 
-__all__ = ["Atom", "DependencyGraph", "Group", "Segment"]
+__all__ = ["Atom", "DependencyGraph", "Group", "Segment", "layer_label"]
 
 aten = torch.ops.aten
 
@@ -915,10 +915,29 @@ class DependencyGraph:
                     out.add((name, d))
         return out
 
+    def layer_node(self, target: str) -> fx.Node | None:
+        """The layer node (conv, linear, matmul, embedding) that reads weight ``target``."""
+        name = self.layer_weights.get(target)
+        if name is None:
+            return None
+        if not hasattr(self, "_nodes_by_name"):
+            self._nodes_by_name = {n.name: n for n in self.gm.graph.nodes}
+        return self._nodes_by_name.get(name)
+
     def describe_group(self, group: Group) -> str:
         """A short label: the weights whose out-dim (dim 0 of a conv/linear weight) the group holds."""
         names = sorted({f"{self.atoms[a].target}[{self.atoms[a].dim}]" for a in group.atoms})
         return ", ".join(names[:4]) + (f" (+{len(names) - 4})" if len(names) > 4 else "")
+
+
+def layer_label(node: fx.Node) -> str:
+    """The user's module path of a node (``layer1.0.conv1``), from export's module stack; else the node name."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        if path:
+            return str(path)
+    return node.name
 
 
 class _NoRule(Exception):

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from graphopt.analysis.dependency import Atom, DependencyGraph, Group, Layout
+from graphopt.analysis.dependency import Atom, DependencyGraph, Group, Layout, layer_label
 from graphopt.errors import InputError
 from graphopt.ir import attribute_value, prune_unused_attributes, register_constant
 from graphopt.lossy import CalibrationData, LossyPlan, LossyUnit
@@ -62,17 +62,19 @@ def _group_kind(deps: DependencyGraph, group: Group) -> str:
 
 
 def _layer_op(deps: DependencyGraph, atom: Atom) -> str:
-    node_name = deps.layer_weights.get(atom.target, "")
-    node = next((n for n in deps.gm.graph.nodes if n.name == node_name), None)
+    node = deps.layer_node(atom.target)
     if node is None:
         return ""
     return str(getattr(node.target, "__name__", node.target)).split(".")[0]
 
 
 def _unit_name(deps: DependencyGraph, group: Group, used: set[str]) -> str:
-    producers = sorted({a.target for a in deps.weight_atoms(group) if a.dim == _out_dim(deps, a)})
-    base = producers[0] if producers else deps.weight_atoms(group)[0].target
-    base = base.removesuffix(".weight")
+    producers = sorted({layer_label(deps.layer_node(a.target)) for a in deps.weight_atoms(group)  # type: ignore[arg-type]
+                        if a.dim == _out_dim(deps, a)})
+    if not producers:
+        producers = sorted({layer_label(deps.layer_node(a.target)) for a in deps.weight_atoms(group)})  # type: ignore[arg-type]
+    prefix = _common_prefix([p.split(".") for p in producers]) if len(producers) > 1 else []
+    base = ".".join(prefix) if prefix else producers[0]
     name, index = base, 1
     while name in used:
         index += 1
@@ -81,10 +83,18 @@ def _unit_name(deps: DependencyGraph, group: Group, used: set[str]) -> str:
     return name
 
 
+def _common_prefix(paths: list[list[str]]) -> list[str]:
+    out = []
+    for parts in zip(*paths, strict=False):
+        if len(set(parts)) != 1:
+            break
+        out.append(parts[0])
+    return out
+
+
 def _out_dim(deps: DependencyGraph, atom: Atom) -> int:
     """The dim of a layer weight that holds the layer's outputs (1 for addmm's transposed weights)."""
-    node_name = deps.layer_weights.get(atom.target, "")
-    node = next((n for n in deps.gm.graph.nodes if n.name == node_name), None)
+    node = deps.layer_node(atom.target)
     if node is not None and node.target in (aten.addmm.default, aten.mm.default, aten.matmul.default,
                                             aten.bmm.default):
         return deps.constant(atom.target).dim() - 1
@@ -416,18 +426,12 @@ def _layer_facts(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
         shapes = [tuple(attribute_value(gm, w).shape) for w in weights if attribute_value(gm, w) is not None]
         main = max(shapes, key=len) if shapes else ()
         facts[node.name] = {
-            "weight": _weight_name(weights),
+            "weight": layer_label(node),
             "shape": main,
             "params": sum(int(torch.Size(s).numel()) for s in shapes),
             "macs": costs[node.name].macs if node.name in costs else 0,
         }
     return facts
-
-
-def _weight_name(weights: list[fx.Node]) -> str:
-    names = [str(w.target) for w in weights]
-    main = names[0]
-    return main.removeprefix("_go_pruned_").removesuffix("_weight").removesuffix(".weight")
 
 
 def layer_section(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> ReportSection:
