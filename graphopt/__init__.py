@@ -12,6 +12,7 @@ from graphopt.analysis import ModelAnalysis, NodeCost, analyze
 from graphopt.analysis.partitioning import PartitionError
 from graphopt.api import OptimizedModel, optimize
 from graphopt.capture import CapturedModel, capture
+from graphopt.distill import distill
 from graphopt.errors import (
     CaptureError,
     DeviceUnavailableError,
@@ -33,6 +34,7 @@ from graphopt.lossy import CalibrationData, Fidelity, LossyPass, LossyPlan, Loss
 from graphopt.partition import PartitionedModel, PartitionReport, partition
 from graphopt.pass_infra import Pass, PassResult, available_passes, get_pass, register_pass
 from graphopt.pass_manager import PassManager
+from graphopt.passes.prune import Prune
 from graphopt.report import PassRecord, PlotSpec, Report, ReportSection
 from graphopt.rules import Match, Refusal, RewriteRules, Rule
 from graphopt.serialize import load
@@ -70,6 +72,7 @@ __all__ = [
     "PartitionedModel",
     "PassRecord",
     "PassResult",
+    "Prune",
     "PlotSpec",
     "Refusal",
     "Report",
@@ -90,6 +93,7 @@ __all__ = [
     "available_passes",
     "available_targets",
     "capture",
+    "distill",
     "get_pass",
     "get_target",
     "load",

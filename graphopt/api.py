@@ -462,3 +462,30 @@ def _eager_outputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     twin = eval_twin(model, share_weights=True)  # eager code only reads its weights
     with torch.no_grad():
         return pytree.tree_leaves(twin(*args, **kwargs))
+
+
+def rebuild_optimized(previous: OptimizedModel, graph_module: fx.GraphModule, report: Report) -> OptimizedModel:
+    """A new ``OptimizedModel`` for ``graph_module`` (e.g. fine-tuned by ``distill``), lowered like ``previous``.
+
+    It keeps ``previous``'s target, example inputs and dynamic dims. Its reference outputs are
+    the new graph's own on the example, so the lowered model (and ``export_onnx``) is checked
+    against what this graph computes; a lowering that differs raises ``VerificationError``.
+    """
+    from graphopt.ir import run_and_record
+
+    flat = flatten_inputs(graph_module, previous._example_args, previous._example_kwargs)
+    outputs, _ = run_and_record(graph_module, flat)
+    captured = CapturedModel(graph_module, previous._example_args, previous._example_kwargs, flat,
+                             pytree.tree_leaves(outputs), dynamic=previous.dynamic)
+    started = time.perf_counter()
+    runner = previous.target.lower(graph_module, previous._example_args, previous._example_kwargs, previous.dynamic)
+    report.lowering_seconds = time.perf_counter() - started
+    rebuilt = OptimizedModel(graph_module, runner, previous.target, report, captured)
+    if runner is not graph_module:
+        with preserved_state(graph_module):
+            lowered = rebuilt(*previous._example_args, **previous._example_kwargs)
+        comparison = compare_outputs(pytree.tree_leaves(lowered), captured.reference_outputs)
+        if not comparison.ok:
+            raise VerificationError(f"the rebuilt model lowered to {previous.target.name!r} differs from its graph: "
+                                    f"{comparison.detail}", f"lower-{previous.target.name}")
+    return rebuilt

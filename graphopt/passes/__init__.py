@@ -9,6 +9,7 @@ from graphopt.passes.cleanup import (
 )
 from graphopt.passes.constant_folding import ConstantFolding
 from graphopt.passes.partition import Partition
+from graphopt.passes.prune import Prune
 
 __all__ = [
     "CommonSubexpressionElimination",
@@ -17,6 +18,7 @@ __all__ = [
     "FoldConvBatchNorm",
     "FoldLinearBatchNorm",
     "Partition",
+    "Prune",
     "RemoveDropout",
     "RemoveIdentity",
 ]

@@ -52,9 +52,9 @@ class GroupChoice:
 
 def _group_kind(deps: DependencyGraph, group: Group) -> str:
     weights = deps.weight_atoms(group)
-    per_unit = max((a.per_unit for a in weights), default=1)
-    layer_ops = {_layer_op(deps, a) for a in weights}
-    if per_unit > 1 and layer_ops & {"linear", "addmm", "matmul", "mm", "bmm"}:
+    producers = [a for a in weights if a.dim == _out_dim(deps, a)]
+    layer_ops = {_layer_op(deps, a) for a in producers}
+    if any(a.per_unit > 1 for a in producers) and layer_ops & {"linear", "addmm", "matmul", "mm", "bmm"}:
         return "attention-heads"
     if "conv" in " ".join(layer_ops):
         return "conv-channels"
