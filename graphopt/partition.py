@@ -697,7 +697,9 @@ def _fill_report(report: PartitionReport, gm: fx.GraphModule, modules: Sequence[
         costs_table = node_costs(module)
         peak = int(max(items.peak_bytes[edges[info.index]:edges[info.index + 1]], default=0))
         member_nodes = [items.nodes[i] for i in range(edges[info.index], edges[info.index + 1])]
-        modules_of = [c.module for c in costs_table.values() if c.module and not c.module.startswith("_")]
+        paths = [c.module for c in costs_table.values() if c.module and not c.module.startswith("_")]
+        containers = {p for p in paths if any(q.startswith(p + ".") for q in paths)}
+        modules_of = [p for p in paths if p not in containers]  # leaf layers, not the model wrapping them
         produced = set(info.nodes)
         routed = sum(1 for name in info.outputs if name in info.inputs and name not in produced)
         weight_bytes = parameter_bytes(module)

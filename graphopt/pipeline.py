@@ -11,7 +11,9 @@ with ``weights_only=True``. gloo on CPU, NCCL when CUDA is available (rank ``r``
 ``cuda:<local rank>``); ``--device cpu`` forces gloo.
 
 ``--repeats R`` times R extra pipeline steps after the first and writes the measured throughput
-(samples per second, median step time) as JSON to ``--timing``.
+(samples per second, median step time) as JSON to ``--timing``. ``--link-benchmark`` (2
+processes, no stage directory) measures the latency and bandwidth between two ranks instead,
+the figures ``graphopt.partition(link_bandwidth=..., link_latency=...)`` predicts with.
 """
 
 from __future__ import annotations
@@ -137,11 +139,54 @@ def run_pipeline(directory: str | Path, inputs_path: str | Path | None, microbat
     return 0
 
 
+def measure_link(sizes: Sequence[int] = (4, 1 << 20, 8 << 20), repeats: int = 20,
+                 timing_path: str | Path | None = None) -> dict[str, float]:
+    """Measure latency and bandwidth between ranks 0 and 1 by ping-pong (run under torchrun, 2 processes).
+
+    Rank 0 sends a message of each size and waits for a 4-byte reply; latency is half the median
+    round trip of the smallest message, bandwidth the largest message's bytes over its one-way
+    time minus that latency. Rank 0 writes the figures as JSON to ``timing_path``.
+    """
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        rank = dist.get_rank()
+        if dist.get_world_size() < 2:
+            raise InputError("the link benchmark needs 2 processes: torchrun --nproc-per-node 2 ...")
+        reply = torch.zeros(1, dtype=torch.float32)
+        one_way: dict[int, float] = {}
+        for size in sizes:
+            message = torch.zeros(max(size // 4, 1), dtype=torch.float32)
+            times = []
+            for _ in range(repeats + 2):
+                dist.barrier()
+                started = time.perf_counter()
+                if rank == 0:
+                    dist.send(message, 1)
+                    dist.recv(reply, 1)
+                elif rank == 1:
+                    dist.recv(message, 0)
+                    dist.send(reply, 0)
+                times.append(time.perf_counter() - started)
+            one_way[size] = statistics.median(times[2:]) / 2
+        latency = one_way[min(sizes)]
+        largest = max(sizes)
+        bandwidth = largest / max(one_way[largest] - latency, 1e-9)
+        result = {"latency_seconds": latency, "bandwidth_bytes_per_second": bandwidth,
+                  "one_way_seconds": {str(k): v for k, v in one_way.items()}}
+        if rank == 0 and timing_path is not None:
+            Path(timing_path).write_text(json.dumps(result))
+        return result
+    finally:
+        dist.destroy_process_group()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m graphopt.pipeline``."""
     parser = argparse.ArgumentParser(prog="python -m graphopt.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("directory", help="stage directory written by parts.save(...) / graphopt partition -o")
+    parser.add_argument("directory", nargs="?", help="stage directory written by parts.save(...) or partition -o")
     parser.add_argument("--inputs", help="torch.save'd tuple of input tensors (read by rank 0)")
     parser.add_argument("--microbatches", type=int, default=1, help="micro-batches per step, cut along dim 0")
     parser.add_argument("--output", help="where the last rank writes the model's output (torch.save)")
@@ -150,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="intra-op threads per process (default: cores / processes)")
     parser.add_argument("--repeats", type=int, default=0, help="extra timed steps after the first")
     parser.add_argument("--timing", help="JSON file for the measured throughput (written by rank 0)")
+    parser.add_argument("--link-benchmark", action="store_true",
+                        help="measure latency and bandwidth between two ranks instead (writes --timing)")
     return parser
 
 
@@ -162,6 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     try:
+        if args.link_benchmark:
+            measure_link(timing_path=args.timing)
+            return 0
+        if args.directory is None:
+            raise InputError("give the stage directory: python -m graphopt.pipeline stages/ --inputs in.pt ...")
         return run_pipeline(args.directory, args.inputs, args.microbatches, args.output, schedule=args.schedule,
                             device=args.device, repeats=args.repeats, timing_path=args.timing)
     except GraphoptError as error:
