@@ -56,6 +56,10 @@ _BUILTIN: dict[str, str] = {
     "constant-folding": "graphopt.passes.constant_folding:ConstantFolding",
     "fold-conv-batchnorm": "graphopt.passes.batchnorm_folding:FoldConvBatchNorm",
     "fold-linear-batchnorm": "graphopt.passes.batchnorm_folding:FoldLinearBatchNorm",
+    "fuse-attention": "graphopt.passes.fusion.attention:FuseAttention",
+    "fuse-activations": "graphopt.passes.fusion.activations:FuseActivations",
+    "fuse-norms": "graphopt.passes.fusion.norms:FuseNorms",
+    "fuse-horizontal": "graphopt.passes.fusion.horizontal:FuseHorizontal",
     "partition": "graphopt.passes.partition:Partition",
 }
 _REGISTERED: dict[str, type[Pass]] = {}

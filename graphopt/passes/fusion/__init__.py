@@ -1,0 +1,20 @@
+"""Target-neutral fusion passes: exact rewrites of hand-written op chains into single fused ATen ops.
+
+- ``fuse-attention`` (:class:`FuseAttention`): ``softmax(q @ k^T * scale + mask) @ v`` →
+  ``scaled_dot_product_attention``;
+- ``fuse-activations`` (:class:`FuseActivations`): tanh/erf GELU, SiLU, hardswish, hardsigmoid
+  written op by op → ``gelu`` / ``silu`` / ``hardswish`` / ``hardsigmoid``;
+- ``fuse-norms`` (:class:`FuseNorms`): hand-written LayerNorm / RMSNorm → ``layer_norm`` / ``rms_norm``;
+- ``fuse-horizontal`` (:class:`FuseHorizontal`): sibling linears reading one input → one linear
+  with concatenated weights and a split.
+
+Every pass reports what it fused and, as near-misses, the reasons it refused look-alikes.
+See docs/fusion.md.
+"""
+
+from graphopt.passes.fusion.activations import FuseActivations
+from graphopt.passes.fusion.attention import FuseAttention
+from graphopt.passes.fusion.horizontal import FuseHorizontal
+from graphopt.passes.fusion.norms import FuseNorms
+
+__all__ = ["FuseActivations", "FuseAttention", "FuseHorizontal", "FuseNorms"]
