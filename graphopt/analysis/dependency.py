@@ -915,6 +915,17 @@ class DependencyGraph:
                     out.add((name, d))
         return out
 
+    def weight_groups(self, target: str, dim: int) -> list[Group]:
+        """The groups that dim ``dim`` of the constant stored under ``target`` is made of."""
+        layouts = self._target_layouts[target]
+        return [self.group_of(s.atom) for s in self.resolve(layouts[dim]) if s.atom is not None]
+
+    def coupled_weights(self, target: str, dim: int) -> set[tuple[str, int]]:
+        """Every (constant, dim) that shrinks together with some part of ``target``'s dim ``dim``."""
+        wanted = {g.id for g in self.weight_groups(target, dim)}
+        return {(self.atoms[a].target, self.atoms[a].dim) for g in self.live_groups() if g.id in wanted
+                for a in g.atoms}
+
     def layer_node(self, target: str) -> fx.Node | None:
         """The layer node (conv, linear, matmul, embedding) that reads weight ``target``."""
         name = self.layer_weights.get(target)

@@ -1,0 +1,224 @@
+"""Structured and unstructured pruning: real shapes, exactness on zero channels, report tables, errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphopt
+from graphopt.analysis.cost import count_parameters, total_macs
+from graphopt.errors import InputError
+from graphopt.ir import node_shape, run_and_record, snapshot_graph_module
+from graphopt.lossy import CalibrationData
+from graphopt.passes.prune import Prune, prune_pass
+from graphopt.passes.prune.unstructured import NO_SPEEDUP_NOTE, compress_state, decompress_state
+from tests.test_dependency_graph import Attention, Concat, Depthwise, Grouped, Residual
+
+
+def _pruned(model: nn.Module, inputs: tuple[torch.Tensor, ...], pass_: Prune, skip: frozenset[str] = frozenset()):
+    captured = graphopt.capture(model.eval(), inputs)
+    gm = captured.graph_module
+    plan = pass_.plan(gm, CalibrationData(example=captured.flat_inputs))
+    copy = snapshot_graph_module(gm)
+    result = plan.apply(copy, skip)
+    copy.recompile()
+    return gm, copy, plan, result, captured.flat_inputs
+
+
+def _weight(gm: torch.fx.GraphModule, suffix: str) -> torch.Tensor:
+    node = next(n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).endswith(suffix))
+    return getattr(gm, str(node.target))
+
+
+@pytest.mark.parametrize(("model", "shape", "expected"), [
+    (Residual(), (1, 3, 8, 8), {"stem.weight": (4, 3, 3, 3), "conv1.weight": (3, 4, 3, 3), "conv2.weight": (4, 3, 3, 3),
+                                "head.weight": (4, 4, 1, 1)}),
+    (Concat(), (1, 3, 4, 4), {"a.weight": (2, 3, 1, 1), "b.weight": (3, 3, 1, 1), "mix.weight": (5, 5, 1, 1)}),
+    (Depthwise(), (1, 3, 8, 8), {"expand.weight": (4, 3, 1, 1), "depthwise.weight": (4, 1, 3, 3),
+                                 "project.weight": (4, 4, 1, 1)}),
+    (Grouped(), (1, 3, 8, 8), {"expand.weight": (4, 3, 1, 1), "grouped.weight": (6, 2, 3, 3),
+                               "project.weight": (4, 6, 1, 1)}),
+    (Attention(), (2, 5, 16), {"q.weight": (8, 16), "v.bias": (8,), "out.weight": (16, 8), "up.weight": (16, 16),
+                               "down.weight": (16, 16)}),
+])
+def test_structured_pruning_shrinks_every_coupled_tensor(model: nn.Module, shape: tuple[int, ...],
+                                                         expected: dict[str, tuple[int, ...]]) -> None:
+    gm, pruned, _, result, flat = _pruned(model, (torch.randn(shape),), Prune(amount=0.5))
+    for suffix, size in expected.items():
+        assert tuple(_weight(pruned, suffix.replace(".", "_")).shape) == size, suffix
+    outputs, _ = run_and_record(pruned, flat)
+    reference, _ = run_and_record(gm, flat)
+    assert outputs.shape == reference.shape  # graph outputs keep their shape
+    for node in pruned.graph.nodes:  # val meta is the new shape everywhere
+        if node.op == "call_function" and "tensor_meta" in node.meta:
+            assert tuple(node.meta["tensor_meta"].shape) == tuple(node_shape(node))
+    assert count_parameters(pruned) < count_parameters(gm)
+    assert total_macs(pruned) < total_macs(gm)
+    assert result.stats["groups_pruned"] >= 1
+
+
+def test_view_sizes_holding_a_pruned_size_are_rewritten() -> None:
+    class HardCoded(Attention):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.q(x).view(2, 5, 4, 4).transpose(1, 2)
+            k = self.k(x).view(2, 5, 4, 4).transpose(1, 2)
+            v = self.v(x).view(2, 5, 4, 4).transpose(1, 2)
+            return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 5, 16))
+
+    gm, pruned, _, _, flat = _pruned(HardCoded(), (torch.randn(2, 5, 16),), Prune(amount=0.5))
+    views = [n for n in pruned.graph.nodes if n.op == "call_function" and "view" in str(n.target)]
+    assert [list(n.args[1]) for n in views] == [[2, 5, 2, 4]] * 3
+    [reshape] = [n for n in pruned.graph.nodes if n.op == "call_function" and "reshape" in str(n.target)]
+    assert list(reshape.args[1]) == [2, 5, 8]
+    assert run_and_record(pruned, flat)[0].shape == (2, 5, 16)
+
+
+def _zero_channels(model: nn.Module, layer: nn.Module, channels: list[int]) -> None:
+    with torch.no_grad():
+        layer.weight[channels] = 0
+        if layer.bias is not None:
+            layer.bias[channels] = 0
+    del model
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2"])
+def test_pruning_channels_that_are_exactly_zero_keeps_the_outputs_exactly(importance: str) -> None:
+    torch.manual_seed(0)
+    model = Residual().eval()
+    _zero_channels(model, model.conv1, [0, 2, 5])  # conv1 has 6 output channels; half of them are zero
+    _zero_channels(model, model.stem, [1, 3, 4, 6])  # the residual group: stem and conv2 carry these channels
+    _zero_channels(model, model.conv2, [1, 3, 4, 6])
+    x = torch.randn(2, 3, 8, 8)
+    gm, pruned, plan, _, flat = _pruned(model, (x,), Prune(amount=0.5, importance=importance))
+    assert _weight(pruned, "conv1_weight").shape[0] == 3 and _weight(pruned, "stem_weight").shape[0] == 4
+    kept = {u.name: u.details["units after"] for u in plan.units}
+    assert kept == {"conv1": 3, "conv2": 4}  # the residual group is named after its first producer
+    torch.testing.assert_close(run_and_record(pruned, flat)[0], model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_attention_heads_that_are_zero_are_removed_exactly() -> None:
+    torch.manual_seed(0)
+    model = Attention().eval()
+    with torch.no_grad():  # heads 1 and 2 (features 4..11) produce zeros and feed nothing
+        for layer in (model.q, model.k, model.v):
+            layer.weight[4:12] = 0
+            layer.bias[4:12] = 0
+        model.out.weight[:, 4:12] = 0
+        model.up.weight[16:] = 0
+        model.up.bias[16:] = 0
+    x = torch.randn(2, 5, 16)
+    _, pruned, _, _, flat = _pruned(model, (x,), Prune(amount=0.5))
+    assert _weight(pruned, "q_weight").shape == (8, 16)
+    # the zero heads and neurons are gone: softmax over keys is per head, so removing whole heads is exact
+    torch.testing.assert_close(run_and_record(pruned, flat)[0], model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_skipped_units_keep_their_size() -> None:
+    gm, pruned, plan, _, _ = _pruned(Residual(), (torch.randn(1, 3, 8, 8),), Prune(amount=0.5),
+                                     skip=frozenset({"conv1"}))
+    assert _weight(pruned, "conv1_weight").shape[0] == 6 and _weight(pruned, "stem_weight").shape[0] == 4
+    assert {u.name for u in plan.units} == {"conv1", "conv2"}
+
+
+def test_per_layer_table_and_unit_details() -> None:
+    _, _, plan, result, _ = _pruned(Residual(), (torch.randn(1, 3, 8, 8),), Prune(amount=0.5))
+    [section] = plan.sections()
+    rows = {row[1]: row for row in section.rows}
+    assert section.headers[:6] == ["layer", "weight", "shape before", "shape after", "params before", "params after"]
+    assert rows["conv1"][2:4] == ["6x8x3x3", "3x4x3x3"]
+    assert rows["conv1"][4] == 6 * 8 * 9 + 6 and rows["conv1"][5] == 3 * 4 * 9 + 3
+    assert rows["head"][3] == "4x4x1x1"  # the output layer keeps its 4 outputs
+    assert section.plots and section.plots[0].series["params kept"]
+    assert result.stats["layer_params_after"] < result.stats["layer_params_before"]
+    details = {u.name: u.details for u in plan.units}
+    assert details["conv1"]["units before"] == 6 and details["conv1"]["units after"] == 3
+    assert details["conv1"]["MACs after"] < details["conv1"]["MACs before"]
+    assert any("graph output" in note for note in plan.notes())
+
+
+def test_optimize_with_prune_reports_per_unit_table() -> None:
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(1, 3, 8, 8)
+    fast = graphopt.optimize(model, (x,), "cpu", prune=0.5)
+    assert fast(x).shape == (1, 4, 8, 8)
+    [record] = [r for r in fast.report.records if r.name == "prune"]
+    assert record.fidelity["enforced"] is False and record.fidelity["cosine"] < 1.0
+    section = next(s for s in fast.report.sections if s.title.startswith("prune"))
+    assert "params before" in section.headers and len(section.rows) == 2
+    assert count_parameters(fast.graph_module) < count_parameters(graphopt.capture(model, (x,)).graph_module)
+
+
+def test_nothing_prunable_is_a_clear_error() -> None:
+    with pytest.raises(InputError, match="nothing it can shrink safely.*graph output keeps its shape"):
+        _pruned(nn.Linear(8, 3), (torch.randn(2, 8),), Prune(amount=0.5))
+    with pytest.raises(InputError, match="protected"):
+        _pruned(Depthwise(), (torch.randn(1, 3, 8, 8),), Prune(amount=0.5, protect=("expand",)))
+
+
+def test_global_scope_and_taylor_importance() -> None:
+    torch.manual_seed(0)
+    model = Residual().eval()
+    with torch.no_grad():
+        model.conv1.weight[:4].mul_(0.01)  # 4 of conv1's 6 channels matter far less than the others
+        model.conv2.weight[:, :4].mul_(0.01)
+    _, _, plan, _, _ = _pruned(model, (torch.randn(2, 3, 8, 8),), Prune(amount=0.4, scope="global"))
+    after = {u.name: u.details["units after"] for u in plan.units}
+    assert after["conv1"] == 2 and sum(after.values()) == 14 - int(14 * 0.4)  # one threshold across groups
+    _, pruned, plan, _, flat = _pruned(Residual(), (torch.randn(2, 3, 8, 8),), Prune(amount=0.5, importance="taylor"))
+    assert "taylor" in plan.units[0].scheme and run_and_record(pruned, flat)[0].shape == (2, 4, 8, 8)
+
+
+def test_bad_options_raise_input_errors() -> None:
+    with pytest.raises(InputError, match="amount"):
+        Prune(amount=1.5)
+    with pytest.raises(InputError, match="importance"):
+        Prune(importance="random")
+    with pytest.raises(InputError, match="scope"):
+        Prune(scope="everywhere")
+    with pytest.raises(InputError, match="structured=False"):
+        Prune(pattern="2:4")
+    with pytest.raises(InputError, match="ratio"):
+        prune_pass("half")
+    assert prune_pass(0.3) == Prune(amount=0.3)
+
+
+def test_unstructured_masks_report_sparsity_and_compress() -> None:
+    torch.manual_seed(0)
+    _, pruned, plan, result, flat = _pruned(Attention(), (torch.randn(2, 5, 16),),
+                                            Prune(amount=0.5, structured=False))
+    assert result.stats["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert all(u.details["sparsity"] == pytest.approx(0.5, abs=0.01) for u in plan.units)
+    assert NO_SPEEDUP_NOTE in plan.notes()
+    assert _weight(pruned, "q_weight").shape == (16, 16)
+    state = {k: v for k, v in pruned.state_dict().items()}
+    dense, packed = io.BytesIO(), io.BytesIO()
+    torch.save(state, dense)
+    torch.save(compress_state(state), packed)
+    assert packed.tell() < 0.85 * dense.tell()
+    restored = decompress_state(compress_state(state))
+    assert all(torch.equal(restored[k], v) for k, v in state.items())
+
+
+def test_two_four_pattern_keeps_two_of_every_four_inputs() -> None:
+    _, pruned, _, _, _ = _pruned(Attention(), (torch.randn(2, 5, 16),),
+                                 Prune(amount=0.5, structured=False, pattern="2:4"))
+    weight = _weight(pruned, "up_weight")
+    assert ((weight.reshape(32, 4, 4) != 0).sum(-1) == 2).all()
+
+
+@pytest.mark.gpu
+def test_two_four_weights_run_semi_structured_on_gpu() -> None:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs a CUDA GPU with sparse tensor cores (compute capability 8.0+)")
+    from graphopt.passes.prune.unstructured import to_semi_structured
+
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 64)).half().cuda().eval()
+    x = torch.randn(64, 128, dtype=torch.half, device="cuda")
+    _, pruned, _, _, flat = _pruned(model, (x,), Prune(amount=0.5, structured=False, pattern="2:4"))
+    expected = run_and_record(pruned, flat)[0]
+    assert to_semi_structured(pruned) == 2
+    torch.testing.assert_close(pruned(x), expected, rtol=1e-2, atol=1e-2)
