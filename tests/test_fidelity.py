@@ -204,3 +204,16 @@ def test_a_lossy_pass_runs_once_in_fixed_point_mode_and_the_report_renders(tmp_p
     assert "round-weights: per unit" in html and "<svg" in html
     again = graphopt.Report.from_dict(fast.report.to_dict())
     assert again.records[-1].fidelity == fast.report.records[-1].fidelity
+
+
+def test_a_lossy_model_exports_to_onnx_checked_by_its_budget(tmp_path) -> None:
+    model = ThreeLayers()
+    x = _x()
+    fast = graphopt.optimize(model, (x,), passes=[RoundWeights(bits=8)], fidelity=Fidelity(min_cosine=0.9))
+    path = fast.export_onnx(tmp_path / "lossy.onnx")  # not exact vs eager, but within the budget
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert torch.allclose(torch.from_numpy(onnx_out), fast(x), atol=1e-5)
+    assert output_cosine(model(x), torch.from_numpy(onnx_out)) >= 0.9
