@@ -1,0 +1,110 @@
+"""Dynamic int8 quantization: int8 weights, activations quantized at run time.
+
+Every ``linear`` / ``addmm`` / ``matmul`` by a constant weight gets symmetric int8 weights (per
+output channel by default); its activation input is quantized to uint8 with a scale chosen
+at run time from that call's minimum and maximum (``choose_qparams.tensor`` feeding the
+``.tensor`` overloads of quantize/dequantize). Needs no calibration data. Values read by
+several quantized ops (the input of the query, key and value projections) are quantized once.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphopt.ir import attribute_value, prune_unused_attributes
+from graphopt.lossy import CalibrationData, LossyPlan, LossyUnit
+from graphopt.pass_infra import PassResult
+from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN, quantize_weight
+from graphopt.passes.quantize.placement import (
+    QuantSite,
+    activation_inputs,
+    find_sites,
+    infer_val,
+    insert_weight_dequantize,
+)
+from graphopt.passes.quantize.static import module_path
+
+__all__ = ["DynamicPlan", "insert_dynamic_qdq", "plan_dynamic"]
+
+qd = torch.ops.quantized_decomposed
+_EPS = torch.finfo(torch.float32).eps
+
+
+def insert_dynamic_qdq(gm: fx.GraphModule, value: fx.Node, readers: set[fx.Node]) -> fx.Node:
+    """Quantize ``value`` at run time (per-tensor uint8); ``readers`` read the dequantized value."""
+    graph = gm.graph
+    with graph.inserting_after(value):
+        choose = graph.call_function(qd.choose_qparams.tensor, (value, ACTIVATION_QMIN, ACTIVATION_QMAX, _EPS,
+                                                                 torch.uint8))
+    with graph.inserting_after(choose):
+        scale = graph.call_function(operator.getitem, (choose, 0))
+    with graph.inserting_after(scale):
+        zero_point = graph.call_function(operator.getitem, (choose, 1))
+    qargs = (scale, zero_point, ACTIVATION_QMIN, ACTIVATION_QMAX, torch.uint8)
+    with graph.inserting_after(zero_point):
+        quantize = graph.call_function(qd.quantize_per_tensor.tensor, (value, *qargs))
+    with graph.inserting_after(quantize):
+        dequantize = graph.call_function(qd.dequantize_per_tensor.tensor, (quantize, *qargs))
+    for node in (choose, scale, zero_point, quantize, dequantize):
+        infer_val(node)
+    for user in readers:
+        user.replace_input_with(value, dequantize)
+    return dequantize
+
+
+@dataclass
+class DynamicPlan(LossyPlan):
+    """Dynamic int8 decisions: the int8 weights of every quantizable op."""
+
+    sites: list[QuantSite]
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    units: list[LossyUnit] = field(default_factory=list)
+
+    def apply(self, gm: fx.GraphModule, skip: frozenset[str] = frozenset()) -> PassResult:
+        """Quantize every site not in ``skip``: int8 weights, run-time quantized activations."""
+        nodes = {n.name: n for n in gm.graph.nodes}
+        active = [s for s in self.sites if s.node not in skip and s.node in nodes]
+        readers: dict[fx.Node, set[fx.Node]] = {}
+        saved = 0
+        for site in active:
+            node = nodes[site.node]
+            for value in activation_inputs(node, site.weight_index):
+                readers.setdefault(value, set()).add(node)
+            q_weight, scales = self.weights[site.node]
+            original = attribute_value(gm, node.args[site.weight_index])
+            insert_weight_dequantize(gm, node, site.weight_index, q_weight, scales, site.weight_axis)
+            if original is not None:
+                saved += original.numel() * original.element_size() - q_weight.numel() - scales.numel() * 12
+        for value, users in readers.items():
+            insert_dynamic_qdq(gm, value, users)
+        prune_unused_attributes(gm)
+        gm.graph.lint()
+        gm.recompile()
+        stats = {"quantized": len(active), "fell_back": len(self.sites) - len(active),
+                 "dynamic_activations": len(readers), "weight_bytes_saved": saved}
+        return PassResult(changed=bool(active), stats=stats,
+                          near_misses=[f"{s.node}: kept float (skipped)" for s in self.sites if s.node in skip])
+
+
+def plan_dynamic(gm: fx.GraphModule, data: CalibrationData, per_channel: bool, skip: Sequence[str] = ()) -> DynamicPlan:
+    """Plan dynamic int8 for every linear/matmul by a constant weight in ``gm`` (``data`` is not needed)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    skipped = set(skip)
+    sites = [s for s in find_sites(gm, ("linear", "matmul"), need_weight=True)
+             if s.node not in skipped and module_path(nodes[s.node]) not in skipped]
+    weights = {}
+    units = []
+    for site in sites:
+        node = nodes[site.node]
+        weight = attribute_value(gm, node.args[site.weight_index])
+        weights[site.node] = quantize_weight(weight, per_channel, site.weight_axis)
+        details: dict[str, Any] = {"module": module_path(node), "weight_shape": list(weight.shape)}
+        scheme = "int8 dynamic, " + ("per-channel" if per_channel else "per-tensor") + " weights"
+        units.append(LossyUnit(site.node, site.family, scheme, details))
+    return DynamicPlan(sites, weights, units)

@@ -1,0 +1,188 @@
+"""Static int8 post-training quantization: calibrate activation ranges, then insert QDQ nodes.
+
+``plan_static`` runs the graph on the calibration batches (with a progress line), feeding
+every activation that may be quantized to an observer, and quantizes each weight (symmetric
+int8, per channel by default). The plan's units are the quantizable ops (``placement.find_sites``);
+``StaticPlan.apply`` quantizes the ones not skipped, placing QDQ pairs by the rules in
+``placement`` so that no needless dequantize/quantize pair is left between int8 ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphopt.errors import InputError
+from graphopt.ir import attribute_value, prune_unused_attributes
+from graphopt.lossy import CalibrationData, LossyPlan, LossyUnit
+from graphopt.pass_infra import PassResult
+from graphopt.passes.quantize.observers import Observer, QParams, make_observer, quantize_weight
+from graphopt.passes.quantize.placement import (
+    PASS_THROUGH,
+    QuantSite,
+    activation_inputs,
+    find_sites,
+    insert_activation_qdq,
+    insert_weight_dequantize,
+    output_point,
+)
+from graphopt.progress import progress
+
+__all__ = ["StaticPlan", "calibrate", "module_path", "plan_static"]
+
+
+def module_path(node: fx.Node) -> str:
+    """The user's module path of ``node`` (e.g. ``encoder.layer.0.attention.self.query``), or ''."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return str(path).removeprefix("L['self'].").replace("L__self___", "")
+
+
+class _Observing(fx.Interpreter):
+    """Runs a graph and hands the value of each watched node to its observer."""
+
+    def __init__(self, gm: fx.GraphModule, observers: dict[str, Observer]) -> None:
+        super().__init__(gm)
+        self.observers = observers
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        observer = self.observers.get(n.name)
+        if observer is not None and isinstance(result, torch.Tensor):
+            observer.update(result)
+        return result
+
+
+def calibrate(gm: fx.GraphModule, batches: Sequence[tuple[Any, ...]], observers: dict[str, Observer]) -> None:
+    """Run ``gm`` on every batch (flat graph inputs), updating ``observers`` by node name; shows progress."""
+    interpreter = _Observing(gm, observers)
+    with torch.no_grad():
+        for batch in progress(batches, desc=f"calibrating {len(observers)} int8 activations", total=len(batches)):
+            interpreter.run(*batch)
+
+
+@dataclass
+class StaticPlan(LossyPlan):
+    """Static int8 decisions for one graph: observed activation ranges and int8 weights per site."""
+
+    sites: list[QuantSite]
+    activation_qparams: dict[str, QParams]
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    units: list[LossyUnit] = field(default_factory=list)
+    unquantizable: list[str] = field(default_factory=list)
+
+    def apply(self, gm: fx.GraphModule, skip: frozenset[str] = frozenset()) -> PassResult:
+        """Insert QDQ nodes for every site not in ``skip`` (names are node names of the planned graph)."""
+        nodes = {n.name: n for n in gm.graph.nodes}
+        active = [s for s in self.sites if s.node not in skip and s.node in nodes]
+        site_nodes = {nodes[s.node]: s for s in active}
+        decided = self._decide(gm, site_nodes)
+        pairs = 0
+        for value, (params, readers) in decided.items():
+            insert_activation_qdq(gm, value, params, readers)
+            pairs += 1
+        saved = 0
+        for node, site in site_nodes.items():
+            if site.weight_index is None:
+                continue
+            q_weight, scales = self.weights[site.node]
+            original = attribute_value(gm, node.args[site.weight_index])
+            insert_weight_dequantize(gm, node, site.weight_index, q_weight, scales, site.weight_axis)
+            if original is not None:
+                saved += original.numel() * original.element_size() - q_weight.numel() - scales.numel() * 12
+        prune_unused_attributes(gm)
+        gm.graph.lint()
+        gm.recompile()
+        stats = {"quantized": len(active), "fell_back": len(self.sites) - len(active), "qdq_pairs": pairs,
+                 "weight_bytes_saved": saved}
+        near = [f"{s.node}: kept float (skipped)" for s in self.sites if s.node in skip] + self.unquantizable
+        return PassResult(changed=bool(active), stats=stats, near_misses=near)
+
+    def _decide(self, gm: fx.GraphModule, site_nodes: dict[fx.Node, QuantSite]) -> dict[fx.Node, tuple[QParams, Any]]:
+        """Which values get a QDQ pair, with which parameters, read by which users (see ``placement``)."""
+        outputs = {output_point(n): n for n in site_nodes}
+        inputs = {v for n, s in site_nodes.items() for v in activation_inputs(n, s.weight_index)}
+        needs: dict[fx.Node, bool] = {}
+
+        def reads_int8(user: fx.Node, value: fx.Node) -> bool:
+            site = site_nodes.get(user)
+            if site is not None:
+                return value in activation_inputs(user, site.weight_index)
+            return user.op == "call_function" and user.target in PASS_THROUGH and user.args[0] is value and needs_int8(user)
+
+        def needs_int8(value: fx.Node) -> bool:
+            if value not in needs:
+                needs[value] = False  # no cycles in a DAG; guards recursion
+                needs[value] = any(reads_int8(user, value) for user in value.users)
+            return needs[value]
+
+        decided: dict[fx.Node, tuple[QParams, Any]] = {}
+        shared: dict[fx.Node, QParams] = {}
+        for node in list(gm.graph.nodes):
+            if node in outputs:
+                params = self.activation_qparams[node.name]
+                decided[node] = (params, None)
+                shared[node] = params
+            elif (node.op == "call_function" and node.target in PASS_THROUGH and isinstance(node.args[0], fx.Node)
+                  and node.args[0] in shared and needs_int8(node)):
+                shared[node] = shared[node.args[0]]
+                decided[node] = (shared[node], lambda user, v=node: reads_int8(user, v))
+            elif node in inputs and node.name in self.activation_qparams:
+                shared[node] = self.activation_qparams[node.name]
+                decided[node] = (shared[node], lambda user, v=node: reads_int8(user, v))
+        return decided
+
+
+def plan_static(
+    gm: fx.GraphModule,
+    data: CalibrationData,
+    families: Sequence[str],
+    observer: str,
+    per_channel: bool,
+    skip: Sequence[str] = (),
+    max_batches: int | None = None,
+) -> StaticPlan:
+    """Calibrate ``gm`` on ``data`` and plan static int8 for the ops of ``families``."""
+    if not data.batches:
+        raise InputError(
+            "static int8 quantization needs calibration data to choose activation ranges: pass "
+            "optimize(..., quantize='int8', calibration=batches) with a few hundred representative samples "
+            "(an iterable of input tuples; a DataLoader works), or use quantize='int8-dynamic', which needs none"
+        )
+    make_observer(observer)  # unknown names fail before calibration starts
+    all_sites = find_sites(gm, families)
+    skipped = set(skip)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    sites = [s for s in all_sites if s.node not in skipped and module_path(nodes[s.node]) not in skipped]
+    watched: set[str] = set()
+    for site in sites:
+        node = nodes[site.node]
+        watched.add(output_point(node).name)
+        watched.update(v.name for v in activation_inputs(node, site.weight_index))
+    observers = {name: make_observer(observer) for name in watched}
+    batches = data.all if max_batches is None else data.all[: max_batches + 1]
+    calibrate(gm, batches, observers)
+    activation_qparams = {name: obs.qparams() for name, obs in observers.items() if obs.count}
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    units = []
+    for site in sites:
+        node = nodes[site.node]
+        details: dict[str, Any] = {"module": module_path(node), "op": str(node.target).split(".")[-2]}
+        scheme = "int8 static"
+        if site.weight_index is not None:
+            weight = attribute_value(gm, node.args[site.weight_index])
+            weights[site.node] = quantize_weight(weight, per_channel, site.weight_axis)
+            details["weight_shape"] = list(weight.shape)
+            scheme += ", per-channel weights" if per_channel else ", per-tensor weights"
+        out = output_point(node)
+        if out is not node:
+            details["fused"] = str(out.target).split(".")[-2]
+        units.append(LossyUnit(site.node, site.family, scheme, details))
+    unquantizable = [f"{name}: left float by Quantize(skip=...)" for name in sorted(skipped & set(nodes))]
+    return StaticPlan(sites, activation_qparams, weights, units, unquantizable)
