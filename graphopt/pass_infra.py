@@ -61,6 +61,8 @@ _BUILTIN: dict[str, str] = {
     "fuse-norms": "graphopt.passes.fusion.norms:FuseNorms",
     "fuse-horizontal": "graphopt.passes.fusion.horizontal:FuseHorizontal",
     "partition": "graphopt.passes.partition:Partition",
+    "epilogue-fusion": "graphopt.passes.epilogue:EpilogueFusion",
+    "channels-last": "graphopt.passes.layout:ChannelsLast",
 }
 _REGISTERED: dict[str, type[Pass]] = {}
 

@@ -1,4 +1,4 @@
-"""The ``cpu`` target: the optimized fx graph runs as a PyTorch module on the CPU."""
+"""The ``cpu`` target: the optimized graph, lowered to oneDNN's fused kernels, runs with PyTorch on the CPU."""
 
 from __future__ import annotations
 
@@ -7,16 +7,27 @@ from typing import Any
 
 import torch.fx as fx
 
+from graphopt.capture import flatten_inputs
+from graphopt.report import Report
 from graphopt.shapes import DynamicDims
 from graphopt.target import Target
+from graphopt.targets.cpu_lowering import CpuLowering, lower_graph
 
 __all__ = ["CpuTarget"]
 
 
 class CpuTarget(Target):
-    """Run the optimized graph module directly with PyTorch's CPU kernels."""
+    """Run the optimized graph with PyTorch's CPU kernels, after the lowering in ``cpu_lowering``.
+
+    ``lowering`` chooses it (default ``CpuLowering()``: oneDNN epilogue fusion, channels-last for
+    convolution nets, prepacked weights); ``CpuLowering(fuse=False, layout="contiguous")`` runs
+    the optimized ATen graph as it is, ``CpuLowering(backend="inductor")`` through torch.compile.
+    """
 
     name = "cpu"
+
+    def __init__(self, lowering: CpuLowering | None = None) -> None:
+        self.lowering = lowering or CpuLowering()
 
     def lower(
         self,
@@ -24,7 +35,9 @@ class CpuTarget(Target):
         example_args: tuple[Any, ...],
         example_kwargs: dict[str, Any],
         dynamic: DynamicDims | None = None,
+        report: Report | None = None,
     ) -> Callable[..., Any]:
-        """The graph module itself is the runnable form."""
+        """A lowered copy of the graph (``gm`` itself stays the portable ATen graph)."""
         gm.recompile()
-        return gm
+        flat = flatten_inputs(gm, example_args, example_kwargs)
+        return lower_graph(gm, example_args, example_kwargs, flat, self.lowering, report)
