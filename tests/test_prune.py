@@ -69,7 +69,7 @@ def test_view_sizes_holding_a_pruned_size_are_rewritten() -> None:
             v = self.v(x).view(2, 5, 4, 4).transpose(1, 2)
             return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 5, 16))
 
-    gm, pruned, _, _, flat = _pruned(HardCoded(), (torch.randn(2, 5, 16),), Prune(amount=0.5))
+    _gm, pruned, _, _, flat = _pruned(HardCoded(), (torch.randn(2, 5, 16),), Prune(amount=0.5))
     views = [n for n in pruned.graph.nodes if n.op == "call_function" and "view" in str(n.target)]
     assert [list(n.args[1]) for n in views] == [[2, 5, 2, 4]] * 3
     [reshape] = [n for n in pruned.graph.nodes if n.op == "call_function" and "reshape" in str(n.target)]
@@ -93,7 +93,7 @@ def test_pruning_channels_that_are_exactly_zero_keeps_the_outputs_exactly(import
     _zero_channels(model, model.stem, [1, 3, 4, 6])  # the residual group: stem and conv2 carry these channels
     _zero_channels(model, model.conv2, [1, 3, 4, 6])
     x = torch.randn(2, 3, 8, 8)
-    gm, pruned, plan, _, flat = _pruned(model, (x,), Prune(amount=0.5, importance=importance))
+    _gm, pruned, plan, _, flat = _pruned(model, (x,), Prune(amount=0.5, importance=importance))
     assert _weight(pruned, "conv1_weight").shape[0] == 3 and _weight(pruned, "stem_weight").shape[0] == 4
     kept = {u.name: u.details["units after"] for u in plan.units}
     assert kept == {"conv1": 3, "conv2": 4}  # the residual group is named after its first producer
@@ -118,7 +118,7 @@ def test_attention_heads_that_are_zero_are_removed_exactly() -> None:
 
 
 def test_skipped_units_keep_their_size() -> None:
-    gm, pruned, plan, _, _ = _pruned(Residual(), (torch.randn(1, 3, 8, 8),), Prune(amount=0.5),
+    _gm, pruned, plan, _, _ = _pruned(Residual(), (torch.randn(1, 3, 8, 8),), Prune(amount=0.5),
                                      skip=frozenset({"conv1"}))
     assert _weight(pruned, "conv1_weight").shape[0] == 6 and _weight(pruned, "stem_weight").shape[0] == 4
     assert {u.name for u in plan.units} == {"conv1", "conv2"}
@@ -153,7 +153,7 @@ def test_optimize_with_prune_reports_per_unit_table() -> None:
 
 
 def test_nothing_prunable_is_a_clear_error() -> None:
-    with pytest.raises(InputError, match="nothing it can shrink safely.*graph output keeps its shape"):
+    with pytest.raises(InputError, match=r"nothing it can shrink safely.*graph output keeps its shape"):
         _pruned(nn.Linear(8, 3), (torch.randn(2, 8),), Prune(amount=0.5))
     with pytest.raises(InputError, match="protected"):
         _pruned(Depthwise(), (torch.randn(1, 3, 8, 8),), Prune(amount=0.5, protect=("expand",)))
@@ -188,7 +188,7 @@ def test_bad_options_raise_input_errors() -> None:
 
 def test_unstructured_masks_report_sparsity_and_compress() -> None:
     torch.manual_seed(0)
-    _, pruned, plan, result, flat = _pruned(Attention(), (torch.randn(2, 5, 16),),
+    _, pruned, plan, result, _flat = _pruned(Attention(), (torch.randn(2, 5, 16),),
                                             Prune(amount=0.5, structured=False))
     assert result.stats["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert all(u.details["sparsity"] == pytest.approx(0.5, abs=0.01) for u in plan.units)

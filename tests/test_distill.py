@@ -1,0 +1,98 @@
+"""Knowledge-distillation recovery: a CNN trained on scikit-learn's real digits, pruned 50%, recovered."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt.errors import FidelityError, InputError
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    train, held_out = order[:1400], order[1400:]
+    return images[train], labels[train], images[held_out], labels[held_out]
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+
+
+def _train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], epochs: int) -> nn.Module:
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        for images, labels in batches:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(images).argmax(1) == labels).float().mean())
+
+
+@pytest.mark.slow
+def test_digits_cnn_pruned_by_half_recovers_to_within_a_point() -> None:
+    torch.manual_seed(0)
+    x_train, y_train, x_test, y_test = _digits()
+    batches = [(x_train[i:i + 64], y_train[i:i + 64]) for i in range(0, len(x_train), 64)]
+    model = _train(_cnn(), batches, epochs=8)
+    original = _accuracy(model, x_test, y_test)
+    assert original > 0.95
+
+    pruned = graphopt.optimize(model, (x_train[:64],), "cpu", prune=0.5, dynamic_batch=True,
+                               calibration=[(images,) for images, _ in batches[:4]])
+    params = {name: p.numel() for name, p in model.named_parameters()}
+    pruned_params = sum(t.numel() for t in pruned.graph_module.buffers()) + sum(
+        t.numel() for t in pruned.graph_module.parameters())
+    assert pruned_params < 0.35 * sum(params.values())  # 50% of channels: roughly a quarter of the weights left
+    before = _accuracy(pruned, x_test, y_test)
+
+    recovered = graphopt.distill(pruned, teacher=model, data=[(images,) for images, _ in batches], epochs=5,
+                                 temperature=4.0, lr=2e-3)
+    after = _accuracy(recovered, x_test, y_test)
+    print(f"digits held-out accuracy: original {original:.4f}, pruned 50% {before:.4f}, distilled {after:.4f}")
+    assert after >= original - 0.01
+    assert before < after  # the recovery did something
+    section = next(s for s in recovered.report.sections if s.title == "distill: recovery")
+    cosine_before, cosine_after = section.rows[0][1], section.rows[0][2]
+    assert cosine_after > cosine_before
+    assert recovered.report.records[-1].name == "distill"
+    assert _accuracy(pruned, x_test, y_test) == before  # the pruned model is not changed
+
+
+def test_distill_with_labels_and_a_budget() -> None:
+    torch.manual_seed(0)
+    x_train, y_train, _x_test, _y_test = _digits()
+    x_train, y_train = x_train[:512], y_train[:512]
+    batches = [(x_train[i:i + 128], y_train[i:i + 128]) for i in range(0, 512, 128)]
+    model = _train(_cnn(), batches, epochs=3)
+    pruned = graphopt.optimize(model, (x_train[:128],), "cpu", prune=0.5)
+    recovered = graphopt.distill(pruned, teacher=model, data=batches, labeled=True, alpha=0.5, epochs=2, lr=2e-3,
+                                 fidelity=graphopt.Fidelity(min_cosine=0.5))
+    section = next(s for s in recovered.report.sections if s.title == "distill: recovery")
+    assert [row[0] for row in section.rows] == ["output cosine vs teacher (worst batch)",
+                                                "label accuracy on the data (first batches)"]
+    assert recovered(x_train[:128]).shape == (128, 10)
+    with pytest.raises(FidelityError, match="below the budget"):
+        graphopt.distill(pruned, teacher=model, data=batches[:1], labeled=True, epochs=1, lr=1e-6,
+                         fidelity=graphopt.Fidelity(min_cosine=0.99999))
+    with pytest.raises(InputError, match="labeled=True"):
+        graphopt.distill(pruned, teacher=model, data=batches[:1], epochs=1)
+    with pytest.raises(InputError, match="epochs"):
+        graphopt.distill(pruned, teacher=model, data=batches, epochs=0)
+    with pytest.raises(InputError, match=r"what graphopt\.optimize returned"):
+        graphopt.distill(model, teacher=model, data=batches)
