@@ -2,7 +2,8 @@
 
     python docs/partitioning_figures.py            # about 5 minutes on 2 cores
 
-Writes docs/partitioning_stages.svg and docs/partitioning_figures.json and prints the figures.
+Writes docs/partitioning_stages.png and docs/partitioning_figures.json and prints the figures
+(``--plot-only`` redraws the PNG from the JSON).
 Timings depend on the machine and on what else runs on it: quote them with the load average.
 """
 
@@ -20,7 +21,6 @@ import torch
 
 import graphopt
 from graphopt import zoo
-from graphopt.report_html import render_plot_svg
 
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
@@ -41,7 +41,7 @@ def torchrun(args: list[str], nproc: int) -> None:
 
 
 def balance_figures(figures: dict) -> None:
-    """Measured balance of BERT-base and ResNet-50 in 4 stages; the BERT stage plot as SVG."""
+    """Measured balance of BERT-base and ResNet-50 in 4 stages (batch 1, balanced on measured time)."""
     for name in ("bert", "resnet50"):
         entry = zoo.load(name, size="full", batch=1)
         parts = graphopt.partition(entry.model, entry.example_inputs, stages=4, threads=1, repeats=9)
@@ -51,30 +51,28 @@ def balance_figures(figures: dict) -> None:
             "cut_kib": [b / 1024 for b in report.cut_bytes], "parameters": [s.parameters for s in report.stages],
             "layers": [f"{s.first} … {s.last}" for s in report.stages],
         }
-        if name == "bert":
-            plots = report.sections[-1].plots
-            (DOCS / "partitioning_stages.svg").write_text(_stack_svgs(plots[:2]))
 
 
-def _stack_svgs(plots: list) -> str:
-    """One SVG file holding the plots side by side (each rendered by the HTML report's renderer)."""
-    parts = [render_plot_svg(plot, f"p{i}") for i, plot in enumerate(plots)]
-    widths, heights, bodies = [], [], []
-    for svg in parts:
-        start = svg.index("<svg")
-        header = svg[start:svg.index(">", start)]
-        width = float(header.split('width="')[1].split("pt")[0])
-        height = float(header.split('height="')[1].split("pt")[0])
-        widths.append(width)
-        heights.append(height)
-        bodies.append(svg[start:])
-    offset, placed = 0.0, []
-    for width, body in zip(widths, bodies, strict=True):
-        placed.append(f'<g transform="translate({offset},0)">{body}</g>')
-        offset += width
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
-            f'width="{offset}pt" height="{max(heights)}pt" viewBox="0 0 {offset} {max(heights)}">'
-            + "".join(placed) + "</svg>\n")
+def plot_stages(figures: dict) -> None:
+    """docs/partitioning_stages.png: measured time per stage and bytes crossing each cut, BERT-base and ResNet-50."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 6), layout="constrained")
+    for row, name in enumerate(("bert", "resnet50")):
+        data = figures[f"{name}_4_stages"]
+        stages = [f"stage {i}" for i in range(len(data["stage_ms"]))]
+        mean = sum(data["stage_ms"]) / len(stages)
+        axes = figure.add_subplot(2, 2, 2 * row + 1)
+        axes.bar(stages, data["stage_ms"], color="#3b6ea8")
+        axes.axhline(mean, color="#e0a040", linestyle="--", label=f"mean ({mean:.1f} ms)")
+        axes.set_title(f"{name}: measured time per stage, slowest/mean {data['balance']:.3f}")
+        axes.set_ylabel("ms")
+        axes.legend(loc="lower right")
+        axes = figure.add_subplot(2, 2, 2 * row + 2)
+        axes.bar([f"{i} → {i + 1}" for i in range(len(data["cut_kib"]))], data["cut_kib"], color="#5a9e6f")
+        axes.set_title(f"{name}: bytes crossing each cut")
+        axes.set_ylabel("KiB")
+    figure.savefig(DOCS / "partitioning_stages.png", dpi=80)
 
 
 def throughput_figures(figures: dict) -> None:
@@ -111,8 +109,12 @@ def throughput_figures(figures: dict) -> None:
 
 def main() -> None:
     """Compute every figure and write them next to this script."""
+    if sys.argv[1:] == ["--plot-only"]:
+        plot_stages(json.loads((DOCS / "partitioning_figures.json").read_text()))
+        return
     figures: dict = {"load_average_before": os.getloadavg()}
     balance_figures(figures)
+    plot_stages(figures)
     throughput_figures(figures)
     figures["load_average_after"] = os.getloadavg()
     (DOCS / "partitioning_figures.json").write_text(json.dumps(figures, indent=1))

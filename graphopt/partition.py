@@ -646,7 +646,7 @@ def _partition(model: torch.nn.Module, example_inputs: Any, stages: int, balance
     gm = final.run(gm, flat, report, outputs_before)
     modules = stage_modules(gm)
     stage_inputs = _stage_inputs(modules, flat)
-    measured = _median_stage_seconds(modules, stage_inputs, repeats)
+    measured = _median_stage_seconds(modules, stage_inputs, max(2 * repeats, 11))  # the figure users read
     count = microbatches or stages
     batch = _batch_size(flat) or 1
     count = max(1, min(count, batch)) if dynamic else 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -323,7 +324,9 @@ def rewrite_as_stage_chain(gm: fx.GraphModule, stages: Sequence[StageInfo]) -> N
     """Replace ``gm``'s graph by calls of its stages in order (``stage_0``, ``stage_1``...), in place."""
     old = gm.graph
     graph = fx.Graph()
-    graph._codegen = copy.deepcopy(old._codegen)
+    with warnings.catch_warnings():  # torch's pytree deprecation chatter while copying the specs
+        warnings.simplefilter("ignore", FutureWarning)
+        graph._codegen = copy.deepcopy(old._codegen)
     values: dict[str, fx.Node] = {}
     for node in old.nodes:
         if node.op == "placeholder":
