@@ -142,17 +142,20 @@ def test_docs_show_the_command_the_tests_run() -> None:
 
 @pytest.mark.slow
 def test_throughput_model_predicts_the_two_stage_pipeline(tmp_path: Path) -> None:
-    """Predicted (from single-process stage times, 1 thread each) vs measured torchrun throughput: within 20%."""
-    torch.manual_seed(0)
-    layers = [nn.Linear(512, 512) for _ in range(8)]
-    model = nn.Sequential(*[m for layer in layers for m in (layer, nn.GELU())]).eval()
-    inputs = (torch.randn(256, 512),)
+    """BERT-base, batch 8, 8 micro-batches, 2 stages: the prediction from single-process stage times
+    (1 thread each, as each rank gets) is within 20% of the torchrun pipeline's measured throughput.
+
+    Needs a machine with a free core per rank: under heavy load from other work the ranks get less
+    CPU than the single process that measured the stages, and the measurement says nothing.
+    """
+    entry = zoo.load("bert", size="full", batch=8)
     microbatches = 8
-    parts = graphopt.partition(model, inputs, stages=2, microbatches=microbatches, threads=1, repeats=9)
+    parts = graphopt.partition(entry.model, entry.example_inputs, stages=2, microbatches=microbatches, threads=1,
+                               repeats=5)
     directory = parts.save(tmp_path / "stages")
-    torch.save(inputs, tmp_path / "in.pt")
+    torch.save(entry.example_inputs, tmp_path / "in.pt")
     result = torchrun(directory, tmp_path / "in.pt", tmp_path / "out.pt", 2, microbatches,
-                      extra=["--repeats", "10", "--timing", str(tmp_path / "timing.json")])
+                      extra=["--repeats", "5", "--timing", str(tmp_path / "timing.json")])
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads((tmp_path / "timing.json").read_text())["samples_per_second"]
     predicted = parts.report.throughput.samples_per_second
