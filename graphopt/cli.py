@@ -75,8 +75,10 @@ def _command_optimize(args: argparse.Namespace) -> int:
         inputs = parse_input_shapes(args.input_shape, args.input_dtype or [])
     if inputs is None:
         raise InputError("give --input-shape (e.g. --input-shape 1,3,224,224), or have FACTORY return (model, inputs)")
+    lossy: dict[str, Any] = {"prune": args.prune} if getattr(args, "prune", None) is not None else {}
     fast = graphopt.optimize(model, inputs, target=args.target, disabled=args.disable or (),
-                             on_error="raise" if args.strict else "rollback", dynamic_batch=args.dynamic_batch)
+                             on_error="raise" if args.strict else "rollback", dynamic_batch=args.dynamic_batch,
+                             **lossy)
     print(fast.report)
     if args.output:
         output = Path(args.output)
@@ -167,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--rollback", action="store_true", help=argparse.SUPPRESS)  # the default now
     optimize.add_argument("--dynamic-batch", action="store_true",
                           help="accept any batch size (dim 0 of every input), in the model and its ONNX file")
+    optimize.add_argument("--prune", type=float, metavar="RATIO",
+                          help="structured pruning: remove this fraction (e.g. 0.5) of every prunable group of "
+                               "channels/features/heads; the output loss is reported (recover with graphopt.distill)")
     optimize.add_argument("--report-markdown", help="also write the report as Markdown to this file")
     optimize.add_argument("--report", metavar="REPORT.html",
                           help="also write the report as one self-contained HTML page (tables and plots)")

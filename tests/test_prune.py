@@ -222,3 +222,16 @@ def test_two_four_weights_run_semi_structured_on_gpu() -> None:
     expected = run_and_record(pruned, flat)[0]
     assert to_semi_structured(pruned) == 2
     torch.testing.assert_close(pruned(x), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_cli_optimize_with_prune(tmp_path, capsys) -> None:
+    from graphopt.cli import main
+
+    source = tmp_path / "net.py"
+    source.write_text("from torch import nn\n\ndef build():\n"
+                      "    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()\n")
+    assert main(["optimize", f"{source}:build", "--input-shape", "1,3,16,16", "--prune", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    prune_row = next(line for line in printed.splitlines() if line.startswith("prune "))
+    assert "changed" in prune_row and "units_removed=8" in prune_row
+    assert "keep 8 of 16 channels" in printed
