@@ -81,12 +81,14 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def export_graph_to_onnx(
-    gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: DynamicDims | None = None
+    gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: DynamicDims | None = None,
+    opset: int | None = None,
 ) -> onnx.ModelProto:
     """Export ``gm`` with ``torch.onnx`` (dynamo exporter) and check the result with ``onnx.checker``.
 
     Dims in ``dynamic`` become symbolic ONNX dims named like them (``batch``, ``seq``...).
     Raises ``UnsupportedOpError`` naming the op and node when an op has no ONNX translation.
+    ``opset`` picks the ONNX opset (default: the exporter's).
     """
     _refuse_state(gm)
     log.info("exporting to ONNX (%d graph nodes)", len(gm.graph.nodes))
@@ -95,7 +97,8 @@ def export_graph_to_onnx(
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()), _quiet_exporter_logs():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(gm, args, kwargs=kwargs or None, dynamo=True, verbose=False,
-                                        report=False, optimize=True, dynamic_shapes=dynamic_shapes)
+                                        report=False, optimize=True, dynamic_shapes=dynamic_shapes,
+                                        **({"opset_version": opset} if opset else {}))
     except Exception as error:
         unsupported = _unsupported_op(gm, error)
         if unsupported is not None:
@@ -134,11 +137,12 @@ def _write_model(model: onnx.ModelProto, path: Path) -> Path:
 class OnnxRuntimeModule(torch.nn.Module):
     """Runs an ONNX model in onnxruntime behind the original model's calling convention."""
 
-    def __init__(self, model: onnx.ModelProto, out_spec: pytree.TreeSpec | None, threads: int | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, out_spec: pytree.TreeSpec | None, threads: int | None = None,
+                 options: Any = None) -> None:
         super().__init__()
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
+        options = options if options is not None else ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.model = model
@@ -170,14 +174,21 @@ class OnnxTarget(Target):
 
     name = "onnx"
 
+    def __init__(self, lowering: Any = None) -> None:
+        from graphopt.targets.onnx_lowering import OnnxLowering
+
+        self.lowering = lowering or OnnxLowering()
+
     def lower(
         self,
         gm: fx.GraphModule,
         example_args: tuple[Any, ...],
         example_kwargs: dict[str, Any],
         dynamic: DynamicDims | None = None,
+        report: Any = None,
     ) -> Callable[..., Any]:
-        """Export, check, and open an onnxruntime session for the optimized graph."""
-        model = export_graph_to_onnx(gm, example_args, example_kwargs, dynamic)
-        return OnnxRuntimeModule(model, getattr(gm, "_out_spec", None), threads=torch.get_num_threads())
+        """Export (fused attention), check, and open a tuned onnxruntime session (``onnx_lowering``)."""
+        from graphopt.targets.onnx_lowering import lower_onnx
+
+        return lower_onnx(gm, example_args, example_kwargs, dynamic, self.lowering, report)
 
