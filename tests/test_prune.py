@@ -235,3 +235,26 @@ def test_cli_optimize_with_prune(tmp_path, capsys) -> None:
     prune_row = next(line for line in printed.splitlines() if line.startswith("prune "))
     assert "changed" in prune_row and "units_removed=8" in prune_row
     assert "keep 8 of 16 channels" in printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("amount", [0.3, 0.5])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "bert", "gpt2", "vit", "minilm"])
+def test_every_zoo_model_prunes_runs_in_onnxruntime_and_shrinks(name: str, amount: float, tmp_path) -> None:
+    from graphopt import zoo
+
+    try:
+        entry = zoo.load(name)
+    except zoo.ModelUnavailableError as missing:
+        pytest.skip(str(missing))
+    dense = graphopt.capture(entry.model, entry.example_inputs).graph_module
+    fast = graphopt.optimize(entry.model, entry.example_inputs, "onnx", prune=amount)
+    outputs = fast(*entry.example_inputs)  # onnxruntime runs the pruned graph
+    assert outputs.shape == entry.model(*entry.example_inputs).shape
+    assert fast.export_onnx(tmp_path / "pruned.onnx").stat().st_size > 0
+    units = next(s for s in fast.report.sections if s.title.startswith("prune"))
+    assert units.rows, "no prunable group found"
+    params, macs = count_parameters(fast.graph_module), total_macs(fast.graph_module)
+    assert params < count_parameters(dense) and macs < total_macs(dense)
+    if amount == 0.5:  # (at 30%, the small models' 2 heads per layer round to none removed)
+        assert macs < 0.75 * total_macs(dense)
