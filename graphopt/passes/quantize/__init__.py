@@ -47,7 +47,8 @@ class Quantize(LossyPass):
     scale per output channel (else one per tensor). ``ops``: the op families static int8
     quantizes (``conv``, ``linear``, ``matmul``, ``add``, ``concat``, ``pooling``). ``skip``:
     node names or module paths (``"classifier"``) to keep in float. ``max_calibration_batches``
-    caps the calibration batches observed (all when None).
+    caps the calibration batches observed (all when None). ``embeddings``: store embedding
+    tables as int8 rows with per-row scales (weight-only; most of a small transformer's size).
     """
 
     name: ClassVar[str] = "quantize"
@@ -58,6 +59,7 @@ class Quantize(LossyPass):
     ops: tuple[str, ...] = tuple(QUANTIZABLE)
     skip: tuple[str, ...] = ()
     max_calibration_batches: int | None = None
+    embeddings: bool = True
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -79,11 +81,11 @@ class Quantize(LossyPass):
             from graphopt.passes.quantize.static import plan_static
 
             return plan_static(gm, data, self.ops, self.observer, self.per_channel, self.skip,
-                               self.max_calibration_batches)
+                               self.max_calibration_batches, self.embeddings)
         if self.scheme == "int8-dynamic":
             from graphopt.passes.quantize.dynamic import plan_dynamic
 
-            return plan_dynamic(gm, data, self.per_channel, self.skip)
+            return plan_dynamic(gm, data, self.per_channel, self.skip, self.embeddings)
         return _delegate(self.scheme).plan(gm, data)
 
 

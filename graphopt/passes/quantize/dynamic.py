@@ -20,6 +20,7 @@ import torch.fx as fx
 from graphopt.ir import attribute_value, prune_unused_attributes
 from graphopt.lossy import CalibrationData, LossyPlan, LossyUnit
 from graphopt.pass_infra import PassResult
+from graphopt.passes.quantize.embedding import quantize_embedding
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN, quantize_weight
 from graphopt.passes.quantize.placement import (
     QuantSite,
@@ -28,7 +29,7 @@ from graphopt.passes.quantize.placement import (
     infer_val,
     insert_weight_dequantize,
 )
-from graphopt.passes.quantize.static import module_path
+from graphopt.passes.quantize.static import _embedding_units, module_path
 
 __all__ = ["DynamicPlan", "insert_dynamic_qdq", "plan_dynamic"]
 
@@ -65,6 +66,7 @@ class DynamicPlan(LossyPlan):
     sites: list[QuantSite]
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     units: list[LossyUnit] = field(default_factory=list)
+    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def apply(self, gm: fx.GraphModule, skip: frozenset[str] = frozenset()) -> PassResult:
         """Quantize every site not in ``skip``: int8 weights, run-time quantized activations."""
@@ -83,16 +85,21 @@ class DynamicPlan(LossyPlan):
                 saved += original.numel() * original.element_size() - q_weight.numel() - scales.numel() * 12
         for value, users in readers.items():
             insert_dynamic_qdq(gm, value, users)
+        tables = [name for name in self.embeddings if name not in skip and name in nodes]
+        for name in tables:
+            saved += quantize_embedding(gm, nodes[name], *self.embeddings[name])
         prune_unused_attributes(gm)
         gm.graph.lint()
         gm.recompile()
-        stats = {"quantized": len(active), "fell_back": len(self.sites) - len(active),
+        fell_back = len(self.sites) + len(self.embeddings) - len(active) - len(tables)
+        stats = {"quantized": len(active), "embeddings": len(tables), "fell_back": fell_back,
                  "dynamic_activations": len(readers), "weight_bytes_saved": saved}
-        return PassResult(changed=bool(active), stats=stats,
-                          near_misses=[f"{s.node}: kept float (skipped)" for s in self.sites if s.node in skip])
+        near = {"int8-dynamic": {"kept float (fell back)": stats["fell_back"]}} if stats["fell_back"] else {}
+        return PassResult(changed=bool(active), stats=stats, near_misses=near)
 
 
-def plan_dynamic(gm: fx.GraphModule, data: CalibrationData, per_channel: bool, skip: Sequence[str] = ()) -> DynamicPlan:
+def plan_dynamic(gm: fx.GraphModule, data: CalibrationData, per_channel: bool, skip: Sequence[str] = (),
+                 embeddings: bool = True) -> DynamicPlan:
     """Plan dynamic int8 for every linear/matmul by a constant weight in ``gm`` (``data`` is not needed)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     skipped = set(skip)
@@ -107,4 +114,5 @@ def plan_dynamic(gm: fx.GraphModule, data: CalibrationData, per_channel: bool, s
         details: dict[str, Any] = {"module": module_path(node), "weight_shape": list(weight.shape)}
         scheme = "int8 dynamic, " + ("per-channel" if per_channel else "per-tensor") + " weights"
         units.append(LossyUnit(site.node, site.family, scheme, details))
-    return DynamicPlan(sites, weights, units)
+    tables = _embedding_units(gm, nodes, skipped, units) if embeddings else {}
+    return DynamicPlan(sites, weights, units, tables)

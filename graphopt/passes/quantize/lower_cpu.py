@@ -110,7 +110,7 @@ def _fused_output(node: fx.Node) -> tuple[fx.Node, str, list[float], fx.Node | N
     return node, post_op, post_args, None
 
 
-def _bias(gm: fx.GraphModule, node: object) -> torch.Tensor | None | bool:
+def _bias(gm: fx.GraphModule, node: object) -> torch.Tensor | bool | None:
     """The constant float bias, None for no bias, False when the bias is computed at run time."""
     if node is None:
         return None

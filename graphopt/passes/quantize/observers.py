@@ -68,7 +68,7 @@ def qparams_from_range(low: float, high: float) -> QParams:
             "calibration data for NaN/inf, or leave that layer in float (Quantize(skip=[...]))"
         )
     scale = max((high - low) / (ACTIVATION_QMAX - ACTIVATION_QMIN), _EPS)
-    zero_point = int(round(ACTIVATION_QMIN - low / scale))
+    zero_point = round(ACTIVATION_QMIN - low / scale)
     return QParams(scale, min(max(zero_point, ACTIVATION_QMIN), ACTIVATION_QMAX))
 
 
@@ -101,11 +101,13 @@ class MinMaxObserver(Observer):
         self.low, self.high = math.inf, -math.inf
 
     def update(self, value: torch.Tensor) -> None:
+        """Widen the range to the value's minimum and maximum."""
         low, high = torch.aminmax(value.detach().float())
         self.low, self.high = min(self.low, float(low)), max(self.high, float(high))
         self.count += 1
 
     def range(self) -> tuple[float, float]:
+        """The smallest and largest value seen."""
         return self.low, self.high
 
 
@@ -118,6 +120,7 @@ class MovingAverageMinMaxObserver(Observer):
         self.low, self.high = 0.0, 0.0
 
     def update(self, value: torch.Tensor) -> None:
+        """Move the averaged range towards this value's minimum and maximum."""
         low, high = (float(v) for v in torch.aminmax(value.detach().float()))
         if self.count == 0:
             self.low, self.high = low, high
@@ -128,6 +131,7 @@ class MovingAverageMinMaxObserver(Observer):
         self.count += 1
 
     def range(self) -> tuple[float, float]:
+        """The averaged minimum and maximum."""
         return self.low, self.high
 
 
@@ -141,6 +145,7 @@ class _HistogramObserver(Observer):
         self.low, self.high = 0.0, 0.0
 
     def update(self, value: torch.Tensor) -> None:
+        """Add the value to the histogram, widening (re-binning) it when the value falls outside."""
         data = value.detach().float().flatten()
         low, high = (float(v) for v in torch.aminmax(data))
         low, high = min(low, self.low), max(high, self.high)
@@ -160,6 +165,7 @@ class _HistogramObserver(Observer):
         return torch.zeros(self.bins, dtype=torch.float64).index_add_(0, index, self.histogram)
 
     def edges(self) -> torch.Tensor:
+        """The ``bins + 1`` bin edges."""
         return torch.linspace(self.low, self.high, self.bins + 1, dtype=torch.float64)
 
 
@@ -173,6 +179,7 @@ class PercentileObserver(_HistogramObserver):
         self.percentile = percentile
 
     def range(self) -> tuple[float, float]:
+        """The range between the lower and upper tail percentiles of the histogram."""
         cumulative = torch.cumsum(self.histogram, 0)
         total = float(cumulative[-1])
         tail = total * (100.0 - self.percentile) / 100.0 / 2
@@ -196,16 +203,17 @@ class EntropyObserver(_HistogramObserver):
         self.candidates = candidates
 
     def range(self) -> tuple[float, float]:
+        """The candidate clipping range with the smallest KL divergence."""
         hist = self.histogram
         levels = ACTIVATION_QMAX - ACTIVATION_QMIN + 1
-        zero_bin = int(round(-self.low / (self.high - self.low) * self.bins)) if self.high > self.low else 0
+        zero_bin = round(-self.low / (self.high - self.low) * self.bins) if self.high > self.low else 0
         zero_bin = min(max(zero_bin, 0), self.bins)
         best, best_range = math.inf, (self.low, self.high)
         width = (self.high - self.low) / self.bins
         for step in range(self.candidates):
             keep = 1.0 - step / (self.candidates * 1.25)  # shrink down to 20% of the full range
             start = max(0, int(zero_bin - zero_bin * keep))
-            stop = min(self.bins, int(math.ceil(zero_bin + (self.bins - zero_bin) * keep)))
+            stop = min(self.bins, math.ceil(zero_bin + (self.bins - zero_bin) * keep))
             if stop - start < levels:
                 break
             divergence = _clipped_kl(hist, start, stop, levels)

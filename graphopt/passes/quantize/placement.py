@@ -31,14 +31,13 @@ Placement rules (static int8):
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.utils._pytree as pytree
-import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+import torch.ao.quantization.fx._decomposed
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from graphopt.ir import attribute_value, node_dtype, register_constant
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN, WEIGHT_QMAX, WEIGHT_QMIN, QParams
@@ -64,7 +63,9 @@ __all__ = [
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
 
-QUANTIZE_OPS = frozenset({qd.quantize_per_tensor.default, qd.quantize_per_tensor.tensor, qd.quantize_per_channel.default})
+QUANTIZE_OPS = frozenset({
+    qd.quantize_per_tensor.default, qd.quantize_per_tensor.tensor, qd.quantize_per_channel.default,
+})
 DEQUANTIZE_OPS = frozenset({
     qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor, qd.dequantize_per_channel.default,
 })

@@ -20,6 +20,7 @@ from graphopt.errors import InputError
 from graphopt.ir import attribute_value, prune_unused_attributes
 from graphopt.lossy import CalibrationData, LossyPlan, LossyUnit
 from graphopt.pass_infra import PassResult
+from graphopt.passes.quantize.embedding import plan_embeddings, quantize_embedding
 from graphopt.passes.quantize.observers import Observer, QParams, make_observer, quantize_weight
 from graphopt.passes.quantize.placement import (
     PASS_THROUGH,
@@ -76,6 +77,7 @@ class StaticPlan(LossyPlan):
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     units: list[LossyUnit] = field(default_factory=list)
     unquantizable: list[str] = field(default_factory=list)
+    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def apply(self, gm: fx.GraphModule, skip: frozenset[str] = frozenset()) -> PassResult:
         """Insert QDQ nodes for every site not in ``skip`` (names are node names of the planned graph)."""
@@ -96,12 +98,18 @@ class StaticPlan(LossyPlan):
             insert_weight_dequantize(gm, node, site.weight_index, q_weight, scales, site.weight_axis)
             if original is not None:
                 saved += original.numel() * original.element_size() - q_weight.numel() - scales.numel() * 12
+        tables = [name for name in self.embeddings if name not in skip and name in nodes]
+        for name in tables:
+            saved += quantize_embedding(gm, nodes[name], *self.embeddings[name])
         prune_unused_attributes(gm)
         gm.graph.lint()
         gm.recompile()
-        stats = {"quantized": len(active), "fell_back": len(self.sites) - len(active), "qdq_pairs": pairs,
+        fell_back = len(self.sites) + len(self.embeddings) - len(active) - len(tables)
+        stats = {"quantized": len(active), "embeddings": len(tables), "fell_back": fell_back, "qdq_pairs": pairs,
                  "weight_bytes_saved": saved}
-        near = [f"{s.node}: kept float (skipped)" for s in self.sites if s.node in skip] + self.unquantizable
+        near = {"int8": {"kept float (fell back)": stats["fell_back"]}} if stats["fell_back"] else {}
+        if self.unquantizable:
+            near.setdefault("int8", {})["left float by Quantize(skip=...)"] = len(self.unquantizable)
         return PassResult(changed=bool(active), stats=stats, near_misses=near)
 
     def _decide(self, gm: fx.GraphModule, site_nodes: dict[fx.Node, QuantSite]) -> dict[fx.Node, tuple[QParams, Any]]:
@@ -114,7 +122,8 @@ class StaticPlan(LossyPlan):
             site = site_nodes.get(user)
             if site is not None:
                 return value in activation_inputs(user, site.weight_index)
-            return user.op == "call_function" and user.target in PASS_THROUGH and user.args[0] is value and needs_int8(user)
+            passes_through = user.op == "call_function" and user.target in PASS_THROUGH and user.args[0] is value
+            return passes_through and needs_int8(user)
 
         def needs_int8(value: fx.Node) -> bool:
             if value not in needs:
@@ -147,6 +156,7 @@ def plan_static(
     per_channel: bool,
     skip: Sequence[str] = (),
     max_batches: int | None = None,
+    embeddings: bool = True,
 ) -> StaticPlan:
     """Calibrate ``gm`` on ``data`` and plan static int8 for the ops of ``families``."""
     if not data.batches:
@@ -184,5 +194,17 @@ def plan_static(
         if out is not node:
             details["fused"] = str(out.target).split(".")[-2]
         units.append(LossyUnit(site.node, site.family, scheme, details))
+    tables = _embedding_units(gm, nodes, skipped, units) if embeddings else {}
     unquantizable = [f"{name}: left float by Quantize(skip=...)" for name in sorted(skipped & set(nodes))]
-    return StaticPlan(sites, activation_qparams, weights, units, unquantizable)
+    return StaticPlan(sites, activation_qparams, weights, units, unquantizable, tables)
+
+
+def _embedding_units(gm: fx.GraphModule, nodes: dict[str, fx.Node], skipped: set[str],
+                     units: list[LossyUnit]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Plan int8 embedding tables (weight-only, per row) and add one unit per table to ``units``."""
+    tables = {name: value for name, value in plan_embeddings(gm).items()
+              if name not in skipped and module_path(nodes[name]) not in skipped}
+    for name, (q_table, _) in tables.items():
+        units.append(LossyUnit(name, "embedding", "int8 per-row table (weight-only)",
+                               {"module": module_path(nodes[name]), "weight_shape": list(q_table.shape)}))
+    return tables
