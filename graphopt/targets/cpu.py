@@ -39,5 +39,26 @@ class CpuTarget(Target):
     ) -> Callable[..., Any]:
         """A lowered copy of the graph (``gm`` itself stays the portable ATen graph)."""
         gm.recompile()
+        if _is_quantized(gm):  # int8 QDQ graph: its own lowering to int8 kernels (float graphs never get here)
+            return _lower_quantized(gm, report)
         flat = flatten_inputs(gm, example_args, example_kwargs)
         return lower_graph(gm, example_args, example_kwargs, flat, self.lowering, report)
+
+
+def _is_quantized(gm: fx.GraphModule) -> bool:
+    from graphopt.passes.quantize.lower_cpu import has_quantized_ops
+
+    return has_quantized_ops(gm)
+
+
+def _lower_quantized(gm: fx.GraphModule, report: Report | None) -> fx.GraphModule:
+    """A copy of the quantized graph whose QDQ patterns run oneDNN / FBGEMM int8 kernels."""
+    from graphopt.ir import snapshot_graph_module
+    from graphopt.passes.quantize.lower_cpu import lower_quantized_for_cpu
+
+    lowered = snapshot_graph_module(gm)
+    counts = lower_quantized_for_cpu(lowered)
+    if report is not None:
+        kernels = ", ".join(f"{count} {kind}" for kind, count in counts.items() if count)
+        report.notes.append(f"cpu lowering: int8 kernels: {kernels or 'none matched'}")
+    return lowered

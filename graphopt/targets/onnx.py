@@ -75,6 +75,12 @@ def _refuse_state(gm: fx.GraphModule) -> None:
         )
 
 
+def _has_quantized_ops(gm: fx.GraphModule) -> bool:
+    """True when the graph holds quantize/dequantize nodes (a quantized model)."""
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+               and n.target.namespace == "quantized_decomposed" for n in gm.graph.nodes)
+
+
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Models larger than this many bytes keep their weights in a ``.data`` file beside the ``.onnx``
 (protobuf cannot serialise a message of 2 GiB or more)."""
@@ -91,6 +97,11 @@ def export_graph_to_onnx(
     ``opset`` picks the ONNX opset (default: the exporter's).
     """
     _refuse_state(gm)
+    translations = None
+    if _has_quantized_ops(gm):  # int8 QDQ: rewritten so onnxruntime runs int8 kernels (float graphs untouched)
+        from graphopt.passes.quantize.lower_onnx import prepare_quantized_for_onnx
+
+        gm, translations = prepare_quantized_for_onnx(gm)
     log.info("exporting to ONNX (%d graph nodes)", len(gm.graph.nodes))
     dynamic_shapes = dynamic.spec_for("onnx", gm.forward, args, kwargs) if dynamic else None
     try:
@@ -98,7 +109,8 @@ def export_graph_to_onnx(
             warnings.simplefilter("ignore")
             program = torch.onnx.export(gm, args, kwargs=kwargs or None, dynamo=True, verbose=False,
                                         report=False, optimize=True, dynamic_shapes=dynamic_shapes,
-                                        **({"opset_version": opset} if opset else {}))
+                                        **({"opset_version": opset} if opset else {}),
+                                        custom_translation_table=translations)
     except Exception as error:
         unsupported = _unsupported_op(gm, error)
         if unsupported is not None:
