@@ -20,6 +20,10 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "fold-conv-batchnorm",
     "fold-linear-batchnorm",
     "cse",
+    "fuse-activations",
+    "fuse-norms",
+    "fuse-attention",
+    "fuse-horizontal",
     "dce",
 )
 

@@ -2,8 +2,8 @@
 
 | written as | becomes |
 |---|---|
-| ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))`` (any association, ``x*x*x``, | ``gelu(x, approximate="tanh")`` |
-| FastGELU's ``x * 0.79788 * (1 + 0.044715 * x * x)``) | |
+| ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))`` | ``gelu(x, approximate="tanh")`` |
+| (any association, ``x*x*x``, FastGELU's ``x * 0.79788 * (1 + 0.044715 * x * x)``) | |
 | ``0.5 * x * (1 + erf(x / sqrt(2)))`` | ``gelu(x)`` |
 | ``x * sigmoid(x)`` | ``silu(x)`` |
 | ``x * relu6(x + 3) / 6`` (``hardtanh``/``clamp(0, 6)`` too) | ``hardswish(x)`` |

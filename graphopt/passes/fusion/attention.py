@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir import node_dtype, node_shape, op_name
+from graphopt.ir import attribute_value, node_dtype, node_shape, op_name
 from graphopt.pass_infra import Pass, PassResult, register_pass
 from graphopt.passes.fusion._match import (
     add_operands,
@@ -241,6 +241,7 @@ class _Plan:
     fills: list[tuple[fx.Node, float, bool]]
     output: fx.Node
     matched: list[fx.Node]
+    is_causal: bool = False
 
 
 def _plan(gm: fx.GraphModule, softmax: fx.Node, keep_nan_rows: bool) -> _Plan | None:
@@ -298,7 +299,35 @@ def _plan(gm: fx.GraphModule, softmax: fx.Node, keep_nan_rows: bool) -> _Plan | 
         matched += [folded] if folded is not None else []
     v = pv.args[1]
     _check_operands(q, kt, v, additive)
-    return _Plan(q, k, k_needs_transpose, v, scale * q_scale * kt_scale * k_scale, additive, fills, pv, matched)
+    is_causal = False
+    if len(additive) == 1 and not fills:
+        kind = _constant_mask_kind(gm, additive[0], node_shape(scores.root))
+        if kind is not None:
+            additive, is_causal = [], kind == "causal"
+    return _Plan(q, k, k_needs_transpose, v, scale * q_scale * kt_scale * k_scale, additive, fills, pv, matched,
+                 is_causal)
+
+
+def _constant_mask_kind(gm: fx.GraphModule, mask: fx.Node, scores_shape: Any) -> str | None:
+    """``"zeros"`` for a constant all-zero mask, ``"causal"`` for a constant causal one, else None.
+
+    A causal mask holds 0 on and below the diagonal and a dominant negative value above it, so
+    SDPA's ``is_causal=True`` (which uses ``-inf``) gives the same weights: no row is fully masked.
+    """
+    value = attribute_value(gm, mask)
+    if value is None or not value.is_floating_point() or value.dim() < 2:
+        return None
+    if bool((value == 0).all()):
+        return "zeros"
+    rows, columns = value.shape[-2:]
+    length, keys = scores_shape[-2], scores_shape[-1]
+    if not isinstance(length, int) or not rows == columns == length == keys:
+        return None
+    below = torch.ones(rows, columns, dtype=torch.bool, device=value.device).tril()
+    flat = value.reshape(-1, rows, columns)
+    if bool((flat[:, below] == 0).all()) and bool((flat[:, ~below] <= DOMINANT_FILL).all()):
+        return "causal"
+    return None
 
 
 def _check_operands(q: fx.Node, kt: fx.Node, v: fx.Node, additive: list[fx.Node]) -> None:
@@ -339,7 +368,7 @@ def _build(gm: fx.GraphModule, plan: _Plan) -> fx.Node:
         mask = terms[0] if terms else None
         for term in terms[1:]:
             mask = call(aten.add.Tensor, (mask, term))
-        sdpa = call(aten.scaled_dot_product_attention.default, (plan.q, k, plan.v, mask, 0.0, False),
+        sdpa = call(aten.scaled_dot_product_attention.default, (plan.q, k, plan.v, mask, 0.0, plan.is_causal),
                     {"scale": plan.scale})
     sdpa.meta.setdefault("stack_trace", plan.output.meta.get("stack_trace"))
     plan.output.replace_all_uses_with(sdpa)
@@ -360,7 +389,7 @@ class FuseAttention(Pass):
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         """Fuse every attention chain the pass can prove equal; count the refusals by reason."""
-        fused, masked, misses = 0, 0, Counter[str]()
+        fused, masked, causal, misses = 0, 0, 0, Counter[str]()
         for softmax in list(gm.graph.nodes):
             if not is_call(softmax, *_SOFTMAX):
                 continue
@@ -375,11 +404,12 @@ class FuseAttention(Pass):
             erase_dead(gm, plan.matched)
             fused += 1
             masked += bool(plan.additive or plan.fills)
+            causal += plan.is_causal
         if fused:
             gm.graph.lint()
         return PassResult(
             changed=fused > 0,
-            stats={"fused": fused, "with_mask": masked},
+            stats={"fused": fused, "with_mask": masked, "causal": causal},
             rule_hits={"attention": fused} if fused else {},
             near_misses={self.name: dict(misses)} if misses else {},
         )

@@ -134,7 +134,7 @@ def _fuse(gm: fx.GraphModule, members: list[_Member], rewrites: list[fx.Node], o
             member.node.replace_all_uses_with(piece)
             start = end
     for view in rewrites:
-        view.target = _REWRITABLE_VIEWS[view.target]
+        view.target = _REWRITABLE_VIEWS.get(view.target, view.target)  # a view may be on several members' paths
     for member in members:
         graph.erase_node(member.node)
 
