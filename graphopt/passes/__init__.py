@@ -10,6 +10,7 @@ from graphopt.passes.cleanup import (
 from graphopt.passes.constant_folding import ConstantFolding
 from graphopt.passes.partition import Partition
 from graphopt.passes.prune import Prune
+from graphopt.passes.quantize import Quantize
 
 __all__ = [
     "CommonSubexpressionElimination",
@@ -19,6 +20,7 @@ __all__ = [
     "FoldLinearBatchNorm",
     "Partition",
     "Prune",
+    "Quantize",
     "RemoveDropout",
     "RemoveIdentity",
 ]
