@@ -102,6 +102,11 @@ def export_graph_to_onnx(
         from graphopt.passes.quantize.lower_onnx import prepare_quantized_for_onnx
 
         gm, translations = prepare_quantized_for_onnx(gm)
+    from graphopt.passes.quantize.lower_weight_only import has_weight_only_ops, prepare_weight_only_for_onnx
+
+    if has_weight_only_ops(gm):  # compressed weights: MatMulNBits / DequantizeLinear on the compressed initializers
+        gm, weight_translations = prepare_weight_only_for_onnx(gm)
+        translations = {**(translations or {}), **weight_translations}
     log.info("exporting to ONNX (%d graph nodes)", len(gm.graph.nodes))
     dynamic_shapes = dynamic.spec_for("onnx", gm.forward, args, kwargs) if dynamic else None
     try:

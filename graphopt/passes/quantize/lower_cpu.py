@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir import attribute_value, prune_unused_attributes
+from graphopt.passes.quantize.lower_weight_only import WEIGHT_ONLY_LOWERINGS
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN
 from graphopt.passes.quantize.placement import PASS_THROUGH, is_dequantize
 
@@ -304,6 +305,7 @@ def lower_remaining_qdq(gm: fx.GraphModule) -> dict[str, int]:
 
 LOWERINGS: list[Lowering] = [lower_pass_through, lower_static_weighted, lower_dynamic_linear, lower_remaining_qdq]
 """The rewrites ``lower_quantized_for_cpu`` runs, in order; other schemes append theirs."""
+LOWERINGS += WEIGHT_ONLY_LOWERINGS  # compressed weights: weight-only int8/int4 kernels, K-means (lower_weight_only)
 
 
 def lower_quantized_for_cpu(gm: fx.GraphModule) -> dict[str, int]:
