@@ -258,3 +258,73 @@ def test_every_zoo_model_prunes_runs_in_onnxruntime_and_shrinks(name: str, amoun
     assert params < count_parameters(dense) and macs < total_macs(dense)
     if amount == 0.5:  # (at 30%, the small models' 2 heads per layer round to none removed)
         assert macs < 0.75 * total_macs(dense)
+
+
+def _contraction_dim(plan, target: str) -> int | None:
+    aten = torch.ops.aten
+    node = plan.deps.layer_node(target)
+    if node is None or node.target is aten.embedding.default:
+        return None
+    if node.target in (aten.addmm.default, aten.mm.default, aten.matmul.default, aten.bmm.default):
+        return plan.deps.constant(target).dim() - 2
+    return 1
+
+
+def _zero_removed_inputs(gm: torch.fx.GraphModule, plan) -> torch.fx.GraphModule:
+    """A copy of ``gm`` where every layer input that pruning removes is multiplied by zero weights."""
+    zeroed = snapshot_graph_module(gm)
+    values: dict[str, torch.Tensor] = {}
+    for choice in plan.choices:
+        removed = sorted(set(range(choice.group.units)) - set(choice.kept))
+        for atom in plan.deps.weight_atoms(choice.group):
+            if atom.dim != _contraction_dim(plan, atom.target):
+                continue
+            value = values.get(atom.target, plan.deps.constant(atom.target)).clone()
+            index = torch.tensor([atom.offset + u * atom.per_unit + j for u in removed for j in range(atom.per_unit)])
+            value.index_fill_(atom.dim, index, 0.0)
+            values[atom.target] = value
+    for target, value in values.items():
+        owner, _, leaf = target.rpartition(".")
+        module = zeroed.get_submodule(owner) if owner else zeroed
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[leaf] = value
+    return zeroed
+
+
+def _check_removal_is_exact(model: nn.Module, inputs: tuple[torch.Tensor, ...], amount: float = 0.5) -> None:
+    """Pruning must equal the dense model whose removed channels feed nothing: any index-map mistake shows."""
+    captured = graphopt.capture(model.eval(), inputs)
+    gm = captured.graph_module
+    plan = Prune(amount=amount, importance="l2").plan(gm, CalibrationData(example=captured.flat_inputs))
+    reference_graph = _zero_removed_inputs(gm, plan)
+    pruned = snapshot_graph_module(reference_graph)
+    plan.apply(pruned, frozenset())
+    pruned.recompile()
+    expected, _ = run_and_record(reference_graph, captured.flat_inputs)
+    actual, _ = run_and_record(pruned, captured.flat_inputs)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    dense, _ = run_and_record(gm, captured.flat_inputs)
+    assert not torch.allclose(dense, expected)  # the zeroed inputs did matter: the check is not vacuous
+
+
+@pytest.mark.parametrize(("model", "shape"), [
+    (Residual(), (2, 3, 8, 8)), (Concat(), (2, 3, 4, 4)), (Depthwise(), (2, 3, 8, 8)), (Grouped(), (2, 3, 8, 8)),
+    (Attention(), (2, 5, 16)),
+])
+def test_pruned_graph_equals_dense_graph_without_the_removed_inputs(model: nn.Module, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    _check_removal_is_exact(model, (torch.randn(shape),))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "bert", "gpt2", "vit", "minilm"])
+def test_zoo_pruning_equals_dense_graph_without_the_removed_inputs(name: str) -> None:
+    from graphopt import zoo
+
+    try:
+        entry = zoo.load(name)
+    except zoo.ModelUnavailableError as missing:
+        pytest.skip(str(missing))
+    _check_removal_is_exact(entry.model, entry.example_inputs)
