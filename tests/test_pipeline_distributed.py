@@ -148,6 +148,10 @@ def test_throughput_model_predicts_the_two_stage_pipeline(tmp_path: Path) -> Non
     Needs a machine with a free core per rank: under heavy load from other work the ranks get less
     CPU than the single process that measured the stages, and the measurement says nothing.
     """
+    cores = os.cpu_count() or 1
+    if os.getloadavg()[0] > cores:
+        pytest.skip(f"machine busy (load average {os.getloadavg()[0]:.1f} on {cores} cores): throughput is not "
+                    "measurable here now")
     entry = zoo.load("bert", size="full", batch=8)
     microbatches = 8
     parts = graphopt.partition(entry.model, entry.example_inputs, stages=2, microbatches=microbatches, threads=1,
@@ -159,4 +163,7 @@ def test_throughput_model_predicts_the_two_stage_pipeline(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads((tmp_path / "timing.json").read_text())["samples_per_second"]
     predicted = parts.report.throughput.samples_per_second
+    if os.getloadavg()[0] > cores:
+        pytest.skip(f"the machine got busy during the run (load average {os.getloadavg()[0]:.1f}): predicted "
+                    f"{predicted:.2f}, measured {measured:.2f} samples/s say nothing about the model")
     assert abs(predicted - measured) / measured <= 0.2, (predicted, measured)
