@@ -25,6 +25,7 @@ from graphopt.pass_manager import OnError, PassManager
 from graphopt.report import Report
 from graphopt.shapes import resize_inputs
 from graphopt.target import Target, get_target
+from graphopt.tune import lower_model
 from graphopt.verify import Comparison, compare_outputs
 
 __all__ = ["OptimizedModel", "optimize"]
@@ -230,7 +231,8 @@ def _budgets(lossy: Sequence[Pass], fidelity: Fidelity | None, prune_pass: Pass 
     """Each lossy pass's budget: the user's, else measured-only for ``prune=`` (distill follows), else the default."""
     if fidelity is not None:
         return {p.name: fidelity for p in lossy}
-    return {p.name: Fidelity(enforce=False) if p is prune_pass else Fidelity() for p in lossy}
+    return {p.name: Fidelity(enforce=False) if p is prune_pass else getattr(p, "default_fidelity", Fidelity())
+            for p in lossy}
 
 
 class _GraphCaller(torch.nn.Module):
@@ -264,6 +266,8 @@ def optimize(
     prune: float | LossyPass | None = None,
     calibration: Iterable[Any] | None = None,
     fidelity: Fidelity | None = None,
+    tune: bool = False,
+    precision: str | LossyPass | None = None,
 ) -> OptimizedModel:
     """Optimize ``model`` for ``target`` ("cpu", "gpu" or "onnx") and return a module computing the same.
 
@@ -291,12 +295,21 @@ def optimize(
     shares the weights it leaves untouched with the model (no copy, so no doubled memory), and
     calling it after those weights were changed in place raises ``InputError``; a pipeline with
     passes of your own works on a private copy of the weights.
+
+    ``tune=True`` builds every candidate lowering of the target, checks each against eager and
+    keeps the fastest on the example inputs (the report lists every candidate's time; see
+    ``graphopt.tune``). ``precision="bf16"`` or ``"fp16"`` runs matrix layers in reduced precision
+    (``graphopt.passes.precision``), checked against ``fidelity`` (default output cosine >= 0.999).
     """
     on_error = on_error if on_error is not None else _default_on_error()
     target = get_target(target)
     target.check_available()
     pipeline = _pipeline(target, passes, disabled)
     lossy = _lossy_passes(prune, quantize)
+    if precision is not None:
+        from graphopt.passes.precision import precision_pass
+
+        lossy.append(precision_pass(precision))
     if lossy:
         pipeline += [*lossy, resolve_pass("cse"), resolve_pass("dce")]
     report = Report(target=target.name)
@@ -316,7 +329,8 @@ def optimize(
     budget = _final_budget(report, lossy_runner)
 
     started = time.perf_counter()
-    runner = target.lower(gm, captured.example_args, captured.example_kwargs, captured.dynamic)
+    runner, target = lower_model(target, gm, captured, report, tune=tune, budget=budget,
+                                 tolerance_scale=tolerance_scale)
     report.lowering_seconds = time.perf_counter() - started
     optimized = OptimizedModel(gm, runner, target, report, captured)
     optimized.budget = budget
