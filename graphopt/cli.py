@@ -76,6 +76,7 @@ def _command_optimize(args: argparse.Namespace) -> int:
     if inputs is None:
         raise InputError("give --input-shape (e.g. --input-shape 1,3,224,224), or have FACTORY return (model, inputs)")
     lossy: dict[str, Any] = {"prune": args.prune} if getattr(args, "prune", None) is not None else {}
+    lossy.update(_quantize_options(args, inputs))
     fast = graphopt.optimize(model, inputs, target=args.target, disabled=args.disable or (),
                              on_error="raise" if args.strict else "rollback", dynamic_batch=args.dynamic_batch,
                              **lossy)
@@ -129,6 +130,21 @@ def _command_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize_options(args: argparse.Namespace, inputs: Any) -> dict[str, Any]:
+    """``optimize`` keywords for --quantize / --calibration / --fidelity-cosine."""
+    import graphopt
+    from graphopt.calibration_files import load_calibration
+
+    options: dict[str, Any] = {}
+    if getattr(args, "quantize", None):
+        options["quantize"] = args.quantize
+    if getattr(args, "calibration", None):
+        options["calibration"] = load_calibration(args.calibration, inputs)
+    if getattr(args, "fidelity_cosine", None) is not None:
+        options["fidelity"] = graphopt.Fidelity(min_cosine=args.fidelity_cosine)
+    return options
+
+
 def _command_demo(args: argparse.Namespace) -> int:
     import graphopt
     from graphopt import zoo
@@ -172,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--prune", type=float, metavar="RATIO",
                           help="structured pruning: remove this fraction (e.g. 0.5) of every prunable group of "
                                "channels/features/heads; the output loss is reported (recover with graphopt.distill)")
+    optimize.add_argument("--quantize",
+                          choices=["int8", "int8-dynamic", "int8-weight-only", "int4-weight-only", "kmeans"],
+                          help="quantize: static int8 (needs --calibration), dynamic int8, weight-only int8/int4, "
+                               "or K-means weight clustering; checked against the fidelity budget")
+    optimize.add_argument("--calibration", metavar="FILE.npz|FILE.py:FACTORY",
+                          help="calibration inputs: a .npz with one array per model input (samples on dim 0, cut into "
+                               "batches of the example's size), or a factory returning an iterable of input tuples")
+    optimize.add_argument("--fidelity-cosine", type=float, metavar="COSINE",
+                          help="lossy passes must keep the mean output cosine vs the float model >= this "
+                               "(default 0.99)")
     optimize.add_argument("--report-markdown", help="also write the report as Markdown to this file")
     optimize.add_argument("--report", metavar="REPORT.html",
                           help="also write the report as one self-contained HTML page (tables and plots)")
