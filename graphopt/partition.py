@@ -624,20 +624,23 @@ def _partition(model: torch.nn.Module, example_inputs: Any, stages: int, balance
     seconds = profile_nodes(gm, flat, repeats=repeats) if balance == "time" else None
     items, boundaries, costs = plan_boundaries(gm, stages, balance, seconds=seconds, memory_cap=memory_cap,
                                                tolerance=tolerance)
-    best = _measure_split(gm, items, boundaries, flat, repeats)
-    report.refinements.append(_balance(best[1]))
+    current = _measure_split(gm, items, boundaries, flat, repeats)
+    best, tried = current, [boundaries]
+    report.refinements.append(_balance(current[1]))
     for _ in range(refine if balance == "time" and stages > 1 else 0):
-        estimates = _stage_sums(costs, best[0])
-        scale = [m / e if e > 0 else 1.0 for m, e in zip(best[1], estimates, strict=True)]
-        _, candidate, _ = plan_boundaries(gm, stages, balance, seconds=seconds, memory_cap=memory_cap,
-                                          tolerance=tolerance, scale=scale, previous=best[0])
-        costs = [c * scale[_stage_of(i, best[0])] for i, c in enumerate(costs)]
-        if candidate == best[0]:
-            break
-        measured = _measure_split(gm, items, candidate, flat, repeats)
-        report.refinements.append(_balance(measured[1]))
-        if _balance(measured[1]) < _balance(best[1]):
-            best = measured
+        # scale each node's cost so that every stage of the measured split costs what it measured
+        estimates = _stage_sums(costs, current[0])
+        factors = [m / e if e > 0 else 1.0 for m, e in zip(current[1], estimates, strict=True)]
+        costs = [c * factors[_stage_of(i, current[0])] for i, c in enumerate(costs)]
+        _, candidate, _ = plan_boundaries(gm, stages, balance, memory_cap=memory_cap, tolerance=tolerance,
+                                          costs=costs)
+        if candidate in tried:
+            break  # the split would not change (or would go back to one already measured)
+        tried.append(candidate)
+        current = _measure_split(gm, items, candidate, flat, repeats)
+        report.refinements.append(_balance(current[1]))
+        if _balance(current[1]) < _balance(best[1]):
+            best = current
     boundaries = best[0]
 
     names = tuple(items.nodes[i].name for i in boundaries[1:])
@@ -650,7 +653,7 @@ def _partition(model: torch.nn.Module, example_inputs: Any, stages: int, balance
     count = microbatches or stages
     batch = _batch_size(flat) or 1
     count = max(1, min(count, batch)) if dynamic else 1
-    _fill_report(report, gm, modules, infos, items, boundaries, costs, measured, stage_inputs, balance)
+    _fill_report(report, modules, infos, items, boundaries, costs, measured)
     report.throughput, predictions = _predictions(modules, flat, report.cut_bytes, measured, count, batch, dynamic,
                                                   repeats, link_bandwidth, link_latency)
     report.sections.append(_stage_section(report, predictions))
@@ -686,9 +689,9 @@ def _measure_split(gm: fx.GraphModule, items: Any, boundaries: list[int], flat: 
     return boundaries, _median_stage_seconds(modules, _stage_inputs(modules, flat), repeats)
 
 
-def _fill_report(report: PartitionReport, gm: fx.GraphModule, modules: Sequence[fx.GraphModule],
-                 infos: Sequence[StageInfo], items: Any, boundaries: Sequence[int], costs: Sequence[float],
-                 measured: Sequence[float], stage_inputs: Sequence[tuple[Any, ...]], balance: str) -> None:
+def _fill_report(report: PartitionReport, modules: Sequence[fx.GraphModule], infos: Sequence[StageInfo],
+                 items: Any, boundaries: Sequence[int], costs: Sequence[float], measured: Sequence[float]) -> None:
+    """Per-stage figures, cut bytes and the measured balance into ``report``."""
     from graphopt.analysis.cost import value_bytes
 
     estimates = _stage_sums(costs, boundaries)
@@ -713,7 +716,6 @@ def _fill_report(report: PartitionReport, gm: fx.GraphModule, modules: Sequence[
         ))
     report.cut_bytes = [s.input_bytes for s in report.stages[1:]]
     report.balance = _balance(measured)
-    del gm, stage_inputs, balance
 
 
 def _predictions(modules: Sequence[fx.GraphModule], flat: Sequence[Any], cut_bytes: Sequence[int],

@@ -107,24 +107,18 @@ def plan_boundaries(
     seconds: dict[str, float] | None = None,
     memory_cap: float | None = None,
     tolerance: float = 0.02,
-    scale: Sequence[float] | None = None,
-    previous: Sequence[int] | None = None,
+    costs: Sequence[float] | None = None,
 ) -> tuple[GraphItems, list[int], list[float]]:
     """Cut points of a balanced split: the cuttable items, the first item of each stage and every item's cost.
 
-    ``scale`` (one factor per stage of the split ``previous``) corrects the costs of the items of
-    each earlier stage by how far its measured time was from its estimate (refinement).
+    ``costs`` (one per cuttable item) replaces the costs ``balance`` gives, e.g. costs corrected
+    by measured stage times.
     """
     _refuse_state_updates(gm)
     costs_table = node_costs(gm)
     weight_bytes = {name: cost.param_bytes for name, cost in costs_table.items()}
     items = graph_items(gm, weight_bytes)
-    costs = item_costs(gm, items, balance, seconds)
-    if scale is not None and previous is not None:
-        edges = [*previous, len(costs)]
-        for stage, factor in enumerate(scale):
-            for index in range(edges[stage], edges[stage + 1]):
-                costs[index] *= factor
+    costs = list(costs) if costs is not None else item_costs(gm, items, balance, seconds)
     useful = sum(1 for c in costs if c > 0)
     if useful < stages:
         raise PartitionError(
