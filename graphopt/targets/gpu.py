@@ -52,8 +52,11 @@ class GpuTarget(Target):
 
     name = "gpu"
 
-    def __init__(self, device: str | torch.device = "cuda") -> None:
+    def __init__(self, device: str | torch.device = "cuda", lowering: Any = None) -> None:
+        from graphopt.targets.gpu_lowering import GpuLowering
+
         self.device = torch.device(device)
+        self.lowering = lowering or GpuLowering()
 
     def check_available(self) -> None:
         """Fail early, before any work, when CUDA is missing."""
@@ -72,12 +75,23 @@ class GpuTarget(Target):
         example_args: tuple[Any, ...],
         example_kwargs: dict[str, Any],
         dynamic: DynamicDims | None = None,
+        report: Any = None,
     ) -> Callable[..., Any]:
-        """Move the graph module, weights and device constants, to the GPU (one copy of the weights)."""
+        """Move the graph module to the GPU (one copy of the weights) and lower it there.
+
+        Lowering: cuBLASLt epilogues, SDPA backend order, CUDA graphs for static shapes (``gpu_lowering``).
+        """
+        from graphopt.capture import flatten_inputs
+        from graphopt.ir import snapshot_graph_module
+        from graphopt.targets.gpu_lowering import lower_for_gpu
+
         self.check_available()
         gm.to(self.device)
         retarget_device_constants(gm, self.device)
-        return gm
+        args, kwargs = self.move_inputs(example_args, example_kwargs)
+        static = not dynamic
+        return lower_for_gpu(snapshot_graph_module(gm), args, kwargs, flatten_inputs(gm, args, kwargs), static,
+                             self.lowering, report)
 
     def native_error(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                      reference: list[Any]) -> float:
