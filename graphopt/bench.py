@@ -56,7 +56,10 @@ __all__ = [
 ]
 
 TARGETS = ("cpu", "gpu")
-BACKEND_NAMES = ("eager", "torch.compile", "onnxruntime", "graphopt-cpu", "graphopt-onnx", "graphopt-gpu")
+BACKEND_NAMES = ("eager", "torch.compile", "onnxruntime", "graphopt-cpu", "graphopt-onnx", "graphopt-gpu",
+                 "graphopt-cpu-tune", "graphopt-onnx-tune", "graphopt-gpu-tune", "graphopt-cpu-bf16",
+                 "graphopt-cpu-bf16-tune", "graphopt-gpu-bf16", "graphopt-gpu-fp16", "graphopt-gpu-fp16-tune")
+"""graphopt rows: ``graphopt-<target>[-<precision>][-tune]`` (``tune=True``, ``precision=``)."""
 
 Entry = str | zoo.ZooModel | tuple[str, nn.Module, tuple[torch.Tensor, ...]]
 """A zoo name, a built ZooModel, or ``(name, model, example_inputs)`` for any model."""
@@ -77,9 +80,12 @@ def make_backend(name: str, target: str, threads: int) -> Backend:
     if name == "onnxruntime":
         provider = "CUDAExecutionProvider" if target == "gpu" else "CPUExecutionProvider"
         return OnnxRuntimeBackend(threads=threads, provider=provider)
-    if name in ("graphopt-cpu", "graphopt-onnx", "graphopt-gpu"):
-        graphopt_target = name.removeprefix("graphopt-")
-        return GraphoptBackend(name, "cuda" if graphopt_target == "gpu" else "cpu", graphopt_target)
+    if name in BACKEND_NAMES and name.startswith("graphopt-"):
+        parts = name.removeprefix("graphopt-").split("-")
+        graphopt_target = parts[0]
+        precision = next((p for p in parts[1:] if p in ("bf16", "fp16")), None)
+        return GraphoptBackend(name, "cuda" if graphopt_target == "gpu" else "cpu", graphopt_target,
+                               tune="tune" in parts, precision=precision)
     raise UnknownBackendError(f"unknown backend {name!r}; choose from {', '.join(BACKEND_NAMES)}")
 
 

@@ -164,10 +164,16 @@ class OnnxRuntimeBackend(Backend):
 
 @dataclass(frozen=True)
 class GraphoptBackend(Backend):
-    """``graphopt.optimize(model, example_inputs, target=...)``."""
+    """``graphopt.optimize(model, example_inputs, target=..., tune=..., precision=...)``.
+
+    ``tune`` measures the target's candidate lowerings and keeps the fastest; ``precision``
+    ("bf16", "fp16") runs matrix layers in reduced precision under the default fidelity budget.
+    """
 
     name: str = "graphopt-cpu"
     target: str = "cpu"
+    tune: bool = False
+    precision: str | None = None
 
     def skip_reason(self) -> str | None:
         """graphopt.optimize must be importable."""
@@ -181,13 +187,22 @@ class GraphoptBackend(Backend):
         """Capture, optimize and lower the model for ``target``."""
         from graphopt import optimize
 
-        return optimize(model, example_inputs, target=self.target)
+        options: dict[str, Any] = {}
+        if self.tune:
+            options["tune"] = True
+        if self.precision:
+            options["precision"] = self.precision
+        return optimize(model, example_inputs, target=self.target, **options)
 
     def artifact_bytes(self, runner: Runner, workdir: Path) -> int | None:
         """The ONNX file for the onnx target, the optimized state_dict otherwise."""
         if self.target == "onnx":
             return runner.export_onnx(workdir / f"{self.name}.onnx").stat().st_size
         return super().artifact_bytes(runner, workdir)
+
+    def notes(self) -> list[str]:
+        """Which lowering ``tune`` kept is in the details; say that setup includes tuning."""
+        return ["setup includes tuning"] if self.tune else []
 
     def describe(self, runner: Runner) -> str | None:
         """The per-pass report table of the optimized model."""
