@@ -172,7 +172,7 @@ def test_partition_pass_composes_after_the_default_pipeline() -> None:
     x = torch.randn(2, 3, 8, 8)
     fast = graphopt.optimize(model, (x,), passes=[*graphopt.DEFAULT_PIPELINE, Partition(stages=3, balance="flops")])
     assert is_partitioned(fast.graph_module) and len(stage_modules(fast.graph_module)) == 3
-    assert fast.report.records[-1].name == "partition" and fast.report.records[-1].status == "changed"
+    assert [r.status for r in fast.report.records if r.name == "partition"] == ["changed"]
     torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-5)
     timed = graphopt.optimize(model, (x,), passes=["partition"])  # by name, balanced on measured time
     assert len(stage_modules(timed.graph_module)) == 2
