@@ -279,7 +279,20 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--json", type=Path, metavar="PATH", help="write all rows and metadata as JSON")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="write a markdown report")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--prune", type=_ratios, default=None, metavar="R1,R2",
+                        help="instead: dense vs structurally pruned graphopt models (e.g. 0.3,0.5) on cpu and onnx: "
+                             "params, MACs, size, latency, speed-up and output cosine")
     parser.set_defaults(func=run_bench_command)
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prune takes comma-separated ratios like 0.3,0.5; got {text!r}") from None
+    if not values or not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--prune ratios must lie between 0 and 1; got {text!r}")
+    return values
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
@@ -297,6 +310,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
         print(f"graphopt bench: {exc}", file=sys.stderr)
         return 2
     threads = args.threads or default_threads()
+    if getattr(args, "prune", None):
+        from graphopt.bench_prune import run_prune_bench_command
+
+        return run_prune_bench_command(args, models, threads)
     backends = args.backends or default_backends(args.target)
     command = _cli_command(models, args.target, args.batch, args.size, threads, backends)
     command += f" --max-seconds {args.max_seconds:g} --min-repeats {args.min_repeats}"

@@ -328,3 +328,17 @@ def test_zoo_pruning_equals_dense_graph_without_the_removed_inputs(name: str) ->
     except zoo.ModelUnavailableError as missing:
         pytest.skip(str(missing))
     _check_removal_is_exact(entry.model, entry.example_inputs)
+
+
+def test_bench_prune_rows_compare_dense_and_pruned_side_by_side() -> None:
+    from graphopt.bench_prune import run_prune_benchmark
+
+    torch.manual_seed(0)
+    result = run_prune_benchmark([("residual", Residual().eval(), (torch.randn(1, 3, 16, 16),))], amounts=(0.5,),
+                                 targets=("cpu",), min_repeats=2, max_seconds=0.2, progress=False)
+    dense, pruned = result.rows
+    assert (dense.amount, pruned.amount) == (None, 0.5)
+    assert pruned.params < dense.params and pruned.macs < dense.macs and pruned.size_mb < dense.size_mb
+    assert dense.speedup_vs_dense == 1.0 and pruned.median_ms > 0 and pruned.speedup_vs_dense is not None
+    assert dense.min_cosine == pytest.approx(1.0) and pruned.min_cosine < 1.0
+    assert "speed-up vs dense" in str(result) and "| residual" in result.to_markdown()
