@@ -21,7 +21,7 @@ import json
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,15 @@ class PartitionReport(Report):
     cut_bytes: list[int] = field(default_factory=list)
     throughput: ThroughputPrediction | None = None
     refinements: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PartitionReport:
+        """Rebuild a partition report (stages and throughput included) from ``to_dict()`` output."""
+        report = super().from_dict(data)
+        report.stages = [StageReport(**s) if isinstance(s, Mapping) else s for s in report.stages]
+        if isinstance(report.throughput, Mapping):
+            report.throughput = ThroughputPrediction(**report.throughput)
+        return report  # type: ignore[return-value]
 
 
 def _stage_section(report: PartitionReport, predictions: Sequence[ThroughputPrediction]) -> ReportSection:
@@ -377,6 +386,7 @@ class PartitionedModel(torch.nn.Module):
             "dynamic_batch": self.dynamic_batch,
             "example_batch": _batch_size(self._example_flat),
             "balance": self.report.balance,
+            "report": self.report.to_dict(),
         }
 
     def _cpu_stages(self) -> list[fx.GraphModule]:

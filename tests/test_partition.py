@@ -14,7 +14,7 @@ import graphopt
 from graphopt import zoo
 from graphopt.analysis.partitioning import PartitionError, balanced_split, stage_costs
 from graphopt.cli import main as cli_main
-from graphopt.partition import load_stages, predict_throughput, read_manifest
+from graphopt.partition import PartitionReport, load_stages, predict_throughput, read_manifest
 from graphopt.passes.partition import Partition, is_partitioned, stage_modules
 
 
@@ -156,6 +156,7 @@ def test_each_stage_holds_only_its_own_weights_and_the_report_adds_up(tmp_path) 
     html = report.to_html(tmp_path / "partition.html").read_text()
     assert "Pipeline stages" in html and "Bytes crossing each cut" in html and "<svg" in html
     assert "Pipeline stages" in str(report)
+    assert PartitionReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
 
 
 def test_throughput_model() -> None:
