@@ -21,6 +21,7 @@ order (other quantization schemes append theirs); each takes the graph and retur
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -56,7 +57,8 @@ def _store(gm: fx.GraphModule, stem: str, value: object, before: fx.Node) -> fx.
         index += 1
         name = f"_go_{stem}_{index}"
     setattr(gm, name, value)
-    with gm.graph.inserting_before(before):
+    with gm.graph.inserting_before(before), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # fx warns about attributes that are not buffers
         return gm.graph.get_attr(name)
 
 
