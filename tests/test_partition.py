@@ -258,3 +258,25 @@ def test_stages_on_cuda_pipeline_correctly() -> None:
     out = parts(*entry.example_inputs)
     assert out.is_cuda
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+class DictOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        h = self.a(x)
+        return {"early": h, "none": None, "out": self.b(torch.relu(h)), "x": x}
+
+
+def test_output_structure_literals_and_passthrough_outputs(tmp_path) -> None:
+    model = DictOutputs()
+    x = torch.randn(4, 4)
+    parts = graphopt.partition(model, (x,), stages=2, balance="flops", optimize=False)
+    expected = model(x)
+    for got in (parts(x), load_stages(parts.save(tmp_path / "stages"))(x)):
+        assert list(got) == ["early", "none", "out", "x"] and got["none"] is None
+        for key in ("early", "out", "x"):
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)

@@ -243,8 +243,8 @@ class _StageBuilder:
     def copy(self, node: fx.Node) -> None:
         self.env[node] = self.graph.node_copy(node, self.value)
 
-    def finish(self, outputs: Sequence[Any], index: int) -> fx.GraphModule:
-        self.graph.output(tuple(self.value(o) if isinstance(o, fx.Node) else o for o in outputs))
+    def finish(self, outputs: Sequence[fx.Node], index: int) -> fx.GraphModule:
+        self.graph.output(tuple(self.value(o) for o in outputs))
         module = fx.GraphModule(self.attributes, self.graph, class_name=f"Stage{index}")
         for tensor in module.parameters():
             tensor.requires_grad_(False)
@@ -300,7 +300,7 @@ def split_stages(gm: fx.GraphModule, items: GraphItems, boundaries: Sequence[int
         inputs = placeholders if stage == 0 else [
             n for n in routed_values if stage_of[n] < stage and last_use[n] >= stage]
         if stage == count - 1:
-            outputs: list[Any] = list(flat_outputs)
+            outputs: list[Any] = [o for o in flat_outputs if isinstance(o, fx.Node)]  # literals stay in the parent
         else:
             outputs = [n for n in routed_values if stage_of[n] <= stage and last_use[n] > stage]
         builder = _StageBuilder(gm, kinds, inputs)
@@ -308,8 +308,7 @@ def split_stages(gm: fx.GraphModule, items: GraphItems, boundaries: Sequence[int
         for node in members:
             builder.copy(node)
         module = builder.finish(outputs, stage)
-        stages.append(StageInfo(stage, module, [n.name for n in inputs],
-                                [o.name if isinstance(o, fx.Node) else repr(o) for o in outputs],
+        stages.append(StageInfo(stage, module, [n.name for n in inputs], [o.name for o in outputs],
                                 [n.name for n in members], sum(value_bytes(n) for n in inputs)))
     return stages
 
@@ -340,7 +339,7 @@ def rewrite_as_stage_chain(gm: fx.GraphModule, stages: Sequence[StageInfo]) -> N
         call.meta["val"] = tuple(results)
     output = next(n for n in old.nodes if n.op == "output")
     last = stages[-1]
-    flat = [values[name] for name in last.outputs if name in values]
+    flat = [values[name] for name in last.outputs]
     leaves = pytree.tree_leaves(output.args[0])
     position = 0
     mapped = []
