@@ -24,7 +24,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,15 @@ def _check_inputs(inputs: Sequence[torch.Tensor], manifest: dict[str, Any], micr
     if microbatches > 1 and not manifest.get("dynamic_batch"):
         raise InputError("these stages were captured with a static batch: run with --microbatches 1, or partition "
                          "with an example batch >= 2 so that micro-batches of any size work")
+
+
+def _plain(value: Any) -> Any:
+    """The output with plain containers only (a ModelOutput becomes a dict), so it loads with weights_only=True."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value] if isinstance(value, list) else tuple(_plain(v) for v in value)
+    return value
 
 
 def run_pipeline(directory: str | Path, inputs_path: str | Path | None, microbatches: int,
@@ -125,7 +134,7 @@ def run_pipeline(directory: str | Path, inputs_path: str | Path | None, microbat
             structured = structure_outputs([x.cpu() for x in flat], manifest)
             if output_path is not None:
                 Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-                torch.save(structured, output_path)
+                torch.save(_plain(structured), output_path)
         if rank == 0 and step_times and timing_path is not None:
             batch = inputs[0].shape[0]
             median = statistics.median(step_times)
