@@ -73,7 +73,7 @@ def test_conv_net_placement_counts_and_no_redundant_pairs() -> None:
 
 def test_transformer_placement_quantizes_every_linear_once_per_value() -> None:
     entry = zoo.load("bert", "small", batch=2)
-    _, plan, gm, result = _quantized(entry.model, entry.example_inputs, [entry.example_inputs], ops=("linear",))
+    _, _plan, gm, result = _quantized(entry.model, entry.example_inputs, [entry.example_inputs], ops=("linear",))
     linears = 2 * 6  # q, k, v, attention output, intermediate, output per layer
     assert result.stats["quantized"] == linears
     assert result.stats["embeddings"] == 3
@@ -92,7 +92,7 @@ def test_transformer_placement_quantizes_every_linear_once_per_value() -> None:
 
 def test_dynamic_quantizes_shared_inputs_once() -> None:
     entry = zoo.load("bert", "small", batch=2)
-    _, plan, gm, result = _quantized(entry.model, entry.example_inputs, [], scheme="int8-dynamic")
+    _, _plan, gm, result = _quantized(entry.model, entry.example_inputs, [], scheme="int8-dynamic")
     assert result.stats["quantized"] == 12
     ops = _ops(gm)
     # per layer: q/k/v input, attention output input, intermediate input, output input
@@ -137,7 +137,7 @@ def test_percentile_observer_clips_rare_outliers() -> None:
     batches = _with_outliers()
     low, high = _observe(PercentileObserver(percentile=99.9), batches)
     assert 2.5 < high < 4.5 and -4.5 < low < -2.5
-    low_all, high_all = _observe(PercentileObserver(percentile=100.0), batches)
+    _low_all, high_all = _observe(PercentileObserver(percentile=100.0), batches)
     assert high_all == pytest.approx(40.0, rel=1e-3)
 
 
@@ -208,7 +208,7 @@ def test_per_channel_weights_have_one_scale_per_output_channel_and_less_error() 
 def test_static_int8_without_calibration_data_is_a_clear_input_error() -> None:
     model, x = ResidualConvNet().eval(), torch.randn(2, 3, 16, 16)
     captured = _captured(model, (x,))
-    with pytest.raises(InputError, match="calibration=.*int8-dynamic"):
+    with pytest.raises(InputError, match=r"calibration=.*int8-dynamic"):
         Quantize().plan(captured.graph_module, CalibrationData(example=captured.flat_inputs))
     with pytest.raises(InputError, match="needs calibration data"):
         graphopt.optimize(model, (x,), quantize="int8")

@@ -1,0 +1,130 @@
+"""Lowering of quantized graphs: real int8 kernels on ``cpu``, int8 QDQ ONNX that onnxruntime runs with int8 kernels."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+from quantize_models import ResidualConvNet
+
+import graphopt
+from graphopt.ir import count_ops, snapshot_graph_module
+from graphopt.lossy import CalibrationData, output_cosine
+from graphopt.passes import Quantize
+from graphopt.passes.quantize.lower_cpu import has_quantized_ops, lower_quantized_for_cpu
+from graphopt.targets.onnx import export_graph_to_onnx
+
+FLOAT_COMPUTE = {"aten.conv2d.default", "aten.linear.default", "aten.addmm.default", "aten.matmul.default"}
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int = 512) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.GELU(),
+                                    nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def _quantized_graph(model: nn.Module, x: torch.Tensor, **options) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    captured = graphopt.capture(model, (x,))
+    gm = captured.graph_module
+    plan = Quantize(**options).plan(gm, CalibrationData(example=captured.flat_inputs, batches=[(x,)]))
+    quantized = snapshot_graph_module(gm)
+    plan.apply(quantized)
+    return gm, quantized
+
+
+def _ort_optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> collections.Counter:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_cpu_lowering_runs_static_conv_and_linear_as_onednn_int8_kernels() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    _, quantized = _quantized_graph(ResidualConvNet().eval(), x)
+    lowered = snapshot_graph_module(quantized)
+    counts = lower_quantized_for_cpu(lowered)
+    assert counts["qconv"] == 4 and counts["qlinear"] == 1
+    ops = count_ops(lowered)
+    assert ops["onednn.qconv_pointwise.default"] == 4 and ops["onednn.qlinear_pointwise.default"] == 1
+    assert not FLOAT_COMPUTE & set(ops)  # no float convolution or GEMM is left
+    assert not any(name.startswith("quantized_decomposed") for name in ops)  # no fake quantization either
+    qconvs = [n for n in lowered.graph.nodes if n.target == torch.ops.onednn.qconv_pointwise.default]
+    activations = {n.args[0].meta["val"].dtype for n in qconvs}
+    assert activations == {torch.uint8}  # int8 tensors flow into the kernels
+    with torch.no_grad():
+        assert output_cosine([quantized(x)], [lowered(x)]) > 0.9999  # the lowered kernels compute the reference
+
+
+def test_cpu_lowering_runs_dynamic_linear_as_fbgemm_int8() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 64)
+    gm, quantized = _quantized_graph(MLP().eval(), x, scheme="int8-dynamic")
+    assert has_quantized_ops(quantized) and not has_quantized_ops(gm)
+    lowered = snapshot_graph_module(quantized)
+    assert lower_quantized_for_cpu(lowered)["dynamic_linear"] == 4
+    ops = count_ops(lowered)
+    assert ops["quantized.linear_dynamic.default"] == 4 and not FLOAT_COMPUTE & set(ops)
+    with torch.no_grad():
+        assert output_cosine([gm(x)], [lowered(x)]) > 0.999
+
+
+def test_optimize_cpu_runs_the_int8_graph_and_keeps_the_portable_one() -> None:
+    torch.manual_seed(0)
+    model, x = ResidualConvNet().eval(), torch.randn(4, 3, 16, 16)
+    fast = graphopt.optimize(model, (x,), target="cpu", quantize="int8", calibration=[(torch.randn(4, 3, 16, 16),)])
+    assert has_quantized_ops(fast.graph_module)  # the QDQ graph (exportable, savable) is kept
+    ops = count_ops(fast.runner)
+    assert ops["onednn.qconv_pointwise.default"] == 4 and not FLOAT_COMPUTE & set(ops)
+    with torch.no_grad():
+        assert output_cosine([model(x)], [fast(x)]) > 0.99
+
+
+def test_onnx_static_int8_runs_qlinear_kernels_in_onnxruntime(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    _gm, quantized = _quantized_graph(ResidualConvNet().eval(), x)
+    model = export_graph_to_onnx(quantized, (x,), {})
+    exported = collections.Counter(n.op_type for n in model.graph.node)
+    assert exported["QuantizeLinear"] == 11 and exported["DequantizeLinear"] >= 11 + 5
+    matrices = [i for i in model.graph.initializer if len(i.dims) >= 2]
+    assert len(matrices) == 5 and all(i.data_type == onnx.TensorProto.INT8 for i in matrices)
+    optimized = _ort_optimized_ops(model, tmp_path)
+    assert optimized["QLinearConv"] == 4 and optimized["QGemm"] + optimized["QLinearMatMul"] == 1
+    assert optimized["QLinearAdd"] == 1 and optimized["QLinearConcat"] == 1
+    assert not {"Conv", "Gemm", "MatMul"} & set(optimized)  # every conv / GEMM runs int8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        assert output_cosine([quantized(x)], [out]) > 0.999
+
+
+def test_onnx_int8_files_carry_int8_weights_at_a_quarter_of_the_size(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = MLP(width=512).eval(), torch.randn(8, 64)
+    fp32 = graphopt.optimize(model, (x,), target="onnx")
+    for scheme in ("int8", "int8-dynamic"):
+        int8 = graphopt.optimize(model, (x,), target="onnx", quantize=scheme, calibration=[(torch.randn(8, 64),)])
+        paths = [int8.export_onnx(tmp_path / f"{scheme}.onnx"), fp32.export_onnx(tmp_path / "fp32.onnx")]
+        ratio = paths[0].stat().st_size / paths[1].stat().st_size
+        assert ratio <= 0.27, (scheme, ratio)
+        written = onnx.load(str(paths[0]))
+        matrices = [i for i in written.graph.initializer if len(i.dims) >= 2]
+        assert len(matrices) == 4 and all(i.data_type == onnx.TensorProto.INT8 for i in matrices)
+        optimized = _ort_optimized_ops(written, tmp_path)
+        if scheme == "int8":
+            assert optimized["QGemm"] + optimized["QLinearMatMul"] == 4
+        else:
+            assert optimized["DynamicQuantizeMatMul"] + optimized["MatMulIntegerToFloat"] == 4
+        assert not {"Gemm", "MatMul", "FusedMatMul"} & set(optimized)
+        with torch.no_grad():
+            assert output_cosine([model(x)], [int8(x)]) > 0.99
