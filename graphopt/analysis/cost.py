@@ -183,6 +183,28 @@ def _attention_macs(node: fx.Node) -> tuple[int, int]:
     return scores * embed + scores * value_embed, scores
 
 
+def _fused_macs(node: fx.Node, packet: str) -> int:
+    """MACs of a non-aten convolution or matrix-product kernel (oneDNN, quantized, graphopt's own), from its name.
+
+    Convolutions: output elements times the kernel volume per output (the first 3-5-d weight
+    argument); linear/matmul kernels: output elements times the input's last dim.
+    """
+    out = _shape(node)
+    if out is None:
+        return 0
+    name = packet.lower()
+    if "conv" in name:
+        for argument in node.args[1:]:
+            weight = _shape(argument)
+            if weight is not None and 3 <= len(weight) <= 5:
+                return _numel(out) * math.prod(weight[1:])
+        return 0
+    if any(key in name for key in ("linear", "matmul", "mm", "gemm")):
+        source = _shape(node.args[0]) if node.args else None
+        return _numel(out) * source[-1] if source else 0
+    return 0
+
+
 def _estimate(node: fx.Node) -> tuple[int, int]:
     """(flops, macs) of one call node."""
     packet = _packet(node)
@@ -211,6 +233,10 @@ def _estimate(node: fx.Node) -> tuple[int, int]:
         return max(input_elements, out_elements), 0
     if packet in _TRANSCENDENTAL_OPS:
         return 4 * out_elements, 0
+    if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace != "aten":
+        macs = _fused_macs(node, packet)  # fused / quantized kernels of other libraries, by their name
+        if macs:
+            return 2 * macs + out_elements, macs
     if isinstance(node.target, torch._ops.OpOverload):
         return out_elements, 0  # element-wise arithmetic, comparisons, where...: one op per output element
     return 0, 0  # Python arithmetic on sizes and other non-tensor work
