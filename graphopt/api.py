@@ -309,7 +309,7 @@ def optimize(
     if precision is not None:
         from graphopt.passes.precision import precision_pass
 
-        lossy.append(precision_pass(precision))
+        lossy.append(precision_pass(precision, target.name))
     if lossy:
         pipeline += [*lossy, resolve_pass("cse"), resolve_pass("dce")]
     report = Report(target=target.name)

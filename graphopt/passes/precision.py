@@ -103,7 +103,7 @@ class _PrecisionPlan(LossyPlan):
                                         {"weight shape": "x".join(map(str, weight.shape))}))
         self._cache: dict[tuple[int, str], torch.Tensor] = {}
 
-    def _reduced(self, gm: fx.GraphModule, node: fx.Node, before: fx.Node, converted: dict[str, fx.Node]) -> fx.Node:
+    def _reduced(self, gm: fx.GraphModule, node: fx.Node, converted: dict[str, fx.Node]) -> fx.Node:
         """A get_attr node for the reduced copy of constant ``node`` (one copy per tensor, reused across applies)."""
         if node.name in converted:
             return converted[node.name]
@@ -134,9 +134,9 @@ class _PrecisionPlan(LossyPlan):
             x_index, w_index, b_index = _weight_positions(node)  # type: ignore[misc]
             args = list(node.args)
             args[x_index] = self._cast(gm, args[x_index], self.dtype, node)
-            args[w_index] = self._reduced(gm, args[w_index], node, converted)
+            args[w_index] = self._reduced(gm, args[w_index], converted)
             if b_index is not None and isinstance(args[b_index], fx.Node):
-                args[b_index] = self._reduced(gm, args[b_index], node, converted)
+                args[b_index] = self._reduced(gm, args[b_index], converted)
             node.args = tuple(args)
             last = node
             users = list(node.users)
@@ -181,8 +181,16 @@ class ReducedPrecision(LossyPass):
         return _PrecisionPlan(gm, DTYPES[self.dtype])
 
 
-def precision_pass(spec: str | ReducedPrecision) -> ReducedPrecision:
-    """The pass for ``optimize(precision=spec)``: a name ("bf16", "fp16") or a ``ReducedPrecision``."""
+def precision_pass(spec: str | ReducedPrecision, target: str | None = None) -> ReducedPrecision:
+    """The pass for ``optimize(precision=spec)``: a name ("bf16", "fp16") or a ``ReducedPrecision``.
+
+    ``target`` is the target's name: onnxruntime's CPU provider has no bfloat16/float16 matrix
+    kernels, so ``onnx`` is refused with what to use instead.
+    """
+    if target == "onnx":
+        raise InputError("precision= lowers to reduced-precision kernels on target='cpu' (oneDNN bfloat16) and "
+                         "target='gpu'; onnxruntime's CPU provider has no such kernels. Use target='cpu' or 'gpu', "
+                         "or quantize='int8' for a smaller, faster ONNX model.")
     if isinstance(spec, ReducedPrecision):
         return spec
     if not isinstance(spec, str):

@@ -29,11 +29,13 @@ import onnx
 import torch
 import torch.fx as fx
 
-from graphopt.errors import LoweringError, UnsupportedOpError
+from graphopt.errors import UnsupportedOpError
+from graphopt.ir import node_shape
 from graphopt.report import Report, ReportSection
 from graphopt.shapes import DynamicDims
 
-__all__ = ["FUSED_ONNX_OPS", "OnnxLowering", "fused_op_counts", "lower_onnx", "session_options"]
+__all__ = ["FUSED_ONNX_OPS", "OnnxLowering", "expand_attention_masks", "fused_op_counts", "lower_onnx",
+           "session_options"]
 
 log = logging.getLogger("graphopt")
 
@@ -113,19 +115,77 @@ def _has_attention(gm: fx.GraphModule) -> bool:
                for n in gm.graph.nodes)
 
 
+def expand_attention_masks(gm: fx.GraphModule) -> int:
+    """Broadcast SDPA masks to their full ``(..., q_len, kv_len)`` shape; returns how many were expanded.
+
+    onnxruntime's ``Attention`` kernel requires the mask's query dim to equal the query length,
+    while PyTorch broadcasts a ``(batch, 1, 1, kv_len)`` padding mask. An ``expand`` is a view, so
+    the rewrite is exact and costs no copy in PyTorch.
+    """
+    expanded = 0
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.scaled_dot_product_attention.default):
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if not isinstance(mask, fx.Node):
+            continue
+        q_shape, mask_shape = node_shape(node.args[0]), node_shape(mask)
+        k_shape = node_shape(node.args[1])
+        if q_shape is None or mask_shape is None or k_shape is None or len(mask_shape) < 2:
+            continue
+        if mask_shape[-2] == q_shape[-2] and mask_shape[-1] == k_shape[-2]:
+            continue
+        with gm.graph.inserting_before(node):
+            sizes = [_size_arg(gm, node.args[0], q_shape, -2), _size_arg(gm, node.args[1], k_shape, -2)]
+            full = gm.graph.call_function(torch.ops.aten.expand.default,
+                                          (mask, [*[-1] * (len(mask_shape) - 2), *sizes]))
+        value, q_value, k_value = (n.meta.get("val") for n in (mask, node.args[0], node.args[1]))
+        if all(isinstance(v, torch.Tensor) for v in (value, q_value, k_value)):
+            mode = getattr(value, "fake_mode", None)
+            with mode if mode is not None else contextlib.nullcontext():
+                full.meta["val"] = value.expand(*value.shape[:-2], q_value.shape[-2], k_value.shape[-2])
+        node.replace_input_with(mask, full)
+        expanded += 1
+    if expanded:
+        gm.recompile()
+    return expanded
+
+
+def _size_arg(gm: fx.GraphModule, source: fx.Node, shape: tuple[Any, ...], dim: int) -> Any:
+    """``shape[dim]`` as an op argument: the int, or a ``sym_size`` node when the dim is dynamic."""
+    if isinstance(shape[dim], int):
+        return shape[dim]
+    size = gm.graph.call_function(torch.ops.aten.sym_size.int, (source, len(shape) + dim))
+    value = source.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        size.meta["val"] = value.shape[dim]
+    return size
+
+
 def _export(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: DynamicDims | None,
-            options: OnnxLowering, notes: list[str]) -> onnx.ModelProto:
+            options: OnnxLowering, notes: list[str], feed: dict[str, Any]) -> onnx.ModelProto:
+    from graphopt.ir import snapshot_graph_module
     from graphopt.targets.onnx import export_graph_to_onnx
 
     if options.fused_attention and _has_attention(gm):
+        fused = snapshot_graph_module(gm)
+        expanded = expand_attention_masks(fused)
         try:
-            return export_graph_to_onnx(gm, args, kwargs, dynamic, opset=FUSED_ATTENTION_OPSET)
+            model = export_graph_to_onnx(fused, args, kwargs, dynamic, opset=FUSED_ATTENTION_OPSET)
+            _run(model, _feed_for(model, feed))  # onnxruntime's Attention kernel is stricter than SDPA
+            if expanded:
+                notes.append(f"{expanded} attention mask(s) broadcast to (q_len, kv_len) for the Attention op")
+            return model
         except UnsupportedOpError:
             raise
-        except LoweringError as error:
-            notes.append(f"opset {FUSED_ATTENTION_OPSET} export failed ({str(error)[:160]}); exported at the "
-                         "exporter's default opset, attention unfused")
+        except Exception as error:
+            notes.append(f"opset {FUSED_ATTENTION_OPSET} export with fused Attention failed "
+                         f"({type(error).__name__}: {str(error)[:160]}); exported at the exporter's default opset, "
+                         "attention unfused")
     return export_graph_to_onnx(gm, args, kwargs, dynamic)
+
+
+def _feed_for(model: onnx.ModelProto, feed: dict[str, Any]) -> dict[str, Any]:
+    names = [i.name for i in model.graph.input]
+    return dict(zip(names, feed.values(), strict=False))
 
 
 def _run(model: onnx.ModelProto, feed: dict[str, Any]) -> list[Any]:
@@ -176,12 +236,11 @@ def lower_onnx(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]
     from graphopt.targets.onnx import OnnxRuntimeModule
 
     notes: list[str] = []
-    model = _export(gm, args, kwargs, dynamic, options, notes)
+    flat = [t for t in flatten_inputs(gm, args, kwargs) if isinstance(t, torch.Tensor)]
+    feed = {str(index): t.detach().cpu().numpy() for index, t in enumerate(flat)}
+    model = _export(gm, args, kwargs, dynamic, options, notes, feed)
     if options.transformer_optimizer:
-        flat = [t for t in flatten_inputs(gm, args, kwargs) if isinstance(t, torch.Tensor)]
-        names = [i.name for i in model.graph.input]
-        feed = {name: t.detach().cpu().numpy() for name, t in zip(names, flat, strict=False)}
-        model = _transformer_optimized(model, feed, notes)
+        model = _transformer_optimized(model, _feed_for(model, feed), notes)
     runner = OnnxRuntimeModule(model, getattr(gm, "_out_spec", None), options=session_options(options))
     if report is not None:
         fused = fused_op_counts(model)
