@@ -280,3 +280,23 @@ def test_output_structure_literals_and_passthrough_outputs(tmp_path) -> None:
         assert list(got) == ["early", "none", "out", "x"] and got["none"] is None
         for key in ("early", "out", "x"):
             torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+
+
+def test_no_cut_separates_a_tuple_from_its_users() -> None:
+    from graphopt.analysis.partitioning import graph_items
+    from graphopt.capture import capture
+
+    class Halves(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b = torch.split(torch.relu(x), 4, dim=1)  # one node with a tuple value, two getitems
+            return torch.tanh(a) * torch.sigmoid(b)
+
+    gm = capture(Halves(), (torch.randn(2, 8),)).graph_module
+    items = graph_items(gm)
+    names = [n.name for n in items.nodes]
+    split = next(i for i, n in enumerate(items.nodes) if "split" in str(n.target))
+    last_getitem = max(i for i, n in enumerate(items.nodes) if n.args and n.args[0] is items.nodes[split])
+    assert not items.allowed[split + 1 : last_getitem + 1].any(), names
+    assert items.allowed[split] and items.allowed[last_getitem + 1]
+    # the bytes live across a cut: relu's output (2 x 8 floats) before the split
+    assert items.cut_bytes[split] == 2 * 8 * 4

@@ -143,7 +143,7 @@ def graph_items(gm: fx.GraphModule, weight_bytes: dict[str, int] | None = None) 
             delta[start + 1] += value_bytes(node)
             delta[end + 1] -= value_bytes(node)
         else:  # a tuple or another non-tensor value: no stage boundary may separate it from its users
-            blocked[start + 2] += 1
+            blocked[start + 1] += 1
             blocked[end + 1] -= 1
     cut_bytes = np.cumsum(delta)[: count + 1]
     allowed = np.cumsum(blocked)[: count + 1] == 0
