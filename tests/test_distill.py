@@ -96,3 +96,20 @@ def test_distill_with_labels_and_a_budget() -> None:
         graphopt.distill(pruned, teacher=model, data=batches, epochs=0)
     with pytest.raises(InputError, match=r"what graphopt\.optimize returned"):
         graphopt.distill(model, teacher=model, data=batches)
+
+
+@pytest.mark.slow
+def test_prune_distill_then_quantize_composes() -> None:
+    pytest.importorskip("graphopt.passes.quantize")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(32 * 64, 10)).eval()
+    x = torch.randn(16, 1, 8, 8)
+    batches = [(torch.randn(16, 1, 8, 8),) for _ in range(4)]
+    pruned = graphopt.optimize(model, (x,), "cpu", prune=0.5)
+    recovered = graphopt.distill(pruned, teacher=model, data=batches, epochs=2)
+    quantized = graphopt.optimize(recovered.graph_module, (x,), "cpu", quantize="int8", calibration=batches)
+    [record] = [r for r in quantized.report.records if r.name == "quantize"]
+    assert record.status == "changed"
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(quantized(x), recovered(x)).min() > 0.99
