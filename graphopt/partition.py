@@ -573,6 +573,7 @@ def partition(
     microbatches: int | None = None,
     devices: Sequence[str | torch.device] | None = None,
     optimize: bool = True,
+    passes: Sequence[Any] | None = None,
     tolerance: float = 0.02,
     repeats: int = 7,
     refine: int = 3,
@@ -589,7 +590,8 @@ def partition(
     as stages, at most the batch); 1 captures a static batch. ``devices``: one per stage
     (``["cuda:0", "cuda:1"]``), CPU by default. ``optimize``: run the default exact pass
     pipeline (dropout removal, batch-norm folding, CSE...) before partitioning, so the split
-    sees the graph that runs. ``refine``: rounds of re-splitting from measured stage times
+    sees the graph that runs; ``passes`` (names or ``Pass`` objects, e.g. fusion or
+    quantization passes) replaces that pipeline. ``refine``: rounds of re-splitting from measured stage times
     (``balance="time"``). ``link_bandwidth`` (bytes/s) and ``link_latency`` (s) feed the
     throughput prediction in the report. ``threads``: intra-op threads while measuring (default:
     as set); 1 gives steadier figures on a machine shared with other work.
@@ -597,6 +599,8 @@ def partition(
     Raises ``PartitionError`` for more stages than layers, a memory cap no split meets, or a
     model that updates its buffers; ``InputError``/``CaptureError`` as ``graphopt.optimize`` does.
     """
+    from graphopt.target import DEFAULT_PIPELINE
+
     if stages < 1:
         raise PartitionError(f"stages must be at least 1, got {stages}")
     if microbatches is not None and microbatches < 1:
@@ -605,29 +609,33 @@ def partition(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        pipeline = list(passes) if passes is not None else list(DEFAULT_PIPELINE) if optimize else []
         return _partition(model, example_inputs, stages, balance, example_kwargs, memory_cap, microbatches, devices,
-                          optimize, tolerance, repeats, refine, link_bandwidth, link_latency)
+                          pipeline, tolerance, repeats, refine, link_bandwidth, link_latency)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _partition(model: torch.nn.Module, example_inputs: Any, stages: int, balance: str,
                example_kwargs: dict[str, Any] | None, memory_cap: float | None, microbatches: int | None,
-               devices: Sequence[str | torch.device] | None, optimize: bool, tolerance: float, repeats: int,
+               devices: Sequence[str | torch.device] | None, pipeline: list[Any], tolerance: float, repeats: int,
                refine: int, link_bandwidth: float, link_latency: float) -> PartitionedModel:
+    from graphopt.api import _default_on_error, _trusted
     from graphopt.capture import flatten_inputs
     from graphopt.pass_infra import resolve_pass
     from graphopt.pass_manager import PassManager
-    from graphopt.target import DEFAULT_PIPELINE
     from graphopt.verify import compare_outputs
 
     report = PartitionReport(target="partition", balance_key=balance)
+    chosen = [resolve_pass(p) for p in pipeline]
     started = time.perf_counter()
-    captured, dynamic, notes = _capture(model, example_inputs, example_kwargs, microbatches, share_weights=True)
+    # graphopt's own passes never write into weights: the stages share them with the model (no copy)
+    captured, dynamic, notes = _capture(model, example_inputs, example_kwargs, microbatches,
+                                        share_weights=_trusted(chosen))
     report.capture_seconds = time.perf_counter() - started
     report.notes.extend([*captured.notes, *notes])
     gm, flat = captured.graph_module, captured.flat_inputs
-    manager = PassManager([resolve_pass(p) for p in DEFAULT_PIPELINE] if optimize else [], on_error="rollback")
+    manager = PassManager(chosen, on_error=_default_on_error())
     gm = manager.run(gm, flat, report, captured.graph_outputs)
     outputs_before = manager.outputs
 
