@@ -282,7 +282,21 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--prune", type=_ratios, default=None, metavar="R1,R2",
                         help="instead: dense vs structurally pruned graphopt models (e.g. 0.3,0.5) on cpu and onnx: "
                              "params, MACs, size, latency, speed-up and output cosine")
+    parser.add_argument("--quantize", type=_schemes, default=None, metavar="S1,S2",
+                        help="instead: float vs int8 (e.g. int8,int8-dynamic) on cpu and onnx, with eager and "
+                             "onnxruntime's own dynamic int8 side by side: size, latency, speed-ups, output cosine")
     parser.set_defaults(func=run_bench_command)
+
+
+def _schemes(text: str) -> list[str]:
+    from graphopt.passes.quantize import SCHEMES
+
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [v for v in values if v not in SCHEMES]
+    if not values or unknown:
+        raise argparse.ArgumentTypeError(f"--quantize takes comma-separated schemes from {', '.join(SCHEMES)}; "
+                                         f"got {text!r}")
+    return values
 
 
 def _ratios(text: str) -> list[float]:
@@ -310,6 +324,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
         print(f"graphopt bench: {exc}", file=sys.stderr)
         return 2
     threads = args.threads or default_threads()
+    if getattr(args, "quantize", None):
+        from graphopt.bench_quantize import run_quantize_bench_command
+
+        return run_quantize_bench_command(args, models, threads)
     if getattr(args, "prune", None):
         from graphopt.bench_prune import run_prune_bench_command
 

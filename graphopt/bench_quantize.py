@@ -1,0 +1,289 @@
+"""``graphopt bench --quantize int8,int8-dynamic``: what int8 buys, measured side by side.
+
+For every model, in one process and timed round-robin with ``graphopt bench``'s harness:
+eager PyTorch; onnxruntime on a plain export (fp32) and onnxruntime's own dynamic int8
+(``onnxruntime.quantization.quantize_dynamic`` of that export, default settings); graphopt's
+fp32 lowering and one graphopt int8 model per scheme, on ``cpu`` and ``onnx``. Each row has
+the size on disk, latency, speed-ups over eager, over graphopt's fp32 lowering on the same
+target and over onnxruntime's own dynamic int8, and fidelity: the worst per-sample output
+cosine against eager (and, for embedding models, whether the ranking of pairwise
+similarities is kept). Static int8 calibrates on the zoo's example inputs.
+
+    >>> from graphopt.bench_quantize import run_quantize_benchmark
+    >>> print(run_quantize_benchmark(["resnet18"], schemes=("int8",), size="small"))
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from graphopt import zoo
+from graphopt.bench_report import machine_info, versions
+from graphopt.bench_runner import (
+    Backend,
+    GraphoptBackend,
+    MemoryProbe,
+    OnnxRuntimeBackend,
+    OrtRunner,
+    TimingPlan,
+    flatten_outputs,
+    setup_backend,
+    time_interleaved,
+)
+
+__all__ = ["QuantizeBenchResult", "QuantizeRow", "run_quantize_benchmark"]
+
+
+class _OrtDynamicRunner(OrtRunner):
+    """A plain ONNX export quantized by onnxruntime's own ``quantize_dynamic`` (default settings)."""
+
+    def __init__(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...], threads: int) -> None:
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        super().__init__(model, example_inputs, threads, ["CPUExecutionProvider"])
+        quantized = self.path.with_name("model.int8.onnx")
+        quantize_dynamic(str(self.path), str(quantized), weight_type=QuantType.QInt8)
+        for path in self.path.parent.iterdir():
+            if path != quantized:
+                path.unlink()
+        self.path = quantized
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass(frozen=True)
+class _OrtDynamicBackend(OnnxRuntimeBackend):
+    name: str = "onnxruntime dynamic int8"
+
+    def prepare(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Any:
+        """Export, quantize with onnxruntime.quantization.quantize_dynamic, open a session."""
+        return _OrtDynamicRunner(model, example_inputs, self.threads)
+
+
+@dataclass(frozen=True)
+class _QuantizedBackend(GraphoptBackend):
+    """``graphopt.optimize(model, x, target, quantize=scheme, calibration=[x])``."""
+
+    scheme: str | None = None
+
+    def prepare(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Any:
+        """Optimize and quantize (static int8 calibrates on the example inputs)."""
+        from graphopt import optimize
+
+        if self.scheme is None:
+            return optimize(model, example_inputs, target=self.target)
+        return optimize(model, example_inputs, target=self.target, quantize=self.scheme,
+                        calibration=[example_inputs])
+
+
+@dataclass
+class QuantizeRow:
+    """One model x backend (``scheme`` None: float)."""
+
+    model: str
+    backend: str
+    target: str | None
+    scheme: str | None
+    size_mb: float | None = None
+    median_ms: float | None = None
+    p10_ms: float | None = None
+    p90_ms: float | None = None
+    speedup_vs_eager: float | None = None
+    speedup_vs_fp32: float | None = None
+    speedup_vs_ort_int8: float | None = None
+    min_cosine: float | None = None
+    ranking_kept: bool | None = None
+    fallen_back: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class QuantizeBenchResult:
+    """Rows and how they were measured; ``str()`` is a table, ``to_markdown()`` / ``to_dict()`` for files."""
+
+    rows: list[QuantizeRow]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    _HEADERS = ("model", "backend", "size MB", "median ms", "p10-p90 ms", "vs eager", "vs fp32 same target",
+                "vs ORT dyn int8", "cosine vs eager", "ranking kept", "int8 units fallen back", "error")
+
+    def _table(self) -> list[list[Any]]:
+        def ratio(value: float | None) -> str:
+            return "-" if value is None else f"{value:.2f}x"
+
+        return [[
+            r.model, r.backend, "-" if r.size_mb is None else f"{r.size_mb:.1f}",
+            "-" if r.median_ms is None else f"{r.median_ms:.1f}",
+            "-" if r.p10_ms is None else f"{r.p10_ms:.1f}-{r.p90_ms:.1f}",
+            ratio(r.speedup_vs_eager), ratio(r.speedup_vs_fp32), ratio(r.speedup_vs_ort_int8),
+            "-" if r.min_cosine is None else f"{r.min_cosine:.4f}",
+            "-" if r.ranking_kept is None else ("yes" if r.ranking_kept else "NO"), r.fallen_back or "-",
+            r.error or "",
+        ] for r in self.rows]
+
+    def __str__(self) -> str:
+        return tabulate(self._table(), headers=self._HEADERS, disable_numparse=True)
+
+    def to_markdown(self) -> str:
+        """The table in Markdown, with the reproducing command and machine facts."""
+        lines = [tabulate(self._table(), headers=self._HEADERS, tablefmt="github", disable_numparse=True), ""]
+        lines.append(f"Command: `{self.meta.get('command', '')}`; {self.meta.get('timing', '')}.")
+        machine = self.meta.get("machine", {})
+        if machine:
+            lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + ".")
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON rows and metadata."""
+        return {"rows": [asdict(r) for r in self.rows], "meta": self.meta}
+
+
+def run_quantize_benchmark(
+    models: Sequence[str | tuple[str, nn.Module, tuple[torch.Tensor, ...]]],
+    schemes: Sequence[str] = ("int8", "int8-dynamic"),
+    targets: Sequence[str] = ("cpu", "onnx"),
+    size: str = "full",
+    batch: int = 1,
+    threads: int | None = None,
+    min_repeats: int = 7,
+    max_seconds: float = 10.0,
+    progress: bool = True,
+    command: str | None = None,
+) -> QuantizeBenchResult:
+    """Float vs int8 per model: eager, onnxruntime fp32 / dynamic int8, graphopt fp32 / int8 per target."""
+    from graphopt.bench import default_threads
+
+    threads = threads or default_threads()
+    plan = TimingPlan(min_repeats=min_repeats, max_seconds=max_seconds)
+    probe = MemoryProbe("cpu")
+
+    def report(message: str) -> None:
+        if progress:
+            print(f"[bench --quantize {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows: list[QuantizeRow] = []
+    started = time.perf_counter()
+    try:
+        for entry in models:
+            if isinstance(entry, str):
+                built = zoo.load(entry, size=size, batch=batch)
+                name, model, inputs, kind = entry, built.model, built.example_inputs, built.output_kind
+            else:
+                (name, model, inputs), kind = entry, "logits"
+            rows += _measure(name, model.eval(), inputs, kind, schemes, targets, threads, plan, probe, report)
+    finally:
+        torch.set_num_threads(previous)
+    meta = {"size": size, "batch": batch, "threads": threads, "schemes": list(schemes), "targets": list(targets),
+            "timing": plan.describe(), "machine": machine_info(), "versions": versions(),
+            "command": command or f"graphopt bench --quantize {','.join(schemes)} "
+                                  f"{' '.join(m if isinstance(m, str) else m[0] for m in models)} --size {size} "
+                                  f"--batch {batch}",
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "total_seconds": round(time.perf_counter() - started, 1)}
+    return QuantizeBenchResult(rows, meta)
+
+
+def _ranking_kept(outputs: Any, reference: list[torch.Tensor]) -> bool | None:
+    """For embeddings: True when every sentence keeps the order of its similarities to the others."""
+    got = flatten_outputs(outputs)
+    if len(got) != 1 or got[0].dim() != 2 or got[0].shape[0] < 3:
+        return None
+
+    def order(embeddings: torch.Tensor) -> torch.Tensor:
+        unit = torch.nn.functional.normalize(embeddings, dim=1)
+        return (unit @ unit.T).argsort(dim=1, descending=True)
+
+    return bool(torch.equal(order(got[0]), order(reference[0])))
+
+
+def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], kind: str, schemes: Sequence[str],
+             targets: Sequence[str], threads: int, plan: TimingPlan, probe: MemoryProbe,
+             report: Any) -> list[QuantizeRow]:
+    with torch.no_grad():
+        reference = flatten_outputs(model(*inputs))
+    backends: list[tuple[Backend, str | None, str | None]] = [
+        (Backend(), None, None),
+        (OnnxRuntimeBackend(name="onnxruntime fp32", threads=threads), None, None),
+        (_OrtDynamicBackend(threads=threads), None, "ort-dynamic"),
+    ]
+    for target in targets:
+        for scheme in (None, *schemes):
+            label = f"graphopt-{target} {scheme or 'fp32'}"
+            backends.append((_QuantizedBackend(name=label, target=target, scheme=scheme), target, scheme))
+    prepared, rows = [], []
+    with tempfile.TemporaryDirectory(prefix="graphopt-bench-quantize-") as tmp:
+        for backend, target, scheme in backends:
+            report(f"{name}: {backend.name}: setup")
+            result = setup_backend(backend, name, model, inputs, reference, probe, Path(tmp))
+            row = QuantizeRow(name, backend.name, target, scheme)
+            rows.append(row)
+            if hasattr(result, "runner"):
+                row.size_mb, row.min_cosine = result.row.size_mb, result.row.min_cosine
+                if kind == "embedding":
+                    with torch.no_grad():
+                        row.ranking_kept = _ranking_kept(result.runner(*inputs), reference)
+                row.fallen_back = _fallen_back(result.runner)
+                prepared.append((row, result))
+            else:
+                row.error = result.error
+    if prepared:
+        report(f"{name}: timing {len(prepared)} variants interleaved")
+        time_interleaved([p for _, p in prepared], plan, report)
+        for row, result in prepared:
+            timing = result.row.timing
+            if timing is not None:
+                row.median_ms, row.p10_ms, row.p90_ms = timing.median_ms, timing.p10_ms, timing.p90_ms
+            row.error = row.error or result.row.error
+    _ratios(rows)
+    return rows
+
+
+def _fallen_back(runner: Any) -> str | None:
+    """``"k/n"`` int8 units that fell back to float, from the optimization report."""
+    report = getattr(runner, "report", None)
+    for record in getattr(report, "records", []):
+        if record.name == "quantize" and record.fidelity:
+            return f"{record.fidelity.get('fallen_back', 0)}/{record.fidelity.get('units', 0)}"
+    return None
+
+
+def _ratios(rows: list[QuantizeRow]) -> None:
+    eager = next((r.median_ms for r in rows if r.backend == "eager"), None)
+    ort_int8 = next((r.median_ms for r in rows if r.scheme == "ort-dynamic"), None)
+    fp32 = {r.target: r.median_ms for r in rows if r.target and r.scheme is None}
+    for row in rows:
+        if not row.median_ms:
+            continue
+        row.speedup_vs_eager = eager / row.median_ms if eager else None
+        if row.target and row.scheme and fp32.get(row.target):
+            row.speedup_vs_fp32 = fp32[row.target] / row.median_ms
+        if row.scheme and row.scheme != "ort-dynamic" and ort_int8:
+            row.speedup_vs_ort_int8 = ort_int8 / row.median_ms
+
+
+def run_quantize_bench_command(args: Any, models: Sequence[str], threads: int) -> int:
+    """``graphopt bench --quantize ...`` from parsed arguments."""
+    result = run_quantize_benchmark(models, schemes=args.quantize, size=args.size, batch=args.batch[0],
+                                    threads=threads, min_repeats=args.min_repeats, max_seconds=args.max_seconds,
+                                    progress=not args.quiet)
+    print(result)
+    if args.json:
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(result.to_markdown())
+    return 0
