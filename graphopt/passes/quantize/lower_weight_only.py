@@ -354,18 +354,19 @@ def _dequantize_int8_onnx(q_weight: Any, scale: Any) -> Any:
 def _dequantize_codebook_onnx(indices: Any, codebook: Any, bits: int = 8, shape: Any = ()) -> Any:
     from onnxscript import opset18 as op
 
-    flat = op.Reshape(indices, op.Constant(value_ints=[-1, 1]))
-    if bits == 4:
-        uint8 = 2  # onnx.TensorProto.UINT8
-        low = op.BitwiseAnd(flat, op.Cast(op.Constant(value_int=15), to=uint8))
-        high = op.BitShift(flat, op.Cast(op.Constant(value_int=4), to=uint8), direction="RIGHT")
-        flat = op.Concat(low, high, axis=1)
+    # DequantizeLinear first (scale 1, so exact): the exporter's optimizer never constant-folds it, so
+    # the file keeps the uint8 indices instead of the decoded float weights.
+    codes = op.DequantizeLinear(op.Reshape(indices, op.Constant(value_ints=[-1, 1])), op.Constant(value_float=1.0))
+    if bits == 4:  # two indices per byte, the even position in the low nibble
+        sixteen = op.Constant(value_float=16.0)
+        high = op.Floor(op.Div(codes, sixteen))
+        codes = op.Concat(op.Sub(codes, op.Mul(high, sixteen)), high, axis=1)
     count = 1
     for size in shape:
         count *= int(size)
-    index = op.Slice(op.Reshape(flat, op.Constant(value_ints=[-1])), op.Constant(value_ints=[0]),
+    index = op.Slice(op.Reshape(codes, op.Constant(value_ints=[-1])), op.Constant(value_ints=[0]),
                      op.Constant(value_ints=[count]))
-    values = op.Gather(codebook, op.Cast(index, to=7))
+    values = op.Gather(codebook, op.Cast(index, to=7))  # 7: INT64
     return op.Reshape(values, op.Constant(value_ints=[int(s) for s in shape]))
 
 

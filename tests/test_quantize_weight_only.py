@@ -1,0 +1,312 @@
+"""Weight-only int8 / int4 quantization and K-means clustering: the IR, the kernels, ONNX, the CLI."""
+
+from __future__ import annotations
+
+import textwrap
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+import graphopt
+from graphopt.cli import main
+from graphopt.errors import InputError
+from graphopt.ir import snapshot_graph_module
+from graphopt.lossy import CalibrationData, output_cosine, output_sqnr_db
+from graphopt.passes.quantize import lower_weight_only
+from graphopt.passes.quantize.kmeans import KMeansQuantize, kmeans_1d
+from graphopt.passes.quantize.weight_only import WeightOnlyQuantize
+from graphopt.passes.quantize.weight_ops import DEQUANTIZE_CODEBOOK, DEQUANTIZE_INT4, DEQUANTIZE_INT8
+
+aten = torch.ops.aten
+
+
+class Mlp(nn.Module):
+    """Token embedding, three linears (one GPT-2 style addmm on a [K, N] weight), rows of unequal scale."""
+
+    def __init__(self, vocab: int = 200, width: int = 128, hidden: int = 256) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.up = nn.Linear(width, hidden)
+        self.conv1d_weight = nn.Parameter(torch.randn(hidden, hidden) * 0.05)  # [K, N] like GPT-2's Conv1D
+        self.conv1d_bias = nn.Parameter(torch.randn(hidden) * 0.1)
+        self.down = nn.Linear(hidden, width)
+        with torch.no_grad():
+            self.up.weight.mul_(torch.logspace(-1, 1, hidden).unsqueeze(1))  # per-row scales differ 100x
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        x = torch.relu(self.up(x))
+        shape = x.shape
+        x = torch.addmm(self.conv1d_bias, x.reshape(-1, shape[-1]), self.conv1d_weight).reshape(shape)
+        return self.down(torch.relu(x))
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    torch.manual_seed(0)
+    model = Mlp().eval()
+    ids = torch.randint(0, 200, (4, 16))
+    captured = graphopt.capture(model, (ids,))
+    return model, (ids,), captured
+
+
+def _apply(captured, pass_):
+    gm = captured.graph_module
+    plan = pass_.plan(gm, CalibrationData(example=captured.flat_inputs))
+    copy = snapshot_graph_module(gm)
+    result = plan.apply(copy, frozenset())
+    return plan, copy, result
+
+
+def _buffer(gm, node):
+    return getattr(gm, node.target)
+
+
+def _compare(captured, gm):
+    reference = [captured.graph_module(*captured.flat_inputs)]
+    actual = [gm(*captured.flat_inputs)]
+    return output_cosine(reference, actual), output_sqnr_db(reference, actual)
+
+
+def test_int8_weight_only_per_channel_scales_and_accuracy(mlp):
+    _, _, captured = mlp
+    plan, gm, result = _apply(captured, WeightOnlyQuantize(bits=8))
+    dequant = [n for n in gm.graph.nodes if n.target == DEQUANTIZE_INT8]
+    assert len(plan.units) == len(dequant) == 4  # embedding, up, addmm (now linear), down
+    assert result.stats["quantized"] == 4
+    assert not any(n.target == aten.addmm.default for n in gm.graph.nodes)
+    for node in dequant:
+        q_weight, scale = _buffer(gm, node.args[0]), _buffer(gm, node.args[1])
+        assert q_weight.dtype == torch.int8 and scale.shape == (q_weight.shape[0],)
+        # symmetric per row: every row's largest |weight| lands on 127, whatever the row's scale
+        assert torch.all(q_weight.abs().amax(dim=1) == 127)
+    up = next(u for u in plan.units if u.details["weight"] == "up.weight")
+    layer = next(n for n in gm.graph.nodes if n.name == up.name)
+    scale = _buffer(gm, layer.args[1].args[1])
+    assert scale.max() / scale.min() > 50  # one scale per output channel, not one per tensor
+    assert up.details["size_ratio"] < 0.27
+    cosine, sqnr = _compare(captured, gm)
+    assert cosine > 0.9999 and sqnr > 35
+    assert result.stats["weight_bytes_after"] < 0.27 * result.stats["weight_bytes_before"]
+
+
+def test_int4_groupwise_layout_and_accuracy(mlp):
+    _, _, captured = mlp
+    _, gm, result = _apply(captured, WeightOnlyQuantize(bits=4, group_size=32))
+    int4 = [n for n in gm.graph.nodes if n.target == DEQUANTIZE_INT4]
+    assert len(int4) == 3 and result.stats["quantized"] == 4  # the embedding table is int8 per row
+    for node in int4:
+        packed, scale, zero_point = (_buffer(gm, a) for a in node.args[:3])
+        rows, columns = node.meta["val"].shape
+        assert packed.dtype == torch.uint8 and packed.shape == (rows, columns // 2)  # two 4-bit values per byte
+        assert scale.shape == zero_point.shape == (rows, columns // 32) and node.args[3] == 32
+        assert int(zero_point.max()) <= 15
+    cosine4, sqnr4 = _compare(captured, gm)
+    _, gm8, _ = _apply(captured, WeightOnlyQuantize(bits=8))
+    _, sqnr8 = _compare(captured, gm8)
+    assert cosine4 > 0.99 and 15 < sqnr4 < sqnr8 - 10  # 4 bits: about 24 dB less signal-to-noise than 8
+    assert result.stats["weight_bytes_after"] < 0.2 * result.stats["weight_bytes_before"]
+
+
+def test_int4_refuses_layers_it_cannot_group_per_layer():
+    model = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 128), nn.Conv1d(128, 8, 1)).eval()
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.inner[2](self.inner[1](self.inner[0](x)))
+            return self.inner[3](y.unsqueeze(-1))
+
+    captured = graphopt.capture(Wrapped().eval(), (torch.randn(2, 96),))
+    plan, gm, result = _apply(captured, WeightOnlyQuantize(bits=4, group_size=64))
+    assert [u.details["weight"] for u in plan.units] == ["inner.2.weight"]
+    reasons = result.near_misses["weight-only"]
+    assert "in-features 96 not divisible by group_size 64 (choose a group size that divides it)" in reasons
+    assert any("conv1d weight kept float" in r for r in reasons)
+    assert _compare(captured, gm)[0] > 0.99
+
+
+def test_bad_options_are_input_errors():
+    with pytest.raises(InputError, match="must be 8 or 4"):
+        WeightOnlyQuantize(bits=3)
+    with pytest.raises(InputError, match="group_size"):
+        WeightOnlyQuantize(bits=4, group_size=48)
+    with pytest.raises(InputError, match="leave group_size unset"):
+        WeightOnlyQuantize(bits=8, group_size=128)
+    with pytest.raises(InputError, match=r"2\.\.256"):
+        KMeansQuantize(clusters=1000)
+
+
+def test_kmeans_1d_finds_the_clusters_and_is_deterministic():
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.tensor([-1.0, 0.0, 2.5])
+    noise = 0.01 * torch.randn(30000, generator=generator)
+    values = centres[torch.randint(0, 3, (30000,), generator=generator)] + noise
+    codebook, indices, _ = kmeans_1d(values, 3)
+    assert torch.allclose(codebook.float(), centres, atol=0.01)
+    assert (codebook[indices].float() - values).abs().max() < 0.1  # every value sits in its own cluster
+    again, _, _ = kmeans_1d(values, 3)
+    assert torch.equal(codebook, again)
+
+
+@pytest.mark.parametrize("clusters", [16, 256])
+def test_kmeans_codebook_size_indices_and_size_reduction(mlp, clusters):
+    _, _, captured = mlp
+    plan, gm, result = _apply(captured, KMeansQuantize(clusters=clusters))
+    nodes = [n for n in gm.graph.nodes if n.target == DEQUANTIZE_CODEBOOK]
+    assert len(nodes) == len(plan.units) == 4
+    for node in nodes:
+        indices, codebook = _buffer(gm, node.args[0]), _buffer(gm, node.args[1])
+        weight = node.target(indices, codebook, *node.args[2:])
+        assert indices.dtype == torch.uint8 and codebook.numel() == clusters
+        assert torch.unique(weight).numel() == clusters  # exactly k shared values in the layer
+        elements = weight.numel()
+        assert indices.numel() == (elements + 1) // 2 if clusters == 16 else indices.numel() == elements
+    for unit in plan.units:
+        assert unit.details["distinct_values"] == clusters
+        assert unit.details["size_ratio"] < (0.14 if clusters == 16 else 0.27)
+    assert result.stats["bytes_saved"] > 0.7 * result.stats["weight_bytes_before"]
+    assert _compare(captured, gm)[0] > (0.97 if clusters == 16 else 0.9995)  # one codebook for rows 100x apart
+
+
+def test_cpu_lowering_runs_int8_and_int4_kernels(mlp, monkeypatch):
+    _, _, captured = mlp
+    monkeypatch.setattr(lower_weight_only, "CPU_KERNEL_CHOICE", "kernel")
+    for bits, kernel in ((8, lower_weight_only.int8_weight_linear), (4, lower_weight_only.int4_weight_linear)):
+        _, gm, _ = _apply(captured, WeightOnlyQuantize(bits=bits, group_size=32 if bits == 4 else None))
+        lowered, counts = lower_weight_only.lower_weight_only_for_cpu(gm)
+        targets = Counter(n.target for n in lowered.graph.nodes if n.op == "call_function")
+        assert targets[kernel] == 3 and counts["int8_embedding_gathers"] == 1
+        assert not any(t in lower_weight_only.DEQUANTIZE_OPS for t in targets)  # nothing dequantizes per call
+        kept = [t for t in lowered.buffers() if t.dim() == 2 and t.numel() >= 128 * 128]
+        assert kept and all(t.dtype in (torch.int8, torch.uint8) for t in kept)  # weights stay compressed
+        reference = [gm(*captured.flat_inputs)]
+        assert output_cosine(reference, [lowered(*captured.flat_inputs)]) > 0.9999  # bf16 activations
+
+
+def test_cpu_lowering_dequantize_once_is_exact(mlp, monkeypatch):
+    _, _, captured = mlp
+    monkeypatch.setattr(lower_weight_only, "CPU_KERNEL_CHOICE", "dequantize-once")
+    _, gm, _ = _apply(captured, WeightOnlyQuantize(bits=8))
+    lowered, counts = lower_weight_only.lower_weight_only_for_cpu(gm)
+    assert counts["weights_dequantized_once"] == 3
+    torch.testing.assert_close(lowered(*captured.flat_inputs), gm(*captured.flat_inputs), rtol=1e-5, atol=1e-5)
+
+
+def _onnx_file(model, inputs, tmp_path, name, **options):
+    fast = graphopt.optimize(model, inputs, target="onnx", **options)
+    path = fast.export_onnx(tmp_path / f"{name}.onnx")
+    return fast, path.stat().st_size, Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def test_onnx_files_carry_compressed_weights(tmp_path):
+    torch.manual_seed(0)
+    model, inputs = Mlp(vocab=1000, width=256, hidden=512).eval(), (torch.randint(0, 1000, (4, 16)),)  # 3.7 MB
+    _, fp32_size, _ = _onnx_file(model, inputs, tmp_path, "fp32")
+    fast, int8_size, int8_ops = _onnx_file(model, inputs, tmp_path, "int8", quantize="int8-weight-only")
+    assert int8_ops["MatMulNBits"] == 3 and "Gather" in int8_ops
+    assert int8_size <= 0.27 * fp32_size
+    reference = model(*inputs)
+    assert output_cosine([reference], [fast(*inputs)]) > 0.999
+    _, int4_size, int4_ops = _onnx_file(model, inputs, tmp_path, "int4",
+                                        quantize=WeightOnlyQuantize(bits=4, group_size=32))
+    assert int4_ops["MatMulNBits"] == 3 and int4_size < int8_size
+    _, kmeans_size, kmeans_ops = _onnx_file(model, inputs, tmp_path, "kmeans", quantize=KMeansQuantize(16),
+                                            fidelity=graphopt.Fidelity(enforce=False))  # every layer clustered
+    assert kmeans_ops["Gather"] >= 4 and kmeans_size < 0.16 * fp32_size
+
+
+def test_optimize_cpu_int8_weight_only_reports_units_and_kernels(mlp):
+    model, inputs, _ = mlp
+    fast = graphopt.optimize(model, inputs, target="cpu", quantize="int8-weight-only")
+    assert output_cosine([model(*inputs)], [fast(*inputs)]) > 0.999
+    text = str(fast.report)
+    assert "weight-only-quantize" in text and "int8_embedding_gathers" in text
+
+
+MODEL_FILE = textwrap.dedent("""
+    import torch
+    import torch.nn as nn
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)).eval()
+
+    def batches():
+        torch.manual_seed(1)
+        return [(torch.randn(4, 64),) for _ in range(3)]
+""")
+
+
+def test_cli_quantize_with_npz_calibration(tmp_path, capsys):
+    model_file = tmp_path / "model.py"
+    model_file.write_text(MODEL_FILE)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((10, 64)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    code = main(["optimize", f"{model_file}:build", "--input-shape", "4,64", "--target", "onnx",
+                 "--quantize", "int8-weight-only", "--calibration", str(data), "--fidelity-cosine", "0.995",
+                 "-o", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "weight-only-quantize" in text and "output cosine >= 0.995" in text
+    assert Counter(n.op_type for n in onnx.load(str(out)).graph.node)["MatMulNBits"] == 2
+
+
+def test_calibration_files_cut_batches_and_explain_mistakes(tmp_path):
+    from graphopt.calibration_files import load_calibration
+
+    example = (torch.zeros(4, 64), torch.zeros(4, 3, dtype=torch.int64))
+    data = tmp_path / "two.npz"
+    np.savez(data, a=np.ones((10, 64), np.float64), b=np.ones((10, 3), np.int32))
+    batches = load_calibration(str(data), example)
+    assert len(batches) == 2 and batches[1][0].shape == (4, 64)  # 10 samples: two batches of 4, 2 dropped
+    assert batches[0][0].dtype == torch.float32 and batches[0][1].dtype == torch.int64
+    with pytest.raises(InputError, match="holds 2 array"):
+        load_calibration(str(data), example[:1])
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, a=np.ones((10, 65)), b=np.ones((10, 3)))
+    with pytest.raises(InputError, match="other dims must match"):
+        load_calibration(str(bad), example)
+    factory = tmp_path / "data.py"
+    factory.write_text(MODEL_FILE)
+    assert len(list(load_calibration(f"{factory}:batches", example))) == 3
+    with pytest.raises(InputError, match=r"\.npz file"):
+        load_calibration("nothing", example)
+
+
+@pytest.mark.slow
+def test_real_minilm_int8_weight_only_keeps_sentence_embeddings():
+    from graphopt import zoo
+
+    try:
+        entry = zoo.load("minilm", size="full", batch=8)
+    except zoo.ModelUnavailableError as error:
+        pytest.skip(str(error))
+    fast = graphopt.optimize(entry.model, entry.example_inputs, target="cpu", quantize="int8-weight-only")
+    reference = entry.model(*entry.example_inputs)
+    embeddings = fast(*entry.example_inputs)
+    assert output_cosine([reference], [embeddings]) >= 0.99
+
+    def ranking(e: torch.Tensor) -> torch.Tensor:
+        unit = torch.nn.functional.normalize(e, dim=1)
+        return (unit @ unit.T).argsort(dim=1, descending=True)[:, :2]  # itself, then its nearest sentence
+
+    assert torch.equal(ranking(reference), ranking(embeddings))
+
+
+@pytest.mark.gpu
+def test_weight_only_graph_runs_on_gpu(mlp):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    model, inputs, _ = mlp
+    fast = graphopt.optimize(model, inputs, target="gpu", quantize="int8-weight-only")
+    out = fast(*inputs)
+    assert output_cosine([model(*inputs)], [out.cpu()]) > 0.999
