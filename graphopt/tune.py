@@ -10,7 +10,7 @@ setup time, and a bar plot of the times.
 Candidates: the target's ``lowering.candidates()`` (``cpu``: oneDNN-fused with channels-last
 or NCHW, plain ATen, torch.compile/Inductor; ``onnx``: with and without fused attention, with
 onnxruntime's offline transformer optimizer; ``gpu``: with and without CUDA graphs). The ``cpu``
-target also tries onnxruntime's CPU execution provider, another runtime on the same device.
+candidates include onnxruntime's CPU execution provider, another runtime on the same device.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import copy
 import inspect
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,25 +84,7 @@ def tune_candidates(target: Target) -> list[Candidate]:
         clone = copy.copy(target)
         clone.lowering = option
         candidates.append(Candidate(f"{target.name}:{option.label()}", clone))
-    if target.name == "cpu":
-        from graphopt.targets.onnx import OnnxTarget
-
-        candidates.append(Candidate("cpu:onnxruntime", _OnnxOnCpu(OnnxTarget())))
     return candidates
-
-
-class _OnnxOnCpu(Target):
-    """onnxruntime's CPU execution provider as a candidate of the ``cpu`` target."""
-
-    name = "cpu"
-
-    def __init__(self, inner: Target) -> None:
-        self.inner = inner
-
-    def lower(self, gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any],
-              dynamic: Any = None, report: Report | None = None) -> Callable[..., Any]:
-        """Lower through the ``onnx`` target."""
-        return self.inner.lower(gm, example_args, example_kwargs, dynamic, report=report)  # type: ignore[call-arg]
 
 
 def _check(candidate: Candidate, captured: Any, budget: Fidelity | None, tolerance_scale: float) -> None:
@@ -176,8 +157,7 @@ def lower_model(target: Target, gm: fx.GraphModule, captured: Any, report: Repor
                 plan: TunePlan | None = None) -> tuple[Any, Target]:
     """Lower ``gm`` for ``target``; with ``tune`` measure every candidate and keep the fastest that passes.
 
-    Returns ``(runner, target)``: the target may be another lowering of the same target (or,
-    for ``cpu``, onnxruntime on the CPU) when tuning chose it.
+    Returns ``(runner, target)``: the target carries the lowering tuning chose.
     """
     if not tune:
         return _lower(target, gm, captured, report), target

@@ -42,7 +42,7 @@ class CpuTarget(Target):
         if _is_quantized(gm):  # int8 QDQ graph: its own lowering to int8 kernels (float graphs never get here)
             return _lower_quantized(gm, report)
         flat = flatten_inputs(gm, example_args, example_kwargs)
-        return lower_graph(gm, example_args, example_kwargs, flat, self.lowering, report)
+        return lower_graph(gm, example_args, example_kwargs, flat, self.lowering, report, dynamic=dynamic)
 
 
 def _is_quantized(gm: fx.GraphModule) -> bool:

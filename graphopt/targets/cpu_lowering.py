@@ -41,7 +41,7 @@ from graphopt.report import Report
 __all__ = ["CpuLowering", "LoweredGraph", "lower_graph", "lowering_passes", "prepack_weights", "reduced_precision"]
 
 Layout = Literal["auto", "channels_last", "contiguous"]
-Backend = Literal["graph", "inductor"]
+Backend = Literal["graph", "inductor", "onnxruntime"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class CpuLowering:
     convolutions, ``"contiguous"`` keeps NCHW. ``prepack``: reorder convolution weights into
     oneDNN's blocked layout once. ``backend="inductor"`` compiles with ``torch.compile`` instead.
     ``threads``: intra-op threads while the model runs (default: PyTorch's setting).
+    ``backend="onnxruntime"`` runs the graph in onnxruntime's CPU provider (``onnx_lowering``),
+    another runtime on the same device, which ``tune`` measures too.
     """
 
     fuse: bool = True
@@ -64,15 +66,15 @@ class CpuLowering:
     def __post_init__(self) -> None:
         if self.layout not in ("auto", "channels_last", "contiguous"):
             raise ValueError(f"layout must be 'auto', 'channels_last' or 'contiguous', got {self.layout!r}")
-        if self.backend not in ("graph", "inductor"):
-            raise ValueError(f"backend must be 'graph' or 'inductor', got {self.backend!r}")
+        if self.backend not in ("graph", "inductor", "onnxruntime"):
+            raise ValueError(f"backend must be 'graph', 'inductor' or 'onnxruntime', got {self.backend!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
 
     def label(self) -> str:
         """Short name of this lowering, for reports and ``tune``."""
-        if self.backend == "inductor":
-            return "inductor"
+        if self.backend != "graph":
+            return self.backend
         if not self.fuse and self.layout != "channels_last":
             return "aten"
         parts = ["onednn" if self.fuse else "aten"]
@@ -83,10 +85,10 @@ class CpuLowering:
         return "-".join(parts)
 
     def candidates(self) -> list[CpuLowering]:
-        """The variants ``tune`` measures: this one, plain ATen, NCHW/NHWC, and Inductor."""
+        """The variants ``tune`` measures: this one, plain ATen, NCHW/NHWC, Inductor and onnxruntime."""
         options = [self, replace(self, fuse=False, layout="contiguous", prepack=False),
                    replace(self, layout="channels_last"), replace(self, layout="contiguous"),
-                   replace(self, backend="inductor")]
+                   replace(self, backend="inductor"), replace(self, backend="onnxruntime")]
         unique: list[CpuLowering] = []
         for option in options:
             if option not in unique:
@@ -221,7 +223,7 @@ def _compile_inductor(gm: fx.GraphModule, example_args: tuple[Any, ...], example
 
 def lower_graph(gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any],
                 flat_inputs: tuple[Any, ...], options: CpuLowering, report: Report | None = None,
-                on_error: str = "raise", tolerance_scale: float | None = None) -> LoweredGraph:
+                on_error: str = "raise", tolerance_scale: float | None = None, dynamic: Any = None) -> Any:
     """Lower the verified graph ``gm`` for the CPU; ``gm`` itself is left as it is.
 
     The rewrites run through a ``PassManager`` (verified on ``flat_inputs``, recorded in
@@ -231,6 +233,10 @@ def lower_graph(gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwarg
     """
     from graphopt.pass_manager import PassManager
 
+    if options.backend == "onnxruntime":
+        from graphopt.targets.onnx_lowering import OnnxLowering, lower_onnx
+
+        return lower_onnx(gm, example_args, example_kwargs, dynamic, OnnxLowering(threads=options.threads), report)
     started = time.perf_counter()
     shared = {name: entry for name, entry in tensor_versions(gm).items() if isinstance(entry[0], torch.nn.Parameter)}
     lowered = snapshot_graph_module(gm)
