@@ -266,3 +266,58 @@ def test_digits_cnn_loses_at_most_half_a_point_with_static_int8(digits, target: 
     assert accuracy(quantized, x_test, y_test) >= float_accuracy - 0.5
     record = next(r for r in quantized.report.records if r.name == "quantize")
     assert record.fidelity["fallen_back"] == 0  # every conv / linear runs int8
+
+
+CALIBRATION_SENTENCES = (
+    "The children are playing football in the park.",
+    "A woman is slicing tomatoes in the kitchen.",
+    "The train to Berlin leaves at eight in the morning.",
+    "Heavy rain caused flooding across the region.",
+    "He forgot his umbrella at the office yesterday.",
+    "The new phone has a larger screen and a better camera.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "Interest rates were raised by the central bank.",
+    "A dog is running along the beach.",
+    "She plays the violin in the city orchestra.",
+    "The museum opens a new exhibition on ancient Egypt.",
+    "Farmers expect a good harvest this autumn.",
+    "The software update fixed several security problems.",
+    "Two men are climbing a steep mountain.",
+    "The restaurant serves fresh fish every day.",
+    "A baby is laughing at a puppy.",
+)
+
+
+@pytest.mark.slow  # real all-MiniLM-L6-v2: static int8 measures ~45 units' sensitivity
+@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic"])
+@pytest.mark.parametrize("target", ["cpu", "onnx"])
+def test_minilm_keeps_sentence_embeddings_and_ranking(scheme: str, target: str) -> None:
+    try:
+        entry = zoo.load("minilm", "small", batch=8)
+    except zoo.ModelUnavailableError as exc:
+        pytest.skip(str(exc))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo.minilm_path(), local_files_only=True)
+    seq = entry.example_inputs[0].shape[1]
+    calibration = []
+    for start in (0, 8):
+        tokens = tokenizer(list(CALIBRATION_SENTENCES[start:start + 8]), padding="max_length", truncation=True,
+                           max_length=seq, return_tensors="pt")
+        calibration.append((tokens["input_ids"], tokens["attention_mask"]))
+    quantized = graphopt.optimize(entry.model, entry.example_inputs, target=target, quantize=scheme,
+                                  calibration=calibration)
+    with torch.no_grad():
+        reference, embeddings = entry.model(*entry.example_inputs), quantized(*entry.example_inputs)
+    cosine = torch.nn.functional.cosine_similarity(reference, embeddings, dim=1)
+    assert float(cosine.min()) >= 0.99, cosine
+    similarity = reference @ reference.T, embeddings @ embeddings.T
+    pairs = torch.triu_indices(8, 8, offset=1)
+    order = [s[pairs[0], pairs[1]].argsort(descending=True) for s in similarity]
+    assert torch.equal(order[0][:3], order[1][:3])  # the three paraphrase pairs stay the three most similar
+    eye = torch.eye(8, dtype=torch.bool)
+    nearest = [s.masked_fill(eye, -2).argmax(1) for s in similarity]
+    assert torch.equal(nearest[0], nearest[1])  # every sentence keeps its nearest neighbour
+    ranks = [o.argsort().double() for o in order]
+    spearman = float(torch.corrcoef(torch.stack(ranks))[0, 1])
+    assert spearman > 0.97
