@@ -28,6 +28,15 @@ TORCHRUN_COMMAND = ("torchrun --nproc-per-node {nproc} --master-port {port} -m g
 TIME_LIMIT = 240
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Time stages with one intra-op thread: on a busy machine, waits for a second thread dominate tiny stages."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 class SkipCNN(nn.Module):
     """Residual blocks plus a long skip: the stem's output is concatenated at the head."""
 
@@ -106,6 +115,7 @@ def test_two_ranks_bert_encoder_with_attention_mask(tmp_path: Path) -> None:
     _pipeline_matches(model, inputs, stages=2, microbatches=4, tmp_path=tmp_path)
 
 
+@pytest.mark.slow
 def test_two_ranks_cnn_with_skip_connections(tmp_path: Path) -> None:
     model, inputs = _cnn()
     _pipeline_matches(model, inputs, stages=2, microbatches=2, tmp_path=tmp_path)
