@@ -135,15 +135,24 @@ def _rows(node: fx.Node) -> int | None:
     return rows
 
 
-def _best_ms(fn: Callable[[], Any], repeats: int = 7) -> float:
-    """The fastest of ``repeats`` timed calls (the least disturbed by other work on the machine)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+def _best_times_ms(first: Callable[[], Any], second: Callable[[], Any], rounds: int = 7) -> tuple[float, float]:
+    """The fastest of ``rounds`` timed calls of each of two functions.
+
+    The calls alternate, so that other work on the machine disturbs both alike.
+    """
+    first()
+    second()
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for index, fn in enumerate((first, second)):
+            start = time.perf_counter()
+            fn()
+            best[index] = min(best[index], time.perf_counter() - start)
+    return best[0] * 1e3, best[1] * 1e3
+
+
+KERNEL_MARGIN = 0.9
+"""The weight-only kernel is chosen only when it takes under this fraction of the float time."""
 
 
 def int8_weight_linear(x: torch.Tensor, q_weight: torch.Tensor, scale: torch.Tensor,
@@ -199,9 +208,9 @@ def _faster_form(node: fx.Node, kernel: tuple[Callable[..., torch.Tensor], tuple
     if key not in timings:
         x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
         with torch.inference_mode():
-            kernel_ms = _best_ms(lambda: function(x, *args, None))
-            float_ms = _best_ms(lambda: torch.nn.functional.linear(x, weight))
-        timings[key] = "kernel" if kernel_ms < float_ms else "dequantize-once"
+            kernel_ms, float_ms = _best_times_ms(lambda: function(x, *args, None),
+                                                 lambda: torch.nn.functional.linear(x, weight))
+        timings[key] = "kernel" if kernel_ms < KERNEL_MARGIN * float_ms else "dequantize-once"
         log.info("weight-only %s %s: kernel %.2f ms, dequantize-once %.2f ms", function.__name__,
                  "x".join(map(str, (rows, *weight.shape))), kernel_ms, float_ms)
     return timings[key]
