@@ -69,10 +69,15 @@ def _layer_op(deps: DependencyGraph, atom: Atom) -> str:
 
 
 def _unit_name(deps: DependencyGraph, group: Group, used: set[str]) -> str:
-    producers = sorted({layer_label(deps.layer_node(a.target)) for a in deps.weight_atoms(group)  # type: ignore[arg-type]
-                        if a.dim == _out_dim(deps, a)})
+    """The user's module path of the group's producing layers (their common prefix), else of any of its layers."""
+    weights = deps.weight_atoms(group)
+    nodes = [(deps.layer_node(a.target), a.dim == _out_dim(deps, a)) for a in weights]
+    named = [(n, producer) for n, producer in nodes if n is not None and n.meta.get("nn_module_stack")]
+    producers = sorted({layer_label(n) for n, producer in named if producer})
+    if not producers:  # e.g. a projection fused by another pass: name the group after its other layers
+        producers = sorted({layer_label(n) for n, _ in named})
     if not producers:
-        producers = sorted({layer_label(deps.layer_node(a.target)) for a in deps.weight_atoms(group)})  # type: ignore[arg-type]
+        producers = sorted({layer_label(n) for n, _ in nodes if n is not None}) or [weights[0].target]
     prefix = _common_prefix([p.split(".") for p in producers]) if len(producers) > 1 else []
     base = ".".join(prefix) if prefix else producers[0]
     name, index = base, 1
