@@ -309,3 +309,16 @@ def test_no_cut_separates_a_tuple_from_its_users() -> None:
     assert items.allowed[split] and items.allowed[last_getitem + 1]
     # the bytes live across a cut: relu's output (2 x 8 floats) before the split
     assert items.cut_bytes[split] == 2 * 8 * 4
+
+
+def test_devices_one_per_stage() -> None:
+    model = LinearChain([8, 8, 8, 8])
+    x = torch.randn(4, 8)
+    parts = graphopt.partition(model, (x,), stages=2, balance="flops", optimize=False, devices=["cpu", "cpu"])
+    assert parts.devices == [torch.device("cpu")] * 2 and [s.device for s in parts.report.stages] == ["cpu"] * 2
+    torch.testing.assert_close(parts(x), model(x), rtol=0, atol=1e-6)
+    with pytest.raises(graphopt.InputError, match="one device per stage"):
+        parts.to_devices(["cpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(graphopt.DeviceUnavailableError, match="CUDA is not available"):
+            parts.to_devices(["cuda:0", "cuda:1"])
