@@ -279,7 +279,7 @@ def split_stages(gm: fx.GraphModule, items: GraphItems, boundaries: Sequence[int
     order = list(gm.graph.nodes)
 
     def users_stage(user: fx.Node) -> list[int]:
-        """Stages that need a value because ``user`` reads it (sizes and constants pass their needs on)."""
+        """Stages that need a value because ``user`` reads it (none for sizes and constants: they are rebuilt)."""
         kind = kinds[user]
         if kind == COMPUTE:
             return [stage_of[user]]
