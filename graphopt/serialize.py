@@ -145,6 +145,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
 
 
 def _load_program(path: Path) -> torch.export.ExportedProgram:
+    import graphopt.passes.quantize.weight_ops  # noqa: F401 - registers the graphopt_weights ops saved graphs call
     try:
         with _weights_only_loading():
             return torch.export.load(path)

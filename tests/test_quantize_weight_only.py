@@ -231,6 +231,18 @@ def test_optimize_cpu_int8_weight_only_reports_units_and_kernels(mlp):
     assert "weight-only-quantize" in text and "int8_embedding_gathers" in text
 
 
+def test_save_and_load_keep_the_compressed_weights(mlp, tmp_path, monkeypatch):
+    model, inputs, _ = mlp
+    monkeypatch.setattr(lower_weight_only, "CPU_KERNEL_CHOICE", "dequantize-once")  # same lowering after load
+    fast = graphopt.optimize(model, inputs, target="cpu", quantize="int4-weight-only")
+    float_file = graphopt.optimize(model, inputs, target="cpu").save(tmp_path / "float.pt2")
+    path = fast.save(tmp_path / "int4.pt2")
+    assert path.stat().st_size < 0.25 * float_file.stat().st_size
+    loaded = graphopt.load(path)
+    assert Counter(n.target for n in loaded.graph_module.graph.nodes)[DEQUANTIZE_INT4] == 3
+    torch.testing.assert_close(loaded(*inputs), fast(*inputs))
+
+
 MODEL_FILE = textwrap.dedent("""
     import torch
     import torch.nn as nn
