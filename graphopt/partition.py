@@ -189,10 +189,11 @@ def _stage_section(report: PartitionReport, predictions: Sequence[ThroughputPred
                  or ["none"], {"KiB": [b / 1024 for b in report.cut_bytes] or [0.0]}, y_label="KiB"),
     ]
     if predictions:
-        plots.append(PlotSpec("line", "Predicted throughput (samples/s) by micro-batches",
-                              [str(p.microbatches) for p in predictions],
-                              {"samples/s": [p.samples_per_second for p in predictions],
-                               "bubble %": [100 * p.bubble_fraction for p in predictions]}, x_label="micro-batches"))
+        counts = [str(p.microbatches) for p in predictions]
+        plots.append(PlotSpec("line", "Predicted throughput (samples/s) by micro-batches", counts,
+                              {"samples/s": [p.samples_per_second for p in predictions]}, x_label="micro-batches"))
+        plots.append(PlotSpec("line", "Pipeline bubble (% idle) by micro-batches", counts,
+                              {"bubble %": [100 * p.bubble_fraction for p in predictions]}, x_label="micro-batches"))
     t = report.throughput
     description = (
         f"{len(report.stages)} stages balanced on {report.balance_key}; slowest / mean measured stage time "
