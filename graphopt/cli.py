@@ -120,8 +120,8 @@ def _command_partition(args: argparse.Namespace) -> int:
     if args.output:
         directory = parts.save(args.output)
         print(f"wrote {len(parts.stages)} stages and {directory / 'manifest.json'}; run them with:\n"
-              f"  torchrun --nproc-per-node {len(parts.stages)} -m graphopt.pipeline {directory} --inputs in.pt "
-              f"--microbatches {parts.microbatches} --output out.pt")
+              f"  torchrun --nproc-per-node {len(parts.stages)} -m graphopt.pipeline {directory} --inputs "
+              f"{directory / 'example_inputs.pt'} --microbatches {parts.microbatches} --output out.pt")
     if args.onnx:
         for path in parts.export_onnx(args.onnx):
             print(f"wrote {path}")

@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+EXAMPLE_INPUTS = "example_inputs.pt"
 FORMAT = "graphopt-pipeline-stages"
 _VERSION = 1
 DEFAULT_LINK_BANDWIDTH = 1.0e9
@@ -405,7 +406,7 @@ class PartitionedModel(torch.nn.Module):
         return result
 
     def save(self, directory: str | Path) -> Path:
-        """Write one torch.export ``.pt2`` per stage and ``manifest.json`` into ``directory``.
+        """Write one torch.export ``.pt2`` per stage, ``manifest.json`` and ``example_inputs.pt`` into ``directory``.
 
         ``torchrun --nproc-per-node N -m graphopt.pipeline DIRECTORY --inputs in.pt --output out.pt``
         runs them as a pipeline; ``graphopt.partition.load_stages(DIRECTORY)`` loads them back.
@@ -427,6 +428,7 @@ class PartitionedModel(torch.nn.Module):
                                     f"{type(error).__name__}: {str(error).splitlines()[0]}") from error
             torch.export.save(program, directory / f"stage_{info.index}.pt2")
         (directory / MANIFEST).write_text(json.dumps(self.manifest, indent=1))
+        torch.save(tuple(self._example_flat), directory / EXAMPLE_INPUTS)  # a ready --inputs file
         return directory
 
     def export_onnx(self, directory: str | Path) -> list[Path]:

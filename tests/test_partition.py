@@ -191,7 +191,10 @@ def test_save_and_load_stages(tmp_path) -> None:
     entry = zoo.load("bert", size="small", batch=2)
     parts = graphopt.partition(entry.model, entry.example_inputs, stages=2, balance="flops", optimize=False)
     directory = parts.save(tmp_path / "stages")
-    assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "stage_0.pt2", "stage_1.pt2"]
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "example_inputs.pt", "manifest.json", "stage_0.pt2", "stage_1.pt2"]
+    example = torch.load(directory / "example_inputs.pt", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(example, entry.example_inputs, strict=True))
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["microbatch_dim"] == 0 and manifest["inputs"] == parts.manifest["inputs"]
     loaded = load_stages(directory)
