@@ -74,6 +74,7 @@ def test_digits_cnn_pruned_by_half_recovers_to_within_a_point() -> None:
     assert _accuracy(pruned, x_test, y_test) == before  # the pruned model is not changed
 
 
+@pytest.mark.slow
 def test_distill_with_labels_and_a_budget() -> None:
     torch.manual_seed(0)
     x_train, y_train, _x_test, _y_test = _digits()
@@ -90,12 +91,29 @@ def test_distill_with_labels_and_a_budget() -> None:
     with pytest.raises(FidelityError, match="below the budget"):
         graphopt.distill(pruned, teacher=model, data=batches[:1], labeled=True, epochs=1, lr=1e-6,
                          fidelity=graphopt.Fidelity(min_cosine=0.99999))
+
+
+def test_distill_bad_arguments_are_input_errors() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x, labels = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    pruned = graphopt.optimize(model, (x,), "cpu", prune=0.5)
+    assert pruned.graph_module.get_buffer(
+        next(n for n, b in pruned.graph_module.named_buffers() if b.dim() == 2 and b.shape[1] == 8)).shape == (8, 8)
     with pytest.raises(InputError, match="labeled=True"):
-        graphopt.distill(pruned, teacher=model, data=batches[:1], epochs=1)
+        graphopt.distill(pruned, teacher=model, data=[(x, labels)], epochs=1)
     with pytest.raises(InputError, match="epochs"):
-        graphopt.distill(pruned, teacher=model, data=batches, epochs=0)
+        graphopt.distill(pruned, teacher=model, data=[(x,)], epochs=0)
+    with pytest.raises(InputError, match="alpha"):
+        graphopt.distill(pruned, teacher=model, data=[(x,)], alpha=2.0)
+    with pytest.raises(InputError, match="a single tensor batch goes in a list"):
+        graphopt.distill(pruned, teacher=model, data=x)
     with pytest.raises(InputError, match=r"what graphopt\.optimize returned"):
-        graphopt.distill(model, teacher=model, data=batches)
+        graphopt.distill(model, teacher=model, data=[(x,)])
+    recovered = graphopt.distill(pruned, teacher=model, data=[(x,)] * 4, epochs=3, lr=1e-2)
+    section = next(s for s in recovered.report.sections if s.title == "distill: recovery")
+    assert section.rows[0][2] > section.rows[0][1]  # closer to the teacher after training
+    assert len(section.plots[0].series["loss"]) == 3
 
 
 @pytest.mark.slow
