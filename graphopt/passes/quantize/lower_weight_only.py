@@ -105,8 +105,8 @@ def gather_quantized_embeddings(gm: fx.GraphModule) -> dict[str, int]:
         if node.target != aten.embedding.default or not isinstance(node.args[0], fx.Node):
             continue
         dequant = node.args[0]
-        if dequant.target != DEQUANTIZE_INT8 or (len(node.args) > 2 and node.args[2] not in (-1, None)):
-            continue  # padding_idx only matters for gradients, but keep the rewrite to the plain form
+        if dequant.target != DEQUANTIZE_INT8:
+            continue  # (padding_idx, scale_grad_by_freq and sparse only matter for gradients)
         values = _constants(gm, dequant)
         if values is None or values[0].dim() != 2:
             continue
