@@ -186,7 +186,6 @@ def lower_model(target: Target, gm: fx.GraphModule, captured: Any, report: Repor
         if candidate is not chosen:
             candidate.runner = None  # free what the losers hold (sessions, packed weights)
     chosen_report: Report = chosen.report  # type: ignore[attr-defined]
-    report.records.extend(chosen_report.records)
     report.notes.extend(chosen_report.notes)
     report.sections.extend(chosen_report.sections)
     report.sections.append(_section(candidates, chosen))

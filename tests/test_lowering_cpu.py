@@ -58,8 +58,10 @@ def _net() -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(2, 3, 16, 16)
 
 
-def _record(report: graphopt.Report, name: str) -> graphopt.PassRecord:
-    return next(r for r in report.records if r.name == name)
+def _record(fast: graphopt.OptimizedModel, name: str) -> graphopt.PassRecord:
+    """A rewrite of the cpu lowering (they are in ``runner.records`` and a report section, not the pass table)."""
+    assert name not in [r.name for r in fast.report.records]
+    return next(r for r in fast.runner.records if r.name == name)
 
 
 def _lowered_ops(fast: graphopt.OptimizedModel) -> dict[str, int]:
@@ -76,11 +78,14 @@ def test_conv_net_runs_on_fused_onednn_kernels_in_channels_last() -> None:
     assert ops["mkldnn._linear_pointwise.default"] == 1
     assert "aten.conv2d.default" not in ops and "aten.relu.default" not in ops
     assert ops["aten.clone.default"] == 1  # one conversion to channels-last, at the input; none inside
-    fusion = _record(fast.report, "epilogue-fusion")
+    fusion = _record(fast, "epilogue-fusion")
     assert fusion.status == "changed"
     assert fusion.stats["conv+relu"] == 2 and fusion.stats["conv+add+relu"] == 1
-    assert _record(fast.report, "channels-last").stats == {"to_channels_last": 1}
+    assert _record(fast, "channels-last").stats == {"to_channels_last": 1}
     assert compare_outputs([fast(x)], [model(x)]).ok
+    section = next(s for s in fast.report.sections if s.title == "cpu lowering 'onednn'")
+    assert [row[0] for row in section.rows] == ["channels-last", "epilogue-fusion"]
+    assert "3 convolution weights prepacked" in section.description
     # the weights the fused convolutions read are prepacked oneDNN tensors
     packed = [n for n in fast.runner.graph_module.graph.nodes if n.op == "get_attr" and "packed" in str(n.target)]
     assert len(packed) == 3
@@ -104,9 +109,9 @@ def test_linear_epilogues_and_residual() -> None:
     assert ops["mkldnn._linear_pointwise.default"] == 1  # up + GELU
     assert ops["mkldnn._linear_pointwise.binary"] == 1  # down + residual add
     assert "aten.gelu.default" not in ops and ops["aten.layer_norm.default"] == 1
-    assert _record(fast.report, "epilogue-fusion").stats == {"linear+gelu": 1, "linear+add": 1}
+    assert _record(fast, "epilogue-fusion").stats == {"linear+gelu": 1, "linear+add": 1}
     assert compare_outputs([fast(x)], [model(x)]).ok
-    assert _record(fast.report, "channels-last").status == "unchanged"  # no convolutions
+    assert _record(fast, "channels-last").status == "unchanged"  # no convolutions
 
 
 def test_addmm_with_constant_weight_becomes_a_linear_on_a_transposed_copy() -> None:
@@ -123,7 +128,7 @@ def test_addmm_with_constant_weight_becomes_a_linear_on_a_transposed_copy() -> N
     model, x = Conv1D().eval(), torch.randn(6, 16)
     fast = graphopt.optimize(model, (x,), target="cpu")
     assert _lowered_ops(fast)["mkldnn._linear_pointwise.default"] == 1
-    stats = _record(fast.report, "epilogue-fusion").stats
+    stats = _record(fast, "epilogue-fusion").stats
     assert stats["linear+tanh"] == 1 and stats["transposed weights"] == 1
     assert compare_outputs([fast(x)], [model(x)]).ok
     assert model.weight.shape == (16, 24)  # the user's weight is untouched
@@ -136,7 +141,7 @@ def test_near_misses_say_why_a_layer_stayed() -> None:
 
     x, w = torch.randn(3, 8), torch.randn(4, 8)
     fast = graphopt.optimize(RuntimeWeight(), (x, w), target="cpu")
-    record = _record(fast.report, "epilogue-fusion")
+    record = _record(fast, "epilogue-fusion")
     assert record.status == "unchanged"
     assert record.near_misses["epilogue-fusion"] == {"linear weight computed at run time": 1}
     assert compare_outputs([fast(x, w)], [RuntimeWeight()(x, w)]).ok
@@ -149,7 +154,7 @@ def test_model_without_fusable_pattern_is_unchanged() -> None:
 
     x = torch.randn(4, 8)
     fast = graphopt.optimize(Elementwise(), (x,), target="cpu")
-    assert _record(fast.report, "epilogue-fusion").status == "unchanged"
+    assert _record(fast, "epilogue-fusion").status == "unchanged"
     assert _lowered_ops(fast) == dict(count_ops(fast.graph_module))
 
 
@@ -166,7 +171,7 @@ def test_transformer_with_a_patch_conv_keeps_its_layout() -> None:
     torch.manual_seed(0)
     model, x = PatchEmbed().eval(), torch.randn(1, 3, 8, 8)
     fast = graphopt.optimize(model, (x,), target="cpu")
-    record = _record(fast.report, "channels-last")
+    record = _record(fast, "channels-last")
     assert record.status == "unchanged"
     (reason,) = record.near_misses["channels-last"]
     assert "of the work" in reason
@@ -181,7 +186,7 @@ def test_four_d_outputs_come_back_contiguous() -> None:
     fast = graphopt.optimize(model, (x,), target="cpu")
     out = fast(x)
     assert out.is_contiguous()
-    assert _record(fast.report, "channels-last").stats == {"to_channels_last": 1, "to_contiguous": 1}
+    assert _record(fast, "channels-last").stats == {"to_channels_last": 1, "to_contiguous": 1}
     assert compare_outputs([out], [model(x)]).ok
 
 

@@ -7,8 +7,8 @@ exportable to ONNX. Lowering works on a structure copy that shares its weights:
    once at the entry;
 2. ``epilogue-fusion`` (``graphopt.passes.epilogue``): conv / linear + bias + activation
    (+ residual add) become oneDNN's fused kernels;
-3. both run through the ``PassManager``, so each is verified against the graph before it and
-   recorded in the report like every other pass;
+3. both run through a ``PassManager`` of their own, so each is verified against the graph before
+   it; their records (counts, near-misses) form a report section and ``LoweredGraph.records``;
 4. prepacking: convolution weights are reordered once into oneDNN's blocked layout for the
    example's input size (the kernels accept other sizes too), so no call reorders them again.
    Packed weights are opaque oneDNN tensors held by the lowered module only; they are not part
@@ -34,11 +34,12 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import InputError
-from graphopt.ir import node_shape, snapshot_graph_module, tensor_versions, written_since
+from graphopt.ir import node_shape, snapshot_graph_module, state_update_nodes, tensor_versions, written_since
 from graphopt.pass_infra import Pass
-from graphopt.report import Report
+from graphopt.report import PassRecord, Report, ReportSection
 
-__all__ = ["CpuLowering", "LoweredGraph", "lower_graph", "lowering_passes", "prepack_weights", "reduced_precision"]
+__all__ = ["CpuLowering", "LoweredGraph", "lower_graph", "lowering_passes", "prepack_weights", "records_section",
+           "reduced_precision"]
 
 Layout = Literal["auto", "channels_last", "contiguous"]
 Backend = Literal["graph", "inductor", "onnxruntime"]
@@ -172,10 +173,12 @@ class LoweredGraph(torch.nn.Module):
     """The CPU-lowered graph: called like the user's model, with its thread setting applied per call."""
 
     def __init__(self, graph_module: fx.GraphModule | Any, options: CpuLowering,
-                 shared_weights: dict[str, tuple[torch.Tensor, int]] | None = None) -> None:
+                 shared_weights: dict[str, tuple[torch.Tensor, int]] | None = None,
+                 records: list[PassRecord] | None = None) -> None:
         super().__init__()
         self.__dict__["graph_module"] = graph_module  # not a submodule: its weights are the optimized graph's
         self.options = options
+        self.records = list(records or [])  # the lowering's verified rewrites (also a report section)
         self._shared = shared_weights or {}
 
     def _check_weights_unchanged(self) -> None:
@@ -247,14 +250,35 @@ def lower_graph(gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwarg
             report.notes.append(f"cpu lowering: torch.compile (Inductor, freezing) in {seconds:.1f} s")
         return LoweredGraph(runner, options, shared)
     passes = lowering_passes(options)
-    scratch = report if report is not None else Report(target="cpu")
+    scratch = Report(target="cpu")
+    if passes and state_update_nodes(gm):
+        passes = []
+        scratch.notes.append("cpu lowering: the graph updates state on every call; it runs unfused")
     if passes:
         if tolerance_scale is None:
             tolerance_scale = 50.0 if reduced_precision(gm) else 1.0
         manager = PassManager(passes, on_error=on_error, tolerance_scale=tolerance_scale)  # type: ignore[arg-type]
         lowered = manager.run(lowered, flat_inputs, scratch)
     packed = prepack_weights(lowered) if options.fuse and options.prepack else 0
+    runner = LoweredGraph(lowered, options, shared, scratch.records)
     if report is not None:
-        report.notes.append(f"cpu lowering '{options.label()}': {packed} convolution weights prepacked for oneDNN"
-                            + (f", {options.threads} threads" if options.threads else ""))
-    return LoweredGraph(lowered, options, shared)
+        summary = (f"{packed} convolution weights prepacked for oneDNN"
+                   + (f", {options.threads} threads" if options.threads else ""))
+        report.notes.extend(scratch.notes)
+        report.sections.append(records_section(f"cpu lowering '{options.label()}'", scratch.records, summary))
+    return runner
+
+
+def records_section(title: str, records: list[PassRecord], summary: str = "") -> ReportSection:
+    """The lowering's verified rewrites as a report section: one row per rewrite, like the pass table."""
+    rows = []
+    for record in records:
+        details = ", ".join(f"{k}={v}" for k, v in record.stats.items())
+        misses = "; ".join(f"{reason} ({count})" for group in record.near_misses.values()
+                           for reason, count in group.items())
+        rows.append([record.name, record.status, f"{record.nodes_before} → {record.nodes_after}",
+                     round(record.seconds * 1e3, 1), round(record.verify_seconds * 1e3, 1), record.max_abs_diff,
+                     details, misses])
+    return ReportSection(title=title, description=summary or None,
+                         headers=["rewrite", "status", "nodes", "ms", "verify ms", "max |Δ|", "details", "near-misses"],
+                         rows=rows)

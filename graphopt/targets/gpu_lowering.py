@@ -174,8 +174,13 @@ def lower_for_gpu(gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwa
             compiled(*example_args, **example_kwargs)
         return _WithSdpa(compiled, options.sdpa_backends)
     if options.epilogues:
+        from graphopt.targets.cpu_lowering import records_section
+
+        scratch = Report(target="gpu")
         manager = PassManager([CublasLtEpilogue()], tolerance_scale=10.0)  # TF32 / cuBLASLt rounding
-        gm = manager.run(gm, flat_inputs, report if report is not None else Report(target="gpu"))
+        gm = manager.run(gm, flat_inputs, scratch)
+        if report is not None:
+            report.sections.append(records_section(f"gpu lowering '{options.label()}'", scratch.records))
     runner: Any = _WithSdpa(gm, options.sdpa_backends)
     if options.cuda_graphs is True or (options.cuda_graphs == "auto" and static):
         runner = CUDAGraphRunner(gm, example_args, example_kwargs, lambda: sdpa_context(options.sdpa_backends))
