@@ -214,12 +214,16 @@ class LoweredGraph(torch.nn.Module):
         return f"lowering={self.options.label()}"
 
 
-def _compile_inductor(gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any]) -> Any:
-    """``torch.compile`` of the graph with Inductor and weight freezing; compiles on a first call here."""
+def _compile_inductor(gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any],
+                      dynamic: bool = False) -> Any:
+    """``torch.compile`` of the graph with Inductor and weight freezing; compiles on a first call here.
+
+    ``dynamic``: the graph has dynamic dims, so the kernels are compiled for symbolic sizes.
+    """
     import torch._inductor.config as inductor_config
 
     with inductor_config.patch(freezing=True), torch.no_grad():
-        compiled = torch.compile(gm, backend="inductor", dynamic=False)
+        compiled = torch.compile(gm, backend="inductor", dynamic=dynamic)
         compiled(*example_args, **example_kwargs)
     return compiled
 
@@ -244,7 +248,7 @@ def lower_graph(gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwarg
     shared = {name: entry for name, entry in tensor_versions(gm).items() if isinstance(entry[0], torch.nn.Parameter)}
     lowered = snapshot_graph_module(gm)
     if options.backend == "inductor":
-        runner = _compile_inductor(lowered, example_args, example_kwargs)
+        runner = _compile_inductor(lowered, example_args, example_kwargs, dynamic=bool(dynamic))
         if report is not None:
             seconds = time.perf_counter() - started
             report.notes.append(f"cpu lowering: torch.compile (Inductor, freezing) in {seconds:.1f} s")
