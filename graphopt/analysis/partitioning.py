@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -262,9 +261,3 @@ def balanced_split(
     del table
     return boundaries
 
-
-def describe_items(items: GraphItems, boundaries: Sequence[int]) -> list[dict[str, Any]]:
-    """Per stage: the first and last node names, as plain data."""
-    edges = [*boundaries, len(items)]
-    return [{"first": items.nodes[edges[k]].name, "last": items.nodes[edges[k + 1] - 1].name}
-            for k in range(len(boundaries))]
