@@ -113,6 +113,20 @@ def _fused_output(node: fx.Node) -> tuple[fx.Node, str, list[float], fx.Node | N
     return node, post_op, post_args, None
 
 
+def _read_as_int8(quantize: fx.Node) -> bool:
+    """True when an op that runs on int8 data (conv, linear, a pass-through op) reads ``quantize``'s codes.
+
+    Anything else than dequantize nodes reading it, or a dequantize read by such an op, counts.
+    """
+    int8_readers = {aten.conv2d.default, aten.linear.default, aten.addmm.default} | PASS_THROUGH
+    for user in quantize.users:
+        if user.target != qd.dequantize_per_tensor.default:
+            return True
+        if any(reader.op == "call_function" and reader.target in int8_readers for reader in user.users):
+            return True
+    return False
+
+
 def _bias(gm: fx.GraphModule, node: object) -> torch.Tensor | bool | None:
     """The constant float bias, None for no bias, False when the bias is computed at run time."""
     if node is None:
@@ -157,7 +171,11 @@ def lower_static_weighted(gm: fx.GraphModule) -> dict[str, int]:
         q_weight, w_scales = weight
         end, post_op, post_args, quantize = _fused_output(node)
         out_scale, out_zp, out_dtype = 1.0, 0, torch.float32
-        if quantize is not None:
+        float_readers: list[fx.Node] = []
+        if quantize is not None and not _read_as_int8(quantize):
+            # only float ops read the result: the kernel writes float directly (no requantize + dequantize)
+            float_readers, quantize = list(quantize.users), None
+        elif quantize is not None:
             out_scale, out_zp, out_dtype = float(quantize.args[1]), int(quantize.args[2]), torch.uint8
         w_zps = torch.zeros(w_scales.shape, dtype=torch.int64)
         scales_node = _store(gm, f"{node.name}_w_scales", w_scales, node)
@@ -180,6 +198,8 @@ def lower_static_weighted(gm: fx.GraphModule) -> dict[str, int]:
         with graph.inserting_before(end if quantize is None else quantize):
             new = graph.call_function(target, args)
         _replace_output(gm, node, end, quantize, new)
+        for reader in float_readers:
+            reader.replace_all_uses_with(new)
         counts[family] += 1
     return counts
 
