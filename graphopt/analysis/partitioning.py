@@ -73,8 +73,12 @@ def node_kinds(gm: fx.GraphModule) -> dict[fx.Node, str]:
     """Classify every node: input, weight, constant (computed from weights only), size, compute, output.
 
     Weights, constants and sizes are recomputed in each stage that needs them; inputs and
-    compute values are passed from stage to stage.
+    compute values are passed from stage to stage. A node is a constant when no input and no
+    random op reaches it in the dataflow graph.
     """
+    graph = dataflow_graph(gm)
+    sources = [n.name for n in gm.graph.nodes if n.op == "placeholder" or draws_random_numbers(n)]
+    varying = set(sources).union(*(nx.descendants(graph, name) for name in sources))
     kinds: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -87,7 +91,7 @@ def node_kinds(gm: fx.GraphModule) -> dict[fx.Node, str]:
             kinds[node] = COMPUTE
         elif _is_size_value(node) and not _is_tensor_value(node):
             kinds[node] = SIZE
-        elif all(kinds[a] in (WEIGHT, CONSTANT) for a in node.all_input_nodes) and not draws_random_numbers(node):
+        elif node.name not in varying:
             kinds[node] = CONSTANT
         else:
             kinds[node] = COMPUTE
