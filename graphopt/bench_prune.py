@@ -202,9 +202,12 @@ def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], amou
 def run_prune_bench_command(args: Any, models: Sequence[str], threads: int) -> int:
     """``graphopt bench --prune ...`` from parsed arguments."""
     targets = ["gpu"] if args.target == "gpu" else ["cpu", "onnx"]
+    command = (f"graphopt bench --prune {','.join(f'{a:g}' for a in args.prune)} {' '.join(models)} "
+               f"--target {args.target} --size {args.size} --batch {args.batch[0]} --threads {threads} "
+               f"--max-seconds {args.max_seconds:g} --min-repeats {args.min_repeats}")
     result = run_prune_benchmark(models, amounts=args.prune, targets=targets, size=args.size, batch=args.batch[0],
                                  threads=threads, min_repeats=args.min_repeats, max_seconds=args.max_seconds,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, command=command)
     print(result)
     if args.json:
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
