@@ -342,3 +342,116 @@ def test_bench_prune_rows_compare_dense_and_pruned_side_by_side() -> None:
     assert dense.speedup_vs_dense == 1.0 and pruned.median_ms > 0 and pruned.speedup_vs_dense is not None
     assert dense.min_cosine == pytest.approx(1.0) and pruned.min_cosine < 1.0
     assert "speed-up vs dense" in str(result) and "| residual" in result.to_markdown()
+
+
+# ------------------------------------------------------------------ more architectures
+
+
+class SE(nn.Module):
+    """A conv with squeeze-excitation (mean, two 1x1 convs, sigmoid gate) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.head((y * gate).mean((2, 3)))
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle: a strided channel permutation after a grouped conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1, groups=2), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.b(F.relu(self.a(x))))
+        n, c, h, w = y.shape
+        return self.c(y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w))
+
+
+class Dense(nn.Module):
+    """DenseNet-style: every layer's output is concatenated to its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.l1, self.l2 = nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(12, 4, 3, padding=1)
+        self.out = nn.Conv2d(16, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = torch.cat([x, F.relu(self.l1(x))], 1)
+        x = torch.cat([x, F.relu(self.l2(x))], 1)
+        return self.out(x).mean((2, 3))
+
+
+class ConvNeXt(nn.Module):
+    """A ConvNeXt block: depthwise conv, channels-last LayerNorm, MLP, residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 2, stride=2)
+        self.dw = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.norm, self.up, self.down = nn.LayerNorm(16), nn.Linear(16, 64), nn.Linear(64, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.down(F.gelu(self.up(self.norm(y)))).permute(0, 3, 1, 2)
+        return self.head((x + y).mean((2, 3)))
+
+
+class Inception(nn.Module):
+    """Three branches concatenated, pooled to 4x4 and flattened into a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1, self.b2a, self.b2b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(6, 8, 3, padding=1)
+        self.pool, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(16 * 4 * 4, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branches = [F.relu(self.b1(x)), F.relu(self.b2b(F.relu(self.b2a(x)))),
+                    F.relu(self.pool(F.max_pool2d(x, 3, 1, 1)))]
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(torch.cat(branches, 1), 4), 1))
+
+
+class Chunky(nn.Module):
+    """A gated MLP (LLaMA's shape): one linear's output chunked into gate and value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.gate_up = nn.Linear(8, 32), nn.Linear(32, 2 * 48)
+        self.down, self.out = nn.Linear(48, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.inp(x))
+        gate, value = self.gate_up(h).chunk(2, dim=-1)
+        return self.out(h + self.down(F.silu(gate) * value))
+
+
+@pytest.mark.parametrize(("model", "shape", "units"), [
+    (SE(), (2, 3, 8, 8), {"conv": (16, 8), "fc1": (4, 2)}),
+    (Dense(), (2, 3, 8, 8), {"stem": (8, 4), "l1": (4, 2), "l2": (4, 2)}),
+    (ConvNeXt(), (2, 3, 16, 16), {"up": (64, 32)}),
+    (Inception(), (2, 3, 8, 8), {"b1": (4, 2), "b2a": (6, 3), "b2b": (8, 4), "pool": (4, 2)}),
+    (Chunky(), (3, 8), {"down": (32, 16), "gate_up": (48, 24)}),
+])
+def test_more_architectures_prune_exactly(model: nn.Module, shape: tuple[int, ...],
+                                          units: dict[str, tuple[int, int]]) -> None:
+    """Squeeze-excitation, dense concat, ConvNeXt (permute + LayerNorm + MLP), inception, gated MLP (chunk)."""
+    torch.manual_seed(0)
+    _check_removal_is_exact(model, (torch.randn(shape),))
+    _, _, plan, _, _ = _pruned(model, (torch.randn(shape),), Prune(amount=0.5))
+    assert {u.name: (u.details["units before"], u.details["units after"]) for u in plan.units} == units
+
+
+def test_channel_shuffle_is_left_alone_with_its_reason() -> None:
+    with pytest.raises(InputError, match="strided"):
+        _pruned(Shuffle(), (torch.randn(2, 3, 8, 8),), Prune(amount=0.5))
