@@ -455,3 +455,24 @@ def test_more_architectures_prune_exactly(model: nn.Module, shape: tuple[int, ..
 def test_channel_shuffle_is_left_alone_with_its_reason() -> None:
     with pytest.raises(InputError, match="strided"):
         _pruned(Shuffle(), (torch.randn(2, 3, 8, 8),), Prune(amount=0.5))
+
+
+class GroupNormNet(nn.Module):
+    """conv -> GroupNorm(4 groups) -> conv: whole groups of channels can go, and num_groups shrinks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.Conv2d(16, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.relu(self.norm(self.a(x))))
+
+
+def test_group_norm_prunes_whole_groups_and_rewrites_num_groups() -> None:
+    torch.manual_seed(0)
+    _check_removal_is_exact(GroupNormNet(), (torch.randn(2, 3, 8, 8),))
+    _, pruned, plan, _, flat = _pruned(GroupNormNet(), (torch.randn(2, 3, 8, 8),), Prune(amount=0.5))
+    assert [(u.details["units before"], u.details["units after"]) for u in plan.units] == [(4, 2)]
+    [norm] = [n for n in pruned.graph.nodes if n.op == "call_function" and "group_norm" in str(n.target)]
+    assert norm.args[1] == 2 and _weight(pruned, "a_weight").shape == (8, 3, 3, 3)
+    assert run_and_record(pruned, flat)[0].shape == (2, 5, 8, 8)
