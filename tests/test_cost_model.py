@@ -117,3 +117,25 @@ def test_analyze_an_optimized_model_adds_its_section() -> None:
     analysis = graphopt.analyze(fast, repeats=1)
     assert not any("batch_norm" in c.op for c in analysis.nodes.values())  # the folded graph is analysed
     assert fast.report.sections[-1].title == "Cost per layer"
+
+
+def test_layers_grouped_by_module_depth() -> None:
+    from graphopt.analysis.layers import group_by_layer
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(8, 8)
+            self.fc2 = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    model = nn.Sequential(Block(), Block())
+    gm = capture(model, (torch.randn(2, 8),)).graph_module
+    costs = node_costs(gm)
+    blocks = group_by_layer(costs, depth=1)
+    assert [b.name for b in blocks] == ["0", "1"]
+    assert [b.macs for b in blocks] == [2 * 2 * 8 * 8, 2 * 2 * 8 * 8]
+    leaves = group_by_layer(costs)
+    assert [layer.name for layer in leaves if layer.macs] == ["0.fc1", "0.fc2", "1.fc1", "1.fc2"]
