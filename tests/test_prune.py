@@ -476,3 +476,28 @@ def test_group_norm_prunes_whole_groups_and_rewrites_num_groups() -> None:
     [norm] = [n for n in pruned.graph.nodes if n.op == "call_function" and "group_norm" in str(n.target)]
     assert norm.args[1] == 2 and _weight(pruned, "a_weight").shape == (8, 3, 3, 3)
     assert run_and_record(pruned, flat)[0].shape == (2, 5, 8, 8)
+
+
+class GroupedQueryAttention(nn.Module):
+    """4 query heads sharing 2 key/value heads (``enable_gqa``), then an MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.kv, self.o = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 16)
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, s, _ = x.shape
+        q = self.q(x).view(n, s, 4, 4).transpose(1, 2)
+        kv = self.kv(x).view(n, s, 2, 4).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True).transpose(1, 2).reshape(n, s, 16)
+        x = x + self.o(attended)
+        return x + self.down(F.relu(self.up(x)))
+
+
+def test_grouped_query_attention_heads_are_not_pruned_apart() -> None:
+    torch.manual_seed(0)
+    _check_removal_is_exact(GroupedQueryAttention(), (torch.randn(2, 5, 16),))
+    _, _, plan, _, _ = _pruned(GroupedQueryAttention(), (torch.randn(2, 5, 16),), Prune(amount=0.5))
+    assert [u.name for u in plan.units] == ["up"]
+    assert any("shares key/value heads" in note for note in plan.notes())

@@ -41,7 +41,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from graphopt.ir import attribute_value, node_shape, op_name
+from graphopt.ir import attribute_value, is_mutating, node_shape, op_name
 
 __all__ = ["Atom", "DependencyGraph", "Group", "Segment", "layer_label"]
 
@@ -404,6 +404,12 @@ class DependencyGraph:
             raise _NoRule(f"getitem on {args[0]} has no pruning rule")
         if not isinstance(target, torch._ops.OpOverload):
             raise _NoRule(f"{name} is not an ATen op")
+        if is_mutating(node):
+            raise _NoRule(f"{name} writes into a tensor (state it keeps must keep its shape)")
+        if target is aten.sym_size.int:
+            source = self._need(args[0], name)
+            self.block(self.atoms_in([source[args[1] % len(source)]]), f"{name} reads this size at run time")
+            return None
         shape = self._shape(node)
         if target in _IDENTITY_OPS:
             source = self.layout_of(args[0])
@@ -767,6 +773,8 @@ class DependencyGraph:
         if size_a == size_b:
             self.unify(a, b, f"{name} batches over them")
             return self.resolve(a)
+        if size_a != 1 and size_b != 1:  # grouped-query attention: query head h reads key head h // ratio
+            self.block(self.atoms_in([a, b]), f"{name} shares key/value heads between query heads")
         return a if size_b == 1 else b
 
     def _cat(self, node: fx.Node, name: str) -> list[Layout]:
