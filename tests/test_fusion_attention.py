@@ -104,6 +104,17 @@ def test_scale_and_mask_become_sdpa_arguments() -> None:
     assert sdpa.kwargs["scale"] == 1.0 and sdpa.args[3] is not None  # T5: no scaling, bias + mask as attn_mask
 
 
+def test_constant_causal_fill_becomes_is_causal() -> None:
+    model = SelfAttention("where-causal").eval()
+    inputs = _inputs()
+    passes = ["remove-dropout", "remove-identity", "constant-folding", "fuse-attention", "dce"]
+    fast = _fuse(model, inputs, passes=passes)
+    (sdpa,) = _sdpa_nodes(fast)
+    assert sdpa.args[3] is None and sdpa.args[5] is True
+    with torch.no_grad():
+        torch.testing.assert_close(fast(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+
+
 def test_gpt2_constant_causal_mask_becomes_is_causal() -> None:
     from graphopt import zoo
 

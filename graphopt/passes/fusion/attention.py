@@ -300,22 +300,37 @@ def _plan(gm: fx.GraphModule, softmax: fx.Node, keep_nan_rows: bool) -> _Plan | 
     v = pv.args[1]
     _check_operands(q, kt, v, additive)
     is_causal = False
-    if len(additive) == 1 and not fills:
-        kind = _constant_mask_kind(gm, additive[0], node_shape(scores.root))
+    constant = _constant_mask(gm, additive, fills)
+    if constant is not None:
+        kind = _constant_mask_kind(constant, node_shape(scores.root))
         if kind is not None:
-            additive, is_causal = [], kind == "causal"
+            additive, fills, is_causal = [], [], kind == "causal"
     return _Plan(q, k, k_needs_transpose, v, scale * q_scale * kt_scale * k_scale, additive, fills, pv, matched,
                  is_causal)
 
 
-def _constant_mask_kind(gm: fx.GraphModule, mask: fx.Node, scores_shape: Any) -> str | None:
+def _constant_mask(gm: fx.GraphModule, additive: list[fx.Node], fills: list[tuple[fx.Node, float, bool]]
+                   ) -> torch.Tensor | None:
+    """The additive mask as a tensor when it is one constant (an additive buffer or a fill by a constant mask)."""
+    if len(additive) + len(fills) != 1:
+        return None
+    if additive:
+        return attribute_value(gm, additive[0])
+    condition, value, fill_where_true = fills[0]
+    keep = attribute_value(gm, condition)
+    if keep is None:
+        return None
+    keep = ~keep if fill_where_true else keep
+    return torch.zeros(keep.shape).masked_fill(~keep, value)
+
+
+def _constant_mask_kind(value: torch.Tensor, scores_shape: Any) -> str | None:
     """``"zeros"`` for a constant all-zero mask, ``"causal"`` for a constant causal one, else None.
 
     A causal mask holds 0 on and below the diagonal and a dominant negative value above it, so
     SDPA's ``is_causal=True`` (which uses ``-inf``) gives the same weights: no row is fully masked.
     """
-    value = attribute_value(gm, mask)
-    if value is None or not value.is_floating_point() or value.dim() < 2:
+    if not value.is_floating_point() or value.dim() < 2:
         return None
     if bool((value == 0).all()):
         return "zeros"
