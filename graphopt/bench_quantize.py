@@ -6,9 +6,9 @@ eager PyTorch; onnxruntime on a plain export (fp32) and onnxruntime's own dynami
 fp32 lowering and one graphopt int8 model per scheme, on ``cpu`` and ``onnx``. Each row has
 the size on disk, latency, speed-ups over eager, over graphopt's fp32 lowering on the same
 target and over onnxruntime's own dynamic int8, and fidelity: the worst per-sample output
-cosine against eager (and, for embedding models, whether every sentence keeps its nearest
-neighbour and the ranking of pairwise similarities stays, Spearman >= 0.97). Static int8
-calibrates on the zoo's example inputs.
+cosine against eager (and, for embedding models, whether each sentence with a clearly nearest
+neighbour keeps it and the ranking of pairwise similarities stays, Spearman >= 0.97). Static
+int8 calibrates on the zoo's example inputs.
 
     >>> from graphopt.bench_quantize import run_quantize_benchmark
     >>> print(run_quantize_benchmark(["resnet18"], schemes=("int8",), size="small"))
@@ -200,7 +200,7 @@ def run_quantize_benchmark(
 
 
 def _ranking_kept(outputs: Any, reference: list[torch.Tensor]) -> bool | None:
-    """For embeddings: True when every sentence keeps its nearest neighbour and the pair ranking barely moves.
+    """For embeddings: True when sentences keep a clearly nearest neighbour and the pair ranking barely moves.
 
     The ranking check: Spearman correlation >= 0.97 between the eager and the quantized ranks of
     all pairwise similarities (near-ties among unrelated sentences may swap).
@@ -211,14 +211,15 @@ def _ranking_kept(outputs: Any, reference: list[torch.Tensor]) -> bool | None:
     count = got[0].shape[0]
     pairs = torch.triu_indices(count, count, offset=1)
     eye = torch.eye(count, dtype=torch.bool)
-    nearest, ranks = [], []
+    top2, ranks = [], []
     for embeddings in (reference[0], got[0]):
         unit = torch.nn.functional.normalize(embeddings.double(), dim=1)
         similarity = unit @ unit.T
-        nearest.append(similarity.masked_fill(eye, -2).argmax(1))
+        top2.append(similarity.masked_fill(eye, -2).topk(2, dim=1))
         ranks.append(similarity[pairs[0], pairs[1]].argsort().argsort().double())
+    clear = (top2[0].values[:, 0] - top2[0].values[:, 1]) > 0.1  # a clearly nearest neighbour (not a near-tie)
     spearman = float(torch.corrcoef(torch.stack(ranks))[0, 1])
-    return bool(torch.equal(nearest[0], nearest[1]) and spearman >= 0.97)
+    return bool(torch.equal(top2[0].indices[clear, 0], top2[1].indices[clear, 0]) and spearman >= 0.97)
 
 
 def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], kind: str, schemes: Sequence[str],
