@@ -186,6 +186,9 @@ class _Fuser:
         if kind == "conv" and value.dim() != 4:
             self.near["convolution input is not 4-D"] += 1
             return None
+        if kind == "linear" and value.dim() < 2:
+            self.near["linear input is 1-D"] += 1
+            return None
         if b is not None:
             bias = self._constant(b)
             if bias is None or bias.dtype != weight.dtype:
