@@ -40,7 +40,10 @@ class CpuTarget(Target):
         """A lowered copy of the graph (``gm`` itself stays the portable ATen graph)."""
         gm.recompile()
         if _is_quantized(gm):  # int8 QDQ graph: its own lowering to int8 kernels (float graphs never get here)
-            return _lower_quantized(gm, report)
+            lowered = _lower_quantized(gm, report)
+            if not _only_aten_ops(lowered):
+                return lowered
+            gm = lowered  # weight-only graph whose weights were all dequantized once: a float graph, lowered as one
         flat = flatten_inputs(gm, example_args, example_kwargs)
         return lower_graph(gm, example_args, example_kwargs, flat, self.lowering, report, dynamic=dynamic)
 
@@ -49,6 +52,17 @@ def _is_quantized(gm: fx.GraphModule) -> bool:
     from graphopt.passes.quantize.lower_cpu import has_quantized_ops
 
     return has_quantized_ops(gm)
+
+
+def _only_aten_ops(gm: fx.GraphModule) -> bool:
+    """True when every call in ``gm`` is an ATen op (or ``getitem``): no int8 kernel, no quantized op left."""
+    import operator
+
+    import torch
+
+    return all(n.target is operator.getitem
+               or (isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "aten")
+               for n in gm.graph.nodes if n.op == "call_function")
 
 
 def _lower_quantized(gm: fx.GraphModule, report: Report | None) -> fx.GraphModule:

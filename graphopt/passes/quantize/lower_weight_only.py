@@ -90,6 +90,12 @@ def _dequantized(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     return None if values is None else node.target(*values)
 
 
+def _infer_meta(node: fx.Node) -> None:
+    from graphopt.passes.quantize.placement import infer_val
+
+    infer_val(node)
+
+
 def _copy_meta(new: fx.Node, old: fx.Node) -> None:
     new.meta.update({k: v for k, v in old.meta.items() if k in ("val", "tensor_meta")})
 
@@ -117,6 +123,8 @@ def gather_quantized_embeddings(gm: fx.GraphModule) -> dict[str, int]:
             widened = graph.call_function(aten._to_copy.default, (rows,), {"dtype": scale.dtype})
             scales = graph.call_function(aten.embedding.default, (scale_column, node.args[1]))
             new = graph.call_function(aten.mul.Tensor, (widened, scales))
+        for created in (rows, widened, scales):
+            _infer_meta(created)
         _copy_meta(new, node)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
