@@ -197,6 +197,18 @@ def test_cpu_lowering_runs_int8_and_int4_kernels(mlp, monkeypatch):
         assert output_cosine(reference, [lowered(*captured.flat_inputs)]) > 0.9999  # bf16 activations
 
 
+@pytest.mark.parametrize("clusters", [16, 256])
+def test_codebook_embeddings_gather_rows_before_decoding(mlp, clusters):
+    _, _, captured = mlp
+    _, gm, _ = _apply(captured, KMeansQuantize(clusters=clusters))
+    lowered, counts = lower_weight_only.lower_weight_only_for_cpu(gm)
+    assert counts["codebook_embedding_gathers"] == 1
+    tables = [n for n in lowered.graph.nodes if n.target == aten.embedding.default
+              and getattr(lowered, n.args[0].target).dtype == torch.uint8]
+    assert len(tables) == 1  # the table is gathered as indices, not as float weights
+    torch.testing.assert_close(lowered(*captured.flat_inputs), gm(*captured.flat_inputs), rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_lowering_dequantize_once_is_exact(mlp, monkeypatch):
     _, _, captured = mlp
     monkeypatch.setattr(lower_weight_only, "CPU_KERNEL_CHOICE", "dequantize-once")

@@ -47,6 +47,7 @@ __all__ = [
     "CPU_KERNEL_CHOICE",
     "WEIGHT_ONLY_LOWERINGS",
     "expand_remaining_weights",
+    "gather_codebook_embeddings",
     "gather_quantized_embeddings",
     "has_weight_only_ops",
     "lower_weight_only_for_cpu",
@@ -130,6 +131,51 @@ def gather_quantized_embeddings(gm: fx.GraphModule) -> dict[str, int]:
         graph.erase_node(node)
         count += 1
     return {"int8_embedding_gathers": count}
+
+
+def gather_codebook_embeddings(gm: fx.GraphModule) -> dict[str, int]:
+    """``embedding(dequantize_codebook(idx, codebook), ids)`` -> gather the rows of indices, then decode only them.
+
+    The table stays as its uint8 (or nibble-packed) indices in memory and in the ONNX file, and
+    no call decodes it whole.
+    """
+    count = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target != aten.embedding.default or not isinstance(node.args[0], fx.Node):
+            continue
+        dequant = node.args[0]
+        if dequant.target != DEQUANTIZE_CODEBOOK:
+            continue
+        values = _constants(gm, dequant)
+        if values is None:
+            continue
+        indices, codebook, bits, shape = values
+        if len(shape) != 2 or (bits == 4 and shape[1] % 2):
+            continue
+        table = register_constant(gm, f"{node.name}_index_rows", indices[: shape[0] * shape[1] * bits // 8]
+                                  .reshape(shape[0], shape[1] * bits // 8), before=node)
+        column = register_constant(gm, f"{node.name}_codebook_column", codebook.reshape(-1, 1), before=node)
+        with graph.inserting_before(node):
+            rows = graph.call_function(aten.embedding.default, (table, node.args[1]))
+            created = [rows, graph.call_function(aten._to_copy.default, (rows,), {"dtype": torch.int64})]
+            if bits == 4:  # two indices per byte, the even position in the low nibble (integer arithmetic:
+                # exported as plain Div/Mul/Sub, which every ONNX runtime has)
+                codes = created[-1]
+                high = graph.call_function(aten.div.Tensor_mode, (codes, 16), {"rounding_mode": "floor"})
+                scaled = graph.call_function(aten.mul.Tensor, (high, 16))
+                low = graph.call_function(aten.sub.Tensor, (codes, scaled))
+                pairs = graph.call_function(aten.stack.default, ([low, high], -1))
+                created += [high, scaled, low, pairs, graph.call_function(aten.flatten.using_ints, (pairs, -2, -1))]
+            created.append(graph.call_function(aten.embedding.default, (column, created[-1])))
+            new = graph.call_function(aten.squeeze.dim, (created[-1], -1))
+        for item in created:
+            _infer_meta(item)
+        _copy_meta(new, node)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        count += 1
+    return {"codebook_embedding_gathers": count}
 
 
 def _rows(node: fx.Node) -> int | None:
@@ -276,7 +322,8 @@ def expand_remaining_weights(gm: fx.GraphModule) -> dict[str, int]:
     return {"weights_dequantized_once": count}
 
 
-WEIGHT_ONLY_LOWERINGS = [gather_quantized_embeddings, lower_weight_only_linears, expand_remaining_weights]
+WEIGHT_ONLY_LOWERINGS = [gather_quantized_embeddings, gather_codebook_embeddings, lower_weight_only_linears,
+                         expand_remaining_weights]
 """The cpu rewrites for compressed weights, in order (appended to ``lower_cpu.LOWERINGS``)."""
 
 
@@ -470,6 +517,7 @@ def prepare_weight_only_for_onnx(gm: fx.GraphModule) -> tuple[fx.GraphModule, di
 
     copy = snapshot_graph_module(gm)
     gather_quantized_embeddings(copy)
+    gather_codebook_embeddings(copy)
     for node in copy.graph.nodes:
         if node.op == "call_function" and "val" not in node.meta:
             infer_val(node)
