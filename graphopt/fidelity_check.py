@@ -72,6 +72,7 @@ class LossyOutcome:
     measurement: Measurement
     units: list[UnitOutcome] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    sections: list[ReportSection] = field(default_factory=list)  # the plan's own, about the accepted graph
 
     def record_fields(self, fidelity: Fidelity) -> dict[str, Any]:
         """Plain values for ``PassRecord.fidelity``."""
@@ -161,7 +162,7 @@ class LossyRunner:
             skip.add(victim.unit.name)
         if not self.fidelity.enforce:
             self._reference = None  # reported, not charged: later budgets start from this graph
-        return LossyOutcome(candidate, result, outputs, measurement, outcomes, plan.notes())
+        return LossyOutcome(candidate, result, outputs, measurement, outcomes, plan.notes(), plan.sections())
 
     def _plan(self, pass_: LossyPass, gm: fx.GraphModule) -> LossyPlan:
         try:

@@ -33,6 +33,7 @@ import torch.utils._pytree as pytree
 
 from graphopt.errors import InputError
 from graphopt.pass_infra import Pass, PassResult
+from graphopt.report import ReportSection
 
 __all__ = [
     "CalibrationData",
@@ -129,6 +130,10 @@ class LossyPlan(ABC):
 
     def notes(self) -> list[str]:
         """Facts for the report that are not about one unit (e.g. "no speed-up from unstructured sparsity")."""
+        return []
+
+    def sections(self) -> list[ReportSection]:
+        """Extra report sections describing the last ``apply`` (e.g. per-layer shapes before/after)."""
         return []
 
 

@@ -206,6 +206,7 @@ class PassManager:
         if outcome.units:
             record.fidelity = outcome.record_fields(self.lossy_runner.fidelity)
             report.sections.append(unit_section(pass_.name, outcome))
+            report.sections.extend(outcome.sections)
         report.notes.extend(f"{pass_.name}: {note}" for note in outcome.notes if not outcome.units)
         return outcome.gm, outcome.outputs, outcome.result
 
