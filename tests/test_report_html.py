@@ -138,7 +138,7 @@ def test_custom_section_renders_its_table_and_plot(report):
 
 
 def test_report_without_sections_prints_as_before(report):
-    assert not report.sections
+    report = dataclasses.replace(report, sections=[])  # the cpu target adds its lowering section
     assert "in the HTML report" not in str(report)
     markdown = report.to_markdown()
     assert "###" not in markdown and markdown.endswith("\n") and markdown.splitlines()[-1].startswith("- ")
@@ -152,22 +152,22 @@ def test_report_round_trips_through_dict_and_json(rolled_back_report):
     again = Report.from_dict(report.to_dict())
     assert again == report
     assert isinstance(again.records[0], graphopt.PassRecord)
-    assert isinstance(again.sections[0], ReportSection) and isinstance(again.sections[0].plots[0], PlotSpec)
+    assert isinstance(again.sections[-1], ReportSection) and isinstance(again.sections[-1].plots[0], PlotSpec)
 
     loaded = Report.from_dict(json.loads(json.dumps(report.to_dict())))
     assert loaded == report
     assert loaded.to_dict() == report.to_dict()
     assert render_html(loaded) == render_html(report)  # rendering is deterministic
 
-    loaded.sections[0].rows[0][0] = "changed"  # a rebuilt report shares nothing with its source
-    assert report.sections[0].rows[0][0] == "conv1"
+    loaded.sections[-1].rows[0][0] = "changed"  # a rebuilt report shares nothing with its source
+    assert report.sections[-1].rows[0][0] == "conv1"
 
 
 def test_from_dict_accepts_older_and_newer_data(report):
     data = report.to_dict()
     del data["sections"]  # saved before sections existed
     data["added_by_a_later_version"] = 1
-    assert Report.from_dict(data) == report
+    assert Report.from_dict(data) == dataclasses.replace(report, sections=[])
 
 
 def test_plot_specs_are_checked_data():
