@@ -68,8 +68,10 @@ def _default_on_error() -> OnError:
 class OptimizedModel(torch.nn.Module):
     """The result of ``optimize``: call it like the original model.
 
-    ``graph_module`` is the optimized fx graph, ``runner`` what the target lowered it to
-    (the graph module itself for ``cpu``/``gpu``, an onnxruntime session for ``onnx``),
+    ``graph_module`` is the optimized, portable ATen fx graph (what ``save`` and ``export_onnx``
+    use), ``runner`` what the target lowered it to (a lowered copy with oneDNN / int8 / cuBLASLt
+    kernels for ``cpu``/``gpu``, or the graph module itself when nothing applied; an
+    onnxruntime session for ``onnx``),
     ``report`` what every pass did, ``dynamic`` which input dims may vary between calls.
     """
 

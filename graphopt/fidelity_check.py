@@ -49,7 +49,7 @@ class Measurement:
         """The measured value the budget is about, in words."""
         if fidelity.metric is not None and self.metric is not None:
             return f"{_metric_name(fidelity)} {self.metric:.4g} (drop {self.metric_drop:.4g})"
-        return f"cosine {self.cosine:.5f}"
+        return f"cosine {self.cosine:.7f}"
 
 
 @dataclass
