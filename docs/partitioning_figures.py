@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import graphopt
-from graphopt import zoo
+from graphopt.bench import zoo
 
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent

@@ -147,7 +147,7 @@ def _quantize_options(args: argparse.Namespace, inputs: Any) -> dict[str, Any]:
 
 def _command_demo(args: argparse.Namespace) -> int:
     import graphopt
-    from graphopt import zoo
+    from graphopt.bench import zoo
     from graphopt.bench import run_benchmark
 
     entry = zoo.load(args.model, size="small", batch=args.batch)

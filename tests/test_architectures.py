@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.passes.cleanup import RemoveIdentity
-from graphopt.zoo import LastHiddenState
+from graphopt.bench.zoo import LastHiddenState
 
 from helpers import assert_matches, randomize_batchnorm
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from graphopt import bench
-from graphopt.bench_report import BenchRow, TimingStats, compute_ratios
-from graphopt.bench_runner import Backend, Runner
+from graphopt.bench.report import BenchRow, TimingStats, compute_ratios
+from graphopt.bench.runner import Backend, Runner
 
 FAST = {"min_repeats": 5, "max_seconds": 0.3, "warmup": 1, "progress": False}
 

@@ -147,7 +147,7 @@ def test_attention_heads_couple_q_k_v_and_the_output_projection() -> None:
 
 def test_gpt2_fused_qkv_projection_is_cut_into_q_k_v_heads() -> None:
     pytest.importorskip("transformers")
-    from graphopt import zoo
+    from graphopt.bench import zoo
 
     entry = zoo.load("gpt2")
     deps = _deps(entry.model, *entry.example_inputs)

@@ -116,7 +116,7 @@ def test_constant_causal_fill_becomes_is_causal() -> None:
 
 
 def test_gpt2_constant_causal_mask_becomes_is_causal() -> None:
-    from graphopt import zoo
+    from graphopt.bench import zoo
 
     entry = zoo.load("gpt2", size="small", batch=2)
     model = _eager(entry.model)
@@ -206,7 +206,7 @@ def _eager(model: nn.Module) -> nn.Module:
 
 
 def test_transformers_bert_eager_attention_is_fused_at_every_layer() -> None:
-    from graphopt import zoo
+    from graphopt.bench import zoo
 
     entry = zoo.load("bert", size="small", batch=2)
     model = _eager(entry.model)
@@ -224,7 +224,7 @@ def test_transformers_bert_eager_attention_is_fused_at_every_layer() -> None:
 def test_transformers_t5_position_bias_attention_is_fused() -> None:
     from transformers import T5Config, T5EncoderModel
 
-    from graphopt.zoo import LastHiddenState
+    from graphopt.bench.zoo import LastHiddenState
 
     torch.manual_seed(0)
     config = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,

@@ -110,7 +110,7 @@ def test_lone_linears_are_unchanged() -> None:
 
 
 def test_transformers_attention_projections_are_merged_with_dynamic_batch() -> None:
-    from graphopt import zoo
+    from graphopt.bench import zoo
 
     entry = zoo.load("vit", size="small", batch=2)
     fast = graphopt.optimize(entry.model, entry.example_inputs, dynamic_batch=True,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt import zoo
+from graphopt.bench import zoo
 from graphopt.ir import count_ops
 
 from helpers import assert_matches, randomize_batchnorm

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt import zoo
+from graphopt.bench import zoo
 from graphopt.analysis.partitioning import PartitionError, balanced_split, stage_costs
 from graphopt.cli import main as cli_main
 from graphopt.partition import PartitionReport, load_stages, predict_throughput, read_manifest

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt import zoo
+from graphopt.bench import zoo
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN_COMMAND = ("torchrun --nproc-per-node {nproc} --master-port {port} -m graphopt.pipeline {stages} "

@@ -241,7 +241,7 @@ def test_cli_optimize_with_prune(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("amount", [0.3, 0.5])
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "bert", "gpt2", "vit", "minilm"])
 def test_every_zoo_model_prunes_runs_in_onnxruntime_and_shrinks(name: str, amount: float, tmp_path) -> None:
-    from graphopt import zoo
+    from graphopt.bench import zoo
 
     try:
         entry = zoo.load(name)
@@ -321,7 +321,7 @@ def test_pruned_graph_equals_dense_graph_without_the_removed_inputs(model: nn.Mo
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "bert", "gpt2", "vit", "minilm"])
 def test_zoo_pruning_equals_dense_graph_without_the_removed_inputs(name: str) -> None:
-    from graphopt import zoo
+    from graphopt.bench import zoo
 
     try:
         entry = zoo.load(name)
@@ -331,7 +331,7 @@ def test_zoo_pruning_equals_dense_graph_without_the_removed_inputs(name: str) ->
 
 
 def test_bench_prune_rows_compare_dense_and_pruned_side_by_side() -> None:
-    from graphopt.bench_prune import run_prune_benchmark
+    from graphopt.bench.prune import run_prune_benchmark
 
     torch.manual_seed(0)
     result = run_prune_benchmark([("residual", Residual().eval(), (torch.randn(1, 3, 16, 16),))], amounts=(0.5,),

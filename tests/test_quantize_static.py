@@ -7,7 +7,7 @@ import torch
 from quantize_models import ResidualConvNet, accuracy, digits_data, train_digits_cnn
 
 import graphopt
-from graphopt import zoo
+from graphopt.bench import zoo
 from graphopt.errors import FidelityError, InputError
 from graphopt.ir import count_ops, snapshot_graph_module
 from graphopt.lossy import CalibrationData, Fidelity

@@ -333,7 +333,7 @@ def test_calibration_files_cut_batches_and_explain_mistakes(tmp_path):
 
 @pytest.mark.slow
 def test_real_minilm_int8_weight_only_keeps_sentence_embeddings():
-    from graphopt import zoo
+    from graphopt.bench import zoo
 
     try:
         entry = zoo.load("minilm", size="full", batch=8)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphopt import zoo
+from graphopt.bench import zoo
 
 # Parameter counts of torchvision's definitions: the zoo's own CNNs must match them exactly.
 TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet50": 25_557_032, "mobilenet_v2": 3_504_872}

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphopt import zoo
-from graphopt.bench_report import BenchResult, BenchRow, compute_ratios, machine_info, versions
-from graphopt.bench_runner import (
+from graphopt.bench import zoo
+from graphopt.bench.report import BenchResult, BenchRow, compute_ratios, machine_info, versions
+from graphopt.bench.runner import (
     Backend,
     GraphoptBackend,
     MemoryProbe,
@@ -325,11 +325,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
         return 2
     threads = args.threads or default_threads()
     if getattr(args, "quantize", None):
-        from graphopt.bench_quantize import run_quantize_bench_command
+        from graphopt.bench.quantize import run_quantize_bench_command
 
         return run_quantize_bench_command(args, models, threads)
     if getattr(args, "prune", None):
-        from graphopt.bench_prune import run_prune_bench_command
+        from graphopt.bench.prune import run_prune_bench_command
 
         return run_prune_bench_command(args, models, threads)
     backends = args.backends or default_backends(args.target)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 
-from graphopt.bench_report import NOISY_IQR_PCT, BenchRow, TimingStats
+from graphopt.bench.report import NOISY_IQR_PCT, BenchRow, TimingStats
 
 Runner = Callable[..., Any]
 

