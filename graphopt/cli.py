@@ -147,8 +147,7 @@ def _quantize_options(args: argparse.Namespace, inputs: Any) -> dict[str, Any]:
 
 def _command_demo(args: argparse.Namespace) -> int:
     import graphopt
-    from graphopt.bench import zoo
-    from graphopt.bench import run_benchmark
+    from graphopt.bench import run_benchmark, zoo
 
     entry = zoo.load(args.model, size="small", batch=args.batch)
     print(f"demo: optimizing {entry.name} ({entry.description}) for target {args.target}\n")

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.passes.cleanup import RemoveIdentity
 from graphopt.bench.zoo import LastHiddenState
+from graphopt.passes.cleanup import RemoveIdentity
 
 from helpers import assert_matches, randomize_batchnorm
 

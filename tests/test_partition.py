@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.bench import zoo
 from graphopt.analysis.partitioning import PartitionError, balanced_split, stage_costs
+from graphopt.bench import zoo
 from graphopt.cli import main as cli_main
 from graphopt.partition import PartitionReport, load_stages, predict_throughput, read_manifest
 from graphopt.passes.partition import Partition, is_partitioned, stage_modules
