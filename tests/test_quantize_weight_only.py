@@ -362,3 +362,26 @@ def test_weight_only_graph_runs_on_gpu(mlp):
     fast = graphopt.optimize(model, inputs, target="gpu", quantize="int8-weight-only")
     out = fast(*inputs)
     assert output_cosine([model(*inputs)], [out.cpu()]) > 0.999
+
+
+def test_quantize_front_object_forwards_embeddings_to_the_weight_only_pass() -> None:
+    from graphopt.passes import Quantize
+
+    class EmbedThenProject(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(1000, 64)
+            self.project = torch.nn.Linear(64, 64)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.project(self.embed(ids))
+
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    kinds = {}
+    for embeddings in (True, False):
+        fast = graphopt.optimize(EmbedThenProject(), (ids,),
+                                 quantize=Quantize(scheme="int8-weight-only", embeddings=embeddings))
+        section = next(s for s in fast.report.sections if s.title.endswith("per unit"))
+        kinds[embeddings] = sorted(row[section.headers.index("kind")] for row in section.rows)
+    assert "embedding" in kinds[True] and "embedding" not in kinds[False]
+    assert "linear" in kinds[False]

@@ -12,6 +12,7 @@ checks against the fidelity budget, and each target lowers the QDQ patterns to i
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import ClassVar
@@ -86,13 +87,15 @@ class Quantize(LossyPass):
             from graphopt.passes.quantize.dynamic import plan_dynamic
 
             return plan_dynamic(gm, data, self.per_channel, self.skip, self.embeddings)
-        return _delegate(self.scheme).plan(gm, data)
+        return _delegate(self.scheme, embeddings=self.embeddings).plan(gm, data)
 
 
-def _delegate(scheme: str) -> LossyPass:
+def _delegate(scheme: str, **shared: object) -> LossyPass:
+    """The pass that runs ``scheme``, given those of the ``shared`` options it has a field for."""
     module_name, class_name, options = _DELEGATES[scheme]
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**options)
+    accepted = {f.name for f in dataclasses.fields(cls)}
+    return cls(**options, **{k: v for k, v in shared.items() if k in accepted})
 
 
 def quantize_pass(spec: str | LossyPass) -> LossyPass:
