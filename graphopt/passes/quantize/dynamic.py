@@ -20,7 +20,7 @@ import torch.fx as fx
 from graphopt.ir import attribute_value, prune_unused_attributes
 from graphopt.lossy import CalibrationData, LossyPlan, LossyUnit
 from graphopt.pass_infra import PassResult
-from graphopt.passes.quantize.embedding import quantize_embedding
+from graphopt.passes.quantize.embedding import quantize_embeddings
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN, quantize_weight
 from graphopt.passes.quantize.placement import (
     QuantSite,
@@ -85,14 +85,13 @@ class DynamicPlan(LossyPlan):
                 saved += original.numel() * original.element_size() - q_weight.numel() - scales.numel() * 12
         for value, users in readers.items():
             insert_dynamic_qdq(gm, value, users)
-        tables = [name for name in self.embeddings if name not in skip and name in nodes]
-        for name in tables:
-            saved += quantize_embedding(gm, nodes[name], *self.embeddings[name])
+        tables, table_bytes_saved = quantize_embeddings(gm, self.embeddings, nodes, skip)
+        saved += table_bytes_saved
         prune_unused_attributes(gm)
         gm.graph.lint()
         gm.recompile()
-        fell_back = len(self.sites) + len(self.embeddings) - len(active) - len(tables)
-        stats = {"quantized": len(active), "embeddings": len(tables), "fell_back": fell_back,
+        fell_back = len(self.sites) + len(self.embeddings) - len(active) - tables
+        stats = {"quantized": len(active), "embeddings": tables, "fell_back": fell_back,
                  "dynamic_activations": len(readers), "weight_bytes_saved": saved}
         near = {"int8-dynamic": {"kept float (fell back)": stats["fell_back"]}} if stats["fell_back"] else {}
         return PassResult(changed=bool(active), stats=stats, near_misses=near)

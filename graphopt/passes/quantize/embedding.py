@@ -58,3 +58,11 @@ def plan_embeddings(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, torch.T
     nodes = {n.name: n for n in gm.graph.nodes}
     return {name: quantize_weight(attribute_value(gm, nodes[name].args[0]), per_channel=True, axis=0)
             for name in embedding_sites(gm)}
+
+
+def quantize_embeddings(gm: fx.GraphModule, planned: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                        nodes: dict[str, fx.Node], skip: frozenset[str]) -> tuple[int, int]:
+    """Apply the planned int8 tables not in ``skip``; returns (tables quantized, bytes saved)."""
+    tables = [name for name in planned if name not in skip and name in nodes]
+    saved = sum(quantize_embedding(gm, nodes[name], *planned[name]) for name in tables)
+    return len(tables), saved

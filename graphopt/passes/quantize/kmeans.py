@@ -34,7 +34,14 @@ from graphopt.passes.quantize.weight_ops import (
     pack_nibbles,
     unpack_nibbles,
 )
-from graphopt.passes.quantize.weight_sites import WeightSite, find_weight_sites, finish, replace_weight, tensor_bytes
+from graphopt.passes.quantize.weight_sites import (
+    WeightSite,
+    find_weight_sites,
+    finish,
+    near_misses_by_reason,
+    replace_weight,
+    tensor_bytes,
+)
 
 __all__ = ["KMeansQuantize", "kmeans_1d"]
 
@@ -163,10 +170,7 @@ class KMeansPlan(LossyPlan):
             after += tensor_bytes(layer.indices) + tensor_bytes(layer.codebook)
         if applied:
             finish(gm)
-        near: dict[str, dict[str, int]] = {}
-        for reason in self.near_misses.values():
-            near.setdefault("kmeans", {}).setdefault(reason, 0)
-            near["kmeans"][reason] += 1
+        near = near_misses_by_reason("kmeans", self.near_misses.values())
         stats = {"clustered": applied, "skipped": len(skip & set(self.layers)),
                  "weight_bytes_before": before, "weight_bytes_after": after, "bytes_saved": before - after}
         return PassResult(changed=applied > 0, stats=stats, near_misses=near)

@@ -20,7 +20,7 @@ from graphopt.errors import InputError
 from graphopt.ir import attribute_value, prune_unused_attributes
 from graphopt.lossy import CalibrationData, LossyPlan, LossyUnit
 from graphopt.pass_infra import PassResult
-from graphopt.passes.quantize.embedding import plan_embeddings, quantize_embedding
+from graphopt.passes.quantize.embedding import plan_embeddings, quantize_embeddings
 from graphopt.passes.quantize.observers import Observer, QParams, make_observer, quantize_weight
 from graphopt.passes.quantize.placement import (
     PASS_THROUGH,
@@ -98,14 +98,13 @@ class StaticPlan(LossyPlan):
             insert_weight_dequantize(gm, node, site.weight_index, q_weight, scales, site.weight_axis)
             if original is not None:
                 saved += original.numel() * original.element_size() - q_weight.numel() - scales.numel() * 12
-        tables = [name for name in self.embeddings if name not in skip and name in nodes]
-        for name in tables:
-            saved += quantize_embedding(gm, nodes[name], *self.embeddings[name])
+        tables, table_bytes_saved = quantize_embeddings(gm, self.embeddings, nodes, skip)
+        saved += table_bytes_saved
         prune_unused_attributes(gm)
         gm.graph.lint()
         gm.recompile()
-        fell_back = len(self.sites) + len(self.embeddings) - len(active) - len(tables)
-        stats = {"quantized": len(active), "embeddings": len(tables), "fell_back": fell_back, "qdq_pairs": pairs,
+        fell_back = len(self.sites) + len(self.embeddings) - len(active) - tables
+        stats = {"quantized": len(active), "embeddings": tables, "fell_back": fell_back, "qdq_pairs": pairs,
                  "weight_bytes_saved": saved}
         near = {"int8": {"kept float (fell back)": stats["fell_back"]}} if stats["fell_back"] else {}
         if self.unquantizable:

@@ -33,6 +33,7 @@ from graphopt.passes.quantize.weight_sites import (
     WeightSite,
     find_weight_sites,
     finish,
+    near_misses_by_reason,
     replace_weight,
     tensor_bytes,
 )
@@ -106,10 +107,7 @@ class WeightOnlyPlan(LossyPlan):
             after += sum(tensor_bytes(t) for t in layer.constants.values())
         if applied:
             finish(gm)
-        near: dict[str, dict[str, int]] = {}
-        for reason in self.near_misses.values():
-            near.setdefault("weight-only", {}).setdefault(reason, 0)
-            near["weight-only"][reason] += 1
+        near = near_misses_by_reason("weight-only", self.near_misses.values())
         stats = {"quantized": applied, "skipped": len(skip & set(self.layers)),
                  "weight_bytes_before": before, "weight_bytes_after": after, "bytes_saved": before - after}
         return PassResult(changed=applied > 0, stats=stats, near_misses=near)

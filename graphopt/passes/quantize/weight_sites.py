@@ -12,7 +12,8 @@ matrix product in the IR, and so every lowering, has the one form
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,3 +173,9 @@ def finish(gm: fx.GraphModule) -> None:
     prune_unused_attributes(gm)
     gm.graph.lint()
     gm.recompile()
+
+
+def near_misses_by_reason(pass_label: str, reasons: Iterable[str]) -> dict[str, dict[str, int]]:
+    """``PassResult.near_misses`` for layers left alone: how many for each reason, under ``pass_label``."""
+    counts = Counter(reasons)
+    return {pass_label: dict(counts)} if counts else {}
