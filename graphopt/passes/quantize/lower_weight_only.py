@@ -270,17 +270,23 @@ def _faster_form(node: fx.Node, kernel: tuple[Callable[..., torch.Tensor], tuple
     return timings[key]
 
 
+def _weight_only_linears(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
+    """Every ``linear`` whose weight is a ``dequantize_int8``/``dequantize_int4`` node, with that node."""
+    found = []
+    for node in graph.nodes:
+        if node.target != aten.linear.default or not isinstance(node.args[1], fx.Node):
+            continue
+        if node.args[1].target in (DEQUANTIZE_INT8, DEQUANTIZE_INT4):
+            found.append((node, node.args[1]))
+    return found
+
+
 def lower_weight_only_linears(gm: fx.GraphModule) -> dict[str, int]:
     """Each ``linear(x, dequantize_int8/int4(...), b)`` -> a weight-only kernel or a dequantized-once weight."""
     counts = {"int8_weight_kernels": 0, "int4_weight_kernels": 0, "weights_dequantized_once": 0}
     timings: dict[tuple[Any, ...], str] = {}
     graph = gm.graph
-    for node in list(graph.nodes):
-        if node.target != aten.linear.default or not isinstance(node.args[1], fx.Node):
-            continue
-        dequant = node.args[1]
-        if dequant.target not in (DEQUANTIZE_INT8, DEQUANTIZE_INT4):
-            continue
+    for node, dequant in _weight_only_linears(graph):
         weight = _dequantized(gm, dequant)
         kernel = _kernel_form(gm, node) if weight is not None else None
         if weight is None:
@@ -476,12 +482,7 @@ def _linears_to_matmul_nbits(gm: fx.GraphModule) -> int:
 
     count = 0
     graph = gm.graph
-    for node in list(graph.nodes):
-        if node.target != aten.linear.default or not isinstance(node.args[1], fx.Node):
-            continue
-        dequant = node.args[1]
-        if dequant.target not in (DEQUANTIZE_INT8, DEQUANTIZE_INT4):
-            continue
+    for node, dequant in _weight_only_linears(graph):
         values = _constants(gm, dequant)
         if values is None:
             continue
