@@ -124,17 +124,11 @@ class LossyRunner:
         """The budget that pass ``pass_name`` answers to."""
         return self.fidelities.get(pass_name, self.default)
 
-    @property
-    def reference(self) -> list[Any] | None:
-        """Outputs of the graph before the first lossy pass on each fidelity input (None until then)."""
-        return self._reference
-
     def run(self, pass_: LossyPass, gm: fx.GraphModule, example_outputs: Any) -> LossyOutcome:
         """Plan, measure, apply and fall back; returns the accepted candidate (``gm`` is left as it was)."""
         if not self._inputs:
             raise PassError(f"pass {pass_.name!r} is lossy and needs the example inputs to be measured on", pass_.name)
         self.fidelity = self.fidelity_for(pass_.name)
-        self._inputs_used = 1 + self.fidelity.max_batches
         if self._reference is None:
             self._reference = [example_outputs] + [self._run(gm, flat) for flat in self._inputs[1:]]
             if self.fidelity.metric is not None:
@@ -198,7 +192,8 @@ class LossyRunner:
         cosine = output_cosine(self._reference[0], example_outputs)
         sqnr = output_sqnr_db(self._reference[0], example_outputs)
         if not self.fidelity.enforce or cosine >= self.fidelity.min_cosine or self.fidelity.metric is not None:
-            pairs = zip(self._inputs[1:self._inputs_used], self._reference[1:self._inputs_used], strict=False)
+            used = 1 + self.fidelity.max_batches  # this pass's budget may look at fewer batches than the reference has
+            pairs = zip(self._inputs[1:used], self._reference[1:used], strict=False)
             for flat, reference in pairs:
                 outputs = self._run(candidate, flat)
                 cosine = min(cosine, output_cosine(reference, outputs))
