@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 import torch.nn as nn
 from quantize_models import ResidualConvNet
@@ -53,16 +54,54 @@ def test_cpu_lowering_runs_static_conv_and_linear_as_onednn_int8_kernels() -> No
     _, quantized = _quantized_graph(ResidualConvNet().eval(), x)
     lowered = snapshot_graph_module(quantized)
     counts = lower_quantized_for_cpu(lowered)
-    assert counts["qconv"] == 4 and counts["qlinear"] == 1
+    assert counts["qconv"] == 3 and counts["qconv_add"] == 1 and counts["qlinear"] == 1
     ops = count_ops(lowered)
-    assert ops["onednn.qconv_pointwise.default"] == 4 and ops["onednn.qlinear_pointwise.default"] == 1
+    assert ops["onednn.qconv_pointwise.default"] == 3 and ops["onednn.qlinear_pointwise.default"] == 1
+    assert ops["onednn.qconv2d_pointwise.binary"] == 1  # conv_b + the residual add: one kernel
+    assert ops["quantized.max_pool2d.default"] == 1  # max pooling runs on the uint8 codes
     assert not FLOAT_COMPUTE & set(ops)  # no float convolution or GEMM is left
     assert not any(name.startswith("quantized_decomposed") for name in ops)  # no fake quantization either
-    qconvs = [n for n in lowered.graph.nodes if n.target == torch.ops.onednn.qconv_pointwise.default]
+    qconvs = [n for n in lowered.graph.nodes if n.target in (torch.ops.onednn.qconv_pointwise.default,
+                                                            torch.ops.onednn.qconv2d_pointwise.binary)]
     activations = {n.args[0].meta["val"].dtype for n in qconvs}
     assert activations == {torch.uint8}  # int8 tensors flow into the kernels
     with torch.no_grad():
         assert output_cosine([quantized(x)], [lowered(x)]) > 0.9999  # the lowered kernels compute the reference
+
+
+class ResidualBlocks(nn.Module):
+    """Two ResNet basic blocks; with ``reuse`` the block input is read again after the residual add."""
+
+    def __init__(self, reuse: bool) -> None:
+        super().__init__()
+        self.reuse = reuse
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(x)
+        for first in (0, 2):
+            block_input = x
+            x = torch.relu(self.convs[first + 1](torch.relu(self.convs[first](x))) + block_input)
+            if self.reuse:
+                x = x * 0.5 + block_input  # the block input is read after the add that accumulates into it
+        return x
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_cpu_lowering_fuses_the_residual_add_into_the_int8_conv(reuse: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 12)
+    _, quantized = _quantized_graph(ResidualBlocks(reuse).eval(), x)
+    lowered = snapshot_graph_module(quantized)
+    assert lower_quantized_for_cpu(lowered)["qconv_add"] == 2
+    ops = count_ops(lowered)
+    assert ops["onednn.qconv2d_pointwise.binary"] == 2
+    # the kernel overwrites its accumulator: in place when nothing reads it later, on a copy otherwise
+    assert ops.get("aten.clone.default", 0) == (2 if reuse else 0)
+    with torch.no_grad():
+        expected = quantized(x)
+        for _ in range(2):  # a second call sees the same inputs: nothing was overwritten that is read again
+            assert output_cosine([expected], [lowered(x)]) > 0.9999
 
 
 def test_cpu_lowering_runs_dynamic_linear_as_fbgemm_int8() -> None:
@@ -84,7 +123,8 @@ def test_optimize_cpu_runs_the_int8_graph_and_keeps_the_portable_one() -> None:
     fast = graphopt.optimize(model, (x,), target="cpu", quantize="int8", calibration=[(torch.randn(4, 3, 16, 16),)])
     assert has_quantized_ops(fast.graph_module)  # the QDQ graph (exportable, savable) is kept
     ops = count_ops(fast.runner)
-    assert ops["onednn.qconv_pointwise.default"] == 4 and not FLOAT_COMPUTE & set(ops)
+    assert ops["onednn.qconv_pointwise.default"] + ops["onednn.qconv2d_pointwise.binary"] == 4
+    assert not FLOAT_COMPUTE & set(ops)
     with torch.no_grad():
         assert output_cosine([model(x)], [fast(x)]) > 0.99
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -143,32 +144,72 @@ def _replace_output(gm: fx.GraphModule, node: fx.Node, end: fx.Node, quantize: f
     target.replace_all_uses_with(new)
 
 
+@dataclass(frozen=True)
+class _WeightedOperands:
+    """What an int8 conv / linear kernel needs from a ``conv2d`` / ``linear`` / ``addmm`` node of the QDQ graph."""
+
+    family: str  # "qconv" or "qlinear"
+    source: fx.Node  # the uint8 activation
+    x_scale: float
+    x_zero_point: int
+    q_weight: torch.Tensor  # int8, output channels on dim 0
+    w_scales: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _weighted_operands(gm: fx.GraphModule, node: fx.Node) -> _WeightedOperands | None:
+    """The int8 operands of a static conv2d / linear / addmm reading a uint8 activation, or None."""
+    if node.op != "call_function":
+        return None
+    if node.target == aten.conv2d.default:  # oneDNN's int8 convolution here is 2-D
+        family, x_arg, w_arg, axis = "qconv", node.args[0], node.args[1], 0
+        bias_arg = node.args[2] if len(node.args) > 2 else None
+    elif node.target == aten.linear.default:
+        family, x_arg, w_arg, axis = "qlinear", node.args[0], node.args[1], 0
+        bias_arg = node.args[2] if len(node.args) > 2 else None
+    elif node.target == aten.addmm.default and not node.kwargs:
+        family, x_arg, w_arg, axis, bias_arg = "qlinear", node.args[1], node.args[2], 1, node.args[0]
+    else:
+        return None
+    activation = _static_activation(x_arg)
+    weight = _int8_weight(gm, w_arg, axis)
+    bias = _bias(gm, bias_arg)
+    if activation is None or weight is None or bias is False:
+        return None
+    return _WeightedOperands(family, *activation, *weight, bias)
+
+
+def _packed_conv(gm: fx.GraphModule, node: fx.Node, ops: _WeightedOperands) -> tuple[object, ...]:
+    """The leading arguments every oneDNN int8 conv call takes (input, packed weight, scales, bias, geometry).
+
+    The weight is packed for the input's static shape: packed without it, oneDNN reorders some
+    weights again on every call (20x slower convolutions for 1x1 convolutions of ResNet-50).
+    """
+    stride, padding, dilation, groups = _conv_defaults(node)
+    packed = torch.ops.onednn.qconv_prepack(ops.q_weight, ops.w_scales, ops.x_scale, ops.x_zero_point, stride,
+                                            padding, dilation, groups, _input_shape(ops.source))
+    scales, zero_points, bias = _weight_nodes(gm, node, ops)
+    packed_node = _store(gm, f"{node.name}_packed", packed, node)
+    return ops.source, ops.x_scale, ops.x_zero_point, packed_node, scales, zero_points, bias, stride, padding, \
+        dilation, groups
+
+
+def _weight_nodes(gm: fx.GraphModule, node: fx.Node, ops: _WeightedOperands) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+    """Attributes holding the per-channel weight scales, their (zero) zero points and the float bias."""
+    zero_points = torch.zeros(ops.w_scales.shape, dtype=torch.int64)
+    return (_store(gm, f"{node.name}_w_scales", ops.w_scales, node),
+            _store(gm, f"{node.name}_w_zps", zero_points, node),
+            _store(gm, f"{node.name}_bias", ops.bias, node) if ops.bias is not None else None)
+
+
 def lower_static_weighted(gm: fx.GraphModule) -> dict[str, int]:
     """Static conv / linear / addmm with uint8 input and int8 weights → oneDNN int8 kernels."""
     counts = {"qconv": 0, "qlinear": 0}
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op != "call_function":
+        ops = _weighted_operands(gm, node)
+        if ops is None:
             continue
-        if node.target in (aten.conv2d.default, aten.conv1d.default):
-            family, x_arg, w_arg, axis = "qconv", node.args[0], node.args[1], 0
-            bias_arg = node.args[2] if len(node.args) > 2 else None
-        elif node.target == aten.linear.default:
-            family, x_arg, w_arg, axis = "qlinear", node.args[0], node.args[1], 0
-            bias_arg = node.args[2] if len(node.args) > 2 else None
-        elif node.target == aten.addmm.default and not node.kwargs:
-            family, x_arg, w_arg, axis, bias_arg = "qlinear", node.args[1], node.args[2], 1, node.args[0]
-        else:
-            continue
-        activation = _static_activation(x_arg)
-        weight = _int8_weight(gm, w_arg, axis)
-        bias = _bias(gm, bias_arg)
-        if activation is None or weight is None or bias is False:
-            continue
-        if family == "qconv" and node.target == aten.conv1d.default:
-            continue  # oneDNN's int8 convolution here is 2-D
-        source, x_scale, x_zp = activation
-        q_weight, w_scales = weight
         end, post_op, post_args, quantize = _fused_output(node)
         out_scale, out_zp, out_dtype = 1.0, 0, torch.float32
         float_readers: list[fx.Node] = []
@@ -177,31 +218,102 @@ def lower_static_weighted(gm: fx.GraphModule) -> dict[str, int]:
             float_readers, quantize = list(quantize.users), None
         elif quantize is not None:
             out_scale, out_zp, out_dtype = float(quantize.args[1]), int(quantize.args[2]), torch.uint8
-        w_zps = torch.zeros(w_scales.shape, dtype=torch.int64)
-        scales_node = _store(gm, f"{node.name}_w_scales", w_scales, node)
-        zps_node = _store(gm, f"{node.name}_w_zps", w_zps, node)
-        bias_node = _store(gm, f"{node.name}_bias", bias, node) if bias is not None else None
-        if family == "qlinear":
-            packed = torch.ops.onednn.qlinear_prepack(q_weight, None)
+        if ops.family == "qlinear":
+            packed = torch.ops.onednn.qlinear_prepack(ops.q_weight, None)
+            scales, zero_points, bias = _weight_nodes(gm, node, ops)
             packed_node = _store(gm, f"{node.name}_packed", packed, node)
-            args = (source, x_scale, x_zp, packed_node, scales_node, zps_node, bias_node, out_scale, out_zp,
-                    out_dtype, post_op, post_args, "")
+            args = (ops.source, ops.x_scale, ops.x_zero_point, packed_node, scales, zero_points, bias, out_scale,
+                    out_zp, out_dtype, post_op, post_args, "")
             target = torch.ops.onednn.qlinear_pointwise.default
         else:
-            stride, padding, dilation, groups = _conv_defaults(node)
-            packed = torch.ops.onednn.qconv_prepack(q_weight, w_scales, x_scale, x_zp, stride, padding, dilation,
-                                                    groups, None)
-            packed_node = _store(gm, f"{node.name}_packed", packed, node)
-            args = (source, x_scale, x_zp, packed_node, scales_node, zps_node, bias_node, stride, padding, dilation,
-                    groups, out_scale, out_zp, out_dtype, post_op, post_args, "")
+            args = (*_packed_conv(gm, node, ops), out_scale, out_zp, out_dtype, post_op, post_args, "")
             target = torch.ops.onednn.qconv_pointwise.default
         with graph.inserting_before(end if quantize is None else quantize):
             new = graph.call_function(target, args)
         _replace_output(gm, node, end, quantize, new)
         for reader in float_readers:
             reader.replace_all_uses_with(new)
-        counts[family] += 1
+        counts[ops.family] += 1
     return counts
+
+
+def _residual_conv(add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(conv, other input)`` of ``add(DQ(Q(conv2d(...))), DQ(other))`` where the conv's codes feed only the add."""
+    if add.target != aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+        return None
+    for mine, other in (add.args, tuple(reversed(add.args))):
+        if _static_activation(mine) is None or _static_activation(other) is None:
+            continue
+        quantize = mine.args[0]
+        conv = quantize.args[0] if isinstance(quantize, fx.Node) else None
+        if (quantize.target == qd.quantize_per_tensor.default and len(quantize.users) == 1 and len(mine.users) == 1
+                and isinstance(conv, fx.Node) and conv.target == aten.conv2d.default and len(conv.users) == 1):
+            return conv, other
+    return None
+
+
+_FRESH_CODES = frozenset({
+    qd.quantize_per_tensor.default, aten.int_repr.default, aten.clamp_min.default, aten.clamp.default,
+    torch.ops.onednn.qconv2d_pointwise.binary,  # its accumulator, whose readers were all checked to run before
+})
+"""uint8 producers whose output is no view of a tensor read elsewhere (an accumulator may overwrite it)."""
+
+
+def _accumulator(graph: fx.Graph, codes: fx.Node, add: fx.Node, at: fx.Node) -> fx.Node:
+    """A channels-last uint8 tensor the fused kernel may overwrite, holding ``codes``.
+
+    The kernel accumulates into it in place: ``codes`` itself when it is a fresh tensor whose
+    other readers all run before ``at``, a copy otherwise.
+    """
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    fresh = codes.target in _FRESH_CODES
+    readers = [reader for user in codes.users
+               for reader in (list(user.users) if is_dequantize(user) else [user]) if reader is not add]
+    in_place = fresh and all(order[reader] < order[at] for reader in readers) and all(
+        reader.target not in PASS_THROUGH for reader in readers)
+    op = aten.contiguous.default if in_place else aten.clone.default
+    with graph.inserting_before(at):
+        return graph.call_function(op, (codes,), {"memory_format": torch.channels_last})
+
+
+def lower_conv_add(gm: fx.GraphModule) -> dict[str, int]:
+    """``Q(relu?(DQ(Q(conv2d(x))) + DQ(r)))`` → one oneDNN int8 conv that adds ``r`` and requantizes (ResNet blocks).
+
+    The sum is the convolution's post-op: the conv's own requantization and the float add between
+    them go away (the conv result is added before rounding, which is closer to float than the QDQ
+    reference).
+    """
+    count = 0
+    graph = gm.graph
+    for add in list(graph.nodes):
+        match = _residual_conv(add)
+        if match is None:
+            continue
+        conv, other = match
+        ops = _weighted_operands(gm, conv)
+        end, post_op, _, quantize = _fused_output(add)
+        batched = isinstance(conv.meta.get("val"), torch.Tensor) and conv.meta["val"].dim() == 4
+        if ops is None or quantize is None or post_op not in ("none", "relu") or not batched:
+            continue
+        codes, accum_scale, accum_zp = _static_activation(other)
+        accum = _accumulator(graph, codes, add, quantize)
+        conv_args = _packed_conv(gm, conv, ops)  # the accumulator goes between the weight and the bias
+        output = (float(quantize.args[1]), int(quantize.args[2]), torch.uint8)
+        with graph.inserting_before(quantize):
+            new = graph.call_function(torch.ops.onednn.qconv2d_pointwise.binary, (
+                *conv_args[:6], accum, *conv_args[6:], *output, accum_scale, accum_zp, "sum", 1.0, post_op, [], ""))
+        _replace_output(gm, add, end, quantize, new)
+        count += 1
+    graph.eliminate_dead_code()  # the float conv and add it replaced: no later rewrite should lower them
+    return {"qconv_add": count}
+
+
+def _input_shape(value: fx.Node) -> list[int] | None:
+    """The static shape of ``value`` (oneDNN picks the weight layout for it when packing), or None."""
+    val = value.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
+        return None
+    return list(val.shape)
 
 
 def _conv_defaults(node: fx.Node) -> tuple[list[int], list[int], list[int], int]:
@@ -232,9 +344,12 @@ def lower_pass_through(gm: fx.GraphModule) -> dict[str, int]:
         if (float(quantize.args[1]), int(quantize.args[2]), quantize.args[5]) != (scale, zero_point, torch.uint8):
             continue
         with graph.inserting_before(quantize):
-            if middle.target == aten.max_pool2d.default:  # uint8 max pooling fails on channels-last input here
-                dense = graph.call_function(aten.contiguous.default, (source,))
-                new = graph.call_function(middle.target, (dense, *middle.args[1:]), dict(middle.kwargs))
+            if middle.target == aten.max_pool2d.default:
+                # ATen's uint8 max pooling rejects channels-last input and is 20x slower on NCHW; the
+                # quantized kernel runs on the codes in place of either (the scale does not matter to a max)
+                codes = graph.call_function(aten._make_per_tensor_quantized_tensor.default, (source, scale, zero_point))
+                pooled = graph.call_function(torch.ops.quantized.max_pool2d.default, (codes, *_max_pool_args(middle)))
+                new = graph.call_function(aten.int_repr.default, (pooled,))
             elif middle.target in _SHAPE_OPS:
                 new = graph.call_function(middle.target, (source, *middle.args[1:]), dict(middle.kwargs))
             elif middle.target == aten.relu.default:
@@ -248,6 +363,16 @@ def lower_pass_through(gm: fx.GraphModule) -> dict[str, int]:
         quantize.replace_all_uses_with(new)
         count += 1
     return {"int8_pass_through": count}
+
+
+def _max_pool_args(node: fx.Node) -> tuple[list[int], list[int], list[int], list[int], bool]:
+    """kernel_size, stride, padding, dilation, ceil_mode of an ``aten.max_pool2d`` call, defaults filled in."""
+    pair = lambda v: [int(v)] * 2 if isinstance(v, int) else [int(i) for i in v]  # noqa: E731
+    kernel = pair(node.args[1])
+    given = list(node.args[2:6])
+    stride, padding, dilation, ceil_mode = given + [kernel, [0, 0], [1, 1], False][len(given):]
+    stride = pair(stride) or kernel  # an empty stride means the kernel size
+    return kernel, stride, pair(padding), pair(dilation), bool(ceil_mode)
 
 
 def _dynamic_source(node: object) -> fx.Node | None:
@@ -325,7 +450,9 @@ def lower_remaining_qdq(gm: fx.GraphModule) -> dict[str, int]:
     return {"int8_qdq_kernels": count}
 
 
-LOWERINGS: list[Lowering] = [lower_pass_through, lower_static_weighted, lower_dynamic_linear, lower_remaining_qdq]
+LOWERINGS: list[Lowering] = [
+    lower_pass_through, lower_conv_add, lower_static_weighted, lower_dynamic_linear, lower_remaining_qdq,
+]
 """The rewrites ``lower_quantized_for_cpu`` runs, in order; other schemes append theirs."""
 LOWERINGS += WEIGHT_ONLY_LOWERINGS  # compressed weights: weight-only int8/int4 kernels, K-means (lower_weight_only)
 
