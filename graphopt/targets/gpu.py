@@ -90,7 +90,8 @@ class GpuTarget(Target):
         retarget_device_constants(gm, self.device)
         args, kwargs = self.move_inputs(example_args, example_kwargs)
         static = not dynamic
-        return lower_for_gpu(snapshot_graph_module(gm), args, kwargs, flatten_inputs(gm, args, kwargs), static,
+        lowered = _lower_quantized(gm, report) if _is_quantized(gm) else snapshot_graph_module(gm)
+        return lower_for_gpu(lowered, args, kwargs, flatten_inputs(gm, args, kwargs), static,
                              self.lowering, report)
 
     def native_error(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -109,3 +110,21 @@ class GpuTarget(Target):
             return x.to(self.device, non_blocking=True) if isinstance(x, torch.Tensor) else x
 
         return pytree.tree_map(to_device, (args, kwargs))
+
+
+def _is_quantized(gm: fx.GraphModule) -> bool:
+    from graphopt.passes.quantize.lower_cpu import has_quantized_ops
+
+    return has_quantized_ops(gm)
+
+
+def _lower_quantized(gm: fx.GraphModule, report: Any) -> fx.GraphModule:
+    """A copy of the quantized graph (weights already on the GPU) whose QDQ patterns run int8 GEMMs there."""
+    from graphopt.ir import snapshot_graph_module
+    from graphopt.passes.quantize.lower_gpu import describe_counts, lower_quantized_for_gpu
+
+    lowered = snapshot_graph_module(gm)
+    counts = lower_quantized_for_gpu(lowered)
+    if report is not None:
+        report.notes.append(describe_counts(counts))
+    return lowered
