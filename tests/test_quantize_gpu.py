@@ -82,7 +82,8 @@ def test_mlp_runs_every_linear_as_an_int8_gemm(scheme: str, rows: int) -> None:
     assert ops["aten._int_mm.default"] == 3
     assert counts["int8_gemm_dynamic" if scheme == "int8-dynamic" else "int8_gemm_static"] == 3
     assert not FLOAT_GEMMS & set(ops) and not _fake_quant_ops(ops)
-    int_mm_inputs = [n.args[0].meta["val"].dtype for n in lowered.graph.nodes if n.target == torch.ops.aten._int_mm.default]
+    int_mms = [n for n in lowered.graph.nodes if n.target == torch.ops.aten._int_mm.default]
+    int_mm_inputs = [n.args[0].meta["val"].dtype for n in int_mms]
     assert int_mm_inputs == [torch.int8] * 3
     if rows <= 16:  # cuBLASLt needs more than 16 rows: padded at run time, sliced back
         assert counts["int8_gemm_padded_rows"] == 3 and ops["aten.constant_pad_nd.default"] == 3
@@ -163,7 +164,7 @@ def test_weight_only_int8_uses_the_int8pack_kernel_and_int4_falls_back_here() ->
     torch.manual_seed(0)
     x = torch.randn(8, 64)
     model = MLP().eval()
-    gm, int8 = _graphs(model, x, WeightOnlyQuantize(bits=8))
+    _, int8 = _graphs(model, x, WeightOnlyQuantize(bits=8))
     lowered, counts = _lowered(int8)
     ops = count_ops(lowered)
     assert counts["int8_weight_kernels"] == 3 and ops["aten._weight_int8pack_mm.default"] == 3
