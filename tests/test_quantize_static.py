@@ -324,3 +324,20 @@ def test_minilm_keeps_sentence_embeddings_and_ranking(scheme: str, target: str) 
     ranks = [o.argsort().double() for o in order]
     spearman = float(torch.corrcoef(torch.stack(ranks))[0, 1])
     assert spearman > 0.97
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["cpu", "onnx"])
+@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic"])
+@pytest.mark.parametrize("name", zoo.list_models())
+def test_every_zoo_model_quantizes_within_the_default_budget(name: str, scheme: str, target: str) -> None:
+    try:
+        entry = zoo.load(name, "small", batch=2)
+    except zoo.ModelUnavailableError as error:
+        pytest.skip(str(error))
+    x = entry.example_inputs
+    fast = graphopt.optimize(entry.model, x, target=target, quantize=scheme, calibration=[x])
+    quantized = any(record.name.startswith("quantize") and record.status == "changed" for record in fast.report.records)
+    assert quantized and fast.report.final_cosine >= 0.99  # the lowered model, against eager
+    with torch.no_grad():
+        assert graphopt.lossy.output_cosine([fast(*x)], [entry.model(*x)]) >= 0.99
