@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from graphopt.bench import zoo
 
     entry = zoo.load(args.model, size=args.size, batch=args.batch)
-    model, inputs = entry.model, tuple(entry.inputs)
+    model, inputs = entry.model, tuple(entry.example_inputs)
     device_inputs = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in inputs)
     print(f"{entry.description}, batch {args.batch}, on {torch.cuda.get_device_name()} (torch {torch.__version__})")
 

@@ -20,7 +20,7 @@ lowered copy (``lower_quantized_for_gpu``, rewrites in ``LOWERINGS`` order):
   GEMMs, which quantize their float input themselves) is dropped: those ops compute in float on the
   GPU, so the fake-quantize round trip would cost two kernels and only add rounding error.
 - **weight-only** graphs: int8 linears run ``aten._weight_int8pack_mm`` (a CUDA kernel since
-  PyTorch 2.10; float activations, weights stay int8); int4 linears run tinygemm
+  pytorch PR #159325; float activations, weights stay int8); int4 linears run tinygemm
   ``aten._weight_int4pack_mm`` (CUDA only, bfloat16 activations), its packing checked numerically
   at lowering on the device; int8 embeddings gather int8 rows; the rest (K-means codebooks, conv
   weights, kernels that fail their check) is dequantized once at lowering.
@@ -428,6 +428,7 @@ def lower_quantized_for_gpu(gm: fx.GraphModule) -> dict[str, int]:
     (``graphopt.ir.snapshot_graph_module``): the QDQ graph is the portable, savable reference.
     """
     counts: dict[str, int] = {}
+    gm.graph.eliminate_dead_code()  # layers whose output no one reads (an unused pooler) are not counted
     for lowering in LOWERINGS:
         for key, value in lowering(gm).items():
             counts[key] = counts.get(key, 0) + value
