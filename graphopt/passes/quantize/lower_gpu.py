@@ -213,10 +213,29 @@ def _shape_check(in_features: int, out_features: int) -> str | None:
     return None
 
 
+def _int_mm_problem(weight_t: torch.Tensor, checked: dict[tuple[Any, ...], str | None]) -> str | None:
+    """Run ``_int_mm`` once on the weight's device with its layout (per shape); None when it is exact."""
+    key = (weight_t.device, *weight_t.shape)
+    if key not in checked:
+        a = torch.randint(-127, 128, (MIN_INT_MM_ROWS + 15, weight_t.shape[0]), dtype=torch.int8,
+                          generator=torch.Generator().manual_seed(0)).to(weight_t.device)
+        try:
+            exact = torch.equal(torch._int_mm(a, weight_t).cpu(), a.cpu().int() @ weight_t.cpu().int())
+            checked[key] = None if exact else "int8 GEMM: _int_mm result check failed, float matmul"
+        except (RuntimeError, NotImplementedError) as error:
+            checked[key] = f"int8 GEMM: _int_mm unavailable ({type(error).__name__}), float matmul"
+    return checked[key]
+
+
 def lower_int8_gemms(gm: fx.GraphModule) -> dict[str, int]:
-    """Dynamic and static int8 linear / addmm / matmul-by-weight -> ``aten._int_mm`` with a float epilogue."""
+    """Dynamic and static int8 linear / addmm / matmul-by-weight -> ``aten._int_mm`` with a float epilogue.
+
+    ``_int_mm`` is run once per weight shape at lowering on the weights' device (an unexpected
+    device limit becomes a near miss instead of a failure at run time).
+    """
     counts = {"int8_gemm_dynamic": 0, "int8_gemm_static": 0, "int8_gemm_padded_rows": 0}
     cache = _CodesCache()
+    checked: dict[tuple[Any, ...], str | None] = {}
     for node in list(gm.graph.nodes):
         operands = _gemm_operands(gm, node)
         if operands is None:
@@ -230,7 +249,7 @@ def lower_int8_gemms(gm: fx.GraphModule) -> dict[str, int]:
             continue
         q_weight, w_scales = weight  # [N, K] int8, [N]
         out_features, in_features = q_weight.shape
-        reason = _shape_check(in_features, out_features)
+        reason = _shape_check(in_features, out_features) or _int_mm_problem(q_weight.t().contiguous(), checked)
         if reason is not None:
             _near(counts, reason)  # the generic rewrites below dequantize its weight once
             continue
