@@ -39,14 +39,15 @@ class TunePlan:
     """How long ``tune`` measures: warm-up calls, then rounds until ``min_rounds`` and ``max_seconds``.
 
     ``gap_s`` idles between two calls: thread pools (onnxruntime's, OpenMP's) spin for a while after
-    a call, and would otherwise steal the cores of whichever candidate runs next.
+    a call, and would otherwise steal the cores of whichever candidate runs next (onnxruntime's
+    spin for 30-60 ms: see ``graphopt.bench.runner.TimingPlan``).
     """
 
     warmup: int = 1
     min_rounds: int = 3
     max_rounds: int = 30
     max_seconds: float = 3.0
-    gap_s: float = 0.01
+    gap_s: float = 0.1
 
 
 @dataclass

@@ -12,6 +12,7 @@ and the lowering note of each (how many layers got an int8 kernel, which stayed 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 from collections.abc import Callable
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     device_inputs = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in inputs)
     print(f"{entry.description}, batch {args.batch}, on {torch.cuda.get_device_name()} (torch {torch.__version__})")
 
-    eager = __import__("copy").deepcopy(model).cuda().eval()
+    eager = copy.deepcopy(model).cuda().eval()
     variants: dict[str, Callable[..., Any]] = {"eager fp32": eager}
     notes: dict[str, list[str]] = {}
     for label, quantize in (("gpu fp32", None), ("gpu int8-dynamic", "int8-dynamic"),

@@ -315,7 +315,9 @@ class TimingPlan:
     last ``min_sample_s`` (so sub-millisecond calls are not dominated by timer overhead).
     Between two backends' samples the harness idles ``gap_s``: thread pools (onnxruntime's,
     OpenMP's) spin-wait for a while after a call, and without the gap that spinning would
-    steal cores from whichever backend runs next.
+    steal cores from whichever backend runs next. onnxruntime's pool spins for 30-60 ms: on the
+    2-core machine, a ResNet-50 call right after an onnxruntime call took 70 ms with no gap,
+    60 ms with 10 ms, 37 ms with 60 ms or more (38 ms alone).
     """
 
     warmup: int = 2
@@ -323,7 +325,7 @@ class TimingPlan:
     max_seconds: float = 10.0
     max_repeats: int = 200
     min_sample_s: float = 0.002
-    gap_s: float = 0.01
+    gap_s: float = 0.1
 
     def __post_init__(self) -> None:
         if self.min_repeats < 2:

@@ -20,7 +20,6 @@ order (other quantization schemes append theirs); each takes the graph and retur
 
 from __future__ import annotations
 
-import operator
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from graphopt.ir import attribute_value, prune_unused_attributes
+from graphopt.ir import prune_unused_attributes
 from graphopt.passes.quantize.lower_weight_only import WEIGHT_ONLY_LOWERINGS
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN
+from graphopt.passes.quantize.patterns import constant_bias, dynamic_source, int8_weight, static_activation
 from graphopt.passes.quantize.placement import PASS_THROUGH, is_dequantize
 
 __all__ = ["LOWERINGS", "has_quantized_ops", "lower_quantized_for_cpu"]
@@ -61,36 +61,6 @@ def _store(gm: fx.GraphModule, stem: str, value: object, before: fx.Node) -> fx.
     with gm.graph.inserting_before(before), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # fx warns about attributes that are not buffers
         return gm.graph.get_attr(name)
-
-
-def _static_activation(node: object) -> tuple[fx.Node, float, int] | None:
-    """``(uint8 tensor, scale, zero point)`` when ``node`` is a static uint8 per-tensor dequantize."""
-    if not (isinstance(node, fx.Node) and node.target == qd.dequantize_per_tensor.default):
-        return None
-    source, scale, zero_point, _, _, dtype = node.args[:6]
-    if dtype != torch.uint8:
-        return None
-    return source, float(scale), int(zero_point)
-
-
-def _int8_weight(gm: fx.GraphModule, node: object, axis: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(int8 weight with channels on dim 0, float scales per channel)`` behind a weight dequantize."""
-    if not is_dequantize(node):
-        return None
-    q_weight = attribute_value(gm, node.args[0])
-    if q_weight is None or q_weight.dtype != torch.int8:
-        return None
-    if node.target == qd.dequantize_per_channel.default:
-        scales = attribute_value(gm, node.args[1])
-        if scales is None or node.args[3] != axis:
-            return None
-    elif node.target == qd.dequantize_per_tensor.default:
-        scales = torch.full((q_weight.shape[axis],), float(node.args[1]))
-    else:
-        return None
-    if axis != 0:
-        q_weight = q_weight.transpose(0, axis).contiguous()
-    return q_weight, scales.float()
 
 
 def _fused_output(node: fx.Node) -> tuple[fx.Node, str, list[float], fx.Node | None]:
@@ -128,14 +98,6 @@ def _read_as_int8(quantize: fx.Node) -> bool:
     return False
 
 
-def _bias(gm: fx.GraphModule, node: object) -> torch.Tensor | bool | None:
-    """The constant float bias, None for no bias, False when the bias is computed at run time."""
-    if node is None:
-        return None
-    value = attribute_value(gm, node)
-    return value.float() if value is not None else False
-
-
 def _replace_output(gm: fx.GraphModule, node: fx.Node, end: fx.Node, quantize: fx.Node | None, new: fx.Node) -> None:
     target = quantize if quantize is not None else end
     new.meta["val"] = target.meta.get("val")
@@ -171,9 +133,9 @@ def _weighted_operands(gm: fx.GraphModule, node: fx.Node) -> _WeightedOperands |
         family, x_arg, w_arg, axis, bias_arg = "qlinear", node.args[1], node.args[2], 1, node.args[0]
     else:
         return None
-    activation = _static_activation(x_arg)
-    weight = _int8_weight(gm, w_arg, axis)
-    bias = _bias(gm, bias_arg)
+    activation = static_activation(x_arg)
+    weight = int8_weight(gm, w_arg, axis)
+    bias = constant_bias(gm, bias_arg)
     if activation is None or weight is None or bias is False:
         return None
     return _WeightedOperands(family, *activation, *weight, bias)
@@ -199,7 +161,7 @@ def _weight_nodes(gm: fx.GraphModule, node: fx.Node, ops: _WeightedOperands) -> 
     zero_points = torch.zeros(ops.w_scales.shape, dtype=torch.int64)
     return (_store(gm, f"{node.name}_w_scales", ops.w_scales, node),
             _store(gm, f"{node.name}_w_zps", zero_points, node),
-            _store(gm, f"{node.name}_bias", ops.bias, node) if ops.bias is not None else None)
+            _store(gm, f"{node.name}constant_bias", ops.bias, node) if ops.bias is not None else None)
 
 
 def lower_static_weighted(gm: fx.GraphModule) -> dict[str, int]:
@@ -242,7 +204,7 @@ def _residual_conv(add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if add.target != aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
         return None
     for mine, other in (add.args, tuple(reversed(add.args))):
-        if _static_activation(mine) is None or _static_activation(other) is None:
+        if static_activation(mine) is None or static_activation(other) is None:
             continue
         quantize = mine.args[0]
         conv = quantize.args[0] if isinstance(quantize, fx.Node) else None
@@ -295,7 +257,7 @@ def lower_conv_add(gm: fx.GraphModule) -> dict[str, int]:
         batched = isinstance(conv.meta.get("val"), torch.Tensor) and conv.meta["val"].dim() == 4
         if ops is None or quantize is None or post_op not in ("none", "relu") or not batched:
             continue
-        codes, accum_scale, accum_zp = _static_activation(other)
+        codes, accum_scale, accum_zp = static_activation(other)
         accum = _accumulator(graph, codes, add, quantize)
         conv_args = _packed_conv(gm, conv, ops)  # the accumulator goes between the weight and the bias
         output = (float(quantize.args[1]), int(quantize.args[2]), torch.uint8)
@@ -337,7 +299,7 @@ def lower_pass_through(gm: fx.GraphModule) -> dict[str, int]:
         middle = quantize.args[0]
         if not (isinstance(middle, fx.Node) and middle.op == "call_function" and middle.target in PASS_THROUGH):
             continue
-        activation = _static_activation(middle.args[0])
+        activation = static_activation(middle.args[0])
         if activation is None:
             continue
         source, scale, zero_point = activation
@@ -375,22 +337,6 @@ def _max_pool_args(node: fx.Node) -> tuple[list[int], list[int], list[int], list
     return kernel, stride, pair(padding), pair(dilation), bool(ceil_mode)
 
 
-def _dynamic_source(node: object) -> fx.Node | None:
-    """The float input of a run-time quantized activation ``DQ(Q(x, choose_qparams(x)))``."""
-    if not (isinstance(node, fx.Node) and node.target == qd.dequantize_per_tensor.tensor):
-        return None
-    quantize = node.args[0]
-    if not (isinstance(quantize, fx.Node) and quantize.target == qd.quantize_per_tensor.tensor):
-        return None
-    scale = quantize.args[1]
-    if not (isinstance(scale, fx.Node) and scale.target == operator.getitem):
-        return None
-    choose = scale.args[0]
-    if not (isinstance(choose, fx.Node) and choose.target == qd.choose_qparams.tensor):
-        return None
-    return quantize.args[0]
-
-
 def lower_dynamic_linear(gm: fx.GraphModule) -> dict[str, int]:
     """Dynamic linear / addmm / matmul-by-weight → ``quantized.linear_dynamic`` (FBGEMM int8 GEMM)."""
     count = 0
@@ -407,9 +353,9 @@ def lower_dynamic_linear(gm: fx.GraphModule) -> dict[str, int]:
             x_arg, w_arg, axis, bias_arg = node.args[0], node.args[1], 1, None
         else:
             continue
-        source = _dynamic_source(x_arg)
-        weight = _int8_weight(gm, w_arg, axis)
-        bias = _bias(gm, bias_arg)
+        source = dynamic_source(x_arg)
+        weight = int8_weight(gm, w_arg, axis)
+        bias = constant_bias(gm, bias_arg)
         if source is None or weight is None or bias is False:
             continue
         q_weight, scales = weight

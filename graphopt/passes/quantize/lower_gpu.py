@@ -47,15 +47,15 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir import attribute_value, prune_unused_attributes, register_constant
-from graphopt.passes.quantize.lower_cpu import _bias, _dynamic_source, _int8_weight, _static_activation
 from graphopt.passes.quantize.lower_weight_only import (
-    _constants,
-    _dequantized,
-    _weight_only_linears,
+    dequantize_constants,
+    dequantized_weight,
     expand_remaining_weights,
     gather_codebook_embeddings,
     gather_quantized_embeddings,
+    weight_only_linears,
 )
+from graphopt.passes.quantize.patterns import constant_bias, dynamic_source, int8_weight, static_activation
 from graphopt.passes.quantize.placement import infer_val, is_dequantize, is_quantize
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT8, unpack_nibbles
 
@@ -241,11 +241,11 @@ def lower_int8_gemms(gm: fx.GraphModule) -> dict[str, int]:
         if operands is None:
             continue
         x_arg, w_arg, bias_arg, axis = operands
-        dynamic_source = _dynamic_source(x_arg)
-        static = _static_activation(x_arg) if dynamic_source is None else None
-        weight = _int8_weight(gm, w_arg, axis)
-        bias = _bias(gm, bias_arg)
-        if (dynamic_source is None and static is None) or weight is None or bias is False:
+        run_time_source = dynamic_source(x_arg)
+        static = static_activation(x_arg) if run_time_source is None else None
+        weight = int8_weight(gm, w_arg, axis)
+        bias = constant_bias(gm, bias_arg)
+        if (run_time_source is None and static is None) or weight is None or bias is False:
             continue
         q_weight, w_scales = weight  # [N, K] int8, [N]
         out_features, in_features = q_weight.shape
@@ -258,13 +258,13 @@ def lower_int8_gemms(gm: fx.GraphModule) -> dict[str, int]:
         rows = _static_rows(x_arg)
         build = _Builder(gm, node)
         weight_t = build.constant(f"{node.name}_weight_int8_t", q_weight.t().contiguous())
-        if dynamic_source is not None:
-            codes, row_scale = cache.dynamic(build, dynamic_source, in_features)
+        if run_time_source is not None:
+            codes, row_scale = cache.dynamic(build, run_time_source, in_features)
             acc = build(aten._to_copy.default, _int_mm(build, codes, weight_t, rows), dtype=dtype)
             column_scale = build.constant(f"{node.name}_w_scale", w_scales.to(dtype))
             out = build(aten.mul.Tensor, build(aten.mul.Tensor, acc, row_scale), column_scale)
             if bias is not None:
-                out = build(aten.add.Tensor, out, build.constant(f"{node.name}_bias", bias.to(dtype)))
+                out = build(aten.add.Tensor, out, build.constant(f"{node.name}constant_bias", bias.to(dtype)))
             counts["int8_gemm_dynamic"] += 1
         else:
             codes_u8, x_scale, x_zero_point = static
@@ -319,7 +319,7 @@ def dequantize_weights_once(gm: fx.GraphModule) -> dict[str, int]:
     for node in list(gm.graph.nodes):
         if not is_dequantize(node) or not node.users:
             continue
-        values = _constants(gm, node)
+        values = dequantize_constants(gm, node)
         if values is None or not isinstance(values[0], torch.Tensor) or values[0].dtype != torch.int8:
             continue
         value = node.target(*values)
@@ -392,9 +392,9 @@ def lower_weight_only_for_gpu(gm: fx.GraphModule) -> dict[str, int]:
     its weight dequantized once instead (a near miss with the reason).
     """
     counts = {"int8_weight_kernels": 0, "int4_weight_kernels": 0}
-    for node, dequant in _weight_only_linears(gm.graph):
-        values = _constants(gm, dequant)
-        weight = _dequantized(gm, dequant)
+    for node, dequant in weight_only_linears(gm.graph):
+        values = dequantize_constants(gm, dequant)
+        weight = dequantized_weight(gm, dequant)
         if values is None or weight is None:
             continue
         dtype = node.meta["val"].dtype

@@ -21,8 +21,8 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir import prune_unused_attributes, register_constant, snapshot_graph_module
-from graphopt.passes.quantize.lower_cpu import _dynamic_source, _int8_weight
 from graphopt.passes.quantize.observers import WEIGHT_QMAX, WEIGHT_QMIN
+from graphopt.passes.quantize.patterns import dynamic_source, int8_weight
 from graphopt.passes.quantize.placement import infer_val, is_dequantize
 
 __all__ = ["prepare_quantized_for_onnx"]
@@ -66,7 +66,7 @@ def translation_table() -> dict[Any, Any]:
 
 def _transposed_weight(gm: fx.GraphModule, node: fx.Node, dequantize: fx.Node) -> fx.Node | None:
     """A dequantize of the int8 weight stored transposed (``[in, out]``, channel axis 1)."""
-    weight = _int8_weight(gm, dequantize, 0)
+    weight = int8_weight(gm, dequantize, 0)
     if weight is None:
         return None
     q_weight, scales = weight
@@ -92,7 +92,7 @@ def _static_linear_as_matmul(gm: fx.GraphModule) -> int:
     for node in list(graph.nodes):
         if node.target != aten.linear.default or not is_dequantize(node.args[1]) or not is_dequantize(node.args[0]):
             continue
-        if _dynamic_source(node.args[0]) is not None:
+        if dynamic_source(node.args[0]) is not None:
             continue
         weight = _transposed_weight(gm, node, node.args[1])
         if weight is None:
@@ -122,8 +122,8 @@ def _dynamic_linear(gm: fx.GraphModule) -> int:
             x_arg, w_arg, axis, bias = node.args[0], node.args[1], 1, None
         else:
             continue
-        source = _dynamic_source(x_arg)
-        weight = _int8_weight(gm, w_arg, axis)
+        source = dynamic_source(x_arg)
+        weight = int8_weight(gm, w_arg, axis)
         if source is None or weight is None:
             continue
         q_weight, scales = weight

@@ -46,6 +46,8 @@ from graphopt.passes.quantize.weight_ops import (
 __all__ = [
     "CPU_KERNEL_CHOICE",
     "WEIGHT_ONLY_LOWERINGS",
+    "dequantize_constants",
+    "dequantized_weight",
     "expand_remaining_weights",
     "gather_codebook_embeddings",
     "gather_quantized_embeddings",
@@ -54,6 +56,7 @@ __all__ = [
     "lower_weight_only_linears",
     "onnx_translation_table",
     "prepare_weight_only_for_onnx",
+    "weight_only_linears",
 ]
 
 log = logging.getLogger("graphopt")
@@ -72,7 +75,7 @@ def has_weight_only_ops(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and n.target in DEQUANTIZE_OPS for n in gm.graph.nodes)
 
 
-def _constants(gm: fx.GraphModule, node: fx.Node) -> list[Any] | None:
+def dequantize_constants(gm: fx.GraphModule, node: fx.Node) -> list[Any] | None:
     """The dequantize node's tensor arguments as tensors (None when one is not a constant)."""
     values: list[Any] = []
     for arg in node.args:
@@ -86,8 +89,9 @@ def _constants(gm: fx.GraphModule, node: fx.Node) -> list[Any] | None:
     return values
 
 
-def _dequantized(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    values = _constants(gm, node)
+def dequantized_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The float weight a constant weight-only dequantize node computes (None when an argument is not constant)."""
+    values = dequantize_constants(gm, node)
     return None if values is None else node.target(*values)
 
 
@@ -114,7 +118,7 @@ def gather_quantized_embeddings(gm: fx.GraphModule) -> dict[str, int]:
         dequant = node.args[0]
         if dequant.target != DEQUANTIZE_INT8:
             continue  # (padding_idx, scale_grad_by_freq and sparse only matter for gradients)
-        values = _constants(gm, dequant)
+        values = dequantize_constants(gm, dequant)
         if values is None or values[0].dim() != 2:
             continue
         scale = values[1]
@@ -147,7 +151,7 @@ def gather_codebook_embeddings(gm: fx.GraphModule) -> dict[str, int]:
         dequant = node.args[0]
         if dequant.target != DEQUANTIZE_CODEBOOK:
             continue
-        values = _constants(gm, dequant)
+        values = dequantize_constants(gm, dequant)
         if values is None:
             continue
         indices, codebook, bits, shape = values
@@ -230,7 +234,7 @@ def int4_weight_linear(x: torch.Tensor, packed: torch.Tensor, group_size: int, s
 def _kernel_form(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]] | None:
     """The weight-only kernel call for ``linear(x, dequantize(...), b)``: (function, constant args)."""
     dequant = node.args[1]
-    values = _constants(gm, dequant)
+    values = dequantize_constants(gm, dequant)
     if values is None:
         return None
     if dequant.target == DEQUANTIZE_INT8:
@@ -270,7 +274,7 @@ def _faster_form(node: fx.Node, kernel: tuple[Callable[..., torch.Tensor], tuple
     return timings[key]
 
 
-def _weight_only_linears(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
+def weight_only_linears(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
     """Every ``linear`` whose weight is a ``dequantize_int8``/``dequantize_int4`` node, with that node."""
     found = []
     for node in graph.nodes:
@@ -286,8 +290,8 @@ def lower_weight_only_linears(gm: fx.GraphModule) -> dict[str, int]:
     counts = {"int8_weight_kernels": 0, "int4_weight_kernels": 0, "weights_dequantized_once": 0}
     timings: dict[tuple[Any, ...], str] = {}
     graph = gm.graph
-    for node, dequant in _weight_only_linears(graph):
-        weight = _dequantized(gm, dequant)
+    for node, dequant in weight_only_linears(graph):
+        weight = dequantized_weight(gm, dequant)
         kernel = _kernel_form(gm, node) if weight is not None else None
         if weight is None:
             continue
@@ -318,7 +322,7 @@ def expand_remaining_weights(gm: fx.GraphModule) -> dict[str, int]:
         if not node.users:  # its layer was lowered to a kernel reading the compressed weight
             gm.graph.erase_node(node)
             continue
-        weight = _dequantized(gm, node)
+        weight = dequantized_weight(gm, node)
         if weight is None:
             continue
         replacement = register_constant(gm, f"{node.name}_float", weight, before=node)
@@ -482,8 +486,8 @@ def _linears_to_matmul_nbits(gm: fx.GraphModule) -> int:
 
     count = 0
     graph = gm.graph
-    for node, dequant in _weight_only_linears(graph):
-        values = _constants(gm, dequant)
+    for node, dequant in weight_only_linears(graph):
+        values = dequantize_constants(gm, dequant)
         if values is None:
             continue
         packed, scales, zero_points, bits, block = _nbits_constants(values, dequant.target == DEQUANTIZE_INT8)
@@ -525,7 +529,7 @@ def prepare_weight_only_for_onnx(gm: fx.GraphModule) -> tuple[fx.GraphModule, di
     _linears_to_matmul_nbits(copy)
     for node in list(copy.graph.nodes):  # int4 weights outside linears (none are planned): float, computed once
         if node.target == DEQUANTIZE_INT4:
-            value = _dequantized(copy, node)
+            value = dequantized_weight(copy, node)
             if value is not None:
                 replacement = register_constant(copy, f"{node.name}_float", value, before=node)
                 node.replace_all_uses_with(replacement)
