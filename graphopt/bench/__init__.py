@@ -160,7 +160,7 @@ def run_benchmark(
     min_repeats: int = 7,
     max_seconds: float = 10.0,
     warmup: int = 2,
-    gap_s: float = 0.01,
+    gap_s: float = TimingPlan.gap_s,
     progress: bool = True,
     command: str | None = None,
 ) -> BenchResult:
