@@ -16,7 +16,7 @@ import graphopt
 from graphopt.ir import count_ops, snapshot_graph_module
 from graphopt.lossy import CalibrationData, output_cosine
 from graphopt.passes import Quantize
-from graphopt.passes.quantize.lower_cpu import has_quantized_ops, lower_quantized_for_cpu
+from graphopt.passes.quantize.lower_cpu import dynamic_int8_linear, has_quantized_ops, lower_quantized_for_cpu
 from graphopt.targets.onnx import export_graph_to_onnx
 
 FLOAT_COMPUTE = {"aten.conv2d.default", "aten.linear.default", "aten.addmm.default", "aten.matmul.default"}
@@ -104,15 +104,18 @@ def test_cpu_lowering_fuses_the_residual_add_into_the_int8_conv(reuse: bool) -> 
             assert output_cosine([expected], [lowered(x)]) > 0.9999
 
 
-def test_cpu_lowering_runs_dynamic_linear_as_fbgemm_int8() -> None:
+def test_cpu_lowering_runs_dynamic_linear_as_onednn_int8_with_fused_activations() -> None:
     torch.manual_seed(0)
     x = torch.randn(8, 64)
     gm, quantized = _quantized_graph(MLP().eval(), x, scheme="int8-dynamic")
     assert has_quantized_ops(quantized) and not has_quantized_ops(gm)
     lowered = snapshot_graph_module(quantized)
     assert lower_quantized_for_cpu(lowered)["dynamic_linear"] == 4
-    ops = count_ops(lowered)
-    assert ops["quantized.linear_dynamic.default"] == 4 and not FLOAT_COMPUTE & set(ops)
+    kernels = [n for n in lowered.graph.nodes if n.target is dynamic_int8_linear]
+    assert len(kernels) == 4 and not FLOAT_COMPUTE & set(count_ops(lowered))
+    # ReLU, GELU, ReLU after the first three linears run in the int8 GEMM's epilogue
+    assert [n.args[5] for n in kernels] == ["relu", "gelu", "relu", "none"]
+    assert not {"aten.relu.default", "aten.gelu.default"} & set(count_ops(lowered))
     with torch.no_grad():
         assert output_cosine([gm(x)], [lowered(x)]) > 0.999
 
