@@ -342,16 +342,16 @@ def dynamic_int8_linear(x: torch.Tensor, packed: torch.Tensor, w_scales: torch.T
                         bias: torch.Tensor | None, post_op: str, algorithm: str) -> torch.Tensor:
     """``post_op(x @ Wᵀ + b)`` with ``x`` quantized to uint8 per tensor at run time and oneDNN's int8 GEMM.
 
-    One kernel picks the activation's scale and quantizes it (``quantize_per_tensor_dynamic``),
-    then oneDNN multiplies in int8 and applies the bias and the activation (GELU, ReLU) in its
-    epilogue, writing float.
+    One kernel picks the activation's scale and quantizes it (``quantize_per_tensor_dynamic``; its
+    codes are read in place, not copied by ``int_repr``), then oneDNN multiplies in int8 and applies
+    the bias and the activation (GELU, ReLU) in its epilogue, writing float.
     """
     flat = x.reshape(-1, x.shape[-1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # quint8 tensors are deprecated; this one lives for one call
         codes = torch.quantize_per_tensor_dynamic(flat, torch.quint8, False)
     out = torch.ops.onednn.qlinear_pointwise.default(
-        codes.int_repr(), codes.q_scale(), codes.q_zero_point(), packed, w_scales, w_zero_points, bias, 1.0, 0,
+        codes.view(torch.uint8), codes.q_scale(), codes.q_zero_point(), packed, w_scales, w_zero_points, bias, 1.0, 0,
         torch.float32, post_op, [], algorithm)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
