@@ -74,7 +74,7 @@ def _only_aten_ops(gm: fx.GraphModule) -> bool:
 
 
 def _lower_quantized(gm: fx.GraphModule, report: Report | None) -> fx.GraphModule:
-    """A copy of the quantized graph whose QDQ patterns run oneDNN / FBGEMM int8 kernels."""
+    """A copy of the quantized graph whose QDQ patterns run oneDNN int8 kernels."""
     from graphopt.ir import snapshot_graph_module
     from graphopt.passes.quantize.lower_cpu import lower_quantized_for_cpu
 
