@@ -22,23 +22,21 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from graphopt.ir import prune_unused_attributes
 from graphopt.passes.quantize.lower_weight_only import WEIGHT_ONLY_LOWERINGS
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN
 from graphopt.passes.quantize.patterns import constant_bias, dynamic_source, int8_weight, static_activation
 from graphopt.passes.quantize.placement import PASS_THROUGH, is_dequantize
+from graphopt.passes.quantize.rewrite import Lowering, run_lowerings
 
 __all__ = ["LOWERINGS", "dynamic_int8_linear", "has_quantized_ops", "lower_quantized_for_cpu"]
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
-Lowering = Callable[[fx.GraphModule], dict[str, int]]
 
 _SHAPE_OPS = PASS_THROUGH - {aten.relu.default, aten.hardtanh.default}
 
@@ -448,12 +446,4 @@ LOWERINGS += WEIGHT_ONLY_LOWERINGS  # compressed weights: weight-only int8/int4 
 
 def lower_quantized_for_cpu(gm: fx.GraphModule) -> dict[str, int]:
     """Rewrite ``gm`` in place so its quantized ops run int8 kernels; returns counts per kernel kind."""
-    counts: dict[str, int] = {}
-    for lowering in LOWERINGS:
-        for key, value in lowering(gm).items():
-            counts[key] = counts.get(key, 0) + value
-    gm.graph.eliminate_dead_code()
-    prune_unused_attributes(gm)
-    gm.graph.lint()
-    gm.recompile()
-    return counts
+    return run_lowerings(gm, LOWERINGS)

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir import attribute_value, prune_unused_attributes, register_constant
+from graphopt.ir import attribute_value, register_constant
 from graphopt.passes.quantize.lower_weight_only import (
     dequantize_constants,
     dequantized_weight,
@@ -57,6 +57,7 @@ from graphopt.passes.quantize.lower_weight_only import (
 )
 from graphopt.passes.quantize.patterns import constant_bias, dynamic_source, int8_weight, static_activation
 from graphopt.passes.quantize.placement import infer_val, is_dequantize, is_quantize
+from graphopt.passes.quantize.rewrite import Lowering, run_lowerings
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT8, unpack_nibbles
 
 __all__ = [
@@ -74,7 +75,6 @@ __all__ = [
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
-Lowering = Callable[[fx.GraphModule], dict[str, int]]
 
 MIN_INT_MM_ROWS = 17
 """cuBLASLt's int8 GEMM behind ``torch._int_mm`` on CUDA needs more than 16 rows."""
@@ -205,6 +205,16 @@ def _int_mm(build: _Builder, codes: fx.Node, weight_t: fx.Node, rows: int | None
     return build(aten.slice.Tensor, build(aten._int_mm.default, padded, weight_t), 0, 0, rows)
 
 
+def _replace_gemm(gm: fx.GraphModule, build: _Builder, node: fx.Node, out: fx.Node) -> None:
+    """Put the 2-D result ``out`` in place of the GEMM ``node`` (reshaped back to its shape) and erase ``node``."""
+    out_val = node.meta["val"]
+    if out_val.dim() != 2:
+        out = build(aten.reshape.default, out, list(out_val.shape))
+    out.meta["val"] = out_val
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+
+
 def _shape_check(in_features: int, out_features: int) -> str | None:
     if in_features % 8:
         return f"int8 GEMM: K={in_features} not a multiple of 8 (cuBLASLt int8), float matmul"
@@ -282,11 +292,7 @@ def lower_int8_gemms(gm: fx.GraphModule) -> dict[str, int]:
             counts["int8_gemm_static"] += 1
         if rows is not None and rows < MIN_INT_MM_ROWS:
             counts["int8_gemm_padded_rows"] += 1
-        if out_val.dim() != 2:
-            out = build(aten.reshape.default, out, list(out_val.shape))
-        out.meta["val"] = out_val
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
+        _replace_gemm(gm, build, node, out)
     return counts
 
 
@@ -424,12 +430,7 @@ def lower_weight_only_for_gpu(gm: fx.GraphModule) -> dict[str, int]:
         bias = node.args[2] if len(node.args) > 2 else None
         if bias is not None:
             out = build(aten.add.Tensor, out, bias)
-        out_val = node.meta["val"]
-        if out_val.dim() != 2:
-            out = build(aten.reshape.default, out, list(out_val.shape))
-        out.meta["val"] = out_val
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
+        _replace_gemm(gm, build, node, out)
     return counts
 
 
@@ -446,16 +447,8 @@ def lower_quantized_for_gpu(gm: fx.GraphModule) -> dict[str, int]:
     Keys starting with ``NEAR_MISS`` count layers that stayed float, by reason. Run it on a copy
     (``graphopt.ir.snapshot_graph_module``): the QDQ graph is the portable, savable reference.
     """
-    counts: dict[str, int] = {}
     gm.graph.eliminate_dead_code()  # layers whose output no one reads (an unused pooler) are not counted
-    for lowering in LOWERINGS:
-        for key, value in lowering(gm).items():
-            counts[key] = counts.get(key, 0) + value
-    gm.graph.eliminate_dead_code()
-    prune_unused_attributes(gm)
-    gm.graph.lint()
-    gm.recompile()
-    return counts
+    return run_lowerings(gm, LOWERINGS)
 
 
 def describe_counts(counts: dict[str, int]) -> str:

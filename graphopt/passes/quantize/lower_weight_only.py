@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir import attribute_value, prune_unused_attributes, register_constant, snapshot_graph_module
+from graphopt.passes.quantize.rewrite import run_lowerings
 from graphopt.passes.quantize.weight_ops import (
     DEQUANTIZE_CODEBOOK,
     DEQUANTIZE_INT4,
@@ -340,14 +341,7 @@ WEIGHT_ONLY_LOWERINGS = [gather_quantized_embeddings, gather_codebook_embeddings
 def lower_weight_only_for_cpu(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
     """A copy of ``gm`` with its compressed weights lowered for the CPU, and counts per kernel kind."""
     lowered = snapshot_graph_module(gm)
-    counts: dict[str, int] = {}
-    for lowering in WEIGHT_ONLY_LOWERINGS:
-        for key, value in lowering(lowered).items():
-            counts[key] = counts.get(key, 0) + value
-    lowered.graph.eliminate_dead_code()
-    prune_unused_attributes(lowered)
-    lowered.recompile()
-    return lowered, counts
+    return lowered, run_lowerings(lowered, WEIGHT_ONLY_LOWERINGS)
 
 
 # --------------------------------------------------------------------------------------------- onnx
