@@ -200,7 +200,8 @@ def lower_static_weighted(gm: fx.GraphModule) -> dict[str, int]:
 
 def _residual_conv(add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """``(conv, other input)`` of ``add(DQ(Q(conv2d(...))), DQ(other))`` where the conv's codes feed only the add."""
-    if add.target != aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+    if add.target != aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2 \
+            or add.args[0] is add.args[1]:
         return None
     for mine, other in (add.args, tuple(reversed(add.args))):
         if static_activation(mine) is None or static_activation(other) is None:
