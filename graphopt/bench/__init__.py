@@ -15,7 +15,6 @@ Arbitrary models can be measured too: pass ``(name, model, example_inputs)`` ent
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from graphopt.bench import zoo
-from graphopt.bench.report import BenchResult, BenchRow, compute_ratios, machine_info, versions
+from graphopt.bench.report import BenchResult, BenchRow, compute_ratios, machine_info, versions, write_result_files
 from graphopt.bench.runner import (
     Backend,
     GraphoptBackend,
@@ -339,10 +338,5 @@ def run_bench_command(args: argparse.Namespace) -> int:
                            threads=threads, min_repeats=args.min_repeats, max_seconds=args.max_seconds,
                            progress=not args.quiet, command=command)
     print(result)
-    if args.json:
-        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
-    if args.markdown:
-        args.markdown.write_text(result.to_markdown())
-        print(f"wrote {args.markdown}", file=sys.stderr)
+    write_result_files(result, args.json, args.markdown)
     return 0

@@ -14,7 +14,6 @@ cosine against eager (pruning is measured, not enforced; ``graphopt.distill`` re
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -27,14 +26,14 @@ import torch
 from torch import nn
 
 from graphopt.bench import zoo
-from graphopt.bench.report import machine_info, versions
+from graphopt.bench.report import machine_info, versions, write_result_files
 from graphopt.bench.runner import (
     GraphoptBackend,
     MemoryProbe,
     TimingPlan,
     flatten_outputs,
     setup_backend,
-    time_interleaved,
+    time_into_rows,
 )
 from graphopt.bench.table import TableResult
 
@@ -170,14 +169,7 @@ def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], amou
                 prepared.append((row, result))
             else:
                 row.error = result.error
-    if prepared:
-        report(f"{name}: timing {len(prepared)} variants interleaved")
-        time_interleaved([p for _, p in prepared], plan, report)
-        for row, result in prepared:
-            timing = result.row.timing
-            if timing is not None:
-                row.median_ms, row.p10_ms, row.p90_ms = timing.median_ms, timing.p10_ms, timing.p90_ms
-            row.error = row.error or result.row.error
+    time_into_rows(name, prepared, plan, report)
     dense = {r.target: r.median_ms for r in rows if r.amount is None and r.median_ms}
     for row in rows:
         if row.median_ms and row.target in dense:
@@ -195,8 +187,5 @@ def run_prune_bench_command(args: Any, models: Sequence[str], threads: int) -> i
                                  threads=threads, min_repeats=args.min_repeats, max_seconds=args.max_seconds,
                                  progress=not args.quiet, command=command)
     print(result)
-    if args.json:
-        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(result.to_markdown())
+    write_result_files(result, args.json, args.markdown)
     return 0

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,3 +262,13 @@ class BenchResult:
         table = [_markdown_line(COLUMNS), "|" + "---|" * len(COLUMNS)]
         table += [_markdown_line(row_cells(r)) for r in self.rows]
         return "\n".join(header + table + ["", LEGEND, ""])
+
+
+def write_result_files(result: Any, json_path: Path | None, markdown_path: Path | None) -> None:
+    """Save a bench result (anything with ``to_dict()`` and ``to_markdown()``) where asked, saying so on stderr."""
+    if json_path:
+        json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"wrote {json_path}", file=sys.stderr)
+    if markdown_path:
+        markdown_path.write_text(result.to_markdown())
+        print(f"wrote {markdown_path}", file=sys.stderr)

@@ -471,6 +471,24 @@ def time_interleaved(prepared: list[_Prepared], plan: TimingPlan, progress: Prog
         item.row.noisy = item.row.timing.iqr_pct > NOISY_IQR_PCT
 
 
+def time_into_rows(name: str, prepared: list[tuple[Any, _Prepared]], plan: TimingPlan, progress: Progress) -> None:
+    """Time the prepared variants of model ``name`` round-robin and copy each one's figures into its row.
+
+    ``prepared`` pairs a result row (any object with ``median_ms``, ``p10_ms``, ``p90_ms`` and
+    ``error``) with the variant ``setup_backend`` prepared for it; a variant that fails while
+    timing leaves its error in the row.
+    """
+    if not prepared:
+        return
+    progress(f"{name}: timing {len(prepared)} variants interleaved")
+    time_interleaved([item for _, item in prepared], plan, progress)
+    for row, item in prepared:
+        timing = item.row.timing
+        if timing is not None:
+            row.median_ms, row.p10_ms, row.p90_ms = timing.median_ms, timing.p10_ms, timing.p90_ms
+        row.error = row.error or item.row.error
+
+
 def measure_model(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], backends: Sequence[Backend],
                   plan: TimingPlan, probe: MemoryProbe, progress: Progress) -> list[BenchRow]:
     """All rows for one model x batch: reference outputs, each backend's setup, interleaved timing."""
