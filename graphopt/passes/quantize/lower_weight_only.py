@@ -109,19 +109,29 @@ def _copy_meta(new: fx.Node, old: fx.Node) -> None:
 # ---------------------------------------------------------------------------------------------- cpu
 
 
+def _embedding_lookups(gm: fx.GraphModule, dequantize: Any) -> list[tuple[fx.Node, list[Any]]]:
+    """Every ``embedding`` reading its table through a constant ``dequantize`` call, with that call's arguments.
+
+    (``padding_idx``, ``scale_grad_by_freq`` and ``sparse`` only matter for gradients.)
+    """
+    found = []
+    for node in gm.graph.nodes:
+        table = node.args[0] if node.target == aten.embedding.default else None
+        if isinstance(table, fx.Node) and table.target == dequantize:
+            values = dequantize_constants(gm, table)
+            if values is not None:
+                found.append((node, values))
+    return found
+
+
 def gather_quantized_embeddings(gm: fx.GraphModule) -> dict[str, int]:
     """``embedding(dequantize_int8(q, s), ids)`` -> ``embedding(q, ids).to(float) * embedding(s[:, None], ids)``."""
     count = 0
     graph = gm.graph
-    for node in list(graph.nodes):
-        if node.target != aten.embedding.default or not isinstance(node.args[0], fx.Node):
+    for node, values in _embedding_lookups(gm, DEQUANTIZE_INT8):
+        if values[0].dim() != 2:
             continue
         dequant = node.args[0]
-        if dequant.target != DEQUANTIZE_INT8:
-            continue  # (padding_idx, scale_grad_by_freq and sparse only matter for gradients)
-        values = dequantize_constants(gm, dequant)
-        if values is None or values[0].dim() != 2:
-            continue
         scale = values[1]
         scale_column = register_constant(gm, f"{node.name}_row_scale", scale.reshape(-1, 1), before=node)
         with graph.inserting_before(node):
@@ -146,15 +156,7 @@ def gather_codebook_embeddings(gm: fx.GraphModule) -> dict[str, int]:
     """
     count = 0
     graph = gm.graph
-    for node in list(graph.nodes):
-        if node.target != aten.embedding.default or not isinstance(node.args[0], fx.Node):
-            continue
-        dequant = node.args[0]
-        if dequant.target != DEQUANTIZE_CODEBOOK:
-            continue
-        values = dequantize_constants(gm, dequant)
-        if values is None:
-            continue
+    for node, values in _embedding_lookups(gm, DEQUANTIZE_CODEBOOK):
         indices, codebook, bits, shape = values
         if len(shape) != 2 or (bits == 4 and shape[1] % 2):
             continue
