@@ -180,9 +180,8 @@ def lower_static_weighted(gm: fx.GraphModule) -> dict[str, int]:
         elif quantize is not None:
             out_scale, out_zp, out_dtype = float(quantize.args[1]), int(quantize.args[2]), torch.uint8
         if ops.family == "qlinear":
-            packed = torch.ops.onednn.qlinear_prepack(ops.q_weight, None)
             scales, zero_points, bias = _weight_nodes(gm, node, ops)
-            packed_node = _store(gm, f"{node.name}_packed", packed, node)
+            packed_node = _store(gm, f"{node.name}_packed", _packed_linear(ops.q_weight, ops.source), node)
             args = (ops.source, ops.x_scale, ops.x_zero_point, packed_node, scales, zero_points, bias, out_scale,
                     out_zp, out_dtype, post_op, post_args, "")
             target = torch.ops.onednn.qlinear_pointwise.default
@@ -276,6 +275,12 @@ def _input_shape(value: fx.Node) -> list[int] | None:
     if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
         return None
     return list(val.shape)
+
+
+def _packed_linear(q_weight: torch.Tensor, source: fx.Node) -> torch.Tensor:
+    """The int8 weight packed by oneDNN for the GEMM's static ``[rows, in]`` input when known (as for convs)."""
+    shape = _input_shape(source)
+    return torch.ops.onednn.qlinear_prepack(q_weight, [math.prod(shape[:-1]), shape[-1]] if shape else None)
 
 
 def _conv_defaults(node: fx.Node) -> tuple[list[int], list[int], list[int], int]:
@@ -397,9 +402,7 @@ def lower_dynamic_linear(gm: fx.GraphModule) -> dict[str, int]:
         if source is None or weight is None or bias is False:
             continue
         q_weight, scales = weight
-        shape = _input_shape(source)
-        rows = [math.prod(shape[:-1]), shape[-1]] if shape else None
-        packed = torch.ops.onednn.qlinear_prepack(q_weight, rows)
+        packed = _packed_linear(q_weight, source)
         end, post_op, algorithm = _dynamic_epilogue(node)
         stored = [_store(gm, f"{node.name}_{stem}", value, node) for stem, value in (
             ("packed", packed), ("w_scales", scales), ("w_zps", torch.zeros(scales.shape, dtype=torch.int64)))]
