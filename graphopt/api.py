@@ -330,14 +330,14 @@ def optimize(
     gm = manager.run(captured.graph_module, captured.flat_inputs, report, captured.graph_outputs)
     budget = _final_budget(report, lossy_runner)
 
+    native = target.native_error(model, captured.example_args, captured.example_kwargs, captured.reference_outputs)
     started = time.perf_counter()
     runner, target = lower_model(target, gm, captured, report, tune=tune, budget=budget,
-                                 tolerance_scale=tolerance_scale)
+                                 tolerance_scale=tolerance_scale, native_error=native)
     report.lowering_seconds = time.perf_counter() - started
     optimized = OptimizedModel(gm, runner, target, report, captured)
     optimized.budget = budget
 
-    native = target.native_error(model, captured.example_args, captured.example_kwargs, captured.reference_outputs)
     if native > 0:
         report.notes.append(f"the original model on {target.name} differs from CPU eager by {native:.2e}; "
                             "the final check allows twice that on top of the usual tolerance")

@@ -96,14 +96,18 @@ def attribute_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def register_constant(gm: fx.GraphModule, base_name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
-    """Store ``value`` as a new buffer on ``gm`` and insert a ``get_attr`` node for it before ``before``."""
+def register_constant(gm: fx.GraphModule, base_name: str, value: torch.Tensor, before: fx.Node,
+                      keep_layout: bool = False) -> fx.Node:
+    """Store ``value`` as a new buffer on ``gm`` and insert a ``get_attr`` node for it before ``before``.
+
+    The buffer is made contiguous unless ``keep_layout`` (a channels-last weight, say).
+    """
     stem = "".join(c if c.isalnum() else "_" for c in base_name) or "const"
     name, index = f"_go_{stem}", 0
     while hasattr(gm, name):
         index += 1
         name = f"_go_{stem}_{index}"
-    gm.register_buffer(name, value.detach().contiguous())
+    gm.register_buffer(name, value.detach() if keep_layout else value.detach().contiguous())
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
     node.meta["tensor_meta"] = _extract_tensor_metadata(value)

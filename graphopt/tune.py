@@ -88,7 +88,8 @@ def tune_candidates(target: Target) -> list[Candidate]:
     return candidates
 
 
-def _check(candidate: Candidate, captured: Any, budget: Fidelity | None, tolerance_scale: float) -> None:
+def _check(candidate: Candidate, captured: Any, budget: Fidelity | None, tolerance_scale: float,
+           native_error: float) -> None:
     args, kwargs = candidate.target.move_inputs(captured.example_args, captured.example_kwargs)
     with torch.inference_mode():
         outputs = pytree.tree_leaves(candidate.runner(*args, **kwargs))
@@ -97,7 +98,7 @@ def _check(candidate: Candidate, captured: Any, budget: Fidelity | None, toleran
         ok = cosine >= budget.min_cosine or not budget.enforce
         candidate.status, candidate.detail = ("ok" if ok else "failed"), f"cosine {cosine:.6f}"
         return
-    comparison = compare_outputs(outputs, captured.reference_outputs, tolerance_scale)
+    comparison = compare_outputs(outputs, captured.reference_outputs, tolerance_scale, extra_atol=2 * native_error)
     candidate.status = "ok" if comparison.ok else "failed"
     candidate.detail = f"max |diff| {comparison.max_abs_diff:.1e}" if comparison.ok else comparison.detail
 
@@ -155,8 +156,11 @@ def _section(candidates: list[Candidate], chosen: Candidate) -> ReportSection:
 
 def lower_model(target: Target, gm: fx.GraphModule, captured: Any, report: Report, *, tune: bool = False,
                 budget: Fidelity | None = None, tolerance_scale: float = 1.0,
-                plan: TunePlan | None = None) -> tuple[Any, Target]:
+                plan: TunePlan | None = None, native_error: float = 0.0) -> tuple[Any, Target]:
     """Lower ``gm`` for ``target``; with ``tune`` measure every candidate and keep the fastest that passes.
+
+    Each candidate is checked against eager like the final check: to tolerance, plus twice
+    ``native_error`` (how far the unoptimized model on the target's device is from CPU eager).
 
     Returns ``(runner, target)``: the target carries the lowering tuning chose.
     """
@@ -169,7 +173,7 @@ def lower_model(target: Target, gm: fx.GraphModule, captured: Any, report: Repor
         try:
             candidate.runner = _lower(candidate.target, gm, captured, scratch)
             candidate.setup_s = time.perf_counter() - started
-            _check(candidate, captured, budget, tolerance_scale)
+            _check(candidate, captured, budget, tolerance_scale, native_error)
         except Exception as error:  # a candidate that cannot lower is a result, not a failure of optimize
             candidate.setup_s = time.perf_counter() - started
             candidate.status, candidate.detail = "failed", f"{type(error).__name__}: {str(error)[:160]}"

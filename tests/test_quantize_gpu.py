@@ -182,6 +182,7 @@ def test_weight_only_int8_uses_the_int8pack_kernel_and_int4_falls_back_here() ->
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("model_and_input", ["mlp", "block"])
 def test_optimize_gpu_int8_dynamic_runs_int_mm_on_cuda(model_and_input: str) -> None:

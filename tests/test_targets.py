@@ -92,7 +92,7 @@ def test_gpu_target_runs_on_cuda(small_cnn):
     out = fast(*inputs)
     assert out.is_cuda
     assert_matches(fast, model, inputs)
-    assert next(fast.runner.buffers()).is_cuda
+    assert all(t.is_cuda for t in fast.graph_module.state_dict().values())
 
 
 @pytest.mark.gpu
@@ -153,3 +153,27 @@ def test_changing_the_original_weights_afterwards_is_caught(tmp_path):
     with pytest.raises(graphopt.InputError, match="changed in place"):
         fast.save(tmp_path / "stale.pt2")
     torch.testing.assert_close(frozen(x), expected)  # the ONNX session holds its own copy of the weights
+
+
+def test_gpu_retargets_recorded_values_so_later_rewrites_infer_on_one_device() -> None:
+    """The 'meta' device stands in for cuda here: every recorded value follows the weights."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from graphopt.ir import register_constant
+    from graphopt.passes.quantize.placement import infer_val
+    from graphopt.targets.gpu import retarget_meta_values
+
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3)).eval()
+    gm = graphopt.optimize(model, (torch.randint(0, 10, (2, 5)),), target="cpu").graph_module
+    embedding = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.embedding.default)
+    table = register_constant(gm, "table", torch.randn(10, 4), embedding)  # a constant a pass added: real value
+    device = torch.device("meta")
+    gm.to(device)
+    retarget_meta_values(gm, device)
+    values = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert values and all(v.device == device for v in values)
+    assert not isinstance(table.meta["val"], FakeTensor)
+    with gm.graph.inserting_after(embedding):
+        lookup = gm.graph.call_function(torch.ops.aten.embedding.default, (table, embedding.args[1]))
+    infer_val(lookup)  # a fake index tensor and a real table: both on the device now
+    assert lookup.meta["val"].shape == embedding.meta["val"].shape

@@ -27,7 +27,7 @@ import torch.fx as fx
 from graphopt.ir import attribute_value, prune_unused_attributes, register_constant, same_shape
 from graphopt.pass_infra import Pass, PassResult
 
-__all__ = ["FUSED_OPS", "EpilogueFusion", "onednn_available"]
+__all__ = ["FUSED_OPS", "ConvArguments", "EpilogueFusion", "conv_arguments", "onednn_available"]
 
 aten = torch.ops.aten
 
@@ -89,6 +89,30 @@ def _pair(value: Any, default: int) -> list[int]:
     return values * 2 if len(values) == 1 else values
 
 
+ConvArguments = tuple[Any, Any, Any, list[int], list[int], list[int], int]
+"""``(x, weight, bias, stride, padding, dilation, groups)``, each of the three lists of two ints."""
+
+
+def conv_arguments(node: fx.Node) -> ConvArguments | str:
+    """The arguments of an ``aten.conv2d`` / ``aten.convolution`` node, defaults filled in.
+
+    Returns the reason instead when the node is not a plain convolution these fusions handle
+    (transposed, or padding given as a string).
+    """
+    if node.target == aten.convolution.default:
+        x, w, b, stride, padding, dilation, transposed, _, groups = node.args[:9]
+        if transposed:
+            return "transposed convolution"
+    else:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        defaults: list[Any] = [None, None, None, 1, 0, 1, 1]
+        x, w, b, stride, padding, dilation, groups = (
+            node.args[i] if i < len(node.args) else node.kwargs.get(name, defaults[i]) for i, name in enumerate(names))
+    if isinstance(padding, str):
+        return "padding given as a string"
+    return x, w, b, _pair(stride, 1), _pair(padding, 0), _pair(dilation, 1), int(groups)
+
+
 @dataclass
 class _Layer:
     """A convolution or linear layer the pass may fuse, with its arguments normalised."""
@@ -132,22 +156,12 @@ class _Fuser:
         return None
 
     def _conv(self, node: fx.Node) -> _Layer | None:
-        args = list(node.args)
-        if node.target == aten.convolution.default:
-            x, w, b, stride, padding, dilation, transposed, _, groups = args[:9]
-            if transposed:
-                self.near["transposed convolution"] += 1
-                return None
-        else:
-            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-            defaults: list[Any] = [None, None, None, [1, 1], [0, 0], [1, 1], 1]
-            values = [args[i] if i < len(args) else node.kwargs.get(n, defaults[i]) for i, n in enumerate(names)]
-            x, w, b, stride, padding, dilation, groups = values
-        if isinstance(padding, str):
-            self.near["padding given as a string"] += 1
+        arguments = conv_arguments(node)
+        if isinstance(arguments, str):
+            self.near[arguments] += 1
             return None
-        return self._checked("conv", node, x, w, b, (_pair(padding, 0), _pair(stride, 1), _pair(dilation, 1),
-                                                        int(groups)))
+        x, w, b, stride, padding, dilation, groups = arguments
+        return self._checked("conv", node, x, w, b, (padding, stride, dilation, groups))
 
     def _linear(self, node: fx.Node) -> _Layer | None:
         if node.target == aten.linear.default:

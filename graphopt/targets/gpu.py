@@ -11,11 +11,12 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt.errors import DeviceUnavailableError
+from graphopt.ir import attribute_value
 from graphopt.shapes import DynamicDims
 from graphopt.target import Target
 from graphopt.verify import compare_outputs
 
-__all__ = ["GpuTarget", "retarget_device_constants"]
+__all__ = ["GpuTarget", "retarget_device_constants", "retarget_meta_values"]
 
 
 def _retarget(value: Any, device: torch.device) -> Any:
@@ -45,6 +46,30 @@ def retarget_device_constants(gm: fx.GraphModule, device: torch.device) -> int:
             changed += 1
     gm.recompile()
     return changed
+
+
+def retarget_meta_values(gm: fx.GraphModule, device: torch.device) -> None:
+    """Point the fake tensors recorded on nodes (``meta["val"]``) at ``device``, where the graph now runs.
+
+    Capture records them on the CPU; a rewrite made after the move infers new nodes' values from
+    them and from the moved weights, and fake tensors on two devices do not mix. Constants that
+    passes registered carry their real value: it is replaced by the moved one.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def move(value: Any) -> Any:
+        if isinstance(value, FakeTensor) and value.device != device:
+            with value.fake_mode:
+                return value.to(device)
+        return value
+
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        if node.op == "get_attr" and isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+            moved = attribute_value(gm, node)  # a constant a pass registered: its value, now on the device
+            node.meta["val"] = moved if moved is not None else value
+        elif value is not None:
+            node.meta["val"] = pytree.tree_map(move, value)
 
 
 class GpuTarget(Target):
@@ -88,6 +113,7 @@ class GpuTarget(Target):
         self.check_available()
         gm.to(self.device)
         retarget_device_constants(gm, self.device)
+        retarget_meta_values(gm, self.device)
         args, kwargs = self.move_inputs(example_args, example_kwargs)
         static = not dynamic
         lowered = _lower_quantized(gm, report) if _is_quantized(gm) else snapshot_graph_module(gm)

