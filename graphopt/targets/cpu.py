@@ -38,28 +38,16 @@ class CpuTarget(Target):
         report: Report | None = None,
     ) -> Callable[..., Any]:
         """A lowered copy of the graph (``gm`` itself stays the portable ATen graph)."""
+        from graphopt.passes.quantize.lower_cpu import has_quantized_ops
+
         gm.recompile()
-        if _is_quantized(gm):  # int8 QDQ graph: its own lowering to int8 kernels (float graphs never get here)
+        if has_quantized_ops(gm):  # int8 QDQ graph: its own lowering to int8 kernels (float graphs never get here)
             lowered = _lower_quantized(gm, report)
-            if _has_qdq(gm) or not _only_aten_ops(lowered):
+            if has_quantized_ops(gm, activations=True) or not _only_aten_ops(lowered):
                 return lowered
             gm = lowered  # weight-only graph whose weights were all dequantized once: a float graph, lowered as one
         flat = flatten_inputs(gm, example_args, example_kwargs)
         return lower_graph(gm, example_args, example_kwargs, flat, self.lowering, report, dynamic=dynamic)
-
-
-def _is_quantized(gm: fx.GraphModule) -> bool:
-    from graphopt.passes.quantize.lower_cpu import has_quantized_ops
-
-    return has_quantized_ops(gm)
-
-
-def _has_qdq(gm: fx.GraphModule) -> bool:
-    """True when ``gm`` quantizes activations (``quantized_decomposed`` ops): not a weight-only graph."""
-    import torch
-
-    return any(isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "quantized_decomposed"
-               for n in gm.graph.nodes if n.op == "call_function")
 
 
 def _only_aten_ops(gm: fx.GraphModule) -> bool:

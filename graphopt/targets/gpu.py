@@ -108,6 +108,7 @@ class GpuTarget(Target):
         """
         from graphopt.capture import flatten_inputs
         from graphopt.ir import snapshot_graph_module
+        from graphopt.passes.quantize.lower_cpu import has_quantized_ops
         from graphopt.targets.gpu_lowering import lower_for_gpu
 
         self.check_available()
@@ -116,7 +117,7 @@ class GpuTarget(Target):
         retarget_meta_values(gm, self.device)
         args, kwargs = self.move_inputs(example_args, example_kwargs)
         static = not dynamic
-        lowered = _lower_quantized(gm, report) if _is_quantized(gm) else snapshot_graph_module(gm)
+        lowered = _lower_quantized(gm, report) if has_quantized_ops(gm) else snapshot_graph_module(gm)
         return lower_for_gpu(lowered, args, kwargs, flatten_inputs(gm, args, kwargs), static,
                              self.lowering, report)
 
@@ -136,12 +137,6 @@ class GpuTarget(Target):
             return x.to(self.device, non_blocking=True) if isinstance(x, torch.Tensor) else x
 
         return pytree.tree_map(to_device, (args, kwargs))
-
-
-def _is_quantized(gm: fx.GraphModule) -> bool:
-    from graphopt.passes.quantize.lower_cpu import has_quantized_ops
-
-    return has_quantized_ops(gm)
 
 
 def _lower_quantized(gm: fx.GraphModule, report: Any) -> fx.GraphModule:

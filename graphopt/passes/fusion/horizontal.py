@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from graphopt.analysis.aliasing import REWRITABLE_VIEWS, CopyAnalysis, alias_closure
 from graphopt.ir import attribute_value, node_shape, prune_unused_attributes, register_constant
 from graphopt.pass_infra import Pass, PassResult, register_pass
-from graphopt.passes.cleanup import _REWRITABLE_VIEWS, _alias_closure, _CopyAnalysis
 from graphopt.passes.fusion._match import infer_meta, is_call
 
 aten = torch.ops.aten
@@ -134,7 +134,7 @@ def _fuse(gm: fx.GraphModule, members: list[_Member], rewrites: list[fx.Node], o
             member.node.replace_all_uses_with(piece)
             start = end
     for view in rewrites:
-        view.target = _REWRITABLE_VIEWS.get(view.target, view.target)  # a view may be on several members' paths
+        view.target = REWRITABLE_VIEWS.get(view.target, view.target)  # a view may be on several members' paths
     for member in members:
         graph.erase_node(member.node)
 
@@ -164,7 +164,7 @@ class FuseHorizontal(Pass):
             elif isinstance(found, str) and isinstance(x, fx.Node):
                 problems[x][found] += 1
         misses = Counter[str]()
-        analysis = _CopyAnalysis(gm)
+        analysis = CopyAnalysis(gm)
         order = {node: index for index, node in enumerate(gm.graph.nodes)}
         groups, merged = 0, 0
         for x, members in by_input.items():
@@ -204,9 +204,9 @@ class FuseHorizontal(Pass):
         )
 
     @staticmethod
-    def _layout_problem(analysis: _CopyAnalysis, node: fx.Node) -> tuple[str | None, list[fx.Node]]:
+    def _layout_problem(analysis: CopyAnalysis, node: fx.Node) -> tuple[str | None, list[fx.Node]]:
         """Why ``node``'s result cannot become a strided slice, or the views to turn into reshapes."""
-        for alias in _alias_closure(node):
+        for alias in alias_closure(node):
             if any(user.op == "output" for user in alias.users):
                 return "projection returned as a graph output", []
         reason, views = analysis._layout_users(node)

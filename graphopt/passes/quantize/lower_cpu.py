@@ -41,11 +41,15 @@ qd = torch.ops.quantized_decomposed
 _SHAPE_OPS = PASS_THROUGH - {aten.relu.default, aten.hardtanh.default}
 
 
-def has_quantized_ops(gm: fx.GraphModule) -> bool:
-    """True when ``gm`` holds quantize/dequantize nodes (or another scheme's quantized ops)."""
+def has_quantized_ops(gm: fx.GraphModule, activations: bool = False) -> bool:
+    """True when ``gm`` holds quantize/dequantize nodes (or another scheme's quantized ops).
+
+    ``activations=True``: only quantized activations count (``quantized_decomposed`` ops), so a
+    weight-only graph answers False.
+    """
+    namespaces = ("quantized_decomposed",) if activations else ("quantized_decomposed", "graphopt_weights")
     return any(
-        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-        and n.target.namespace in ("quantized_decomposed", "graphopt_weights")
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace in namespaces
         for n in gm.graph.nodes
     )
 
