@@ -20,6 +20,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from graphopt.errors import StateError
 
 __all__ = [
+    "FUSED_FROM",
     "MAYBE_ALIASING_OPS",
     "STATE_UPDATE",
     "annotate_tensor_meta",
@@ -27,9 +28,11 @@ __all__ = [
     "clone_graph_module",
     "count_ops",
     "draws_random_numbers",
+    "inherit_module_paths",
     "is_aten",
     "is_mutating",
     "iter_ops",
+    "module_path",
     "node_dtype",
     "node_shape",
     "op_name",
@@ -47,6 +50,37 @@ __all__ = [
 
 STATE_UPDATE = "graphopt_state_update"
 """``node.meta`` key marking an ``aten.copy_`` that writes a buffer (or input) the user can see."""
+
+FUSED_FROM = "graphopt_fused_from"
+"""``node.meta`` key: the module paths of the layers a fusion merged into this node."""
+
+
+def module_path(node: fx.Node) -> str:
+    """The user's module path of ``node`` (e.g. ``encoder.layer.0.attention.self.query``), or ''."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return str(path).removeprefix("L['self'].").replace("L__self___", "")
+
+
+def inherit_module_paths(new: fx.Node, merged: list[fx.Node]) -> None:
+    """Give ``new``, made of the ``merged`` nodes, their common module scope and a record of each one's path.
+
+    A fused Q/K/V projection lives in the attention module that held the three linears, and
+    remembers the three (``FUSED_FROM``), so asking for one of them by path still finds it.
+    """
+    stacks = [list(node.meta.get("nn_module_stack", {}).items()) for node in merged]
+    common = []
+    for entries in zip(*stacks, strict=False):  # stacks of different depths share a prefix at most
+        if any(entry != entries[0] for entry in entries):
+            break
+        common.append(entries[0])
+    if common:
+        new.meta["nn_module_stack"] = dict(common)
+    paths = [path for node in merged for path in (module_path(node), *node.meta.get(FUSED_FROM, ())) if path]
+    if paths:
+        new.meta[FUSED_FROM] = list(dict.fromkeys(paths))
 
 
 def op_name(target: Any) -> str:

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.analysis.aliasing import REWRITABLE_VIEWS, CopyAnalysis, alias_closure
-from graphopt.ir import attribute_value, node_shape, prune_unused_attributes, register_constant
+from graphopt.ir import attribute_value, inherit_module_paths, node_shape, prune_unused_attributes, register_constant
 from graphopt.pass_infra import Pass, PassResult, register_pass
 from graphopt.passes.fusion._match import infer_meta, is_call
 
@@ -126,6 +126,7 @@ def _fuse(gm: fx.GraphModule, members: list[_Member], rewrites: list[fx.Node], o
     with graph.inserting_before(first):
         fused = graph.call_function(aten.linear.default, (x, weight_node, bias_node))
         infer_meta(fused)
+        inherit_module_paths(fused, [m.node for m in members])
         start = 0
         for member in members:
             end = start + member.weight.shape[0]

@@ -47,7 +47,8 @@ class Quantize(LossyPass):
     ``"moving-average"``, ``"percentile"`` or ``"entropy"`` (KL). ``per_channel``: one weight
     scale per output channel (else one per tensor). ``ops``: the op families static int8
     quantizes (``conv``, ``linear``, ``matmul``, ``add``, ``concat``, ``pooling``). ``skip``:
-    node names or module paths (``"classifier"``) to keep in float. ``max_calibration_batches``
+    node names or module paths (``"classifier"``, ``"encoder.layer.11"``: everything under it) to
+    keep in float, under every scheme; an entry that matches nothing is an error. ``max_calibration_batches``
     caps the calibration batches observed (all when None). ``embeddings``: store embedding
     tables as int8 rows with per-row scales (weight-only; most of a small transformer's size).
     """
@@ -87,7 +88,7 @@ class Quantize(LossyPass):
             from graphopt.passes.quantize.dynamic import plan_dynamic
 
             return plan_dynamic(gm, data, self.per_channel, self.skip, self.embeddings)
-        return _delegate(self.scheme, embeddings=self.embeddings).plan(gm, data)
+        return _delegate(self.scheme, embeddings=self.embeddings, skip=self.skip).plan(gm, data)
 
 
 def _delegate(scheme: str, **shared: object) -> LossyPass:

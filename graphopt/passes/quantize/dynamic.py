@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir import attribute_value, prune_unused_attributes
+from graphopt.ir import attribute_value, module_path, prune_unused_attributes
 from graphopt.lossy import CalibrationData, LossyPlan, LossyUnit
 from graphopt.pass_infra import PassResult
 from graphopt.passes.quantize.embedding import quantize_embeddings
@@ -29,7 +29,8 @@ from graphopt.passes.quantize.placement import (
     infer_val,
     insert_weight_dequantize,
 )
-from graphopt.passes.quantize.static import _embedding_units, module_path
+from graphopt.passes.quantize.selection import SKIPPED, SkipList
+from graphopt.passes.quantize.static import _embedding_units
 
 __all__ = ["DynamicPlan", "insert_dynamic_qdq", "plan_dynamic"]
 
@@ -67,6 +68,7 @@ class DynamicPlan(LossyPlan):
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     units: list[LossyUnit] = field(default_factory=list)
     embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    user_skipped: int = 0
 
     def apply(self, gm: fx.GraphModule, skip: frozenset[str] = frozenset()) -> PassResult:
         """Quantize every site not in ``skip``: int8 weights, run-time quantized activations."""
@@ -94,6 +96,8 @@ class DynamicPlan(LossyPlan):
         stats = {"quantized": len(active), "embeddings": tables, "fell_back": fell_back,
                  "dynamic_activations": len(readers), "weight_bytes_saved": saved}
         near = {"int8-dynamic": {"kept float (fell back)": stats["fell_back"]}} if stats["fell_back"] else {}
+        if self.user_skipped:
+            near.setdefault("int8-dynamic", {})[SKIPPED] = self.user_skipped
         return PassResult(changed=bool(active), stats=stats, near_misses=near)
 
 
@@ -101,9 +105,9 @@ def plan_dynamic(gm: fx.GraphModule, data: CalibrationData, per_channel: bool, s
                  embeddings: bool = True) -> DynamicPlan:
     """Plan dynamic int8 for every linear/matmul by a constant weight in ``gm`` (``data`` is not needed)."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    skipped = set(skip)
-    sites = [s for s in find_sites(gm, ("linear", "matmul"), need_weight=True)
-             if s.node not in skipped and module_path(nodes[s.node]) not in skipped]
+    skipped = SkipList.checked(gm, skip, "Quantize(skip=...)")
+    all_sites = find_sites(gm, ("linear", "matmul"), need_weight=True)
+    sites = [s for s in all_sites if nodes[s.node] not in skipped]
     weights = {}
     units = []
     for site in sites:
@@ -114,4 +118,4 @@ def plan_dynamic(gm: fx.GraphModule, data: CalibrationData, per_channel: bool, s
         scheme = "int8 dynamic, " + ("per-channel" if per_channel else "per-tensor") + " weights"
         units.append(LossyUnit(site.node, site.family, scheme, details))
     tables = _embedding_units(gm, nodes, skipped, units) if embeddings else {}
-    return DynamicPlan(sites, weights, units, tables)
+    return DynamicPlan(sites, weights, units, tables, user_skipped=len(all_sites) - len(sites))

@@ -28,6 +28,7 @@ import torch.fx as fx
 from graphopt.errors import InputError
 from graphopt.lossy import CalibrationData, LossyPass, LossyPlan, LossyUnit
 from graphopt.pass_infra import PassResult
+from graphopt.passes.quantize.selection import SkipList, skip_entries
 from graphopt.passes.quantize.weight_ops import (
     DEQUANTIZE_CODEBOOK,
     dequantize_codebook_reference,
@@ -191,6 +192,7 @@ class KMeansQuantize(LossyPass):
 
     ``iterations`` caps the Lloyd steps, ``seed`` fixes the k-means++ seeding, ``init_sample``
     caps how many weights seed it; layers with fewer than ``min_elements`` weights stay float.
+    ``skip``: node names or module paths (and everything under them) to keep in float.
     """
 
     name: ClassVar[str] = "kmeans-quantize"
@@ -199,8 +201,10 @@ class KMeansQuantize(LossyPass):
     seed: int = 0
     init_sample: int = 16384
     min_elements: int = 1024
+    skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "skip", skip_entries(self.skip))
         if not 2 <= self.clusters <= 256:
             raise InputError(f"KMeansQuantize(clusters=...) must be in 2..256 (16 or 256 are usual), "
                              f"got {self.clusters}")
@@ -219,7 +223,8 @@ class KMeansQuantize(LossyPass):
         layers: dict[str, _Clustered] = {}
         near: dict[str, str] = {}
         units: list[LossyUnit] = []
-        sites = list(find_weight_sites(gm, self.min_elements))
+        skip = SkipList.checked(gm, self.skip, "KMeansQuantize(skip=...)")
+        sites = list(find_weight_sites(gm, self.min_elements, skip))
         for site in progress(sites, desc=f"k-means ({self.clusters} clusters)", total=len(sites)):
             if isinstance(site, tuple):
                 near[site[0]] = site[1]

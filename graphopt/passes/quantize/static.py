@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import InputError
-from graphopt.ir import attribute_value, prune_unused_attributes
+from graphopt.ir import attribute_value, module_path, prune_unused_attributes
 from graphopt.lossy import CalibrationData, LossyPlan, LossyUnit
 from graphopt.pass_infra import PassResult
 from graphopt.passes.quantize.embedding import plan_embeddings, quantize_embeddings
@@ -31,18 +31,10 @@ from graphopt.passes.quantize.placement import (
     insert_weight_dequantize,
     output_point,
 )
+from graphopt.passes.quantize.selection import SKIPPED, SkipList
 from graphopt.progress import progress
 
-__all__ = ["StaticPlan", "calibrate", "module_path", "plan_static"]
-
-
-def module_path(node: fx.Node) -> str:
-    """The user's module path of ``node`` (e.g. ``encoder.layer.0.attention.self.query``), or ''."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return str(path).removeprefix("L['self'].").replace("L__self___", "")
+__all__ = ["StaticPlan", "calibrate", "plan_static"]
 
 
 class _Observing(fx.Interpreter):
@@ -108,7 +100,7 @@ class StaticPlan(LossyPlan):
                  "weight_bytes_saved": saved}
         near = {"int8": {"kept float (fell back)": stats["fell_back"]}} if stats["fell_back"] else {}
         if self.unquantizable:
-            near.setdefault("int8", {})["left float by Quantize(skip=...)"] = len(self.unquantizable)
+            near.setdefault("int8", {})[SKIPPED] = len(self.unquantizable)
         return PassResult(changed=bool(active), stats=stats, near_misses=near)
 
     def _decide(self, gm: fx.GraphModule, site_nodes: dict[fx.Node, QuantSite]) -> dict[fx.Node, tuple[QParams, Any]]:
@@ -166,9 +158,9 @@ def plan_static(
         )
     make_observer(observer)  # unknown names fail before calibration starts
     all_sites = find_sites(gm, families)
-    skipped = set(skip)
+    skipped = SkipList.checked(gm, skip, "Quantize(skip=...)")
     nodes = {n.name: n for n in gm.graph.nodes}
-    sites = [s for s in all_sites if s.node not in skipped and module_path(nodes[s.node]) not in skipped]
+    sites = [s for s in all_sites if nodes[s.node] not in skipped]
     watched: set[str] = set()
     for site in sites:
         node = nodes[site.node]
@@ -194,15 +186,14 @@ def plan_static(
             details["fused"] = str(out.target).split(".")[-2]
         units.append(LossyUnit(site.node, site.family, scheme, details))
     tables = _embedding_units(gm, nodes, skipped, units) if embeddings else {}
-    unquantizable = [f"{name}: left float by Quantize(skip=...)" for name in sorted(skipped & set(nodes))]
+    unquantizable = [f"{s.node}: {SKIPPED}" for s in all_sites if nodes[s.node] in skipped]
     return StaticPlan(sites, activation_qparams, weights, units, unquantizable, tables)
 
 
-def _embedding_units(gm: fx.GraphModule, nodes: dict[str, fx.Node], skipped: set[str],
+def _embedding_units(gm: fx.GraphModule, nodes: dict[str, fx.Node], skipped: SkipList,
                      units: list[LossyUnit]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Plan int8 embedding tables (weight-only, per row) and add one unit per table to ``units``."""
-    tables = {name: value for name, value in plan_embeddings(gm).items()
-              if name not in skipped and module_path(nodes[name]) not in skipped}
+    tables = {name: value for name, value in plan_embeddings(gm).items() if nodes[name] not in skipped}
     for name, (q_table, _) in tables.items():
         units.append(LossyUnit(name, "embedding", "int8 per-row table (weight-only)",
                                {"module": module_path(nodes[name]), "weight_shape": list(q_table.shape)}))

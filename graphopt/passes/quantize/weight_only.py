@@ -28,6 +28,7 @@ import torch.fx as fx
 from graphopt.errors import InputError
 from graphopt.lossy import CalibrationData, LossyPass, LossyPlan, LossyUnit
 from graphopt.pass_infra import PassResult
+from graphopt.passes.quantize.selection import SkipList, skip_entries
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT4, DEQUANTIZE_INT8, pack_nibbles
 from graphopt.passes.quantize.weight_sites import (
     WeightSite,
@@ -135,6 +136,7 @@ class WeightOnlyQuantize(LossyPass):
     Embedding tables (``embeddings=True``, the default) are stored int8 per row under either
     setting: they are gathered, not multiplied, so the lowering reads only the rows it needs.
     ``min_elements`` leaves tiny weights alone (their scales would cost more than they save).
+    ``skip``: node names or module paths (and everything under them) to keep in float.
     """
 
     name: ClassVar[str] = "weight-only-quantize"
@@ -142,8 +144,10 @@ class WeightOnlyQuantize(LossyPass):
     group_size: int | None = None
     min_elements: int = 1024
     embeddings: bool = True
+    skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "skip", skip_entries(self.skip))
         if self.bits not in (4, 8):
             raise InputError(f"WeightOnlyQuantize(bits=...) must be 8 or 4, got {self.bits}")
         if self.bits == 8 and self.group_size is not None:
@@ -170,7 +174,8 @@ class WeightOnlyQuantize(LossyPass):
         near: dict[str, str] = {}
         units: list[LossyUnit] = []
         group = self.effective_group_size
-        for site in find_weight_sites(gm, self.min_elements):
+        skip = SkipList.checked(gm, self.skip, "WeightOnlyQuantize(skip=...)")
+        for site in find_weight_sites(gm, self.min_elements, skip):
             if isinstance(site, tuple):
                 near[site[0]] = site[1]
                 continue

@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from graphopt.ir import attribute_value, prune_unused_attributes, register_constant
+from graphopt.passes.quantize.selection import SKIPPED, SkipList
 
 __all__ = ["WeightSite", "find_weight_sites", "finish", "replace_weight", "tensor_bytes"]
 
@@ -83,8 +84,12 @@ def _product_site(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node, str 
     return None
 
 
-def find_weight_sites(gm: fx.GraphModule, min_elements: int = 1) -> Iterator[WeightSite | tuple[str, str]]:
-    """Yield each compressible layer as a ``WeightSite``, or ``(node name, reason)`` for a near miss."""
+def find_weight_sites(gm: fx.GraphModule, min_elements: int = 1,
+                      skip: SkipList | None = None) -> Iterator[WeightSite | tuple[str, str]]:
+    """Yield each compressible layer as a ``WeightSite``, or ``(node name, reason)`` for a near miss.
+
+    Layers in ``skip`` (the user's ``skip=``) are near misses too.
+    """
     readers: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -117,6 +122,9 @@ def find_weight_sites(gm: fx.GraphModule, min_elements: int = 1) -> Iterator[Wei
             continue
         if refusal:
             yield node.name, refusal
+            continue
+        if skip is not None and node in skip:
+            yield node.name, SKIPPED
             continue
         if weight.numel() < min_elements:
             yield node.name, f"weight has {weight.numel()} elements (< {min_elements})"
