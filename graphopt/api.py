@@ -155,10 +155,11 @@ class OptimizedModel(torch.nn.Module):
         on_cpu = all(t.device.type == "cpu" for t in [*self.graph_module.parameters(), *self.graph_module.buffers()])
         if on_cpu:
             return self.graph_module
-        from graphopt.targets.gpu import retarget_device_constants
+        from graphopt.targets.gpu import retarget_device_constants, retarget_meta_values
 
         copy_on_cpu = clone_graph_module(self.graph_module).to("cpu")
         retarget_device_constants(copy_on_cpu, torch.device("cpu"))
+        retarget_meta_values(copy_on_cpu, torch.device("cpu"))
         return copy_on_cpu
 
     def export_onnx(self, path: str | Path) -> Path:
@@ -315,6 +316,10 @@ def optimize(
     if lossy:
         pipeline += [*lossy, resolve_pass("cse"), resolve_pass("dce")]
     report = Report(target=target.name)
+    if isinstance(model, OptimizedModel):  # prune, then distill, then quantize...: each step starts from the last
+        model = model._cpu_graph()
+        report.notes.append("the model is an OptimizedModel: its portable graph (graph_module) was optimized "
+                            "again, and the outputs are checked against that graph")
 
     started = time.perf_counter()
     captured = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes,

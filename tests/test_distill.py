@@ -126,8 +126,9 @@ def test_prune_distill_then_quantize_composes() -> None:
     batches = [(torch.randn(16, 1, 8, 8),) for _ in range(4)]
     pruned = graphopt.optimize(model, (x,), "cpu", prune=0.5)
     recovered = graphopt.distill(pruned, teacher=model, data=batches, epochs=2)
-    quantized = graphopt.optimize(recovered.graph_module, (x,), "cpu", quantize="int8", calibration=batches)
+    quantized = graphopt.optimize(recovered, (x,), "cpu", quantize="int8", calibration=batches)
     [record] = [r for r in quantized.report.records if r.name == "quantize"]
     assert record.status == "changed"
+    assert any("is an OptimizedModel" in note for note in quantized.report.notes)
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(quantized(x), recovered(x)).min() > 0.99

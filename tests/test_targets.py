@@ -177,3 +177,12 @@ def test_gpu_retargets_recorded_values_so_later_rewrites_infer_on_one_device() -
         lookup = gm.graph.call_function(torch.ops.aten.embedding.default, (table, embedding.args[1]))
     infer_val(lookup)  # a fake index tensor and a real table: both on the device now
     assert lookup.meta["val"].shape == embedding.meta["val"].shape
+
+
+@pytest.mark.parametrize("first_target", ["cpu", "onnx"])
+def test_an_optimized_model_can_be_optimized_again(small_cnn, first_target):
+    model, inputs = small_cnn
+    fast = graphopt.optimize(model, inputs, target=first_target)
+    again = graphopt.optimize(fast, inputs, target="cpu")
+    assert any("is an OptimizedModel" in note for note in again.report.notes)
+    assert_matches(again, model, inputs)
