@@ -38,7 +38,7 @@ class CpuTarget(Target):
         report: Report | None = None,
     ) -> Callable[..., Any]:
         """A lowered copy of the graph (``gm`` itself stays the portable ATen graph)."""
-        from graphopt.passes.quantize.lower_cpu import has_quantized_ops
+        from graphopt.passes.quantize.patterns import has_quantized_ops
 
         gm.recompile()
         if has_quantized_ops(gm):  # int8 QDQ graph: its own lowering to int8 kernels (float graphs never get here)

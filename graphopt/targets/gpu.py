@@ -108,7 +108,7 @@ class GpuTarget(Target):
         """
         from graphopt.capture import flatten_inputs
         from graphopt.ir import snapshot_graph_module
-        from graphopt.passes.quantize.lower_cpu import has_quantized_ops
+        from graphopt.passes.quantize.patterns import has_quantized_ops
         from graphopt.targets.gpu_lowering import lower_for_gpu
 
         self.check_available()

@@ -52,15 +52,21 @@ def _unsupported_op(gm: fx.GraphModule, error: BaseException) -> UnsupportedOpEr
 
 
 @contextmanager
-def _quiet_exporter_logs() -> Iterator[None]:
-    """Silence the exporter's INFO/WARNING chatter (e.g. skipped torchvision ops) during export."""
-    exporter_log = logging.getLogger("torch.onnx")
-    previous = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Raise these loggers to ERROR for the duration: the exporters' INFO/WARNING chatter is not the user's concern.
+
+    (torch.onnx reports skipped torchvision ops; onnxscript's constant folding reports every
+    shape it could not fold.)
+    """
+    loggers = [logging.getLogger(name) for name in names]
+    previous = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        exporter_log.setLevel(previous)
+        for logger, level in zip(loggers, previous, strict=True):
+            logger.setLevel(level)
 
 
 def _refuse_state(gm: fx.GraphModule) -> None:
@@ -73,12 +79,6 @@ def _refuse_state(gm: fx.GraphModule) -> None:
             "cannot hold between runs. Use target='cpu', or move the state out of forward() "
             "(pass it in as an input and return the new value)."
         )
-
-
-def _has_quantized_ops(gm: fx.GraphModule) -> bool:
-    """True when the graph holds quantize/dequantize nodes (a quantized model)."""
-    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-               and n.target.namespace == "quantized_decomposed" for n in gm.graph.nodes)
 
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -96,9 +96,11 @@ def export_graph_to_onnx(
     Raises ``UnsupportedOpError`` naming the op and node when an op has no ONNX translation.
     ``opset`` picks the ONNX opset (default: the exporter's).
     """
+    from graphopt.passes.quantize.patterns import has_quantized_ops
+
     _refuse_state(gm)
     translations = None
-    if _has_quantized_ops(gm):  # int8 QDQ: rewritten so onnxruntime runs int8 kernels (float graphs untouched)
+    if has_quantized_ops(gm, activations=True):  # int8 QDQ: rewritten for onnxruntime's int8 kernels
         from graphopt.passes.quantize.lower_onnx import prepare_quantized_for_onnx
 
         gm, translations = prepare_quantized_for_onnx(gm)
@@ -110,7 +112,7 @@ def export_graph_to_onnx(
     log.info("exporting to ONNX (%d graph nodes)", len(gm.graph.nodes))
     dynamic_shapes = dynamic.spec_for("onnx", gm.forward, args, kwargs) if dynamic else None
     try:
-        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), _quiet_exporter_logs():
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), quiet_loggers("torch.onnx", "onnxscript"):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(gm, args, kwargs=kwargs or None, dynamo=True, verbose=False,
                                         report=False, optimize=True, dynamic_shapes=dynamic_shapes,

@@ -199,10 +199,11 @@ def _transformer_optimized(model: onnx.ModelProto, feed: dict[str, Any], notes: 
     """``onnxruntime.transformers.optimizer`` on a copy of ``model``; ``model`` when it fails or changes outputs."""
     from onnxruntime.transformers.optimizer import optimize_model
 
+    from graphopt.targets.onnx import quiet_loggers
     from graphopt.verify import compare_outputs
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()), _quiet("onnxruntime.transformers"):
+        with contextlib.redirect_stdout(io.StringIO()), quiet_loggers("onnxruntime.transformers"):
             optimized = optimize_model(copy.deepcopy(model), model_type="bert", num_heads=0, hidden_size=0,
                                        opt_level=0).model
         before = [torch.from_numpy(o) for o in _run(model, feed)]
@@ -216,17 +217,6 @@ def _transformer_optimized(model: onnx.ModelProto, feed: dict[str, Any], notes: 
         notes.append(f"onnxruntime transformer optimizer changed the outputs ({comparison.detail}); not used")
         return model
     return optimized
-
-
-@contextlib.contextmanager
-def _quiet(name: str) -> Any:
-    logger = logging.getLogger(name)
-    previous = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
 
 
 def lower_onnx(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: DynamicDims | None,

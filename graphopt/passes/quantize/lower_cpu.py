@@ -33,25 +33,12 @@ from graphopt.passes.quantize.patterns import constant_bias, dynamic_source, int
 from graphopt.passes.quantize.placement import PASS_THROUGH, is_dequantize
 from graphopt.passes.quantize.rewrite import Lowering, run_lowerings
 
-__all__ = ["LOWERINGS", "dynamic_int8_linear", "has_quantized_ops", "lower_quantized_for_cpu"]
+__all__ = ["LOWERINGS", "dynamic_int8_linear", "lower_quantized_for_cpu"]
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
 
 _SHAPE_OPS = PASS_THROUGH - {aten.relu.default, aten.hardtanh.default}
-
-
-def has_quantized_ops(gm: fx.GraphModule, activations: bool = False) -> bool:
-    """True when ``gm`` holds quantize/dequantize nodes (or another scheme's quantized ops).
-
-    ``activations=True``: only quantized activations count (``quantized_decomposed`` ops), so a
-    weight-only graph answers False.
-    """
-    namespaces = ("quantized_decomposed",) if activations else ("quantized_decomposed", "graphopt_weights")
-    return any(
-        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace in namespaces
-        for n in gm.graph.nodes
-    )
 
 
 def _store(gm: fx.GraphModule, stem: str, value: object, before: fx.Node) -> fx.Node:

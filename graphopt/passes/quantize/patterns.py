@@ -15,7 +15,7 @@ import torch.fx as fx
 from graphopt.ir import attribute_value
 from graphopt.passes.quantize.placement import is_dequantize
 
-__all__ = ["constant_bias", "dynamic_source", "int8_weight", "static_activation"]
+__all__ = ["constant_bias", "dynamic_source", "has_quantized_ops", "int8_weight", "static_activation"]
 
 qd = torch.ops.quantized_decomposed
 
@@ -72,3 +72,16 @@ def dynamic_source(node: object) -> fx.Node | None:
     if not (isinstance(choose, fx.Node) and choose.target == qd.choose_qparams.tensor):
         return None
     return quantize.args[0]
+
+
+def has_quantized_ops(gm: fx.GraphModule, activations: bool = False) -> bool:
+    """True when ``gm`` holds quantize/dequantize nodes (or another scheme's quantized ops).
+
+    ``activations=True``: only quantized activations count (``quantized_decomposed`` ops), so a
+    weight-only graph answers False.
+    """
+    namespaces = ("quantized_decomposed",) if activations else ("quantized_decomposed", "graphopt_weights")
+    return any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace in namespaces
+        for n in gm.graph.nodes
+    )
