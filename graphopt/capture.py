@@ -11,6 +11,7 @@ import copy
 import linecache
 import os
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,7 +147,9 @@ def eval_twin(model: torch.nn.Module, share_weights: bool = True) -> torch.nn.Mo
     for buffer in model.buffers():
         memo[id(buffer)] = buffer.detach().clone()
     try:
-        twin = copy.deepcopy(model, memo)
+        with warnings.catch_warnings():  # torch's own pytree deprecation chatter when copying a GraphModule
+            warnings.simplefilter("ignore", FutureWarning)
+            twin = copy.deepcopy(model, memo)
     except Exception as error:
         raise InputError(
             f"could not copy the model ({type(error).__name__}: {error}); graphopt works on a copy "
