@@ -238,7 +238,9 @@ def _functionalize(exported: torch.export.ExportedProgram) -> tuple[torch.export
     """torch.export's own functionalization, for writes that the cheap rewrite cannot handle."""
     _alias_inference_dropout(exported.graph_module)
     try:
-        functional = exported.run_decompositions({})
+        with warnings.catch_warnings():  # torch's own pytree deprecation chatter from copying the program
+            warnings.simplefilter("ignore", FutureWarning)
+            functional = exported.run_decompositions({})
     except Exception as error:
         raise _capture_error(error, "functionalize the captured graph (remove its in-place ops)") from error
     return functional, unlift_program(functional)

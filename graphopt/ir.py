@@ -28,6 +28,7 @@ __all__ = [
     "clone_graph_module",
     "count_ops",
     "draws_random_numbers",
+    "has_attribute",
     "inherit_module_paths",
     "is_aten",
     "is_mutating",
@@ -128,6 +129,16 @@ def attribute_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
         return None
     value = _resolve_attribute(gm, str(node.target))
     return value if isinstance(value, torch.Tensor) else None
+
+
+def has_attribute(gm: fx.GraphModule, target: str) -> bool:
+    """True when ``gm`` has the (dotted) attribute a ``get_attr`` node names: a tensor, a submodule, anything."""
+    owner: Any = gm
+    for part in target.split("."):
+        if not hasattr(owner, part):
+            return False
+        owner = getattr(owner, part)
+    return True
 
 
 def register_constant(gm: fx.GraphModule, base_name: str, value: torch.Tensor, before: fx.Node,

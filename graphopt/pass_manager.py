@@ -12,7 +12,14 @@ import torch.fx as fx
 from graphopt.errors import GraphoptError, PassError, RollbackWarning, StateError, VerificationError
 from graphopt.fidelity_check import LossyRunner, unit_section
 from graphopt.instruments import Instrument
-from graphopt.ir import parameter_bytes, run_and_record, snapshot_graph_module, tensor_versions, written_since
+from graphopt.ir import (
+    parameter_bytes,
+    run_and_record,
+    snapshot_graph_module,
+    state_update_nodes,
+    tensor_versions,
+    written_since,
+)
 from graphopt.lossy import LossyPass, is_lossy
 from graphopt.pass_infra import Pass, PassResult
 from graphopt.report import PassRecord, Report
@@ -131,7 +138,8 @@ class PassManager:
             return gm, outputs, False  # a lossy pass runs once: re-running it would compound its error
         backup = snapshot_graph_module(gm)
         code_before = gm.code
-        weights = tensor_versions(gm)
+        state = {str(u.args[0].target) for u in state_update_nodes(gm) if u.args[0].op == "get_attr"}
+        weights = {name: v for name, v in tensor_versions(gm).items() if name not in state}  # state is meant to change
         nodes, weight_bytes = _node_count(gm), parameter_bytes(gm)
         record = PassRecord(pass_.name, "unchanged", nodes, nodes, weight_bytes, weight_bytes, 0.0, iteration=iteration)
         for instrument in self.instruments:

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.ir import STATE_UPDATE, attribute_value, is_mutating, run_and_record
+from graphopt.ir import STATE_UPDATE, has_attribute, is_mutating, run_and_record
 
 __all__ = ["Comparison", "Tolerance", "compare_outputs", "first_divergence", "lint", "tolerance_for"]
 
@@ -120,11 +120,8 @@ def lint(gm: fx.GraphModule, check_meta: bool = True) -> list[str]:
     except Exception as error:
         problems.append(f"fx lint: {error}")
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and attribute_value(gm, node) is None:
-            try:
-                gm.get_submodule(str(node.target))
-            except AttributeError:
-                problems.append(f"node {node.name} reads missing attribute {node.target!r}")
+        if node.op == "get_attr" and not has_attribute(gm, str(node.target)):
+            problems.append(f"node {node.name} reads missing attribute {node.target!r}")
         if node.op == "call_function" and not callable(node.target):
             problems.append(f"node {node.name} calls non-callable {node.target!r}")
         if is_mutating(node) and not node.meta.get(STATE_UPDATE):

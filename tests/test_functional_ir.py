@@ -88,6 +88,37 @@ def test_state_updates_stay_explicit_and_advance_per_call():
         torch.testing.assert_close(fast(x), expected)  # the counter advances in both
 
 
+class CountingConvNet(nn.Module):
+    """A conv net with batch norm that also counts its calls in a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_passes_run_on_a_graph_with_state_and_the_state_still_advances():
+    """Verifying a pass runs the graph, which writes the state: neither the lint nor the weight check may object."""
+    torch.manual_seed(0)
+    model = CountingConvNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    fast = graphopt.optimize(model, (x,), target="cpu")
+    assert fast.report.rolled_back == []
+    folding = next(r for r in fast.report.records if r.name == "fold-conv-batchnorm")
+    assert folding.status == "changed"
+    twin = CountingConvNet().eval()
+    twin.load_state_dict(model.state_dict())
+    for _ in range(2):
+        with torch.no_grad():
+            expected = twin(x)
+        torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-5)
+    assert float(fast.graph_module.calls) == float(twin.calls) == 2.0
+
+
 def test_state_updates_cannot_go_to_onnx():
     with pytest.raises(graphopt.LoweringError, match=r"updates state.*calls.*target='cpu'"):
         graphopt.optimize(CountsCalls().eval(), (torch.randn(2, 4),), target="onnx")
