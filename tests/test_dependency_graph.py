@@ -173,3 +173,18 @@ def test_protected_layers_and_unknown_ops_block_their_groups() -> None:
     deps = _deps(Flip(), torch.randn(1, 3, 4, 4))
     [group] = deps.weight_groups("a.weight", 0)
     assert any("flip" in r for r in group.reasons)
+
+
+def test_rms_norm_blocks_its_features_and_ties_its_scale_like_layer_norm() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.norm, self.down = nn.Linear(8, 16), nn.RMSNorm(16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down(self.norm(self.up(x)))
+
+    deps = _deps(Block(), torch.randn(2, 8))
+    [group] = deps.weight_groups("up.weight", 0)
+    assert group.blocked and any("rms_norm" in r and "normalizes over it" in r for r in group.reasons)
+    assert ("norm.weight", 0) in deps.coupled_weights("up.weight", 0)

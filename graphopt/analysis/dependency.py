@@ -455,7 +455,7 @@ class DependencyGraph:
             return self._conv(node, name)
         if target in _BATCH_NORM_OPS:
             return self._batch_norm(node, name)
-        if target is aten.layer_norm.default:
+        if target in (aten.layer_norm.default, aten.rms_norm.default):  # rms_norm: (x, shape, weight, eps)
             return self._layer_norm(node, name)
         if target is aten.group_norm.default:
             return self._group_norm(node, name)
