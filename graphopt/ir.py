@@ -133,12 +133,7 @@ def attribute_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
 
 def has_attribute(gm: fx.GraphModule, target: str) -> bool:
     """True when ``gm`` has the (dotted) attribute a ``get_attr`` node names: a tensor, a submodule, anything."""
-    owner: Any = gm
-    for part in target.split("."):
-        if not hasattr(owner, part):
-            return False
-        owner = getattr(owner, part)
-    return True
+    return _resolve_attribute(gm, target) is not None
 
 
 def register_constant(gm: fx.GraphModule, base_name: str, value: torch.Tensor, before: fx.Node,
