@@ -11,7 +11,6 @@ import copy
 import linecache
 import os
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +21,15 @@ from torch.fx._pytree import tree_flatten_spec
 
 from graphopt.errors import CaptureError, InputError
 from graphopt.functional import outplace_simple_mutations
-from graphopt.ir import STATE_UPDATE, draws_random_numbers, is_mutating, run_and_record, tensor_versions, written_since
+from graphopt.ir import (
+    STATE_UPDATE,
+    draws_random_numbers,
+    is_mutating,
+    run_and_record,
+    tensor_versions,
+    torch_deprecations_silenced,
+    written_since,
+)
 from graphopt.shapes import DynamicDims, batch_dynamic_shapes, dims_from_graph, user_dim_names
 from graphopt.verify import compare_outputs
 
@@ -147,8 +154,7 @@ def eval_twin(model: torch.nn.Module, share_weights: bool = True) -> torch.nn.Mo
     for buffer in model.buffers():
         memo[id(buffer)] = buffer.detach().clone()
     try:
-        with warnings.catch_warnings():  # torch's own pytree deprecation chatter when copying a GraphModule
-            warnings.simplefilter("ignore", FutureWarning)
+        with torch_deprecations_silenced():
             twin = copy.deepcopy(model, memo)
     except Exception as error:
         raise InputError(
@@ -238,8 +244,7 @@ def _functionalize(exported: torch.export.ExportedProgram) -> tuple[torch.export
     """torch.export's own functionalization, for writes that the cheap rewrite cannot handle."""
     _alias_inference_dropout(exported.graph_module)
     try:
-        with warnings.catch_warnings():  # torch's own pytree deprecation chatter from copying the program
-            warnings.simplefilter("ignore", FutureWarning)
+        with torch_deprecations_silenced():
             functional = exported.run_decompositions({})
     except Exception as error:
         raise _capture_error(error, "functionalize the captured graph (remove its in-place ops)") from error

@@ -46,6 +46,7 @@ __all__ = [
     "snapshot_graph_module",
     "state_update_nodes",
     "tensor_versions",
+    "torch_deprecations_silenced",
     "written_since",
 ]
 
@@ -195,15 +196,25 @@ def snapshot_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     for node in gm.graph.nodes:
         for value in node.meta.values():
             memo[id(value)] = value  # meta values are facts about a node: shared, the dicts are copied
+    with torch_deprecations_silenced():
+        return copy.deepcopy(gm, memo)
+
+
+@contextlib.contextmanager
+def torch_deprecations_silenced() -> Iterator[None]:
+    """Ignore FutureWarnings for the duration.
+
+    They are torch's own pytree deprecation chatter when it copies graph modules, exported
+    programs and their specs: nothing the user can act on.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(gm, memo)
+        yield
 
 
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A deep copy of ``gm`` (weights included), without torch's pytree deprecation chatter."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with torch_deprecations_silenced():
         return copy.deepcopy(gm)
 
 

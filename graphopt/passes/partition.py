@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import operator
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ from graphopt.analysis.partitioning import (
     balanced_split,
     graph_items,
 )
-from graphopt.ir import prune_unused_attributes
+from graphopt.ir import prune_unused_attributes, torch_deprecations_silenced
 from graphopt.pass_infra import Pass, PassResult
 
 __all__ = ["Partition", "StageInfo", "is_partitioned", "item_costs", "plan_boundaries", "split_stages",
@@ -317,8 +316,7 @@ def rewrite_as_stage_chain(gm: fx.GraphModule, stages: Sequence[StageInfo]) -> N
     """Replace ``gm``'s graph by calls of its stages in order (``stage_0``, ``stage_1``...), in place."""
     old = gm.graph
     graph = fx.Graph()
-    with warnings.catch_warnings():  # torch's pytree deprecation chatter while copying the specs
-        warnings.simplefilter("ignore", FutureWarning)
+    with torch_deprecations_silenced():  # while copying the specs
         graph._codegen = copy.deepcopy(old._codegen)
     values: dict[str, fx.Node] = {}
     for node in old.nodes:
