@@ -27,7 +27,8 @@ import torch.fx as fx
 from graphopt.ir import attribute_value, prune_unused_attributes, register_constant, same_shape
 from graphopt.pass_infra import Pass, PassResult
 
-__all__ = ["FUSED_OPS", "ConvArguments", "EpilogueFusion", "conv_arguments", "onednn_available"]
+__all__ = ["FUSED_OPS", "RESIDUAL_BROADCASTS", "ConvArguments", "EpilogueFusion", "conv_arguments",
+           "onednn_available", "residual_operand"]
 
 aten = torch.ops.aten
 
@@ -126,6 +127,32 @@ class _Layer:
     transpose_weight: bool = False  # addmm/mm: the constant is (in, out) and needs a transposed copy
 
 
+RESIDUAL_BROADCASTS = "residual add broadcasts"
+"""Near-miss reason: the tensor added to a layer's output has another shape (it would broadcast)."""
+
+
+def residual_operand(add: fx.Node, out: fx.Node) -> fx.Node | str | None:
+    """The tensor ``add`` sums with ``out``, when a fused kernel can take it as its residual input.
+
+    That is a plain ``add.Tensor`` (alpha 1) of another same-shape, same-dtype tensor. Returns
+    ``RESIDUAL_BROADCASTS`` for an add of a tensor of another shape, and None when ``add`` is no
+    such add at all.
+    """
+    if add.op != "call_function" or add.target != aten.add.Tensor:
+        return None
+    if add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+        return None
+    a, c = add.args
+    other = c if a is out else a
+    if not isinstance(other, fx.Node) or other is out:
+        return None
+    if not same_shape(other, out) or other.meta.get("val") is None:
+        return RESIDUAL_BROADCASTS
+    if other.meta["val"].dtype != out.meta["val"].dtype:
+        return None
+    return other
+
+
 def _single_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -215,20 +242,12 @@ class _Fuser:
     def _residual(self, out: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         """``(add node, other operand)`` when ``out``'s only user adds a same-shaped tensor to it."""
         user = _single_user(out)
-        if user is None or user.op != "call_function" or user.target != aten.add.Tensor:
+        if user is None:
             return None
-        if user.kwargs.get("alpha", 1) != 1 or len(user.args) != 2:
-            return None
-        a, c = user.args
-        other = c if a is out else a
-        if not isinstance(other, fx.Node) or other is out:
-            return None
-        if not same_shape(other, out) or other.meta.get("val") is None:
-            self.near["residual add broadcasts"] += 1
-            return None
-        if other.meta["val"].dtype != out.meta["val"].dtype:
-            return None
-        return user, other
+        other = residual_operand(user, out)
+        if other == RESIDUAL_BROADCASTS:
+            self.near[RESIDUAL_BROADCASTS] += 1
+        return (user, other) if isinstance(other, fx.Node) else None
 
     def _activation(self, out: fx.Node) -> tuple[fx.Node, str, list[Any], str] | None:
         user = _single_user(out)

@@ -37,9 +37,9 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.ir import attribute_value, node_shape, prune_unused_attributes, register_constant, same_shape
+from graphopt.ir import attribute_value, node_shape, prune_unused_attributes, register_constant
 from graphopt.pass_infra import Pass, PassResult
-from graphopt.passes.epilogue import conv_arguments
+from graphopt.passes.epilogue import conv_arguments, residual_operand
 from graphopt.verify import tolerance_for
 
 __all__ = ["CUDAGraphRunner", "CublasLtEpilogue", "CudnnConvEpilogue", "GpuLowering", "sdpa_context"]
@@ -100,8 +100,7 @@ class CublasLtEpilogue(Pass):
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target != aten.linear.default or len(node.args) < 3:
                 continue
-            users = list(node.users)
-            act = users[0] if len(users) == 1 and users[0].op == "call_function" else None
+            act = _only_user(node)
             use_gelu = None
             if act is not None and act.target == aten.relu.default:
                 use_gelu = False
@@ -141,19 +140,6 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 and users[0].op == "call_function" else None
 
 
-def _residual_operand(add: fx.Node, conv: fx.Node) -> fx.Node | None:
-    """The tensor ``add`` adds to ``conv`` when it is a plain same-shape, same-dtype sum, else None."""
-    if add.target != aten.add.Tensor or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
-        return None
-    other = add.args[1] if add.args[0] is conv else add.args[0]
-    if not isinstance(other, fx.Node) or other is conv or not same_shape(other, conv):
-        return None
-    value, mine = other.meta.get("val"), conv.meta.get("val")
-    if not isinstance(value, torch.Tensor) or not isinstance(mine, torch.Tensor) or value.dtype != mine.dtype:
-        return None
-    return other
-
-
 @dataclass(frozen=True)
 class CudnnConvEpilogue(Pass):
     """conv + bias + ReLU (+ a residual add before it) becomes one ``cudnn_convolution_(add_)relu`` call."""
@@ -172,13 +158,13 @@ class CudnnConvEpilogue(Pass):
             if isinstance(conv, str) or not isinstance(value, torch.Tensor) or value.dim() != 4:
                 continue
             user = _only_user(node)
-            add, residual = None, None
-            if user is not None and user.target == aten.add.Tensor:
-                add, residual = user, _residual_operand(user, node)
-                user = _only_user(user) if residual is not None else None
-            if user is None or user.target != aten.relu.default:
+            residual = residual_operand(user, node) if user is not None else None
+            add = user if residual is not None else None
+            if isinstance(residual, fx.Node):
+                user = _only_user(user)
+            if user is None or user.target != aten.relu.default or isinstance(residual, str):
                 if add is not None:
-                    reason = "residual add broadcasts" if residual is None else "residual add not followed by ReLU"
+                    reason = residual if isinstance(residual, str) else "residual add not followed by ReLU"
                     near[reason] = near.get(reason, 0) + 1
                 continue
             x, weight, bias, stride, padding, dilation, groups = conv
