@@ -35,7 +35,7 @@ def _free_port() -> int:
 def torchrun(args: list[str], nproc: int) -> None:
     """``torchrun --nproc-per-node N -m graphopt.pipeline ARGS`` with a time bound."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(_free_port()), "-m", "graphopt.pipeline", *args]
+               str(_free_port()), "-m", "graphopt.workflows.distributed", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, timeout=600, env=env, capture_output=True)
 

@@ -8,11 +8,8 @@ fast.export_onnx("model.onnx")
 ```
 """
 
-from graphopt.analysis import ModelAnalysis, NodeCost, analyze
-from graphopt.analysis.partitioning import PartitionError
-from graphopt.api import OptimizedModel, optimize
-from graphopt.capture import CapturedModel, capture
-from graphopt.distill import distill
+from graphopt.analysis import NodeCost
+from graphopt.analysis.balanced_split import PartitionError
 from graphopt.errors import (
     CaptureError,
     DeviceUnavailableError,
@@ -29,19 +26,22 @@ from graphopt.errors import (
     UnsupportedOpError,
     VerificationError,
 )
-from graphopt.instruments import Instrument, IRDumpInstrument, TimingInstrument
-from graphopt.lossy import CalibrationData, Fidelity, LossyPass, LossyPlan, LossyUnit
-from graphopt.partition import PartitionedModel, PartitionReport, partition
-from graphopt.pass_infra import Pass, PassResult, available_passes, get_pass, register_pass
-from graphopt.pass_manager import PassManager
+from graphopt.ir.capture import CapturedModel, capture
+from graphopt.ir.shapes import DynamicDims
+from graphopt.passes.base import Pass, PassResult, available_passes, get_pass, register_pass
+from graphopt.passes.instruments import Instrument, IRDumpInstrument, TimingInstrument
+from graphopt.passes.lossy.base import CalibrationData, Fidelity, LossyPass, LossyPlan, LossyUnit
+from graphopt.passes.manager import PassManager
 from graphopt.passes.prune import Prune
+from graphopt.passes.rules import Match, Refusal, RewriteRules, Rule
 from graphopt.report import PassRecord, PlotSpec, Report, ReportSection
-from graphopt.rules import Match, Refusal, RewriteRules, Rule
-from graphopt.serialize import load
-from graphopt.shapes import DynamicDims
-from graphopt.target import DEFAULT_PIPELINE, Target, available_targets, get_target
-
-__version__ = "0.1.0"
+from graphopt.targets.base import DEFAULT_PIPELINE, Target, available_targets, get_target
+from graphopt.version import __version__
+from graphopt.workflows.analyze import ModelAnalysis, analyze
+from graphopt.workflows.distill import distill
+from graphopt.workflows.optimize import OptimizedModel, optimize
+from graphopt.workflows.partition import PartitionedModel, PartitionReport, partition
+from graphopt.workflows.save_load import load
 
 __all__ = [
     "DEFAULT_PIPELINE",

@@ -194,7 +194,7 @@ def test_cli_rejects_bad_batch_and_backend() -> None:
 
 
 def test_smoke_zoo_model_with_graphopt() -> None:
-    pytest.importorskip("graphopt.api", reason="graphopt.optimize is not importable yet")
+    pytest.importorskip("graphopt.workflows.optimize", reason="graphopt.optimize is not importable yet")
     result = bench.run_benchmark(["resnet18"], size="small", backends=["eager", "graphopt-cpu"], threads=1, **FAST)
     row = _row(result, "resnet18", "graphopt-cpu")
     assert row.error is None, row.details

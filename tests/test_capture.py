@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.ir import node_dtype, node_shape
+from graphopt.ir.graph import node_dtype, node_shape
 
 
 def test_every_node_has_shape_and_dtype(small_cnn):

@@ -5,7 +5,7 @@ import textwrap
 import onnx
 import pytest
 
-from graphopt.cli import main
+from graphopt.cli.main import main
 
 MODEL_FILE = textwrap.dedent("""
     import torch.nn as nn

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.analysis import count_parameters, node_costs, profile_nodes, total_macs
-from graphopt.capture import capture
+from graphopt.ir.capture import capture
 
 
 def _costs_by_op(model: nn.Module, inputs: tuple, **kwargs):
@@ -120,7 +120,7 @@ def test_analyze_an_optimized_model_adds_its_section() -> None:
 
 
 def test_layers_grouped_by_module_depth() -> None:
-    from graphopt.analysis.layers import group_by_layer
+    from graphopt.workflows.analyze import group_by_layer
 
     class Block(nn.Module):
         def __init__(self) -> None:

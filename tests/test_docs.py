@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 import graphopt
-from graphopt import errors, pass_infra
-from graphopt.target import available_targets
+from graphopt import errors
+from graphopt.passes import base as pass_infra
+from graphopt.targets.base import available_targets
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TUTORIAL = DOCS / "tutorial_custom_pass.md"

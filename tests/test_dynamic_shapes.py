@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 import graphopt
-from graphopt.ir import count_ops, same_shape
+from graphopt.ir.graph import count_ops, same_shape
 
 from helpers import SmallCNN, assert_matches, randomize_batchnorm
 

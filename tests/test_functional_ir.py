@@ -8,8 +8,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 import graphopt
-from graphopt.ir import STATE_UPDATE, count_ops, state_update_nodes
-from graphopt.verify import lint
+from graphopt.ir.graph import STATE_UPDATE, count_ops, state_update_nodes
+from graphopt.ir.verify import lint
 
 from helpers import assert_matches, state_snapshot
 
@@ -273,7 +273,7 @@ class ResidualInPlace(nn.Module):
 
 
 def test_plain_in_place_writes_are_rewritten_without_full_functionalization():
-    from graphopt.functional import outplace_simple_mutations
+    from graphopt.ir.functional import outplace_simple_mutations
 
     torch.manual_seed(0)
     model, x = ResidualInPlace().eval(), torch.randn(3, 4)
@@ -286,7 +286,7 @@ def test_plain_in_place_writes_are_rewritten_without_full_functionalization():
 
 
 def test_writes_into_state_still_get_full_functionalization():
-    from graphopt.functional import outplace_simple_mutations
+    from graphopt.ir.functional import outplace_simple_mutations
 
     program = torch.export.export(CountsCalls().eval(), (torch.randn(2, 4),), strict=False).module()
     before = program.code

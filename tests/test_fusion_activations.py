@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
-from graphopt.ir import count_ops
+from graphopt.ir.graph import count_ops
 
 PIPELINE = ["remove-identity", "cse", "fuse-activations", "fuse-norms", "dce"]
 

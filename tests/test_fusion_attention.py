@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.ir import count_ops
+from graphopt.ir.graph import count_ops
 from graphopt.passes.fusion import FuseAttention
 
 SDPA = "aten.scaled_dot_product_attention.default"

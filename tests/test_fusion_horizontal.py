@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
-from graphopt.ir import count_ops
+from graphopt.ir.graph import count_ops
 
 PIPELINE = ["remove-identity", "fuse-horizontal", "dce"]
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.ir import count_ops
+from graphopt.ir.graph import count_ops
 from graphopt.passes.cleanup import RemoveIdentity
 
 from helpers import assert_matches, randomize_batchnorm

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.errors import VerificationError
-from graphopt.ir import count_ops
-from graphopt.passes.epilogue import EpilogueFusion, onednn_available
-from graphopt.targets.cpu import CpuTarget
-from graphopt.targets.cpu_lowering import CpuLowering, LoweredGraph
-from graphopt.verify import compare_outputs
+from graphopt.ir.graph import count_ops
+from graphopt.ir.verify import compare_outputs
+from graphopt.targets.cpu.epilogue import EpilogueFusion, onednn_available
+from graphopt.targets.cpu.lowering import CpuLowering, LoweredGraph
+from graphopt.targets.cpu.target import CpuTarget
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
 
@@ -225,7 +225,7 @@ def test_threads_setting_applies_during_the_call_only() -> None:
 
 def test_a_broken_fused_kernel_fails_verification(monkeypatch: pytest.MonkeyPatch) -> None:
     """The lowering's rewrites are verified like every pass: a wrong epilogue is caught and named."""
-    from graphopt.passes import epilogue
+    from graphopt.targets.cpu import epilogue
 
     monkeypatch.setitem(epilogue._UNARY, torch.ops.aten.relu.default, ("sigmoid", epilogue._scalars_none))
     model, x = _net()
@@ -234,7 +234,7 @@ def test_a_broken_fused_kernel_fails_verification(monkeypatch: pytest.MonkeyPatc
 
 
 def test_epilogue_fusion_is_a_registered_pass() -> None:
-    assert graphopt.pass_infra.get_pass("epilogue-fusion") is EpilogueFusion
+    assert graphopt.passes.base.get_pass("epilogue-fusion") is EpilogueFusion
     torch.manual_seed(0)
     model, x = FeedForward().eval(), torch.randn(2, 5, 32)
     fast = graphopt.optimize(model, (x,), target="cpu", passes=["epilogue-fusion"])

@@ -7,18 +7,18 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.ir import attribute_value, count_ops
-from graphopt.targets.cpu import CpuTarget
-from graphopt.targets.cpu_lowering import CpuLowering
-from graphopt.targets.gpu import GpuTarget
-from graphopt.targets.gpu_lowering import (
+from graphopt.ir.graph import attribute_value, count_ops
+from graphopt.ir.verify import compare_outputs
+from graphopt.targets.cpu.lowering import CpuLowering
+from graphopt.targets.cpu.target import CpuTarget
+from graphopt.targets.gpu.lowering import (
     CublasLtEpilogue,
     CudnnConvEpilogue,
     GpuLowering,
     lower_for_gpu,
     store_conv_weights_channels_last,
 )
-from graphopt.verify import compare_outputs
+from graphopt.targets.gpu.target import GpuTarget
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -103,7 +103,7 @@ def test_cudnn_conv_epilogue_leaves_a_graph_without_conv_relu_unchanged() -> Non
 
 
 def test_conv_weights_are_stored_channels_last_once_and_outputs_stay() -> None:
-    from graphopt.passes.layout import ChannelsLast
+    from graphopt.targets.common.channels_last import ChannelsLast
 
     torch.manual_seed(0)
     model, x = _ResidualNet().eval(), torch.randn(2, 3, 8, 8)
@@ -133,7 +133,7 @@ def test_a_call_that_cannot_be_captured_runs_without_a_cuda_graph_and_says_why()
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_lowering_with_cuda_graphs() -> None:
-    from graphopt.targets.gpu_lowering import CUDAGraphRunner
+    from graphopt.targets.gpu.lowering import CUDAGraphRunner
 
     model, x = _mlp()
     fast = graphopt.optimize(model, (x,), target="gpu")
@@ -167,7 +167,7 @@ def test_gpu_tune() -> None:
                          [GpuLowering(), GpuLowering(conv_epilogues=False), GpuLowering(backend="inductor")],
                          ids=lambda option: option.label())
 def test_gpu_conv_net_runs_channels_last_with_each_lowering(lowering: GpuLowering, monkeypatch) -> None:
-    from graphopt.targets.gpu_lowering import CUDAGraphRunner
+    from graphopt.targets.gpu.lowering import CUDAGraphRunner
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full fp32: compare to the CPU tightly
 

@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
-from graphopt.targets.onnx import OnnxRuntimeModule, OnnxTarget
-from graphopt.targets.onnx_lowering import OnnxLowering, fused_op_counts
-from graphopt.verify import compare_outputs
+from graphopt.ir.verify import compare_outputs
+from graphopt.targets.onnx.lowering import OnnxLowering, fused_op_counts
+from graphopt.targets.onnx.target import OnnxRuntimeModule, OnnxTarget
 
 
 class Encoder(nn.Module):

@@ -5,7 +5,7 @@ import torch
 
 import graphopt
 from graphopt.bench import zoo
-from graphopt.ir import count_ops
+from graphopt.ir.graph import count_ops
 
 from helpers import assert_matches, randomize_batchnorm
 

@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.analysis.partitioning import PartitionError, balanced_split, stage_costs
+from graphopt.analysis.balanced_split import PartitionError, balanced_split, stage_costs
 from graphopt.bench import zoo
-from graphopt.cli import main as cli_main
-from graphopt.partition import PartitionReport, load_stages, predict_throughput, read_manifest
-from graphopt.passes.partition import Partition, is_partitioned, stage_modules
+from graphopt.cli.main import main as cli_main
+from graphopt.passes.split_stages import Partition, is_partitioned, stage_modules
+from graphopt.workflows.partition import PartitionReport, load_stages, predict_throughput, read_manifest
 
 
 @pytest.fixture(autouse=True)
@@ -295,8 +295,8 @@ def test_output_structure_literals_and_passthrough_outputs(tmp_path) -> None:
 
 
 def test_no_cut_separates_a_tuple_from_its_users() -> None:
-    from graphopt.analysis.partitioning import graph_items
-    from graphopt.capture import capture
+    from graphopt.analysis.balanced_split import graph_items
+    from graphopt.ir.capture import capture
 
     class Halves(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

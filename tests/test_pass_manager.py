@@ -9,7 +9,7 @@ import torch.fx as fx
 
 import graphopt
 from graphopt import Instrument, IRDumpInstrument, Pass, PassResult, TimingInstrument
-from graphopt.ir import iter_ops
+from graphopt.ir.graph import iter_ops
 
 from helpers import assert_matches
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import graphopt
-from graphopt.ir import count_ops
+from graphopt.ir.graph import count_ops
 
 from helpers import assert_matches, randomize_batchnorm
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.errors import FidelityError, InputError
-from graphopt.ir import count_ops
+from graphopt.ir.graph import count_ops
 from graphopt.passes.precision import ReducedPrecision, precision_pass
 
 

@@ -12,8 +12,8 @@ from torch import nn
 import graphopt
 from graphopt.analysis.cost import count_parameters, total_macs
 from graphopt.errors import InputError
-from graphopt.ir import node_shape, run_and_record, snapshot_graph_module
-from graphopt.lossy import CalibrationData
+from graphopt.ir.graph import node_shape, run_and_record, snapshot_graph_module
+from graphopt.passes.lossy.base import CalibrationData
 from graphopt.passes.prune import Prune, prune_pass
 from graphopt.passes.prune.unstructured import NO_SPEEDUP_NOTE, compress_state, decompress_state
 from tests.test_dependency_graph import Attention, Concat, Depthwise, Grouped, Residual
@@ -225,7 +225,7 @@ def test_two_four_weights_run_semi_structured_on_gpu() -> None:
 
 
 def test_cli_optimize_with_prune(tmp_path, capsys) -> None:
-    from graphopt.cli import main
+    from graphopt.cli.main import main
 
     source = tmp_path / "net.py"
     source.write_text("from torch import nn\n\ndef build():\n"

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from quantize_models import ResidualConvNet
 
 import graphopt
-from graphopt.ir import count_ops, snapshot_graph_module
-from graphopt.lossy import CalibrationData, output_cosine
+from graphopt.ir.graph import count_ops, snapshot_graph_module
 from graphopt.passes import Quantize
-from graphopt.passes.quantize.lower_gpu import NEAR_MISS, describe_counts, int_mm_any_rows, lower_quantized_for_gpu
+from graphopt.passes.lossy.base import CalibrationData, output_cosine
 from graphopt.passes.quantize.weight_only import WeightOnlyQuantize
+from graphopt.targets.gpu.quantized import NEAR_MISS, describe_counts, int_mm_any_rows, lower_quantized_for_gpu
 
 FLOAT_GEMMS = {"aten.linear.default", "aten.addmm.default", "aten.matmul.default", "aten.mm.default"}
 

@@ -13,12 +13,12 @@ import torch.nn as nn
 from quantize_models import ResidualConvNet
 
 import graphopt
-from graphopt.ir import count_ops, snapshot_graph_module
-from graphopt.lossy import CalibrationData, output_cosine
+from graphopt.ir.graph import count_ops, snapshot_graph_module
 from graphopt.passes import Quantize
-from graphopt.passes.quantize.lower_cpu import dynamic_int8_linear, lower_quantized_for_cpu
+from graphopt.passes.lossy.base import CalibrationData, output_cosine
 from graphopt.passes.quantize.patterns import has_quantized_ops
-from graphopt.targets.onnx import export_graph_to_onnx
+from graphopt.targets.cpu.quantized import dynamic_int8_linear, lower_quantized_for_cpu
+from graphopt.targets.onnx.target import export_graph_to_onnx
 
 FLOAT_COMPUTE = {"aten.conv2d.default", "aten.linear.default", "aten.addmm.default", "aten.matmul.default"}
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.errors import InputError
-from graphopt.ir import FUSED_FROM, module_path
+from graphopt.ir.graph import FUSED_FROM, module_path
 from graphopt.passes import Quantize
 from graphopt.passes.quantize.kmeans import KMeansQuantize
 from graphopt.passes.quantize.selection import SKIPPED

@@ -9,9 +9,9 @@ from quantize_models import ResidualConvNet, accuracy, digits_data, train_digits
 import graphopt
 from graphopt.bench import zoo
 from graphopt.errors import FidelityError, InputError
-from graphopt.ir import count_ops, snapshot_graph_module
-from graphopt.lossy import CalibrationData, Fidelity
+from graphopt.ir.graph import count_ops, snapshot_graph_module
 from graphopt.passes import FoldConvBatchNorm, Quantize
+from graphopt.passes.lossy.base import CalibrationData, Fidelity
 from graphopt.passes.quantize import quantize_pass
 from graphopt.passes.quantize.observers import (
     EntropyObserver,
@@ -176,7 +176,7 @@ def test_every_observer_quantizes_the_conv_net_within_budget(observer: str) -> N
     model, x = ResidualConvNet().eval(), torch.randn(8, 3, 16, 16)
     batches = [(torch.randn(8, 3, 16, 16),) for _ in range(3)]
     captured, _, gm, _ = _quantized(model, (x,), batches, observer=observer)
-    from graphopt.lossy import output_cosine
+    from graphopt.passes.lossy.base import output_cosine
 
     assert output_cosine([captured.graph_module(x)], [gm(x)]) > 0.99
 
@@ -340,4 +340,4 @@ def test_every_zoo_model_quantizes_within_the_default_budget(name: str, scheme: 
     quantized = any(record.name.startswith("quantize") and record.status == "changed" for record in fast.report.records)
     assert quantized and fast.report.final_cosine >= 0.99  # the lowered model, against eager
     with torch.no_grad():
-        assert graphopt.lossy.output_cosine([fast(*x)], [entry.model(*x)]) >= 0.99
+        assert graphopt.passes.lossy.base.output_cosine([fast(*x)], [entry.model(*x)]) >= 0.99

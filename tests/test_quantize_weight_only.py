@@ -12,14 +12,14 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.cli import main
+from graphopt.cli.main import main
 from graphopt.errors import InputError
-from graphopt.ir import snapshot_graph_module
-from graphopt.lossy import CalibrationData, output_cosine, output_sqnr_db
-from graphopt.passes.quantize import lower_weight_only
+from graphopt.ir.graph import snapshot_graph_module
+from graphopt.passes.lossy.base import CalibrationData, output_cosine, output_sqnr_db
 from graphopt.passes.quantize.kmeans import KMeansQuantize, kmeans_1d
 from graphopt.passes.quantize.weight_only import WeightOnlyQuantize
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_CODEBOOK, DEQUANTIZE_INT4, DEQUANTIZE_INT8
+from graphopt.targets.common import weight_only_kernels as lower_weight_only
 
 aten = torch.ops.aten
 
@@ -219,7 +219,7 @@ def test_cpu_lowering_dequantize_once_is_exact(mlp, monkeypatch):
 
 
 def _onnx_model(captured, pass_=None):
-    from graphopt.targets.onnx import export_graph_to_onnx
+    from graphopt.targets.onnx.target import export_graph_to_onnx
 
     gm = captured.graph_module
     if pass_ is not None:
@@ -310,7 +310,7 @@ def test_cli_quantize_with_npz_calibration(tmp_path, capsys):
 
 
 def test_calibration_files_cut_batches_and_explain_mistakes(tmp_path):
-    from graphopt.calibration_files import load_calibration
+    from graphopt.cli.calibration_files import load_calibration
 
     example = (torch.zeros(4, 64), torch.zeros(4, 3, dtype=torch.int64))
     data = tmp_path / "two.npz"

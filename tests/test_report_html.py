@@ -15,8 +15,8 @@ import torch.fx as fx
 
 import graphopt
 from graphopt import Pass, PassResult, PlotSpec, Report, ReportSection
-from graphopt.cli import main
-from graphopt.report_html import pass_plots, render_html, render_plot_svg
+from graphopt.cli.main import main
+from graphopt.report.html import pass_plots, render_html, render_plot_svg
 
 MARK_RED = "#c0392b"
 EXTERNAL = re.compile(r"""(?:\b(?:src|href)\s*=\s*["']?\s*|url\(\s*["']?\s*|@import\s+["']?)(?:https?:)?//""", re.I)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import RewriteRules, Rule
-from graphopt.ir import count_ops
+from graphopt.ir.graph import count_ops
 
 from helpers import assert_matches
 

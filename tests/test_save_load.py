@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import graphopt
-import graphopt.targets.onnx as onnx_target
-from graphopt.cli import main
-from graphopt.serialize import _weights_only_loading
+import graphopt.targets.onnx.target as onnx_target
+from graphopt.cli.main import main
+from graphopt.workflows.save_load import _weights_only_loading
 
 from helpers import SmallCNN, randomize_batchnorm
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.ir import count_ops
+from graphopt.ir.graph import count_ops
 
 from helpers import assert_matches
 
@@ -159,9 +159,9 @@ def test_gpu_retargets_recorded_values_so_later_rewrites_infer_on_one_device() -
     """The 'meta' device stands in for cuda here: every recorded value follows the weights."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    from graphopt.ir import register_constant
+    from graphopt.ir.graph import register_constant
     from graphopt.passes.quantize.placement import infer_val
-    from graphopt.targets.gpu import retarget_meta_values
+    from graphopt.targets.gpu.target import retarget_meta_values
 
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3)).eval()
     gm = graphopt.optimize(model, (torch.randint(0, 10, (2, 5)),), target="cpu").graph_module

@@ -10,10 +10,10 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.errors import LoweringError
-from graphopt.targets.cpu import CpuTarget
-from graphopt.targets.cpu_lowering import CpuLowering
-from graphopt.tune import TunePlan, lower_model, tune_candidates
-from graphopt.verify import compare_outputs
+from graphopt.ir.verify import compare_outputs
+from graphopt.targets.cpu.lowering import CpuLowering
+from graphopt.targets.cpu.target import CpuTarget
+from graphopt.targets.tune import TunePlan, lower_model, tune_candidates
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class _QuickCpu(CpuTarget):
 
 
 def test_tune_times_every_candidate_and_keeps_the_fastest(monkeypatch: pytest.MonkeyPatch) -> None:
-    import graphopt.tune as tune
+    import graphopt.targets.tune as tune
 
     monkeypatch.setattr(tune, "TunePlan", lambda: TunePlan(min_rounds=3, max_seconds=0.2))
     model, x = _net()
@@ -68,7 +68,7 @@ def test_cpu_candidates_include_inductor_and_onnxruntime() -> None:
 
 def test_a_candidate_that_fails_its_check_is_never_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     """A candidate computing wrong outputs is reported as failed and another one is kept."""
-    import graphopt.targets.cpu_lowering as cpu_lowering
+    import graphopt.targets.cpu.lowering as cpu_lowering
 
     real = cpu_lowering.prepack_weights
 
@@ -94,7 +94,7 @@ def test_a_candidate_that_fails_its_check_is_never_kept(monkeypatch: pytest.Monk
 
 
 def test_no_passing_candidate_is_a_lowering_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import graphopt.tune as tune
+    import graphopt.targets.tune as tune
 
     def fail(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no kernel")

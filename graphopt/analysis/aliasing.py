@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir import MAYBE_ALIASING_OPS, is_aten, is_mutating, node_dtype
+from graphopt.ir.graph import MAYBE_ALIASING_OPS, is_aten, is_mutating, node_dtype
 
 aten = torch.ops.aten
 

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from graphopt.ir import op_name, preserved_state
+from graphopt.ir.graph import op_name, preserved_state
 
 __all__ = [
     "NodeCost",

@@ -41,7 +41,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from graphopt.ir import attribute_value, is_mutating, node_shape, op_name
+from graphopt.ir.graph import attribute_value, is_mutating, node_shape, op_name
 
 __all__ = ["Atom", "DependencyGraph", "Group", "Segment", "layer_label"]
 

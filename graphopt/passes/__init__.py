@@ -8,9 +8,9 @@ from graphopt.passes.cleanup import (
     RemoveIdentity,
 )
 from graphopt.passes.constant_folding import ConstantFolding
-from graphopt.passes.partition import Partition
 from graphopt.passes.prune import Prune
 from graphopt.passes.quantize import Quantize
+from graphopt.passes.split_stages import Partition
 
 __all__ = [
     "CommonSubexpressionElimination",

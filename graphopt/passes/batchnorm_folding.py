@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from graphopt.ir import attribute_value, node_shape, prune_unused_attributes, register_constant
-from graphopt.pass_infra import Pass, PassResult, register_pass
+from graphopt.ir.graph import attribute_value, node_shape, prune_unused_attributes, register_constant
+from graphopt.passes.base import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
 

@@ -10,14 +10,14 @@ import torch
 import torch.fx as fx
 
 from graphopt.analysis.aliasing import REWRITABLE_VIEWS, CopyAnalysis, op_argument
-from graphopt.ir import (
+from graphopt.ir.graph import (
     draws_random_numbers,
     is_mutating,
     node_dtype,
     node_shape,
     prune_unused_attributes,
 )
-from graphopt.pass_infra import Pass, PassResult, register_pass
+from graphopt.passes.base import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir import attribute_value, prune_unused_attributes, register_constant
-from graphopt.pass_infra import Pass, PassResult, register_pass
+from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
+from graphopt.passes.base import Pass, PassResult, register_pass
 from graphopt.passes.cleanup import is_pure
 
 __all__ = ["ConstantFolding"]

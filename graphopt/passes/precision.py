@@ -1,6 +1,6 @@
 """Mixed precision: run the matrix layers in bfloat16 or float16, everything else in float32.
 
-A lossy pass (``graphopt.lossy.LossyPass``), so the fidelity machinery decides what is kept:
+A lossy pass (``graphopt.passes.lossy.base.LossyPass``), so the fidelity machinery decides what is kept:
 each *unit* is one layer (linear, convolution, ``addmm``/``mm`` with a constant weight), and the
 pass manager measures every layer's sensitivity, checks the whole model against the budget
 (default: output cosine >= 0.999) and keeps the most sensitive layers in float32 until the budget
@@ -24,9 +24,9 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import InputError
-from graphopt.ir import attribute_value, prune_unused_attributes, register_constant
-from graphopt.lossy import CalibrationData, Fidelity, LossyPass, LossyPlan, LossyUnit
-from graphopt.pass_infra import PassResult
+from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
+from graphopt.passes.base import PassResult
+from graphopt.passes.lossy.base import CalibrationData, Fidelity, LossyPass, LossyPlan, LossyUnit
 
 __all__ = ["DTYPES", "ReducedPrecision", "precision_pass"]
 

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from graphopt.ir import attribute_value, node_dtype, node_shape
+from graphopt.ir.graph import attribute_value, node_dtype, node_shape
 from graphopt.passes.cleanup import is_pure
 
 aten = torch.ops.aten

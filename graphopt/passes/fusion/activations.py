@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir import node_dtype
-from graphopt.pass_infra import Pass, PassResult, register_pass
+from graphopt.ir.graph import node_dtype
+from graphopt.passes.base import Pass, PassResult, register_pass
 from graphopt.passes.fusion._match import add_operands, close_to, erase_dead, infer_meta, is_call, scalar_value
 
 aten = torch.ops.aten

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir import attribute_value, node_dtype, node_shape, op_name
-from graphopt.pass_infra import Pass, PassResult, register_pass
+from graphopt.ir.graph import attribute_value, node_dtype, node_shape, op_name
+from graphopt.passes.base import Pass, PassResult, register_pass
 from graphopt.passes.fusion._match import (
     add_operands,
     erase_dead,

@@ -27,8 +27,14 @@ import torch
 import torch.fx as fx
 
 from graphopt.analysis.aliasing import REWRITABLE_VIEWS, CopyAnalysis, alias_closure
-from graphopt.ir import attribute_value, inherit_module_paths, node_shape, prune_unused_attributes, register_constant
-from graphopt.pass_infra import Pass, PassResult, register_pass
+from graphopt.ir.graph import (
+    attribute_value,
+    inherit_module_paths,
+    node_shape,
+    prune_unused_attributes,
+    register_constant,
+)
+from graphopt.passes.base import Pass, PassResult, register_pass
 from graphopt.passes.fusion._match import infer_meta, is_call
 
 aten = torch.ops.aten

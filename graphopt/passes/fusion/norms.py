@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir import node_dtype, node_shape
-from graphopt.pass_infra import Pass, PassResult, register_pass
+from graphopt.ir.graph import node_dtype, node_shape
+from graphopt.passes.base import Pass, PassResult, register_pass
 from graphopt.passes.fusion._match import (
     add_operands,
     erase_dead,

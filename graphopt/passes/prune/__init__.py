@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch.fx as fx
 
 from graphopt.errors import InputError
-from graphopt.lossy import CalibrationData, LossyPass, LossyPlan
+from graphopt.passes.lossy.base import CalibrationData, LossyPass, LossyPlan
 from graphopt.passes.prune.importance import IMPORTANCE_KINDS
 
 __all__ = ["Prune", "prune_pass"]

@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from graphopt.analysis.dependency import DependencyGraph, Group
 from graphopt.errors import InputError
-from graphopt.lossy import CalibrationData
+from graphopt.passes.lossy.base import CalibrationData
 
 __all__ = ["IMPORTANCE_KINDS", "element_scores", "group_scores", "taylor_gradients"]
 

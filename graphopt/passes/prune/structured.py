@@ -22,9 +22,9 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from graphopt.analysis.dependency import Atom, DependencyGraph, Group, Layout, layer_label
 from graphopt.errors import InputError
-from graphopt.ir import attribute_value, prune_unused_attributes, register_constant
-from graphopt.lossy import CalibrationData, LossyPlan, LossyUnit
-from graphopt.pass_infra import PassResult
+from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
+from graphopt.passes.base import PassResult
+from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
 from graphopt.passes.prune.importance import (
     check_kind,
     chosen_units,

@@ -22,9 +22,9 @@ import torch.fx as fx
 
 from graphopt.analysis.dependency import layer_label
 from graphopt.errors import InputError
-from graphopt.ir import attribute_value, prune_unused_attributes, register_constant
-from graphopt.lossy import CalibrationData, LossyPlan, LossyUnit
-from graphopt.pass_infra import PassResult
+from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
+from graphopt.passes.base import PassResult
+from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
 from graphopt.passes.prune.importance import check_kind, element_scores, taylor_gradients
 from graphopt.report import PlotSpec, ReportSection
 

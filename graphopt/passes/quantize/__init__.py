@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch.fx as fx
 
 from graphopt.errors import InputError
-from graphopt.lossy import CalibrationData, LossyPass, LossyPlan
+from graphopt.passes.lossy.base import CalibrationData, LossyPass, LossyPlan
 from graphopt.passes.quantize.observers import OBSERVERS
 from graphopt.passes.quantize.placement import QUANTIZABLE
 

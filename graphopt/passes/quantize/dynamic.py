@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir import attribute_value, module_path, prune_unused_attributes
-from graphopt.lossy import CalibrationData, LossyPlan, LossyUnit
-from graphopt.pass_infra import PassResult
+from graphopt.ir.graph import attribute_value, module_path, prune_unused_attributes
+from graphopt.passes.base import PassResult
+from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
 from graphopt.passes.quantize.embedding import quantize_embeddings
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN, quantize_weight
 from graphopt.passes.quantize.placement import (

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphopt.ir import attribute_value, register_constant
+from graphopt.ir.graph import attribute_value, register_constant
 from graphopt.passes.quantize.observers import quantize_weight
 from graphopt.passes.quantize.placement import infer_val
 

@@ -26,8 +26,8 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import InputError
-from graphopt.lossy import CalibrationData, LossyPass, LossyPlan, LossyUnit
-from graphopt.pass_infra import PassResult
+from graphopt.passes.base import PassResult
+from graphopt.passes.lossy.base import CalibrationData, LossyPass, LossyPlan, LossyUnit
 from graphopt.passes.quantize.selection import SkipList, skip_entries
 from graphopt.passes.quantize.weight_ops import (
     DEQUANTIZE_CODEBOOK,
@@ -218,7 +218,7 @@ class KMeansQuantize(LossyPass):
 
     def plan(self, gm: fx.GraphModule, data: CalibrationData) -> KMeansPlan:
         """Cluster every eligible weight once (no calibration data needed)."""
-        from graphopt.progress import progress
+        from graphopt.report.progress import progress
 
         layers: dict[str, _Clustered] = {}
         near: dict[str, str] = {}

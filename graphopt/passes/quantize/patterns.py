@@ -12,7 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from graphopt.ir import attribute_value
+from graphopt.ir.graph import attribute_value
 from graphopt.passes.quantize.placement import is_dequantize
 
 __all__ = ["constant_bias", "dynamic_source", "has_quantized_ops", "int8_weight", "static_activation"]

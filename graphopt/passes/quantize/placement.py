@@ -39,7 +39,7 @@ import torch.ao.quantization.fx._decomposed
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.ir import attribute_value, node_dtype, register_constant
+from graphopt.ir.graph import attribute_value, node_dtype, register_constant
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN, WEIGHT_QMAX, WEIGHT_QMIN, QParams
 
 __all__ = [

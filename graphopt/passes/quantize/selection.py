@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from graphopt.errors import InputError
-from graphopt.ir import FUSED_FROM, module_path
+from graphopt.ir.graph import FUSED_FROM, module_path
 
 __all__ = ["SKIPPED", "SkipList", "skip_entries"]
 

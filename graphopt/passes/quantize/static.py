@@ -17,9 +17,9 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import InputError
-from graphopt.ir import attribute_value, module_path, prune_unused_attributes
-from graphopt.lossy import CalibrationData, LossyPlan, LossyUnit
-from graphopt.pass_infra import PassResult
+from graphopt.ir.graph import attribute_value, module_path, prune_unused_attributes
+from graphopt.passes.base import PassResult
+from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
 from graphopt.passes.quantize.embedding import plan_embeddings, quantize_embeddings
 from graphopt.passes.quantize.observers import Observer, QParams, make_observer, quantize_weight
 from graphopt.passes.quantize.placement import (
@@ -32,7 +32,7 @@ from graphopt.passes.quantize.placement import (
     output_point,
 )
 from graphopt.passes.quantize.selection import SKIPPED, SkipList
-from graphopt.progress import progress
+from graphopt.report.progress import progress
 
 __all__ = ["StaticPlan", "calibrate", "plan_static"]
 

@@ -26,8 +26,8 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import InputError
-from graphopt.lossy import CalibrationData, LossyPass, LossyPlan, LossyUnit
-from graphopt.pass_infra import PassResult
+from graphopt.passes.base import PassResult
+from graphopt.passes.lossy.base import CalibrationData, LossyPass, LossyPlan, LossyUnit
 from graphopt.passes.quantize.selection import SkipList, skip_entries
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT4, DEQUANTIZE_INT8, pack_nibbles
 from graphopt.passes.quantize.weight_sites import (

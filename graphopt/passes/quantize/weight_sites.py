@@ -23,7 +23,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from graphopt.ir import attribute_value, prune_unused_attributes, register_constant
+from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
 from graphopt.passes.quantize.selection import SKIPPED, SkipList
 
 __all__ = ["WeightSite", "find_weight_sites", "finish", "replace_weight", "tensor_bytes"]

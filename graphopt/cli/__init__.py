@@ -1,0 +1,1 @@
+"""The ``graphopt`` command line: ``optimize``, ``partition``, ``bench``, ``demo``."""

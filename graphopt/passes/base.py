@@ -1,0 +1,103 @@
+"""What a pass is, what it returns, and the registry that finds passes by name.
+
+A pass is a frozen dataclass: its fields are its options, ``name`` is its kebab-case name, and
+``run`` rewrites the graph module in place and says whether it changed anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, TypeVar
+
+import torch.fx as fx
+
+from graphopt.errors import UnknownPassError
+
+__all__ = ["Pass", "PassResult", "available_passes", "get_pass", "register_pass", "resolve_pass"]
+
+
+@dataclass
+class PassResult:
+    """What a pass did: whether the graph changed, counters, and rule hits / near-misses."""
+
+    changed: bool
+    stats: dict[str, int | float] = field(default_factory=dict)
+    rule_hits: dict[str, int] = field(default_factory=dict)
+    near_misses: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base class of every pass: subclass, set ``name``, implement ``run``.
+
+    ``run`` may edit ``gm`` in place: the pass manager keeps a copy to roll back to, and
+    recompiles the module afterwards (call ``gm.recompile()`` yourself only when running a
+    pass outside the manager). Passes must preserve what the graph computes; the pass
+    manager verifies that after every pass.
+    """
+
+    name: ClassVar[str] = ""
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrite ``gm`` in place and report what changed."""
+        raise NotImplementedError(f"{type(self).__name__} must implement run(gm)")
+
+
+P = TypeVar("P", bound=type[Pass])
+
+# Built-in passes are imported only when first asked for: name -> "module:Class".
+_BUILTIN: dict[str, str] = {
+    "dce": "graphopt.passes.cleanup:DeadCodeElimination",
+    "cse": "graphopt.passes.cleanup:CommonSubexpressionElimination",
+    "remove-dropout": "graphopt.passes.cleanup:RemoveDropout",
+    "remove-identity": "graphopt.passes.cleanup:RemoveIdentity",
+    "constant-folding": "graphopt.passes.constant_folding:ConstantFolding",
+    "fold-conv-batchnorm": "graphopt.passes.batchnorm_folding:FoldConvBatchNorm",
+    "fold-linear-batchnorm": "graphopt.passes.batchnorm_folding:FoldLinearBatchNorm",
+    "fuse-attention": "graphopt.passes.fusion.attention:FuseAttention",
+    "fuse-activations": "graphopt.passes.fusion.activations:FuseActivations",
+    "fuse-norms": "graphopt.passes.fusion.norms:FuseNorms",
+    "fuse-horizontal": "graphopt.passes.fusion.horizontal:FuseHorizontal",
+    "partition": "graphopt.passes.split_stages:Partition",
+    "epilogue-fusion": "graphopt.targets.cpu.epilogue:EpilogueFusion",
+    "channels-last": "graphopt.targets.common.channels_last:ChannelsLast",
+}
+_REGISTERED: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: P) -> P:
+    """Class decorator: make ``cls`` findable by its ``name`` (e.g. in ``optimize(passes=[...])``)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute `name` (kebab-case) to be registered")
+    _REGISTERED[cls.name] = cls
+    return cls
+
+
+def available_passes() -> list[str]:
+    """Names of every built-in and registered pass."""
+    return sorted(set(_BUILTIN) | set(_REGISTERED))
+
+
+def get_pass(name: str) -> type[Pass]:
+    """The pass class registered under ``name``."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name in _BUILTIN:
+        module_name, class_name = _BUILTIN[name].split(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        _REGISTERED[name] = cls
+        return cls
+    raise UnknownPassError(f"no pass named {name!r}; available: {', '.join(available_passes())}")
+
+
+def resolve_pass(spec: str | Pass | Callable[[], Pass]) -> Pass:
+    """Turn a pass name, a pass instance or a pass class into a pass instance."""
+    if isinstance(spec, Pass):
+        return spec
+    if isinstance(spec, str):
+        return get_pass(spec)()
+    if isinstance(spec, type) and issubclass(spec, Pass):
+        return spec()
+    raise TypeError(f"expected a pass name, Pass instance or Pass class, got {spec!r}")

@@ -1,0 +1,444 @@
+"""Lower a quantized graph's QDQ patterns to real int8 CPU kernels (PyTorch's oneDNN ops).
+
+The quantized IR computes in float (the fake-quantized reference). The ``cpu`` target runs a
+lowered copy in which every quantized op becomes an int8 kernel:
+
+- static conv  ``DQ(x_u8) ⊛ DQ(w_i8) [+ b] [→ relu] → Q`` → ``onednn.qconv_pointwise`` (uint8 in,
+  uint8 out, requantization and the fused activation inside the kernel; float out when the
+  output is not quantized); with a residual add after it, ``qconv2d_pointwise.binary``;
+- static linear / addmm → ``onednn.qlinear_pointwise`` the same way (weights prepacked once);
+- dynamic linear / addmm / matmul-by-weight → ``dynamic_int8_linear`` (the activation quantized
+  at run time by one kernel, oneDNN's int8 GEMM with a fused ReLU / GELU, float out);
+- pass-through ops between int8 ops (max pooling, reshapes, transposes, ReLU) run on the uint8
+  tensor itself: ``Q(P(DQ(a)))`` with equal parameters becomes ``P(a)``.
+
+What is left of the QDQ nodes sits around the cheap ops that have no int8 kernel here (add,
+concat, average pooling, attention): they read uint8 tensors, compute in float and requantize,
+as PyTorch's own quantized add does. ``LOWERINGS`` is the list of rewrite functions run in
+order (other quantization schemes append theirs); each takes the graph and returns counts.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN
+from graphopt.passes.quantize.patterns import constant_bias, dynamic_source, int8_weight, static_activation
+from graphopt.passes.quantize.placement import PASS_THROUGH, is_dequantize
+from graphopt.targets.common.lowering_registry import Lowering, run_lowerings
+from graphopt.targets.common.weight_only_kernels import WEIGHT_ONLY_LOWERINGS
+
+__all__ = ["LOWERINGS", "dynamic_int8_linear", "lower_quantized_for_cpu"]
+
+aten = torch.ops.aten
+qd = torch.ops.quantized_decomposed
+
+_SHAPE_OPS = PASS_THROUGH - {aten.relu.default, aten.hardtanh.default}
+
+
+def _store(gm: fx.GraphModule, stem: str, value: object, before: fx.Node) -> fx.Node:
+    """Keep ``value`` (a packed weight: opaque, not a buffer) as a plain attribute and read it."""
+    name, index = f"_go_{stem}", 0
+    while hasattr(gm, name):
+        index += 1
+        name = f"_go_{stem}_{index}"
+    setattr(gm, name, value)
+    with gm.graph.inserting_before(before), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # fx warns about attributes that are not buffers
+        return gm.graph.get_attr(name)
+
+
+def _fused_output(node: fx.Node) -> tuple[fx.Node, str, list[float], fx.Node | None]:
+    """The value ending ``node`` (itself or a fused ReLU/ReLU6), the post-op, its args, and the quantize after it."""
+    end, post_op, post_args = node, "none", []
+    users = list(node.users)
+    if len(users) == 1 and users[0].args[0] is node:
+        user = users[0]
+        if user.target == aten.relu.default:
+            end, post_op = user, "relu"
+        elif user.target == aten.hardtanh.default:
+            low = user.args[1] if len(user.args) > 1 else -1.0
+            high = user.args[2] if len(user.args) > 2 else 1.0
+            if low == 0:
+                end, post_op, post_args = user, "hardtanh", [float(low), float(high)]
+    quantizers = [u for u in end.users if u.target == qd.quantize_per_tensor.default and u.args[5] == torch.uint8]
+    if len(end.users) == 1 and quantizers:
+        return end, post_op, post_args, quantizers[0]
+    if end is not node:  # a float output: keep the activation as its own op
+        return node, "none", [], None
+    return node, post_op, post_args, None
+
+
+def _read_as_int8(quantize: fx.Node) -> bool:
+    """True when an op that runs on int8 data (conv, linear, a pass-through op) reads ``quantize``'s codes.
+
+    Anything else than dequantize nodes reading it, or a dequantize read by such an op, counts.
+    """
+    int8_readers = {aten.conv2d.default, aten.linear.default, aten.addmm.default} | PASS_THROUGH
+    for user in quantize.users:
+        if user.target != qd.dequantize_per_tensor.default:
+            return True
+        if any(reader.op == "call_function" and reader.target in int8_readers for reader in user.users):
+            return True
+    return False
+
+
+def _replace_output(gm: fx.GraphModule, node: fx.Node, end: fx.Node, quantize: fx.Node | None, new: fx.Node) -> None:
+    target = quantize if quantize is not None else end
+    new.meta["val"] = target.meta.get("val")
+    if "tensor_meta" in target.meta:
+        new.meta["tensor_meta"] = target.meta["tensor_meta"]
+    target.replace_all_uses_with(new)
+
+
+@dataclass(frozen=True)
+class _WeightedOperands:
+    """What an int8 conv / linear kernel needs from a ``conv2d`` / ``linear`` / ``addmm`` node of the QDQ graph."""
+
+    family: str  # "qconv" or "qlinear"
+    source: fx.Node  # the uint8 activation
+    x_scale: float
+    x_zero_point: int
+    q_weight: torch.Tensor  # int8, output channels on dim 0
+    w_scales: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _weighted_operands(gm: fx.GraphModule, node: fx.Node) -> _WeightedOperands | None:
+    """The int8 operands of a static conv2d / linear / addmm reading a uint8 activation, or None."""
+    if node.op != "call_function":
+        return None
+    if node.target == aten.conv2d.default:  # oneDNN's int8 convolution here is 2-D
+        family, x_arg, w_arg, axis = "qconv", node.args[0], node.args[1], 0
+        bias_arg = node.args[2] if len(node.args) > 2 else None
+    elif node.target == aten.linear.default:
+        family, x_arg, w_arg, axis = "qlinear", node.args[0], node.args[1], 0
+        bias_arg = node.args[2] if len(node.args) > 2 else None
+    elif node.target == aten.addmm.default and not node.kwargs:
+        family, x_arg, w_arg, axis, bias_arg = "qlinear", node.args[1], node.args[2], 1, node.args[0]
+    else:
+        return None
+    activation = static_activation(x_arg)
+    weight = int8_weight(gm, w_arg, axis)
+    bias = constant_bias(gm, bias_arg)
+    if activation is None or weight is None or bias is False:
+        return None
+    return _WeightedOperands(family, *activation, *weight, bias)
+
+
+def _packed_conv(gm: fx.GraphModule, node: fx.Node, ops: _WeightedOperands) -> tuple[object, ...]:
+    """The leading arguments every oneDNN int8 conv call takes (input, packed weight, scales, bias, geometry).
+
+    The weight is packed for the input's static shape: packed without it, oneDNN reorders some
+    weights again on every call (20x slower convolutions for 1x1 convolutions of ResNet-50).
+    """
+    stride, padding, dilation, groups = _conv_defaults(node)
+    packed = torch.ops.onednn.qconv_prepack(ops.q_weight, ops.w_scales, ops.x_scale, ops.x_zero_point, stride,
+                                            padding, dilation, groups, _input_shape(ops.source))
+    scales, zero_points, bias = _weight_nodes(gm, node, ops)
+    packed_node = _store(gm, f"{node.name}_packed", packed, node)
+    return ops.source, ops.x_scale, ops.x_zero_point, packed_node, scales, zero_points, bias, stride, padding, \
+        dilation, groups
+
+
+def _weight_nodes(gm: fx.GraphModule, node: fx.Node, ops: _WeightedOperands) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+    """Attributes holding the per-channel weight scales, their (zero) zero points and the float bias."""
+    zero_points = torch.zeros(ops.w_scales.shape, dtype=torch.int64)
+    return (_store(gm, f"{node.name}_w_scales", ops.w_scales, node),
+            _store(gm, f"{node.name}_w_zps", zero_points, node),
+            _store(gm, f"{node.name}constant_bias", ops.bias, node) if ops.bias is not None else None)
+
+
+def lower_static_weighted(gm: fx.GraphModule) -> dict[str, int]:
+    """Static conv / linear / addmm with uint8 input and int8 weights → oneDNN int8 kernels."""
+    counts = {"qconv": 0, "qlinear": 0}
+    graph = gm.graph
+    for node in list(graph.nodes):
+        ops = _weighted_operands(gm, node)
+        if ops is None:
+            continue
+        end, post_op, post_args, quantize = _fused_output(node)
+        out_scale, out_zp, out_dtype = 1.0, 0, torch.float32
+        float_readers: list[fx.Node] = []
+        if quantize is not None and not _read_as_int8(quantize):
+            # only float ops read the result: the kernel writes float directly (no requantize + dequantize)
+            float_readers, quantize = list(quantize.users), None
+        elif quantize is not None:
+            out_scale, out_zp, out_dtype = float(quantize.args[1]), int(quantize.args[2]), torch.uint8
+        if ops.family == "qlinear":
+            scales, zero_points, bias = _weight_nodes(gm, node, ops)
+            packed_node = _store(gm, f"{node.name}_packed", _packed_linear(ops.q_weight, ops.source), node)
+            args = (ops.source, ops.x_scale, ops.x_zero_point, packed_node, scales, zero_points, bias, out_scale,
+                    out_zp, out_dtype, post_op, post_args, "")
+            target = torch.ops.onednn.qlinear_pointwise.default
+        else:
+            args = (*_packed_conv(gm, node, ops), out_scale, out_zp, out_dtype, post_op, post_args, "")
+            target = torch.ops.onednn.qconv_pointwise.default
+        with graph.inserting_before(end if quantize is None else quantize):
+            new = graph.call_function(target, args)
+        _replace_output(gm, node, end, quantize, new)
+        for reader in float_readers:
+            reader.replace_all_uses_with(new)
+        counts[ops.family] += 1
+    return counts
+
+
+def _residual_conv(add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(conv, other input)`` of ``add(DQ(Q(conv2d(...))), DQ(other))`` where the conv's codes feed only the add."""
+    if add.target != aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2 \
+            or add.args[0] is add.args[1]:
+        return None
+    for mine, other in (add.args, tuple(reversed(add.args))):
+        if static_activation(mine) is None or static_activation(other) is None:
+            continue
+        quantize = mine.args[0]
+        conv = quantize.args[0] if isinstance(quantize, fx.Node) else None
+        if (quantize.target == qd.quantize_per_tensor.default and len(quantize.users) == 1 and len(mine.users) == 1
+                and isinstance(conv, fx.Node) and conv.target == aten.conv2d.default and len(conv.users) == 1):
+            return conv, other
+    return None
+
+
+_FRESH_CODES = frozenset({
+    qd.quantize_per_tensor.default, aten.int_repr.default, aten.clamp_min.default, aten.clamp.default,
+    torch.ops.onednn.qconv2d_pointwise.binary,  # its accumulator, whose readers were all checked to run before
+})
+"""uint8 producers whose output is no view of a tensor read elsewhere (an accumulator may overwrite it)."""
+
+
+def _accumulator(graph: fx.Graph, codes: fx.Node, add: fx.Node, at: fx.Node) -> fx.Node:
+    """A channels-last uint8 tensor the fused kernel may overwrite, holding ``codes``.
+
+    The kernel accumulates into it in place: ``codes`` itself when it is a fresh tensor whose
+    other readers all run before ``at``, a copy otherwise.
+    """
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    fresh = codes.target in _FRESH_CODES
+    readers = [reader for user in codes.users
+               for reader in (list(user.users) if is_dequantize(user) else [user]) if reader is not add]
+    in_place = fresh and all(order[reader] < order[at] for reader in readers) and all(
+        reader.target not in PASS_THROUGH for reader in readers)
+    op = aten.contiguous.default if in_place else aten.clone.default
+    with graph.inserting_before(at):
+        return graph.call_function(op, (codes,), {"memory_format": torch.channels_last})
+
+
+def lower_conv_add(gm: fx.GraphModule) -> dict[str, int]:
+    """``Q(relu?(DQ(Q(conv2d(x))) + DQ(r)))`` → one oneDNN int8 conv that adds ``r`` and requantizes (ResNet blocks).
+
+    The sum is the convolution's post-op: the conv's own requantization and the float add between
+    them go away (the conv result is added before rounding, which is closer to float than the QDQ
+    reference).
+    """
+    count = 0
+    graph = gm.graph
+    for add in list(graph.nodes):
+        match = _residual_conv(add)
+        if match is None:
+            continue
+        conv, other = match
+        ops = _weighted_operands(gm, conv)
+        end, post_op, _, quantize = _fused_output(add)
+        batched = isinstance(conv.meta.get("val"), torch.Tensor) and conv.meta["val"].dim() == 4
+        if ops is None or quantize is None or post_op not in ("none", "relu") or not batched:
+            continue
+        codes, accum_scale, accum_zp = static_activation(other)
+        accum = _accumulator(graph, codes, add, quantize)
+        conv_args = _packed_conv(gm, conv, ops)  # the accumulator goes between the weight and the bias
+        output = (float(quantize.args[1]), int(quantize.args[2]), torch.uint8)
+        with graph.inserting_before(quantize):
+            new = graph.call_function(torch.ops.onednn.qconv2d_pointwise.binary, (
+                *conv_args[:6], accum, *conv_args[6:], *output, accum_scale, accum_zp, "sum", 1.0, post_op, [], ""))
+        _replace_output(gm, add, end, quantize, new)
+        count += 1
+    graph.eliminate_dead_code()  # the float conv and add it replaced: no later rewrite should lower them
+    return {"qconv_add": count}
+
+
+def _input_shape(value: fx.Node) -> list[int] | None:
+    """The static shape of ``value`` (oneDNN picks the weight layout for it when packing), or None."""
+    val = value.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
+        return None
+    return list(val.shape)
+
+
+def _packed_linear(q_weight: torch.Tensor, source: fx.Node) -> torch.Tensor:
+    """The int8 weight packed by oneDNN for the GEMM's static ``[rows, in]`` input when known (as for convs)."""
+    shape = _input_shape(source)
+    return torch.ops.onednn.qlinear_prepack(q_weight, [math.prod(shape[:-1]), shape[-1]] if shape else None)
+
+
+def _conv_defaults(node: fx.Node) -> tuple[list[int], list[int], list[int], int]:
+    """stride, padding, dilation, groups of an ``aten.conv2d`` call with trailing defaults omitted."""
+    dims = 2 if node.target == aten.conv2d.default else 1
+    defaults: list[object] = [[1] * dims, [0] * dims, [1] * dims, 1]
+    given = list(node.args[3:7])
+    values = given + defaults[len(given):]
+    stride, padding, dilation, groups = values
+    expand = lambda v: list(v) if isinstance(v, (list, tuple)) else [int(v)] * dims  # noqa: E731
+    return expand(stride), expand(padding), expand(dilation), int(groups)
+
+
+def lower_pass_through(gm: fx.GraphModule) -> dict[str, int]:
+    """``Q(P(DQ(a)))`` with equal parameters → ``P(a)`` on the uint8 tensor (reshapes, max pooling, ReLU)."""
+    count = 0
+    graph = gm.graph
+    for quantize in list(graph.nodes):
+        if quantize.target != qd.quantize_per_tensor.default:
+            continue
+        middle = quantize.args[0]
+        if not (isinstance(middle, fx.Node) and middle.op == "call_function" and middle.target in PASS_THROUGH):
+            continue
+        activation = static_activation(middle.args[0])
+        if activation is None:
+            continue
+        source, scale, zero_point = activation
+        if (float(quantize.args[1]), int(quantize.args[2]), quantize.args[5]) != (scale, zero_point, torch.uint8):
+            continue
+        with graph.inserting_before(quantize):
+            if middle.target == aten.max_pool2d.default:
+                # ATen's uint8 max pooling rejects channels-last input and is 20x slower on NCHW; the
+                # quantized kernel runs on the codes in place of either (the scale does not matter to a max)
+                codes = graph.call_function(aten._make_per_tensor_quantized_tensor.default, (source, scale, zero_point))
+                pooled = graph.call_function(torch.ops.quantized.max_pool2d.default, (codes, *_max_pool_args(middle)))
+                new = graph.call_function(aten.int_repr.default, (pooled,))
+            elif middle.target in _SHAPE_OPS:
+                new = graph.call_function(middle.target, (source, *middle.args[1:]), dict(middle.kwargs))
+            elif middle.target == aten.relu.default:
+                new = graph.call_function(aten.clamp_min.default, (source, zero_point))
+            else:  # hardtanh(low, high) on the codes
+                low = middle.args[1] if len(middle.args) > 1 else -1.0
+                high = middle.args[2] if len(middle.args) > 2 else 1.0
+                codes = [min(max(round(v / scale) + zero_point, ACTIVATION_QMIN), ACTIVATION_QMAX) for v in (low, high)]
+                new = graph.call_function(aten.clamp.default, (source, *codes))
+        new.meta["val"] = quantize.meta.get("val")
+        quantize.replace_all_uses_with(new)
+        count += 1
+    return {"int8_pass_through": count}
+
+
+def _max_pool_args(node: fx.Node) -> tuple[list[int], list[int], list[int], list[int], bool]:
+    """kernel_size, stride, padding, dilation, ceil_mode of an ``aten.max_pool2d`` call, defaults filled in."""
+    pair = lambda v: [int(v)] * 2 if isinstance(v, int) else [int(i) for i in v]  # noqa: E731
+    kernel = pair(node.args[1])
+    given = list(node.args[2:6])
+    stride, padding, dilation, ceil_mode = given + [kernel, [0, 0], [1, 1], False][len(given):]
+    stride = pair(stride) or kernel  # an empty stride means the kernel size
+    return kernel, stride, pair(padding), pair(dilation), bool(ceil_mode)
+
+
+def dynamic_int8_linear(x: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor, w_zero_points: torch.Tensor,
+                        bias: torch.Tensor | None, post_op: str, algorithm: str) -> torch.Tensor:
+    """``post_op(x @ Wᵀ + b)`` with ``x`` quantized to uint8 per tensor at run time and oneDNN's int8 GEMM.
+
+    One kernel picks the activation's scale and quantizes it (``quantize_per_tensor_dynamic``; its
+    codes are read in place, not copied by ``int_repr``), then oneDNN multiplies in int8 and applies
+    the bias and the activation (GELU, ReLU) in its epilogue, writing float.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # quint8 tensors are deprecated; this one lives for one call
+        codes = torch.quantize_per_tensor_dynamic(flat, torch.quint8, False)
+    out = torch.ops.onednn.qlinear_pointwise.default(
+        codes.view(torch.uint8), codes.q_scale(), codes.q_zero_point(), packed, w_scales, w_zero_points, bias, 1.0, 0,
+        torch.float32, post_op, [], algorithm)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+_EPILOGUES = {aten.relu.default: ("relu", ""), aten.gelu.default: ("gelu", "none")}
+
+
+def _dynamic_epilogue(node: fx.Node) -> tuple[fx.Node, str, str]:
+    """The node ending the GEMM (itself or its only reader when that is ReLU / GELU), the post-op and its algorithm."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target in _EPILOGUES and \
+            users[0].args[0] is node:
+        post_op, algorithm = _EPILOGUES[users[0].target]
+        if users[0].target == aten.gelu.default:
+            algorithm = users[0].kwargs.get("approximate", "none")
+        return users[0], post_op, algorithm
+    return node, "none", ""
+
+
+def lower_dynamic_linear(gm: fx.GraphModule) -> dict[str, int]:
+    """Dynamic linear / addmm / matmul-by-weight → oneDNN int8 GEMM with the activation quantized at run time.
+
+    A ReLU or GELU that is the GEMM's only reader runs in the kernel's epilogue. oneDNN's VNNI
+    GEMM with a fused GELU measured 1.19 ms against 1.40 ms for FBGEMM's ``linear_dynamic`` alone
+    (plus 0.57 ms for the GELU after it) on MiniLM's FFN at batch 8 (1024 x 384 x 1536).
+    """
+    count = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == aten.linear.default:
+            x_arg, w_arg, axis = node.args[0], node.args[1], 0
+            bias_arg = node.args[2] if len(node.args) > 2 else None
+        elif node.target == aten.addmm.default and not node.kwargs:
+            x_arg, w_arg, axis, bias_arg = node.args[1], node.args[2], 1, node.args[0]
+        elif node.target == aten.matmul.default:
+            x_arg, w_arg, axis, bias_arg = node.args[0], node.args[1], 1, None
+        else:
+            continue
+        source = dynamic_source(x_arg)
+        weight = int8_weight(gm, w_arg, axis)
+        bias = constant_bias(gm, bias_arg)
+        if source is None or weight is None or bias is False:
+            continue
+        q_weight, scales = weight
+        packed = _packed_linear(q_weight, source)
+        end, post_op, algorithm = _dynamic_epilogue(node)
+        stored = [_store(gm, f"{node.name}_{stem}", value, node) for stem, value in (
+            ("packed", packed), ("w_scales", scales), ("w_zps", torch.zeros(scales.shape, dtype=torch.int64)))]
+        bias_node = _store(gm, f"{node.name}_bias", bias, node) if bias is not None else None
+        with graph.inserting_before(end):
+            new = graph.call_function(dynamic_int8_linear, (source, *stored, bias_node, post_op, algorithm))
+        new.meta.update({k: v for k, v in end.meta.items() if k in ("val", "tensor_meta")})
+        end.replace_all_uses_with(new)
+        count += 1
+    graph.eliminate_dead_code()
+    return {"dynamic_linear": count}
+
+
+def lower_remaining_qdq(gm: fx.GraphModule) -> dict[str, int]:
+    """The static quantize / dequantize nodes left → one fused ATen kernel each (the decomposed forms take 4-5)."""
+    count = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target not in (qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default):
+            continue
+        if node.args[3:6] != (ACTIVATION_QMIN, ACTIVATION_QMAX, torch.uint8) or node.kwargs:
+            continue
+        value, scale, zero_point = node.args[:3]
+        with graph.inserting_before(node):
+            if node.target == qd.quantize_per_tensor.default:
+                quantized = graph.call_function(aten.quantize_per_tensor.default,
+                                                (value, float(scale), int(zero_point), torch.quint8))
+                new = graph.call_function(aten.int_repr.default, (quantized,))
+            else:
+                quantized = graph.call_function(aten._make_per_tensor_quantized_tensor.default,
+                                                (value, float(scale), int(zero_point)))
+                new = graph.call_function(aten.dequantize.self, (quantized,))
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")})
+        node.replace_all_uses_with(new)
+        count += 1
+    return {"int8_qdq_kernels": count}
+
+
+LOWERINGS: list[Lowering] = [
+    lower_pass_through, lower_conv_add, lower_static_weighted, lower_dynamic_linear, lower_remaining_qdq,
+]
+"""The rewrites ``lower_quantized_for_cpu`` runs, in order; other schemes append theirs."""
+LOWERINGS += WEIGHT_ONLY_LOWERINGS  # compressed weights: weight-only int8/int4 kernels, K-means (lower_weight_only)
+
+
+def lower_quantized_for_cpu(gm: fx.GraphModule) -> dict[str, int]:
+    """Rewrite ``gm`` in place so its quantized ops run int8 kernels; returns counts per kernel kind."""
+    return run_lowerings(gm, LOWERINGS)

@@ -1,0 +1,198 @@
+"""Lowering with a measured choice: ``optimize(..., tune=True)``.
+
+Without ``tune`` the target lowers the optimized graph its default way. With it, every
+candidate lowering of the target is built, checked against the eager outputs on the example
+inputs (the exact tolerance, or the fidelity budget after lossy passes), and timed on the
+example inputs round-robin (so drifts of the machine hit every candidate alike); the fastest
+that passes is kept. The report gets a section with every candidate's median time, status and
+setup time, and a bar plot of the times.
+
+Candidates: the target's ``lowering.candidates()`` (``cpu``: oneDNN-fused with channels-last
+or NCHW, plain ATen, torch.compile/Inductor; ``onnx``: with and without fused attention, with
+onnxruntime's offline transformer optimizer; ``gpu``: with and without CUDA graphs). The ``cpu``
+candidates include onnxruntime's CPU execution provider, another runtime on the same device.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from graphopt.ir.verify import compare_outputs
+from graphopt.passes.lossy.base import Fidelity, output_cosine
+from graphopt.report import PlotSpec, Report, ReportSection
+from graphopt.targets.base import Target
+
+__all__ = ["Candidate", "TunePlan", "lower_model", "tune_candidates"]
+
+
+@dataclass(frozen=True)
+class TunePlan:
+    """How long ``tune`` measures: warm-up calls, then rounds until ``min_rounds`` and ``max_seconds``.
+
+    ``gap_s`` idles between two calls: thread pools (onnxruntime's, OpenMP's) spin for a while after
+    a call, and would otherwise steal the cores of whichever candidate runs next (onnxruntime's
+    spin for 30-60 ms: see ``graphopt.bench.runner.TimingPlan``).
+    """
+
+    warmup: int = 1
+    min_rounds: int = 3
+    max_rounds: int = 30
+    max_seconds: float = 3.0
+    gap_s: float = 0.1
+
+
+@dataclass
+class Candidate:
+    """One way of lowering the graph, with what measuring it found."""
+
+    label: str
+    target: Target
+    runner: Any = None
+    setup_s: float = 0.0
+    samples: list[float] | None = None
+    status: str = "pending"
+    detail: str = ""
+
+    @property
+    def median_ms(self) -> float | None:
+        """Median call time in milliseconds (None when not timed)."""
+        return statistics.median(self.samples) * 1e3 if self.samples else None
+
+
+def _lower(target: Target, gm: fx.GraphModule, captured: Any, report: Report | None) -> Any:
+    """``target.lower``, giving it the report when it takes one (the built-in targets do)."""
+    if "report" in inspect.signature(target.lower).parameters:
+        return target.lower(gm, captured.example_args, captured.example_kwargs, captured.dynamic, report=report)
+    return target.lower(gm, captured.example_args, captured.example_kwargs, captured.dynamic)
+
+
+def tune_candidates(target: Target) -> list[Candidate]:
+    """The candidate lowerings ``tune`` measures for ``target`` (the target's own lowering first)."""
+    lowering = getattr(target, "lowering", None)
+    if lowering is None or not hasattr(lowering, "candidates"):
+        return [Candidate(getattr(target, "name", "default"), target)]
+    candidates = []
+    for option in lowering.candidates():
+        clone = copy.copy(target)
+        clone.lowering = option
+        candidates.append(Candidate(f"{target.name}:{option.label()}", clone))
+    return candidates
+
+
+def _check(candidate: Candidate, captured: Any, budget: Fidelity | None, tolerance_scale: float,
+           native_error: float) -> None:
+    args, kwargs = candidate.target.move_inputs(captured.example_args, captured.example_kwargs)
+    with torch.inference_mode():
+        outputs = pytree.tree_leaves(candidate.runner(*args, **kwargs))
+    if budget is not None:
+        cosine = output_cosine(captured.reference_outputs, outputs)
+        ok = cosine >= budget.min_cosine or not budget.enforce
+        candidate.status, candidate.detail = ("ok" if ok else "failed"), f"cosine {cosine:.6f}"
+        return
+    comparison = compare_outputs(outputs, captured.reference_outputs, tolerance_scale, extra_atol=2 * native_error)
+    candidate.status = "ok" if comparison.ok else "failed"
+    candidate.detail = f"max |diff| {comparison.max_abs_diff:.1e}" if comparison.ok else comparison.detail
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _time_round_robin(candidates: list[Candidate], captured: Any, plan: TunePlan) -> None:
+    calls = {}
+    for candidate in candidates:
+        calls[candidate.label] = candidate.target.move_inputs(captured.example_args, captured.example_kwargs)
+        candidate.samples = []
+    with torch.inference_mode():
+        for _ in range(plan.warmup):
+            for candidate in candidates:
+                args, kwargs = calls[candidate.label]
+                candidate.runner(*args, **kwargs)
+        started = time.perf_counter()
+        for rounds in range(1, plan.max_rounds + 1):
+            for candidate in candidates[rounds % len(candidates):] + candidates[:rounds % len(candidates)]:
+                args, kwargs = calls[candidate.label]
+                time.sleep(plan.gap_s)  # let the previous runtime's spinning threads go idle first
+                _sync()
+                begin = time.perf_counter()
+                candidate.runner(*args, **kwargs)
+                _sync()
+                candidate.samples.append(time.perf_counter() - begin)  # type: ignore[union-attr]
+            if rounds >= plan.min_rounds and time.perf_counter() - started >= plan.max_seconds:
+                break
+
+
+def _section(candidates: list[Candidate], chosen: Candidate) -> ReportSection:
+    default = candidates[0].median_ms
+    rows = []
+    for c in candidates:
+        status = "chosen" if c is chosen else c.status
+        speed = None if c.median_ms is None or default is None else round(default / c.median_ms, 3)
+        rows.append([c.label, None if c.median_ms is None else round(c.median_ms, 3), speed, round(c.setup_s, 2),
+                     status, c.detail])
+    timed = [c for c in candidates if c.median_ms is not None]
+    plots = [PlotSpec("barh", "median time per call on the example inputs", [c.label for c in timed],
+                      {"ms": [c.median_ms for c in timed]}, x_label="candidate", y_label="ms",
+                      marked=[i for i, c in enumerate(timed) if c is chosen], marked_label="chosen")] if timed else []
+    return ReportSection(
+        title="tune: candidate lowerings",
+        description=(f"each candidate checked against eager on the example inputs, then timed round-robin; "
+                     f"kept: {chosen.label}"),
+        headers=["candidate", "median ms", "x default", "setup s", "status", "check"],
+        rows=rows,
+        plots=plots,
+    )
+
+
+def lower_model(target: Target, gm: fx.GraphModule, captured: Any, report: Report, *, tune: bool = False,
+                budget: Fidelity | None = None, tolerance_scale: float = 1.0,
+                plan: TunePlan | None = None, native_error: float = 0.0) -> tuple[Any, Target]:
+    """Lower ``gm`` for ``target``; with ``tune`` measure every candidate and keep the fastest that passes.
+
+    Each candidate is checked against eager like the final check: to tolerance, plus twice
+    ``native_error`` (how far the unoptimized model on the target's device is from CPU eager).
+
+    Returns ``(runner, target)``: the target carries the lowering tuning chose.
+    """
+    if not tune:
+        return _lower(target, gm, captured, report), target
+    candidates = tune_candidates(target)
+    for candidate in candidates:
+        scratch = Report(target=target.name)
+        started = time.perf_counter()
+        try:
+            candidate.runner = _lower(candidate.target, gm, captured, scratch)
+            candidate.setup_s = time.perf_counter() - started
+            _check(candidate, captured, budget, tolerance_scale, native_error)
+        except Exception as error:  # a candidate that cannot lower is a result, not a failure of optimize
+            candidate.setup_s = time.perf_counter() - started
+            candidate.status, candidate.detail = "failed", f"{type(error).__name__}: {str(error)[:160]}"
+            candidate.runner = None
+        candidate.report = scratch  # type: ignore[attr-defined]
+    passing = [c for c in candidates if c.status == "ok"]
+    if not passing:
+        error_lines = "; ".join(f"{c.label}: {c.detail}" for c in candidates)
+        from graphopt.errors import LoweringError
+
+        raise LoweringError(f"tune: no candidate lowering of target {target.name!r} passed its check ({error_lines})")
+    _time_round_robin(passing, captured, plan or TunePlan())
+    chosen = min(passing, key=lambda c: c.median_ms or float("inf"))
+    for candidate in passing:
+        if candidate is not chosen:
+            candidate.runner = None  # free what the losers hold (sessions, packed weights)
+    chosen_report: Report = chosen.report  # type: ignore[attr-defined]
+    report.notes.extend(chosen_report.notes)
+    report.sections.extend(chosen_report.sections)
+    report.sections.append(_section(candidates, chosen))
+    report.notes.append(f"tune: kept {chosen.label} ({chosen.median_ms:.2f} ms per call on the example inputs)")
+    return chosen.runner, chosen.target

@@ -1,0 +1,311 @@
+"""Knowledge distillation: fine-tune a pruned (or otherwise lossy) graph against the original model.
+
+    pruned = graphopt.optimize(model, x, prune=0.5)
+    recovered = graphopt.distill(pruned, teacher=model, data=loader, epochs=3)
+    recovered.report            # the pruning, then the recovery: loss per epoch, agreement before/after
+
+The student is a copy of the optimized graph: every floating-point weight it stores is trained
+(the graph, with batch norms folded, runs in inference form); the pruned model and the teacher
+are not changed. The loss is the soft-target loss of Hinton et al.: KL divergence between the
+student's and the teacher's softmax at ``temperature`` (times ``temperature**2``), over the last
+dim of every float output; ``loss="mse"`` matches outputs directly (embeddings, hidden states).
+With ``labeled=True`` each batch is ``(inputs, labels)`` and the cross-entropy with the labels
+joins the loss: ``alpha * soft + (1 - alpha) * hard``.
+
+The result is a new ``OptimizedModel`` lowered to the same target, with the recovery recorded
+in its report. A ``fidelity=Fidelity(...)`` budget is checked after recovery (output cosine vs
+the teacher on the example and the data, or ``metric``'s drop from the teacher's value) and
+raises ``FidelityError`` when it is not met.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch.func import functional_call
+
+from graphopt.errors import FidelityError, InputError
+from graphopt.ir.capture import eval_twin
+from graphopt.ir.graph import clone_graph_module, parameter_bytes, state_update_nodes
+from graphopt.passes.lossy.base import Fidelity, output_cosine
+from graphopt.report import PassRecord, PlotSpec, Report, ReportSection
+from graphopt.report.progress import progress
+from graphopt.workflows.optimize import OptimizedModel, rebuild_optimized
+
+__all__ = ["distill"]
+
+LOSSES = ("kl", "mse")
+
+
+def distill(
+    pruned: OptimizedModel,
+    teacher: torch.nn.Module,
+    data: Iterable[Any],
+    *,
+    epochs: int = 3,
+    temperature: float = 4.0,
+    alpha: float = 0.5,
+    labeled: bool = False,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    loss: str = "kl",
+    fidelity: Fidelity | None = None,
+    check_batches: int = 8,
+) -> OptimizedModel:
+    """Fine-tune ``pruned`` against ``teacher``'s outputs on ``data``; return a new optimized model.
+
+    ``data`` yields input tuples (a tensor counts as a 1-tuple), or ``(inputs, labels)`` pairs
+    with ``labeled=True``; it is iterated once per epoch, so pass a re-iterable (a list, a
+    DataLoader). ``alpha`` weighs the soft (teacher) loss against the hard (label) loss when
+    labeled. Agreement with the teacher (output cosine) is measured on the example and the
+    first ``check_batches`` batches before and after, and recorded in the report.
+    """
+    _check_arguments(pruned, teacher, data, epochs, temperature, alpha, lr, loss)
+    batches = list(data) if not hasattr(data, "__len__") else data
+    started = time.perf_counter()
+    student = clone_graph_module(pruned._cpu_graph())
+    trainable = _trainable(student)
+    if not trainable:
+        raise InputError("distill: the optimized graph stores no floating-point weights to train")
+    teacher_twin = eval_twin(teacher, share_weights=True)
+
+    def run_teacher(args: tuple[Any, ...]) -> list[Any]:
+        try:
+            with torch.no_grad():
+                return pytree.tree_leaves(teacher_twin(*args))
+        except Exception as error:
+            shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
+            hint = "; batches look like (inputs, labels): pass labeled=True" if not labeled and len(args) == 2 else ""
+            raise InputError(f"distill: the teacher fails on a batch of {len(args)} input(s) ({shapes}): "
+                             f"{type(error).__name__}: {error}{hint}") from error
+
+    def run_student(args: tuple[Any, ...], params: dict[str, torch.Tensor]) -> list[Any]:
+        pruned._check_call(args, {})
+        return pytree.tree_leaves(functional_call(student, params, args, strict=False))
+
+    check_inputs = [tuple(pruned._example_args)] + [
+        _split(batch, labeled)[0] for _, batch in zip(range(check_batches), batches, strict=False)
+    ]
+    before = _agreement(run_teacher, lambda a: run_student(a, trainable), check_inputs)
+    accuracy_before = _label_accuracy(run_student, trainable, batches, labeled, check_batches)
+
+    params = {name: value.detach().clone().requires_grad_(True) for name, value in trainable.items()}
+    optimizer = torch.optim.Adam(params.values(), lr=lr, weight_decay=weight_decay)
+    total = epochs * len(batches) if hasattr(batches, "__len__") else None
+    epoch_losses: list[float] = []
+    steps = ((epoch, batch) for epoch in range(epochs) for batch in batches)
+    running, count, current = 0.0, 0, 0
+    for epoch, batch in progress(steps, desc="distill", total=total):
+        if epoch != current:
+            epoch_losses.append(running / max(count, 1))
+            running, count, current = 0.0, 0, epoch
+        args, labels = _split(batch, labeled)
+        targets = run_teacher(args)
+        with torch.enable_grad():
+            outputs = run_student(args, params)
+            value = _loss(outputs, targets, labels, temperature, alpha, loss)
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+        running += float(value.detach())
+        count += 1
+    epoch_losses.append(running / max(count, 1))
+    if not all(math.isfinite(v) for v in epoch_losses):
+        raise InputError(f"distill diverged (loss {epoch_losses[-1]}); use a smaller lr= than {lr}")
+
+    trained = {name: value.detach() for name, value in params.items()}
+    _store(student, trained)
+    after = _agreement(run_teacher, lambda a: run_student(a, trained), check_inputs)
+    accuracy_after = _label_accuracy(run_student, trained, batches, labeled, check_batches)
+
+    report = Report.from_dict(pruned.report.to_dict())
+    recovered = rebuild_optimized(pruned, student, report)
+    metric = _metric_figures(fidelity, recovered, pruned, teacher)
+    seconds = time.perf_counter() - started
+    _record(report, student, seconds, epochs, temperature, alpha, labeled, lr, loss, epoch_losses, before, after,
+            accuracy_before, accuracy_after, metric)
+    _enforce(fidelity, after, metric)
+    return recovered
+
+
+def _check_arguments(pruned: Any, teacher: Any, data: Any, epochs: int, temperature: float, alpha: float,
+                     lr: float, loss: str) -> None:
+    if not isinstance(pruned, OptimizedModel):
+        raise InputError(f"distill(pruned=...) takes what graphopt.optimize returned, got {type(pruned).__name__}")
+    if not isinstance(teacher, torch.nn.Module):
+        raise InputError(f"distill(teacher=...) takes the original torch.nn.Module, got {type(teacher).__name__}")
+    if data is None or isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+        raise InputError("distill(data=...) takes an iterable of input batches (a list or a DataLoader); "
+                         "a single tensor batch goes in a list: data=[x]")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise InputError(f"distill(epochs=...) must be a positive integer, got {epochs!r}")
+    if not temperature > 0:
+        raise InputError(f"distill(temperature=...) must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError(f"distill(alpha=...) must be in [0, 1], got {alpha}")
+    if not lr > 0:
+        raise InputError(f"distill(lr=...) must be > 0, got {lr}")
+    if loss not in LOSSES:
+        raise InputError(f"distill(loss=...) must be one of {', '.join(LOSSES)}, got {loss!r}")
+
+
+def _split(batch: Any, labeled: bool) -> tuple[tuple[Any, ...], Any]:
+    """A batch as (input tuple, labels or None)."""
+    if labeled:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise InputError("distill(labeled=True) needs each batch to be an (inputs, labels) pair, got "
+                             f"{type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list))
+                                                          else ""))
+        inputs, labels = batch
+    else:
+        inputs, labels = batch, None
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), labels
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), labels
+    raise InputError(f"distill: a batch's inputs must be a tensor or a tuple of them, got {type(inputs).__name__}")
+
+
+def _trainable(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every floating-point weight the graph reads (not state it updates), by attribute name."""
+    updated = {str(u.args[0].target) for u in state_update_nodes(gm) if u.args[0].op == "get_attr"}
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    out = {}
+    for name, tensor in [*gm.named_parameters(), *gm.named_buffers()]:
+        if name in read and name not in updated and tensor.is_floating_point():
+            out[name] = tensor
+    return out
+
+
+def _float_pairs(outputs: list[Any], targets: list[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    pairs = [(o, t) for o, t in zip(outputs, targets, strict=False)
+             if isinstance(o, torch.Tensor) and o.is_floating_point() and isinstance(t, torch.Tensor)]
+    if not pairs or any(o.shape != t.shape for o, t in pairs):
+        shapes = [(tuple(o.shape), tuple(t.shape)) for o, t in pairs]
+        raise InputError(f"distill: the student's and the teacher's outputs do not match ({shapes}); the teacher "
+                         "must be the model that was optimized")
+    return pairs
+
+
+def _loss(outputs: list[Any], targets: list[Any], labels: Any, temperature: float, alpha: float,
+          kind: str) -> torch.Tensor:
+    pairs = _float_pairs(outputs, targets)
+    soft = torch.zeros(())
+    for student, teacher in pairs:
+        if kind == "mse" or student.dim() == 0:
+            soft = soft + F.mse_loss(student.float(), teacher.float())
+            continue
+        s = student.float().reshape(-1, student.shape[-1]) / temperature
+        t = teacher.float().reshape(-1, teacher.shape[-1]) / temperature
+        soft = soft + F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
+                               reduction="batchmean") * temperature ** 2
+    if labels is None:
+        return soft
+    logits = pairs[0][0]
+    hard = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).long())
+    return alpha * soft + (1 - alpha) * hard
+
+
+def _agreement(teacher: Any, student: Any, inputs: list[tuple[Any, ...]]) -> float:
+    """Worst output cosine of the student against the teacher over ``inputs``."""
+    worst = 1.0
+    with torch.no_grad():
+        for args in inputs:
+            worst = min(worst, output_cosine(teacher(args), student(args)))
+    return worst
+
+
+def _label_accuracy(run_student: Any, params: dict[str, torch.Tensor], batches: Any, labeled: bool,
+                    limit: int) -> float | None:
+    """Share of the first ``limit`` labeled batches' samples the student's first output classifies right."""
+    if not labeled:
+        return None
+    right = seen = 0
+    with torch.no_grad():
+        for _, batch in zip(range(limit), batches, strict=False):
+            args, labels = _split(batch, True)
+            logits = run_student(args, params)[0]
+            right += int((logits.reshape(-1, logits.shape[-1]).argmax(-1) == labels.reshape(-1)).sum())
+            seen += labels.numel()
+    return right / seen if seen else None
+
+
+def _store(gm: fx.GraphModule, values: dict[str, torch.Tensor]) -> None:
+    """Put trained values into the student graph (a private copy) under the same names."""
+    for name, value in values.items():
+        owner_path, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = torch.nn.Parameter(value.clone(), requires_grad=False)
+        else:
+            owner._buffers[leaf] = value.clone()
+
+
+def _metric_figures(fidelity: Fidelity | None, recovered: OptimizedModel, pruned: OptimizedModel,
+                    teacher: torch.nn.Module) -> dict[str, float]:
+    if fidelity is None or fidelity.metric is None:
+        return {}
+    twin = eval_twin(teacher, share_weights=True)
+    with torch.no_grad():
+        baseline = float(fidelity.metric(twin))
+        before = float(fidelity.metric(pruned))
+        after = float(fidelity.metric(recovered))
+    return {"teacher": baseline, "before": before, "after": after, "drop_before": baseline - before,
+            "drop_after": baseline - after}
+
+
+def _record(report: Report, student: fx.GraphModule, seconds: float, epochs: int, temperature: float, alpha: float,
+            labeled: bool, lr: float, loss: str, epoch_losses: list[float], before: float, after: float,
+            accuracy_before: float | None, accuracy_after: float | None, metric: dict[str, float]) -> None:
+    nodes = sum(1 for n in student.graph.nodes if n.op not in ("placeholder", "output"))
+    size = parameter_bytes(student)
+    stats: dict[str, int | float] = {"epochs": epochs, "final_loss": round(epoch_losses[-1], 6)}
+    report.records.append(PassRecord(
+        name="distill", status="changed", nodes_before=nodes, nodes_after=nodes, param_bytes_before=size,
+        param_bytes_after=size, seconds=seconds, stats=stats,
+        fidelity={"budget": "recovery", "enforced": False, "cosine": after, "cosine_before": before,
+                  **({"metric": metric["after"], "metric_drop": metric["drop_after"]} if metric else {})},
+    ))
+    rows: list[list[Any]] = [["output cosine vs teacher (worst batch)", round(before, 6), round(after, 6)]]
+    if accuracy_before is not None and accuracy_after is not None:
+        rows.append(["label accuracy on the data (first batches)", round(accuracy_before, 4), round(accuracy_after, 4)])
+    if metric:
+        rows.append([f"metric (teacher {metric['teacher']:.4g})", round(metric["before"], 6),
+                     round(metric["after"], 6)])
+        rows.append(["metric drop vs teacher", round(metric["drop_before"], 6), round(metric["drop_after"], 6)])
+    description = (f"{epochs} epoch(s), loss {loss}" + (f" at temperature {temperature:g}" if loss == "kl" else "")
+                   + (f", labeled (alpha {alpha:g})" if labeled else "") + f", lr {lr:g}, {seconds:.1f} s")
+    plot = PlotSpec(kind="line", title="distill: training loss per epoch",
+                    x_labels=[str(i + 1) for i in range(len(epoch_losses))], series={"loss": epoch_losses},
+                    x_label="epoch", y_label="loss")
+    report.sections.append(ReportSection("distill: recovery", description, ["measure", "before", "after"], rows,
+                                         [plot]))
+    report.notes.append(f"distill: output cosine vs teacher {before:.5f} -> {after:.5f}"
+                        + (f"; metric drop {metric['drop_before']:.4g} -> {metric['drop_after']:.4g}" if metric
+                           else ""))
+
+
+def _enforce(fidelity: Fidelity | None, after: float, metric: dict[str, float]) -> None:
+    if fidelity is None or not fidelity.enforce:
+        return
+    if fidelity.metric is not None:
+        if metric["drop_after"] > fidelity.max_drop:  # type: ignore[operator]
+            error = FidelityError(
+                f"distill: after recovery the metric is {metric['after']:.4g}, {metric['drop_after']:.4g} below the "
+                f"teacher's {metric['teacher']:.4g}; the budget allows {fidelity.max_drop:g}. Train longer (epochs=), "
+                "with more data, or prune less.", "distill")
+            error.best = metric["after"]
+            raise error
+    elif after < fidelity.min_cosine:
+        error = FidelityError(
+            f"distill: after recovery the output cosine vs the teacher is {after:.5f}, below the budget "
+            f"{fidelity.min_cosine:g}. Train longer (epochs=), with more data, or prune less.", "distill")
+        error.best = after
+        raise error
