@@ -1,4 +1,4 @@
-"""The ``torchrun ... -m graphopt.pipeline DIR`` command: runs saved pipeline stages (see ``graphopt.workflows.distributed``)."""
+"""``torchrun ... -m graphopt.pipeline DIR``: run saved pipeline stages (``graphopt.workflows.distributed``)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""Analyses of the IR: the cost model (``cost``), balanced stage splits, pipeline throughput, aliasing and pruning dependencies."""
+"""Analyses of the IR: cost model, balanced stage splits, pipeline throughput, aliasing, pruning dependencies."""
 
 from graphopt.analysis.balanced_split import PartitionError, balanced_split, graph_items
 from graphopt.analysis.cost import NodeCost, count_parameters, node_costs, profile_nodes, total_flops, total_macs

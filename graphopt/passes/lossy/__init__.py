@@ -1,1 +1,1 @@
-"""TODO."""
+"""Lossy-pass machinery: the LossyPass contract, fidelity budgets, the per-unit fallback runner, calibration."""

@@ -1,1 +1,1 @@
-"""TODO."""
+"""The ``cpu`` target: oneDNN-fused PyTorch on the CPU, int8 via oneDNN kernels."""

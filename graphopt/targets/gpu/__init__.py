@@ -1,1 +1,1 @@
-"""TODO."""
+"""The ``gpu`` target: CUDA PyTorch with cuDNN/cuBLASLt epilogues and CUDA graphs."""

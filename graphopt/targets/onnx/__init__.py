@@ -1,1 +1,1 @@
-"""TODO."""
+"""The ``onnx`` target: export to ONNX and run in onnxruntime."""
