@@ -30,7 +30,7 @@ from graphopt.passes.quantize.placement import (
     insert_weight_dequantize,
 )
 from graphopt.passes.quantize.selection import SKIPPED, SkipList
-from graphopt.passes.quantize.static import _embedding_units
+from graphopt.passes.quantize.static import embedding_units
 
 __all__ = ["DynamicPlan", "insert_dynamic_qdq", "plan_dynamic"]
 
@@ -117,5 +117,5 @@ def plan_dynamic(gm: fx.GraphModule, data: CalibrationData, per_channel: bool, s
         details: dict[str, Any] = {"module": module_path(node), "weight_shape": list(weight.shape)}
         scheme = "int8 dynamic, " + ("per-channel" if per_channel else "per-tensor") + " weights"
         units.append(LossyUnit(site.node, site.family, scheme, details))
-    tables = _embedding_units(gm, nodes, skipped, units) if embeddings else {}
+    tables = embedding_units(gm, nodes, skipped, units) if embeddings else {}
     return DynamicPlan(sites, weights, units, tables, user_skipped=len(all_sites) - len(sites))

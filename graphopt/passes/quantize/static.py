@@ -34,7 +34,7 @@ from graphopt.passes.quantize.placement import (
 from graphopt.passes.quantize.selection import SKIPPED, SkipList
 from graphopt.report.progress import progress
 
-__all__ = ["StaticPlan", "calibrate", "plan_static"]
+__all__ = ["StaticPlan", "calibrate", "embedding_units", "plan_static"]
 
 
 class _Observing(fx.Interpreter):
@@ -185,13 +185,13 @@ def plan_static(
         if out is not node:
             details["fused"] = str(out.target).split(".")[-2]
         units.append(LossyUnit(site.node, site.family, scheme, details))
-    tables = _embedding_units(gm, nodes, skipped, units) if embeddings else {}
+    tables = embedding_units(gm, nodes, skipped, units) if embeddings else {}
     unquantizable = [f"{s.node}: {SKIPPED}" for s in all_sites if nodes[s.node] in skipped]
     return StaticPlan(sites, activation_qparams, weights, units, unquantizable, tables)
 
 
-def _embedding_units(gm: fx.GraphModule, nodes: dict[str, fx.Node], skipped: SkipList,
-                     units: list[LossyUnit]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def embedding_units(gm: fx.GraphModule, nodes: dict[str, fx.Node], skipped: SkipList,
+                    units: list[LossyUnit]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Plan int8 embedding tables (weight-only, per row) and add one unit per table to ``units``."""
     tables = {name: value for name, value in plan_embeddings(gm).items() if nodes[name] not in skipped}
     for name, (q_table, _) in tables.items():
