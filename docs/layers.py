@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import configparser
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import grimp
