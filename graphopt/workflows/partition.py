@@ -31,15 +31,26 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt.analysis.balanced_split import PartitionError
-from graphopt.analysis.cost import count_parameters, node_costs, profile_nodes
+from graphopt.analysis.cost import count_parameters, node_costs, profile_nodes, value_bytes
 from graphopt.analysis.throughput import (
     DEFAULT_LINK_BANDWIDTH,
     DEFAULT_LINK_LATENCY,
     ThroughputPrediction,
     predict_throughput,
 )
-from graphopt.errors import CaptureError, InputError, SaveFileError, VerificationError
-from graphopt.ir.graph import parameter_bytes
+from graphopt.errors import (
+    CaptureError,
+    DeviceUnavailableError,
+    InputError,
+    LoweringError,
+    SaveFileError,
+    VerificationError,
+)
+from graphopt.ir.capture import capture, flatten_inputs, unlift_program
+from graphopt.ir.graph import clone_graph_module, parameter_bytes
+from graphopt.ir.verify import compare_outputs
+from graphopt.passes.base import resolve_pass
+from graphopt.passes.manager import PassManager
 from graphopt.passes.split_stages import (
     Partition,
     StageInfo,
@@ -48,7 +59,11 @@ from graphopt.passes.split_stages import (
     stage_modules,
 )
 from graphopt.report import PlotSpec, Report, ReportSection
+from graphopt.targets.base import DEFAULT_PIPELINE
+from graphopt.targets.gpu.target import retarget_device_constants
 from graphopt.version import __version__
+from graphopt.workflows.options import default_on_error, is_graphopt_pipeline
+from graphopt.workflows.save_load import import_output_modules, load_program, output_modules
 
 __all__ = [
     "MANIFEST",
@@ -236,15 +251,11 @@ class PartitionedModel(torch.nn.Module):
 
     def to_devices(self, devices: Sequence[str | torch.device]) -> PartitionedModel:
         """Put stage ``i`` on ``devices[i]`` (e.g. ``["cuda:0", "cuda:1"]``); returns self."""
-        from graphopt.targets.gpu.target import retarget_device_constants
-
         if len(devices) != len(self.stages):
             raise InputError(f"give one device per stage: {len(self.stages)} stages, {len(devices)} devices")
         resolved = [torch.device(d) for d in devices]
         for device in resolved:
             if device.type == "cuda" and not torch.cuda.is_available():
-                from graphopt.errors import DeviceUnavailableError
-
                 raise DeviceUnavailableError(f"device {device} was asked for but CUDA is not available here; "
                                              "use devices=['cpu', ...] or run on a machine with GPUs")
         for stage, device in zip(self.stages, resolved, strict=True):
@@ -262,8 +273,6 @@ class PartitionedModel(torch.nn.Module):
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
             microbatches: int | None = None) -> Any:
         """``forward`` with an explicit micro-batch count (default ``self.microbatches``)."""
-        from graphopt.ir.capture import flatten_inputs
-
         flat = flatten_inputs(self.graph_module, tuple(args), dict(kwargs or {}))
         count = microbatches or self.microbatches
         batch = _batch_size(flat)
@@ -303,8 +312,6 @@ class PartitionedModel(torch.nn.Module):
     @property
     def manifest(self) -> dict[str, Any]:
         """Plain data describing the stages: order, inputs/outputs by name, routed values, micro-batch dim."""
-        from graphopt.workflows.save_load import _output_modules
-
         routed: dict[str, list[int]] = {}
         for info in self._infos:
             produced = set(info.nodes)
@@ -331,7 +338,7 @@ class PartitionedModel(torch.nn.Module):
             "inputs": self._infos[0].inputs,
             "outputs": {"layout": layout, "template": pytree.treespec_dumps(pytree.tree_flatten(
                 self._output_template)[1]), "spec": pytree.treespec_dumps(out_spec) if out_spec else None},
-            "output_modules": _output_modules(self.graph_module),
+            "output_modules": output_modules(self.graph_module),
             "routed": routed,
             "microbatch_dim": 0,
             "microbatches": self.microbatches,
@@ -342,9 +349,6 @@ class PartitionedModel(torch.nn.Module):
         }
 
     def _cpu_stages(self) -> list[fx.GraphModule]:
-        from graphopt.ir.graph import clone_graph_module
-        from graphopt.targets.gpu.target import retarget_device_constants
-
         result = []
         for stage, device in zip(self.stages, self.devices, strict=True):
             if device.type == "cpu":
@@ -361,8 +365,6 @@ class PartitionedModel(torch.nn.Module):
         ``torchrun --nproc-per-node N -m graphopt.pipeline DIRECTORY --inputs in.pt --output out.pt``
         runs them as a pipeline; ``graphopt.workflows.partition.load_stages(DIRECTORY)`` loads them back.
         """
-        from graphopt.errors import LoweringError
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         stages = self._cpu_stages()
@@ -386,8 +388,9 @@ class PartitionedModel(torch.nn.Module):
 
         Shapes are static, at the example batch: export a partition made with the batch you deploy.
         """
-        from graphopt.ir.verify import compare_outputs
+        # onnx and onnxruntime take about a second to import: only when exporting
         from graphopt.targets.onnx.target import OnnxRuntimeModule, export_graph_to_onnx
+
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -441,9 +444,6 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 def load_stage(directory: str | Path, index: int, manifest: dict[str, Any] | None = None) -> fx.GraphModule:
     """Load stage ``index`` of a saved partition (no pickled code runs: weights are read weights_only)."""
-    from graphopt.ir.capture import unlift_program
-    from graphopt.workflows.save_load import _load_program
-
     manifest = manifest or read_manifest(directory)
     entries = manifest["stages"]
     if not 0 <= index < len(entries):
@@ -452,7 +452,7 @@ def load_stage(directory: str | Path, index: int, manifest: dict[str, Any] | Non
     if not path.is_file():
         raise SaveFileError(f"{path}: stage file missing (stage {index} of {len(entries)}); copy the whole stage "
                             "directory, or write it again with parts.save(...)")
-    return unlift_program(_load_program(path))
+    return unlift_program(load_program(path))
 
 
 def load_stages(directory: str | Path) -> LoadedStages:
@@ -481,9 +481,7 @@ class LoadedStages(torch.nn.Module):
 
 def structure_outputs(flat_out: Sequence[Any], manifest: dict[str, Any]) -> Any:
     """The last stage's flat outputs arranged as the model returns them (a tensor, a tuple, a dict...)."""
-    from graphopt.workflows.save_load import _import_output_modules
-
-    _import_output_modules(manifest)
+    import_output_modules(manifest)
     outputs = manifest["outputs"]
     leaves = [flat_out[item["output"]] if "output" in item else item["literal"] for item in outputs["layout"]]
     structured = pytree.tree_unflatten(leaves, pytree.treespec_loads(outputs["template"]))
@@ -497,8 +495,6 @@ def structure_outputs(flat_out: Sequence[Any], manifest: dict[str, Any]) -> Any:
 
 def _capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None,
              microbatches: int | None, share_weights: bool) -> tuple[Any, bool, list[str]]:
-    from graphopt.ir.capture import capture
-
     flat = pytree.tree_leaves((example_inputs, example_kwargs or {}))
     batch = _batch_size(flat)
     notes = []
@@ -552,8 +548,6 @@ def partition(
     Raises ``PartitionError`` for more stages than layers, a memory cap no split meets, or a
     model that updates its buffers; ``InputError``/``CaptureError`` as ``graphopt.optimize`` does.
     """
-    from graphopt.targets.base import DEFAULT_PIPELINE
-
     if stages < 1:
         raise PartitionError(f"stages must be at least 1, got {stages}")
     if microbatches is not None and microbatches < 1:
@@ -573,22 +567,16 @@ def _partition(model: torch.nn.Module, example_inputs: Any, stages: int, balance
                example_kwargs: dict[str, Any] | None, memory_cap: float | None, microbatches: int | None,
                devices: Sequence[str | torch.device] | None, pipeline: list[Any], tolerance: float, repeats: int,
                refine: int, link_bandwidth: float, link_latency: float) -> PartitionedModel:
-    from graphopt.ir.capture import flatten_inputs
-    from graphopt.ir.verify import compare_outputs
-    from graphopt.passes.base import resolve_pass
-    from graphopt.passes.manager import PassManager
-    from graphopt.workflows.optimize import _default_on_error, _trusted
-
     report = PartitionReport(target="partition", balance_key=balance)
     chosen = [resolve_pass(p) for p in pipeline]
     started = time.perf_counter()
     # graphopt's own passes never write into weights: the stages share them with the model (no copy)
     captured, dynamic, notes = _capture(model, example_inputs, example_kwargs, microbatches,
-                                        share_weights=_trusted(chosen))
+                                        share_weights=is_graphopt_pipeline(chosen))
     report.capture_seconds = time.perf_counter() - started
     report.notes.extend([*captured.notes, *notes])
     gm, flat = captured.graph_module, captured.flat_inputs
-    manager = PassManager(chosen, on_error=_default_on_error())
+    manager = PassManager(chosen, on_error=default_on_error())
     gm = manager.run(gm, flat, report, captured.graph_outputs)
     outputs_before = manager.outputs
 
@@ -663,8 +651,6 @@ def _measure_split(gm: fx.GraphModule, items: Any, boundaries: list[int], flat: 
 def _fill_report(report: PartitionReport, modules: Sequence[fx.GraphModule], infos: Sequence[StageInfo],
                  items: Any, boundaries: Sequence[int], costs: Sequence[float], measured: Sequence[float]) -> None:
     """Per-stage figures, cut bytes and the measured balance into ``report``."""
-    from graphopt.analysis.cost import value_bytes
-
     estimates = _stage_sums(costs, boundaries)
     edges = [*boundaries, len(items)]
     for info, module, seconds, estimate in zip(infos, modules, measured, estimates, strict=True):
