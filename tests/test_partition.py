@@ -218,7 +218,7 @@ def test_bad_input_errors(tmp_path, monkeypatch) -> None:
         graphopt.partition(model, (torch.randn(2, 4),), stages=2, balance="flops", memory_cap=16)
     parts = graphopt.partition(model, (torch.randn(2, 4),), stages=2, balance="flops", repeats=1)
     directory = parts.save(tmp_path / "stages")
-    from graphopt.pipeline import run_pipeline
+    from graphopt.workflows.distributed import run_pipeline
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")

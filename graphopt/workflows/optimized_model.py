@@ -239,9 +239,9 @@ class OptimizedModel(torch.nn.Module):
             session = self.runner
         else:
             self._check_weights_unchanged()
-            model = export_graph_to_onnx(self.portable_graph, self._example_args, self._example_kwargs, self.dynamic)
+            model = export_graph_to_onnx(self.portable_graph, self.example_inputs, self.example_kwargs, self.dynamic)
             session = OnnxRuntimeModule(model, getattr(self.graph_module, "_out_spec", None))
-        outputs = session(*self._example_args, **self._example_kwargs)
+        outputs = session(*self.example_inputs, **self.example_kwargs)
         if self.budget is None:
             comparison = compare_outputs(outputs, self._reference)
         else:
@@ -257,7 +257,7 @@ class OptimizedModel(torch.nn.Module):
         ``graphopt.load(path)`` gives it back in another process (no pickled code is run).
         """
         self._check_weights_unchanged()
-        return write_archive(path, self.portable_graph, self._example_args, self._example_kwargs,
+        return write_archive(path, self.portable_graph, self.example_inputs, self.example_kwargs,
                              dynamic=self.dynamic, target=self.target.name, report=self.report)
 
 

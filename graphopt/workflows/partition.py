@@ -62,6 +62,7 @@ from graphopt.report import PlotSpec, Report, ReportSection
 from graphopt.targets.base import DEFAULT_PIPELINE
 from graphopt.targets.gpu.target import retarget_device_constants
 from graphopt.version import __version__
+from graphopt.workflows.optimized_model import OptimizedModel
 from graphopt.workflows.options import default_on_error, is_graphopt_pipeline
 from graphopt.workflows.save_load import import_output_modules, load_program, output_modules
 
@@ -513,7 +514,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict[s
 
 def partition(
     model: torch.nn.Module,
-    example_inputs: Any,
+    example_inputs: Any = None,
     stages: int = 2,
     *,
     balance: str = "time",
@@ -545,9 +546,20 @@ def partition(
     throughput prediction in the report. ``threads``: intra-op threads while measuring (default:
     as set); 1 gives steadier figures on a machine shared with other work.
 
+    ``model`` may be what ``graphopt.optimize`` returned: its ``portable_graph`` is split, on its
+    ``example_inputs`` unless others are given.
+
     Raises ``PartitionError`` for more stages than layers, a memory cap no split meets, or a
     model that updates its buffers; ``InputError``/``CaptureError`` as ``graphopt.optimize`` does.
     """
+    optimized = isinstance(model, OptimizedModel)
+    if optimized:
+        if example_inputs is None:
+            example_inputs = model.example_inputs
+            example_kwargs = model.example_kwargs if example_kwargs is None else example_kwargs
+        model = model.portable_graph
+    elif example_inputs is None:
+        raise InputError("partition(model, example_inputs): give example inputs, e.g. (torch.randn(8, 3, 224, 224),)")
     if stages < 1:
         raise PartitionError(f"stages must be at least 1, got {stages}")
     if microbatches is not None and microbatches < 1:
@@ -557,10 +569,13 @@ def partition(
         torch.set_num_threads(threads)
     try:
         pipeline = list(passes) if passes is not None else list(DEFAULT_PIPELINE) if optimize else []
-        return _partition(model, example_inputs, stages, balance, example_kwargs, memory_cap, microbatches, devices,
-                          pipeline, tolerance, repeats, refine, link_bandwidth, link_latency)
+        parts = _partition(model, example_inputs, stages, balance, example_kwargs, memory_cap, microbatches, devices,
+                           pipeline, tolerance, repeats, refine, link_bandwidth, link_latency)
     finally:
         torch.set_num_threads(previous_threads)
+    if optimized:
+        parts.report.notes.append("the model is an OptimizedModel: its portable graph was partitioned")
+    return parts
 
 
 def _partition(model: torch.nn.Module, example_inputs: Any, stages: int, balance: str,
