@@ -28,8 +28,8 @@ from graphopt import (
     Prune,
     ReducedPrecision,
     RollbackWarning,
-    Verify,
     VerificationError,
+    Verify,
     WeightOnly,
 )
 from graphopt.passes.base import Pass, PassResult
@@ -37,8 +37,8 @@ from graphopt.passes.compress import SCHEME_CONFIGS, STAGES, compression_steps
 from graphopt.passes.lossy.base import LossyPass
 from graphopt.passes.quantize import SCHEMES, Quantize
 from graphopt.passes.quantize.kmeans import KMeansQuantize
-from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT4
 from graphopt.passes.quantize.weight_only import WeightOnlyQuantize
+from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT4
 from graphopt.targets.base import get_target
 
 WORKFLOWS = Path(graphopt.__file__).parent / "workflows"
