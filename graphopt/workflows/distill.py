@@ -242,10 +242,11 @@ def _store(gm: fx.GraphModule, values: dict[str, torch.Tensor]) -> None:
     for name, value in values.items():
         owner_path, _, leaf = name.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = torch.nn.Parameter(value.clone(), requires_grad=False)
+        # nn.Module.__setattr__ stores a Parameter as a parameter and a tensor under a buffer's name as that buffer
+        if isinstance(getattr(owner, leaf), torch.nn.Parameter):
+            setattr(owner, leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
         else:
-            owner._buffers[leaf] = value.clone()
+            setattr(owner, leaf, value.clone())
 
 
 def _metric_figures(fidelity: Fidelity | None, recovered: OptimizedModel, pruned: OptimizedModel,
