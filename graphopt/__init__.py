@@ -5,8 +5,11 @@ fast = graphopt.optimize(model, example_inputs, target="cpu")   # or "gpu", "onn
 fast(*example_inputs)
 print(fast.report)
 fast.export_onnx("model.onnx")
+fast = graphopt.optimize(model, example_inputs, compress=[graphopt.Prune(0.5), graphopt.Int8Dynamic()])
 ```
 """
+
+from typing import TYPE_CHECKING, Any
 
 from graphopt.analysis import NodeCost
 from graphopt.analysis.balanced_split import PartitionError
@@ -29,19 +32,36 @@ from graphopt.errors import (
 from graphopt.ir.capture import CapturedModel, capture
 from graphopt.ir.shapes import DynamicDims
 from graphopt.passes.base import Pass, PassResult, available_passes, get_pass, register_pass
+from graphopt.passes.compress import Compression, Int8Dynamic, Int8Static, KMeans, WeightOnly
 from graphopt.passes.instruments import Instrument, IRDumpInstrument, TimingInstrument
 from graphopt.passes.lossy.base import CalibrationData, Fidelity, LossyPass, LossyPlan, LossyUnit
 from graphopt.passes.manager import PassManager
+from graphopt.passes.precision import ReducedPrecision
 from graphopt.passes.prune import Prune
 from graphopt.passes.rules import Match, Refusal, RewriteRules, Rule
 from graphopt.report import PassRecord, PlotSpec, Report, ReportSection
 from graphopt.targets.base import DEFAULT_PIPELINE, Target, available_targets, get_target
+from graphopt.targets.cpu.lowering import CpuLowering
+from graphopt.targets.gpu.lowering import GpuLowering
 from graphopt.version import __version__
 from graphopt.workflows.analyze import ModelAnalysis, analyze
 from graphopt.workflows.distill import distill
-from graphopt.workflows.optimize import OptimizedModel, optimize
+from graphopt.workflows.optimize import optimize
+from graphopt.workflows.optimized_model import OptimizedModel, load
+from graphopt.workflows.options import Dynamic, Pipeline, Verify
 from graphopt.workflows.partition import PartitionedModel, PartitionReport, partition
-from graphopt.workflows.save_load import load
+
+if TYPE_CHECKING:
+    from graphopt.targets.onnx.lowering import OnnxLowering
+
+
+def __getattr__(name: str) -> Any:
+    """``OnnxLowering`` on first use: it imports onnx (about half a second), which ``import graphopt`` need not pay."""
+    if name == "OnnxLowering":
+        from graphopt.targets.onnx.lowering import OnnxLowering
+
+        return OnnxLowering
+    raise AttributeError(f"module 'graphopt' has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_PIPELINE",
@@ -49,13 +69,20 @@ __all__ = [
     "CapturedModel",
     "DeviceUnavailableError",
     "CalibrationData",
+    "Compression",
+    "CpuLowering",
+    "Dynamic",
     "DynamicDims",
     "Fidelity",
     "FidelityError",
     "GraphoptError",
+    "GpuLowering",
     "IRDumpInstrument",
     "InputError",
     "Instrument",
+    "Int8Dynamic",
+    "Int8Static",
+    "KMeans",
     "LossyPass",
     "LossyPlan",
     "LossyUnit",
@@ -63,10 +90,12 @@ __all__ = [
     "Match",
     "ModelAnalysis",
     "NodeCost",
+    "OnnxLowering",
     "OptimizedModel",
     "Pass",
     "PassError",
     "PassManager",
+    "Pipeline",
     "PartitionError",
     "PartitionReport",
     "PartitionedModel",
@@ -74,6 +103,7 @@ __all__ = [
     "PassResult",
     "Prune",
     "PlotSpec",
+    "ReducedPrecision",
     "Refusal",
     "Report",
     "ReportSection",
@@ -88,6 +118,8 @@ __all__ = [
     "UnknownTargetError",
     "UnsupportedOpError",
     "VerificationError",
+    "Verify",
+    "WeightOnly",
     "__version__",
     "analyze",
     "available_passes",

@@ -16,7 +16,7 @@ import torch
 import graphopt
 import graphopt.targets.onnx.target as onnx_target
 from graphopt.cli.main import main
-from graphopt.workflows.save_load import _weights_only_loading
+from graphopt.workflows.save_load import weights_only_loading
 
 from helpers import SmallCNN, randomize_batchnorm
 
@@ -125,7 +125,7 @@ class _Payload:
 def test_loading_never_runs_pickled_code(tmp_path):
     path = tmp_path / "payload.pt"
     path.write_bytes(pickle.dumps(_Payload()))
-    with _weights_only_loading(), pytest.raises(pickle.UnpicklingError):
+    with weights_only_loading(), pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=False)  # the loader forces weights_only=True even when asked otherwise
 
 

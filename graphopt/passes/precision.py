@@ -174,7 +174,8 @@ class ReducedPrecision(LossyPass):
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise InputError(f"precision must be one of {', '.join(sorted(DTYPES))}, got {self.dtype!r}")
+            raise InputError(f"precision must be one of {', '.join(sorted(DTYPES))} (precision= or "
+                             f"ReducedPrecision(dtype=...)), got {self.dtype!r}")
 
     def plan(self, gm: fx.GraphModule, data: CalibrationData) -> LossyPlan:
         """One unit per layer with a constant float32 weight."""

@@ -5,16 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from graphopt.analysis.cost import NodeCost, count_parameters, node_costs, profile_nodes
+from graphopt.errors import InputError
+from graphopt.ir.capture import capture, flatten_inputs
 from graphopt.report import PlotSpec, Report, ReportSection
-
-if TYPE_CHECKING:
-    from graphopt.workflows.optimize import OptimizedModel
+from graphopt.workflows.optimized_model import OptimizedModel
 
 __all__ = ["LayerCost", "ModelAnalysis", "analyze", "cost_section", "group_by_layer"]
 
@@ -137,21 +137,16 @@ def analyze(
     """The cost of ``model`` on ``example_inputs`` per node and per layer (FLOPs, MACs, bytes, measured time).
 
     ``model`` is a ``torch.nn.Module`` (captured as ``graphopt.optimize`` captures it, without
-    passes) or the result of ``graphopt.optimize`` (its optimized graph on its example inputs;
-    the per-layer section is then also appended to its report). Layers are the innermost
-    modules nodes came from; ``depth=2`` groups by the first two components of the module
-    path instead (``encoder.layer``...). Times are medians over ``repeats`` runs.
+    passes) or the result of ``graphopt.optimize`` (its ``portable_graph`` on its
+    ``example_inputs``; the per-layer section is then also appended to its report). Layers are
+    the innermost modules nodes came from; ``depth=2`` groups by the first two components of
+    the module path instead (``encoder.layer``...). Times are medians over ``repeats`` runs.
     """
-    from graphopt.ir.capture import capture, flatten_inputs
-    from graphopt.workflows.optimize import OptimizedModel
-
     optimized: OptimizedModel | None = model if isinstance(model, OptimizedModel) else None
     if optimized is not None:
-        gm = optimized._cpu_graph()
-        flat = flatten_inputs(gm, optimized._example_args, optimized._example_kwargs)
+        gm = optimized.portable_graph
+        flat = flatten_inputs(gm, optimized.example_inputs, optimized.example_kwargs)
     else:
-        from graphopt.errors import InputError
-
         if example_inputs is None:
             raise InputError("analyze(model, example_inputs): give example inputs, e.g. (torch.randn(1, 3, 224, 224),)")
         captured = capture(model, example_inputs, example_kwargs, share_weights=True)

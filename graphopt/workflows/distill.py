@@ -37,7 +37,7 @@ from graphopt.ir.graph import clone_graph_module, parameter_bytes, state_update_
 from graphopt.passes.lossy.base import Fidelity, output_cosine
 from graphopt.report import PassRecord, PlotSpec, Report, ReportSection
 from graphopt.report.progress import progress
-from graphopt.workflows.optimize import OptimizedModel, rebuild_optimized
+from graphopt.workflows.optimized_model import OptimizedModel
 
 __all__ = ["distill"]
 
@@ -70,7 +70,7 @@ def distill(
     _check_arguments(pruned, teacher, data, epochs, temperature, alpha, lr, loss)
     batches = list(data) if not hasattr(data, "__len__") else data
     started = time.perf_counter()
-    student = clone_graph_module(pruned._cpu_graph())
+    student = clone_graph_module(pruned.portable_graph)
     trainable = _trainable(student)
     if not trainable:
         raise InputError("distill: the optimized graph stores no floating-point weights to train")
@@ -87,10 +87,10 @@ def distill(
                              f"{type(error).__name__}: {error}{hint}") from error
 
     def run_student(args: tuple[Any, ...], params: dict[str, torch.Tensor]) -> list[Any]:
-        pruned._check_call(args, {})
+        pruned.check_inputs(*args)
         return pytree.tree_leaves(functional_call(student, params, args, strict=False))
 
-    check_inputs = [tuple(pruned._example_args)] + [
+    check_inputs = [pruned.example_inputs] + [
         _split(batch, labeled)[0] for _, batch in zip(range(check_batches), batches, strict=False)
     ]
     before = _agreement(run_teacher, lambda a: run_student(a, trainable), check_inputs)
@@ -126,7 +126,7 @@ def distill(
     accuracy_after = _label_accuracy(run_student, trained, batches, labeled, check_batches)
 
     report = Report.from_dict(pruned.report.to_dict())
-    recovered = rebuild_optimized(pruned, student, report)
+    recovered = pruned.with_graph(student, report)
     metric = _metric_figures(fidelity, recovered, pruned, teacher)
     seconds = time.perf_counter() - started
     _record(report, student, seconds, epochs, temperature, alpha, labeled, lr, loss, epoch_losses, before, after,
@@ -242,10 +242,11 @@ def _store(gm: fx.GraphModule, values: dict[str, torch.Tensor]) -> None:
     for name, value in values.items():
         owner_path, _, leaf = name.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = torch.nn.Parameter(value.clone(), requires_grad=False)
+        # nn.Module.__setattr__ stores a Parameter as a parameter and a tensor under a buffer's name as that buffer
+        if isinstance(getattr(owner, leaf), torch.nn.Parameter):
+            setattr(owner, leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
         else:
-            owner._buffers[leaf] = value.clone()
+            setattr(owner, leaf, value.clone())
 
 
 def _metric_figures(fidelity: Fidelity | None, recovered: OptimizedModel, pruned: OptimizedModel,

@@ -30,7 +30,10 @@ from typing import Any
 
 import torch
 
+from graphopt.analysis.balanced_split import PartitionError
 from graphopt.errors import GraphoptError, InputError
+from graphopt.targets.gpu.target import retarget_device_constants
+from graphopt.workflows.partition import load_stage, read_manifest, structure_outputs
 
 __all__ = ["main", "run_pipeline"]
 
@@ -82,9 +85,6 @@ def run_pipeline(directory: str | Path, inputs_path: str | Path | None, microbat
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    from graphopt.analysis.balanced_split import PartitionError
-    from graphopt.workflows.partition import load_stage, read_manifest, structure_outputs
-
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise InputError("graphopt.workflows.distributed runs one stage per process: start it with "
                          "torchrun --nproc-per-node N -m graphopt.pipeline DIR ...")
@@ -102,8 +102,6 @@ def run_pipeline(directory: str | Path, inputs_path: str | Path | None, microbat
         torch.cuda.set_device(target)
     module = load_stage(directory, rank, manifest).to(target)
     if use_cuda:
-        from graphopt.targets.gpu.target import retarget_device_constants
-
         retarget_device_constants(module, target)
     inputs: tuple[torch.Tensor, ...] = ()
     if rank == 0:

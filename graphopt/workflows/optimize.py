@@ -1,241 +1,70 @@
-"""``graphopt.optimize``: capture, run verified passes, lower to a target."""
+"""``graphopt.optimize``: capture, run verified passes (exact, then compression), lower to a target.
+
+The result is an ``OptimizedModel`` (``graphopt.workflows.optimized_model``); the grouped
+options (``Dynamic``, ``Pipeline``, ``Verify``) and the flat keywords they stand for are in
+``graphopt.workflows.options``, the compression configs and their order in
+``graphopt.passes.compress``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.errors import FidelityError, GraphoptError, InputError, UnknownPassError, VerificationError
-from graphopt.ir.capture import CapturedModel, capture, eval_twin, flatten_inputs
-from graphopt.ir.graph import clone_graph_module, preserved_state, tensor_versions, written_since
+from graphopt.errors import FidelityError, GraphoptError, InputError, VerificationError
+from graphopt.ir.capture import CapturedModel, capture, eval_twin
+from graphopt.ir.graph import preserved_state, run_and_record
 from graphopt.ir.shapes import resize_inputs
-from graphopt.ir.verify import Comparison, compare_outputs
+from graphopt.ir.verify import compare_outputs
 from graphopt.passes.base import Pass, resolve_pass
-from graphopt.passes.instruments import Instrument
-from graphopt.passes.lossy.base import CalibrationData, Fidelity, LossyPass, is_lossy, output_cosine
+from graphopt.passes.compress import CompressionSpec, CompressionStep, compression_steps, stage_of
+from graphopt.passes.lossy.base import CalibrationData, Fidelity, is_lossy
 from graphopt.passes.lossy.calibration import calibration_batches
 from graphopt.passes.lossy.runner import LossyRunner
-from graphopt.passes.manager import OnError, PassManager
+from graphopt.passes.manager import PassManager
 from graphopt.report import Report
 from graphopt.targets.base import Target, get_target
 from graphopt.targets.tune import lower_model
+from graphopt.workflows.optimized_model import OptimizedModel, budget_comparison
+from graphopt.workflows.options import Dynamic, Pipeline, Verify, is_graphopt_pipeline, resolve_options, with_lowering
 
-__all__ = ["OptimizedModel", "optimize"]
+if TYPE_CHECKING:
+    from graphopt.targets.cpu.lowering import CpuLowering
+    from graphopt.targets.gpu.lowering import GpuLowering
+    from graphopt.targets.onnx.lowering import OnnxLowering
+
+__all__ = ["optimize"]
 
 log = logging.getLogger("graphopt")
 
-
-Signature = list[tuple[tuple[int, ...], torch.dtype] | None]
-"""Per flat input: the example's shape and dtype (None for a non-tensor input)."""
-
-
-def _signature(values: Sequence[Any]) -> Signature:
-    return [(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None for v in values]
+_KEYWORDS = ("example_kwargs", "dynamic", "compress", "calibration", "fidelity", "pipeline", "verify", "lowering",
+             "tune")
+"""The keywords ``optimize`` takes by name (the flat shortcuts come on top, see ``options.SHORTCUTS``)."""
 
 
-def _dim_order(example: torch.Tensor) -> list[int] | None:
-    """The order of ``example``'s dims in memory (outermost first), or None when it is not dense."""
-    if example.dim() == 0:
-        return None
-    order = sorted(range(example.dim()), key=lambda d: -example.stride(d))
-    return order if example.permute(order).is_contiguous() else None
-
-
-def _relayout(value: torch.Tensor, order: list[int]) -> torch.Tensor:
-    """``value`` laid out densely with its dims in memory in ``order`` (itself when it already is)."""
-    if value.dim() != len(order) or value.permute(order).is_contiguous():
-        return value
-    inverse = sorted(range(len(order)), key=order.__getitem__)
-    return value.permute(order).contiguous().permute(inverse)
-
-
-def _default_on_error() -> OnError:
-    """``rollback`` unless the environment asks for strict runs (``GRAPHOPT_ON_ERROR=raise``, as the tests do)."""
-    value = os.environ.get("GRAPHOPT_ON_ERROR", "rollback")
-    if value not in ("raise", "rollback"):
-        raise InputError(f"GRAPHOPT_ON_ERROR must be 'raise' or 'rollback', got {value!r}")
-    return value  # type: ignore[return-value]
-
-
-class OptimizedModel(torch.nn.Module):
-    """The result of ``optimize``: call it like the original model.
-
-    ``graph_module`` is the optimized, portable ATen fx graph (what ``save`` and ``export_onnx``
-    use), ``runner`` what the target lowered it to (a lowered copy with oneDNN / int8 / cuBLASLt
-    kernels for ``cpu``/``gpu``, or the graph module itself when nothing applied; an
-    onnxruntime session for ``onnx``),
-    ``report`` what every pass did, ``dynamic`` which input dims may vary between calls.
-    """
-
-    def __init__(self, graph_module: fx.GraphModule, runner: Any, target: Target, report: Report,
-                 captured: CapturedModel) -> None:
-        super().__init__()
-        self.graph_module = graph_module
-        if runner is graph_module:
-            self.__dict__["runner"] = runner  # one module, registered once: no duplicate state_dict keys
-        else:
-            self.runner = runner
-        self.target = target
-        self.report = report
-        self._example_args = captured.example_args
-        self._example_kwargs = captured.example_kwargs
-        self._reference = captured.reference_outputs
-        self.budget: Fidelity | None = None  # after lossy passes: what outputs are held to instead of tolerance
-        self._signature = _signature(captured.flat_inputs)
-        self.dynamic = captured.dynamic
-        # torch.export specializes the graph on the example's strides (``reshape`` of a contiguous
-        # tensor becomes ``view``...), so calls are laid out in memory like the example.
-        self._dim_orders = [_dim_order(v) if isinstance(v, torch.Tensor) else None for v in captured.flat_inputs]
-        self._plain_args = not captured.example_kwargs and all(
-            isinstance(a, torch.Tensor) for a in captured.example_args
-        )
-        # On the CPU the graph shares untouched weights with the user's model (no copy): remember
-        # their versions, so that changing them in place afterwards is an error, not a silent mix
-        # of new weights and weights folded from the old ones.
-        self._weights = {name: (tensor.detach(), version) for name, (tensor, version)
-                         in tensor_versions(graph_module).items() if isinstance(tensor, torch.nn.Parameter)}
-
-    def _check_weights_unchanged(self) -> None:
-        changed = written_since(self._weights)
-        if changed:
-            raise InputError(
-                f"weights of the original model were changed in place after optimize ({', '.join(changed[:3])}"
-                f"{', ...' if len(changed) > 3 else ''}); the optimized model shares them with it, and weights "
-                "folded from the old values would no longer match. Run graphopt.optimize again."
-            )
-
-    def _flat_call_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        if self._plain_args and not kwargs and len(args) == len(self._signature):
-            return args  # the common call, tensors only: no pytree work
-        return flatten_inputs(self.graph_module, args, kwargs)
-
-    def _check_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        flat = self._flat_call_inputs(args, kwargs)
-        self.dynamic.check(flat, self._signature)
-        return flat
-
-    def _like_example_layout(
-        self, flat: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The call's arguments laid out in memory like the example's (untouched when they already are)."""
-        moved = [
-            _relayout(value, order) if order is not None and isinstance(value, torch.Tensor) else value
-            for value, order in zip(flat, self._dim_orders, strict=False)
-        ]
-        if all(a is b for a, b in zip(moved, flat, strict=True)):
-            return args, kwargs
-        if flat is args:
-            return tuple(moved), kwargs
-        spec = getattr(self.graph_module, "_in_spec", None)
-        if spec is None:
-            return args, kwargs
-        new_args, new_kwargs = pytree.tree_unflatten(moved, spec)
-        return tuple(new_args), dict(new_kwargs)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the optimized model (inputs are moved to the target's device, in the example's layout)."""
-        flat = self._check_call(args, kwargs)
-        if self.runner is self.graph_module:
-            self._check_weights_unchanged()
-        args, kwargs = self._like_example_layout(flat, args, kwargs)
-        args, kwargs = self.target.move_inputs(args, kwargs)
-        with torch.inference_mode():
-            return self.runner(*args, **kwargs)
-
-    def _cpu_graph(self) -> fx.GraphModule:
-        """The optimized graph with its weights on the CPU (a copy when it lives on another device)."""
-        on_cpu = all(t.device.type == "cpu" for t in [*self.graph_module.parameters(), *self.graph_module.buffers()])
-        if on_cpu:
-            return self.graph_module
-        from graphopt.targets.gpu.target import retarget_device_constants, retarget_meta_values
-
-        copy_on_cpu = clone_graph_module(self.graph_module).to("cpu")
-        retarget_device_constants(copy_on_cpu, torch.device("cpu"))
-        retarget_meta_values(copy_on_cpu, torch.device("cpu"))
-        return copy_on_cpu
-
-    def export_onnx(self, path: str | Path) -> Path:
-        """Write the optimized graph as an ONNX file, checked and compared in onnxruntime.
-
-        Raises ``VerificationError`` when onnxruntime's outputs differ from the original model's.
-        """
-        from graphopt.targets.onnx.target import OnnxRuntimeModule, export_graph_to_onnx
-
-        if isinstance(self.runner, OnnxRuntimeModule):
-            session = self.runner
-        else:
-            self._check_weights_unchanged()
-            model = export_graph_to_onnx(self._cpu_graph(), self._example_args, self._example_kwargs, self.dynamic)
-            session = OnnxRuntimeModule(model, getattr(self.graph_module, "_out_spec", None))
-        outputs = session(*self._example_args, **self._example_kwargs)
-        if self.budget is None:
-            comparison = compare_outputs(outputs, self._reference)
-        else:
-            comparison = _budget_comparison(pytree.tree_leaves(outputs), self._reference, self.budget)
-        if not comparison.ok:
-            raise VerificationError(f"the ONNX export computes different outputs: {comparison.detail}", "export-onnx")
-        log.info("ONNX outputs match (max |Δ| %.2e); writing %s", comparison.max_abs_diff, path)
-        return session.save(path)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the optimized model as a torch.export ``.pt2`` file with graphopt's metadata.
-
-        ``graphopt.load(path)`` gives it back in another process (no pickled code is run).
-        """
-        from graphopt.workflows.save_load import save_optimized
-
-        self._check_weights_unchanged()
-        return save_optimized(self, path)
-
-
-def _trusted(pipeline: Sequence[Pass]) -> bool:
-    """True when every pass is graphopt's own: they never write into weights, so weights may be shared.
-
-    A pipeline with a pass of the user's runs on a private copy of the weights, so that a bug
-    in that pass cannot reach the user's model.
-    """
-    return all(type(p).__module__.startswith(("graphopt.passes.", "graphopt.passes.rules")) for p in pipeline)
-
-
-def _pipeline(target: Target, passes: Sequence[str | Pass] | None, disabled: Sequence[str]) -> list[Pass]:
-    chosen = [resolve_pass(p) for p in (passes if passes is not None else target.default_passes)]
-    unknown = set(disabled) - {p.name for p in chosen}
-    if unknown:
-        raise UnknownPassError(
-            f"disabled= names passes that are not in the pipeline: {', '.join(sorted(unknown))}; "
-            f"pipeline: {', '.join(p.name for p in chosen)}"
-        )
-    return [p for p in chosen if p.name not in set(disabled)]
-
-
-def _lossy_passes(prune: Any, quantize: Any) -> list[LossyPass]:
-    """The lossy passes asked for, in the order they compose: prune, then quantize."""
-    chosen: list[LossyPass] = []
-    if prune is not None:
-        from graphopt.passes.prune import prune_pass
-
-        chosen.append(prune_pass(prune))
-    if quantize is not None:
-        from graphopt.passes.quantize import quantize_pass
-
-        chosen.append(quantize_pass(quantize))
-    return chosen
-
-
-def _budgets(lossy: Sequence[Pass], fidelity: Fidelity | None, prune_pass: Pass | None) -> dict[str, Fidelity]:
-    """Each lossy pass's budget: the user's, else measured-only for ``prune=`` (distill follows), else the default."""
+def _budgets(lossy: Sequence[Pass], fidelity: Fidelity | None, measured_only: set[str]) -> dict[str, Fidelity]:
+    """Each lossy pass's budget: the user's, else measured-only for pruning (distill follows), else its default."""
     if fidelity is not None:
         return {p.name: fidelity for p in lossy}
-    return {p.name: Fidelity(enforce=False) if p is prune_pass else getattr(p, "default_fidelity", Fidelity())
+    return {p.name: Fidelity(enforce=False) if p.name in measured_only else getattr(p, "default_fidelity", Fidelity())
             for p in lossy}
+
+
+def _check_once_per_stage(pipeline: Sequence[Pass], steps: Sequence[CompressionStep]) -> None:
+    """A compression stage asked for in ``compress=`` (or a shortcut) must not also be in ``passes=``."""
+    asked = {step.stage: step for step in steps}
+    for p in pipeline:
+        stage = stage_of(p)
+        if stage in asked:
+            raise InputError(f"passes= already holds a {stage} pass ({p.name}) and {asked[stage].source} asks for "
+                             f"another: a graph is compressed once per stage. Keep one of the two.")
 
 
 class _GraphCaller(torch.nn.Module):
@@ -256,99 +85,118 @@ def optimize(
     target: str | Target = "cpu",
     *,
     example_kwargs: dict[str, Any] | None = None,
-    dynamic_shapes: Any = None,
-    dynamic_batch: bool = False,
-    passes: Sequence[str | Pass] | None = None,
-    disabled: Sequence[str] = (),
-    verify: bool = True,
-    on_error: OnError | None = None,
-    fixed_point: bool = False,
-    instruments: Sequence[Instrument] = (),
-    tolerance_scale: float = 1.0,
-    quantize: str | LossyPass | None = None,
-    prune: float | LossyPass | None = None,
+    dynamic: Dynamic | None = None,
+    compress: CompressionSpec | Sequence[CompressionSpec] = (),
     calibration: Iterable[Any] | None = None,
     fidelity: Fidelity | None = None,
+    pipeline: Pipeline | None = None,
+    verify: bool | Verify = True,
+    lowering: CpuLowering | GpuLowering | OnnxLowering | None = None,
     tune: bool = False,
-    precision: str | LossyPass | None = None,
+    **shortcuts: Any,
 ) -> OptimizedModel:
     """Optimize ``model`` for ``target`` ("cpu", "gpu" or "onnx") and return a module computing the same.
 
-    ``dynamic_shapes`` declares input dims that may vary between calls, in torch.export's
-    format (``{"x": {0: Dim("batch")}}``); ``dynamic_batch=True`` marks dim 0 of every tensor
-    input. ``passes`` replaces the target's default pipeline (pass names or ``Pass`` objects);
-    ``disabled`` drops passes by name. Every pass is verified on ``example_inputs`` unless
-    ``verify=False``. A pass that breaks the outputs is undone, reported and announced with a
-    ``RollbackWarning`` (``on_error="rollback"``, the default), or raises ``VerificationError``
-    naming it (``on_error="raise"``; ``GRAPHOPT_ON_ERROR`` sets the default). With dynamic dims
-    the final check also runs the optimized model at other sizes of those dims.
+    **Inputs.** ``example_inputs`` (a tensor or a tuple) and ``example_kwargs`` are what the
+    model is captured and checked on. ``dynamic=Dynamic(shapes=..., batch=...)`` declares input
+    dims that may vary between calls (torch.export's ``dynamic_shapes`` format, or dim 0 of every
+    tensor input); the final check then also runs the optimized model at other sizes of them.
 
-    Lossy passes change numerics on purpose and answer to a ``fidelity`` budget instead of the
-    exact tolerance: ``prune`` (a ratio such as ``0.5`` or a ``graphopt.passes.Prune``), then
-    ``quantize`` (``"int8"``, ``"int8-dynamic"``, ``"int8-weight-only"``, ``"int4-weight-only"``,
-    ``"kmeans"`` or a ``graphopt.passes.Quantize``). ``calibration`` is an iterable of input
-    batches (tuples like ``example_inputs``, a tensor, or a dict of keyword inputs; a DataLoader
-    works) that observers and the budget run on. ``fidelity`` defaults to
-    ``Fidelity(min_cosine=0.99)``, enforced, for quantization; with ``prune`` and no
-    ``fidelity`` the pruning loss is measured and reported, not enforced (``graphopt.distill``
-    recovers it). Layers that break the budget fall back, most sensitive first; the report
-    lists every layer and the final check compares the lowered model with eager by the budget.
+    **Exact passes.** ``pipeline=Pipeline(passes=..., disabled=..., fixed_point=...,
+    instruments=...)`` chooses them (default: the target's pipeline). Each is verified on the
+    example inputs, as ``verify=Verify(enabled=..., on_error=..., tolerance_scale=...)`` says: a
+    pass that breaks the outputs is undone, reported and announced with a ``RollbackWarning``
+    (``on_error="rollback"``, the default), or raises ``VerificationError`` naming it
+    (``"raise"``; ``GRAPHOPT_ON_ERROR`` sets the default). ``verify=False`` skips the checks.
+
+    **Compression.** ``compress=[...]`` takes one config per scheme (``graphopt.passes.compress``):
+    ``Prune``, one of ``Int8Static`` / ``Int8Dynamic`` / ``WeightOnly`` / ``KMeans``, and
+    ``ReducedPrecision``. They run after the exact passes, always in the order prune ->
+    quantize -> reduced precision, whatever order they are given in; two schemes of one stage
+    are an ``InputError``. Lossy passes answer to a ``fidelity`` budget instead of the exact
+    tolerance: ``Fidelity(min_cosine=0.99)``, enforced, by default (0.999 for reduced
+    precision); pruning without ``fidelity`` is measured and reported, not enforced
+    (``graphopt.distill`` recovers it). Layers that break the budget fall back, most sensitive
+    first; the report lists every layer and the final check compares the lowered model with
+    eager by the budget. ``calibration`` is an iterable of input batches (tuples like
+    ``example_inputs``, a tensor, or a dict of keyword inputs; a DataLoader works) that
+    observers and the budget run on; ``Int8Static`` needs it.
+
+    **Lowering.** ``lowering`` replaces the target's lowering config (``CpuLowering(...)`` for
+    ``cpu``, ``GpuLowering(...)`` for ``gpu``, ``OnnxLowering(...)`` for ``onnx``). ``tune=True``
+    builds every candidate lowering of the target, checks each against eager and keeps the
+    fastest on the example inputs (the report lists every candidate's time).
+
+    **Shortcuts.** The flat keywords of earlier releases still work: ``dynamic_shapes=`` and
+    ``dynamic_batch=`` (``Dynamic``), ``passes=``, ``disabled=``, ``fixed_point=``,
+    ``instruments=`` (``Pipeline``), ``on_error=``, ``tolerance_scale=`` (``Verify``), and
+    ``prune=`` (a ratio, or a ``Prune``), ``quantize=`` (``"int8"``, ``"int8-dynamic"``,
+    ``"int8-weight-only"``, ``"int4-weight-only"``, ``"kmeans"``, or a lossy pass) and
+    ``precision=`` (``"bf16"``, ``"fp16"``), each one step of ``compress``. Any other keyword
+    is an ``InputError``.
 
     The user's model is never modified. When every pass is graphopt's own, the optimized graph
     shares the weights it leaves untouched with the model (no copy, so no doubled memory), and
     calling it after those weights were changed in place raises ``InputError``; a pipeline with
-    passes of your own works on a private copy of the weights.
-
-    ``tune=True`` builds every candidate lowering of the target, checks each against eager and
-    keeps the fastest on the example inputs (the report lists every candidate's time; see
-    ``graphopt.targets.tune``). ``precision="bf16"`` or ``"fp16"`` runs matrix layers in reduced precision
-    (``graphopt.passes.precision``), checked against ``fidelity`` (default output cosine >= 0.999).
+    passes of your own works on a private copy of the weights. ``model`` may be an
+    ``OptimizedModel``: its ``portable_graph`` is optimized again (prune, distill, then quantize).
     """
-    on_error = on_error if on_error is not None else _default_on_error()
-    target = get_target(target)
+    options = resolve_options(dynamic, pipeline, verify, shortcuts, explicit=("target", *_KEYWORDS))
+    check = options.verify
+    on_error = check.effective_on_error
+    target = with_lowering(get_target(target), lowering)
     target.check_available()
-    pipeline = _pipeline(target, passes, disabled)
-    lossy = _lossy_passes(prune, quantize)
-    if precision is not None:
-        from graphopt.passes.precision import precision_pass
-
-        lossy.append(precision_pass(precision, target.name))
-    if lossy:
-        pipeline += [*lossy, resolve_pass("cse"), resolve_pass("dce")]
+    passes = options.pipeline.build(target)
+    steps = compression_steps(compress, target=target.name, **options.compression)
+    _check_once_per_stage(passes, steps)
+    if steps:
+        passes += [*(step.lossy for step in steps), resolve_pass("cse"), resolve_pass("dce")]
     report = Report(target=target.name)
     if isinstance(model, OptimizedModel):  # prune, then distill, then quantize...: each step starts from the last
-        model = model._cpu_graph()
-        report.notes.append("the model is an OptimizedModel: its portable graph (graph_module) was optimized "
+        model = model.portable_graph
+        report.notes.append("the model is an OptimizedModel: its portable graph was optimized "
                             "again, and the outputs are checked against that graph")
 
     started = time.perf_counter()
-    captured = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes,
-                       dynamic_batch=dynamic_batch, share_weights=_trusted(pipeline))
+    captured = capture(model, example_inputs, example_kwargs, dynamic_shapes=options.dynamic.shapes,
+                       dynamic_batch=options.dynamic.batch, share_weights=is_graphopt_pipeline(passes))
     report.capture_seconds = time.perf_counter() - started
     report.notes.extend(captured.notes)
-    log.info("captured %d nodes; running %d passes", len(captured.graph_module.graph.nodes), len(pipeline))
+    log.info("captured %d nodes; running %d passes", len(captured.graph_module.graph.nodes), len(passes))
 
-    prune_pass = lossy[0] if prune is not None else None
-    lossy_runner = _lossy_runner(captured, pipeline, fidelity, prune_pass, calibration, report)
-    manager = PassManager(pipeline, verify=verify, on_error=on_error, fixed_point=fixed_point,
-                          instruments=instruments, tolerance_scale=tolerance_scale, lossy_runner=lossy_runner)
+    measured_only = {step.lossy.name for step in steps if step.stage == "prune"}
+    lossy_runner = _lossy_runner(captured, passes, fidelity, measured_only, calibration, report)
+    manager = PassManager(passes, verify=check.enabled, on_error=on_error, fixed_point=options.pipeline.fixed_point,
+                          instruments=options.pipeline.instruments, tolerance_scale=check.tolerance_scale,
+                          lossy_runner=lossy_runner)
     gm = manager.run(captured.graph_module, captured.flat_inputs, report, captured.graph_outputs)
     budget = _final_budget(report, lossy_runner)
 
     native = target.native_error(model, captured.example_args, captured.example_kwargs, captured.reference_outputs)
     started = time.perf_counter()
     runner, target = lower_model(target, gm, captured, report, tune=tune, budget=budget,
-                                 tolerance_scale=tolerance_scale, native_error=native)
+                                 tolerance_scale=check.tolerance_scale, native_error=native)
     report.lowering_seconds = time.perf_counter() - started
-    optimized = OptimizedModel(gm, runner, target, report, captured)
-    optimized.budget = budget
+    optimized = OptimizedModel(gm, runner, target, report, captured, budget=budget)
+    reference_model = model
+    if _measured_before_enforced(report, budget):
+        # Pruning was measured, not charged: the enforced budgets started from the pruned graph,
+        # so the lowered model answers to them against the compressed graph, not against eager.
+        reference_model = optimized.portable_graph
+        outputs, _ = run_and_record(reference_model, captured.flat_inputs)  # leaves no trace in its state
+        captured = dataclasses.replace(captured, reference_outputs=pytree.tree_leaves(outputs))
+        optimized = OptimizedModel(gm, runner, target, report, captured, budget=budget)
+        report.notes.append(f"a measured-only lossy pass (pruning) ran before an enforced budget: the final check "
+                            f"holds the lowered model to {budget.describe()} against the compressed graph, not "
+                            "against eager")
 
     if native > 0:
         report.notes.append(f"the original model on {target.name} differs from CPU eager by {native:.2e}; "
                             "the final check allows twice that on top of the usual tolerance")
     # cpu runs the verified graph itself, unless lowering rewrote it (int8 kernels for a quantized graph)
-    graph_outputs = manager.outputs if runner is gm and verify and budget is None else None
-    _final_check(optimized, model, captured, report, tolerance_scale, native, verify, graph_outputs, budget)
+    graph_outputs = manager.outputs if runner is gm and check.enabled and budget is None else None
+    _final_check(optimized, reference_model, captured, report, check.tolerance_scale, native, check.enabled,
+                 graph_outputs, budget)
     if budget is not None and budget.metric is not None and lossy_runner is not None:
         _final_metric(optimized, budget, lossy_runner.baseline_metric, report)
     return optimized
@@ -374,19 +222,20 @@ def _final_metric(optimized: OptimizedModel, budget: Fidelity, baseline: float |
 
 
 def _lossy_runner(captured: CapturedModel, pipeline: Sequence[Pass], fidelity: Fidelity | None,
-                  prune_pass: Pass | None, calibration: Iterable[Any] | None, report: Report) -> LossyRunner | None:
+                  measured_only: set[str], calibration: Iterable[Any] | None, report: Report) -> LossyRunner | None:
     """The fidelity machinery for the pipeline's lossy passes (None when it has none)."""
     if fidelity is not None and not isinstance(fidelity, Fidelity):
         raise InputError(f"fidelity must be a graphopt.Fidelity, got {type(fidelity).__name__}")
     lossy = [p for p in pipeline if is_lossy(p)]
     if not lossy:
         if calibration is not None or fidelity is not None:
-            report.notes.append("calibration/fidelity given but no lossy pass (quantize=, prune=) asked for: unused")
+            report.notes.append("calibration/fidelity given but no lossy pass (compress=, quantize=, prune=) "
+                                "asked for: unused")
         return None
     batches, notes = calibration_batches(calibration, captured)
     report.notes.extend(notes)
     data = CalibrationData(example=captured.flat_inputs, batches=batches)
-    return LossyRunner(_budgets(lossy, fidelity, prune_pass), data, call_graph=_GraphCaller)
+    return LossyRunner(_budgets(lossy, fidelity, measured_only), data, call_graph=_GraphCaller)
 
 
 def _final_budget(report: Report, runner: LossyRunner | None) -> Fidelity | None:
@@ -400,6 +249,16 @@ def _final_budget(report: Report, runner: LossyRunner | None) -> Fidelity | None
     if not enforced:
         return Fidelity(enforce=False)
     return max(enforced, key=lambda f: f.min_cosine)
+
+
+def _measured_before_enforced(report: Report, budget: Fidelity | None) -> bool:
+    """True when a measured-only lossy pass (pruning without ``fidelity=``) changed the graph under an enforced budget.
+
+    The enforced budgets of the passes after it were measured from the graph it left.
+    """
+    if budget is None or not budget.enforce or budget.metric is not None:
+        return False
+    return any(r.fidelity and r.status == "changed" and not r.fidelity.get("enforced", True) for r in report.records)
 
 
 def _final_check(optimized: OptimizedModel, model: torch.nn.Module, captured: CapturedModel, report: Report,
@@ -456,18 +315,9 @@ def _run_probes(optimized: OptimizedModel, model: torch.nn.Module, probes: list[
         if budget is None:
             comparison = compare_outputs(actual, reference, tolerance_scale, extra_atol=2 * native)
         else:
-            comparison = _budget_comparison(actual, reference, budget)
+            comparison = budget_comparison(actual, reference, budget)
         results.append((label, comparison))
     return results
-
-
-def _budget_comparison(actual: list[Any], reference: list[Any], budget: Fidelity) -> Comparison:
-    """Compare lossy outputs with eager by cosine; ``max_scaled_diff`` carries the cosine."""
-    exact = compare_outputs(actual, reference)
-    cosine = output_cosine(reference, actual)
-    ok = cosine >= budget.min_cosine or not budget.enforce or budget.metric is not None
-    detail = "" if ok else f"output cosine {cosine:.5f} < {budget.min_cosine:g} (the fidelity budget)"
-    return Comparison(ok, exact.max_abs_diff, cosine, detail)
 
 
 def _run_lowered(optimized: OptimizedModel, args: tuple[Any, ...], kwargs: dict[str, Any], label: str) -> Any:
@@ -489,30 +339,3 @@ def _eager_outputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     twin = eval_twin(model, share_weights=True)  # eager code only reads its weights
     with torch.no_grad():
         return pytree.tree_leaves(twin(*args, **kwargs))
-
-
-def rebuild_optimized(previous: OptimizedModel, graph_module: fx.GraphModule, report: Report) -> OptimizedModel:
-    """A new ``OptimizedModel`` for ``graph_module`` (e.g. fine-tuned by ``distill``), lowered like ``previous``.
-
-    It keeps ``previous``'s target, example inputs and dynamic dims. Its reference outputs are
-    the new graph's own on the example, so the lowered model (and ``export_onnx``) is checked
-    against what this graph computes; a lowering that differs raises ``VerificationError``.
-    """
-    from graphopt.ir.graph import run_and_record
-
-    flat = flatten_inputs(graph_module, previous._example_args, previous._example_kwargs)
-    outputs, _ = run_and_record(graph_module, flat)
-    captured = CapturedModel(graph_module, previous._example_args, previous._example_kwargs, flat,
-                             pytree.tree_leaves(outputs), dynamic=previous.dynamic)
-    started = time.perf_counter()
-    runner = previous.target.lower(graph_module, previous._example_args, previous._example_kwargs, previous.dynamic)
-    report.lowering_seconds = time.perf_counter() - started
-    rebuilt = OptimizedModel(graph_module, runner, previous.target, report, captured)
-    if runner is not graph_module:
-        with preserved_state(graph_module):
-            lowered = rebuilt(*previous._example_args, **previous._example_kwargs)
-        comparison = compare_outputs(pytree.tree_leaves(lowered), captured.reference_outputs)
-        if not comparison.ok:
-            raise VerificationError(f"the rebuilt model lowered to {previous.target.name!r} differs from its graph: "
-                                    f"{comparison.detail}", f"lower-{previous.target.name}")
-    return rebuilt

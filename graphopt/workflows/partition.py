@@ -31,15 +31,26 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt.analysis.balanced_split import PartitionError
-from graphopt.analysis.cost import count_parameters, node_costs, profile_nodes
+from graphopt.analysis.cost import count_parameters, node_costs, profile_nodes, value_bytes
 from graphopt.analysis.throughput import (
     DEFAULT_LINK_BANDWIDTH,
     DEFAULT_LINK_LATENCY,
     ThroughputPrediction,
     predict_throughput,
 )
-from graphopt.errors import CaptureError, InputError, SaveFileError, VerificationError
-from graphopt.ir.graph import parameter_bytes
+from graphopt.errors import (
+    CaptureError,
+    DeviceUnavailableError,
+    InputError,
+    LoweringError,
+    SaveFileError,
+    VerificationError,
+)
+from graphopt.ir.capture import capture, flatten_inputs, unlift_program
+from graphopt.ir.graph import clone_graph_module, parameter_bytes
+from graphopt.ir.verify import compare_outputs
+from graphopt.passes.base import resolve_pass
+from graphopt.passes.manager import PassManager
 from graphopt.passes.split_stages import (
     Partition,
     StageInfo,
@@ -48,7 +59,12 @@ from graphopt.passes.split_stages import (
     stage_modules,
 )
 from graphopt.report import PlotSpec, Report, ReportSection
+from graphopt.targets.base import DEFAULT_PIPELINE
+from graphopt.targets.gpu.target import retarget_device_constants
 from graphopt.version import __version__
+from graphopt.workflows.optimized_model import OptimizedModel
+from graphopt.workflows.options import default_on_error, is_graphopt_pipeline
+from graphopt.workflows.save_load import import_output_modules, load_program, output_modules
 
 __all__ = [
     "MANIFEST",
@@ -236,15 +252,11 @@ class PartitionedModel(torch.nn.Module):
 
     def to_devices(self, devices: Sequence[str | torch.device]) -> PartitionedModel:
         """Put stage ``i`` on ``devices[i]`` (e.g. ``["cuda:0", "cuda:1"]``); returns self."""
-        from graphopt.targets.gpu.target import retarget_device_constants
-
         if len(devices) != len(self.stages):
             raise InputError(f"give one device per stage: {len(self.stages)} stages, {len(devices)} devices")
         resolved = [torch.device(d) for d in devices]
         for device in resolved:
             if device.type == "cuda" and not torch.cuda.is_available():
-                from graphopt.errors import DeviceUnavailableError
-
                 raise DeviceUnavailableError(f"device {device} was asked for but CUDA is not available here; "
                                              "use devices=['cpu', ...] or run on a machine with GPUs")
         for stage, device in zip(self.stages, resolved, strict=True):
@@ -262,8 +274,6 @@ class PartitionedModel(torch.nn.Module):
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
             microbatches: int | None = None) -> Any:
         """``forward`` with an explicit micro-batch count (default ``self.microbatches``)."""
-        from graphopt.ir.capture import flatten_inputs
-
         flat = flatten_inputs(self.graph_module, tuple(args), dict(kwargs or {}))
         count = microbatches or self.microbatches
         batch = _batch_size(flat)
@@ -303,8 +313,6 @@ class PartitionedModel(torch.nn.Module):
     @property
     def manifest(self) -> dict[str, Any]:
         """Plain data describing the stages: order, inputs/outputs by name, routed values, micro-batch dim."""
-        from graphopt.workflows.save_load import _output_modules
-
         routed: dict[str, list[int]] = {}
         for info in self._infos:
             produced = set(info.nodes)
@@ -331,7 +339,7 @@ class PartitionedModel(torch.nn.Module):
             "inputs": self._infos[0].inputs,
             "outputs": {"layout": layout, "template": pytree.treespec_dumps(pytree.tree_flatten(
                 self._output_template)[1]), "spec": pytree.treespec_dumps(out_spec) if out_spec else None},
-            "output_modules": _output_modules(self.graph_module),
+            "output_modules": output_modules(self.graph_module),
             "routed": routed,
             "microbatch_dim": 0,
             "microbatches": self.microbatches,
@@ -342,9 +350,6 @@ class PartitionedModel(torch.nn.Module):
         }
 
     def _cpu_stages(self) -> list[fx.GraphModule]:
-        from graphopt.ir.graph import clone_graph_module
-        from graphopt.targets.gpu.target import retarget_device_constants
-
         result = []
         for stage, device in zip(self.stages, self.devices, strict=True):
             if device.type == "cpu":
@@ -361,8 +366,6 @@ class PartitionedModel(torch.nn.Module):
         ``torchrun --nproc-per-node N -m graphopt.pipeline DIRECTORY --inputs in.pt --output out.pt``
         runs them as a pipeline; ``graphopt.workflows.partition.load_stages(DIRECTORY)`` loads them back.
         """
-        from graphopt.errors import LoweringError
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         stages = self._cpu_stages()
@@ -386,8 +389,9 @@ class PartitionedModel(torch.nn.Module):
 
         Shapes are static, at the example batch: export a partition made with the batch you deploy.
         """
-        from graphopt.ir.verify import compare_outputs
+        # onnx and onnxruntime take about a second to import: only when exporting
         from graphopt.targets.onnx.target import OnnxRuntimeModule, export_graph_to_onnx
+
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -441,9 +445,6 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 def load_stage(directory: str | Path, index: int, manifest: dict[str, Any] | None = None) -> fx.GraphModule:
     """Load stage ``index`` of a saved partition (no pickled code runs: weights are read weights_only)."""
-    from graphopt.ir.capture import unlift_program
-    from graphopt.workflows.save_load import _load_program
-
     manifest = manifest or read_manifest(directory)
     entries = manifest["stages"]
     if not 0 <= index < len(entries):
@@ -452,7 +453,7 @@ def load_stage(directory: str | Path, index: int, manifest: dict[str, Any] | Non
     if not path.is_file():
         raise SaveFileError(f"{path}: stage file missing (stage {index} of {len(entries)}); copy the whole stage "
                             "directory, or write it again with parts.save(...)")
-    return unlift_program(_load_program(path))
+    return unlift_program(load_program(path))
 
 
 def load_stages(directory: str | Path) -> LoadedStages:
@@ -481,9 +482,7 @@ class LoadedStages(torch.nn.Module):
 
 def structure_outputs(flat_out: Sequence[Any], manifest: dict[str, Any]) -> Any:
     """The last stage's flat outputs arranged as the model returns them (a tensor, a tuple, a dict...)."""
-    from graphopt.workflows.save_load import _import_output_modules
-
-    _import_output_modules(manifest)
+    import_output_modules(manifest)
     outputs = manifest["outputs"]
     leaves = [flat_out[item["output"]] if "output" in item else item["literal"] for item in outputs["layout"]]
     structured = pytree.tree_unflatten(leaves, pytree.treespec_loads(outputs["template"]))
@@ -497,8 +496,6 @@ def structure_outputs(flat_out: Sequence[Any], manifest: dict[str, Any]) -> Any:
 
 def _capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None,
              microbatches: int | None, share_weights: bool) -> tuple[Any, bool, list[str]]:
-    from graphopt.ir.capture import capture
-
     flat = pytree.tree_leaves((example_inputs, example_kwargs or {}))
     batch = _batch_size(flat)
     notes = []
@@ -517,7 +514,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict[s
 
 def partition(
     model: torch.nn.Module,
-    example_inputs: Any,
+    example_inputs: Any = None,
     stages: int = 2,
     *,
     balance: str = "time",
@@ -549,11 +546,20 @@ def partition(
     throughput prediction in the report. ``threads``: intra-op threads while measuring (default:
     as set); 1 gives steadier figures on a machine shared with other work.
 
+    ``model`` may be what ``graphopt.optimize`` returned: its ``portable_graph`` is split, on its
+    ``example_inputs`` unless others are given.
+
     Raises ``PartitionError`` for more stages than layers, a memory cap no split meets, or a
     model that updates its buffers; ``InputError``/``CaptureError`` as ``graphopt.optimize`` does.
     """
-    from graphopt.targets.base import DEFAULT_PIPELINE
-
+    optimized = isinstance(model, OptimizedModel)
+    if optimized:
+        if example_inputs is None:
+            example_inputs = model.example_inputs
+            example_kwargs = model.example_kwargs if example_kwargs is None else example_kwargs
+        model = model.portable_graph
+    elif example_inputs is None:
+        raise InputError("partition(model, example_inputs): give example inputs, e.g. (torch.randn(8, 3, 224, 224),)")
     if stages < 1:
         raise PartitionError(f"stages must be at least 1, got {stages}")
     if microbatches is not None and microbatches < 1:
@@ -563,32 +569,29 @@ def partition(
         torch.set_num_threads(threads)
     try:
         pipeline = list(passes) if passes is not None else list(DEFAULT_PIPELINE) if optimize else []
-        return _partition(model, example_inputs, stages, balance, example_kwargs, memory_cap, microbatches, devices,
-                          pipeline, tolerance, repeats, refine, link_bandwidth, link_latency)
+        parts = _partition(model, example_inputs, stages, balance, example_kwargs, memory_cap, microbatches, devices,
+                           pipeline, tolerance, repeats, refine, link_bandwidth, link_latency)
     finally:
         torch.set_num_threads(previous_threads)
+    if optimized:
+        parts.report.notes.append("the model is an OptimizedModel: its portable graph was partitioned")
+    return parts
 
 
 def _partition(model: torch.nn.Module, example_inputs: Any, stages: int, balance: str,
                example_kwargs: dict[str, Any] | None, memory_cap: float | None, microbatches: int | None,
                devices: Sequence[str | torch.device] | None, pipeline: list[Any], tolerance: float, repeats: int,
                refine: int, link_bandwidth: float, link_latency: float) -> PartitionedModel:
-    from graphopt.ir.capture import flatten_inputs
-    from graphopt.ir.verify import compare_outputs
-    from graphopt.passes.base import resolve_pass
-    from graphopt.passes.manager import PassManager
-    from graphopt.workflows.optimize import _default_on_error, _trusted
-
     report = PartitionReport(target="partition", balance_key=balance)
     chosen = [resolve_pass(p) for p in pipeline]
     started = time.perf_counter()
     # graphopt's own passes never write into weights: the stages share them with the model (no copy)
     captured, dynamic, notes = _capture(model, example_inputs, example_kwargs, microbatches,
-                                        share_weights=_trusted(chosen))
+                                        share_weights=is_graphopt_pipeline(chosen))
     report.capture_seconds = time.perf_counter() - started
     report.notes.extend([*captured.notes, *notes])
     gm, flat = captured.graph_module, captured.flat_inputs
-    manager = PassManager(chosen, on_error=_default_on_error())
+    manager = PassManager(chosen, on_error=default_on_error())
     gm = manager.run(gm, flat, report, captured.graph_outputs)
     outputs_before = manager.outputs
 
@@ -663,8 +666,6 @@ def _measure_split(gm: fx.GraphModule, items: Any, boundaries: list[int], flat: 
 def _fill_report(report: PartitionReport, modules: Sequence[fx.GraphModule], infos: Sequence[StageInfo],
                  items: Any, boundaries: Sequence[int], costs: Sequence[float], measured: Sequence[float]) -> None:
     """Per-stage figures, cut bytes and the measured balance into ``report``."""
-    from graphopt.analysis.cost import value_bytes
-
     estimates = _stage_sums(costs, boundaries)
     edges = [*boundaries, len(items)]
     for info, module, seconds, estimate in zip(infos, modules, measured, estimates, strict=True):

@@ -1,10 +1,14 @@
-"""Save an optimized model as a torch.export ``.pt2`` file with graphopt's metadata, and load it back.
+"""The ``.pt2`` archive an optimized model is saved in: a torch.export program plus graphopt's metadata.
 
 The file is torch.export's own archive: the optimized graph re-exported (with its dynamic
 dims), its weights, and an extra ``graphopt.json`` entry holding the target, the input
 signature, the dynamic dims and the report. Loading refuses every pickled payload: tensors
 are read as raw data or through ``torch.load(weights_only=True)``, so no code from the file
 ever runs.
+
+This module reads and writes graphs and their metadata (``write_archive``, ``read_archive``);
+it knows nothing of ``OptimizedModel``, which saves itself with ``write_archive`` and is built
+back by ``graphopt.load`` (``graphopt.workflows.optimized_model``).
 """
 
 from __future__ import annotations
@@ -15,61 +19,85 @@ import json
 import sys
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
+import torch.fx as fx
 
+import graphopt.passes.quantize.weight_ops  # noqa: F401 - registers the graphopt_weights ops saved graphs call
 from graphopt.errors import GraphoptError, LoweringError, SaveFileError
-from graphopt.ir.capture import CapturedModel, flatten_inputs, unlift_program
-from graphopt.ir.graph import run_and_record
+from graphopt.ir.capture import flatten_inputs, unlift_program
 from graphopt.ir.shapes import DynamicDims
 from graphopt.report import Report
-from graphopt.targets.base import get_target
 from graphopt.version import __version__
 
-if TYPE_CHECKING:
-    from graphopt.workflows.optimize import OptimizedModel
-
-__all__ = ["FORMAT", "load", "save_optimized"]
+__all__ = [
+    "FORMAT",
+    "Archive",
+    "import_output_modules",
+    "load_program",
+    "output_modules",
+    "read_archive",
+    "weights_only_loading",
+    "write_archive",
+]
 
 FORMAT = "graphopt-optimized-model"
 _METADATA = "graphopt.json"
 _VERSION = 1
 
 
-def save_optimized(model: OptimizedModel, path: str | Path) -> Path:
-    """Write ``model`` (the result of ``graphopt.optimize``) to ``path`` as a ``.pt2`` archive."""
+@dataclass
+class Archive:
+    """What a graphopt ``.pt2`` file holds, decoded: the graph, its example inputs and graphopt's metadata."""
+
+    path: Path
+    graph_module: fx.GraphModule
+    example_args: tuple[Any, ...]
+    example_kwargs: dict[str, Any]
+    target: str
+    dynamic: DynamicDims
+    report: Report
+    metadata: dict[str, Any]
+
+
+def write_archive(path: str | Path, graph_module: fx.GraphModule, example_args: tuple[Any, ...],
+                  example_kwargs: dict[str, Any], *, dynamic: DynamicDims, target: str, report: Report) -> Path:
+    """Re-export ``graph_module`` (weights on the CPU) with torch.export and write it to ``path`` with metadata.
+
+    ``dynamic`` dims become ``Dim``s of the program; ``target`` (a target's name) and ``report``
+    go into the ``graphopt.json`` entry. Raises ``LoweringError`` when the graph cannot be re-exported.
+    """
     path = Path(path)
-    gm = model._cpu_graph()
-    args, kwargs = model._example_args, model._example_kwargs
-    dynamic_shapes = model.dynamic.spec_for("export", gm.forward, args, kwargs)
+    spec = dynamic.spec_for("export", graph_module.forward, example_args, example_kwargs)
     try:
-        program = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        program = torch.export.export(graph_module, example_args, example_kwargs, dynamic_shapes=spec, strict=False)
     except Exception as error:
         raise LoweringError(
             f"could not re-export the optimized graph for saving: {type(error).__name__}: {error}. "
             "Save the ONNX file instead (export_onnx), or report this as a graphopt bug."
         ) from error
+    flat = flatten_inputs(graph_module, example_args, example_kwargs)
     metadata = {
         "format": FORMAT,
         "version": _VERSION,
         "graphopt": __version__,
         "torch": torch.__version__,
-        "target": model.target.name,
-        "dynamic": model.dynamic.to_dict(),
-        "signature": [None if s is None else [list(s[0]), str(s[1])] for s in model._signature],
-        "report": model.report.to_dict(),
-        "output_modules": _output_modules(gm),
+        "target": target,
+        "dynamic": dynamic.to_dict(),
+        "signature": [[list(v.shape), str(v.dtype)] if isinstance(v, torch.Tensor) else None for v in flat],
+        "report": report.to_dict(),
+        "output_modules": output_modules(graph_module),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, path, extra_files={_METADATA: json.dumps(metadata)})
     return path
 
 
-def _output_modules(gm: torch.fx.GraphModule) -> list[str]:
+def output_modules(gm: fx.GraphModule) -> list[str]:
     """Modules whose classes structure the outputs (``transformers.modeling_outputs`` for a ModelOutput)."""
     packages: set[str] = set()
     pending = [getattr(gm, "_out_spec", None)]
@@ -84,8 +112,8 @@ def _output_modules(gm: torch.fx.GraphModule) -> list[str]:
     return sorted(packages)
 
 
-def _import_output_modules(metadata: dict[str, Any]) -> None:
-    """Import the installed modules that define the output classes, so their pytree types are registered."""
+def import_output_modules(metadata: dict[str, Any]) -> None:
+    """Import the installed modules named in ``metadata["output_modules"]``, so their output pytrees are registered."""
     for name in metadata.get("output_modules", []):
         valid = isinstance(name, str) and all(part.isidentifier() for part in name.split("."))
         if valid and name not in sys.modules and find_spec(name.split(".")[0]) is not None:
@@ -94,7 +122,7 @@ def _import_output_modules(metadata: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _weights_only_loading() -> Iterator[None]:
+def weights_only_loading() -> Iterator[None]:
     """Force every ``torch.load`` inside the block to ``weights_only=True`` (no pickled code runs)."""
     original = torch.load
 
@@ -143,10 +171,10 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     return metadata
 
 
-def _load_program(path: Path) -> torch.export.ExportedProgram:
-    import graphopt.passes.quantize.weight_ops  # noqa: F401 - registers the graphopt_weights ops saved graphs call
+def load_program(path: Path) -> torch.export.ExportedProgram:
+    """The torch.export program in the archive at ``path``, read with no pickled code run (``SaveFileError`` if bad)."""
     try:
-        with _weights_only_loading():
+        with weights_only_loading():
             return torch.export.load(path)
     except GraphoptError:
         raise
@@ -159,45 +187,24 @@ def _load_program(path: Path) -> torch.export.ExportedProgram:
         ) from error
 
 
-def load(path: str | Path, target: str | None = None) -> OptimizedModel:
-    """Load a model written by ``OptimizedModel.save``, lowered to its target (or to ``target``).
+def read_archive(path: str | Path) -> Archive:
+    """Read a graphopt ``.pt2`` file: check it, import its output modules, load the graph and decode the metadata.
 
-    Raises ``SaveFileError`` naming the file when it is missing, truncated, corrupt or not a
-    graphopt save. No pickled code is executed. When the outputs are classes of an installed
-    package (a transformers ``ModelOutput``), that package is imported so their structure
-    can be rebuilt.
+    Raises ``SaveFileError`` naming the file when it is missing, truncated, corrupt, not a
+    graphopt save, or has incomplete metadata. No pickled code is executed.
     """
-    from graphopt.workflows.optimize import OptimizedModel
-
     path = Path(path)
     metadata = _read_metadata(path)
-    _import_output_modules(metadata)
-    program = _load_program(path)
+    import_output_modules(metadata)
+    program = load_program(path)
     example_args, example_kwargs = program.example_inputs or ((), {})
     gm = unlift_program(program)
     del program
-    flat_inputs = flatten_inputs(gm, tuple(example_args), dict(example_kwargs))
-    try:
-        outputs, _ = run_and_record(gm, flat_inputs)
-    except Exception as error:
-        raise SaveFileError(f"{path}: the loaded graph fails on its own example inputs: {error}") from error
     try:
         report = Report.from_dict(metadata["report"])
         dynamic = DynamicDims.from_dict(metadata.get("dynamic", {}))
-        saved_target = metadata["target"]
+        target = metadata["target"]
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise SaveFileError(f"{path}: graphopt metadata is incomplete ({type(error).__name__}: {error}); "
                             "save the model again") from error
-    chosen = get_target(target or saved_target)
-    chosen.check_available()
-    captured = CapturedModel(
-        graph_module=gm,
-        example_args=tuple(example_args),
-        example_kwargs=dict(example_kwargs),
-        flat_inputs=flat_inputs,
-        reference_outputs=pytree.tree_leaves(outputs),
-        notes=[],
-        dynamic=dynamic,
-    )
-    runner = chosen.lower(gm, captured.example_args, captured.example_kwargs, captured.dynamic)
-    return OptimizedModel(gm, runner, chosen, report, captured)
+    return Archive(path, gm, tuple(example_args), dict(example_kwargs), target, dynamic, report, metadata)

@@ -67,6 +67,9 @@ class Prune(LossyPass):
             raise InputError(f"Prune(round_to=...) must be >= 1, got {self.round_to}")
         if not 0.0 < self.max_group_amount < 1.0:
             raise InputError(f"Prune(max_group_amount=...) must be in (0, 1), got {self.max_group_amount}")
+        if not self.structured and self.round_to != 1:
+            raise InputError(f"Prune(round_to={self.round_to}) rounds the units kept per group of structured pruning; "
+                             "unstructured pruning masks single weights: leave round_to unset, or use structured=True")
         if self.pattern is not None:
             if self.structured:
                 raise InputError("Prune(pattern='2:4') is unstructured sparsity: pass structured=False too")

@@ -3,6 +3,7 @@
     graphopt.optimize(model, x, target="onnx", quantize="int8", calibration=batches)   # static PTQ
     graphopt.optimize(model, x, quantize="int8-dynamic")                               # no data needed
     graphopt.optimize(model, x, quantize=Quantize(observer="entropy", per_channel=True), calibration=loader)
+    graphopt.optimize(model, x, compress=[graphopt.WeightOnly(bits=4, group_size=32)])  # typed, one per scheme
 
 Every scheme rewrites the graph with explicit quantize / dequantize nodes (see
 ``placement``); the graph before lowering is the fake-quantized reference the pass manager
@@ -29,6 +30,19 @@ __all__ = ["SCHEMES", "Quantize", "quantize_pass"]
 SCHEMES = ("int8", "int8-dynamic", "int8-weight-only", "int4-weight-only", "kmeans")
 """Names ``optimize(quantize=...)`` and ``Quantize(scheme=...)`` accept."""
 
+_UNUSED_OPTIONS = {
+    "int8": (),
+    "int8-dynamic": ("observer", "ops", "max_calibration_batches"),
+    "int8-weight-only": ("observer", "per_channel", "ops", "max_calibration_batches"),
+    "int4-weight-only": ("observer", "per_channel", "ops", "max_calibration_batches"),
+    "kmeans": ("observer", "per_channel", "ops", "max_calibration_batches", "embeddings"),
+}
+"""Per scheme, the ``Quantize`` options it has no use for (setting one is an error, not silently ignored)."""
+
+_CONFIGS = {"int8": "Int8Static", "int8-dynamic": "Int8Dynamic", "int8-weight-only": "WeightOnly(bits=8, ...)",
+            "int4-weight-only": "WeightOnly(bits=4, group_size=..., ...)", "kmeans": "KMeans"}
+"""The typed config (``graphopt.passes.compress``) of each scheme, named in errors."""
+
 _DELEGATES = {
     "int8-weight-only": ("graphopt.passes.quantize.weight_only", "WeightOnlyQuantize", {"bits": 8}),
     "int4-weight-only": ("graphopt.passes.quantize.weight_only", "WeightOnlyQuantize", {"bits": 4}),
@@ -51,6 +65,10 @@ class Quantize(LossyPass):
     keep in float, under every scheme; an entry that matches nothing is an error. ``max_calibration_batches``
     caps the calibration batches observed (all when None). ``embeddings``: store embedding
     tables as int8 rows with per-row scales (weight-only; most of a small transformer's size).
+    Setting an option the scheme has no use for (``observer`` with ``"int8-dynamic"``...) is an
+    ``InputError``. The typed configs of ``graphopt.passes.compress`` (``Int8Static``,
+    ``Int8Dynamic``, ``WeightOnly``, ``KMeans``) carry exactly each scheme's options, including
+    those ``Quantize`` cannot reach (weight-only ``group_size``, K-means ``clusters``).
     """
 
     name: ClassVar[str] = "quantize"
@@ -76,6 +94,12 @@ class Quantize(LossyPass):
         if unknown:
             raise InputError(f"Quantize(ops=...) got unknown op famil{'ies' if len(unknown) > 1 else 'y'} "
                              f"{', '.join(map(repr, unknown))}; choose from: {', '.join(QUANTIZABLE)}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        unused = [name for name in _UNUSED_OPTIONS[self.scheme] if getattr(self, name) != defaults[name]]
+        if unused:
+            raise InputError(f"Quantize(scheme={self.scheme!r}) has no use for {', '.join(f'{n}=' for n in unused)}; "
+                             f"leave {'them' if len(unused) > 1 else 'it'} unset, or use "
+                             f"graphopt.{_CONFIGS[self.scheme]}, which takes exactly that scheme's options")
 
     def plan(self, gm: fx.GraphModule, data: CalibrationData) -> LossyPlan:
         """Observe (static int8) and decide the int8 form of every quantizable op of ``gm``."""

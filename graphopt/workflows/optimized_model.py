@@ -1,0 +1,291 @@
+"""``OptimizedModel``: what ``graphopt.optimize`` returns and ``graphopt.load`` reads back.
+
+It holds two forms of the optimized model: the **portable graph** (the target-independent
+ATen ``fx.GraphModule`` the passes produced and verified; what ``save``, ``export_onnx``,
+``graphopt.distill``, ``graphopt.analyze`` and optimizing again start from) and the
+**runner** the target lowered it to. Its example inputs are public too (``example_inputs``,
+``example_kwargs``), so that every workflow reads the same documented properties.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from graphopt.errors import InputError, SaveFileError, VerificationError
+from graphopt.ir.capture import CapturedModel, flatten_inputs
+from graphopt.ir.graph import clone_graph_module, preserved_state, run_and_record, tensor_versions, written_since
+from graphopt.ir.verify import Comparison, compare_outputs
+from graphopt.passes.lossy.base import Fidelity, output_cosine
+from graphopt.report import Report
+from graphopt.targets.base import Target, get_target
+from graphopt.targets.gpu.target import retarget_device_constants, retarget_meta_values
+from graphopt.workflows.save_load import read_archive, write_archive
+
+__all__ = ["OptimizedModel", "Signature", "budget_comparison", "input_signature", "load"]
+
+log = logging.getLogger("graphopt")
+
+Signature = list[tuple[tuple[int, ...], torch.dtype] | None]
+"""Per flat input: the example's shape and dtype (None for a non-tensor input)."""
+
+
+def input_signature(values: Sequence[Any]) -> Signature:
+    """The ``Signature`` of flat input values."""
+    return [(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None for v in values]
+
+
+def _dim_order(example: torch.Tensor) -> list[int] | None:
+    """The order of ``example``'s dims in memory (outermost first), or None when it is not dense."""
+    if example.dim() == 0:
+        return None
+    order = sorted(range(example.dim()), key=lambda d: -example.stride(d))
+    return order if example.permute(order).is_contiguous() else None
+
+
+def _relayout(value: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """``value`` laid out densely with its dims in memory in ``order`` (itself when it already is)."""
+    if value.dim() != len(order) or value.permute(order).is_contiguous():
+        return value
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return value.permute(order).contiguous().permute(inverse)
+
+
+def budget_comparison(actual: list[Any], reference: list[Any], budget: Fidelity) -> Comparison:
+    """Compare lossy outputs with eager by cosine; ``max_scaled_diff`` carries the cosine."""
+    exact = compare_outputs(actual, reference)
+    cosine = output_cosine(reference, actual)
+    ok = cosine >= budget.min_cosine or not budget.enforce or budget.metric is not None
+    detail = "" if ok else f"output cosine {cosine:.5f} < {budget.min_cosine:g} (the fidelity budget)"
+    return Comparison(ok, exact.max_abs_diff, cosine, detail)
+
+
+class OptimizedModel(torch.nn.Module):
+    """The result of ``optimize``: call it like the original model.
+
+    ``graph_module`` is the optimized ATen fx graph, on the target's device; ``portable_graph``
+    the same with its weights on the CPU (what ``save``, ``export_onnx``, ``distill`` and
+    optimizing again use). ``runner`` is what the target lowered it to (a lowered copy with
+    oneDNN / int8 / cuBLASLt kernels for ``cpu``/``gpu``, or the graph module itself when nothing
+    applied; an onnxruntime session for ``onnx``). ``report`` says what every pass did,
+    ``dynamic`` which input dims may vary between calls, ``budget`` the fidelity budget the
+    outputs are held to after lossy passes (None: the exact tolerance). ``example_inputs`` and
+    ``example_kwargs`` are the inputs it was captured and checked on.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, runner: Any, target: Target, report: Report,
+                 captured: CapturedModel, budget: Fidelity | None = None) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        if runner is graph_module:
+            self.__dict__["runner"] = runner  # one module, registered once: no duplicate state_dict keys
+        else:
+            self.runner = runner
+        self.target = target
+        self.report = report
+        self._example_args = tuple(captured.example_args)
+        self._example_kwargs = dict(captured.example_kwargs)
+        self._reference = captured.reference_outputs
+        self.budget = budget  # after lossy passes: what outputs are held to instead of tolerance
+        self._signature = input_signature(captured.flat_inputs)
+        self.dynamic = captured.dynamic
+        # torch.export specializes the graph on the example's strides (``reshape`` of a contiguous
+        # tensor becomes ``view``...), so calls are laid out in memory like the example.
+        self._dim_orders = [_dim_order(v) if isinstance(v, torch.Tensor) else None for v in captured.flat_inputs]
+        self._plain_args = not captured.example_kwargs and all(
+            isinstance(a, torch.Tensor) for a in captured.example_args
+        )
+        # On the CPU the graph shares untouched weights with the user's model (no copy): remember
+        # their versions, so that changing them in place afterwards is an error, not a silent mix
+        # of new weights and weights folded from the old ones.
+        self._weights = {name: (tensor.detach(), version) for name, (tensor, version)
+                         in tensor_versions(graph_module).items() if isinstance(tensor, torch.nn.Parameter)}
+
+    # -- the public object model ------------------------------------------------------------
+
+    @property
+    def portable_graph(self) -> fx.GraphModule:
+        """The optimized, target-independent ATen graph with its weights on the CPU.
+
+        What ``save``, ``export_onnx``, ``graphopt.distill``, ``graphopt.analyze``,
+        ``graphopt.partition`` and ``graphopt.optimize(fast, ...)`` start from: no target
+        lowering is in it (a quantized graph holds explicit quantize / dequantize nodes). It is
+        ``graph_module`` itself on the CPU, and a fresh CPU copy on every access when the model
+        lives on another device. Treat it as read-only: it may share weights with your model.
+        """
+        on_cpu = all(t.device.type == "cpu" for t in [*self.graph_module.parameters(), *self.graph_module.buffers()])
+        if on_cpu:
+            return self.graph_module
+        copy_on_cpu = clone_graph_module(self.graph_module).to("cpu")
+        retarget_device_constants(copy_on_cpu, torch.device("cpu"))
+        retarget_meta_values(copy_on_cpu, torch.device("cpu"))
+        return copy_on_cpu
+
+    @property
+    def example_inputs(self) -> tuple[Any, ...]:
+        """The positional example inputs, as a tuple: ``fast(*fast.example_inputs, **fast.example_kwargs)``."""
+        return self._example_args
+
+    @property
+    def example_kwargs(self) -> dict[str, Any]:
+        """The keyword example inputs (a new dict on every access; empty when there were none)."""
+        return dict(self._example_kwargs)
+
+    @property
+    def signature(self) -> Signature:
+        """Per flat input (positional, then keyword): the example's shape and dtype; None for a non-tensor input."""
+        return list(self._signature)
+
+    def check_inputs(self, *args: Any, **kwargs: Any) -> None:
+        """Raise ``InputError`` when a call with these inputs would not fit the model.
+
+        Inputs must have the example's structure, dtypes and sizes, except the dims declared
+        dynamic (which may take any size in their range).
+        """
+        self._check_call(args, kwargs)
+
+    def with_graph(self, graph_module: fx.GraphModule, report: Report) -> OptimizedModel:
+        """A new model for ``graph_module`` (e.g. fine-tuned by ``distill``), lowered like this one.
+
+        It keeps this model's target, example inputs and dynamic dims. Its reference outputs are
+        the new graph's own on the example, so the lowered model (and ``export_onnx``) is checked
+        against what that graph computes; a lowering that differs raises ``VerificationError``.
+        """
+        args, kwargs = self._example_args, self._example_kwargs
+        flat = flatten_inputs(graph_module, args, kwargs)
+        outputs, _ = run_and_record(graph_module, flat)
+        captured = CapturedModel(graph_module, args, dict(kwargs), flat, pytree.tree_leaves(outputs),
+                                 dynamic=self.dynamic)
+        started = time.perf_counter()
+        runner = self.target.lower(graph_module, args, dict(kwargs), self.dynamic)
+        report.lowering_seconds = time.perf_counter() - started
+        rebuilt = OptimizedModel(graph_module, runner, self.target, report, captured)
+        if runner is not graph_module:
+            with preserved_state(graph_module):
+                lowered = rebuilt(*args, **kwargs)
+            comparison = compare_outputs(pytree.tree_leaves(lowered), captured.reference_outputs)
+            if not comparison.ok:
+                raise VerificationError(f"the rebuilt model lowered to {self.target.name!r} differs from its graph: "
+                                        f"{comparison.detail}", f"lower-{self.target.name}")
+        return rebuilt
+
+    # -- calling ---------------------------------------------------------------------------
+
+    def _check_weights_unchanged(self) -> None:
+        changed = written_since(self._weights)
+        if changed:
+            raise InputError(
+                f"weights of the original model were changed in place after optimize ({', '.join(changed[:3])}"
+                f"{', ...' if len(changed) > 3 else ''}); the optimized model shares them with it, and weights "
+                "folded from the old values would no longer match. Run graphopt.optimize again."
+            )
+
+    def _flat_call_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        if self._plain_args and not kwargs and len(args) == len(self._signature):
+            return args  # the common call, tensors only: no pytree work
+        return flatten_inputs(self.graph_module, args, kwargs)
+
+    def _check_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        flat = self._flat_call_inputs(args, kwargs)
+        self.dynamic.check(flat, self._signature)
+        return flat
+
+    def _like_example_layout(
+        self, flat: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's arguments laid out in memory like the example's (untouched when they already are)."""
+        moved = [
+            _relayout(value, order) if order is not None and isinstance(value, torch.Tensor) else value
+            for value, order in zip(flat, self._dim_orders, strict=False)
+        ]
+        if all(a is b for a, b in zip(moved, flat, strict=True)):
+            return args, kwargs
+        if flat is args:
+            return tuple(moved), kwargs
+        spec = getattr(self.graph_module, "_in_spec", None)
+        if spec is None:
+            return args, kwargs
+        new_args, new_kwargs = pytree.tree_unflatten(moved, spec)
+        return tuple(new_args), dict(new_kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the optimized model (inputs are moved to the target's device, in the example's layout)."""
+        flat = self._check_call(args, kwargs)
+        if self.runner is self.graph_module:
+            self._check_weights_unchanged()
+        args, kwargs = self._like_example_layout(flat, args, kwargs)
+        args, kwargs = self.target.move_inputs(args, kwargs)
+        with torch.inference_mode():
+            return self.runner(*args, **kwargs)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def export_onnx(self, path: str | Path) -> Path:
+        """Write the optimized graph as an ONNX file, checked and compared in onnxruntime.
+
+        Raises ``VerificationError`` when onnxruntime's outputs differ from the original model's.
+        """
+        # onnx and onnxruntime take about a second to import: only when exporting
+        from graphopt.targets.onnx.target import OnnxRuntimeModule, export_graph_to_onnx
+
+        if isinstance(self.runner, OnnxRuntimeModule):
+            session = self.runner
+        else:
+            self._check_weights_unchanged()
+            model = export_graph_to_onnx(self.portable_graph, self.example_inputs, self.example_kwargs, self.dynamic)
+            session = OnnxRuntimeModule(model, getattr(self.graph_module, "_out_spec", None))
+        outputs = session(*self.example_inputs, **self.example_kwargs)
+        if self.budget is None:
+            comparison = compare_outputs(outputs, self._reference)
+        else:
+            comparison = budget_comparison(pytree.tree_leaves(outputs), self._reference, self.budget)
+        if not comparison.ok:
+            raise VerificationError(f"the ONNX export computes different outputs: {comparison.detail}", "export-onnx")
+        log.info("ONNX outputs match (max |Δ| %.2e); writing %s", comparison.max_abs_diff, path)
+        return session.save(path)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the optimized model as a torch.export ``.pt2`` file with graphopt's metadata.
+
+        ``graphopt.load(path)`` gives it back in another process (no pickled code is run).
+        """
+        self._check_weights_unchanged()
+        return write_archive(path, self.portable_graph, self.example_inputs, self.example_kwargs,
+                             dynamic=self.dynamic, target=self.target.name, report=self.report)
+
+
+def load(path: str | Path, target: str | Target | None = None) -> OptimizedModel:
+    """Load a model written by ``OptimizedModel.save``, lowered to its target (or to ``target``).
+
+    Raises ``SaveFileError`` naming the file when it is missing, truncated, corrupt or not a
+    graphopt save. No pickled code is executed. When the outputs are classes of an installed
+    package (a transformers ``ModelOutput``), that package is imported so their structure
+    can be rebuilt.
+    """
+    archive = read_archive(path)
+    gm = archive.graph_module
+    flat_inputs = flatten_inputs(gm, archive.example_args, archive.example_kwargs)
+    try:
+        outputs, _ = run_and_record(gm, flat_inputs)
+    except Exception as error:
+        raise SaveFileError(f"{archive.path}: the loaded graph fails on its own example inputs: {error}") from error
+    chosen = get_target(target or archive.target)
+    chosen.check_available()
+    captured = CapturedModel(
+        graph_module=gm,
+        example_args=archive.example_args,
+        example_kwargs=archive.example_kwargs,
+        flat_inputs=flat_inputs,
+        reference_outputs=pytree.tree_leaves(outputs),
+        notes=[],
+        dynamic=archive.dynamic,
+    )
+    runner = chosen.lower(gm, captured.example_args, captured.example_kwargs, captured.dynamic)
+    return OptimizedModel(gm, runner, chosen, archive.report, captured)
