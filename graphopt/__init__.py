@@ -48,7 +48,7 @@ from graphopt.workflows.analyze import ModelAnalysis, analyze
 from graphopt.workflows.distill import distill
 from graphopt.workflows.optimize import optimize
 from graphopt.workflows.optimized_model import OptimizedModel, load
-from graphopt.workflows.options import Dynamic, Pipeline, Verify
+from graphopt.workflows.options import Dynamic, PassPipeline, Verify
 from graphopt.workflows.partition import PartitionedModel, PartitionReport, partition
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ __all__ = [
     "Pass",
     "PassError",
     "PassManager",
-    "Pipeline",
+    "PassPipeline",
     "PartitionError",
     "PartitionReport",
     "PartitionedModel",

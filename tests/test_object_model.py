@@ -24,7 +24,7 @@ from graphopt import (
     Int8Static,
     KMeans,
     OptimizedModel,
-    Pipeline,
+    PassPipeline,
     Prune,
     ReducedPrecision,
     RollbackWarning,
@@ -223,10 +223,10 @@ def test_dynamic_group_and_its_shortcut_are_the_same(mlp) -> None:
 
 def test_pipeline_group(mlp) -> None:
     model, x = mlp
-    fast = graphopt.optimize(model, x, pipeline=Pipeline(passes=["remove-dropout", "cse", "dce"], disabled="cse"))
+    fast = graphopt.optimize(model, x, pipeline=PassPipeline(passes=["remove-dropout", "cse", "dce"], disabled="cse"))
     assert [r.name for r in fast.report.records] == ["remove-dropout", "dce"]
-    with pytest.raises(InputError, match=r"give it inside Pipeline\(passes=...\)"):
-        graphopt.optimize(model, x, pipeline=Pipeline(), passes=["dce"])
+    with pytest.raises(InputError, match=r"give it inside PassPipeline\(passes=...\)"):
+        graphopt.optimize(model, x, pipeline=PassPipeline(), passes=["dce"])
 
 
 @dataclass(frozen=True)
@@ -245,7 +245,7 @@ class ReluToSigmoid(Pass):
 def test_verify_group_decides_what_a_broken_pass_does(mlp) -> None:
     model, x = mlp
     with pytest.raises(VerificationError, match="relu-to-sigmoid"):
-        graphopt.optimize(model, x, pipeline=Pipeline(passes=[ReluToSigmoid()]), verify=Verify(on_error="raise"))
+        graphopt.optimize(model, x, pipeline=PassPipeline(passes=[ReluToSigmoid()]), verify=Verify(on_error="raise"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fast = graphopt.optimize(model, x, passes=[ReluToSigmoid()], verify=Verify(on_error="rollback"))
@@ -283,7 +283,7 @@ def test_lowering_configs_and_compression_configs_are_top_level() -> None:
 
     assert graphopt.CpuLowering is Cpu and graphopt.GpuLowering is Gpu and graphopt.OnnxLowering is OnnxLowering
     for name in ("Int8Static", "Int8Dynamic", "WeightOnly", "KMeans", "Prune", "ReducedPrecision", "Dynamic",
-                 "Pipeline", "Verify", "OnnxLowering"):
+                 "PassPipeline", "Verify", "OnnxLowering"):
         assert name in graphopt.__all__
 
 

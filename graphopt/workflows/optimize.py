@@ -1,7 +1,7 @@
 """``graphopt.optimize``: capture, run verified passes (exact, then compression), lower to a target.
 
 The result is an ``OptimizedModel`` (``graphopt.workflows.optimized_model``); the grouped
-options (``Dynamic``, ``Pipeline``, ``Verify``) and the flat keywords they stand for are in
+options (``Dynamic``, ``PassPipeline``, ``Verify``) and the flat keywords they stand for are in
 ``graphopt.workflows.options``, the compression configs and their order in
 ``graphopt.passes.compress``.
 """
@@ -33,7 +33,14 @@ from graphopt.report import Report
 from graphopt.targets.base import Target, get_target
 from graphopt.targets.tune import lower_model
 from graphopt.workflows.optimized_model import OptimizedModel, budget_comparison
-from graphopt.workflows.options import Dynamic, Pipeline, Verify, is_graphopt_pipeline, resolve_options, with_lowering
+from graphopt.workflows.options import (
+    Dynamic,
+    PassPipeline,
+    Verify,
+    is_graphopt_pipeline,
+    resolve_options,
+    with_lowering,
+)
 
 if TYPE_CHECKING:
     from graphopt.targets.cpu.lowering import CpuLowering
@@ -89,7 +96,7 @@ def optimize(
     compress: CompressionSpec | Sequence[CompressionSpec] = (),
     calibration: Iterable[Any] | None = None,
     fidelity: Fidelity | None = None,
-    pipeline: Pipeline | None = None,
+    pipeline: PassPipeline | None = None,
     verify: bool | Verify = True,
     lowering: CpuLowering | GpuLowering | OnnxLowering | None = None,
     tune: bool = False,
@@ -102,7 +109,7 @@ def optimize(
     dims that may vary between calls (torch.export's ``dynamic_shapes`` format, or dim 0 of every
     tensor input); the final check then also runs the optimized model at other sizes of them.
 
-    **Exact passes.** ``pipeline=Pipeline(passes=..., disabled=..., fixed_point=...,
+    **Exact passes.** ``pipeline=PassPipeline(passes=..., disabled=..., fixed_point=...,
     instruments=...)`` chooses them (default: the target's pipeline). Each is verified on the
     example inputs, as ``verify=Verify(enabled=..., on_error=..., tolerance_scale=...)`` says: a
     pass that breaks the outputs is undone, reported and announced with a ``RollbackWarning``
@@ -129,7 +136,7 @@ def optimize(
 
     **Shortcuts.** The flat keywords of earlier releases still work: ``dynamic_shapes=`` and
     ``dynamic_batch=`` (``Dynamic``), ``passes=``, ``disabled=``, ``fixed_point=``,
-    ``instruments=`` (``Pipeline``), ``on_error=``, ``tolerance_scale=`` (``Verify``), and
+    ``instruments=`` (``PassPipeline``), ``on_error=``, ``tolerance_scale=`` (``Verify``), and
     ``prune=`` (a ratio, or a ``Prune``), ``quantize=`` (``"int8"``, ``"int8-dynamic"``,
     ``"int8-weight-only"``, ``"int4-weight-only"``, ``"kmeans"``, or a lossy pass) and
     ``precision=`` (``"bf16"``, ``"fp16"``), each one step of ``compress``. Any other keyword

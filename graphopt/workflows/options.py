@@ -1,15 +1,15 @@
 """The grouped options of ``graphopt.optimize``, and the flat keywords that stand for them.
 
     graphopt.optimize(model, x, dynamic=Dynamic(batch=True),
-                      pipeline=Pipeline(disabled=["fuse-horizontal"]),
+                      pipeline=PassPipeline(disabled=["fuse-horizontal"]),
                       verify=Verify(on_error="raise", tolerance_scale=4))
 
 Each group is a frozen dataclass whose fields are its options, checked on construction:
-``Dynamic`` (which input dims vary), ``Pipeline`` (which exact passes run, and how) and
+``Dynamic`` (which input dims vary), ``PassPipeline`` (which exact passes run, and how) and
 ``Verify`` (how every pass and the lowered model are checked). The flat keywords of earlier
 releases still work and mean the same (``SHORTCUTS``): ``dynamic_shapes=``/``dynamic_batch=``
 fill ``Dynamic``, ``passes=``/``disabled=``/``fixed_point=``/``instruments=`` fill
-``Pipeline``, ``on_error=``/``tolerance_scale=`` fill ``Verify``; giving a group and one of its
+``PassPipeline``, ``on_error=``/``tolerance_scale=`` fill ``Verify``; giving a group and one of its
 keywords together is an ``InputError``, and so is a keyword ``optimize`` does not know.
 """
 
@@ -33,7 +33,7 @@ __all__ = [
     "SHORTCUTS",
     "Dynamic",
     "OptimizeOptions",
-    "Pipeline",
+    "PassPipeline",
     "Verify",
     "default_on_error",
     "is_graphopt_pipeline",
@@ -93,7 +93,7 @@ class Dynamic:
 
 
 @dataclass(frozen=True)
-class Pipeline:
+class PassPipeline:
     """Which exact (verified) passes run before lowering, and how.
 
     ``passes``: replaces the target's default pipeline (pass names or ``Pass`` objects, e.g.
@@ -109,14 +109,14 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         if self.passes is not None:
-            object.__setattr__(self, "passes", _names(self.passes, "Pipeline(passes=...)"))
-        object.__setattr__(self, "disabled", _names(self.disabled, "Pipeline(disabled=...)"))
-        object.__setattr__(self, "instruments", _names(self.instruments, "Pipeline(instruments=...)"))
+            object.__setattr__(self, "passes", _names(self.passes, "PassPipeline(passes=...)"))
+        object.__setattr__(self, "disabled", _names(self.disabled, "PassPipeline(disabled=...)"))
+        object.__setattr__(self, "instruments", _names(self.instruments, "PassPipeline(instruments=...)"))
         if not isinstance(self.fixed_point, bool):
-            raise InputError(f"Pipeline(fixed_point=...) must be True or False, got {self.fixed_point!r}")
+            raise InputError(f"PassPipeline(fixed_point=...) must be True or False, got {self.fixed_point!r}")
         wrong = [i for i in self.instruments if not isinstance(i, Instrument)]
         if wrong:
-            raise InputError(f"Pipeline(instruments=...) takes graphopt.Instrument objects, got "
+            raise InputError(f"PassPipeline(instruments=...) takes graphopt.Instrument objects, got "
                              f"{type(wrong[0]).__name__}")
 
     def build(self, target: Target) -> list[Pass]:
@@ -177,7 +177,7 @@ SHORTCUTS: dict[str, tuple[str, str]] = {
 COMPRESSION_SHORTCUTS = ("prune", "quantize", "precision")
 """Flat ``optimize`` keywords that each add one compression step (see ``graphopt.passes.compress``)."""
 
-_GROUPS: dict[str, type] = {"dynamic": Dynamic, "pipeline": Pipeline, "verify": Verify}
+_GROUPS: dict[str, type] = {"dynamic": Dynamic, "pipeline": PassPipeline, "verify": Verify}
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ class OptimizeOptions:
     """``optimize``'s grouped options with every shortcut keyword folded in."""
 
     dynamic: Dynamic = field(default_factory=Dynamic)
-    pipeline: Pipeline = field(default_factory=Pipeline)
+    pipeline: PassPipeline = field(default_factory=PassPipeline)
     verify: Verify = field(default_factory=Verify)
     compression: dict[str, Any] = field(default_factory=dict)  # prune= / quantize= / precision=
 
@@ -196,7 +196,7 @@ def _unknown_keyword(name: str, known: Sequence[str]) -> InputError:
     return InputError(f"optimize() got an unknown keyword argument {name!r}{hint}. It takes: {', '.join(known)}")
 
 
-def resolve_options(dynamic: Dynamic | None, pipeline: Pipeline | None, verify: bool | Verify,
+def resolve_options(dynamic: Dynamic | None, pipeline: PassPipeline | None, verify: bool | Verify,
                     shortcuts: Mapping[str, Any], explicit: Sequence[str] = ()) -> OptimizeOptions:
     """Fold ``optimize``'s flat keywords (``shortcuts``) into its grouped options.
 
