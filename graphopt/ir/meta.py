@@ -151,14 +151,17 @@ def infer_meta(node: fx.Node) -> bool:
     """Give a new (or rewritten) node ``val`` and ``tensor_meta`` computed from its inputs' values.
 
     The op runs on fake tensors in the graph's fake mode, so dynamic dims stay symbolic.
-    Returns False, leaving the node's meta as it was, when an input has no recorded value or
-    the op cannot run on fake tensors; the pass manager's next run records ``tensor_meta`` then.
+    Returns False when an input has no recorded value or the op cannot run on fake tensors:
+    the node then has no ``val``/``tensor_meta`` (none is better than a stale one), and the pass
+    manager's next run records its ``tensor_meta``.
     """
     if node.op not in ("call_function", "call_method", "call_module"):
         return False
     try:
         value = _evaluate(node, _mode_for(node))
     except Exception:
+        for key in SHAPE_META:
+            node.meta.pop(key, None)
         return False
     record_meta(node, value)
     return True

@@ -26,7 +26,10 @@ def normalized_args(node: fx.Node) -> dict[str, Any] | None:
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return None
-    bound = normalize_function(target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
+    try:
+        bound = normalize_function(target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
+    except TypeError:  # too many arguments, or one given twice
+        return None
     return dict(bound.kwargs) if bound is not None else None
 
 

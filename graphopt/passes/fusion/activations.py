@@ -28,8 +28,9 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import node_dtype
+from graphopt.ir.meta import infer_meta
 from graphopt.passes.base import Pass, PassResult, register_pass
-from graphopt.passes.fusion._match import add_operands, close_to, erase_dead, infer_meta, is_call, scalar_value
+from graphopt.passes.fusion._match import add_operands, close_to, erase_dead, is_call, scalar_value
 
 aten = torch.ops.aten
 

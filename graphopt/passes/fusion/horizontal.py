@@ -34,14 +34,16 @@ from graphopt.ir.graph import (
     prune_unused_attributes,
     register_constant,
 )
+from graphopt.ir.meta import infer_meta
+from graphopt.ir.ops import LINEAR_OPS
 from graphopt.passes.base import Pass, PassResult, register_pass
-from graphopt.passes.fusion._match import infer_meta, is_call
+from graphopt.passes.fusion._match import is_call
 
 aten = torch.ops.aten
 
 __all__ = ["FuseHorizontal"]
 
-_LINEAR_LIKE = (aten.linear.default, aten.matmul.default, aten.mm.default, aten.addmm.default)
+_LINEAR_LIKE = LINEAR_OPS | {aten.mm.default, aten.matmul.default}
 
 
 @dataclass

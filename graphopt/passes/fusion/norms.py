@@ -27,11 +27,11 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import node_dtype, node_shape
+from graphopt.ir.meta import infer_meta
 from graphopt.passes.base import Pass, PassResult, register_pass
 from graphopt.passes.fusion._match import (
     add_operands,
     erase_dead,
-    infer_meta,
     is_call,
     normalize_dims,
     scalar_value,
