@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, is_mutating, node_shape, op_name
-from graphopt.ir.op_args import conv_arguments
+from graphopt.ir.op_args import argument, conv_arguments
 from graphopt.ir.ops import (
     ALIAS_OPS,
     CONV_OPS,
@@ -727,14 +727,7 @@ class DependencyGraph:
 
     def _reduce(self, node: fx.Node, name: str, normalizing: bool) -> list[Layout]:
         source = self._need(node.args[0], name)
-        dims_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if node.target is aten.linalg_vector_norm.default:
-            dims_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-        keepdim = node.kwargs.get("keepdim", False)
-        if node.target is aten.linalg_vector_norm.default:
-            keepdim = node.args[3] if len(node.args) > 3 else keepdim
-        elif len(node.args) > 2 and isinstance(node.args[2], bool):
-            keepdim = node.args[2]
+        dims_arg, keepdim = argument(node, "dim"), bool(argument(node, "keepdim", False))
         if dims_arg is None or dims_arg == []:
             dims = list(range(len(source)))
         else:
@@ -783,7 +776,7 @@ class DependencyGraph:
 
     def _cat(self, node: fx.Node, name: str) -> list[Layout]:
         tensors = [self._need(t, name) for t in node.args[0]]
-        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % len(tensors[0])
+        dim = argument(node, "dim", 0) % len(tensors[0])
         for other in tensors[1:]:
             for d, (la, lb) in enumerate(zip(tensors[0], other, strict=True)):
                 if d != dim:
@@ -798,8 +791,7 @@ class DependencyGraph:
         vals = node.meta.get("val")
         if not isinstance(vals, (list, tuple)):
             raise _NoRule(f"{name}: outputs unknown")
-        dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        dim = dim_arg % len(source)
+        dim = argument(node, "dim", 0) % len(source)
         sizes = [_dim(v.shape[dim]) for v in vals]
         if not all(_is_int(s) for s in sizes):
             self.block(self.atoms_in([source[dim]]), f"{name} at dynamic sizes")

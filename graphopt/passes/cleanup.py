@@ -189,7 +189,7 @@ def _identity(node: fx.Node) -> tuple[str, fx.Node] | None:
     if target in _SCALAR_IDENTITY and len(node.args) == 2:
         other = node.args[1]
         if isinstance(other, (int, float)) and not isinstance(other, bool) and other == _SCALAR_IDENTITY[target]:
-            if node.kwargs.get("alpha", 1) == 1:
+            if argument(node, "alpha", 1) == 1:
                 return "copy", source
     return None
 

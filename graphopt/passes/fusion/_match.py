@@ -56,7 +56,7 @@ def add_operands(node: fx.Node) -> tuple[Any, Any] | None:
     """``(a, b)`` for ``add(a, b)`` with ``alpha`` 1 (``sub(a, b)`` is not an add); None otherwise."""
     if not is_call(node, aten.add.Tensor, aten.add.Scalar):
         return None
-    alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+    alpha = argument(node, "alpha", 1)
     if alpha != 1:
         return None
     return node.args[0], node.args[1]

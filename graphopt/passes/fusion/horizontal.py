@@ -35,6 +35,7 @@ from graphopt.ir.graph import (
     register_constant,
 )
 from graphopt.ir.meta import infer_meta
+from graphopt.ir.op_args import argument
 from graphopt.ir.ops import LINEAR_OPS
 from graphopt.passes.base import Pass, PassResult, register_pass
 from graphopt.passes.fusion._match import is_call
@@ -61,13 +62,13 @@ def _member(gm: fx.GraphModule, node: fx.Node) -> _Member | str | None:
     target, args = node.target, node.args
     if target is aten.linear.default:
         x, weight_node = args[0], args[1]
-        bias_node = args[2] if len(args) > 2 else node.kwargs.get("bias")
+        bias_node = argument(node, "bias")
         transpose = False
     elif target in (aten.matmul.default, aten.mm.default):
         x, weight_node, bias_node, transpose = args[0], args[1], None, True
     elif target is aten.addmm.default:
         bias_node, x, weight_node = args[0], args[1], args[2]
-        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        if argument(node, "beta") != 1 or argument(node, "alpha") != 1:
             return "addmm with beta or alpha other than 1"
         transpose = True
     else:

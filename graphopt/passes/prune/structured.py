@@ -23,7 +23,7 @@ from graphopt.analysis.dependency import Atom, DependencyGraph, Group, Layout, l
 from graphopt.errors import InputError
 from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
 from graphopt.ir.meta import propagate_meta
-from graphopt.ir.op_args import set_argument
+from graphopt.ir.op_args import argument, set_argument
 from graphopt.ir.ops import MATMUL_OPS, WEIGHTED_LAYER_OPS
 from graphopt.passes.base import PassResult
 from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
@@ -344,8 +344,7 @@ class StructuredPlan(LossyPlan):
         return out
 
     def _rewrite_split(self, node: fx.Node, outputs: list[list[Layout]], active: dict[int, GroupChoice]) -> None:
-        dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        dim = dim_arg % len(outputs[0])
+        dim = argument(node, "dim", 0) % len(outputs[0])
         sizes = [int(self.new_length(out[dim], active)) for out in outputs]
         node.target = aten.split_with_sizes.default
         node.args = (node.args[0], sizes, dim)

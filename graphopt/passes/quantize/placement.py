@@ -39,6 +39,7 @@ import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, node_dtype, register_constant
 from graphopt.ir.meta import copy_meta, infer_meta
+from graphopt.ir.op_args import argument
 from graphopt.ir.ops import BATCHED_MATMUL_OPS, LINEAR_OPS
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN, WEIGHT_QMAX, WEIGHT_QMIN, QParams
 
@@ -135,7 +136,7 @@ def _weight_site(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int] | None:
         return None
     if node.target == aten.matmul.default and weight.dim() != 2:
         return None
-    if node.target == aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
+    if node.target == aten.addmm.default and (argument(node, "beta") != 1 or argument(node, "alpha") != 1):
         return None
     return index, axis
 

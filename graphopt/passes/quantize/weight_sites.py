@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
 from graphopt.ir.meta import PROVENANCE_META, SHAPE_META, copy_meta, infer_meta
-from graphopt.ir.op_args import conv_arguments
+from graphopt.ir.op_args import argument, conv_arguments
 from graphopt.ir.ops import CONV_OPS
 from graphopt.passes.quantize.selection import SKIPPED, SkipList
 
@@ -72,7 +72,7 @@ def _product_site(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node, str 
         return "mm", node.args[1], None
     if node.target == aten.addmm.default:
         refusal = None
-        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        if argument(node, "beta") != 1 or argument(node, "alpha") != 1:
             refusal = "addmm with beta/alpha != 1"
         bias = _constant_weight(gm, node.args[0]) if isinstance(node.args[0], fx.Node) else None
         if bias is None or bias.dim() != 1:
