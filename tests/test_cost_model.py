@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import graphopt
 from graphopt.analysis import count_parameters, node_costs, profile_nodes, total_macs
 from graphopt.ir.capture import capture
+from graphopt.ir.op_args import conv_arguments
 
 
 def _costs_by_op(model: nn.Module, inputs: tuple, **kwargs):
@@ -139,3 +140,15 @@ def test_layers_grouped_by_module_depth() -> None:
     assert [b.macs for b in blocks] == [2 * 2 * 8 * 8, 2 * 2 * 8 * 8]
     leaves = group_by_layer(costs)
     assert [layer.name for layer in leaves if layer.macs] == ["0.fc1", "0.fc2", "1.fc1", "1.fc2"]
+
+
+def test_backend_convolutions_read_their_arguments_by_name() -> None:
+    """``mkldnn_convolution`` puts ``groups`` where ``convolution`` has ``transposed``: not a transposed conv."""
+    gm = capture(nn.Conv2d(3, 8, 3, padding=1), (torch.randn(2, 3, 8, 8),)).graph_module
+    (conv,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    args = conv_arguments(conv)
+    conv.target = torch.ops.aten.mkldnn_convolution.default
+    conv.args = (args.input, args.weight, args.bias, list(args.padding), list(args.stride), list(args.dilation),
+                 args.groups)
+    (cost,) = [c for c in node_costs(gm).values() if "convolution" in c.op]
+    assert cost.macs == 2 * 8 * 8 * 8 * 3 * 9

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir.graph import MAYBE_ALIASING_OPS, is_aten, is_mutating, node_dtype
+from graphopt.ir.graph import is_aten, is_mutating, node_dtype
+from graphopt.ir.op_args import argument
+from graphopt.ir.ops import MAYBE_ALIASING_OPS
 
 aten = torch.ops.aten
 
-__all__ = ["REWRITABLE_VIEWS", "CopyAnalysis", "alias_closure", "aliased_inputs", "op_argument"]
+__all__ = ["REWRITABLE_VIEWS", "CopyAnalysis", "alias_closure", "aliased_inputs"]
 
 
 def _ops(*names: str) -> frozenset[Any]:
@@ -60,19 +62,11 @@ _FRESH_LAYOUT = _ops(
 
 def _schema_args(node: fx.Node) -> Iterator[tuple[Any, Any]]:
     """(schema argument, value) for each argument given to an ``OpOverload`` call."""
-    for index, argument in enumerate(node.target._schema.arguments):
-        if not argument.kwarg_only and index < len(node.args):
-            yield argument, node.args[index]
-        elif argument.name in node.kwargs:
-            yield argument, node.kwargs[argument.name]
-
-
-def op_argument(node: fx.Node, name: str, default: Any = None) -> Any:
-    """The value of argument ``name`` of an ``OpOverload`` call, or ``default`` when it is not given."""
-    for argument, value in _schema_args(node):
-        if argument.name == name:
-            return value
-    return default
+    for index, schema_arg in enumerate(node.target._schema.arguments):
+        if not schema_arg.kwarg_only and index < len(node.args):
+            yield schema_arg, node.args[index]
+        elif schema_arg.name in node.kwargs:
+            yield schema_arg, node.kwargs[schema_arg.name]
 
 
 def _nodes_in(value: Any) -> list[fx.Node]:
@@ -95,7 +89,7 @@ def aliased_inputs(node: fx.Node) -> list[fx.Node]:
         return []
     if all(r.alias_info is None for r in node.target._schema.returns):
         return []
-    return [n for argument, value in _schema_args(node) if argument.alias_info is not None for n in _nodes_in(value)]
+    return [n for arg, value in _schema_args(node) if arg.alias_info is not None for n in _nodes_in(value)]
 
 
 def _written_inputs(node: fx.Node) -> list[fx.Node]:
@@ -104,8 +98,8 @@ def _written_inputs(node: fx.Node) -> list[fx.Node]:
         return []
     return [
         n
-        for argument, value in _schema_args(node)
-        if argument.alias_info is not None and argument.alias_info.is_write
+        for schema_arg, value in _schema_args(node)
+        if schema_arg.alias_info is not None and schema_arg.alias_info.is_write
         for n in _nodes_in(value)
     ]
 
@@ -145,7 +139,7 @@ def _private_result(copy: fx.Node, source: fx.Node) -> bool:
     """
     if copy.target in (aten.contiguous.default, aten.lift_fresh_copy.default):
         return False
-    if op_argument(copy, "memory_format") not in (None, torch.preserve_format):
+    if argument(copy, "memory_format") not in (None, torch.preserve_format):
         return False
     if len(source.users) != 1:
         return False
@@ -251,7 +245,7 @@ class CopyAnalysis:
         if packet in _STRIDED:
             return "copy feeds as_strided"
         if packet in _STRIDE_QUERIES or (target is aten._assert_tensor_metadata.default
-                                         and op_argument(user, "stride") is not None):
+                                         and argument(user, "stride") is not None):
             return "copy feeds an op that reads strides"
         if target in REWRITABLE_VIEWS:
             if self.mutating and user in self.write_aliases():

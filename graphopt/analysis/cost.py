@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from graphopt.ir.graph import op_name, preserved_state
+from graphopt.ir.op_args import conv_arguments
 
 __all__ = [
     "NodeCost",
@@ -141,17 +142,14 @@ def _packet(node: fx.Node) -> str:
 
 
 def _conv_macs(node: fx.Node) -> int:
-    packet = _packet(node)
-    weight = _shape(node.args[1]) if len(node.args) > 1 else None
-    out = _shape(node)
-    inp = _shape(node.args[0])
+    conv = conv_arguments(node)
+    if conv is None:
+        return 0
+    weight, out, inp = _shape(conv.weight), _shape(node), _shape(conv.input)
     if weight is None or out is None or inp is None:
         return 0
-    transposed = packet.startswith("conv_transpose")
-    if packet in ("convolution", "_convolution", "mkldnn_convolution", "cudnn_convolution") and len(node.args) > 6:
-        transposed = bool(node.args[6])
     kernel = math.prod(weight[2:])
-    if transposed:  # weight (C_in, C_out / groups, *k): every input element feeds C_out/groups * k outputs
+    if conv.transposed:  # weight (C_in, C_out / groups, *k): every input element feeds C_out/groups * k outputs
         return _numel(inp) * weight[1] * kernel
     return _numel(out) * weight[1] * kernel  # weight (C_out, C_in / groups, *k)
 

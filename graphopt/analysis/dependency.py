@@ -42,6 +42,17 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, is_mutating, node_shape, op_name
+from graphopt.ir.op_args import argument, conv_arguments
+from graphopt.ir.ops import (
+    ALIAS_OPS,
+    CONV_OPS,
+    COPY_OPS,
+    DROPOUT_OPS,
+    LOG_SOFTMAX_OPS,
+    MATMUL_OPS,
+    RESHAPE_OPS,
+    SOFTMAX_OPS,
+)
 
 __all__ = ["Atom", "DependencyGraph", "Group", "Segment", "layer_label"]
 
@@ -91,14 +102,11 @@ class Segment:
 
 Layout = tuple[Segment, ...]
 
-_IDENTITY_OPS = {
-    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default, aten.to.dtype,
-    aten.to.device, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default, aten.dropout.default,
+_IDENTITY_OPS = ALIAS_OPS | COPY_OPS | DROPOUT_OPS | {
+    aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
     aten.lift_fresh_copy.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
-    aten.empty_like.default, aten.feature_dropout.default, aten.alpha_dropout.default,
+    aten.empty_like.default,
 }
-_VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-_CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
 _POOL_OPS = {
     aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default, aten.avg_pool1d.default,
     aten.avg_pool2d.default, aten.avg_pool3d.default, aten.adaptive_avg_pool1d.default,
@@ -110,7 +118,6 @@ _SUM_OPS = {aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.lin
             aten.norm.ScalarOpt_dim}
 _NORMALIZING_REDUCTIONS = {aten.mean.dim, aten.var.correction, aten.std.correction, aten.var.dim,
                            aten.std.dim, aten.var_mean.correction}
-_SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default}
 _BATCH_NORM_OPS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
                    aten.native_batch_norm.default, aten.instance_norm.default}
 
@@ -418,7 +425,7 @@ class DependencyGraph:
                                                             aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
                                                             aten.masked_fill.Tensor}:
             return self._broadcast(node, [a for a in _flat_nodes(args) + _flat_nodes(node.kwargs)], name)
-        if target in _VIEW_OPS or target is aten.flatten.using_ints or target is aten.unflatten.int:
+        if target in RESHAPE_OPS or target is aten.flatten.using_ints or target is aten.unflatten.int:
             return self._reshape(node, name)
         if target in (aten.permute.default,):
             source = self._need(args[0], name)
@@ -448,10 +455,9 @@ class DependencyGraph:
             return out
         if target in (aten.linear.default,):
             return self._linear(node, name)
-        if target in (aten.addmm.default, aten.mm.default, aten.bmm.default, aten.matmul.default,
-                      aten.baddbmm.default):
+        if target in MATMUL_OPS or target in (aten.addmm.default, aten.baddbmm.default):
             return self._matmul(node, name)
-        if target in _CONV_OPS:
+        if target in CONV_OPS:
             return self._conv(node, name)
         if target in _BATCH_NORM_OPS:
             return self._batch_norm(node, name)
@@ -476,7 +482,7 @@ class DependencyGraph:
             return out
         if target in _SUM_OPS or target in _NORMALIZING_REDUCTIONS:
             return self._reduce(node, name, normalizing=target in _NORMALIZING_REDUCTIONS)
-        if target in _SOFTMAX_OPS:
+        if target in SOFTMAX_OPS or target in LOG_SOFTMAX_OPS:
             source = self._need(args[0], name)
             dim = args[1] % len(source)
             self.block(self.atoms_in([source[dim]]), f"{name} normalizes over this dim")
@@ -562,7 +568,7 @@ class DependencyGraph:
         for index, size in enumerate(shape):
             if out[index] is None:
                 out[index] = self.fixed(size)
-        if node.target in _VIEW_OPS:
+        if node.target in RESHAPE_OPS:
             self.rewrites[node.name] = "shape"
             self._block_symbolic_sizes(node.args[1], out, name)  # type: ignore[arg-type]
         elif node.target is aten.unflatten.int:
@@ -650,16 +656,14 @@ class DependencyGraph:
         return [self.resolve(layout) for layout in out]
 
     def _conv(self, node: fx.Node, name: str) -> list[Layout]:
-        args = node.args
-        x, weight = self._need(args[0], name), self._need(args[1], name)
-        self._note_weight(node, args[1])
-        bias = args[2] if len(args) > 2 else node.kwargs.get("bias")
-        if node.target is aten.convolution.default:
-            transposed, groups = args[6], args[8]
-            if transposed:
-                raise _NoRule(f"{name} (transposed) has no pruning rule")
-        else:
-            groups = args[6] if len(args) > 6 else node.kwargs.get("groups", 1)
+        conv = conv_arguments(node)
+        if conv is None:
+            raise _NoRule(f"{name}: arguments that do not fit the convolution's schema")
+        x, weight = self._need(conv.input, name), self._need(conv.weight, name)
+        self._note_weight(node, conv.weight)
+        if conv.transposed:
+            raise _NoRule(f"{name} (transposed) has no pruning rule")
+        bias, groups = conv.bias, conv.groups
         shape = self._shape(node)
         if groups == 1:
             self.unify(x[1], weight[1], f"{name} contracts input channels with weight in-channels")
@@ -723,14 +727,7 @@ class DependencyGraph:
 
     def _reduce(self, node: fx.Node, name: str, normalizing: bool) -> list[Layout]:
         source = self._need(node.args[0], name)
-        dims_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if node.target is aten.linalg_vector_norm.default:
-            dims_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-        keepdim = node.kwargs.get("keepdim", False)
-        if node.target is aten.linalg_vector_norm.default:
-            keepdim = node.args[3] if len(node.args) > 3 else keepdim
-        elif len(node.args) > 2 and isinstance(node.args[2], bool):
-            keepdim = node.args[2]
+        dims_arg, keepdim = argument(node, "dim"), bool(argument(node, "keepdim", False))
         if dims_arg is None or dims_arg == []:
             dims = list(range(len(source)))
         else:
@@ -779,7 +776,7 @@ class DependencyGraph:
 
     def _cat(self, node: fx.Node, name: str) -> list[Layout]:
         tensors = [self._need(t, name) for t in node.args[0]]
-        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % len(tensors[0])
+        dim = argument(node, "dim", 0) % len(tensors[0])
         for other in tensors[1:]:
             for d, (la, lb) in enumerate(zip(tensors[0], other, strict=True)):
                 if d != dim:
@@ -794,8 +791,7 @@ class DependencyGraph:
         vals = node.meta.get("val")
         if not isinstance(vals, (list, tuple)):
             raise _NoRule(f"{name}: outputs unknown")
-        dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        dim = dim_arg % len(source)
+        dim = argument(node, "dim", 0) % len(source)
         sizes = [_dim(v.shape[dim]) for v in vals]
         if not all(_is_int(s) for s in sizes):
             self.block(self.atoms_in([source[dim]]), f"{name} at dynamic sizes")

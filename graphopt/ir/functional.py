@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphopt.ir.graph import MAYBE_ALIASING_OPS, is_aten, is_mutating
+from graphopt.ir.graph import is_aten, is_mutating
+from graphopt.ir.ops import MAYBE_ALIASING_OPS
 
 __all__ = ["outplace_simple_mutations"]
 

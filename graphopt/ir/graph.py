@@ -21,7 +21,6 @@ from graphopt.errors import StateError
 
 __all__ = [
     "FUSED_FROM",
-    "MAYBE_ALIASING_OPS",
     "STATE_UPDATE",
     "annotate_tensor_meta",
     "attribute_value",
@@ -313,14 +312,6 @@ def draws_random_numbers(node: fx.Node) -> bool:
         and isinstance(target, torch._ops.OpOverload)
         and torch.Tag.nondeterministic_seeded in target.tags
     )
-
-
-MAYBE_ALIASING_OPS = frozenset({
-    torch.ops.aten.type_as, torch.ops.aten.dropout, torch.ops.aten.feature_dropout, torch.ops.aten.alpha_dropout,
-    torch.ops.aten.feature_alpha_dropout, torch.ops.aten.atleast_1d, torch.ops.aten.atleast_2d,
-    torch.ops.aten.atleast_3d, torch.ops.aten._unsafe_view,
-})
-"""Op packets whose result may be their input itself although their schema does not say so."""
 
 
 def tensor_versions(gm: torch.nn.Module) -> dict[str, tuple[torch.Tensor, int]]:

@@ -47,7 +47,7 @@ class Pass:
 
 P = TypeVar("P", bound=type[Pass])
 
-# Built-in passes are imported only when first asked for: name -> "module:Class".
+# The one registry of passes. Built-in ones are imported only when first asked for: name -> "module:Class".
 _BUILTIN: dict[str, str] = {
     "dce": "graphopt.passes.cleanup:DeadCodeElimination",
     "cse": "graphopt.passes.cleanup:CommonSubexpressionElimination",
@@ -61,6 +61,11 @@ _BUILTIN: dict[str, str] = {
     "fuse-norms": "graphopt.passes.fusion.norms:FuseNorms",
     "fuse-horizontal": "graphopt.passes.fusion.horizontal:FuseHorizontal",
     "partition": "graphopt.passes.split_stages:Partition",
+    "quantize": "graphopt.passes.quantize:Quantize",
+    "weight-only-quantize": "graphopt.passes.quantize.weight_only:WeightOnlyQuantize",
+    "kmeans-quantize": "graphopt.passes.quantize.kmeans:KMeansQuantize",
+    "prune": "graphopt.passes.prune:Prune",
+    "reduced-precision": "graphopt.passes.precision:ReducedPrecision",
     "epilogue-fusion": "graphopt.targets.cpu.epilogue:EpilogueFusion",
     "channels-last": "graphopt.targets.common.channels_last:ChannelsLast",
 }

@@ -10,14 +10,15 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, node_shape, prune_unused_attributes, register_constant
+from graphopt.ir.op_args import argument, conv_arguments, normalized_args, set_argument
+from graphopt.ir.ops import CONV_OPS, STRING_PADDING_CONV_OPS
 from graphopt.passes.base import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
 
 __all__ = ["FoldConvBatchNorm", "FoldLinearBatchNorm"]
 
-_CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding,
-          aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default)
+_BATCH_NORMS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 
 
 @dataclass(frozen=True)
@@ -35,21 +36,21 @@ class _BatchNorm:
 
 def _match_batchnorm(gm: fx.GraphModule, node: fx.Node) -> _BatchNorm | str | None:
     """Describe ``node`` as an inference batch norm; a reason string when it cannot be folded."""
-    if node.op != "call_function":
+    if node.op != "call_function" or node.target not in _BATCH_NORMS:
         return None
-    if node.target is aten.batch_norm.default:
-        x, weight, bias, mean, var, training, _momentum, eps = node.args[:8]
-        if training:
-            return "batch norm in training mode"
-        output = node
-    elif node.target is aten._native_batch_norm_legit_no_training.default:
-        x, weight, bias, mean, var, _momentum, eps = node.args[:7]
+    values = normalized_args(node)
+    if values is None:
+        return None
+    if values.get("training", False):
+        return "batch norm in training mode"
+    output = node
+    if node.target is aten._native_batch_norm_legit_no_training.default:
         users = list(node.users)
         if not all(u.target is operator.getitem and u.args[1] == 0 for u in users) or len(users) != 1:
             return "batch norm statistics are used"
         output = users[0]
-    else:
-        return None
+    x, eps = values["input"], values["eps"]
+    weight, bias, mean, var = (values[k] for k in ("weight", "bias", "running_mean", "running_var"))
     tensors = [attribute_value(gm, n) if n is not None else None for n in (weight, bias, mean, var)]
     if any(n is not None and t is None for n, t in zip((weight, bias, mean, var), tensors, strict=True)):
         return "batch norm parameters are not constants"
@@ -72,16 +73,13 @@ def _folded(weight: torch.Tensor, bias: torch.Tensor | None, bn: _BatchNorm) -> 
     return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
 
 
-def _fold_into(gm: fx.GraphModule, layer: fx.Node, bn: _BatchNorm, bias_index: int) -> None:
-    weight = attribute_value(gm, layer.args[1])
-    bias_node = layer.args[bias_index] if len(layer.args) > bias_index else layer.kwargs.get("bias")
+def _fold_into(gm: fx.GraphModule, layer: fx.Node, bn: _BatchNorm) -> None:
+    weight = attribute_value(gm, argument(layer, "weight"))
+    bias_node = argument(layer, "bias")
     bias = attribute_value(gm, bias_node) if bias_node is not None else None
     new_weight, new_bias = _folded(weight, bias, bn)
-    args = list(layer.args) + [None] * max(0, bias_index + 1 - len(layer.args))
-    args[1] = register_constant(gm, f"{layer.name}_weight", new_weight, before=layer)
-    args[bias_index] = register_constant(gm, f"{layer.name}_bias", new_bias, before=layer)
-    layer.args = tuple(args)
-    layer.kwargs = {k: v for k, v in layer.kwargs.items() if k != "bias"}
+    set_argument(layer, "weight", register_constant(gm, f"{layer.name}_weight", new_weight, before=layer))
+    set_argument(layer, "bias", register_constant(gm, f"{layer.name}_bias", new_bias, before=layer))
     bn.output.replace_all_uses_with(layer)
     stale = [bn.output] + ([bn.output.args[0]] if bn.output.target is operator.getitem else [])
     for node in stale:
@@ -89,18 +87,18 @@ def _fold_into(gm: fx.GraphModule, layer: fx.Node, bn: _BatchNorm, bias_index: i
             gm.graph.erase_node(node)
 
 
-def _layer_problem(gm: fx.GraphModule, layer: fx.Node, bias_index: int) -> str | None:
+def _layer_problem(gm: fx.GraphModule, layer: fx.Node) -> str | None:
     if len(layer.users) != 1:
         return "layer output is also used elsewhere"
-    if attribute_value(gm, layer.args[1]) is None:
+    if attribute_value(gm, argument(layer, "weight")) is None:
         return "layer weight is not a constant"
-    bias_node = layer.args[bias_index] if len(layer.args) > bias_index else layer.kwargs.get("bias")
+    bias_node = argument(layer, "bias")
     if bias_node is not None and attribute_value(gm, bias_node) is None:
         return "layer bias is not a constant"
     return None
 
 
-def _fold_all(gm: fx.GraphModule, layer_ops: tuple, layer_check, pass_name: str) -> PassResult:
+def _fold_all(gm: fx.GraphModule, layer_ops: frozenset, layer_check, pass_name: str) -> PassResult:
     folded, misses = 0, Counter[str]()
     for node in list(gm.graph.nodes):
         bn = _match_batchnorm(gm, node)
@@ -113,7 +111,7 @@ def _fold_all(gm: fx.GraphModule, layer_ops: tuple, layer_check, pass_name: str)
         if problem:
             misses[problem] += 1
             continue
-        _fold_into(gm, layer, bn, bias_index=2)
+        _fold_into(gm, layer, bn)
         folded += 1
     if folded:
         prune_unused_attributes(gm)
@@ -123,16 +121,19 @@ def _fold_all(gm: fx.GraphModule, layer_ops: tuple, layer_check, pass_name: str)
 
 
 def _conv_problem(gm: fx.GraphModule, layer: fx.Node) -> str | None:
-    if layer.target is aten.convolution.default and layer.args[6]:
+    conv = conv_arguments(layer)
+    if conv is None:
+        return "convolution arguments do not fit its schema"
+    if conv.transposed:
         return "transposed convolution"
-    return _layer_problem(gm, layer, 2)
+    return _layer_problem(gm, layer)
 
 
 def _linear_problem(gm: fx.GraphModule, layer: fx.Node) -> str | None:
     shape = node_shape(layer)
     if shape is None or len(shape) != 2:
         return "linear output is not (batch, features)"
-    return _layer_problem(gm, layer, 2)
+    return _layer_problem(gm, layer)
 
 
 @register_pass
@@ -144,7 +145,7 @@ class FoldConvBatchNorm(Pass):
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         """Fold every foldable conv → batch norm pair; report the pairs that could not be folded."""
-        return _fold_all(gm, _CONVS, _conv_problem, self.name)
+        return _fold_all(gm, CONV_OPS | STRING_PADDING_CONV_OPS, _conv_problem, self.name)
 
 
 @register_pass
@@ -156,4 +157,4 @@ class FoldLinearBatchNorm(Pass):
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         """Fold every foldable linear → batch norm pair; report the pairs that could not be folded."""
-        return _fold_all(gm, (aten.linear.default,), _linear_problem, self.name)
+        return _fold_all(gm, frozenset({aten.linear.default}), _linear_problem, self.name)

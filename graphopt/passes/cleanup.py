@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.analysis.aliasing import REWRITABLE_VIEWS, CopyAnalysis, op_argument
+from graphopt.analysis.aliasing import REWRITABLE_VIEWS, CopyAnalysis
 from graphopt.ir.graph import (
     draws_random_numbers,
     is_mutating,
@@ -17,6 +17,8 @@ from graphopt.ir.graph import (
     node_shape,
     prune_unused_attributes,
 )
+from graphopt.ir.op_args import argument
+from graphopt.ir.ops import ALIAS_OPS, DROPOUT_OPS, RESHAPE_OPS
 from graphopt.passes.base import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -102,10 +104,6 @@ def _is_returned(node: fx.Node) -> bool:
     return any(user.op == "output" for user in node.users)
 
 
-_DROPOUTS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
-             aten.feature_alpha_dropout.default)
-
-
 @register_pass
 @dataclass(frozen=True)
 class RemoveDropout(Pass):
@@ -117,9 +115,8 @@ class RemoveDropout(Pass):
         """Replace every non-training dropout by its input."""
         removed = 0
         for node in list(gm.graph.nodes):
-            if node.op == "call_function" and node.target in _DROPOUTS:
-                training = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-                if training is False:
+            if node.op == "call_function" and node.target in DROPOUT_OPS:
+                if argument(node, "train") is False:
                     node.replace_all_uses_with(node.args[0])
                     gm.graph.erase_node(node)
                     removed += 1
@@ -135,8 +132,7 @@ class RemoveDropout(Pass):
 # that: see ``CopyAnalysis``.
 
 
-_ALIAS_IDENTITY = (aten.alias.default, aten.detach.default)
-_SAME_SHAPE_VIEWS = (aten.view.default, aten.reshape.default, aten.expand.default, aten._unsafe_view.default)
+_SAME_SHAPE_VIEWS = RESHAPE_OPS | {aten.expand.default}
 _SCALAR_IDENTITY = {
     aten.mul.Tensor: 1, aten.mul.Scalar: 1, aten.div.Tensor: 1, aten.div.Scalar: 1,
     aten.add.Tensor: 0, aten.add.Scalar: 0, aten.sub.Tensor: 0, aten.sub.Scalar: 0,
@@ -174,26 +170,26 @@ def _identity(node: fx.Node) -> tuple[str, fx.Node] | None:
     shape, dtype = node_shape(node), node_dtype(node)
     if shape is None or dtype is None or shape != node_shape(source) or dtype != node_dtype(source):
         return None
-    if target in _ALIAS_IDENTITY or target in _SAME_SHAPE_VIEWS:
+    if target in ALIAS_OPS or target in _SAME_SHAPE_VIEWS:
         return "alias", source
     if target is aten.type_as.default:
         return ("alias", source) if _same_device(node, source, None) else None
     if target is aten.lift_fresh_copy.default:
         return "copy", source
     if target in (aten.contiguous.default, aten.clone.default):
-        return _copy_kind(op_argument(node, "memory_format")), source
+        return _copy_kind(argument(node, "memory_format")), source
     if target is aten._to_copy.default or target in _TO:
-        layout, pinned = op_argument(node, "layout"), op_argument(node, "pin_memory")
-        if layout not in (None, torch.strided) or pinned or not _same_device(node, source, op_argument(node, "device")):
+        layout, pinned = argument(node, "layout"), argument(node, "pin_memory")
+        if layout not in (None, torch.strided) or pinned or not _same_device(node, source, argument(node, "device")):
             return None
-        memory_format = op_argument(node, "memory_format")
-        if target in _TO and not op_argument(node, "copy", False) and memory_format is None:
+        memory_format = argument(node, "memory_format")
+        if target in _TO and not argument(node, "copy", False) and memory_format is None:
             return "alias", source  # Tensor.to returns self when nothing changes
         return _copy_kind(memory_format), source
     if target in _SCALAR_IDENTITY and len(node.args) == 2:
         other = node.args[1]
         if isinstance(other, (int, float)) and not isinstance(other, bool) and other == _SCALAR_IDENTITY[target]:
-            if node.kwargs.get("alpha", 1) == 1:
+            if argument(node, "alpha", 1) == 1:
                 return "copy", source
     return None
 

@@ -25,6 +25,9 @@ import torch.fx as fx
 
 from graphopt.errors import InputError
 from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
+from graphopt.ir.meta import infer_meta
+from graphopt.ir.op_args import argument, set_argument
+from graphopt.ir.ops import ACTIVATION_OPS
 from graphopt.passes.base import PassResult
 from graphopt.passes.lossy.base import CalibrationData, Fidelity, LossyPass, LossyPlan, LossyUnit
 
@@ -35,40 +38,27 @@ aten = torch.ops.aten
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 """Names ``optimize(precision=...)`` accepts, and the dtype each stands for."""
 
-_ACTIVATIONS = frozenset({
-    aten.relu.default, aten.gelu.default, aten.silu.default, aten.hardtanh.default, aten.sigmoid.default,
-    aten.tanh.default, aten.hardswish.default, aten.leaky_relu.default, aten.hardsigmoid.default,
-})
-"""Elementwise activations a reduced layer takes along (they are fused into its kernel)."""
+_LAYER_ARGUMENTS: dict[Any, tuple[str, str, str | None]] = {
+    aten.linear.default: ("input", "weight", "bias"),
+    aten.conv2d.default: ("input", "weight", "bias"),
+    aten.convolution.default: ("input", "weight", "bias"),
+    aten.addmm.default: ("mat1", "mat2", "input"),
+    aten.mm.default: ("self", "mat2", None),
+}
+"""The layers the pass reduces: the names of their (input, weight, bias) arguments."""
 
 
-def _weight_positions(node: fx.Node) -> tuple[int, int, int | None] | None:
-    """(input index, weight index, bias index) of a layer node's arguments, or None if it is not a layer."""
-    target = node.target
-    if target in (aten.linear.default, aten.conv2d.default, aten.convolution.default):
-        bias = 2 if len(node.args) > 2 and node.args[2] is not None else None
-        return 0, 1, bias
-    if target == aten.addmm.default and len(node.args) == 3 and not node.kwargs:
-        return 1, 2, 0
-    if target == aten.mm.default:
-        return 0, 1, None
-    return None
+def _layer_arguments(node: fx.Node) -> tuple[str, str, str | None] | None:
+    """Names of a layer node's (input, weight, bias) arguments, or None if it is not a layer."""
+    names = _LAYER_ARGUMENTS.get(node.target) if node.op == "call_function" else None
+    if node.target is aten.addmm.default and (argument(node, "beta") != 1 or argument(node, "alpha") != 1):
+        return None
+    return names
 
 
 def _kind(node: fx.Node) -> str:
     return {aten.linear.default: "linear", aten.addmm.default: "linear", aten.mm.default: "linear"}.get(
         node.target, "conv2d")  # type: ignore[arg-type]
-
-
-def _retyped(value: Any, dtype: torch.dtype) -> Any:
-    """A fake/meta value like ``value`` with ``dtype`` (shape meta for the nodes the pass creates)."""
-    if not isinstance(value, torch.Tensor):
-        return None
-    mode = getattr(value, "fake_mode", None)
-    if mode is not None:
-        with mode:
-            return torch.empty_strided(value.shape, value.stride(), dtype=dtype, device=value.device)
-    return torch.empty_strided(value.shape, value.stride(), dtype=dtype, device="meta")
 
 
 def _layers(gm: fx.GraphModule) -> list[fx.Node]:
@@ -77,12 +67,12 @@ def _layers(gm: fx.GraphModule) -> list[fx.Node]:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        positions = _weight_positions(node)
-        if positions is None:
+        names = _layer_arguments(node)
+        if names is None:
             continue
-        x, w, _ = positions
-        weight = attribute_value(gm, node.args[w]) if isinstance(node.args[w], fx.Node) else None
-        value = node.args[x].meta.get("val") if isinstance(node.args[x], fx.Node) else None
+        x, w = argument(node, names[0]), argument(node, names[1])
+        weight = attribute_value(gm, w) if isinstance(w, fx.Node) else None
+        value = x.meta.get("val") if isinstance(x, fx.Node) else None
         if weight is None or weight.dtype != torch.float32:
             continue
         if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
@@ -97,7 +87,7 @@ class _PrecisionPlan(LossyPlan):
         short = "bf16" if dtype == torch.bfloat16 else "fp16"
         self.units = []
         for node in _layers(gm):
-            weight = attribute_value(gm, node.args[_weight_positions(node)[1]])  # type: ignore[index]
+            weight = attribute_value(gm, argument(node, _layer_arguments(node)[1]))  # type: ignore[index]
             assert weight is not None
             self.units.append(LossyUnit(node.name, _kind(node), f"{short} compute, fp32 around",
                                         {"weight shape": "x".join(map(str, weight.shape))}))
@@ -120,7 +110,7 @@ class _PrecisionPlan(LossyPlan):
     def _cast(self, gm: fx.GraphModule, value: fx.Node, dtype: torch.dtype, before: fx.Node) -> fx.Node:
         with gm.graph.inserting_before(before):
             cast = gm.graph.call_function(aten._to_copy.default, (value,), {"dtype": dtype})
-        cast.meta["val"] = _retyped(value.meta.get("val"), dtype)
+        infer_meta(cast)
         return cast
 
     def apply(self, gm: fx.GraphModule, skip: frozenset[str] = frozenset()) -> PassResult:
@@ -131,22 +121,20 @@ class _PrecisionPlan(LossyPlan):
         for node in list(gm.graph.nodes):
             if node.name not in wanted or node.op != "call_function":
                 continue
-            x_index, w_index, b_index = _weight_positions(node)  # type: ignore[misc]
-            args = list(node.args)
-            args[x_index] = self._cast(gm, args[x_index], self.dtype, node)
-            args[w_index] = self._reduced(gm, args[w_index], converted)
-            if b_index is not None and isinstance(args[b_index], fx.Node):
-                args[b_index] = self._reduced(gm, args[b_index], converted)
-            node.args = tuple(args)
+            x_name, w_name, b_name = _layer_arguments(node)  # type: ignore[misc]
+            set_argument(node, x_name, self._cast(gm, argument(node, x_name), self.dtype, node))
+            set_argument(node, w_name, self._reduced(gm, argument(node, w_name), converted))
+            bias = argument(node, b_name) if b_name is not None else None
+            if isinstance(bias, fx.Node):
+                set_argument(node, b_name, self._reduced(gm, bias, converted))  # type: ignore[arg-type]
+            infer_meta(node)
             last = node
             users = list(node.users)
-            if len(users) == 1 and users[0].op == "call_function" and users[0].target in _ACTIVATIONS \
+            if len(users) == 1 and users[0].op == "call_function" and users[0].target in ACTIVATION_OPS \
                     and users[0].args[0] is node:
                 last = users[0]
                 with_activation += 1
-            for reduced in {node, last}:
-                reduced.meta["val"] = _retyped(reduced.meta.get("val"), self.dtype)
-                reduced.meta.pop("tensor_meta", None)
+                infer_meta(last)
             consumers = list(last.users)
             back = self._cast(gm, last, torch.float32, last.next)
             for consumer in consumers:

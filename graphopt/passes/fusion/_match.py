@@ -1,4 +1,4 @@
-"""Small graph queries shared by the fusion passes: scalars, pass-through ops, new-node meta, clean-up."""
+"""Small graph queries shared by the fusion passes: scalars, pass-through ops, clean-up."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from graphopt.ir.graph import attribute_value, node_dtype, node_shape
+from graphopt.ir.op_args import argument
+from graphopt.ir.ops import ALIAS_OPS, COPY_OPS, DROPOUT_OPS
 from graphopt.passes.cleanup import is_pure
 
 aten = torch.ops.aten
@@ -19,7 +20,6 @@ aten = torch.ops.aten
 __all__ = [
     "add_operands",
     "erase_dead",
-    "infer_meta",
     "is_call",
     "normalize_dims",
     "scalar_value",
@@ -56,22 +56,19 @@ def add_operands(node: fx.Node) -> tuple[Any, Any] | None:
     """``(a, b)`` for ``add(a, b)`` with ``alpha`` 1 (``sub(a, b)`` is not an add); None otherwise."""
     if not is_call(node, aten.add.Tensor, aten.add.Scalar):
         return None
-    alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+    alpha = argument(node, "alpha", 1)
     if alpha != 1:
         return None
     return node.args[0], node.args[1]
-
-
-_PASSTHROUGH_COPIES = (aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default)
 
 
 def strip_passthrough(node: Any) -> Any:
     """Follow ops that return their input's values unchanged (eval dropout, same-dtype casts, copies)."""
     while isinstance(node, fx.Node) and node.op == "call_function":
         target, args = node.target, node.args
-        if target in (aten.dropout.default, aten.feature_dropout.default) and (args[2] is False or args[1] == 0):
+        if target in DROPOUT_OPS and (argument(node, "train") is False or argument(node, "p") == 0):
             node = args[0]
-        elif target in _PASSTHROUGH_COPIES:
+        elif target in COPY_OPS or target in ALIAS_OPS:
             node = args[0]
         elif target in (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default):
             source = args[0]
@@ -90,45 +87,6 @@ def normalize_dims(dims: Any, rank: int) -> tuple[int, ...] | None:
     if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
         return None
     return tuple(sorted(d % rank for d in dims))
-
-
-def _fake_mode(nodes: Iterable[fx.Node]) -> Any:
-    for node in nodes:
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
-            return val.fake_mode
-    return None
-
-
-def infer_meta(node: fx.Node) -> None:
-    """Give a new node ``val``/``tensor_meta`` meta computed from its inputs' fake values, when they have them.
-
-    Dynamic dims stay symbolic that way, so later passes compare shapes correctly; a node whose
-    inputs have no fake value gets its meta from the next verification run instead.
-    """
-    inputs = node.all_input_nodes
-    mode = _fake_mode(inputs)
-    if mode is None or not all("val" in n.meta for n in inputs):
-        return
-
-    def val(arg: Any) -> Any:
-        if isinstance(arg, fx.Node):
-            return arg.meta["val"]
-        if isinstance(arg, (list, tuple)):
-            return type(arg)(val(a) for a in arg)
-        return arg
-
-    try:
-        with mode:
-            result = node.target(*val(node.args), **{k: val(v) for k, v in node.kwargs.items()})
-    except Exception:
-        return
-    node.meta["val"] = result
-    if isinstance(result, torch.Tensor):
-        try:
-            node.meta["tensor_meta"] = _extract_tensor_metadata(result)
-        except Exception:
-            node.meta.pop("tensor_meta", None)
 
 
 def erase_dead(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> set[fx.Node]:

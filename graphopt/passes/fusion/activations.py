@@ -28,8 +28,10 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import node_dtype
+from graphopt.ir.meta import infer_meta
+from graphopt.ir.op_args import argument
 from graphopt.passes.base import Pass, PassResult, register_pass
-from graphopt.passes.fusion._match import add_operands, close_to, erase_dead, infer_meta, is_call, scalar_value
+from graphopt.passes.fusion._match import add_operands, close_to, erase_dead, is_call, scalar_value
 
 aten = torch.ops.aten
 
@@ -65,7 +67,7 @@ def _poly(gm: fx.GraphModule, node: Any, x: fx.Node, depth: int = 10) -> Poly | 
         a = _poly(gm, args[0], x, depth - 1)
         return {p: c / divisor for p, c in a.items()} if a is not None and divisor else None
     if node.target in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
-        alpha = node.kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        alpha = argument(node, "alpha", 1)
         sign = -alpha if node.target in (aten.sub.Tensor, aten.sub.Scalar) else alpha
         a, b = _poly(gm, args[0], x, depth - 1), _poly(gm, args[1], x, depth - 1)
         if a is None or b is None:

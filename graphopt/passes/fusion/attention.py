@@ -36,11 +36,12 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, node_dtype, node_shape, op_name
+from graphopt.ir.meta import infer_meta
+from graphopt.ir.ops import BATCHED_MATMUL_OPS, SOFTMAX_OPS
 from graphopt.passes.base import Pass, PassResult, register_pass
 from graphopt.passes.fusion._match import (
     add_operands,
     erase_dead,
-    infer_meta,
     is_call,
     scalar_value,
     strip_passthrough,
@@ -50,8 +51,6 @@ aten = torch.ops.aten
 
 __all__ = ["FuseAttention"]
 
-_SOFTMAX = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
-_MATMUL = (aten.matmul.default, aten.bmm.default)
 _FILLS = (aten.masked_fill.Scalar, aten.masked_fill.Tensor)
 _WHERES = (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf)
 DOMINANT_FILL = -1e30
@@ -74,7 +73,7 @@ class _Scores:
 def _leads_to_matmul(node: Any, depth: int = 6) -> bool:
     if not isinstance(node, fx.Node) or depth < 0:
         return False
-    if is_call(node, *_MATMUL):
+    if is_call(node, *BATCHED_MATMUL_OPS):
         return True
     return any(_leads_to_matmul(n, depth - 1) for n in node.all_input_nodes)
 
@@ -101,7 +100,7 @@ def _walk_scores(gm: fx.GraphModule, softmax: fx.Node) -> _Scores | None:
             continue
         if not isinstance(node, fx.Node):
             return None
-        if is_call(node, *_MATMUL):
+        if is_call(node, *BATCHED_MATMUL_OPS):
             if node_shape(node) != shape:
                 raise _Refused("the mask broadcasts the scores to a larger shape")
             steps.reverse()
@@ -201,7 +200,7 @@ def _weights_consumer(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
         if len(users) != 1:
             raise _Refused("the attention weights are also used elsewhere (returned or reused)")
         user = users[0]
-        if is_call(user, *_MATMUL) and user.args[0] is node:
+        if is_call(user, *BATCHED_MATMUL_OPS) and user.args[0] is node:
             return user, passed
         if strip_passthrough(user) is node:
             passed.append(user)
@@ -406,7 +405,7 @@ class FuseAttention(Pass):
         """Fuse every attention chain the pass can prove equal; count the refusals by reason."""
         fused, masked, causal, misses = 0, 0, 0, Counter[str]()
         for softmax in list(gm.graph.nodes):
-            if not is_call(softmax, *_SOFTMAX):
+            if not is_call(softmax, *SOFTMAX_OPS):
                 continue
             try:
                 plan = _plan(gm, softmax, self.keep_nan_rows)

@@ -34,14 +34,17 @@ from graphopt.ir.graph import (
     prune_unused_attributes,
     register_constant,
 )
+from graphopt.ir.meta import infer_meta
+from graphopt.ir.op_args import argument
+from graphopt.ir.ops import LINEAR_OPS
 from graphopt.passes.base import Pass, PassResult, register_pass
-from graphopt.passes.fusion._match import infer_meta, is_call
+from graphopt.passes.fusion._match import is_call
 
 aten = torch.ops.aten
 
 __all__ = ["FuseHorizontal"]
 
-_LINEAR_LIKE = (aten.linear.default, aten.matmul.default, aten.mm.default, aten.addmm.default)
+_LINEAR_LIKE = LINEAR_OPS | {aten.mm.default, aten.matmul.default}
 
 
 @dataclass
@@ -59,13 +62,13 @@ def _member(gm: fx.GraphModule, node: fx.Node) -> _Member | str | None:
     target, args = node.target, node.args
     if target is aten.linear.default:
         x, weight_node = args[0], args[1]
-        bias_node = args[2] if len(args) > 2 else node.kwargs.get("bias")
+        bias_node = argument(node, "bias")
         transpose = False
     elif target in (aten.matmul.default, aten.mm.default):
         x, weight_node, bias_node, transpose = args[0], args[1], None, True
     elif target is aten.addmm.default:
         bias_node, x, weight_node = args[0], args[1], args[2]
-        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        if argument(node, "beta") != 1 or argument(node, "alpha") != 1:
             return "addmm with beta or alpha other than 1"
         transpose = True
     else:

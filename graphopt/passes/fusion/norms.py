@@ -27,11 +27,12 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import node_dtype, node_shape
+from graphopt.ir.meta import infer_meta
+from graphopt.ir.op_args import argument
 from graphopt.passes.base import Pass, PassResult, register_pass
 from graphopt.passes.fusion._match import (
     add_operands,
     erase_dead,
-    infer_meta,
     is_call,
     normalize_dims,
     scalar_value,
@@ -76,7 +77,7 @@ def _centered(node: Any) -> tuple[fx.Node, Any] | None:
     """``(x, dims)`` for ``x - mean(x, dims, keepdim=True)``, else None."""
     if not is_call(node, aten.sub.Tensor):
         return None
-    if (len(node.args) > 2 and node.args[2] != 1) or node.kwargs.get("alpha", 1) != 1:
+    if argument(node, "alpha", 1) != 1:
         return None
     x, mean = node.args[0], node.args[1]
     found = _mean_of(mean)

@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from graphopt.analysis.dependency import Atom, DependencyGraph, Group, Layout, layer_label
 from graphopt.errors import InputError
 from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
+from graphopt.ir.meta import propagate_meta
+from graphopt.ir.op_args import argument, set_argument
+from graphopt.ir.ops import MATMUL_OPS, WEIGHTED_LAYER_OPS
 from graphopt.passes.base import PassResult
 from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
 from graphopt.passes.prune.importance import (
@@ -35,7 +37,7 @@ from graphopt.passes.prune.importance import (
 )
 from graphopt.report import PlotSpec, ReportSection
 
-__all__ = ["GroupChoice", "StructuredPlan", "layer_section", "plan_structured", "repropagate_shapes"]
+__all__ = ["GroupChoice", "StructuredPlan", "layer_section", "plan_structured"]
 
 aten = torch.ops.aten
 
@@ -100,8 +102,7 @@ def _common_prefix(paths: list[list[str]]) -> list[str]:
 def _out_dim(deps: DependencyGraph, atom: Atom) -> int:
     """The dim of a layer weight that holds the layer's outputs (1 for addmm's transposed weights)."""
     node = deps.layer_node(atom.target)
-    if node is not None and node.target in (aten.addmm.default, aten.mm.default, aten.matmul.default,
-                                            aten.bmm.default):
+    if node is not None and (node.target in MATMUL_OPS or node.target is aten.addmm.default):
         return deps.constant(atom.target).dim() - 1
     if node is not None and node.target is aten.embedding.default:
         return 1
@@ -229,7 +230,7 @@ class StructuredPlan(LossyPlan):
         self._rewrite_sizes(gm, active)
         gm.graph.lint()
         gm.recompile()
-        repropagate_shapes(gm)
+        propagate_meta(gm)
         prune_unused_attributes(gm)
         gm.recompile()
         after = _layer_facts(gm)
@@ -321,12 +322,8 @@ class StructuredPlan(LossyPlan):
                 dim = node.args[1] % len(layouts)
                 sizes = self._sizes(node.args[2], layouts[dim: dim + len(node.args[2])], active)
                 node.args = (node.args[0], node.args[1], sizes, *node.args[3:])
-            elif kind in ("groups", "num_groups"):
-                new = self.new_length(deps.virtual[(node.name, "groups")], active)
-                args = list(node.args)
-                index = 1 if kind == "num_groups" else (8 if node.target is aten.convolution.default else 6)
-                args[index] = int(new)
-                node.args = tuple(args)
+            elif kind in ("groups", "num_groups"):  # the conv's / group norm's argument of that name
+                set_argument(node, kind, int(self.new_length(deps.virtual[(node.name, "groups")], active)))
             elif kind == "split":
                 self._rewrite_split(node, layouts, active)
             elif kind == "slice":
@@ -347,70 +344,16 @@ class StructuredPlan(LossyPlan):
         return out
 
     def _rewrite_split(self, node: fx.Node, outputs: list[list[Layout]], active: dict[int, GroupChoice]) -> None:
-        dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        dim = dim_arg % len(outputs[0])
+        dim = argument(node, "dim", 0) % len(outputs[0])
         sizes = [int(self.new_length(out[dim], active)) for out in outputs]
         node.target = aten.split_with_sizes.default
         node.args = (node.args[0], sizes, dim)
         node.kwargs = {}
 
 
-def repropagate_shapes(gm: fx.GraphModule) -> None:
-    """Recompute ``val`` (and ``tensor_meta`` where shapes are static) on every node from the constants.
-
-    Runs fake tensors through the graph in the fake mode of the graph's inputs, so dynamic dims
-    stay symbolic.
-    """
-    from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    vals = [n.meta.get("val") for n in placeholders]
-    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    if mode is None:
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-    previous = mode.allow_non_fake_inputs
-    mode.allow_non_fake_inputs = True
-    try:
-        interpreter = _FakeProp(gm, mode)
-        interpreter.run(*vals)
-    finally:
-        mode.allow_non_fake_inputs = previous
-
-
-class _FakeProp(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, mode: Any) -> None:
-        super().__init__(gm)
-        self.mode = mode
-
-    def run_node(self, n: fx.Node) -> Any:
-        if n.op == "placeholder":
-            return super().run_node(n)
-        if n.op == "get_attr":
-            value = super().run_node(n)
-            fake = self.mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
-            _record(n, fake)
-            return fake
-        with self.mode:
-            result = super().run_node(n)
-        if n.op != "output":
-            _record(n, result)
-        return result
-
-
-def _record(node: fx.Node, value: Any) -> None:
-    node.meta["val"] = value
-    if isinstance(value, torch.Tensor) and all(isinstance(d, int) for d in value.shape):
-        node.meta["tensor_meta"] = _extract_tensor_metadata(value)
-    else:
-        node.meta.pop("tensor_meta", None)
-
-
 # ---------------------------------------------------------------------- per-layer report
 
-_LAYER_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
-              aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.matmul.default,
-              aten.embedding.default}
+_LAYER_OPS = WEIGHTED_LAYER_OPS | {aten.embedding.default}
 
 
 def _layer_facts(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:

@@ -23,6 +23,7 @@ import torch.fx as fx
 from graphopt.analysis.dependency import layer_label
 from graphopt.errors import InputError
 from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
+from graphopt.ir.ops import MATMUL_OPS, WEIGHTED_LAYER_OPS
 from graphopt.passes.base import PassResult
 from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
 from graphopt.passes.prune.importance import check_kind, element_scores, taylor_gradients
@@ -31,9 +32,7 @@ from graphopt.report import PlotSpec, ReportSection
 __all__ = ["UnstructuredPlan", "compress_state", "decompress_state", "plan_unstructured", "to_semi_structured"]
 
 aten = torch.ops.aten
-_WEIGHT_ARG = {aten.linear.default: 1, aten.conv1d.default: 1, aten.conv2d.default: 1, aten.conv3d.default: 1,
-               aten.convolution.default: 1, aten.addmm.default: 2, aten.mm.default: 1, aten.matmul.default: 1,
-               aten.bmm.default: 1}
+_WEIGHT_ARG = {op: 2 if op is aten.addmm.default else 1 for op in WEIGHTED_LAYER_OPS}
 NO_SPEEDUP_NOTE = ("unstructured sparsity: the cpu and onnx targets run dense kernels, so zeroed weights make the "
                    "model no faster (only smaller when stored compressed); use structured pruning for speed, or "
                    "pattern='2:4' on a GPU with sparse tensor cores")
@@ -41,7 +40,7 @@ NO_SPEEDUP_NOTE = ("unstructured sparsity: the cpu and onnx targets run dense ke
 
 def _input_dim(node: fx.Node, weight: torch.Tensor) -> int:
     """The dim of ``weight`` that the layer contracts with its input."""
-    if node.target in (aten.addmm.default, aten.mm.default, aten.matmul.default, aten.bmm.default):
+    if node.target in MATMUL_OPS or node.target is aten.addmm.default:
         return weight.dim() - 2
     return 1
 

@@ -14,13 +14,13 @@ checks against the fidelity budget, and each target lowers the QDQ patterns to i
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch.fx as fx
 
 from graphopt.errors import InputError
+from graphopt.passes.base import get_pass
 from graphopt.passes.lossy.base import CalibrationData, LossyPass, LossyPlan
 from graphopt.passes.quantize.observers import OBSERVERS
 from graphopt.passes.quantize.placement import QUANTIZABLE
@@ -44,10 +44,11 @@ _CONFIGS = {"int8": "Int8Static", "int8-dynamic": "Int8Dynamic", "int8-weight-on
 """The typed config (``graphopt.passes.compress``) of each scheme, named in errors."""
 
 _DELEGATES = {
-    "int8-weight-only": ("graphopt.passes.quantize.weight_only", "WeightOnlyQuantize", {"bits": 8}),
-    "int4-weight-only": ("graphopt.passes.quantize.weight_only", "WeightOnlyQuantize", {"bits": 4}),
-    "kmeans": ("graphopt.passes.quantize.kmeans", "KMeansQuantize", {}),
+    "int8-weight-only": ("weight-only-quantize", {"bits": 8}),
+    "int4-weight-only": ("weight-only-quantize", {"bits": 4}),
+    "kmeans": ("kmeans-quantize", {}),
 }
+"""The schemes other passes run: scheme -> (registered pass name, its options)."""
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,9 @@ class Quantize(LossyPass):
 
 def _delegate(scheme: str, **shared: object) -> LossyPass:
     """The pass that runs ``scheme``, given those of the ``shared`` options it has a field for."""
-    module_name, class_name, options = _DELEGATES[scheme]
-    cls = getattr(importlib.import_module(module_name), class_name)
+    pass_name, options = _DELEGATES[scheme]
+    cls = get_pass(pass_name)
+    assert issubclass(cls, LossyPass), f"{pass_name!r} is registered as {cls.__name__}, not a lossy pass"
     accepted = {f.name for f in dataclasses.fields(cls)}
     return cls(**options, **{k: v for k, v in shared.items() if k in accepted})
 

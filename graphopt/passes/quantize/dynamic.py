@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, module_path, prune_unused_attributes
+from graphopt.ir.meta import infer_meta
 from graphopt.passes.base import PassResult
 from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
 from graphopt.passes.quantize.embedding import quantize_embeddings
@@ -26,7 +27,6 @@ from graphopt.passes.quantize.placement import (
     QuantSite,
     activation_inputs,
     find_sites,
-    infer_val,
     insert_weight_dequantize,
 )
 from graphopt.passes.quantize.selection import SKIPPED, SkipList
@@ -54,7 +54,7 @@ def insert_dynamic_qdq(gm: fx.GraphModule, value: fx.Node, readers: set[fx.Node]
     with graph.inserting_after(quantize):
         dequantize = graph.call_function(qd.dequantize_per_tensor.tensor, (quantize, *qargs))
     for node in (choose, scale, zero_point, quantize, dequantize):
-        infer_val(node)
+        infer_meta(node)
     for user in readers:
         user.replace_input_with(value, dequantize)
     return dequantize

@@ -13,8 +13,8 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, register_constant
+from graphopt.ir.meta import infer_meta
 from graphopt.passes.quantize.observers import quantize_weight
-from graphopt.passes.quantize.placement import infer_val
 
 __all__ = ["embedding_sites", "plan_embeddings", "quantize_embedding"]
 
@@ -41,13 +41,13 @@ def quantize_embedding(gm: fx.GraphModule, node: fx.Node, q_table: torch.Tensor,
     rest = tuple(node.args[2:])
     with graph.inserting_before(node):
         rows = graph.call_function(aten.embedding.default, (q_node, node.args[1], *rest))
-        infer_val(rows)
+        infer_meta(rows)
         row_scales = graph.call_function(aten.embedding.default, (s_node, node.args[1], *rest))
-        infer_val(row_scales)
+        infer_meta(row_scales)
         as_float = graph.call_function(aten._to_copy.default, (rows,), {"dtype": table.dtype})
-        infer_val(as_float)
+        infer_meta(as_float)
         scaled = graph.call_function(aten.mul.Tensor, (as_float, row_scales))
-        infer_val(scaled)
+        infer_meta(scaled)
     node.replace_all_uses_with(scaled)
     graph.erase_node(node)
     return table.numel() * table.element_size() - q_table.numel() - scales.numel() * scales.element_size()

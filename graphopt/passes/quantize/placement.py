@@ -30,16 +30,17 @@ Placement rules (static int8):
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.ao.quantization.fx._decomposed
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from graphopt.ir.graph import attribute_value, node_dtype, register_constant
+from graphopt.ir.meta import copy_meta, infer_meta
+from graphopt.ir.op_args import argument
+from graphopt.ir.ops import BATCHED_MATMUL_OPS, LINEAR_OPS
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN, WEIGHT_QMAX, WEIGHT_QMIN, QParams
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "QuantSite",
     "activation_inputs",
     "find_sites",
-    "infer_val",
     "insert_activation_qdq",
     "insert_weight_dequantize",
     "is_dequantize",
@@ -72,8 +72,8 @@ DEQUANTIZE_OPS = frozenset({
 
 QUANTIZABLE: dict[str, frozenset] = {
     "conv": frozenset({aten.conv1d.default, aten.conv2d.default}),
-    "linear": frozenset({aten.linear.default, aten.addmm.default}),
-    "matmul": frozenset({aten.matmul.default, aten.bmm.default}),
+    "linear": LINEAR_OPS,
+    "matmul": BATCHED_MATMUL_OPS,
     "add": frozenset({aten.add.Tensor}),
     "concat": frozenset({aten.cat.default}),
     "pooling": frozenset({aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default}),
@@ -136,7 +136,7 @@ def _weight_site(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int] | None:
         return None
     if node.target == aten.matmul.default and weight.dim() != 2:
         return None
-    if node.target == aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
+    if node.target == aten.addmm.default and (argument(node, "beta") != 1 or argument(node, "alpha") != 1):
         return None
     return index, axis
 
@@ -216,10 +216,8 @@ def _make_qdq(gm: fx.GraphModule, value: fx.Node, params: QParams) -> fx.Node:
         quantize = graph.call_function(qd.quantize_per_tensor.default, (value, *qargs))
     with graph.inserting_after(quantize):
         dequantize = graph.call_function(qd.dequantize_per_tensor.default, (quantize, *qargs))
-    val = value.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        quantize.meta["val"] = val.new_empty(val.shape, dtype=torch.uint8)
-        dequantize.meta["val"] = val
+    infer_meta(quantize)
+    infer_meta(dequantize)
     return dequantize
 
 
@@ -263,9 +261,7 @@ def insert_weight_dequantize(
                 qd.dequantize_per_tensor.default,
                 (q_node, float(scales.item()), 0, WEIGHT_QMIN, WEIGHT_QMAX, torch.int8),
             )
-    dequantize.meta["val"] = original.meta.get("val")
-    if "tensor_meta" in original.meta:
-        dequantize.meta["tensor_meta"] = original.meta["tensor_meta"]
+    copy_meta(dequantize, original)  # the weight's values, in float again
     node.replace_input_with(original, dequantize)
     return dequantize
 
@@ -285,25 +281,5 @@ def redundant_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
     return found
 
 
-
-def infer_val(node: fx.Node) -> None:
-    """Set ``node.meta["val"]`` by running its op on its inputs' (fake) values, for nodes a rewrite creates."""
-    from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    def value_of(arg: object) -> object:
-        return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
-
-    args = fx.node.map_aggregate(node.args, value_of)
-    kwargs = fx.node.map_aggregate(node.kwargs, value_of)
-    flat = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    mode = detect_fake_mode(flat)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.no_grad())
-        if mode is not None:
-            stack.enter_context(mode)
-            args, kwargs = pytree.tree_map(
-                lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) else v,
-                (args, kwargs),
-            )
-        node.meta["val"] = node.target(*args, **kwargs)
+infer_val = infer_meta
+"""Former name of ``graphopt.ir.meta.infer_meta``, kept only while ``graphopt.targets`` modules import it."""

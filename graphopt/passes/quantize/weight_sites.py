@@ -19,19 +19,18 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
+from graphopt.ir.meta import PROVENANCE_META, SHAPE_META, copy_meta, infer_meta
+from graphopt.ir.op_args import argument, conv_arguments
+from graphopt.ir.ops import CONV_OPS
 from graphopt.passes.quantize.selection import SKIPPED, SkipList
 
 __all__ = ["WeightSite", "find_weight_sites", "finish", "replace_weight", "tensor_bytes"]
 
 aten = torch.ops.aten
 
-_CONVOLUTIONS = {aten.conv1d.default: "conv1d", aten.conv2d.default: "conv2d", aten.conv3d.default: "conv3d",
-                 aten.convolution.default: "convolution"}
+_CONV_KINDS = frozenset(op._opname for op in CONV_OPS)  # "conv2d", "convolution", ...
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class WeightSite:
     @property
     def is_product(self) -> bool:
         """A matrix product (becomes ``linear``), not a convolution."""
-        return self.kind not in _CONVOLUTIONS.values() and self.kind != "embedding"
+        return self.kind not in _CONV_KINDS and self.kind != "embedding"
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -73,7 +72,7 @@ def _product_site(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node, str 
         return "mm", node.args[1], None
     if node.target == aten.addmm.default:
         refusal = None
-        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        if argument(node, "beta") != 1 or argument(node, "alpha") != 1:
             refusal = "addmm with beta/alpha != 1"
         bias = _constant_weight(gm, node.args[0]) if isinstance(node.args[0], fx.Node) else None
         if bias is None or bias.dim() != 1:
@@ -102,10 +101,11 @@ def find_weight_sites(gm: fx.GraphModule, min_elements: int = 1,
             kind, weight_node, refusal, transposed = "linear", node.args[1], None, False
         elif node.target == aten.embedding.default:
             kind, weight_node, refusal, transposed, index = "embedding", node.args[0], None, False, 0
-        elif node.target in _CONVOLUTIONS:
-            kind, weight_node, refusal, transposed = _CONVOLUTIONS[node.target], node.args[1], None, False
-            if node.target == aten.convolution.default and node.args[6]:
-                refusal = "transposed convolution"
+        elif node.target in CONV_OPS:
+            conv = conv_arguments(node)
+            assert conv is not None
+            kind, weight_node, transposed = node.target._opname, conv.weight, False
+            refusal = "transposed convolution" if conv.transposed else None
         else:
             product = _product_site(gm, node)
             if product is None:
@@ -114,7 +114,7 @@ def find_weight_sites(gm: fx.GraphModule, min_elements: int = 1,
             transposed, index = True, 2 if kind == "addmm" else 1
         weight = _constant_weight(gm, weight_node)
         if weight is None:
-            if kind in ("linear", "embedding") or kind in _CONVOLUTIONS.values():
+            if kind in ("linear", "embedding") or kind in _CONV_KINDS:
                 yield node.name, f"{kind} weight is not a constant float tensor"
             continue  # products of two activations are not weight sites
         if transposed and weight.dim() != 2:
@@ -134,17 +134,6 @@ def find_weight_sites(gm: fx.GraphModule, min_elements: int = 1,
         yield WeightSite(node.name, kind, str(weight_node.target), index, matrix, transposed, shared)
 
 
-def _fake_like(gm: fx.GraphModule, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Any:
-    mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes]) or FakeTensorMode()
-    with mode:
-        return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _set_meta(gm: fx.GraphModule, node: fx.Node, like: torch.Tensor) -> None:
-    node.meta["val"] = _fake_like(gm, tuple(like.shape), like.dtype, like.device)
-    node.meta["tensor_meta"] = _extract_tensor_metadata(like)
-
-
 def replace_weight(
     gm: fx.GraphModule,
     site: WeightSite,
@@ -161,7 +150,7 @@ def replace_weight(
     attrs = {key: register_constant(gm, f"{site.node}_{key}", value, node) for key, value in constants.items()}
     with gm.graph.inserting_before(node):
         dequant = build(gm.graph, attrs)
-    _set_meta(gm, dequant, site.matrix)
+    infer_meta(dequant)
     if not site.transposed:
         node.replace_input_with(node.args[site.weight_index], dequant)
     else:
@@ -169,8 +158,7 @@ def replace_weight(
         bias = node.args[0] if site.kind == "addmm" else None
         with gm.graph.inserting_before(node):
             linear = gm.graph.call_function(aten.linear.default, (x, dequant, bias))
-        linear.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace",
-                                                                           "nn_module_stack", "source_fn_stack")})
+        copy_meta(linear, node, SHAPE_META + PROVENANCE_META)
         node.replace_all_uses_with(linear)
         gm.graph.erase_node(node)
     return dequant
