@@ -103,16 +103,18 @@ def test_each_config_has_only_its_schemes_options() -> None:
         Int8Dynamic(observer="entropy")  # type: ignore[call-arg]
 
 
-def test_configs_build_the_passes_with_their_options() -> None:
-    assert Int8Static(observer="entropy", per_channel=False, skip="head").lossy_pass() == Quantize(
+def test_configs_are_the_passes_and_quantize_builds_them_with_their_options() -> None:
+    assert all(issubclass(cls, LossyPass) for cls in (Int8Static, Int8Dynamic, WeightOnly, KMeans))
+    assert WeightOnlyQuantize is WeightOnly and KMeansQuantize is KMeans
+    assert Int8Static(observer="entropy", per_channel=False, skip="head") == Quantize(
         scheme="int8", observer="entropy", per_channel=False, skip=("head",))
-    assert Int8Dynamic(embeddings=False).lossy_pass() == Quantize(scheme="int8-dynamic", embeddings=False)
-    assert WeightOnly(bits=4, group_size=32).lossy_pass() == WeightOnlyQuantize(bits=4, group_size=32)
+    assert Int8Dynamic(embeddings=False) == Quantize(scheme="int8-dynamic", embeddings=False)
+    assert WeightOnly(bits=4, group_size=32) == Quantize(scheme="int4-weight-only", group_size=32)
     assert WeightOnly(bits=4).group_size == 128
-    assert WeightOnly().lossy_pass() == WeightOnlyQuantize(bits=8)
+    assert WeightOnly() == Quantize(scheme="int8-weight-only") == WeightOnly(bits=8)
     assert KMeans(bits=4).clusters == 16
-    assert KMeans(bits=4, clusters=8, seed=3).lossy_pass() == KMeansQuantize(clusters=8, seed=3)
-    assert KMeans().lossy_pass().index_bits == 8
+    assert KMeans(bits=4, clusters=8, seed=3) == KMeansQuantize(clusters=8, seed=3)  # bits from clusters
+    assert KMeans().bits == 8 and KMeans().clusters == 256 and KMeans() == Quantize(scheme="kmeans")
 
 
 def test_every_scheme_name_has_a_config() -> None:
@@ -126,6 +128,11 @@ def test_quantize_refuses_options_its_scheme_ignores() -> None:
     with pytest.raises(InputError, match=r"per_channel=.*WeightOnly"):
         Quantize(scheme="int4-weight-only", per_channel=False)
     assert Quantize(scheme="int8-weight-only", embeddings=False).scheme == "int8-weight-only"  # has a use for it
+    with pytest.raises(InputError, match=r"'int8-weight-only'\) has no use for bits=.*graphopt.WeightOnly\(bits=8, "):
+        Quantize(scheme="int8-weight-only", bits=4)  # the scheme name sets it
+    with pytest.raises(InputError, match=r"unknown quantization scheme 'int3'; choose one of: int8, int8-dynamic"):
+        Quantize(scheme="int3")
+    assert [SCHEME_CONFIGS[name].scheme for name in SCHEMES] == list(SCHEMES)
 
 
 # -- compression order and conflicts ----------------------------------------------------------
@@ -134,7 +141,7 @@ def test_quantize_refuses_options_its_scheme_ignores() -> None:
 def test_steps_follow_the_stated_order_whatever_the_given_order() -> None:
     steps = compression_steps([ReducedPrecision("bf16"), Int8Dynamic(), Prune(0.5)])
     assert [s.stage for s in steps] == list(STAGES) == ["prune", "quantize", "precision"]
-    assert [type(s.lossy).__name__ for s in steps] == ["Prune", "Quantize", "ReducedPrecision"]
+    assert [type(s.lossy).__name__ for s in steps] == ["Prune", "Int8Dynamic", "ReducedPrecision"]
 
 
 def test_shortcuts_become_the_same_steps() -> None:
@@ -170,7 +177,7 @@ def test_compress_equals_the_shortcuts_and_runs_prune_before_quantize(mlp) -> No
     model, x = mlp
     typed = graphopt.optimize(model, x, compress=[Int8Dynamic(), Prune(0.5)])  # given in the "wrong" order
     flat = graphopt.optimize(model, x, prune=0.5, quantize="int8-dynamic")
-    assert _lossy_records(typed) == _lossy_records(flat) == ["prune", "quantize"]
+    assert _lossy_records(typed) == _lossy_records(flat) == ["prune", "quantize-dynamic"]
     assert typed.portable_graph.code == flat.portable_graph.code
     assert _ops(typed.portable_graph) == _ops(flat.portable_graph)
     assert any("choose_qparams" in op for op in _ops(typed.portable_graph))

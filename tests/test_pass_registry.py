@@ -21,7 +21,7 @@ def test_every_built_in_pass_is_registered_under_its_own_name(name):
 
 
 def test_lossy_passes_are_in_the_registry():
-    lossy = {"quantize", "weight-only-quantize", "kmeans-quantize", "prune", "reduced-precision"}
+    lossy = {"quantize", "quantize-dynamic", "weight-only-quantize", "kmeans-quantize", "prune", "reduced-precision"}
     assert lossy <= set(available_passes())
     assert all(is_lossy(get_pass(name)()) for name in lossy)
 

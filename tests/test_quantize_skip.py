@@ -79,5 +79,5 @@ def test_a_path_keeps_everything_under_it_and_a_fused_projection_answers_to_its_
 def test_a_skip_entry_that_matches_nothing_is_an_error_that_shows_real_paths() -> None:
     with pytest.raises(InputError, match=r"'haed'.*matches no node name or module path.*'head'"):
         _optimize(Quantize(scheme="int8-dynamic", skip="haed"))
-    with pytest.raises(InputError, match=r"KMeansQuantize\(skip=\.\.\.\) names 'mlp\.9'"):
+    with pytest.raises(InputError, match=r"KMeans\(skip=\.\.\.\) names 'mlp\.9'"):
         _optimize(KMeansQuantize(clusters=16, skip=("mlp.9",)))

@@ -244,9 +244,12 @@ def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], kind
 
 def _fallen_back(runner: Any) -> str | None:
     """``"k/n"`` int8 units that fell back to float, from the optimization report."""
+    from graphopt.passes.quantize.dynamic import Int8Dynamic
+    from graphopt.passes.quantize.static import Int8Static
+
     report = getattr(runner, "report", None)
     for record in getattr(report, "records", []):
-        if record.name == "quantize" and record.fidelity:
+        if record.name in (Int8Static.name, Int8Dynamic.name) and record.fidelity:
             return f"{record.fidelity.get('fallen_back', 0)}/{record.fidelity.get('units', 0)}"
     return None
 

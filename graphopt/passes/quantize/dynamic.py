@@ -5,14 +5,14 @@ output channel by default); its activation input is quantized to uint8 with a sc
 at run time from that call's minimum and maximum (``choose_qparams.tensor`` feeding the
 ``.tensor`` overloads of quantize/dequantize). Needs no calibration data. Values read by
 several quantized ops (the input of the query, key and value projections) are quantized once.
+``Int8Dynamic`` is the pass; its fields are its options.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -29,10 +29,11 @@ from graphopt.passes.quantize.placement import (
     find_sites,
     insert_weight_dequantize,
 )
+from graphopt.passes.quantize.scheme import QuantizationScheme, check_flags, names_option
 from graphopt.passes.quantize.selection import SKIPPED, SkipList
 from graphopt.passes.quantize.static import embedding_units
 
-__all__ = ["DynamicPlan", "insert_dynamic_qdq", "plan_dynamic"]
+__all__ = ["DynamicPlan", "Int8Dynamic", "insert_dynamic_qdq"]
 
 qd = torch.ops.quantized_decomposed
 _EPS = torch.finfo(torch.float32).eps
@@ -101,21 +102,44 @@ class DynamicPlan(LossyPlan):
         return PassResult(changed=bool(active), stats=stats, near_misses=near)
 
 
-def plan_dynamic(gm: fx.GraphModule, data: CalibrationData, per_channel: bool, skip: Sequence[str] = (),
-                 embeddings: bool = True) -> DynamicPlan:
-    """Plan dynamic int8 for every linear/matmul by a constant weight in ``gm`` (``data`` is not needed)."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    skipped = SkipList.checked(gm, skip, "Quantize(skip=...)")
-    all_sites = find_sites(gm, ("linear", "matmul"), need_weight=True)
-    sites = [s for s in all_sites if nodes[s.node] not in skipped]
-    weights = {}
-    units = []
-    for site in sites:
-        node = nodes[site.node]
-        weight = attribute_value(gm, node.args[site.weight_index])
-        weights[site.node] = quantize_weight(weight, per_channel, site.weight_axis)
-        details: dict[str, Any] = {"module": module_path(node), "weight_shape": list(weight.shape)}
-        scheme = "int8 dynamic, " + ("per-channel" if per_channel else "per-tensor") + " weights"
-        units.append(LossyUnit(site.node, site.family, scheme, details))
-    tables = embedding_units(gm, nodes, skipped, units) if embeddings else {}
-    return DynamicPlan(sites, weights, units, tables, user_skipped=len(all_sites) - len(sites))
+@dataclass(frozen=True)
+class Int8Dynamic(QuantizationScheme):
+    """Dynamic int8: int8 weights; activations quantized at run time from each call's range (no data needed).
+
+    Quantizes linear layers and products by a constant weight. ``per_channel``: one weight scale
+    per output channel (else one per tensor). ``skip``: node names or module paths kept in
+    float. ``embeddings``: store embedding tables as int8 rows.
+    """
+
+    name: ClassVar[str] = "quantize-dynamic"
+
+    per_channel: bool = True
+    skip: tuple[str, ...] = ()
+    embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        names_option(self, "skip")
+        check_flags(self, "per_channel", "embeddings")
+
+    @property
+    def scheme(self) -> str:
+        """``"int8-dynamic"``."""
+        return "int8-dynamic"
+
+    def plan(self, gm: fx.GraphModule, data: CalibrationData) -> DynamicPlan:
+        """Plan dynamic int8 for every linear/matmul by a constant weight in ``gm`` (``data`` is not needed)."""
+        nodes = {n.name: n for n in gm.graph.nodes}
+        skipped = SkipList.checked(gm, self.skip, "Int8Dynamic(skip=...)")
+        all_sites = find_sites(gm, ("linear", "matmul"), need_weight=True)
+        sites = [s for s in all_sites if nodes[s.node] not in skipped]
+        weights = {}
+        units = []
+        for site in sites:
+            node = nodes[site.node]
+            weight = attribute_value(gm, node.args[site.weight_index])
+            weights[site.node] = quantize_weight(weight, self.per_channel, site.weight_axis)
+            details: dict[str, Any] = {"module": module_path(node), "weight_shape": list(weight.shape)}
+            scheme = "int8 dynamic, " + ("per-channel" if self.per_channel else "per-tensor") + " weights"
+            units.append(LossyUnit(site.node, site.family, scheme, details))
+        tables = embedding_units(gm, nodes, skipped, units) if self.embeddings else {}
+        return DynamicPlan(sites, weights, units, tables, user_skipped=len(all_sites) - len(sites))

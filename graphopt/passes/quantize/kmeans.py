@@ -1,7 +1,8 @@
 """K-means weight clustering: each layer's weights share ``clusters`` values (a codebook + indices).
 
-``KMeansQuantize(clusters=16)`` replaces every weight of a layer by the nearest of 16 values
-learnt for that layer (4-bit indices, two per byte); ``clusters=256`` gives 8-bit indices. The
+``KMeans(clusters=16)`` (or ``KMeans(bits=4)``) replaces every weight of a layer by the nearest
+of 16 values learnt for that layer (4-bit indices, two per byte); ``clusters=256`` (the
+default) gives 8-bit indices. ``KMeans`` is the pass; its fields are its options. The
 codebook is found by 1-D k-means on the layer's weights: k-means++ seeding (on a fixed-seed
 sample of at most ``init_sample`` weights, so huge embedding tables seed fast), then at most
 ``iterations`` Lloyd steps over all weights, stopping early once no centroid moves. In 1-D
@@ -27,8 +28,9 @@ import torch.fx as fx
 
 from graphopt.errors import InputError
 from graphopt.passes.base import PassResult
-from graphopt.passes.lossy.base import CalibrationData, LossyPass, LossyPlan, LossyUnit
-from graphopt.passes.quantize.selection import SkipList, skip_entries
+from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
+from graphopt.passes.quantize.scheme import QuantizationScheme, check_count, names_option
+from graphopt.passes.quantize.selection import SkipList
 from graphopt.passes.quantize.weight_ops import (
     DEQUANTIZE_CODEBOOK,
     dequantize_codebook_reference,
@@ -44,7 +46,7 @@ from graphopt.passes.quantize.weight_sites import (
     tensor_bytes,
 )
 
-__all__ = ["KMeansQuantize", "kmeans_1d"]
+__all__ = ["KMeans", "KMeansQuantize", "kmeans_1d"]
 
 
 @contextmanager
@@ -187,16 +189,21 @@ class KMeansPlan(LossyPlan):
 
 
 @dataclass(frozen=True)
-class KMeansQuantize(LossyPass):
-    """Cluster each layer's weights into ``clusters`` shared values (16 -> 4-bit, up to 256 -> 8-bit indices).
+class KMeans(QuantizationScheme):
+    """K-means weight clustering: each layer's weights share ``clusters`` values (a codebook + indices).
 
+    ``clusters``: the codebook size, 2..256. ``bits``: the width of a stored index, 8 (17..256
+    clusters) or 4 (2..16 clusters, two indices per byte). Give either: ``clusters`` defaults to
+    ``2**bits``, ``bits`` to the width ``clusters`` needs; neither gives 256 clusters, 8 bits.
     ``iterations`` caps the Lloyd steps, ``seed`` fixes the k-means++ seeding, ``init_sample``
-    caps how many weights seed it; layers with fewer than ``min_elements`` weights stay float.
-    ``skip``: node names or module paths (and everything under them) to keep in float.
+    caps the weights it seeds from. ``min_elements``: smaller weights stay float. ``skip``: node
+    names or module paths (and everything under them) kept in float.
     """
 
     name: ClassVar[str] = "kmeans-quantize"
-    clusters: int = 256
+
+    clusters: int | None = None
+    bits: int | None = None
     iterations: int = 10
     seed: int = 0
     init_sample: int = 16384
@@ -204,17 +211,30 @@ class KMeansQuantize(LossyPass):
     skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "skip", skip_entries(self.skip))
-        if not 2 <= self.clusters <= 256:
-            raise InputError(f"KMeansQuantize(clusters=...) must be in 2..256 (16 or 256 are usual), "
-                             f"got {self.clusters}")
-        if self.iterations < 0:
-            raise InputError(f"KMeansQuantize(iterations=...) must be >= 0, got {self.iterations}")
+        names_option(self, "skip")
+        if self.bits is not None and (self.bits not in (4, 8) or isinstance(self.bits, bool)):
+            raise InputError(f"KMeans(bits=...) is the width of a stored index: 8 (up to 256 clusters) or 4 (up to "
+                             f"16), got {self.bits!r}")
+        if self.clusters is None:
+            object.__setattr__(self, "clusters", 16 if self.bits == 4 else 256)
+        elif isinstance(self.clusters, bool) or not isinstance(self.clusters, int) or not 2 <= self.clusters <= 256:
+            raise InputError(f"KMeans(clusters=...) must be an integer in 2..256 (16 or 256 are usual), got "
+                             f"{self.clusters!r}")
+        if self.bits is None:
+            object.__setattr__(self, "bits", 4 if self.clusters <= 16 else 8)  # type: ignore[operator]
+        low, high = (2, 16) if self.bits == 4 else (17, 256)
+        if not low <= self.clusters <= high:  # type: ignore[operator]
+            raise InputError(f"KMeans(bits={self.bits}, clusters=...) must be in {low}..{high}, got {self.clusters!r}"
+                             + ("; 16 clusters or fewer fit 4-bit indices: use bits=4" if self.bits == 8 else
+                                "; more than 16 clusters need bits=8"))
+        check_count(self, "iterations", 0)
+        check_count(self, "init_sample", 1)
+        check_count(self, "min_elements", 0, " (weights with fewer elements stay float)")
 
     @property
-    def index_bits(self) -> int:
-        """Bits per stored index: 4 for up to 16 clusters, else 8."""
-        return 4 if self.clusters <= 16 else 8
+    def scheme(self) -> str:
+        """``"kmeans"``."""
+        return "kmeans"
 
     def plan(self, gm: fx.GraphModule, data: CalibrationData) -> KMeansPlan:
         """Cluster every eligible weight once (no calibration data needed)."""
@@ -223,7 +243,7 @@ class KMeansQuantize(LossyPass):
         layers: dict[str, _Clustered] = {}
         near: dict[str, str] = {}
         units: list[LossyUnit] = []
-        skip = SkipList.checked(gm, self.skip, "KMeansQuantize(skip=...)")
+        skip = SkipList.checked(gm, self.skip, "KMeans(skip=...)")
         sites = list(find_weight_sites(gm, self.min_elements, skip))
         for site in progress(sites, desc=f"k-means ({self.clusters} clusters)", total=len(sites)):
             if isinstance(site, tuple):
@@ -232,11 +252,11 @@ class KMeansQuantize(LossyPass):
             codebook, assignment, steps = kmeans_1d(site.matrix, self.clusters, self.iterations, self.seed,
                                                     self.init_sample)
             flat = assignment.reshape(-1).to(torch.uint8)
-            if self.index_bits == 4:
+            if self.bits == 4:
                 flat = pack_nibbles(torch.cat([flat, flat.new_zeros(flat.numel() % 2)]))
-            layer = _Clustered(site, flat, codebook.to(site.matrix.dtype), self.index_bits)
+            layer = _Clustered(site, flat, codebook.to(site.matrix.dtype), self.bits)
             layers[site.node] = layer
-            units.append(LossyUnit(site.node, site.kind, f"k-means {self.clusters} ({self.index_bits}-bit indices)",
+            units.append(LossyUnit(site.node, site.kind, f"k-means {self.clusters} ({self.bits}-bit indices)",
                                    self._details(layer, steps)))
         return KMeansPlan(layers=layers, near_misses=near, units=units)
 
@@ -260,3 +280,7 @@ class KMeansQuantize(LossyPass):
             "lloyd_iterations": steps,
             "bits_per_weight": round(8 * after / max(1, math.prod(shape)), 3),
         }
+
+
+KMeansQuantize = KMeans
+"""The name ``KMeans`` had as a pass alone (registered as ``kmeans-quantize``); ``KMeansQuantize(16)``: 16 clusters."""

@@ -65,7 +65,7 @@ def qparams_from_range(low: float, high: float) -> QParams:
     if not (math.isfinite(low) and math.isfinite(high)):
         raise InputError(
             f"an activation took non-finite values (range [{low}, {high}]) during calibration: check the "
-            "calibration data for NaN/inf, or leave that layer in float (Quantize(skip=[...]))"
+            "calibration data for NaN/inf, or leave that layer in float (Int8Static(skip=[...]))"
         )
     scale = max((high - low) / (ACTIVATION_QMAX - ACTIVATION_QMIN), _EPS)
     zero_point = round(ACTIVATION_QMIN - low / scale)
@@ -247,7 +247,7 @@ OBSERVERS = {
     "percentile": PercentileObserver,
     "entropy": EntropyObserver,
 }
-"""Observer names accepted by ``Quantize(observer=...)``."""
+"""Observer names accepted by ``Int8Static(observer=...)``."""
 
 
 def make_observer(name: str) -> Observer:

@@ -78,7 +78,7 @@ QUANTIZABLE: dict[str, frozenset] = {
     "concat": frozenset({aten.cat.default}),
     "pooling": frozenset({aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default}),
 }
-"""Op families static int8 can quantize, by the names ``Quantize(ops=...)`` takes."""
+"""Op families static int8 can quantize, by the names ``Int8Static(ops=...)`` takes."""
 
 FUSABLE_ACTIVATIONS = frozenset({aten.relu.default, aten.hardtanh.default})
 """Activations fused into the quantized op before them (relu; hardtanh only as ReLU6 / clamp from 0)."""

@@ -1,17 +1,18 @@
 """Static int8 post-training quantization: calibrate activation ranges, then insert QDQ nodes.
 
-``plan_static`` runs the graph on the calibration batches (with a progress line), feeding
-every activation that may be quantized to an observer, and quantizes each weight (symmetric
-int8, per channel by default). The plan's units are the quantizable ops (``placement.find_sites``);
-``StaticPlan.apply`` quantizes the ones not skipped, placing QDQ pairs by the rules in
-``placement`` so that no needless dequantize/quantize pair is left between int8 ops.
+``Int8Static`` is the pass; its fields are its options. Its ``plan`` runs the graph on the
+calibration batches (with a progress line), feeding every activation that may be quantized to
+an observer, and quantizes each weight (symmetric int8, per channel by default). The plan's
+units are the quantizable ops (``placement.find_sites``); ``StaticPlan.apply`` quantizes the
+ones not skipped, placing QDQ pairs by the rules in ``placement`` so that no needless
+dequantize/quantize pair is left between int8 ops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -21,9 +22,10 @@ from graphopt.ir.graph import attribute_value, module_path, prune_unused_attribu
 from graphopt.passes.base import PassResult
 from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
 from graphopt.passes.quantize.embedding import plan_embeddings, quantize_embeddings
-from graphopt.passes.quantize.observers import Observer, QParams, make_observer, quantize_weight
+from graphopt.passes.quantize.observers import OBSERVERS, Observer, QParams, make_observer, quantize_weight
 from graphopt.passes.quantize.placement import (
     PASS_THROUGH,
+    QUANTIZABLE,
     QuantSite,
     activation_inputs,
     find_sites,
@@ -31,10 +33,11 @@ from graphopt.passes.quantize.placement import (
     insert_weight_dequantize,
     output_point,
 )
+from graphopt.passes.quantize.scheme import QuantizationScheme, check_count, check_flags, check_ops, names_option
 from graphopt.passes.quantize.selection import SKIPPED, SkipList
 from graphopt.report.progress import progress
 
-__all__ = ["StaticPlan", "calibrate", "embedding_units", "plan_static"]
+__all__ = ["Int8Static", "StaticPlan", "calibrate", "embedding_units"]
 
 
 class _Observing(fx.Interpreter):
@@ -139,55 +142,82 @@ class StaticPlan(LossyPlan):
         return decided
 
 
-def plan_static(
-    gm: fx.GraphModule,
-    data: CalibrationData,
-    families: Sequence[str],
-    observer: str,
-    per_channel: bool,
-    skip: Sequence[str] = (),
-    max_batches: int | None = None,
-    embeddings: bool = True,
-) -> StaticPlan:
-    """Calibrate ``gm`` on ``data`` and plan static int8 for the ops of ``families``."""
-    if not data.batches:
-        raise InputError(
-            "static int8 quantization needs calibration data to choose activation ranges: pass "
-            "optimize(..., quantize='int8', calibration=batches) with a few hundred representative samples "
-            "(an iterable of input tuples; a DataLoader works), or use quantize='int8-dynamic', which needs none"
-        )
-    make_observer(observer)  # unknown names fail before calibration starts
-    all_sites = find_sites(gm, families)
-    skipped = SkipList.checked(gm, skip, "Quantize(skip=...)")
-    nodes = {n.name: n for n in gm.graph.nodes}
-    sites = [s for s in all_sites if nodes[s.node] not in skipped]
-    watched: set[str] = set()
-    for site in sites:
-        node = nodes[site.node]
-        watched.add(output_point(node).name)
-        watched.update(v.name for v in activation_inputs(node, site.weight_index))
-    observers = {name: make_observer(observer) for name in watched}
-    batches = data.all if max_batches is None else data.all[: max_batches + 1]
-    calibrate(gm, batches, observers)
-    activation_qparams = {name: obs.qparams() for name, obs in observers.items() if obs.count}
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    units = []
-    for site in sites:
-        node = nodes[site.node]
-        details: dict[str, Any] = {"module": module_path(node), "op": str(node.target).split(".")[-2]}
-        scheme = "int8 static"
-        if site.weight_index is not None:
-            weight = attribute_value(gm, node.args[site.weight_index])
-            weights[site.node] = quantize_weight(weight, per_channel, site.weight_axis)
-            details["weight_shape"] = list(weight.shape)
-            scheme += ", per-channel weights" if per_channel else ", per-tensor weights"
-        out = output_point(node)
-        if out is not node:
-            details["fused"] = str(out.target).split(".")[-2]
-        units.append(LossyUnit(site.node, site.family, scheme, details))
-    tables = embedding_units(gm, nodes, skipped, units) if embeddings else {}
-    unquantizable = [f"{s.node}: {SKIPPED}" for s in all_sites if nodes[s.node] in skipped]
-    return StaticPlan(sites, activation_qparams, weights, units, unquantizable, tables)
+@dataclass(frozen=True)
+class Int8Static(QuantizationScheme):
+    """Static int8 post-training quantization: activation ranges observed on calibration data.
+
+    ``observer``: how activation ranges are chosen, ``"minmax"``, ``"moving-average"``,
+    ``"percentile"`` or ``"entropy"`` (KL). ``per_channel``: one weight scale per output channel
+    (else one per tensor). ``ops``: the op families quantized (``conv``, ``linear``, ``matmul``,
+    ``add``, ``concat``, ``pooling``). ``skip``: node names or module paths kept in float.
+    ``max_calibration_batches``: cap on the batches observed (all when None). ``embeddings``:
+    store embedding tables as int8 rows. Needs ``optimize(..., calibration=batches)``.
+    Registered as ``quantize``, the scheme ``Quantize()`` has always meant.
+    """
+
+    name: ClassVar[str] = "quantize"
+
+    observer: str = "minmax"
+    per_channel: bool = True
+    ops: tuple[str, ...] = tuple(QUANTIZABLE)
+    skip: tuple[str, ...] = ()
+    max_calibration_batches: int | None = None
+    embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        names_option(self, "ops")
+        names_option(self, "skip")
+        if self.observer not in OBSERVERS:
+            raise InputError(f"Int8Static(observer=...) names how activation ranges are chosen; choose one of: "
+                             f"{', '.join(OBSERVERS)}; got {self.observer!r}")
+        check_ops(self)
+        check_flags(self, "per_channel", "embeddings")
+        check_count(self, "max_calibration_batches", 1, ", or None for every batch", optional=True)
+
+    @property
+    def scheme(self) -> str:
+        """``"int8"``."""
+        return "int8"
+
+    def plan(self, gm: fx.GraphModule, data: CalibrationData) -> StaticPlan:
+        """Calibrate ``gm`` on ``data`` and plan static int8 for the ops of ``self.ops``."""
+        if not data.batches:
+            raise InputError(
+                "static int8 quantization needs calibration data to choose activation ranges: pass "
+                "optimize(..., quantize='int8', calibration=batches) with a few hundred representative samples "
+                "(an iterable of input tuples; a DataLoader works), or use quantize='int8-dynamic', which needs none"
+            )
+        all_sites = find_sites(gm, self.ops)
+        skipped = SkipList.checked(gm, self.skip, "Int8Static(skip=...)")
+        nodes = {n.name: n for n in gm.graph.nodes}
+        sites = [s for s in all_sites if nodes[s.node] not in skipped]
+        watched: set[str] = set()
+        for site in sites:
+            node = nodes[site.node]
+            watched.add(output_point(node).name)
+            watched.update(v.name for v in activation_inputs(node, site.weight_index))
+        observers = {name: make_observer(self.observer) for name in watched}
+        limit = self.max_calibration_batches
+        calibrate(gm, data.all if limit is None else data.all[: limit + 1], observers)
+        activation_qparams = {name: obs.qparams() for name, obs in observers.items() if obs.count}
+        weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        units = []
+        for site in sites:
+            node = nodes[site.node]
+            details: dict[str, Any] = {"module": module_path(node), "op": str(node.target).split(".")[-2]}
+            scheme = "int8 static"
+            if site.weight_index is not None:
+                weight = attribute_value(gm, node.args[site.weight_index])
+                weights[site.node] = quantize_weight(weight, self.per_channel, site.weight_axis)
+                details["weight_shape"] = list(weight.shape)
+                scheme += ", per-channel weights" if self.per_channel else ", per-tensor weights"
+            out = output_point(node)
+            if out is not node:
+                details["fused"] = str(out.target).split(".")[-2]
+            units.append(LossyUnit(site.node, site.family, scheme, details))
+        tables = embedding_units(gm, nodes, skipped, units) if self.embeddings else {}
+        unquantizable = [f"{s.node}: {SKIPPED}" for s in all_sites if nodes[s.node] in skipped]
+        return StaticPlan(sites, activation_qparams, weights, units, unquantizable, tables)
 
 
 def embedding_units(gm: fx.GraphModule, nodes: dict[str, fx.Node], skipped: SkipList,

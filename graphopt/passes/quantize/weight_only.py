@@ -1,8 +1,8 @@
 """Weight-only quantization: int8 per output channel, or int4 group-wise; activations stay float.
 
-``WeightOnlyQuantize(bits=8)`` stores every linear / matrix-product / convolution weight as
+``WeightOnly(bits=8)`` stores every linear / matrix-product / convolution weight as
 ``int8`` with one float scale per output channel (symmetric, ``q`` in [-127, 127],
-``scale = max|w_row| / 127``). ``WeightOnlyQuantize(bits=4, group_size=128)`` stores the
+``scale = max|w_row| / 127``). ``WeightOnly(bits=4, group_size=128)`` stores the
 weights of matrix products as 4-bit values, two per byte, with a float scale and a 4-bit zero
 point per group of ``group_size`` consecutive input features of one output channel
 (asymmetric: ``w = (q - zero_point) * scale``, ``q`` in [0, 15]; the group's range always holds 0,
@@ -27,8 +27,9 @@ import torch.fx as fx
 
 from graphopt.errors import InputError
 from graphopt.passes.base import PassResult
-from graphopt.passes.lossy.base import CalibrationData, LossyPass, LossyPlan, LossyUnit
-from graphopt.passes.quantize.selection import SkipList, skip_entries
+from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
+from graphopt.passes.quantize.scheme import QuantizationScheme, check_count, check_flags, names_option
+from graphopt.passes.quantize.selection import SkipList
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT4, DEQUANTIZE_INT8, pack_nibbles
 from graphopt.passes.quantize.weight_sites import (
     WeightSite,
@@ -39,7 +40,7 @@ from graphopt.passes.quantize.weight_sites import (
     tensor_bytes,
 )
 
-__all__ = ["WeightOnlyQuantize", "quantize_int4_groupwise", "quantize_int8_per_channel"]
+__all__ = ["WeightOnly", "WeightOnlyQuantize", "quantize_int4_groupwise", "quantize_int8_per_channel"]
 
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -126,20 +127,22 @@ class WeightOnlyPlan(LossyPlan):
 
 
 @dataclass(frozen=True)
-class WeightOnlyQuantize(LossyPass):
-    """Weight-only quantization of matrix products (and convolutions, int8): ``bits`` 8 or 4.
+class WeightOnly(QuantizationScheme):
+    """Weight-only quantization; activations stay float (no data needed).
 
-    ``bits=8``: symmetric int8, one scale per output channel. ``bits=4``: asymmetric 4-bit
-    groups of ``group_size`` (default 128; 32/64/256 trade size for accuracy) input features,
-    for linear layers and products with a constant operand; layers whose input features are
-    not a multiple of ``group_size``, and convolutions, stay float (near misses).
-    Embedding tables (``embeddings=True``, the default) are stored int8 per row under either
-    setting: they are gathered, not multiplied, so the lowering reads only the rows it needs.
-    ``min_elements`` leaves tiny weights alone (their scales would cost more than they save).
-    ``skip``: node names or module paths (and everything under them) to keep in float.
+    ``bits=8``: symmetric int8, one scale per output channel (linear, products by a constant,
+    convolutions). ``bits=4``: asymmetric 4-bit groups of ``group_size`` input features (32, 64,
+    128 or 256; 128 when not given) with a scale and zero point per group, for matrix
+    products; layers whose input features are not a multiple of ``group_size``, and
+    convolutions, stay float (near misses). ``min_elements``: smaller weights stay float (their
+    scales would cost more than they save). ``embeddings``: store embedding tables as int8 rows
+    under either setting (they are gathered, not multiplied, so the lowering reads only the
+    rows it needs). ``skip``: node names or module paths (and everything under them) kept in
+    float.
     """
 
     name: ClassVar[str] = "weight-only-quantize"
+
     bits: int = 8
     group_size: int | None = None
     min_elements: int = 1024
@@ -147,34 +150,34 @@ class WeightOnlyQuantize(LossyPass):
     skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "skip", skip_entries(self.skip))
-        if self.bits not in (4, 8):
-            raise InputError(f"WeightOnlyQuantize(bits=...) must be 8 or 4, got {self.bits}")
+        names_option(self, "skip")
+        if self.bits not in (4, 8) or isinstance(self.bits, bool):
+            raise InputError(f"WeightOnly(bits=...) must be 8 or 4: 8 for int8 per output channel, or 4 for int4 "
+                             f"groups of group_size input features; got {self.bits!r}")
         if self.bits == 8 and self.group_size is not None:
-            raise InputError("WeightOnlyQuantize(bits=8) is per output channel: leave group_size unset "
-                             "(group_size is for bits=4)")
-        if self.bits == 4 and self.group_size is not None and self.group_size not in GROUP_SIZES:
-            raise InputError(f"WeightOnlyQuantize(group_size=...) must be one of {GROUP_SIZES}, got {self.group_size}")
-
-    @property
-    def effective_group_size(self) -> int | None:
-        """The group size used (128 when ``bits=4`` and none was given)."""
-        return (self.group_size or 128) if self.bits == 4 else None
+            raise InputError(f"WeightOnly(group_size={self.group_size!r}) is for bits=4: int8 weights have one scale "
+                             "per output channel; leave group_size unset, or use bits=4")
+        if self.bits == 4:
+            if self.group_size is None:
+                object.__setattr__(self, "group_size", 128)
+            elif self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool):
+                raise InputError(f"WeightOnly(group_size=...) must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                                 f"got {self.group_size!r}")
+        check_count(self, "min_elements", 0, " (weights with fewer elements stay float)")
+        check_flags(self, "embeddings")
 
     @property
     def scheme(self) -> str:
-        """The scheme in words, for reports."""
-        if self.bits == 8:
-            return "int8 weight-only, per-channel symmetric"
-        return f"int4 weight-only, group {self.effective_group_size} asymmetric"
+        """``"int8-weight-only"`` or ``"int4-weight-only"``."""
+        return f"int{self.bits}-weight-only"
 
     def plan(self, gm: fx.GraphModule, data: CalibrationData) -> WeightOnlyPlan:
         """Quantize every eligible weight once (no calibration data needed)."""
         layers: dict[str, _Compressed] = {}
         near: dict[str, str] = {}
         units: list[LossyUnit] = []
-        group = self.effective_group_size
-        skip = SkipList.checked(gm, self.skip, "WeightOnlyQuantize(skip=...)")
+        group = self.group_size
+        skip = SkipList.checked(gm, self.skip, "WeightOnly(skip=...)")
         for site in find_weight_sites(gm, self.min_elements, skip):
             if isinstance(site, tuple):
                 near[site[0]] = site[1]
@@ -196,7 +199,9 @@ class WeightOnlyQuantize(LossyPass):
     def _scheme_for(self, site: WeightSite) -> str:
         if site.kind == "embedding":
             return "int8 weight-only, per-row symmetric"
-        return self.scheme
+        if self.bits == 8:
+            return "int8 weight-only, per-channel symmetric"
+        return f"int4 weight-only, group {self.group_size} asymmetric"
 
     def _refusal(self, site: WeightSite) -> str | None:
         if site.kind == "embedding" and not self.embeddings:
@@ -206,8 +211,8 @@ class WeightOnlyQuantize(LossyPass):
         if not site.is_product:
             return f"int4 group-wise is for matrix products; {site.kind} weight kept float (use bits=8)"
         features = site.matrix.shape[1]
-        if features % self.effective_group_size:
-            return (f"in-features {features} not divisible by group_size {self.effective_group_size} "
+        if features % self.group_size:
+            return (f"in-features {features} not divisible by group_size {self.group_size} "
                     "(choose a group size that divides it)")
         return None
 
@@ -215,20 +220,20 @@ class WeightOnlyQuantize(LossyPass):
         if self._bits_for(site) == 8:
             q, scale = quantize_int8_per_channel(site.matrix)
             return {"qweight": q, "scale": scale}
-        packed, scale, zero_point = quantize_int4_groupwise(site.matrix, self.effective_group_size)
+        packed, scale, zero_point = quantize_int4_groupwise(site.matrix, self.group_size)
         return {"qweight": packed, "scale": scale, "zero_point": zero_point}
 
     def _details(self, site: WeightSite, constants: dict[str, torch.Tensor]) -> dict[str, Any]:
         before = tensor_bytes(site.matrix)
         after = sum(tensor_bytes(t) for t in constants.values())
         bits = self._bits_for(site)
-        dequantized = _dequantize(constants, bits, self.effective_group_size)
+        dequantized = _dequantize(constants, bits, self.group_size)
         error = (dequantized.float() - site.matrix.float().reshape(dequantized.shape)).pow(2).mean().sqrt()
         return {
             "weight": site.weight_target,
             "shape": "x".join(str(s) for s in site.matrix.shape),
             "bits": bits,
-            "group_size": self.effective_group_size if bits == 4 else "per-channel",
+            "group_size": self.group_size if bits == 4 else "per-channel",
             "bytes_before": before,
             "bytes_after": after,
             "size_ratio": round(after / before, 4),
@@ -243,3 +248,7 @@ def _dequantize(constants: dict[str, torch.Tensor], bits: int, group: int | None
     if bits == 8:
         return dequantize_int8_reference(constants["qweight"], constants["scale"])
     return dequantize_int4_reference(constants["qweight"], constants["scale"], constants["zero_point"], group)
+
+
+WeightOnlyQuantize = WeightOnly
+"""The name ``WeightOnly`` had as a pass alone (registered as ``weight-only-quantize``)."""

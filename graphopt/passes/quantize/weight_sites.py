@@ -1,6 +1,6 @@
 """Finding the layers whose constant weight a weight-compressing pass can replace, and replacing it.
 
-Shared by ``WeightOnlyQuantize`` and ``KMeansQuantize``. A *site* is one layer with a constant
+Shared by ``WeightOnly`` and ``KMeans``. A *site* is one layer with a constant
 float weight: ``aten.linear`` (weight ``[N, K]``), a convolution (weight ``[N, C/groups, *k]``),
 an embedding table (``aten.embedding``, weight ``[V, D]``: one row per token), or a matrix
 product with a constant 2-D right operand (``mm``, ``addmm`` with default
