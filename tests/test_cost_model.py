@@ -121,7 +121,7 @@ def test_analyze_an_optimized_model_adds_its_section() -> None:
 
 
 def test_layers_grouped_by_module_depth() -> None:
-    from graphopt.workflows.analyze import group_by_layer
+    from graphopt.analysis.layers import group_by_layer
 
     class Block(nn.Module):
         def __init__(self) -> None:

@@ -9,18 +9,10 @@ import torch
 import torch.fx as fx
 
 import graphopt
-from graphopt.errors import FidelityError, InputError, PassError
+from graphopt import CalibrationData, Fidelity, FidelityError, InputError, LossyPass, LossyPlan, LossyUnit, PassError
 from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
 from graphopt.passes.base import PassResult
-from graphopt.passes.lossy.base import (
-    CalibrationData,
-    Fidelity,
-    LossyPass,
-    LossyPlan,
-    LossyUnit,
-    output_cosine,
-    output_sqnr_db,
-)
+from graphopt.passes.lossy.base import output_cosine, output_sqnr_db
 
 
 def _linear_weights(gm: fx.GraphModule) -> list[fx.Node]:

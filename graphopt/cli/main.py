@@ -45,13 +45,7 @@ def parse_input_shapes(shapes: Sequence[str], dtypes: Sequence[str]) -> tuple[to
 def _command_optimize(args: argparse.Namespace) -> int:
     import graphopt
 
-    factory = load_factory(args.model)
-    built = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
-    model, inputs = built if isinstance(built, tuple) else (built, None)
-    if args.input_shape:
-        inputs = parse_input_shapes(args.input_shape, args.input_dtype or [])
-    if inputs is None:
-        raise InputError("give --input-shape (e.g. --input-shape 1,3,224,224), or have FACTORY return (model, inputs)")
+    model, inputs = _model_and_inputs(args)
     lossy: dict[str, Any] = {"prune": args.prune} if getattr(args, "prune", None) is not None else {}
     lossy.update(_quantize_options(args, inputs))
     fast = graphopt.optimize(model, inputs, target=args.target, disabled=args.disable or (),

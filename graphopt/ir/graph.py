@@ -10,16 +10,18 @@ import contextlib
 import copy
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from graphopt.errors import StateError
 
 __all__ = [
+    "fill_output_nodes",
     "FUSED_FROM",
     "STATE_UPDATE",
     "annotate_tensor_meta",
@@ -180,6 +182,16 @@ def prune_unused_attributes(gm: fx.GraphModule) -> int:
             removed += 1
     gm.delete_all_unused_submodules()
     return removed
+
+
+def fill_output_nodes(template: Any, values: Sequence[Any]) -> Any:
+    """An output structure (e.g. an ``output`` node's argument) with its ``fx.Node`` leaves replaced by ``values``.
+
+    ``values`` are taken in order, one per node leaf; constant leaves (``None``, numbers) stay.
+    """
+    leaves, spec = pytree.tree_flatten(template)
+    remaining = iter(values)
+    return pytree.tree_unflatten([next(remaining) if isinstance(leaf, fx.Node) else leaf for leaf in leaves], spec)
 
 
 def snapshot_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -39,7 +39,7 @@ from graphopt.analysis.balanced_split import (
     graph_items,
 )
 from graphopt.analysis.cost import node_costs, profile_nodes, value_bytes
-from graphopt.ir.graph import prune_unused_attributes, torch_deprecations_silenced
+from graphopt.ir.graph import fill_output_nodes, prune_unused_attributes, torch_deprecations_silenced
 from graphopt.passes.base import Pass, PassResult
 
 __all__ = ["Partition", "StageInfo", "is_partitioned", "item_costs", "plan_boundaries", "split_stages",
@@ -337,18 +337,7 @@ def rewrite_as_stage_chain(gm: fx.GraphModule, stages: Sequence[StageInfo]) -> N
         call.meta["val"] = tuple(results)
     output = next(n for n in old.nodes if n.op == "output")
     last = stages[-1]
-    flat = [values[name] for name in last.outputs]
-    leaves = pytree.tree_leaves(output.args[0])
-    position = 0
-    mapped = []
-    for leaf in leaves:
-        if isinstance(leaf, fx.Node):
-            mapped.append(flat[position])
-            position += 1
-        else:
-            mapped.append(leaf)
-    _, spec = pytree.tree_flatten(output.args[0])
-    graph.output(pytree.tree_unflatten(mapped, spec))
+    graph.output(fill_output_nodes(output.args[0], [values[name] for name in last.outputs]))
     gm.graph = graph
     prune_unused_attributes(gm)
     gm.recompile()

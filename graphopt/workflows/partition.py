@@ -47,7 +47,7 @@ from graphopt.errors import (
     VerificationError,
 )
 from graphopt.ir.capture import capture, flatten_inputs, unlift_program
-from graphopt.ir.graph import clone_graph_module, parameter_bytes
+from graphopt.ir.graph import clone_graph_module, fill_output_nodes, parameter_bytes
 from graphopt.ir.verify import compare_outputs
 from graphopt.passes.base import resolve_pass
 from graphopt.passes.manager import PassManager
@@ -298,15 +298,7 @@ class PartitionedModel(torch.nn.Module):
         return self._structure(flat_out)
 
     def _structure(self, flat_out: Sequence[Any]) -> Any:
-        leaves, spec = pytree.tree_flatten(self._output_template)
-        position, mapped = 0, []
-        for leaf in leaves:
-            if isinstance(leaf, fx.Node):
-                mapped.append(flat_out[position])
-                position += 1
-            else:
-                mapped.append(leaf)
-        return self.graph_module.graph._codegen.process_outputs(pytree.tree_unflatten(mapped, spec))
+        return self.graph_module.graph._codegen.process_outputs(fill_output_nodes(self._output_template, flat_out))
 
     # -- saving ----------------------------------------------------------------------------
 
