@@ -25,7 +25,7 @@ from graphopt.passes.lossy.calibration import calibration_batches
 from graphopt.passes.lossy.runner import LossyRunner
 from graphopt.passes.manager import OnError, PassManager
 from graphopt.report import Report
-from graphopt.targets.base import Target, get_target
+from graphopt.targets.base import LoweringContext, Target, get_target
 from graphopt.targets.tune import lower_model
 
 __all__ = ["OptimizedModel", "optimize"]
@@ -338,7 +338,7 @@ def optimize(
     native = target.native_error(model, captured.example_args, captured.example_kwargs, captured.reference_outputs)
     started = time.perf_counter()
     runner, target = lower_model(target, gm, captured, report, tune=tune, budget=budget,
-                                 tolerance_scale=tolerance_scale, native_error=native)
+                                 tolerance_scale=tolerance_scale, native_error=native, on_error=on_error)
     report.lowering_seconds = time.perf_counter() - started
     optimized = OptimizedModel(gm, runner, target, report, captured)
     optimized.budget = budget
@@ -505,7 +505,7 @@ def rebuild_optimized(previous: OptimizedModel, graph_module: fx.GraphModule, re
     captured = CapturedModel(graph_module, previous._example_args, previous._example_kwargs, flat,
                              pytree.tree_leaves(outputs), dynamic=previous.dynamic)
     started = time.perf_counter()
-    runner = previous.target.lower(graph_module, previous._example_args, previous._example_kwargs, previous.dynamic)
+    runner = previous.target.lower(graph_module, LoweringContext.from_captured(captured))
     report.lowering_seconds = time.perf_counter() - started
     rebuilt = OptimizedModel(graph_module, runner, previous.target, report, captured)
     if runner is not graph_module:

@@ -27,7 +27,7 @@ from graphopt.ir.capture import CapturedModel, flatten_inputs, unlift_program
 from graphopt.ir.graph import run_and_record
 from graphopt.ir.shapes import DynamicDims
 from graphopt.report import Report
-from graphopt.targets.base import get_target
+from graphopt.targets.base import LoweringContext, get_target
 from graphopt.version import __version__
 
 if TYPE_CHECKING:
@@ -199,5 +199,5 @@ def load(path: str | Path, target: str | None = None) -> OptimizedModel:
         notes=[],
         dynamic=dynamic,
     )
-    runner = chosen.lower(gm, captured.example_args, captured.example_kwargs, captured.dynamic)
+    runner = chosen.lower(gm, LoweringContext.from_captured(captured))
     return OptimizedModel(gm, runner, chosen, report, captured)
