@@ -9,6 +9,7 @@ import torch.nn as nn
 import graphopt
 from graphopt.ir.graph import attribute_value, count_ops
 from graphopt.ir.verify import compare_outputs
+from graphopt.targets.base import LoweringContext
 from graphopt.targets.cpu.lowering import CpuLowering
 from graphopt.targets.cpu.target import CpuTarget
 from graphopt.targets.gpu.lowering import (
@@ -124,7 +125,7 @@ def test_a_call_that_cannot_be_captured_runs_without_a_cuda_graph_and_says_why()
     gm = _folded_graph(model, x)
     report = Report(target="gpu")
     options = GpuLowering(epilogues=False, conv_epilogues=False)
-    runner = lower_for_gpu(gm, (x,), {}, (x,), static=True, options=options, report=report)
+    runner = lower_for_gpu(gm, LoweringContext((x,), report=report), options)
     if not torch.cuda.is_available():
         assert any("could not be captured as a CUDA graph" in note for note in report.notes)
     assert compare_outputs([runner(x)], [model(x)]).ok

@@ -17,7 +17,9 @@ from graphopt.ir.graph import count_ops, snapshot_graph_module
 from graphopt.passes import Quantize
 from graphopt.passes.lossy.base import CalibrationData, output_cosine
 from graphopt.passes.quantize.weight_only import WeightOnlyQuantize
-from graphopt.targets.gpu.quantized import NEAR_MISS, describe_counts, int_mm_any_rows, lower_quantized_for_gpu
+from graphopt.targets.base import LoweringContext
+from graphopt.targets.common.lowering import LoweringResult, run_lowering
+from graphopt.targets.gpu.quantized import INT8_LOWERING, describe_lowering, int_mm_any_rows
 
 FLOAT_GEMMS = {"aten.linear.default", "aten.addmm.default", "aten.matmul.default", "aten.mm.default"}
 
@@ -62,9 +64,10 @@ def _graphs(model: nn.Module, x: torch.Tensor, pass_: object) -> tuple[torch.fx.
     return gm, quantized
 
 
-def _lowered(quantized: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[str, int]]:
-    lowered = snapshot_graph_module(quantized)
-    return lowered, lower_quantized_for_gpu(lowered)
+def _lowered(quantized: torch.fx.GraphModule, x: torch.Tensor) -> tuple[torch.fx.GraphModule, LoweringResult]:
+    """The gpu target's int8 lowering of a copy of ``quantized``, every pass verified on ``x``."""
+    result = run_lowering(snapshot_graph_module(quantized), INT8_LOWERING, LoweringContext((x,), on_error="raise"))
+    return result.graph_module, result
 
 
 def _fake_quant_ops(ops: dict[str, int]) -> list[str]:
@@ -77,7 +80,8 @@ def test_mlp_runs_every_linear_as_an_int8_gemm(scheme: str, rows: int) -> None:
     torch.manual_seed(0)
     x = torch.randn(rows, 64)
     gm, quantized = _graphs(MLP().eval(), x, Quantize(scheme=scheme))
-    lowered, counts = _lowered(quantized)
+    lowered, result = _lowered(quantized, x)
+    counts = result.stats
     ops = count_ops(lowered)
     assert ops["aten._int_mm.default"] == 3
     assert counts["int8_gemm_dynamic" if scheme == "int8-dynamic" else "int8_gemm_static"] == 3
@@ -109,7 +113,8 @@ def test_static_int8_gemm_matches_the_calibrated_reference_exactly() -> None:
     weight_node = next(n for n in quantized.graph.nodes if n.target == qd.dequantize_per_channel.default)
     weight = weight_node.target(*(getattr(quantized, a.target) if isinstance(a, torch.fx.Node) else a
                                   for a in weight_node.args))
-    lowered, counts = _lowered(quantized)
+    lowered, result = _lowered(quantized, x)
+    counts = result.stats
     assert counts["int8_gemm_static"] == 1
     with torch.no_grad():  # the QDQ reference of the linear itself, before its output is quantized
         codes = qd.quantize_per_tensor(x, scale, zero_point, 0, 255, torch.uint8)
@@ -123,7 +128,8 @@ def test_transformer_block_int8_dynamic_runs_all_six_projections_int8() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 16, 64)
     gm, quantized = _graphs(Block().eval(), x, Quantize(scheme="int8-dynamic"))
-    lowered, counts = _lowered(quantized)
+    lowered, result = _lowered(quantized, x)
+    counts = result.stats
     ops = count_ops(lowered)
     assert counts["int8_gemm_dynamic"] == 6 and ops["aten._int_mm.default"] == 6
     assert ops["aten.amax.default"] == 4  # q, k and v read the same activation: quantized once for the three
@@ -137,15 +143,16 @@ def test_conv_net_convs_float_on_gpu_and_an_unaligned_linear_is_a_near_miss() ->
     torch.manual_seed(0)
     x = torch.randn(4, 3, 16, 16)
     gm, quantized = _graphs(ResidualConvNet().eval(), x, Quantize(scheme="int8"))
-    lowered, counts = _lowered(quantized)
+    lowered, result = _lowered(quantized, x)
+    counts = result.stats
     ops = count_ops(lowered)
     assert counts["conv_float_on_gpu"] == 4 and ops["aten.conv2d.default"] == 4
     # the head is Linear(32, 10): N=10 is no multiple of 8, so no _int_mm; float, weight dequantized once
-    assert counts[NEAR_MISS + "int8 GEMM: N=10 not a multiple of 8 (cuBLASLt int8), float matmul"] == 1
+    assert result.near_misses["int8-gemm"]["int8 GEMM: N=10 not a multiple of 8 (cuBLASLt int8), float matmul"] == 1
     assert "aten._int_mm.default" not in ops and ops["aten.linear.default"] == 1
     assert not _fake_quant_ops(ops)  # no quantize + dequantize left computing for nothing
     assert all(t.dtype != torch.int8 for t in lowered.state_dict().values())  # every weight dequantized once
-    note = describe_counts(counts)
+    note = describe_lowering(result)
     assert "4 conv: float on gpu (no int8 conv kernel in PyTorch CUDA)" in note and "N=10" in note
     with torch.no_grad():
         out = lowered(x)
@@ -165,16 +172,19 @@ def test_weight_only_int8_uses_the_int8pack_kernel_and_int4_falls_back_here() ->
     x = torch.randn(8, 64)
     model = MLP().eval()
     _, int8 = _graphs(model, x, WeightOnlyQuantize(bits=8))
-    lowered, counts = _lowered(int8)
+    lowered, result = _lowered(int8, x)
+    counts = result.stats
     ops = count_ops(lowered)
     assert counts["int8_weight_kernels"] == 3 and ops["aten._weight_int8pack_mm.default"] == 3
     with torch.no_grad():
         assert output_cosine([int8(x)], [lowered(x)]) > 0.9999
     _, int4 = _graphs(model, x, WeightOnlyQuantize(bits=4, group_size=32))
-    lowered, counts = _lowered(int4)
+    lowered, result = _lowered(int4, x)
+    counts = result.stats
     if not torch.cuda.is_available():  # tinygemm is CUDA-only: checked at lowering, float weight instead
-        near = [key for key in counts if key.startswith(NEAR_MISS + "int4: tinygemm unavailable here")]
-        assert near and counts[near[0]] == counts["weights_dequantized_once"] > 0
+        reasons = result.near_misses["gpu-weight-only-kernels"]
+        near = [reason for reason in reasons if reason.startswith("int4: tinygemm unavailable here")]
+        assert near and reasons[near[0]] == counts["weights_dequantized_once"] > 0
     with torch.no_grad():
         assert output_cosine([int4(x)], [lowered(x)]) > 0.9999
 

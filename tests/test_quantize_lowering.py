@@ -17,7 +17,9 @@ from graphopt.ir.graph import count_ops, snapshot_graph_module
 from graphopt.passes import Quantize
 from graphopt.passes.lossy.base import CalibrationData, output_cosine
 from graphopt.passes.quantize.patterns import has_quantized_ops
-from graphopt.targets.cpu.quantized import dynamic_int8_linear, lower_quantized_for_cpu
+from graphopt.targets.base import LoweringContext
+from graphopt.targets.common.lowering import LoweringResult, run_lowering
+from graphopt.targets.cpu.quantized import INT8_LOWERING, dynamic_int8_linear
 from graphopt.targets.onnx.target import export_graph_to_onnx
 
 FLOAT_COMPUTE = {"aten.conv2d.default", "aten.linear.default", "aten.addmm.default", "aten.matmul.default"}
@@ -42,6 +44,11 @@ def _quantized_graph(model: nn.Module, x: torch.Tensor, **options) -> tuple[torc
     return gm, quantized
 
 
+def lower_quantized_for_cpu(quantized: torch.fx.GraphModule, x: torch.Tensor) -> LoweringResult:
+    """The cpu target's int8 lowering of a copy of ``quantized``, every pass verified on ``x``."""
+    return run_lowering(snapshot_graph_module(quantized), INT8_LOWERING, LoweringContext((x,), on_error="raise"))
+
+
 def _ort_optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> collections.Counter:
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
@@ -53,8 +60,8 @@ def test_cpu_lowering_runs_static_conv_and_linear_as_onednn_int8_kernels() -> No
     torch.manual_seed(0)
     x = torch.randn(4, 3, 16, 16)
     _, quantized = _quantized_graph(ResidualConvNet().eval(), x)
-    lowered = snapshot_graph_module(quantized)
-    counts = lower_quantized_for_cpu(lowered)
+    result = lower_quantized_for_cpu(quantized, x)
+    lowered, counts = result.graph_module, result.stats
     assert counts["qconv"] == 3 and counts["qconv_add"] == 1 and counts["qlinear"] == 1
     ops = count_ops(lowered)
     assert ops["onednn.qconv_pointwise.default"] == 3 and ops["onednn.qlinear_pointwise.default"] == 1
@@ -93,8 +100,9 @@ def test_cpu_lowering_fuses_the_residual_add_into_the_int8_conv(reuse: bool) -> 
     torch.manual_seed(0)
     x = torch.randn(2, 8, 12, 12)
     _, quantized = _quantized_graph(ResidualBlocks(reuse).eval(), x)
-    lowered = snapshot_graph_module(quantized)
-    assert lower_quantized_for_cpu(lowered)["qconv_add"] == 2
+    result = lower_quantized_for_cpu(quantized, x)
+    lowered = result.graph_module
+    assert result.stats["qconv_add"] == 2
     ops = count_ops(lowered)
     assert ops["onednn.qconv2d_pointwise.binary"] == 2
     # the kernel overwrites its accumulator: in place when nothing reads it later, on a copy otherwise
@@ -110,8 +118,9 @@ def test_cpu_lowering_runs_dynamic_linear_as_onednn_int8_with_fused_activations(
     x = torch.randn(8, 64)
     gm, quantized = _quantized_graph(MLP().eval(), x, scheme="int8-dynamic")
     assert has_quantized_ops(quantized) and not has_quantized_ops(gm)
-    lowered = snapshot_graph_module(quantized)
-    assert lower_quantized_for_cpu(lowered)["dynamic_linear"] == 4
+    result = lower_quantized_for_cpu(quantized, x)
+    lowered = result.graph_module
+    assert result.stats["dynamic_linear"] == 4
     kernels = [n for n in lowered.graph.nodes if n.target is dynamic_int8_linear]
     assert len(kernels) == 4 and not FLOAT_COMPUTE & set(count_ops(lowered))
     # ReLU, GELU, ReLU after the first three linears run in the int8 GEMM's epilogue

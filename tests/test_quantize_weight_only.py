@@ -18,8 +18,11 @@ from graphopt.ir.graph import snapshot_graph_module
 from graphopt.passes.lossy.base import CalibrationData, output_cosine, output_sqnr_db
 from graphopt.passes.quantize.kmeans import KMeansQuantize, kmeans_1d
 from graphopt.passes.quantize.weight_only import WeightOnlyQuantize
-from graphopt.passes.quantize.weight_ops import DEQUANTIZE_CODEBOOK, DEQUANTIZE_INT4, DEQUANTIZE_INT8
-from graphopt.targets.common import weight_only_kernels as lower_weight_only
+from graphopt.passes.quantize.weight_ops import DEQUANTIZE_CODEBOOK, DEQUANTIZE_INT4, DEQUANTIZE_INT8, DEQUANTIZE_OPS
+from graphopt.targets.base import LoweringContext
+from graphopt.targets.common.lowering import run_lowering
+from graphopt.targets.cpu import weight_only as lower_weight_only
+from graphopt.targets.cpu.quantized import WEIGHT_ONLY_LOWERING
 
 aten = torch.ops.aten
 
@@ -52,6 +55,13 @@ def mlp():
     ids = torch.randint(0, 200, (4, 16))
     captured = graphopt.capture(model, (ids,))
     return model, (ids,), captured
+
+
+def _lower_weight_only_for_cpu(gm, captured):
+    """The cpu target's lowering of ``gm``'s compressed weights, on a copy, every pass verified on the example."""
+    context = LoweringContext(captured.example_args, captured.example_kwargs, on_error="raise")
+    result = run_lowering(snapshot_graph_module(gm), WEIGHT_ONLY_LOWERING, context)
+    return result.graph_module, result.stats
 
 
 def _apply(captured, pass_):
@@ -187,10 +197,10 @@ def test_cpu_lowering_runs_int8_and_int4_kernels(mlp, monkeypatch):
     monkeypatch.setattr(lower_weight_only, "CPU_KERNEL_CHOICE", "kernel")
     for bits, kernel in ((8, lower_weight_only.int8_weight_linear), (4, lower_weight_only.int4_weight_linear)):
         _, gm, _ = _apply(captured, WeightOnlyQuantize(bits=bits, group_size=32 if bits == 4 else None))
-        lowered, counts = lower_weight_only.lower_weight_only_for_cpu(gm)
+        lowered, counts = _lower_weight_only_for_cpu(gm, captured)
         targets = Counter(n.target for n in lowered.graph.nodes if n.op == "call_function")
         assert targets[kernel] == 3 and counts["int8_embedding_gathers"] == 1
-        assert not any(t in lower_weight_only.DEQUANTIZE_OPS for t in targets)  # nothing dequantizes per call
+        assert not any(t in DEQUANTIZE_OPS for t in targets)  # nothing dequantizes per call
         kept = [t for t in lowered.buffers() if t.dim() == 2 and t.numel() >= 128 * 128]
         assert kept and all(t.dtype in (torch.int8, torch.uint8) for t in kept)  # weights stay compressed
         reference = [gm(*captured.flat_inputs)]
@@ -201,7 +211,7 @@ def test_cpu_lowering_runs_int8_and_int4_kernels(mlp, monkeypatch):
 def test_codebook_embeddings_gather_rows_before_decoding(mlp, clusters):
     _, _, captured = mlp
     _, gm, _ = _apply(captured, KMeansQuantize(clusters=clusters))
-    lowered, counts = lower_weight_only.lower_weight_only_for_cpu(gm)
+    lowered, counts = _lower_weight_only_for_cpu(gm, captured)
     assert counts["codebook_embedding_gathers"] == 1
     tables = [n for n in lowered.graph.nodes if n.target == aten.embedding.default
               and getattr(lowered, n.args[0].target).dtype == torch.uint8]
@@ -213,7 +223,7 @@ def test_cpu_lowering_dequantize_once_is_exact(mlp, monkeypatch):
     _, _, captured = mlp
     monkeypatch.setattr(lower_weight_only, "CPU_KERNEL_CHOICE", "dequantize-once")
     _, gm, _ = _apply(captured, WeightOnlyQuantize(bits=8))
-    lowered, counts = lower_weight_only.lower_weight_only_for_cpu(gm)
+    lowered, counts = _lower_weight_only_for_cpu(gm, captured)
     assert counts["weights_dequantized_once"] == 3
     torch.testing.assert_close(lowered(*captured.flat_inputs), gm(*captured.flat_inputs), rtol=1e-5, atol=1e-5)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import graphopt
-import graphopt.targets.onnx.target as onnx_target
+import graphopt.targets.onnx.export as onnx_export
 from graphopt.cli.main import main
 from graphopt.workflows.save_load import weights_only_loading
 
@@ -148,7 +148,7 @@ def test_cli_writes_a_loadable_pt2(tmp_path, capsys):
 
 @pytest.mark.parametrize("target", ["cpu", "onnx"])
 def test_large_onnx_models_keep_weights_in_external_data(tmp_path, monkeypatch, target):
-    monkeypatch.setattr(onnx_target, "EXTERNAL_DATA_THRESHOLD", 10_000)  # stands in for protobuf's 2 GB limit
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 10_000)  # stands in for protobuf's 2 GB limit
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 8)).eval()
     x = torch.randn(2, 64)

@@ -7,29 +7,33 @@ example inputs round-robin (so drifts of the machine hit every candidate alike);
 that passes is kept. The report gets a section with every candidate's median time, status and
 setup time, and a bar plot of the times.
 
-Candidates: the target's ``lowering.candidates()`` (``cpu``: oneDNN-fused with channels-last
-or NCHW, plain ATen, torch.compile/Inductor; ``onnx``: with and without fused attention, with
-onnxruntime's offline transformer optimizer; ``gpu``: with and without CUDA graphs). The ``cpu``
-candidates include onnxruntime's CPU execution provider, another runtime on the same device.
+Candidates: the target's ``candidates()``, one per variant of its config (``cpu``: oneDNN-fused
+with channels-last or NCHW, plain ATen, torch.compile/Inductor; ``onnx``: with and without fused
+attention, with onnxruntime's offline transformer optimizer; ``gpu``: with and without CUDA
+graphs). The ``cpu`` candidates include onnxruntime's CPU execution provider, another runtime on
+the same device. A candidate is measured as its label says: one whose lowering pass fails
+verification fails as a candidate (it is lowered with ``on_error="raise"``) instead of being
+timed without that pass.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from graphopt.errors import LoweringError
+from graphopt.ir.capture import CapturedModel
 from graphopt.ir.verify import compare_outputs
 from graphopt.passes.lossy.base import Fidelity, output_cosine
+from graphopt.passes.manager import OnError
 from graphopt.report import PlotSpec, Report, ReportSection
-from graphopt.targets.base import Target
+from graphopt.targets.base import LoweringContext, Target
 
 __all__ = ["Candidate", "TunePlan", "lower_model", "tune_candidates"]
 
@@ -68,24 +72,14 @@ class Candidate:
         return statistics.median(self.samples) * 1e3 if self.samples else None
 
 
-def _lower(target: Target, gm: fx.GraphModule, captured: Any, report: Report | None) -> Any:
-    """``target.lower``, giving it the report when it takes one (the built-in targets do)."""
-    if "report" in inspect.signature(target.lower).parameters:
-        return target.lower(gm, captured.example_args, captured.example_kwargs, captured.dynamic, report=report)
-    return target.lower(gm, captured.example_args, captured.example_kwargs, captured.dynamic)
+def _lower(target: Target, gm: fx.GraphModule, context: LoweringContext) -> Any:
+    """``target.lower`` (one place, so that a test can stand in for every candidate's lowering)."""
+    return target.lower(gm, context)
 
 
 def tune_candidates(target: Target) -> list[Candidate]:
     """The candidate lowerings ``tune`` measures for ``target`` (the target's own lowering first)."""
-    lowering = getattr(target, "lowering", None)
-    if lowering is None or not hasattr(lowering, "candidates"):
-        return [Candidate(getattr(target, "name", "default"), target)]
-    candidates = []
-    for option in lowering.candidates():
-        clone = copy.copy(target)
-        clone.lowering = option
-        candidates.append(Candidate(f"{target.name}:{option.label()}", clone))
-    return candidates
+    return [Candidate(candidate.label(), candidate) for candidate in target.candidates()]
 
 
 def _check(candidate: Candidate, captured: Any, budget: Fidelity | None, tolerance_scale: float,
@@ -154,24 +148,30 @@ def _section(candidates: list[Candidate], chosen: Candidate) -> ReportSection:
     )
 
 
-def lower_model(target: Target, gm: fx.GraphModule, captured: Any, report: Report, *, tune: bool = False,
-                budget: Fidelity | None = None, tolerance_scale: float = 1.0,
-                plan: TunePlan | None = None, native_error: float = 0.0) -> tuple[Any, Target]:
+def lower_model(target: Target, gm: fx.GraphModule, captured: CapturedModel, report: Report | None, *,
+                tune: bool = False, budget: Fidelity | None = None, tolerance_scale: float = 1.0,
+                plan: TunePlan | None = None, native_error: float = 0.0,
+                on_error: OnError = "rollback") -> tuple[Any, Target]:
     """Lower ``gm`` for ``target``; with ``tune`` measure every candidate and keep the fastest that passes.
 
-    Each candidate is checked against eager like the final check: to tolerance, plus twice
+    The lowering's passes are verified on the captured example call (``tolerance_scale`` for the
+    exact ones, ``budget`` for kernel substitutions); one that fails is rolled back and reported,
+    or raises with ``on_error="raise"``. With ``tune``, each candidate is lowered with
+    ``on_error="raise"`` and checked against eager like the final check: to tolerance, plus twice
     ``native_error`` (how far the unoptimized model on the target's device is from CPU eager).
 
     Returns ``(runner, target)``: the target carries the lowering tuning chose.
     """
+    context = LoweringContext.from_captured(captured, report=report, on_error=on_error,
+                                            tolerance_scale=tolerance_scale, fidelity=budget)
     if not tune:
-        return _lower(target, gm, captured, report), target
+        return _lower(target, gm, context), target
     candidates = tune_candidates(target)
     for candidate in candidates:
         scratch = Report(target=target.name)
         started = time.perf_counter()
         try:
-            candidate.runner = _lower(candidate.target, gm, captured, scratch)
+            candidate.runner = _lower(candidate.target, gm, replace(context, report=scratch, on_error="raise"))
             candidate.setup_s = time.perf_counter() - started
             _check(candidate, captured, budget, tolerance_scale, native_error)
         except Exception as error:  # a candidate that cannot lower is a result, not a failure of optimize
@@ -182,17 +182,16 @@ def lower_model(target: Target, gm: fx.GraphModule, captured: Any, report: Repor
     passing = [c for c in candidates if c.status == "ok"]
     if not passing:
         error_lines = "; ".join(f"{c.label}: {c.detail}" for c in candidates)
-        from graphopt.errors import LoweringError
-
         raise LoweringError(f"tune: no candidate lowering of target {target.name!r} passed its check ({error_lines})")
     _time_round_robin(passing, captured, plan or TunePlan())
     chosen = min(passing, key=lambda c: c.median_ms or float("inf"))
     for candidate in passing:
         if candidate is not chosen:
             candidate.runner = None  # free what the losers hold (sessions, packed weights)
-    chosen_report: Report = chosen.report  # type: ignore[attr-defined]
-    report.notes.extend(chosen_report.notes)
-    report.sections.extend(chosen_report.sections)
-    report.sections.append(_section(candidates, chosen))
-    report.notes.append(f"tune: kept {chosen.label} ({chosen.median_ms:.2f} ms per call on the example inputs)")
+    if report is not None:
+        chosen_report: Report = chosen.report  # type: ignore[attr-defined]
+        report.notes.extend(chosen_report.notes)
+        report.sections.extend(chosen_report.sections)
+        report.sections.append(_section(candidates, chosen))
+        report.notes.append(f"tune: kept {chosen.label} ({chosen.median_ms:.2f} ms per call on the example inputs)")
     return chosen.runner, chosen.target

@@ -182,7 +182,7 @@ def optimize(
     native = target.native_error(model, captured.example_args, captured.example_kwargs, captured.reference_outputs)
     started = time.perf_counter()
     runner, target = lower_model(target, gm, captured, report, tune=tune, budget=budget,
-                                 tolerance_scale=check.tolerance_scale, native_error=native)
+                                 tolerance_scale=check.tolerance_scale, native_error=native, on_error=on_error)
     report.lowering_seconds = time.perf_counter() - started
     optimized = OptimizedModel(gm, runner, target, report, captured, budget=budget)
     reference_model = model

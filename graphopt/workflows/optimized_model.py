@@ -25,7 +25,7 @@ from graphopt.ir.graph import clone_graph_module, preserved_state, run_and_recor
 from graphopt.ir.verify import Comparison, compare_outputs
 from graphopt.passes.lossy.base import Fidelity, output_cosine
 from graphopt.report import Report
-from graphopt.targets.base import Target, get_target
+from graphopt.targets.base import LoweringContext, Target, get_target
 from graphopt.targets.gpu.target import retarget_device_constants, retarget_meta_values
 from graphopt.workflows.save_load import read_archive, write_archive
 
@@ -164,7 +164,7 @@ class OptimizedModel(torch.nn.Module):
         captured = CapturedModel(graph_module, args, dict(kwargs), flat, pytree.tree_leaves(outputs),
                                  dynamic=self.dynamic)
         started = time.perf_counter()
-        runner = self.target.lower(graph_module, args, dict(kwargs), self.dynamic)
+        runner = self.target.lower(graph_module, LoweringContext.from_captured(captured))
         report.lowering_seconds = time.perf_counter() - started
         rebuilt = OptimizedModel(graph_module, runner, self.target, report, captured)
         if runner is not graph_module:
@@ -287,5 +287,5 @@ def load(path: str | Path, target: str | Target | None = None) -> OptimizedModel
         notes=[],
         dynamic=archive.dynamic,
     )
-    runner = chosen.lower(gm, captured.example_args, captured.example_kwargs, captured.dynamic)
+    runner = chosen.lower(gm, LoweringContext.from_captured(captured))
     return OptimizedModel(gm, runner, chosen, archive.report, captured)

@@ -7,12 +7,14 @@ exportable to ONNX. Lowering works on a structure copy that shares its weights:
    once at the entry;
 2. ``epilogue-fusion`` (``graphopt.targets.cpu.epilogue``): conv / linear + bias + activation
    (+ residual add) become oneDNN's fused kernels;
-3. both run through a ``PassManager`` of their own, so each is verified against the graph before
-   it; their records (counts, near-misses) form a report section and ``LoweredGraph.records``;
-4. prepacking: convolution weights are reordered once into oneDNN's blocked layout for the
-   example's input size (the kernels accept other sizes too), so no call reorders them again.
+3. ``prepack-weights``: convolution weights are reordered once into oneDNN's blocked layout for
+   the example's input size (the kernels accept other sizes too), so no call reorders them again.
    Packed weights are opaque oneDNN tensors held by the lowered module only; they are not part
    of any state dict.
+
+All three are passes (``float_lowering_passes``) run through a ``PassManager``
+(``graphopt.targets.common.lowering.run_lowering``), so each is verified against the graph
+before it; their records (counts, near-misses) form a report section and ``LoweredGraph.records``.
 
 ``CpuLowering(backend="inductor")`` instead compiles the (unfused) optimized graph with
 ``torch.compile`` (Inductor, with weight freezing, which does its own oneDNN fusion and
@@ -35,11 +37,16 @@ import torch.fx as fx
 
 from graphopt.errors import InputError
 from graphopt.ir.graph import node_shape, snapshot_graph_module, state_update_nodes, tensor_versions, written_since
-from graphopt.passes.base import Pass
-from graphopt.report import PassRecord, Report, ReportSection
+from graphopt.passes.base import Pass, PassResult
+from graphopt.report import PassRecord
+from graphopt.targets.base import LoweringContext
+from graphopt.targets.common.channels_last import ChannelsLast
+from graphopt.targets.common.lowering import run_lowering
+from graphopt.targets.cpu.epilogue import EpilogueFusion
+from graphopt.targets.onnx.options import OnnxLowering
 
-__all__ = ["CpuLowering", "LoweredGraph", "lower_graph", "lowering_passes", "prepack_weights", "records_section",
-           "reduced_precision"]
+__all__ = ["CpuLowering", "LoweredGraph", "PrepackWeights", "float_lowering_passes", "lower_graph",
+           "prepack_weights", "reduced_precision"]
 
 Layout = Literal["auto", "channels_last", "contiguous"]
 Backend = Literal["graph", "inductor", "onnxruntime"]
@@ -97,16 +104,17 @@ class CpuLowering:
         return unique
 
 
-def lowering_passes(options: CpuLowering) -> list[Pass]:
-    """The verified rewrites the graph lowering runs, in order."""
-    from graphopt.targets.common.channels_last import ChannelsLast
-    from graphopt.targets.cpu.epilogue import EpilogueFusion
-
+def float_lowering_passes(options: CpuLowering) -> list[Pass]:
+    """The verified rewrites the lowering of a float graph runs with ``options``, in order."""
+    if options.backend != "graph":
+        return []  # Inductor and onnxruntime do their own fusion
     passes: list[Pass] = []
     if options.layout != "contiguous":
         passes.append(ChannelsLast(min_conv_share=0.0 if options.layout == "channels_last" else 0.5))
     if options.fuse:
         passes.append(EpilogueFusion())
+        if options.prepack:
+            passes.append(PrepackWeights())
     return passes
 
 
@@ -158,6 +166,21 @@ def prepack_weights(gm: fx.GraphModule) -> int:
             gm.graph.erase_node(node)
     gm.recompile()
     return packed
+
+
+@dataclass(frozen=True)
+class PrepackWeights(Pass):
+    """The weights of oneDNN's fused convolutions, reordered once into its blocked layout (``prepack_weights``).
+
+    Exact: the packed weight holds the same values. Stats: ``packed`` convolution weights.
+    """
+
+    name = "prepack-weights"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Swap the fused convolutions' weights for packed copies, in place."""
+        packed = prepack_weights(gm)
+        return PassResult(packed > 0, {"packed": packed})
 
 
 def reduced_precision(gm: fx.GraphModule) -> bool:
@@ -220,7 +243,7 @@ def _compile_inductor(gm: fx.GraphModule, example_args: tuple[Any, ...], example
 
     ``dynamic``: the graph has dynamic dims, so the kernels are compiled for symbolic sizes.
     """
-    import torch._inductor.config as inductor_config
+    import torch._inductor.config as inductor_config  # a second to import, for the inductor backend only
 
     with inductor_config.patch(freezing=True), torch.no_grad():
         compiled = torch.compile(gm, backend="inductor", dynamic=dynamic)
@@ -228,61 +251,37 @@ def _compile_inductor(gm: fx.GraphModule, example_args: tuple[Any, ...], example
     return compiled
 
 
-def lower_graph(gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any],
-                flat_inputs: tuple[Any, ...], options: CpuLowering, report: Report | None = None,
-                on_error: str = "raise", tolerance_scale: float | None = None, dynamic: Any = None) -> Any:
-    """Lower the verified graph ``gm`` for the CPU; ``gm`` itself is left as it is.
+def lower_graph(gm: fx.GraphModule, context: LoweringContext, options: CpuLowering,
+                passes: list[Pass] | None = None) -> Any:
+    """Lower the verified float graph ``gm`` for the CPU with ``options``; ``gm`` itself is left as it is.
 
-    The rewrites run through a ``PassManager`` (verified on ``flat_inputs``, recorded in
-    ``report`` when given); weights are then prepacked. ``tolerance_scale`` defaults to 1 for
-    float32 graphs and to 50 for graphs computing in bfloat16/float16 (oneDNN rounds such kernels
-    differently from ATen; the final check holds the result to the fidelity budget).
+    ``passes`` (default ``float_lowering_passes(options)``) run through a ``PassManager`` on a
+    structure copy, verified on the context's example inputs and recorded in its report. Their
+    tolerance is the context's times 50 for graphs computing in bfloat16/float16 (oneDNN rounds
+    such kernels differently from ATen; the final check holds the result to the fidelity budget).
     """
-    from graphopt.passes.manager import PassManager
-
     if options.backend == "onnxruntime":
-        from graphopt.targets.onnx.lowering import OnnxLowering, lower_onnx
+        # imported here: the onnx lowering loads onnx (about a second), which the other backends never need
+        from graphopt.targets.onnx.lowering import lower_onnx
 
-        return lower_onnx(gm, example_args, example_kwargs, dynamic, OnnxLowering(threads=options.threads), report)
+        return lower_onnx(gm, context, OnnxLowering(threads=options.threads))
+    report = context.report
     started = time.perf_counter()
     shared = {name: entry for name, entry in tensor_versions(gm).items() if isinstance(entry[0], torch.nn.Parameter)}
     lowered = snapshot_graph_module(gm)
     if options.backend == "inductor":
-        runner = _compile_inductor(lowered, example_args, example_kwargs, dynamic=bool(dynamic))
+        runner = _compile_inductor(lowered, context.example_args, context.example_kwargs, dynamic=not context.static)
         if report is not None:
             seconds = time.perf_counter() - started
             report.notes.append(f"cpu lowering: torch.compile (Inductor, freezing) in {seconds:.1f} s")
         return LoweredGraph(runner, options, shared)
-    passes = lowering_passes(options)
-    scratch = Report(target="cpu")
+    passes = float_lowering_passes(options) if passes is None else passes
     if passes and state_update_nodes(gm):
         passes = []
-        scratch.notes.append("cpu lowering: the graph updates state on every call; it runs unfused")
-    if passes:
-        if tolerance_scale is None:
-            tolerance_scale = 50.0 if reduced_precision(gm) else 1.0
-        manager = PassManager(passes, on_error=on_error, tolerance_scale=tolerance_scale)  # type: ignore[arg-type]
-        lowered = manager.run(lowered, flat_inputs, scratch)
-    packed = prepack_weights(lowered) if options.fuse and options.prepack else 0
-    runner = LoweredGraph(lowered, options, shared, scratch.records)
-    if report is not None:
-        summary = (f"{packed} convolution weights prepacked for oneDNN"
-                   + (f", {options.threads} threads" if options.threads else ""))
-        report.notes.extend(scratch.notes)
-        report.sections.append(records_section(f"cpu lowering '{options.label()}'", scratch.records, summary))
-    return runner
-
-
-def records_section(title: str, records: list[PassRecord], summary: str = "") -> ReportSection:
-    """The lowering's verified rewrites as a report section: one row per rewrite, like the pass table."""
-    rows = []
-    for record in records:
-        details = ", ".join(f"{k}={v}" for k, v in record.stats.items())
-        misses = "; ".join(f"{reason} ({count})" for group in record.near_misses.values()
-                           for reason, count in group.items())
-        rows.append([record.name, record.status, f"{record.nodes_before} → {record.nodes_after}",
-                     round(record.seconds * 1e3, 1), round(record.verify_seconds * 1e3, 1), record.max_abs_diff,
-                     details, misses])
-    return ReportSection(title=title, description=summary or None,
-                         headers=["rewrite", "status", "nodes", "ms", "verify ms", "max |Δ|", "details", "near-misses"],
-                         rows=rows)
+        if report is not None:
+            report.notes.append("cpu lowering: the graph updates state on every call; it runs unfused")
+    result = run_lowering(lowered, passes, context, tolerance_scale=50.0 if reduced_precision(gm) else 1.0)
+    summary = (f"{result.stats.get('packed', 0)} convolution weights prepacked for oneDNN"
+               + (f", {options.threads} threads" if options.threads else ""))
+    result.report(report, f"cpu lowering '{options.label()}'", summary)
+    return LoweredGraph(result.graph_module, options, shared, result.records)

@@ -14,8 +14,14 @@ lowered copy in which every quantized op becomes an int8 kernel:
 
 What is left of the QDQ nodes sits around the cheap ops that have no int8 kernel here (add,
 concat, average pooling, attention): they read uint8 tensors, compute in float and requantize,
-as PyTorch's own quantized add does. ``LOWERINGS`` is the list of rewrite functions run in
-order (other quantization schemes append theirs); each takes the graph and returns counts.
+as PyTorch's own quantized add does.
+
+``INT8_LOWERING`` is the ordered list of these rewrites (then the weight-only ones of
+``graphopt.targets.cpu.weight_only`` and ``graphopt.targets.common.weight_only_kernels``, then
+dead-code elimination): ``CpuTarget`` runs it through the pass manager, each rewrite verified
+against the graph before it. The int8 kernels round once where the QDQ reference rounds twice,
+so they are ``KernelSubstitution`` passes, held to the fidelity budget
+(``graphopt.targets.common.lowering``).
 """
 
 from __future__ import annotations
@@ -27,13 +33,29 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from graphopt.passes.base import Pass, PassResult
+from graphopt.passes.cleanup import DeadCodeElimination
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN
 from graphopt.passes.quantize.patterns import constant_bias, dynamic_source, int8_weight, static_activation
 from graphopt.passes.quantize.placement import PASS_THROUGH, is_dequantize
-from graphopt.targets.common.lowering_registry import Lowering, run_lowerings
-from graphopt.targets.common.weight_only_kernels import WEIGHT_ONLY_LOWERINGS
+from graphopt.targets.common.lowering import KernelSubstitution
+from graphopt.targets.common.weight_only_kernels import (
+    ExpandCompressedWeights,
+    GatherCodebookEmbeddings,
+    GatherQuantizedEmbeddings,
+)
+from graphopt.targets.cpu.weight_only import CpuWeightOnlyKernels
 
-__all__ = ["LOWERINGS", "dynamic_int8_linear", "lower_quantized_for_cpu"]
+__all__ = [
+    "INT8_LOWERING",
+    "OnednnConvAdd",
+    "OnednnDynamicLinear",
+    "OnednnInt8Kernels",
+    "QdqKernels",
+    "Uint8PassThrough",
+    "WEIGHT_ONLY_LOWERING",
+    "dynamic_int8_linear",
+]
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -41,16 +63,37 @@ qd = torch.ops.quantized_decomposed
 _SHAPE_OPS = PASS_THROUGH - {aten.relu.default, aten.hardtanh.default}
 
 
+def _packed_stay_plain(copy: fx.GraphModule) -> None:
+    """A deepcopy hook: fx registers every tensor attribute of a copied graph module as a buffer.
+
+    Packed oneDNN weights have no storage (nothing reads their bytes, a state dict cannot hold
+    them): in the pass manager's rollback copies they stay plain attributes, as in the original.
+    """
+    for name, value in list(copy._buffers.items()):
+        if isinstance(value, torch.Tensor) and value.is_mkldnn:
+            del copy._buffers[name]
+            object.__setattr__(copy, name, value)
+
+
 def _store(gm: fx.GraphModule, stem: str, value: object, before: fx.Node) -> fx.Node:
-    """Keep ``value`` (a packed weight: opaque, not a buffer) as a plain attribute and read it."""
+    """Keep ``value`` (a packed weight: opaque, not a buffer) as a plain attribute and read it.
+
+    The node records the value itself (as ``register_constant`` does), so the pass manager's
+    rollback copies share it (an opaque tensor cannot be copied) instead of copying it before
+    each pass.
+    """
     name, index = f"_go_{stem}", 0
     while hasattr(gm, name):
         index += 1
         name = f"_go_{stem}_{index}"
     setattr(gm, name, value)
+    if _packed_stay_plain not in gm._deepcopy_hooks:
+        gm._register_deepcopy_hook(_packed_stay_plain)
     with gm.graph.inserting_before(before), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # fx warns about attributes that are not buffers
-        return gm.graph.get_attr(name)
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
 
 
 def _fused_output(node: fx.Node) -> tuple[fx.Node, str, list[float], fx.Node | None]:
@@ -154,38 +197,44 @@ def _weight_nodes(gm: fx.GraphModule, node: fx.Node, ops: _WeightedOperands) -> 
             _store(gm, f"{node.name}constant_bias", ops.bias, node) if ops.bias is not None else None)
 
 
-def lower_static_weighted(gm: fx.GraphModule) -> dict[str, int]:
+@dataclass(frozen=True)
+class OnednnInt8Kernels(KernelSubstitution):
     """Static conv / linear / addmm with uint8 input and int8 weights → oneDNN int8 kernels."""
-    counts = {"qconv": 0, "qlinear": 0}
-    graph = gm.graph
-    for node in list(graph.nodes):
-        ops = _weighted_operands(gm, node)
-        if ops is None:
-            continue
-        end, post_op, post_args, quantize = _fused_output(node)
-        out_scale, out_zp, out_dtype = 1.0, 0, torch.float32
-        float_readers: list[fx.Node] = []
-        if quantize is not None and not _read_as_int8(quantize):
-            # only float ops read the result: the kernel writes float directly (no requantize + dequantize)
-            float_readers, quantize = list(quantize.users), None
-        elif quantize is not None:
-            out_scale, out_zp, out_dtype = float(quantize.args[1]), int(quantize.args[2]), torch.uint8
-        if ops.family == "qlinear":
-            scales, zero_points, bias = _weight_nodes(gm, node, ops)
-            packed_node = _store(gm, f"{node.name}_packed", _packed_linear(ops.q_weight, ops.source), node)
-            args = (ops.source, ops.x_scale, ops.x_zero_point, packed_node, scales, zero_points, bias, out_scale,
-                    out_zp, out_dtype, post_op, post_args, "")
-            target = torch.ops.onednn.qlinear_pointwise.default
-        else:
-            args = (*_packed_conv(gm, node, ops), out_scale, out_zp, out_dtype, post_op, post_args, "")
-            target = torch.ops.onednn.qconv_pointwise.default
-        with graph.inserting_before(end if quantize is None else quantize):
-            new = graph.call_function(target, args)
-        _replace_output(gm, node, end, quantize, new)
-        for reader in float_readers:
-            reader.replace_all_uses_with(new)
-        counts[ops.family] += 1
-    return counts
+
+    name = "onednn-int8-kernels"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrite every static int8 conv / linear in place."""
+        counts = {"qconv": 0, "qlinear": 0}
+        graph = gm.graph
+        for node in list(graph.nodes):
+            ops = _weighted_operands(gm, node)
+            if ops is None:
+                continue
+            end, post_op, post_args, quantize = _fused_output(node)
+            out_scale, out_zp, out_dtype = 1.0, 0, torch.float32
+            float_readers: list[fx.Node] = []
+            if quantize is not None and not _read_as_int8(quantize):
+                # only float ops read the result: the kernel writes float directly (no requantize + dequantize)
+                float_readers, quantize = list(quantize.users), None
+            elif quantize is not None:
+                out_scale, out_zp, out_dtype = float(quantize.args[1]), int(quantize.args[2]), torch.uint8
+            if ops.family == "qlinear":
+                scales, zero_points, bias = _weight_nodes(gm, node, ops)
+                packed_node = _store(gm, f"{node.name}_packed", _packed_linear(ops.q_weight, ops.source), node)
+                args = (ops.source, ops.x_scale, ops.x_zero_point, packed_node, scales, zero_points, bias, out_scale,
+                        out_zp, out_dtype, post_op, post_args, "")
+                target = torch.ops.onednn.qlinear_pointwise.default
+            else:
+                args = (*_packed_conv(gm, node, ops), out_scale, out_zp, out_dtype, post_op, post_args, "")
+                target = torch.ops.onednn.qconv_pointwise.default
+            with graph.inserting_before(end if quantize is None else quantize):
+                new = graph.call_function(target, args)
+            _replace_output(gm, node, end, quantize, new)
+            for reader in float_readers:
+                reader.replace_all_uses_with(new)
+            counts[ops.family] += 1
+        return PassResult(any(counts.values()), counts)
 
 
 def _residual_conv(add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -228,36 +277,43 @@ def _accumulator(graph: fx.Graph, codes: fx.Node, add: fx.Node, at: fx.Node) -> 
         return graph.call_function(op, (codes,), {"memory_format": torch.channels_last})
 
 
-def lower_conv_add(gm: fx.GraphModule) -> dict[str, int]:
+@dataclass(frozen=True)
+class OnednnConvAdd(KernelSubstitution):
     """``Q(relu?(DQ(Q(conv2d(x))) + DQ(r)))`` → one oneDNN int8 conv that adds ``r`` and requantizes (ResNet blocks).
 
     The sum is the convolution's post-op: the conv's own requantization and the float add between
     them go away (the conv result is added before rounding, which is closer to float than the QDQ
     reference).
     """
-    count = 0
-    graph = gm.graph
-    for add in list(graph.nodes):
-        match = _residual_conv(add)
-        if match is None:
-            continue
-        conv, other = match
-        ops = _weighted_operands(gm, conv)
-        end, post_op, _, quantize = _fused_output(add)
-        batched = isinstance(conv.meta.get("val"), torch.Tensor) and conv.meta["val"].dim() == 4
-        if ops is None or quantize is None or post_op not in ("none", "relu") or not batched:
-            continue
-        codes, accum_scale, accum_zp = static_activation(other)
-        accum = _accumulator(graph, codes, add, quantize)
-        conv_args = _packed_conv(gm, conv, ops)  # the accumulator goes between the weight and the bias
-        output = (float(quantize.args[1]), int(quantize.args[2]), torch.uint8)
-        with graph.inserting_before(quantize):
-            new = graph.call_function(torch.ops.onednn.qconv2d_pointwise.binary, (
-                *conv_args[:6], accum, *conv_args[6:], *output, accum_scale, accum_zp, "sum", 1.0, post_op, [], ""))
-        _replace_output(gm, add, end, quantize, new)
-        count += 1
-    graph.eliminate_dead_code()  # the float conv and add it replaced: no later rewrite should lower them
-    return {"qconv_add": count}
+
+    name = "onednn-int8-conv-add"
+    in_place_kernels = frozenset({torch.ops.onednn.qconv2d_pointwise.binary})  # it accumulates into its residual
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrite every int8 conv + residual add in place."""
+        count = 0
+        graph = gm.graph
+        for add in list(graph.nodes):
+            match = _residual_conv(add)
+            if match is None:
+                continue
+            conv, other = match
+            ops = _weighted_operands(gm, conv)
+            end, post_op, _, quantize = _fused_output(add)
+            batched = isinstance(conv.meta.get("val"), torch.Tensor) and conv.meta["val"].dim() == 4
+            if ops is None or quantize is None or post_op not in ("none", "relu") or not batched:
+                continue
+            codes, accum_scale, accum_zp = static_activation(other)
+            accum = _accumulator(graph, codes, add, quantize)
+            conv_args = _packed_conv(gm, conv, ops)  # the accumulator goes between the weight and the bias
+            output = (float(quantize.args[1]), int(quantize.args[2]), torch.uint8)
+            with graph.inserting_before(quantize):
+                new = graph.call_function(torch.ops.onednn.qconv2d_pointwise.binary, (
+                    *conv_args[:6], accum, *conv_args[6:], *output, accum_scale, accum_zp, "sum", 1.0, post_op, [], ""))
+            _replace_output(gm, add, end, quantize, new)
+            count += 1
+        dead = graph.eliminate_dead_code()  # the float conv and add it replaced: no later rewrite should lower them
+        return PassResult(count > 0 or dead, {"qconv_add": count})
 
 
 def _input_shape(value: fx.Node) -> list[int] | None:
@@ -285,42 +341,51 @@ def _conv_defaults(node: fx.Node) -> tuple[list[int], list[int], list[int], int]
     return expand(stride), expand(padding), expand(dilation), int(groups)
 
 
-def lower_pass_through(gm: fx.GraphModule) -> dict[str, int]:
+@dataclass(frozen=True)
+class Uint8PassThrough(KernelSubstitution):
     """``Q(P(DQ(a)))`` with equal parameters → ``P(a)`` on the uint8 tensor (reshapes, max pooling, ReLU)."""
-    count = 0
-    graph = gm.graph
-    for quantize in list(graph.nodes):
-        if quantize.target != qd.quantize_per_tensor.default:
-            continue
-        middle = quantize.args[0]
-        if not (isinstance(middle, fx.Node) and middle.op == "call_function" and middle.target in PASS_THROUGH):
-            continue
-        activation = static_activation(middle.args[0])
-        if activation is None:
-            continue
-        source, scale, zero_point = activation
-        if (float(quantize.args[1]), int(quantize.args[2]), quantize.args[5]) != (scale, zero_point, torch.uint8):
-            continue
-        with graph.inserting_before(quantize):
-            if middle.target == aten.max_pool2d.default:
-                # ATen's uint8 max pooling rejects channels-last input and is 20x slower on NCHW; the
-                # quantized kernel runs on the codes in place of either (the scale does not matter to a max)
-                codes = graph.call_function(aten._make_per_tensor_quantized_tensor.default, (source, scale, zero_point))
-                pooled = graph.call_function(torch.ops.quantized.max_pool2d.default, (codes, *_max_pool_args(middle)))
-                new = graph.call_function(aten.int_repr.default, (pooled,))
-            elif middle.target in _SHAPE_OPS:
-                new = graph.call_function(middle.target, (source, *middle.args[1:]), dict(middle.kwargs))
-            elif middle.target == aten.relu.default:
-                new = graph.call_function(aten.clamp_min.default, (source, zero_point))
-            else:  # hardtanh(low, high) on the codes
-                low = middle.args[1] if len(middle.args) > 1 else -1.0
-                high = middle.args[2] if len(middle.args) > 2 else 1.0
-                codes = [min(max(round(v / scale) + zero_point, ACTIVATION_QMIN), ACTIVATION_QMAX) for v in (low, high)]
-                new = graph.call_function(aten.clamp.default, (source, *codes))
-        new.meta["val"] = quantize.meta.get("val")
-        quantize.replace_all_uses_with(new)
-        count += 1
-    return {"int8_pass_through": count}
+
+    name = "uint8-pass-through"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrite every pass-through op between int8 ops in place."""
+        count = 0
+        graph = gm.graph
+        for quantize in list(graph.nodes):
+            if quantize.target != qd.quantize_per_tensor.default:
+                continue
+            middle = quantize.args[0]
+            if not (isinstance(middle, fx.Node) and middle.op == "call_function" and middle.target in PASS_THROUGH):
+                continue
+            activation = static_activation(middle.args[0])
+            if activation is None:
+                continue
+            source, scale, zero_point = activation
+            if (float(quantize.args[1]), int(quantize.args[2]), quantize.args[5]) != (scale, zero_point, torch.uint8):
+                continue
+            with graph.inserting_before(quantize):
+                if middle.target == aten.max_pool2d.default:
+                    # ATen's uint8 max pooling rejects channels-last input and is 20x slower on NCHW; the
+                    # quantized kernel runs on the codes in place of either (the scale does not matter to a max)
+                    codes = graph.call_function(aten._make_per_tensor_quantized_tensor.default,
+                                                (source, scale, zero_point))
+                    pooled = graph.call_function(torch.ops.quantized.max_pool2d.default,
+                                                 (codes, *_max_pool_args(middle)))
+                    new = graph.call_function(aten.int_repr.default, (pooled,))
+                elif middle.target in _SHAPE_OPS:
+                    new = graph.call_function(middle.target, (source, *middle.args[1:]), dict(middle.kwargs))
+                elif middle.target == aten.relu.default:
+                    new = graph.call_function(aten.clamp_min.default, (source, zero_point))
+                else:  # hardtanh(low, high) on the codes
+                    low = middle.args[1] if len(middle.args) > 1 else -1.0
+                    high = middle.args[2] if len(middle.args) > 2 else 1.0
+                    codes = [min(max(round(v / scale) + zero_point, ACTIVATION_QMIN), ACTIVATION_QMAX)
+                             for v in (low, high)]
+                    new = graph.call_function(aten.clamp.default, (source, *codes))
+            new.meta["val"] = quantize.meta.get("val")
+            quantize.replace_all_uses_with(new)
+            count += 1
+        return PassResult(count > 0, {"int8_pass_through": count})
 
 
 def _max_pool_args(node: fx.Node) -> tuple[list[int], list[int], list[int], list[int], bool]:
@@ -366,79 +431,91 @@ def _dynamic_epilogue(node: fx.Node) -> tuple[fx.Node, str, str]:
     return node, "none", ""
 
 
-def lower_dynamic_linear(gm: fx.GraphModule) -> dict[str, int]:
+@dataclass(frozen=True)
+class OnednnDynamicLinear(KernelSubstitution):
     """Dynamic linear / addmm / matmul-by-weight → oneDNN int8 GEMM with the activation quantized at run time.
 
     A ReLU or GELU that is the GEMM's only reader runs in the kernel's epilogue. oneDNN's VNNI
     GEMM with a fused GELU measured 1.19 ms against 1.40 ms for FBGEMM's ``linear_dynamic`` alone
     (plus 0.57 ms for the GELU after it) on MiniLM's FFN at batch 8 (1024 x 384 x 1536).
     """
-    count = 0
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target == aten.linear.default:
-            x_arg, w_arg, axis = node.args[0], node.args[1], 0
-            bias_arg = node.args[2] if len(node.args) > 2 else None
-        elif node.target == aten.addmm.default and not node.kwargs:
-            x_arg, w_arg, axis, bias_arg = node.args[1], node.args[2], 1, node.args[0]
-        elif node.target == aten.matmul.default:
-            x_arg, w_arg, axis, bias_arg = node.args[0], node.args[1], 1, None
-        else:
-            continue
-        source = dynamic_source(x_arg)
-        weight = int8_weight(gm, w_arg, axis)
-        bias = constant_bias(gm, bias_arg)
-        if source is None or weight is None or bias is False:
-            continue
-        q_weight, scales = weight
-        packed = _packed_linear(q_weight, source)
-        end, post_op, algorithm = _dynamic_epilogue(node)
-        stored = [_store(gm, f"{node.name}_{stem}", value, node) for stem, value in (
-            ("packed", packed), ("w_scales", scales), ("w_zps", torch.zeros(scales.shape, dtype=torch.int64)))]
-        bias_node = _store(gm, f"{node.name}_bias", bias, node) if bias is not None else None
-        with graph.inserting_before(end):
-            new = graph.call_function(dynamic_int8_linear, (source, *stored, bias_node, post_op, algorithm))
-        new.meta.update({k: v for k, v in end.meta.items() if k in ("val", "tensor_meta")})
-        end.replace_all_uses_with(new)
-        count += 1
-    graph.eliminate_dead_code()
-    return {"dynamic_linear": count}
 
+    name = "onednn-dynamic-int8-linear"
 
-def lower_remaining_qdq(gm: fx.GraphModule) -> dict[str, int]:
-    """The static quantize / dequantize nodes left → one fused ATen kernel each (the decomposed forms take 4-5)."""
-    count = 0
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.target not in (qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default):
-            continue
-        if node.args[3:6] != (ACTIVATION_QMIN, ACTIVATION_QMAX, torch.uint8) or node.kwargs:
-            continue
-        value, scale, zero_point = node.args[:3]
-        with graph.inserting_before(node):
-            if node.target == qd.quantize_per_tensor.default:
-                quantized = graph.call_function(aten.quantize_per_tensor.default,
-                                                (value, float(scale), int(zero_point), torch.quint8))
-                new = graph.call_function(aten.int_repr.default, (quantized,))
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrite every dynamic int8 GEMM in place."""
+        count = 0
+        graph = gm.graph
+        for node in list(graph.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target == aten.linear.default:
+                x_arg, w_arg, axis = node.args[0], node.args[1], 0
+                bias_arg = node.args[2] if len(node.args) > 2 else None
+            elif node.target == aten.addmm.default and not node.kwargs:
+                x_arg, w_arg, axis, bias_arg = node.args[1], node.args[2], 1, node.args[0]
+            elif node.target == aten.matmul.default:
+                x_arg, w_arg, axis, bias_arg = node.args[0], node.args[1], 1, None
             else:
-                quantized = graph.call_function(aten._make_per_tensor_quantized_tensor.default,
-                                                (value, float(scale), int(zero_point)))
-                new = graph.call_function(aten.dequantize.self, (quantized,))
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")})
-        node.replace_all_uses_with(new)
-        count += 1
-    return {"int8_qdq_kernels": count}
+                continue
+            source = dynamic_source(x_arg)
+            weight = int8_weight(gm, w_arg, axis)
+            bias = constant_bias(gm, bias_arg)
+            if source is None or weight is None or bias is False:
+                continue
+            q_weight, scales = weight
+            packed = _packed_linear(q_weight, source)
+            end, post_op, algorithm = _dynamic_epilogue(node)
+            stored = [_store(gm, f"{node.name}_{stem}", value, node) for stem, value in (
+                ("packed", packed), ("w_scales", scales), ("w_zps", torch.zeros(scales.shape, dtype=torch.int64)))]
+            bias_node = _store(gm, f"{node.name}_bias", bias, node) if bias is not None else None
+            with graph.inserting_before(end):
+                new = graph.call_function(dynamic_int8_linear, (source, *stored, bias_node, post_op, algorithm))
+            new.meta.update({k: v for k, v in end.meta.items() if k in ("val", "tensor_meta")})
+            end.replace_all_uses_with(new)
+            count += 1
+        dead = graph.eliminate_dead_code()
+        return PassResult(count > 0 or dead, {"dynamic_linear": count})
 
 
-LOWERINGS: list[Lowering] = [
-    lower_pass_through, lower_conv_add, lower_static_weighted, lower_dynamic_linear, lower_remaining_qdq,
-]
-"""The rewrites ``lower_quantized_for_cpu`` runs, in order; other schemes append theirs."""
-LOWERINGS += WEIGHT_ONLY_LOWERINGS  # compressed weights: weight-only int8/int4 kernels, K-means (lower_weight_only)
+@dataclass(frozen=True)
+class QdqKernels(KernelSubstitution):
+    """The static quantize / dequantize nodes left → one fused ATen kernel each (the decomposed forms take 4-5)."""
+
+    name = "int8-qdq-kernels"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrite every static quantize / dequantize left in place."""
+        count = 0
+        graph = gm.graph
+        for node in list(graph.nodes):
+            if node.target not in (qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default):
+                continue
+            if node.args[3:6] != (ACTIVATION_QMIN, ACTIVATION_QMAX, torch.uint8) or node.kwargs:
+                continue
+            value, scale, zero_point = node.args[:3]
+            with graph.inserting_before(node):
+                if node.target == qd.quantize_per_tensor.default:
+                    quantized = graph.call_function(aten.quantize_per_tensor.default,
+                                                    (value, float(scale), int(zero_point), torch.quint8))
+                    new = graph.call_function(aten.int_repr.default, (quantized,))
+                else:
+                    quantized = graph.call_function(aten._make_per_tensor_quantized_tensor.default,
+                                                    (value, float(scale), int(zero_point)))
+                    new = graph.call_function(aten.dequantize.self, (quantized,))
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")})
+            node.replace_all_uses_with(new)
+            count += 1
+        return PassResult(count > 0, {"int8_qdq_kernels": count})
 
 
-def lower_quantized_for_cpu(gm: fx.GraphModule) -> dict[str, int]:
-    """Rewrite ``gm`` in place so its quantized ops run int8 kernels; returns counts per kernel kind."""
-    return run_lowerings(gm, LOWERINGS)
+WEIGHT_ONLY_LOWERING: tuple[Pass, ...] = (
+    GatherQuantizedEmbeddings(), GatherCodebookEmbeddings(), CpuWeightOnlyKernels(), ExpandCompressedWeights(),
+)
+"""The rewrites of compressed weights (weight-only int8/int4 kernels, K-means), in order."""
+
+INT8_LOWERING: tuple[Pass, ...] = (
+    Uint8PassThrough(), OnednnConvAdd(), OnednnInt8Kernels(), OnednnDynamicLinear(), QdqKernels(),
+    *WEIGHT_ONLY_LOWERING, DeadCodeElimination(),
+)
+"""The rewrites ``CpuTarget`` runs on a quantized graph, in order (then the float lowering, when only ATen is left)."""

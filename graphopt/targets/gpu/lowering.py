@@ -23,7 +23,10 @@
 A CUDA graph that cannot be captured (a graph that reads a value back to the host, say) is not
 an error: the lowering runs without it and the report says why.
 
-The rewrites are verified through the pass manager on the GPU copy, like the CPU lowering.
+The rewrites (``float_lowering_passes``, after the int8 ones of ``graphopt.targets.gpu.quantized``
+for a quantized graph) are passes verified through the pass manager on the GPU copy, like the
+CPU lowering (``graphopt.targets.common.lowering``), with the tolerance of
+``lowering_tolerance_scale`` for the exact ones.
 """
 
 from __future__ import annotations
@@ -36,13 +39,21 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from graphopt.ir.graph import attribute_value, node_shape, prune_unused_attributes, register_constant
 from graphopt.ir.verify import tolerance_for
 from graphopt.passes.base import Pass, PassResult
-from graphopt.targets.cpu.epilogue import conv_arguments, residual_operand
+from graphopt.passes.quantize.patterns import has_quantized_ops
+from graphopt.targets.base import LoweringContext
+from graphopt.targets.common.channels_last import ChannelsLast
+from graphopt.targets.common.epilogue_patterns import conv_arguments, residual_operand
+from graphopt.targets.common.lowering import run_lowering
+from graphopt.targets.gpu.quantized import describe_lowering
 
-__all__ = ["CUDAGraphRunner", "CublasLtEpilogue", "CudnnConvEpilogue", "GpuLowering", "sdpa_context"]
+__all__ = ["CUDAGraphRunner", "ConvWeightsChannelsLast", "CublasLtEpilogue", "CudnnConvEpilogue", "GpuLowering",
+           "float_lowering_passes", "lower_for_gpu", "lowering_tolerance_scale", "sdpa_context",
+           "store_conv_weights_channels_last"]
 
 aten = torch.ops.aten
 SdpaBackend = Literal["cudnn", "flash", "efficient", "math"]
@@ -211,6 +222,26 @@ def store_conv_weights_channels_last(gm: fx.GraphModule) -> int:
     return len(stored)
 
 
+def _runs_channels_last(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and n.target == aten.clone.default
+               and n.kwargs.get("memory_format") == torch.channels_last for n in gm.graph.nodes)
+
+
+@dataclass(frozen=True)
+class ConvWeightsChannelsLast(Pass):
+    """In a graph that runs channels-last, each convolution reads a channels-last copy of its weight (exact).
+
+    Stats: ``weights`` stored channels-last (``store_conv_weights_channels_last``).
+    """
+
+    name = "conv-weights-channels-last"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Store the weights in place, when the graph converts its activations to channels-last."""
+        stored = store_conv_weights_channels_last(gm) if _runs_channels_last(gm) else 0
+        return PassResult(stored > 0, {"weights": stored})
+
+
 _BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
              "math": "MATH"}
 
@@ -218,8 +249,6 @@ _BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient"
 @contextlib.contextmanager
 def sdpa_context(backends: tuple[SdpaBackend, ...]) -> Iterator[None]:
     """Run SDPA with ``backends`` tried in order (PyTorch takes the first one that supports the call)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     chosen = [getattr(SDPBackend, _BACKENDS[b]) for b in backends if hasattr(SDPBackend, _BACKENDS[b])]
     with sdpa_kernel(chosen, set_priority=True):
         yield
@@ -271,10 +300,8 @@ class _WithSdpa(torch.nn.Module):
             return self.fn(*args, **kwargs)
 
 
-def gpu_lowering_passes(options: GpuLowering) -> list[Pass]:
-    """The verified rewrites the GPU lowering runs, in order."""
-    from graphopt.targets.common.channels_last import ChannelsLast
-
+def float_lowering_passes(options: GpuLowering) -> list[Pass]:
+    """The verified rewrites the GPU lowering runs with ``options`` (after the int8 ones), in order."""
     passes: list[Pass] = []
     if options.layout != "contiguous":
         passes.append(ChannelsLast(min_conv_share=0.0 if options.layout == "channels_last" else 0.5))
@@ -282,6 +309,7 @@ def gpu_lowering_passes(options: GpuLowering) -> list[Pass]:
         passes.append(CublasLtEpilogue())
     if options.backend == "graph" and options.conv_epilogues:
         passes.append(CudnnConvEpilogue())
+    passes.append(ConvWeightsChannelsLast())
     return passes
 
 
@@ -296,11 +324,6 @@ def lowering_tolerance_scale(gm: fx.GraphModule) -> float:
     reduced = [tolerance_for(d).rtol / tolerance_for(torch.float32).rtol
                for d in (torch.bfloat16, torch.float16) if d in dtypes]
     return max([10.0, *reduced])
-
-
-def _runs_channels_last(gm: fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and n.target == aten.clone.default
-               and n.kwargs.get("memory_format") == torch.channels_last for n in gm.graph.nodes)
 
 
 def _replayed(fn: Callable[..., Any], example_args: tuple[Any, ...], example_kwargs: dict[str, Any],
@@ -318,27 +341,25 @@ def _replayed(fn: Callable[..., Any], example_args: tuple[Any, ...], example_kwa
         return _WithSdpa(fn, options.sdpa_backends)
 
 
-def lower_for_gpu(gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: dict[str, Any],
-                  flat_inputs: tuple[Any, ...], static: bool, options: GpuLowering, report: Any = None) -> Any:
-    """Lower ``gm`` (already on the GPU, inputs too) with ``options``; returns the runnable module."""
-    from graphopt.passes.manager import PassManager
-    from graphopt.report import Report
-    from graphopt.targets.cpu.lowering import records_section
+def lower_for_gpu(gm: fx.GraphModule, context: LoweringContext, options: GpuLowering,
+                  passes: list[Pass] | None = None) -> Any:
+    """Lower ``gm`` (already on the GPU, the context's inputs too) with ``options``; returns the runnable module.
 
-    passes = gpu_lowering_passes(options)
-    if passes:
-        scratch = Report(target="gpu")
-        manager = PassManager(passes, tolerance_scale=lowering_tolerance_scale(gm))
-        gm = manager.run(gm, flat_inputs, scratch)
-        if report is not None:
-            report.sections.append(records_section(f"gpu lowering '{options.label()}'", scratch.records))
-    if _runs_channels_last(gm):
-        store_conv_weights_channels_last(gm)
-    fn: Callable[..., Any] = gm
+    ``passes`` (default ``float_lowering_passes(options)``; ``GpuTarget`` puts the int8 ones first
+    for a quantized graph) run through the pass manager, each verified on the context's example
+    inputs; their records form the report section, and a quantized graph's int8 kernels a note.
+    """
+    passes = float_lowering_passes(options) if passes is None else passes
+    quantized = has_quantized_ops(gm)
+    result = run_lowering(gm, passes, context, tolerance_scale=lowering_tolerance_scale(gm))
+    if quantized and context.report is not None:
+        context.report.notes.append(describe_lowering(result))
+    result.report(context.report, f"gpu lowering '{options.label()}'")
+    fn: Callable[..., Any] = result.graph_module
     if options.backend == "inductor":
-        fn = torch.compile(gm, dynamic=not static)
+        fn = torch.compile(result.graph_module, dynamic=not context.static)
         with torch.inference_mode(), sdpa_context(options.sdpa_backends):
-            fn(*example_args, **example_kwargs)  # compile now, not on the user's first call
-    if options.cuda_graphs is True or (options.cuda_graphs == "auto" and static):
-        return _replayed(fn, example_args, example_kwargs, options, report)
+            fn(*context.example_args, **context.example_kwargs)  # compile now, not on the user's first call
+    if options.cuda_graphs is True or (options.cuda_graphs == "auto" and context.static):
+        return _replayed(fn, context.example_args, context.example_kwargs, options, context.report)
     return _WithSdpa(fn, options.sdpa_backends)

@@ -1,7 +1,9 @@
 """Lower a quantized graph's QDQ patterns to int8 GEMMs that PyTorch runs on CUDA (``torch._int_mm``).
 
 The quantized IR computes in float (the fake-quantized reference). The ``gpu`` target runs a
-lowered copy (``lower_quantized_for_gpu``, rewrites in ``LOWERINGS`` order):
+lowered copy, rewritten by the passes of ``INT8_LOWERING`` in order (through the pass manager,
+each verified against the graph before it; the kernels are ``KernelSubstitution`` passes, held to
+the fidelity budget: ``graphopt.targets.common.lowering``):
 
 - **dynamic int8** linear / addmm / matmul-by-weight (``DQ(Q(x, choose_qparams(x)))`` input):
   the activation is quantized per row, symmetric int8 (``amax / 127``, at run time), multiplied
@@ -34,43 +36,45 @@ time when there are 16 or fewer (cuBLASLt's int8 GEMM needs more than 16).
 
 ``_int_mm`` on CUDA needs ``M > 16`` and ``K``, ``N`` multiples of 8: a static ``M <= 16`` is padded
 to 17 rows at run time; a ``K`` or ``N`` that is not a multiple of 8 falls back to a float matmul
-with the weight dequantized once, counted as a near miss (``"near miss: <reason>"`` keys).
+with the weight dequantized once, counted as a near miss of the ``int8-gemm`` pass (with the reason).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, register_constant
+from graphopt.passes.base import Pass, PassResult
+from graphopt.passes.cleanup import DeadCodeElimination
 from graphopt.passes.quantize.patterns import constant_bias, dynamic_source, int8_weight, static_activation
 from graphopt.passes.quantize.placement import infer_val, is_dequantize, is_quantize
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT8, unpack_nibbles
-from graphopt.targets.common.lowering_registry import Lowering, run_lowerings
+from graphopt.targets.common.lowering import KernelSubstitution, LoweringResult
 from graphopt.targets.common.weight_only_kernels import (
+    ExpandCompressedWeights,
+    GatherCodebookEmbeddings,
+    GatherQuantizedEmbeddings,
     dequantize_constants,
     dequantized_weight,
-    expand_remaining_weights,
-    gather_codebook_embeddings,
-    gather_quantized_embeddings,
     weight_only_linears,
 )
 
 __all__ = [
-    "LOWERINGS",
+    "INT8_LOWERING",
     "MIN_INT_MM_ROWS",
-    "NEAR_MISS",
-    "drop_activation_fake_quant",
-    "dequantize_weights_once",
-    "describe_counts",
+    "DequantizeInt8WeightsOnce",
+    "DropActivationFakeQuant",
+    "GpuWeightOnlyKernels",
+    "Int8Gemms",
+    "describe_lowering",
     "int_mm_any_rows",
-    "lower_int8_gemms",
-    "lower_quantized_for_gpu",
-    "lower_weight_only_for_gpu",
 ]
 
 aten = torch.ops.aten
@@ -78,9 +82,6 @@ qd = torch.ops.quantized_decomposed
 
 MIN_INT_MM_ROWS = 17
 """cuBLASLt's int8 GEMM behind ``torch._int_mm`` on CUDA needs more than 16 rows."""
-
-NEAR_MISS = "near miss: "
-"""Prefix of the count keys that name why a layer did not get an int8 kernel."""
 
 _EPS = 1e-12
 
@@ -98,11 +99,6 @@ def int_mm_any_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @int_mm_any_rows.register_fake
 def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
-
-
-def _near(counts: dict[str, int], reason: str) -> None:
-    key = NEAR_MISS + reason
-    counts[key] = counts.get(key, 0) + 1
 
 
 class _Builder:
@@ -237,63 +233,70 @@ def _int_mm_problem(weight_t: torch.Tensor, checked: dict[tuple[Any, ...], str |
     return checked[key]
 
 
-def lower_int8_gemms(gm: fx.GraphModule) -> dict[str, int]:
+@dataclass(frozen=True)
+class Int8Gemms(KernelSubstitution):
     """Dynamic and static int8 linear / addmm / matmul-by-weight -> ``aten._int_mm`` with a float epilogue.
 
     ``_int_mm`` is run once per weight shape at lowering on the weights' device (an unexpected
     device limit becomes a near miss instead of a failure at run time).
     """
-    counts = {"int8_gemm_dynamic": 0, "int8_gemm_static": 0, "int8_gemm_padded_rows": 0}
-    cache = _CodesCache()
-    checked: dict[tuple[Any, ...], str | None] = {}
-    for node in list(gm.graph.nodes):
-        operands = _gemm_operands(gm, node)
-        if operands is None:
-            continue
-        x_arg, w_arg, bias_arg, axis = operands
-        run_time_source = dynamic_source(x_arg)
-        static = static_activation(x_arg) if run_time_source is None else None
-        weight = int8_weight(gm, w_arg, axis)
-        bias = constant_bias(gm, bias_arg)
-        if (run_time_source is None and static is None) or weight is None or bias is False:
-            continue
-        q_weight, w_scales = weight  # [N, K] int8, [N]
-        out_features, in_features = q_weight.shape
-        reason = _shape_check(in_features, out_features) or _int_mm_problem(q_weight.t().contiguous(), checked)
-        if reason is not None:
-            _near(counts, reason)  # the generic rewrites below dequantize its weight once
-            continue
-        out_val = node.meta["val"]
-        dtype = out_val.dtype
-        rows = _static_rows(x_arg)
-        build = _Builder(gm, node)
-        weight_t = build.constant(f"{node.name}_weight_int8_t", q_weight.t().contiguous())
-        if run_time_source is not None:
-            codes, row_scale = cache.dynamic(build, run_time_source, in_features)
-            acc = build(aten._to_copy.default, _int_mm(build, codes, weight_t, rows), dtype=dtype)
-            column_scale = build.constant(f"{node.name}_w_scale", w_scales.to(dtype))
-            out = build(aten.mul.Tensor, build(aten.mul.Tensor, acc, row_scale), column_scale)
-            if bias is not None:
-                out = build(aten.add.Tensor, out, build.constant(f"{node.name}constant_bias", bias.to(dtype)))
-            counts["int8_gemm_dynamic"] += 1
-        else:
-            codes_u8, x_scale, x_zero_point = static
-            codes = cache.static(build, codes_u8, x_scale, x_zero_point, in_features)
-            acc = build(aten._to_copy.default, _int_mm(build, codes, weight_t, rows), dtype=dtype)
-            # y = s * w_s * (a.W - z' * colsum(W)) + b, z' = z - 128: the correction is a constant per column
-            scale = x_scale * w_scales.double()
-            column_sum = q_weight.to(torch.int64).sum(dim=1).double()
-            offset = -scale * (x_zero_point - 128) * column_sum
-            if bias is not None:
-                offset = offset + bias.double()
-            out = build(aten.add.Tensor,
-                        build(aten.mul.Tensor, acc, build.constant(f"{node.name}_scale", scale.to(dtype))),
-                        build.constant(f"{node.name}_offset", offset.to(dtype)))
-            counts["int8_gemm_static"] += 1
-        if rows is not None and rows < MIN_INT_MM_ROWS:
-            counts["int8_gemm_padded_rows"] += 1
-        _replace_gemm(gm, build, node, out)
-    return counts
+
+    name = "int8-gemm"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrite every int8 GEMM in place."""
+        near: list[str] = []
+        counts = {"int8_gemm_dynamic": 0, "int8_gemm_static": 0, "int8_gemm_padded_rows": 0}
+        cache = _CodesCache()
+        checked: dict[tuple[Any, ...], str | None] = {}
+        for node in list(gm.graph.nodes):
+            operands = _gemm_operands(gm, node)
+            if operands is None:
+                continue
+            x_arg, w_arg, bias_arg, axis = operands
+            run_time_source = dynamic_source(x_arg)
+            static = static_activation(x_arg) if run_time_source is None else None
+            weight = int8_weight(gm, w_arg, axis)
+            bias = constant_bias(gm, bias_arg)
+            if (run_time_source is None and static is None) or weight is None or bias is False:
+                continue
+            q_weight, w_scales = weight  # [N, K] int8, [N]
+            out_features, in_features = q_weight.shape
+            reason = _shape_check(in_features, out_features) or _int_mm_problem(q_weight.t().contiguous(), checked)
+            if reason is not None:
+                near.append(reason)  # the generic rewrites below dequantize its weight once
+                continue
+            out_val = node.meta["val"]
+            dtype = out_val.dtype
+            rows = _static_rows(x_arg)
+            build = _Builder(gm, node)
+            weight_t = build.constant(f"{node.name}_weight_int8_t", q_weight.t().contiguous())
+            if run_time_source is not None:
+                codes, row_scale = cache.dynamic(build, run_time_source, in_features)
+                acc = build(aten._to_copy.default, _int_mm(build, codes, weight_t, rows), dtype=dtype)
+                column_scale = build.constant(f"{node.name}_w_scale", w_scales.to(dtype))
+                out = build(aten.mul.Tensor, build(aten.mul.Tensor, acc, row_scale), column_scale)
+                if bias is not None:
+                    out = build(aten.add.Tensor, out, build.constant(f"{node.name}constant_bias", bias.to(dtype)))
+                counts["int8_gemm_dynamic"] += 1
+            else:
+                codes_u8, x_scale, x_zero_point = static
+                codes = cache.static(build, codes_u8, x_scale, x_zero_point, in_features)
+                acc = build(aten._to_copy.default, _int_mm(build, codes, weight_t, rows), dtype=dtype)
+                # y = s * w_s * (a.W - z' * colsum(W)) + b, z' = z - 128: the correction is a constant per column
+                scale = x_scale * w_scales.double()
+                column_sum = q_weight.to(torch.int64).sum(dim=1).double()
+                offset = -scale * (x_zero_point - 128) * column_sum
+                if bias is not None:
+                    offset = offset + bias.double()
+                out = build(aten.add.Tensor,
+                            build(aten.mul.Tensor, acc, build.constant(f"{node.name}_scale", scale.to(dtype))),
+                            build.constant(f"{node.name}_offset", offset.to(dtype)))
+                counts["int8_gemm_static"] += 1
+            if rows is not None and rows < MIN_INT_MM_ROWS:
+                counts["int8_gemm_padded_rows"] += 1
+            _replace_gemm(gm, build, node, out)
+        return PassResult(any(counts.values()), counts, near_misses={self.name: dict(Counter(near))} if near else {})
 
 
 def _is_activation_pair(dequantize: fx.Node) -> bool:
@@ -305,37 +308,49 @@ def _is_activation_pair(dequantize: fx.Node) -> bool:
             and attribute_value(quantize.graph.owning_module, quantize.args[0]) is None)
 
 
-def drop_activation_fake_quant(gm: fx.GraphModule) -> dict[str, int]:
+@dataclass(frozen=True)
+class DropActivationFakeQuant(KernelSubstitution):
     """Every activation ``DQ(Q(x))`` left -> ``x``: its readers compute in float on the GPU anyway."""
-    count = 0
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and _is_activation_pair(node):
-            node.replace_all_uses_with(node.args[0].args[0])
-            count += 1
-    gm.graph.eliminate_dead_code()  # the quantize and choose_qparams nodes no one reads now
-    return {"fake_quant_pairs_dropped": count}
+
+    name = "drop-activation-fake-quant"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Drop every activation quantize / dequantize pair left, in place."""
+        count = 0
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and _is_activation_pair(node):
+                node.replace_all_uses_with(node.args[0].args[0])
+                count += 1
+        dead = gm.graph.eliminate_dead_code()  # the quantize and choose_qparams nodes no one reads now
+        return PassResult(count > 0 or dead, {"fake_quant_pairs_dropped": count})
 
 
-def dequantize_weights_once(gm: fx.GraphModule) -> dict[str, int]:
+@dataclass(frozen=True)
+class DequantizeInt8WeightsOnce(Pass):
     """Every dequantize of a constant int8 weight -> its float value, computed once at lowering.
 
     Convolutions reading one are counted apart: PyTorch CUDA has no int8 convolution kernel.
     """
-    counts = {"weights_dequantized_once": 0, "conv_float_on_gpu": 0}
-    for node in list(gm.graph.nodes):
-        if not is_dequantize(node) or not node.users:
-            continue
-        values = dequantize_constants(gm, node)
-        if values is None or not isinstance(values[0], torch.Tensor) or values[0].dtype != torch.int8:
-            continue
-        value = node.target(*values)
-        replacement = register_constant(gm, f"{node.name}_float", value, before=node)
-        convs = [u for u in node.users if u.target in (aten.conv1d.default, aten.conv2d.default)]
-        counts["conv_float_on_gpu"] += len(convs)
-        counts["weights_dequantized_once"] += 1
-        node.replace_all_uses_with(replacement)
-        gm.graph.erase_node(node)
-    return counts
+
+    name = "dequantize-int8-weights-once"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Replace every dequantize of a constant int8 weight in place."""
+        counts = {"weights_dequantized_once": 0, "conv_float_on_gpu": 0}
+        for node in list(gm.graph.nodes):
+            if not is_dequantize(node) or not node.users:
+                continue
+            values = dequantize_constants(gm, node)
+            if values is None or not isinstance(values[0], torch.Tensor) or values[0].dtype != torch.int8:
+                continue
+            value = node.target(*values)
+            replacement = register_constant(gm, f"{node.name}_float", value, before=node)
+            convs = [u for u in node.users if u.target in (aten.conv1d.default, aten.conv2d.default)]
+            counts["conv_float_on_gpu"] += len(convs)
+            counts["weights_dequantized_once"] += 1
+            node.replace_all_uses_with(replacement)
+            gm.graph.erase_node(node)
+        return PassResult(any(counts.values()), counts)
 
 
 # ------------------------------------------------------------------------------------ weight-only
@@ -390,79 +405,82 @@ def _tinygemm_form(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return (q, scale), last
 
 
-def lower_weight_only_for_gpu(gm: fx.GraphModule) -> dict[str, int]:
+@dataclass(frozen=True)
+class GpuWeightOnlyKernels(KernelSubstitution):
     """Weight-only int8 / int4 linears -> ``_weight_int8pack_mm`` / tinygemm where they run and check out.
 
     The kernels are tried once per layer on the device the weights are on; a layer whose kernel
     fails (no kernel for the device, or a result that does not match the dequantized weight) gets
     its weight dequantized once instead (a near miss with the reason).
     """
-    counts = {"int8_weight_kernels": 0, "int4_weight_kernels": 0}
-    for node, dequant in weight_only_linears(gm.graph):
-        values = dequantize_constants(gm, dequant)
-        weight = dequantized_weight(gm, dequant)
-        if values is None or weight is None:
-            continue
-        dtype = node.meta["val"].dtype
-        weight = weight.to(dtype)
-        build = _Builder(gm, node)
-        if dequant.target == DEQUANTIZE_INT8:
-            q_weight, scale = values
-            problem = _kernel_works(lambda x, q=q_weight, s=scale: torch._weight_int8pack_mm(x, q, s.to(x.dtype)),
-                                    weight, 1e-3)
-            if problem is not None:
-                _near(counts, f"int8 weight-only: {problem}, weight dequantized once")
+
+    name = "gpu-weight-only-kernels"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrite every weight-only linear in place."""
+        near: list[str] = []
+        counts = {"int8_weight_kernels": 0, "int4_weight_kernels": 0}
+        for node, dequant in weight_only_linears(gm.graph):
+            values = dequantize_constants(gm, dequant)
+            weight = dequantized_weight(gm, dequant)
+            if values is None or weight is None:
                 continue
-            out = _int8pack_linear(build, node, q_weight, scale)
-            counts["int8_weight_kernels"] += 1
-        else:
-            packed, scale, zero_point, group = values
-            (kernel_weight, scale_and_zeros), problem = _tinygemm_form(
-                unpack_nibbles(packed).to(torch.int32), scale, zero_point, group, weight)
-            if problem is not None:
-                _near(counts, f"{problem}, weight dequantized once")
-                continue
-            flat = build(aten._to_copy.default, _flat(build, node.args[0], weight.shape[1]), dtype=torch.bfloat16)
-            out = build(aten._weight_int4pack_mm.default, flat, build.constant(f"{node.name}_int4pack", kernel_weight),
-                        group, build.constant(f"{node.name}_scale_and_zeros", scale_and_zeros))
-            out = build(aten._to_copy.default, out, dtype=dtype)
-            counts["int4_weight_kernels"] += 1
-        bias = node.args[2] if len(node.args) > 2 else None
-        if bias is not None:
-            out = build(aten.add.Tensor, out, bias)
-        _replace_gemm(gm, build, node, out)
-    return counts
+            dtype = node.meta["val"].dtype
+            weight = weight.to(dtype)
+            build = _Builder(gm, node)
+            if dequant.target == DEQUANTIZE_INT8:
+                q_weight, scale = values
+                problem = _kernel_works(lambda x, q=q_weight, s=scale: torch._weight_int8pack_mm(x, q, s.to(x.dtype)),
+                                        weight, 1e-3)
+                if problem is not None:
+                    near.append(f"int8 weight-only: {problem}, weight dequantized once")
+                    continue
+                out = _int8pack_linear(build, node, q_weight, scale)
+                counts["int8_weight_kernels"] += 1
+            else:
+                packed, scale, zero_point, group = values
+                (kernel_weight, scale_and_zeros), problem = _tinygemm_form(
+                    unpack_nibbles(packed).to(torch.int32), scale, zero_point, group, weight)
+                if problem is not None:
+                    near.append(f"{problem}, weight dequantized once")
+                    continue
+                flat = build(aten._to_copy.default, _flat(build, node.args[0], weight.shape[1]), dtype=torch.bfloat16)
+                out = build(aten._weight_int4pack_mm.default, flat,
+                            build.constant(f"{node.name}_int4pack", kernel_weight), group,
+                            build.constant(f"{node.name}_scale_and_zeros", scale_and_zeros))
+                out = build(aten._to_copy.default, out, dtype=dtype)
+                counts["int4_weight_kernels"] += 1
+            bias = node.args[2] if len(node.args) > 2 else None
+            if bias is not None:
+                out = build(aten.add.Tensor, out, bias)
+            _replace_gemm(gm, build, node, out)
+        return PassResult(any(counts.values()), counts, near_misses={self.name: dict(Counter(near))} if near else {})
 
 
-LOWERINGS: list[Lowering] = [
-    lower_int8_gemms, drop_activation_fake_quant, dequantize_weights_once,
-    gather_quantized_embeddings, gather_codebook_embeddings, lower_weight_only_for_gpu, expand_remaining_weights,
-]
-"""The rewrites ``lower_quantized_for_gpu`` runs, in order."""
+INT8_LOWERING: tuple[Pass, ...] = (
+    DeadCodeElimination(),  # layers whose output no one reads (an unused pooler) are not counted
+    Int8Gemms(), DropActivationFakeQuant(), DequantizeInt8WeightsOnce(),
+    GatherQuantizedEmbeddings(), GatherCodebookEmbeddings(), GpuWeightOnlyKernels(), ExpandCompressedWeights(),
+    DeadCodeElimination(),
+)
+"""The rewrites ``GpuTarget`` runs on a quantized graph, in order, before the float lowering's."""
+
+_FLOAT_ON_GPU = ("weights_dequantized_once", "fake_quant_pairs_dropped")
 
 
-def lower_quantized_for_gpu(gm: fx.GraphModule) -> dict[str, int]:
-    """Rewrite ``gm`` in place so its quantized ops run int8 kernels on CUDA; returns counts per kind.
-
-    Keys starting with ``NEAR_MISS`` count layers that stayed float, by reason. Run it on a copy
-    (``graphopt.ir.graph.snapshot_graph_module``): the QDQ graph is the portable, savable reference.
-    """
-    gm.graph.eliminate_dead_code()  # layers whose output no one reads (an unused pooler) are not counted
-    return run_lowerings(gm, LOWERINGS)
-
-
-def describe_counts(counts: dict[str, int]) -> str:
+def describe_lowering(result: LoweringResult) -> str:
     """The report note: ``gpu lowering: int8 kernels: ...; float on gpu: ...; near misses: ...``."""
-    kernels = ", ".join(f"{n} {k}" for k, n in counts.items() if n and not k.startswith(NEAR_MISS)
-                        and k not in ("conv_float_on_gpu", "weights_dequantized_once", "fake_quant_pairs_dropped"))
+    counts = result.stats_of({p.name for p in INT8_LOWERING if p.name != DeadCodeElimination.name})
+    kernels = ", ".join(f"{n} {k}" for k, n in counts.items() if n and k not in ("conv_float_on_gpu", *_FLOAT_ON_GPU))
     parts = [f"gpu lowering: int8 kernels: {kernels or 'none matched'}"]
     if counts.get("conv_float_on_gpu"):
         parts.append(f"{counts['conv_float_on_gpu']} conv: float on gpu (no int8 conv kernel in PyTorch CUDA)")
-    floats = [f"{counts[k]} {k}" for k in ("weights_dequantized_once", "fake_quant_pairs_dropped") if counts.get(k)]
+    floats = [f"{counts[k]} {k}" for k in _FLOAT_ON_GPU if counts.get(k)]
     if floats:
         parts.append(", ".join(floats))
-    near = [f"{n}x {k[len(NEAR_MISS):]}" for k, n in counts.items() if k.startswith(NEAR_MISS) and n]
+    int8_rules = {p.name for p in INT8_LOWERING}
+    near = [f"{n}x {reason}" for rule, reasons in result.near_misses.items() if rule in int8_rules
+            for reason, n in reasons.items() if n]
     if near:
         parts.append("near misses: " + "; ".join(near))
     return "; ".join(parts)
-

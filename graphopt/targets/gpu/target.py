@@ -9,12 +9,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
 
 from graphopt.errors import DeviceUnavailableError
-from graphopt.ir.graph import attribute_value
-from graphopt.ir.shapes import DynamicDims
+from graphopt.ir.graph import attribute_value, snapshot_graph_module
 from graphopt.ir.verify import compare_outputs
-from graphopt.targets.base import Target
+from graphopt.passes.base import Pass
+from graphopt.passes.quantize.patterns import has_quantized_ops
+from graphopt.targets.base import LoweringContext, Target
+from graphopt.targets.gpu.lowering import GpuLowering, float_lowering_passes, lower_for_gpu
+from graphopt.targets.gpu.quantized import INT8_LOWERING
 
 __all__ = ["GpuTarget", "retarget_device_constants", "retarget_meta_values"]
 
@@ -55,8 +59,6 @@ def retarget_meta_values(gm: fx.GraphModule, device: torch.device) -> None:
     them and from the moved weights, and fake tensors on two devices do not mix. Constants that
     passes registered carry their real value: it is replaced by the moved one.
     """
-    from torch._subclasses.fake_tensor import FakeTensor
-
     def move(value: Any) -> Any:
         if isinstance(value, FakeTensor) and value.device != device:
             with value.fake_mode:
@@ -73,15 +75,13 @@ def retarget_meta_values(gm: fx.GraphModule, device: torch.device) -> None:
 
 
 class GpuTarget(Target):
-    """Run the optimized graph with PyTorch on the current CUDA device."""
+    """Run the optimized graph with PyTorch on the current CUDA device, lowered as ``lowering`` says."""
 
     name = "gpu"
 
-    def __init__(self, device: str | torch.device = "cuda", lowering: Any = None) -> None:
-        from graphopt.targets.gpu.lowering import GpuLowering
-
+    def __init__(self, device: str | torch.device = "cuda", lowering: GpuLowering | None = None) -> None:
         self.device = torch.device(device)
-        self.lowering = lowering or GpuLowering()
+        self.lowering: GpuLowering = lowering or GpuLowering()
 
     def check_available(self) -> None:
         """Fail early, before any work, when CUDA is missing."""
@@ -94,32 +94,23 @@ class GpuTarget(Target):
                 "and a CUDA build of torch."
             )
 
-    def lower(
-        self,
-        gm: fx.GraphModule,
-        example_args: tuple[Any, ...],
-        example_kwargs: dict[str, Any],
-        dynamic: DynamicDims | None = None,
-        report: Any = None,
-    ) -> Callable[..., Any]:
-        """Move the graph module to the GPU (one copy of the weights) and lower it there.
+    def lowering_passes(self, gm: fx.GraphModule) -> list[Pass]:
+        """The int8 kernel rewrites for a quantized graph, then the float lowering's (epilogues, layout)."""
+        int8 = list(INT8_LOWERING) if has_quantized_ops(gm) else []
+        return int8 + float_lowering_passes(self.lowering)
 
-        Lowering: cuBLASLt epilogues, SDPA backend order, CUDA graphs for static shapes (``gpu_lowering``).
+    def lower(self, gm: fx.GraphModule, context: LoweringContext) -> Callable[..., Any]:
+        """Move the graph module to the GPU (one copy of the weights) and lower a copy of it there.
+
+        Lowering: int8 GEMMs for a quantized graph, cuBLASLt / cuDNN epilogues, SDPA backend order,
+        CUDA graphs for static shapes (``graphopt.targets.gpu.lowering``).
         """
-        from graphopt.ir.capture import flatten_inputs
-        from graphopt.ir.graph import snapshot_graph_module
-        from graphopt.passes.quantize.patterns import has_quantized_ops
-        from graphopt.targets.gpu.lowering import lower_for_gpu
-
         self.check_available()
         gm.to(self.device)
         retarget_device_constants(gm, self.device)
         retarget_meta_values(gm, self.device)
-        args, kwargs = self.move_inputs(example_args, example_kwargs)
-        static = not dynamic
-        lowered = _lower_quantized(gm, report) if has_quantized_ops(gm) else snapshot_graph_module(gm)
-        return lower_for_gpu(lowered, args, kwargs, flatten_inputs(gm, args, kwargs), static,
-                             self.lowering, report)
+        moved = context.with_inputs(*self.move_inputs(context.example_args, context.example_kwargs))
+        return lower_for_gpu(snapshot_graph_module(gm), moved, self.lowering, self.lowering_passes(gm))
 
     def native_error(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                      reference: list[Any]) -> float:
@@ -137,15 +128,3 @@ class GpuTarget(Target):
             return x.to(self.device, non_blocking=True) if isinstance(x, torch.Tensor) else x
 
         return pytree.tree_map(to_device, (args, kwargs))
-
-
-def _lower_quantized(gm: fx.GraphModule, report: Any) -> fx.GraphModule:
-    """A copy of the quantized graph (weights already on the GPU) whose QDQ patterns run int8 GEMMs there."""
-    from graphopt.ir.graph import snapshot_graph_module
-    from graphopt.targets.gpu.quantized import describe_counts, lower_quantized_for_gpu
-
-    lowered = snapshot_graph_module(gm)
-    counts = lower_quantized_for_gpu(lowered)
-    if report is not None:
-        report.notes.append(describe_counts(counts))
-    return lowered

@@ -13,6 +13,11 @@
 3. **Session options.** Intra-op threads (default: PyTorch's thread count), one inter-op thread,
    sequential execution; ``optimized_model_path`` saves onnxruntime's optimized model, so a
    deployment can load it without optimizing again.
+
+The graph's own rewrites are passes verified one by one through the pass manager
+(``graphopt.targets.common.lowering``): the custom ops of ``graphopt.targets.onnx.export.export_passes``
+(int8 and compressed weights) before any export, and ``ExpandAttentionMasks`` on the copy exported
+with fused attention. Their records form an "onnx lowering ...: rewrites" report section.
 """
 
 from __future__ import annotations
@@ -22,24 +27,28 @@ import copy
 import io
 import logging
 from collections import Counter
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import onnx
+import onnxruntime as ort
 import torch
 import torch.fx as fx
 
 from graphopt.errors import UnsupportedOpError
-from graphopt.ir.graph import node_shape
-from graphopt.ir.shapes import DynamicDims
-from graphopt.report import Report, ReportSection
+from graphopt.ir.graph import node_shape, snapshot_graph_module
+from graphopt.ir.verify import compare_outputs
+from graphopt.passes.base import Pass, PassResult
+from graphopt.report import PassRecord, ReportSection
+from graphopt.targets.base import LoweringContext
+from graphopt.targets.common.lowering import LoweringResult, run_lowering
+from graphopt.targets.onnx.export import OnnxRuntimeModule, export_prepared, prepare_for_export, quiet_loggers
+from graphopt.targets.onnx.options import Level, OnnxLowering
 
-__all__ = ["FUSED_ONNX_OPS", "OnnxLowering", "expand_attention_masks", "fused_op_counts", "lower_onnx",
-           "session_options"]
+__all__ = ["ATTENTION_EXPORT_PASSES", "FUSED_ONNX_OPS", "ExpandAttentionMasks", "Level", "OnnxLowering",
+           "expand_attention_masks", "fused_op_counts", "lower_onnx", "session_options"]
 
 log = logging.getLogger("graphopt")
-
-Level = Literal["disabled", "basic", "extended", "all"]
 
 FUSED_ONNX_OPS = frozenset({
     "Attention", "MultiHeadAttention", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "BiasGelu",
@@ -52,44 +61,8 @@ FUSED_ATTENTION_OPSET = 23
 """The first ONNX opset with an ``Attention`` operator (the exporter's translation of SDPA)."""
 
 
-@dataclass(frozen=True)
-class OnnxLowering:
-    """Options of the ONNX lowering (``OnnxTarget(lowering=...)``); see the module docstring."""
-
-    fused_attention: bool = True
-    optimization_level: Level = "all"
-    transformer_optimizer: bool = False
-    threads: int | None = None
-    optimized_model_path: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.optimization_level not in ("disabled", "basic", "extended", "all"):
-            raise ValueError("optimization_level must be 'disabled', 'basic', 'extended' or 'all', "
-                             f"got {self.optimization_level!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be at least 1, got {self.threads}")
-
-    def label(self) -> str:
-        """Short name of this lowering, for reports and ``tune``."""
-        parts = ["ort"]
-        parts.append("attention" if self.fused_attention else "opset-default")
-        if self.transformer_optimizer:
-            parts.append("ort-transformers")
-        if self.optimization_level != "all":
-            parts.append(self.optimization_level)
-        return "-".join(parts)
-
-    def candidates(self) -> list[OnnxLowering]:
-        """The variants ``tune`` measures: this one, without fused attention, with the transformer optimizer."""
-        options = [self, replace(self, fused_attention=not self.fused_attention),
-                   replace(self, transformer_optimizer=not self.transformer_optimizer)]
-        return list(dict.fromkeys(options))
-
-
 def session_options(options: OnnxLowering) -> Any:
     """The onnxruntime ``SessionOptions`` for ``options``."""
-    import onnxruntime as ort
-
     levels = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -160,27 +133,46 @@ def _size_arg(gm: fx.GraphModule, source: fx.Node, shape: tuple[Any, ...], dim: 
     return size
 
 
-def _export(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: DynamicDims | None,
-            options: OnnxLowering, notes: list[str], feed: dict[str, Any]) -> onnx.ModelProto:
-    from graphopt.ir.graph import snapshot_graph_module
-    from graphopt.targets.onnx.target import export_graph_to_onnx
+@dataclass(frozen=True)
+class ExpandAttentionMasks(Pass):
+    """SDPA masks broadcast to their full ``(..., q_len, kv_len)`` shape (``expand_attention_masks``; exact).
 
-    if options.fused_attention and _has_attention(gm):
-        fused = snapshot_graph_module(gm)
-        expanded = expand_attention_masks(fused)
-        try:
-            model = export_graph_to_onnx(fused, args, kwargs, dynamic, opset=FUSED_ATTENTION_OPSET)
-            _run(model, _feed_for(model, feed))  # onnxruntime's Attention kernel is stricter than SDPA
-            if expanded:
-                notes.append(f"{expanded} attention mask(s) broadcast to (q_len, kv_len) for the Attention op")
-            return model
-        except UnsupportedOpError:
-            raise
-        except Exception as error:
-            notes.append(f"opset {FUSED_ATTENTION_OPSET} export with fused Attention failed "
-                         f"({type(error).__name__}: {str(error)[:160]}); exported at the exporter's default opset, "
-                         "attention unfused")
-    return export_graph_to_onnx(gm, args, kwargs, dynamic)
+    onnxruntime's ``Attention`` kernel needs them so; run on the copy exported with fused attention.
+    """
+
+    name = "expand-attention-masks"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Expand every SDPA mask that broadcasts, in place."""
+        expanded = expand_attention_masks(gm)
+        return PassResult(expanded > 0, {"expanded": expanded})
+
+
+ATTENTION_EXPORT_PASSES: tuple[Pass, ...] = (ExpandAttentionMasks(),)
+"""The rewrites of the copy exported with fused attention (opset 23), in order."""
+
+
+def _export(gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering, notes: list[str],
+            feed: dict[str, Any]) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """The ONNX model of the prepared graph ``gm`` (fused attention when asked and possible), and its rewrites."""
+    args, kwargs, dynamic = context.example_args, context.example_kwargs, context.dynamic
+    if not (options.fused_attention and _has_attention(gm)):
+        return export_prepared(gm, args, kwargs, dynamic), []
+    fused = run_lowering(snapshot_graph_module(gm), ATTENTION_EXPORT_PASSES, context)
+    try:
+        model = export_prepared(fused.graph_module, args, kwargs, dynamic, opset=FUSED_ATTENTION_OPSET)
+        _run(model, _feed_for(model, feed))  # onnxruntime's Attention kernel is stricter than SDPA
+        expanded = fused.stats.get("expanded", 0)
+        if expanded:
+            notes.append(f"{expanded} attention mask(s) broadcast to (q_len, kv_len) for the Attention op")
+        return model, fused.records
+    except UnsupportedOpError:
+        raise
+    except Exception as error:
+        notes.append(f"opset {FUSED_ATTENTION_OPSET} export with fused Attention failed "
+                     f"({type(error).__name__}: {str(error)[:160]}); exported at the exporter's default opset, "
+                     "attention unfused")
+    return export_prepared(gm, args, kwargs, dynamic), fused.records
 
 
 def _feed_for(model: onnx.ModelProto, feed: dict[str, Any]) -> dict[str, Any]:
@@ -189,18 +181,14 @@ def _feed_for(model: onnx.ModelProto, feed: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(model: onnx.ModelProto, feed: dict[str, Any]) -> list[Any]:
-    import onnxruntime as ort
-
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feed)
 
 
 def _transformer_optimized(model: onnx.ModelProto, feed: dict[str, Any], notes: list[str]) -> onnx.ModelProto:
     """``onnxruntime.transformers.optimizer`` on a copy of ``model``; ``model`` when it fails or changes outputs."""
+    # imported here: onnxruntime's transformer tools take 0.2 s to import, for an option that is off by default
     from onnxruntime.transformers.optimizer import optimize_model
-
-    from graphopt.ir.verify import compare_outputs
-    from graphopt.targets.onnx.target import quiet_loggers
 
     try:
         with contextlib.redirect_stdout(io.StringIO()), quiet_loggers("onnxruntime.transformers"):
@@ -219,16 +207,19 @@ def _transformer_optimized(model: onnx.ModelProto, feed: dict[str, Any], notes: 
     return optimized
 
 
-def lower_onnx(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: DynamicDims | None,
-               options: OnnxLowering, report: Report | None = None) -> Any:
-    """Export ``gm`` with fused attention, optionally optimize it offline, and open a tuned session."""
-    from graphopt.ir.capture import flatten_inputs
-    from graphopt.targets.onnx.target import OnnxRuntimeModule
+def lower_onnx(gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering,
+               passes: list[Pass] | None = None) -> Any:
+    """Export ``gm`` with fused attention, optionally optimize it offline, and open a tuned session.
 
+    ``passes`` (default ``export_passes(gm)``) rewrite a copy of ``gm`` before export, each
+    verified on the context's example inputs.
+    """
+    report = context.report
     notes: list[str] = []
-    flat = [t for t in flatten_inputs(gm, args, kwargs) if isinstance(t, torch.Tensor)]
+    prepared = prepare_for_export(gm, context, passes)
+    flat = [t for t in context.flat_inputs(gm) if isinstance(t, torch.Tensor)]
     feed = {str(index): t.detach().cpu().numpy() for index, t in enumerate(flat)}
-    model = _export(gm, args, kwargs, dynamic, options, notes, feed)
+    model, attention_records = _export(prepared.graph_module, context, options, notes, feed)
     if options.transformer_optimizer:
         model = _transformer_optimized(model, _feed_for(model, feed), notes)
     runner = OnnxRuntimeModule(model, getattr(gm, "_out_spec", None), options=session_options(options))
@@ -243,4 +234,7 @@ def lower_onnx(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]
             headers=["operator", "count"],
             rows=[[op, count] for op, count in fused.items()] or [["(none)", 0]],
         ))
+        rewrites = LoweringResult(prepared.graph_module, [*prepared.records, *attention_records])
+        if rewrites.records:
+            rewrites.report(report, f"onnx lowering '{options.label()}': rewrites")
     return runner

@@ -2,30 +2,33 @@
 
 torch.onnx (onnxscript's torchlib) already turns ``quantized_decomposed`` quantize /
 dequantize nodes into ``QuantizeLinear`` / ``DequantizeLinear``; the int8 weights stay int8
-initializers. Two patterns need help first (on a structure copy of the graph):
+initializers. Two patterns need help first (passes run on a structure copy of the graph before
+export, each verified against the graph before it: ``graphopt.targets.onnx.export``):
 
-- ``linear(DQ(x), DQ(w), b)`` exports as ``DQ(w) → Transpose → MatMul``: the transpose between
+- ``StaticLinearAsMatmul``: ``linear(DQ(x), DQ(w), b)`` exports as ``DQ(w) → Transpose → MatMul``: the transpose between
   the weight's dequantize and the MatMul hides the QDQ pattern from onnxruntime, which then
   multiplies in float. It becomes ``matmul(DQ(x), DQ(wᵀ)) + b`` with a transposed int8 weight,
   which onnxruntime fuses into ``QGemm`` / ``QLinearMatMul``.
-- dynamic linear (``choose_qparams`` at run time) becomes one ``graphopt_quant::dynamic_linear``
+- ``DynamicLinearOp``: dynamic linear (``choose_qparams`` at run time) becomes one ``graphopt_quant::dynamic_linear``
   op, exported as ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul (→ Add)``, the pattern
   onnxruntime fuses into its ``DynamicQuantizeMatMul`` kernel.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from graphopt.ir.graph import prune_unused_attributes, register_constant, snapshot_graph_module
+from graphopt.ir.graph import register_constant
+from graphopt.passes.base import Pass, PassResult
 from graphopt.passes.quantize.observers import WEIGHT_QMAX, WEIGHT_QMIN
 from graphopt.passes.quantize.patterns import dynamic_source, int8_weight
 from graphopt.passes.quantize.placement import infer_val, is_dequantize
 
-__all__ = ["prepare_quantized_for_onnx"]
+__all__ = ["DynamicLinearOp", "StaticLinearAsMatmul", "dynamic_linear", "translation_table"]
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -51,7 +54,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: t
 
 
 def _dynamic_linear_onnx(x: Any, weight: Any, weight_scale: Any, bias: Any = None) -> Any:
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # onnxscript takes about 1.4 s to import: only while exporting
 
     x_q, x_scale, x_zero_point = op.DynamicQuantizeLinear(x)
     accumulated = op.MatMulInteger(x_q, weight, x_zero_point)
@@ -86,66 +89,68 @@ def _transposed_weight(gm: fx.GraphModule, node: fx.Node, dequantize: fx.Node) -
     return new
 
 
-def _static_linear_as_matmul(gm: fx.GraphModule) -> int:
-    count = 0
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.target != aten.linear.default or not is_dequantize(node.args[1]) or not is_dequantize(node.args[0]):
-            continue
-        if dynamic_source(node.args[0]) is not None:
-            continue
-        weight = _transposed_weight(gm, node, node.args[1])
-        if weight is None:
-            continue
-        with graph.inserting_before(node):
-            product = graph.call_function(aten.matmul.default, (node.args[0], weight))
-            infer_val(product)
-            bias = node.args[2] if len(node.args) > 2 else None
-            new = graph.call_function(aten.add.Tensor, (product, bias)) if bias is not None else product
+@dataclass(frozen=True)
+class StaticLinearAsMatmul(Pass):
+    """``linear(DQ(x), DQ(w), b)`` -> ``matmul(DQ(x), DQ(wᵀ)) + b`` on a transposed int8 weight (for QGemm)."""
+
+    name = "onnx-static-linear-as-matmul"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrite every static int8 linear in place."""
+        count = 0
+        graph = gm.graph
+        for node in list(graph.nodes):
+            if node.target != aten.linear.default or not is_dequantize(node.args[1]) or not is_dequantize(node.args[0]):
+                continue
+            if dynamic_source(node.args[0]) is not None:
+                continue
+            weight = _transposed_weight(gm, node, node.args[1])
+            if weight is None:
+                continue
+            with graph.inserting_before(node):
+                product = graph.call_function(aten.matmul.default, (node.args[0], weight))
+                infer_val(product)
+                bias = node.args[2] if len(node.args) > 2 else None
+                new = graph.call_function(aten.add.Tensor, (product, bias)) if bias is not None else product
+                infer_val(new)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            count += 1
+        return PassResult(count > 0, {"static_linears": count})
+
+
+@dataclass(frozen=True)
+class DynamicLinearOp(Pass):
+    """Dynamic int8 linear / addmm / matmul-by-weight -> ``graphopt_quant::dynamic_linear`` (DynamicQuantizeMatMul)."""
+
+    name = "onnx-dynamic-linear"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrite every dynamic int8 GEMM in place."""
+        count = 0
+        graph = gm.graph
+        for node in list(graph.nodes):
+            if node.target == aten.linear.default:
+                x_arg, w_arg, axis = node.args[0], node.args[1], 0
+                bias = node.args[2] if len(node.args) > 2 else None
+            elif node.target == aten.addmm.default and not node.kwargs:
+                x_arg, w_arg, axis, bias = node.args[1], node.args[2], 1, node.args[0]
+            elif node.target == aten.matmul.default:
+                x_arg, w_arg, axis, bias = node.args[0], node.args[1], 1, None
+            else:
+                continue
+            source = dynamic_source(x_arg)
+            weight = int8_weight(gm, w_arg, axis)
+            if source is None or weight is None:
+                continue
+            q_weight, scales = weight
+            q_node = register_constant(gm, f"{node.name}_weight_int8_t", q_weight.t().contiguous(), before=node)
+            scale_node = register_constant(gm, f"{node.name}_weight_scale", scales, before=node)
+            with graph.inserting_before(node):
+                new = graph.call_function(torch.ops.graphopt_quant.dynamic_linear.default,
+                                          (source, q_node, scale_node, bias))
             infer_val(new)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        count += 1
-    return count
-
-
-def _dynamic_linear(gm: fx.GraphModule) -> int:
-    count = 0
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.target == aten.linear.default:
-            x_arg, w_arg, axis = node.args[0], node.args[1], 0
-            bias = node.args[2] if len(node.args) > 2 else None
-        elif node.target == aten.addmm.default and not node.kwargs:
-            x_arg, w_arg, axis, bias = node.args[1], node.args[2], 1, node.args[0]
-        elif node.target == aten.matmul.default:
-            x_arg, w_arg, axis, bias = node.args[0], node.args[1], 1, None
-        else:
-            continue
-        source = dynamic_source(x_arg)
-        weight = int8_weight(gm, w_arg, axis)
-        if source is None or weight is None:
-            continue
-        q_weight, scales = weight
-        q_node = register_constant(gm, f"{node.name}_weight_int8_t", q_weight.t().contiguous(), before=node)
-        scale_node = register_constant(gm, f"{node.name}_weight_scale", scales, before=node)
-        with graph.inserting_before(node):
-            new = graph.call_function(torch.ops.graphopt_quant.dynamic_linear.default,
-                                      (source, q_node, scale_node, bias))
-        infer_val(new)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        count += 1
-    return count
-
-
-def prepare_quantized_for_onnx(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[Any, Any]]:
-    """A copy of ``gm`` rewritten for int8 ONNX, and the custom translation table to export it with."""
-    copy = snapshot_graph_module(gm)
-    _static_linear_as_matmul(copy)
-    _dynamic_linear(copy)
-    copy.graph.eliminate_dead_code()
-    prune_unused_attributes(copy)
-    copy.graph.lint()
-    copy.recompile()
-    return copy, translation_table()
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            count += 1
+        return PassResult(count > 0, {"dynamic_linears": count})

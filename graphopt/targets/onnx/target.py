@@ -1,191 +1,23 @@
-"""The ``onnx`` target: export through ``torch.onnx``, check the model, run it in onnxruntime."""
+"""The ``onnx`` target: export through ``torch.onnx``, check the model, run it in onnxruntime.
+
+The export and the session module live in ``graphopt.targets.onnx.export`` (re-exported here),
+the lowering options and steps in ``graphopt.targets.onnx.lowering``.
+"""
 
 from __future__ import annotations
 
-import io
-import logging
-import re
-import tempfile
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stdout
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import onnx
-import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
-from graphopt.errors import LoweringError, UnsupportedOpError
-from graphopt.ir.graph import state_update_nodes
-from graphopt.ir.shapes import DynamicDims
-from graphopt.targets.base import Target
+from graphopt.passes.base import Pass
+from graphopt.targets.base import LoweringContext, Target
+from graphopt.targets.onnx.export import OnnxRuntimeModule, export_graph_to_onnx, export_passes
+from graphopt.targets.onnx.lowering import lower_onnx
+from graphopt.targets.onnx.options import OnnxLowering
 
 __all__ = ["OnnxRuntimeModule", "OnnxTarget", "export_graph_to_onnx"]
-
-log = logging.getLogger("graphopt")
-
-_OP_IN_MESSAGE = re.compile(r"(?:OpOverload\(op='|\b)([A-Za-z_][\w]*)(?:\.|::|', overload=')([A-Za-z_]\w*)")
-
-
-def _unsupported_op(gm: fx.GraphModule, error: BaseException) -> UnsupportedOpError | None:
-    """Find the graph node whose op the exporter could not translate, from the exporter's message."""
-    text = "".join(str(e) for e in (error, error.__cause__, error.__context__) if e is not None)
-    by_name: dict[str, list[str]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            by_name.setdefault(f"{node.target.namespace}.{node.target._opname}", []).append(node.name)
-    for namespace, opname in _OP_IN_MESSAGE.findall(text):
-        nodes = by_name.get(f"{namespace}.{opname}")
-        if nodes and ("No ONNX function" in text or "not supported" in text.lower() or "DispatchError" in text):
-            op = f"{namespace}::{opname}"
-            return UnsupportedOpError(
-                f"the onnx target cannot lower op {op} (node {', '.join(nodes[:5])}): torch.onnx has no "
-                "translation for it. Register one with torch.onnx.export(custom_translation_table=...), "
-                "replace the op with standard ones, or use target='cpu'.",
-                op=op,
-                nodes=nodes,
-            )
-    return None
-
-
-@contextmanager
-def quiet_loggers(*names: str) -> Iterator[None]:
-    """Raise these loggers to ERROR for the duration: the exporters' INFO/WARNING chatter is not the user's concern.
-
-    (torch.onnx reports skipped torchvision ops; onnxscript's constant folding reports every
-    shape it could not fold.)
-    """
-    loggers = [logging.getLogger(name) for name in names]
-    previous = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, previous, strict=True):
-            logger.setLevel(level)
-
-
-def _refuse_state(gm: fx.GraphModule) -> None:
-    """ONNX models are stateless: a graph that updates its own buffers on each call cannot be lowered."""
-    updates = state_update_nodes(gm)
-    if updates:
-        names = sorted({str(n.args[0].target) for n in updates})
-        raise LoweringError(
-            f"the model updates state on every call (buffer(s) {', '.join(names[:5])}), which an ONNX model "
-            "cannot hold between runs. Use target='cpu', or move the state out of forward() "
-            "(pass it in as an input and return the new value)."
-        )
-
-
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-"""Models larger than this many bytes keep their weights in a ``.data`` file beside the ``.onnx``
-(protobuf cannot serialise a message of 2 GiB or more)."""
-
-
-def export_graph_to_onnx(
-    gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: DynamicDims | None = None,
-    opset: int | None = None,
-) -> onnx.ModelProto:
-    """Export ``gm`` with ``torch.onnx`` (dynamo exporter) and check the result with ``onnx.checker``.
-
-    Dims in ``dynamic`` become symbolic ONNX dims named like them (``batch``, ``seq``...).
-    Raises ``UnsupportedOpError`` naming the op and node when an op has no ONNX translation.
-    ``opset`` picks the ONNX opset (default: the exporter's).
-    """
-    from graphopt.passes.quantize.patterns import has_quantized_ops
-
-    _refuse_state(gm)
-    translations = None
-    if has_quantized_ops(gm, activations=True):  # int8 QDQ: rewritten for onnxruntime's int8 kernels
-        from graphopt.targets.onnx.quantized import prepare_quantized_for_onnx
-
-        gm, translations = prepare_quantized_for_onnx(gm)
-    from graphopt.targets.common.weight_only_kernels import has_weight_only_ops, prepare_weight_only_for_onnx
-
-    if has_weight_only_ops(gm):  # compressed weights: MatMulNBits / DequantizeLinear on the compressed initializers
-        gm, weight_translations = prepare_weight_only_for_onnx(gm)
-        translations = {**(translations or {}), **weight_translations}
-    log.info("exporting to ONNX (%d graph nodes)", len(gm.graph.nodes))
-    dynamic_shapes = dynamic.spec_for("onnx", gm.forward, args, kwargs) if dynamic else None
-    try:
-        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), quiet_loggers("torch.onnx", "onnxscript"):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(gm, args, kwargs=kwargs or None, dynamo=True, verbose=False,
-                                        report=False, optimize=True, dynamic_shapes=dynamic_shapes,
-                                        **({"opset_version": opset} if opset else {}),
-                                        custom_translation_table=translations)
-    except Exception as error:
-        unsupported = _unsupported_op(gm, error)
-        if unsupported is not None:
-            raise unsupported from error
-        raise LoweringError(
-            f"torch.onnx could not export the optimized graph: {type(error).__name__}: {error}"
-        ) from error
-    model = program.model_proto
-    try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(model, full_check=True)
-        else:
-            with tempfile.TemporaryDirectory() as folder:  # the checker reads models over 2 GiB from a path
-                path = _write_model(model, Path(folder) / "model.onnx")
-                onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as error:
-        raise LoweringError(f"the exported ONNX model fails onnx.checker: {error}") from error
-    return model
-
-
-def _write_model(model: onnx.ModelProto, path: Path) -> Path:
-    """Write ``model`` to ``path``, its weights in ``path.data`` when it is too large for one protobuf."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-        path.write_bytes(model.SerializeToString())
-        return path
-    data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)  # external data is appended to: start from an empty file
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # converting to external data rewrites the tensors of the model in place
-    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
-    return path
-
-
-class OnnxRuntimeModule(torch.nn.Module):
-    """Runs an ONNX model in onnxruntime behind the original model's calling convention."""
-
-    def __init__(self, model: onnx.ModelProto, out_spec: pytree.TreeSpec | None, threads: int | None = None,
-                 options: Any = None) -> None:
-        super().__init__()
-        import onnxruntime as ort
-
-        options = options if options is not None else ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.model = model
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-            self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        else:  # onnxruntime reads a large model (weights in a side file) from disk
-            with tempfile.TemporaryDirectory() as folder:
-                path = _write_model(model, Path(folder) / "model.onnx")
-                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.out_spec = out_spec
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Feed the call's tensors to onnxruntime and rebuild the model's output structure."""
-        tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-        if len(tensors) != len(self.input_names):
-            raise LoweringError(f"the ONNX model takes {len(self.input_names)} tensors, got {len(tensors)}")
-        feed = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, tensors, strict=True)}
-        outputs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
-        return pytree.tree_unflatten(outputs, self.out_spec) if self.out_spec is not None else tuple(outputs)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the ONNX model to ``path`` (weights beside it in ``path.data`` when over 1.8 GB)."""
-        return _write_model(self.model, Path(path))
 
 
 class OnnxTarget(Target):
@@ -193,21 +25,13 @@ class OnnxTarget(Target):
 
     name = "onnx"
 
-    def __init__(self, lowering: Any = None) -> None:
-        from graphopt.targets.onnx.lowering import OnnxLowering
+    def __init__(self, lowering: OnnxLowering | None = None) -> None:
+        self.lowering: OnnxLowering = lowering or OnnxLowering()
 
-        self.lowering = lowering or OnnxLowering()
+    def lowering_passes(self, gm: fx.GraphModule) -> list[Pass]:
+        """The rewrites before export: custom ops onnxruntime runs with int8 / compressed-weight kernels."""
+        return export_passes(gm)
 
-    def lower(
-        self,
-        gm: fx.GraphModule,
-        example_args: tuple[Any, ...],
-        example_kwargs: dict[str, Any],
-        dynamic: DynamicDims | None = None,
-        report: Any = None,
-    ) -> Callable[..., Any]:
-        """Export (fused attention), check, and open a tuned onnxruntime session (``onnx_lowering``)."""
-        from graphopt.targets.onnx.lowering import lower_onnx
-
-        return lower_onnx(gm, example_args, example_kwargs, dynamic, self.lowering, report)
-
+    def lower(self, gm: fx.GraphModule, context: LoweringContext) -> Callable[..., Any]:
+        """Export (fused attention), check, and open a tuned onnxruntime session (``onnx.lowering``)."""
+        return lower_onnx(gm, context, self.lowering, self.lowering_passes(gm))

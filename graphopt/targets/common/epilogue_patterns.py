@@ -1,0 +1,77 @@
+"""Readers shared by the CPU and GPU epilogue fusions: a convolution's arguments, a residual add's other input.
+
+``graphopt.targets.cpu.epilogue`` (oneDNN) and ``graphopt.targets.gpu.lowering`` (cuDNN) fuse
+the same patterns into different kernels; they read the graph through these two functions, so
+both see a convolution and a residual add alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphopt.ir.graph import same_shape
+
+__all__ = ["RESIDUAL_BROADCASTS", "ConvArguments", "conv_arguments", "residual_operand"]
+
+aten = torch.ops.aten
+
+
+def _pair(value: Any, default: int) -> list[int]:
+    if value is None:
+        return [default, default]
+    values = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return values * 2 if len(values) == 1 else values
+
+
+ConvArguments = tuple[Any, Any, Any, list[int], list[int], list[int], int]
+"""``(x, weight, bias, stride, padding, dilation, groups)``, each of the three lists of two ints."""
+
+
+def conv_arguments(node: fx.Node) -> ConvArguments | str:
+    """The arguments of an ``aten.conv2d`` / ``aten.convolution`` node, defaults filled in.
+
+    Returns the reason instead when the node is not a plain convolution these fusions handle
+    (transposed, or padding given as a string).
+    """
+    if node.target == aten.convolution.default:
+        x, w, b, stride, padding, dilation, transposed, _, groups = node.args[:9]
+        if transposed:
+            return "transposed convolution"
+    else:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        defaults: list[Any] = [None, None, None, 1, 0, 1, 1]
+        x, w, b, stride, padding, dilation, groups = (
+            node.args[i] if i < len(node.args) else node.kwargs.get(name, defaults[i]) for i, name in enumerate(names))
+    if isinstance(padding, str):
+        return "padding given as a string"
+    return x, w, b, _pair(stride, 1), _pair(padding, 0), _pair(dilation, 1), int(groups)
+
+
+RESIDUAL_BROADCASTS = "residual add broadcasts"
+"""Near-miss reason: the tensor added to a layer's output has another shape (it would broadcast)."""
+
+
+def residual_operand(add: fx.Node, out: fx.Node) -> fx.Node | str | None:
+    """The tensor ``add`` sums with ``out``, when a fused kernel can take it as its residual input.
+
+    That is a plain ``add.Tensor`` (alpha 1) of another same-shape, same-dtype tensor. Returns
+    ``RESIDUAL_BROADCASTS`` for an add of a tensor of another shape, and None when ``add`` is no
+    such add at all.
+    """
+    if add.op != "call_function" or add.target != aten.add.Tensor:
+        return None
+    if add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+        return None
+    a, c = add.args
+    other = c if a is out else a
+    if not isinstance(other, fx.Node) or other is out:
+        return None
+    if not same_shape(other, out) or other.meta.get("val") is None:
+        return RESIDUAL_BROADCASTS
+    if other.meta["val"].dtype != out.meta["val"].dtype:
+        return None
+    return other
+

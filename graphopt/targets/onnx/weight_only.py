@@ -1,0 +1,217 @@
+"""Compressed weights for onnxruntime: ``MatMulNBits`` and the translations to export them with.
+
+Before export (on a copy), ``MatMulNBitsLinears`` turns compressed linear layers into
+``graphopt_weights::matmul_nbits``, a custom op whose PyTorch body is the reference of
+onnxruntime's contrib op ``com.microsoft.MatMulNBits`` (bits 8 or 4, the compressed weights as
+its initializers) and whose translation writes that op. Embeddings gather int8 rows
+(``graphopt.targets.common.weight_only_kernels``); int4 weights outside linears (none are
+planned) become float once (``ExpandInt4Weights``); other int8 weights export as
+``DequantizeLinear`` (per axis) and codebooks as an index unpack + ``Gather``, all on the
+compressed initializers, so the file carries the compressed weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+import torch
+import torch.fx as fx
+
+from graphopt.ir.graph import register_constant
+from graphopt.passes.base import Pass, PassResult
+from graphopt.passes.quantize.placement import infer_val
+from graphopt.passes.quantize.weight_ops import DEQUANTIZE_CODEBOOK, DEQUANTIZE_INT4, DEQUANTIZE_INT8, unpack_nibbles
+from graphopt.targets.common.weight_only_kernels import dequantize_constants, dequantized_weight, weight_only_linears
+
+__all__ = ["ExpandInt4Weights", "MatMulNBitsLinears", "matmul_nbits", "translation_table"]
+
+aten = torch.ops.aten
+
+
+@torch.library.custom_op("graphopt_weights::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                 in_features: int, out_features: int, bits: int, block_size: int) -> torch.Tensor:
+    """Reference of onnxruntime's ``MatMulNBits``: ``x @ dequantize(packed)ᵀ``, blocks of ``block_size`` along K.
+
+    ``packed`` uint8 ``[N, K/block, block*bits/8]`` (4-bit: even k in the low nibble), ``scales``
+    ``[N * K/block]``, ``zero_points`` packed like ``packed`` per block (None: ``2**(bits-1)``).
+    """
+    blocks = packed.shape[1]
+    q = (unpack_nibbles(packed) if bits == 4 else packed).reshape(out_features, blocks, block_size).to(scales.dtype)
+    if zero_points is None:
+        zp = torch.full((out_features, blocks), float(2 ** (bits - 1)), dtype=scales.dtype)
+    else:
+        zp = (unpack_nibbles(zero_points) if bits == 4 else zero_points).reshape(out_features, -1)[:, :blocks]
+    weight = ((q - zp.to(scales.dtype).unsqueeze(-1)) * scales.reshape(out_features, blocks, 1))
+    return x @ weight.reshape(out_features, -1)[:, :in_features].t()
+
+
+@matmul_nbits.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+      in_features: int, out_features: int, bits: int, block_size: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _register_matmul_nbits_schema() -> None:
+    """Tell onnx (and so onnxscript) the signature of onnxruntime's contrib op ``com.microsoft.MatMulNBits``."""
+    try:
+        onnx.defs.get_schema("MatMulNBits", 1, "com.microsoft")
+        return
+    except onnx.defs.SchemaError:
+        pass
+    schema = onnx.defs.OpSchema
+    optional = schema.FormalParameterOption.Optional
+    onnx.defs.register_schema(schema(
+        "MatMulNBits", "com.microsoft", 1,
+        doc="onnxruntime: A @ dequantize(B)^T with B quantized to `bits` in blocks of `block_size` along K",
+        inputs=[schema.FormalParameter("A", "T1"), schema.FormalParameter("B", "T2"),
+                schema.FormalParameter("scales", "T1"),
+                schema.FormalParameter("zero_points", "T3", param_option=optional),
+                schema.FormalParameter("g_idx", "T4", param_option=optional),
+                schema.FormalParameter("bias", "T1", param_option=optional)],
+        outputs=[schema.FormalParameter("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float)", "tensor(float16)"], ""),
+                          ("T4", ["tensor(int32)"], "")],
+        attributes=[schema.Attribute("K", schema.AttrType.INT, "", required=True),
+                    schema.Attribute("N", schema.AttrType.INT, "", required=True),
+                    schema.Attribute("bits", schema.AttrType.INT, "", required=True),
+                    schema.Attribute("block_size", schema.AttrType.INT, "", required=True),
+                    schema.Attribute("accuracy_level", schema.AttrType.INT, "", required=False)],
+    ))
+
+
+def _matmul_nbits_onnx(x: Any, packed: Any, scales: Any, zero_points: Any = None, in_features: int = 0,
+                       out_features: int = 0, bits: int = 4, block_size: int = 128) -> Any:
+    from onnxscript.values import Opset  # onnxscript takes about 1.4 s to import: only while exporting
+
+    _register_matmul_nbits_schema()
+    microsoft = Opset("com.microsoft", 1)
+    inputs = [x, packed, scales] + ([zero_points] if zero_points is not None else [])
+    return microsoft.MatMulNBits(*inputs, K=in_features, N=out_features, bits=bits, block_size=block_size)
+
+
+def _dequantize_int8_onnx(q_weight: Any, scale: Any) -> Any:
+    from onnxscript import opset18 as op  # onnxscript takes about 1.4 s to import: only while exporting
+
+    return op.DequantizeLinear(q_weight, scale, axis=0)
+
+
+def _dequantize_codebook_onnx(indices: Any, codebook: Any, bits: int = 8, shape: Any = ()) -> Any:
+    from onnxscript import opset18 as op  # onnxscript takes about 1.4 s to import: only while exporting
+
+    # DequantizeLinear first (scale 1, so exact): the exporter's optimizer never constant-folds it, so
+    # the file keeps the uint8 indices instead of the decoded float weights.
+    codes = op.DequantizeLinear(op.Reshape(indices, op.Constant(value_ints=[-1, 1])), op.Constant(value_float=1.0))
+    if bits == 4:  # two indices per byte, the even position in the low nibble
+        sixteen = op.Constant(value_float=16.0)
+        high = op.Floor(op.Div(codes, sixteen))
+        codes = op.Concat(op.Sub(codes, op.Mul(high, sixteen)), high, axis=1)
+    count = 1
+    for size in shape:
+        count *= int(size)
+    index = op.Slice(op.Reshape(codes, op.Constant(value_ints=[-1])), op.Constant(value_ints=[0]),
+                     op.Constant(value_ints=[count]))
+    values = op.Gather(codebook, op.Cast(index, to=7))  # 7: INT64
+    return op.Reshape(values, op.Constant(value_ints=[int(s) for s in shape]))
+
+
+def translation_table() -> dict[Any, Callable[..., Any]]:
+    """Translations of the ``graphopt_weights`` ops for ``torch.onnx.export(custom_translation_table=...)``."""
+    return {
+        torch.ops.graphopt_weights.matmul_nbits.default: _matmul_nbits_onnx,
+        DEQUANTIZE_INT8: _dequantize_int8_onnx,
+        DEQUANTIZE_CODEBOOK: _dequantize_codebook_onnx,
+    }
+
+
+def _nbits_block(in_features: int) -> int:
+    """The largest power-of-two block (16..128) dividing ``in_features``, else 16 (the last block padded)."""
+    for block in (128, 64, 32, 16):
+        if in_features % block == 0:
+            return block
+    return 16
+
+
+def _nbits_constants(values: list[Any], int8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int]:
+    """MatMulNBits initializers (packed, scales, zero points, bits, block) for a dequantize's constants."""
+    if int8:
+        q_weight, scale = values
+        out_features, in_features = q_weight.shape
+        block = _nbits_block(in_features)
+        blocks = -(-in_features // block)
+        unsigned = (q_weight.to(torch.int16) + 128).to(torch.uint8)
+        padded = torch.full((out_features, blocks * block), 128, dtype=torch.uint8)
+        padded[:, :in_features] = unsigned
+        scales = scale.reshape(-1, 1).expand(out_features, blocks).contiguous()
+        return padded.reshape(out_features, blocks, block), scales.reshape(-1), None, 8, block
+    packed, scale, zero_point, group = values
+    out_features = packed.shape[0]
+    blocks = scale.shape[1]
+    zp = zero_point if blocks % 2 == 0 else torch.cat([zero_point, zero_point.new_zeros(out_features, 1)], 1)
+    zp_packed = (zp[:, 0::2] & 0x0F) | ((zp[:, 1::2] & 0x0F) << 4)
+    return packed.reshape(out_features, blocks, group // 2), scale.reshape(-1), zp_packed.reshape(-1), 4, group
+
+
+@dataclass(frozen=True)
+class MatMulNBitsLinears(Pass):
+    """Compressed linear layers -> ``graphopt_weights::matmul_nbits`` (onnxruntime's ``MatMulNBits``) + bias."""
+
+    name = "onnx-matmul-nbits"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrite every weight-only linear in place."""
+        count = 0
+        graph = gm.graph
+        for node in graph.nodes:  # the custom op's value is inferred from its inputs' recorded values
+            if node.op == "call_function" and "val" not in node.meta:
+                infer_val(node)
+        for node, dequant in weight_only_linears(graph):
+            values = dequantize_constants(gm, dequant)
+            if values is None:
+                continue
+            packed, scales, zero_points, bits, block = _nbits_constants(values, dequant.target == DEQUANTIZE_INT8)
+            out_features = packed.shape[0]
+            in_features = values[0].shape[1] * (2 if bits == 4 else 1)
+            packed_node = register_constant(gm, f"{node.name}_nbits", packed, before=node)
+            scales_node = register_constant(gm, f"{node.name}_nbits_scales", scales, before=node)
+            zp_node = register_constant(gm, f"{node.name}_nbits_zp", zero_points, before=node) \
+                if zero_points is not None else None
+            bias = node.args[2] if len(node.args) > 2 else None
+            with graph.inserting_before(node):
+                new = graph.call_function(torch.ops.graphopt_weights.matmul_nbits.default,
+                                          (node.args[0], packed_node, scales_node, zp_node, in_features,
+                                           out_features, bits, block))
+                infer_val(new)
+                if bias is not None:
+                    new = graph.call_function(aten.add.Tensor, (new, bias))
+                    infer_val(new)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            count += 1
+        return PassResult(count > 0, {"matmul_nbits": count})
+
+
+@dataclass(frozen=True)
+class ExpandInt4Weights(Pass):
+    """int4 weights outside linear layers (none are planned; ONNX has no op for them): float, computed once."""
+
+    name = "expand-int4-weights"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Replace every int4 dequantize left in place."""
+        count = 0
+        for node in list(gm.graph.nodes):
+            if node.target != DEQUANTIZE_INT4:
+                continue
+            value = dequantized_weight(gm, node)
+            if value is not None:
+                replacement = register_constant(gm, f"{node.name}_float", value, before=node)
+                node.replace_all_uses_with(replacement)
+                gm.graph.erase_node(node)
+                count += 1
+        return PassResult(count > 0, {"weights_dequantized_once": count})
