@@ -9,7 +9,6 @@ fast = graphopt.optimize(model, example_inputs, compress=[graphopt.Prune(0.5), g
 ```
 """
 
-from typing import TYPE_CHECKING, Any
 
 from graphopt.analysis import NodeCost
 from graphopt.analysis.balanced_split import PartitionError
@@ -43,6 +42,7 @@ from graphopt.report import PassRecord, PlotSpec, Report, ReportSection
 from graphopt.targets.base import DEFAULT_PIPELINE, Target, available_targets, get_target
 from graphopt.targets.cpu.lowering import CpuLowering
 from graphopt.targets.gpu.lowering import GpuLowering
+from graphopt.targets.onnx.options import OnnxLowering
 from graphopt.version import __version__
 from graphopt.workflows.analyze import ModelAnalysis, analyze
 from graphopt.workflows.distill import distill
@@ -50,18 +50,6 @@ from graphopt.workflows.optimize import optimize
 from graphopt.workflows.optimized_model import OptimizedModel, load
 from graphopt.workflows.options import Dynamic, PassPipeline, Verify
 from graphopt.workflows.partition import PartitionedModel, PartitionReport, partition
-
-if TYPE_CHECKING:
-    from graphopt.targets.onnx.lowering import OnnxLowering
-
-
-def __getattr__(name: str) -> Any:
-    """``OnnxLowering`` on first use: it imports onnx (about half a second), which ``import graphopt`` need not pay."""
-    if name == "OnnxLowering":
-        from graphopt.targets.onnx.lowering import OnnxLowering
-
-        return OnnxLowering
-    raise AttributeError(f"module 'graphopt' has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_PIPELINE",

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.ir.verify import compare_outputs
-from graphopt.targets.onnx.lowering import OnnxLowering, fused_op_counts
+from graphopt.targets.onnx.lowering import fused_op_counts
+from graphopt.targets.onnx.options import OnnxLowering
 from graphopt.targets.onnx.target import OnnxRuntimeModule, OnnxTarget
 
 

@@ -286,7 +286,7 @@ def test_lowering_config_replaces_the_targets_own(mlp) -> None:
 def test_lowering_configs_and_compression_configs_are_top_level() -> None:
     from graphopt.targets.cpu.lowering import CpuLowering as Cpu
     from graphopt.targets.gpu.lowering import GpuLowering as Gpu
-    from graphopt.targets.onnx.lowering import OnnxLowering
+    from graphopt.targets.onnx.options import OnnxLowering
 
     assert graphopt.CpuLowering is Cpu and graphopt.GpuLowering is Gpu and graphopt.OnnxLowering is OnnxLowering
     for name in ("Int8Static", "Int8Dynamic", "WeightOnly", "KMeans", "Prune", "ReducedPrecision", "Dynamic",

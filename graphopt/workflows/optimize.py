@@ -45,7 +45,7 @@ from graphopt.workflows.options import (
 if TYPE_CHECKING:
     from graphopt.targets.cpu.lowering import CpuLowering
     from graphopt.targets.gpu.lowering import GpuLowering
-    from graphopt.targets.onnx.lowering import OnnxLowering
+    from graphopt.targets.onnx.options import OnnxLowering
 
 __all__ = ["optimize"]
 
