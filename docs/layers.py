@@ -2,11 +2,12 @@
 
     python docs/layers.py            # rewrites the block between the markers in docs/architecture.md
     python docs/layers.py --check    # exits 1 when the block is out of date (the tests run this)
+    python docs/layers.py --sizes    # prints each package's modules and lines (not kept in the doc)
 
 The layers come from the import-linter contract in ``.importlinter`` (the one CI enforces with
 ``lint-imports``); the arrows are the imports between packages that the code really has
 (grimp's import graph, type-checking-only imports left out, as the contract leaves them out);
-the line counts are the packages' own ``.py`` files.
+sizes (``--sizes``) are printed, not written, so that the doc changes only when the shape does.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _node_id(package: str) -> str:
 
 
 def render() -> str:
-    """The generated Markdown: a Mermaid diagram of the layers and a table of their sizes."""
+    """The generated Markdown: a Mermaid diagram of the layers and the imports between them."""
     rows = layer_rows()
     packages = [p for row in rows for p in row]
     edges = package_edges(packages)
@@ -75,17 +76,11 @@ def render() -> str:
     for index, row in enumerate(rows):
         lines.append(f"  subgraph L{index}[\"layer {index + 1}\"]")
         for package in row:
-            modules, count = package_lines(package)
-            lines.append(f"    {_node_id(package)}[\"{package.removeprefix('graphopt.')}<br/>{count} lines\"]")
+            lines.append(f"    {_node_id(package)}[\"{package.removeprefix('graphopt.')}\"]")
         lines.append("  end")
     for source, target in sorted(edges):
         lines.append(f"  {_node_id(source)} --> {_node_id(target)}")
-    lines += ["```", "", "| layer (highest first) | package | modules | lines |", "|---|---|---|---|"]
-    for index, row in enumerate(rows):
-        for package in row:
-            modules, count = package_lines(package)
-            lines.append(f"| {index + 1} | `{package}` | {modules} | {count} |")
-    lines += ["", END]
+    lines += ["```", "", END]
     return "\n".join(lines)
 
 
@@ -93,7 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     """Rewrite (or, with ``--check``, compare) the generated block of docs/architecture.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the block is out of date")
+    parser.add_argument("--sizes", action="store_true", help="print each package's modules and lines")
     args = parser.parse_args(argv)
+    if args.sizes:
+        for index, row in enumerate(layer_rows()):
+            for package in row:
+                modules, count = package_lines(package)
+                print(f"{index + 1}\t{package}\t{modules} modules\t{count} lines")
+        return 0
     doc = DOCS / "architecture.md"
     text = doc.read_text()
     if BEGIN not in text or END not in text:
