@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import is_aten, is_mutating, node_dtype
-from graphopt.ir.op_args import argument
+from graphopt.ir.op_args import given_argument
 from graphopt.ir.ops import MAYBE_ALIASING_OPS
 
 aten = torch.ops.aten
@@ -139,7 +139,7 @@ def _private_result(copy: fx.Node, source: fx.Node) -> bool:
     """
     if copy.target in (aten.contiguous.default, aten.lift_fresh_copy.default):
         return False
-    if argument(copy, "memory_format") not in (None, torch.preserve_format):
+    if given_argument(copy, "memory_format") not in (None, torch.preserve_format):
         return False
     if len(source.users) != 1:
         return False
@@ -245,7 +245,7 @@ class CopyAnalysis:
         if packet in _STRIDED:
             return "copy feeds as_strided"
         if packet in _STRIDE_QUERIES or (target is aten._assert_tensor_metadata.default
-                                         and argument(user, "stride") is not None):
+                                         and given_argument(user, "stride") is not None):
             return "copy feeds an op that reads strides"
         if target in REWRITABLE_VIEWS:
             if self.mutating and user in self.write_aliases():

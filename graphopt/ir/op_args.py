@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
-__all__ = ["ConvArguments", "argument", "conv_arguments", "normalized_args", "set_argument"]
+__all__ = ["ConvArguments", "argument", "conv_arguments", "given_argument", "normalized_args", "set_argument"]
 
 
 def normalized_args(node: fx.Node) -> dict[str, Any] | None:
@@ -40,6 +40,24 @@ def argument(node: fx.Node, name: str, default: Any = None) -> Any:
     """
     values = normalized_args(node)
     return values.get(name, default) if values is not None else default
+
+
+def given_argument(node: fx.Node, name: str, default: Any = None) -> Any:
+    """The argument ``name`` as the call spells it, positionally or by keyword; ``default`` when the call leaves it out.
+
+    Unlike ``argument``, the schema's default is not filled in: for ``contiguous(x)`` the memory
+    format is "not asked for" (``default``), not ``torch.contiguous_format``. Use this where a
+    pass must tell an explicit request from the op's default behaviour.
+    """
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return default
+    if name in node.kwargs:
+        return node.kwargs[name]
+    for index, schema_argument in enumerate(target._schema.arguments):
+        if schema_argument.name == name:
+            return node.args[index] if not schema_argument.kwarg_only and index < len(node.args) else default
+    return default
 
 
 def set_argument(node: fx.Node, name: str, value: Any) -> None:
@@ -118,7 +136,7 @@ def conv_arguments(node: fx.Node) -> ConvArguments | None:
     """The arguments of a convolution node by name, or None when ``node`` is not a convolution.
 
     Any ATen op with ``weight``, ``stride``, ``padding``, ``dilation`` and ``groups`` arguments
-    counts (``conv2d``, ``convolution``, ``conv_transpose2d``, ``mkldnn_convolution`` ...); the
+    counts (``conv2d``, ``convolution``, ``conv_transpose2d``, a backend's convolution ...); the
     input is the op's first argument. ``transposed`` comes from the op's argument of that name,
     or from its name (``conv_transpose*``).
     """

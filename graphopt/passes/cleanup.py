@@ -17,7 +17,7 @@ from graphopt.ir.graph import (
     node_shape,
     prune_unused_attributes,
 )
-from graphopt.ir.op_args import argument
+from graphopt.ir.op_args import given_argument
 from graphopt.ir.ops import ALIAS_OPS, DROPOUT_OPS, RESHAPE_OPS
 from graphopt.passes.base import Pass, PassResult, register_pass
 
@@ -116,7 +116,7 @@ class RemoveDropout(Pass):
         removed = 0
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and node.target in DROPOUT_OPS:
-                if argument(node, "train") is False:
+                if given_argument(node, "train") is False:
                     node.replace_all_uses_with(node.args[0])
                     gm.graph.erase_node(node)
                     removed += 1
@@ -177,19 +177,19 @@ def _identity(node: fx.Node) -> tuple[str, fx.Node] | None:
     if target is aten.lift_fresh_copy.default:
         return "copy", source
     if target in (aten.contiguous.default, aten.clone.default):
-        return _copy_kind(argument(node, "memory_format")), source
+        return _copy_kind(given_argument(node, "memory_format")), source
     if target is aten._to_copy.default or target in _TO:
-        layout, pinned = argument(node, "layout"), argument(node, "pin_memory")
-        if layout not in (None, torch.strided) or pinned or not _same_device(node, source, argument(node, "device")):
+        layout, pinned, device = (given_argument(node, name) for name in ("layout", "pin_memory", "device"))
+        if layout not in (None, torch.strided) or pinned or not _same_device(node, source, device):
             return None
-        memory_format = argument(node, "memory_format")
-        if target in _TO and not argument(node, "copy", False) and memory_format is None:
+        memory_format = given_argument(node, "memory_format")
+        if target in _TO and not given_argument(node, "copy", False) and memory_format is None:
             return "alias", source  # Tensor.to returns self when nothing changes
         return _copy_kind(memory_format), source
     if target in _SCALAR_IDENTITY and len(node.args) == 2:
         other = node.args[1]
         if isinstance(other, (int, float)) and not isinstance(other, bool) and other == _SCALAR_IDENTITY[target]:
-            if argument(node, "alpha", 1) == 1:
+            if given_argument(node, "alpha", 1) == 1:
                 return "copy", source
     return None
 
