@@ -8,13 +8,18 @@ activation; residual conv blocks), linears (with batch norm), residual MLPs, lay
 activations, pooling, concat of a branch, matrix products by a constant weight, products of two
 activations (``x @ xᵀ @ x``), attention (explicit softmax or SDPA) with a residual add, and the
 reshapes between ranks (patch tokens, global pooling, flatten). Weights are PyTorch's default
-initialization (embeddings N(0, 1)) with widths up to 48, and batch norms get sensible running
+initialization (embeddings N(0, 1)) with widths up to 48, sometimes 64 or 128, and batch norms get sensible running
 statistics, so every layer has something to prune or quantize.
 
 Each program runs through one (scheme, target): ``prune`` 0.3 / 0.5 (with an enforced budget, or
 measured only), every ``quantize`` scheme (``int8`` static with calibration batches,
-``int8-dynamic``, ``int8-weight-only``, ``int4-weight-only``, ``kmeans``) and ``precision``
-(``bf16``, ``fp16``), each on ``cpu`` and ``onnx``. The property: ``optimize`` either
+``int8-dynamic``, ``int8-weight-only``, ``int4-weight-only``, ``kmeans``), ``precision`` (``bf16``,
+``fp16``) and two combinations (``prune-0.3+int8``, ``int8-dynamic+bf16``), each on ``cpu`` and
+``onnx``. Also drawn: the budget (the scheme's default or an explicit ``Fidelity``), extra
+calibration batches, and the pass options (variant 0 is the plain scheme name; others: Taylor /
+global / unstructured / ``round_to`` pruning, percentile / entropy / moving-average observers,
+per-tensor scales, int4 groups of 32, 16 K-means clusters, ``min_elements=256``). The property:
+``optimize`` either
 
 (a) returns a model whose outputs, on the example inputs and on fresh inputs of the same shape and
     distribution, meet the budget against the eager model (mean per-sample cosine, worst over the
@@ -28,11 +33,15 @@ measured only), every ``quantize`` scheme (``int8`` static with calibration batc
 Any other exception is a crash; an output outside the budget without an error is a silent divergence.
 
 Budget: ``GRAPHOPT_FUZZ_LOSSY_EXAMPLES`` examples per (scheme, target) (default 2, derandomized so CI
-always runs the same ones; the whole set takes about a minute on 2 slow cores).
+always runs the same ones; the whole set takes about 45 s on 2 slow cores).
 ``GRAPHOPT_FUZZ_SEED`` switches to random exploration, e.g.
 ``GRAPHOPT_FUZZ_LOSSY_EXAMPLES=20 GRAPHOPT_FUZZ_SEED=7 pytest tests/test_fuzz_lossy.py``;
 ``GRAPHOPT_FUZZ_LOSSY_LOG=file.jsonl`` appends one line per example (scheme, target, outcome, cosines,
-error) for counting. ``check_lossy(program, scheme, target)`` reruns one falsifying example.
+error) for counting, and ``scripts/fuzz_lossy_survey.py`` runs many examples per pair without stopping
+at the first failure and prints the counts. ``check_lossy(program, scheme, target, ...)`` reruns one
+falsifying example. The bugs found and not fixed yet have ``xfail(strict=True)`` reproducers at the
+end of this file; the one that kills the process (a segfault in a torch kernel) is steered around
+while it lasts (``_avoiding_known_crashes``), so the rest of such an example is still checked.
 """
 
 from __future__ import annotations
@@ -69,7 +78,8 @@ LOG = os.environ.get("GRAPHOPT_FUZZ_LOSSY_LOG")
 QUANTIZE = ("int8", "int8-dynamic", "int8-weight-only", "int4-weight-only", "kmeans")
 PRECISION = ("bf16", "fp16")
 PRUNE = ("prune-0.3", "prune-0.5")
-SCHEMES = PRUNE + QUANTIZE + PRECISION
+COMBINED = ("prune-0.3+int8", "int8-dynamic+bf16")  # two lossy passes in one call; their budget always explicit
+SCHEMES = PRUNE + QUANTIZE + PRECISION + COMBINED
 TARGETS = ("cpu", "onnx")
 
 MAX_WIDTH = 48
@@ -510,19 +520,26 @@ def lossy_case(scheme: str, program: LossyProgram, budget_draw: int, calibrate: 
     ``variant`` the pass options (0: the plain scheme name), ``calibrate`` whether calibration batches are given
     (always for static int8)."""
     kwargs: dict[str, Any] = {}
-    if scheme.startswith("prune"):
-        kwargs["prune"] = _variant(scheme, variant)
+    parts = scheme.split("+")
+    for part in parts:
+        if part.startswith("prune"):
+            kwargs["prune"] = _variant(part, variant)
+        elif part in QUANTIZE:
+            kwargs["quantize"] = _variant(part, variant)
+        else:
+            kwargs["precision"] = part
+    if len(parts) > 1:
+        choices = (0.9, 0.95, 0.99)  # the default budget of prune + quantize: test_prune_then_quantize_default_budget
+    elif "prune" in kwargs:
         choices = (None, 0.9, 0.99)  # prune's default budget is measured, not enforced
-    elif scheme in QUANTIZE:
-        kwargs["quantize"] = _variant(scheme, variant)
+    elif "quantize" in kwargs:
         choices = (0.99, 0.95, 0.999)
     else:
-        kwargs["precision"] = scheme
         choices = (0.999, 0.99, 0.9999)
     budget = choices[budget_draw % len(choices)]
-    if budget_draw % len(choices):
+    if budget_draw % len(choices) or len(parts) > 1:
         kwargs["fidelity"] = Fidelity(min_cosine=budget)
-    if scheme == "int8" or calibrate:
+    if "int8" in parts or calibrate:
         kwargs["calibration"] = [make_inputs(program, salt) for salt in (1, 2, 3)]
     return Case(kwargs, budget)
 
@@ -601,7 +618,7 @@ def check_lossy(program: LossyProgram, scheme: str, target: str, budget_draw: in
     """
     model, inputs = build(program)
     case = lossy_case(scheme, program, budget_draw, calibrate, variant)
-    option = case.kwargs.get("prune", case.kwargs.get("quantize", scheme))
+    option = {k: v for k, v in case.kwargs.items() if k in ("prune", "quantize", "precision")}
     entry: dict[str, Any] = {"scheme": scheme, "target": target, "budget": case.budget, "program": repr(program),
                              "budget_draw": budget_draw, "calibrate": calibrate, "variant": repr(option)}
     _note(f"{option!r} on {target}, budget {case.budget}, calibration: {'calibration' in case.kwargs}")
@@ -691,8 +708,14 @@ def _runs_cleanly(code: str) -> subprocess.CompletedProcess:
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.xfail(strict=True, reason="cpu weight-only lowering times aten._weight_int8pack_mm, which segfaults "
-                                       "for > 1 row when in-features is not a multiple of 16 (torch 2.13 CPU)")
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "cpu weight-only lowering times aten._weight_int8pack_mm, which segfaults for > 1 row when "
+        "in-features is not a multiple of 16 (torch 2.13 CPU)"
+    ),
+)
 def test_int8_weight_only_kernel_with_k_not_multiple_of_16() -> None:
     result = _runs_cleanly("""
         import torch, graphopt
@@ -714,12 +737,68 @@ BF16_RESIDUAL_CONV = LossyProgram(  # depthwise conv-bn-relu, 1x1 conv-sigmoid, 
 )
 
 
-@pytest.mark.xfail(strict=True, reason="cpu lowering of a bf16 graph: 'epilogue-fusion' moves the outputs by more than "
-                                       "its verification allows (50x the float32 tolerance, less than one bfloat16 "
-                                       "ulp compounded over three layers), and the cpu lowering always runs its "
-                                       "rewrites with on_error='raise': optimize raises VerificationError even with "
-                                       "on_error='rollback', although the message says the pass would be undone")
+@pytest.mark.xfail(
+    strict=True,
+    raises=graphopt.VerificationError,
+    reason=(
+        "cpu lowering of a bf16 graph: 'epilogue-fusion' moves the outputs by more than its verification "
+        "allows (50x the float32 tolerance, less than one bfloat16 ulp compounded over three layers), and the "
+        "cpu lowering always runs its rewrites with on_error='raise': optimize raises VerificationError even "
+        "with on_error='rollback', although the message says the pass would be undone"
+    ),
+)
 def test_bf16_epilogue_fusion_within_its_verification_tolerance() -> None:
     model, inputs = build(BF16_RESIDUAL_CONV)
     fast = graphopt.optimize(model, inputs, target="cpu", precision="bf16", on_error="rollback")
     assert fast.report.final_check == "passed"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=graphopt.VerificationError,
+    reason=(
+        "optimize(prune=..., quantize=...) with no fidelity=: pruning is measured, not enforced, and "
+        "quantize's 0.99 is charged against the pruned graph, yet the final check holds the lowered model to "
+        "0.99 against eager: VerificationError 'lowered to cpu differs from the original' "
+        "(workflows/optimize._final_budget)"
+    ),
+)
+def test_prune_then_quantize_default_budget() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(8, 32)
+    pruned = graphopt.optimize(model, (x,), prune=0.5)
+    assert pruned.report.final_cosine < 0.9  # half the hidden units gone: far below quantization's budget
+    fast = graphopt.optimize(model, (x,), prune=0.5, quantize="int8-dynamic")
+    with torch.no_grad():
+        assert cosine(model(x), fast(x)) >= 0.99 * pruned.report.final_cosine
+
+
+STATIC_INT8_FEW_SAMPLES = LossyProgram(  # linear + GELU concatenated to its input, then x @ W
+    kind="sequence", input_shape=(3, 2, 14), vocab=0,
+    blocks=(Block("cat_linear", (14, 64, "gelu")), Block("matmul_const", (78, 24))),
+    shapes=((3, 2, 14), (3, 2, 78), (3, 2, 24)), extra_output=1, seed=465,
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "the fidelity budget is enforced on the example and calibration batches only: static int8 calibrated "
+        "on 4 batches of 3 samples keeps output cosine >= 0.999 there, but a quarter of fresh batches from "
+        "the same distribution fall below it (activations outside the calibrated ranges are clipped); nothing "
+        "warns"
+    ),
+)
+def test_static_int8_budget_holds_on_fresh_inputs() -> None:
+    model, inputs = build(STATIC_INT8_FEW_SAMPLES)
+    calibration = [make_inputs(STATIC_INT8_FEW_SAMPLES, salt) for salt in (1, 2, 3)]
+    fast = graphopt.optimize(model, inputs, target="cpu", quantize="int8", calibration=calibration,
+                             fidelity=Fidelity(min_cosine=0.999))
+    with torch.no_grad():
+        seen = [cosine(model(*batch), fast(*batch)) for batch in [inputs, *calibration]]
+        fresh = [cosine(model(*batch), fast(*batch))
+                 for batch in (make_inputs(STATIC_INT8_FEW_SAMPLES, salt) for salt in range(10, 30))]
+    assert min(seen) >= 0.999  # what optimize promises, and keeps
+    assert min(fresh) >= 0.999, f"{sum(c < 0.999 for c in fresh)} of {len(fresh)} fresh batches below the budget"
