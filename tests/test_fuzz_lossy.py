@@ -33,7 +33,9 @@ per-tensor scales, int4 groups of 32, 16 K-means clusters, ``min_elements=256``)
 Any other exception is a crash; an output outside the budget without an error is a silent divergence.
 
 Budget: ``GRAPHOPT_FUZZ_LOSSY_EXAMPLES`` examples per (scheme, target) (default 2, derandomized so CI
-always runs the same ones; the whole set takes about 45 s on 2 slow cores).
+always runs the same ones; the whole set takes about 30 s on 2 slow cores). Larger random runs do
+fail: most often on fresh inputs, a few points under a budget that held on the example and calibration
+batches it was measured on (see ``test_static_int8_budget_holds_on_fresh_inputs``).
 ``GRAPHOPT_FUZZ_SEED`` switches to random exploration, e.g.
 ``GRAPHOPT_FUZZ_LOSSY_EXAMPLES=20 GRAPHOPT_FUZZ_SEED=7 pytest tests/test_fuzz_lossy.py``;
 ``GRAPHOPT_FUZZ_LOSSY_LOG=file.jsonl`` appends one line per example (scheme, target, outcome, cosines,
