@@ -19,10 +19,11 @@ from graphopt.passes.prune.unstructured import NO_SPEEDUP_NOTE, compress_state, 
 from tests.test_dependency_graph import Attention, Concat, Depthwise, Grouped, Residual
 
 
-def _pruned(model: nn.Module, inputs: tuple[torch.Tensor, ...], pass_: Prune, skip: frozenset[str] = frozenset()):
+def _pruned(model: nn.Module, inputs: tuple[torch.Tensor, ...], pass_: Prune, skip: frozenset[str] = frozenset(),
+            batches: list[tuple[torch.Tensor, ...]] | None = None):
     captured = graphopt.capture(model.eval(), inputs)
     gm = captured.graph_module
-    plan = pass_.plan(gm, CalibrationData(example=captured.flat_inputs))
+    plan = pass_.plan(gm, CalibrationData(example=captured.flat_inputs, batches=batches or []))
     copy = snapshot_graph_module(gm)
     result = plan.apply(copy, skip)
     copy.recompile()
@@ -168,8 +169,27 @@ def test_global_scope_and_taylor_importance() -> None:
     _, _, plan, _, _ = _pruned(model, (torch.randn(2, 3, 8, 8),), Prune(amount=0.4, scope="global"))
     after = {u.name: u.details["units after"] for u in plan.units}
     assert after["conv1"] == 2 and sum(after.values()) == 14 - int(14 * 0.4)  # one threshold across groups
-    _, pruned, plan, _, flat = _pruned(Residual(), (torch.randn(2, 3, 8, 8),), Prune(amount=0.5, importance="taylor"))
+    _, pruned, plan, _, flat = _pruned(Residual(), (torch.randn(2, 3, 8, 8),), Prune(amount=0.5, importance="taylor"),
+                                       batches=[(torch.randn(2, 3, 8, 8),)])
     assert "taylor" in plan.units[0].scheme and run_and_record(pruned, flat)[0].shape == (2, 4, 8, 8)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_taylor_importance_needs_calibration_data(structured: bool) -> None:
+    # Found by tests/test_fuzz_lossy.py: on the example alone, 38 of 128 hidden units that happened to be
+    # inactive on its two samples were pruned at a measured cosine of 1.0; on other inputs it was 0.24.
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 128), nn.ReLU(), nn.Linear(128, 3)).eval()
+    x = torch.randn(2, 5)
+    taylor = Prune(amount=0.3, importance="taylor", structured=structured)
+    with pytest.raises(InputError, match=r"importance='taylor' needs calibration data.*calibration=batches"):
+        graphopt.optimize(model, (x,), prune=taylor, fidelity=graphopt.Fidelity(min_cosine=0.99))
+    with pytest.raises(InputError, match="needs calibration data"):
+        _pruned(model, (x,), taylor)
+    # with calibration batches the loss is visible to the budget: an honest refusal, not a cosine of 1.0
+    batches = [(torch.randn(2, 5),) for _ in range(8)]
+    with pytest.raises(graphopt.FidelityError, match="cannot meet the budget"):
+        graphopt.optimize(model, (x,), prune=taylor, fidelity=graphopt.Fidelity(min_cosine=0.99), calibration=batches)
 
 
 def test_bad_options_raise_input_errors() -> None:

@@ -33,7 +33,7 @@ class Prune(LossyPass):
     ``structured=True`` removes whole output channels / features / attention heads / FFN
     neurons, found by the dependency graph of coupled dims, so tensors really shrink.
     ``importance``: ``"l1"``, ``"l2"`` (magnitude) or ``"taylor"`` (gradient x weight on the
-    calibration data). ``scope="local"`` prunes every group (or layer) by ``amount``;
+    calibration data, which it needs). ``scope="local"`` prunes every group (or layer) by ``amount``;
     ``"global"`` ranks all units (elements) against one threshold, no group losing more than
     ``max_group_amount``. ``protect``: attribute-name patterns (``"layer4.*"``, ``"classifier"``)
     that keep their shape; graph outputs always do. ``round_to`` keeps multiples of that many

@@ -39,12 +39,20 @@ def taylor_gradients(gm: fx.GraphModule, targets: Iterable[str], data: Calibrati
                      max_batches: int = 8) -> dict[str, torch.Tensor]:
     """``|w * dL/dw|`` summed over batches for each weight in ``targets`` (``gm`` is not changed).
 
-    Raises ``InputError`` when there is no input to run the graph on.
+    Raises ``InputError`` without calibration batches: on the example inputs alone (the very
+    inputs the fidelity budget is measured on) a unit that happens to be inactive looks free to
+    remove, and the budget cannot see the loss (fuzzing found 30% of a layer's units pruned at a
+    measured cosine of 1.0 that was 0.24 on other inputs).
     """
+    if not data.batches:
+        raise InputError(
+            "importance='taylor' needs calibration data: it ranks units by their effect on the outputs, "
+            "which the example inputs alone cannot show (a unit that happens to be inactive on them looks free "
+            "to remove, and the fidelity budget, measured on the same inputs, cannot see the loss). Pass "
+            "optimize(..., prune=Prune(importance='taylor'), calibration=batches) with representative samples "
+            "(an iterable of input tuples; a DataLoader works), or use importance='l1', which needs none"
+        )
     inputs = data.all[: 1 + max_batches]
-    if not inputs:
-        raise InputError("importance='taylor' needs inputs to take gradients on: give example inputs or "
-                         "calibration=... batches")
     names = sorted(set(targets))
     leaves = {name: _fetch(gm, name).detach().clone().requires_grad_(True) for name in names}
     totals = {name: torch.zeros_like(value) for name, value in leaves.items()}
