@@ -3,7 +3,9 @@
 torch.onnx (onnxscript's torchlib) already turns ``quantized_decomposed`` quantize /
 dequantize nodes into ``QuantizeLinear`` / ``DequantizeLinear``; the int8 weights stay int8
 initializers. Two patterns need help first (passes run on a structure copy of the graph before
-export, each verified against the graph before it: ``graphopt.targets.onnx.export``):
+export, each verified against the graph before it: ``graphopt.targets.onnx.export``). Both are
+``KernelSubstitution`` passes: their matmuls round differently from the linear they replace, and
+the quantizers after them turn that into whole quanta (the ops become int8 kernels in onnxruntime).
 
 - ``StaticLinearAsMatmul``: ``linear(DQ(x), DQ(w), b)`` exports as ``DQ(w) → Transpose → MatMul``: the transpose between
   the weight's dequantize and the MatMul hides the QDQ pattern from onnxruntime, which then
@@ -23,10 +25,11 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import register_constant
-from graphopt.passes.base import Pass, PassResult
+from graphopt.passes.base import PassResult
 from graphopt.passes.quantize.observers import WEIGHT_QMAX, WEIGHT_QMIN
 from graphopt.passes.quantize.patterns import dynamic_source, int8_weight
 from graphopt.passes.quantize.placement import infer_val, is_dequantize
+from graphopt.targets.common.lowering import KernelSubstitution
 
 __all__ = ["DynamicLinearOp", "StaticLinearAsMatmul", "dynamic_linear", "translation_table"]
 
@@ -90,7 +93,7 @@ def _transposed_weight(gm: fx.GraphModule, node: fx.Node, dequantize: fx.Node) -
 
 
 @dataclass(frozen=True)
-class StaticLinearAsMatmul(Pass):
+class StaticLinearAsMatmul(KernelSubstitution):
     """``linear(DQ(x), DQ(w), b)`` -> ``matmul(DQ(x), DQ(wᵀ)) + b`` on a transposed int8 weight (for QGemm)."""
 
     name = "onnx-static-linear-as-matmul"
@@ -120,7 +123,7 @@ class StaticLinearAsMatmul(Pass):
 
 
 @dataclass(frozen=True)
-class DynamicLinearOp(Pass):
+class DynamicLinearOp(KernelSubstitution):
     """Dynamic int8 linear / addmm / matmul-by-weight -> ``graphopt_quant::dynamic_linear`` (DynamicQuantizeMatMul)."""
 
     name = "onnx-dynamic-linear"
