@@ -30,6 +30,7 @@ from graphopt.passes.quantize.observers import WEIGHT_QMAX, WEIGHT_QMIN
 from graphopt.passes.quantize.patterns import dynamic_source, int8_weight
 from graphopt.passes.quantize.placement import infer_val, is_dequantize
 from graphopt.targets.common.lowering import KernelSubstitution
+from graphopt.targets.common.patterns import gemm_operands
 
 __all__ = ["DynamicLinearOp", "StaticLinearAsMatmul", "dynamic_linear", "translation_table"]
 
@@ -133,15 +134,10 @@ class DynamicLinearOp(KernelSubstitution):
         count = 0
         graph = gm.graph
         for node in list(graph.nodes):
-            if node.target == aten.linear.default:
-                x_arg, w_arg, axis = node.args[0], node.args[1], 0
-                bias = node.args[2] if len(node.args) > 2 else None
-            elif node.target == aten.addmm.default and not node.kwargs:
-                x_arg, w_arg, axis, bias = node.args[1], node.args[2], 1, node.args[0]
-            elif node.target == aten.matmul.default:
-                x_arg, w_arg, axis, bias = node.args[0], node.args[1], 1, None
-            else:
+            operands = gemm_operands(node)
+            if operands is None:
                 continue
+            x_arg, w_arg, bias, axis = operands
             source = dynamic_source(x_arg)
             weight = int8_weight(gm, w_arg, axis)
             if source is None or weight is None:
