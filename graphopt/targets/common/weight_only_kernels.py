@@ -6,8 +6,8 @@
   dequantizes it whole.
 - ``GatherCodebookEmbeddings`` (cpu, gpu, onnx): the same for K-means tables, gathering rows of
   indices and decoding only them.
-- ``ExpandCompressedWeights`` (cpu, gpu): any other dequantize of a constant (int8 conv weights,
-  K-means codebooks, layers no kernel took) is computed once at lowering.
+- ``ExpandCompressedWeights`` (cpu, gpu; int4 only on onnx): any other dequantize of a constant
+  (int8 conv weights, K-means codebooks, layers no kernel took) is computed once at lowering.
 
 The linear layers get each target's own kernels: ``graphopt.targets.cpu.weight_only`` (PyTorch's
 weight-only CPU kernels), ``graphopt.targets.gpu.quantized`` (CUDA kernels),
@@ -175,15 +175,20 @@ class GatherCodebookEmbeddings(Pass):
 
 @dataclass(frozen=True)
 class ExpandCompressedWeights(Pass):
-    """Every other dequantize of constants (int8 conv weights, codebooks) -> its float value, computed once."""
+    """Every other dequantize of constants (int8 conv weights, codebooks) -> its float value, computed once.
+
+    ``ops``: the dequantize ops it expands (default: all of them; the onnx target expands only
+    int4 weights, which ONNX has no op for, and exports the others on the compressed weights).
+    """
 
     name = "expand-compressed-weights"
+    ops: tuple[Any, ...] = DEQUANTIZE_OPS
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         """Replace the remaining dequantize nodes in place."""
         count, erased = 0, 0
         for node in list(gm.graph.nodes):
-            if node.target not in DEQUANTIZE_OPS:
+            if node.target not in self.ops:
                 continue
             if not node.users:  # its layer was lowered to a kernel reading the compressed weight
                 gm.graph.erase_node(node)

@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
 from graphopt.passes.base import Pass, PassResult
-from graphopt.targets.common.epilogue_patterns import RESIDUAL_BROADCASTS, conv_arguments, residual_operand
+from graphopt.targets.common.patterns import RESIDUAL_BROADCASTS, conv_arguments, residual_operand
 
 __all__ = ["FUSED_OPS", "EpilogueFusion", "onednn_available"]
 

@@ -39,6 +39,7 @@ from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN
 from graphopt.passes.quantize.patterns import constant_bias, dynamic_source, int8_weight, static_activation
 from graphopt.passes.quantize.placement import PASS_THROUGH, is_dequantize
 from graphopt.targets.common.lowering import KernelSubstitution
+from graphopt.targets.common.patterns import gemm_operands
 from graphopt.targets.common.weight_only_kernels import (
     ExpandCompressedWeights,
     GatherCodebookEmbeddings,
@@ -447,17 +448,10 @@ class OnednnDynamicLinear(KernelSubstitution):
         count = 0
         graph = gm.graph
         for node in list(graph.nodes):
-            if node.op != "call_function":
+            operands = gemm_operands(node)
+            if operands is None:
                 continue
-            if node.target == aten.linear.default:
-                x_arg, w_arg, axis = node.args[0], node.args[1], 0
-                bias_arg = node.args[2] if len(node.args) > 2 else None
-            elif node.target == aten.addmm.default and not node.kwargs:
-                x_arg, w_arg, axis, bias_arg = node.args[1], node.args[2], 1, node.args[0]
-            elif node.target == aten.matmul.default:
-                x_arg, w_arg, axis, bias_arg = node.args[0], node.args[1], 1, None
-            else:
-                continue
+            x_arg, w_arg, bias_arg, axis = operands
             source = dynamic_source(x_arg)
             weight = int8_weight(gm, w_arg, axis)
             bias = constant_bias(gm, bias_arg)

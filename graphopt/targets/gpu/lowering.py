@@ -47,8 +47,8 @@ from graphopt.passes.base import Pass, PassResult
 from graphopt.passes.quantize.patterns import has_quantized_ops
 from graphopt.targets.base import LoweringContext
 from graphopt.targets.common.channels_last import ChannelsLast
-from graphopt.targets.common.epilogue_patterns import conv_arguments, residual_operand
 from graphopt.targets.common.lowering import run_lowering
+from graphopt.targets.common.patterns import conv_arguments, residual_operand
 from graphopt.targets.gpu.quantized import describe_lowering
 
 __all__ = ["CUDAGraphRunner", "ConvWeightsChannelsLast", "CublasLtEpilogue", "CudnnConvEpilogue", "GpuLowering",

@@ -57,6 +57,7 @@ from graphopt.passes.quantize.patterns import constant_bias, dynamic_source, int
 from graphopt.passes.quantize.placement import infer_val, is_dequantize, is_quantize
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT8, unpack_nibbles
 from graphopt.targets.common.lowering import KernelSubstitution, LoweringResult
+from graphopt.targets.common.patterns import gemm_operands
 from graphopt.targets.common.weight_only_kernels import (
     ExpandCompressedWeights,
     GatherCodebookEmbeddings,
@@ -115,19 +116,6 @@ class _Builder:
 
     def constant(self, stem: str, value: torch.Tensor) -> fx.Node:
         return register_constant(self.gm, stem, value, before=self.before)
-
-
-def _gemm_operands(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Any, Any, int] | None:
-    """(activation argument, weight argument, bias argument, weight's output-channel axis) of a GEMM node."""
-    if node.op != "call_function":
-        return None
-    if node.target == aten.linear.default:
-        return node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None, 0
-    if node.target == aten.addmm.default and not node.kwargs:
-        return node.args[1], node.args[2], node.args[0], 1
-    if node.target == aten.matmul.default:
-        return node.args[0], node.args[1], None, 1
-    return None
 
 
 def _static_rows(value: fx.Node) -> int | None:
@@ -250,7 +238,7 @@ class Int8Gemms(KernelSubstitution):
         cache = _CodesCache()
         checked: dict[tuple[Any, ...], str | None] = {}
         for node in list(gm.graph.nodes):
-            operands = _gemm_operands(gm, node)
+            operands = gemm_operands(node)
             if operands is None:
                 continue
             x_arg, w_arg, bias_arg, axis = operands

@@ -31,16 +31,18 @@ from graphopt.ir.shapes import DynamicDims
 from graphopt.passes.base import Pass
 from graphopt.passes.cleanup import DeadCodeElimination
 from graphopt.passes.quantize.patterns import has_quantized_ops
+from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT4
 from graphopt.targets.base import LoweringContext
 from graphopt.targets.common.lowering import LoweringResult, run_lowering
 from graphopt.targets.common.weight_only_kernels import (
+    ExpandCompressedWeights,
     GatherCodebookEmbeddings,
     GatherQuantizedEmbeddings,
     has_weight_only_ops,
 )
 from graphopt.targets.onnx.quantized import DynamicLinearOp, StaticLinearAsMatmul
 from graphopt.targets.onnx.quantized import translation_table as quantized_translations
-from graphopt.targets.onnx.weight_only import ExpandInt4Weights, MatMulNBitsLinears
+from graphopt.targets.onnx.weight_only import MatMulNBitsLinears
 from graphopt.targets.onnx.weight_only import translation_table as weight_only_translations
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "OnnxRuntimeModule", "export_graph_to_onnx", "export_passes", "export_prepared",
@@ -117,7 +119,8 @@ def export_passes(gm: fx.GraphModule) -> list[Pass]:
     if has_quantized_ops(gm, activations=True):
         passes += [StaticLinearAsMatmul(), DynamicLinearOp()]
     if has_weight_only_ops(gm):
-        passes += [GatherQuantizedEmbeddings(), GatherCodebookEmbeddings(), MatMulNBitsLinears(), ExpandInt4Weights()]
+        passes += [GatherQuantizedEmbeddings(), GatherCodebookEmbeddings(), MatMulNBitsLinears(),
+                   ExpandCompressedWeights(ops=(DEQUANTIZE_INT4,))]  # ONNX has no int4 op but MatMulNBits
     return [*passes, DeadCodeElimination()] if passes else []
 
 

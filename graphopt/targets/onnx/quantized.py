@@ -3,7 +3,9 @@
 torch.onnx (onnxscript's torchlib) already turns ``quantized_decomposed`` quantize /
 dequantize nodes into ``QuantizeLinear`` / ``DequantizeLinear``; the int8 weights stay int8
 initializers. Two patterns need help first (passes run on a structure copy of the graph before
-export, each verified against the graph before it: ``graphopt.targets.onnx.export``):
+export, each verified against the graph before it: ``graphopt.targets.onnx.export``). Both are
+``KernelSubstitution`` passes: their matmuls round differently from the linear they replace, and
+the quantizers after them turn that into whole quanta (the ops become int8 kernels in onnxruntime).
 
 - ``StaticLinearAsMatmul``: ``linear(DQ(x), DQ(w), b)`` exports as ``DQ(w) → Transpose → MatMul``: the transpose between
   the weight's dequantize and the MatMul hides the QDQ pattern from onnxruntime, which then
@@ -23,10 +25,12 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import register_constant
-from graphopt.passes.base import Pass, PassResult
+from graphopt.passes.base import PassResult
 from graphopt.passes.quantize.observers import WEIGHT_QMAX, WEIGHT_QMIN
 from graphopt.passes.quantize.patterns import dynamic_source, int8_weight
 from graphopt.passes.quantize.placement import infer_val, is_dequantize
+from graphopt.targets.common.lowering import KernelSubstitution
+from graphopt.targets.common.patterns import gemm_operands
 
 __all__ = ["DynamicLinearOp", "StaticLinearAsMatmul", "dynamic_linear", "translation_table"]
 
@@ -90,7 +94,7 @@ def _transposed_weight(gm: fx.GraphModule, node: fx.Node, dequantize: fx.Node) -
 
 
 @dataclass(frozen=True)
-class StaticLinearAsMatmul(Pass):
+class StaticLinearAsMatmul(KernelSubstitution):
     """``linear(DQ(x), DQ(w), b)`` -> ``matmul(DQ(x), DQ(wᵀ)) + b`` on a transposed int8 weight (for QGemm)."""
 
     name = "onnx-static-linear-as-matmul"
@@ -120,7 +124,7 @@ class StaticLinearAsMatmul(Pass):
 
 
 @dataclass(frozen=True)
-class DynamicLinearOp(Pass):
+class DynamicLinearOp(KernelSubstitution):
     """Dynamic int8 linear / addmm / matmul-by-weight -> ``graphopt_quant::dynamic_linear`` (DynamicQuantizeMatMul)."""
 
     name = "onnx-dynamic-linear"
@@ -130,15 +134,10 @@ class DynamicLinearOp(Pass):
         count = 0
         graph = gm.graph
         for node in list(graph.nodes):
-            if node.target == aten.linear.default:
-                x_arg, w_arg, axis = node.args[0], node.args[1], 0
-                bias = node.args[2] if len(node.args) > 2 else None
-            elif node.target == aten.addmm.default and not node.kwargs:
-                x_arg, w_arg, axis, bias = node.args[1], node.args[2], 1, node.args[0]
-            elif node.target == aten.matmul.default:
-                x_arg, w_arg, axis, bias = node.args[0], node.args[1], 1, None
-            else:
+            operands = gemm_operands(node)
+            if operands is None:
                 continue
+            x_arg, w_arg, bias, axis = operands
             source = dynamic_source(x_arg)
             weight = int8_weight(gm, w_arg, axis)
             if source is None or weight is None:

@@ -5,7 +5,7 @@ Before export (on a copy), ``MatMulNBitsLinears`` turns compressed linear layers
 onnxruntime's contrib op ``com.microsoft.MatMulNBits`` (bits 8 or 4, the compressed weights as
 its initializers) and whose translation writes that op. Embeddings gather int8 rows
 (``graphopt.targets.common.weight_only_kernels``); int4 weights outside linears (none are
-planned) become float once (``ExpandInt4Weights``); other int8 weights export as
+planned) become float once (``ExpandCompressedWeights(ops=(DEQUANTIZE_INT4,))``); other int8 weights export as
 ``DequantizeLinear`` (per axis) and codebooks as an index unpack + ``Gather``, all on the
 compressed initializers, so the file carries the compressed weights.
 """
@@ -23,10 +23,10 @@ import torch.fx as fx
 from graphopt.ir.graph import register_constant
 from graphopt.passes.base import Pass, PassResult
 from graphopt.passes.quantize.placement import infer_val
-from graphopt.passes.quantize.weight_ops import DEQUANTIZE_CODEBOOK, DEQUANTIZE_INT4, DEQUANTIZE_INT8, unpack_nibbles
-from graphopt.targets.common.weight_only_kernels import dequantize_constants, dequantized_weight, weight_only_linears
+from graphopt.passes.quantize.weight_ops import DEQUANTIZE_CODEBOOK, DEQUANTIZE_INT8, unpack_nibbles
+from graphopt.targets.common.weight_only_kernels import dequantize_constants, weight_only_linears
 
-__all__ = ["ExpandInt4Weights", "MatMulNBitsLinears", "matmul_nbits", "translation_table"]
+__all__ = ["MatMulNBitsLinears", "matmul_nbits", "translation_table"]
 
 aten = torch.ops.aten
 
@@ -194,24 +194,3 @@ class MatMulNBitsLinears(Pass):
             graph.erase_node(node)
             count += 1
         return PassResult(count > 0, {"matmul_nbits": count})
-
-
-@dataclass(frozen=True)
-class ExpandInt4Weights(Pass):
-    """int4 weights outside linear layers (none are planned; ONNX has no op for them): float, computed once."""
-
-    name = "expand-int4-weights"
-
-    def run(self, gm: fx.GraphModule) -> PassResult:
-        """Replace every int4 dequantize left in place."""
-        count = 0
-        for node in list(gm.graph.nodes):
-            if node.target != DEQUANTIZE_INT4:
-                continue
-            value = dequantized_weight(gm, node)
-            if value is not None:
-                replacement = register_constant(gm, f"{node.name}_float", value, before=node)
-                node.replace_all_uses_with(replacement)
-                gm.graph.erase_node(node)
-                count += 1
-        return PassResult(count > 0, {"weights_dequantized_once": count})

@@ -1,8 +1,10 @@
-"""Readers shared by the CPU and GPU epilogue fusions: a convolution's arguments, a residual add's other input.
+"""Graph readers the backends share, so that each sees a layer alike.
 
-``graphopt.targets.cpu.epilogue`` (oneDNN) and ``graphopt.targets.gpu.lowering`` (cuDNN) fuse
-the same patterns into different kernels; they read the graph through these two functions, so
-both see a convolution and a residual add alike.
+- ``conv_arguments`` / ``residual_operand``: a convolution's arguments and a residual add's other
+  input, for the epilogue fusions of ``graphopt.targets.cpu.epilogue`` (oneDNN) and
+  ``graphopt.targets.gpu.lowering`` (cuDNN);
+- ``gemm_operands``: the operands of a linear / addmm / matmul-by-weight, for the int8 GEMM
+  lowerings of the cpu, gpu and onnx targets.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch.fx as fx
 
 from graphopt.ir.graph import same_shape
 
-__all__ = ["RESIDUAL_BROADCASTS", "ConvArguments", "conv_arguments", "residual_operand"]
+__all__ = ["RESIDUAL_BROADCASTS", "ConvArguments", "conv_arguments", "gemm_operands", "residual_operand"]
 
 aten = torch.ops.aten
 
@@ -75,3 +77,18 @@ def residual_operand(add: fx.Node, out: fx.Node) -> fx.Node | str | None:
         return None
     return other
 
+
+def gemm_operands(node: fx.Node) -> tuple[Any, Any, Any, int] | None:
+    """(activation, weight, bias, weight's output-channel axis) of a linear / addmm / matmul node, or None.
+
+    ``addmm`` with ``beta`` / ``alpha`` is no plain GEMM and gives None; the bias is None when absent.
+    """
+    if node.op != "call_function":
+        return None
+    if node.target == aten.linear.default:
+        return node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None, 0
+    if node.target == aten.addmm.default and not node.kwargs:
+        return node.args[1], node.args[2], node.args[0], 1
+    if node.target == aten.matmul.default:
+        return node.args[0], node.args[1], None, 1
+    return None
