@@ -42,13 +42,11 @@ batches it was measured on (see ``test_static_int8_budget_holds_on_fresh_inputs`
 error) for counting, and ``scripts/fuzz_lossy_survey.py`` runs many examples per pair without stopping
 at the first failure and prints the counts. ``check_lossy(program, scheme, target, ...)`` reruns one
 falsifying example. The bugs found and not fixed yet have ``xfail(strict=True)`` reproducers at the
-end of this file; the one that kills the process (a segfault in a torch kernel) is steered around
-while it lasts (``_avoiding_known_crashes``), so the rest of such an example is still checked.
+end of this file, and the ones fixed since stay there as regression tests.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -575,29 +573,6 @@ def _matrix_in_features(program: LossyProgram) -> set[int]:
     return found
 
 
-@contextlib.contextmanager
-def _avoiding_known_crashes(program: LossyProgram, scheme: str, target: str, entry: dict[str, Any]):
-    """Steer clear of the process crashes reproduced by the ``xfail`` tests below, so the fuzz run survives them.
-
-    ``aten._weight_int8pack_mm`` segfaults on CPU for more than one row when K is not a multiple of 16
-    (test_int8_weight_only_kernel_with_k_not_multiple_of_16): the cpu lowering then dequantizes once.
-    """
-    from graphopt.targets.common import weight_only_kernels
-
-    risky = (scheme == "int8-weight-only" and target == "cpu"
-             and any(k % 16 for k in _matrix_in_features(program)))
-    if not risky:
-        yield
-        return
-    entry["avoided"] = "int8pack_mm with K % 16 != 0: dequantize-once forced"
-    saved = weight_only_kernels.CPU_KERNEL_CHOICE
-    weight_only_kernels.CPU_KERNEL_CHOICE = "dequantize-once"
-    try:
-        yield
-    finally:
-        weight_only_kernels.CPU_KERNEL_CHOICE = saved
-
-
 def _note(text: str) -> None:
     try:
         note(text)
@@ -629,8 +604,7 @@ def check_lossy(program: LossyProgram, scheme: str, target: str, budget_draw: in
     kept_inputs = [x.clone() for x in inputs]
     _log({**entry, "outcome": "started"})  # a process crash (segfault) leaves this line without its outcome
     try:
-        with _avoiding_known_crashes(program, scheme, target, entry):
-            fast = graphopt.optimize(model, inputs, target=target, on_error="raise", **case.kwargs)
+        fast = graphopt.optimize(model, inputs, target=target, on_error="raise", **case.kwargs)
         _note(f"report:\n{fast.report}")
         cosines = {}
         with torch.no_grad():
@@ -701,7 +675,7 @@ def test_lossy_random_models(program: LossyProgram, scheme: str, target: str, bu
 
 
 # --------------------------------------------------------------------------------------------
-# Bugs this fuzzer found that are not fixed yet (outside graphopt/passes/): minimal reproducers.
+# Bugs this fuzzer found: regression tests for the fixed ones, an xfail reproducer for the one left.
 
 
 def _runs_cleanly(code: str) -> subprocess.CompletedProcess:
@@ -710,15 +684,8 @@ def _runs_cleanly(code: str) -> subprocess.CompletedProcess:
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "cpu weight-only lowering times aten._weight_int8pack_mm, which segfaults for > 1 row when "
-        "in-features is not a multiple of 16 (torch 2.13 CPU)"
-    ),
-)
 def test_int8_weight_only_kernel_with_k_not_multiple_of_16() -> None:
+    """aten._weight_int8pack_mm crashed the process for in-features not a multiple of 16: such layers stay float."""
     result = _runs_cleanly("""
         import torch, graphopt
         torch.manual_seed(0)
@@ -726,8 +693,11 @@ def test_int8_weight_only_kernel_with_k_not_multiple_of_16() -> None:
         x = torch.randn(12, 40)
         fast = graphopt.optimize(model, (x,), target="cpu", quantize="int8-weight-only")
         print(float(torch.nn.functional.cosine_similarity(fast(x), model(x)).min()))
+        print(fast.report.to_dict()["sections"])
     """)
     assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr[-2000:]}"
+    assert float(result.stdout.splitlines()[0]) > 0.999
+    assert "not a multiple of 16" in result.stdout
 
 
 BF16_RESIDUAL_CONV = LossyProgram(  # depthwise conv-bn-relu, 1x1 conv-sigmoid, a residual conv block with GELU
@@ -739,33 +709,15 @@ BF16_RESIDUAL_CONV = LossyProgram(  # depthwise conv-bn-relu, 1x1 conv-sigmoid, 
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=graphopt.VerificationError,
-    reason=(
-        "cpu lowering of a bf16 graph: 'epilogue-fusion' moves the outputs by more than its verification "
-        "allows (50x the float32 tolerance, less than one bfloat16 ulp compounded over three layers), and the "
-        "cpu lowering always runs its rewrites with on_error='raise': optimize raises VerificationError even "
-        "with on_error='rollback', although the message says the pass would be undone"
-    ),
-)
 def test_bf16_epilogue_fusion_within_its_verification_tolerance() -> None:
+    """A bf16 epilogue fusion beyond its tolerance is rolled back (lowering follows on_error), not raised."""
     model, inputs = build(BF16_RESIDUAL_CONV)
     fast = graphopt.optimize(model, inputs, target="cpu", precision="bf16", on_error="rollback")
     assert fast.report.final_check == "passed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=graphopt.VerificationError,
-    reason=(
-        "optimize(prune=..., quantize=...) with no fidelity=: pruning is measured, not enforced, and "
-        "quantize's 0.99 is charged against the pruned graph, yet the final check holds the lowered model to "
-        "0.99 against eager: VerificationError 'lowered to cpu differs from the original' "
-        "(workflows/optimize._final_budget)"
-    ),
-)
 def test_prune_then_quantize_default_budget() -> None:
+    """Measured-only pruning then quantization: the final check holds the budget against the compressed graph."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
     x = torch.randn(8, 32)

@@ -36,7 +36,8 @@ from graphopt.targets.common.weight_only_kernels import (
     weight_only_linears,
 )
 
-__all__ = ["CPU_KERNEL_CHOICE", "KERNEL_MARGIN", "CpuWeightOnlyKernels", "int4_weight_linear", "int8_weight_linear"]
+__all__ = ["CPU_KERNEL_CHOICE", "INT8_KERNEL_K_MULTIPLE", "KERNEL_MARGIN", "CpuWeightOnlyKernels", "int4_weight_linear",
+           "int8_weight_linear"]
 
 log = logging.getLogger("graphopt")
 
@@ -44,6 +45,9 @@ CPU_KERNEL_CHOICE = os.environ.get("GRAPHOPT_WEIGHT_ONLY_KERNEL", "auto")
 """``auto`` (time both forms per layer shape at lowering), ``kernel`` (always the int8/int4 weight
 kernels) or ``dequantize-once`` (always float weights computed at lowering). Env var
 ``GRAPHOPT_WEIGHT_ONLY_KERNEL``."""
+
+INT8_KERNEL_K_MULTIPLE = 16
+"""``aten._weight_int8pack_mm`` takes only weights whose in-features are a multiple of this."""
 
 KERNEL_MARGIN = 0.9
 """The weight-only kernel is chosen only when it takes under this fraction of the float time."""
@@ -106,6 +110,10 @@ def _kernel_form(gm: fx.GraphModule, node: fx.Node) -> Kernel | str:
         return "weight computed at run time"
     if dequant.target == DEQUANTIZE_INT8:
         q_weight, scale = values
+        if q_weight.shape[1] % INT8_KERNEL_K_MULTIPLE:
+            # aten._weight_int8pack_mm reads K in blocks of 16 and crashes the process (torch 2.13, CPU) otherwise
+            return (f"no int8 kernel for in-features {q_weight.shape[1]} (not a multiple of {INT8_KERNEL_K_MULTIPLE}):"
+                    " weight dequantized once")
         return int8_weight_linear, (q_weight, scale.to(torch.bfloat16))
     packed, scale, zero_point, group = values
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
