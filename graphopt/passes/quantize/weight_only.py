@@ -11,7 +11,7 @@ the group's actual range instead of ``[-max|w|, max|w|]`` halves the error on sk
 and it is the layout onnxruntime's ``MatMulNBits`` and PyTorch's int4 CPU kernel both take.
 
 In the IR each layer reads its weight through a ``graphopt_weights.dequantize_int8/int4`` node
-(``weight_ops``), so the PyTorch graph is the numerical reference; ``lower_weight_only`` turns
+(``weight_ops``), so the PyTorch graph is the numerical reference; the targets' lowering passes turn
 them into int8/int4 kernels (cpu) and ``MatMulNBits`` / ``DequantizeLinear`` (onnx).
 One lossy unit per layer. Layers the scheme cannot take are near misses: int4 needs the
 input features to be a multiple of ``group_size`` and is for matrix products only.

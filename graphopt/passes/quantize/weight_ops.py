@@ -4,7 +4,7 @@ A weight-compressing pass stores each weight in its compact form (``int8`` rows,
 4-bit groups, codebook indices) and inserts one of these ops in front of the layer, so the
 IR stays one graph of ordinary layers whose float weight is computed from the compact
 tensors. Run as they are, these ops are the numerical reference; the targets lower them to
-kernels that read the compact weights (``lower_weight_only``).
+kernels that read the compact weights (the targets' weight-only lowering passes).
 
 Ops (namespace ``graphopt_weights``, registered on import of this module):
 

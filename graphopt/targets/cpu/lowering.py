@@ -61,7 +61,7 @@ class CpuLowering:
     convolutions, ``"contiguous"`` keeps NCHW. ``prepack``: reorder convolution weights into
     oneDNN's blocked layout once. ``backend="inductor"`` compiles with ``torch.compile`` instead.
     ``threads``: intra-op threads while the model runs (default: PyTorch's setting).
-    ``backend="onnxruntime"`` runs the graph in onnxruntime's CPU provider (``onnx_lowering``),
+    ``backend="onnxruntime"`` runs the graph in onnxruntime's CPU provider (``graphopt.targets.onnx``),
     another runtime on the same device, which ``tune`` measures too.
     """
 
