@@ -39,7 +39,12 @@ from graphopt.analysis.balanced_split import (
     graph_items,
 )
 from graphopt.analysis.cost import node_costs, profile_nodes, value_bytes
-from graphopt.ir.graph import fill_output_nodes, prune_unused_attributes, torch_deprecations_silenced
+from graphopt.ir.graph import (
+    fill_output_nodes,
+    prune_unused_attributes,
+    state_update_nodes,
+    torch_deprecations_silenced,
+)
 from graphopt.passes.base import Pass, PassResult
 
 __all__ = ["Partition", "StageInfo", "is_partitioned", "item_costs", "plan_boundaries", "split_stages",
@@ -131,8 +136,6 @@ def plan_boundaries(
 
 
 def _refuse_state_updates(gm: fx.GraphModule) -> None:
-    from graphopt.ir.graph import state_update_nodes
-
     if state_update_nodes(gm):
         raise PartitionError(
             "the model updates its own buffers on every call; pipeline stages on other devices cannot share that "

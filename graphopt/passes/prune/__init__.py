@@ -20,6 +20,8 @@ import torch.fx as fx
 from graphopt.errors import InputError
 from graphopt.passes.lossy.base import CalibrationData, LossyPass, LossyPlan
 from graphopt.passes.prune.importance import IMPORTANCE_KINDS
+from graphopt.passes.prune.structured import plan_structured
+from graphopt.passes.prune.unstructured import plan_unstructured
 
 __all__ = ["Prune", "prune_pass"]
 
@@ -79,13 +81,9 @@ class Prune(LossyPass):
     def plan(self, gm: fx.GraphModule, data: CalibrationData) -> LossyPlan:
         """Find what to prune (structured: coupled groups; unstructured: weight masks)."""
         if self.structured:
-            from graphopt.passes.prune.structured import plan_structured
-
             return plan_structured(gm, data, amount=self.amount, importance=self.importance, scope=self.scope,
                                    protect=self.protect, round_to=self.round_to,
                                    max_group_amount=self.max_group_amount)
-        from graphopt.passes.prune.unstructured import plan_unstructured
-
         return plan_unstructured(gm, data, amount=self.amount, importance=self.importance, scope=self.scope,
                                  protect=self.protect, pattern=self.pattern)
 

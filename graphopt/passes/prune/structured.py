@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from graphopt.analysis.cost import node_costs
 from graphopt.analysis.dependency import Atom, DependencyGraph, Group, Layout, layer_label
 from graphopt.errors import InputError
 from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
@@ -193,10 +194,6 @@ class StructuredPlan(LossyPlan):
 
     def _group_macs(self, group: Group, fraction: float) -> tuple[int, int]:
         """MACs of the layers whose weights the group runs through: before, and with this group alone pruned."""
-        try:
-            from graphopt.analysis.cost import node_costs
-        except ImportError:  # pragma: no cover - the cost model ships with graphopt
-            return 0, 0
         costs = getattr(self, "_costs", None)
         if costs is None:
             costs = self._costs = node_costs(self.deps.gm)
@@ -358,12 +355,7 @@ _LAYER_OPS = WEIGHTED_LAYER_OPS | {aten.embedding.default}
 
 def _layer_facts(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
     """Per layer node (conv, linear, matmul with a stored weight): weight shape, params, MACs."""
-    try:
-        from graphopt.analysis.cost import node_costs
-
-        costs = node_costs(gm)
-    except ImportError:  # pragma: no cover
-        costs = {}
+    costs = node_costs(gm)
     facts: dict[str, dict[str, Any]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _LAYER_OPS:

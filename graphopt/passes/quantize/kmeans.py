@@ -45,6 +45,7 @@ from graphopt.passes.quantize.weight_sites import (
     replace_weight,
     tensor_bytes,
 )
+from graphopt.report.progress import progress
 
 __all__ = ["KMeans", "KMeansQuantize", "kmeans_1d"]
 
@@ -238,8 +239,6 @@ class KMeans(QuantizationScheme):
 
     def plan(self, gm: fx.GraphModule, data: CalibrationData) -> KMeansPlan:
         """Cluster every eligible weight once (no calibration data needed)."""
-        from graphopt.report.progress import progress
-
         layers: dict[str, _Clustered] = {}
         near: dict[str, str] = {}
         units: list[LossyUnit] = []

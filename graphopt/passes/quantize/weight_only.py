@@ -30,7 +30,13 @@ from graphopt.passes.base import PassResult
 from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
 from graphopt.passes.quantize.scheme import QuantizationScheme, check_count, check_flags, names_option
 from graphopt.passes.quantize.selection import SkipList
-from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT4, DEQUANTIZE_INT8, pack_nibbles
+from graphopt.passes.quantize.weight_ops import (
+    DEQUANTIZE_INT4,
+    DEQUANTIZE_INT8,
+    dequantize_int4_reference,
+    dequantize_int8_reference,
+    pack_nibbles,
+)
 from graphopt.passes.quantize.weight_sites import (
     WeightSite,
     find_weight_sites,
@@ -243,8 +249,6 @@ class WeightOnly(QuantizationScheme):
 
 
 def _dequantize(constants: dict[str, torch.Tensor], bits: int, group: int | None) -> torch.Tensor:
-    from graphopt.passes.quantize.weight_ops import dequantize_int4_reference, dequantize_int8_reference
-
     if bits == 8:
         return dequantize_int8_reference(constants["qweight"], constants["scale"])
     return dequantize_int4_reference(constants["qweight"], constants["scale"], constants["zero_point"], group)
