@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from graphopt.errors import UnknownPassError
 
-__all__ = ["Pass", "PassResult", "available_passes", "get_pass", "register_pass", "resolve_pass"]
+__all__ = ["Pass", "PassResult", "available_passes", "get_pass", "register_builtin", "register_pass", "resolve_pass"]
 
 
 @dataclass
@@ -67,8 +67,6 @@ _BUILTIN: dict[str, str] = {
     "kmeans-quantize": "graphopt.passes.quantize.kmeans:KMeans",
     "prune": "graphopt.passes.prune:Prune",
     "reduced-precision": "graphopt.passes.precision:ReducedPrecision",
-    "epilogue-fusion": "graphopt.targets.cpu.epilogue:EpilogueFusion",
-    "channels-last": "graphopt.targets.common.channels_last:ChannelsLast",
 }
 _REGISTERED: dict[str, type[Pass]] = {}
 
@@ -79,6 +77,17 @@ def register_pass(cls: P) -> P:
         raise ValueError(f"{cls.__name__} needs a class attribute `name` (kebab-case) to be registered")
     _REGISTERED[cls.name] = cls
     return cls
+
+
+def register_builtin(name: str, location: str) -> None:
+    """Make the pass at ``location`` (``"module:Class"``) findable as ``name``, imported on first use.
+
+    For a layer above this one (a target) to offer its passes by name without this module
+    naming it, and without importing them before they are asked for.
+    """
+    if ":" not in location:
+        raise ValueError(f"location must be 'module:Class', got {location!r}")
+    _BUILTIN.setdefault(name, location)
 
 
 def available_passes() -> list[str]:
