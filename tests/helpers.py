@@ -1,4 +1,4 @@
-"""Test helpers: non-trivial batch-norm statistics, output comparison, a small CNN."""
+"""Test helpers: non-trivial batch-norm statistics, output comparison, a small CNN, a self-attention base."""
 
 from __future__ import annotations
 
@@ -41,6 +41,28 @@ class SmallCNN(nn.Module):
         y = F.relu6(self.bn_dw(self.depthwise(y)))
         y = self.dropout(y.mean((2, 3)))
         return self.bn_fc(self.fc(y))
+
+
+class SelfAttentionBase(nn.Module):
+    """The q/k/v/o linears of a ``dim``-wide self-attention in ``heads`` heads; subclasses write ``forward``.
+
+    ``form`` names how a subclass writes it (SDPA or op by op, which views); ``causal`` masks the future.
+    """
+
+    def __init__(self, dim: int, heads: int, causal: bool, form: str) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.heads, self.causal, self.form = heads, causal, form
+        self.scale = (dim // heads) ** -0.5
+
+    def softmax_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``softmax(q @ kᵀ * scale) @ v`` written op by op (what ``fuse-attention`` looks for)."""
+        length = q.shape[-2]
+        scores = q @ k.transpose(-2, -1) * self.scale
+        if self.causal:
+            mask = torch.ones(length, length, dtype=torch.bool).triu(1)
+            scores = scores.masked_fill(mask, float("-inf"))
+        return scores.softmax(dim=-1) @ v
 
 
 def max_scaled_error(actual, expected) -> float:

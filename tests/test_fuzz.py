@@ -55,7 +55,7 @@ from hypothesis.errors import InvalidArgument
 
 import graphopt
 
-from helpers import assert_matches, max_scaled_error, randomize_batchnorm, state_snapshot
+from helpers import SelfAttentionBase, assert_matches, max_scaled_error, randomize_batchnorm, state_snapshot
 
 EXAMPLES = int(os.environ.get("GRAPHOPT_FUZZ_EXAMPLES", "50"))
 # An ONNX example costs ~1.1 s (torch.onnx.export has ~0.8 s of fixed cost) against ~0.2 s on cpu,
@@ -467,13 +467,7 @@ class LinearBlock(nn.Module):
         return self.bn(x) if self.bn is not None else x
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, causal: bool, form: str) -> None:
-        super().__init__()
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.heads, self.causal, self.form = heads, causal, form
-        self.scale = (dim // heads) ** -0.5
-
+class Attention(SelfAttentionBase):
     def _split(self, t: torch.Tensor) -> torch.Tensor:
         n, length, dim = t.shape
         if self.form == "view":
@@ -488,11 +482,7 @@ class Attention(nn.Module):
         if self.form == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale)
         else:
-            scores = q @ k.transpose(-2, -1) * self.scale
-            if self.causal:
-                mask = torch.ones(length, length, dtype=torch.bool).triu(1)
-                scores = scores.masked_fill(mask, float("-inf"))
-            out = scores.softmax(dim=-1) @ v
+            out = self.softmax_attention(q, k, v)
         if self.form == "view":
             out = out.transpose(1, 2).contiguous().view(n, length, dim)
         else:

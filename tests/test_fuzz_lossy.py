@@ -54,6 +54,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +70,7 @@ from hypothesis.errors import InvalidArgument
 import graphopt
 from graphopt import Fidelity, GraphoptError
 
-from helpers import randomize_batchnorm, state_snapshot
+from helpers import SelfAttentionBase, randomize_batchnorm, state_snapshot
 
 EXAMPLES = int(os.environ.get("GRAPHOPT_FUZZ_LOSSY_EXAMPLES", "2"))
 SEED = os.environ.get("GRAPHOPT_FUZZ_SEED")
@@ -317,14 +318,8 @@ class MLP(nn.Module):
         return self.norm(x + self.fc2(self.act(self.fc1(x))))
 
 
-class Attention(nn.Module):
+class Attention(SelfAttentionBase):
     """Multi-head self-attention with a residual add: q/k/v/o linears, explicit softmax or SDPA."""
-
-    def __init__(self, dim: int, heads: int, causal: bool, form: str) -> None:
-        super().__init__()
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.heads, self.causal, self.form = heads, causal, form
-        self.scale = (dim // heads) ** -0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, dim = x.shape
@@ -336,11 +331,7 @@ class Attention(nn.Module):
         if self.form == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
-            scores = q @ k.transpose(-2, -1) * self.scale
-            if self.causal:
-                mask = torch.ones(length, length, dtype=torch.bool).triu(1)
-                scores = scores.masked_fill(mask, float("-inf"))
-            out = scores.softmax(dim=-1) @ v
+            out = self.softmax_attention(q, k, v)
         return x + self.o(out.transpose(1, 2).reshape(n, length, dim))
 
 
@@ -366,29 +357,20 @@ class CatLinear(nn.Module):
         return torch.cat([x, self.act(self.fc(x))], dim=-1)
 
 
+def _layer_norm(dim: int, affine: bool) -> nn.Module:
+    return nn.LayerNorm(dim, elementwise_affine=affine)
+
+
+_BLOCK_MODULES: dict[str, Callable[..., nn.Module]] = {
+    "conv": Conv, "res_conv": ResConv, "cat_conv": CatConv, "act": _activation, "linear": Linear, "mlp": MLP,
+    "layernorm": _layer_norm, "attention": Attention, "matmul_const": MatmulConst, "cat_linear": CatLinear,
+}
+"""The module of each block kind that has one, built from the block's arguments."""
+
+
 def _block_module(block: Block) -> nn.Module | None:
-    a = block.args
-    if block.op == "conv":
-        return Conv(*a)
-    if block.op == "res_conv":
-        return ResConv(*a)
-    if block.op == "cat_conv":
-        return CatConv(*a)
-    if block.op == "act":
-        return _activation(a[0])
-    if block.op == "linear":
-        return Linear(*a)
-    if block.op == "mlp":
-        return MLP(*a)
-    if block.op == "layernorm":
-        return nn.LayerNorm(a[0], elementwise_affine=a[1])
-    if block.op == "attention":
-        return Attention(*a)
-    if block.op == "matmul_const":
-        return MatmulConst(*a)
-    if block.op == "cat_linear":
-        return CatLinear(*a)
-    return None
+    make = _BLOCK_MODULES.get(block.op)
+    return make(*block.args) if make is not None else None
 
 
 class LossyModel(nn.Module):

@@ -7,7 +7,7 @@ Everything here is plain data (JSON-serialisable through ``Report.to_dict`` and 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,7 +17,7 @@ from tabulate import tabulate
 from graphopt.report.html import write_html
 from graphopt.report.sections import ReportSection, build_dataclass, bytes_text, diff_text
 
-__all__ = ["PassRecord", "Report"]
+__all__ = ["PassRecord", "Report", "sum_near_misses"]
 
 
 
@@ -40,6 +40,17 @@ class PassRecord:
     iteration: int = 1
     verify_seconds: float = 0.0
     fidelity: dict[str, Any] = field(default_factory=dict)  # lossy passes: budget and measured values
+
+
+def sum_near_misses(records: Iterable[PassRecord]) -> dict[str, dict[str, int]]:
+    """The records' near misses summed: ``{rule: {reason: count}}``, in the order they first appear."""
+    totals: dict[str, dict[str, int]] = {}
+    for record in records:
+        for rule, reasons in record.near_misses.items():
+            for reason, count in reasons.items():
+                group = totals.setdefault(rule, {})
+                group[reason] = group.get(reason, 0) + count
+    return totals
 
 
 def _fidelity_text(fidelity: Mapping[str, Any]) -> str:
@@ -105,13 +116,7 @@ class Report:
     @property
     def near_misses(self) -> dict[str, dict[str, int]]:
         """For each rule or pass, how often a match was refused and why, summed over all passes."""
-        totals: dict[str, dict[str, int]] = {}
-        for record in self.records:
-            for rule, reasons in record.near_misses.items():
-                for reason, count in reasons.items():
-                    totals.setdefault(rule, {})
-                    totals[rule][reason] = totals[rule].get(reason, 0) + count
-        return totals
+        return sum_near_misses(self.records)
 
     def to_dict(self) -> dict[str, Any]:
         """The whole report as plain data (JSON-serialisable)."""
