@@ -1,11 +1,17 @@
-"""Test helpers: non-trivial batch-norm statistics, output comparison, a small CNN, a self-attention base."""
+"""Test helpers: non-trivial batch-norm statistics, output comparison, a small CNN, a self-attention base, the
+fuzz tests' hypothesis settings."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
+from hypothesis import HealthCheck, Phase, seed, settings
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -90,3 +96,31 @@ def assert_matches(optimized, model: nn.Module, inputs: tuple, kwargs: dict | No
 def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of every parameter and buffer, to prove a model was not modified."""
     return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+FUZZ_SEED = os.environ.get("GRAPHOPT_FUZZ_SEED")
+"""``GRAPHOPT_FUZZ_SEED``: the fuzz tests explore at random from this seed instead of replaying the same examples."""
+
+T = TypeVar("T")
+
+
+def fuzz_settings(examples: int, phases: Iterable[Phase] = tuple(Phase)) -> Callable[[T], T]:
+    """The fuzz tests' hypothesis settings: ``examples`` examples, the same on every run unless ``FUZZ_SEED`` is set.
+
+    No deadline (an example compiles a model) and no example database; ``phases`` leaves out
+    shrinking where an example costs seconds.
+    """
+
+    def decorate(test: T) -> T:
+        test = settings(
+            max_examples=examples,
+            deadline=None,
+            derandomize=FUZZ_SEED is None,
+            database=None,
+            print_blob=True,
+            phases=list(phases),
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )(test)
+        return seed(int(FUZZ_SEED))(test) if FUZZ_SEED is not None else test
+
+    return decorate

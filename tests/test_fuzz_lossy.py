@@ -63,17 +63,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
-from hypothesis import HealthCheck, Phase, given, note, seed, settings
+from hypothesis import Phase, given, note
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 import graphopt
 from graphopt import Fidelity, GraphoptError
 
-from helpers import SelfAttentionBase, randomize_batchnorm, state_snapshot
+from helpers import SelfAttentionBase, fuzz_settings, randomize_batchnorm, state_snapshot
 
 EXAMPLES = int(os.environ.get("GRAPHOPT_FUZZ_LOSSY_EXAMPLES", "2"))
-SEED = os.environ.get("GRAPHOPT_FUZZ_SEED")
 LOG = os.environ.get("GRAPHOPT_FUZZ_LOSSY_LOG")
 
 QUANTIZE = ("int8", "int8-dynamic", "int8-weight-only", "int4-weight-only", "kmeans")
@@ -631,25 +630,9 @@ def check_lossy(program: LossyProgram, scheme: str, target: str, budget_draw: in
     return outcome
 
 
-def _fuzz_settings(examples: int):
-    def decorate(test):
-        test = settings(
-            max_examples=examples,
-            deadline=None,
-            derandomize=SEED is None,
-            database=None,
-            print_blob=True,
-            phases=[Phase.explicit, Phase.generate],  # no shrinking: an example costs seconds
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        )(test)
-        return seed(int(SEED))(test) if SEED is not None else test
-
-    return decorate
-
-
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("scheme", SCHEMES)
-@_fuzz_settings(EXAMPLES)
+@fuzz_settings(EXAMPLES, phases=[Phase.explicit, Phase.generate])  # no shrinking: an example costs seconds
 @given(program=lossy_programs(), budget_draw=st.integers(0, 2), calibrate=st.booleans(), variant=st.integers(0, 3))
 def test_lossy_random_models(program: LossyProgram, scheme: str, target: str, budget_draw: int,
                              calibrate: bool, variant: int) -> None:

@@ -10,14 +10,14 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from tabulate import tabulate
 
 from graphopt.report.html import write_html
 from graphopt.report.sections import ReportSection, build_dataclass, bytes_text, diff_text
 
-__all__ = ["PassRecord", "Report", "sum_near_misses"]
+__all__ = ["PassRecord", "Report", "sum_counts", "sum_near_misses"]
 
 
 
@@ -40,6 +40,18 @@ class PassRecord:
     iteration: int = 1
     verify_seconds: float = 0.0
     fidelity: dict[str, Any] = field(default_factory=dict)  # lossy passes: budget and measured values
+
+
+Count = TypeVar("Count", bound=float)
+
+
+def sum_counts(counters: Iterable[Mapping[str, Count]]) -> dict[str, Count]:
+    """Counters (a record's ``stats`` or ``rule_hits``) summed key by key, in the order the keys first appear."""
+    totals: dict[str, Count] = {}
+    for counter in counters:
+        for key, value in counter.items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
 
 
 def sum_near_misses(records: Iterable[PassRecord]) -> dict[str, dict[str, int]]:
@@ -107,11 +119,7 @@ class Report:
     @property
     def rule_hits(self) -> dict[str, int]:
         """How often each rewrite rule fired, summed over all passes."""
-        totals: dict[str, int] = {}
-        for record in self.records:
-            for rule, hits in record.rule_hits.items():
-                totals[rule] = totals.get(rule, 0) + hits
-        return totals
+        return sum_counts(record.rule_hits for record in self.records)
 
     @property
     def near_misses(self) -> dict[str, dict[str, int]]:

@@ -36,10 +36,10 @@ import torch.fx as fx
 from graphopt.passes.base import NodeRewrite, Pass, PassResult
 from graphopt.passes.cleanup import DeadCodeElimination
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN
-from graphopt.passes.quantize.patterns import constant_bias, dynamic_source, int8_weight, static_activation
+from graphopt.passes.quantize.patterns import constant_bias, int8_weight, static_activation
 from graphopt.passes.quantize.placement import PASS_THROUGH, is_dequantize
 from graphopt.targets.common.lowering import KernelSubstitution
-from graphopt.targets.common.patterns import gemm_operands
+from graphopt.targets.common.patterns import dynamic_int8_gemm
 from graphopt.targets.common.weight_only_kernels import (
     ExpandCompressedWeights,
     GatherCodebookEmbeddings,
@@ -444,16 +444,13 @@ class OnednnDynamicLinear(NodeRewrite, KernelSubstitution):
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
         """Rewrite a dynamic int8 GEMM in place."""
-        operands = gemm_operands(node)
-        if operands is None:
+        match = dynamic_int8_gemm(gm, node)
+        if match is None:
             return False
-        x_arg, w_arg, bias_arg, axis = operands
-        source = dynamic_source(x_arg)
-        weight = int8_weight(gm, w_arg, axis)
+        source, q_weight, scales, bias_arg = match
         bias = constant_bias(gm, bias_arg)
-        if source is None or weight is None or bias is False:
+        if bias is False:
             return False
-        q_weight, scales = weight
         packed = _packed_linear(q_weight, source)
         end, post_op, algorithm = _dynamic_epilogue(node)
         stored = [_store(gm, f"{node.name}_{stem}", value, node) for stem, value in (

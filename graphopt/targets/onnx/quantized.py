@@ -30,7 +30,7 @@ from graphopt.passes.quantize.observers import WEIGHT_QMAX, WEIGHT_QMIN
 from graphopt.passes.quantize.patterns import dynamic_source, int8_weight
 from graphopt.passes.quantize.placement import infer_val, is_dequantize
 from graphopt.targets.common.lowering import KernelSubstitution
-from graphopt.targets.common.patterns import gemm_operands
+from graphopt.targets.common.patterns import dynamic_int8_gemm
 
 __all__ = ["DynamicLinearOp", "StaticLinearAsMatmul", "dynamic_linear", "translation_table"]
 
@@ -130,15 +130,10 @@ class DynamicLinearOp(NodeRewrite, KernelSubstitution):
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
         """Rewrite a dynamic int8 GEMM in place."""
-        operands = gemm_operands(node)
-        if operands is None:
+        match = dynamic_int8_gemm(gm, node)
+        if match is None:
             return False
-        x_arg, w_arg, bias, axis = operands
-        source = dynamic_source(x_arg)
-        weight = int8_weight(gm, w_arg, axis)
-        if source is None or weight is None:
-            return False
-        q_weight, scales = weight
+        source, q_weight, scales, bias = match
         q_node = register_constant(gm, f"{node.name}_weight_int8_t", q_weight.t().contiguous(), before=node)
         scale_node = register_constant(gm, f"{node.name}_weight_scale", scales, before=node)
         with gm.graph.inserting_before(node):
