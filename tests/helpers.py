@@ -1,11 +1,17 @@
-"""Test helpers: non-trivial batch-norm statistics, output comparison, a small CNN."""
+"""Test helpers: non-trivial batch-norm statistics, output comparison, a small CNN, a self-attention base, the
+fuzz tests' hypothesis settings."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
+from hypothesis import HealthCheck, Phase, seed, settings
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -43,6 +49,28 @@ class SmallCNN(nn.Module):
         return self.bn_fc(self.fc(y))
 
 
+class SelfAttentionBase(nn.Module):
+    """The q/k/v/o linears of a ``dim``-wide self-attention in ``heads`` heads; subclasses write ``forward``.
+
+    ``form`` names how a subclass writes it (SDPA or op by op, which views); ``causal`` masks the future.
+    """
+
+    def __init__(self, dim: int, heads: int, causal: bool, form: str) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.heads, self.causal, self.form = heads, causal, form
+        self.scale = (dim // heads) ** -0.5
+
+    def softmax_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``softmax(q @ kᵀ * scale) @ v`` written op by op (what ``fuse-attention`` looks for)."""
+        length = q.shape[-2]
+        scores = q @ k.transpose(-2, -1) * self.scale
+        if self.causal:
+            mask = torch.ones(length, length, dtype=torch.bool).triu(1)
+            scores = scores.masked_fill(mask, float("-inf"))
+        return scores.softmax(dim=-1) @ v
+
+
 def max_scaled_error(actual, expected) -> float:
     """Max abs difference over all output tensors, divided by the reference's max magnitude."""
     worst = 0.0
@@ -68,3 +96,31 @@ def assert_matches(optimized, model: nn.Module, inputs: tuple, kwargs: dict | No
 def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of every parameter and buffer, to prove a model was not modified."""
     return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+FUZZ_SEED = os.environ.get("GRAPHOPT_FUZZ_SEED")
+"""``GRAPHOPT_FUZZ_SEED``: the fuzz tests explore at random from this seed instead of replaying the same examples."""
+
+T = TypeVar("T")
+
+
+def fuzz_settings(examples: int, phases: Iterable[Phase] = tuple(Phase)) -> Callable[[T], T]:
+    """The fuzz tests' hypothesis settings: ``examples`` examples, the same on every run unless ``FUZZ_SEED`` is set.
+
+    No deadline (an example compiles a model) and no example database; ``phases`` leaves out
+    shrinking where an example costs seconds.
+    """
+
+    def decorate(test: T) -> T:
+        test = settings(
+            max_examples=examples,
+            deadline=None,
+            derandomize=FUZZ_SEED is None,
+            database=None,
+            print_blob=True,
+            phases=list(phases),
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )(test)
+        return seed(int(FUZZ_SEED))(test) if FUZZ_SEED is not None else test
+
+    return decorate

@@ -49,19 +49,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
-from hypothesis import HealthCheck, Phase, example, given, note, seed, settings
+from hypothesis import Phase, example, given, note
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 import graphopt
 
-from helpers import assert_matches, max_scaled_error, randomize_batchnorm, state_snapshot
+from helpers import (
+    SelfAttentionBase,
+    assert_matches,
+    fuzz_settings,
+    max_scaled_error,
+    randomize_batchnorm,
+    state_snapshot,
+)
 
 EXAMPLES = int(os.environ.get("GRAPHOPT_FUZZ_EXAMPLES", "50"))
 # An ONNX example costs ~1.1 s (torch.onnx.export has ~0.8 s of fixed cost) against ~0.2 s on cpu,
 # so by default onnx gets 3/5 of the examples: 50 cpu + 30 onnx take about 45 s on 2 slow cores.
 ONNX_EXAMPLES = int(os.environ.get("GRAPHOPT_FUZZ_ONNX_EXAMPLES", str(max(1, EXAMPLES * 3 // 5))))
-SEED = os.environ.get("GRAPHOPT_FUZZ_SEED")
 LARGE = os.environ.get("GRAPHOPT_FUZZ_LARGE") == "1"
 SHRINK_ONNX = os.environ.get("GRAPHOPT_FUZZ_SHRINK_ONNX") == "1"
 TOLERANCE = {"cpu": 1e-4, "onnx": 1e-4}
@@ -467,13 +473,7 @@ class LinearBlock(nn.Module):
         return self.bn(x) if self.bn is not None else x
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, causal: bool, form: str) -> None:
-        super().__init__()
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.heads, self.causal, self.form = heads, causal, form
-        self.scale = (dim // heads) ** -0.5
-
+class Attention(SelfAttentionBase):
     def _split(self, t: torch.Tensor) -> torch.Tensor:
         n, length, dim = t.shape
         if self.form == "view":
@@ -488,11 +488,7 @@ class Attention(nn.Module):
         if self.form == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale)
         else:
-            scores = q @ k.transpose(-2, -1) * self.scale
-            if self.causal:
-                mask = torch.ones(length, length, dtype=torch.bool).triu(1)
-                scores = scores.masked_fill(mask, float("-inf"))
-            out = scores.softmax(dim=-1) @ v
+            out = self.softmax_attention(q, k, v)
         if self.form == "view":
             out = out.transpose(1, 2).contiguous().view(n, length, dim)
         else:
@@ -774,22 +770,6 @@ def check_program(program: Program, target: str, disabled: tuple[str, ...] = ())
     assert error <= TOLERANCE[target], f"wrong outputs for an input with other strides: scaled error {error:.3g}"
 
 
-def _fuzz_settings(examples: int, shrink: bool = True):
-    def decorate(test):
-        test = settings(
-            max_examples=examples,
-            deadline=None,
-            derandomize=SEED is None,
-            database=None,
-            print_blob=True,
-            phases=[p for p in Phase if shrink or p is not Phase.shrink],
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        )(test)
-        return seed(int(SEED))(test) if SEED is not None else test
-
-    return decorate
-
-
 # Falsifying examples found while exploring, kept so they run on every CI run.
 COLUMN_MAJOR_TRANSPOSE_VIEW = Program(  # torch.export's strides for a column-major example were wrong
     input_shape=(1, 2, 2),
@@ -800,7 +780,7 @@ COLUMN_MAJOR_TRANSPOSE_VIEW = Program(  # torch.export's strides for a column-ma
 )
 
 
-@_fuzz_settings(EXAMPLES)
+@fuzz_settings(EXAMPLES)
 @given(program=programs())
 @example(program=COLUMN_MAJOR_TRANSPOSE_VIEW)
 def test_optimize_random_models_cpu(program: Program) -> None:
@@ -809,7 +789,7 @@ def test_optimize_random_models_cpu(program: Program) -> None:
 
 # No shrinking for onnx: each step costs an export (~1 s), so shrinking can take many minutes; a bug
 # that is not onnx-specific also fails the cpu test, which shrinks it cheaply.
-@_fuzz_settings(ONNX_EXAMPLES, shrink=SHRINK_ONNX)
+@fuzz_settings(ONNX_EXAMPLES, phases=[p for p in Phase if SHRINK_ONNX or p is not Phase.shrink])
 @given(program=programs())
 def test_optimize_random_models_onnx(program: Program) -> None:
     check_program(program, "onnx")
@@ -818,7 +798,7 @@ def test_optimize_random_models_onnx(program: Program) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not LARGE, reason="set GRAPHOPT_FUZZ_LARGE=1 to fuzz larger models (minutes)")
 @pytest.mark.parametrize("target", ["cpu", "onnx"])
-@_fuzz_settings(max(EXAMPLES, 100))
+@fuzz_settings(max(EXAMPLES, 100))
 @given(program=programs(max_steps=3 * MAX_STEPS, max_numel=4 * MAX_NUMEL))
 def test_optimize_larger_random_models(program: Program, target: str) -> None:
     check_program(program, target)

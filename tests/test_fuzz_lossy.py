@@ -54,6 +54,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,17 +63,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
-from hypothesis import HealthCheck, Phase, given, note, seed, settings
+from hypothesis import Phase, given, note
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 import graphopt
 from graphopt import Fidelity, GraphoptError
 
-from helpers import randomize_batchnorm, state_snapshot
+from helpers import SelfAttentionBase, fuzz_settings, randomize_batchnorm, state_snapshot
 
 EXAMPLES = int(os.environ.get("GRAPHOPT_FUZZ_LOSSY_EXAMPLES", "2"))
-SEED = os.environ.get("GRAPHOPT_FUZZ_SEED")
 LOG = os.environ.get("GRAPHOPT_FUZZ_LOSSY_LOG")
 
 QUANTIZE = ("int8", "int8-dynamic", "int8-weight-only", "int4-weight-only", "kmeans")
@@ -317,14 +317,8 @@ class MLP(nn.Module):
         return self.norm(x + self.fc2(self.act(self.fc1(x))))
 
 
-class Attention(nn.Module):
+class Attention(SelfAttentionBase):
     """Multi-head self-attention with a residual add: q/k/v/o linears, explicit softmax or SDPA."""
-
-    def __init__(self, dim: int, heads: int, causal: bool, form: str) -> None:
-        super().__init__()
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.heads, self.causal, self.form = heads, causal, form
-        self.scale = (dim // heads) ** -0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, dim = x.shape
@@ -336,11 +330,7 @@ class Attention(nn.Module):
         if self.form == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
-            scores = q @ k.transpose(-2, -1) * self.scale
-            if self.causal:
-                mask = torch.ones(length, length, dtype=torch.bool).triu(1)
-                scores = scores.masked_fill(mask, float("-inf"))
-            out = scores.softmax(dim=-1) @ v
+            out = self.softmax_attention(q, k, v)
         return x + self.o(out.transpose(1, 2).reshape(n, length, dim))
 
 
@@ -366,29 +356,20 @@ class CatLinear(nn.Module):
         return torch.cat([x, self.act(self.fc(x))], dim=-1)
 
 
+def _layer_norm(dim: int, affine: bool) -> nn.Module:
+    return nn.LayerNorm(dim, elementwise_affine=affine)
+
+
+_BLOCK_MODULES: dict[str, Callable[..., nn.Module]] = {
+    "conv": Conv, "res_conv": ResConv, "cat_conv": CatConv, "act": _activation, "linear": Linear, "mlp": MLP,
+    "layernorm": _layer_norm, "attention": Attention, "matmul_const": MatmulConst, "cat_linear": CatLinear,
+}
+"""The module of each block kind that has one, built from the block's arguments."""
+
+
 def _block_module(block: Block) -> nn.Module | None:
-    a = block.args
-    if block.op == "conv":
-        return Conv(*a)
-    if block.op == "res_conv":
-        return ResConv(*a)
-    if block.op == "cat_conv":
-        return CatConv(*a)
-    if block.op == "act":
-        return _activation(a[0])
-    if block.op == "linear":
-        return Linear(*a)
-    if block.op == "mlp":
-        return MLP(*a)
-    if block.op == "layernorm":
-        return nn.LayerNorm(a[0], elementwise_affine=a[1])
-    if block.op == "attention":
-        return Attention(*a)
-    if block.op == "matmul_const":
-        return MatmulConst(*a)
-    if block.op == "cat_linear":
-        return CatLinear(*a)
-    return None
+    make = _BLOCK_MODULES.get(block.op)
+    return make(*block.args) if make is not None else None
 
 
 class LossyModel(nn.Module):
@@ -649,25 +630,9 @@ def check_lossy(program: LossyProgram, scheme: str, target: str, budget_draw: in
     return outcome
 
 
-def _fuzz_settings(examples: int):
-    def decorate(test):
-        test = settings(
-            max_examples=examples,
-            deadline=None,
-            derandomize=SEED is None,
-            database=None,
-            print_blob=True,
-            phases=[Phase.explicit, Phase.generate],  # no shrinking: an example costs seconds
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        )(test)
-        return seed(int(SEED))(test) if SEED is not None else test
-
-    return decorate
-
-
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("scheme", SCHEMES)
-@_fuzz_settings(EXAMPLES)
+@fuzz_settings(EXAMPLES, phases=[Phase.explicit, Phase.generate])  # no shrinking: an example costs seconds
 @given(program=lossy_programs(), budget_draw=st.integers(0, 2), calibrate=st.booleans(), variant=st.integers(0, 3))
 def test_lossy_random_models(program: LossyProgram, scheme: str, target: str, budget_draw: int,
                              calibrate: bool, variant: int) -> None:

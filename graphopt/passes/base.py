@@ -1,7 +1,8 @@
 """What a pass is, what it returns, and the registry that finds passes by name.
 
 A pass is a frozen dataclass: its fields are its options, ``name`` is its kebab-case name, and
-``run`` rewrites the graph module in place and says whether it changed anything.
+``run`` rewrites the graph module in place and says whether it changed anything. ``NodeRewrite``
+is a pass that visits the nodes one by one: a subclass writes only what happens to one node.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import torch.fx as fx
 
 from graphopt.errors import UnknownPassError
 
-__all__ = ["Pass", "PassResult", "available_passes", "get_pass", "register_builtin", "register_pass", "resolve_pass"]
+__all__ = [
+    "NodeRewrite",
+    "Pass",
+    "PassResult",
+    "available_passes",
+    "get_pass",
+    "register_builtin",
+    "register_pass",
+    "resolve_pass",
+]
 
 
 @dataclass
@@ -43,6 +53,38 @@ class Pass:
     def run(self, gm: fx.GraphModule) -> PassResult:
         """Rewrite ``gm`` in place and report what changed."""
         raise NotImplementedError(f"{type(self).__name__} must implement run(gm)")
+
+
+@dataclass(frozen=True)
+class NodeRewrite(Pass):
+    """A pass that rewrites node by node: subclass, set ``name`` and ``stat``, implement ``rewrite``.
+
+    ``run`` calls ``rewrite(gm, node)`` on every node the graph had when the pass began (a rewrite
+    may add nodes, and erase the node it is given) and counts the nodes it rewrote under ``stat``;
+    a string answer is a near-miss reason, counted under the pass's ``name``. With
+    ``dead_code_after``, the dead code the rewrites left (the ops they replaced) is erased at the
+    end, so that no later pass rewrites it again.
+    """
+
+    stat: ClassVar[str] = "rewritten"
+    dead_code_after: ClassVar[bool] = False
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool | str:
+        """Rewrite ``node`` in place: True when rewritten, False when it does not match, or why it almost did."""
+        raise NotImplementedError(f"{type(self).__name__} must implement rewrite(gm, node)")
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrite every node that matches, then count the rewrites and near misses."""
+        count = 0
+        near: dict[str, int] = {}
+        for node in list(gm.graph.nodes):
+            outcome = self.rewrite(gm, node)
+            if isinstance(outcome, str):
+                near[outcome] = near.get(outcome, 0) + 1
+            elif outcome:
+                count += 1
+        dead = self.dead_code_after and gm.graph.eliminate_dead_code()
+        return PassResult(count > 0 or dead, {self.stat: count}, near_misses={self.name: near} if near else {})
 
 
 P = TypeVar("P", bound=type[Pass])

@@ -19,7 +19,7 @@ from graphopt.ir.graph import (
 )
 from graphopt.ir.op_args import given_argument
 from graphopt.ir.ops import ALIAS_OPS, DROPOUT_OPS, RESHAPE_OPS
-from graphopt.passes.base import Pass, PassResult, register_pass
+from graphopt.passes.base import NodeRewrite, Pass, PassResult, register_pass
 
 aten = torch.ops.aten
 
@@ -106,21 +106,19 @@ def _is_returned(node: fx.Node) -> bool:
 
 @register_pass
 @dataclass(frozen=True)
-class RemoveDropout(Pass):
+class RemoveDropout(NodeRewrite):
     """Drop inference-mode dropout: with ``train=False`` it returns its input unchanged."""
 
     name = "remove-dropout"
+    stat = "removed"
 
-    def run(self, gm: fx.GraphModule) -> PassResult:
-        """Replace every non-training dropout by its input."""
-        removed = 0
-        for node in list(gm.graph.nodes):
-            if node.op == "call_function" and node.target in DROPOUT_OPS:
-                if given_argument(node, "train") is False:
-                    node.replace_all_uses_with(node.args[0])
-                    gm.graph.erase_node(node)
-                    removed += 1
-        return PassResult(changed=removed > 0, stats={"removed": removed})
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """Replace a non-training dropout by its input."""
+        if node.op != "call_function" or node.target not in DROPOUT_OPS or given_argument(node, "train") is not False:
+            return False
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        return True
 
 
 # --- identity removal -------------------------------------------------------------------------

@@ -7,17 +7,17 @@ Everything here is plain data (JSON-serialisable through ``Report.to_dict`` and 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from tabulate import tabulate
 
 from graphopt.report.html import write_html
 from graphopt.report.sections import ReportSection, build_dataclass, bytes_text, diff_text
 
-__all__ = ["PassRecord", "Report"]
+__all__ = ["PassRecord", "Report", "sum_counts", "sum_near_misses"]
 
 
 
@@ -40,6 +40,29 @@ class PassRecord:
     iteration: int = 1
     verify_seconds: float = 0.0
     fidelity: dict[str, Any] = field(default_factory=dict)  # lossy passes: budget and measured values
+
+
+Count = TypeVar("Count", bound=float)
+
+
+def sum_counts(counters: Iterable[Mapping[str, Count]]) -> dict[str, Count]:
+    """Counters (a record's ``stats`` or ``rule_hits``) summed key by key, in the order the keys first appear."""
+    totals: dict[str, Count] = {}
+    for counter in counters:
+        for key, value in counter.items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def sum_near_misses(records: Iterable[PassRecord]) -> dict[str, dict[str, int]]:
+    """The records' near misses summed: ``{rule: {reason: count}}``, in the order they first appear."""
+    totals: dict[str, dict[str, int]] = {}
+    for record in records:
+        for rule, reasons in record.near_misses.items():
+            for reason, count in reasons.items():
+                group = totals.setdefault(rule, {})
+                group[reason] = group.get(reason, 0) + count
+    return totals
 
 
 def _fidelity_text(fidelity: Mapping[str, Any]) -> str:
@@ -96,22 +119,12 @@ class Report:
     @property
     def rule_hits(self) -> dict[str, int]:
         """How often each rewrite rule fired, summed over all passes."""
-        totals: dict[str, int] = {}
-        for record in self.records:
-            for rule, hits in record.rule_hits.items():
-                totals[rule] = totals.get(rule, 0) + hits
-        return totals
+        return sum_counts(record.rule_hits for record in self.records)
 
     @property
     def near_misses(self) -> dict[str, dict[str, int]]:
         """For each rule or pass, how often a match was refused and why, summed over all passes."""
-        totals: dict[str, dict[str, int]] = {}
-        for record in self.records:
-            for rule, reasons in record.near_misses.items():
-                for reason, count in reasons.items():
-                    totals.setdefault(rule, {})
-                    totals[rule][reason] = totals[rule].get(reason, 0) + count
-        return totals
+        return sum_near_misses(self.records)
 
     def to_dict(self) -> dict[str, Any]:
         """The whole report as plain data (JSON-serialisable)."""

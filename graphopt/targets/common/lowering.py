@@ -43,7 +43,7 @@ from graphopt.ir.verify import Comparison, compare_outputs
 from graphopt.passes.base import Pass
 from graphopt.passes.lossy.base import Fidelity, output_cosine, output_sqnr_db
 from graphopt.passes.manager import PassManager
-from graphopt.report import PassRecord, Report, ReportSection
+from graphopt.report import PassRecord, Report, ReportSection, sum_counts, sum_near_misses
 from graphopt.targets.base import LoweringContext
 
 __all__ = [
@@ -146,23 +146,12 @@ class LoweringResult:
 
     def stats_of(self, names: Collection[str] | None = None) -> dict[str, int | float]:
         """The counts of the passes named ``names`` (all when None), summed by key."""
-        total: dict[str, int | float] = {}
-        for record in self.records:
-            if names is None or record.name in names:
-                for key, value in record.stats.items():
-                    total[key] = total.get(key, 0) + value
-        return total
+        return sum_counts(record.stats for record in self.records if names is None or record.name in names)
 
     @property
     def near_misses(self) -> dict[str, dict[str, int]]:
         """Why rewrites did not happen, ``{rule: {reason: count}}`` over every pass."""
-        merged: dict[str, dict[str, int]] = {}
-        for record in self.records:
-            for rule, reasons in record.near_misses.items():
-                group = merged.setdefault(rule, {})
-                for reason, count in reasons.items():
-                    group[reason] = group.get(reason, 0) + count
-        return merged
+        return sum_near_misses(self.records)
 
     def rolled_back(self) -> list[PassRecord]:
         """The passes that failed verification and were undone."""

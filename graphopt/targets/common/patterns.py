@@ -4,7 +4,8 @@
   input, for the epilogue fusions of ``graphopt.targets.cpu.epilogue`` (oneDNN) and
   ``graphopt.targets.gpu.lowering`` (cuDNN);
 - ``gemm_operands``: the operands of a linear / addmm / matmul-by-weight, for the int8 GEMM
-  lowerings of the cpu, gpu and onnx targets.
+  lowerings of the cpu, gpu and onnx targets; ``dynamic_int8_gemm``: those of one whose
+  activation is quantized at run time and whose weight is int8 (cpu and onnx).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import same_shape
+from graphopt.passes.quantize.patterns import dynamic_source, int8_weight
 
-__all__ = ["RESIDUAL_BROADCASTS", "ConvArguments", "conv_arguments", "gemm_operands", "residual_operand"]
+__all__ = ["RESIDUAL_BROADCASTS", "ConvArguments", "conv_arguments", "dynamic_int8_gemm", "gemm_operands",
+           "residual_operand"]
 
 aten = torch.ops.aten
 
@@ -92,3 +95,20 @@ def gemm_operands(node: fx.Node) -> tuple[Any, Any, Any, int] | None:
     if node.target == aten.matmul.default:
         return node.args[0], node.args[1], None, 1
     return None
+
+
+def dynamic_int8_gemm(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor, torch.Tensor, Any] | None:
+    """(float input, int8 weight ``[out, in]``, scales per output channel, bias argument) of a dynamic int8 GEMM.
+
+    That is a ``gemm_operands`` node reading ``DQ(Q(x, choose_qparams(x)))`` and a constant int8
+    weight's dequantize; None for any other node.
+    """
+    operands = gemm_operands(node)
+    if operands is None:
+        return None
+    x_arg, w_arg, bias, axis = operands
+    source = dynamic_source(x_arg)
+    weight = int8_weight(gm, w_arg, axis)
+    if source is None or weight is None:
+        return None
+    return source, *weight, bias

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, register_constant
-from graphopt.passes.base import Pass, PassResult
+from graphopt.passes.base import NodeRewrite, Pass, PassResult
 from graphopt.passes.quantize.placement import infer_val
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_CODEBOOK, DEQUANTIZE_INT4, DEQUANTIZE_INT8, DEQUANTIZE_OPS
 
@@ -37,7 +37,9 @@ __all__ = [
     "dequantize_constants",
     "dequantized_weight",
     "has_weight_only_ops",
+    "replace_node",
     "weight_only_linears",
+    "weight_only_dequantize",
 ]
 
 aten = torch.ops.aten
@@ -73,64 +75,65 @@ def copy_meta(new: fx.Node, old: fx.Node) -> None:
     new.meta.update({k: v for k, v in old.meta.items() if k in ("val", "tensor_meta")})
 
 
+def replace_node(node: fx.Node, new: fx.Node) -> None:
+    """Put ``new`` (given ``node``'s recorded value and shape) in place of ``node`` for its readers; erase ``node``."""
+    copy_meta(new, node)
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
+
+
+def weight_only_dequantize(node: fx.Node) -> fx.Node | None:
+    """The ``dequantize_int8``/``dequantize_int4`` node ``node`` reads as its weight when it is a ``linear``."""
+    if node.target != aten.linear.default or not isinstance(node.args[1], fx.Node):
+        return None
+    return node.args[1] if node.args[1].target in (DEQUANTIZE_INT8, DEQUANTIZE_INT4) else None
+
+
 def weight_only_linears(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
     """Every ``linear`` whose weight is a ``dequantize_int8``/``dequantize_int4`` node, with that node."""
-    found = []
-    for node in graph.nodes:
-        if node.target != aten.linear.default or not isinstance(node.args[1], fx.Node):
-            continue
-        if node.args[1].target in (DEQUANTIZE_INT8, DEQUANTIZE_INT4):
-            found.append((node, node.args[1]))
-    return found
+    return [(node, weight) for node in graph.nodes if (weight := weight_only_dequantize(node)) is not None]
 
 
-def _embedding_lookups(gm: fx.GraphModule, dequantize: Any) -> list[tuple[fx.Node, list[Any]]]:
-    """Every ``embedding`` reading its table through a constant ``dequantize`` call, with that call's arguments.
+def _embedding_lookup(gm: fx.GraphModule, node: fx.Node, dequantize: Any) -> list[Any] | None:
+    """The arguments of the constant ``dequantize`` call ``node`` reads its table through, if an ``embedding``.
 
     (``padding_idx``, ``scale_grad_by_freq`` and ``sparse`` only matter for gradients.)
     """
-    found = []
-    for node in gm.graph.nodes:
-        table = node.args[0] if node.target == aten.embedding.default else None
-        if isinstance(table, fx.Node) and table.target == dequantize:
-            values = dequantize_constants(gm, table)
-            if values is not None:
-                found.append((node, values))
-    return found
+    table = node.args[0] if node.target == aten.embedding.default else None
+    if isinstance(table, fx.Node) and table.target == dequantize:
+        return dequantize_constants(gm, table)
+    return None
 
 
 @dataclass(frozen=True)
-class GatherQuantizedEmbeddings(Pass):
+class GatherQuantizedEmbeddings(NodeRewrite):
     """``embedding(dequantize_int8(q, s), ids)`` -> ``embedding(q, ids).to(float) * embedding(s[:, None], ids)``."""
 
     name = "int8-embedding-gather"
+    stat = "int8_embedding_gathers"
 
-    def run(self, gm: fx.GraphModule) -> PassResult:
-        """Rewrite every int8 embedding lookup in place."""
-        count = 0
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """Rewrite an int8 embedding lookup in place."""
+        values = _embedding_lookup(gm, node, DEQUANTIZE_INT8)
+        if values is None or values[0].dim() != 2:
+            return False
         graph = gm.graph
-        for node, values in _embedding_lookups(gm, DEQUANTIZE_INT8):
-            if values[0].dim() != 2:
-                continue
-            dequant = node.args[0]
-            scale = values[1]
-            scale_column = register_constant(gm, f"{node.name}_row_scale", scale.reshape(-1, 1), before=node)
-            with graph.inserting_before(node):
-                rows = graph.call_function(aten.embedding.default, (dequant.args[0], node.args[1]))
-                widened = graph.call_function(aten._to_copy.default, (rows,), {"dtype": scale.dtype})
-                scales = graph.call_function(aten.embedding.default, (scale_column, node.args[1]))
-                new = graph.call_function(aten.mul.Tensor, (widened, scales))
-            for created in (rows, widened, scales):
-                infer_val(created)
-            copy_meta(new, node)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-            count += 1
-        return PassResult(count > 0, {"int8_embedding_gathers": count})
+        dequant = node.args[0]
+        scale = values[1]
+        scale_column = register_constant(gm, f"{node.name}_row_scale", scale.reshape(-1, 1), before=node)
+        with graph.inserting_before(node):
+            rows = graph.call_function(aten.embedding.default, (dequant.args[0], node.args[1]))
+            widened = graph.call_function(aten._to_copy.default, (rows,), {"dtype": scale.dtype})
+            scales = graph.call_function(aten.embedding.default, (scale_column, node.args[1]))
+            new = graph.call_function(aten.mul.Tensor, (widened, scales))
+        for created in (rows, widened, scales):
+            infer_val(created)
+        replace_node(node, new)
+        return True
 
 
 @dataclass(frozen=True)
-class GatherCodebookEmbeddings(Pass):
+class GatherCodebookEmbeddings(NodeRewrite):
     """``embedding(dequantize_codebook(idx, codebook), ids)`` -> gather the rows of indices, then decode only them.
 
     The table stays as its uint8 (or nibble-packed) indices in memory and in the ONNX file, and
@@ -138,39 +141,38 @@ class GatherCodebookEmbeddings(Pass):
     """
 
     name = "codebook-embedding-gather"
+    stat = "codebook_embedding_gathers"
 
-    def run(self, gm: fx.GraphModule) -> PassResult:
-        """Rewrite every codebook embedding lookup in place."""
-        count = 0
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """Rewrite a codebook embedding lookup in place."""
+        values = _embedding_lookup(gm, node, DEQUANTIZE_CODEBOOK)
+        if values is None:
+            return False
+        indices, codebook, bits, shape = values
+        if len(shape) != 2 or (bits == 4 and shape[1] % 2):
+            return False
         graph = gm.graph
-        for node, values in _embedding_lookups(gm, DEQUANTIZE_CODEBOOK):
-            indices, codebook, bits, shape = values
-            if len(shape) != 2 or (bits == 4 and shape[1] % 2):
-                continue
-            table = register_constant(gm, f"{node.name}_index_rows", indices[: shape[0] * shape[1] * bits // 8]
-                                      .reshape(shape[0], shape[1] * bits // 8), before=node)
-            column = register_constant(gm, f"{node.name}_codebook_column", codebook.reshape(-1, 1), before=node)
-            with graph.inserting_before(node):
-                rows = graph.call_function(aten.embedding.default, (table, node.args[1]))
-                created = [rows, graph.call_function(aten._to_copy.default, (rows,), {"dtype": torch.int64})]
-                if bits == 4:  # two indices per byte, the even position in the low nibble (integer arithmetic:
-                    # exported as plain Div/Mul/Sub, which every ONNX runtime has)
-                    codes = created[-1]
-                    high = graph.call_function(aten.div.Tensor_mode, (codes, 16), {"rounding_mode": "floor"})
-                    scaled = graph.call_function(aten.mul.Tensor, (high, 16))
-                    low = graph.call_function(aten.sub.Tensor, (codes, scaled))
-                    pairs = graph.call_function(aten.stack.default, ([low, high], -1))
-                    created += [high, scaled, low, pairs,
-                                graph.call_function(aten.flatten.using_ints, (pairs, -2, -1))]
-                created.append(graph.call_function(aten.embedding.default, (column, created[-1])))
-                new = graph.call_function(aten.squeeze.dim, (created[-1], -1))
-            for item in created:
-                infer_val(item)
-            copy_meta(new, node)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-            count += 1
-        return PassResult(count > 0, {"codebook_embedding_gathers": count})
+        table = register_constant(gm, f"{node.name}_index_rows", indices[: shape[0] * shape[1] * bits // 8]
+                                  .reshape(shape[0], shape[1] * bits // 8), before=node)
+        column = register_constant(gm, f"{node.name}_codebook_column", codebook.reshape(-1, 1), before=node)
+        with graph.inserting_before(node):
+            rows = graph.call_function(aten.embedding.default, (table, node.args[1]))
+            created = [rows, graph.call_function(aten._to_copy.default, (rows,), {"dtype": torch.int64})]
+            if bits == 4:  # two indices per byte, the even position in the low nibble (integer arithmetic:
+                # exported as plain Div/Mul/Sub, which every ONNX runtime has)
+                codes = created[-1]
+                high = graph.call_function(aten.div.Tensor_mode, (codes, 16), {"rounding_mode": "floor"})
+                scaled = graph.call_function(aten.mul.Tensor, (high, 16))
+                low = graph.call_function(aten.sub.Tensor, (codes, scaled))
+                pairs = graph.call_function(aten.stack.default, ([low, high], -1))
+                created += [high, scaled, low, pairs,
+                            graph.call_function(aten.flatten.using_ints, (pairs, -2, -1))]
+            created.append(graph.call_function(aten.embedding.default, (column, created[-1])))
+            new = graph.call_function(aten.squeeze.dim, (created[-1], -1))
+        for item in created:
+            infer_val(item)
+        replace_node(node, new)
+        return True
 
 
 @dataclass(frozen=True)

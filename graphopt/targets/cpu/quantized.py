@@ -33,17 +33,18 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from graphopt.passes.base import Pass, PassResult
+from graphopt.passes.base import NodeRewrite, Pass, PassResult
 from graphopt.passes.cleanup import DeadCodeElimination
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN
-from graphopt.passes.quantize.patterns import constant_bias, dynamic_source, int8_weight, static_activation
+from graphopt.passes.quantize.patterns import constant_bias, int8_weight, static_activation
 from graphopt.passes.quantize.placement import PASS_THROUGH, is_dequantize
 from graphopt.targets.common.lowering import KernelSubstitution
-from graphopt.targets.common.patterns import gemm_operands
+from graphopt.targets.common.patterns import dynamic_int8_gemm
 from graphopt.targets.common.weight_only_kernels import (
     ExpandCompressedWeights,
     GatherCodebookEmbeddings,
     GatherQuantizedEmbeddings,
+    copy_meta,
 )
 from graphopt.targets.cpu.weight_only import CpuWeightOnlyKernels
 
@@ -279,7 +280,7 @@ def _accumulator(graph: fx.Graph, codes: fx.Node, add: fx.Node, at: fx.Node) -> 
 
 
 @dataclass(frozen=True)
-class OnednnConvAdd(KernelSubstitution):
+class OnednnConvAdd(NodeRewrite, KernelSubstitution):
     """``Q(relu?(DQ(Q(conv2d(x))) + DQ(r)))`` → one oneDNN int8 conv that adds ``r`` and requantizes (ResNet blocks).
 
     The sum is the convolution's post-op: the conv's own requantization and the float add between
@@ -288,33 +289,31 @@ class OnednnConvAdd(KernelSubstitution):
     """
 
     name = "onednn-int8-conv-add"
+    stat = "qconv_add"
+    dead_code_after = True  # the float conv and add it replaced: no later rewrite should lower them
     in_place_kernels = frozenset({torch.ops.onednn.qconv2d_pointwise.binary})  # it accumulates into its residual
 
-    def run(self, gm: fx.GraphModule) -> PassResult:
-        """Rewrite every int8 conv + residual add in place."""
-        count = 0
+    def rewrite(self, gm: fx.GraphModule, add: fx.Node) -> bool:
+        """Rewrite an int8 conv + residual add in place."""
+        match = _residual_conv(add)
+        if match is None:
+            return False
+        conv, other = match
+        ops = _weighted_operands(gm, conv)
+        end, post_op, _, quantize = _fused_output(add)
+        batched = isinstance(conv.meta.get("val"), torch.Tensor) and conv.meta["val"].dim() == 4
+        if ops is None or quantize is None or post_op not in ("none", "relu") or not batched:
+            return False
         graph = gm.graph
-        for add in list(graph.nodes):
-            match = _residual_conv(add)
-            if match is None:
-                continue
-            conv, other = match
-            ops = _weighted_operands(gm, conv)
-            end, post_op, _, quantize = _fused_output(add)
-            batched = isinstance(conv.meta.get("val"), torch.Tensor) and conv.meta["val"].dim() == 4
-            if ops is None or quantize is None or post_op not in ("none", "relu") or not batched:
-                continue
-            codes, accum_scale, accum_zp = static_activation(other)
-            accum = _accumulator(graph, codes, add, quantize)
-            conv_args = _packed_conv(gm, conv, ops)  # the accumulator goes between the weight and the bias
-            output = (float(quantize.args[1]), int(quantize.args[2]), torch.uint8)
-            with graph.inserting_before(quantize):
-                new = graph.call_function(torch.ops.onednn.qconv2d_pointwise.binary, (
-                    *conv_args[:6], accum, *conv_args[6:], *output, accum_scale, accum_zp, "sum", 1.0, post_op, [], ""))
-            _replace_output(gm, add, end, quantize, new)
-            count += 1
-        dead = graph.eliminate_dead_code()  # the float conv and add it replaced: no later rewrite should lower them
-        return PassResult(count > 0 or dead, {"qconv_add": count})
+        codes, accum_scale, accum_zp = static_activation(other)
+        accum = _accumulator(graph, codes, add, quantize)
+        conv_args = _packed_conv(gm, conv, ops)  # the accumulator goes between the weight and the bias
+        output = (float(quantize.args[1]), int(quantize.args[2]), torch.uint8)
+        with graph.inserting_before(quantize):
+            new = graph.call_function(torch.ops.onednn.qconv2d_pointwise.binary, (
+                *conv_args[:6], accum, *conv_args[6:], *output, accum_scale, accum_zp, "sum", 1.0, post_op, [], ""))
+        _replace_output(gm, add, end, quantize, new)
+        return True
 
 
 def _input_shape(value: fx.Node) -> list[int] | None:
@@ -343,50 +342,48 @@ def _conv_defaults(node: fx.Node) -> tuple[list[int], list[int], list[int], int]
 
 
 @dataclass(frozen=True)
-class Uint8PassThrough(KernelSubstitution):
+class Uint8PassThrough(NodeRewrite, KernelSubstitution):
     """``Q(P(DQ(a)))`` with equal parameters → ``P(a)`` on the uint8 tensor (reshapes, max pooling, ReLU)."""
 
     name = "uint8-pass-through"
+    stat = "int8_pass_through"
 
-    def run(self, gm: fx.GraphModule) -> PassResult:
-        """Rewrite every pass-through op between int8 ops in place."""
-        count = 0
+    def rewrite(self, gm: fx.GraphModule, quantize: fx.Node) -> bool:
+        """Rewrite a pass-through op between int8 ops in place."""
+        if quantize.target != qd.quantize_per_tensor.default:
+            return False
+        middle = quantize.args[0]
+        if not (isinstance(middle, fx.Node) and middle.op == "call_function" and middle.target in PASS_THROUGH):
+            return False
+        activation = static_activation(middle.args[0])
+        if activation is None:
+            return False
+        source, scale, zero_point = activation
+        if (float(quantize.args[1]), int(quantize.args[2]), quantize.args[5]) != (scale, zero_point, torch.uint8):
+            return False
         graph = gm.graph
-        for quantize in list(graph.nodes):
-            if quantize.target != qd.quantize_per_tensor.default:
-                continue
-            middle = quantize.args[0]
-            if not (isinstance(middle, fx.Node) and middle.op == "call_function" and middle.target in PASS_THROUGH):
-                continue
-            activation = static_activation(middle.args[0])
-            if activation is None:
-                continue
-            source, scale, zero_point = activation
-            if (float(quantize.args[1]), int(quantize.args[2]), quantize.args[5]) != (scale, zero_point, torch.uint8):
-                continue
-            with graph.inserting_before(quantize):
-                if middle.target == aten.max_pool2d.default:
-                    # ATen's uint8 max pooling rejects channels-last input and is 20x slower on NCHW; the
-                    # quantized kernel runs on the codes in place of either (the scale does not matter to a max)
-                    codes = graph.call_function(aten._make_per_tensor_quantized_tensor.default,
-                                                (source, scale, zero_point))
-                    pooled = graph.call_function(torch.ops.quantized.max_pool2d.default,
-                                                 (codes, *_max_pool_args(middle)))
-                    new = graph.call_function(aten.int_repr.default, (pooled,))
-                elif middle.target in _SHAPE_OPS:
-                    new = graph.call_function(middle.target, (source, *middle.args[1:]), dict(middle.kwargs))
-                elif middle.target == aten.relu.default:
-                    new = graph.call_function(aten.clamp_min.default, (source, zero_point))
-                else:  # hardtanh(low, high) on the codes
-                    low = middle.args[1] if len(middle.args) > 1 else -1.0
-                    high = middle.args[2] if len(middle.args) > 2 else 1.0
-                    codes = [min(max(round(v / scale) + zero_point, ACTIVATION_QMIN), ACTIVATION_QMAX)
-                             for v in (low, high)]
-                    new = graph.call_function(aten.clamp.default, (source, *codes))
-            new.meta["val"] = quantize.meta.get("val")
-            quantize.replace_all_uses_with(new)
-            count += 1
-        return PassResult(count > 0, {"int8_pass_through": count})
+        with graph.inserting_before(quantize):
+            if middle.target == aten.max_pool2d.default:
+                # ATen's uint8 max pooling rejects channels-last input and is 20x slower on NCHW; the
+                # quantized kernel runs on the codes in place of either (the scale does not matter to a max)
+                codes = graph.call_function(aten._make_per_tensor_quantized_tensor.default,
+                                            (source, scale, zero_point))
+                pooled = graph.call_function(torch.ops.quantized.max_pool2d.default,
+                                             (codes, *_max_pool_args(middle)))
+                new = graph.call_function(aten.int_repr.default, (pooled,))
+            elif middle.target in _SHAPE_OPS:
+                new = graph.call_function(middle.target, (source, *middle.args[1:]), dict(middle.kwargs))
+            elif middle.target == aten.relu.default:
+                new = graph.call_function(aten.clamp_min.default, (source, zero_point))
+            else:  # hardtanh(low, high) on the codes
+                low = middle.args[1] if len(middle.args) > 1 else -1.0
+                high = middle.args[2] if len(middle.args) > 2 else 1.0
+                codes = [min(max(round(v / scale) + zero_point, ACTIVATION_QMIN), ACTIVATION_QMAX)
+                         for v in (low, high)]
+                new = graph.call_function(aten.clamp.default, (source, *codes))
+        new.meta["val"] = quantize.meta.get("val")
+        quantize.replace_all_uses_with(new)
+        return True
 
 
 def _max_pool_args(node: fx.Node) -> tuple[list[int], list[int], list[int], list[int], bool]:
@@ -433,7 +430,7 @@ def _dynamic_epilogue(node: fx.Node) -> tuple[fx.Node, str, str]:
 
 
 @dataclass(frozen=True)
-class OnednnDynamicLinear(KernelSubstitution):
+class OnednnDynamicLinear(NodeRewrite, KernelSubstitution):
     """Dynamic linear / addmm / matmul-by-weight → oneDNN int8 GEMM with the activation quantized at run time.
 
     A ReLU or GELU that is the GEMM's only reader runs in the kernel's epilogue. oneDNN's VNNI
@@ -442,65 +439,57 @@ class OnednnDynamicLinear(KernelSubstitution):
     """
 
     name = "onednn-dynamic-int8-linear"
+    stat = "dynamic_linear"
+    dead_code_after = True
 
-    def run(self, gm: fx.GraphModule) -> PassResult:
-        """Rewrite every dynamic int8 GEMM in place."""
-        count = 0
-        graph = gm.graph
-        for node in list(graph.nodes):
-            operands = gemm_operands(node)
-            if operands is None:
-                continue
-            x_arg, w_arg, bias_arg, axis = operands
-            source = dynamic_source(x_arg)
-            weight = int8_weight(gm, w_arg, axis)
-            bias = constant_bias(gm, bias_arg)
-            if source is None or weight is None or bias is False:
-                continue
-            q_weight, scales = weight
-            packed = _packed_linear(q_weight, source)
-            end, post_op, algorithm = _dynamic_epilogue(node)
-            stored = [_store(gm, f"{node.name}_{stem}", value, node) for stem, value in (
-                ("packed", packed), ("w_scales", scales), ("w_zps", torch.zeros(scales.shape, dtype=torch.int64)))]
-            bias_node = _store(gm, f"{node.name}_bias", bias, node) if bias is not None else None
-            with graph.inserting_before(end):
-                new = graph.call_function(dynamic_int8_linear, (source, *stored, bias_node, post_op, algorithm))
-            new.meta.update({k: v for k, v in end.meta.items() if k in ("val", "tensor_meta")})
-            end.replace_all_uses_with(new)
-            count += 1
-        dead = graph.eliminate_dead_code()
-        return PassResult(count > 0 or dead, {"dynamic_linear": count})
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """Rewrite a dynamic int8 GEMM in place."""
+        match = dynamic_int8_gemm(gm, node)
+        if match is None:
+            return False
+        source, q_weight, scales, bias_arg = match
+        bias = constant_bias(gm, bias_arg)
+        if bias is False:
+            return False
+        packed = _packed_linear(q_weight, source)
+        end, post_op, algorithm = _dynamic_epilogue(node)
+        stored = [_store(gm, f"{node.name}_{stem}", value, node) for stem, value in (
+            ("packed", packed), ("w_scales", scales), ("w_zps", torch.zeros(scales.shape, dtype=torch.int64)))]
+        bias_node = _store(gm, f"{node.name}_bias", bias, node) if bias is not None else None
+        with gm.graph.inserting_before(end):
+            new = gm.graph.call_function(dynamic_int8_linear, (source, *stored, bias_node, post_op, algorithm))
+        copy_meta(new, end)
+        end.replace_all_uses_with(new)
+        return True
 
 
 @dataclass(frozen=True)
-class QdqKernels(KernelSubstitution):
+class QdqKernels(NodeRewrite, KernelSubstitution):
     """The static quantize / dequantize nodes left → one fused ATen kernel each (the decomposed forms take 4-5)."""
 
     name = "int8-qdq-kernels"
+    stat = "int8_qdq_kernels"
 
-    def run(self, gm: fx.GraphModule) -> PassResult:
-        """Rewrite every static quantize / dequantize left in place."""
-        count = 0
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """Rewrite a static quantize / dequantize in place."""
+        if node.target not in (qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default):
+            return False
+        if node.args[3:6] != (ACTIVATION_QMIN, ACTIVATION_QMAX, torch.uint8) or node.kwargs:
+            return False
+        value, scale, zero_point = node.args[:3]
         graph = gm.graph
-        for node in list(graph.nodes):
-            if node.target not in (qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default):
-                continue
-            if node.args[3:6] != (ACTIVATION_QMIN, ACTIVATION_QMAX, torch.uint8) or node.kwargs:
-                continue
-            value, scale, zero_point = node.args[:3]
-            with graph.inserting_before(node):
-                if node.target == qd.quantize_per_tensor.default:
-                    quantized = graph.call_function(aten.quantize_per_tensor.default,
-                                                    (value, float(scale), int(zero_point), torch.quint8))
-                    new = graph.call_function(aten.int_repr.default, (quantized,))
-                else:
-                    quantized = graph.call_function(aten._make_per_tensor_quantized_tensor.default,
-                                                    (value, float(scale), int(zero_point)))
-                    new = graph.call_function(aten.dequantize.self, (quantized,))
-            new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")})
-            node.replace_all_uses_with(new)
-            count += 1
-        return PassResult(count > 0, {"int8_qdq_kernels": count})
+        with graph.inserting_before(node):
+            if node.target == qd.quantize_per_tensor.default:
+                quantized = graph.call_function(aten.quantize_per_tensor.default,
+                                                (value, float(scale), int(zero_point), torch.quint8))
+                new = graph.call_function(aten.int_repr.default, (quantized,))
+            else:
+                quantized = graph.call_function(aten._make_per_tensor_quantized_tensor.default,
+                                                (value, float(scale), int(zero_point)))
+                new = graph.call_function(aten.dequantize.self, (quantized,))
+        copy_meta(new, node)
+        node.replace_all_uses_with(new)
+        return True
 
 
 WEIGHT_ONLY_LOWERING: tuple[Pass, ...] = (

@@ -30,9 +30,9 @@ from graphopt.passes.base import PassResult
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT8, unpack_nibbles
 from graphopt.targets.common.lowering import KernelSubstitution
 from graphopt.targets.common.weight_only_kernels import (
-    copy_meta,
     dequantize_constants,
     dequantized_weight,
+    replace_node,
     weight_only_linears,
 )
 
@@ -181,8 +181,6 @@ class CpuWeightOnlyKernels(KernelSubstitution):
                      for i, c in enumerate(constants)]
             with graph.inserting_before(node):
                 new = graph.call_function(function, (node.args[0], *nodes, bias))
-            copy_meta(new, node)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            replace_node(node, new)
             counts["int8_weight_kernels" if dequant.target == DEQUANTIZE_INT8 else "int4_weight_kernels"] += 1
         return PassResult(any(counts.values()), dict(counts), near_misses={self.name: near} if near else {})

@@ -51,7 +51,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, register_constant
-from graphopt.passes.base import Pass, PassResult
+from graphopt.passes.base import NodeRewrite, Pass, PassResult
 from graphopt.passes.cleanup import DeadCodeElimination
 from graphopt.passes.quantize.patterns import constant_bias, dynamic_source, int8_weight, static_activation
 from graphopt.passes.quantize.placement import infer_val, is_dequantize, is_quantize
@@ -297,20 +297,19 @@ def _is_activation_pair(dequantize: fx.Node) -> bool:
 
 
 @dataclass(frozen=True)
-class DropActivationFakeQuant(KernelSubstitution):
+class DropActivationFakeQuant(NodeRewrite, KernelSubstitution):
     """Every activation ``DQ(Q(x))`` left -> ``x``: its readers compute in float on the GPU anyway."""
 
     name = "drop-activation-fake-quant"
+    stat = "fake_quant_pairs_dropped"
+    dead_code_after = True  # the quantize and choose_qparams nodes no one reads now
 
-    def run(self, gm: fx.GraphModule) -> PassResult:
-        """Drop every activation quantize / dequantize pair left, in place."""
-        count = 0
-        for node in list(gm.graph.nodes):
-            if node.op == "call_function" and _is_activation_pair(node):
-                node.replace_all_uses_with(node.args[0].args[0])
-                count += 1
-        dead = gm.graph.eliminate_dead_code()  # the quantize and choose_qparams nodes no one reads now
-        return PassResult(count > 0 or dead, {"fake_quant_pairs_dropped": count})
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """Drop an activation quantize / dequantize pair, in place."""
+        if node.op != "call_function" or not _is_activation_pair(node):
+            return False
+        node.replace_all_uses_with(node.args[0].args[0])
+        return True
 
 
 @dataclass(frozen=True)

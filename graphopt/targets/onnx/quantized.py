@@ -25,12 +25,12 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import register_constant
-from graphopt.passes.base import PassResult
+from graphopt.passes.base import NodeRewrite
 from graphopt.passes.quantize.observers import WEIGHT_QMAX, WEIGHT_QMIN
 from graphopt.passes.quantize.patterns import dynamic_source, int8_weight
 from graphopt.passes.quantize.placement import infer_val, is_dequantize
 from graphopt.targets.common.lowering import KernelSubstitution
-from graphopt.targets.common.patterns import gemm_operands
+from graphopt.targets.common.patterns import dynamic_int8_gemm
 
 __all__ = ["DynamicLinearOp", "StaticLinearAsMatmul", "dynamic_linear", "translation_table"]
 
@@ -94,62 +94,52 @@ def _transposed_weight(gm: fx.GraphModule, node: fx.Node, dequantize: fx.Node) -
 
 
 @dataclass(frozen=True)
-class StaticLinearAsMatmul(KernelSubstitution):
+class StaticLinearAsMatmul(NodeRewrite, KernelSubstitution):
     """``linear(DQ(x), DQ(w), b)`` -> ``matmul(DQ(x), DQ(wᵀ)) + b`` on a transposed int8 weight (for QGemm)."""
 
     name = "onnx-static-linear-as-matmul"
+    stat = "static_linears"
 
-    def run(self, gm: fx.GraphModule) -> PassResult:
-        """Rewrite every static int8 linear in place."""
-        count = 0
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """Rewrite a static int8 linear in place."""
+        if node.target != aten.linear.default or not is_dequantize(node.args[1]) or not is_dequantize(node.args[0]):
+            return False
+        if dynamic_source(node.args[0]) is not None:
+            return False
+        weight = _transposed_weight(gm, node, node.args[1])
+        if weight is None:
+            return False
         graph = gm.graph
-        for node in list(graph.nodes):
-            if node.target != aten.linear.default or not is_dequantize(node.args[1]) or not is_dequantize(node.args[0]):
-                continue
-            if dynamic_source(node.args[0]) is not None:
-                continue
-            weight = _transposed_weight(gm, node, node.args[1])
-            if weight is None:
-                continue
-            with graph.inserting_before(node):
-                product = graph.call_function(aten.matmul.default, (node.args[0], weight))
-                infer_val(product)
-                bias = node.args[2] if len(node.args) > 2 else None
-                new = graph.call_function(aten.add.Tensor, (product, bias)) if bias is not None else product
-                infer_val(new)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-            count += 1
-        return PassResult(count > 0, {"static_linears": count})
+        with graph.inserting_before(node):
+            product = graph.call_function(aten.matmul.default, (node.args[0], weight))
+            infer_val(product)
+            bias = node.args[2] if len(node.args) > 2 else None
+            new = graph.call_function(aten.add.Tensor, (product, bias)) if bias is not None else product
+            infer_val(new)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        return True
 
 
 @dataclass(frozen=True)
-class DynamicLinearOp(KernelSubstitution):
+class DynamicLinearOp(NodeRewrite, KernelSubstitution):
     """Dynamic int8 linear / addmm / matmul-by-weight -> ``graphopt_quant::dynamic_linear`` (DynamicQuantizeMatMul)."""
 
     name = "onnx-dynamic-linear"
+    stat = "dynamic_linears"
 
-    def run(self, gm: fx.GraphModule) -> PassResult:
-        """Rewrite every dynamic int8 GEMM in place."""
-        count = 0
-        graph = gm.graph
-        for node in list(graph.nodes):
-            operands = gemm_operands(node)
-            if operands is None:
-                continue
-            x_arg, w_arg, bias, axis = operands
-            source = dynamic_source(x_arg)
-            weight = int8_weight(gm, w_arg, axis)
-            if source is None or weight is None:
-                continue
-            q_weight, scales = weight
-            q_node = register_constant(gm, f"{node.name}_weight_int8_t", q_weight.t().contiguous(), before=node)
-            scale_node = register_constant(gm, f"{node.name}_weight_scale", scales, before=node)
-            with graph.inserting_before(node):
-                new = graph.call_function(torch.ops.graphopt_quant.dynamic_linear.default,
-                                          (source, q_node, scale_node, bias))
-            infer_val(new)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-            count += 1
-        return PassResult(count > 0, {"dynamic_linears": count})
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """Rewrite a dynamic int8 GEMM in place."""
+        match = dynamic_int8_gemm(gm, node)
+        if match is None:
+            return False
+        source, q_weight, scales, bias = match
+        q_node = register_constant(gm, f"{node.name}_weight_int8_t", q_weight.t().contiguous(), before=node)
+        scale_node = register_constant(gm, f"{node.name}_weight_scale", scales, before=node)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.graphopt_quant.dynamic_linear.default,
+                                         (source, q_node, scale_node, bias))
+        infer_val(new)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        return True

@@ -21,10 +21,10 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import register_constant
-from graphopt.passes.base import Pass, PassResult
+from graphopt.passes.base import NodeRewrite, PassResult
 from graphopt.passes.quantize.placement import infer_val
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_CODEBOOK, DEQUANTIZE_INT8, unpack_nibbles
-from graphopt.targets.common.weight_only_kernels import dequantize_constants, weight_only_linears
+from graphopt.targets.common.weight_only_kernels import dequantize_constants, weight_only_dequantize
 
 __all__ = ["MatMulNBitsLinears", "matmul_nbits", "translation_table"]
 
@@ -158,39 +158,42 @@ def _nbits_constants(values: list[Any], int8: bool) -> tuple[torch.Tensor, torch
 
 
 @dataclass(frozen=True)
-class MatMulNBitsLinears(Pass):
+class MatMulNBitsLinears(NodeRewrite):
     """Compressed linear layers -> ``graphopt_weights::matmul_nbits`` (onnxruntime's ``MatMulNBits``) + bias."""
 
     name = "onnx-matmul-nbits"
+    stat = "matmul_nbits"
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         """Rewrite every weight-only linear in place."""
-        count = 0
-        graph = gm.graph
-        for node in graph.nodes:  # the custom op's value is inferred from its inputs' recorded values
+        for node in gm.graph.nodes:  # the custom op's value is inferred from its inputs' recorded values
             if node.op == "call_function" and "val" not in node.meta:
                 infer_val(node)
-        for node, dequant in weight_only_linears(graph):
-            values = dequantize_constants(gm, dequant)
-            if values is None:
-                continue
-            packed, scales, zero_points, bits, block = _nbits_constants(values, dequant.target == DEQUANTIZE_INT8)
-            out_features = packed.shape[0]
-            in_features = values[0].shape[1] * (2 if bits == 4 else 1)
-            packed_node = register_constant(gm, f"{node.name}_nbits", packed, before=node)
-            scales_node = register_constant(gm, f"{node.name}_nbits_scales", scales, before=node)
-            zp_node = register_constant(gm, f"{node.name}_nbits_zp", zero_points, before=node) \
-                if zero_points is not None else None
-            bias = node.args[2] if len(node.args) > 2 else None
-            with graph.inserting_before(node):
-                new = graph.call_function(torch.ops.graphopt_weights.matmul_nbits.default,
-                                          (node.args[0], packed_node, scales_node, zp_node, in_features,
-                                           out_features, bits, block))
+        return super().run(gm)
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """Rewrite a weight-only linear in place."""
+        dequant = weight_only_dequantize(node)
+        values = dequantize_constants(gm, dequant) if dequant is not None else None
+        if values is None:
+            return False
+        packed, scales, zero_points, bits, block = _nbits_constants(values, dequant.target == DEQUANTIZE_INT8)
+        out_features = packed.shape[0]
+        in_features = values[0].shape[1] * (2 if bits == 4 else 1)
+        packed_node = register_constant(gm, f"{node.name}_nbits", packed, before=node)
+        scales_node = register_constant(gm, f"{node.name}_nbits_scales", scales, before=node)
+        zp_node = register_constant(gm, f"{node.name}_nbits_zp", zero_points, before=node) \
+            if zero_points is not None else None
+        bias = node.args[2] if len(node.args) > 2 else None
+        graph = gm.graph
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.ops.graphopt_weights.matmul_nbits.default,
+                                      (node.args[0], packed_node, scales_node, zp_node, in_features,
+                                       out_features, bits, block))
+            infer_val(new)
+            if bias is not None:
+                new = graph.call_function(aten.add.Tensor, (new, bias))
                 infer_val(new)
-                if bias is not None:
-                    new = graph.call_function(aten.add.Tensor, (new, bias))
-                    infer_val(new)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-            count += 1
-        return PassResult(count > 0, {"matmul_nbits": count})
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        return True
