@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,12 +110,13 @@ def compare_outputs(actual: Any, expected: Any, tolerance_scale: float = 1.0, ex
     return Comparison(ok, worst_abs, worst_scaled, detail)
 
 
-def lint(gm: fx.GraphModule, check_meta: bool = True) -> list[str]:
+def lint(gm: fx.GraphModule, check_meta: bool = True, in_place_ops: Collection[Any] = ()) -> list[str]:
     """Structural problems of ``gm``: fx's own lint, dangling attributes, missing meta, in-place ops.
 
-    The only mutation allowed is an explicit write of user-visible state made at capture
-    (``aten.copy_`` marked ``node.meta[STATE_UPDATE]``). ``check_meta=False`` skips the
-    shape/dtype check, for a graph not yet run since a pass added nodes.
+    The only mutations allowed are explicit writes of user-visible state made at capture
+    (``aten.copy_`` marked ``node.meta[STATE_UPDATE]``) and calls of ``in_place_ops`` (backend
+    kernels a lowering placed that write into a private buffer of their own). ``check_meta=False``
+    skips the shape/dtype check, for a graph not yet run since a pass added nodes.
     """
     problems: list[str] = []
     try:
@@ -126,7 +128,7 @@ def lint(gm: fx.GraphModule, check_meta: bool = True) -> list[str]:
             problems.append(f"node {node.name} reads missing attribute {node.target!r}")
         if node.op == "call_function" and not callable(node.target):
             problems.append(f"node {node.name} calls non-callable {node.target!r}")
-        if is_mutating(node) and not node.meta.get(STATE_UPDATE):
+        if is_mutating(node) and not node.meta.get(STATE_UPDATE) and node.target not in in_place_ops:
             problems.append(
                 f"node {node.name} mutates a value in place ({node.target}); the IR is functional: "
                 "use the out-of-place op"

@@ -230,10 +230,7 @@ class PassManager:
         return outcome.gm, outcome.outputs, outcome.result
 
     def _lint(self, pass_: Pass, gm: fx.GraphModule, check_meta: bool) -> None:
-        problems = lint(gm, check_meta=check_meta)
-        if self.in_place_kernels:  # lint names such a node "node <name> mutates a value in place (...)"
-            allowed = tuple(f"node {n.name} mutates " for n in gm.graph.nodes if n.target in self.in_place_kernels)
-            problems = [p for p in problems if not p.startswith(allowed)]
+        problems = lint(gm, check_meta=check_meta, in_place_ops=self.in_place_kernels)
         if problems:
             raise VerificationError(
                 f"pass {pass_.name!r} produced a malformed graph: " + "; ".join(problems[:5]), pass_.name
