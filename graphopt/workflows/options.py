@@ -15,7 +15,6 @@ keywords together is an ``InputError``, and so is a keyword ``optimize`` does no
 
 from __future__ import annotations
 
-import copy
 import difflib
 import os
 from collections.abc import Mapping, Sequence
@@ -242,12 +241,10 @@ def with_lowering(target: Target, lowering: object | None) -> Target:
     """
     if lowering is None:
         return target
-    current = getattr(target, "lowering", None)
+    current = target.lowering
     if current is None:
         raise InputError(f"target {target.name!r} has no lowering options; drop lowering=")
     if type(lowering) is not type(current):
         raise InputError(f"target {target.name!r} takes lowering={type(current).__name__}(...), got "
                          f"{type(lowering).__name__}; pick the target that goes with it, or that target's config")
-    chosen = copy.copy(target)
-    chosen.lowering = lowering  # type: ignore[attr-defined]
-    return chosen
+    return target.with_lowering(lowering)  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir.graph import attribute_value, node_dtype, node_shape
+from graphopt.ir.graph import attribute_value, node_dtype
 from graphopt.ir.op_args import argument
 from graphopt.ir.ops import ALIAS_OPS, COPY_OPS, DROPOUT_OPS
 from graphopt.passes.cleanup import is_pure
@@ -110,7 +110,3 @@ def close_to(value: float | None, expected: float, rel: float) -> bool:
     """``value`` is within relative ``rel`` of ``expected``."""
     return value is not None and math.isclose(value, expected, rel_tol=rel, abs_tol=0.0)
 
-
-def shape_or_none(node: Any) -> tuple[Any, ...] | None:
-    """``node_shape`` for nodes, None for anything else."""
-    return node_shape(node) if isinstance(node, fx.Node) else None
