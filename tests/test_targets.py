@@ -160,7 +160,7 @@ def test_gpu_retargets_recorded_values_so_later_rewrites_infer_on_one_device() -
     from torch._subclasses.fake_tensor import FakeTensor
 
     from graphopt.ir.graph import register_constant
-    from graphopt.passes.quantize.placement import infer_val
+    from graphopt.ir.meta import infer_meta
     from graphopt.targets.gpu.target import retarget_meta_values
 
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3)).eval()
@@ -175,7 +175,7 @@ def test_gpu_retargets_recorded_values_so_later_rewrites_infer_on_one_device() -
     assert not isinstance(table.meta["val"], FakeTensor)
     with gm.graph.inserting_after(embedding):
         lookup = gm.graph.call_function(torch.ops.aten.embedding.default, (table, embedding.args[1]))
-    infer_val(lookup)  # a fake index tensor and a real table: both on the device now
+    infer_meta(lookup)  # a fake index tensor and a real table: both on the device now
     assert lookup.meta["val"].shape == embedding.meta["val"].shape
 
 

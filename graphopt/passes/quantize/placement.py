@@ -280,6 +280,3 @@ def redundant_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
             found.append((node.name, quantizers[1].name))
     return found
 
-
-infer_val = infer_meta
-"""Former name of ``graphopt.ir.meta.infer_meta``, kept only while ``graphopt.targets`` modules import it."""

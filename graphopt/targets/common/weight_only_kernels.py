@@ -24,8 +24,8 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, register_constant
+from graphopt.ir.meta import infer_meta
 from graphopt.passes.base import NodeRewrite, Pass, PassResult
-from graphopt.passes.quantize.placement import infer_val
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_CODEBOOK, DEQUANTIZE_INT4, DEQUANTIZE_INT8, DEQUANTIZE_OPS
 
 __all__ = [
@@ -127,7 +127,7 @@ class GatherQuantizedEmbeddings(NodeRewrite):
             scales = graph.call_function(aten.embedding.default, (scale_column, node.args[1]))
             new = graph.call_function(aten.mul.Tensor, (widened, scales))
         for created in (rows, widened, scales):
-            infer_val(created)
+            infer_meta(created)
         replace_node(node, new)
         return True
 
@@ -170,7 +170,7 @@ class GatherCodebookEmbeddings(NodeRewrite):
             created.append(graph.call_function(aten.embedding.default, (column, created[-1])))
             new = graph.call_function(aten.squeeze.dim, (created[-1], -1))
         for item in created:
-            infer_val(item)
+            infer_meta(item)
         replace_node(node, new)
         return True
 

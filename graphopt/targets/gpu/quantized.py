@@ -51,10 +51,11 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, register_constant
+from graphopt.ir.meta import infer_meta
 from graphopt.passes.base import NodeRewrite, Pass, PassResult
 from graphopt.passes.cleanup import DeadCodeElimination
 from graphopt.passes.quantize.patterns import constant_bias, dynamic_source, int8_weight, static_activation
-from graphopt.passes.quantize.placement import infer_val, is_dequantize, is_quantize
+from graphopt.passes.quantize.placement import is_dequantize, is_quantize
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT8, unpack_nibbles
 from graphopt.targets.common.lowering import KernelSubstitution, LoweringResult
 from graphopt.targets.common.patterns import gemm_operands
@@ -111,7 +112,7 @@ class _Builder:
     def __call__(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
         with self.gm.graph.inserting_before(self.before):
             node = self.gm.graph.call_function(target, args, kwargs)
-        infer_val(node)
+        infer_meta(node)
         return node
 
     def constant(self, stem: str, value: torch.Tensor) -> fx.Node:

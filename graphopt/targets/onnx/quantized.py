@@ -25,10 +25,11 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import register_constant
+from graphopt.ir.meta import infer_meta
 from graphopt.passes.base import NodeRewrite
 from graphopt.passes.quantize.observers import WEIGHT_QMAX, WEIGHT_QMIN
 from graphopt.passes.quantize.patterns import dynamic_source, int8_weight
-from graphopt.passes.quantize.placement import infer_val, is_dequantize
+from graphopt.passes.quantize.placement import is_dequantize
 from graphopt.targets.common.lowering import KernelSubstitution
 from graphopt.targets.common.patterns import dynamic_int8_gemm
 
@@ -89,7 +90,7 @@ def _transposed_weight(gm: fx.GraphModule, node: fx.Node, dequantize: fx.Node) -
     else:
         with graph.inserting_before(node):
             new = graph.call_function(qd.dequantize_per_tensor.default, (q_node, *dequantize.args[1:]))
-    infer_val(new)
+    infer_meta(new)
     return new
 
 
@@ -112,10 +113,10 @@ class StaticLinearAsMatmul(NodeRewrite, KernelSubstitution):
         graph = gm.graph
         with graph.inserting_before(node):
             product = graph.call_function(aten.matmul.default, (node.args[0], weight))
-            infer_val(product)
+            infer_meta(product)
             bias = node.args[2] if len(node.args) > 2 else None
             new = graph.call_function(aten.add.Tensor, (product, bias)) if bias is not None else product
-            infer_val(new)
+            infer_meta(new)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         return True
@@ -139,7 +140,7 @@ class DynamicLinearOp(NodeRewrite, KernelSubstitution):
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(torch.ops.graphopt_quant.dynamic_linear.default,
                                          (source, q_node, scale_node, bias))
-        infer_val(new)
+        infer_meta(new)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         return True

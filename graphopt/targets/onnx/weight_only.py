@@ -21,8 +21,8 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import register_constant
+from graphopt.ir.meta import infer_meta
 from graphopt.passes.base import NodeRewrite, PassResult
-from graphopt.passes.quantize.placement import infer_val
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_CODEBOOK, DEQUANTIZE_INT8, unpack_nibbles
 from graphopt.targets.common.weight_only_kernels import dequantize_constants, weight_only_dequantize
 
@@ -168,7 +168,7 @@ class MatMulNBitsLinears(NodeRewrite):
         """Rewrite every weight-only linear in place."""
         for node in gm.graph.nodes:  # the custom op's value is inferred from its inputs' recorded values
             if node.op == "call_function" and "val" not in node.meta:
-                infer_val(node)
+                infer_meta(node)
         return super().run(gm)
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -190,10 +190,10 @@ class MatMulNBitsLinears(NodeRewrite):
             new = graph.call_function(torch.ops.graphopt_weights.matmul_nbits.default,
                                       (node.args[0], packed_node, scales_node, zp_node, in_features,
                                        out_features, bits, block))
-            infer_val(new)
+            infer_meta(new)
             if bias is not None:
                 new = graph.call_function(aten.add.Tensor, (new, bias))
-                infer_val(new)
+                infer_meta(new)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         return True
