@@ -32,6 +32,7 @@ from graphopt.passes.manager import PassManager
 from graphopt.report import Report
 from graphopt.targets.base import Target, get_target
 from graphopt.targets.tune import lower_model
+from graphopt.workflows.generation import GenerativeModel, is_causal_lm, optimize_for_generation
 from graphopt.workflows.optimized_model import OptimizedModel, budget_comparison
 from graphopt.workflows.options import (
     Dynamic,
@@ -52,7 +53,7 @@ __all__ = ["optimize"]
 log = logging.getLogger("graphopt")
 
 _KEYWORDS = ("example_kwargs", "dynamic", "compress", "calibration", "fidelity", "pipeline", "verify", "lowering",
-             "tune")
+             "tune", "max_cache_len")
 """The keywords ``optimize`` takes by name (the flat shortcuts come on top, see ``options.SHORTCUTS``)."""
 
 
@@ -100,8 +101,9 @@ def optimize(
     verify: bool | Verify = True,
     lowering: CpuLowering | GpuLowering | OnnxLowering | None = None,
     tune: bool = False,
+    max_cache_len: int | None = None,
     **shortcuts: Any,
-) -> OptimizedModel:
+) -> OptimizedModel | GenerativeModel:
     """Optimize ``model`` for ``target`` ("cpu", "gpu" or "onnx") and return a module computing the same.
 
     **Inputs.** ``example_inputs`` (a tensor or a tuple) and ``example_kwargs`` are what the
@@ -142,6 +144,12 @@ def optimize(
     ``precision=`` (``"bf16"``, ``"fp16"``), each one step of ``compress``. Any other keyword
     is an ``InputError``.
 
+    **Generation.** A causal language model (a transformers ``...ForCausalLM`` built with its
+    cache) comes back as a ``GenerativeModel`` with ``generate(...)``: its prefill and decode
+    steps are captured with a static key/value cache of ``max_cache_len`` positions (default: the
+    model's maximum, at most 1024) as declared state, optimized, verified and lowered
+    (``graphopt.workflows.generation``). ``example_inputs`` is a batch of prompt ids.
+
     The user's model is never modified. When every pass is graphopt's own, the optimized graph
     shares the weights it leaves untouched with the model (no copy, so no doubled memory), and
     calling it after those weights were changed in place raises ``InputError``; a pipeline with
@@ -154,6 +162,12 @@ def optimize(
     target = with_lowering(get_target(target), lowering)
     target.check_available()
     passes = options.pipeline.build(target)
+    if is_causal_lm(model):
+        return optimize_for_generation(model, example_inputs, target, passes, max_cache_len=max_cache_len,
+                                       verify=check.enabled, on_error=on_error, refused=_refused_for_generation(
+                                           compress, calibration, fidelity, tune, example_kwargs, options))
+    if max_cache_len is not None:
+        raise InputError("max_cache_len= applies to causal language models (generation); this model is not one")
     steps = compression_steps(compress, target=target.name, **options.compression)
     _check_once_per_stage(passes, steps)
     if steps:
@@ -207,6 +221,15 @@ def optimize(
     if budget is not None and budget.metric is not None and lossy_runner is not None:
         _final_metric(optimized, budget, lossy_runner.baseline_metric, report)
     return optimized
+
+
+def _refused_for_generation(compress: Any, calibration: Any, fidelity: Any, tune: bool,
+                            example_kwargs: Any, options: Any) -> list[str]:
+    """The options ``optimize`` takes that generation does not support yet (named in its error)."""
+    asked = {"compress=": bool(compress) or bool(options.compression), "calibration=": calibration is not None,
+             "fidelity=": fidelity is not None, "tune=True": tune, "example_kwargs=": bool(example_kwargs),
+             "dynamic=": bool(options.dynamic.shapes) or options.dynamic.batch}
+    return [name for name, given in asked.items() if given]
 
 
 def _final_metric(optimized: OptimizedModel, budget: Fidelity, baseline: float | None, report: Report) -> None:

@@ -1,0 +1,123 @@
+"""State as inputs and outputs: turn a graph that updates its own buffers into a pure function of them.
+
+Capture keeps a model's state (a key/value cache, a step counter) as buffers and every write to
+them as an explicit ``aten.copy_`` marked ``STATE_UPDATE`` at the end of the graph. Runtimes that
+hold no state between calls (onnxruntime), compilers, and a generation loop that owns its cache
+want the same computation as a function ``(inputs..., state...) -> (outputs..., new state...)``:
+:func:`lift_state` makes that graph. The state keeps its order and names (``StateSpec``), so the
+caller can feed each new value back as the next call's input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from graphopt.errors import StateError
+from graphopt.ir.graph import clone_graph_module, state_update_nodes
+
+__all__ = ["LiftedState", "StateSpec", "lift_state"]
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One piece of lifted state: the buffer's name, and its example value's shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class LiftedState:
+    """A graph whose state was lifted: ``graph_module(*inputs, *state) -> (*outputs, *new_state)``.
+
+    ``state`` lists the lifted buffers in placeholder (and output) order; ``initial`` holds their
+    values as the captured model had them; ``num_outputs`` counts the original outputs that come
+    before the new state.
+    """
+
+    graph_module: fx.GraphModule
+    state: list[StateSpec]
+    initial: list[torch.Tensor]
+    num_outputs: int
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    if not isinstance(value, torch.Tensor):
+        raise StateError(f"state {target!r} is not a tensor")
+    return value
+
+
+def lift_state(gm: fx.GraphModule) -> LiftedState:
+    """A copy of ``gm`` that takes every buffer it updates as an input and returns its new value.
+
+    Reads of a state buffer become reads of the new placeholder; the ``copy_`` that wrote it is
+    dropped and the value it wrote is appended to the outputs. The graph's outputs become a flat
+    tuple (original leaves first). ``gm`` is not modified. Raises ``StateError`` when a state write
+    goes to a graph input rather than a buffer (that state already belongs to the caller).
+    """
+    lifted = clone_graph_module(gm)
+    graph = lifted.graph
+    updates = state_update_nodes(lifted)
+    for update in updates:
+        if update.args[0].op != "get_attr":
+            raise StateError(f"the graph writes into its input {update.args[0].name}; only buffer state can be lifted")
+    names = list(dict.fromkeys(str(u.args[0].target) for u in updates))
+    written = {str(u.args[0].target): u.args[1] for u in updates}
+    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    placeholders: dict[str, fx.Node] = {}
+    specs, initial = [], []
+    anchor = last_placeholder
+    for name in names:
+        value = _attribute(lifted, name)
+        with graph.inserting_after(anchor):
+            placeholder = graph.placeholder("state_" + name.replace(".", "_"))
+        placeholder.meta["val"] = next((n.meta["val"] for n in graph.nodes
+                                        if n.op == "get_attr" and n.target == name and "val" in n.meta), None)
+        placeholder.meta["tensor_meta"] = next((n.meta["tensor_meta"] for n in graph.nodes if n.op == "get_attr"
+                                                and n.target == name and "tensor_meta" in n.meta), None)
+        anchor = placeholders[name] = placeholder
+        specs.append(StateSpec(name, tuple(value.shape), value.dtype))
+        initial.append(value.detach().clone())
+    for update in updates:
+        graph.erase_node(update)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and str(node.target) in placeholders:
+            node.replace_all_uses_with(placeholders[str(node.target)])
+            graph.erase_node(node)
+    output = next(n for n in graph.nodes if n.op == "output")
+    leaves = _leaves(output.args[0])
+    output.args = (tuple(leaves) + tuple(written[name] for name in names),)
+    graph._codegen = fx.graph.CodeGen()  # flat inputs in, a flat tuple out: no pytree (un)flattening
+    for spec_name in ("_in_spec", "_out_spec"):
+        lifted.__dict__.pop(spec_name, None)
+    for name in names:
+        _delete_attribute(lifted, name)
+    graph.lint()
+    lifted.recompile()
+    return LiftedState(lifted, specs, initial, len(leaves))
+
+
+def _leaves(value: object) -> list[object]:
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    return [value]
+
+
+def _delete_attribute(gm: fx.GraphModule, target: str) -> None:
+    *path, last = target.split(".")
+    owner: torch.nn.Module = gm
+    for part in path:
+        owner = getattr(owner, part)
+    if last in owner._buffers:
+        del owner._buffers[last]
+    elif hasattr(owner, last):
+        delattr(owner, last)

@@ -1,0 +1,68 @@
+"""Autoregressive generation: causal LMs with their key/value cache captured, optimized and lowered.
+
+``graphopt.optimize(lm, (input_ids,), target=...)`` on a causal LM lands here
+(:func:`optimize_for_generation`) and returns a :class:`GenerativeModel`. The pieces, one job each:
+``decoder`` (the model with a static cache in buffers: one call, one step), ``build`` (capture,
+verified passes, state lifted into inputs/outputs, lowered prefill and decode steps),
+``loop`` (prefill, then one decode step per token), ``sampling`` (greedy / temperature / top-k /
+top-p), ``model`` (the public object), ``onnx_export`` (the step as an ONNX decoder with
+past/present key/value inputs and outputs).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphopt.errors import InputError
+from graphopt.passes.base import Pass
+from graphopt.report import Report
+from graphopt.targets.base import Target
+from graphopt.workflows.generation.decoder import CachedDecoder, is_causal_lm
+from graphopt.workflows.generation.model import DEFAULT_MAX_CACHE_LEN, GenerativeModel
+from graphopt.workflows.generation.sampling import Sampling
+
+__all__ = ["CachedDecoder", "GenerativeModel", "Sampling", "is_causal_lm", "optimize_for_generation"]
+
+
+def _max_cache_len(model: nn.Module, asked: int | None) -> int:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if asked is None:
+        return min(limit or DEFAULT_MAX_CACHE_LEN, DEFAULT_MAX_CACHE_LEN)
+    if not isinstance(asked, int) or asked < 2:
+        raise InputError(f"max_cache_len must be an int of at least 2 positions, got {asked!r}")
+    if limit is not None and asked > limit:
+        raise InputError(f"max_cache_len={asked} is beyond the model's max_position_embeddings ({limit}); "
+                         f"use at most {limit}")
+    return asked
+
+
+def _prompt_ids(example_inputs: Any) -> torch.Tensor:
+    ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) and example_inputs else example_inputs
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
+        raise InputError("for a causal language model, example_inputs is (input_ids,): an integer tensor "
+                         "[batch, prompt_length], e.g. tokenizer('Hello', return_tensors='pt').input_ids")
+    return ids.long()
+
+
+def optimize_for_generation(model: nn.Module, example_inputs: Any, target: Target, passes: list[Pass], *,
+                            max_cache_len: int | None = None, verify: bool = True, on_error: str = "rollback",
+                            refused: list[str] | None = None) -> GenerativeModel:
+    """Optimize a causal LM for generation on ``target`` (what ``graphopt.optimize`` does for one).
+
+    ``refused`` lists ``optimize`` options the caller was given that generation does not support.
+    """
+    if refused:
+        raise InputError(f"{', '.join(refused)} not supported for causal language models yet: optimize for "
+                         "generation without them (exact passes only)")
+    ids = _prompt_ids(example_inputs)
+    report = Report(target=target.name)
+    started = time.perf_counter()
+    optimized = GenerativeModel(model, ids, target, passes, _max_cache_len(model, max_cache_len), report,
+                                verify=verify, on_error=on_error)
+    report.notes.append(f"generation: static cache of {optimized.max_cache_len} positions; steps built in "
+                        f"{time.perf_counter() - started:.1f} s")
+    return optimized

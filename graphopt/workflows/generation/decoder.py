@@ -1,0 +1,126 @@
+"""A causal language model with its key/value cache in buffers: one call is one prefill or decode step.
+
+transformers' causal LMs keep their cache in a ``Cache`` object passed in and out of ``forward``;
+graphopt's IR has no such objects, only tensors. :class:`CachedDecoder` wraps the model with a
+static cache (transformers' ``StaticCache``: every layer's keys and values preallocated for
+``max_cache_len`` positions, plus its fill counter) whose tensors are **registered buffers** of the
+wrapper. A step writes the new keys and values into them in place (``index_copy_``); capture turns
+those writes into declared state updates (``aten.copy_`` marked ``STATE_UPDATE``), which the
+passes keep and verify like any other state.
+
+A step takes ``input_ids [batch, seq]``, ``attention_mask [batch, max_cache_len]`` (1 where a real
+token sits in the cache or is being written, 0 for padding and unused slots) and
+``position_ids [batch, seq]``, and returns the next-token logits ``[batch, vocab]`` of the last
+position only (the LM head never runs on the rest of the prompt).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphopt.errors import InputError
+
+__all__ = ["CachedDecoder", "is_causal_lm", "step_inputs"]
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for a transformers-style causal LM: it generates and its forward takes ``past_key_values``."""
+    forward = getattr(model, "forward", None)
+    if not callable(getattr(model, "generate", None)) or getattr(model, "config", None) is None or forward is None:
+        return False
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "past_key_values" in parameters and not getattr(model.config, "is_encoder_decoder", False)
+
+
+def _static_cache(model: nn.Module, max_cache_len: int) -> Any:
+    from transformers.cache_utils import StaticCache  # transformers is only needed for its models
+
+    try:
+        return StaticCache(config=model.config, max_cache_len=max_cache_len)
+    except Exception as error:  # noqa: BLE001 - any failure means this architecture has no static cache
+        raise InputError(
+            f"{type(model).__name__} has no static key/value cache in transformers ({type(error).__name__}: {error}); "
+            "graphopt generates with models that support cache_implementation='static'."
+        ) from error
+
+
+class CachedDecoder(nn.Module):
+    """``model`` (a causal LM, not copied: pass a copy) with a static cache for ``batch_size`` rows in buffers.
+
+    Buffers are named ``cache_<layer>_<field>`` (``field``: ``keys``, ``values``,
+    ``cumulative_length``, ...: every tensor the cache layer holds). :meth:`reset` empties the cache.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, max_cache_len: int) -> None:
+        super().__init__()
+        self.model = model
+        self.batch_size = batch_size
+        self.max_cache_len = max_cache_len
+        self.cache = _static_cache(model, max_cache_len)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._allocate()
+        self._fields: list[tuple[int, str, str]] = []
+        for index, layer in enumerate(self.cache.layers):
+            for field_name, value in list(vars(layer).items()):
+                if isinstance(value, torch.Tensor):
+                    buffer_name = f"cache_{index}_{field_name}"
+                    self.register_buffer(buffer_name, value, persistent=False)
+                    self._fields.append((index, field_name, buffer_name))
+        self.reset()
+
+    def _allocate(self) -> None:
+        """Let the cache size itself on a one-token dry run (its layers allocate on first use)."""
+        ids = torch.zeros(self.batch_size, 1, dtype=torch.long, device=_device(self.model))
+        mask = torch.ones(self.batch_size, self.max_cache_len, dtype=torch.long, device=ids.device)
+        with torch.no_grad():
+            self._call(ids, mask, torch.zeros_like(ids))
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Empty the cache (every slot and counter back to zero)."""
+        for buffer in self.buffers():
+            buffer.zero_()
+
+    def _bind(self) -> None:
+        """Point the cache's layers at this module's buffers (capture swaps buffers for traced values)."""
+        for index, field_name, buffer_name in self._fields:
+            setattr(self.cache.layers[index], field_name, getattr(self, buffer_name))
+
+    def _call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        extra = {"logits_to_keep": 1} if self._keeps_logits else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=self.cache, use_cache=True, **extra)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return logits[:, -1, :]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One step: write the keys/values of ``input_ids`` into the cache, return the last position's logits."""
+        if getattr(self, "_fields", None):
+            self._bind()
+        return self._call(input_ids, attention_mask, position_ids)
+
+
+def _device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def step_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_cache_len: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prefill step's inputs for a (left-padded) prompt: ids, the cache-wide mask, position ids.
+
+    Positions count real tokens only, as transformers' ``generate`` does (padding gets position 1).
+    """
+    batch, length = input_ids.shape
+    mask = torch.zeros(batch, max_cache_len, dtype=torch.long, device=input_ids.device)
+    mask[:, :length] = attention_mask
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(attention_mask == 0, 1)
+    return input_ids, mask, positions

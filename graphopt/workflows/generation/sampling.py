@@ -1,0 +1,55 @@
+"""Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p.
+
+The filters follow transformers' ``generate`` (temperature first, then top-k, then top-p keeping
+at least one token), so a seeded run draws from the same distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from graphopt.errors import InputError
+
+__all__ = ["Sampling", "next_tokens"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How ``generate`` picks tokens: ``do_sample=False`` is greedy (argmax) and ignores the rest."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise InputError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy")
+        if self.top_k is not None and self.top_k < 1:
+            raise InputError(f"top_k must be a positive number of tokens, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def _filtered(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    scores = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, sampling.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1:
+        ordered, order = torch.sort(scores, descending=False, dim=-1)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - sampling.top_p
+        drop[..., -1] = False  # always keep the most likely token
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scores
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of every row of ``logits`` ``[batch, vocab]`` (int64 ``[batch]``)."""
+    if not sampling.do_sample:
+        return logits.argmax(dim=-1)
+    probabilities = _filtered(logits.float(), sampling).softmax(dim=-1)
+    return torch.multinomial(probabilities, num_samples=1, generator=generator).squeeze(1)
