@@ -85,8 +85,8 @@ class CachedDecoder(nn.Module):
     @torch.no_grad()
     def reset(self) -> None:
         """Empty the cache (every slot and counter back to zero)."""
-        for buffer in self.buffers():
-            buffer.zero_()
+        for _, _, buffer_name in self._fields:
+            getattr(self, buffer_name).zero_()
 
     def _bind(self) -> None:
         """Point the cache's layers at this module's buffers (capture swaps buffers for traced values)."""
