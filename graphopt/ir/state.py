@@ -18,7 +18,10 @@ import torch.fx as fx
 from graphopt.errors import StateError
 from graphopt.ir.graph import clone_graph_module, state_update_nodes
 
-__all__ = ["LiftedState", "StateSpec", "lift_state"]
+__all__ = ["STATE_INPUT", "LiftedState", "StateSpec", "lift_state", "state_inputs"]
+
+STATE_INPUT = "graphopt_state_input"
+"""``node.meta`` key on a lifted state placeholder: the index of the output that returns its new value."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ def lift_state(gm: fx.GraphModule) -> LiftedState:
     output = next(n for n in graph.nodes if n.op == "output")
     leaves = _leaves(output.args[0])
     output.args = (tuple(leaves) + tuple(written[name] for name in names),)
+    for index, name in enumerate(names):
+        placeholders[name].meta[STATE_INPUT] = len(leaves) + index
     graph._codegen = fx.graph.CodeGen()  # flat inputs in, a flat tuple out: no pytree (un)flattening
     for spec_name in ("_in_spec", "_out_spec"):
         lifted.__dict__.pop(spec_name, None)
@@ -121,3 +126,8 @@ def _delete_attribute(gm: fx.GraphModule, target: str) -> None:
         del owner._buffers[last]
     elif hasattr(owner, last):
         delattr(owner, last)
+
+
+def state_inputs(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """The lifted state placeholders of ``gm``, each with the index of the output returning its new value."""
+    return {n: n.meta[STATE_INPUT] for n in gm.graph.nodes if n.op == "placeholder" and STATE_INPUT in n.meta}

@@ -50,6 +50,8 @@ class LoweringContext:
     a lowering pass that fails verification is rolled back and reported (``"rollback"``) or
     raises (``"raise"``). ``tolerance_scale`` widens the exact passes' tolerance; ``fidelity``
     is the budget kernel-substituting passes are held to (``graphopt.targets.common.lowering``).
+    ``donate_state``: the caller of a state-lifted graph (``graphopt.ir.state``) hands its state
+    inputs over and uses only the state returned, so the lowering may update them in place.
     """
 
     example_args: tuple[Any, ...]
@@ -59,6 +61,7 @@ class LoweringContext:
     on_error: OnError = "rollback"
     tolerance_scale: float = 1.0
     fidelity: Fidelity | None = None
+    donate_state: bool = False
 
     @classmethod
     def from_captured(cls, captured: CapturedModel, **options: Any) -> LoweringContext:

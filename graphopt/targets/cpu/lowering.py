@@ -37,11 +37,14 @@ import torch.fx as fx
 
 from graphopt.errors import InputError
 from graphopt.ir.graph import node_shape, snapshot_graph_module, state_update_nodes, tensor_versions, written_since
+from graphopt.ir.state import state_inputs
 from graphopt.passes.base import Pass, PassResult
 from graphopt.report import PassRecord
 from graphopt.targets.base import LoweringContext
 from graphopt.targets.common.channels_last import ChannelsLast
+from graphopt.targets.common.donated_state import InplaceStateUpdates
 from graphopt.targets.common.lowering import run_lowering
+from graphopt.targets.cpu.cached_attention import CachedAttention
 from graphopt.targets.cpu.epilogue import EpilogueFusion
 from graphopt.targets.onnx.options import OnnxLowering
 
@@ -251,6 +254,16 @@ def _compile_inductor(gm: fx.GraphModule, example_args: tuple[Any, ...], example
     return compiled
 
 
+def decoder_step_passes(gm: fx.GraphModule, context: LoweringContext) -> list[Pass]:
+    """The passes a state-lifted step graph (a decoder with its cache) gets first.
+
+    Grouped attention over the cache, and in-place state updates when the caller donates the state.
+    """
+    if not state_inputs(gm):
+        return []
+    return [CachedAttention(), *([InplaceStateUpdates()] if context.donate_state else [])]
+
+
 def lower_graph(gm: fx.GraphModule, context: LoweringContext, options: CpuLowering,
                 passes: list[Pass] | None = None) -> Any:
     """Lower the verified float graph ``gm`` for the CPU with ``options``; ``gm`` itself is left as it is.
@@ -276,6 +289,7 @@ def lower_graph(gm: fx.GraphModule, context: LoweringContext, options: CpuLoweri
             report.notes.append(f"cpu lowering: torch.compile (Inductor, freezing) in {seconds:.1f} s")
         return LoweredGraph(runner, options, shared)
     passes = float_lowering_passes(options) if passes is None else passes
+    passes = [*decoder_step_passes(gm, context), *passes]
     if passes and state_update_nodes(gm):
         passes = []
         if report is not None:

@@ -85,12 +85,16 @@ class BuiltSteps:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+EXAMPLE_PROMPT_TOKENS = 8
+"""Prompt tokens the steps are captured and verified on (verification cost grows with it)."""
+
+
 def _example_prompt(input_ids: torch.Tensor, batch_size: int, max_cache_len: int) -> torch.Tensor:
-    """A prompt of ``batch_size`` rows and at least two tokens (a length of 1 would be specialized)."""
+    """A prompt of ``batch_size`` rows, 2 to ``EXAMPLE_PROMPT_TOKENS`` tokens (a length of 1 would be specialized)."""
     ids = input_ids[:1].expand(batch_size, -1) if input_ids.shape[0] != batch_size else input_ids
     if ids.shape[1] < 2:
         ids = torch.cat([ids, ids], dim=1)
-    return ids[:, : max(2, min(ids.shape[1], max_cache_len // 2))].contiguous()
+    return ids[:, -max(2, min(ids.shape[1], EXAMPLE_PROMPT_TOKENS, max_cache_len // 2)):].contiguous()
 
 
 def _cached_decoder(model: nn.Module, batch_size: int, max_cache_len: int) -> CachedDecoder:
@@ -121,9 +125,13 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
     lifted = lift_state(gm)
     state = lifted.initial
     prefill = target.lower(lifted.graph_module, LoweringContext(
-        (*example, *state), dynamic=_with_state(captured.dynamic, len(state)), report=report, on_error=on_error))
-    one = step_inputs(prompt[:, :1], torch.ones_like(prompt[:, :1]), max_cache_len)
-    decode = target.lower(lifted.graph_module, LoweringContext((*one, *state), report=report, on_error=on_error))
+        (*example, *state), dynamic=_with_state(captured.dynamic, len(state)), report=report, on_error=on_error,
+        donate_state=True))
+    decode = prefill
+    if _specializes(target):
+        one = step_inputs(prompt[:, :1], torch.ones_like(prompt[:, :1]), max_cache_len)
+        decode = target.lower(lifted.graph_module, LoweringContext((*one, *state), report=report, on_error=on_error,
+                                                                   donate_state=True))
     seconds["lowering"] = time.perf_counter() - started
     report.lowering_seconds += seconds["lowering"]
     steps = LoweredSteps(prefill, decode, state, batch_size, max_cache_len, device=_target_device(target))
@@ -132,6 +140,12 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
         _check_against_eager(steps, decoder, prompt, report, target.name)
         seconds["check"] = time.perf_counter() - started
     return BuiltSteps(steps, lifted, example, captured.dynamic, seconds)
+
+
+def _specializes(target: Target) -> bool:
+    """True when the target's lowering gains from a decode step of static shape (compiled kernels, CUDA graphs)."""
+    backend = getattr(getattr(target, "lowering", None), "backend", "graph")
+    return target.name == "gpu" or backend == "inductor"
 
 
 def _with_state(dynamic: DynamicDims, count: int) -> DynamicDims:

@@ -44,7 +44,7 @@ def _static_cache(model: nn.Module, max_cache_len: int) -> Any:
 
     try:
         return StaticCache(config=model.config, max_cache_len=max_cache_len)
-    except Exception as error:  # noqa: BLE001 - any failure means this architecture has no static cache
+    except Exception as error:
         raise InputError(
             f"{type(model).__name__} has no static key/value cache in transformers ({type(error).__name__}: {error}); "
             "graphopt generates with models that support cache_implementation='static'."
@@ -100,7 +100,8 @@ class CachedDecoder(nn.Module):
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[:, -1, :]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
         """One step: write the keys/values of ``input_ids`` into the cache, return the last position's logits."""
         if getattr(self, "_fields", None):
             self._bind()
