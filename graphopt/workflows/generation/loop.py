@@ -76,11 +76,13 @@ def _check_prompt(input_ids: Any, attention_mask: Any, steps: DecoderSteps, max_
 def run_generation(steps: DecoderSteps, input_ids: torch.Tensor, *, max_new_tokens: int,
                    attention_mask: torch.Tensor | None = None, sampling: Sampling = GREEDY,
                    eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-                   streamer: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                   min_new_tokens: int = 0, streamer: Any = None, generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` per row; return ``[batch, prompt + new]`` ids.
 
     Generation stops early when every row has produced an end-of-sequence token (finished rows
-    are padded with ``pad_token_id``, by default the first eos id). ``streamer`` follows
+    are padded with ``pad_token_id``, by default the first eos id); before ``min_new_tokens`` new
+    tokens the eos ids are never chosen, as in transformers. ``streamer`` follows
     transformers' streamer protocol: ``put(ids)`` with the prompt, then with each new token
     ``[batch]``, and ``end()``.
     """
@@ -97,7 +99,10 @@ def run_generation(steps: DecoderSteps, input_ids: torch.Tensor, *, max_new_toke
     generated = []
     next_position = positions[:, -1:] + 1
     for index in range(max_new_tokens):
-        token = next_tokens(logits.float().cpu(), sampling, generator)
+        logits = logits.float().cpu()
+        if eos is not None and index < min_new_tokens:
+            logits[:, eos] = float("-inf")
+        token = next_tokens(logits, sampling, generator)
         token = torch.where(finished, torch.full_like(token, pad), token)
         generated.append(token)
         if streamer is not None:

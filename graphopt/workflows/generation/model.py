@@ -81,12 +81,13 @@ class GenerativeModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, attention_mask: torch.Tensor | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int | None = None, streamer: Any = None,
+                 pad_token_id: int | None = None, min_new_tokens: int = 0, streamer: Any = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Generate like transformers' ``generate``: returns ``[batch, prompt + new]`` token ids.
 
         Batches must be left-padded (``attention_mask`` 0 on the left). ``eos_token_id`` defaults
-        to the model's; pass ``eos_token_id=[]`` to always produce ``max_new_tokens``. Sampling
+        to the model's; pass ``eos_token_id=[]`` to always produce ``max_new_tokens``, or
+        ``min_new_tokens`` to forbid eos before that many new tokens (transformers' way). Sampling
         (``do_sample=True``) applies temperature, then top-k, then top-p; ``generator`` seeds it.
         ``streamer`` gets the tokens as they come (transformers' ``TextStreamer`` works).
         """
@@ -99,7 +100,8 @@ class GenerativeModel(nn.Module):
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         return run_generation(built.steps, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
                               sampling=Sampling(do_sample, temperature, top_k, top_p), eos_token_id=eos,
-                              pad_token_id=pad, streamer=streamer, generator=generator)
+                              pad_token_id=pad, min_new_tokens=min_new_tokens, streamer=streamer,
+                              generator=generator)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The next-token logits ``[batch, vocab]`` after each (left-padded) prompt."""
