@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from torch.fx._pytree import tree_flatten_spec
 
 from graphopt.errors import CaptureError, InputError
+from graphopt.ir.buffer_aliases import bind_buffer_aliases
 from graphopt.ir.functional import outplace_simple_mutations
 from graphopt.ir.graph import (
     STATE_UPDATE,
@@ -320,6 +321,7 @@ def capture(
     _check_leaves(args, kwargs)
     args, kwargs = pytree.tree_map(_usual_layout, (args, kwargs))
     twin = eval_twin(model, share_weights)
+    aliases = bind_buffer_aliases(twin)
     reference = _check_outputs(_run_eager(twin, args, kwargs))
     spec = _resolve_dynamic(twin, args, kwargs, dynamic_shapes, dynamic_batch)
     exported = _export(twin, args, kwargs, spec)
@@ -344,6 +346,9 @@ def capture(
         notes.append("the model was in training mode; graphopt optimized its inference (eval-mode) graph")
     if functionalized:
         notes.append("the captured graph had in-place ops; it was functionalized (no op mutates a value)")
+    if aliases:
+        notes.append(f"{aliases} reference(s) to buffers held outside the module tree (a cache object) were "
+                     "rebound to the buffers on every call, so their in-place updates are captured as state")
     return CapturedModel(gm, args, kwargs, flat_inputs, reference, notes, dynamic, functionalized, graph_outputs)
 
 
