@@ -36,6 +36,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "fuse-norms",
     "fuse-attention",
     "fuse-horizontal",
+    "fuse-gqa",
+    "fuse-rotary",
+    "fuse-gated-mlp",
     "dce",
 )
 

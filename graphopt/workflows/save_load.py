@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+import graphopt.passes.fusion.decoder_ops  # registers the graphopt_decoder ops saved graphs call
 import graphopt.passes.quantize.weight_ops  # noqa: F401 - registers the graphopt_weights ops saved graphs call
 from graphopt.errors import GraphoptError, LoweringError, SaveFileError
 from graphopt.ir.capture import flatten_inputs, unlift_program

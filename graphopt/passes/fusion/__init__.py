@@ -6,7 +6,12 @@
   written op by op → ``gelu`` / ``silu`` / ``hardswish`` / ``hardsigmoid``;
 - ``fuse-norms`` (:class:`FuseNorms`): hand-written LayerNorm / RMSNorm → ``layer_norm`` / ``rms_norm``;
 - ``fuse-horizontal`` (:class:`FuseHorizontal`): sibling linears reading one input → one linear
-  with concatenated weights and a split.
+  with concatenated weights and a split;
+- ``fuse-gqa`` (:class:`FuseGroupedQueryAttention`): SDPA on ``repeat_kv``-ed keys/values → SDPA
+  with ``enable_gqa=True`` on the key/value heads;
+- ``fuse-rotary`` (:class:`FuseRotary`): ``x * cos + rotate_half(x) * sin`` → ``graphopt_decoder::rotary``;
+- ``fuse-gated-mlp`` (:class:`FuseGatedActivations`): ``silu(gate) * up`` / ``gelu(gate) * up`` →
+  ``graphopt_decoder::swiglu`` / ``geglu`` (ops in ``graphopt.passes.fusion.decoder_ops``).
 
 Every pass reports what it fused and, as near-misses, the reasons it refused look-alikes.
 See docs/fusion.md.
@@ -14,7 +19,11 @@ See docs/fusion.md.
 
 from graphopt.passes.fusion.activations import FuseActivations
 from graphopt.passes.fusion.attention import FuseAttention
+from graphopt.passes.fusion.gated import FuseGatedActivations
+from graphopt.passes.fusion.gqa import FuseGroupedQueryAttention
 from graphopt.passes.fusion.horizontal import FuseHorizontal
 from graphopt.passes.fusion.norms import FuseNorms
+from graphopt.passes.fusion.rotary import FuseRotary
 
-__all__ = ["FuseActivations", "FuseAttention", "FuseHorizontal", "FuseNorms"]
+__all__ = ["FuseActivations", "FuseAttention", "FuseGatedActivations", "FuseGroupedQueryAttention", "FuseHorizontal",
+           "FuseNorms", "FuseRotary"]

@@ -40,6 +40,7 @@ from graphopt.targets.common.weight_only_kernels import (
     GatherQuantizedEmbeddings,
     has_weight_only_ops,
 )
+from graphopt.targets.onnx.decoder_ops import DecomposeDecoderOps, has_decoder_ops
 from graphopt.targets.onnx.quantized import DynamicLinearOp, StaticLinearAsMatmul
 from graphopt.targets.onnx.quantized import translation_table as quantized_translations
 from graphopt.targets.onnx.weight_only import MatMulNBitsLinears
@@ -121,6 +122,8 @@ def export_passes(gm: fx.GraphModule) -> list[Pass]:
     if has_weight_only_ops(gm):
         passes += [GatherQuantizedEmbeddings(), GatherCodebookEmbeddings(), MatMulNBitsLinears(),
                    ExpandCompressedWeights(ops=(DEQUANTIZE_INT4,))]  # ONNX has no int4 op but MatMulNBits
+    if has_decoder_ops(gm):
+        passes.append(DecomposeDecoderOps())  # graphopt_decoder ops (swiglu, geglu, rotary) back to ATen
     return [*passes, DeadCodeElimination()] if passes else []
 
 
