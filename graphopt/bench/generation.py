@@ -66,7 +66,7 @@ class GraphoptGenerationBackend(GenerationBackend):
         self.model: Any = None
 
     def skip_reason(self) -> str | None:
-        """gpu rows need CUDA."""
+        """Gpu rows need CUDA."""
         return "no CUDA device" if self.target == "gpu" and not torch.cuda.is_available() else None
 
     def setup(self, source: GenerationSource) -> None:
