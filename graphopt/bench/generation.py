@@ -66,7 +66,7 @@ class GraphoptGenerationBackend(GenerationBackend):
         self.model: Any = None
 
     def skip_reason(self) -> str | None:
-        """Gpu rows need CUDA."""
+        """Why the row cannot run here: the gpu row needs CUDA."""
         return "no CUDA device" if self.target == "gpu" and not torch.cuda.is_available() else None
 
     def setup(self, source: GenerationSource) -> None:
