@@ -80,14 +80,6 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return out.add_(rotated) if _in_place_ok(out, rotated) else out + rotated
 
 
-def _broadcast_fake(*tensors: torch.Tensor) -> torch.Tensor:
-    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return tensors[0].new_empty(shape, dtype=dtype)
-
-
 _LIBRARY.impl("swiglu", swiglu_reference, "CompositeExplicitAutograd")
 _LIBRARY.impl("geglu", geglu_reference, "CompositeExplicitAutograd")
 _LIBRARY.impl("rotary", rotary_reference, "CompositeExplicitAutograd")
@@ -95,17 +87,17 @@ _LIBRARY.impl("rotary", rotary_reference, "CompositeExplicitAutograd")
 
 @torch.library.register_fake(f"{NAMESPACE}::swiglu")
 def _swiglu_fake(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return _broadcast_fake(gate, up)
+    return gate * up  # the kernel's shape, dtype and memory layout (compilers check strides)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::geglu")
 def _geglu_fake(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    return _broadcast_fake(gate, up)
+    return gate * up
 
 
 @torch.library.register_fake(f"{NAMESPACE}::rotary")
 def _rotary_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return _broadcast_fake(x, cos, sin)
+    return x * cos + x * sin
 
 
 SWIGLU = torch.ops.graphopt_decoder.swiglu.default

@@ -283,7 +283,12 @@ def lower_graph(gm: fx.GraphModule, context: LoweringContext, options: CpuLoweri
     shared = {name: entry for name, entry in tensor_versions(gm).items() if isinstance(entry[0], torch.nn.Parameter)}
     lowered = snapshot_graph_module(gm)
     if options.backend == "inductor":
-        runner = _compile_inductor(lowered, context.example_args, context.example_kwargs, dynamic=not context.static)
+        step_passes = decoder_step_passes(gm, context)
+        if step_passes:  # a decoder step: its cache written in place, compiled as such
+            lowered = run_lowering(lowered, [p for p in step_passes if isinstance(p, InplaceStateUpdates)],
+                                   context).graph_module
+        example_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in context.example_args)
+        runner = _compile_inductor(lowered, example_args, context.example_kwargs, dynamic=not context.static)
         if report is not None:
             seconds = time.perf_counter() - started
             report.notes.append(f"cpu lowering: torch.compile (Inductor, freezing) in {seconds:.1f} s")

@@ -46,7 +46,7 @@ class LoweredSteps:
     def __init__(self, prefill: Any, decode: Any, initial: list[torch.Tensor], batch_size: int,
                  max_cache_len: int, device: torch.device | str = "cpu") -> None:
         self._prefill, self._decode = prefill, decode
-        self._initial = [t.to(device) for t in initial]
+        self._initial = [t.to(device).clone() for t in initial]  # lowerings may have run on the originals
         self.device = torch.device(device)
         self.batch_size, self.max_cache_len = batch_size, max_cache_len
         self.state: list[torch.Tensor] = []
