@@ -19,6 +19,9 @@ from graphopt.workflows.generation.sampling import Sampling, next_tokens
 
 __all__ = ["DecoderSteps", "run_generation"]
 
+GREEDY = Sampling()
+"""The default: argmax, no sampling."""
+
 
 class DecoderSteps(Protocol):
     """A prefill and a decode step over one cache of ``max_cache_len`` positions for ``batch_size`` rows."""
@@ -72,7 +75,7 @@ def _check_prompt(input_ids: Any, attention_mask: Any, steps: DecoderSteps, max_
 
 
 def run_generation(steps: DecoderSteps, input_ids: torch.Tensor, *, max_new_tokens: int,
-                   attention_mask: torch.Tensor | None = None, sampling: Sampling = Sampling(),
+                   attention_mask: torch.Tensor | None = None, sampling: Sampling = GREEDY,
                    eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                    streamer: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` per row; return ``[batch, prompt + new]`` ids.
