@@ -43,12 +43,30 @@ def _static_cache(model: nn.Module, max_cache_len: int) -> Any:
     from transformers.cache_utils import StaticCache  # transformers is only needed for its models
 
     try:
-        return StaticCache(config=model.config, max_cache_len=max_cache_len)
-    except Exception as error:
+        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    except Exception as error:  # any failure means this architecture has no static cache
         raise InputError(
             f"{type(model).__name__} has no static key/value cache in transformers ({type(error).__name__}: {error}); "
             "graphopt generates with models that support cache_implementation='static'."
         ) from error
+    return _full_layers(cache, max_cache_len)
+
+
+def _full_layers(cache: Any, max_cache_len: int) -> Any:
+    """``cache`` with every sliding-window layer replaced by a full static layer of ``max_cache_len`` positions.
+
+    transformers' static sliding-window layer steers its writes and mask sizes with a Python int
+    (how many tokens it has seen), which one captured graph cannot carry between calls (capture
+    fails, or the graph is specialized to the count at capture). A full layer holds every position in
+    tensors; the model's sliding-window mask (built from the config, on absolute cache
+    positions) still limits attention to the window, so the result is the same attention.
+    """
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    for index, layer in enumerate(cache.layers):
+        if isinstance(layer, StaticSlidingWindowLayer):
+            cache.layers[index] = StaticLayer(max_cache_len=max_cache_len)
+    return cache
 
 
 class CachedDecoder(nn.Module):

@@ -20,6 +20,7 @@ from graphopt.workflows.generation.sampling import Sampling, next_tokens
 __all__ = ["GREEDY", "DecoderSteps", "run_generation"]
 
 GREEDY = Sampling()
+"""The default: argmax, no sampling."""
 
 
 class DecoderSteps(Protocol):
