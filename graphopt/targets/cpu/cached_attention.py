@@ -65,7 +65,8 @@ def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             scores = scores.masked_fill_(~mask, float("-inf"))
         else:
             scores = scores.add_(mask)
-    probabilities = torch.softmax(scores, dim=-1).view(batch, kv_heads, group * rows, length)
+    # rows with every slot masked (left padding) attend to nothing, as in torch's own attention: 0, not NaN
+    probabilities = torch.ops.aten._safe_softmax(scores, -1).view(batch, kv_heads, group * rows, length)
     return torch.matmul(probabilities, value).view(batch, heads, rows, dim)
 
 
