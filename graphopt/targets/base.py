@@ -50,6 +50,9 @@ class LoweringContext:
     a lowering pass that fails verification is rolled back and reported (``"rollback"``) or
     raises (``"raise"``). ``tolerance_scale`` widens the exact passes' tolerance; ``fidelity``
     is the budget kernel-substituting passes are held to (``graphopt.targets.common.lowering``).
+    ``state_inputs``: the last that many inputs are state the caller carries from call to call
+    (a key/value cache): the graph returns their new values as its last outputs, the caller feeds
+    those back and keeps nothing it passed in, so a lowering may write the new state into it.
     """
 
     example_args: tuple[Any, ...]
@@ -59,6 +62,7 @@ class LoweringContext:
     on_error: OnError = "rollback"
     tolerance_scale: float = 1.0
     fidelity: Fidelity | None = None
+    state_inputs: int = 0
 
     @classmethod
     def from_captured(cls, captured: CapturedModel, **options: Any) -> LoweringContext:
