@@ -25,7 +25,7 @@ aten = torch.ops.aten
 
 
 def has_index_copy(gm: fx.GraphModule) -> bool:
-    """True when ``gm`` has an ``aten.index_copy`` whose operands have known ranks."""
+    """True when ``gm`` has an ``aten.index_copy`` (a static cache's write)."""
     return bool(gm.graph.find_nodes(op="call_function", target=aten.index_copy.default))
 
 
