@@ -53,8 +53,9 @@ class LoweringContext:
     a lowering pass that fails verification is rolled back and reported (``"rollback"``) or
     raises (``"raise"``). ``tolerance_scale`` widens the exact passes' tolerance; ``fidelity``
     is the budget kernel-substituting passes are held to (``graphopt.targets.common.lowering``).
-    ``donate_state``: the caller of a state-lifted graph (``graphopt.ir.state``) hands its state
-    inputs over and uses only the state returned, so the lowering may update them in place.
+    ``state_inputs``: the last that many inputs are state the caller carries from call to call
+    (a key/value cache): the graph returns their new values as its last outputs, the caller feeds
+    those back and keeps nothing it passed in, so a lowering may write the new state into it.
     """
 
     example_args: tuple[Any, ...]
@@ -64,7 +65,7 @@ class LoweringContext:
     on_error: OnError = "rollback"
     tolerance_scale: float = 1.0
     fidelity: Fidelity | None = None
-    donate_state: bool = False
+    state_inputs: int = 0
 
     @classmethod
     def from_captured(cls, captured: CapturedModel, **options: Any) -> LoweringContext:

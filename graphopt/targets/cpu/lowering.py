@@ -261,7 +261,7 @@ def decoder_step_passes(gm: fx.GraphModule, context: LoweringContext) -> list[Pa
     """
     if not state_inputs(gm):
         return []
-    return [CachedAttention(), *([InplaceStateUpdates()] if context.donate_state else [])]
+    return [CachedAttention(), *([InplaceStateUpdates()] if context.state_inputs else [])]
 
 
 def lower_graph(gm: fx.GraphModule, context: LoweringContext, options: CpuLowering,

@@ -40,6 +40,7 @@ from graphopt.targets.common.weight_only_kernels import (
     GatherQuantizedEmbeddings,
     has_weight_only_ops,
 )
+from graphopt.targets.onnx.cache_writes import IndexCopyAsScatter, has_index_copy
 from graphopt.targets.onnx.decoder_ops import DecomposeDecoderOps, has_decoder_ops
 from graphopt.targets.onnx.quantized import DynamicLinearOp, StaticLinearAsMatmul
 from graphopt.targets.onnx.quantized import translation_table as quantized_translations
@@ -47,7 +48,7 @@ from graphopt.targets.onnx.weight_only import MatMulNBitsLinears
 from graphopt.targets.onnx.weight_only import translation_table as weight_only_translations
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "OnnxRuntimeModule", "export_graph_to_onnx", "export_passes", "export_prepared",
-           "prepare_for_export", "quiet_loggers"]
+           "prepare_for_export", "quiet_loggers", "write_model"]
 
 log = logging.getLogger("graphopt")
 
@@ -114,7 +115,9 @@ def export_passes(gm: fx.GraphModule) -> list[Pass]:
     """The rewrites a graph needs before export, in order: custom ops onnxruntime runs with int8 kernels.
 
     int8 QDQ graphs: ``graphopt.targets.onnx.quantized``; compressed weights (``MatMulNBits``,
-    int8 embedding rows, codebooks): ``graphopt.targets.onnx.weight_only``. None for float graphs.
+    int8 embedding rows, codebooks): ``graphopt.targets.onnx.weight_only``; ``index_copy`` (a
+    static cache's writes) as ``scatter``: ``graphopt.targets.onnx.cache_writes``. None for other
+    float graphs.
     """
     passes: list[Pass] = []
     if has_quantized_ops(gm, activations=True):
@@ -124,6 +127,8 @@ def export_passes(gm: fx.GraphModule) -> list[Pass]:
                    ExpandCompressedWeights(ops=(DEQUANTIZE_INT4,))]  # ONNX has no int4 op but MatMulNBits
     if has_decoder_ops(gm):
         passes.append(DecomposeDecoderOps())  # graphopt_decoder ops (swiglu, geglu, rotary) back to ATen
+    if has_index_copy(gm):
+        passes.append(IndexCopyAsScatter())  # a cache write as one ScatterElements, not transpose-scatter-transpose
     return [*passes, DeadCodeElimination()] if passes else []
 
 
@@ -175,7 +180,7 @@ def export_prepared(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str,
             onnx.checker.check_model(model, full_check=True)
         else:
             with tempfile.TemporaryDirectory() as folder:  # the checker reads models over 2 GiB from a path
-                path = _write_model(model, Path(folder) / "model.onnx")
+                path = write_model(model, Path(folder) / "model.onnx")
                 onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as error:
         raise LoweringError(f"the exported ONNX model fails onnx.checker: {error}") from error
@@ -198,7 +203,7 @@ def export_graph_to_onnx(
     return export_prepared(prepared, args, kwargs, dynamic, opset)
 
 
-def _write_model(model: onnx.ModelProto, path: Path) -> Path:
+def write_model(model: onnx.ModelProto, path: Path) -> Path:
     """Write ``model`` to ``path``, its weights in ``path.data`` when it is too large for one protobuf."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
@@ -227,7 +232,7 @@ class OnnxRuntimeModule(torch.nn.Module):
             self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         else:  # onnxruntime reads a large model (weights in a side file) from disk
             with tempfile.TemporaryDirectory() as folder:
-                path = _write_model(model, Path(folder) / "model.onnx")
+                path = write_model(model, Path(folder) / "model.onnx")
                 self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.out_spec = out_spec
@@ -243,4 +248,4 @@ class OnnxRuntimeModule(torch.nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write the ONNX model to ``path`` (weights beside it in ``path.data`` when over 1.8 GB)."""
-        return _write_model(self.model, Path(path))
+        return write_model(self.model, Path(path))

@@ -10,7 +10,11 @@
    FusedConv and NCHWc-blocked convolutions. ``transformer_optimizer=True`` also runs
    ``onnxruntime.transformers.optimizer`` offline (its fused operators are then in the file
    itself); its result is used only when it computes what the plain export computes.
-3. **Session options.** Intra-op threads (default: PyTorch's thread count), one inter-op thread,
+3. **State kept in place.** A graph whose last inputs are state (``LoweringContext.state_inputs``:
+   a generation step's key/value cache) runs through ``StatefulOnnxRunner``: IO binding by
+   address, the cache updated in place or written into preallocated buffers, never copied
+   through numpy.
+4. **Session options.** Intra-op threads (default: PyTorch's thread count), one inter-op thread,
    sequential execution; ``optimized_model_path`` saves onnxruntime's optimized model, so a
    deployment can load it without optimizing again.
 
@@ -44,9 +48,10 @@ from graphopt.targets.base import LoweringContext
 from graphopt.targets.common.lowering import LoweringResult, run_lowering
 from graphopt.targets.onnx.export import OnnxRuntimeModule, export_prepared, prepare_for_export, quiet_loggers
 from graphopt.targets.onnx.options import Level, OnnxLowering
+from graphopt.targets.onnx.stateful import StatefulOnnxRunner
 
-__all__ = ["ATTENTION_EXPORT_PASSES", "FUSED_ONNX_OPS", "ExpandAttentionMasks", "Level", "OnnxLowering",
-           "expand_attention_masks", "fused_op_counts", "lower_onnx", "session_options"]
+__all__ = ["ATTENTION_EXPORT_PASSES", "FUSED_ONNX_OPS", "ExpandAttentionMasks", "ExportedModel", "Level",
+           "OnnxLowering", "expand_attention_masks", "export_model", "fused_op_counts", "lower_onnx", "session_options"]
 
 log = logging.getLogger("graphopt")
 
@@ -207,6 +212,35 @@ def _transformer_optimized(model: onnx.ModelProto, feed: dict[str, Any], notes: 
     return optimized
 
 
+@dataclass
+class ExportedModel:
+    """What :func:`export_model` wrote: the ONNX model, the verified rewrites of the graph, the notes to report."""
+
+    model: onnx.ModelProto
+    rewrites: LoweringResult
+    notes: list[str]
+
+
+def export_model(gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering | None = None,
+                 passes: list[Pass] | None = None) -> ExportedModel:
+    """Export ``gm`` as the ``onnx`` target does: verified rewrites, fused attention, optional offline optimizer.
+
+    ``passes`` (default ``export_passes(gm)``) rewrite a copy of ``gm`` before export, each
+    verified on the context's example inputs. The model's inputs and outputs are named by the
+    exporter (after the graph's placeholders and output nodes).
+    """
+    options = options or OnnxLowering()
+    notes: list[str] = []
+    prepared = prepare_for_export(gm, context, passes)
+    flat = [t for t in context.flat_inputs(gm) if isinstance(t, torch.Tensor)]
+    feed = {str(index): t.detach().cpu().numpy() for index, t in enumerate(flat)}
+    model, attention_records = _export(prepared.graph_module, context, options, notes, feed)
+    if options.transformer_optimizer:
+        model = _transformer_optimized(model, _feed_for(model, feed), notes)
+    rewrites = LoweringResult(prepared.graph_module, [*prepared.records, *attention_records])
+    return ExportedModel(model, rewrites, notes)
+
+
 def lower_onnx(gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering,
                passes: list[Pass] | None = None) -> Any:
     """Export ``gm`` with fused attention, optionally optimize it offline, and open a tuned session.
@@ -215,18 +249,15 @@ def lower_onnx(gm: fx.GraphModule, context: LoweringContext, options: OnnxLoweri
     verified on the context's example inputs.
     """
     report = context.report
-    notes: list[str] = []
-    prepared = prepare_for_export(gm, context, passes)
-    flat = [t for t in context.flat_inputs(gm) if isinstance(t, torch.Tensor)]
-    feed = {str(index): t.detach().cpu().numpy() for index, t in enumerate(flat)}
-    model, attention_records = _export(prepared.graph_module, context, options, notes, feed)
-    if options.transformer_optimizer:
-        model = _transformer_optimized(model, _feed_for(model, feed), notes)
-    runner = OnnxRuntimeModule(model, getattr(gm, "_out_spec", None), options=session_options(options))
+    exported = export_model(gm, context, options, passes)
+    model = exported.model
+    runner: Any = OnnxRuntimeModule(model, getattr(gm, "_out_spec", None), options=session_options(options))
+    if context.state_inputs:
+        runner = StatefulOnnxRunner(runner, context.state_inputs)
     if report is not None:
         fused = fused_op_counts(model)
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-        report.notes.extend(f"onnx lowering: {note}" for note in notes)
+        report.notes.extend(f"onnx lowering: {note}" for note in exported.notes)
         report.sections.append(ReportSection(
             title=f"onnx lowering '{options.label()}'",
             description=(f"ONNX opset {opset}; fused operators in the file (onnxruntime fuses more in its session at "
@@ -234,7 +265,6 @@ def lower_onnx(gm: fx.GraphModule, context: LoweringContext, options: OnnxLoweri
             headers=["operator", "count"],
             rows=[[op, count] for op, count in fused.items()] or [["(none)", 0]],
         ))
-        rewrites = LoweringResult(prepared.graph_module, [*prepared.records, *attention_records])
-        if rewrites.records:
-            rewrites.report(report, f"onnx lowering '{options.label()}': rewrites")
+        if exported.rewrites.records:
+            exported.rewrites.report(report, f"onnx lowering '{options.label()}': rewrites")
     return runner

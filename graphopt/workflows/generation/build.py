@@ -126,12 +126,12 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
     state = lifted.initial
     prefill = target.lower(lifted.graph_module, LoweringContext(
         (*example, *state), dynamic=_with_state(captured.dynamic, len(state)), report=report, on_error=on_error,
-        donate_state=True))
+        state_inputs=len(state)))
     decode = prefill
     if _specializes(target):
         one = step_inputs(prompt[:, :1], torch.ones_like(prompt[:, :1]), max_cache_len)
         decode = target.lower(lifted.graph_module, LoweringContext((*one, *state), report=report, on_error=on_error,
-                                                                   donate_state=True))
+                                                                   state_inputs=len(state)))
     seconds["lowering"] = time.perf_counter() - started
     report.lowering_seconds += seconds["lowering"]
     steps = LoweredSteps(prefill, decode, state, batch_size, max_cache_len, device=_target_device(target))

@@ -113,8 +113,12 @@ class GenerativeModel(nn.Module):
         return logits
 
     def export_onnx(self, path: str | Path, batch_size: int | None = None) -> Path:
-        """Write the step as ONNX: ``input_ids, attention_mask, position_ids, past.*`` in, ``logits, present.*`` out."""
+        """Write the step as an ONNX decoder at ``path`` (and its ``.genai.json`` sidecar); return ``path``.
+
+        ``input_ids, attention_mask, position_ids, past_key_values.*`` in, ``logits, present.*`` out
+        (``graphopt.workflows.generation.onnx_export``).
+        """
         from graphopt.workflows.generation.onnx_export import export_decoder
 
         built = self.steps_for(batch_size or next(iter(self._built)))
-        return export_decoder(built, Path(path))
+        return export_decoder(built, Path(path), eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)

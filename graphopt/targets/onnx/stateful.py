@@ -1,0 +1,161 @@
+"""ONNX models that carry state from call to call: named inputs/outputs, and a session runner that keeps it in place.
+
+A state-lifted graph (``graphopt.ir.state``) exports as ``(inputs..., state...) -> (outputs...,
+new_state...)``. :func:`rename_io` gives such a model readable input and output names (a
+decoder's ``past_key_values.0.key`` / ``present.0.key``). :class:`StatefulOnnxRunner` runs it
+with onnxruntime's IO binding: every input is bound by its tensor's address (no copy), and each
+new state is written straight into a preallocated torch tensor of a pool of two that the runner
+alternates between, so a generation loop's key/value cache never goes through numpy and no
+state buffer is allocated per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import onnx
+import torch
+
+from graphopt.errors import LoweringError
+from graphopt.targets.onnx.export import OnnxRuntimeModule
+
+__all__ = ["StatefulOnnxRunner", "in_place_state", "rename_io"]
+
+
+def _rename_everywhere(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename value ``old`` to ``new`` in ``graph``'s nodes (and in their subgraphs), value infos and outputs."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+        for attribute in node.attribute:
+            for sub in [attribute.g, *attribute.graphs]:
+                _rename_everywhere(sub, old, new)
+    for info in [*graph.value_info, *graph.output]:
+        if info.name == old:
+            info.name = new
+
+
+def _rename_output(graph: onnx.GraphProto, index: int, new: str, inputs: set[str]) -> None:
+    """Give output ``index`` the name ``new``: its producer's value renamed, or an ``Identity`` for a pass-through."""
+    old = graph.output[index].name
+    if old == new:
+        return
+    produced = any(old in node.output for node in graph.node)
+    repeated = sum(o.name == old for o in graph.output) > 1
+    if produced and not repeated and old not in inputs:
+        _rename_everywhere(graph, old, new)
+        return
+    graph.node.append(onnx.helper.make_node("Identity", [old], [new], name=f"output_{new}"))
+    graph.output[index].name = new
+
+
+def rename_io(model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[str]) -> onnx.ModelProto:
+    """``model`` (changed in place, and returned) with its graph inputs and outputs renamed, in order.
+
+    Raises ``LoweringError`` when the counts differ from the model's or a name repeats.
+    """
+    graph = model.graph
+    if len(inputs) != len(graph.input) or len(outputs) != len(graph.output):
+        raise LoweringError(f"the ONNX model has {len(graph.input)} inputs and {len(graph.output)} outputs; "
+                            f"{len(inputs)} and {len(outputs)} names were given")
+    if len(set(inputs) | set(outputs)) != len(inputs) + len(outputs):
+        raise LoweringError("input and output names must be distinct")
+    clashes = {v.name for v in graph.value_info} | {o for n in graph.node for o in n.output}
+    taken = clashes - {i.name for i in graph.input} - {o.name for o in graph.output}
+    if taken & (set(inputs) | set(outputs)):
+        raise LoweringError(f"names already used inside the model: {sorted(taken & (set(inputs) | set(outputs)))}")
+    for info, new in zip(graph.input, inputs, strict=True):
+        if info.name != new:
+            _rename_everywhere(graph, info.name, new)
+            info.name = new
+    for index, new in enumerate(outputs):
+        _rename_output(graph, index, new, set(inputs))
+    return model
+
+
+_IN_PLACE_OPS = frozenset({"ScatterND", "ScatterElements"})
+"""onnxruntime's CPU kernels of these skip copying their data input when the output is its buffer."""
+
+
+def in_place_state(model: onnx.ModelProto, count: int) -> list[bool]:
+    """Which of the last ``count`` inputs may have their new value (the matching output) written into them.
+
+    True where the input's only reader is a ``ScatterElements`` or ``ScatterND`` (as data) whose
+    result is the matching output: onnxruntime's scatter kernels skip their copy of the data when
+    the output buffer is the input's, and nothing else reads the old value, so binding both to one
+    buffer updates the state in place (a key/value cache gets its new positions written, nothing
+    copied).
+    """
+    graph = model.graph
+    inputs, outputs = [i.name for i in graph.input][-count:], [o.name for o in graph.output][-count:]
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            readers.setdefault(name, []).append(node)
+    result = []
+    for past, present in zip(inputs, outputs, strict=True):
+        nodes = readers.get(past, [])
+        node = nodes[0] if len(nodes) == 1 else None
+        result.append(node is not None and node.op_type in _IN_PLACE_OPS and node.domain in ("", "ai.onnx")
+                      and list(node.input).count(past) == 1 and node.input[0] == past and node.output[0] == present)
+    return result
+
+
+def _numpy_dtype(dtype: torch.dtype) -> Any:
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+class StatefulOnnxRunner:
+    """Runs an :class:`OnnxRuntimeModule` whose last ``count`` inputs are state, its last ``count`` outputs the new one.
+
+    Called like the module (``runner(*inputs, *state)`` returns ``(*outputs, *new_state)``), it
+    binds every input by address. Each new state tensor is written into the state tensor passed in
+    where that is safe (``in_place_state``: a key/value cache updated by ``ScatterND``), else into
+    one of two preallocated torch tensors, the one the given state is not in. The state passed in
+    is donated: the caller feeds the returned state back on the next call and keeps neither. The
+    other outputs (a decoder's logits) are returned as fresh tensors.
+    """
+
+    def __init__(self, module: OnnxRuntimeModule, count: int, in_place: bool = True) -> None:
+        self.module = module
+        self.session = module.session
+        self.count = count
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if count < 1 or count > min(len(self.input_names), len(self.output_names)):
+            raise LoweringError(f"the model has {len(self.input_names)} inputs and {len(self.output_names)} outputs: "
+                                f"it cannot carry {count} state tensors")
+        self.in_place = in_place_state(module.model, count) if in_place else [False] * count
+        self._pools: list[list[torch.Tensor]] = []
+
+    def _pool_for(self, state: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The preallocated set of state tensors that shares no memory with ``state``."""
+        if not self._pools or any(p.shape != s.shape or p.dtype != s.dtype for p, s in zip(self._pools[0], state,
+                                                                                            strict=True)):
+            self._pools = [[torch.empty_like(s, memory_format=torch.contiguous_format) for s in state]
+                           for _ in range(2)]
+        used = {s.data_ptr() for s in state}
+        return next(pool for pool in self._pools if not used & {t.data_ptr() for t in pool})
+
+    def _new_state(self, state: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Where each new state tensor goes: the old one (in place) or a tensor of the free pool."""
+        pool = self._pool_for(state)
+        return [old if same else fresh for old, fresh, same in zip(state, pool, self.in_place, strict=True)]
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run one call: ``(*inputs, *state) -> (*outputs, *new_state)``."""
+        if len(args) != len(self.input_names):
+            raise LoweringError(f"the ONNX model takes {len(self.input_names)} tensors, got {len(args)}")
+        tensors = [t.detach().contiguous() for t in args]
+        binding = self.session.io_binding()
+        for name, tensor in zip(self.input_names, tensors, strict=True):
+            binding.bind_input(name, "cpu", 0, _numpy_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
+        new_state = self._new_state(tensors[-self.count:])
+        for name in self.output_names[:-self.count]:
+            binding.bind_output(name, "cpu")
+        for name, tensor in zip(self.output_names[-self.count:], new_state, strict=True):
+            binding.bind_output(name, "cpu", 0, _numpy_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
+        self.session.run_with_iobinding(binding)
+        outputs = [torch.from_numpy(value.numpy()) for value in binding.get_outputs()[:-self.count]]
+        return (*outputs, *new_state)
