@@ -352,3 +352,9 @@ def test_smollm2_peers_agree_with_eager_on_a_real_prompt(tmp_path: Path) -> None
         # fp32 onnxruntime-genai is the same arithmetic; llama.cpp runs Q4_1 with int8 activations,
         # so it may drift where two logits nearly tie, but not at the start of a plain prompt.
         assert common_prefix(run, reference) >= (16 if peer.name.endswith("fp32") else 4), peer.name
+
+
+def test_generation_cli_knows_every_peer() -> None:
+    from graphopt.bench.generation_cli import PEER_NAMES
+
+    assert tuple(PEER_NAMES) == tuple(BACKEND_NAMES)

