@@ -74,15 +74,29 @@ def test_non_tensor_inputs_are_rejected():
         graphopt.optimize(lambda x: x, (torch.randn(1),))
 
 
-def test_gpt2_with_cache_explains_use_cache():
+def test_causal_lm_with_cache_generates_and_without_it_is_one_shot():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=16,
                                       bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 100, (1, 8))
+    generative = graphopt.optimize(model, (ids,), example_kwargs={"use_cache": True})
+    assert hasattr(generative, "generate") and generative.max_cache_len == 16
+    fast = graphopt.optimize(model, (ids,), example_kwargs={"use_cache": False})
+    assert isinstance(fast, graphopt.OptimizedModel) and fast.report.final_check == "passed"
+    assert torch.allclose(fast(ids, use_cache=False).logits, model(ids, use_cache=False).logits, atol=1e-5)
+
+
+def test_a_model_returning_a_cache_object_explains_use_cache():
+    class ReturnsCache(torch.nn.Module):
+        def forward(self, x):
+            from transformers.cache_utils import DynamicCache
+
+            return x + 1, DynamicCache()
+
+    pytest.importorskip("transformers")
     with pytest.raises(graphopt.CaptureError, match="use_cache=False"):
-        graphopt.optimize(model, (torch.randint(0, 100, (1, 8)),), example_kwargs={"use_cache": True})
-    fast = graphopt.optimize(model, (torch.randint(0, 100, (1, 8)),), example_kwargs={"use_cache": False})
-    assert fast.report.final_check == "passed"
+        graphopt.optimize(ReturnsCache(), (torch.randn(2, 3),))
 
 
 def test_user_model_is_not_mutated(small_cnn):

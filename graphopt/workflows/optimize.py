@@ -162,7 +162,7 @@ def optimize(
     target = with_lowering(get_target(target), lowering)
     target.check_available()
     passes = options.pipeline.build(target)
-    if is_causal_lm(model):
+    if is_causal_lm(model) and _generates(model, example_kwargs):
         return optimize_for_generation(model, example_inputs, target, passes, max_cache_len=max_cache_len,
                                        verify=check.enabled, on_error=on_error, refused=_refused_for_generation(
                                            compress, calibration, fidelity, tune, example_kwargs, options))
@@ -223,11 +223,20 @@ def optimize(
     return optimized
 
 
+def _generates(model: torch.nn.Module, example_kwargs: dict[str, Any] | None) -> bool:
+    """A causal LM is optimized for generation unless its cache is off (``use_cache=False`` in the call or config)."""
+    asked = (example_kwargs or {}).get("use_cache")
+    if asked is not None:
+        return bool(asked)
+    return getattr(getattr(model, "config", None), "use_cache", True) is not False
+
+
 def _refused_for_generation(compress: Any, calibration: Any, fidelity: Any, tune: bool,
                             example_kwargs: Any, options: Any) -> list[str]:
     """The options ``optimize`` takes that generation does not support yet (named in its error)."""
     asked = {"compress=": bool(compress) or bool(options.compression), "calibration=": calibration is not None,
-             "fidelity=": fidelity is not None, "tune=True": tune, "example_kwargs=": bool(example_kwargs),
+             "fidelity=": fidelity is not None, "tune=True": tune,
+             "example_kwargs= (other than use_cache)": bool(set(example_kwargs or {}) - {"use_cache"}),
              "dynamic=": bool(options.dynamic.shapes) or options.dynamic.batch}
     return [name for name, given in asked.items() if given]
 

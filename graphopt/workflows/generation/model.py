@@ -60,6 +60,10 @@ class GenerativeModel(nn.Module):
         self._built: dict[int, BuiltSteps] = {}
         self.eos_token_id = _config_value(model, "eos_token_id")
         self.pad_token_id = _config_value(model, "pad_token_id")
+        config = getattr(model, "generation_config", None)
+        self._sampling_defaults = {"temperature": getattr(config, "temperature", None) or 1.0,
+                                   "top_k": getattr(config, "top_k", None),
+                                   "top_p": getattr(config, "top_p", None)}
         self.setup_seconds = 0.0
         self.steps_for(example_ids.shape[0])
 
@@ -79,7 +83,7 @@ class GenerativeModel(nn.Module):
         return next(iter(self._built.values())).lifted.graph_module
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, attention_mask: torch.Tensor | None = None,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
                  pad_token_id: int | None = None, min_new_tokens: int = 0, streamer: Any = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -88,7 +92,8 @@ class GenerativeModel(nn.Module):
         Batches must be left-padded (``attention_mask`` 0 on the left). ``eos_token_id`` defaults
         to the model's; pass ``eos_token_id=[]`` to always produce ``max_new_tokens``, or
         ``min_new_tokens`` to forbid eos before that many new tokens (transformers' way). Sampling
-        (``do_sample=True``) applies temperature, then top-k, then top-p; ``generator`` seeds it.
+        (``do_sample=True``) applies temperature, then top-k, then top-p, each defaulting to the
+        model's ``generation_config`` as in transformers; ``generator`` seeds it.
         ``streamer`` gets the tokens as they come (transformers' ``TextStreamer`` works).
         """
         if not isinstance(input_ids, torch.Tensor):
@@ -99,9 +104,18 @@ class GenerativeModel(nn.Module):
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         return run_generation(built.steps, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
-                              sampling=Sampling(do_sample, temperature, top_k, top_p), eos_token_id=eos,
+                              sampling=self._sampling(do_sample, temperature, top_k, top_p), eos_token_id=eos,
                               pad_token_id=pad, min_new_tokens=min_new_tokens, streamer=streamer,
                               generator=generator)
+
+    def _sampling(self, do_sample: bool, temperature: float | None, top_k: int | None, top_p: float | None
+                  ) -> Sampling:
+        """The sampling settings, the model's generation config filling what the call leaves out."""
+        if not do_sample:
+            return Sampling()
+        defaults = self._sampling_defaults
+        return Sampling(True, defaults["temperature"] if temperature is None else temperature,
+                        defaults["top_k"] if top_k is None else top_k, defaults["top_p"] if top_p is None else top_p)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The next-token logits ``[batch, vocab]`` after each (left-padded) prompt."""
