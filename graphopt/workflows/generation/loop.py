@@ -102,6 +102,7 @@ def run_generation(steps: DecoderSteps, input_ids: torch.Tensor, *, max_new_toke
     for index in range(max_new_tokens):
         logits = logits.float().cpu()
         if eos is not None and index < min_new_tokens:
+            logits = logits.clone()  # the step's own output may be an inference-mode tensor
             logits[:, eos] = float("-inf")
         token = next_tokens(logits, sampling, generator)
         token = torch.where(finished, torch.full_like(token, pad), token)
