@@ -111,6 +111,8 @@ def test_cache_key_follows_the_weights_not_the_object(tiny_source: GenerationSou
     other = GenerationSource(transformers.LlamaForCausalLM(tiny_source.model.config).eval(),
                              tiny_source.tokenizer, None, tiny_source.workdir)
     assert other.cache_key() != key
+    tiny_source.model.save_pretrained(tiny_source.workdir / "saved")  # save_pretrained edits the config
+    assert tiny_source.cache_key() == key
 
 
 def test_cache_key_of_a_gguf_source_is_its_path_and_size(tmp_path: Path, tiny_source: GenerationSource) -> None:

@@ -137,6 +137,10 @@ class GenerationRun:
         return self.batch * (self.new_tokens.shape[1] - 1) / self.decode_seconds
 
 
+_VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path"})
+"""Config entries ``save_pretrained`` fills in or rewrites: left out of the cache key."""
+
+
 @dataclass
 class GenerationSource:
     """What every backend may start from: the fp32 model, its tokenizer, the GGUF file, a cache folder."""
@@ -153,7 +157,8 @@ class GenerationSource:
             path = Path(self.gguf_path).resolve()
             digest.update(f"{path}:{path.stat().st_size}".encode())
         else:
-            digest.update(self.model.config.to_json_string().encode())
+            config = {k: v for k, v in self.model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+            digest.update(json.dumps(config, sort_keys=True, default=str).encode())
             for tensor in self.model.state_dict().values():
                 digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
