@@ -73,7 +73,7 @@ def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 @cached_attention.register_fake
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
       scale: float) -> torch.Tensor:
-    return torch.empty_like(query)
+    return query.new_empty(query.shape)  # contiguous, as the kernel returns it
 
 
 def _unrepeated(node: object, heads: int) -> fx.Node | None:

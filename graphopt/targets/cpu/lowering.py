@@ -46,6 +46,7 @@ from graphopt.targets.common.donated_state import InplaceStateUpdates
 from graphopt.targets.common.lowering import run_lowering
 from graphopt.targets.cpu.cached_attention import CachedAttention
 from graphopt.targets.cpu.epilogue import EpilogueFusion
+from graphopt.targets.cpu.split_linear import SplitLinears
 from graphopt.targets.onnx.options import OnnxLowering
 
 __all__ = ["CpuLowering", "LoweredGraph", "PrepackWeights", "float_lowering_passes", "lower_graph",
@@ -261,7 +262,7 @@ def decoder_step_passes(gm: fx.GraphModule, context: LoweringContext) -> list[Pa
     """
     if not state_inputs(gm):
         return []
-    return [CachedAttention(), *([InplaceStateUpdates()] if context.state_inputs else [])]
+    return [CachedAttention(), SplitLinears(), *([InplaceStateUpdates()] if context.state_inputs else [])]
 
 
 def lower_graph(gm: fx.GraphModule, context: LoweringContext, options: CpuLowering,
@@ -284,9 +285,8 @@ def lower_graph(gm: fx.GraphModule, context: LoweringContext, options: CpuLoweri
     lowered = snapshot_graph_module(gm)
     if options.backend == "inductor":
         step_passes = decoder_step_passes(gm, context)
-        if step_passes:  # a decoder step: its cache written in place, compiled as such
-            lowered = run_lowering(lowered, [p for p in step_passes if isinstance(p, InplaceStateUpdates)],
-                                   context).graph_module
+        if step_passes:  # a decoder step: its cache written in place and its GEMVs split, compiled as such
+            lowered = run_lowering(lowered, step_passes, context).graph_module
         example_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in context.example_args)
         runner = _compile_inductor(lowered, example_args, context.example_kwargs, dynamic=not context.static)
         if report is not None:
