@@ -8,9 +8,9 @@ cache, and the CPU's flash kernel is slow for one query row with a mask.
 
 :class:`CachedAttention` replaces that ``sdpa`` (its key/value either ``repeat_kv`` of the cache
 or the cache itself with ``enable_gqa=True``) with ``graphopt_cpu::cached_attention``: it trims
-the cache to the slots any row may see (the last set mask column), folds each group's query heads
-into the query rows of their key/value head, and computes softmax(q kᵀ · scale + mask) v with two
-batched matmuls.
+the cache to the slots any row may see (the last set mask column) and runs torch's attention on
+that part with the grouped key/value heads read in place (``enable_gqa``): at a decode step on
+SmolLM2's shapes, 25 µs per layer instead of 80 µs for the untrimmed, repeated form.
 """
 
 from __future__ import annotations
@@ -48,32 +48,23 @@ def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ``query [B, H, S, D]``, ``key``/``value [B, Hkv, L, D]`` with ``H`` a multiple of ``Hkv``,
     ``mask`` boolean (True: attend) or additive, broadcastable to ``[B, 1, S, L]``.
     """
-    batch, heads, rows, dim = query.shape
-    kv_heads, length = key.shape[1], key.shape[2]
-    group = heads // kv_heads
+    length = key.shape[2]
     if mask is not None:
-        mask = mask.expand(batch, 1, rows, length) if mask.dim() == 4 and mask.shape[1] == 1 else mask
         live = _live_length(mask)
         if live < length:
             key, value, mask = key[:, :, :live], value[:, :, :live], mask[..., :live]
-            length = live
-    grouped = query.reshape(batch, kv_heads, group * rows, dim)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).mul_(scale).view(batch, kv_heads, group, rows, length)
-    if mask is not None:
-        mask = mask.reshape(batch, 1, 1, rows, length)
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill_(~mask, float("-inf"))
-        else:
-            scores = scores.add_(mask)
-    # rows with every slot masked (left padding) attend to nothing, as in torch's own attention: 0, not NaN
-    probabilities = torch.ops.aten._safe_softmax(scores, -1).view(batch, kv_heads, group * rows, length)
-    return torch.matmul(probabilities, value).view(batch, heads, rows, dim)
+    # torch's attention over the live slots, grouped heads read in place (enable_gqa); rows with every
+    # slot masked (left padding) give 0, as in the eager model
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                                            enable_gqa=key.shape[1] != query.shape[1])
 
 
 @cached_attention.register_fake
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
       scale: float) -> torch.Tensor:
-    return query.new_empty(query.shape)  # contiguous, as the kernel returns it
+    # the kernel's own layout: torch's attention on fake tensors (compilers check strides)
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                                            enable_gqa=key.shape[1] != query.shape[1])
 
 
 def _unrepeated(node: object, heads: int) -> fx.Node | None:
