@@ -84,13 +84,15 @@ class CachedDecoder(nn.Module):
         self.cache = _static_cache(model, max_cache_len)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._allocate()
-        self._fields: list[tuple[int, str, str]] = []
+        # the cache layers keep referencing these tensors; capture rebinds those references to the traced
+        # buffers on every call (graphopt.ir.buffer_aliases), so the writes are captured as state
+        self._cache_buffers: list[str] = []
         for index, layer in enumerate(self.cache.layers):
             for field_name, value in list(vars(layer).items()):
                 if isinstance(value, torch.Tensor):
                     buffer_name = f"cache_{index}_{field_name}"
                     self.register_buffer(buffer_name, value, persistent=False)
-                    self._fields.append((index, field_name, buffer_name))
+                    self._cache_buffers.append(buffer_name)
         self.reset()
 
     def _allocate(self) -> None:
@@ -98,32 +100,22 @@ class CachedDecoder(nn.Module):
         ids = torch.zeros(self.batch_size, 1, dtype=torch.long, device=_device(self.model))
         mask = torch.ones(self.batch_size, self.max_cache_len, dtype=torch.long, device=ids.device)
         with torch.no_grad():
-            self._call(ids, mask, torch.zeros_like(ids))
+            self(ids, mask, torch.zeros_like(ids))
 
     @torch.no_grad()
     def reset(self) -> None:
         """Empty the cache (every slot and counter back to zero)."""
-        for _, _, buffer_name in self._fields:
+        for buffer_name in self._cache_buffers:
             getattr(self, buffer_name).zero_()
 
-    def _bind(self) -> None:
-        """Point the cache's layers at this module's buffers (capture swaps buffers for traced values)."""
-        for index, field_name, buffer_name in self._fields:
-            setattr(self.cache.layers[index], field_name, getattr(self, buffer_name))
-
-    def _call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        """One step: write the keys/values of ``input_ids`` into the cache, return the last position's logits."""
         extra = {"logits_to_keep": 1} if self._keeps_logits else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=self.cache, use_cache=True, **extra)
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[:, -1, :]
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor) -> torch.Tensor:
-        """One step: write the keys/values of ``input_ids`` into the cache, return the last position's logits."""
-        if getattr(self, "_fields", None):
-            self._bind()
-        return self._call(input_ids, attention_mask, position_ids)
 
 
 def _device(model: nn.Module) -> torch.device:
