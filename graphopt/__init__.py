@@ -46,6 +46,7 @@ from graphopt.targets.onnx.options import OnnxLowering
 from graphopt.version import __version__
 from graphopt.workflows.analyze import ModelAnalysis, analyze
 from graphopt.workflows.distill import distill
+from graphopt.workflows.generation import GenerativeModel
 from graphopt.workflows.optimize import optimize
 from graphopt.workflows.optimized_model import OptimizedModel, load
 from graphopt.workflows.options import Dynamic, PassPipeline, Verify
@@ -79,6 +80,7 @@ __all__ = [
     "ModelAnalysis",
     "NodeCost",
     "OnnxLowering",
+    "GenerativeModel",
     "OptimizedModel",
     "Pass",
     "PassError",
