@@ -81,10 +81,9 @@ def lift_state(gm: fx.GraphModule) -> LiftedState:
         value = _attribute(lifted, name)
         with graph.inserting_after(anchor):
             placeholder = graph.placeholder("state_" + name.replace(".", "_"))
-        placeholder.meta["val"] = next((n.meta["val"] for n in graph.nodes
-                                        if n.op == "get_attr" and n.target == name and "val" in n.meta), None)
-        placeholder.meta["tensor_meta"] = next((n.meta["tensor_meta"] for n in graph.nodes if n.op == "get_attr"
-                                                and n.target == name and "tensor_meta" in n.meta), None)
+        reads = [n for n in graph.nodes if n.op == "get_attr" and n.target == name]
+        for key in ("val", "tensor_meta"):  # the buffer's shape and dtype, as its reads carry them
+            placeholder.meta[key] = next((n.meta[key] for n in reads if key in n.meta), None)
         anchor = placeholders[name] = placeholder
         specs.append(StateSpec(name, tuple(value.shape), value.dtype))
         initial.append(value.detach().clone())
