@@ -360,3 +360,14 @@ def test_generation_cli_knows_every_peer() -> None:
     from graphopt.bench.generation_cli import PEER_NAMES
 
     assert tuple(PEER_NAMES) == tuple(BACKEND_NAMES)
+
+
+def test_graphopt_backend_generates_the_eager_tokens_with_both_timings(tiny_source: GenerationSource) -> None:
+    from graphopt.bench.generation import GraphoptGenerationBackend
+
+    backend = GraphoptGenerationBackend("cpu", max_cache_len=32)
+    backend.setup(tiny_source)
+    ids, mask = _left_padded(batch=1)
+    run = backend.generate(ids, mask, 8)
+    assert run.tokens[0, ids.shape[1]:].tolist() == _greedy_reference(tiny_source.model, ids[0].tolist(), 8)
+    assert run.prefill_seconds > 0 and run.decode_seconds > 0

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import torch
 
 from graphopt.bench.generation_peers import (
+    FirstTokenClock,
     GenerationBackend,
     GenerationRun,
     GenerationSource,
@@ -34,22 +35,6 @@ __all__ = ["GraphoptGenerationBackend", "english_prompts", "run_generation_bench
            "smollm2_source"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class _Clock:
-    """A streamer that notes when the first new token arrives (its second ``put``)."""
-
-    def __init__(self) -> None:
-        self.puts = 0
-        self.first_token_at: float | None = None
-
-    def put(self, value: torch.Tensor) -> None:
-        self.puts += 1
-        if self.puts == 2:
-            self.first_token_at = time.perf_counter()
-
-    def end(self) -> None:
-        """Nothing to flush."""
 
 
 class GraphoptGenerationBackend(GenerationBackend):
@@ -75,7 +60,7 @@ class GraphoptGenerationBackend(GenerationBackend):
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> GenerationRun:
         """Greedy generation of exactly ``max_new_tokens`` tokens, split into prefill and decode time."""
-        clock = _Clock()
+        clock = FirstTokenClock()
         start = time.perf_counter()
         tokens = self.model.generate(input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
                                      min_new_tokens=max_new_tokens, streamer=clock)

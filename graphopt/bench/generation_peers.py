@@ -6,7 +6,7 @@ llama.cpp has its end-of-generation tokens masked before the argmax), and report
 time to the first new token (prefill) apart from the time of the remaining ones (decode):
 
 * ``transformers-eager``: ``model.generate`` with the default dynamic cache. The split is
-  taken by a streamer (``_FirstTokenClock``): ``generate`` hands the streamer the prompt
+  taken by a streamer (``FirstTokenClock``): ``generate`` hands the streamer the prompt
   before the prefill and then each new token as soon as it is chosen, so the second
   ``put`` marks the first new token.
 * ``transformers-static-compile``: the same with ``cache_implementation="static"`` and a
@@ -62,6 +62,7 @@ from transformers.generation.streamers import BaseStreamer
 
 __all__ = [
     "BACKEND_NAMES",
+    "FirstTokenClock",
     "GenerationBackend",
     "GenerationRun",
     "GenerationSource",
@@ -209,7 +210,7 @@ def _row_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor, row: int)
 # ------------------------------------------------------------------------------ transformers
 
 
-class _FirstTokenClock(BaseStreamer):
+class FirstTokenClock(BaseStreamer):
     """Streamer recording when ``generate`` produced its first new token (its second ``put``)."""
 
     def __init__(self) -> None:
@@ -249,7 +250,7 @@ class TransformersEagerBackend(GenerationBackend):
         """Greedy ``generate`` with ``min_new_tokens == max_new_tokens``, timed around the call."""
         _check_new_tokens(max_new_tokens)
         assert self.model is not None, "call setup() first"
-        clock = _FirstTokenClock()
+        clock = FirstTokenClock()
         with torch.inference_mode():
             start = time.perf_counter()
             tokens = self.model.generate(
