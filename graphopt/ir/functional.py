@@ -16,7 +16,7 @@ import torch.fx as fx
 from graphopt.ir.graph import is_aten, is_mutating
 from graphopt.ir.ops import MAYBE_ALIASING_OPS
 
-__all__ = ["outplace_simple_mutations"]
+__all__ = ["creates_alias", "outplace_simple_mutations"]
 
 aten = torch.ops.aten
 
@@ -49,7 +49,7 @@ def _is_fresh(node: fx.Node) -> bool:
     return all(r.alias_info is None for r in target._schema.returns)
 
 
-def _creates_alias(user: fx.Node, of: fx.Node) -> bool:
+def creates_alias(user: fx.Node, of: fx.Node) -> bool:
     """True when ``user``'s result may share storage with ``of`` (a view, getitem, unknown op...)."""
     target = user.target
     if user.op == "output":
@@ -77,7 +77,7 @@ def _chains(gm: fx.GraphModule) -> list[fx.Node] | None:
         if not _is_fresh(base):
             return None
         for link in chain:
-            if any(_creates_alias(user, link) for user in link.users):
+            if any(creates_alias(user, link) for user in link.users):
                 return None
     return mutating
 

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
+from graphopt.ir.functional import creates_alias
 from graphopt.ir.graph import STATE_UPDATE
 from graphopt.ir.state import state_inputs
 from graphopt.passes.base import Pass, PassResult
@@ -34,12 +35,10 @@ IN_PLACE_FORMS = {
 
 
 def _runs_before(order: dict[fx.Node, int], node: fx.Node, writer: fx.Node) -> bool:
-    """True when ``node``, and anything reading it as a view, has run by the time ``writer`` runs."""
+    """True when ``node``, and every view of its result read later, have run by the time ``writer`` runs."""
     if order[node] > order[writer]:
         return False
-    aliases = node.target in (aten.view.default, aten.slice.Tensor, aten.select.int, aten.transpose.int,
-                              aten.unsqueeze.default, aten.expand.default, aten.alias.default)
-    return not aliases or all(_runs_before(order, user, writer) for user in node.users)
+    return all(_runs_before(order, user, writer) for user in node.users if creates_alias(user, node))
 
 
 @dataclass(frozen=True)
