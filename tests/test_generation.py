@@ -50,9 +50,13 @@ FAMILIES = {
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**TINY, "head_dim": 16, "sliding_window": 4,
                                                          "tie_word_embeddings": False}),
 }
-# The default run: every family on cpu, and onnx for a full-attention and a sliding-window family
-# (llama on cpu is the module fixture below); the whole family x target matrix runs with -m slow.
-FAST_CASES = {*((family, "cpu") for family in FAMILIES if family != "llama"), ("llama", "onnx"), ("gemma3", "onnx")}
+# The default run: every family on cpu (whose steps run in onnxruntime by default), onnx and cpu with
+# the steps kept in PyTorch ("cpu-torch") for a full-attention and a sliding-window family (llama on
+# cpu is the module fixture below); the whole family x target matrix runs with -m slow.
+FAST_CASES = {*((family, "cpu") for family in FAMILIES if family != "llama"), ("llama", "onnx"), ("gemma3", "onnx"),
+              ("llama", "cpu-torch"), ("gemma3", "cpu-torch")}
+TARGETS = {"cpu": {"target": "cpu"}, "onnx": {"target": "onnx"},
+           "cpu-torch": {"target": "cpu", "lowering": graphopt.CpuLowering()}}
 
 
 def tiny_lm(family: str, seed: int = 0) -> nn.Module:
@@ -91,7 +95,7 @@ def left_padded(lengths: list[int], pad: int = 0, seed: int = 2) -> tuple[torch.
 
 FAMILY_CASES = [pytest.param(family, target, id=f"{family}-{target}",
                              marks=() if (family, target) in FAST_CASES else pytest.mark.slow)
-                for family in FAMILIES for target in ("cpu", "onnx")]
+                for family in FAMILIES for target in TARGETS]
 
 
 @pytest.mark.parametrize(("family", "target"), FAMILY_CASES)
@@ -104,7 +108,7 @@ def test_greedy_tokens_match_transformers(family: str, target: str) -> None:
     new = free[0, PROMPT_LENGTH:].tolist()
     eos = max(set(new), key=new.index)
     lm.generation_config.eos_token_id = eos
-    fast = graphopt.optimize(lm, (ids,), target=target, max_cache_len=MAX_CACHE_LEN)
+    fast = graphopt.optimize(lm, (ids,), max_cache_len=MAX_CACHE_LEN, **TARGETS[target])
     assert isinstance(fast, GenerativeModel)
     assert fast.report.final_check == "passed"
     assert fast.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=[]).tolist() == free.tolist()

@@ -130,6 +130,45 @@ def test_onnx_steps_keep_the_cache_in_place(exported: tuple[Any, Any, Path]) -> 
     assert [a == b for a, b in zip(after, before, strict=True)] == decode.in_place
 
 
+def test_decoder_runs_on_onnxruntime_fused_decoder_ops(exported: tuple[Any, Any, Path]) -> None:
+    _, fast, path = exported
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("GroupQueryAttention") == LAYERS  # cache write + attention over the written slots, one op
+    assert ops.count("RotaryEmbedding") == 2 * LAYERS  # queries and keys of every layer
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * LAYERS  # every norm after a residual add
+    assert "ScatterElements" not in ops and "Attention" not in ops
+    stats = {row[0]: row[-2] for section in fast.report.sections if "rewrites" in section.title
+             for row in section.rows}
+    assert stats["onnx-group-query-attention"] == f"group_query_attention={LAYERS}"
+    assert any("state tensor(s) always equal to another" in note for note in fast.report.notes)
+
+
+def test_left_padded_batch_on_onnx_matches_transformers(exported: tuple[Any, Any, Path]) -> None:
+    lm, fast, _ = exported
+    ids = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+    expected = lm.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert fast.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[]).tolist() == expected.tolist()
+
+
+def test_onnx_steps_keep_torch_to_one_thread_while_generating(exported: tuple[Any, Any, Path]) -> None:
+    _, fast, _ = exported
+    steps = fast.steps_for(1).steps
+    assert steps.host_threads == 1
+    seen = []
+    decode = steps._decode
+    steps._decode = lambda *args: (seen.append(torch.get_num_threads()), decode(*args))[1]
+    threads = torch.get_num_threads()
+    try:
+        fast.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3)
+    finally:
+        steps._decode = decode
+    assert seen == [1, 1]
+    assert torch.get_num_threads() == threads
+
+
 def test_ping_pong_runner_matches_in_place(exported: tuple[Any, Any, Path]) -> None:
     _, fast, _ = exported
     steps = fast.steps_for(1).steps

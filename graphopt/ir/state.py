@@ -18,7 +18,7 @@ import torch.fx as fx
 from graphopt.errors import StateError
 from graphopt.ir.graph import clone_graph_module, state_update_nodes
 
-__all__ = ["STATE_INPUT", "LiftedState", "StateSpec", "lift_state", "state_inputs"]
+__all__ = ["STATE_INPUT", "LiftedState", "StateSpec", "lift_state", "merge_equal_state", "state_inputs"]
 
 STATE_INPUT = "graphopt_state_input"
 """``node.meta`` key on a lifted state placeholder: the index of the output that returns its new value."""
@@ -130,3 +130,65 @@ def _delete_attribute(gm: fx.GraphModule, target: str) -> None:
 def state_inputs(gm: fx.GraphModule) -> dict[fx.Node, int]:
     """The lifted state placeholders of ``gm``, each with the index of the output returning its new value."""
     return {n: n.meta[STATE_INPUT] for n in gm.graph.nodes if n.op == "placeholder" and STATE_INPUT in n.meta}
+
+
+def _expression(node: object, renamed: dict[fx.Node, fx.Node], memo: dict[fx.Node, object]) -> object:
+    """A hashable description of what ``node`` computes, reading each placeholder in ``renamed`` as its image."""
+    if isinstance(node, (tuple, list)):
+        return (type(node).__name__, *(_expression(item, renamed, memo) for item in node))
+    if isinstance(node, dict):
+        return ("dict", *sorted((key, _expression(value, renamed, memo)) for key, value in node.items()))
+    if not isinstance(node, fx.Node):
+        return ("const", repr(node))
+    if node in memo:
+        return memo[node]
+    if node.op == "placeholder":
+        key: object = ("input", renamed.get(node, node).name)
+    elif node.op == "get_attr":
+        key = ("attr", str(node.target))
+    else:
+        key = (node.op, str(node.target), _expression(node.args, renamed, memo),
+               _expression(dict(node.kwargs), renamed, memo))
+    memo[node] = key
+    return key
+
+
+def merge_equal_state(lifted: LiftedState) -> int:
+    """Let every state tensor that always equals another be read through that one; returns how many were merged.
+
+    Two state tensors are equal on every call when they start equal and their new values are the
+    same expression of the inputs with each read of one taken as a read of the other (induction
+    on calls). A decoder's per-layer cache counters are such state: every layer's cache holds its
+    own ``cumulative_length``, all advanced by the step's length. Merged, the layers' write
+    positions are one computation instead of one per layer. The inputs and outputs stay as they
+    were (the caller still feeds every state back); only the reads change.
+    """
+    gm = lifted.graph_module
+    states = state_inputs(gm)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    returned = list(output.args[0])
+    groups: list[list[fx.Node]] = []
+    for node in states:
+        value = lifted.initial[states[node] - lifted.num_outputs]
+        for group in groups:
+            first = lifted.initial[states[group[0]] - lifted.num_outputs]
+            if first.shape == value.shape and first.dtype == value.dtype and torch.equal(first, value):
+                group.append(node)
+                break
+        else:
+            groups.append([node])
+    merged = 0
+    for group in (g for g in groups if len(g) > 1):
+        renamed = {node: group[0] for node in group}
+        memo: dict[fx.Node, object] = {}
+        first = _expression(returned[states[group[0]]], renamed, memo)
+        same = [node for node in group[1:] if _expression(returned[states[node]], renamed, memo) == first]
+        if len(same) != len(group) - 1:
+            continue  # the induction holds only for the whole group at once
+        for node in same:
+            node.replace_all_uses_with(group[0])
+            merged += 1
+    if merged:
+        gm.graph.lint()
+        gm.recompile()
+    return merged

@@ -32,7 +32,12 @@ from graphopt.passes.manager import PassManager
 from graphopt.report import Report
 from graphopt.targets.base import Target, get_target
 from graphopt.targets.tune import lower_model
-from graphopt.workflows.generation import GenerativeModel, is_causal_lm, optimize_for_generation
+from graphopt.workflows.generation import (
+    GenerativeModel,
+    generation_target,
+    is_causal_lm,
+    optimize_for_generation,
+)
 from graphopt.workflows.optimized_model import OptimizedModel, budget_comparison
 from graphopt.workflows.options import (
     Dynamic,
@@ -159,13 +164,17 @@ def optimize(
     options = resolve_options(dynamic, pipeline, verify, shortcuts, explicit=("target", *_KEYWORDS))
     check = options.verify
     on_error = check.effective_on_error
+    chosen_by_name = isinstance(target, str) and lowering is None
     target = with_lowering(get_target(target), lowering)
     target.check_available()
-    passes = options.pipeline.build(target)
     if is_causal_lm(model) and _generates(model, example_kwargs):
+        if chosen_by_name:
+            target = generation_target(target)
+        passes = options.pipeline.build(target)
         return optimize_for_generation(model, example_inputs, target, passes, max_cache_len=max_cache_len,
                                        verify=check.enabled, on_error=on_error, refused=_refused_for_generation(
                                            compress, calibration, fidelity, tune, example_kwargs, options))
+    passes = options.pipeline.build(target)
     if max_cache_len is not None:
         raise InputError("max_cache_len= applies to causal language models (generation); this model is not one")
     steps = compression_steps(compress, target=target.name, **options.compression)

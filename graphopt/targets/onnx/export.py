@@ -42,6 +42,10 @@ from graphopt.targets.common.weight_only_kernels import (
     has_weight_only_ops,
 )
 from graphopt.targets.onnx.cache_writes import IndexCopyAsScatter, has_index_copy
+from graphopt.targets.onnx.cached_attention import GroupQueryAttentionOverCache, has_cached_attention
+from graphopt.targets.onnx.cached_attention import translation_table as attention_translations
+from graphopt.targets.onnx.decoder_norms import SkipRmsNorm, clear_unused_outputs, has_rms_norm
+from graphopt.targets.onnx.decoder_norms import translation_table as norm_translations
 from graphopt.targets.onnx.decoder_ops import DecomposeDecoderOps, has_decoder_ops
 from graphopt.targets.onnx.quantized import DynamicLinearOp, StaticLinearAsMatmul
 from graphopt.targets.onnx.quantized import translation_table as quantized_translations
@@ -126,6 +130,10 @@ def export_passes(gm: fx.GraphModule) -> list[Pass]:
     if has_weight_only_ops(gm):
         passes += [GatherQuantizedEmbeddings(), GatherCodebookEmbeddings(), MatMulNBitsLinears(),
                    ExpandCompressedWeights(ops=(DEQUANTIZE_INT4,))]  # ONNX has no int4 op but MatMulNBits
+    if has_cached_attention(gm):
+        passes.append(GroupQueryAttentionOverCache())  # cache writes + attention as onnxruntime's GroupQueryAttention
+    if has_rms_norm(gm):
+        passes.append(SkipRmsNorm())  # residual add + RMSNorm as onnxruntime's SkipSimplifiedLayerNormalization
     if has_decoder_ops(gm):
         passes.append(DecomposeDecoderOps())  # graphopt_decoder ops (swiglu, geglu, rotary) back to ATen
     if has_index_copy(gm):
@@ -146,7 +154,8 @@ def prepare_for_export(gm: fx.GraphModule, context: LoweringContext,
 
 def _translations(gm: fx.GraphModule) -> dict[Any, Any] | None:
     """The custom ONNX translations for graphopt's own ops in ``gm`` (None when it has none)."""
-    table = {**quantized_translations(), **weight_only_translations()}
+    table = {**quantized_translations(), **weight_only_translations(), **attention_translations(),
+             **norm_translations()}
     used = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     return {op: fn for op, fn in table.items() if op in used} or None
 
@@ -177,7 +186,7 @@ def export_prepared(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str,
         raise LoweringError(
             f"torch.onnx could not export the optimized graph: {type(error).__name__}: {error}"
         ) from error
-    model = program.model_proto
+    model = clear_unused_outputs(program.model_proto)
     try:
         if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(model, full_check=True)

@@ -74,18 +74,23 @@ def rename_io(model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[s
     return model
 
 
-_IN_PLACE_OPS = frozenset({"ScatterND", "ScatterElements"})
-"""onnxruntime's CPU kernels of these skip copying their data input when the output is its buffer."""
+_IN_PLACE_OPS: dict[tuple[str, str], dict[int, int]] = {
+    ("", "ScatterND"): {0: 0},
+    ("", "ScatterElements"): {0: 0},
+    ("com.microsoft", "GroupQueryAttention"): {3: 1, 4: 2},
+}
+"""Ops whose onnxruntime CPU kernel writes an output into the buffer of an input (input index -> output index)
+when both are bound to it: the scatters skip copying their data, ``GroupQueryAttention`` shares its
+past and present key/value buffers."""
 
 
 def in_place_state(model: onnx.ModelProto, count: int) -> list[bool]:
     """Which of the last ``count`` inputs may have their new value (the matching output) written into them.
 
-    True where the input's only reader is a ``ScatterElements`` or ``ScatterND`` (as data) whose
-    result is the matching output: onnxruntime's scatter kernels skip their copy of the data when
-    the output buffer is the input's, and nothing else reads the old value, so binding both to one
-    buffer updates the state in place (a key/value cache gets its new positions written, nothing
-    copied).
+    True where the input's only reader is one of ``_IN_PLACE_OPS`` reading it at an in-place
+    position whose matching output is the graph's matching output: the kernel updates the buffer
+    where both are bound to it, and nothing else reads the old value (a key/value cache gets its
+    new positions written, nothing copied).
     """
     graph = model.graph
     inputs, outputs = [i.name for i in graph.input][-count:], [o.name for o in graph.output][-count:]
@@ -97,9 +102,20 @@ def in_place_state(model: onnx.ModelProto, count: int) -> list[bool]:
     for past, present in zip(inputs, outputs, strict=True):
         nodes = readers.get(past, [])
         node = nodes[0] if len(nodes) == 1 else None
-        result.append(node is not None and node.op_type in _IN_PLACE_OPS and node.domain in ("", "ai.onnx")
-                      and list(node.input).count(past) == 1 and node.input[0] == past and node.output[0] == present)
+        pairs = _IN_PLACE_OPS.get(("" if node is None or node.domain == "ai.onnx" else node.domain,
+                                   "" if node is None else node.op_type), {})
+        result.append(node is not None and list(node.input).count(past) == 1 and any(
+            node.input[i] == past and len(node.output) > o and node.output[o] == present for i, o in pairs.items()))
     return result
+
+
+_CACHED_BINDINGS = 4
+"""IO bindings a runner keeps, one per set of state buffers it was called with."""
+
+_TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
+                 "tensor(double)": torch.float64, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32,
+                 "tensor(bool)": torch.bool}
+"""onnxruntime's type names of the outputs a runner allocates itself."""
 
 
 def _numpy_dtype(dtype: torch.dtype) -> Any:
@@ -117,6 +133,9 @@ class StatefulOnnxRunner:
     other outputs (a decoder's logits) are returned as fresh tensors.
     """
 
+    runs_outside_torch = True
+    """Its work runs on onnxruntime's threads, not torch's (a generation loop keeps torch to one thread)."""
+
     def __init__(self, module: OnnxRuntimeModule, count: int, in_place: bool = True) -> None:
         self.module = module
         self.session = module.session
@@ -128,6 +147,14 @@ class StatefulOnnxRunner:
                                 f"it cannot carry {count} state tensors")
         self.in_place = in_place_state(module.model, count) if in_place else [False] * count
         self._pools: list[list[torch.Tensor]] = []
+        self._bindings: dict[tuple[Any, ...], tuple[Any, list[torch.Tensor]]] = {}
+        outputs = self.session.get_outputs()[:len(self.output_names) - count]
+        self._output_shapes = [list(o.shape) for o in outputs]
+        self._output_dtypes = [_TORCH_DTYPES.get(o.type) for o in outputs]
+        if None in self._output_dtypes:
+            self._output_shapes = [[None] for _ in outputs]  # unknown dtype: let onnxruntime allocate
+        self._input_dims = {dim: (position, axis) for position, i in enumerate(self.session.get_inputs())
+                            for axis, dim in enumerate(i.shape) if isinstance(dim, str)}
 
     def _pool_for(self, state: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The preallocated set of state tensors that shares no memory with ``state``."""
@@ -143,19 +170,57 @@ class StatefulOnnxRunner:
         pool = self._pool_for(state)
         return [old if same else fresh for old, fresh, same in zip(state, pool, self.in_place, strict=True)]
 
+    def _state_binding(self, state: Sequence[torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
+        """An IO binding with ``state`` and the new state bound (made once per set of state buffers), and the new state.
+
+        A generation loop alternates between two sets of state buffers (the in-place ones stay),
+        so binding the hundred-odd state tensors of a decoder is done twice per batch of prompts
+        instead of on every token.
+        """
+        key = tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in state)
+        cached = self._bindings.get(key)
+        if cached is not None:
+            return cached
+        binding = self.session.io_binding()
+        for name, tensor in zip(self.input_names[-self.count:], state, strict=True):
+            binding.bind_input(name, "cpu", 0, _numpy_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
+        new_state = self._new_state(state)
+        for name, tensor in zip(self.output_names[-self.count:], new_state, strict=True):
+            binding.bind_output(name, "cpu", 0, _numpy_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
+        if len(self._bindings) >= _CACHED_BINDINGS:
+            self._bindings.pop(next(iter(self._bindings)))
+        self._bindings[key] = (binding, new_state)
+        return binding, new_state
+
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run one call: ``(*inputs, *state) -> (*outputs, *new_state)``."""
         if len(args) != len(self.input_names):
             raise LoweringError(f"the ONNX model takes {len(self.input_names)} tensors, got {len(args)}")
         tensors = [t.detach().contiguous() for t in args]
-        binding = self.session.io_binding()
-        for name, tensor in zip(self.input_names, tensors, strict=True):
+        binding, new_state = self._state_binding(tensors[-self.count:])
+        for name, tensor in zip(self.input_names[:-self.count], tensors, strict=False):
             binding.bind_input(name, "cpu", 0, _numpy_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
-        new_state = self._new_state(tensors[-self.count:])
-        for name in self.output_names[:-self.count]:
-            binding.bind_output(name, "cpu")
-        for name, tensor in zip(self.output_names[-self.count:], new_state, strict=True):
-            binding.bind_output(name, "cpu", 0, _numpy_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
+        outputs = [self._output_tensor(index, tensors) for index in range(len(self.output_names) - self.count)]
+        for name, tensor in zip(self.output_names, outputs, strict=False):
+            if tensor is None:
+                binding.bind_output(name, "cpu")
+            else:
+                binding.bind_output(name, "cpu", 0, _numpy_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
         self.session.run_with_iobinding(binding)
-        outputs = [torch.from_numpy(value.numpy()) for value in binding.get_outputs()[:-self.count]]
+        if any(tensor is None for tensor in outputs):
+            values = binding.get_outputs()
+            outputs = [torch.from_numpy(values[i].numpy()) if t is None else t for i, t in enumerate(outputs)]
         return (*outputs, *new_state)
+
+    def _output_tensor(self, index: int, inputs: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """A fresh tensor for non-state output ``index`` when its shape follows from the inputs', else None."""
+        shape = []
+        for dim in self._output_shapes[index]:
+            if isinstance(dim, int):
+                shape.append(dim)
+            elif dim in self._input_dims:
+                position, axis = self._input_dims[dim]
+                shape.append(int(inputs[position].shape[axis]))
+            else:
+                return None
+        return torch.empty(shape, dtype=self._output_dtypes[index])

@@ -22,9 +22,10 @@ from torch import nn
 from graphopt.errors import VerificationError
 from graphopt.ir.capture import capture, eval_twin
 from graphopt.ir.shapes import DynamicDims
-from graphopt.ir.state import LiftedState, lift_state
+from graphopt.ir.state import LiftedState, lift_state, merge_equal_state
 from graphopt.ir.verify import compare_outputs
 from graphopt.passes.base import Pass
+from graphopt.passes.cleanup import CommonSubexpressionElimination
 from graphopt.passes.manager import PassManager
 from graphopt.report import Report
 from graphopt.targets.base import LoweringContext, Target
@@ -49,6 +50,7 @@ class LoweredSteps:
         self._initial = [t.to(device).clone() for t in initial]  # lowerings may have run on the originals
         self.device = torch.device(device)
         self.batch_size, self.max_cache_len = batch_size, max_cache_len
+        self.host_threads = 1 if getattr(decode, "runs_outside_torch", False) else None
         self.state: list[torch.Tensor] = []
         self.reset()
 
@@ -123,6 +125,7 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
 
     started = time.perf_counter()
     lifted = lift_state(gm)
+    _merge_equal_state(lifted, report)
     state = lifted.initial
     prefill = target.lower(lifted.graph_module, LoweringContext(
         (*example, *state), dynamic=_with_state(captured.dynamic, len(state)), report=report, on_error=on_error,
@@ -140,6 +143,18 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
         _check_against_eager(steps, decoder, prompt, report, target.name)
         seconds["check"] = time.perf_counter() - started
     return BuiltSteps(steps, lifted, example, captured.dynamic, seconds)
+
+
+def _merge_equal_state(lifted: LiftedState, report: Report) -> None:
+    """State that always equals other state read once (``merge_equal_state``), then what that duplicated merged."""
+    merged = merge_equal_state(lifted)
+    if merged:
+        gm = lifted.graph_module
+        CommonSubexpressionElimination().run(gm)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        report.notes.append(f"generation: {merged} state tensor(s) always equal to another (same start, same "
+                            "update) are read through that one; their common computations merged")
 
 
 def _specializes(target: Target) -> bool:
