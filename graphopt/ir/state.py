@@ -18,7 +18,8 @@ import torch.fx as fx
 from graphopt.errors import StateError
 from graphopt.ir.graph import clone_graph_module, state_update_nodes
 
-__all__ = ["STATE_INPUT", "LiftedState", "StateSpec", "lift_state", "merge_equal_state", "state_inputs"]
+__all__ = ["STATE_INPUT", "LiftedState", "StateSpec", "lift_state", "merge_equal_state", "relift_state",
+           "state_inputs"]
 
 STATE_INPUT = "graphopt_state_input"
 """``node.meta`` key on a lifted state placeholder: the index of the output that returns its new value."""
@@ -106,6 +107,28 @@ def lift_state(gm: fx.GraphModule) -> LiftedState:
     graph.lint()
     lifted.recompile()
     return LiftedState(lifted, specs, initial, len(leaves))
+
+
+def relift_state(gm: fx.GraphModule, state: list[StateSpec], initial: list[torch.Tensor],
+                 num_outputs: int) -> LiftedState:
+    """``gm``, a state-lifted graph that lost its marks (re-exported, saved, loaded), as a :class:`LiftedState` again.
+
+    Its last ``len(state)`` inputs are the state, in ``state``'s order, and its last
+    ``len(state)`` outputs their new values, after ``num_outputs`` outputs of its own (what
+    :func:`lift_state` made). The state placeholders get their :data:`STATE_INPUT` marks back
+    (``gm`` is changed in place; how it is called is not). Raises ``StateError`` when the graph's
+    inputs or outputs do not fit that layout.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    count = len(_leaves(output.args[0]))
+    if len(placeholders) < len(state) or count != num_outputs + len(state):
+        raise StateError(f"the graph has {len(placeholders)} inputs and {count} outputs, not the "
+                         f"{len(state)} state inputs and {num_outputs} + {len(state)} outputs of a lifted step")
+    first = len(placeholders) - len(state)
+    for index, placeholder in enumerate(placeholders[first:]):
+        placeholder.meta[STATE_INPUT] = num_outputs + index
+    return LiftedState(gm, list(state), list(initial), num_outputs)
 
 
 def _leaves(value: object) -> list[object]:

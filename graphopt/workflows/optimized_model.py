@@ -27,6 +27,7 @@ from graphopt.passes.lossy.base import Fidelity, output_cosine
 from graphopt.report import Report
 from graphopt.targets.base import LoweringContext, Target, get_target
 from graphopt.targets.gpu.target import retarget_device_constants, retarget_meta_values
+from graphopt.workflows.generation import GenerativeModel, generation_target, is_generation, load_generative
 from graphopt.workflows.save_load import read_archive, write_archive
 
 __all__ = ["OptimizedModel", "Signature", "budget_comparison", "input_signature", "load"]
@@ -261,15 +262,23 @@ class OptimizedModel(torch.nn.Module):
                              dynamic=self.dynamic, target=self.target.name, report=self.report)
 
 
-def load(path: str | Path, target: str | Target | None = None) -> OptimizedModel:
-    """Load a model written by ``OptimizedModel.save``, lowered to its target (or to ``target``).
+def load(path: str | Path, target: str | Target | None = None) -> OptimizedModel | GenerativeModel:
+    """Load a model written by ``save``, lowered to its target (or to ``target``).
 
-    Raises ``SaveFileError`` naming the file when it is missing, truncated, corrupt or not a
-    graphopt save. No pickled code is executed. When the outputs are classes of an installed
-    package (a transformers ``ModelOutput``), that package is imported so their structure
-    can be rebuilt.
+    What ``OptimizedModel.save`` wrote comes back as an ``OptimizedModel``, what
+    ``GenerativeModel.save`` wrote as a ``GenerativeModel`` with the steps of the batch sizes it
+    was saved with. Raises ``SaveFileError`` naming the file when it is missing, truncated,
+    corrupt or not a graphopt save. No pickled code is executed. When the outputs are classes
+    of an installed package (a transformers ``ModelOutput``), that package is imported so their
+    structure can be rebuilt.
     """
     archive = read_archive(path)
+    if is_generation(archive.metadata):
+        chosen = get_target(target or archive.target)
+        if not isinstance(target, Target):  # asked for by name: the generation default lowering, as optimize does
+            chosen = generation_target(chosen)
+        chosen.check_available()
+        return load_generative(archive, chosen)
     gm = archive.graph_module
     flat_inputs = flatten_inputs(gm, archive.example_args, archive.example_kwargs)
     try:

@@ -66,13 +66,17 @@ class Archive:
 
 
 def write_archive(path: str | Path, graph_module: fx.GraphModule, example_args: tuple[Any, ...],
-                  example_kwargs: dict[str, Any], *, dynamic: DynamicDims, target: str, report: Report) -> Path:
+                  example_kwargs: dict[str, Any], *, dynamic: DynamicDims, target: str, report: Report,
+                  sections: dict[str, Any] | None = None) -> Path:
     """Re-export ``graph_module`` (weights on the CPU) with torch.export and write it to ``path`` with metadata.
 
     ``dynamic`` dims become ``Dim``s of the program; ``target`` (a target's name) and ``report``
-    go into the ``graphopt.json`` entry. Raises ``LoweringError`` when the graph cannot be re-exported.
+    go into the ``graphopt.json`` entry, and so do ``sections``: more JSON data by key, for a
+    workflow to store what it needs (``"generation"`` for a generation model; ``Archive.metadata``
+    gives them back). Raises ``LoweringError`` when the graph cannot be re-exported.
     """
     path = Path(path)
+    sections = dict(sections or {})
     spec = dynamic.spec_for("export", graph_module.forward, example_args, example_kwargs)
     try:
         program = torch.export.export(graph_module, example_args, example_kwargs, dynamic_shapes=spec, strict=False)
@@ -93,6 +97,10 @@ def write_archive(path: str | Path, graph_module: fx.GraphModule, example_args: 
         "report": report.to_dict(),
         "output_modules": output_modules(graph_module),
     }
+    clashing = sorted(metadata.keys() & sections.keys())
+    if clashing:
+        raise ValueError(f"metadata sections {clashing} would replace graphopt's own entries")
+    metadata.update(sections)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, path, extra_files={_METADATA: json.dumps(metadata)})
     return path

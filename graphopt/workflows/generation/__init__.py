@@ -6,7 +6,8 @@
 verified passes, state lifted into inputs/outputs, lowered prefill and decode steps),
 ``loop`` (prefill, then one decode step per token), ``sampling`` (greedy / temperature / top-k /
 top-p), ``model`` (the public object), ``onnx_export`` (the step as an ONNX decoder with
-past/present key/value inputs and outputs).
+past/present key/value inputs and outputs), ``saving`` (the step graphs in graphopt's ``.pt2``
+files and back: ``GenerativeModel.save``, ``graphopt.load``).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from graphopt.report import Report
 from graphopt.targets.base import Target
 from graphopt.targets.cpu.target import CpuTarget
 from graphopt.workflows.generation.decoder import CachedDecoder, is_causal_lm
-from graphopt.workflows.generation.model import DEFAULT_MAX_CACHE_LEN, GenerativeModel
-from graphopt.workflows.generation.sampling import Sampling
+from graphopt.workflows.generation.model import DEFAULT_MAX_CACHE_LEN, GenerativeModel, StepSource, load_generative
+from graphopt.workflows.generation.sampling import GenerationDefaults, Sampling
+from graphopt.workflows.generation.saving import is_generation
 
-__all__ = ["CachedDecoder", "GenerativeModel", "Sampling", "generation_target", "is_causal_lm",
-           "optimize_for_generation"]
+__all__ = ["CachedDecoder", "GenerationDefaults", "GenerativeModel", "Sampling", "generation_target", "is_causal_lm",
+           "is_generation", "load_generative", "optimize_for_generation"]
 
 
 def generation_target(target: Target) -> Target:
@@ -76,8 +78,9 @@ def optimize_for_generation(model: nn.Module, example_inputs: Any, target: Targe
                          "generation without them (exact passes only)")
     ids = _prompt_ids(example_inputs)
     report = Report(target=target.name)
-    optimized = GenerativeModel(model, ids, target, passes, _max_cache_len(model, max_cache_len), report,
-                                verify=verify, on_error=on_error)
+    source = StepSource(model, ids, passes, verify=verify, on_error=on_error)
+    optimized = GenerativeModel(target, report, _max_cache_len(model, max_cache_len), GenerationDefaults.of(model),
+                                source=source)
     report.notes.append(f"generation: static cache of {optimized.max_cache_len} positions; steps built in "
                         f"{optimized.setup_seconds:.1f} s")
     return optimized

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.fx as fx
@@ -31,7 +31,7 @@ from graphopt.report import Report
 from graphopt.targets.base import LoweringContext, Target
 from graphopt.workflows.generation.decoder import CachedDecoder, step_inputs
 
-__all__ = ["BuiltSteps", "LoweredSteps", "build_steps"]
+__all__ = ["BuiltSteps", "GraphStep", "LoweredSteps", "StepReference", "build_steps", "check_steps", "lower_steps"]
 
 log = logging.getLogger("graphopt")
 
@@ -126,23 +126,38 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
     started = time.perf_counter()
     lifted = lift_state(gm)
     _merge_equal_state(lifted, report)
+    steps = lower_steps(lifted, example, captured.dynamic, target, report, on_error=on_error)
+    seconds["lowering"] = time.perf_counter() - started
+    report.lowering_seconds += seconds["lowering"]
+    if verify:
+        started = time.perf_counter()
+        check_steps(steps, decoder, prompt, report, target.name)
+        seconds["check"] = time.perf_counter() - started
+    return BuiltSteps(steps, lifted, example, captured.dynamic, seconds)
+
+
+def lower_steps(lifted: LiftedState, example: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dynamic: DynamicDims,
+                target: Target, report: Report | None, *, on_error: str = "rollback") -> LoweredSteps:
+    """Lower the state-lifted step graph for the prompt and for the one-token decode step.
+
+    ``example`` is the prefill step's inputs (a prompt, its cache-wide mask, its positions; the
+    batch size and ``max_cache_len`` are read from the mask), ``dynamic`` the step's dynamic dims
+    (the sequence length; the state is static). The prefill lowering keeps the sequence length
+    dynamic; targets that gain from static shapes get a second lowering for one token.
+    ``lifted.initial`` is the empty cache every generation starts from.
+    """
     state = lifted.initial
+    batch_size, max_cache_len = example[1].shape
     prefill = target.lower(lifted.graph_module, LoweringContext(
-        (*example, *state), dynamic=_with_state(captured.dynamic, len(state)), report=report, on_error=on_error,
+        (*example, *state), dynamic=_with_state(dynamic, len(state)), report=report, on_error=on_error,
         state_inputs=len(state)))
     decode = prefill
     if _specializes(target):
+        prompt = example[0]
         one = step_inputs(prompt[:, :1], torch.ones_like(prompt[:, :1]), max_cache_len)
         decode = target.lower(lifted.graph_module, LoweringContext((*one, *state), report=report, on_error=on_error,
                                                                    state_inputs=len(state)))
-    seconds["lowering"] = time.perf_counter() - started
-    report.lowering_seconds += seconds["lowering"]
-    steps = LoweredSteps(prefill, decode, state, batch_size, max_cache_len, device=_target_device(target))
-    if verify:
-        started = time.perf_counter()
-        _check_against_eager(steps, decoder, prompt, report, target.name)
-        seconds["check"] = time.perf_counter() - started
-    return BuiltSteps(steps, lifted, example, captured.dynamic, seconds)
+    return LoweredSteps(prefill, decode, state, batch_size, max_cache_len, device=_target_device(target))
 
 
 def _merge_equal_state(lifted: LiftedState, report: Report) -> None:
@@ -174,33 +189,64 @@ def _target_device(target: Target) -> str:
     return "cuda" if target.name == "gpu" else "cpu"
 
 
-def _check_against_eager(steps: LoweredSteps, decoder: CachedDecoder, prompt: torch.Tensor, report: Report,
-                         target: str, new_tokens: int = 4) -> None:
-    """Greedy-decode a few tokens with the lowered steps and with eager; every step's logits must match."""
+class StepReference(Protocol):
+    """What lowered steps are checked against: one step per call over its own cache, and a way to empty it."""
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+                 ) -> torch.Tensor:
+        """One step (prompt or token): the last position's logits ``[batch, vocab]``."""
+
+    def reset(self) -> None:
+        """Empty the cache."""
+
+
+class GraphStep:
+    """The state-lifted step graph run as it is, unlowered, carrying its own cache: a :class:`StepReference`."""
+
+    def __init__(self, lifted: LiftedState, batch_size: int, max_cache_len: int) -> None:
+        gm = lifted.graph_module
+        self._steps = LoweredSteps(gm, gm, lifted.initial, batch_size, max_cache_len)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+                 ) -> torch.Tensor:
+        """One step through the graph."""
+        return self._steps.prefill(input_ids, attention_mask, position_ids)
+
+    def reset(self) -> None:
+        """Empty the cache."""
+        self._steps.reset()
+
+
+def check_steps(steps: LoweredSteps, reference: StepReference, prompt: torch.Tensor, report: Report, target: str,
+                new_tokens: int = 4, against: str = "the model with its static cache") -> None:
+    """Greedy-decode a few tokens with the lowered steps and with ``reference``; every step's logits must match.
+
+    Raises ``VerificationError`` at the first step that differs; notes the check in ``report``.
+    """
     worst = 0.0
     steps.reset()
-    decoder.reset()
+    reference.reset()
     ids, mask, positions = step_inputs(prompt, torch.ones_like(prompt), steps.max_cache_len)
     with torch.no_grad():
         for index in range(new_tokens):
-            expected = decoder(ids, mask, positions)
+            expected = reference(ids, mask, positions)
             run = steps.prefill if index == 0 else steps.decode
             actual = run(ids, mask, positions).cpu()
             comparison = compare_outputs([actual], [expected])
             worst = max(worst, comparison.max_abs_diff)
             if not comparison.ok:
-                raise VerificationError(f"the generation steps lowered to {target!r} differ from the model at step "
+                raise VerificationError(f"the generation steps lowered to {target!r} differ from {against} at step "
                                         f"{index}: {comparison.detail}", f"lower-{target}")
             token = expected.argmax(-1, keepdim=True)
             length = prompt.shape[1] + index
             mask = mask.clone()
             mask[:, length] = 1
             ids, positions = token, positions[:, -1:] + 1
-    decoder.reset()
+    reference.reset()
     steps.reset()
     report.final_max_abs_diff = max(report.final_max_abs_diff or 0.0, worst)
     report.final_check = "passed"
-    report.notes.append(f"generation steps checked against the model with its static cache: prefill + "
+    report.notes.append(f"generation steps checked against {against}: prefill + "
                         f"{new_tokens - 1} decode steps, max |Δ logits| {worst:.2e}")
 
 

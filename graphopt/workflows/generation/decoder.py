@@ -24,7 +24,10 @@ from torch import nn
 
 from graphopt.errors import InputError
 
-__all__ = ["CachedDecoder", "is_causal_lm", "step_inputs"]
+__all__ = ["STEP_INPUTS", "CachedDecoder", "is_causal_lm", "step_inputs"]
+
+STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
+"""A step's own inputs, in order (the lifted state follows them)."""
 
 
 def is_causal_lm(model: nn.Module) -> bool:

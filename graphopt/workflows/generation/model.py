@@ -3,13 +3,16 @@
 It generates like transformers' ``generate`` (``fast.generate(input_ids, max_new_tokens=...)``)
 with lowered prefill and decode steps over a static key/value cache. Steps are built per batch
 size, the first time a batch of that size is generated (each build is one capture, one verified
-pass pipeline and two lowerings, recorded in ``report``).
+pass pipeline and two lowerings, recorded in ``report``). ``save`` writes the verified step
+graphs; ``graphopt.load`` gives back a model with the steps of the batch sizes saved and no
+user model, which therefore builds no others.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +26,30 @@ from graphopt.targets.base import Target
 from graphopt.workflows.generation.build import BuiltSteps, build_steps
 from graphopt.workflows.generation.decoder import step_inputs
 from graphopt.workflows.generation.loop import run_generation
-from graphopt.workflows.generation.sampling import Sampling
+from graphopt.workflows.generation.sampling import GenerationDefaults
+from graphopt.workflows.generation.saving import read_generation, write_generation
+from graphopt.workflows.save_load import Archive
 
-__all__ = ["DEFAULT_MAX_CACHE_LEN", "GenerativeModel"]
+__all__ = ["DEFAULT_MAX_CACHE_LEN", "GenerativeModel", "StepSource", "load_generative"]
 
 DEFAULT_MAX_CACHE_LEN = 1024
 """Cache positions (prompt plus new tokens) when neither the user nor the model's config says fewer."""
 
 
-def _config_value(model: nn.Module, *names: str) -> Any:
-    for owner in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        for name in names:
-            value = getattr(owner, name, None) if owner is not None else None
-            if value is not None:
-                return value
-    return None
+@dataclass
+class StepSource:
+    """What builds the steps for a new batch size: the user's model (read, never written) and how to optimize it."""
+
+    model: nn.Module
+    example_ids: torch.Tensor
+    passes: list[Pass]
+    verify: bool = True
+    on_error: str = "rollback"
+
+    def build(self, batch_size: int, max_cache_len: int, target: Target, report: Report) -> BuiltSteps:
+        """Capture, optimize (verified) and lower the steps for ``batch_size`` rows."""
+        return build_steps(self.model, self.example_ids, batch_size, max_cache_len, target, list(self.passes),
+                           report, verify=self.verify, on_error=self.on_error)
 
 
 class GenerativeModel(nn.Module):
@@ -45,37 +57,63 @@ class GenerativeModel(nn.Module):
 
     ``generate`` produces tokens; calling the model returns the next-token logits ``[batch, vocab]``
     of a prompt. ``max_cache_len`` bounds prompt plus new tokens. ``report`` records every build.
+    ``source`` builds the steps of batch sizes not in ``built``: given, the steps of its example's
+    batch size are built now; None (a model from ``graphopt.load``), only the batch sizes in
+    ``built`` can be generated.
     """
 
-    def __init__(self, model: nn.Module, example_ids: torch.Tensor, target: Target, passes: list[Pass],
-                 max_cache_len: int, report: Report, *, verify: bool = True, on_error: str = "rollback") -> None:
+    def __init__(self, target: Target, report: Report, max_cache_len: int, defaults: GenerationDefaults, *,
+                 source: StepSource | None = None, built: dict[int, BuiltSteps] | None = None,
+                 loaded_from: Path | None = None) -> None:
         super().__init__()
-        self.__dict__["_model"] = model  # the user's model, read (never written) when a new batch size is built
+        if source is None and not built:
+            raise InputError("a GenerativeModel needs a model to build its steps from, or built steps")
         self.target = target
         self.report = report
         self.max_cache_len = max_cache_len
-        self._passes = passes
-        self._example_ids = example_ids
-        self._verify, self._on_error = verify, on_error
-        self._built: dict[int, BuiltSteps] = {}
-        self.eos_token_id = _config_value(model, "eos_token_id")
-        self.pad_token_id = _config_value(model, "pad_token_id")
-        config = getattr(model, "generation_config", None)
-        self._sampling_defaults = {"temperature": getattr(config, "temperature", None) or 1.0,
-                                   "top_k": getattr(config, "top_k", None),
-                                   "top_p": getattr(config, "top_p", None)}
-        self.setup_seconds = 0.0
-        self.steps_for(example_ids.shape[0])
+        self.defaults = defaults
+        self._source = source
+        self._built: dict[int, BuiltSteps] = dict(built or {})
+        self._loaded_from = loaded_from
+        self.setup_seconds = sum(sum(b.seconds.values()) for b in self._built.values())
+        if source is not None and not self._built:
+            self.steps_for(source.example_ids.shape[0])
+
+    @property
+    def eos_token_id(self) -> int | list[int] | None:
+        """The model's end-of-sequence id(s), ``generate``'s default."""
+        return self.defaults.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The model's padding id, ``generate``'s default."""
+        return self.defaults.pad_token_id
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The batch sizes whose steps are built (what ``save`` writes; all a loaded model can generate)."""
+        return list(self._built)
 
     def steps_for(self, batch_size: int) -> BuiltSteps:
-        """The built steps for ``batch_size`` rows (built and verified now if not yet)."""
+        """The built steps for ``batch_size`` rows (built and verified now if not yet).
+
+        Raises ``InputError`` for a model without its user model (from ``graphopt.load``) when
+        the batch size was not saved.
+        """
         if batch_size not in self._built:
+            if self._source is None:
+                raise InputError(self._unsaved_batch_size(batch_size))
             started = time.perf_counter()
-            self._built[batch_size] = build_steps(self._model, self._example_ids, batch_size, self.max_cache_len,
-                                                  self.target, list(self._passes), self.report,
-                                                  verify=self._verify, on_error=self._on_error)
+            self._built[batch_size] = self._source.build(batch_size, self.max_cache_len, self.target, self.report)
             self.setup_seconds += time.perf_counter() - started
         return self._built[batch_size]
+
+    def _unsaved_batch_size(self, batch_size: int) -> str:
+        sizes = ", ".join(str(size) for size in sorted(self._built))
+        origin = f"{self._loaded_from} holds" if self._loaded_from else "this model holds"
+        return (f"no steps for a batch of {batch_size} rows: {origin} the steps for batch size(s) {sizes} only, and a "
+                "loaded model has no model to build others from. Generate with a batch of "
+                f"{batch_size} rows before saving, or optimize the model again with graphopt.optimize")
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -103,19 +141,10 @@ class GenerativeModel(nn.Module):
             raise InputError(f"input_ids must be [batch, prompt_length], got shape {list(input_ids.shape)}")
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
+        sampling = self.defaults.sampling(do_sample, temperature, top_k, top_p)
         return run_generation(built.steps, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
-                              sampling=self._sampling(do_sample, temperature, top_k, top_p), eos_token_id=eos,
-                              pad_token_id=pad, min_new_tokens=min_new_tokens, streamer=streamer,
-                              generator=generator)
-
-    def _sampling(self, do_sample: bool, temperature: float | None, top_k: int | None, top_p: float | None
-                  ) -> Sampling:
-        """The sampling settings, the model's generation config filling what the call leaves out."""
-        if not do_sample:
-            return Sampling()
-        defaults = self._sampling_defaults
-        return Sampling(True, defaults["temperature"] if temperature is None else temperature,
-                        defaults["top_k"] if top_k is None else top_k, defaults["top_p"] if top_p is None else top_p)
+                              sampling=sampling, eos_token_id=eos, pad_token_id=pad, min_new_tokens=min_new_tokens,
+                              streamer=streamer, generator=generator)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The next-token logits ``[batch, vocab]`` after each (left-padded) prompt."""
@@ -136,3 +165,24 @@ class GenerativeModel(nn.Module):
 
         built = self.steps_for(batch_size or next(iter(self._built)))
         return export_decoder(built, Path(path), eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the verified step graphs as graphopt ``.pt2`` files; return ``path``.
+
+        The steps of the first batch size built go in ``path``, those of any other batch size in
+        ``<stem>.batch<n>.pt2`` beside it (keep them together). ``graphopt.load(path)`` gives the
+        model back in another process, lowered for its target (or another), without the user's
+        model: it generates with the saved batch sizes only. No steps built yet: batch 1 is
+        built first. See ``graphopt.workflows.generation.saving``.
+        """
+        if not self._built:
+            self.steps_for(1)
+        return write_generation(path, self._built, target=self.target.name, report=self.report,
+                                max_cache_len=self.max_cache_len, defaults=self.defaults)
+
+
+def load_generative(archive: Archive, target: Target) -> GenerativeModel:
+    """The generation model saved in ``archive`` (read by ``graphopt.load``), its steps lowered for ``target``."""
+    saved = read_generation(archive, target)
+    return GenerativeModel(target, saved.report, saved.max_cache_len, saved.defaults, built=saved.built,
+                           loaded_from=saved.path)

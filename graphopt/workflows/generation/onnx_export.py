@@ -31,14 +31,12 @@ from graphopt.targets.base import LoweringContext
 from graphopt.targets.onnx.export import write_model
 from graphopt.targets.onnx.lowering import export_model
 from graphopt.targets.onnx.stateful import rename_io
+from graphopt.workflows.generation.decoder import STEP_INPUTS
 
 if TYPE_CHECKING:
     from graphopt.workflows.generation.build import BuiltSteps
 
 __all__ = ["STEP_INPUTS", "export_decoder", "sidecar_path", "state_names"]
-
-STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
-"""The step's own inputs, before the state."""
 
 _FIELDS = {"keys": "key", "values": "value", "cumulative_length": "length"}
 _CACHE_BUFFER = re.compile(r"cache_(\d+)_(\w+)")

@@ -1,18 +1,22 @@
 """Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p.
 
 The filters follow transformers' ``generate`` (temperature first, then top-k, then top-p keeping
-at least one token), so a seeded run draws from the same distribution.
+at least one token), so a seeded run draws from the same distribution. :class:`GenerationDefaults`
+holds what a model's generation config says when a call leaves it out (eos / pad ids, sampling
+settings); it is read from the model, or from a saved file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 from graphopt.errors import InputError
 
-__all__ = ["Sampling", "next_tokens"]
+__all__ = ["GenerationDefaults", "Sampling", "next_tokens"]
 
 
 @dataclass(frozen=True)
@@ -53,3 +57,49 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
         return logits.argmax(dim=-1)
     probabilities = _filtered(logits.float(), sampling).softmax(dim=-1)
     return torch.multinomial(probabilities, num_samples=1, generator=generator).squeeze(1)
+
+
+def _config_value(model: nn.Module, *names: str) -> Any:
+    for owner in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        for name in names:
+            value = getattr(owner, name, None) if owner is not None else None
+            if value is not None:
+                return value
+    return None
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What ``generate`` uses when a call leaves it out: the model's eos / pad ids and sampling settings."""
+
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> GenerationDefaults:
+        """The defaults of a transformers model: its ``generation_config``, then its ``config``."""
+        config = getattr(model, "generation_config", None)
+        eos = _config_value(model, "eos_token_id")
+        return cls(list(eos) if isinstance(eos, (list, tuple)) else eos, _config_value(model, "pad_token_id"),
+                   getattr(config, "temperature", None) or 1.0, getattr(config, "top_k", None),
+                   getattr(config, "top_p", None))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (what a saved file holds)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationDefaults:
+        """Rebuild from :meth:`to_dict` output (``TypeError`` on an unknown key)."""
+        return cls(**data)
+
+    def sampling(self, do_sample: bool, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None) -> Sampling:
+        """The sampling settings of a call, these defaults filling what it leaves out (greedy unless ``do_sample``)."""
+        if not do_sample:
+            return Sampling()
+        return Sampling(True, self.temperature if temperature is None else temperature,
+                        self.top_k if top_k is None else top_k, self.top_p if top_p is None else top_p)
