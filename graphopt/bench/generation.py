@@ -38,7 +38,11 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class GraphoptGenerationBackend(GenerationBackend):
-    """graphopt's ``GenerativeModel`` on ``target``; ``max_cache_len`` bounds prompt + new tokens."""
+    """graphopt's ``GenerativeModel`` on ``target``; ``max_cache_len`` bounds prompt + new tokens.
+
+    ``target`` ``"cpu-torch"`` is the cpu target with its steps kept in PyTorch
+    (``lowering=CpuLowering()``; the cpu default for generation runs them in onnxruntime).
+    """
 
     def __init__(self, target: str = "cpu", max_cache_len: int = 1024) -> None:
         self.target = target
@@ -55,8 +59,10 @@ class GraphoptGenerationBackend(GenerationBackend):
         import graphopt
 
         example = source.tokenizer("Hello, world", return_tensors="pt").input_ids
-        self.model = graphopt.optimize(source.model, (example,), target=self.target,
-                                       max_cache_len=self.max_cache_len)
+        options: dict[str, Any] = {"target": self.target}
+        if self.target == "cpu-torch":
+            options = {"target": "cpu", "lowering": graphopt.CpuLowering()}
+        self.model = graphopt.optimize(source.model, (example,), max_cache_len=self.max_cache_len, **options)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> GenerationRun:
         """Greedy generation of exactly ``max_new_tokens`` tokens, split into prefill and decode time."""
