@@ -166,7 +166,9 @@ def _split_heads_source(node: object) -> fx.Node | None:
     if not isinstance(node, fx.Node) or node.target not in (aten.reshape.default, aten.view.default):
         return None
     source = node.args[0]
-    return source if isinstance(source, fx.Node) and _rank(source) == 3 and _rank(node) == 4 else None
+    if not isinstance(source, fx.Node) or _rank(source) != 3 or _rank(node) != 4:
+        return None
+    return source if _shape(source)[:2] == _shape(node)[:2] else None  # [B, S, N*D] -> [B, S, N, D]
 
 
 _ANGLE_CHAIN = (aten._to_copy.default, aten.mul.Tensor, aten.mul.Scalar)
@@ -218,7 +220,7 @@ class _Builder:
                 if dtype != bias.meta["val"].dtype:
                     bias = self.call(aten._to_copy.default, (bias,), {"dtype": dtype})
             return seqlens, total32, bias_end, bias
-        return self._ordered(("attention", positions, mask), build)
+        return self._ordered(("attention", positions, mask, batch if isinstance(batch, fx.Node) else None), build)
 
     def _ordered(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
         """``build()`` the first time ``key`` is asked for, its nodes right after the latest node ``key`` names."""
@@ -330,7 +332,7 @@ class GroupQueryAttentionOverCache(NodeRewrite):
         value_write.replace_all_uses_with(new_value)
         for user in list(node.users):
             merged = [u for u in user.users if u.target in (aten.reshape.default, aten.view.default)
-                      and _rank(u) == 3] if _is_swap(user) else []
+                      and _shape(u) == _shape(output)] if _is_swap(user) else []
             for reshape in merged:
                 reshape.replace_all_uses_with(output)
         if any(user.users for user in node.users) or any(not _is_swap(user) for user in node.users):
