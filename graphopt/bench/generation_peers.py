@@ -60,6 +60,8 @@ import torch
 import transformers
 from transformers.generation.streamers import BaseStreamer
 
+from graphopt.ir.threads import torch_threads
+
 __all__ = [
     "BACKEND_NAMES",
     "FirstTokenClock",
@@ -656,16 +658,6 @@ def _reference_run(timed: dict[str, list[GenerationRun]], ids: torch.Tensor, max
     return eager.generate(ids, torch.ones_like(ids), max_new_tokens)
 
 
-@contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def measure_peers(
     source: GenerationSource,
     prompts_ids: Sequence[torch.Tensor],
@@ -695,7 +687,7 @@ def measure_peers(
               for b in backends]
     plan = _Plan(max_new_tokens, repeats, gap_s, warmup_new_tokens)
     rows: list[dict[str, Any]] = []
-    with _torch_threads(threads):
+    with torch_threads(threads):
         slots = _set_up(chosen, source, report)
         try:
             for ids in prompts_ids:

@@ -18,8 +18,6 @@ of distinct values and the weight error.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import InputError
+from graphopt.ir.threads import torch_threads
 from graphopt.passes.base import PassResult
 from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
 from graphopt.passes.quantize.scheme import QuantizationScheme, check_count, names_option
@@ -48,17 +47,6 @@ from graphopt.passes.quantize.weight_sites import (
 from graphopt.report.progress import progress
 
 __all__ = ["KMeans", "KMeansQuantize", "kmeans_1d"]
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run many small ops on one thread: waking worker threads costs more than they save (much more on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _kmeans_plus_plus(sample: torch.Tensor, clusters: int, generator: torch.Generator) -> torch.Tensor:
@@ -105,7 +93,7 @@ def kmeans_1d(values: torch.Tensor, clusters: int, iterations: int = 10, seed: i
     exact count and sum), so a step costs ``O(bins log k)`` however large the layer; the final
     assignment of every value to its nearest centroid is exact.
     """
-    with _one_thread():
+    with torch_threads(1):  # many small ops: waking worker threads costs more than they save
         return _kmeans_1d(values.detach().reshape(-1).float(), clusters, iterations, seed, init_sample,
                           min(bins, max(1024, values.numel() // 4)), values.shape)
 

@@ -24,11 +24,9 @@ tune=True)`` measures it against the others.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -38,6 +36,7 @@ import torch.fx as fx
 from graphopt.errors import InputError
 from graphopt.ir.graph import node_shape, snapshot_graph_module, state_update_nodes, tensor_versions, written_since
 from graphopt.ir.state import state_inputs
+from graphopt.ir.threads import torch_threads
 from graphopt.passes.base import Pass, PassResult
 from graphopt.report import PassRecord
 from graphopt.targets.base import LoweringContext
@@ -217,23 +216,10 @@ class LoweredGraph(torch.nn.Module):
                 "no longer match. Run graphopt.optimize again."
             )
 
-    @contextlib.contextmanager
-    def _threads(self) -> Iterator[None]:
-        wanted = self.options.threads
-        if wanted is None or wanted == torch.get_num_threads():
-            yield
-            return
-        previous = torch.get_num_threads()
-        torch.set_num_threads(wanted)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the lowered graph (refused once the user changed the weights it shares in place)."""
         self._check_weights_unchanged()
-        with self._threads():
+        with torch_threads(self.options.threads):
             return self.graph_module(*args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -33,10 +33,13 @@ import onnx
 import torch
 import torch.fx as fx
 
+from graphopt.ir.graph import same_shape
 from graphopt.ir.meta import infer_meta
+from graphopt.ir.op_args import argument
 from graphopt.ir.state import state_inputs
 from graphopt.passes.base import NodeRewrite, PassResult
 from graphopt.passes.fusion.decoder_ops import ROTARY, rotary_reference
+from graphopt.targets.onnx.contrib_ops import ensure_schema
 
 __all__ = ["GroupQueryAttentionOverCache", "cached_gqa", "has_cached_attention", "translation_table"]
 
@@ -140,10 +143,6 @@ def _cache_write(node: object, states: dict[fx.Node, int]) -> fx.Node | None:
     if cache not in states or dim != 2 or len(cache.users) != 1:  # type: ignore[union-attr]
         return None
     return node
-
-
-def _argument(node: fx.Node, index: int, name: str, default: Any) -> Any:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _rank(node: object) -> int | None:
@@ -291,8 +290,8 @@ class GroupQueryAttentionOverCache(NodeRewrite):
         key_write, value_write = _cache_write(node.args[1], self._states), _cache_write(node.args[2], self._states)
         if key_write is None or value_write is None:
             return None
-        mask = _argument(node, 3, "attn_mask", None)
-        if _argument(node, 4, "dropout_p", 0.0) or _argument(node, 5, "is_causal", False) or mask is None:
+        mask = argument(node, "attn_mask")
+        if argument(node, "dropout_p", 0.0) or argument(node, "is_causal", False) or mask is None:
             return "dropout, is_causal or no mask"
         positions = key_write.args[2]
         if value_write.args[2] is not positions or not _is_contiguous_run(positions):
@@ -316,7 +315,7 @@ class GroupQueryAttentionOverCache(NodeRewrite):
             return matched or False
         key_write, value_write, mask = matched
         query = node.args[0]
-        scale = _argument(node, 6, "scale", None)
+        scale = argument(node, "scale")
         query_shape = _shape(query)
         builder = self._builder
         attention_inputs = builder.attention_inputs(key_write.args[2], mask, query_shape[0],
@@ -332,7 +331,7 @@ class GroupQueryAttentionOverCache(NodeRewrite):
         value_write.replace_all_uses_with(new_value)
         for user in list(node.users):
             merged = [u for u in user.users if u.target in (aten.reshape.default, aten.view.default)
-                      and _shape(u) == _shape(output)] if _is_swap(user) else []
+                      and same_shape(u, output)] if _is_swap(user) else []
             for reshape in merged:
                 reshape.replace_all_uses_with(output)
         if any(user.users for user in node.users) or any(not _is_swap(user) for user in node.users):
@@ -354,19 +353,14 @@ def _heads(node: object) -> int | None:
 # -- the ONNX translation ------------------------------------------------------------------------------------
 
 
-def _register_schema() -> None:
-    """Tell onnx (and so onnxscript) the signature of onnxruntime's ``com.microsoft.GroupQueryAttention``."""
-    try:
-        onnx.defs.get_schema("GroupQueryAttention", 1, "com.microsoft")
-        return
-    except onnx.defs.SchemaError:
-        pass
+def _group_query_attention_schema() -> onnx.defs.OpSchema:
+    """The signature of onnxruntime's ``com.microsoft.GroupQueryAttention``, for onnx (and so onnxscript)."""
     schema = onnx.defs.OpSchema
     optional = schema.FormalParameterOption.Optional
     names = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
              "sin_cache", "position_ids", "attention_bias", "head_sink"]
     types = {"seqlens_k": "M", "total_sequence_length": "M", "position_ids": "P"}
-    onnx.defs.register_schema(schema(
+    return schema(
         "GroupQueryAttention", "com.microsoft", 1,
         doc="onnxruntime: attention with grouped key/value heads over a key/value cache (contrib op)",
         inputs=[schema.FormalParameter(name, types.get(name, "T"),
@@ -382,7 +376,7 @@ def _register_schema() -> None:
                     schema.Attribute("scale", schema.AttrType.FLOAT, "", required=False),
                     schema.Attribute("do_rotary", schema.AttrType.INT, "", required=False),
                     schema.Attribute("local_window_size", schema.AttrType.INT, "", required=False)],
-    ))
+    )
 
 
 def _cached_gqa_onnx(query: Any, key: Any, value: Any, past_key: Any, past_value: Any, seqlens_k: Any,
@@ -390,7 +384,7 @@ def _cached_gqa_onnx(query: Any, key: Any, value: Any, past_key: Any, past_value
     from onnxscript import opset18 as op  # onnxscript takes about 1.4 s to import: only while exporting
     from onnxscript.values import Opset
 
-    _register_schema()
+    ensure_schema("GroupQueryAttention", _group_query_attention_schema)
     microsoft = Opset("com.microsoft", 1)
     dim = int(past_key.shape[3])
     visible = op.Slice(bias, op.Constant(value_ints=[0]), bias_end, op.Constant(value_ints=[3]))
@@ -399,15 +393,10 @@ def _cached_gqa_onnx(query: Any, key: Any, value: Any, past_key: Any, past_value
         num_heads=int(query.shape[2]) // dim, kv_num_heads=int(past_key.shape[1]), scale=scale)
 
 
-def _register_rotary_schema() -> None:
-    """Tell onnx the signature of onnxruntime's ``com.microsoft.RotaryEmbedding``."""
-    try:
-        onnx.defs.get_schema("RotaryEmbedding", 1, "com.microsoft")
-        return
-    except onnx.defs.SchemaError:
-        pass
+def _rotary_embedding_schema() -> onnx.defs.OpSchema:
+    """The signature of onnxruntime's ``com.microsoft.RotaryEmbedding``, for onnx (and so onnxscript)."""
     schema = onnx.defs.OpSchema
-    onnx.defs.register_schema(schema(
+    return schema(
         "RotaryEmbedding", "com.microsoft", 1,
         doc="onnxruntime: rotary position embedding, angles looked up per position (contrib op)",
         inputs=[schema.FormalParameter("input", "T"), schema.FormalParameter("position_ids", "M"),
@@ -420,13 +409,13 @@ def _register_rotary_schema() -> None:
                     schema.Attribute("rotary_embedding_dim", schema.AttrType.INT, "", required=False),
                     schema.Attribute("is_packed_batching", schema.AttrType.INT, "", required=False),
                     schema.Attribute("scale", schema.AttrType.FLOAT, "", required=False)],
-    ))
+    )
 
 
 def _rotary_embedding_onnx(x: Any, position_ids: Any, cos_table: Any, sin_table: Any, num_heads: int = 1) -> Any:
     from onnxscript.values import Opset  # onnxscript takes about 1.4 s to import: only while exporting
 
-    _register_rotary_schema()
+    ensure_schema("RotaryEmbedding", _rotary_embedding_schema)
     return Opset("com.microsoft", 1).RotaryEmbedding(x, position_ids, cos_table, sin_table, num_heads=num_heads,
                                                      interleaved=0)
 

@@ -26,8 +26,11 @@ import onnx
 import torch
 import torch.fx as fx
 
+from graphopt.ir.graph import same_shape
 from graphopt.ir.meta import infer_meta
+from graphopt.ir.op_args import argument
 from graphopt.passes.base import NodeRewrite
+from graphopt.targets.onnx.contrib_ops import ensure_schema
 
 __all__ = ["SKIP_RMS_NORM", "SkipRmsNorm", "clear_unused_outputs", "has_rms_norm", "skip_rms_norm",
            "translation_table"]
@@ -57,11 +60,6 @@ def has_rms_norm(gm: fx.GraphModule) -> bool:
     return bool(gm.graph.find_nodes(op="call_function", target=aten.rms_norm.default))
 
 
-def _same_shape(a: object, b: object) -> bool:
-    values = [n.meta.get("val") if isinstance(n, fx.Node) else None for n in (a, b)]
-    return all(isinstance(v, torch.Tensor) for v in values) and values[0].shape == values[1].shape  # type: ignore[union-attr]
-
-
 @dataclass(frozen=True)
 class SkipRmsNorm(NodeRewrite):
     """``rms_norm(a + b)`` over the last dim, with a weight -> ``graphopt_onnx::skip_rms_norm`` (see the module)."""
@@ -75,13 +73,13 @@ class SkipRmsNorm(NodeRewrite):
         if node.op != "call_function" or node.target is not aten.rms_norm.default:
             return False
         total, shape = node.args[:2]
-        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-        eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
+        weight, eps = argument(node, "weight"), argument(node, "eps")
         if not isinstance(total, fx.Node) or total.target is not aten.add.Tensor or len(total.args) != 2 \
                 or total.kwargs.get("alpha", 1) != 1:
             return False
         x, skip = total.args
-        if weight is None or eps is None or len(shape) != 1 or not _same_shape(x, skip) or not _same_shape(x, total):
+        matching = isinstance(x, fx.Node) and isinstance(skip, fx.Node) and same_shape(x, skip) and same_shape(x, total)
+        if weight is None or eps is None or len(shape) != 1 or not matching:
             return "not a weighted norm over the last dim of a sum of equal shapes"
         graph = gm.graph
         with graph.inserting_before(node):
@@ -110,16 +108,11 @@ def clear_unused_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _register_schema() -> None:
-    """Tell onnx (and so onnxscript) the signature of onnxruntime's ``SkipSimplifiedLayerNormalization``."""
-    try:
-        onnx.defs.get_schema("SkipSimplifiedLayerNormalization", 1, "com.microsoft")
-        return
-    except onnx.defs.SchemaError:
-        pass
+def _skip_simplified_layer_norm_schema() -> onnx.defs.OpSchema:
+    """The signature of onnxruntime's ``SkipSimplifiedLayerNormalization``, for onnx (and so onnxscript)."""
     schema = onnx.defs.OpSchema
     optional = schema.FormalParameterOption.Optional
-    onnx.defs.register_schema(schema(
+    return schema(
         "SkipSimplifiedLayerNormalization", "com.microsoft", 1,
         doc="onnxruntime: RMS normalization of input + skip (+ bias), also returning the sum (contrib op)",
         inputs=[schema.FormalParameter("input", "T"), schema.FormalParameter("skip", "T"),
@@ -130,13 +123,13 @@ def _register_schema() -> None:
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
                           ("U", ["tensor(float)"], "")],
         attributes=[schema.Attribute("epsilon", schema.AttrType.FLOAT, "", required=False)],
-    ))
+    )
 
 
 def _skip_rms_norm_onnx(x: Any, skip: Any, weight: Any, eps: float = 1e-6) -> Any:
     from onnxscript.values import Opset  # onnxscript takes about 1.4 s to import: only while exporting
 
-    _register_schema()
+    ensure_schema("SkipSimplifiedLayerNormalization", _skip_simplified_layer_norm_schema)
     output, _, _, total = Opset("com.microsoft", 1).SkipSimplifiedLayerNormalization(x, skip, weight, epsilon=eps)
     return output, total
 

@@ -25,6 +25,7 @@ from graphopt.ir.meta import infer_meta
 from graphopt.passes.base import NodeRewrite, PassResult
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_CODEBOOK, DEQUANTIZE_INT8, unpack_nibbles
 from graphopt.targets.common.weight_only_kernels import dequantize_constants, weight_only_dequantize
+from graphopt.targets.onnx.contrib_ops import ensure_schema
 
 __all__ = ["MatMulNBitsLinears", "matmul_nbits", "translation_table"]
 
@@ -55,16 +56,11 @@ def _(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: 
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _register_matmul_nbits_schema() -> None:
-    """Tell onnx (and so onnxscript) the signature of onnxruntime's contrib op ``com.microsoft.MatMulNBits``."""
-    try:
-        onnx.defs.get_schema("MatMulNBits", 1, "com.microsoft")
-        return
-    except onnx.defs.SchemaError:
-        pass
+def _matmul_nbits_schema() -> onnx.defs.OpSchema:
+    """The signature of onnxruntime's contrib op ``com.microsoft.MatMulNBits``, for onnx (and so onnxscript)."""
     schema = onnx.defs.OpSchema
     optional = schema.FormalParameterOption.Optional
-    onnx.defs.register_schema(schema(
+    return schema(
         "MatMulNBits", "com.microsoft", 1,
         doc="onnxruntime: A @ dequantize(B)^T with B quantized to `bits` in blocks of `block_size` along K",
         inputs=[schema.FormalParameter("A", "T1"), schema.FormalParameter("B", "T2"),
@@ -82,14 +78,14 @@ def _register_matmul_nbits_schema() -> None:
                     schema.Attribute("bits", schema.AttrType.INT, "", required=True),
                     schema.Attribute("block_size", schema.AttrType.INT, "", required=True),
                     schema.Attribute("accuracy_level", schema.AttrType.INT, "", required=False)],
-    ))
+    )
 
 
 def _matmul_nbits_onnx(x: Any, packed: Any, scales: Any, zero_points: Any = None, in_features: int = 0,
                        out_features: int = 0, bits: int = 4, block_size: int = 128) -> Any:
     from onnxscript.values import Opset  # onnxscript takes about 1.4 s to import: only while exporting
 
-    _register_matmul_nbits_schema()
+    ensure_schema("MatMulNBits", _matmul_nbits_schema)
     microsoft = Opset("com.microsoft", 1)
     inputs = [x, packed, scales] + ([zero_points] if zero_points is not None else [])
     return microsoft.MatMulNBits(*inputs, K=in_features, N=out_features, bits=bits, block_size=block_size)

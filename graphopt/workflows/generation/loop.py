@@ -8,13 +8,13 @@ reached an end-of-sequence token are filled with the pad token while the others 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 
 from graphopt.errors import InputError
+from graphopt.ir.threads import torch_threads
 from graphopt.workflows.generation.decoder import step_inputs
 from graphopt.workflows.generation.sampling import Sampling, next_tokens
 
@@ -80,19 +80,6 @@ def _check_prompt(input_ids: Any, attention_mask: Any, steps: DecoderSteps, max_
     return input_ids.long(), attention_mask.long()
 
 
-@contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
-    """Run the block with torch at ``count`` threads (unchanged for None), restored after."""
-    previous = torch.get_num_threads()
-    if count is not None and count != previous:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
-
-
 def run_generation(steps: DecoderSteps, input_ids: torch.Tensor, *, max_new_tokens: int,
                    attention_mask: torch.Tensor | None = None, sampling: Sampling = GREEDY,
                    eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
@@ -107,7 +94,7 @@ def run_generation(steps: DecoderSteps, input_ids: torch.Tensor, *, max_new_toke
     ``[batch]``, and ``end()``.
     """
     input_ids, attention_mask = _check_prompt(input_ids, attention_mask, steps, max_new_tokens)
-    with _torch_threads(getattr(steps, "host_threads", None)):
+    with torch_threads(getattr(steps, "host_threads", None)):
         return _generate(steps, input_ids, attention_mask, max_new_tokens, sampling, _eos_set(eos_token_id),
                          pad_token_id, min_new_tokens, streamer, generator)
 
