@@ -74,7 +74,7 @@ def _lossy_records(fast: OptimizedModel) -> list[str]:
 @pytest.mark.parametrize(("build", "message"), [
     (lambda: WeightOnly(bits=3), r"must be 8 .* or 4"),
     (lambda: WeightOnly(bits=4, group_size=100), r"must be one of 32, 64, 128, 256, got 100"),
-    (lambda: WeightOnly(bits=8, group_size=32), r"group_size=32\) is for bits=4"),
+    (lambda: WeightOnly(bits=8, int8_layers=("lm_head",)), r"int8_layers"),
     (lambda: WeightOnly(min_elements=-1), r"min_elements=...\) must be an integer >= 0"),
     (lambda: KMeans(bits=2), r"8 \(up to 256 clusters\) or 4 \(up to 16\)"),
     (lambda: KMeans(bits=8, clusters=16), r"must be in 17..256, got 16; .* use bits=4"),

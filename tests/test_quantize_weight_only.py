@@ -154,8 +154,9 @@ def test_bad_options_are_input_errors():
         WeightOnlyQuantize(bits=3)
     with pytest.raises(InputError, match="group_size"):
         WeightOnlyQuantize(bits=4, group_size=48)
-    with pytest.raises(InputError, match="leave group_size unset"):
-        WeightOnlyQuantize(bits=8, group_size=128)
+    assert WeightOnlyQuantize(bits=8, group_size=128).group_size == 128  # group-wise int8
+    with pytest.raises(InputError, match="int8_layers"):
+        WeightOnlyQuantize(bits=8, int8_layers=("lm_head",))
     with pytest.raises(InputError, match=r"2\.\.256"):
         KMeansQuantize(clusters=1000)
 

@@ -34,6 +34,7 @@ from graphopt.targets.base import Target, get_target
 from graphopt.targets.tune import lower_model
 from graphopt.workflows.generation import (
     GenerativeModel,
+    generation_compression,
     generation_target,
     is_causal_lm,
     optimize_for_generation,
@@ -171,9 +172,11 @@ def optimize(
         if chosen_by_name:
             target = generation_target(target)
         passes = options.pipeline.build(target)
+        compression = generation_compression(compression_steps(compress, target=target.name, **options.compression),
+                                             fidelity)
         return optimize_for_generation(model, example_inputs, target, passes, max_cache_len=max_cache_len,
-                                       verify=check.enabled, on_error=on_error, refused=_refused_for_generation(
-                                           compress, calibration, fidelity, tune, example_kwargs, options))
+                                       verify=check.enabled, on_error=on_error, compression=compression,
+                                       refused=_refused_for_generation(calibration, tune, example_kwargs, options))
     passes = options.pipeline.build(target)
     if max_cache_len is not None:
         raise InputError("max_cache_len= applies to causal language models (generation); this model is not one")
@@ -240,11 +243,9 @@ def _generates(model: torch.nn.Module, example_kwargs: dict[str, Any] | None) ->
     return getattr(getattr(model, "config", None), "use_cache", True) is not False
 
 
-def _refused_for_generation(compress: Any, calibration: Any, fidelity: Any, tune: bool,
-                            example_kwargs: Any, options: Any) -> list[str]:
+def _refused_for_generation(calibration: Any, tune: bool, example_kwargs: Any, options: Any) -> list[str]:
     """The options ``optimize`` takes that generation does not support yet (named in its error)."""
-    asked = {"compress=": bool(compress) or bool(options.compression), "calibration=": calibration is not None,
-             "fidelity=": fidelity is not None, "tune=True": tune,
+    asked = {"calibration= (the budget's text is Fidelity(text=...))": calibration is not None, "tune=True": tune,
              "example_kwargs= (other than use_cache)": bool(set(example_kwargs or {}) - {"use_cache"}),
              "dynamic=": bool(options.dynamic.shapes) or options.dynamic.batch}
     return [name for name, given in asked.items() if given]

@@ -57,6 +57,14 @@ class Fidelity:
     ``max_drop`` below its value on the unchanged graph; the cosine is then measured and
     reported but not enforced. ``enforce=False`` measures and reports without enforcing.
     ``max_batches`` caps how many calibration batches the check runs on.
+
+    **Language models** (compressed for generation) are judged on held-out text instead:
+    ``max_perplexity_ratio`` (perplexity at most that multiple of the float model's, e.g. 1.02)
+    and ``min_token_agreement`` (the share of prompts whose first ``agreement_tokens`` greedy
+    tokens equal the float model's, e.g. 0.8). The text is ``text`` (a string, tokenized with
+    ``tokenizer``), by default a slice of Python's ``pydoc_data.topics`` kept apart from the
+    slice the layers' sensitivity is measured on; ``tokenizer`` defaults to the one saved beside
+    the model (``AutoTokenizer.from_pretrained(model.name_or_path)``).
     """
 
     min_cosine: float = 0.99
@@ -64,6 +72,11 @@ class Fidelity:
     max_drop: float | None = None
     enforce: bool = True
     max_batches: int = 8
+    max_perplexity_ratio: float | None = None
+    min_token_agreement: float | None = None
+    agreement_tokens: int = 32
+    text: str | None = None
+    tokenizer: Any = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_cosine <= 1.0:
@@ -76,9 +89,34 @@ class Fidelity:
             raise InputError(f"Fidelity(max_drop=...) must be >= 0, got {self.max_drop}")
         if self.max_batches < 0:
             raise InputError(f"Fidelity(max_batches=...) must be >= 0, got {self.max_batches}")
+        if self.max_perplexity_ratio is not None and not self.max_perplexity_ratio > 0:
+            raise InputError(f"Fidelity(max_perplexity_ratio=...) must be > 0 (e.g. 1.02: at most 2% above the "
+                             f"float model's perplexity), got {self.max_perplexity_ratio}")
+        if self.min_token_agreement is not None and not 0.0 <= self.min_token_agreement <= 1.0:
+            raise InputError(f"Fidelity(min_token_agreement=...) is a share of prompts, in [0, 1]; got "
+                             f"{self.min_token_agreement}")
+        if isinstance(self.agreement_tokens, bool) or not isinstance(self.agreement_tokens, int) \
+                or self.agreement_tokens < 1:
+            raise InputError(f"Fidelity(agreement_tokens=...) must be a positive int, got {self.agreement_tokens!r}")
+        if self.text is not None and not isinstance(self.text, str):
+            raise InputError("Fidelity(text=...) is the held-out text as one string (it is tokenized with "
+                             f"tokenizer=), got {type(self.text).__name__}")
+
+    @property
+    def for_language_model(self) -> bool:
+        """True when the budget is about held-out text (perplexity, greedy token agreement)."""
+        return self.max_perplexity_ratio is not None or self.min_token_agreement is not None
 
     def describe(self) -> str:
         """The budget in words, for reports and errors."""
+        if self.for_language_model:
+            parts = []
+            if self.max_perplexity_ratio is not None:
+                parts.append(f"perplexity <= {self.max_perplexity_ratio:g}x float")
+            if self.min_token_agreement is not None:
+                parts.append(f"first {self.agreement_tokens} greedy tokens equal to float's on >= "
+                             f"{self.min_token_agreement:.0%} of prompts")
+            return ", ".join(parts)
         if self.metric is not None:
             name = getattr(self.metric, "__name__", "metric")
             return f"{name} drop <= {self.max_drop:g}"

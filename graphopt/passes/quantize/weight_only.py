@@ -1,14 +1,17 @@
-"""Weight-only quantization: int8 per output channel, or int4 group-wise; activations stay float.
+"""Weight-only quantization: int8 per output channel or group-wise, or int4 group-wise; activations stay float.
 
 ``WeightOnly(bits=8)`` stores every linear / matrix-product / convolution weight as
 ``int8`` with one float scale per output channel (symmetric, ``q`` in [-127, 127],
-``scale = max|w_row| / 127``). ``WeightOnly(bits=4, group_size=128)`` stores the
-weights of matrix products as 4-bit values, two per byte, with a float scale and a 4-bit zero
-point per group of ``group_size`` consecutive input features of one output channel
-(asymmetric: ``w = (q - zero_point) * scale``, ``q`` in [0, 15]; the group's range always holds 0,
-so zeros stay exact). Asymmetric because a 4-bit grid is coarse: spending the 16 levels on
-the group's actual range instead of ``[-max|w|, max|w|]`` halves the error on skewed groups,
-and it is the layout onnxruntime's ``MatMulNBits`` and PyTorch's int4 CPU kernel both take.
+``scale = max|w_row| / 127``); with ``group_size``, matrix products get one scale per group of
+``group_size`` input features instead (GGUF's ``Q8_0`` is group 32). ``WeightOnly(bits=4,
+group_size=128)`` stores the weights of matrix products as 4-bit values, two per byte, with a
+float scale and zero point per group of ``group_size`` consecutive input features of one
+output channel (asymmetric: ``w = (q - zero_point) * scale``, ``q`` in [0, 15], the grid spanning
+the group's range; see ``quantize_int4_groupwise``). Asymmetric because a 4-bit grid is coarse:
+spending the 16 levels on the group's actual range instead of ``[-max|w|, max|w|]`` halves the
+error on skewed groups, and it is the layout onnxruntime's ``MatMulNBits`` and PyTorch's int4
+CPU kernel both take. ``int8_layers`` keeps chosen layers of an int4 model in int8 (what a
+language model's budget falls back to before float).
 
 In the IR each layer reads its weight through a ``graphopt_weights.dequantize_int8/int4`` node
 (``weight_ops``), so the PyTorch graph is the numerical reference; the targets' lowering passes turn
@@ -46,7 +49,8 @@ from graphopt.passes.quantize.weight_sites import (
     tensor_bytes,
 )
 
-__all__ = ["WeightOnly", "WeightOnlyQuantize", "quantize_int4_groupwise", "quantize_int8_per_channel"]
+__all__ = ["WeightOnly", "WeightOnlyQuantize", "quantize_int4_groupwise", "quantize_int8_groupwise",
+           "quantize_int8_per_channel"]
 
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -60,21 +64,49 @@ def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch
     return q.reshape(weight.shape), scale.to(weight.dtype)
 
 
-def quantize_int4_groupwise(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit per group of ``group_size`` input features of ``weight [N, K]``.
+def quantize_int8_groupwise(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per group of ``group_size`` input features of ``weight [N, K]``.
 
-    Returns ``(packed uint8 [N, K/2], scale [N, K/g], zero_point uint8 [N, K/g])``.
+    Returns ``(q int8 [N, K], scale [N, K/g])``.
     """
     rows, columns = weight.shape
     groups = weight.detach().float().reshape(rows, columns // group_size, group_size)
-    low = groups.amin(dim=-1).clamp(max=0.0)
-    high = groups.amax(dim=-1).clamp(min=0.0)
-    scale = (high - low) / 15.0
+    scale = groups.abs().amax(dim=-1) / 127.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero_point = torch.round(-low / scale).clamp(0, 15)
-    q = (torch.round(groups / scale[..., None]) + zero_point[..., None]).clamp(0, 15)
-    packed = pack_nibbles(q.reshape(rows, columns).to(torch.uint8))
-    return packed, scale.to(weight.dtype), zero_point.to(torch.uint8)
+    q = torch.round(groups / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(rows, columns), scale.to(weight.dtype)
+
+
+def quantize_int4_groupwise(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit per group of ``group_size`` input features of ``weight [N, K]``.
+
+    Each group gets the grid ``low + scale * q`` (``q`` in 0..15) with least squared error among
+    the grids that start at the group's minimum and end at its maximum in 15, 14, ..., 1 steps:
+    15 for most float weights, fewer for a group whose values already sit on a coarser grid
+    (weights that were 4-bit quantized before, such as GGUF ``Q4_1`` checkpoints, come back exactly).
+    Returns ``(packed uint8 [N, K/2], scale [N, K/g], zero_point [N, K/g])`` in ``w = (q - zero_point) * scale``;
+    the zero point is a float (``-low / scale``), as onnxruntime's ``MatMulNBits`` and PyTorch's int4 kernels take it.
+    """
+    rows, columns = weight.shape
+    groups = weight.detach().float().reshape(rows, columns // group_size, group_size)
+    low = groups.amin(dim=-1, keepdim=True)
+    span = groups.amax(dim=-1, keepdim=True) - low
+    best_q = best_scale = best_error = None
+    for steps in range(15, 0, -1):
+        scale = torch.where(span > 0, span / steps, torch.ones_like(span))
+        q = torch.round((groups - low) / scale).clamp(0, steps)
+        error = (q * scale + low - groups).pow(2).sum(dim=-1, keepdim=True)
+        if best_error is None:
+            best_q, best_scale, best_error = q, scale, error
+            continue
+        better = error < best_error
+        best_q = torch.where(better, q, best_q)
+        best_scale = torch.where(better, scale, best_scale)
+        best_error = torch.where(better, error, best_error)
+    assert best_q is not None and best_scale is not None
+    packed = pack_nibbles(best_q.reshape(rows, columns).to(torch.uint8))
+    scale = best_scale.squeeze(-1)
+    return packed, scale.to(weight.dtype), (-low.squeeze(-1) / scale).to(weight.dtype)
 
 
 @dataclass
@@ -137,14 +169,16 @@ class WeightOnly(QuantizationScheme):
     """Weight-only quantization; activations stay float (no data needed).
 
     ``bits=8``: symmetric int8, one scale per output channel (linear, products by a constant,
-    convolutions). ``bits=4``: asymmetric 4-bit groups of ``group_size`` input features (32, 64,
-    128 or 256; 128 when not given) with a scale and zero point per group, for matrix
+    convolutions), or per group of ``group_size`` input features of a matrix product when
+    ``group_size`` is given. ``bits=4``: asymmetric 4-bit groups of ``group_size`` input features
+    (32, 64, 128 or 256; 128 when not given) with a scale and zero point per group, for matrix
     products; layers whose input features are not a multiple of ``group_size``, and
     convolutions, stay float (near misses). ``min_elements``: smaller weights stay float (their
     scales would cost more than they save). ``embeddings``: store embedding tables as int8 rows
     under either setting (they are gathered, not multiplied, so the lowering reads only the
     rows it needs). ``skip``: node names or module paths (and everything under them) kept in
-    float.
+    float. ``int8_layers``: likewise, layers of an int4 model stored as int8 (group-wise, with
+    the same ``group_size``).
     """
 
     name: ClassVar[str] = "weight-only-quantize"
@@ -154,21 +188,22 @@ class WeightOnly(QuantizationScheme):
     min_elements: int = 1024
     embeddings: bool = True
     skip: tuple[str, ...] = ()
+    int8_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         names_option(self, "skip")
+        names_option(self, "int8_layers")
         if self.bits not in (4, 8) or isinstance(self.bits, bool):
-            raise InputError(f"WeightOnly(bits=...) must be 8 or 4: 8 for int8 per output channel, or 4 for int4 "
-                             f"groups of group_size input features; got {self.bits!r}")
-        if self.bits == 8 and self.group_size is not None:
-            raise InputError(f"WeightOnly(group_size={self.group_size!r}) is for bits=4: int8 weights have one scale "
-                             "per output channel; leave group_size unset, or use bits=4")
-        if self.bits == 4:
-            if self.group_size is None:
-                object.__setattr__(self, "group_size", 128)
-            elif self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool):
-                raise InputError(f"WeightOnly(group_size=...) must be one of {', '.join(map(str, GROUP_SIZES))}, "
-                                 f"got {self.group_size!r}")
+            raise InputError(f"WeightOnly(bits=...) must be 8 or 4: 8 for int8 per output channel (or group), or 4 "
+                             f"for int4 groups of group_size input features; got {self.bits!r}")
+        if self.bits == 4 and self.group_size is None:
+            object.__setattr__(self, "group_size", 128)
+        if self.group_size is not None and (self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool)):
+            raise InputError(f"WeightOnly(group_size=...) must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                             f"got {self.group_size!r}")
+        if self.int8_layers and self.bits != 4:
+            raise InputError("WeightOnly(int8_layers=...) keeps layers of an int4 model in int8; with bits=8 every "
+                             "layer is int8 already")
         check_count(self, "min_elements", 0, " (weights with fewer elements stay float)")
         check_flags(self, "embeddings")
 
@@ -182,37 +217,52 @@ class WeightOnly(QuantizationScheme):
         layers: dict[str, _Compressed] = {}
         near: dict[str, str] = {}
         units: list[LossyUnit] = []
-        group = self.group_size
         skip = SkipList.checked(gm, self.skip, "WeightOnly(skip=...)")
+        int8_layers = SkipList.checked(gm, self.int8_layers, "WeightOnly(int8_layers=...)")
+        nodes = {node.name: node for node in gm.graph.nodes}
         for site in find_weight_sites(gm, self.min_elements, skip):
             if isinstance(site, tuple):
                 near[site[0]] = site[1]
                 continue
-            refusal = self._refusal(site)
+            bits = 8 if site.kind == "embedding" or nodes[site.node] in int8_layers else self.bits
+            refusal = self._refusal(site, bits)
             if refusal:
                 near[site.node] = refusal
                 continue
-            constants = self._compress(site)
-            bits = self._bits_for(site)
-            layers[site.node] = _Compressed(site, constants, bits, group if bits == 4 else None)
-            units.append(LossyUnit(site.node, site.kind, self._scheme_for(site), self._details(site, constants)))
+            group = self._group_for(site, bits)
+            constants = _compress(site.matrix, bits, group)
+            layers[site.node] = _Compressed(site, constants, bits, group)
+            units.append(LossyUnit(site.node, site.kind, _scheme_name(bits, group),
+                                   self._details(site, constants, bits, group)))
         return WeightOnlyPlan(bits=self.bits, layers=layers, near_misses=near, units=units)
 
-    def _bits_for(self, site: WeightSite) -> int:
-        """Embedding tables are gathered row by row: int8 per row under either setting."""
-        return 8 if site.kind == "embedding" else self.bits
+    def dequantized(self, matrix: torch.Tensor, kind: str = "linear", bits: int | None = None) -> torch.Tensor:
+        """The float weight a layer of ``kind`` computes with under this scheme (``matrix``: output channels first).
 
-    def _scheme_for(self, site: WeightSite) -> str:
-        if site.kind == "embedding":
-            return "int8 weight-only, per-row symmetric"
-        if self.bits == 8:
-            return "int8 weight-only, per-channel symmetric"
-        return f"int4 weight-only, group {self.group_size} asymmetric"
+        ``bits`` overrides the scheme's (8 for a layer in ``int8_layers``). Scales and groups run
+        along each output row, so the rows of a merged weight (a fused Q/K/V projection) come out
+        as they would quantized layer by layer.
+        """
+        bits = 8 if kind == "embedding" else (bits or self.bits)
+        rows = matrix.reshape(matrix.shape[0], -1)
+        group = None if kind == "embedding" or (bits == 8 and rows.shape[1] % (self.group_size or 1)) \
+            else self.group_size
+        values = _dequantize(_compress(rows, bits, group), bits, group)
+        return values.reshape(matrix.shape).to(matrix.dtype)
 
-    def _refusal(self, site: WeightSite) -> str | None:
+    def _group_for(self, site: WeightSite, bits: int) -> int | None:
+        """int4: the group size; int8: the group size for products whose in-features it divides, else per channel."""
+        if bits == 4:
+            return self.group_size
+        if self.group_size is None or not site.is_product or site.kind == "embedding" \
+                or site.matrix.shape[1] % self.group_size:
+            return None
+        return self.group_size
+
+    def _refusal(self, site: WeightSite, bits: int) -> str | None:
         if site.kind == "embedding" and not self.embeddings:
             return "embedding tables left float (embeddings=False)"
-        if self._bits_for(site) == 8:
+        if bits == 8:
             return None
         if not site.is_product:
             return f"int4 group-wise is for matrix products; {site.kind} weight kept float (use bits=8)"
@@ -222,30 +272,38 @@ class WeightOnly(QuantizationScheme):
                     "(choose a group size that divides it)")
         return None
 
-    def _compress(self, site: WeightSite) -> dict[str, torch.Tensor]:
-        if self._bits_for(site) == 8:
-            q, scale = quantize_int8_per_channel(site.matrix)
-            return {"qweight": q, "scale": scale}
-        packed, scale, zero_point = quantize_int4_groupwise(site.matrix, self.group_size)
-        return {"qweight": packed, "scale": scale, "zero_point": zero_point}
-
-    def _details(self, site: WeightSite, constants: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def _details(self, site: WeightSite, constants: dict[str, torch.Tensor], bits: int,
+                 group: int | None) -> dict[str, Any]:
         before = tensor_bytes(site.matrix)
         after = sum(tensor_bytes(t) for t in constants.values())
-        bits = self._bits_for(site)
-        dequantized = _dequantize(constants, bits, self.group_size)
+        dequantized = _dequantize(constants, bits, group)
         error = (dequantized.float() - site.matrix.float().reshape(dequantized.shape)).pow(2).mean().sqrt()
         return {
             "weight": site.weight_target,
             "shape": "x".join(str(s) for s in site.matrix.shape),
             "bits": bits,
-            "group_size": self.group_size if bits == 4 else "per-channel",
+            "group_size": group or "per-channel",
             "bytes_before": before,
             "bytes_after": after,
             "size_ratio": round(after / before, 4),
             "weight_rmse": float(error),
             "tied": site.shared,
         }
+
+
+def _scheme_name(bits: int, group: int | None) -> str:
+    if bits == 4:
+        return f"int4 weight-only, group {group} asymmetric"
+    return f"int8 weight-only, group {group} symmetric" if group else "int8 weight-only, per-channel symmetric"
+
+
+def _compress(matrix: torch.Tensor, bits: int, group: int | None) -> dict[str, torch.Tensor]:
+    """The compact tensors of ``matrix`` (output channels first) at ``bits``, per channel (``group`` None) or group."""
+    if bits == 8:
+        q, scale = quantize_int8_groupwise(matrix, group) if group else quantize_int8_per_channel(matrix)
+        return {"qweight": q, "scale": scale}
+    packed, scale, zero_point = quantize_int4_groupwise(matrix, group)  # type: ignore[arg-type]
+    return {"qweight": packed, "scale": scale, "zero_point": zero_point}
 
 
 def _dequantize(constants: dict[str, torch.Tensor], bits: int, group: int | None) -> torch.Tensor:

@@ -9,8 +9,9 @@ kernels that read the compact weights (the targets' weight-only lowering passes)
 Ops (namespace ``graphopt_weights``, registered on import of this module):
 
 ``dequantize_int8(q: int8[N, ...], scale: float[N]) -> float[N, ...]``
-    symmetric per-output-channel: ``w = q * scale[n]``, ``q`` in [-127, 127].
-``dequantize_int4(packed: uint8[N, K/2], scale: float[N, K/g], zero_point: uint8[N, K/g], group_size) -> float[N, K]``
+    symmetric per-output-channel: ``w = q * scale[n]``, ``q`` in [-127, 127]; or group-wise for
+    ``q [N, K]``, ``scale [N, K/g]``: ``w = q * scale[n, k // g]``.
+``dequantize_int4(packed: uint8[N, K/2], scale: float[N, K/g], zero_point: float[N, K/g], group_size) -> float[N, K]``
     asymmetric group-wise 4-bit: ``w = (q - zero_point[n, k // g]) * scale[n, k // g]``, ``q`` in
     [0, 15], two per byte, the even ``k`` in the low nibble (onnxruntime's MatMulNBits layout).
 ``dequantize_codebook(indices: uint8[...], codebook: float[k], bits, shape) -> float[shape]``
@@ -50,7 +51,12 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_int8_reference(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``q * scale`` with ``scale`` broadcast along dim 0 (per output channel)."""
+    """``q * scale``: ``scale [N]`` per output channel, or ``scale [N, K/g]`` per group of a ``[N, K]`` weight."""
+    if scale.dim() == 2 and q.dim() == 2:
+        rows, columns = q.shape
+        groups = scale.shape[1]
+        grouped = q.to(scale.dtype).reshape(rows, groups, columns // groups) * scale.unsqueeze(-1)
+        return grouped.reshape(rows, columns)
     view = scale.reshape(-1, *([1] * (q.dim() - 1)))
     return q.to(scale.dtype) * view
 

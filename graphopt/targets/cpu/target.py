@@ -44,7 +44,9 @@ class CpuTarget(Target):
     def lower(self, gm: fx.GraphModule, context: LoweringContext) -> Callable[..., Any]:
         """A lowered copy of the graph (``gm`` itself stays the portable ATen graph)."""
         gm.recompile()
-        if has_quantized_ops(gm):  # int8 QDQ graph: its own lowering to int8 kernels (float graphs never get here)
+        # int8 QDQ / weight-only graph: its own lowering to PyTorch's int8/int4 kernels (float graphs never get
+        # here); onnxruntime has kernels of its own for both (graphopt.targets.onnx)
+        if has_quantized_ops(gm) and self.lowering.backend != "onnxruntime":
             result = run_lowering(snapshot_graph_module(gm), self.lowering_passes(gm), context)
             lowered = result.graph_module
             if context.report is not None:

@@ -110,6 +110,9 @@ def _kernel_form(gm: fx.GraphModule, node: fx.Node) -> Kernel | str:
         return "weight computed at run time"
     if dequant.target == DEQUANTIZE_INT8:
         q_weight, scale = values
+        if scale.dim() == 2:
+            return ("group-wise int8 has no PyTorch kernel (aten._weight_int8pack_mm is per channel): weight "
+                    "dequantized once")
         if q_weight.shape[1] % INT8_KERNEL_K_MULTIPLE:
             # aten._weight_int8pack_mm reads K in blocks of 16 and crashes the process (torch 2.13, CPU) otherwise
             return (f"no int8 kernel for in-features {q_weight.shape[1]} (not a multiple of {INT8_KERNEL_K_MULTIPLE}):"

@@ -38,14 +38,16 @@ def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     """Reference of onnxruntime's ``MatMulNBits``: ``x @ dequantize(packed)ᵀ``, blocks of ``block_size`` along K.
 
     ``packed`` uint8 ``[N, K/block, block*bits/8]`` (4-bit: even k in the low nibble), ``scales``
-    ``[N * K/block]``, ``zero_points`` packed like ``packed`` per block (None: ``2**(bits-1)``).
+    ``[N * K/block]``, ``zero_points`` packed like ``packed`` per block, or float ``[N * K/block]``
+    (None: ``2**(bits-1)``).
     """
     blocks = packed.shape[1]
     q = (unpack_nibbles(packed) if bits == 4 else packed).reshape(out_features, blocks, block_size).to(scales.dtype)
     if zero_points is None:
         zp = torch.full((out_features, blocks), float(2 ** (bits - 1)), dtype=scales.dtype)
     else:
-        zp = (unpack_nibbles(zero_points) if bits == 4 else zero_points).reshape(out_features, -1)[:, :blocks]
+        packed_zp = bits == 4 and not zero_points.is_floating_point()
+        zp = (unpack_nibbles(zero_points) if packed_zp else zero_points).reshape(out_features, -1)[:, :blocks]
     weight = ((q - zp.to(scales.dtype).unsqueeze(-1)) * scales.reshape(out_features, blocks, 1))
     return x @ weight.reshape(out_features, -1)[:, :in_features].t()
 
@@ -138,19 +140,52 @@ def _nbits_constants(values: list[Any], int8: bool) -> tuple[torch.Tensor, torch
     if int8:
         q_weight, scale = values
         out_features, in_features = q_weight.shape
-        block = _nbits_block(in_features)
+        block = in_features // scale.shape[1] if scale.dim() == 2 else _nbits_block(in_features)
         blocks = -(-in_features // block)
         unsigned = (q_weight.to(torch.int16) + 128).to(torch.uint8)
         padded = torch.full((out_features, blocks * block), 128, dtype=torch.uint8)
         padded[:, :in_features] = unsigned
-        scales = scale.reshape(-1, 1).expand(out_features, blocks).contiguous()
-        return padded.reshape(out_features, blocks, block), scales.reshape(-1), None, 8, block
+        scales = scale if scale.dim() == 2 else scale.reshape(-1, 1).expand(out_features, blocks)
+        return padded.reshape(out_features, blocks, block), scales.contiguous().reshape(-1), None, 8, block
     packed, scale, zero_point, group = values
     out_features = packed.shape[0]
     blocks = scale.shape[1]
+    if zero_point.is_floating_point():  # float zero points: MatMulNBits's zero point 8, then an offset per group
+        return packed.reshape(out_features, blocks, group // 2), scale.reshape(-1), None, 4, group
     zp = zero_point if blocks % 2 == 0 else torch.cat([zero_point, zero_point.new_zeros(out_features, 1)], 1)
     zp_packed = (zp[:, 0::2] & 0x0F) | ((zp[:, 1::2] & 0x0F) << 4)
     return packed.reshape(out_features, blocks, group // 2), scale.reshape(-1), zp_packed.reshape(-1), 4, group
+
+
+def _group_offsets(values: list[Any]) -> torch.Tensor | None:
+    """``[K/g, N]`` offsets ``(8 - zero_point) * scale`` of int4 weights with float zero points, else None.
+
+    ``(q - zp) * s == (q - 8) * s + (8 - zp) * s``: ``MatMulNBits`` without zero points computes the
+    first term with its fast kernels (a float zero point sends it to a path about 17x slower), and
+    ``x @ w`` gains ``sum over each group of x`` times the second.
+    """
+    _, scale, zero_point, _ = values
+    if not zero_point.is_floating_point():
+        return None
+    return ((8 - zero_point.float()) * scale.float()).to(scale.dtype).t().contiguous()
+
+
+def _add_group_offsets(gm: fx.GraphModule, node: fx.Node, product: fx.Node, offsets: torch.Tensor,
+                       block: int) -> fx.Node:
+    """``product + (x summed per group of block features) @ offsets`` (inserted before ``node``)."""
+    graph = gm.graph
+    x = node.args[0]
+    features = offsets.shape[0] * block
+    offsets_node = register_constant(gm, f"{node.name}_nbits_offsets", offsets, before=node)
+    grouped = graph.call_function(aten.unflatten.int, (x, -1, [features // block, block]))
+    infer_meta(grouped)
+    sums = graph.call_function(aten.sum.dim_IntList, (grouped, [-1]))
+    infer_meta(sums)
+    correction = graph.call_function(aten.matmul.default, (sums, offsets_node))
+    infer_meta(correction)
+    total = graph.call_function(aten.add.Tensor, (product, correction))
+    infer_meta(total)
+    return total
 
 
 @dataclass(frozen=True)
@@ -173,6 +208,12 @@ class MatMulNBitsLinears(NodeRewrite):
         values = dequantize_constants(gm, dequant) if dequant is not None else None
         if values is None:
             return False
+        if dequant.target == DEQUANTIZE_INT8 and values[1].dim() == 2:
+            # group-wise int8: onnxruntime 1.32's 8-bit MatMulNBits is fast only with int8 activations
+            # (accuracy_level 4); exact, it runs ~130x slower than a float MatMul. The weight goes in as float.
+            weight = register_constant(gm, f"{node.name}_weight", dequant.target(*values), before=node)
+            node.replace_input_with(dequant, weight)
+            return True
         packed, scales, zero_points, bits, block = _nbits_constants(values, dequant.target == DEQUANTIZE_INT8)
         out_features = packed.shape[0]
         in_features = values[0].shape[1] * (2 if bits == 4 else 1)
@@ -187,6 +228,9 @@ class MatMulNBitsLinears(NodeRewrite):
                                       (node.args[0], packed_node, scales_node, zp_node, in_features,
                                        out_features, bits, block))
             infer_meta(new)
+            offsets = _group_offsets(values) if bits == 4 else None
+            if offsets is not None:
+                new = _add_group_offsets(gm, node, new, offsets, block)
             if bias is not None:
                 new = graph.call_function(aten.add.Tensor, (new, bias))
                 infer_meta(new)

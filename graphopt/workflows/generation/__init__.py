@@ -20,15 +20,22 @@ from torch import nn
 
 from graphopt.errors import InputError
 from graphopt.passes.base import Pass
+from graphopt.passes.compress import CompressionStep
+from graphopt.passes.lossy.base import Fidelity
+from graphopt.passes.quantize.weight_only import WeightOnly
 from graphopt.report import Report
 from graphopt.targets.base import Target
 from graphopt.targets.cpu.target import CpuTarget
+from graphopt.workflows.generation.build import Compression
+from graphopt.workflows.generation.compression import GenerationCompression
 from graphopt.workflows.generation.decoder import CachedDecoder, is_causal_lm
+from graphopt.workflows.generation.language_budget import default_language_fidelity
 from graphopt.workflows.generation.model import DEFAULT_MAX_CACHE_LEN, GenerativeModel, StepSource, load_generative
 from graphopt.workflows.generation.sampling import GenerationDefaults, Sampling
 from graphopt.workflows.generation.saving import is_generation
 
-__all__ = ["CachedDecoder", "GenerationDefaults", "GenerativeModel", "Sampling", "generation_target", "is_causal_lm",
+__all__ = ["CachedDecoder", "GenerationDefaults", "GenerativeModel", "Sampling", "generation_compression",
+           "generation_target", "is_causal_lm",
            "is_generation", "load_generative", "optimize_for_generation"]
 
 
@@ -66,19 +73,47 @@ def _prompt_ids(example_inputs: Any) -> torch.Tensor:
     return ids.long()
 
 
+def generation_compression(steps: list[CompressionStep], fidelity: Fidelity | None) -> GenerationCompression | None:
+    """The weight compression of a causal LM asked for with ``optimize``'s ``compress=`` / ``quantize=``, or None.
+
+    Weight-only int8/int4 (``WeightOnly``) is what language models get; its budget is about
+    held-out text (``Fidelity(max_perplexity_ratio=..., min_token_agreement=...)``), by default
+    ``language_budget.default_language_fidelity``.
+    """
+    if fidelity is not None and not fidelity.for_language_model:
+        raise InputError("a language model's budget is about text: Fidelity(max_perplexity_ratio=1.02, "
+                         "min_token_agreement=0.8, tokenizer=...), not an output cosine or metric")
+    if not steps:
+        if fidelity is not None:
+            raise InputError("fidelity= is the budget of compression; for a language model give it with "
+                             "quantize='int4-weight-only' (or 'int8-weight-only', or compress=[WeightOnly(...)])")
+        return None
+    unsupported = [step.source for step in steps if not isinstance(step.lossy, WeightOnly)]
+    if unsupported:
+        raise InputError(f"{', '.join(unsupported)}: not supported for causal language models yet. Language models "
+                         "take weight-only quantization: quantize='int4-weight-only' or 'int8-weight-only', or "
+                         "compress=[WeightOnly(bits=4, group_size=32)]")
+    scheme = steps[0].lossy
+    assert isinstance(scheme, WeightOnly)
+    return GenerationCompression(scheme, fidelity or default_language_fidelity(scheme.bits))
+
+
 def optimize_for_generation(model: nn.Module, example_inputs: Any, target: Target, passes: list[Pass], *,
                             max_cache_len: int | None = None, verify: bool = True, on_error: str = "rollback",
+                            compression: GenerationCompression | None = None,
                             refused: list[str] | None = None) -> GenerativeModel:
     """Optimize a causal LM for generation on ``target`` (what ``graphopt.optimize`` does for one).
 
+    ``compression`` (``generation_compression``) compresses the weights within its budget;
     ``refused`` lists ``optimize`` options the caller was given that generation does not support.
     """
     if refused:
         raise InputError(f"{', '.join(refused)} not supported for causal language models yet: optimize for "
-                         "generation without them (exact passes only)")
+                         "generation without them")
     ids = _prompt_ids(example_inputs)
     report = Report(target=target.name)
-    source = StepSource(model, ids, passes, verify=verify, on_error=on_error)
+    source = StepSource(model, ids, passes, verify=verify, on_error=on_error,
+                        compression=Compression(compression) if compression is not None else None)
     optimized = GenerativeModel(target, report, _max_cache_len(model, max_cache_len), GenerationDefaults.of(model),
                                 source=source)
     report.notes.append(f"generation: static cache of {optimized.max_cache_len} positions; steps built in "

@@ -29,9 +29,16 @@ from graphopt.passes.cleanup import CommonSubexpressionElimination
 from graphopt.passes.manager import PassManager
 from graphopt.report import Report
 from graphopt.targets.base import LoweringContext, Target
+from graphopt.workflows.generation.compression import (
+    CompressionDecision,
+    GenerationCompression,
+    check_lowered,
+    decide_compression,
+)
 from graphopt.workflows.generation.decoder import CachedDecoder, step_inputs
 
-__all__ = ["BuiltSteps", "GraphStep", "LoweredSteps", "StepReference", "build_steps", "check_steps", "lower_steps"]
+__all__ = ["BuiltSteps", "Compression", "GraphStep", "LoweredSteps", "StepReference", "build_steps", "check_steps",
+           "lower_steps"]
 
 log = logging.getLogger("graphopt")
 
@@ -104,9 +111,13 @@ def _cached_decoder(model: nn.Module, batch_size: int, max_cache_len: int) -> Ca
 
 
 def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_cache_len: int, target: Target,
-                passes: list[Pass], report: Report, *, verify: bool = True, on_error: str = "rollback"
-                ) -> BuiltSteps:
-    """Capture, optimize (verified) and lower ``model``'s prefill and decode steps for ``batch_size`` rows."""
+                passes: list[Pass], report: Report, *, verify: bool = True, on_error: str = "rollback",
+                compression: Compression | None = None) -> BuiltSteps:
+    """Capture, optimize (verified) and lower ``model``'s prefill and decode steps for ``batch_size`` rows.
+
+    ``compression`` compresses the weights after the exact passes: decided (and judged on held-out
+    text) on the first build, reused as decided on later ones.
+    """
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     decoder = _cached_decoder(model, batch_size, max_cache_len)
@@ -122,6 +133,12 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
     manager = PassManager(passes, verify=verify, on_error=on_error)  # type: ignore[arg-type]
     gm = manager.run(captured.graph_module, captured.flat_inputs, report, captured.graph_outputs)
     seconds["passes"] = time.perf_counter() - started
+    if compression is not None:
+        started = time.perf_counter()
+        if compression.decision is None:
+            compression.decision = decide_compression(decoder.model, gm, compression.asked, report)
+        compression.decision.apply(gm)
+        seconds["compression"] = time.perf_counter() - started
 
     started = time.perf_counter()
     lifted = lift_state(gm)
@@ -131,9 +148,22 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
     report.lowering_seconds += seconds["lowering"]
     if verify:
         started = time.perf_counter()
-        check_steps(steps, decoder, prompt, report, target.name)
+        if compression is None:
+            check_steps(steps, decoder, prompt, report, target.name)
+        else:
+            check_steps(steps, GraphStep(lifted, batch_size, max_cache_len), prompt, report, target.name,
+                        against="the compressed step graph")
+            check_lowered(compression.decision, steps, report)
         seconds["check"] = time.perf_counter() - started
     return BuiltSteps(steps, lifted, example, captured.dynamic, seconds)
+
+
+@dataclass
+class Compression:
+    """Weight compression asked for a generation model, and (after the first build) what was decided."""
+
+    asked: GenerationCompression
+    decision: CompressionDecision | None = None
 
 
 def lower_steps(lifted: LiftedState, example: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dynamic: DynamicDims,

@@ -1,0 +1,166 @@
+"""Weight-only int4/int8 for generation: judged on held-out text, falling back per layer, lowered to real kernels.
+
+A tiny random Llama (group size 32 divides its widths) is compressed on cpu (steps in
+onnxruntime, ``MatMulNBits``), onnx and cpu with steps in PyTorch. The budget is perplexity on
+held-out text and greedy token agreement with the float model (``language_budget``); a byte
+tokenizer stands in for a real one so the test needs no files. The int4 quantizer's grid search
+is checked on weights that were 4-bit quantized before (they come back exactly), and the
+lowered kernels against the dequantized reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import graphopt
+from graphopt.errors import FidelityError, InputError
+from graphopt.passes.compress import WeightOnly
+from graphopt.passes.lossy.base import Fidelity
+from graphopt.passes.quantize.weight_only import quantize_int4_groupwise, quantize_int8_groupwise
+from graphopt.passes.quantize.weight_ops import (
+    DEQUANTIZE_INT4,
+    dequantize_int4_reference,
+    dequantize_int8_reference,
+)
+
+VOCAB = 256
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=True)
+TARGETS = {"cpu": {"target": "cpu"}, "onnx": {"target": "onnx"},
+           "cpu-torch": {"target": "cpu", "lowering": graphopt.CpuLowering()}}
+
+
+class ByteTokenizer:
+    """Text to byte ids, called like a transformers tokenizer (``tokenizer(text, return_tensors="pt").input_ids``)."""
+
+    def __call__(self, text: str, return_tensors: str = "pt") -> object:
+        ids = torch.tensor([list(text.encode("utf-8"))], dtype=torch.long)
+
+        class Encoded:
+            input_ids = ids
+        return Encoded()
+
+
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+
+
+def budget(**changes: object) -> Fidelity:
+    keywords = dict(max_perplexity_ratio=1.02, min_token_agreement=0.8, tokenizer=ByteTokenizer())
+    return Fidelity(**{**keywords, **changes})
+
+
+def prompt(length: int = 7) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def int4_cpu() -> dict:
+    lm = tiny_llama()
+    fast = graphopt.optimize(lm, (prompt(),), target="cpu", max_cache_len=48,
+                             compress=[WeightOnly(bits=4, group_size=32)],
+                             fidelity=budget(max_perplexity_ratio=1.05, min_token_agreement=0.0))
+    return {"lm": lm, "fast": fast}
+
+
+def test_int4_decoder_meets_its_budget_and_reports_every_layer(int4_cpu: dict) -> None:
+    report = int4_cpu["fast"].report
+    section = next(s for s in report.sections if "per layer (generation)" in s.title)
+    assert len(section.rows) == 2 * 4 + 1 + 1  # fused qkv, o, gate-up, down per layer; lm head; embedding
+    assert section.plots and section.plots[0].kind == "barh"
+    note = next(n for n in report.notes if n.startswith("int4-weight-only:"))
+    assert "perplexity" in note and "greedy tokens equal" in note
+    assert any(n.startswith("lowered steps: first 32 greedy tokens") for n in report.notes)
+    graph = int4_cpu["fast"].graph_module
+    kept = [row for row in section.rows if row[5] == "kept" and row[1] == "linear"]
+    assert kept and sum(1 for n in graph.graph.nodes if n.target == DEQUANTIZE_INT4) == len(kept)
+
+
+def test_int4_decoder_generates_like_its_compressed_graph(int4_cpu: dict) -> None:
+    fast, ids = int4_cpu["fast"], prompt()
+    out = fast.generate(ids, max_new_tokens=12, eos_token_id=[])
+    assert out.shape == (1, ids.shape[1] + 12)
+    assert torch.equal(out[:, : ids.shape[1]], ids)
+    assert torch.equal(fast.generate(ids, max_new_tokens=12, eos_token_id=[]), out)
+
+
+@pytest.mark.parametrize("target", ["onnx", "cpu-torch"])
+def test_int8_decoder_on_other_lowerings(target: str) -> None:
+    lm = tiny_llama()
+    fast = graphopt.optimize(lm, (prompt(),), max_cache_len=48, quantize="int8-weight-only",
+                             fidelity=budget(max_perplexity_ratio=1.005), **TARGETS[target])
+    assert any(n.startswith("int8-weight-only:") for n in fast.report.notes)
+    assert fast.generate(prompt(), max_new_tokens=8, eos_token_id=[]).shape == (1, 15)
+
+
+def test_strict_budget_falls_back_per_layer() -> None:
+    lm = tiny_llama()
+    fast = graphopt.optimize(lm, (prompt(),), target="cpu", max_cache_len=48,
+                             compress=[WeightOnly(bits=4, group_size=32)],
+                             fidelity=budget(max_perplexity_ratio=1.0, min_token_agreement=0.5))
+    section = next(s for s in fast.report.sections if "per layer (generation)" in s.title)
+    statuses = [row[5] for row in section.rows]
+    assert any(status.startswith("fell back") for status in statuses)
+    fallen = [row[3] for row in section.rows if row[5] == "fell back to float"]
+    skipped = fast._source.compression.decision.scheme.skip
+    assert all(any(path.startswith(entry.removeprefix("model.")) for entry in skipped) for path in fallen)
+
+
+def test_a_budget_nothing_meets_raises_fidelity_error() -> None:
+    with pytest.raises(FidelityError, match="no choice of layers"):
+        graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48, quantize="int8-weight-only",
+                          fidelity=budget(max_perplexity_ratio=0.5))
+
+
+def test_bad_compression_input_raises_input_error() -> None:
+    with pytest.raises(InputError, match="group_size dividing"):
+        graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48,
+                          compress=[WeightOnly(bits=4, group_size=256)], fidelity=budget())
+    with pytest.raises(InputError, match="budget is about text"):
+        graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48, quantize="int4-weight-only",
+                          fidelity=Fidelity(min_cosine=0.99))
+    with pytest.raises(InputError, match="not supported for causal language models"):
+        graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48, quantize="int8")
+    with pytest.raises(InputError, match="min_token_agreement"):
+        Fidelity(min_token_agreement=1.5)
+    with pytest.raises(InputError, match="at least 256"):
+        graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48, quantize="int8-weight-only",
+                          fidelity=budget(text="too short"))
+
+
+def test_int4_grid_search_recovers_weights_quantized_before() -> None:
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (64, 128)).float()
+    q[:, ::32] = 0  # every group of 32 spans the whole 0..15 grid, as a GGUF Q4_1 block does
+    q[:, 1::32] = 15
+    step = torch.rand(64, 4).repeat_interleave(32, dim=1) * 0.01 + 1e-3
+    low = torch.randn(64, 4).repeat_interleave(32, dim=1) * 0.05
+    weight = low + step * q
+    packed, scale, zero_point = quantize_int4_groupwise(weight, 32)
+    assert zero_point.is_floating_point()
+    torch.testing.assert_close(dequantize_int4_reference(packed, scale, zero_point, 32), weight, atol=1e-6, rtol=0)
+    coarse = low + step * torch.randint(0, 6, (64, 128)).float()  # values on a coarser grid (5 steps)
+    packed, scale, zero_point = quantize_int4_groupwise(coarse, 32)
+    assert (dequantize_int4_reference(packed, scale, zero_point, 32) - coarse).abs().max() < 0.05 * step.max()
+
+
+def test_int8_groupwise_round_trip() -> None:
+    weight = torch.randn(48, 96) * torch.linspace(0.01, 1.0, 96)
+    q, scale = quantize_int8_groupwise(weight, 32)
+    assert q.dtype == torch.int8 and scale.shape == (48, 3)
+    error = (dequantize_int8_reference(q, scale) - weight).abs()
+    assert (error <= scale.repeat_interleave(32, dim=1) / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_onnxruntime_kernels_match_the_dequantized_reference(bits: int) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32)).eval()
+    x = torch.randn(5, 64)
+    scheme = WeightOnly(bits=bits, group_size=32)
+    fast = graphopt.optimize(model, (x,), target="onnx", compress=[scheme], fidelity=Fidelity(min_cosine=0.9))
+    reference = fast.portable_graph(x)
+    torch.testing.assert_close(fast(x), reference, atol=1e-4, rtol=1e-4)
