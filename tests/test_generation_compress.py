@@ -164,3 +164,41 @@ def test_onnxruntime_kernels_match_the_dequantized_reference(bits: int) -> None:
     fast = graphopt.optimize(model, (x,), target="onnx", compress=[scheme], fidelity=Fidelity(min_cosine=0.9))
     reference = fast.portable_graph(x)
     torch.testing.assert_close(fast(x), reference, atol=1e-4, rtol=1e-4)
+
+
+def weight_bytes(path) -> int:
+    """Bytes of the weights in a graphopt ``.pt2`` file, or of the initializers of an ONNX file."""
+    import zipfile
+
+    import onnx
+
+    if str(path).endswith(".pt2"):
+        return sum(i.file_size for i in zipfile.ZipFile(path).infolist() if "/data/weights/weight" in i.filename)
+    return sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer)
+
+
+def test_int4_decoder_saves_loads_in_a_fresh_process_and_exports_small_files(int4_cpu: dict, tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    fast, lm, ids = int4_cpu["fast"], int4_cpu["lm"], prompt()
+    expected = fast.generate(ids, max_new_tokens=12, eos_token_id=[]).tolist()
+    path = fast.save(tmp_path / "int4.pt2")
+    float_model = graphopt.optimize(lm, (ids,), target="onnx", max_cache_len=48)
+    # 3 layers int4, 7 int8 (this fixture's budget), the norms float: well under half of fp32
+    assert weight_bytes(path) <= 0.4 * weight_bytes(float_model.save(tmp_path / "f.pt2"))
+    assert weight_bytes(fast.export_onnx(tmp_path / "int4.onnx")) <= \
+        0.4 * weight_bytes(float_model.export_onnx(tmp_path / "f.onnx"))
+    torch.save({"ids": ids}, tmp_path / "prompt.pt")
+    code = """
+        import json, torch, graphopt
+        model = graphopt.load("int4.pt2")
+        ids = torch.load("prompt.pt")["ids"]
+        print(json.dumps(model.generate(ids, max_new_tokens=12, eos_token_id=[]).tolist()))
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected

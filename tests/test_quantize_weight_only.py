@@ -120,12 +120,12 @@ def test_int4_groupwise_layout_and_accuracy(mlp):
         rows, columns = node.meta["val"].shape
         assert packed.dtype == torch.uint8 and packed.shape == (rows, columns // 2)  # two 4-bit values per byte
         assert scale.shape == zero_point.shape == (rows, columns // 32) and node.args[3] == 32
-        assert int(zero_point.max()) <= 15
+        assert zero_point.is_floating_point()  # the grid starts at the group's minimum, wherever 0 falls
     cosine4, sqnr4 = _compare(captured, gm)
     _, gm8, _ = _apply(captured, WeightOnlyQuantize(bits=8))
     _, sqnr8 = _compare(captured, gm8)
     assert cosine4 > 0.99 and 15 < sqnr4 < sqnr8 - 10  # 4 bits: about 24 dB less signal-to-noise than 8
-    assert result.stats["weight_bytes_after"] < 0.2 * result.stats["weight_bytes_before"]
+    assert result.stats["weight_bytes_after"] < 0.21 * result.stats["weight_bytes_before"]  # float scales, zero points
 
 
 def test_int4_refuses_layers_it_cannot_group_per_layer():
@@ -250,15 +250,16 @@ def larger_mlp():
 def test_int8_onnx_file_carries_int8_weights(larger_mlp):
     captured, fp32_size = larger_mlp
     _, int8_size, int8_ops = _onnx_model(captured, WeightOnlyQuantize(bits=8))
-    assert int8_ops["MatMulNBits"] == 3 and "Gather" in int8_ops
-    assert int8_size <= 0.27 * fp32_size
+    assert int8_ops["MatMulNBits"] == 6 and "Gather" in int8_ops
+    assert int8_size <= 0.29 * fp32_size  # int8 weights as two 4-bit halves: 1 byte per weight plus scales
 
 
 @pytest.mark.slow
 def test_int4_and_kmeans_onnx_files_are_smaller_still(larger_mlp):
     captured, fp32_size = larger_mlp
     _, int4_size, int4_ops = _onnx_model(captured, WeightOnlyQuantize(bits=4, group_size=32))
-    assert int4_ops["MatMulNBits"] == 3 and int4_size < 0.21 * fp32_size  # the embedding table stays int8
+    # the embedding table stays int8; each int4 group carries a float scale and a float offset (zero point)
+    assert int4_ops["MatMulNBits"] == 3 and int4_size < 0.24 * fp32_size
     _, kmeans_size, kmeans_ops = _onnx_model(captured, KMeansQuantize(16))
     assert kmeans_ops["Gather"] >= 4 and kmeans_size < 0.16 * fp32_size
 
@@ -268,7 +269,8 @@ def test_optimize_onnx_int8_weight_only_runs_matmulnbits(mlp, tmp_path):
     fast = graphopt.optimize(model, inputs, target="onnx", quantize="int8-weight-only")
     assert output_cosine([model(*inputs)], [fast(*inputs)]) > 0.999
     path = fast.export_onnx(tmp_path / "int8.onnx")
-    assert Counter(n.op_type for n in onnx.load(str(path)).graph.node)["MatMulNBits"] == 3
+    # two 4-bit halves per int8 layer
+    assert Counter(n.op_type for n in onnx.load(str(path)).graph.node)["MatMulNBits"] == 6
 
 
 def test_optimize_cpu_int8_weight_only_reports_units_and_kernels(mlp):
@@ -317,7 +319,7 @@ def test_cli_quantize_with_npz_calibration(tmp_path, capsys):
     assert code == 0
     text = capsys.readouterr().out
     assert "weight-only-quantize" in text and "output cosine >= 0.995" in text
-    assert Counter(n.op_type for n in onnx.load(str(out)).graph.node)["MatMulNBits"] == 2
+    assert Counter(n.op_type for n in onnx.load(str(out)).graph.node)["MatMulNBits"] == 4  # two 4-bit halves each
 
 
 def test_calibration_files_cut_batches_and_explain_mistakes(tmp_path):

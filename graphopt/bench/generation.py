@@ -13,9 +13,11 @@ runs every (prompt length, batch) with a warm-up call, then timed calls round-ro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -41,14 +43,19 @@ class GraphoptGenerationBackend(GenerationBackend):
     """graphopt's ``GenerativeModel`` on ``target``; ``max_cache_len`` bounds prompt + new tokens.
 
     ``target`` ``"cpu-torch"`` is the cpu target with its steps kept in PyTorch
-    (``lowering=CpuLowering()``; the cpu default for generation runs them in onnxruntime).
+    (``lowering=CpuLowering()``; the cpu default for generation runs them in onnxruntime). A
+    ``-int4`` / ``-int8`` suffix compresses the weights (``WeightOnly``, group 32) within the
+    default language-model budget, judged with the source's tokenizer; ``notes`` then holds the
+    budget's figures (perplexity, token agreement) for the table.
     """
 
     def __init__(self, target: str = "cpu", max_cache_len: int = 1024) -> None:
-        self.target = target
+        self.target, _, scheme = target.partition("-int")
+        self.bits = int(scheme) if scheme.isdigit() else None
         self.name = f"graphopt-{target}"
         self.max_cache_len = max_cache_len
         self.model: Any = None
+        self.notes: list[str] = []
 
     def skip_reason(self) -> str | None:
         """Why the row cannot run here: the gpu row needs CUDA."""
@@ -62,7 +69,16 @@ class GraphoptGenerationBackend(GenerationBackend):
         options: dict[str, Any] = {"target": self.target}
         if self.target == "cpu-torch":
             options = {"target": "cpu", "lowering": graphopt.CpuLowering()}
+        if self.bits is not None:
+            from graphopt.passes.compress import WeightOnly
+            from graphopt.workflows.generation.language_budget import default_language_fidelity
+
+            fidelity = dataclasses.replace(default_language_fidelity(self.bits), tokenizer=source.tokenizer)
+            options.update(compress=[WeightOnly(bits=self.bits, group_size=32)], fidelity=fidelity)
         self.model = graphopt.optimize(source.model, (example,), max_cache_len=self.max_cache_len, **options)
+        self.notes = [n for n in self.model.report.notes if "weight-only:" in n or n.startswith("lowered steps")]
+        for note in self.notes:
+            print(f"{self.name}: {note}", file=sys.stderr, flush=True)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> GenerationRun:
         """Greedy generation of exactly ``max_new_tokens`` tokens, split into prefill and decode time."""

@@ -7,7 +7,9 @@ import sys
 
 __all__ = ["GRAPHOPT_NAMES", "PEER_NAMES", "add_generation_arguments", "run_generation_command"]
 
-GRAPHOPT_NAMES = ("graphopt-cpu", "graphopt-cpu-torch", "graphopt-onnx", "graphopt-gpu")
+GRAPHOPT_NAMES = ("graphopt-cpu", "graphopt-cpu-torch", "graphopt-onnx", "graphopt-gpu", "graphopt-cpu-int4",
+                  "graphopt-cpu-int8", "graphopt-onnx-int4")
+"""graphopt's rows; ``-int4`` / ``-int8``: weight-only, group 32, within the default language-model budget."""
 PEER_NAMES = ("transformers-eager", "transformers-static-compile", "llama.cpp", "onnxruntime-genai-fp32",
               "onnxruntime-genai-int4")
 """The peers of ``graphopt.bench.generation_peers`` (kept equal to its ``BACKEND_NAMES`` by a test)."""
@@ -44,5 +46,6 @@ def run_generation_command(args: argparse.Namespace, threads: int) -> int:
     """``graphopt bench --generation``: loads the benchmark (transformers, the peers) and runs it."""
     from graphopt.bench.generation import run_generation_table
 
-    names = args.gen_backends or ["graphopt-cpu", "graphopt-cpu-torch", "graphopt-onnx", *PEER_NAMES]
+    names = args.gen_backends or ["graphopt-cpu", "graphopt-cpu-torch", "graphopt-onnx", "graphopt-cpu-int4",
+                                  "graphopt-cpu-int8", *PEER_NAMES]
     return run_generation_table(args, names, threads, sys.stderr)

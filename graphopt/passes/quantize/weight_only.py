@@ -175,10 +175,10 @@ class WeightOnly(QuantizationScheme):
     products; layers whose input features are not a multiple of ``group_size``, and
     convolutions, stay float (near misses). ``min_elements``: smaller weights stay float (their
     scales would cost more than they save). ``embeddings``: store embedding tables as int8 rows
-    under either setting (they are gathered, not multiplied, so the lowering reads only the
-    rows it needs). ``skip``: node names or module paths (and everything under them) kept in
-    float. ``int8_layers``: likewise, layers of an int4 model stored as int8 (group-wise, with
-    the same ``group_size``).
+    under either setting, one scale per row or per group of ``group_size`` columns (they are
+    gathered, not multiplied, so the lowering reads only the rows it needs). ``skip``: node
+    names or module paths (and everything under them) kept in float. ``int8_layers``: likewise,
+    layers of an int4 model stored as int8 (group-wise, with the same ``group_size``).
     """
 
     name: ClassVar[str] = "weight-only-quantize"
@@ -245,17 +245,21 @@ class WeightOnly(QuantizationScheme):
         """
         bits = 8 if kind == "embedding" else (bits or self.bits)
         rows = matrix.reshape(matrix.shape[0], -1)
-        group = None if kind == "embedding" or (bits == 8 and rows.shape[1] % (self.group_size or 1)) \
-            else self.group_size
+        group = self._group(kind in _GROUPED_KINDS or kind == "embedding", rows.shape[1], bits)
         values = _dequantize(_compress(rows, bits, group), bits, group)
         return values.reshape(matrix.shape).to(matrix.dtype)
 
     def _group_for(self, site: WeightSite, bits: int) -> int | None:
-        """int4: the group size; int8: the group size for products whose in-features it divides, else per channel."""
+        return self._group(site.is_product or site.kind == "embedding", site.matrix.shape[1], bits)
+
+    def _group(self, groupable: bool, columns: int, bits: int) -> int | None:
+        """The scales' group size: int4 always; int8 for products and tables whose width it divides.
+
+        None: one scale per output channel (or table row).
+        """
         if bits == 4:
             return self.group_size
-        if self.group_size is None or not site.is_product or site.kind == "embedding" \
-                or site.matrix.shape[1] % self.group_size:
+        if self.group_size is None or not groupable or columns % self.group_size:
             return None
         return self.group_size
 
@@ -289,6 +293,10 @@ class WeightOnly(QuantizationScheme):
             "weight_rmse": float(error),
             "tied": site.shared,
         }
+
+
+_GROUPED_KINDS = ("linear", "mm", "addmm", "matmul")
+"""Site kinds that are matrix products (``WeightSite.is_product`` without the embedding)."""
 
 
 def _scheme_name(bits: int, group: int | None) -> str:

@@ -107,7 +107,10 @@ def _embedding_lookup(gm: fx.GraphModule, node: fx.Node, dequantize: Any) -> lis
 
 @dataclass(frozen=True)
 class GatherQuantizedEmbeddings(NodeRewrite):
-    """``embedding(dequantize_int8(q, s), ids)`` -> ``embedding(q, ids).to(float) * embedding(s[:, None], ids)``."""
+    """``embedding(dequantize_int8(q, s), ids)`` -> ``embedding(q, ids).to(float) * embedding(s[:, None], ids)``.
+
+    Group-wise scales ``s [V, D/g]`` scale each group of ``g`` columns of the gathered rows.
+    """
 
     name = "int8-embedding-gather"
     stat = "int8_embedding_gathers"
@@ -120,14 +123,25 @@ class GatherQuantizedEmbeddings(NodeRewrite):
         graph = gm.graph
         dequant = node.args[0]
         scale = values[1]
-        scale_column = register_constant(gm, f"{node.name}_row_scale", scale.reshape(-1, 1), before=node)
+        groups = scale.shape[1] if scale.dim() == 2 else 1
+        scale_table = register_constant(gm, f"{node.name}_row_scale", scale.reshape(scale.shape[0], groups),
+                                        before=node)
         with graph.inserting_before(node):
             rows = graph.call_function(aten.embedding.default, (dequant.args[0], node.args[1]))
             widened = graph.call_function(aten._to_copy.default, (rows,), {"dtype": scale.dtype})
-            scales = graph.call_function(aten.embedding.default, (scale_column, node.args[1]))
-            new = graph.call_function(aten.mul.Tensor, (widened, scales))
-        for created in (rows, widened, scales):
-            infer_meta(created)
+            scales = graph.call_function(aten.embedding.default, (scale_table, node.args[1]))
+            created = [rows, widened, scales]
+            if groups == 1:
+                new = graph.call_function(aten.mul.Tensor, (widened, scales))
+            else:  # one scale per group of columns: [..., G, D/G] * [..., G, 1]
+                width = values[0].shape[1]
+                grouped = graph.call_function(aten.unflatten.int, (widened, -1, [groups, width // groups]))
+                column = graph.call_function(aten.unsqueeze.default, (scales, -1))
+                scaled = graph.call_function(aten.mul.Tensor, (grouped, column))
+                created += [grouped, column, scaled]
+                new = graph.call_function(aten.flatten.using_ints, (scaled, -2, -1))
+        for made in created:
+            infer_meta(made)
         replace_node(node, new)
         return True
 
