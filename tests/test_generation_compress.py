@@ -202,3 +202,21 @@ def test_int4_decoder_saves_loads_in_a_fresh_process_and_exports_small_files(int
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_exact_weight_lowering_is_the_fallback_of_pytorch_kernels() -> None:
+    from graphopt.targets.cpu.target import CpuTarget
+
+    kernels = CpuTarget(graphopt.CpuLowering(weight_kernels="kernel"))
+    exact = kernels.exact_weight_lowering()
+    assert exact is not None and exact.lowering.weight_kernels == "dequantize-once"
+    assert exact.exact_weight_lowering() is None
+    assert CpuTarget(graphopt.CpuLowering(backend="onnxruntime")).exact_weight_lowering() is None
+    with pytest.raises(ValueError, match="weight_kernels"):
+        graphopt.CpuLowering(weight_kernels="fast")
+    fast = graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48,
+                             lowering=graphopt.CpuLowering(weight_kernels="dequantize-once"),
+                             compress=[WeightOnly(bits=4, group_size=32)],
+                             fidelity=budget(max_perplexity_ratio=1.05, min_token_agreement=0.0))
+    check = next(n for n in fast.report.notes if n.startswith("generation steps checked against the compressed"))
+    assert "max |Δ logits| 0.00e+00" in check  # float weights computed once: the graph's own numbers

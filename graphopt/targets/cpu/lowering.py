@@ -65,7 +65,11 @@ class CpuLowering:
     oneDNN's blocked layout once. ``backend="inductor"`` compiles with ``torch.compile`` instead.
     ``threads``: intra-op threads while the model runs (default: PyTorch's setting).
     ``backend="onnxruntime"`` runs the graph in onnxruntime's CPU provider (``graphopt.targets.onnx``),
-    another runtime on the same device, which ``tune`` measures too.
+    another runtime on the same device, which ``tune`` measures too. ``weight_kernels``: how
+    weight-only int8/int4 layers run in PyTorch: ``"auto"`` (PyTorch's int8/int4 weight kernels
+    where they are faster on the layer's shape; they compute in bfloat16), ``"kernel"`` (always
+    those kernels) or ``"dequantize-once"`` (float weights computed at lowering: exact, no memory
+    saving); the ``GRAPHOPT_WEIGHT_ONLY_KERNEL`` environment variable overrides ``"auto"``.
     """
 
     fuse: bool = True
@@ -73,6 +77,7 @@ class CpuLowering:
     prepack: bool = True
     backend: Backend = "graph"
     threads: int | None = None
+    weight_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.layout not in ("auto", "channels_last", "contiguous"):
@@ -81,6 +86,9 @@ class CpuLowering:
             raise ValueError(f"backend must be 'graph', 'inductor' or 'onnxruntime', got {self.backend!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.weight_kernels not in ("auto", "kernel", "dequantize-once"):
+            raise ValueError(f"weight_kernels must be 'auto', 'kernel' or 'dequantize-once', got "
+                             f"{self.weight_kernels!r}")
 
     def label(self) -> str:
         """Short name of this lowering, for reports and ``tune``."""

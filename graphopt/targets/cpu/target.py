@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from graphopt.targets.base import LoweringContext, Target
 from graphopt.targets.common.lowering import run_lowering
 from graphopt.targets.cpu.lowering import CpuLowering, float_lowering_passes, lower_graph
 from graphopt.targets.cpu.quantized import INT8_LOWERING
+from graphopt.targets.cpu.weight_only import CpuWeightOnlyKernels
 
 __all__ = ["CpuTarget"]
 
@@ -38,8 +40,18 @@ class CpuTarget(Target):
     def lowering_passes(self, gm: fx.GraphModule) -> list[Pass]:
         """The int8 / weight-only kernel rewrites for a quantized graph, the float lowering's otherwise."""
         if has_quantized_ops(gm):
-            return list(INT8_LOWERING)
+            choice = self.lowering.weight_kernels
+            return [replace(p, choice=choice) if isinstance(p, CpuWeightOnlyKernels) else p for p in INT8_LOWERING]
         return float_lowering_passes(self.lowering)
+
+    def exact_weight_lowering(self) -> CpuTarget | None:
+        """A copy of this target computing weight-only layers exactly (float weights at lowering); None if it does.
+
+        What a compressed model falls back to when PyTorch's bfloat16 int8/int4 kernels miss its budget.
+        """
+        if self.lowering.backend != "graph" or self.lowering.weight_kernels == "dequantize-once":
+            return None
+        return self.with_lowering(replace(self.lowering, weight_kernels="dequantize-once"))  # type: ignore[return-value]
 
     def lower(self, gm: fx.GraphModule, context: LoweringContext) -> Callable[..., Any]:
         """A lowered copy of the graph (``gm`` itself stays the portable ATen graph)."""

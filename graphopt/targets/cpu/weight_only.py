@@ -132,11 +132,13 @@ def _kernel_form(gm: fx.GraphModule, node: fx.Node) -> Kernel | str:
     return int4_weight_linear, (kernel_weight, group, scale_and_zeros, out_features)
 
 
-def _faster_form(node: fx.Node, kernel: Kernel, weight: torch.Tensor, timings: dict[tuple[Any, ...], str]) -> str:
-    """``kernel`` or ``dequantize-once``: the faster on this layer's shape (timed once per shape)."""
+def _faster_form(node: fx.Node, kernel: Kernel, weight: torch.Tensor, timings: dict[tuple[Any, ...], str],
+                 choice: str = "auto") -> str:
+    """``kernel`` or ``dequantize-once``: ``choice`` when not ``auto``, else the faster on this layer's shape."""
     rows = _rows(node)
-    if CPU_KERNEL_CHOICE != "auto" or rows is None:
-        return CPU_KERNEL_CHOICE if CPU_KERNEL_CHOICE != "auto" else "dequantize-once"
+    choice = choice if choice != "auto" else CPU_KERNEL_CHOICE
+    if choice != "auto" or rows is None:
+        return choice if choice != "auto" else "dequantize-once"
     function, args = kernel
     key = (function.__name__, rows, *weight.shape)
     if key not in timings:
@@ -154,11 +156,12 @@ def _faster_form(node: fx.Node, kernel: Kernel, weight: torch.Tensor, timings: d
 class CpuWeightOnlyKernels(KernelSubstitution):
     """Each ``linear(x, dequantize_int8/int4(...), b)`` -> a weight-only kernel or a dequantized-once weight.
 
-    Which form each layer shape gets follows ``CPU_KERNEL_CHOICE`` (read when the pass runs).
-    Near misses name the layers no kernel could take.
+    Which form each layer shape gets follows ``choice`` (``CpuLowering.weight_kernels``), then
+    ``CPU_KERNEL_CHOICE`` (read when the pass runs). Near misses name the layers no kernel could take.
     """
 
     name = "cpu-weight-only-kernels"
+    choice: str = "auto"
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         """Rewrite every weight-only linear in place."""
@@ -174,7 +177,7 @@ class CpuWeightOnlyKernels(KernelSubstitution):
             if isinstance(kernel, str):
                 near[kernel] = near.get(kernel, 0) + 1
             bias = node.args[2] if len(node.args) > 2 else None
-            if isinstance(kernel, str) or _faster_form(node, kernel, weight, timings) == "dequantize-once":
+            if isinstance(kernel, str) or _faster_form(node, kernel, weight, timings, self.choice) == "dequantize-once":
                 weight_node = register_constant(gm, f"{node.name}_weight", weight, before=node)
                 node.replace_input_with(dequant, weight_node)
                 counts["weights_dequantized_once"] += 1
