@@ -278,8 +278,9 @@ def _layer_outputs(x: torch.Tensor, weight: torch.Tensor, compressed: torch.Tens
 def check_lowered(decision: CompressionDecision, steps: Any, report: Report) -> LanguageMeasurement:
     """Greedy tokens of the lowered ``steps`` on the budget's prompts against the float model's; raises past the budget.
 
-    The perplexity is the compressed model's (the lowered steps compute the compressed graph to
-    its tolerance, checked step by step before this); the agreement is the lowered steps' own.
+    The perplexity is the compressed graph's (the lowered steps were checked step by step against
+    it before this, to its tolerance or a logit cosine of 0.999); the agreement is the lowered
+    steps' own, so kernels that round differently from the graph answer to the budget here.
     """
     from graphopt.workflows.generation.loop import run_generation
 
