@@ -202,6 +202,11 @@ def test_int4_decoder_saves_loads_in_a_fresh_process_and_exports_small_files(int
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+    from graphopt.targets.cpu.target import CpuTarget
+
+    in_pytorch = graphopt.load(path, target=CpuTarget(graphopt.CpuLowering()))
+    assert any("float weights computed once" in note for note in in_pytorch.report.notes)
+    assert in_pytorch.generate(ids, max_new_tokens=12, eos_token_id=[]).tolist() == expected
 
 
 def test_exact_weight_lowering_is_the_fallback_of_pytorch_kernels() -> None:

@@ -30,6 +30,7 @@ from graphopt.errors import SaveFileError, StateError
 from graphopt.ir.state import LiftedState, StateSpec, relift_state
 from graphopt.report import Report
 from graphopt.targets.base import Target
+from graphopt.targets.common.weight_only_kernels import has_weight_only_ops
 from graphopt.workflows.generation.build import BuiltSteps, GraphStep, check_steps, lower_steps
 from graphopt.workflows.generation.decoder import STEP_INPUTS
 from graphopt.workflows.generation.sampling import GenerationDefaults
@@ -150,6 +151,13 @@ def _lifted_graph(archive: Archive, section: dict[str, Any]) -> tuple[LiftedStat
 def _steps(archive: Archive, section: dict[str, Any], target: Target, report: Report) -> BuiltSteps:
     """One file's step graph, lowered for ``target`` and checked against the graph itself."""
     lifted, example = _lifted_graph(archive, section)
+    exact = getattr(target, "exact_weight_lowering", lambda: None)() if has_weight_only_ops(lifted.graph_module) \
+        else None
+    if exact is not None:  # no float model here to judge bfloat16 weight kernels by the budget: compute exactly
+        target = exact
+        report.notes.append("compressed weights loaded for PyTorch steps: float weights computed once (PyTorch's "
+                            "int8/int4 kernels round in bfloat16, and a loaded model has no float model to hold "
+                            "them to its budget); use target='cpu' (onnxruntime steps) for the compressed kernels")
     started = time.perf_counter()
     steps = lower_steps(lifted, example, archive.dynamic, target, None)
     lowering = time.perf_counter() - started
