@@ -126,6 +126,8 @@ def test_bad_compression_input_raises_input_error() -> None:
         graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48, quantize="int8")
     with pytest.raises(InputError, match="min_token_agreement"):
         Fidelity(min_token_agreement=1.5)
+    with pytest.raises(InputError, match="no tokenizer was found"):
+        graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48, quantize="int8-weight-only")
     with pytest.raises(InputError, match="at least 256"):
         graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48, quantize="int8-weight-only",
                           fidelity=budget(text="too short"))

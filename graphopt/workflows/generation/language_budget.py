@@ -144,14 +144,15 @@ def model_greedy(model: nn.Module) -> Generator:
 def _saved_tokenizer(model: nn.Module) -> Any:
     """The tokenizer saved beside the model's weights, or an ``InputError`` saying to pass one."""
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
-    try:
-        from transformers import AutoTokenizer
+    if name:
+        try:
+            from transformers import AutoTokenizer
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return AutoTokenizer.from_pretrained(name) if name else None
-    except Exception:  # any failure: no tokenizer saved there
-        pass
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return AutoTokenizer.from_pretrained(name)
+        except Exception:  # any failure: no tokenizer saved there
+            pass
     raise InputError(
         "a compressed language model is judged on held-out text (perplexity, greedy token agreement), and no "
         f"tokenizer was found beside the model ({name or 'no name_or_path'}): pass one, e.g. "
