@@ -36,7 +36,11 @@ def _bar(done: int, total: int | None, width: int = 24) -> str:
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None, stream: TextIO | None = None) -> Iterator[T]:
-    """Yield ``items`` while showing ``desc``, a bar (when ``total`` is known) and the elapsed time."""
+    """Yield ``items`` while showing ``desc``, a bar (when ``total`` is known) and the elapsed time.
+
+    A loop that stops early (``break`` once it found what it looked for) still ends the line, counting
+    the item it stopped on.
+    """
     stream = stream if stream is not None else sys.stderr
     mode = _mode(stream)
     if total is None and hasattr(items, "__len__"):
@@ -45,13 +49,20 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, stream: Te
     done = 0
     if mode == "summary":
         print(f"graphopt: {desc} ({total if total is not None else '?'} steps)...", file=stream, flush=True)
-    for item in items:
-        yield item
-        done += 1
+    try:
+        for item in items:
+            try:
+                yield item
+            except GeneratorExit:  # the loop stopped here: the item was taken
+                done += 1
+                raise
+            done += 1
+            if mode == "live":
+                elapsed = time.perf_counter() - started
+                print(f"\rgraphopt: {desc} {_bar(done, total)} {elapsed:.1f}s", end="", file=stream, flush=True)
+    finally:
         if mode == "live":
-            elapsed = time.perf_counter() - started
-            print(f"\rgraphopt: {desc} {_bar(done, total)} {elapsed:.1f}s", end="", file=stream, flush=True)
-    if mode == "live":
-        print(file=stream, flush=True)
-    elif mode == "summary":
-        print(f"graphopt: {desc} done: {done} steps in {time.perf_counter() - started:.1f}s", file=stream, flush=True)
+            print(file=stream, flush=True)
+        elif mode == "summary":
+            print(f"graphopt: {desc} done: {done} steps in {time.perf_counter() - started:.1f}s", file=stream,
+                  flush=True)
