@@ -45,8 +45,8 @@ class GraphoptGenerationBackend(GenerationBackend):
     ``target`` ``"cpu-torch"`` is the cpu target with its steps kept in PyTorch
     (``lowering=CpuLowering()``; the cpu default for generation runs them in onnxruntime). A
     ``-int4`` / ``-int8`` suffix compresses the weights (``WeightOnly``, group 32) within the
-    default language-model budget, judged with the source's tokenizer; ``notes`` then holds the
-    budget's figures (perplexity, token agreement) for the table.
+    default language-model budget, judged with the source's tokenizer; the budget's figures
+    (perplexity, token agreement) go to stderr beside the progress lines.
     """
 
     def __init__(self, target: str = "cpu", max_cache_len: int = 1024) -> None:
@@ -55,7 +55,6 @@ class GraphoptGenerationBackend(GenerationBackend):
         self.name = f"graphopt-{target}"
         self.max_cache_len = max_cache_len
         self.model: Any = None
-        self.notes: list[str] = []
 
     def skip_reason(self) -> str | None:
         """Why the row cannot run here: the gpu row needs CUDA."""
@@ -76,9 +75,9 @@ class GraphoptGenerationBackend(GenerationBackend):
             fidelity = dataclasses.replace(default_language_fidelity(self.bits), tokenizer=source.tokenizer)
             options.update(compress=[WeightOnly(bits=self.bits, group_size=32)], fidelity=fidelity)
         self.model = graphopt.optimize(source.model, (example,), max_cache_len=self.max_cache_len, **options)
-        self.notes = [n for n in self.model.report.notes if "weight-only:" in n or n.startswith("lowered steps")]
-        for note in self.notes:
-            print(f"{self.name}: {note}", file=sys.stderr, flush=True)
+        for note in self.model.report.notes:
+            if "weight-only:" in note or note.startswith("lowered steps"):
+                print(f"{self.name}: {note}", file=sys.stderr, flush=True)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> GenerationRun:
         """Greedy generation of exactly ``max_new_tokens`` tokens, split into prefill and decode time."""

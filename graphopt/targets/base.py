@@ -139,6 +139,14 @@ class Target:
         clone.lowering = lowering
         return clone
 
+    def exact_weight_lowering(self) -> Target | None:
+        """A copy of this target whose weight-only layers compute exactly as the graph does, when its kernels may not.
+
+        None (the default) when its weight-only kernels already compute as the graph does or it has no other
+        form; a compressed model whose lowered steps miss their budget falls back to it.
+        """
+        return None
+
     def native_error(self, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], reference: list[Any]) -> float:
         """Max abs error of the *unoptimized* model run the target's way, vs the CPU reference.
 

@@ -44,6 +44,7 @@ from graphopt.passes.quantize.weight_sites import (
     WeightSite,
     find_weight_sites,
     finish,
+    is_product_kind,
     near_misses_by_reason,
     replace_weight,
     tensor_bytes,
@@ -245,7 +246,7 @@ class WeightOnly(QuantizationScheme):
         """
         bits = 8 if kind == "embedding" else (bits or self.bits)
         rows = matrix.reshape(matrix.shape[0], -1)
-        group = self._group(kind in _GROUPED_KINDS or kind == "embedding", rows.shape[1], bits)
+        group = self._group(is_product_kind(kind) or kind == "embedding", rows.shape[1], bits)
         values = _dequantize(_compress(rows, bits, group), bits, group)
         return values.reshape(matrix.shape).to(matrix.dtype)
 
@@ -293,10 +294,6 @@ class WeightOnly(QuantizationScheme):
             "weight_rmse": float(error),
             "tied": site.shared,
         }
-
-
-_GROUPED_KINDS = ("linear", "mm", "addmm", "matmul")
-"""Site kinds that are matrix products (``WeightSite.is_product`` without the embedding)."""
 
 
 def _scheme_name(bits: int, group: int | None) -> str:

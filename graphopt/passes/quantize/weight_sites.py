@@ -26,7 +26,7 @@ from graphopt.ir.op_args import argument, conv_arguments
 from graphopt.ir.ops import CONV_OPS
 from graphopt.passes.quantize.selection import SKIPPED, SkipList
 
-__all__ = ["WeightSite", "find_weight_sites", "finish", "replace_weight", "tensor_bytes"]
+__all__ = ["WeightSite", "find_weight_sites", "finish", "is_product_kind", "replace_weight", "tensor_bytes"]
 
 aten = torch.ops.aten
 
@@ -53,7 +53,12 @@ class WeightSite:
     @property
     def is_product(self) -> bool:
         """A matrix product (becomes ``linear``), not a convolution."""
-        return self.kind not in _CONV_KINDS and self.kind != "embedding"
+        return is_product_kind(self.kind)
+
+
+def is_product_kind(kind: str) -> bool:
+    """True for a site kind that is a matrix product (``linear``, ``mm``...), not a convolution or an embedding."""
+    return kind not in _CONV_KINDS and kind != "embedding"
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:

@@ -53,6 +53,7 @@ __all__ = ["CpuLowering", "LoweredGraph", "PrepackWeights", "float_lowering_pass
 
 Layout = Literal["auto", "channels_last", "contiguous"]
 Backend = Literal["graph", "inductor", "onnxruntime"]
+WeightKernels = Literal["auto", "kernel", "dequantize-once"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class CpuLowering:
     prepack: bool = True
     backend: Backend = "graph"
     threads: int | None = None
-    weight_kernels: str = "auto"
+    weight_kernels: WeightKernels = "auto"
 
     def __post_init__(self) -> None:
         if self.layout not in ("auto", "channels_last", "contiguous"):

@@ -45,9 +45,9 @@ class CpuTarget(Target):
         return float_lowering_passes(self.lowering)
 
     def exact_weight_lowering(self) -> CpuTarget | None:
-        """A copy of this target computing weight-only layers exactly (float weights at lowering); None if it does.
+        """PyTorch steps with float weights computed once, instead of PyTorch's int8/int4 kernels (bfloat16).
 
-        What a compressed model falls back to when PyTorch's bfloat16 int8/int4 kernels miss its budget.
+        None when the weights are computed once already, or the backend is not ``"graph"``.
         """
         if self.lowering.backend != "graph" or self.lowering.weight_kernels == "dequantize-once":
             return None

@@ -38,16 +38,14 @@ def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     """Reference of onnxruntime's ``MatMulNBits``: ``x @ dequantize(packed)ᵀ``, blocks of ``block_size`` along K.
 
     ``packed`` uint8 ``[N, K/block, block*bits/8]`` (4-bit: even k in the low nibble), ``scales``
-    ``[N * K/block]``, ``zero_points`` packed like ``packed`` per block, or float ``[N * K/block]``
-    (None: ``2**(bits-1)``).
+    ``[N * K/block]``, ``zero_points`` packed like ``packed`` per block (None: ``2**(bits-1)``).
     """
     blocks = packed.shape[1]
     q = (unpack_nibbles(packed) if bits == 4 else packed).reshape(out_features, blocks, block_size).to(scales.dtype)
     if zero_points is None:
         zp = torch.full((out_features, blocks), float(2 ** (bits - 1)), dtype=scales.dtype)
     else:
-        packed_zp = bits == 4 and not zero_points.is_floating_point()
-        zp = (unpack_nibbles(zero_points) if packed_zp else zero_points).reshape(out_features, -1)[:, :blocks]
+        zp = (unpack_nibbles(zero_points) if bits == 4 else zero_points).reshape(out_features, -1)[:, :blocks]
     weight = ((q - zp.to(scales.dtype).unsqueeze(-1)) * scales.reshape(out_features, blocks, 1))
     return x @ weight.reshape(out_features, -1)[:, :in_features].t()
 
@@ -140,13 +138,13 @@ def _nbits_constants(values: list[Any], int8: bool) -> tuple[torch.Tensor, torch
     if int8:
         q_weight, scale = values
         out_features, in_features = q_weight.shape
-        block = in_features // scale.shape[1] if scale.dim() == 2 else _nbits_block(in_features)
+        block = _nbits_block(in_features)
         blocks = -(-in_features // block)
         unsigned = (q_weight.to(torch.int16) + 128).to(torch.uint8)
         padded = torch.full((out_features, blocks * block), 128, dtype=torch.uint8)
         padded[:, :in_features] = unsigned
-        scales = scale if scale.dim() == 2 else scale.reshape(-1, 1).expand(out_features, blocks)
-        return padded.reshape(out_features, blocks, block), scales.contiguous().reshape(-1), None, 8, block
+        scales = scale.reshape(-1, 1).expand(out_features, blocks).contiguous()
+        return padded.reshape(out_features, blocks, block), scales.reshape(-1), None, 8, block
     packed, scale, zero_point, group = values
     out_features = packed.shape[0]
     blocks = scale.shape[1]

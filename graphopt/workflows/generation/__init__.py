@@ -26,8 +26,7 @@ from graphopt.passes.quantize.weight_only import WeightOnly
 from graphopt.report import Report
 from graphopt.targets.base import Target
 from graphopt.targets.cpu.target import CpuTarget
-from graphopt.workflows.generation.build import Compression
-from graphopt.workflows.generation.compression import GenerationCompression
+from graphopt.workflows.generation.compression import GenerationCompression, StepCompression
 from graphopt.workflows.generation.decoder import CachedDecoder, is_causal_lm
 from graphopt.workflows.generation.language_budget import default_language_fidelity
 from graphopt.workflows.generation.model import DEFAULT_MAX_CACHE_LEN, GenerativeModel, StepSource, load_generative
@@ -113,7 +112,7 @@ def optimize_for_generation(model: nn.Module, example_inputs: Any, target: Targe
     ids = _prompt_ids(example_inputs)
     report = Report(target=target.name)
     source = StepSource(model, ids, passes, verify=verify, on_error=on_error,
-                        compression=Compression(compression) if compression is not None else None)
+                        compression=StepCompression(compression) if compression is not None else None)
     optimized = GenerativeModel(target, report, _max_cache_len(model, max_cache_len), GenerationDefaults.of(model),
                                 source=source)
     report.notes.append(f"generation: static cache of {optimized.max_cache_len} positions; steps built in "

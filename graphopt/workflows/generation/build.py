@@ -30,15 +30,10 @@ from graphopt.passes.lossy.base import output_cosine
 from graphopt.passes.manager import PassManager
 from graphopt.report import Report
 from graphopt.targets.base import LoweringContext, Target
-from graphopt.workflows.generation.compression import (
-    CompressionDecision,
-    GenerationCompression,
-    check_lowered,
-    decide_compression,
-)
+from graphopt.workflows.generation.compression import StepCompression, check_lowered, decide_compression
 from graphopt.workflows.generation.decoder import CachedDecoder, step_inputs
 
-__all__ = ["BuiltSteps", "Compression", "GraphStep", "LoweredSteps", "StepReference", "build_steps", "check_steps",
+__all__ = ["BuiltSteps", "GraphStep", "LoweredSteps", "StepReference", "build_steps", "check_steps",
            "lower_steps"]
 
 log = logging.getLogger("graphopt")
@@ -116,7 +111,7 @@ def _cached_decoder(model: nn.Module, batch_size: int, max_cache_len: int) -> Ca
 
 def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_cache_len: int, target: Target,
                 passes: list[Pass], report: Report, *, verify: bool = True, on_error: str = "rollback",
-                compression: Compression | None = None) -> BuiltSteps:
+                compression: StepCompression | None = None) -> BuiltSteps:
     """Capture, optimize (verified) and lower ``model``'s prefill and decode steps for ``batch_size`` rows.
 
     ``compression`` compresses the weights after the exact passes: decided (and judged on held-out
@@ -161,7 +156,7 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
     return BuiltSteps(steps, lifted, example, captured.dynamic, seconds)
 
 
-def _check_compressed(steps: LoweredSteps, lifted: LiftedState, prompt: torch.Tensor, compression: Compression,
+def _check_compressed(steps: LoweredSteps, lifted: LiftedState, prompt: torch.Tensor, compression: StepCompression,
                       example: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dynamic: DynamicDims, target: Target,
                       report: Report, on_error: str) -> LoweredSteps:
     """Check compressed steps against their graph and the budget; lower them exactly once if their kernels miss it.
@@ -177,7 +172,7 @@ def _check_compressed(steps: LoweredSteps, lifted: LiftedState, prompt: torch.Te
     try:
         check_lowered(compression.decision, steps, report)
     except FidelityError as error:
-        exact = getattr(target, "exact_weight_lowering", lambda: None)()
+        exact = target.exact_weight_lowering()
         if exact is None:
             raise
         report.notes.append(f"the weight-only kernels missed the budget ({error}); the steps were lowered again "
@@ -187,14 +182,6 @@ def _check_compressed(steps: LoweredSteps, lifted: LiftedState, prompt: torch.Te
         check_steps(steps, reference, prompt, report, exact.name, against="the compressed step graph")
         check_lowered(compression.decision, steps, report)
     return steps
-
-
-@dataclass
-class Compression:
-    """Weight compression asked for a generation model, and (after the first build) what was decided."""
-
-    asked: GenerationCompression
-    decision: CompressionDecision | None = None
 
 
 def lower_steps(lifted: LiftedState, example: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dynamic: DynamicDims,

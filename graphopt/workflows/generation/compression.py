@@ -12,7 +12,7 @@ row, also for layers a fusion merged), over held-out text (``language_budget``):
 2. rank the units by sensitivity: the output SQNR of each layer with its weight compressed, on
    the activations of calibration text (a slice of text kept apart from the budget's);
 3. measure the whole compressed model on the held-out text; while it breaks the budget, the
-   least robust units fall back (1, 1, 2, 4, ... at a time), most sensitive first.
+   least robust units fall back (1, 2, 4, ... at a time), most sensitive first.
 
 After lowering, the steps are checked against the compressed step graph logit for logit, and
 their own greedy tokens against the float model's on the budget's prompts (``check_lowered``).
@@ -42,8 +42,9 @@ from graphopt.passes.quantize.weight_only import WeightOnly, WeightOnlyPlan
 from graphopt.report import PlotSpec, Report, ReportSection
 from graphopt.report.progress import progress
 from graphopt.workflows.generation.language_budget import LanguageBudget, LanguageMeasurement
+from graphopt.workflows.generation.loop import run_generation
 
-__all__ = ["CompressionDecision", "GenerationCompression", "decide_compression"]
+__all__ = ["CompressionDecision", "GenerationCompression", "StepCompression", "check_lowered", "decide_compression"]
 
 DECODER_PREFIX = "model."
 """Module paths in the step graph start with the cached decoder's attribute holding the user's model."""
@@ -94,6 +95,14 @@ class CompressionDecision:
         return result.stats
 
 
+@dataclass
+class StepCompression:
+    """The compression of a generation model's steps: what was asked, and (after the first build) what was decided."""
+
+    asked: GenerationCompression
+    decision: CompressionDecision | None = None
+
+
 def decide_compression(model: nn.Module, gm: fx.GraphModule, asked: GenerationCompression,
                        report: Report) -> CompressionDecision:
     """Choose which of ``gm``'s layers ``asked.scheme`` compresses so that ``asked.fidelity`` holds on ``model``."""
@@ -107,41 +116,25 @@ def decide_compression(model: nn.Module, gm: fx.GraphModule, asked: GenerationCo
                          "Choose a group_size dividing the layers' input features (e.g. 32), or skip= those layers.")
     units = _units(plan, gm, model)
     levels = [4, 8, 0] if scheme.bits == 4 else [8, 0]  # 0: float
-    bar = _Ticker(2 + len(units) + 8 * (len(levels) - 1), "compressing the language model (measuring layers, then "
-                  "the budget)")
     budget = LanguageBudget(model, fidelity)
-    bar.update(1)
     compressed = {levels[0]: _compressed_weights(model, units, scheme, levels[0])}
-    _measure_sensitivity(model, units, compressed[levels[0]], budget.calibration, bar)
+    _measure_sensitivity(model, units, compressed[levels[0]], budget.calibration)
     order = sorted(range(len(units)), key=lambda i: units[i].sqnr_db if units[i].sqnr_db is not None else math.inf)
-    level = [0] * len(units)  # index into levels, per unit
-    for fallback in range(len(levels)):
-        step = 1
-        while True:
-            weights = {}
-            for index, unit in enumerate(units):
-                bits = levels[level[index]]
-                if bits:
-                    if bits not in compressed:
-                        compressed[bits] = _compressed_weights(model, units, scheme, bits)
-                    weights.update(compressed[bits][unit.name])
-            with _weights_replaced(model, weights):
-                measurement = budget.measure_model(model)
-            bar.update(1)
-            if not fidelity.enforce or measurement.meets(fidelity):
-                break
-            movable = [i for i in order if level[i] == fallback]
-            if not movable or fallback == len(levels) - 1:
-                break
-            for index in movable[:step]:
-                level[index] = fallback + 1
-            step *= 2
+    for level in progress(_fallback_levels(order, len(levels)), desc=f"{scheme.scheme}: the budget on held-out text"):
+        weights = {}
+        for index, unit in enumerate(units):
+            bits = levels[level[index]]
+            if bits:
+                if bits not in compressed:
+                    compressed[bits] = _compressed_weights(model, units, scheme, bits)
+                weights.update(compressed[bits][unit.name])
+        with _weights_replaced(model, weights):
+            measurement = budget.measure_model(model)
         if not fidelity.enforce or measurement.meets(fidelity):
             break
     else:
         raise FidelityError(f"no choice of layers to compress meets the budget ({fidelity.describe()}): with "
                             f"every layer in float, {measurement.describe()}. Loosen the budget.", scheme.name)
-    bar.close()
     int8_layers, skip = [], []
     for index, unit in enumerate(units):
         bits = levels[level[index]]
@@ -156,21 +149,24 @@ def decide_compression(model: nn.Module, gm: fx.GraphModule, asked: GenerationCo
     return decision
 
 
-class _Ticker:
-    """Progress over steps that are not a loop over one iterable."""
+def _fallback_levels(order: list[int], count: int) -> Iterator[list[int]]:
+    """Each unit's rung on a ladder of ``count`` (0: as asked), for every candidate in the order they are tried.
 
-    def __init__(self, total: int, desc: str) -> None:
-        self._steps = iter(progress(range(total + 1), desc, total=total))
-        next(self._steps)
-
-    def update(self, _count: int = 1) -> None:
-        """One step done."""
-        next(self._steps, None)
-
-    def close(self) -> None:
-        """Done (however many steps were planned)."""
-        for _ in self._steps:
-            pass
+    First every unit as asked; then, rung by rung, the units still on that rung move one down,
+    in ``order`` (most sensitive first), 1, 2, 4, ... at a time; the last candidate has every
+    unit on the last rung (float).
+    """
+    level = [0] * len(order)
+    yield list(level)
+    for rung in range(count - 1):
+        movable = [index for index in order if level[index] == rung]
+        step = 1
+        while movable:
+            for index in movable[:step]:
+                level[index] = rung + 1
+            movable = movable[step:]
+            step *= 2
+            yield list(level)
 
 
 def _units(plan: WeightOnlyPlan, gm: fx.GraphModule, model: nn.Module) -> list[_Unit]:
@@ -231,7 +227,7 @@ def _weights_replaced(model: nn.Module, weights: dict[str, torch.Tensor]) -> Ite
 
 @torch.no_grad()
 def _measure_sensitivity(model: nn.Module, units: list[_Unit], weights: dict[str, dict[str, torch.Tensor]],
-                         calibration: torch.Tensor, bar: Any) -> None:
+                         calibration: torch.Tensor) -> None:
     """Each unit's output SQNR (dB) with its weight compressed, on the float model's activations of ``calibration``."""
     inputs: dict[str, torch.Tensor] = {}
     paths = {path for unit in units for path in unit.paths}
@@ -249,7 +245,7 @@ def _measure_sensitivity(model: nn.Module, units: list[_Unit], weights: dict[str
     finally:
         for handle in handles:
             handle.remove()
-    for unit in units:
+    for unit in progress(units, desc="language model: each layer's sensitivity"):
         signal = noise = 0.0
         for path in unit.paths:
             x = inputs.get(path)
@@ -262,7 +258,6 @@ def _measure_sensitivity(model: nn.Module, units: list[_Unit], weights: dict[str
             noise += float((compressed.double() - reference.double()).pow(2).sum())
         if signal > 0:
             unit.sqnr_db = math.inf if noise == 0 else 10 * math.log10(signal / noise)
-        bar.update(1)
 
 
 def _layer_outputs(x: torch.Tensor, weight: torch.Tensor, compressed: torch.Tensor, unit: _Unit
@@ -282,8 +277,6 @@ def check_lowered(decision: CompressionDecision, steps: Any, report: Report) -> 
     it before this, to its tolerance or a logit cosine of 0.999); the agreement is the lowered
     steps' own, so kernels that round differently from the graph answer to the budget here.
     """
-    from graphopt.workflows.generation.loop import run_generation
-
     budget = decision.budget
     assert budget is not None
     tokens = []

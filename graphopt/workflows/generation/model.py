@@ -23,7 +23,8 @@ from graphopt.errors import InputError
 from graphopt.passes.base import Pass
 from graphopt.report import Report
 from graphopt.targets.base import Target
-from graphopt.workflows.generation.build import BuiltSteps, Compression, build_steps
+from graphopt.workflows.generation.build import BuiltSteps, build_steps
+from graphopt.workflows.generation.compression import StepCompression
 from graphopt.workflows.generation.decoder import step_inputs
 from graphopt.workflows.generation.loop import run_generation
 from graphopt.workflows.generation.sampling import GenerationDefaults
@@ -45,7 +46,7 @@ class StepSource:
     passes: list[Pass]
     verify: bool = True
     on_error: str = "rollback"
-    compression: Compression | None = None
+    compression: StepCompression | None = None
 
     def build(self, batch_size: int, max_cache_len: int, target: Target, report: Report) -> BuiltSteps:
         """Capture, optimize (verified), compress (if asked) and lower the steps for ``batch_size`` rows."""

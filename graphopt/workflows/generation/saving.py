@@ -151,8 +151,7 @@ def _lifted_graph(archive: Archive, section: dict[str, Any]) -> tuple[LiftedStat
 def _steps(archive: Archive, section: dict[str, Any], target: Target, report: Report) -> BuiltSteps:
     """One file's step graph, lowered for ``target`` and checked against the graph itself."""
     lifted, example = _lifted_graph(archive, section)
-    exact = getattr(target, "exact_weight_lowering", lambda: None)() if has_weight_only_ops(lifted.graph_module) \
-        else None
+    exact = target.exact_weight_lowering() if has_weight_only_ops(lifted.graph_module) else None
     if exact is not None:  # no float model here to judge bfloat16 weight kernels by the budget: compute exactly
         target = exact
         report.notes.append("compressed weights loaded for PyTorch steps: float weights computed once (PyTorch's "
