@@ -23,15 +23,18 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from graphopt.analysis.cost import value_bytes
+from graphopt.analysis.cost import shared_weights, value_bytes
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import draws_random_numbers
+from graphopt.ir.state import STATE_INPUT, state_inputs
 
 __all__ = [
     "BALANCE_KEYS",
+    "CarriedState",
     "GraphItems",
     "PartitionError",
     "balanced_split",
+    "carried_state",
     "dataflow_graph",
     "graph_items",
     "node_kinds",
@@ -106,7 +109,9 @@ class GraphItems:
     (``cut_bytes[0]``: the model's inputs, ``cut_bytes[n]``: the values the last item leaves to the
     outputs); ``allowed[i]`` says whether a cut may go there. ``peak_bytes[i]`` is the live
     activation bytes while item ``i`` runs, ``weight_bytes[i]`` the bytes of the weights item ``i``
-    is the first to read.
+    is the first to read (and of the lifted state its stage keeps). ``state`` lists that state;
+    ``shared`` the weights several items read (their positions, their bytes), which every stage
+    holding one of those items holds.
     """
 
     nodes: list[fx.Node]
@@ -116,25 +121,98 @@ class GraphItems:
     peak_bytes: np.ndarray
     weight_bytes: np.ndarray
     position: dict[fx.Node, int] = field(default_factory=dict)
+    state: list[CarriedState] = field(default_factory=list)
+    shared: list[tuple[list[int], float]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.nodes)
 
 
+@dataclass(frozen=True)
+class CarriedState:
+    """One piece of lifted state (``graphopt.ir.state``) as a split sees it.
+
+    ``placeholder`` takes the state in, ``update`` is the value returned as its new state, and
+    ``first``/``last`` are the positions (in ``GraphItems.nodes``) of the first item that reads it
+    and of the item computing ``update`` (None where there is none). The stage holding those
+    items owns the state: it keeps it from one call to the next, so no cut may fall between them.
+    """
+
+    index: int
+    placeholder: fx.Node
+    update: object
+    first: int | None
+    last: int | None
+
+    @property
+    def bytes(self) -> int:
+        """The state's size (the memory its owning stage holds)."""
+        return value_bytes(self.placeholder)
+
+
+def carried_state(gm: fx.GraphModule, position: dict[fx.Node, int]) -> list[CarriedState]:
+    """The lifted state of ``gm`` (placeholders marked by ``lift_state``), in state order."""
+    marked = state_inputs(gm)
+    if not marked:
+        return []
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = list(output.args[0])
+    first_output = min(marked.values())
+    result = []
+    for placeholder, output_index in sorted(marked.items(), key=lambda item: item[1]):
+        update = leaves[output_index]
+        readers = [position[u] for u in placeholder.users if u in position]
+        first = min(readers) if readers else None
+        last = position.get(update) if isinstance(update, fx.Node) else None
+        result.append(CarriedState(output_index - first_output, placeholder, update, first, last))
+    return result
+
+
+def _state_only_outputs(gm: fx.GraphModule, state: Sequence[CarriedState]) -> set[fx.Node]:
+    """Nodes the graph outputs only as new state (their stage returns them; nothing routes them to the end)."""
+    if not state:
+        return set()
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    first_output = min(s.placeholder.meta[STATE_INPUT] for s in state)
+    plain = {leaf for leaf in list(output.args[0])[:first_output] if isinstance(leaf, fx.Node)}
+    return {s.update for s in state if isinstance(s.update, fx.Node) and s.update not in plain}
+
+
 def graph_items(gm: fx.GraphModule, weight_bytes: dict[str, int] | None = None) -> GraphItems:
-    """The compute nodes of ``gm`` in order, with the bytes live across each cut and the cuts allowed."""
+    """The compute nodes of ``gm`` in order, with the bytes live across each cut and the cuts allowed.
+
+    A graph with lifted state (a decoder step: cache in, new cache out) keeps each piece of state
+    in one stage: its placeholder is live from its first reader on (not from the graph's start),
+    its new value is not carried to the end, no cut separates its first reader from the item
+    computing its new value, and its bytes count towards that stage's memory like weights.
+    """
     kinds = node_kinds(gm)
     items = [n for n in gm.graph.nodes if kinds[n] == COMPUTE]
     position = {node: index for index, node in enumerate(items)}
     count = len(items)
     delta = np.zeros(count + 2, dtype=np.float64)
     blocked = np.zeros(count + 2, dtype=np.int64)
+    weights = np.array([(weight_bytes or {}).get(n.name, 0) for n in items], dtype=np.float64)
+    state = carried_state(gm, position)
+    state_first = {s.placeholder: s.first for s in state}
+    state_outputs = _state_only_outputs(gm, state)
+    for carried in state:
+        held = [p for p in (carried.first, carried.last) if p is not None]
+        if held:
+            blocked[min(held) + 1] += 1
+            blocked[max(held) + 1] -= 1
+            weights[min(held)] += carried.bytes
     for node in gm.graph.nodes:
         if kinds[node] not in (INPUT, COMPUTE):
             continue
-        start = -1 if kinds[node] == INPUT else position[node]
-        consumers = [position[u] if kinds[u] == COMPUTE else (count if kinds[u] == OUTPUT else None)
-                     for u in node.users]
+        if node in state_first:
+            if state_first[node] is None:
+                continue
+            start = state_first[node]
+        else:
+            start = -1 if kinds[node] == INPUT else position[node]
+        consumers = [position[u] if kinds[u] == COMPUTE else
+                     (count if kinds[u] == OUTPUT and node not in state_outputs else None) for u in node.users]
         ends = [c for c in consumers if c is not None]
         if not ends:
             continue
@@ -152,8 +230,12 @@ def graph_items(gm: fx.GraphModule, weight_bytes: dict[str, int] | None = None) 
     allowed = np.cumsum(blocked)[: count + 1] == 0
     output_bytes = np.array([value_bytes(n) for n in items], dtype=np.float64)
     peak = cut_bytes[:count] + output_bytes if count else np.zeros(0)
-    weights = np.array([(weight_bytes or {}).get(n.name, 0) for n in items], dtype=np.float64)
-    return GraphItems(items, kinds, cut_bytes, allowed, peak, weights, position)
+    shared = []
+    for readers, size in shared_weights(gm):
+        positions = sorted({position[n] for n in items if n.name in readers})
+        if len(positions) > 1:
+            shared.append((positions, float(size)))
+    return GraphItems(items, kinds, cut_bytes, allowed, peak, weights, position, state, shared)
 
 
 def stage_costs(costs: Sequence[float], boundaries: Sequence[int]) -> list[float]:
@@ -162,14 +244,24 @@ def stage_costs(costs: Sequence[float], boundaries: Sequence[int]) -> list[float
     return [float(sum(costs[edges[k]:edges[k + 1]])) for k in range(len(boundaries))]
 
 
-def _memory_starts(weight_bytes: np.ndarray, peak_bytes: np.ndarray, cap: float) -> np.ndarray:
-    """For each end j (exclusive), the smallest start i such that stage [i, j) fits in ``cap`` bytes (j if none)."""
+def _memory_starts(weight_bytes: np.ndarray, peak_bytes: np.ndarray, cap: float,
+                   shared: Sequence[tuple[Sequence[int], float]] = ()) -> np.ndarray:
+    """For each end j (exclusive), the smallest start i such that stage [i, j) fits in ``cap`` bytes (j if none).
+
+    ``weight_bytes`` charges each weight to its first reader; a weight in ``shared`` (its readers'
+    positions, its bytes) is also held by a stage that reads it without holding its first reader.
+    """
     count = len(weight_bytes)
     prefix = np.concatenate([[0.0], np.cumsum(weight_bytes)])
     starts = np.zeros(count + 1, dtype=np.int64)
     for end in range(1, count + 1):
         peaks = np.maximum.accumulate(peak_bytes[:end][::-1])[::-1]  # max of peak over [i, end)
-        fits = (prefix[end] - prefix[:end] + peaks) <= cap
+        held = prefix[end] - prefix[:end] + peaks
+        for positions, size in shared:
+            last = max((p for p in positions if p < end), default=-1)
+            if last > positions[0]:  # stages starting in (first reader, last reader] hold it too
+                held[positions[0] + 1:last + 1] += size
+        fits = held <= cap
         # fits is monotone (shorter stages use less): the first True is the smallest start
         starts[end] = int(np.argmax(fits)) if fits.any() else end
     return starts
@@ -185,6 +277,7 @@ def balanced_split(
     weight_bytes: Sequence[float] | None = None,
     peak_bytes: Sequence[float] | None = None,
     memory_cap: float | None = None,
+    shared_weights: Sequence[tuple[Sequence[int], float]] = (),
 ) -> list[int]:
     """Split items with ``costs`` into ``stages`` contiguous stages minimizing the costliest stage.
 
@@ -193,7 +286,8 @@ def balanced_split(
     whose stages all cost at most ``B * (1 + tolerance)``, the one with the fewest bytes crossing
     its cuts (``cut_bytes[i]``: bytes live across a cut just before item ``i``). ``allowed[i]``
     False forbids a cut before item ``i``. With ``memory_cap``, every stage's
-    ``sum(weight_bytes) + max(peak_bytes)`` must fit in it.
+    ``sum(weight_bytes) + max(peak_bytes)`` must fit in it, plus the ``shared_weights`` (reader
+    positions, bytes) it reads but whose first reader is in an earlier stage.
 
     Raises ``PartitionError`` when there are fewer items than stages, or no split meets the cap.
     """
@@ -213,7 +307,7 @@ def balanced_split(
     if memory_cap is not None:
         weights = np.zeros(count) if weight_bytes is None else np.asarray(weight_bytes, dtype=np.float64)
         peaks = np.zeros(count) if peak_bytes is None else np.asarray(peak_bytes, dtype=np.float64)
-        starts = _memory_starts(weights, peaks, float(memory_cap))
+        starts = _memory_starts(weights, peaks, float(memory_cap), shared_weights)
     else:
         starts = np.zeros(count + 1, dtype=np.int64)
 
@@ -248,7 +342,8 @@ def balanced_split(
             single = float(np.max(weights + peaks)) if count else 0.0
             raise PartitionError(
                 f"no split into {stages} stages fits the memory cap of {memory_cap / 2**20:.1f} MiB per device "
-                f"(weights + peak activations of a stage; the largest single layer alone needs "
+                f"(weights, kept state such as a cache, and peak activations of a stage; the largest single layer "
+                f"alone needs "
                 f"{single / 2**20:.1f} MiB). Raise the cap, use more stages, or shrink the model (quantize it) first."
             )
         raise PartitionError(

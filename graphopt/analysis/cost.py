@@ -34,6 +34,7 @@ __all__ = [
     "node_costs",
     "node_weight_names",
     "profile_nodes",
+    "shared_weights",
     "total_flops",
     "total_macs",
     "value_bytes",
@@ -278,6 +279,21 @@ def node_weight_names(gm: fx.GraphModule) -> dict[str, list[str]]:
         if sources:
             reads[node.name] = sorted(sources)
     return reads
+
+
+def shared_weights(gm: fx.GraphModule) -> list[tuple[list[str], int]]:
+    """Every weight storage read by more than one node: the reading nodes' names (graph order) and its bytes.
+
+    (A language model's tied input embedding and LM head is one such weight: a split that puts
+    them in different stages holds it twice.)
+    """
+    weights = graph_weights(gm)
+    readers: dict[tuple[int, int, tuple[int, ...]], tuple[list[str], int]] = {}
+    for node_name, names in node_weight_names(gm).items():
+        for key, tensor in {_storage_key(weights[n]): weights[n] for n in names if n in weights}.items():
+            entry = readers.setdefault(key, ([], tensor.numel() * tensor.element_size()))
+            entry[0].append(node_name)
+    return [entry for entry in readers.values() if len(entry[0]) > 1]
 
 
 def count_parameters(gm: fx.GraphModule) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 __all__ = ["GRAPHOPT_NAMES", "PEER_NAMES", "add_generation_arguments", "run_generation_command"]
@@ -24,6 +25,10 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="generation: new tokens per prompt (128)")
     parser.add_argument("--gen-backends", type=_names, default=None,
                         help=f"generation: subset of {','.join(GRAPHOPT_NAMES + tuple(PEER_NAMES))}")
+    parser.add_argument("--pipeline-stages", type=_ints, default=None, metavar="N1,N2",
+                        help="generation, instead: SmolLM2 partitioned into N stages generating under torchrun "
+                             "(gloo), one table row per N and --batch: predicted vs measured decode tok/s, tokens "
+                             "vs the unsplit model (first --prompt-lens value; batch >= N pipelines micro-batches)")
 
 
 def _ints(text: str) -> list[int]:
@@ -46,6 +51,23 @@ def run_generation_command(args: argparse.Namespace, threads: int) -> int:
     """``graphopt bench --generation``: loads the benchmark (transformers, the peers) and runs it."""
     from graphopt.bench.generation import run_generation_table
 
+    if args.pipeline_stages:
+        return _run_pipeline_table(args, threads)
     names = args.gen_backends or ["graphopt-cpu", "graphopt-cpu-torch", "graphopt-onnx", "graphopt-cpu-int4",
                                   "graphopt-cpu-int8", *PEER_NAMES]
     return run_generation_table(args, names, threads, sys.stderr)
+
+
+def _run_pipeline_table(args: argparse.Namespace, cores: int) -> int:
+    """``graphopt bench --generation --pipeline-stages ...``: the partitioned-generation table."""
+    from graphopt.bench.generation_pipeline import pipeline_rows_to_markdown, run_pipeline_generation_bench
+
+    rows = [row for batch in args.batch for row in run_pipeline_generation_bench(
+        args.pipeline_stages, batch, args.prompt_lens[0], args.new_tokens, cores=cores)]
+    table = pipeline_rows_to_markdown(rows)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text("# graphopt bench --generation --pipeline-stages\n\n" + table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0

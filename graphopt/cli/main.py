@@ -82,17 +82,23 @@ def _model_and_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
 
 def _command_partition(args: argparse.Namespace) -> int:
     import graphopt
+    from graphopt.workflows.generation.partitioned import PROMPT_IDS, PartitionedGenerator
 
     model, inputs = _model_and_inputs(args)
     parts = graphopt.partition(model, inputs, stages=args.stages, balance=args.balance,
                                memory_cap=args.memory_cap * 2**20 if args.memory_cap else None,
                                microbatches=args.microbatches, optimize=not args.no_optimize)
     print(parts.report)
+    generator = isinstance(parts, PartitionedGenerator)
     if args.output:
         directory = parts.save(args.output)
+        run = (f"--generate --inputs {directory / PROMPT_IDS} --max-new-tokens 32" if generator else
+               f"--inputs {directory / 'example_inputs.pt'} --microbatches {parts.microbatches}")
         print(f"wrote {len(parts.stages)} stages and {directory / 'manifest.json'}; run them with:\n"
-              f"  torchrun --nproc-per-node {len(parts.stages)} -m graphopt.pipeline {directory} --inputs "
-              f"{directory / 'example_inputs.pt'} --microbatches {parts.microbatches} --output out.pt")
+              f"  torchrun --nproc-per-node {len(parts.stages)} -m graphopt.pipeline {directory} {run} --output out.pt")
+    if args.onnx and generator:
+        raise InputError("--onnx writes one-shot stages; for a language model export the unsplit steps: "
+                         "graphopt.optimize(lm, (ids,)).export_onnx('lm.onnx')")
     if args.onnx:
         for path in parts.export_onnx(args.onnx):
             print(f"wrote {path}")

@@ -33,6 +33,7 @@ from graphopt.analysis.balanced_split import (
     OUTPUT,
     SIZE,
     WEIGHT,
+    CarriedState,
     GraphItems,
     PartitionError,
     balanced_split,
@@ -55,7 +56,13 @@ STAGE_PREFIX = "stage_"
 
 @dataclass
 class StageInfo:
-    """One stage of a split graph: its module and the values (original node names) it takes and returns."""
+    """One stage of a split graph: its module and the values (original node names) it takes and returns.
+
+    A graph with lifted state (``graphopt.ir.state``) gives each stage the state it keeps:
+    ``state`` (indexes into the graph's state), taken after ``inputs`` and returned after
+    ``outputs``, so the module is ``(*inputs, *state) -> (*outputs, *new_state)``;
+    ``state_bytes`` is their size.
+    """
 
     index: int
     module: fx.GraphModule
@@ -63,6 +70,8 @@ class StageInfo:
     outputs: list[str]
     nodes: list[str]
     input_bytes: int = 0
+    state: list[int] = field(default_factory=list)
+    state_bytes: int = 0
 
 
 def item_costs(gm: fx.GraphModule, items: GraphItems, balance: str, seconds: dict[str, float] | None) -> list[float]:
@@ -131,7 +140,7 @@ def plan_boundaries(
         )
     boundaries = balanced_split(costs, stages, cut_bytes=items.cut_bytes, allowed=items.allowed,
                                 tolerance=tolerance, weight_bytes=items.weight_bytes, peak_bytes=items.peak_bytes,
-                                memory_cap=memory_cap)
+                                memory_cap=memory_cap, shared_weights=items.shared)
     return items, boundaries, costs
 
 
@@ -277,42 +286,56 @@ def split_stages(gm: fx.GraphModule, items: GraphItems, boundaries: Sequence[int
     for node in gm.graph.nodes:
         if kinds[node] == INPUT:
             stage_of[node] = -1
+    owner = {carried.index: _owning_stage(carried, items, stage_of) for carried in items.state}
+    for carried in items.state:
+        stage_of[carried.placeholder] = owner[carried.index]
+    state_outputs = {carried.update for carried in items.state}
+    flat_outputs = _flat_outputs(gm)
+    plain_outputs = flat_outputs[:len(flat_outputs) - len(items.state)]
     last_use: dict[fx.Node, int] = {}
     order = list(gm.graph.nodes)
 
-    def users_stage(user: fx.Node) -> list[int]:
-        """Stages that need a value because ``user`` reads it (none for sizes and constants: they are rebuilt)."""
+    def users_stage(node: fx.Node, user: fx.Node) -> list[int]:
+        """Stages that need ``node`` because ``user`` reads it (none for sizes and constants: they are rebuilt)."""
         kind = kinds[user]
         if kind == COMPUTE:
             return [stage_of[user]]
-        if kind == OUTPUT:
+        if kind == OUTPUT and (node not in state_outputs or node in plain_outputs):
             return [count]
         return []
 
     for node in order:
         if kinds[node] in (INPUT, COMPUTE):
-            needs = [s for user in node.users for s in users_stage(user)]
+            needs = [s for user in node.users for s in users_stage(node, user)]
             if needs:
                 last_use[node] = max(needs)
-    routed_values = [n for n in order if n in last_use]
-    placeholders = [n for n in order if kinds[n] == INPUT]
-    flat_outputs = _flat_outputs(gm)
+    routed_values = [n for n in order if n in last_use and stage_of[n] < last_use[n]]
+    state_placeholders = {carried.placeholder for carried in items.state}
+    placeholders = [n for n in order if kinds[n] == INPUT and n not in state_placeholders]
     stages: list[StageInfo] = []
     for stage in range(count):
+        held = [carried for carried in items.state if owner[carried.index] == stage]
         inputs = placeholders if stage == 0 else [
             n for n in routed_values if stage_of[n] < stage and last_use[n] >= stage]
         if stage == count - 1:
-            outputs: list[Any] = [o for o in flat_outputs if isinstance(o, fx.Node)]  # literals stay in the parent
+            outputs: list[Any] = [o for o in plain_outputs if isinstance(o, fx.Node)]  # literals stay in the parent
         else:
             outputs = [n for n in routed_values if stage_of[n] <= stage and last_use[n] > stage]
-        builder = _StageBuilder(gm, kinds, inputs)
+        builder = _StageBuilder(gm, kinds, [*inputs, *(c.placeholder for c in held)])
         members = [items.nodes[i] for i in range(edges[stage], edges[stage + 1])]
         for node in members:
             builder.copy(node)
-        module = builder.finish(outputs, stage)
+        module = builder.finish([*outputs, *(c.update for c in held)], stage)
         stages.append(StageInfo(stage, module, [n.name for n in inputs], [o.name for o in outputs],
-                                [n.name for n in members], sum(value_bytes(n) for n in inputs)))
+                                [n.name for n in members], sum(value_bytes(n) for n in inputs),
+                                [c.index for c in held], sum(c.bytes for c in held)))
     return stages
+
+
+def _owning_stage(carried: CarriedState, items: GraphItems, stage_of: dict[fx.Node, int]) -> int:
+    """The stage keeping a piece of lifted state: the one reading it first (or computing its new value)."""
+    position = carried.first if carried.first is not None else carried.last
+    return stage_of[items.nodes[position]] if position is not None else 0
 
 
 def rewrite_as_stage_chain(gm: fx.GraphModule, stages: Sequence[StageInfo]) -> None:
@@ -326,21 +349,27 @@ def rewrite_as_stage_chain(gm: fx.GraphModule, stages: Sequence[StageInfo]) -> N
         if node.op == "placeholder":
             values[node.name] = graph.node_copy(node)
     originals = {n.name: n for n in old.nodes}
+    output = next(n for n in old.nodes if n.op == "output")
+    leaves = [leaf for leaf in pytree.tree_leaves(output.args[0]) if isinstance(leaf, fx.Node)]
+    state = {s.index: s for s in graph_items(gm).state}
+    final: dict[str, fx.Node] = {}  # each output leaf by name, as the stage that returns it gives it
     for stage in stages:
         name = f"{STAGE_PREFIX}{stage.index}"
         gm.add_submodule(name, stage.module)
-        call = graph.call_module(name, tuple(values[v] for v in stage.inputs))
+        held = [state[i] for i in stage.state]
+        call = graph.call_module(name, (*(values[v] for v in stage.inputs),
+                                        *(values[c.placeholder.name] for c in held)))
+        returned = [*stage.outputs, *(c.update.name for c in held if isinstance(c.update, fx.Node))]
         results = []
-        for position, value in enumerate(stage.outputs):
+        for position, value in enumerate(returned):
             item = graph.call_function(operator.getitem, (call, position))
             if value in originals:
                 item.meta = copy.copy(originals[value].meta)
                 results.append(originals[value].meta.get("val"))
-            values[value] = item
+            values[value] = final[value] = item
         call.meta["val"] = tuple(results)
-    output = next(n for n in old.nodes if n.op == "output")
-    last = stages[-1]
-    graph.output(fill_output_nodes(output.args[0], [values[name] for name in last.outputs]))
+    graph.output(fill_output_nodes(output.args[0], [final.get(leaf.name, values.get(leaf.name))
+                                                    for leaf in leaves]))
     gm.graph = graph
     prune_unused_attributes(gm)
     gm.recompile()

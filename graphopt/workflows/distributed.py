@@ -10,6 +10,9 @@ outputs, rebuilds the model's output structure and writes it to ``out.pt``. Both
 with ``weights_only=True``. gloo on CPU, NCCL when CUDA is available (rank ``r`` on
 ``cuda:<local rank>``); ``--device cpu`` forces gloo.
 
+``--generate`` runs the stages of a partitioned causal LM instead (``graphopt.workflows.
+distributed_generation``): ``--inputs`` holds prompt ids, ``--output`` gets the generated ids.
+
 ``--repeats R`` times R extra pipeline steps after the first and writes the measured throughput
 (samples per second, median step time) as JSON to ``--timing``. ``--link-benchmark`` (2
 processes, no stage directory) measures the latency and bandwidth between two ranks instead,
@@ -33,6 +36,8 @@ import torch
 from graphopt.analysis.balanced_split import PartitionError
 from graphopt.errors import GraphoptError, InputError
 from graphopt.targets.gpu.target import retarget_device_constants
+from graphopt.workflows.distributed_generation import run_generation_pipeline
+from graphopt.workflows.generation.partitioned import is_generation_manifest
 from graphopt.workflows.partition import load_stage, read_manifest, structure_outputs
 
 __all__ = ["main", "run_pipeline"]
@@ -91,6 +96,8 @@ def run_pipeline(directory: str | Path, inputs_path: str | Path | None, microbat
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     manifest = read_manifest(directory)
+    if is_generation_manifest(manifest):
+        raise InputError(f"{directory} holds the stages of a causal LM: run them with --generate (and --inputs ids.pt)")
     stages = len(manifest["stages"])
     if world != stages:
         raise PartitionError(f"{directory} holds {stages} stages but {world} processes were started: run "
@@ -204,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timing", help="JSON file for the measured throughput (written by rank 0)")
     parser.add_argument("--link-benchmark", action="store_true",
                         help="measure latency and bandwidth between two ranks instead (writes --timing)")
+    generation = parser.add_argument_group("generation (stages saved by a partitioned causal LM)")
+    generation.add_argument("--generate", action="store_true",
+                            help="generate from the prompt ids in --inputs; the last rank writes the ids to --output")
+    generation.add_argument("--max-new-tokens", type=int, default=20)
+    generation.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    generation.add_argument("--seed", type=int, help="seed of the sampling generator")
+    generation.add_argument("--eos-token-id", type=int, nargs="*",
+                            help="end-of-sequence ids instead of the model's (none given: never stop early)")
     return parser
 
 
@@ -221,6 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.directory is None:
             raise InputError("give the stage directory: python -m graphopt.pipeline stages/ --inputs in.pt ...")
+        if args.generate:
+            if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+                raise InputError("--generate runs one stage per process: start it with torchrun --nproc-per-node N "
+                                 "-m graphopt.pipeline DIR --generate ...")
+            return run_generation_pipeline(args.directory, args.inputs, args.output,
+                                           max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                                           seed=args.seed, eos_token_id=args.eos_token_id, timing_path=args.timing)
         return run_pipeline(args.directory, args.inputs, args.microbatches, args.output, schedule=args.schedule,
                             device=args.device, repeats=args.repeats, timing_path=args.timing)
     except GraphoptError as error:

@@ -18,11 +18,9 @@ kept. ``parts.report.balance`` is the slowest / mean measured stage time.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt.analysis.balanced_split import PartitionError
-from graphopt.analysis.cost import count_parameters, node_costs, profile_nodes, value_bytes
+from graphopt.analysis.cost import count_parameters, profile_nodes
 from graphopt.analysis.throughput import (
     DEFAULT_LINK_BANDWIDTH,
     DEFAULT_LINK_LATENCY,
@@ -43,11 +41,10 @@ from graphopt.errors import (
     DeviceUnavailableError,
     InputError,
     LoweringError,
-    SaveFileError,
     VerificationError,
 )
-from graphopt.ir.capture import capture, flatten_inputs, unlift_program
-from graphopt.ir.graph import clone_graph_module, fill_output_nodes, parameter_bytes
+from graphopt.ir.capture import capture, flatten_inputs
+from graphopt.ir.graph import clone_graph_module, fill_output_nodes
 from graphopt.ir.verify import compare_outputs
 from graphopt.passes.base import resolve_pass
 from graphopt.passes.manager import PassManager
@@ -58,13 +55,31 @@ from graphopt.passes.split_stages import (
     split_stages,
     stage_modules,
 )
-from graphopt.report import PlotSpec, Report, ReportSection
 from graphopt.targets.base import DEFAULT_PIPELINE
 from graphopt.targets.gpu.target import retarget_device_constants
 from graphopt.version import __version__
+from graphopt.workflows.generation import PartitionedGenerator, is_causal_lm, partition_generation
 from graphopt.workflows.optimized_model import OptimizedModel
 from graphopt.workflows.options import default_on_error, is_graphopt_pipeline
-from graphopt.workflows.save_load import import_output_modules, load_program, output_modules
+from graphopt.workflows.save_load import import_output_modules, output_modules
+from graphopt.workflows.stage_files import (
+    EXAMPLE_INPUTS,
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    load_stage,
+    read_manifest,
+    stage_dynamic_shapes,
+)
+from graphopt.workflows.stage_report import (
+    PartitionReport,
+    StageReport,
+    balance_of,
+    fill_stage_reports,
+    median_stage_seconds,
+    stage_section,
+    stage_sums,
+)
 
 __all__ = [
     "MANIFEST",
@@ -72,131 +87,16 @@ __all__ = [
     "PartitionedModel",
     "StageReport",
     "ThroughputPrediction",
+    "load_stage",
     "load_stages",
     "partition",
     "predict_throughput",
+    "read_manifest",
 ]
 
-MANIFEST = "manifest.json"
-EXAMPLE_INPUTS = "example_inputs.pt"
-FORMAT = "graphopt-pipeline-stages"
-_VERSION = 1
-
-
-# ------------------------------------------------------------------------------------ report
-
-
-@dataclass
-class StageReport:
-    """What one stage costs: measured time, estimate, FLOPs, weights, memory and the bytes it receives."""
-
-    index: int
-    nodes: int
-    first: str
-    last: str
-    seconds: float
-    estimate: float
-    flops: int
-    parameters: int
-    weight_bytes: int
-    peak_activation_bytes: int
-    input_bytes: int
-    routed: int
-    device: str = "cpu"
-
-    @property
-    def memory_bytes(self) -> int:
-        """Weights plus peak live activations of the stage."""
-        return self.weight_bytes + self.peak_activation_bytes
-
-
-@dataclass
-class PartitionReport(Report):
-    """The report of a partition: the passes that ran, one ``StageReport`` per stage, balance, throughput.
-
-    ``balance`` is slowest / mean of the stage times measured after splitting (medians over
-    repeats), ``balance_key`` what the split equalized, ``cut_bytes[s]`` the bytes crossing the
-    cut after stage ``s`` on the example batch, ``throughput`` the prediction for
-    ``microbatches`` micro-batches.
-    """
-
-    stages: list[StageReport] = field(default_factory=list)
-    balance: float = 0.0
-    balance_key: str = "time"
-    cut_bytes: list[int] = field(default_factory=list)
-    throughput: ThroughputPrediction | None = None
-    refinements: list[float] = field(default_factory=list)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PartitionReport:
-        """Rebuild a partition report (stages and throughput included) from ``to_dict()`` output."""
-        report = super().from_dict(data)
-        report.stages = [StageReport(**s) if isinstance(s, Mapping) else s for s in report.stages]
-        if isinstance(report.throughput, Mapping):
-            report.throughput = ThroughputPrediction(**report.throughput)
-        return report  # type: ignore[return-value]
-
-
-def _stage_section(report: PartitionReport, predictions: Sequence[ThroughputPrediction]) -> ReportSection:
-    rows = [
-        [s.index, s.device, s.nodes, f"{s.first} … {s.last}", round(s.seconds * 1e3, 3), round(s.flops / 1e9, 4),
-         s.parameters, round(s.weight_bytes / 2**20, 3), round(s.peak_activation_bytes / 2**20, 3),
-         round(s.memory_bytes / 2**20, 3), round(s.input_bytes / 1024, 2), s.routed]
-        for s in report.stages
-    ]
-    labels = [f"stage {s.index}" for s in report.stages]
-    mean = statistics.mean(s.seconds for s in report.stages)
-    estimates = [s.estimate for s in report.stages]
-    scale = sum(s.seconds for s in report.stages) / sum(estimates) if sum(estimates) else 0.0
-    plots = [
-        PlotSpec("bar", "Time per stage (ms)", labels,
-                 {"measured": [s.seconds * 1e3 for s in report.stages],
-                  f"estimate ({report.balance_key}, scaled)": [e * scale * 1e3 for e in estimates],
-                  "mean": [mean * 1e3] * len(labels)}, y_label="ms"),
-        PlotSpec("bar", "Bytes crossing each cut (KiB)", [f"{i} → {i + 1}" for i in range(len(report.cut_bytes))]
-                 or ["none"], {"KiB": [b / 1024 for b in report.cut_bytes] or [0.0]}, y_label="KiB"),
-    ]
-    if predictions:
-        counts = [str(p.microbatches) for p in predictions]
-        plots.append(PlotSpec("line", "Predicted throughput (samples/s) by micro-batches", counts,
-                              {"samples/s": [p.samples_per_second for p in predictions]}, x_label="micro-batches"))
-        plots.append(PlotSpec("line", "Pipeline bubble (% idle) by micro-batches", counts,
-                              {"bubble %": [100 * p.bubble_fraction for p in predictions]}, x_label="micro-batches"))
-    t = report.throughput
-    description = (
-        f"{len(report.stages)} stages balanced on {report.balance_key}; slowest / mean measured stage time "
-        f"{report.balance:.3f}"
-        + (f"; predicted {t.samples_per_second:.1f} samples/s with {t.microbatches} micro-batches of "
-           f"{t.batch // max(t.microbatches, 1)} (bubble {100 * t.bubble_fraction:.1f}%, link "
-           f"{t.link_bandwidth / 1e9:.2f} GB/s, {t.link_latency * 1e6:.0f} µs)" if t else "")
-    )
-    headers = ["stage", "device", "nodes", "layers", "ms", "GFLOPs", "parameters", "weights MiB", "peak act MiB",
-               "memory MiB", "cut in KiB", "routed"]
-    return ReportSection("Pipeline stages", description, headers, rows, plots)
 
 
 # ------------------------------------------------------------------------------------ running
-
-
-def _median_stage_seconds(modules: Sequence[torch.nn.Module], inputs: Sequence[tuple[Any, ...]], repeats: int,
-                          warmup: int = 1) -> list[float]:
-    """Median seconds of each stage on its inputs; stages are timed in turn, round after round."""
-    samples: list[list[float]] = [[] for _ in modules]
-    with torch.inference_mode():
-        for round_index in range(warmup + repeats):
-            for index, (module, args) in enumerate(zip(modules, inputs, strict=True)):
-                _sync(args)
-                started = time.perf_counter()
-                module(*args)
-                _sync(args)
-                if round_index >= warmup:
-                    samples[index].append(time.perf_counter() - started)
-    return [statistics.median(s) for s in samples]
-
-
-def _sync(values: Sequence[Any]) -> None:
-    if any(isinstance(v, torch.Tensor) and v.is_cuda for v in values):
-        torch.cuda.synchronize()
 
 
 def _stage_inputs(modules: Sequence[torch.nn.Module], flat: Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -322,7 +222,7 @@ class PartitionedModel(torch.nn.Module):
         out_spec = getattr(self.graph_module, "_out_spec", None)
         return {
             "format": FORMAT,
-            "version": _VERSION,
+            "version": VERSION,
             "graphopt": __version__,
             "torch": torch.__version__,
             "stages": [{"index": i.index, "file": f"stage_{i.index}.pt2", "inputs": i.inputs, "outputs": i.outputs,
@@ -363,7 +263,7 @@ class PartitionedModel(torch.nn.Module):
         stages = self._cpu_stages()
         inputs = _stage_inputs(stages, self._example_flat)
         for info, stage, args in zip(self._infos, stages, inputs, strict=True):
-            dynamic_shapes = _stage_dynamic_shapes(stage, args) if self.dynamic_batch else None
+            dynamic_shapes = stage_dynamic_shapes(stage, args) if self.dynamic_batch else None
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -402,50 +302,7 @@ class PartitionedModel(torch.nn.Module):
         return paths
 
 
-def _stage_dynamic_shapes(stage: fx.GraphModule, args: Sequence[Any]) -> tuple[Any, ...]:
-    """torch.export dynamic shapes for a stage: the dims recorded as symbolic on its placeholders."""
-    specs = []
-    placeholders = [n for n in stage.graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, args, strict=True):
-        val = node.meta.get("val")
-        if not isinstance(value, torch.Tensor) or not isinstance(val, torch.Tensor):
-            specs.append(None)
-            continue
-        dims = {d: torch.export.Dim.AUTO for d, size in enumerate(val.shape) if isinstance(size, torch.SymInt)}
-        specs.append(dims or None)
-    return tuple(specs)
-
-
 # -------------------------------------------------------------------------------------- load
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The manifest of a stage directory written by ``PartitionedModel.save`` (SaveFileError when absent/bad)."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise SaveFileError(f"{path}: no such file; write the stages with parts.save({str(directory)!r})")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise SaveFileError(f"{path} is corrupt ({error}); save the stages again") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SaveFileError(f"{path} is not a graphopt stage manifest")
-    if manifest.get("version", 0) > _VERSION:
-        raise SaveFileError(f"{path} was written by a newer graphopt; upgrade graphopt")
-    return manifest
-
-
-def load_stage(directory: str | Path, index: int, manifest: dict[str, Any] | None = None) -> fx.GraphModule:
-    """Load stage ``index`` of a saved partition (no pickled code runs: weights are read weights_only)."""
-    manifest = manifest or read_manifest(directory)
-    entries = manifest["stages"]
-    if not 0 <= index < len(entries):
-        raise PartitionError(f"stage {index} does not exist: {directory} holds {len(entries)} stages")
-    path = Path(directory) / entries[index]["file"]
-    if not path.is_file():
-        raise SaveFileError(f"{path}: stage file missing (stage {index} of {len(entries)}); copy the whole stage "
-                            "directory, or write it again with parts.save(...)")
-    return unlift_program(load_program(path))
 
 
 def load_stages(directory: str | Path) -> LoadedStages:
@@ -522,7 +379,8 @@ def partition(
     link_bandwidth: float = DEFAULT_LINK_BANDWIDTH,
     link_latency: float = DEFAULT_LINK_LATENCY,
     threads: int | None = None,
-) -> PartitionedModel:
+    max_cache_len: int | None = None,
+) -> PartitionedModel | PartitionedGenerator:
     """Split ``model`` into ``stages`` pipeline stages of balanced cost; returns a ``PartitionedModel``.
 
     ``balance``: what to equalize, ``"time"`` (measured per node, medians of ``repeats`` runs),
@@ -541,9 +399,20 @@ def partition(
     ``model`` may be what ``graphopt.optimize`` returned: its ``portable_graph`` is split, on its
     ``example_inputs`` unless others are given.
 
+    A causal language model (``example_inputs`` ``(input_ids,)``) is split for generation: each
+    stage keeps its layers' key/value cache (``max_cache_len`` positions), the split balances a
+    decode step, and the result is a ``PartitionedGenerator`` with ``generate`` and ``save``
+    (``graphopt.workflows.generation.partitioned``); ``microbatches`` cuts the example batch.
+
     Raises ``PartitionError`` for more stages than layers, a memory cap no split meets, or a
     model that updates its buffers; ``InputError``/``CaptureError`` as ``graphopt.optimize`` does.
     """
+    if is_causal_lm(model):
+        return _partition_generation(model, example_inputs, stages, balance=balance, example_kwargs=example_kwargs,
+                                     memory_cap=memory_cap, microbatches=microbatches, devices=devices,
+                                     optimize=optimize, passes=passes, tolerance=tolerance, repeats=repeats,
+                                     link_bandwidth=link_bandwidth, link_latency=link_latency, threads=threads,
+                                     max_cache_len=max_cache_len)
     optimized = isinstance(model, OptimizedModel)
     if optimized:
         if example_inputs is None:
@@ -570,6 +439,34 @@ def partition(
     return parts
 
 
+def _partition_generation(model: torch.nn.Module, example_inputs: Any, stages: int, *, balance: str,
+                          example_kwargs: dict[str, Any] | None, memory_cap: float | None, microbatches: int | None,
+                          devices: Sequence[str | torch.device] | None, optimize: bool, passes: Sequence[Any] | None,
+                          tolerance: float, repeats: int, link_bandwidth: float, link_latency: float,
+                          threads: int | None, max_cache_len: int | None) -> PartitionedGenerator:
+    """``partition`` for a causal LM (``partition_generation``), with the options that apply to one."""
+    if example_inputs is None:
+        raise InputError("partition(lm, (input_ids,)): give example prompt ids, e.g. tokenizer('Hello', "
+                         "return_tensors='pt').input_ids")
+    if example_kwargs:
+        raise InputError("a causal LM is partitioned on (input_ids,) alone: drop example_kwargs")
+    if devices is not None:
+        raise InputError("partitioned generation runs its stages on this process's CPU, or one per process with "
+                         "torchrun (parts.save(DIR), then torchrun ... -m graphopt.pipeline DIR --generate); "
+                         "devices= is for one-shot models")
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        pipeline = list(passes) if passes is not None else list(DEFAULT_PIPELINE) if optimize else []
+        return partition_generation(model, example_inputs, stages, [resolve_pass(p) for p in pipeline],
+                                    max_cache_len=max_cache_len, balance=balance, memory_cap=memory_cap,
+                                    microbatches=microbatches, repeats=repeats, tolerance=tolerance,
+                                    link_bandwidth=link_bandwidth, link_latency=link_latency)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
 def _partition(model: torch.nn.Module, example_inputs: Any, stages: int, balance: str,
                example_kwargs: dict[str, Any] | None, memory_cap: float | None, microbatches: int | None,
                devices: Sequence[str | torch.device] | None, pipeline: list[Any], tolerance: float, repeats: int,
@@ -592,10 +489,10 @@ def _partition(model: torch.nn.Module, example_inputs: Any, stages: int, balance
                                                tolerance=tolerance)
     current = _measure_split(gm, items, boundaries, flat, repeats)
     best, tried = current, [boundaries]
-    report.refinements.append(_balance(current[1]))
+    report.refinements.append(balance_of(current[1]))
     for _ in range(refine if balance == "time" and stages > 1 else 0):
         # scale each node's cost so that every stage of the measured split costs what it measured
-        estimates = _stage_sums(costs, current[0])
+        estimates = stage_sums(costs, current[0])
         factors = [m / e if e > 0 else 1.0 for m, e in zip(current[1], estimates, strict=True)]
         costs = [c * factors[_stage_of(i, current[0])] for i, c in enumerate(costs)]
         _, candidate, _ = plan_boundaries(gm, stages, balance, memory_cap=memory_cap, tolerance=tolerance,
@@ -604,8 +501,8 @@ def _partition(model: torch.nn.Module, example_inputs: Any, stages: int, balance
             break  # the split would not change (or would go back to one already measured)
         tried.append(candidate)
         current = _measure_split(gm, items, candidate, flat, repeats)
-        report.refinements.append(_balance(current[1]))
-        if _balance(current[1]) < _balance(best[1]):
+        report.refinements.append(balance_of(current[1]))
+        if balance_of(current[1]) < balance_of(best[1]):
             best = current
     boundaries = best[0]
 
@@ -615,14 +512,14 @@ def _partition(model: torch.nn.Module, example_inputs: Any, stages: int, balance
     gm = final.run(gm, flat, report, outputs_before)
     modules = stage_modules(gm)
     stage_inputs = _stage_inputs(modules, flat)
-    measured = _median_stage_seconds(modules, stage_inputs, max(2 * repeats, 11))  # the figure users read
+    measured = median_stage_seconds(modules, stage_inputs, max(2 * repeats, 11))  # the figure users read
     count = microbatches or stages
     batch = _batch_size(flat) or 1
     count = max(1, min(count, batch)) if dynamic else 1
-    _fill_report(report, modules, infos, items, boundaries, costs, measured)
+    fill_stage_reports(report, modules, infos, items, boundaries, costs, measured)
     report.throughput, predictions = _predictions(modules, flat, report.cut_bytes, measured, count, batch, dynamic,
                                                   repeats, link_bandwidth, link_latency)
-    report.sections.append(_stage_section(report, predictions))
+    report.sections.append(stage_section(report, predictions))
     comparison = compare_outputs(list(pytree.tree_leaves(gm(*captured.example_args, **captured.example_kwargs))),
                                  captured.reference_outputs)
     report.final_check = "passed" if comparison.ok else f"FAILED ({comparison.detail})"
@@ -640,46 +537,10 @@ def _stage_of(item: int, boundaries: Sequence[int]) -> int:
     return max(k for k, b in enumerate(boundaries) if b <= item)
 
 
-def _stage_sums(costs: Sequence[float], boundaries: Sequence[int]) -> list[float]:
-    edges = [*boundaries, len(costs)]
-    return [sum(costs[edges[k]:edges[k + 1]]) for k in range(len(boundaries))]
-
-
-def _balance(seconds: Sequence[float]) -> float:
-    return max(seconds) / statistics.mean(seconds) if seconds and statistics.mean(seconds) > 0 else 1.0
-
-
 def _measure_split(gm: fx.GraphModule, items: Any, boundaries: list[int], flat: Sequence[Any],
                    repeats: int) -> tuple[list[int], list[float]]:
     modules = [info.module for info in split_stages(gm, items, boundaries)]
-    return boundaries, _median_stage_seconds(modules, _stage_inputs(modules, flat), repeats)
-
-
-def _fill_report(report: PartitionReport, modules: Sequence[fx.GraphModule], infos: Sequence[StageInfo],
-                 items: Any, boundaries: Sequence[int], costs: Sequence[float], measured: Sequence[float]) -> None:
-    """Per-stage figures, cut bytes and the measured balance into ``report``."""
-    estimates = _stage_sums(costs, boundaries)
-    edges = [*boundaries, len(items)]
-    for info, module, seconds, estimate in zip(infos, modules, measured, estimates, strict=True):
-        costs_table = node_costs(module)
-        peak = int(max(items.peak_bytes[edges[info.index]:edges[info.index + 1]], default=0))
-        member_nodes = [items.nodes[i] for i in range(edges[info.index], edges[info.index + 1])]
-        paths = [c.module for c in costs_table.values() if c.module and not c.module.startswith("_")]
-        containers = {p for p in paths if any(q.startswith(p + ".") for q in paths)}
-        modules_of = [p for p in paths if p not in containers]  # leaf layers, not the model wrapping them
-        produced = set(info.nodes)
-        routed = sum(1 for name in info.outputs if name in info.inputs and name not in produced)
-        weight_bytes = parameter_bytes(module)
-        report.stages.append(StageReport(
-            index=info.index, nodes=len(member_nodes),
-            first=modules_of[0] if modules_of else member_nodes[0].name,
-            last=modules_of[-1] if modules_of else member_nodes[-1].name,
-            seconds=seconds, estimate=estimate, flops=sum(c.flops for c in costs_table.values()),
-            parameters=count_parameters(module), weight_bytes=weight_bytes, peak_activation_bytes=peak,
-            input_bytes=sum(value_bytes(n) for n in module.graph.nodes if n.op == "placeholder"), routed=routed,
-        ))
-    report.cut_bytes = [s.input_bytes for s in report.stages[1:]]
-    report.balance = _balance(measured)
+    return boundaries, median_stage_seconds(modules, _stage_inputs(modules, flat), repeats)
 
 
 def _predictions(modules: Sequence[fx.GraphModule], flat: Sequence[Any], cut_bytes: Sequence[int],
@@ -694,7 +555,7 @@ def _predictions(modules: Sequence[fx.GraphModule], flat: Sequence[Any], cut_byt
             seconds = list(measured)
         else:
             micro = _microbatch_inputs(flat, count)[0]
-            seconds = _median_stage_seconds(modules, _stage_inputs(modules, micro), max(3, repeats // 2))
+            seconds = median_stage_seconds(modules, _stage_inputs(modules, micro), max(3, repeats // 2))
         per_micro_cut = [b / count for b in cut_bytes]
         prediction = predict_throughput(seconds, per_micro_cut, count, batch, bandwidth, latency)
         predictions.append(prediction)

@@ -5,7 +5,8 @@
 ``decoder`` (the model with a static cache in buffers: one call, one step), ``build`` (capture,
 verified passes, state lifted into inputs/outputs, lowered prefill and decode steps),
 ``loop`` (prefill, then one decode step per token), ``sampling`` (greedy / temperature / top-k /
-top-p), ``model`` (the public object), ``onnx_export`` (the step as an ONNX decoder with
+top-p), ``model`` (the public object), ``partitioned`` (the model split into pipeline stages that
+each keep their cache: ``graphopt.partition`` on a causal LM), ``onnx_export`` (the step as an ONNX decoder with
 past/present key/value inputs and outputs), ``saving`` (the step graphs in graphopt's ``.pt2``
 files and back: ``GenerativeModel.save``, ``graphopt.load``).
 """
@@ -30,12 +31,13 @@ from graphopt.workflows.generation.compression import GenerationCompression, Ste
 from graphopt.workflows.generation.decoder import CachedDecoder, is_causal_lm
 from graphopt.workflows.generation.language_budget import default_language_fidelity
 from graphopt.workflows.generation.model import DEFAULT_MAX_CACHE_LEN, GenerativeModel, StepSource, load_generative
+from graphopt.workflows.generation.partitioned import PartitionedGenerator, partition_for_generation
 from graphopt.workflows.generation.sampling import GenerationDefaults, Sampling
 from graphopt.workflows.generation.saving import is_generation
 
-__all__ = ["CachedDecoder", "GenerationDefaults", "GenerativeModel", "Sampling", "generation_compression",
-           "generation_target", "is_causal_lm",
-           "is_generation", "load_generative", "optimize_for_generation"]
+__all__ = ["CachedDecoder", "GenerationDefaults", "GenerativeModel", "PartitionedGenerator", "Sampling",
+           "generation_compression", "generation_target", "is_causal_lm", "is_generation", "load_generative",
+           "optimize_for_generation", "partition_generation"]
 
 
 def generation_target(target: Target) -> Target:
@@ -118,3 +120,14 @@ def optimize_for_generation(model: nn.Module, example_inputs: Any, target: Targe
     report.notes.append(f"generation: static cache of {optimized.max_cache_len} positions; steps built in "
                         f"{optimized.setup_seconds:.1f} s")
     return optimized
+
+
+def partition_generation(model: nn.Module, example_inputs: Any, stages: int, passes: list[Pass], *,
+                         max_cache_len: int | None = None, **options: Any) -> PartitionedGenerator:
+    """Split a causal LM into pipeline stages that generate together (what ``graphopt.partition`` does for one).
+
+    ``options`` are ``partition_for_generation``'s (balance, memory_cap, microbatches, ...).
+    """
+    ids = _prompt_ids(example_inputs)
+    return partition_for_generation(model, ids, stages, passes=passes,
+                                    max_cache_len=_max_cache_len(model, max_cache_len), **options)

@@ -33,8 +33,8 @@ from graphopt.targets.base import LoweringContext, Target
 from graphopt.workflows.generation.compression import StepCompression, check_lowered, decide_compression
 from graphopt.workflows.generation.decoder import CachedDecoder, step_inputs
 
-__all__ = ["BuiltSteps", "GraphStep", "LoweredSteps", "StepReference", "build_steps", "check_steps",
-           "lower_steps"]
+__all__ = ["BuiltSteps", "GraphStep", "LoweredSteps", "StepReference", "TracedSteps", "build_steps", "check_steps",
+           "example_prompt", "lower_steps", "trace_steps"]
 
 log = logging.getLogger("graphopt")
 
@@ -97,7 +97,7 @@ EXAMPLE_PROMPT_TOKENS = 8
 """Prompt tokens the steps are captured and verified on (verification cost grows with it)."""
 
 
-def _example_prompt(input_ids: torch.Tensor, batch_size: int, max_cache_len: int) -> torch.Tensor:
+def example_prompt(input_ids: torch.Tensor, batch_size: int, max_cache_len: int) -> torch.Tensor:
     """A prompt of ``batch_size`` rows, 2 to ``EXAMPLE_PROMPT_TOKENS`` tokens (a length of 1 would be specialized)."""
     ids = input_ids[:1].expand(batch_size, -1) if input_ids.shape[0] != batch_size else input_ids
     if ids.shape[1] < 2:
@@ -109,10 +109,26 @@ def _cached_decoder(model: nn.Module, batch_size: int, max_cache_len: int) -> Ca
     return CachedDecoder(eval_twin(model, share_weights=True), batch_size, max_cache_len)
 
 
-def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_cache_len: int, target: Target,
-                passes: list[Pass], report: Report, *, verify: bool = True, on_error: str = "rollback",
-                compression: StepCompression | None = None) -> BuiltSteps:
-    """Capture, optimize (verified) and lower ``model``'s prefill and decode steps for ``batch_size`` rows.
+@dataclass
+class TracedSteps:
+    """A causal LM's step, captured and optimized for one batch size: state lifted, not lowered yet.
+
+    ``decoder`` is the model with its cache in buffers, ``prompt`` the example prompt, ``example``
+    its prefill step's inputs, ``dynamic`` the step's dynamic dims (its sequence length).
+    """
+
+    decoder: CachedDecoder
+    prompt: torch.Tensor
+    example: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    dynamic: DynamicDims
+    lifted: LiftedState
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def trace_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_cache_len: int, passes: list[Pass],
+                report: Report, *, verify: bool = True, on_error: str = "rollback",
+                compression: StepCompression | None = None) -> TracedSteps:
+    """Capture ``model``'s step for ``batch_size`` rows, run ``passes`` (verified), compress, lift the state.
 
     ``compression`` compresses the weights after the exact passes: decided (and judged on held-out
     text) on the first build, reused as decided on later ones.
@@ -120,7 +136,7 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     decoder = _cached_decoder(model, batch_size, max_cache_len)
-    prompt = _example_prompt(input_ids, batch_size, max_cache_len)
+    prompt = example_prompt(input_ids, batch_size, max_cache_len)
     example = step_inputs(prompt, torch.ones_like(prompt), max_cache_len)
     seq = torch.export.Dim("seq", min=1, max=max_cache_len)
     captured = capture(decoder, example, dynamic_shapes=({1: seq}, None, {1: seq}), share_weights=True)
@@ -138,22 +154,34 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
             compression.decision = decide_compression(decoder.model, gm, compression.asked, report)
         compression.decision.apply(gm)
         seconds["compression"] = time.perf_counter() - started
-
-    started = time.perf_counter()
     lifted = lift_state(gm)
     _merge_equal_state(lifted, report)
-    steps = lower_steps(lifted, example, captured.dynamic, target, report, on_error=on_error)
+    return TracedSteps(decoder, prompt, example, captured.dynamic, lifted, seconds)
+
+
+def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_cache_len: int, target: Target,
+                passes: list[Pass], report: Report, *, verify: bool = True, on_error: str = "rollback",
+                compression: StepCompression | None = None) -> BuiltSteps:
+    """Capture, optimize (verified) and lower ``model``'s prefill and decode steps for ``batch_size`` rows.
+
+    ``compression`` as in :func:`trace_steps`.
+    """
+    traced = trace_steps(model, input_ids, batch_size, max_cache_len, passes, report, verify=verify,
+                         on_error=on_error, compression=compression)
+    seconds, lifted, example = traced.seconds, traced.lifted, traced.example
+    started = time.perf_counter()
+    steps = lower_steps(lifted, example, traced.dynamic, target, report, on_error=on_error)
     seconds["lowering"] = time.perf_counter() - started
     report.lowering_seconds += seconds["lowering"]
     if verify:
         started = time.perf_counter()
         if compression is None:
-            check_steps(steps, decoder, prompt, report, target.name)
+            check_steps(steps, traced.decoder, traced.prompt, report, target.name)
         else:
-            steps = _check_compressed(steps, lifted, prompt, compression, example, captured.dynamic, target, report,
-                                      on_error)
+            steps = _check_compressed(steps, lifted, traced.prompt, compression, example, traced.dynamic, target,
+                                      report, on_error)
         seconds["check"] = time.perf_counter() - started
-    return BuiltSteps(steps, lifted, example, captured.dynamic, seconds)
+    return BuiltSteps(steps, lifted, example, traced.dynamic, seconds)
 
 
 def _check_compressed(steps: LoweredSteps, lifted: LiftedState, prompt: torch.Tensor, compression: StepCompression,

@@ -16,9 +16,9 @@ import torch
 from graphopt.errors import InputError
 from graphopt.ir.threads import torch_threads
 from graphopt.workflows.generation.decoder import step_inputs
-from graphopt.workflows.generation.sampling import Sampling, next_tokens
+from graphopt.workflows.generation.sampling import GenerationDefaults, Sampling, next_tokens
 
-__all__ = ["GREEDY", "DecoderSteps", "run_generation"]
+__all__ = ["GREEDY", "DecoderSteps", "generate_with", "run_generation"]
 
 GREEDY = Sampling()
 """The default: argmax, no sampling."""
@@ -133,3 +133,16 @@ def _generate(steps: DecoderSteps, input_ids: torch.Tensor, attention_mask: torc
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1)
+
+
+def generate_with(steps: DecoderSteps, defaults: GenerationDefaults, input_ids: torch.Tensor, max_new_tokens: int,
+                  attention_mask: torch.Tensor | None, do_sample: bool, temperature: float | None, top_k: int | None,
+                  top_p: float | None, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None,
+                  min_new_tokens: int, streamer: Any, generator: torch.Generator | None) -> torch.Tensor:
+    """:func:`run_generation` with a ``generate`` call's arguments, ``defaults`` (the model's) filling the gaps."""
+    eos = defaults.eos_token_id if eos_token_id is None else eos_token_id
+    pad = pad_token_id if pad_token_id is not None else defaults.pad_token_id
+    sampling = defaults.sampling(do_sample, temperature, top_k, top_p)
+    return run_generation(steps, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
+                          sampling=sampling, eos_token_id=eos, pad_token_id=pad, min_new_tokens=min_new_tokens,
+                          streamer=streamer, generator=generator)

@@ -26,7 +26,7 @@ from graphopt.targets.base import Target
 from graphopt.workflows.generation.build import BuiltSteps, build_steps
 from graphopt.workflows.generation.compression import StepCompression
 from graphopt.workflows.generation.decoder import step_inputs
-from graphopt.workflows.generation.loop import run_generation
+from graphopt.workflows.generation.loop import generate_with
 from graphopt.workflows.generation.sampling import GenerationDefaults
 from graphopt.workflows.generation.saving import read_generation, write_generation
 from graphopt.workflows.save_load import Archive
@@ -141,12 +141,8 @@ class GenerativeModel(nn.Module):
         built = self.steps_for(int(input_ids.shape[0])) if input_ids.dim() == 2 else None
         if built is None:
             raise InputError(f"input_ids must be [batch, prompt_length], got shape {list(input_ids.shape)}")
-        eos = self.eos_token_id if eos_token_id is None else eos_token_id
-        pad = pad_token_id if pad_token_id is not None else self.pad_token_id
-        sampling = self.defaults.sampling(do_sample, temperature, top_k, top_p)
-        return run_generation(built.steps, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
-                              sampling=sampling, eos_token_id=eos, pad_token_id=pad, min_new_tokens=min_new_tokens,
-                              streamer=streamer, generator=generator)
+        return generate_with(built.steps, self.defaults, input_ids, max_new_tokens, attention_mask, do_sample,
+                             temperature, top_k, top_p, eos_token_id, pad_token_id, min_new_tokens, streamer, generator)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The next-token logits ``[batch, vocab]`` after each (left-padded) prompt."""

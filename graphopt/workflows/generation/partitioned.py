@@ -1,0 +1,390 @@
+"""Partitioned generation: a causal LM split into pipeline stages, each keeping its own layers' cache.
+
+    parts = graphopt.partition(lm, (ids,), stages=2)     # a causal LM lands here
+    parts.generate(ids, max_new_tokens=32)              # in this process, stage after stage
+    parts.save("stages/")                               # then, one process per stage on torch.distributed:
+    # torchrun --nproc-per-node 2 -m graphopt.pipeline stages/ --generate --inputs ids.pt --output out.pt
+
+The step is captured and optimized as for ``graphopt.optimize`` (``build.trace_steps``: static
+cache, verified exact passes, state lifted), then split by the ``partition`` pass. A lifted graph
+keeps each piece of state (a layer's keys, values and fill counter) inside one stage: that stage
+takes it and returns its new value (``StageInfo.state``), so a stage module is
+``(*values from the previous stage, *its cache) -> (*values for the next stage, *its new cache)``
+and only activations cross a cut. The split balances the measured time of a **decode step**
+(what generation spends its time on) and, with ``memory_cap``, fits every stage's weights, cache
+and activations under the cap.
+
+A batch of ``B`` rows is generated as ``B / rows`` micro-batches of ``rows`` rows (the stages are
+built for ``rows``; each micro-batch has its own cache in every stage), which is what lets a
+pipeline of processes overlap: stage ``s`` works on one micro-batch while stage ``s + 1`` works
+on the one before. ``report.throughput`` predicts the tokens per second of such a pipeline from
+the measured stage times, the bytes crossing each cut and the link between processes.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphopt.analysis.balanced_split import PartitionError
+from graphopt.analysis.cost import count_parameters, profile_nodes
+from graphopt.analysis.throughput import (
+    DEFAULT_LINK_BANDWIDTH,
+    DEFAULT_LINK_LATENCY,
+    ThroughputPrediction,
+    predict_throughput,
+)
+from graphopt.errors import InputError, LoweringError, SaveFileError
+from graphopt.ir.state import StateSpec
+from graphopt.passes.base import Pass
+from graphopt.passes.manager import PassManager
+from graphopt.passes.split_stages import Partition, StageInfo, plan_boundaries, split_stages, stage_modules
+from graphopt.version import __version__
+from graphopt.workflows.generation.build import GraphStep, check_steps, example_prompt, trace_steps
+from graphopt.workflows.generation.decoder import STEP_INPUTS, step_inputs
+from graphopt.workflows.generation.loop import generate_with
+from graphopt.workflows.generation.sampling import GenerationDefaults
+from graphopt.workflows.stage_files import FORMAT, MANIFEST, VERSION, load_stage, read_manifest, stage_dynamic_shapes
+from graphopt.workflows.stage_report import (
+    PartitionReport,
+    fill_stage_reports,
+    median_stage_seconds,
+    stage_section,
+)
+
+__all__ = ["INITIAL_STATE", "PROMPT_IDS", "PartitionedGenerator", "PartitionedSteps", "is_generation_manifest",
+           "partition_for_generation"]
+
+INITIAL_STATE = "initial_state.pt"
+"""The saved stages' initial state values that are not all zeros (index -> tensor)."""
+PROMPT_IDS = "prompt_ids.pt"
+"""The example prompt ids, saved beside the stages (``--inputs`` for a first run)."""
+
+
+class PartitionedSteps:
+    """:class:`~graphopt.workflows.generation.loop.DecoderSteps` over stage modules that each keep their cache.
+
+    ``held[s]`` lists the state (indexes into ``initial``) stage ``s`` takes after its inputs and
+    returns after its outputs. A call of ``B`` rows runs as ``B / rows`` micro-batches, each with
+    its own state in every stage.
+    """
+
+    host_threads = None
+
+    def __init__(self, stages: Sequence[nn.Module], held: Sequence[Sequence[int]], initial: Sequence[torch.Tensor],
+                 rows: int, max_cache_len: int) -> None:
+        self.stages = list(stages)
+        self.held = [list(h) for h in held]
+        self._initial = [[initial[i] for i in h] for h in self.held]
+        self.batch_size, self.max_cache_len = rows, max_cache_len
+        self._state: dict[int, list[list[torch.Tensor]]] = {}
+
+    def reset(self) -> None:
+        """Empty every micro-batch's cache."""
+        self._state.clear()
+
+    def stage_state(self, micro: int) -> list[list[torch.Tensor]]:
+        """The state of micro-batch ``micro`` in every stage (empty caches on first use)."""
+        if micro not in self._state:
+            self._state[micro] = [[t.clone() for t in stage] for stage in self._initial]
+        return self._state[micro]
+
+    def run_micro(self, micro: int, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One step of micro-batch ``micro`` through every stage; its logits."""
+        values = tuple(inputs)
+        state = self.stage_state(micro)
+        for index, stage in enumerate(self.stages):
+            values, state[index] = run_stage(stage, values, state[index])
+        return values[0]
+
+    def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+             ) -> torch.Tensor:
+        batch, rows = input_ids.shape[0], self.batch_size
+        if batch % rows:
+            raise InputError(f"the stages were built for micro-batches of {rows} row(s); a batch of {batch} rows does "
+                             f"not split into them. Generate a multiple of {rows} rows, or partition with an example "
+                             f"of {batch} rows")
+        with torch.inference_mode():
+            logits = [self.run_micro(m, [t[m * rows:(m + 1) * rows] for t in (input_ids, attention_mask, position_ids)])
+                      for m in range(batch // rows)]
+        return torch.cat(logits)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+                ) -> torch.Tensor:
+        """Write the prompts into the stages' caches; the last position's logits."""
+        return self._run(input_ids, attention_mask, position_ids)
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+               ) -> torch.Tensor:
+        """One token per row through the stages; the next-token logits."""
+        return self._run(input_ids, attention_mask, position_ids)
+
+
+def run_stage(stage: nn.Module, values: Sequence[Any], state: Sequence[torch.Tensor]
+              ) -> tuple[tuple[Any, ...], list[torch.Tensor]]:
+    """Call a stage of a split step on ``values`` and its ``state``; the values it passes on and its new state."""
+    out = stage(*values, *state)
+    kept = len(out) - len(state)
+    return tuple(out[:kept]), list(out[kept:])
+
+
+class PartitionedGenerator(nn.Module):
+    """A causal LM split into pipeline stages that generate together (what ``graphopt.partition`` returns for one).
+
+    ``stages`` holds one ``fx.GraphModule`` per stage (its weights only), ``held[s]`` the state
+    (cache) stage ``s`` keeps, ``rows`` the rows of one micro-batch, ``report`` the
+    ``PartitionReport`` (stage times of a decode step, weights, cache, cut bytes, predicted
+    pipelined tokens per second). ``generate`` works like transformers' and ``GenerativeModel``'s.
+    """
+
+    def __init__(self, stages: Sequence[nn.Module], infos: Sequence[StageInfo] | None, held: Sequence[Sequence[int]],
+                 state: Sequence[StateSpec], initial: Sequence[torch.Tensor], *, rows: int, microbatches: int,
+                 max_cache_len: int, defaults: GenerationDefaults, report: PartitionReport,
+                 example_ids: torch.Tensor) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.held = [list(h) for h in held]
+        self.state = list(state)
+        self.rows, self.microbatches, self.max_cache_len = rows, microbatches, max_cache_len
+        self.defaults = defaults
+        self.report = report
+        self.example_ids = example_ids
+        self._infos = list(infos) if infos is not None else None
+        self._initial = list(initial)
+        self.steps = PartitionedSteps(self.stages, self.held, self._initial, rows, max_cache_len)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, attention_mask: torch.Tensor | None = None,
+                 do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
+                 pad_token_id: int | None = None, min_new_tokens: int = 0, streamer: Any = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Generate through the stages in this process, like ``GenerativeModel.generate``.
+
+        The batch must be a multiple of ``rows`` (each ``rows`` rows are one micro-batch).
+        """
+        return generate_with(self.steps, self.defaults, input_ids, max_new_tokens, attention_mask, do_sample,
+                             temperature, top_k, top_p, eos_token_id, pad_token_id, min_new_tokens, streamer, generator)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The next-token logits ``[batch, vocab]`` after each (left-padded) prompt."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        self.steps.reset()
+        logits = self.steps.prefill(*step_inputs(input_ids.long(), mask.long(), self.max_cache_len))
+        self.steps.reset()
+        return logits
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """Plain data describing the stages and what ``generate`` needs (written by ``save``)."""
+        stages = []
+        for index, stage in enumerate(self.stages):
+            placeholders = [n.name for n in stage.graph.nodes if n.op == "placeholder"]
+            entry: dict[str, Any] = {"index": index, "file": f"stage_{index}.pt2", "state": self.held[index],
+                                     "inputs": placeholders[:len(placeholders) - len(self.held[index])],
+                                     "parameters": count_parameters(stage)}
+            if self._infos is not None:
+                entry["outputs"] = self._infos[index].outputs
+            stages.append(entry)
+        return {
+            "format": FORMAT, "version": VERSION, "graphopt": __version__, "torch": torch.__version__,
+            "stages": stages, "inputs": list(STEP_INPUTS),
+            "generation": {
+                "rows": self.rows, "microbatches": self.microbatches, "max_cache_len": self.max_cache_len,
+                "state": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")}
+                          for s in self.state],
+                "defaults": self.defaults.to_dict(),
+            },
+            "report": self.report.to_dict(),
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write one torch.export ``.pt2`` per stage, ``manifest.json`` and the initial state into ``directory``.
+
+        ``torchrun --nproc-per-node N -m graphopt.pipeline DIRECTORY --generate --inputs ids.pt``
+        generates with one process per stage; ``PartitionedGenerator.load(DIRECTORY)`` loads
+        them back into one process.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        prompt = example_prompt(self.example_ids, self.rows, self.max_cache_len)
+        values: tuple[Any, ...] = step_inputs(prompt, torch.ones_like(prompt), self.max_cache_len)
+        state = self.steps.stage_state(-1)  # a scratch micro-batch, dropped below
+        with torch.inference_mode():
+            for index, stage in enumerate(self.stages):
+                args = (*values, *state[index])
+                _export_stage(stage, args, directory / f"stage_{index}.pt2", index)
+                values, state[index] = run_stage(stage, values, state[index])
+        self.steps.reset()
+        nonzero = {i: t for i, t in enumerate(self._initial) if bool(t.count_nonzero())}
+        torch.save(nonzero, directory / INITIAL_STATE)
+        torch.save(self.example_ids, directory / PROMPT_IDS)  # a ready --inputs file
+        (directory / MANIFEST).write_text(json.dumps(self.manifest, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PartitionedGenerator:
+        """The stages saved in ``directory``, chained in this process (no pickled code runs)."""
+        manifest = read_manifest(directory)
+        if not is_generation_manifest(manifest):
+            raise InputError(f"{directory} holds the stages of a one-shot model, not of a generator: load it with "
+                             "graphopt.workflows.partition.load_stages")
+        generation = manifest["generation"]
+        modules = [load_stage(directory, i, manifest) for i in range(len(manifest["stages"]))]
+        state, initial = saved_state(directory, manifest)
+        report = PartitionReport.from_dict(manifest["report"])
+        return cls(modules, None, [s["state"] for s in manifest["stages"]], state, initial,
+                   rows=generation["rows"], microbatches=generation["microbatches"],
+                   max_cache_len=generation["max_cache_len"],
+                   defaults=GenerationDefaults.from_dict(generation["defaults"]), report=report,
+                   example_ids=torch.zeros(generation["rows"], 2, dtype=torch.long))
+
+
+def _export_stage(stage: nn.Module, args: tuple[Any, ...], path: Path, index: int) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(stage, args, dynamic_shapes=stage_dynamic_shapes(stage, args), strict=False)
+    except Exception as error:
+        raise LoweringError(f"could not export stage {index} with torch.export: {type(error).__name__}: "
+                            f"{str(error).splitlines()[0]}") from error
+    torch.export.save(program, path)
+
+
+def is_generation_manifest(manifest: dict[str, Any]) -> bool:
+    """True for the manifest of a partitioned generator (its stages keep a cache), False for a one-shot model's."""
+    return "generation" in manifest
+
+
+def saved_state(directory: str | Path, manifest: dict[str, Any]) -> tuple[list[StateSpec], list[torch.Tensor]]:
+    """The state specs of saved generation stages and their initial values (zeros unless saved otherwise)."""
+    path = Path(directory) / INITIAL_STATE
+    if not path.is_file():
+        raise SaveFileError(f"{path}: no such file; copy the whole stage directory, or save the stages again")
+    nonzero = torch.load(path, weights_only=True)
+    specs, initial = [], []
+    for index, entry in enumerate(manifest["generation"]["state"]):
+        spec = StateSpec(entry["name"], tuple(entry["shape"]), getattr(torch, entry["dtype"]))
+        specs.append(spec)
+        initial.append(nonzero[index] if index in nonzero else torch.zeros(spec.shape, dtype=spec.dtype))
+    return specs, initial
+
+
+# ---------------------------------------------------------------------------------------------- partition
+
+
+def _microbatches(batch: int, stages: int, asked: int | None) -> int:
+    if asked is None:
+        return max(m for m in range(1, min(stages, batch) + 1) if batch % m == 0)
+    if asked < 1 or batch % asked:
+        raise InputError(f"microbatches={asked} must divide the example batch of {batch} rows (each micro-batch is "
+                         "batch / microbatches rows)")
+    return asked
+
+
+def partition_for_generation(
+    model: nn.Module, input_ids: torch.Tensor, stages: int, *, passes: list[Pass], max_cache_len: int,
+    balance: str = "time", memory_cap: float | None = None, microbatches: int | None = None, repeats: int = 7,
+    tolerance: float = 0.02, link_bandwidth: float = DEFAULT_LINK_BANDWIDTH,
+    link_latency: float = DEFAULT_LINK_LATENCY,
+) -> PartitionedGenerator:
+    """Split causal LM ``model`` into ``stages`` pipeline stages that generate together.
+
+    ``input_ids`` ``[batch, prompt]``: the batch generated at once, cut into ``microbatches``
+    micro-batches (default: as many as stages that divide the batch). ``balance`` equalizes the
+    stages' decode-step time (``"time"``), FLOPs, weights or memory; ``memory_cap`` bounds every
+    stage's weights + cache + peak activations (bytes). ``passes`` run on the step before the
+    split (verified); the split itself is verified too, and the stages' greedy tokens checked
+    against the unsplit step graph.
+    """
+    if stages < 1:
+        raise PartitionError(f"stages must be at least 1, got {stages}")
+    batch = int(input_ids.shape[0])
+    count = _microbatches(batch, stages, microbatches)
+    rows = batch // count
+    report = PartitionReport(target="partition", balance_key=balance)
+    traced = trace_steps(model, input_ids, rows, max_cache_len, passes, report)
+    lifted = traced.lifted
+    gm = lifted.graph_module
+    one = step_inputs(traced.prompt[:, :1], torch.ones_like(traced.prompt[:, :1]), max_cache_len)
+    decode_args = (*one, *lifted.initial)
+    seconds = profile_nodes(gm, decode_args, repeats=repeats) if balance == "time" else None
+    items, boundaries, costs = plan_boundaries(gm, stages, balance, seconds=seconds, memory_cap=memory_cap,
+                                               tolerance=tolerance)
+    infos = split_stages(gm, items, boundaries)
+    names = tuple(items.nodes[i].name for i in boundaries[1:])
+    prefill_args = (*traced.example, *lifted.initial)
+    chain = PassManager([Partition(stages=stages, balance=balance, boundaries=names)], on_error="raise").run(
+        gm, prefill_args, report)
+    modules = stage_modules(chain)
+    held = [info.state for info in infos]
+    steps = PartitionedSteps(modules, held, lifted.initial, rows, max_cache_len)
+    measured = _decode_stage_seconds(steps, one, max(2 * repeats, 11))
+    fill_stage_reports(report, modules, infos, items, boundaries, costs, measured)
+    received = _decode_input_bytes(steps, one)
+    for stage_report, size in zip(report.stages, received, strict=True):
+        stage_report.input_bytes = size
+    report.cut_bytes = received[1:]
+    report.throughput, predictions = _predictions(measured, report.cut_bytes, count, batch, link_bandwidth,
+                                                  link_latency)
+    report.sections.append(stage_section(report, predictions))
+    check_steps(steps, GraphStep(lifted, rows, max_cache_len), traced.prompt, report, "partition",
+                against="the unsplit step graph")
+    report.notes.append(f"generation: {stages} stages, each keeping its layers' cache; a batch of {batch} rows runs "
+                        f"as {count} micro-batch(es) of {rows}; stage times are one decode step's")
+    report.notes.extend(f"stage {index} keeps the cache of {_cache_owners(lifted.state, h)}"
+                        for index, h in enumerate(held))
+    return PartitionedGenerator(modules, infos, held, lifted.state, lifted.initial, rows=rows, microbatches=count,
+                                max_cache_len=max_cache_len, defaults=GenerationDefaults.of(model), report=report,
+                                example_ids=input_ids)
+
+
+def _cache_owners(state: Sequence[StateSpec], held: Sequence[int]) -> str:
+    """``layers 3-7`` for a decoder's per-layer cache (``cache_<layer>_<field>``), else the state's names."""
+    names = [state[i].name.split("_") for i in held]
+    if names and all(len(n) > 2 and n[0] == "cache" and n[1].isdigit() for n in names):
+        layers = sorted({int(n[1]) for n in names})
+        return f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
+    return ", ".join("_".join(n) for n in names) or "no state"
+
+
+def _stage_decode_inputs(steps: PartitionedSteps, one: Sequence[torch.Tensor]) -> list[tuple[Any, ...]]:
+    """Each stage's arguments (values and its cache) in a decode step of one micro-batch."""
+    inputs = []
+    values: tuple[Any, ...] = tuple(one)
+    state = steps.stage_state(-1)
+    with torch.inference_mode():
+        for index, stage in enumerate(steps.stages):
+            inputs.append((*values, *state[index]))
+            values, _ = run_stage(stage, values, state[index])
+    steps.reset()
+    return inputs
+
+
+def _decode_stage_seconds(steps: PartitionedSteps, one: Sequence[torch.Tensor], repeats: int) -> list[float]:
+    return median_stage_seconds(steps.stages, _stage_decode_inputs(steps, one), repeats)
+
+
+def _decode_input_bytes(steps: PartitionedSteps, one: Sequence[torch.Tensor]) -> list[int]:
+    """Bytes each stage receives in one micro-batch's decode step (the values, not its own cache)."""
+    inputs = _stage_decode_inputs(steps, one)
+    return [sum(v.numel() * v.element_size() for v in args[:len(args) - len(held)] if isinstance(v, torch.Tensor))
+            for args, held in zip(inputs, steps.held, strict=True)]
+
+
+def _predictions(seconds: Sequence[float], cut_bytes: Sequence[int], microbatches: int, batch: int,
+                 bandwidth: float, latency: float) -> tuple[ThroughputPrediction, list[ThroughputPrediction]]:
+    """Decode throughput (tokens/s = rows/s) of the pipeline, for its micro-batches and for 1, 2, 4 of them.
+
+    Stage times scale with the micro-batches' rows (a decode step is weight-bound: about the same
+    time for 1 or a few rows); the chosen count uses the measured times as they are.
+    """
+    counts = sorted({m for m in (1, 2, 4, 8) if m <= microbatches * 4} | {microbatches})
+    rows = batch // microbatches
+    predictions = [predict_throughput(seconds, cut_bytes, count, rows * count, bandwidth, latency) for count in counts]
+    return predictions[counts.index(microbatches)], predictions
