@@ -169,11 +169,19 @@ def test_each_stage_holds_only_its_own_weights_and_the_report_adds_up(tmp_path) 
 
 def test_throughput_model() -> None:
     prediction = predict_throughput([0.010, 0.020], [1e6], microbatches=4, batch=8, link_bandwidth=1e8,
-                                    link_latency=0.0)
+                                    link_latency=0.0, stage_overhead=0.0)
     # per micro-batch: stage 0 + transfer 10 ms + 10 ms, stage 1 20 ms; 20+20 + 3 x 20
     assert prediction.step_seconds == pytest.approx(0.1)
     assert prediction.samples_per_second == pytest.approx(80)
     assert prediction.bubble_fraction == pytest.approx(1 / 5)
+
+
+def test_throughput_model_counts_runtime_overheads() -> None:
+    prediction = predict_throughput([0.010, 0.020], [1e6], microbatches=4, batch=8, link_bandwidth=1e8,
+                                    link_latency=0.001, stage_overhead=0.002, cut_tensors=[3], step_overhead=0.004)
+    # stage 0: 10 + 2 + (3 x 1 + 10) = 25 ms, stage 1: 20 + 2 = 22 ms; 25 + 22 + 3 x 25 + 4
+    assert prediction.transfer_seconds == [pytest.approx(0.013)]
+    assert prediction.step_seconds == pytest.approx(0.126)
 
 
 def test_partition_pass_composes_after_the_default_pipeline() -> None:

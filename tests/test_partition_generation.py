@@ -21,6 +21,7 @@ import transformers
 
 import graphopt
 from graphopt.analysis.balanced_split import PartitionError
+from graphopt.cli.main import main as cli_main
 from graphopt.errors import InputError
 from graphopt.workflows.generation import PartitionedGenerator
 
@@ -88,6 +89,23 @@ def test_report_predicts_pipelined_decode_throughput(two_stages) -> None:
     assert prediction.step_seconds > sum(stage_seconds)  # the second micro-batch and the link come on top
     section = next(s for s in two_stages.report.sections if s.title == "Pipeline stages")
     assert "state MiB" in section.headers
+
+
+def test_cli_partitions_a_language_model(tmp_path, capsys) -> None:
+    source = tmp_path / "models.py"
+    source.write_text(
+        "import torch, transformers\n"
+        "def build():\n"
+        f"    config = transformers.LlamaConfig(**{CONFIG!r})\n"
+        "    return transformers.LlamaForCausalLM(config).eval(), (torch.randint(3, 100, (2, 6)),)\n"
+    )
+    status = cli_main(["partition", f"{source}:build", "--stages", "2", "--balance", "flops",
+                       "-o", str(tmp_path / "stages"), "--report", str(tmp_path / "report.html")])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "--generate --inputs" in out and "prompt_ids.pt" in out
+    assert json.loads((tmp_path / "stages" / "manifest.json").read_text())["generation"]["rows"] == 1
+    assert "Pipeline stages" in (tmp_path / "report.html").read_text()
 
 
 def test_four_stages_and_left_padded_batch(lm) -> None:
@@ -212,3 +230,10 @@ def test_batch_not_made_of_whole_micro_batches_raises_input_error(lm) -> None:
     assert parts.rows == 2
     with pytest.raises(InputError, match="micro-batches of 2 row"):
         parts.generate(prompts(3), max_new_tokens=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (one NCCL rank per GPU)")
+def test_two_ranks_on_nccl_generate_the_same_tokens(lm, two_stages, tmp_path) -> None:
+    timing = _ranks_generate_the_same_tokens(lm, two_stages, prompts(2), tmp_path)
+    assert timing["stages"] == 2

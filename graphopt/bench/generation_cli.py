@@ -62,8 +62,8 @@ def _run_pipeline_table(args: argparse.Namespace, cores: int) -> int:
     """``graphopt bench --generation --pipeline-stages ...``: the partitioned-generation table."""
     from graphopt.bench.generation_pipeline import pipeline_rows_to_markdown, run_pipeline_generation_bench
 
-    rows = [row for batch in args.batch for row in run_pipeline_generation_bench(
-        args.pipeline_stages, batch, args.prompt_lens[0], args.new_tokens, cores=cores)]
+    rows = run_pipeline_generation_bench(args.pipeline_stages, args.batch, args.prompt_lens[0], args.new_tokens,
+                                         cores=cores)
     table = pipeline_rows_to_markdown(rows)
     print(table)
     if args.markdown:

@@ -153,20 +153,67 @@ def run_pipeline(directory: str | Path, inputs_path: str | Path | None, microbat
     return 0
 
 
+class _Relay(torch.nn.Module):
+    """A stage that does no work: it passes its inputs on (the pipeline runtime's cost alone)."""
+
+    def forward(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Its inputs, as new tensors."""
+        return tuple(v + 0 for v in values)
+
+
+def _pipeline_step_seconds(microbatches: int, tensors: int, repeats: int) -> float:
+    """Median seconds of a GPipe step over 2 ranks of :class:`_Relay` stages passing ``tensors`` small tensors."""
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    rank = dist.get_rank()
+    stage = PipelineStage(_Relay(), rank, 2, torch.device("cpu"))
+    schedule = ScheduleGPipe(stage, n_microbatches=microbatches)
+    inputs = [torch.zeros(microbatches, 64) for _ in range(tensors)]
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 2):
+            dist.barrier()
+            started = time.perf_counter()
+            if rank == 0:
+                schedule.step(*inputs)
+            else:
+                schedule.step()
+            dist.barrier()
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[2:])
+
+
+def _runtime_costs(repeats: int) -> dict[str, float]:
+    """Per-tensor latency and per-stage-call overhead of torch.distributed.pipelining between 2 ranks.
+
+    A step of ``M`` micro-batches of stages passing ``k`` tensors costs about
+    ``(2 o + k L) + (M - 1) (o + k L)``: the slope in ``M`` for ``k = 1`` and ``k = 8`` gives the
+    latency ``L`` per tensor and the overhead ``o`` per stage call.
+    """
+    slope = {k: (_pipeline_step_seconds(4, k, repeats) - _pipeline_step_seconds(1, k, repeats)) / 3 for k in (1, 8)}
+    latency = max((slope[8] - slope[1]) / 7, 1e-6)
+    return {"latency": latency, "overhead": max(slope[1] - latency, 0.0)}
+
+
 def measure_link(sizes: Sequence[int] = (4, 1 << 20, 8 << 20), repeats: int = 20,
                  timing_path: str | Path | None = None) -> dict[str, float]:
-    """Measure latency and bandwidth between ranks 0 and 1 by ping-pong (run under torchrun, 2 processes).
+    """Measure the link between ranks 0 and 1 and the pipeline runtime's cost (run under torchrun, 2 processes).
 
-    Rank 0 sends a message of each size and waits for a 4-byte reply; latency is half the median
-    round trip of the smallest message, bandwidth the largest message's bytes over its one-way
-    time minus that latency. Rank 0 writes the figures as JSON to ``timing_path``.
+    Ping-pong: rank 0 sends a message of each size and waits for a 4-byte reply; the raw latency
+    is half the median round trip of the smallest message, the bandwidth the largest message's
+    bytes over its one-way time minus that latency. Then GPipe schedules of two stages that do no
+    work (:func:`_runtime_costs`) give the latency per tensor as the pipeline runtime sees it
+    (``latency_seconds``, what ``graphopt.partition(link_latency=...)`` takes) and the runtime's
+    overhead per stage call (``stage_overhead_seconds``, for ``stage_overhead=...``). Rank 0 writes
+    the figures as JSON to ``timing_path``.
     """
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
     try:
         rank = dist.get_rank()
-        if dist.get_world_size() < 2:
+        if dist.get_world_size() != 2:
             raise InputError("the link benchmark needs 2 processes: torchrun --nproc-per-node 2 ...")
         reply = torch.zeros(1, dtype=torch.float32)
         one_way: dict[int, float] = {}
@@ -184,10 +231,12 @@ def measure_link(sizes: Sequence[int] = (4, 1 << 20, 8 << 20), repeats: int = 20
                     dist.send(reply, 0)
                 times.append(time.perf_counter() - started)
             one_way[size] = statistics.median(times[2:]) / 2
-        latency = one_way[min(sizes)]
+        raw_latency = one_way[min(sizes)]
         largest = max(sizes)
-        bandwidth = largest / max(one_way[largest] - latency, 1e-9)
-        result = {"latency_seconds": latency, "bandwidth_bytes_per_second": bandwidth,
+        bandwidth = largest / max(one_way[largest] - raw_latency, 1e-9)
+        runtime = _runtime_costs(repeats)
+        result = {"latency_seconds": runtime["latency"], "stage_overhead_seconds": runtime["overhead"],
+                  "bandwidth_bytes_per_second": bandwidth, "raw_latency_seconds": raw_latency,
                   "one_way_seconds": {str(k): v for k, v in one_way.items()}}
         if rank == 0 and timing_path is not None:
             Path(timing_path).write_text(json.dumps(result))
@@ -242,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "-m graphopt.pipeline DIR --generate ...")
             return run_generation_pipeline(args.directory, args.inputs, args.output,
                                            max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                                           seed=args.seed, eos_token_id=args.eos_token_id, timing_path=args.timing)
+                                           seed=args.seed, eos_token_id=args.eos_token_id, timing_path=args.timing,
+                                           device=args.device)
         return run_pipeline(args.directory, args.inputs, args.microbatches, args.output, schedule=args.schedule,
                             device=args.device, repeats=args.repeats, timing_path=args.timing)
     except GraphoptError as error:

@@ -11,7 +11,8 @@ before. The last rank drives: it reads ``ids.pt`` (``input_ids``, or ``(input_id
 attention_mask)``), runs graphopt's generation loop (``loop.run_generation``: the same padding,
 stopping and sampling rules as in one process) on the logits its stage returns, and before
 every step tells the others what comes (a broadcast) and hands rank 0 the step's inputs. It writes
-the prompt plus the new ids to ``out.pt`` and, with ``--timing``, the decode speed as JSON.
+the prompt plus the new ids to ``out.pt`` and, with ``--timing``, the decode speed as JSON. gloo
+on CPU; with CUDA, rank ``r`` on ``cuda:<local rank>`` over NCCL (``--device cpu`` forces gloo).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 
 from graphopt.analysis.balanced_split import PartitionError
 from graphopt.errors import InputError
+from graphopt.targets.gpu.target import retarget_device_constants
 from graphopt.workflows.generation.loop import generate_with
 from graphopt.workflows.generation.partitioned import is_generation_manifest, run_stage, saved_state
 from graphopt.workflows.generation.sampling import GenerationDefaults
@@ -46,10 +48,12 @@ class CachedStage(nn.Module):
     knows whose cache a micro-batch uses, whatever order a schedule runs micro-batches in.
     """
 
-    def __init__(self, stage: nn.Module, initial: Sequence[torch.Tensor], rows: int) -> None:
+    def __init__(self, stage: nn.Module, initial: Sequence[torch.Tensor], rows: int,
+                 device: torch.device | None = None) -> None:
         super().__init__()
         self.stage = stage
-        self._initial = list(initial)
+        self.device = device or torch.device("cpu")
+        self._initial = [t.to(self.device) for t in initial]
         self._rows = rows
         self._state: dict[int, list[torch.Tensor]] = {}
         self.shape_run_next = False
@@ -80,7 +84,7 @@ class CachedStage(nn.Module):
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = [mode.from_tensor(t) for t in (*inputs, *self._initial)]
             out, _ = run_stage(self.stage, fake[:len(inputs)], fake[len(inputs):])
-        return (*(torch.empty(o.shape, dtype=o.dtype) for o in out), rows)
+        return (*(torch.empty(o.shape, dtype=o.dtype, device=self.device) for o in out), rows)
 
 
 class _Pipeline:
@@ -132,17 +136,21 @@ class _DriverSteps:
         if batch % self.rows:
             raise InputError(f"the stages were built for micro-batches of {self.rows} row(s): a batch of {batch} rows "
                              "does not split into them")
-        dist.broadcast(torch.tensor([_STEP, batch, length, int(self._reset)]), src=self.pipeline.world - 1)
+        device = self.pipeline.device
+        dist.broadcast(torch.tensor([_STEP, batch, length, int(self._reset)], device=device),
+                       src=self.pipeline.world - 1)
         if self._reset:
             self.pipeline.stage.reset()
         self._reset = False
-        inputs = (input_ids, attention_mask, position_ids, torch.arange(batch))
+        inputs = tuple(t.to(device) for t in (input_ids, attention_mask, position_ids, torch.arange(batch)))
         if self.pipeline.rank == 0:
             outputs = self.pipeline.step(batch, length, batch // self.rows, inputs)
         else:
             for tensor in inputs[:3]:
                 dist.send(tensor.contiguous(), dst=0)
             outputs = self.pipeline.step(batch, length, batch // self.rows)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's time covers its kernels, not only their launch
         return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
@@ -166,8 +174,9 @@ def _follow(pipeline: _Pipeline, max_cache_len: int, rows: int) -> None:
     """A rank other than the last: run pipeline steps as the driver announces them, until it says stop."""
     import torch.distributed as dist
 
+    device = pipeline.device
     while True:
-        command = torch.zeros(4, dtype=torch.long)
+        command = torch.zeros(4, dtype=torch.long, device=device)
         dist.broadcast(command, src=pipeline.world - 1)
         kind, batch, length, reset = (int(v) for v in command)
         if kind == _STOP:
@@ -176,11 +185,12 @@ def _follow(pipeline: _Pipeline, max_cache_len: int, rows: int) -> None:
             pipeline.stage.reset()
         inputs: tuple[torch.Tensor, ...] = ()
         if pipeline.rank == 0:
-            ids, positions = torch.empty(batch, length, dtype=torch.long), torch.empty(batch, length, dtype=torch.long)
-            mask = torch.empty(batch, max_cache_len, dtype=torch.long)
+            ids = torch.empty(batch, length, dtype=torch.long, device=device)
+            positions = torch.empty(batch, length, dtype=torch.long, device=device)
+            mask = torch.empty(batch, max_cache_len, dtype=torch.long, device=device)
             for tensor in (ids, mask, positions):
                 dist.recv(tensor, src=pipeline.world - 1)
-            inputs = (ids, mask, positions, torch.arange(batch))
+            inputs = (ids, mask, positions, torch.arange(batch, device=device))
         pipeline.step(batch, length, batch // rows, inputs)
 
 
@@ -197,11 +207,13 @@ def _read_prompt(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def run_generation_pipeline(directory: str | Path, inputs_path: str | Path | None, output_path: str | Path | None, *,
                             max_new_tokens: int, do_sample: bool = False, seed: int | None = None,
-                            eos_token_id: Sequence[int] | None = None, timing_path: str | Path | None = None) -> int:
+                            eos_token_id: Sequence[int] | None = None, timing_path: str | Path | None = None,
+                            device: str | None = None) -> int:
     """Run this process's stage of saved generation stages (call it under torchrun); returns an exit status.
 
     ``eos_token_id`` replaces the model's eos ids (``[]``: always ``max_new_tokens``); ``seed``
-    seeds sampling (``do_sample``) on the last rank, where tokens are chosen.
+    seeds sampling (``do_sample``) on the last rank, where tokens are chosen. With CUDA (unless
+    ``device="cpu"``) rank ``r`` runs on ``cuda:<local rank>`` over NCCL, else on CPU over gloo.
     """
     import torch.distributed as dist
 
@@ -216,16 +228,22 @@ def run_generation_pipeline(directory: str | Path, inputs_path: str | Path | Non
     rows, max_cache_len = generation["rows"], generation["max_cache_len"]
     _, initial = saved_state(directory, manifest)
     held = manifest["stages"][rank]["state"]
-    stage = CachedStage(load_stage(directory, rank, manifest), [initial[i] for i in held], rows)
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    target = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}") if use_cuda else torch.device("cpu")
+    module = load_stage(directory, rank, manifest).to(target)
+    if use_cuda:
+        torch.cuda.set_device(target)
+        retarget_device_constants(module, target)
+    stage = CachedStage(module, [initial[i] for i in held], rows, target)
     driver = rank == world - 1
     prompt = None
     if driver:
         if inputs_path is None:
             raise InputError("--generate needs --inputs ids.pt (read by the last rank)")
         prompt = _read_prompt(Path(inputs_path))
-    dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if use_cuda else "gloo", device_id=target if use_cuda else None)
     try:
-        pipeline = _Pipeline(stage, rank, world, torch.device("cpu"))
+        pipeline = _Pipeline(stage, rank, world, target)
         if not driver:
             _follow(pipeline, max_cache_len, rows)
             return 0
@@ -239,7 +257,7 @@ def run_generation_pipeline(directory: str | Path, inputs_path: str | Path | Non
                                 list(eos_token_id) if eos_token_id is not None else None, None, 0, None, generator)
             total = time.perf_counter() - started
         finally:
-            dist.broadcast(torch.tensor([_STOP, 0, 0, 0]), src=world - 1)
+            dist.broadcast(torch.tensor([_STOP, 0, 0, 0], device=target), src=world - 1)
         if output_path is not None:
             Path(output_path).parent.mkdir(parents=True, exist_ok=True)
             torch.save(ids, output_path)

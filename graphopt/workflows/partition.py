@@ -33,6 +33,8 @@ from graphopt.analysis.cost import count_parameters, profile_nodes
 from graphopt.analysis.throughput import (
     DEFAULT_LINK_BANDWIDTH,
     DEFAULT_LINK_LATENCY,
+    DEFAULT_STAGE_OVERHEAD,
+    PipelineLink,
     ThroughputPrediction,
     predict_throughput,
 )
@@ -378,6 +380,7 @@ def partition(
     refine: int = 3,
     link_bandwidth: float = DEFAULT_LINK_BANDWIDTH,
     link_latency: float = DEFAULT_LINK_LATENCY,
+    stage_overhead: float = DEFAULT_STAGE_OVERHEAD,
     threads: int | None = None,
     max_cache_len: int | None = None,
 ) -> PartitionedModel | PartitionedGenerator:
@@ -392,9 +395,11 @@ def partition(
     pipeline (dropout removal, batch-norm folding, CSE...) before partitioning, so the split
     sees the graph that runs; ``passes`` (names or ``Pass`` objects, e.g. fusion or
     quantization passes) replaces that pipeline. ``refine``: rounds of re-splitting from measured stage times
-    (``balance="time"``). ``link_bandwidth`` (bytes/s) and ``link_latency`` (s) feed the
-    throughput prediction in the report. ``threads``: intra-op threads while measuring (default:
-    as set); 1 gives steadier figures on a machine shared with other work.
+    (``balance="time"``). ``link_bandwidth`` (bytes/s), ``link_latency`` (s per tensor sent)
+    and ``stage_overhead`` (the pipeline runtime's s per stage per micro-batch; all three measured
+    by ``--link-benchmark``) feed the throughput prediction in the report. ``threads``: intra-op
+    threads while measuring (default: as set); 1 gives steadier figures on a machine shared with
+    other work.
 
     ``model`` may be what ``graphopt.optimize`` returned: its ``portable_graph`` is split, on its
     ``example_inputs`` unless others are given.
@@ -407,12 +412,12 @@ def partition(
     Raises ``PartitionError`` for more stages than layers, a memory cap no split meets, or a
     model that updates its buffers; ``InputError``/``CaptureError`` as ``graphopt.optimize`` does.
     """
+    link = PipelineLink(link_bandwidth, link_latency, stage_overhead)
     if is_causal_lm(model):
         return _partition_generation(model, example_inputs, stages, balance=balance, example_kwargs=example_kwargs,
                                      memory_cap=memory_cap, microbatches=microbatches, devices=devices,
                                      optimize=optimize, passes=passes, tolerance=tolerance, repeats=repeats,
-                                     link_bandwidth=link_bandwidth, link_latency=link_latency, threads=threads,
-                                     max_cache_len=max_cache_len)
+                                     link=link, threads=threads, max_cache_len=max_cache_len)
     optimized = isinstance(model, OptimizedModel)
     if optimized:
         if example_inputs is None:
@@ -431,7 +436,7 @@ def partition(
     try:
         pipeline = list(passes) if passes is not None else list(DEFAULT_PIPELINE) if optimize else []
         parts = _partition(model, example_inputs, stages, balance, example_kwargs, memory_cap, microbatches, devices,
-                           pipeline, tolerance, repeats, refine, link_bandwidth, link_latency)
+                           pipeline, tolerance, repeats, refine, link)
     finally:
         torch.set_num_threads(previous_threads)
     if optimized:
@@ -442,8 +447,8 @@ def partition(
 def _partition_generation(model: torch.nn.Module, example_inputs: Any, stages: int, *, balance: str,
                           example_kwargs: dict[str, Any] | None, memory_cap: float | None, microbatches: int | None,
                           devices: Sequence[str | torch.device] | None, optimize: bool, passes: Sequence[Any] | None,
-                          tolerance: float, repeats: int, link_bandwidth: float, link_latency: float,
-                          threads: int | None, max_cache_len: int | None) -> PartitionedGenerator:
+                          tolerance: float, repeats: int, link: PipelineLink, threads: int | None,
+                          max_cache_len: int | None) -> PartitionedGenerator:
     """``partition`` for a causal LM (``partition_generation``), with the options that apply to one."""
     if example_inputs is None:
         raise InputError("partition(lm, (input_ids,)): give example prompt ids, e.g. tokenizer('Hello', "
@@ -461,8 +466,7 @@ def _partition_generation(model: torch.nn.Module, example_inputs: Any, stages: i
         pipeline = list(passes) if passes is not None else list(DEFAULT_PIPELINE) if optimize else []
         return partition_generation(model, example_inputs, stages, [resolve_pass(p) for p in pipeline],
                                     max_cache_len=max_cache_len, balance=balance, memory_cap=memory_cap,
-                                    microbatches=microbatches, repeats=repeats, tolerance=tolerance,
-                                    link_bandwidth=link_bandwidth, link_latency=link_latency)
+                                    microbatches=microbatches, repeats=repeats, tolerance=tolerance, link=link)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -470,7 +474,7 @@ def _partition_generation(model: torch.nn.Module, example_inputs: Any, stages: i
 def _partition(model: torch.nn.Module, example_inputs: Any, stages: int, balance: str,
                example_kwargs: dict[str, Any] | None, memory_cap: float | None, microbatches: int | None,
                devices: Sequence[str | torch.device] | None, pipeline: list[Any], tolerance: float, repeats: int,
-               refine: int, link_bandwidth: float, link_latency: float) -> PartitionedModel:
+               refine: int, link: PipelineLink) -> PartitionedModel:
     report = PartitionReport(target="partition", balance_key=balance)
     chosen = [resolve_pass(p) for p in pipeline]
     started = time.perf_counter()
@@ -517,8 +521,9 @@ def _partition(model: torch.nn.Module, example_inputs: Any, stages: int, balance
     batch = _batch_size(flat) or 1
     count = max(1, min(count, batch)) if dynamic else 1
     fill_stage_reports(report, modules, infos, items, boundaries, costs, measured)
-    report.throughput, predictions = _predictions(modules, flat, report.cut_bytes, measured, count, batch, dynamic,
-                                                  repeats, link_bandwidth, link_latency)
+    cut_tensors = [len(info.inputs) for info in infos[1:]]
+    report.throughput, predictions = _predictions(modules, flat, report.cut_bytes, cut_tensors, measured, count, batch,
+                                                  dynamic, repeats, link)
     report.sections.append(stage_section(report, predictions))
     comparison = compare_outputs(list(pytree.tree_leaves(gm(*captured.example_args, **captured.example_kwargs))),
                                  captured.reference_outputs)
@@ -544,8 +549,8 @@ def _measure_split(gm: fx.GraphModule, items: Any, boundaries: list[int], flat: 
 
 
 def _predictions(modules: Sequence[fx.GraphModule], flat: Sequence[Any], cut_bytes: Sequence[int],
-                 measured: Sequence[float], microbatches: int, batch: int, dynamic: bool, repeats: int,
-                 bandwidth: float, latency: float) -> tuple[ThroughputPrediction, list[ThroughputPrediction]]:
+                 cut_tensors: Sequence[int], measured: Sequence[float], microbatches: int, batch: int, dynamic: bool,
+                 repeats: int, link: PipelineLink) -> tuple[ThroughputPrediction, list[ThroughputPrediction]]:
     """The prediction for ``microbatches`` (stage times measured at that micro-batch size), and for 1, 2, 4..."""
     counts = sorted({m for m in (1, 2, 4, 8, 16, 32) if m <= batch} | {microbatches}) if dynamic else [1]
     predictions = []
@@ -557,7 +562,7 @@ def _predictions(modules: Sequence[fx.GraphModule], flat: Sequence[Any], cut_byt
             micro = _microbatch_inputs(flat, count)[0]
             seconds = median_stage_seconds(modules, _stage_inputs(modules, micro), max(3, repeats // 2))
         per_micro_cut = [b / count for b in cut_bytes]
-        prediction = predict_throughput(seconds, per_micro_cut, count, batch, bandwidth, latency)
+        prediction = link.predict(seconds, per_micro_cut, count, batch, cut_tensors)
         predictions.append(prediction)
         if count == microbatches:
             chosen = prediction

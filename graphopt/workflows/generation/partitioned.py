@@ -34,12 +34,7 @@ from torch import nn
 
 from graphopt.analysis.balanced_split import PartitionError
 from graphopt.analysis.cost import count_parameters, profile_nodes
-from graphopt.analysis.throughput import (
-    DEFAULT_LINK_BANDWIDTH,
-    DEFAULT_LINK_LATENCY,
-    ThroughputPrediction,
-    predict_throughput,
-)
+from graphopt.analysis.throughput import PipelineLink, ThroughputPrediction
 from graphopt.errors import InputError, LoweringError, SaveFileError
 from graphopt.ir.state import StateSpec
 from graphopt.passes.base import Pass
@@ -290,8 +285,7 @@ def _microbatches(batch: int, stages: int, asked: int | None) -> int:
 def partition_for_generation(
     model: nn.Module, input_ids: torch.Tensor, stages: int, *, passes: list[Pass], max_cache_len: int,
     balance: str = "time", memory_cap: float | None = None, microbatches: int | None = None, repeats: int = 7,
-    tolerance: float = 0.02, link_bandwidth: float = DEFAULT_LINK_BANDWIDTH,
-    link_latency: float = DEFAULT_LINK_LATENCY,
+    tolerance: float = 0.02, link: PipelineLink | None = None,
 ) -> PartitionedGenerator:
     """Split causal LM ``model`` into ``stages`` pipeline stages that generate together.
 
@@ -300,7 +294,8 @@ def partition_for_generation(
     stages' decode-step time (``"time"``), FLOPs, weights or memory; ``memory_cap`` bounds every
     stage's weights + cache + peak activations (bytes). ``passes`` run on the step before the
     split (verified); the split itself is verified too, and the stages' greedy tokens checked
-    against the unsplit step graph.
+    against the unsplit step graph. ``link`` (default ``PipelineLink()``) prices the hops in the
+    throughput prediction.
     """
     if stages < 1:
         raise PartitionError(f"stages must be at least 1, got {stages}")
@@ -326,12 +321,11 @@ def partition_for_generation(
     steps = PartitionedSteps(modules, held, lifted.initial, rows, max_cache_len)
     measured = _decode_stage_seconds(steps, one, max(2 * repeats, 11))
     fill_stage_reports(report, modules, infos, items, boundaries, costs, measured)
-    received = _decode_input_bytes(steps, one)
-    for stage_report, size in zip(report.stages, received, strict=True):
-        stage_report.input_bytes = size
-    report.cut_bytes = received[1:]
-    report.throughput, predictions = _predictions(measured, report.cut_bytes, count, batch, link_bandwidth,
-                                                  link_latency)
+    received = [_received(args, h) for args, h in zip(_stage_decode_inputs(steps, one), held, strict=True)]
+    for stage_report, values in zip(report.stages, received, strict=True):
+        stage_report.input_bytes = sum(t.numel() * t.element_size() for t in values)
+    report.cut_bytes = [stage_report.input_bytes for stage_report in report.stages[1:]]
+    report.throughput, predictions = _predictions(measured, received[1:], count, batch, link or PipelineLink())
     report.sections.append(stage_section(report, predictions))
     check_steps(steps, GraphStep(lifted, rows, max_cache_len), traced.prompt, report, "partition",
                 against="the unsplit step graph")
@@ -370,21 +364,29 @@ def _decode_stage_seconds(steps: PartitionedSteps, one: Sequence[torch.Tensor], 
     return median_stage_seconds(steps.stages, _stage_decode_inputs(steps, one), repeats)
 
 
-def _decode_input_bytes(steps: PartitionedSteps, one: Sequence[torch.Tensor]) -> list[int]:
-    """Bytes each stage receives in one micro-batch's decode step (the values, not its own cache)."""
-    inputs = _stage_decode_inputs(steps, one)
-    return [sum(v.numel() * v.element_size() for v in args[:len(args) - len(held)] if isinstance(v, torch.Tensor))
-            for args, held in zip(inputs, steps.held, strict=True)]
+def _received(args: Sequence[Any], held: Sequence[int]) -> list[torch.Tensor]:
+    """The tensors a stage receives (its arguments without its own cache)."""
+    return [v for v in args[:len(args) - len(held)] if isinstance(v, torch.Tensor)]
 
 
-def _predictions(seconds: Sequence[float], cut_bytes: Sequence[int], microbatches: int, batch: int,
-                 bandwidth: float, latency: float) -> tuple[ThroughputPrediction, list[ThroughputPrediction]]:
-    """Decode throughput (tokens/s = rows/s) of the pipeline, for its micro-batches and for 1, 2, 4 of them.
+STEP_MESSAGES = 4
+"""Messages the driving (last) rank sends before each step: the broadcast of what comes, and the step's three
+inputs to rank 0 (``graphopt.workflows.distributed_generation``)."""
 
-    Stage times scale with the micro-batches' rows (a decode step is weight-bound: about the same
-    time for 1 or a few rows); the chosen count uses the measured times as they are.
+
+def _predictions(seconds: Sequence[float], received: Sequence[Sequence[torch.Tensor]], microbatches: int, batch: int,
+                 link: PipelineLink) -> tuple[ThroughputPrediction, list[ThroughputPrediction]]:
+    """Decode throughput (tokens/s = rows/s) of the pipeline, for its micro-batches and for 1, 2, 4, 8 of them.
+
+    Every micro-batch has the rows the stages were built for, so stage times hold for any count.
+    A hop carries the values a stage receives plus the micro-batch's row indexes; each step also
+    costs the driver's messages.
     """
-    counts = sorted({m for m in (1, 2, 4, 8) if m <= microbatches * 4} | {microbatches})
     rows = batch // microbatches
-    predictions = [predict_throughput(seconds, cut_bytes, count, rows * count, bandwidth, latency) for count in counts]
+    cut_bytes = [sum(t.numel() * t.element_size() for t in values) + 8 * rows for values in received]
+    cut_tensors = [len(values) + 1 for values in received]
+    step_overhead = STEP_MESSAGES * link.latency if received else 0.0
+    counts = sorted({m for m in (1, 2, 4, 8) if m <= microbatches * 4} | {microbatches})
+    predictions = [link.predict(seconds, cut_bytes, count, rows * count, cut_tensors, step_overhead)
+                   for count in counts]
     return predictions[counts.index(microbatches)], predictions
