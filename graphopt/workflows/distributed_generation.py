@@ -4,7 +4,7 @@ r"""Generate with saved generation stages on torch.distributed.pipelining, one s
         --output out.pt
 
 Each rank loads its stage (written by ``PartitionedGenerator.save``) and keeps its layers' cache,
-one per micro-batch (:class:`CachedStage`). Every step (the prompt, then each token) is one
+one per micro-batch (``partitioned.CachedStage``). Every step (the prompt, then each token) is one
 ``ScheduleGPipe`` step over ``torch.distributed.pipelining.PipelineStage`` s: the batch is cut into
 micro-batches, so stage ``s`` works on one micro-batch while stage ``s + 1`` works on the one
 before. The last rank drives: it reads ``ids.pt`` (``input_ids``, or ``(input_ids,
@@ -26,65 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from graphopt.analysis.balanced_split import PartitionError
 from graphopt.errors import InputError
 from graphopt.targets.gpu.target import retarget_device_constants
 from graphopt.workflows.generation.loop import generate_with
-from graphopt.workflows.generation.partitioned import is_generation_manifest, run_stage, saved_state
+from graphopt.workflows.generation.partitioned import CachedStage, is_generation_manifest, saved_state
 from graphopt.workflows.generation.sampling import GenerationDefaults
 from graphopt.workflows.stage_files import load_stage, read_manifest
 
-__all__ = ["CachedStage", "run_generation_pipeline"]
+__all__ = ["run_generation_pipeline"]
 
 _STOP, _STEP = 0, 1
-
-
-class CachedStage(nn.Module):
-    """One stage of a split decoder step with its cache: ``(*values, rows) -> (*values passed on, rows)``.
-
-    ``rows`` (each micro-batch's row indexes in the batch) travels with the values, so the stage
-    knows whose cache a micro-batch uses, whatever order a schedule runs micro-batches in.
-    """
-
-    def __init__(self, stage: nn.Module, initial: Sequence[torch.Tensor], rows: int,
-                 device: torch.device | None = None) -> None:
-        super().__init__()
-        self.stage = stage
-        self.device = device or torch.device("cpu")
-        self._initial = [t.to(self.device) for t in initial]
-        self._rows = rows
-        self._state: dict[int, list[torch.Tensor]] = {}
-        self.shape_run_next = False
-
-    def reset(self) -> None:
-        """Empty every micro-batch's cache."""
-        self._state.clear()
-
-    def forward(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Run the stage on one micro-batch with its cache; keep the new cache."""
-        *inputs, rows = values
-        if self.shape_run_next:
-            return self._shape_run(inputs, rows)
-        micro = int(rows[0]) // self._rows
-        state = self._state.get(micro) or [t.clone() for t in self._initial]
-        out, self._state[micro] = run_stage(self.stage, inputs, state)
-        return (*(o.contiguous() for o in out), rows)  # sent as they are: gloo sends contiguous tensors only
-
-    def _shape_run(self, inputs: Sequence[torch.Tensor], rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Outputs of the right shapes and dtypes, computed on fake tensors: no cache is read or written.
-
-        A new pipeline schedule calls its stage once on placeholder tensors (uninitialized on all
-        but the first rank) to learn the shapes it sends; that call must leave the cache alone.
-        """
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        self.shape_run_next = False
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            fake = [mode.from_tensor(t) for t in (*inputs, *self._initial)]
-            out, _ = run_stage(self.stage, fake[:len(inputs)], fake[len(inputs):])
-        return (*(torch.empty(o.shape, dtype=o.dtype, device=self.device) for o in out), rows)
 
 
 class _Pipeline:

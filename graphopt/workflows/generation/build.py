@@ -32,6 +32,7 @@ from graphopt.report import Report
 from graphopt.targets.base import LoweringContext, Target
 from graphopt.workflows.generation.compression import StepCompression, check_lowered, decide_compression
 from graphopt.workflows.generation.decoder import CachedDecoder, step_inputs
+from graphopt.workflows.generation.loop import DecoderSteps
 
 __all__ = ["BuiltSteps", "GraphStep", "LoweredSteps", "StepReference", "TracedSteps", "build_steps", "check_steps",
            "example_prompt", "lower_steps", "trace_steps"]
@@ -293,7 +294,7 @@ class GraphStep:
         self._steps.reset()
 
 
-def check_steps(steps: LoweredSteps, reference: StepReference, prompt: torch.Tensor, report: Report, target: str,
+def check_steps(steps: DecoderSteps, reference: StepReference, prompt: torch.Tensor, report: Report, target: str,
                 new_tokens: int = 4, against: str = "the model with its static cache",
                 min_cosine: float | None = None) -> None:
     """Greedy-decode a few tokens with the lowered steps and with ``reference``; every step's logits must match.

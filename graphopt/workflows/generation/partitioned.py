@@ -63,40 +63,21 @@ PROMPT_IDS = "prompt_ids.pt"
 
 
 class PartitionedSteps:
-    """:class:`~graphopt.workflows.generation.loop.DecoderSteps` over stage modules that each keep their cache.
+    """:class:`~graphopt.workflows.generation.loop.DecoderSteps` over :class:`CachedStage` s, one after the other.
 
-    ``held[s]`` lists the state (indexes into ``initial``) stage ``s`` takes after its inputs and
-    returns after its outputs. A call of ``B`` rows runs as ``B / rows`` micro-batches, each with
-    its own state in every stage.
+    A call of ``B`` rows runs as ``B / rows`` micro-batches, each with its own cache in every stage.
     """
 
     host_threads = None
 
-    def __init__(self, stages: Sequence[nn.Module], held: Sequence[Sequence[int]], initial: Sequence[torch.Tensor],
-                 rows: int, max_cache_len: int) -> None:
+    def __init__(self, stages: Sequence[CachedStage], rows: int, max_cache_len: int) -> None:
         self.stages = list(stages)
-        self.held = [list(h) for h in held]
-        self._initial = [[initial[i] for i in h] for h in self.held]
         self.batch_size, self.max_cache_len = rows, max_cache_len
-        self._state: dict[int, list[list[torch.Tensor]]] = {}
 
     def reset(self) -> None:
         """Empty every micro-batch's cache."""
-        self._state.clear()
-
-    def stage_state(self, micro: int) -> list[list[torch.Tensor]]:
-        """The state of micro-batch ``micro`` in every stage (empty caches on first use)."""
-        if micro not in self._state:
-            self._state[micro] = [[t.clone() for t in stage] for stage in self._initial]
-        return self._state[micro]
-
-    def run_micro(self, micro: int, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """One step of micro-batch ``micro`` through every stage; its logits."""
-        values = tuple(inputs)
-        state = self.stage_state(micro)
-        for index, stage in enumerate(self.stages):
-            values, state[index] = run_stage(stage, values, state[index])
-        return values[0]
+        for stage in self.stages:
+            stage.reset()
 
     def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
              ) -> torch.Tensor:
@@ -105,9 +86,14 @@ class PartitionedSteps:
             raise InputError(f"the stages were built for micro-batches of {rows} row(s); a batch of {batch} rows does "
                              f"not split into them. Generate a multiple of {rows} rows, or partition with an example "
                              f"of {batch} rows")
+        logits = []
         with torch.inference_mode():
-            logits = [self.run_micro(m, [t[m * rows:(m + 1) * rows] for t in (input_ids, attention_mask, position_ids)])
-                      for m in range(batch // rows)]
+            for micro in range(batch // rows):
+                values: tuple[Any, ...] = tuple(t[micro * rows:(micro + 1) * rows]
+                                                for t in (input_ids, attention_mask, position_ids))
+                for stage in self.stages:
+                    values = stage.run(micro, values)
+                logits.append(values[0])
         return torch.cat(logits)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
@@ -120,6 +106,16 @@ class PartitionedSteps:
         """One token per row through the stages; the next-token logits."""
         return self._run(input_ids, attention_mask, position_ids)
 
+    def stage_arguments(self, values: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Each stage's arguments (values, then its empty cache) when ``values`` enter the first; nothing is kept."""
+        arguments = []
+        with torch.inference_mode():
+            for stage in self.stages:
+                state = stage.empty_state()
+                arguments.append((*values, *state))
+                values, _ = run_stage(stage.stage, values, state)
+        return arguments
+
 
 def run_stage(stage: nn.Module, values: Sequence[Any], state: Sequence[torch.Tensor]
               ) -> tuple[tuple[Any, ...], list[torch.Tensor]]:
@@ -127,6 +123,65 @@ def run_stage(stage: nn.Module, values: Sequence[Any], state: Sequence[torch.Ten
     out = stage(*values, *state)
     kept = len(out) - len(state)
     return tuple(out[:kept]), list(out[kept:])
+
+
+class CachedStage(nn.Module):
+    """One stage of a split decoder step keeping its cache, one per micro-batch.
+
+    :meth:`run` steps micro-batch ``micro`` through the stage. Called as a module (what a
+    ``torch.distributed.pipelining.PipelineStage`` does) it takes ``(*values, rows)`` and returns
+    ``(*values passed on, rows)``: ``rows`` (each micro-batch's row indexes in the batch) travels
+    with the values, so the stage knows whose cache a micro-batch uses, whatever order a schedule
+    runs micro-batches in.
+    """
+
+    def __init__(self, stage: nn.Module, initial: Sequence[torch.Tensor], rows: int,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        self.stage = stage
+        self.device = device or torch.device("cpu")
+        self._initial = [t.to(self.device) for t in initial]
+        self._rows = rows
+        self._state: dict[int, list[torch.Tensor]] = {}
+        self.shape_run_next = False
+
+    def reset(self) -> None:
+        """Empty every micro-batch's cache."""
+        self._state.clear()
+
+    def empty_state(self) -> list[torch.Tensor]:
+        """A fresh copy of the stage's empty cache."""
+        return [t.clone() for t in self._initial]
+
+    def run(self, micro: int, values: Sequence[Any]) -> tuple[Any, ...]:
+        """Step micro-batch ``micro`` through the stage with its cache; keep the new cache, return the values."""
+        state = self._state.get(micro) or self.empty_state()
+        out, self._state[micro] = run_stage(self.stage, values, state)
+        return out
+
+    def forward(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run the stage on one micro-batch (told apart by its ``rows``, the last value) with its cache."""
+        *inputs, rows = values
+        if self.shape_run_next:
+            return self._shape_run(inputs, rows)
+        out = self.run(int(rows[0]) // self._rows, inputs)
+        return (*(o.contiguous() for o in out), rows)  # sent as they are: gloo sends contiguous tensors only
+
+    def _shape_run(self, inputs: Sequence[torch.Tensor], rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Outputs of the right shapes and dtypes, computed on fake tensors: no cache is read or written.
+
+        A new pipeline schedule calls its stage once on placeholder tensors (uninitialized on all
+        but the first rank) to learn the shapes it sends; that call must leave the cache alone.
+        """
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.shape_run_next = False
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = [mode.from_tensor(t) for t in (*inputs, *self._initial)]
+            out, _ = run_stage(self.stage, fake[:len(inputs)], fake[len(inputs):])
+        return (*(torch.empty(o.shape, dtype=o.dtype, device=self.device) for o in out), rows)
+
+
 
 
 class PartitionedGenerator(nn.Module):
@@ -152,7 +207,8 @@ class PartitionedGenerator(nn.Module):
         self.example_ids = example_ids
         self._infos = list(infos) if infos is not None else None
         self._initial = list(initial)
-        self.steps = PartitionedSteps(self.stages, self.held, self._initial, rows, max_cache_len)
+        self.steps = PartitionedSteps([CachedStage(stage, [self._initial[i] for i in h], rows)
+                                       for stage, h in zip(self.stages, self.held, strict=True)], rows, max_cache_len)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, attention_mask: torch.Tensor | None = None,
                  do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
@@ -208,14 +264,9 @@ class PartitionedGenerator(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         prompt = example_prompt(self.example_ids, self.rows, self.max_cache_len)
-        values: tuple[Any, ...] = step_inputs(prompt, torch.ones_like(prompt), self.max_cache_len)
-        state = self.steps.stage_state(-1)  # a scratch micro-batch, dropped below
-        with torch.inference_mode():
-            for index, stage in enumerate(self.stages):
-                args = (*values, *state[index])
-                _export_stage(stage, args, directory / f"stage_{index}.pt2", index)
-                values, state[index] = run_stage(stage, values, state[index])
-        self.steps.reset()
+        arguments = self.steps.stage_arguments(step_inputs(prompt, torch.ones_like(prompt), self.max_cache_len))
+        for index, (stage, args) in enumerate(zip(self.stages, arguments, strict=True)):
+            _export_stage(stage, args, directory / f"stage_{index}.pt2", index)
         nonzero = {i: t for i, t in enumerate(self._initial) if bool(t.count_nonzero())}
         torch.save(nonzero, directory / INITIAL_STATE)
         torch.save(self.example_ids, directory / PROMPT_IDS)  # a ready --inputs file
@@ -318,24 +369,25 @@ def partition_for_generation(
         gm, prefill_args, report)
     modules = stage_modules(chain)
     held = [info.state for info in infos]
-    steps = PartitionedSteps(modules, held, lifted.initial, rows, max_cache_len)
-    measured = _decode_stage_seconds(steps, one, max(2 * repeats, 11))
+    parts = PartitionedGenerator(modules, infos, held, lifted.state, lifted.initial, rows=rows, microbatches=count,
+                                 max_cache_len=max_cache_len, defaults=GenerationDefaults.of(model), report=report,
+                                 example_ids=input_ids)
+    decode = parts.steps.stage_arguments(one)
+    measured = median_stage_seconds(modules, decode, max(2 * repeats, 11))
     fill_stage_reports(report, modules, infos, items, boundaries, costs, measured)
-    received = [_received(args, h) for args, h in zip(_stage_decode_inputs(steps, one), held, strict=True)]
+    received = [_received(args, h) for args, h in zip(decode, held, strict=True)]
     for stage_report, values in zip(report.stages, received, strict=True):
         stage_report.input_bytes = sum(t.numel() * t.element_size() for t in values)
     report.cut_bytes = [stage_report.input_bytes for stage_report in report.stages[1:]]
     report.throughput, predictions = _predictions(measured, received[1:], count, batch, link or PipelineLink())
     report.sections.append(stage_section(report, predictions))
-    check_steps(steps, GraphStep(lifted, rows, max_cache_len), traced.prompt, report, "partition",
+    check_steps(parts.steps, GraphStep(lifted, rows, max_cache_len), traced.prompt, report, "partition",
                 against="the unsplit step graph")
     report.notes.append(f"generation: {stages} stages, each keeping its layers' cache; a batch of {batch} rows runs "
                         f"as {count} micro-batch(es) of {rows}; stage times are one decode step's")
     report.notes.extend(f"stage {index} keeps the cache of {_cache_owners(lifted.state, h)}"
                         for index, h in enumerate(held))
-    return PartitionedGenerator(modules, infos, held, lifted.state, lifted.initial, rows=rows, microbatches=count,
-                                max_cache_len=max_cache_len, defaults=GenerationDefaults.of(model), report=report,
-                                example_ids=input_ids)
+    return parts
 
 
 def _cache_owners(state: Sequence[StateSpec], held: Sequence[int]) -> str:
@@ -345,23 +397,6 @@ def _cache_owners(state: Sequence[StateSpec], held: Sequence[int]) -> str:
         layers = sorted({int(n[1]) for n in names})
         return f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
     return ", ".join("_".join(n) for n in names) or "no state"
-
-
-def _stage_decode_inputs(steps: PartitionedSteps, one: Sequence[torch.Tensor]) -> list[tuple[Any, ...]]:
-    """Each stage's arguments (values and its cache) in a decode step of one micro-batch."""
-    inputs = []
-    values: tuple[Any, ...] = tuple(one)
-    state = steps.stage_state(-1)
-    with torch.inference_mode():
-        for index, stage in enumerate(steps.stages):
-            inputs.append((*values, *state[index]))
-            values, _ = run_stage(stage, values, state[index])
-    steps.reset()
-    return inputs
-
-
-def _decode_stage_seconds(steps: PartitionedSteps, one: Sequence[torch.Tensor], repeats: int) -> list[float]:
-    return median_stage_seconds(steps.stages, _stage_decode_inputs(steps, one), repeats)
 
 
 def _received(args: Sequence[Any], held: Sequence[int]) -> list[torch.Tensor]:
