@@ -207,7 +207,7 @@ def test_int4_decoder_saves_loads_in_a_fresh_process_and_exports_small_files(int
     from graphopt.targets.cpu.target import CpuTarget
 
     in_pytorch = graphopt.load(path, target=CpuTarget(graphopt.CpuLowering()))
-    assert any("float weights computed once" in note for note in in_pytorch.report.notes)
+    assert any("lowered as 'onednn-weights-dequantize-once'" in note for note in in_pytorch.report.notes)
     assert in_pytorch.generate(ids, max_new_tokens=12, eos_token_id=[]).tolist() == expected
 
 
@@ -227,6 +227,50 @@ def test_exact_weight_lowering_is_the_fallback_of_pytorch_kernels() -> None:
                              fidelity=budget(max_perplexity_ratio=1.05, min_token_agreement=0.0))
     check = next(n for n in fast.report.notes if n.startswith("generation steps checked against the compressed"))
     assert "max |Δ logits| 0.00e+00" in check  # float weights computed once: the graph's own numbers
+
+
+def test_int8_activations_step_down_to_float_ones_then_stop() -> None:
+    from graphopt.errors import LoweringError
+    from graphopt.targets.cpu.target import CpuTarget
+    from graphopt.targets.onnx.options import OnnxLowering
+    from graphopt.targets.onnx.target import OnnxTarget
+
+    a8 = CpuTarget(graphopt.CpuLowering(backend="onnxruntime", weight_only_activations="int8"))
+    exact = a8.exact_weight_lowering()
+    assert a8.lowering.label() == "onnxruntime-a8" and exact is not None
+    assert exact.lowering.weight_only_activations == "float" and exact.exact_weight_lowering() is None
+    onnx_a8 = OnnxTarget(OnnxLowering(weight_only_activations="int8")).exact_weight_lowering()
+    assert onnx_a8 is not None and onnx_a8.lowering.weight_only_activations == "float"
+    with pytest.raises(ValueError, match="weight_only_activations"):
+        graphopt.CpuLowering(weight_only_activations="int4")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64)).eval()
+    with pytest.raises(LoweringError, match="runs in onnxruntime"):
+        graphopt.optimize(model, (torch.randn(2, 64),), target="cpu", compress=[WeightOnly(bits=8)],
+                          lowering=graphopt.CpuLowering(weight_only_activations="int8"),
+                          fidelity=Fidelity(min_cosine=0.9))
+
+
+def test_int8_activations_run_in_onnxruntime_and_answer_to_the_budget(monkeypatch) -> None:
+    a8 = graphopt.CpuLowering(backend="onnxruntime", weight_only_activations="int8")
+    options = dict(target="cpu", lowering=a8, max_cache_len=48, compress=[WeightOnly(bits=4, group_size=32)],
+                   fidelity=budget(max_perplexity_ratio=1.05, min_token_agreement=0.0))
+    kept = graphopt.optimize(tiny_llama(), (prompt(),), **options)
+    assert any("take int8 activations (accuracy_level 4)" in n for n in kept.report.notes)
+    assert not any("lowered again more exactly" in n for n in kept.report.notes)
+    assert kept.generate(prompt(), max_new_tokens=8, eos_token_id=[]).shape == (1, 15)
+
+    from graphopt.workflows.generation import build
+
+    checked = []
+
+    def misses_once(decision, steps, report):  # the int8-activation steps break the budget, the next ones meet it
+        checked.append(steps)
+        if len(checked) == 1:
+            raise FidelityError("greedy tokens equal on 0% of prompts", "weight-only")
+    monkeypatch.setattr(build, "check_lowered", misses_once)
+    fallen = graphopt.optimize(tiny_llama(), (prompt(),), **options)
+    note = next(n for n in fallen.report.notes if "lowered again more exactly" in n)
+    assert "'onnxruntime-a8'" in note and "as 'onnxruntime'" in note and len(checked) == 2
 
 
 @pytest.mark.slow

@@ -352,7 +352,6 @@ def rewrite_as_stage_chain(gm: fx.GraphModule, stages: Sequence[StageInfo]) -> N
     output = next(n for n in old.nodes if n.op == "output")
     leaves = [leaf for leaf in pytree.tree_leaves(output.args[0]) if isinstance(leaf, fx.Node)]
     state = {s.index: s for s in graph_items(gm).state}
-    final: dict[str, fx.Node] = {}  # each output leaf by name, as the stage that returns it gives it
     for stage in stages:
         name = f"{STAGE_PREFIX}{stage.index}"
         gm.add_submodule(name, stage.module)
@@ -366,10 +365,9 @@ def rewrite_as_stage_chain(gm: fx.GraphModule, stages: Sequence[StageInfo]) -> N
             if value in originals:
                 item.meta = copy.copy(originals[value].meta)
                 results.append(originals[value].meta.get("val"))
-            values[value] = final[value] = item
+            values[value] = item  # the latest stage to return a value gives it to the ones after
         call.meta["val"] = tuple(results)
-    graph.output(fill_output_nodes(output.args[0], [final.get(leaf.name, values.get(leaf.name))
-                                                    for leaf in leaves]))
+    graph.output(fill_output_nodes(output.args[0], [values[leaf.name] for leaf in leaves]))
     gm.graph = graph
     prune_unused_attributes(gm)
     gm.recompile()

@@ -46,7 +46,7 @@ from graphopt.targets.common.lowering import run_lowering
 from graphopt.targets.cpu.cached_attention import CachedAttention
 from graphopt.targets.cpu.epilogue import EpilogueFusion
 from graphopt.targets.cpu.split_linear import SplitLinears
-from graphopt.targets.onnx.options import OnnxLowering
+from graphopt.targets.onnx.options import OnnxLowering, WeightOnlyActivations, check_weight_only_activations
 
 __all__ = ["CpuLowering", "LoweredGraph", "PrepackWeights", "float_lowering_passes", "lower_graph",
            "prepack_weights", "reduced_precision"]
@@ -71,6 +71,9 @@ class CpuLowering:
     where they are faster on the layer's shape; they compute in bfloat16), ``"kernel"`` (always
     those kernels) or ``"dequantize-once"`` (float weights computed at lowering: exact, no memory
     saving); the ``GRAPHOPT_WEIGHT_ONLY_KERNEL`` environment variable overrides ``"auto"``.
+    ``weight_only_activations``: ``"int8"`` quantizes those layers' inputs on the fly (W4A8 / W8A8;
+    onnxruntime's ``MatMulNBits`` at accuracy level 4, so ``backend="onnxruntime"`` only), see
+    ``OnnxLowering``.
     """
 
     fuse: bool = True
@@ -79,6 +82,7 @@ class CpuLowering:
     backend: Backend = "graph"
     threads: int | None = None
     weight_kernels: WeightKernels = "auto"
+    weight_only_activations: WeightOnlyActivations = "float"
 
     def __post_init__(self) -> None:
         if self.layout not in ("auto", "channels_last", "contiguous"):
@@ -90,19 +94,22 @@ class CpuLowering:
         if self.weight_kernels not in ("auto", "kernel", "dequantize-once"):
             raise ValueError(f"weight_kernels must be 'auto', 'kernel' or 'dequantize-once', got "
                              f"{self.weight_kernels!r}")
+        check_weight_only_activations(self.weight_only_activations)
 
     def label(self) -> str:
         """Short name of this lowering, for reports and ``tune``."""
+        weights = [f"weights-{self.weight_kernels}"] if self.weight_kernels != "auto" else []
+        activations = ["a8"] if self.weight_only_activations == "int8" else []
         if self.backend != "graph":
-            return self.backend
+            return "-".join([self.backend, *activations])
         if not self.fuse and self.layout != "channels_last":
-            return "aten"
+            return "-".join(["aten", *weights])
         parts = ["onednn" if self.fuse else "aten"]
         if self.layout == "channels_last":
             parts.append("channels-last")
         elif self.layout == "contiguous":
             parts.append("nchw")
-        return "-".join(parts)
+        return "-".join([*parts, *weights])
 
     def candidates(self) -> list[CpuLowering]:
         """The variants ``tune`` measures: this one, plain ATen, NCHW/NHWC, Inductor and onnxruntime."""
@@ -273,7 +280,8 @@ def lower_graph(gm: fx.GraphModule, context: LoweringContext, options: CpuLoweri
         # imported here: the onnx lowering loads onnx (about a second), which the other backends never need
         from graphopt.targets.onnx.lowering import lower_onnx
 
-        return lower_onnx(gm, context, OnnxLowering(threads=options.threads))
+        return lower_onnx(gm, context, OnnxLowering(threads=options.threads,
+                                                    weight_only_activations=options.weight_only_activations))
     report = context.report
     started = time.perf_counter()
     shared = {name: entry for name, entry in tensor_versions(gm).items() if isinstance(entry[0], torch.nn.Parameter)}

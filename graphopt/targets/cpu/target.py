@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from graphopt.errors import LoweringError
 from graphopt.ir.graph import snapshot_graph_module
 from graphopt.passes.base import Pass
 from graphopt.passes.cleanup import DeadCodeElimination
@@ -45,10 +46,14 @@ class CpuTarget(Target):
         return float_lowering_passes(self.lowering)
 
     def exact_weight_lowering(self) -> CpuTarget | None:
-        """PyTorch steps with float weights computed once, instead of PyTorch's int8/int4 kernels (bfloat16).
+        """The next more exact lowering of weight-only layers, for a compressed model whose kernels missed its budget.
 
-        None when the weights are computed once already, or the backend is not ``"graph"``.
+        int8 activations (``weight_only_activations="int8"``) go back to float ones first; then, in
+        PyTorch, float weights computed once replace PyTorch's int8/int4 kernels (bfloat16). None
+        when the weights are computed once already, or onnxruntime's kernels run on float activations.
         """
+        if self.lowering.weight_only_activations == "int8":  # first: the same kernels on float activations
+            return self.with_lowering(replace(self.lowering, weight_only_activations="float"))  # type: ignore[return-value]
         if self.lowering.backend != "graph" or self.lowering.weight_kernels == "dequantize-once":
             return None
         return self.with_lowering(replace(self.lowering, weight_kernels="dequantize-once"))  # type: ignore[return-value]
@@ -56,6 +61,9 @@ class CpuTarget(Target):
     def lower(self, gm: fx.GraphModule, context: LoweringContext) -> Callable[..., Any]:
         """A lowered copy of the graph (``gm`` itself stays the portable ATen graph)."""
         gm.recompile()
+        if self.lowering.weight_only_activations == "int8" and self.lowering.backend != "onnxruntime":
+            raise LoweringError("weight_only_activations='int8' runs in onnxruntime (MatMulNBits with int8 "
+                                "activations): use CpuLowering(backend='onnxruntime', weight_only_activations='int8')")
         # int8 QDQ / weight-only graph: its own lowering to PyTorch's int8/int4 kernels (float graphs never get
         # here); onnxruntime has kernels of its own for both (graphopt.targets.onnx)
         if has_quantized_ops(gm) and self.lowering.backend != "onnxruntime":

@@ -7,6 +7,7 @@ the lowering options and steps in ``graphopt.targets.onnx.lowering``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch.fx as fx
@@ -27,6 +28,12 @@ class OnnxTarget(Target):
 
     def __init__(self, lowering: OnnxLowering | None = None) -> None:
         self.lowering: OnnxLowering = lowering or OnnxLowering()
+
+    def exact_weight_lowering(self) -> OnnxTarget | None:
+        """With int8 activations in the weight-only kernels, the same kernels on float activations; else None."""
+        if self.lowering.weight_only_activations == "int8":
+            return self.with_lowering(replace(self.lowering, weight_only_activations="float"))  # type: ignore[return-value]
+        return None
 
     def lowering_passes(self, gm: fx.GraphModule) -> list[Pass]:
         """The rewrites before export: custom ops onnxruntime runs with int8 / compressed-weight kernels."""

@@ -182,8 +182,6 @@ class CachedStage(nn.Module):
         return (*(torch.empty(o.shape, dtype=o.dtype, device=self.device) for o in out), rows)
 
 
-
-
 class PartitionedGenerator(nn.Module):
     """A causal LM split into pipeline stages that generate together (what ``graphopt.partition`` returns for one).
 

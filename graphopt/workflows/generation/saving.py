@@ -151,12 +151,15 @@ def _lifted_graph(archive: Archive, section: dict[str, Any]) -> tuple[LiftedStat
 def _steps(archive: Archive, section: dict[str, Any], target: Target, report: Report) -> BuiltSteps:
     """One file's step graph, lowered for ``target`` and checked against the graph itself."""
     lifted, example = _lifted_graph(archive, section)
-    exact = target.exact_weight_lowering() if has_weight_only_ops(lifted.graph_module) else None
-    if exact is not None:  # no float model here to judge bfloat16 weight kernels by the budget: compute exactly
+    exact = target
+    while has_weight_only_ops(lifted.graph_module) and (more := exact.exact_weight_lowering()) is not None:
+        exact = more  # no float model here to judge less exact weight kernels by the budget: the exact ones
+    if exact is not target:
+        report.notes.append(f"compressed weights loaded: steps lowered as '{exact.lowering.label()}', exact to the "
+                            "saved graph (a loaded model has no float model to hold less exact weight kernels, int8 "
+                            "activations or PyTorch's bfloat16 int8/int4 kernels, to its budget); target='cpu' runs "
+                            "onnxruntime's compressed kernels")
         target = exact
-        report.notes.append("compressed weights loaded for PyTorch steps: float weights computed once (PyTorch's "
-                            "int8/int4 kernels round in bfloat16, and a loaded model has no float model to hold "
-                            "them to its budget); use target='cpu' (onnxruntime steps) for the compressed kernels")
     started = time.perf_counter()
     steps = lower_steps(lifted, example, archive.dynamic, target, None)
     lowering = time.perf_counter() - started
