@@ -273,6 +273,25 @@ def test_int8_activations_run_in_onnxruntime_and_answer_to_the_budget(monkeypatc
     assert "'onnxruntime-a8'" in note and "as 'onnxruntime'" in note and len(checked) == 2
 
 
+def test_partitioned_int4_decoder_keeps_compressed_stages(tmp_path) -> None:
+    from graphopt.workflows.generation import PartitionedGenerator
+
+    lm, ids = tiny_llama(), prompt()
+    options = dict(max_cache_len=48, balance="flops", compress=[WeightOnly(bits=4, group_size=32)],
+                   fidelity=budget(max_perplexity_ratio=1.05, min_token_agreement=0.0))
+    whole = graphopt.partition(lm, (ids,), stages=1, **options)
+    parts = graphopt.partition(lm, (ids,), stages=2, **options)
+    assert any("per layer (generation)" in s.title for s in parts.report.sections)
+    float_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+    assert sum(stage.weight_bytes for stage in parts.report.stages) < 0.6 * float_bytes
+    expected = whole.generate(ids, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(parts.generate(ids, max_new_tokens=12, eos_token_id=[]), expected)
+    loaded = PartitionedGenerator.load(parts.save(tmp_path / "stages"))
+    assert torch.equal(loaded.generate(ids, max_new_tokens=12, eos_token_id=[]), expected)
+    with pytest.raises(InputError, match="for causal language models here"):
+        graphopt.partition(torch.nn.Linear(4, 4), (torch.randn(2, 4),), stages=1, quantize="int8-weight-only")
+
+
 @pytest.mark.slow
 def test_smollm2_int4_keeps_the_float_models_tokens(tmp_path) -> None:
     """Real weights: int4 g32 recovers SmolLM2's GGUF Q4_1 layers, so greedy text stays the float model's."""

@@ -110,7 +110,8 @@ def test_configs_are_the_passes_and_quantize_builds_them_with_their_options() ->
         scheme="int8", observer="entropy", per_channel=False, skip=("head",))
     assert Int8Dynamic(embeddings=False) == Quantize(scheme="int8-dynamic", embeddings=False)
     assert WeightOnly(bits=4, group_size=32) == Quantize(scheme="int4-weight-only", group_size=32)
-    assert WeightOnly(bits=4).group_size == 128
+    assert WeightOnly(bits=4).group_size is None  # per layer: the largest of 128, 64, 32 dividing its features
+    assert [WeightOnly(bits=4).group_for(k, 4) for k in (384, 576, 96, 100)] == [128, 64, 32, None]
     assert WeightOnly() == Quantize(scheme="int8-weight-only") == WeightOnly(bits=8)
     assert KMeans(bits=4).clusters == 16
     assert KMeans(bits=4, clusters=8, seed=3) == KMeansQuantize(clusters=8, seed=3)  # bits from clusters
@@ -151,7 +152,7 @@ def test_shortcuts_become_the_same_steps() -> None:
 
 
 def test_two_schemes_of_one_stage_are_refused() -> None:
-    with pytest.raises(InputError, match=r"two quantization schemes asked for: WeightOnly\(bits=4, group_size=128\) "
+    with pytest.raises(InputError, match=r"two quantization schemes asked for: WeightOnly\(bits=4\) "
                                          r"and Int8Dynamic\(\)"):
         compression_steps([WeightOnly(bits=4), Int8Dynamic()])
     with pytest.raises(InputError, match=r"two quantization schemes .* quantize='int8'"):

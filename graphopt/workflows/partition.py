@@ -49,6 +49,8 @@ from graphopt.ir.capture import capture, flatten_inputs
 from graphopt.ir.graph import clone_graph_module, fill_output_nodes
 from graphopt.ir.verify import compare_outputs
 from graphopt.passes.base import resolve_pass
+from graphopt.passes.compress import compression_steps
+from graphopt.passes.lossy.base import Fidelity
 from graphopt.passes.manager import PassManager
 from graphopt.passes.split_stages import (
     Partition,
@@ -60,7 +62,14 @@ from graphopt.passes.split_stages import (
 from graphopt.targets.base import DEFAULT_PIPELINE
 from graphopt.targets.gpu.target import retarget_device_constants
 from graphopt.version import __version__
-from graphopt.workflows.generation import PartitionedGenerator, is_causal_lm, partition_generation
+from graphopt.workflows.generation import (
+    GenerativeModel,
+    PartitionedGenerator,
+    generation_compression,
+    is_causal_lm,
+    partition_generation,
+)
+from graphopt.workflows.generation.compression import GenerationCompression
 from graphopt.workflows.optimized_model import OptimizedModel
 from graphopt.workflows.options import default_on_error, is_graphopt_pipeline
 from graphopt.workflows.save_load import import_output_modules, output_modules
@@ -383,6 +392,9 @@ def partition(
     stage_overhead: float = DEFAULT_STAGE_OVERHEAD,
     threads: int | None = None,
     max_cache_len: int | None = None,
+    compress: Any = (),
+    quantize: Any = None,
+    fidelity: Fidelity | None = None,
 ) -> PartitionedModel | PartitionedGenerator:
     """Split ``model`` into ``stages`` pipeline stages of balanced cost; returns a ``PartitionedModel``.
 
@@ -408,16 +420,26 @@ def partition(
     stage keeps its layers' key/value cache (``max_cache_len`` positions), the split balances a
     decode step, and the result is a ``PartitionedGenerator`` with ``generate`` and ``save``
     (``graphopt.workflows.generation.partitioned``); ``microbatches`` cuts the example batch.
+    ``compress=`` / ``quantize=`` / ``fidelity=`` compress its weights first, as ``graphopt.optimize``
+    does for one (weight-only int4/int8 within a language budget); the stages then hold the
+    compressed weights and expand them as they run.
 
     Raises ``PartitionError`` for more stages than layers, a memory cap no split meets, or a
     model that updates its buffers; ``InputError``/``CaptureError`` as ``graphopt.optimize`` does.
     """
     link = PipelineLink(link_bandwidth, link_latency, stage_overhead)
     if is_causal_lm(model):
+        compression = generation_compression(compression_steps(compress, quantize=quantize), fidelity)
         return _partition_generation(model, example_inputs, stages, balance=balance, example_kwargs=example_kwargs,
                                      memory_cap=memory_cap, microbatches=microbatches, devices=devices,
                                      optimize=optimize, passes=passes, tolerance=tolerance, repeats=repeats,
-                                     link=link, threads=threads, max_cache_len=max_cache_len)
+                                     link=link, threads=threads, max_cache_len=max_cache_len, compression=compression)
+    if isinstance(model, GenerativeModel):
+        raise InputError("this is a language model optimized for generation: partition the model itself, "
+                         "graphopt.partition(lm, (input_ids,), stages=N), with quantize=... to compress it")
+    if compress or quantize is not None or fidelity is not None:
+        raise InputError("compress=, quantize= and fidelity= are for causal language models here; compress another "
+                         "model with graphopt.optimize(model, inputs, quantize=...) and partition what it returns")
     optimized = isinstance(model, OptimizedModel)
     if optimized:
         if example_inputs is None:
@@ -448,7 +470,8 @@ def _partition_generation(model: torch.nn.Module, example_inputs: Any, stages: i
                           example_kwargs: dict[str, Any] | None, memory_cap: float | None, microbatches: int | None,
                           devices: Sequence[str | torch.device] | None, optimize: bool, passes: Sequence[Any] | None,
                           tolerance: float, repeats: int, link: PipelineLink, threads: int | None,
-                          max_cache_len: int | None) -> PartitionedGenerator:
+                          max_cache_len: int | None, compression: GenerationCompression | None
+                          ) -> PartitionedGenerator:
     """``partition`` for a causal LM (``partition_generation``), with the options that apply to one."""
     if example_inputs is None:
         raise InputError("partition(lm, (input_ids,)): give example prompt ids, e.g. tokenizer('Hello', "
@@ -466,7 +489,8 @@ def _partition_generation(model: torch.nn.Module, example_inputs: Any, stages: i
         pipeline = list(passes) if passes is not None else list(DEFAULT_PIPELINE) if optimize else []
         return partition_generation(model, example_inputs, stages, [resolve_pass(p) for p in pipeline],
                                     max_cache_len=max_cache_len, balance=balance, memory_cap=memory_cap,
-                                    microbatches=microbatches, repeats=repeats, tolerance=tolerance, link=link)
+                                    microbatches=microbatches, repeats=repeats, tolerance=tolerance, link=link,
+                                    compression=compression)
     finally:
         torch.set_num_threads(previous_threads)
 

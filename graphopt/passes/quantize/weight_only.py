@@ -54,6 +54,13 @@ __all__ = ["WeightOnly", "WeightOnlyQuantize", "quantize_int4_groupwise", "quant
            "quantize_int8_per_channel"]
 
 GROUP_SIZES = (32, 64, 128, 256)
+AUTO_GROUPS = (128, 64, 32)
+"""int4 group sizes tried, largest first, for a layer when ``WeightOnly(bits=4)`` is given none."""
+
+
+def _largest_group(columns: int) -> int | None:
+    """The largest of ``AUTO_GROUPS`` dividing ``columns`` (a layer's input features), or None."""
+    return next((group for group in AUTO_GROUPS if columns % group == 0), None)
 
 
 def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +179,8 @@ class WeightOnly(QuantizationScheme):
     ``bits=8``: symmetric int8, one scale per output channel (linear, products by a constant,
     convolutions), or per group of ``group_size`` input features of a matrix product when
     ``group_size`` is given. ``bits=4``: asymmetric 4-bit groups of ``group_size`` input features
-    (32, 64, 128 or 256; 128 when not given) with a scale and zero point per group, for matrix
+    (32, 64, 128 or 256; when not given, per layer the largest of 128, 64 and 32 that divides its
+    input features) with a scale and zero point per group, for matrix
     products; layers whose input features are not a multiple of ``group_size``, and
     convolutions, stay float (near misses). ``min_elements``: smaller weights stay float (their
     scales would cost more than they save). ``embeddings``: store embedding tables as int8 rows
@@ -197,8 +205,6 @@ class WeightOnly(QuantizationScheme):
         if self.bits not in (4, 8) or isinstance(self.bits, bool):
             raise InputError(f"WeightOnly(bits=...) must be 8 or 4: 8 for int8 per output channel (or group), or 4 "
                              f"for int4 groups of group_size input features; got {self.bits!r}")
-        if self.bits == 4 and self.group_size is None:
-            object.__setattr__(self, "group_size", 128)
         if self.group_size is not None and (self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool)):
             raise InputError(f"WeightOnly(group_size=...) must be one of {', '.join(map(str, GROUP_SIZES))}, "
                              f"got {self.group_size!r}")
@@ -253,14 +259,20 @@ class WeightOnly(QuantizationScheme):
     def _group_for(self, site: WeightSite, bits: int) -> int | None:
         return self._group(site.is_product or site.kind == "embedding", site.matrix.shape[1], bits)
 
+    def group_for(self, features: int, bits: int) -> int | None:
+        """The scales' group size of a matrix product with ``features`` input features stored at ``bits``."""
+        return self._group(True, features, bits)
+
     def _group(self, groupable: bool, columns: int, bits: int) -> int | None:
         """The scales' group size: int4 always; int8 for products and tables whose width it divides.
 
         None: one scale per output channel (or table row).
         """
+        if self.group_size is None:  # int4 (and the int8 layers of an int4 model) pick the largest that fits
+            return _largest_group(columns) if bits == 4 or self.bits == 4 else None
         if bits == 4:
             return self.group_size
-        if self.group_size is None or not groupable or columns % self.group_size:
+        if not groupable or columns % self.group_size:
             return None
         return self.group_size
 
@@ -272,7 +284,9 @@ class WeightOnly(QuantizationScheme):
         if not site.is_product:
             return f"int4 group-wise is for matrix products; {site.kind} weight kept float (use bits=8)"
         features = site.matrix.shape[1]
-        if features % self.group_size:
+        if self.group_size is None and _largest_group(features) is None:
+            return f"in-features {features} not divisible by any int4 group size ({', '.join(map(str, AUTO_GROUPS))})"
+        if self.group_size is not None and features % self.group_size:
             return (f"in-features {features} not divisible by group_size {self.group_size} "
                     "(choose a group size that divides it)")
         return None

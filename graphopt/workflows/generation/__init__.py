@@ -74,11 +74,17 @@ def _prompt_ids(example_inputs: Any) -> torch.Tensor:
     return ids.long()
 
 
+LANGUAGE_INT4_GROUP = 32
+"""int4 group size of a language model's weights when none is given: GGUF's and onnxruntime-genai's block. On
+SmolLM2 (its 576 input features allow 64) groups of 64 broke the default budget on every layer, groups of 32 on one."""
+
+
 def generation_compression(steps: list[CompressionStep], fidelity: Fidelity | None) -> GenerationCompression | None:
     """The weight compression of a causal LM asked for with ``optimize``'s ``compress=`` / ``quantize=``, or None.
 
-    Weight-only int8/int4 (``WeightOnly``) is what language models get; its budget is about
-    held-out text (``Fidelity(max_perplexity_ratio=..., min_token_agreement=...)``), by default
+    Weight-only int8/int4 (``WeightOnly``) is what language models get (int4 in groups of
+    ``LANGUAGE_INT4_GROUP`` unless a group size is given); its budget is about held-out text
+    (``Fidelity(max_perplexity_ratio=..., min_token_agreement=...)``), by default
     ``language_budget.default_language_fidelity``.
     """
     if fidelity is not None and not fidelity.for_language_model:
@@ -96,6 +102,8 @@ def generation_compression(steps: list[CompressionStep], fidelity: Fidelity | No
                          "compress=[WeightOnly(bits=4, group_size=32)]")
     scheme = steps[0].lossy
     assert isinstance(scheme, WeightOnly)
+    if scheme.bits == 4 and scheme.group_size is None:
+        scheme = replace(scheme, group_size=LANGUAGE_INT4_GROUP)
     return GenerationCompression(scheme, fidelity or default_language_fidelity(scheme.bits))
 
 
@@ -126,7 +134,7 @@ def partition_generation(model: nn.Module, example_inputs: Any, stages: int, pas
                          max_cache_len: int | None = None, **options: Any) -> PartitionedGenerator:
     """Split a causal LM into pipeline stages that generate together (what ``graphopt.partition`` does for one).
 
-    ``options`` are ``partition_for_generation``'s (balance, memory_cap, microbatches, ...).
+    ``options`` are ``partition_for_generation``'s (balance, memory_cap, microbatches, compression...).
     """
     ids = _prompt_ids(example_inputs)
     return partition_for_generation(model, ids, stages, passes=passes,

@@ -71,6 +71,7 @@ class _Unit:
     transposed: bool
     bytes_before: int
     bytes_after: int
+    features: int
     sqnr_db: float | None = None
     status: str = "kept"
     bits: int = 0
@@ -109,7 +110,7 @@ def decide_compression(model: nn.Module, gm: fx.GraphModule, asked: GenerationCo
     fidelity = asked.fidelity
     scheme = asked.scheme
     plan = scheme.plan(gm, CalibrationData(example=None))
-    undivided = sorted({reason for reason in plan.near_misses.values() if "not divisible by group_size" in reason})
+    undivided = sorted({reason for reason in plan.near_misses.values() if "not divisible by" in reason})
     if undivided or not plan.units:
         reasons = "; ".join(undivided or sorted(set(plan.near_misses.values())))[:400]
         raise InputError(f"{scheme.scheme} cannot compress every layer of this language model ({reasons or 'none'}). "
@@ -183,7 +184,8 @@ def _units(plan: WeightOnlyPlan, gm: fx.GraphModule, model: nn.Module) -> list[_
                              "judge its compression on the model (skip it: WeightOnly(skip=[...]))")
         details = unit.details
         units.append(_Unit(unit.name, unit.kind, unit.scheme, paths, layer.site.transposed,
-                           int(details.get("bytes_before", 0)), int(details.get("bytes_after", 0))))
+                           int(details.get("bytes_before", 0)), int(details.get("bytes_after", 0)),
+                           int(layer.site.matrix.shape[1])))
     return units
 
 
@@ -306,13 +308,15 @@ def _stored_bytes(unit: _Unit, scheme: WeightOnly) -> int:
     if unit.bits == 0:
         return unit.bytes_before
     weights = unit.bytes_before // 4
-    return weights + 4 * (weights // scheme.group_size if scheme.group_size else 0)
+    group = scheme.group_for(unit.features, 8)
+    return weights + 4 * (weights // group if group else weights // unit.features)
 
 
 def _level_name(unit: _Unit, scheme: WeightOnly) -> str:
     if unit.status == "kept":
         return unit.scheme
-    return "float" if unit.bits == 0 else f"int8 weight-only, group {scheme.group_size} symmetric"
+    group = scheme.group_for(unit.features, 8)
+    return "float" if unit.bits == 0 else f"int8 weight-only, {f'group {group}' if group else 'per channel'} symmetric"
 
 
 def _report(decision: CompressionDecision, budget: LanguageBudget, report: Report) -> None:

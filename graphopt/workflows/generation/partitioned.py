@@ -42,6 +42,7 @@ from graphopt.passes.manager import PassManager
 from graphopt.passes.split_stages import Partition, StageInfo, plan_boundaries, split_stages, stage_modules
 from graphopt.version import __version__
 from graphopt.workflows.generation.build import GraphStep, check_steps, example_prompt, trace_steps
+from graphopt.workflows.generation.compression import GenerationCompression, StepCompression
 from graphopt.workflows.generation.decoder import STEP_INPUTS, step_inputs
 from graphopt.workflows.generation.loop import generate_with
 from graphopt.workflows.generation.sampling import GenerationDefaults
@@ -334,7 +335,7 @@ def _microbatches(batch: int, stages: int, asked: int | None) -> int:
 def partition_for_generation(
     model: nn.Module, input_ids: torch.Tensor, stages: int, *, passes: list[Pass], max_cache_len: int,
     balance: str = "time", memory_cap: float | None = None, microbatches: int | None = None, repeats: int = 7,
-    tolerance: float = 0.02, link: PipelineLink | None = None,
+    tolerance: float = 0.02, link: PipelineLink | None = None, compression: GenerationCompression | None = None,
 ) -> PartitionedGenerator:
     """Split causal LM ``model`` into ``stages`` pipeline stages that generate together.
 
@@ -344,7 +345,9 @@ def partition_for_generation(
     stage's weights + cache + peak activations (bytes). ``passes`` run on the step before the
     split (verified); the split itself is verified too, and the stages' greedy tokens checked
     against the unsplit step graph. ``link`` (default ``PipelineLink()``) prices the hops in the
-    throughput prediction.
+    throughput prediction. ``compression`` compresses the weights within its language budget before
+    the split, as ``graphopt.optimize`` does; the stages keep them compressed and expand each
+    layer's weights as it runs (memory is what a partition is for).
     """
     if stages < 1:
         raise PartitionError(f"stages must be at least 1, got {stages}")
@@ -352,7 +355,8 @@ def partition_for_generation(
     count = _microbatches(batch, stages, microbatches)
     rows = batch // count
     report = PartitionReport(target="partition", balance_key=balance)
-    traced = trace_steps(model, input_ids, rows, max_cache_len, passes, report)
+    traced = trace_steps(model, input_ids, rows, max_cache_len, passes, report,
+                         compression=StepCompression(compression) if compression is not None else None)
     lifted = traced.lifted
     gm = lifted.graph_module
     one = step_inputs(traced.prompt[:, :1], torch.ones_like(traced.prompt[:, :1]), max_cache_len)
