@@ -149,6 +149,7 @@ def test_saved_stages_generate_in_a_fresh_process(lm, two_stages, tmp_path) -> N
     directory = two_stages.save(tmp_path / "stages")
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["generation"]["rows"] == 1 and [s["state"] for s in manifest["stages"]] == two_stages.held
+    assert torch.equal(PartitionedGenerator.load(directory).example_ids, prompts(2))  # saved again, it keeps them
     expected = reference(lm, prompts(2))
     script = (f"import torch; from graphopt.workflows.generation import PartitionedGenerator\n"
               f"parts = PartitionedGenerator.load({str(directory)!r})\n"

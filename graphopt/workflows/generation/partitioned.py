@@ -283,11 +283,14 @@ class PartitionedGenerator(nn.Module):
         modules = [load_stage(directory, i, manifest) for i in range(len(manifest["stages"]))]
         state, initial = saved_state(directory, manifest)
         report = PartitionReport.from_dict(manifest["report"])
+        prompt = Path(directory) / PROMPT_IDS
+        example_ids = (torch.load(prompt, weights_only=True) if prompt.is_file()
+                       else torch.zeros(generation["rows"], 2, dtype=torch.long))
         return cls(modules, None, [s["state"] for s in manifest["stages"]], state, initial,
                    rows=generation["rows"], microbatches=generation["microbatches"],
                    max_cache_len=generation["max_cache_len"],
                    defaults=GenerationDefaults.from_dict(generation["defaults"]), report=report,
-                   example_ids=torch.zeros(generation["rows"], 2, dtype=torch.long))
+                   example_ids=example_ids)
 
 
 def _export_stage(stage: nn.Module, args: tuple[Any, ...], path: Path, index: int) -> None:
