@@ -18,6 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from test_generation import FAMILIES
+from test_generation import prompt as family_prompt
+from test_generation import reference as family_reference
+from test_generation import tiny_lm as family_lm
 
 import graphopt
 from graphopt.analysis.balanced_split import PartitionError
@@ -118,6 +122,20 @@ def test_four_stages_and_left_padded_batch(lm) -> None:
     assert len(parts.stages) == 4 and all(parts.held)
     out = parts.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
     assert torch.equal(out, reference(lm, ids, mask))
+
+
+FAMILY_CASES = [pytest.param(family, id=family, marks=() if family in ("gpt2", "gemma3") else pytest.mark.slow)
+                for family in FAMILIES]
+
+
+@pytest.mark.parametrize("family", FAMILY_CASES)
+def test_decoder_families_split_and_generate_what_transformers_generates(family: str) -> None:
+    lm = family_lm(family)  # gemma3: sliding-window layers; gpt2: learned positions, fused qkv
+    ids = family_prompt(7, 2)
+    parts = graphopt.partition(lm, (ids,), stages=2, max_cache_len=MAX_CACHE_LEN, balance="flops")
+    assert all(parts.held)
+    expected = family_reference(lm, ids, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(parts.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=[]), expected)
 
 
 def test_eos_and_cache_limit(lm, two_stages) -> None:
