@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,6 @@ from graphopt.errors import (
     CaptureError,
     DeviceUnavailableError,
     InputError,
-    LoweringError,
     VerificationError,
 )
 from graphopt.ir.capture import capture, flatten_inputs
@@ -80,7 +78,7 @@ from graphopt.workflows.stage_files import (
     VERSION,
     load_stage,
     read_manifest,
-    stage_dynamic_shapes,
+    save_stage,
 )
 from graphopt.workflows.stage_report import (
     PartitionReport,
@@ -274,15 +272,7 @@ class PartitionedModel(torch.nn.Module):
         stages = self._cpu_stages()
         inputs = _stage_inputs(stages, self._example_flat)
         for info, stage, args in zip(self._infos, stages, inputs, strict=True):
-            dynamic_shapes = stage_dynamic_shapes(stage, args) if self.dynamic_batch else None
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    program = torch.export.export(stage, args, dynamic_shapes=dynamic_shapes, strict=False)
-            except Exception as error:
-                raise LoweringError(f"could not export stage {info.index} with torch.export: "
-                                    f"{type(error).__name__}: {str(error).splitlines()[0]}") from error
-            torch.export.save(program, directory / f"stage_{info.index}.pt2")
+            save_stage(stage, args, directory, info.index, dynamic=self.dynamic_batch)
         (directory / MANIFEST).write_text(json.dumps(self.manifest, indent=1))
         torch.save(tuple(self._example_flat), directory / EXAMPLE_INPUTS)  # a ready --inputs file
         return directory

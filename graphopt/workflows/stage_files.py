@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,12 @@ import torch
 import torch.fx as fx
 
 from graphopt.analysis.balanced_split import PartitionError
-from graphopt.errors import SaveFileError
+from graphopt.errors import LoweringError, SaveFileError
 from graphopt.ir.capture import unlift_program
 from graphopt.workflows.save_load import load_program
 
-__all__ = ["EXAMPLE_INPUTS", "FORMAT", "MANIFEST", "VERSION", "load_stage", "read_manifest", "stage_dynamic_shapes"]
+__all__ = ["EXAMPLE_INPUTS", "FORMAT", "MANIFEST", "VERSION", "load_stage", "read_manifest", "save_stage",
+           "stage_dynamic_shapes"]
 
 MANIFEST = "manifest.json"
 EXAMPLE_INPUTS = "example_inputs.pt"
@@ -69,3 +71,21 @@ def stage_dynamic_shapes(stage: fx.GraphModule, args: Sequence[Any]) -> tuple[An
         dims = {d: torch.export.Dim.AUTO for d, size in enumerate(val.shape) if isinstance(size, torch.SymInt)}
         specs.append(dims or None)
     return tuple(specs)
+
+
+def save_stage(stage: fx.GraphModule, args: tuple[Any, ...], directory: Path, index: int,
+               dynamic: bool = True) -> None:
+    """Export stage ``index`` with torch.export on ``args`` and write it as ``stage_<index>.pt2`` in ``directory``.
+
+    ``dynamic``: keep the dims recorded as symbolic on its inputs (``stage_dynamic_shapes``). Raises
+    ``LoweringError`` when torch.export fails.
+    """
+    dynamic_shapes = stage_dynamic_shapes(stage, args) if dynamic else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(stage, args, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as error:
+        raise LoweringError(f"could not export stage {index} with torch.export: {type(error).__name__}: "
+                            f"{str(error).splitlines()[0]}") from error
+    torch.export.save(program, directory / f"stage_{index}.pt2")

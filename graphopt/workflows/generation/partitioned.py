@@ -24,7 +24,6 @@ the measured stage times, the bytes crossing each cut and the link between proce
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from torch import nn
 from graphopt.analysis.balanced_split import PartitionError
 from graphopt.analysis.cost import count_parameters, profile_nodes
 from graphopt.analysis.throughput import PipelineLink, ThroughputPrediction
-from graphopt.errors import InputError, LoweringError, SaveFileError
+from graphopt.errors import InputError, SaveFileError
 from graphopt.ir.state import StateSpec
 from graphopt.passes.base import Pass
 from graphopt.passes.manager import PassManager
@@ -46,7 +45,7 @@ from graphopt.workflows.generation.compression import GenerationCompression, Ste
 from graphopt.workflows.generation.decoder import STEP_INPUTS, step_inputs
 from graphopt.workflows.generation.loop import generate_with
 from graphopt.workflows.generation.sampling import GenerationDefaults
-from graphopt.workflows.stage_files import FORMAT, MANIFEST, VERSION, load_stage, read_manifest, stage_dynamic_shapes
+from graphopt.workflows.stage_files import FORMAT, MANIFEST, VERSION, load_stage, read_manifest, save_stage
 from graphopt.workflows.stage_report import (
     PartitionReport,
     fill_stage_reports,
@@ -265,7 +264,7 @@ class PartitionedGenerator(nn.Module):
         prompt = example_prompt(self.example_ids, self.rows, self.max_cache_len)
         arguments = self.steps.stage_arguments(step_inputs(prompt, torch.ones_like(prompt), self.max_cache_len))
         for index, (stage, args) in enumerate(zip(self.stages, arguments, strict=True)):
-            _export_stage(stage, args, directory / f"stage_{index}.pt2", index)
+            save_stage(stage, args, directory, index)
         nonzero = {i: t for i, t in enumerate(self._initial) if bool(t.count_nonzero())}
         torch.save(nonzero, directory / INITIAL_STATE)
         torch.save(self.example_ids, directory / PROMPT_IDS)  # a ready --inputs file
@@ -291,17 +290,6 @@ class PartitionedGenerator(nn.Module):
                    max_cache_len=generation["max_cache_len"],
                    defaults=GenerationDefaults.from_dict(generation["defaults"]), report=report,
                    example_ids=example_ids)
-
-
-def _export_stage(stage: nn.Module, args: tuple[Any, ...], path: Path, index: int) -> None:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(stage, args, dynamic_shapes=stage_dynamic_shapes(stage, args), strict=False)
-    except Exception as error:
-        raise LoweringError(f"could not export stage {index} with torch.export: {type(error).__name__}: "
-                            f"{str(error).splitlines()[0]}") from error
-    torch.export.save(program, path)
 
 
 def is_generation_manifest(manifest: dict[str, Any]) -> bool:
