@@ -109,9 +109,10 @@ class GraphItems:
     (``cut_bytes[0]``: the model's inputs, ``cut_bytes[n]``: the values the last item leaves to the
     outputs); ``allowed[i]`` says whether a cut may go there. ``peak_bytes[i]`` is the live
     activation bytes while item ``i`` runs, ``weight_bytes[i]`` the bytes of the weights item ``i``
-    is the first to read (and of the lifted state its stage keeps). ``state`` lists that state;
-    ``shared`` the weights several items read (their positions, their bytes), which every stage
-    holding one of those items holds.
+    is the first to read (and of the lifted state its stage keeps). ``state`` lists that state and
+    ``state_only_outputs`` the nodes the graph outputs only as new state (their stage returns
+    them; nothing routes them to the end); ``shared`` the weights several items read (their
+    positions, their bytes), which every stage holding one of those items holds.
     """
 
     nodes: list[fx.Node]
@@ -123,6 +124,7 @@ class GraphItems:
     position: dict[fx.Node, int] = field(default_factory=dict)
     state: list[CarriedState] = field(default_factory=list)
     shared: list[tuple[list[int], float]] = field(default_factory=list)
+    state_only_outputs: set[fx.Node] = field(default_factory=set)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -235,7 +237,7 @@ def graph_items(gm: fx.GraphModule, weight_bytes: dict[str, int] | None = None) 
         positions = sorted({position[n] for n in items if n.name in readers})
         if len(positions) > 1:
             shared.append((positions, float(size)))
-    return GraphItems(items, kinds, cut_bytes, allowed, peak, weights, position, state, shared)
+    return GraphItems(items, kinds, cut_bytes, allowed, peak, weights, position, state, shared, state_outputs)
 
 
 def stage_costs(costs: Sequence[float], boundaries: Sequence[int]) -> list[float]:

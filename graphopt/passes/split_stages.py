@@ -59,8 +59,8 @@ class StageInfo:
     """One stage of a split graph: its module and the values (original node names) it takes and returns.
 
     A graph with lifted state (``graphopt.ir.state``) gives each stage the state it keeps:
-    ``state`` (indexes into the graph's state), taken after ``inputs`` and returned after
-    ``outputs``, so the module is ``(*inputs, *state) -> (*outputs, *new_state)``;
+    ``held`` (``state``: their indexes into the graph's state), taken after ``inputs`` and
+    returned after ``outputs``, so the module is ``(*inputs, *state) -> (*outputs, *new_state)``;
     ``state_bytes`` is their size.
     """
 
@@ -70,8 +70,17 @@ class StageInfo:
     outputs: list[str]
     nodes: list[str]
     input_bytes: int = 0
-    state: list[int] = field(default_factory=list)
-    state_bytes: int = 0
+    held: list[CarriedState] = field(default_factory=list)
+
+    @property
+    def state(self) -> list[int]:
+        """The indexes (in the graph's state) of the state this stage keeps."""
+        return [carried.index for carried in self.held]
+
+    @property
+    def state_bytes(self) -> int:
+        """The size of the state this stage keeps."""
+        return sum(carried.bytes for carried in self.held)
 
 
 def item_costs(gm: fx.GraphModule, items: GraphItems, balance: str, seconds: dict[str, float] | None) -> list[float]:
@@ -289,7 +298,6 @@ def split_stages(gm: fx.GraphModule, items: GraphItems, boundaries: Sequence[int
     owner = {carried.index: _owning_stage(carried, items, stage_of) for carried in items.state}
     for carried in items.state:
         stage_of[carried.placeholder] = owner[carried.index]
-    state_outputs = {carried.update for carried in items.state}
     flat_outputs = _flat_outputs(gm)
     plain_outputs = flat_outputs[:len(flat_outputs) - len(items.state)]
     last_use: dict[fx.Node, int] = {}
@@ -300,7 +308,7 @@ def split_stages(gm: fx.GraphModule, items: GraphItems, boundaries: Sequence[int
         kind = kinds[user]
         if kind == COMPUTE:
             return [stage_of[user]]
-        if kind == OUTPUT and (node not in state_outputs or node in plain_outputs):
+        if kind == OUTPUT and node not in items.state_only_outputs:
             return [count]
         return []
 
@@ -327,8 +335,7 @@ def split_stages(gm: fx.GraphModule, items: GraphItems, boundaries: Sequence[int
             builder.copy(node)
         module = builder.finish([*outputs, *(c.update for c in held)], stage)
         stages.append(StageInfo(stage, module, [n.name for n in inputs], [o.name for o in outputs],
-                                [n.name for n in members], sum(value_bytes(n) for n in inputs),
-                                [c.index for c in held], sum(c.bytes for c in held)))
+                                [n.name for n in members], sum(value_bytes(n) for n in inputs), held))
     return stages
 
 
@@ -351,14 +358,12 @@ def rewrite_as_stage_chain(gm: fx.GraphModule, stages: Sequence[StageInfo]) -> N
     originals = {n.name: n for n in old.nodes}
     output = next(n for n in old.nodes if n.op == "output")
     leaves = [leaf for leaf in pytree.tree_leaves(output.args[0]) if isinstance(leaf, fx.Node)]
-    state = {s.index: s for s in graph_items(gm).state}
     for stage in stages:
         name = f"{STAGE_PREFIX}{stage.index}"
         gm.add_submodule(name, stage.module)
-        held = [state[i] for i in stage.state]
         call = graph.call_module(name, (*(values[v] for v in stage.inputs),
-                                        *(values[c.placeholder.name] for c in held)))
-        returned = [*stage.outputs, *(c.update.name for c in held if isinstance(c.update, fx.Node))]
+                                        *(values[c.placeholder.name] for c in stage.held)))
+        returned = [*stage.outputs, *(c.update.name for c in stage.held if isinstance(c.update, fx.Node))]
         results = []
         for position, value in enumerate(returned):
             item = graph.call_function(operator.getitem, (call, position))
