@@ -264,6 +264,10 @@ def test_stages_export_to_onnx(tmp_path) -> None:
         feed = dict(zip([i.name for i in session.get_inputs()], values, strict=True))
         values = session.run(None, feed)
     torch.testing.assert_close(torch.from_numpy(values[0]), model(x), rtol=0, atol=1e-5)
+    import onnx
+
+    older = parts.export_onnx(tmp_path / "opset17", opset=17)
+    assert all(next(o.version for o in onnx.load(str(p)).opset_import if o.domain == "") == 17 for p in older)
 
 
 @pytest.mark.gpu

@@ -28,6 +28,7 @@ from torch import nn
 
 from graphopt.bench import zoo
 from graphopt.bench.generation_cli import add_generation_arguments, run_generation_command
+from graphopt.bench.openvino_peer import OpenVinoBackend
 from graphopt.bench.report import BenchResult, BenchRow, compute_ratios, machine_info, versions, write_result_files
 from graphopt.bench.runner import (
     Backend,
@@ -56,10 +57,13 @@ __all__ = [
 ]
 
 TARGETS = ("cpu", "gpu")
-BACKEND_NAMES = ("eager", "torch.compile", "onnxruntime", "graphopt-cpu", "graphopt-onnx", "graphopt-gpu",
+BACKEND_NAMES = ("eager", "torch.compile", "onnxruntime", "openvino", "openvino-f32", "graphopt-cpu", "graphopt-onnx",
+                 "graphopt-gpu",
                  "graphopt-cpu-tune", "graphopt-onnx-tune", "graphopt-gpu-tune", "graphopt-cpu-bf16",
-                 "graphopt-cpu-bf16-tune", "graphopt-gpu-bf16", "graphopt-gpu-fp16", "graphopt-gpu-fp16-tune")
-"""graphopt rows: ``graphopt-<target>[-<precision>][-tune]`` (``tune=True``, ``precision=``)."""
+                 "graphopt-cpu-bf16-tune", "graphopt-gpu-bf16", "graphopt-gpu-fp16", "graphopt-gpu-fp16-tune",
+                 "graphopt-openvino", "graphopt-openvino-bf16")
+"""graphopt rows: ``graphopt-<target>[-<precision>][-tune]`` (``tune=True``, ``precision=``);
+``graphopt-openvino[-bf16]``: the cpu target with ``CpuLowering(backend="openvino")``."""
 
 Entry = str | zoo.ZooModel | tuple[str, nn.Module, tuple[torch.Tensor, ...]]
 """A zoo name, a built ZooModel, or ``(name, model, example_inputs)`` for any model."""
@@ -80,12 +84,15 @@ def make_backend(name: str, target: str, threads: int) -> Backend:
     if name == "onnxruntime":
         provider = "CUDAExecutionProvider" if target == "gpu" else "CPUExecutionProvider"
         return OnnxRuntimeBackend(threads=threads, provider=provider)
+    if name in ("openvino", "openvino-f32"):
+        return OpenVinoBackend(name=name, threads=threads, precision="f32" if name == "openvino-f32" else None)
     if name in BACKEND_NAMES and name.startswith("graphopt-"):
         parts = name.removeprefix("graphopt-").split("-")
-        graphopt_target = parts[0]
+        graphopt_target = "cpu" if parts[0] == "openvino" else parts[0]
         precision = next((p for p in parts[1:] if p in ("bf16", "fp16")), None)
         return GraphoptBackend(name, "cuda" if graphopt_target == "gpu" else "cpu", graphopt_target,
-                               tune="tune" in parts, precision=precision)
+                               tune="tune" in parts, precision=precision,
+                               cpu_backend="openvino" if parts[0] == "openvino" else None)
     raise UnknownBackendError(f"unknown backend {name!r}; choose from {', '.join(BACKEND_NAMES)}")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-PEER_BACKENDS = ("eager", "torch.compile", "onnxruntime")
+PEER_BACKENDS = ("eager", "torch.compile", "onnxruntime", "openvino", "openvino-f32")
 """Backends graphopt is compared against in the ``vs best`` column."""
 
 NOISY_IQR_PCT = 10.0

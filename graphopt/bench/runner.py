@@ -167,13 +167,15 @@ class GraphoptBackend(Backend):
     """``graphopt.optimize(model, example_inputs, target=..., tune=..., precision=...)``.
 
     ``tune`` measures the target's candidate lowerings and keeps the fastest; ``precision``
-    ("bf16", "fp16") runs matrix layers in reduced precision under the default fidelity budget.
+    ("bf16", "fp16") runs matrix layers in reduced precision under the default fidelity budget;
+    ``cpu_backend`` picks ``CpuLowering(backend=...)`` (``"openvino"``, ``"onnxruntime"``...).
     """
 
     name: str = "graphopt-cpu"
     target: str = "cpu"
     tune: bool = False
     precision: str | None = None
+    cpu_backend: str | None = None
 
     def skip_reason(self) -> str | None:
         """graphopt.optimize must be importable."""
@@ -192,11 +194,15 @@ class GraphoptBackend(Backend):
             options["tune"] = True
         if self.precision:
             options["precision"] = self.precision
+        if self.cpu_backend:
+            from graphopt.targets.cpu.lowering import CpuLowering
+
+            options["lowering"] = CpuLowering(backend=self.cpu_backend)
         return optimize(model, example_inputs, target=self.target, **options)
 
     def artifact_bytes(self, runner: Runner, workdir: Path) -> int | None:
-        """The ONNX file for the onnx target, the optimized state_dict otherwise."""
-        if self.target == "onnx":
+        """The ONNX file for the onnx target and ONNX-running backends, the optimized state_dict otherwise."""
+        if self.target == "onnx" or self.cpu_backend in ("onnxruntime", "openvino"):
             return runner.export_onnx(workdir / f"{self.name}.onnx").stat().st_size
         return super().artifact_bytes(runner, workdir)
 

@@ -9,11 +9,13 @@ ATen ``fx.GraphModule`` the passes produced and verified; what ``save``, ``expor
 
 from __future__ import annotations
 
+import copy
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.fx as fx
@@ -24,18 +26,36 @@ from graphopt.ir.capture import CapturedModel, flatten_inputs
 from graphopt.ir.graph import clone_graph_module, preserved_state, run_and_record, tensor_versions, written_since
 from graphopt.ir.verify import Comparison, compare_outputs
 from graphopt.passes.lossy.base import Fidelity, output_cosine
-from graphopt.report import Report
+from graphopt.report import Report, ReportSection
 from graphopt.targets.base import LoweringContext, Target, get_target
 from graphopt.targets.gpu.target import retarget_device_constants, retarget_meta_values
 from graphopt.workflows.generation import GenerativeModel, generation_target, is_generation, load_generative
 from graphopt.workflows.save_load import read_archive, write_archive
 
-__all__ = ["OptimizedModel", "Signature", "budget_comparison", "input_signature", "load"]
+if TYPE_CHECKING:
+    from graphopt.targets.onnx.packaging import OrtFiles, OrtPlatform
+
+__all__ = ["EXPORTS_SECTION", "FP16_EXPORT_MIN_COSINE", "OnnxPrecision", "OptimizedModel", "Signature",
+           "budget_comparison", "input_signature", "load"]
 
 log = logging.getLogger("graphopt")
 
+OnnxPrecision = Literal["fp32", "fp16"]
+"""What ``export_onnx`` stores weights and activations in."""
+
+FP16_EXPORT_MIN_COSINE = 0.999
+"""Output cosine to eager an fp16 ONNX file keeps when the model has no fidelity budget of its own."""
+
+EXPORTS_SECTION = "exported files"
+"""Title of the report section listing what ``export_onnx`` / ``export_ort`` wrote."""
+
 Signature = list[tuple[tuple[int, ...], torch.dtype] | None]
 """Per flat input: the example's shape and dtype (None for a non-tensor input)."""
+
+
+def _to_half(value: Any) -> Any:
+    """A float32 tensor as float16 (what a float16 file without float32 inputs takes); anything else as it is."""
+    return value.half() if isinstance(value, torch.Tensor) and value.dtype == torch.float32 else value
 
 
 def input_signature(values: Sequence[Any]) -> Signature:
@@ -228,29 +248,126 @@ class OptimizedModel(torch.nn.Module):
 
     # -- writing ---------------------------------------------------------------------------
 
-    def export_onnx(self, path: str | Path) -> Path:
-        """Write the optimized graph as an ONNX file, checked and compared in onnxruntime.
+    def export_onnx(self, path: str | Path, opset: int | None = None, precision: OnnxPrecision = "fp32",
+                    keep_io_types: bool = True) -> Path:
+        """Write the optimized graph as an ONNX file, checked and compared in the runtime that runs it.
 
-        Raises ``VerificationError`` when onnxruntime's outputs differ from the original model's.
+        The model the ``onnx`` target (or ``CpuLowering(backend="onnxruntime" / "openvino")``) runs is
+        written as it is, checked in its runtime; other files are exported and checked in onnxruntime.
+
+        ``opset``: the ONNX opset, ``MIN_OPSET`` to ``MAX_OPSET`` of ``graphopt.targets.onnx.opsets``
+        (``opset_for_onnxruntime("1.17")`` gives the newest a runtime reads; default: the model the
+        onnx target runs, else the exporter's default). Attention is one ``Attention`` node from
+        opset 23, standard ops below. ``precision="fp16"`` stores weights and activations as float16
+        (about half the file), held to the model's fidelity budget (``Fidelity(min_cosine=0.999)``
+        when it has none); ``keep_io_types`` keeps the inputs and outputs float32 (onnxruntime's x86
+        CPU kernels compute most float16 operators in float32, so the check here can be kinder than
+        a device with float16 arithmetic). The file, its
+        size and its measured error go into the report's "exported files" section. Raises
+        ``VerificationError`` when onnxruntime's outputs differ from the original model's.
         """
-        # onnx and onnxruntime take about a second to import: only when exporting
-        from graphopt.targets.onnx.target import OnnxRuntimeModule, export_graph_to_onnx
+        session, budget = self._onnx_session(opset, precision, keep_io_types)
+        half_io = precision == "fp16" and not keep_io_types
+        error = self._check_export(session, budget, f"{precision} ONNX", half_io=half_io)
+        path = session.save(path)
+        self._record_export(path, "onnx", session.model, precision, error)
+        return path
 
-        if isinstance(self.runner, OnnxRuntimeModule):
-            session = self.runner
+    def export_ort(self, path: str | Path, opset: int | None = None, platform: OrtPlatform = "arm") -> OrtFiles:
+        """Write the model in onnxruntime's ORT format (mobile and minimal builds) and its operator list.
+
+        The ONNX model (as ``export_onnx`` checks it) is converted by onnxruntime's own tool,
+        optimized for ``platform`` (``"arm"``, or ``"amd64"`` for x86 devices); the ``.ort`` file
+        is loaded back and compared again. Beside it, ``<name>.required_operators.config`` is
+        what onnxruntime's build script takes (``--include_ops_by_config``) to build a runtime
+        holding only these operators. Returns both paths (``OrtFiles``).
+        """
+        from graphopt.targets.onnx.packaging import write_ort_format
+        from graphopt.targets.onnx.target import OnnxRuntimeModule
+
+        session, budget = self._onnx_session(opset, "fp32", True)
+        self._check_export(session, budget, "ONNX")
+        path = Path(path)
+        with tempfile.TemporaryDirectory() as folder:
+            files = write_ort_format(session.save(Path(folder) / f"{path.stem}.onnx"), path, platform)
+        converted = OnnxRuntimeModule.from_file(files.model, getattr(self.graph_module, "_out_spec", None))
+        error = self._check_export(converted, budget, "ORT-format")
+        self._record_export(files.model, "ort", session.model, "fp32", error)
+        return files
+
+    def _onnx_session(self, opset: int | None, precision: OnnxPrecision, keep_io_types: bool) -> tuple[Any, Any]:
+        """An onnxruntime module for the export (the onnx target's own when it fits), and the budget it answers to."""
+        # onnx and onnxruntime take about a second to import: only when exporting
+        from graphopt.targets.onnx.opsets import check_opset, opset_of, stamp_ir_version
+        from graphopt.targets.onnx.packaging import float16_model
+        from graphopt.targets.onnx.target import OnnxRuntimeModule, export_onnx_model
+
+        check_opset(opset)
+        if precision not in ("fp32", "fp16"):
+            raise InputError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        out_spec = getattr(self.graph_module, "_out_spec", None)
+        own = self._onnx_runner()
+        if own is not None and (opset is None or opset_of(own.model) == opset):
+            model = own.model
+            if opset is not None:  # asked for an opset: the oldest IR version it allows, as a fresh export has
+                model, own = stamp_ir_version(copy.deepcopy(model)), None
         else:
             self._check_weights_unchanged()
-            model = export_graph_to_onnx(self.portable_graph, self.example_inputs, self.example_kwargs, self.dynamic)
-            session = OnnxRuntimeModule(model, getattr(self.graph_module, "_out_spec", None))
-        outputs = session(*self.example_inputs, **self.example_kwargs)
-        if self.budget is None:
+            model = export_onnx_model(self.portable_graph, self.example_inputs, self.example_kwargs, self.dynamic,
+                                      opset)
+            own = None
+        budget = self.budget
+        if precision == "fp16":
+            model, own = float16_model(model, keep_io_types), None
+            budget = budget or Fidelity(min_cosine=FP16_EXPORT_MIN_COSINE)
+        return own or OnnxRuntimeModule(model, out_spec), budget
+
+    def _onnx_runner(self) -> Any:
+        """The runner when it runs an ONNX export (onnxruntime's session, OpenVINO's compiled model), else None.
+
+        Its file is what it ran and was checked, and it checks a copy of itself in its own runtime.
+        """
+        from graphopt.targets.onnx.openvino_runtime import OpenVinoModule
+        from graphopt.targets.onnx.target import OnnxRuntimeModule
+
+        return self.runner if isinstance(self.runner, OnnxRuntimeModule | OpenVinoModule) else None
+
+    def _check_export(self, session: Any, budget: Fidelity | None, kind: str,
+                      half_io: bool = False) -> tuple[float, float]:
+        """Run the exported model on the example: its max |Δ| and output cosine to eager.
+
+        ``half_io``: the file takes and returns float16 where the model has float32. Raises
+        ``VerificationError`` unless it matches eager (exact tolerance) or the ``budget``.
+        """
+        args, kwargs = self.example_inputs, self.example_kwargs
+        if half_io:
+            args, kwargs = pytree.tree_map(_to_half, (args, kwargs))
+        outputs = pytree.tree_leaves(session(*args, **kwargs))
+        if half_io:
+            outputs = [o.float() if isinstance(o, torch.Tensor) and o.dtype == torch.float16 else o for o in outputs]
+        if budget is None:
             comparison = compare_outputs(outputs, self._reference)
         else:
-            comparison = budget_comparison(pytree.tree_leaves(outputs), self._reference, self.budget)
+            comparison = budget_comparison(outputs, self._reference, budget)
         if not comparison.ok:
-            raise VerificationError(f"the ONNX export computes different outputs: {comparison.detail}", "export-onnx")
-        log.info("ONNX outputs match (max |Δ| %.2e); writing %s", comparison.max_abs_diff, path)
-        return session.save(path)
+            raise VerificationError(f"the {kind} export computes different outputs: {comparison.detail}",
+                                    "export-onnx")
+        log.info("%s outputs match (max |Δ| %.2e)", kind, comparison.max_abs_diff)
+        return comparison.max_abs_diff, output_cosine(self._reference, outputs)
+
+    def _record_export(self, path: Path, kind: str, model: Any, precision: str, error: tuple[float, float]) -> None:
+        """A row of the report's "exported files" section: file, format, opset, precision, size, error."""
+        from graphopt.targets.onnx.opsets import opset_of
+
+        size = sum(p.stat().st_size for p in (path, Path(str(path) + ".data")) if p.exists())
+        section = next((s for s in self.report.sections if s.title == EXPORTS_SECTION), None)
+        if section is None:
+            section = ReportSection(EXPORTS_SECTION, "files written by export_onnx / export_ort, each run in "
+                                    "onnxruntime and compared with the original model on the example",
+                                    ["file", "format", "opset", "precision", "MB", "max |Δ|", "cosine"])
+            self.report.sections.append(section)
+        section.rows.append([path.name, kind, opset_of(model), precision, round(size / 1e6, 3), float(error[0]),
+                             round(float(error[1]), 6)])
 
     def save(self, path: str | Path) -> Path:
         """Write the optimized model as a torch.export ``.pt2`` file with graphopt's metadata.

@@ -277,13 +277,17 @@ class PartitionedModel(torch.nn.Module):
         torch.save(tuple(self._example_flat), directory / EXAMPLE_INPUTS)  # a ready --inputs file
         return directory
 
-    def export_onnx(self, directory: str | Path) -> list[Path]:
+    def export_onnx(self, directory: str | Path, opset: int | None = None) -> list[Path]:
         """Write each stage as ``stage_i.onnx`` (checked against the stage in onnxruntime); returns the paths.
 
         Shapes are static, at the example batch: export a partition made with the batch you deploy.
+        ``opset`` as for ``OptimizedModel.export_onnx`` (default: the exporter's).
         """
         # onnx and onnxruntime take about a second to import: only when exporting
-        from graphopt.targets.onnx.target import OnnxRuntimeModule, export_graph_to_onnx
+        from graphopt.targets.onnx.opsets import check_opset
+        from graphopt.targets.onnx.target import OnnxRuntimeModule, export_onnx_model
+
+        check_opset(opset)
 
 
         directory = Path(directory)
@@ -291,7 +295,7 @@ class PartitionedModel(torch.nn.Module):
         stages = self._cpu_stages()
         paths = []
         for info, stage, args in zip(self._infos, stages, _stage_inputs(stages, self._example_flat), strict=True):
-            model = export_graph_to_onnx(stage, args, {})
+            model = export_onnx_model(stage, args, {}, opset=opset)
             session = OnnxRuntimeModule(model, None)
             with torch.inference_mode():
                 expected = list(stage(*args))

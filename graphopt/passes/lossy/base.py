@@ -209,7 +209,9 @@ def _float_leaves(outputs: Any) -> list[torch.Tensor]:
 def output_cosine(reference: Any, actual: Any) -> float:
     """Mean per-sample cosine similarity of float outputs (dim 0 is the sample), worst over outputs.
 
-    Scalars and 1-D outputs count as one sample. Identical zero vectors count as 1.0.
+    Scalars and 1-D outputs count as one sample. Identical zero vectors count as 1.0. A sample
+    whose output is inf or NaN where the reference's is finite (a float16 overflow) counts as
+    -1.0, the worst cosine there is, so that no budget passes it.
     """
     worst = 1.0
     for ref, out in zip(_float_leaves(reference), _float_leaves(actual), strict=True):
@@ -221,7 +223,8 @@ def output_cosine(reference: Any, actual: Any) -> float:
         norms = rows.norm(dim=1) * got.norm(dim=1)
         same = (rows == got).all(1)
         cosine = torch.where(norms > 0, dot / norms.clamp_min(1e-300), same.double())
-        worst = min(worst, float(cosine.mean()))
+        broken = (~torch.isfinite(got) & torch.isfinite(rows)).any(1) | cosine.isnan()
+        worst = min(worst, float(torch.where(broken, -1.0, cosine).mean()))
     return worst
 
 

@@ -46,13 +46,18 @@ from graphopt.targets.common.lowering import run_lowering
 from graphopt.targets.cpu.cached_attention import CachedAttention
 from graphopt.targets.cpu.epilogue import EpilogueFusion
 from graphopt.targets.cpu.split_linear import SplitLinears
-from graphopt.targets.onnx.options import OnnxLowering, WeightOnlyActivations, check_weight_only_activations
+from graphopt.targets.onnx.options import (
+    OnnxLowering,
+    WeightOnlyActivations,
+    check_weight_only_activations,
+    openvino_installed,
+)
 
 __all__ = ["CpuLowering", "LoweredGraph", "PrepackWeights", "float_lowering_passes", "lower_graph",
            "prepack_weights", "reduced_precision"]
 
 Layout = Literal["auto", "channels_last", "contiguous"]
-Backend = Literal["graph", "inductor", "onnxruntime"]
+Backend = Literal["graph", "inductor", "onnxruntime", "openvino"]
 WeightKernels = Literal["auto", "kernel", "dequantize-once"]
 
 
@@ -66,7 +71,9 @@ class CpuLowering:
     oneDNN's blocked layout once. ``backend="inductor"`` compiles with ``torch.compile`` instead.
     ``threads``: intra-op threads while the model runs (default: PyTorch's setting).
     ``backend="onnxruntime"`` runs the graph in onnxruntime's CPU provider (``graphopt.targets.onnx``),
-    another runtime on the same device, which ``tune`` measures too. ``weight_kernels``: how
+    another runtime on the same device, which ``tune`` measures too; ``backend="openvino"`` runs the same
+    ONNX export in OpenVINO (``OnnxLowering(runtime="openvino")``, ``pip install openvino``; measured by
+    ``tune`` where it is installed). ``weight_kernels``: how
     weight-only int8/int4 layers run in PyTorch: ``"auto"`` (PyTorch's int8/int4 weight kernels
     where they are faster on the layer's shape; they compute in bfloat16), ``"kernel"`` (always
     those kernels) or ``"dequantize-once"`` (float weights computed at lowering: exact, no memory
@@ -87,8 +94,8 @@ class CpuLowering:
     def __post_init__(self) -> None:
         if self.layout not in ("auto", "channels_last", "contiguous"):
             raise ValueError(f"layout must be 'auto', 'channels_last' or 'contiguous', got {self.layout!r}")
-        if self.backend not in ("graph", "inductor", "onnxruntime"):
-            raise ValueError(f"backend must be 'graph', 'inductor' or 'onnxruntime', got {self.backend!r}")
+        if self.backend not in ("graph", "inductor", "onnxruntime", "openvino"):
+            raise ValueError(f"backend must be 'graph', 'inductor', 'onnxruntime' or 'openvino', got {self.backend!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.weight_kernels not in ("auto", "kernel", "dequantize-once"):
@@ -112,10 +119,15 @@ class CpuLowering:
         return "-".join([*parts, *weights])
 
     def candidates(self) -> list[CpuLowering]:
-        """The variants ``tune`` measures: this one, plain ATen, NCHW/NHWC, Inductor and onnxruntime."""
+        """The variants ``tune`` measures: this one, plain ATen, NCHW/NHWC, Inductor, onnxruntime (and OpenVINO).
+
+        OpenVINO only where it is installed.
+        """
         options = [self, replace(self, fuse=False, layout="contiguous", prepack=False),
                    replace(self, layout="channels_last"), replace(self, layout="contiguous"),
                    replace(self, backend="inductor"), replace(self, backend="onnxruntime")]
+        if openvino_installed():
+            options.append(replace(self, backend="openvino", weight_only_activations="float"))
         unique: list[CpuLowering] = []
         for option in options:
             if option not in unique:
@@ -276,11 +288,11 @@ def lower_graph(gm: fx.GraphModule, context: LoweringContext, options: CpuLoweri
     tolerance is the context's times 50 for graphs computing in bfloat16/float16 (oneDNN rounds
     such kernels differently from ATen; the final check holds the result to the fidelity budget).
     """
-    if options.backend == "onnxruntime":
+    if options.backend in ("onnxruntime", "openvino"):
         # imported here: the onnx lowering loads onnx (about a second), which the other backends never need
         from graphopt.targets.onnx.lowering import lower_onnx
 
-        return lower_onnx(gm, context, OnnxLowering(threads=options.threads,
+        return lower_onnx(gm, context, OnnxLowering(threads=options.threads, runtime=options.backend,
                                                     weight_only_activations=options.weight_only_activations))
     report = context.report
     started = time.perf_counter()

@@ -23,6 +23,9 @@ from graphopt.targets.cpu.weight_only import CpuWeightOnlyKernels
 
 __all__ = ["CpuTarget"]
 
+ONNX_BACKENDS = ("onnxruntime", "openvino")
+"""``CpuLowering`` backends that run the graph's ONNX export in another runtime (with its own int8 kernels)."""
+
 
 class CpuTarget(Target):
     """Run the optimized graph with PyTorch's CPU kernels, after the lowering in ``graphopt.targets.cpu.lowering``.
@@ -65,8 +68,8 @@ class CpuTarget(Target):
             raise LoweringError("weight_only_activations='int8' runs in onnxruntime (MatMulNBits with int8 "
                                 "activations): use CpuLowering(backend='onnxruntime', weight_only_activations='int8')")
         # int8 QDQ / weight-only graph: its own lowering to PyTorch's int8/int4 kernels (float graphs never get
-        # here); onnxruntime has kernels of its own for both (graphopt.targets.onnx)
-        if has_quantized_ops(gm) and self.lowering.backend != "onnxruntime":
+        # here); onnxruntime and OpenVINO have kernels of their own (graphopt.targets.onnx)
+        if has_quantized_ops(gm) and self.lowering.backend not in ONNX_BACKENDS:
             result = run_lowering(snapshot_graph_module(gm), self.lowering_passes(gm), context)
             lowered = result.graph_module
             if context.report is not None:

@@ -47,6 +47,7 @@ from graphopt.targets.onnx.cached_attention import translation_table as attentio
 from graphopt.targets.onnx.decoder_norms import SkipRmsNorm, clear_unused_outputs, has_rms_norm
 from graphopt.targets.onnx.decoder_norms import translation_table as norm_translations
 from graphopt.targets.onnx.decoder_ops import DecomposeDecoderOps, has_decoder_ops
+from graphopt.targets.onnx.opsets import MAX_OPSET, opset_of, stamp_ir_version
 from graphopt.targets.onnx.quantized import DynamicLinearOp, StaticLinearAsMatmul
 from graphopt.targets.onnx.quantized import translation_table as quantized_translations
 from graphopt.targets.onnx.weight_only import MatMulNBitsLinears
@@ -166,7 +167,8 @@ def export_prepared(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str,
 
     Dims in ``dynamic`` become symbolic ONNX dims named like them (``batch``, ``seq``...).
     Raises ``UnsupportedOpError`` naming the op and node when an op has no ONNX translation.
-    ``opset`` picks the ONNX opset (default: the exporter's). A state-lifted decoder step skips
+    ``opset`` picks the ONNX opset (default: the exporter's) and the oldest IR version it allows;
+    ``LoweringError`` when the exporter cannot write that opset. A state-lifted decoder step skips
     onnxscript's graph optimizer: on SmolLM2 it took 14 of the 41 s of lowering and the session
     decoded no faster for it (33.2 vs 32.2 tok/s, onnxruntime optimizes the graph itself).
     """
@@ -187,6 +189,9 @@ def export_prepared(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str,
             f"torch.onnx could not export the optimized graph: {type(error).__name__}: {error}"
         ) from error
     model = clear_unused_outputs(program.model_proto)
+    if opset is not None:
+        model = _at_opset(model, opset)
+        stamp_ir_version(model)  # an older runtime refuses a newer IR version even for operators it has
     try:
         if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(model, full_check=True)
@@ -196,6 +201,47 @@ def export_prepared(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str,
                 onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as error:
         raise LoweringError(f"the exported ONNX model fails onnx.checker: {error}") from error
+    return model
+
+
+def _at_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """``model`` at ``opset``: converted by onnx's version converter when the exporter left another opset.
+
+    The exporter converts before folding constants, and onnx's adapters need some inputs constant
+    (a reduction's axes, before opset 18): after folding, the conversion the exporter gave up on
+    succeeds. Raises ``LoweringError`` when it still fails.
+    """
+    written = opset_of(model)
+    if written == opset:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, opset)
+    except Exception as error:
+        raise LoweringError(f"the graph cannot be written at opset {opset} (the exporter wrote opset {written} and "
+                            f"onnx's version converter failed: {str(error).splitlines()[-1][:200]}); pick an opset "
+                            f"from {opset_of(model)} to {MAX_OPSET}, or export at the default opset") from error
+    return _without_newer_reduce_attributes(converted) if opset < 18 else converted
+
+
+_AXES_INPUT_FROM_18 = frozenset({"ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                                 "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"})
+"""Reductions that gained the ``noop_with_empty_axes`` attribute in opset 18 (``ReduceSum`` has it since 13)."""
+
+
+def _without_newer_reduce_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the opset-18 attribute ``noop_with_empty_axes=0`` onnx's converter leaves on older reductions.
+
+    Its value 0 is what the older operators do anyway; a value of 1 has no older form (``LoweringError``).
+    """
+    for node in model.graph.node:
+        if node.op_type not in _AXES_INPUT_FROM_18 or node.domain not in ("", "ai.onnx"):
+            continue
+        kept = [a for a in node.attribute if a.name != "noop_with_empty_axes"]
+        if any(a.name == "noop_with_empty_axes" and a.i for a in node.attribute):
+            raise LoweringError(f"node {node.name} ({node.op_type}) reduces nothing when given no axes, which "
+                                "opset 17 cannot express; export at opset 18 or newer")
+        del node.attribute[:]
+        node.attribute.extend(kept)
     return model
 
 
@@ -233,14 +279,18 @@ def write_model(model: onnx.ModelProto, path: Path) -> Path:
 class OnnxRuntimeModule(torch.nn.Module):
     """Runs an ONNX model in onnxruntime behind the original model's calling convention."""
 
-    def __init__(self, model: onnx.ModelProto, out_spec: pytree.TreeSpec | None, threads: int | None = None,
-                 options: Any = None) -> None:
+    def __init__(self, model: onnx.ModelProto | None, out_spec: pytree.TreeSpec | None, threads: int | None = None,
+                 options: Any = None, session: Any = None) -> None:
         super().__init__()
         options = options if options is not None else ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.model = model
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if session is not None:
+            self.session = session
+        elif model is None:
+            raise LoweringError("OnnxRuntimeModule needs an ONNX model or an onnxruntime session")
+        elif model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
             self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         else:  # onnxruntime reads a large model (weights in a side file) from disk
             with tempfile.TemporaryDirectory() as folder:
@@ -258,6 +308,14 @@ class OnnxRuntimeModule(torch.nn.Module):
         outputs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
         return pytree.tree_unflatten(outputs, self.out_spec) if self.out_spec is not None else tuple(outputs)
 
+    @classmethod
+    def from_file(cls, path: str | Path, out_spec: pytree.TreeSpec | None) -> OnnxRuntimeModule:
+        """A module over the model file at ``path`` as onnxruntime reads it (ONNX, or ORT format; no ``model``)."""
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return cls(None, out_spec, session=session)
+
     def save(self, path: str | Path) -> Path:
         """Write the ONNX model to ``path`` (weights beside it in ``path.data`` when over 1.8 GB)."""
+        if self.model is None:
+            raise LoweringError("this onnxruntime module was read from a file and holds no ONNX model to save")
         return write_model(self.model, Path(path))

@@ -5,6 +5,8 @@
    MatMul / Softmax / Where / IsNaN chain of older opsets (onnxruntime's transformer optimizer
    fuses no attention in that chain, and neither does its session). A graph the exporter cannot
    write at opset 23 falls back to its default opset, with a note in the report.
+   ``OnnxLowering(opset=N)`` writes opset ``N`` instead (``graphopt.targets.onnx.opsets``): attention
+   fused from 23 on, standard ops below it, and no fallback to another opset.
 2. **onnxruntime's fusions.** The session runs at ``ORT_ENABLE_ALL``: on the CPU it fuses
    SkipLayerNormalization, Gelu/FastGelu/BiasGelu, MatMul+Add into Gemm, conv + activation into
    FusedConv and NCHWc-blocked convolutions. ``transformer_optimizer=True`` also runs
@@ -17,6 +19,9 @@
 4. **Session options.** Intra-op threads (default: PyTorch's thread count), one inter-op thread,
    sequential execution; ``optimized_model_path`` saves onnxruntime's optimized model, so a
    deployment can load it without optimizing again.
+5. **Another runtime.** ``runtime="openvino"`` compiles the same export in OpenVINO instead of
+   opening an onnxruntime session (``graphopt.targets.onnx.openvino_runtime``: its precision rule,
+   what it refuses).
 
 The graph's own rewrites are passes verified one by one through the pass manager
 (``graphopt.targets.common.lowering``): the custom ops of ``graphopt.targets.onnx.export.export_passes``
@@ -39,7 +44,7 @@ import onnxruntime as ort
 import torch
 import torch.fx as fx
 
-from graphopt.errors import UnsupportedOpError
+from graphopt.errors import LoweringError, UnsupportedOpError
 from graphopt.ir.graph import node_shape, snapshot_graph_module
 from graphopt.ir.verify import compare_outputs
 from graphopt.passes.base import Pass, PassResult
@@ -47,6 +52,8 @@ from graphopt.report import PassRecord, ReportSection
 from graphopt.targets.base import LoweringContext
 from graphopt.targets.common.lowering import LoweringResult, run_lowering
 from graphopt.targets.onnx.export import OnnxRuntimeModule, export_prepared, prepare_for_export, quiet_loggers
+from graphopt.targets.onnx.openvino_runtime import openvino_export, openvino_runner, run_openvino
+from graphopt.targets.onnx.opsets import FUSED_ATTENTION_OPSET, opset_of
 from graphopt.targets.onnx.options import Level, OnnxLowering
 from graphopt.targets.onnx.stateful import StatefulOnnxRunner
 
@@ -61,9 +68,6 @@ FUSED_ONNX_OPS = frozenset({
     "GroupQueryAttention", "RotaryEmbedding", "SimplifiedLayerNormalization", "BiasAdd", "BiasSplitGelu",
 })
 """Operators that stand for a fused chain of simpler ones (standard or ``com.microsoft``)."""
-
-FUSED_ATTENTION_OPSET = 23
-"""The first ONNX opset with an ``Attention`` operator (the exporter's translation of SDPA)."""
 
 
 def session_options(options: OnnxLowering) -> Any:
@@ -175,14 +179,20 @@ ATTENTION_EXPORT_PASSES: tuple[Pass, ...] = (ExpandAttentionMasks(),)
 
 def _export(gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering, notes: list[str],
             feed: dict[str, Any]) -> tuple[onnx.ModelProto, list[PassRecord]]:
-    """The ONNX model of the prepared graph ``gm`` (fused attention when asked and possible), and its rewrites."""
+    """The ONNX model of the prepared graph ``gm`` (fused attention when asked and possible), and its rewrites.
+
+    At ``options.opset`` when given: attention fused from ``FUSED_ATTENTION_OPSET`` on (the exporter
+    then always emits ``Attention``), standard ops below it.
+    """
     args, kwargs, dynamic = context.example_args, context.example_kwargs, context.dynamic
-    if not (options.fused_attention and _has_attention(gm)):
-        return export_prepared(gm, args, kwargs, dynamic), []
+    fused_opset = options.opset or FUSED_ATTENTION_OPSET
+    wants_fused = options.fused_attention if options.opset is None else options.opset >= FUSED_ATTENTION_OPSET
+    if not (wants_fused and _has_attention(gm)):
+        return export_prepared(gm, args, kwargs, dynamic, opset=options.opset), []
     fused = run_lowering(snapshot_graph_module(gm), ATTENTION_EXPORT_PASSES, context)
     try:
-        model = export_prepared(fused.graph_module, args, kwargs, dynamic, opset=FUSED_ATTENTION_OPSET)
-        _run(model, _feed_for(model, feed))  # onnxruntime's Attention kernel is stricter than SDPA
+        model = export_prepared(fused.graph_module, args, kwargs, dynamic, opset=fused_opset)
+        _run(model, _feed_for(model, feed), options.runtime)  # onnxruntime's Attention kernel is stricter than SDPA
         expanded = fused.stats.get("expanded", 0)
         if expanded:
             notes.append(f"{expanded} attention mask(s) broadcast to (q_len, kv_len) for the Attention op")
@@ -190,6 +200,10 @@ def _export(gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering,
     except UnsupportedOpError:
         raise
     except Exception as error:
+        if options.opset is not None:  # the user asked for this opset: no silent fallback to another
+            raise LoweringError(f"the export at opset {options.opset} (attention fused as ONNX's Attention) failed: "
+                                f"{type(error).__name__}: {str(error)[:300]}. Try opset "
+                                f"{FUSED_ATTENTION_OPSET - 1} (attention as standard ops).") from error
         notes.append(f"opset {FUSED_ATTENTION_OPSET} export with fused Attention failed "
                      f"({type(error).__name__}: {str(error)[:160]}); exported at the exporter's default opset, "
                      "attention unfused")
@@ -201,7 +215,9 @@ def _feed_for(model: onnx.ModelProto, feed: dict[str, Any]) -> dict[str, Any]:
     return dict(zip(names, feed.values(), strict=False))
 
 
-def _run(model: onnx.ModelProto, feed: dict[str, Any]) -> list[Any]:
+def _run(model: onnx.ModelProto, feed: dict[str, Any], runtime: str = "onnxruntime") -> list[Any]:
+    if runtime == "openvino":
+        return run_openvino(model, feed)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feed)
 
@@ -257,6 +273,13 @@ def export_model(gm: fx.GraphModule, context: LoweringContext, options: OnnxLowe
     return ExportedModel(model, rewrites, notes)
 
 
+def _runtime_fusions(options: OnnxLowering) -> str:
+    """Where the runtime fuses more, for the report."""
+    if options.runtime == "openvino":
+        return "OpenVINO fuses more when it compiles the model"
+    return f"onnxruntime fuses more in its session at level '{options.optimization_level}'"
+
+
 def lower_onnx(gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering,
                passes: list[Pass] | None = None) -> Any:
     """Export ``gm`` with fused attention, optionally optimize it offline, and open a tuned session.
@@ -265,22 +288,28 @@ def lower_onnx(gm: fx.GraphModule, context: LoweringContext, options: OnnxLoweri
     verified on the context's example inputs.
     """
     report = context.report
-    exported = export_model(gm, context, options, passes)
+    export_options = options
+    if options.runtime == "openvino":  # refuses decoder steps; a bfloat16 graph exports at opset 22+
+        export_options, passes = openvino_export(gm, context, options, passes)
+    exported = export_model(gm, context, export_options, passes)
     model = exported.model
     if options.weight_only_activations == "int8":
         count = quantize_weight_only_activations(model)
         exported.notes.append(f"{count} MatMulNBits layer(s) take int8 activations (accuracy_level 4)")
-    runner: Any = OnnxRuntimeModule(model, getattr(gm, "_out_spec", None), options=session_options(options))
+    runner: Any
+    if options.runtime == "openvino":
+        runner = openvino_runner(model, gm, context, options, exported.notes)
+    else:
+        runner = OnnxRuntimeModule(model, getattr(gm, "_out_spec", None), options=session_options(options))
     if context.state_inputs:
         runner = StatefulOnnxRunner(runner, context.state_inputs)
     if report is not None:
         fused = fused_op_counts(model)
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        opset = opset_of(model)
         report.notes.extend(f"onnx lowering: {note}" for note in exported.notes)
         report.sections.append(ReportSection(
             title=f"onnx lowering '{options.label()}'",
-            description=(f"ONNX opset {opset}; fused operators in the file (onnxruntime fuses more in its session at "
-                         f"level '{options.optimization_level}')"),
+            description=(f"ONNX opset {opset}; fused operators in the file ({_runtime_fusions(options)})"),
             headers=["operator", "count"],
             rows=[[op, count] for op, count in fused.items()] or [["(none)", 0]],
         ))

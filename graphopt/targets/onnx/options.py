@@ -6,13 +6,19 @@ Apart from ``graphopt.targets.onnx.lowering`` so that importing the option class
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, replace
 from typing import Literal
 
-__all__ = ["Level", "OnnxLowering", "WeightOnlyActivations", "check_weight_only_activations"]
+from graphopt.targets.onnx.opsets import MAX_OPSET, MIN_OPSET
+
+__all__ = ["Level", "OnnxLowering", "OpenVinoPrecision", "Runtime", "WeightOnlyActivations",
+           "check_weight_only_activations", "openvino_installed"]
 
 Level = Literal["disabled", "basic", "extended", "all"]
 WeightOnlyActivations = Literal["float", "int8"]
+Runtime = Literal["onnxruntime", "openvino"]
+OpenVinoPrecision = Literal["f32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,16 @@ class OnnxLowering:
     layers (``MatMulNBits``) are computed in: ``"float"`` (exact to the graph) or ``"int8"``, quantized
     per block on the fly (``accuracy_level=4``: W4A8 / W8A8, faster on CPUs with VNNI, less exact;
     a compressed language model's budget judges it and falls back to ``"float"`` if it misses).
+    ``opset``: the ONNX opset of the file (``MIN_OPSET`` to ``MAX_OPSET``; default: 23 where the graph has
+    attention and ``fused_attention`` is on, the exporter's otherwise). Below 23 attention is exported as
+    standard ops (see ``graphopt.targets.onnx.opsets`` for which onnxruntime reads which opset).
+    ``runtime``: what runs the exported model, ``"onnxruntime"`` (CPU execution provider) or ``"openvino"``
+    (OpenVINO's CPU device, ``pip install openvino``; ``graphopt.targets.onnx.openvino_runtime``). The
+    onnxruntime session settings (``optimization_level``, ``transformer_optimizer``, ``optimized_model_path``,
+    int8 ``weight_only_activations``) are refused with ``"openvino"``. ``openvino_precision``: OpenVINO's
+    inference precision, ``"f32"`` (the file as written: a ``precision="bf16"`` graph's reduced layers still
+    run in bfloat16) or ``"bf16"`` (every op OpenVINO can in bfloat16; needs the fidelity budget of a lossy
+    pass). Unset: ``"bf16"`` where the graph computes in bfloat16 already (``precision="bf16"``), else ``"f32"``.
     """
 
     fused_attention: bool = True
@@ -34,6 +50,9 @@ class OnnxLowering:
     threads: int | None = None
     optimized_model_path: str | None = None
     weight_only_activations: WeightOnlyActivations = "float"
+    opset: int | None = None
+    runtime: Runtime = "onnxruntime"
+    openvino_precision: OpenVinoPrecision | None = None
 
     def __post_init__(self) -> None:
         if self.optimization_level not in ("disabled", "basic", "extended", "all"):
@@ -42,11 +61,39 @@ class OnnxLowering:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         check_weight_only_activations(self.weight_only_activations)
+        if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)
+                                       or not MIN_OPSET <= self.opset <= MAX_OPSET):
+            raise ValueError(f"opset must be an int from {MIN_OPSET} to {MAX_OPSET}, got {self.opset!r}")
+        self._check_runtime()
+
+    def _check_runtime(self) -> None:
+        """``ValueError`` for an unknown runtime or precision, or settings the chosen runtime does not have."""
+        if self.runtime not in ("onnxruntime", "openvino"):
+            raise ValueError(f"runtime must be 'onnxruntime' or 'openvino', got {self.runtime!r}")
+        if self.openvino_precision not in (None, "f32", "bf16"):
+            raise ValueError(f"openvino_precision must be None, 'f32' or 'bf16', got {self.openvino_precision!r}")
+        if self.runtime == "onnxruntime" and self.openvino_precision is not None:
+            raise ValueError("openvino_precision applies to runtime='openvino' only")
+        if self.runtime == "openvino":
+            onnxruntime_only = {"optimization_level": self.optimization_level != "all",
+                                "transformer_optimizer": self.transformer_optimizer,
+                                "optimized_model_path": self.optimized_model_path is not None,
+                                "weight_only_activations='int8'": self.weight_only_activations == "int8"}
+            asked = [name for name, set_ in onnxruntime_only.items() if set_]
+            if asked:
+                raise ValueError(f"{', '.join(asked)}: onnxruntime session settings, which runtime='openvino' does "
+                                 "not have (its transformer optimizer and int8 MatMulNBits write onnxruntime's "
+                                 "contrib ops); leave them at their defaults or use runtime='onnxruntime'")
 
     def label(self) -> str:
         """Short name of this lowering, for reports and ``tune``."""
+        if self.runtime == "openvino":
+            return self._openvino_label()
         parts = ["ort"]
-        parts.append("attention" if self.fused_attention else "opset-default")
+        if self.opset is not None:
+            parts.append(f"opset{self.opset}")
+        else:
+            parts.append("attention" if self.fused_attention else "opset-default")
         if self.transformer_optimizer:
             parts.append("ort-transformers")
         if self.optimization_level != "all":
@@ -55,11 +102,36 @@ class OnnxLowering:
             parts.append("a8")
         return "-".join(parts)
 
+    def _openvino_label(self) -> str:
+        """``openvino``, its precision when set (``openvino-bf16``), and a non-default opset / attention."""
+        parts = ["openvino", *([self.openvino_precision] if self.openvino_precision else [])]
+        if self.opset is not None:
+            parts.append(f"opset{self.opset}")
+        elif not self.fused_attention:
+            parts.append("opset-default")
+        return "-".join(parts)
+
     def candidates(self) -> list[OnnxLowering]:
-        """The variants ``tune`` measures: this one, without fused attention, with the transformer optimizer."""
-        options = [self, replace(self, fused_attention=not self.fused_attention),
+        """The variants ``tune`` measures: this one, without fused attention, with the transformer optimizer.
+
+        With an ``opset`` chosen, attention follows it: no variant flips ``fused_attention``. The other
+        runtime is a variant too: OpenVINO where it is installed, onnxruntime for an OpenVINO config
+        (OpenVINO has no transformer optimizer variant).
+        """
+        flipped = replace(self, fused_attention=not self.fused_attention) if self.opset is None else self
+        if self.runtime == "openvino":
+            return list(dict.fromkeys([self, flipped, replace(self, runtime="onnxruntime", openvino_precision=None)]))
+        options = [self, flipped,
                    replace(self, transformer_optimizer=not self.transformer_optimizer)]
+        if openvino_installed():
+            options.append(replace(self, runtime="openvino", optimization_level="all", transformer_optimizer=False,
+                                   optimized_model_path=None, weight_only_activations="float"))
         return list(dict.fromkeys(options))
+
+
+def openvino_installed() -> bool:
+    """True when the ``openvino`` package is installed (looked up, not imported: importing it takes a second)."""
+    return importlib.util.find_spec("openvino") is not None
 
 
 def check_weight_only_activations(value: str) -> None:

@@ -10,15 +10,30 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import onnx
 import torch.fx as fx
 
+from graphopt.ir.shapes import DynamicDims
 from graphopt.passes.base import Pass
 from graphopt.targets.base import LoweringContext, Target
 from graphopt.targets.onnx.export import OnnxRuntimeModule, export_graph_to_onnx, export_passes
-from graphopt.targets.onnx.lowering import lower_onnx
+from graphopt.targets.onnx.lowering import export_model, lower_onnx
 from graphopt.targets.onnx.options import OnnxLowering
 
-__all__ = ["OnnxRuntimeModule", "OnnxTarget", "export_graph_to_onnx"]
+__all__ = ["OnnxRuntimeModule", "OnnxTarget", "export_graph_to_onnx", "export_onnx_model"]
+
+
+def export_onnx_model(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      dynamic: DynamicDims | None = None, opset: int | None = None) -> onnx.ModelProto:
+    """The ONNX model of ``gm`` at ``opset``: attention fused from opset 23, standard ops below it.
+
+    Without an ``opset`` the exporter's default opset (attention as standard ops), as before.
+    Raises ``LoweringError`` when the graph cannot be written at that opset.
+    """
+    if opset is None:
+        return export_graph_to_onnx(gm, args, kwargs, dynamic)
+    context = LoweringContext(tuple(args), dict(kwargs), dynamic)
+    return export_model(gm, context, OnnxLowering(opset=opset)).model
 
 
 class OnnxTarget(Target):

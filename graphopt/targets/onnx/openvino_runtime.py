@@ -1,0 +1,302 @@
+"""Run the ``onnx`` target's export in OpenVINO instead of onnxruntime (``OnnxLowering(runtime="openvino")``).
+
+The export is the one onnxruntime gets (fused ``Attention`` at opset 23, QDQ int8, dynamic dims
+as symbolic ONNX dims); ``OpenVinoModule`` reads it from memory, compiles it for the ``CPU``
+device (latency hint, one stream, ``threads`` inference threads) and calls it behind the
+original model's calling convention. OpenVINO is imported only when a model is compiled
+(``pip install openvino``).
+
+**Precision.** ``INFERENCE_PRECISION_HINT`` ``"f32"`` runs the file as written: float32 where the
+graph computes in float32, and bfloat16 in the layers ``precision="bf16"`` reduced (their casts
+are in the file, which is exported at opset 22 or later, where ``Conv`` takes bfloat16).
+``"bf16"`` lets OpenVINO compute every op it can in bfloat16 (on CPUs with AVX512-BF16 or AMX
+about twice as fast as float32 on a float graph, a few percent more on a ``precision="bf16"``
+graph); that changes the outputs beyond the graph, so it needs a fidelity budget (see
+:func:`resolve_precision`) and is held to it against the graph like any kernel substitution
+(``graphopt.targets.common.lowering.kernel_comparison``); the final check of ``optimize`` then
+holds the lowered model to the budget against eager. At ``"bf16"`` OpenVINO compiles the export with
+the casts of ``precision="bf16"`` undone (:func:`without_bfloat16_casts`): it computes those layers
+in bfloat16 anyway, and kept, the conversions around every layer cost 3.5% of ResNet-50's time.
+
+**What OpenVINO does not run.** onnxruntime's contrib operators (domain ``com.microsoft``:
+``MatMulNBits`` of weight-only layers, ``GroupQueryAttention`` of decoder steps...) and the
+decoder steps that carry their key/value cache as state are refused with a ``LoweringError``;
+residual + RMSNorm is exported as standard ops (no ``SkipSimplifiedLayerNormalization``).
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from graphopt.errors import InputError, LoweringError
+from graphopt.ir.graph import run_and_record
+from graphopt.passes.base import Pass
+from graphopt.targets.base import LoweringContext
+from graphopt.targets.common.lowering import kernel_comparison
+from graphopt.targets.onnx.decoder_norms import SkipRmsNorm
+from graphopt.targets.onnx.export import EXTERNAL_DATA_THRESHOLD, export_passes, write_model
+from graphopt.targets.onnx.opsets import FUSED_ATTENTION_OPSET
+from graphopt.targets.onnx.options import OnnxLowering, OpenVinoPrecision
+
+__all__ = ["BFLOAT16_OPSET", "OpenVinoModule", "computes_in_bfloat16", "import_openvino",
+           "openvino_export", "openvino_runner", "refuse_contrib_ops", "resolve_precision", "run_openvino",
+           "without_bfloat16_casts"]
+
+BFLOAT16_OPSET = 22
+"""The first ONNX opset whose ``Conv`` (and pooling) take bfloat16: a ``precision="bf16"`` graph exports at it."""
+
+CONTRIB_DOMAIN = "com.microsoft"
+"""onnxruntime's contrib operators, which OpenVINO does not read."""
+
+_CONTRIB_SOURCES = {
+    "MatMulNBits": "weight-only int8/int4 linears (quantize='int8-weight-only' / 'int4-weight-only')",
+    "GroupQueryAttention": "attention over a key/value cache (decoder steps)",
+    "RotaryEmbedding": "rotary embeddings of decoder steps",
+    "SkipSimplifiedLayerNormalization": "residual + RMSNorm",
+}
+"""Where graphopt's exports get each contrib operator, for the error message."""
+
+
+def import_openvino() -> ModuleType:
+    """The ``openvino`` module; ``LoweringError`` saying how to install it when it is missing."""
+    try:
+        import openvino
+    except ImportError as error:
+        raise LoweringError("runtime='openvino' (backend='openvino') needs OpenVINO: pip install openvino "
+                            "(or graphopt[openvino]), or use runtime='onnxruntime'") from error
+    return openvino
+
+
+def computes_in_bfloat16(gm: fx.GraphModule) -> bool:
+    """True when some node of ``gm`` computes in bfloat16 (after ``precision="bf16"``)."""
+    return any(isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16
+               for value in (node.meta.get("val") for node in gm.graph.nodes))
+
+
+def resolve_precision(options: OnnxLowering, gm: fx.GraphModule, context: LoweringContext) -> OpenVinoPrecision:
+    """The ``INFERENCE_PRECISION_HINT`` to compile with: ``options.openvino_precision``, or the rule below.
+
+    Unset: ``"bf16"`` when the graph computes in bfloat16 and answers to a fidelity budget (the
+    user asked ``precision="bf16"``), ``"f32"`` otherwise. ``"bf16"`` on a graph without a budget is
+    an ``InputError``: the final check would hold bfloat16 outputs to the exact float32 tolerance.
+    """
+    if options.openvino_precision == "bf16" and context.fidelity is None:
+        raise InputError(
+            "openvino_precision='bf16' computes every op OpenVINO can in bfloat16, which moves the outputs beyond "
+            "the exact tolerance a graph without lossy passes is checked to. Optimize with precision='bf16' "
+            "instead (target='cpu', lowering=CpuLowering(backend='openvino')): the graph then answers to a fidelity "
+            "budget, by default output cosine >= 0.999, and OpenVINO runs it in bfloat16. Or leave "
+            "openvino_precision unset or 'f32'.")
+    if options.openvino_precision is not None:
+        return options.openvino_precision
+    return "bf16" if context.fidelity is not None and computes_in_bfloat16(gm) else "f32"
+
+
+def openvino_export(gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering,
+                    passes: list[Pass] | None) -> tuple[OnnxLowering, list[Pass]]:
+    """The export options and rewrites of ``gm`` for OpenVINO; refuses what OpenVINO cannot run.
+
+    ``LoweringError`` for a decoder step carrying state (``context.state_inputs``), ``InputError``
+    for ``openvino_precision="bf16"`` without a budget. Residual + RMSNorm stays standard ops; a
+    bfloat16 graph exports at opset ``BFLOAT16_OPSET`` (23 with fused attention) unless
+    ``options.opset`` says otherwise.
+    """
+    if context.state_inputs:
+        raise LoweringError(
+            f"OpenVINO cannot run a decoder step that carries its key/value cache as state ({context.state_inputs} "
+            "state inputs): graphopt's ONNX steps update it in place through onnxruntime's GroupQueryAttention "
+            "and IO binding. Use runtime='onnxruntime' (the onnx target's default) or CpuLowering(backend="
+            "'onnxruntime') for generation.")
+    resolve_precision(options, gm, context)  # refuses bf16 without a budget before the export
+    passes = export_passes(gm) if passes is None else passes
+    passes = [p for p in passes if not isinstance(p, SkipRmsNorm)]  # onnxruntime's contrib op: standard ops
+    if options.opset is None and computes_in_bfloat16(gm):
+        fused = options.fused_attention and any(
+            n.target == torch.ops.aten.scaled_dot_product_attention.default for n in gm.graph.nodes)
+        options = replace(options, opset=FUSED_ATTENTION_OPSET if fused else BFLOAT16_OPSET)
+    return options, passes
+
+
+def refuse_contrib_ops(model: onnx.ModelProto) -> None:
+    """``LoweringError`` naming onnxruntime's contrib operators in ``model`` (OpenVINO reads none of them)."""
+    contrib = Counter(node.op_type for node in model.graph.node if node.domain == CONTRIB_DOMAIN)
+    if not contrib:
+        return
+    found = ", ".join(f"{op} x{count}" + (f" ({_CONTRIB_SOURCES[op]})" if op in _CONTRIB_SOURCES else "")
+                      for op, count in sorted(contrib.items()))
+    raise LoweringError(f"the exported model uses onnxruntime's contrib operators ({CONTRIB_DOMAIN}: {found}), "
+                        "which OpenVINO does not read. Use runtime='onnxruntime' (OnnxLowering(runtime="
+                        "'onnxruntime') or CpuLowering(backend='onnxruntime')) for this model.")
+
+
+def _cast_target(node: onnx.NodeProto) -> int | None:
+    """The element type a ``Cast`` node casts to (None for other nodes)."""
+    if node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+        return None
+    return next((attribute.i for attribute in node.attribute if attribute.name == "to"), None)
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """The element type of every value of ``model`` onnx's shape inference knows, by name."""
+    typed = onnx.shape_inference.infer_shapes(model)
+    values = [*typed.graph.value_info, *typed.graph.input, *typed.graph.output]
+    types = {value.name: value.type.tensor_type.elem_type for value in values}
+    return types | {initializer.name: initializer.data_type for initializer in typed.graph.initializer}
+
+
+def _float32_initializer(initializer: onnx.TensorProto) -> onnx.TensorProto:
+    """A bfloat16 initializer as float32 (exact: every bfloat16 is a float32)."""
+    values = onnx.numpy_helper.to_array(initializer).astype(np.float32)
+    return onnx.numpy_helper.from_array(values, initializer.name)
+
+
+def without_bfloat16_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` that computes in float32 the layers ``precision="bf16"`` cast to bfloat16.
+
+    For OpenVINO's bf16 inference precision, which computes those layers in bfloat16 anyway: kept,
+    their casts stay conversions around every layer (3.5% of ResNet-50's time on this CPU's 2
+    cores). Casts between float32 and bfloat16 become ``Identity`` and bfloat16 initializers float32
+    (exactly). ``model`` itself when it holds no such cast, is too large to type (over 1.8 GB), or
+    anything else in it is bfloat16 afterwards (an input, an output, another op's dtype).
+    """
+    bfloat16, float32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD or not any(_cast_target(n) == bfloat16 for n in model.graph.node):
+        return model
+    types = _element_types(model)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if {_cast_target(node), types.get(node.input[0])} == {bfloat16, float32}:
+            node.op_type = "Identity"
+            del node.attribute[:]
+    for index, initializer in enumerate(copy.graph.initializer):
+        if initializer.data_type == bfloat16:
+            copy.graph.initializer[index].CopyFrom(_float32_initializer(initializer))
+    del copy.graph.value_info[:]  # the types of the values changed: shape inference recomputes them
+    if bfloat16 in _element_types(copy).values():
+        return model
+    return copy
+
+
+def _read_model(core: Any, model: onnx.ModelProto, folder: Path) -> Any:
+    """``model`` as an OpenVINO model: from memory, or from a file in ``folder`` when it is over 1.8 GB."""
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        return core.read_model(io.BytesIO(model.SerializeToString()))
+    return core.read_model(str(write_model(model, folder / "model.onnx")))  # weights in a side file
+
+
+def _compile(model: onnx.ModelProto, precision: OpenVinoPrecision, threads: int) -> Any:
+    """``model`` compiled for OpenVINO's CPU device: latency hint, ``precision``, ``threads`` threads."""
+    openvino = import_openvino()
+    core = openvino.Core()
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    with tempfile.TemporaryDirectory() as folder:  # used only by a model too large for one protobuf
+        try:
+            return core.compile_model(_read_model(core, model, Path(folder)), "CPU", config)
+        except Exception as error:  # OpenVINO's op conversion and compile errors
+            raise LoweringError(f"OpenVINO could not compile the exported model: {str(error)[:400]}. "
+                                "Use runtime='onnxruntime' for this model.") from error
+
+
+def _as_array(tensor: torch.Tensor) -> np.ndarray:
+    """A call's tensor as OpenVINO takes it (bfloat16 as float32: OpenVINO rounds it back on its input)."""
+    tensor = tensor.detach().cpu()
+    return np.ascontiguousarray((tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy())
+
+
+class OpenVinoModule(torch.nn.Module):
+    """Runs an ONNX model in OpenVINO (CPU device) behind the original model's calling convention.
+
+    At ``precision="bf16"`` it compiles ``without_bfloat16_casts(model)``; ``save`` writes ``model``.
+    One infer request is reused from call to call, so a module serves one caller at a time.
+    """
+
+    def __init__(self, model: onnx.ModelProto, out_spec: pytree.TreeSpec | None, precision: OpenVinoPrecision = "f32",
+                 threads: int | None = None) -> None:
+        super().__init__()
+        self.model = model  # what save() writes: the export as it is
+        self.out_spec = out_spec
+        self.precision = precision
+        self.threads = threads or torch.get_num_threads()
+        compiled = without_bfloat16_casts(model) if precision == "bf16" else model  # same layers in bf16, no casts
+        self.compiled = _compile(compiled, precision, self.threads)
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [next(iter(i.get_names()), str(index)) for index, i in enumerate(self.compiled.inputs)]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Feed the call's tensors to OpenVINO and rebuild the model's output structure (copied out of OpenVINO)."""
+        tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        if len(tensors) != len(self.input_names):
+            raise LoweringError(f"the ONNX model takes {len(self.input_names)} tensors, got {len(tensors)}")
+        results = self.request.infer([_as_array(t) for t in tensors], share_inputs=True, share_outputs=False)
+        outputs = [torch.from_numpy(np.asarray(results[output])) for output in self.compiled.outputs]
+        return pytree.tree_unflatten(outputs, self.out_spec) if self.out_spec is not None else tuple(outputs)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the ONNX model to ``path`` (weights beside it in ``path.data`` when over 1.8 GB)."""
+        return write_model(self.model, Path(path))
+
+    def extra_repr(self) -> str:
+        """The inference precision and threads, in the module's repr."""
+        return f"precision={self.precision}, threads={self.threads}"
+
+
+def run_openvino(model: onnx.ModelProto, feed: dict[str, Any]) -> list[np.ndarray]:
+    """One float32 run of ``model`` in OpenVINO on ``feed`` (numpy arrays in the model's input order)."""
+    compiled = _compile(model, "f32", torch.get_num_threads())
+    results = compiled.create_infer_request().infer(list(feed.values()), share_outputs=False)
+    return [np.asarray(results[output]) for output in compiled.outputs]
+
+
+def _bfloat16_check(runner: OpenVinoModule, gm: fx.GraphModule, context: LoweringContext) -> str:
+    """Why OpenVINO's bfloat16 outputs cannot stand for the graph's on the example call ("" when they can)."""
+    assert context.fidelity is not None
+    expected, _ = run_and_record(gm, context.flat_inputs(gm))
+    actual = runner(*context.example_args, **context.example_kwargs)
+    comparison = kernel_comparison(pytree.tree_leaves(actual), pytree.tree_leaves(expected),
+                                   context.fidelity.min_cosine)
+    return "" if comparison.ok else comparison.detail
+
+
+def openvino_runner(model: onnx.ModelProto, gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering,
+                    notes: list[str]) -> OpenVinoModule:
+    """Compile the exported ``model`` of ``gm`` in OpenVINO at the precision ``resolve_precision`` picks.
+
+    bfloat16 inference is checked against the graph on the example call first: when it misses,
+    an unset ``openvino_precision`` compiles at ``"f32"`` instead (with a note), an explicit
+    ``"bf16"`` raises ``LoweringError``. Appends the precision that ran to ``notes``.
+    """
+    refuse_contrib_ops(model)
+    precision = resolve_precision(options, gm, context)
+    out_spec = getattr(gm, "_out_spec", None)
+    runner = OpenVinoModule(model, out_spec, precision, options.threads)
+    problem = _bfloat16_check(runner, gm, context) if precision == "bf16" else ""
+    if problem and options.openvino_precision == "bf16":
+        raise LoweringError(f"OpenVINO's bfloat16 inference misses the fidelity budget against the graph ({problem}); "
+                            "use openvino_precision='f32' or a looser budget")
+    if problem:
+        notes.append(f"OpenVINO bfloat16 inference missed the budget against the graph ({problem}); compiled at f32")
+        runner = OpenVinoModule(model, out_spec, "f32", options.threads)
+    notes.append(_precision_note(runner, computes_in_bfloat16(gm)))
+    return runner
+
+
+def _precision_note(runner: OpenVinoModule, bfloat16_graph: bool) -> str:
+    """Which precision OpenVINO ran at, for the report."""
+    if runner.precision == "bf16":
+        return (f"OpenVINO inference precision bf16 (every op OpenVINO can in bfloat16, held to the fidelity budget), "
+                f"{runner.threads} threads")
+    layers = "; the graph's bfloat16 layers run in bfloat16 as exported" if bfloat16_graph else ""
+    return f"OpenVINO inference precision f32{layers}, {runner.threads} threads"
