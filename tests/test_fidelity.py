@@ -13,6 +13,7 @@ from graphopt import CalibrationData, Fidelity, FidelityError, InputError, Lossy
 from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
 from graphopt.passes.base import PassResult
 from graphopt.passes.lossy.base import output_cosine, output_sqnr_db
+from graphopt.targets.cpu.target import CpuTarget
 
 
 def _linear_weights(gm: fx.GraphModule) -> list[fx.Node]:
@@ -217,3 +218,46 @@ def test_a_lossy_model_exports_to_onnx_checked_by_its_budget(tmp_path) -> None:
     (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert torch.allclose(torch.from_numpy(onnx_out), fast(x), atol=1e-5)
     assert output_cosine(model(x), torch.from_numpy(onnx_out)) >= 0.9
+
+
+class _LossierKernels(CpuTarget):
+    """A cpu target whose kernels lose more than the graph simulates: it adds ``factor`` times the graph's own error."""
+
+    def __init__(self, float_model: torch.nn.Module, factor: float) -> None:
+        super().__init__()
+        self.float_model, self.factor = float_model, factor
+
+    def lower(self, gm: fx.GraphModule, context):
+        runner = super().lower(gm, context)
+
+        def lowered(*args):
+            out = runner(*args)
+            with torch.no_grad():
+                return out + self.factor * (out - self.float_model(*args))
+
+        return lowered
+
+
+def _fallen_back(report: graphopt.Report) -> int:
+    return _record(report).fidelity["fallen_back"]
+
+
+def test_a_lowered_model_that_misses_the_budget_keeps_more_layers_in_float() -> None:
+    model, x = ThreeLayers(), _x()
+    budget = Fidelity(min_cosine=0.995)
+    plain = graphopt.optimize(model, (x,), passes=["dce", RoundWeights(bits=6)], fidelity=budget)
+    fast = graphopt.optimize(model, (x,), _LossierKernels(model, factor=2.0), passes=["dce", RoundWeights(bits=6)],
+                             fidelity=budget)
+    assert fast.report.final_check == "passed" and fast.report.final_cosine >= 0.995
+    assert output_cosine(model(x), fast(x)) >= 0.995
+    assert _fallen_back(fast.report) > _fallen_back(plain.report)  # the retry kept more layers in float
+    retries = [n for n in fast.report.notes if "missed its budget" in n]
+    assert retries and "ran again holding the graph to" in retries[0]
+    assert len(fast.report.records) == len(plain.report.records)  # the report holds the run that was kept
+
+
+def test_a_lowering_no_tighter_graph_rescues_still_raises() -> None:
+    model, x = ThreeLayers(), _x()
+    with pytest.raises(graphopt.VerificationError, match="output cosine"):
+        graphopt.optimize(model, (x,), _LossierKernels(model, factor=400.0), passes=["dce", RoundWeights(bits=8)],
+                          fidelity=Fidelity(min_cosine=0.99))

@@ -18,7 +18,7 @@ from graphopt.errors import InputError, LoweringError
 from graphopt.ir.verify import compare_outputs
 from graphopt.passes.lossy.base import output_cosine
 from graphopt.targets.cpu.lowering import CpuLowering
-from graphopt.targets.cpu.target import CpuTarget
+from graphopt.targets.cpu.target import CpuTarget, cpu_has_bfloat16
 from graphopt.targets.onnx.openvino_runtime import (
     OpenVinoModule,
     import_openvino,
@@ -99,7 +99,7 @@ def test_cpu_backend_openvino_with_dynamic_batch() -> None:
 def test_bf16_graph_runs_in_bfloat16_within_its_budget() -> None:
     model, x = _conv_mlp()
     fast = graphopt.optimize(model, (x,), target="cpu", lowering=CpuLowering(backend="openvino"), precision="bf16")
-    assert fast.runner.precision == "bf16"  # unset openvino_precision: bf16 on a precision="bf16" graph
+    assert fast.runner.precision == "f32"  # unset openvino_precision: the file as written, its bf16 layers in bf16
     exported = fast.runner.model
     opset = next(o.version for o in exported.opset_import if o.domain == "")
     assert opset >= 22  # Conv takes bfloat16 from opset 22
@@ -113,7 +113,9 @@ def test_bf16_graph_runs_in_bfloat16_within_its_budget() -> None:
     with torch.no_grad():
         assert output_cosine([model(other)], [fast(other)]) >= 0.999
         assert not compare_outputs([fast(other)], [model(other)]).ok  # really computed in bfloat16
-    assert "precision bf16" in _precision_note(fast)
+        (everything,) = OpenVinoModule(exported, None, "bf16")(other)  # every op OpenVINO can in bfloat16
+        assert output_cosine([model(other)], [everything]) >= 0.999
+    assert "precision f32; the graph's bfloat16 layers run in bfloat16" in _precision_note(fast)
 
 
 def test_f32_inference_keeps_the_graphs_bfloat16_layers() -> None:
@@ -235,14 +237,10 @@ def test_missing_openvino_is_a_lowering_error(monkeypatch: pytest.MonkeyPatch) -
         import_openvino()
 
 
-def test_bf16_that_misses_the_budget_falls_back_or_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_inference_that_misses_the_budget_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     import graphopt.targets.onnx.openvino_runtime as openvino_runtime
 
     monkeypatch.setattr(openvino_runtime, "_bfloat16_check", lambda *args: "output cosine 0.9 (stand-in)")
-    model, x = _conv_mlp()
-    fast = graphopt.optimize(model, (x,), target="cpu", lowering=CpuLowering(backend="openvino"), precision="bf16")
-    assert fast.runner.precision == "f32"  # unset openvino_precision: compiled at f32 instead, and said so
-    assert any("missed the budget" in note and "compiled at f32" in note for note in fast.report.notes)
     torch.manual_seed(0)
     mlp, inputs = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval(), torch.randn(8, 64)
     with pytest.raises(LoweringError, match="misses the fidelity budget"):
@@ -287,3 +285,16 @@ def test_export_of_a_bf16_openvino_model_is_the_file_it_ran(tmp_path: Path) -> N
     assert any(i.data_type == onnx.TensorProto.BFLOAT16 for i in written.graph.initializer)
     row = next(s for s in fast.report.sections if s.title == "exported files").rows[-1]
     assert row[0] == "bf16.onnx" and row[6] >= 0.999
+
+
+@pytest.mark.skipif(not cpu_has_bfloat16(), reason="needs a CPU with bfloat16 instructions")
+def test_cpu_target_by_name_lowers_a_bf16_graph_with_openvino() -> None:
+    model, x = _conv_mlp()
+    fast = graphopt.optimize(model, (x,), target="cpu", precision="bf16")
+    assert isinstance(fast.runner, OpenVinoModule)
+    assert any("lowers as 'cpu:openvino'" in note for note in fast.report.notes)
+    assert fast.report.final_check == "passed" and fast.report.final_cosine >= 0.999
+    named = graphopt.optimize(model, (x,), target="cpu", precision="bf16", lowering=CpuLowering())
+    assert not isinstance(named.runner, OpenVinoModule)  # a lowering the user names is kept
+    plain = graphopt.optimize(model, (x,), target="cpu")
+    assert not isinstance(plain.runner, OpenVinoModule)  # float32 graphs keep PyTorch's kernels

@@ -39,7 +39,8 @@ def _record(report: graphopt.Report) -> graphopt.PassRecord:
 
 def test_bf16_on_cpu_runs_layers_in_bf16_and_keeps_sensitive_ops_in_fp32() -> None:
     model, x = _block()
-    fast = graphopt.optimize(model, (x,), target="cpu", precision="bf16")
+    # the lowering named: PyTorch's oneDNN kernels (target="cpu" alone may pick OpenVINO for a bf16 graph)
+    fast = graphopt.optimize(model, (x,), target="cpu", precision="bf16", lowering=graphopt.CpuLowering())
     record = _record(fast.report)
     assert record.status == "changed" and record.stats["reduced layers"] == 3
     assert record.fidelity["budget"] == "output cosine >= 0.999"  # the default budget, not the fp32 tolerance
@@ -105,7 +106,7 @@ def test_conv_net_in_bf16() -> None:
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
     x = torch.randn(2, 3, 16, 16)
-    fast = graphopt.optimize(model, (x,), target="cpu", precision="bf16")
+    fast = graphopt.optimize(model, (x,), target="cpu", precision="bf16", lowering=graphopt.CpuLowering())
     lowered = count_ops(fast.runner.graph_module)
     assert lowered["mkldnn._convolution_pointwise.default"] == 2
     assert F.cosine_similarity(fast(x), model(x)).min() > 0.999

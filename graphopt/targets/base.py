@@ -139,6 +139,14 @@ class Target:
         clone.lowering = lowering
         return clone
 
+    def for_graph(self, gm: fx.GraphModule) -> Target:
+        """The lowering this target picks for ``gm`` when the user named the target without a lowering (itself here).
+
+        A target overrides it where one kind of graph runs much faster another way (the ``cpu``
+        target sends bfloat16 graphs to OpenVINO where it is installed).
+        """
+        return self
+
     def exact_weight_lowering(self) -> Target | None:
         """A copy of this target whose weight-only layers compute exactly as the graph does, when its kernels may not.
 

@@ -20,7 +20,7 @@ import torch.utils._pytree as pytree
 
 from graphopt.errors import FidelityError, GraphoptError, InputError, VerificationError
 from graphopt.ir.capture import CapturedModel, capture, eval_twin
-from graphopt.ir.graph import preserved_state, run_and_record
+from graphopt.ir.graph import preserved_state, run_and_record, snapshot_graph_module
 from graphopt.ir.shapes import resize_inputs
 from graphopt.ir.verify import compare_outputs
 from graphopt.passes.base import Pass, resolve_pass
@@ -28,7 +28,7 @@ from graphopt.passes.compress import CompressionSpec, CompressionStep, compressi
 from graphopt.passes.lossy.base import CalibrationData, Fidelity, is_lossy
 from graphopt.passes.lossy.calibration import calibration_batches
 from graphopt.passes.lossy.runner import LossyRunner
-from graphopt.passes.manager import PassManager
+from graphopt.passes.manager import OnError, PassManager
 from graphopt.report import Report
 from graphopt.targets.base import Target, get_target
 from graphopt.targets.tune import lower_model
@@ -133,12 +133,18 @@ def optimize(
     precision); pruning without ``fidelity`` is measured and reported, not enforced
     (``graphopt.distill`` recovers it). Layers that break the budget fall back, most sensitive
     first; the report lists every layer and the final check compares the lowered model with
-    eager by the budget. ``calibration`` is an iterable of input batches (tuples like
-    ``example_inputs``, a tensor, or a dict of keyword inputs; a DataLoader works) that
-    observers and the budget run on; ``Int8Static`` needs it.
+    eager by the budget. When the lowered model misses a budget the graph met (the target's
+    kernels lose more than the graph simulates), the lossy passes run again holding the graph to
+    a tighter budget (its distance to cosine 1 halved, up to ``LOWERING_BUDGET_RETRIES`` times),
+    so that more layers stay in float; ``VerificationError`` only when that does not help.
+    ``calibration`` is an iterable of input batches (tuples like ``example_inputs``, a tensor, or
+    a dict of keyword inputs; a DataLoader works) that observers and the budget run on;
+    ``Int8Static`` needs it.
 
     **Lowering.** ``lowering`` replaces the target's lowering config (``CpuLowering(...)`` for
-    ``cpu``, ``GpuLowering(...)`` for ``gpu``, ``OnnxLowering(...)`` for ``onnx``). ``tune=True``
+    ``cpu``, ``GpuLowering(...)`` for ``gpu``, ``OnnxLowering(...)`` for ``onnx``). A target named
+    without one picks it for the optimized graph (``Target.for_graph``: on ``cpu`` a bfloat16 graph
+    runs in OpenVINO where it is installed and the CPU has bfloat16 instructions). ``tune=True``
     builds every candidate lowering of the target, checks each against eager and keeps the
     fastest on the example inputs (the report lists every candidate's time).
 
@@ -198,13 +204,68 @@ def optimize(
     log.info("captured %d nodes; running %d passes", len(captured.graph_module.graph.nodes), len(passes))
 
     measured_only = {step.lossy.name for step in steps if step.stage == "prune"}
-    lossy_runner = _lossy_runner(captured, passes, fidelity, measured_only, calibration, report)
-    manager = PassManager(passes, verify=check.enabled, on_error=on_error, fixed_point=options.pipeline.fixed_point,
-                          instruments=options.pipeline.instruments, tolerance_scale=check.tolerance_scale,
-                          lossy_runner=lossy_runner)
-    gm = manager.run(captured.graph_module, captured.flat_inputs, report, captured.graph_outputs)
-    budget = _final_budget(report, lossy_runner)
+    budgets, data = _lossy_setup(captured, passes, fidelity, measured_only, calibration, report)
+    pristine = snapshot_graph_module(captured.graph_module) if budgets else None
+    first_notes, chosen = list(report.notes), target
+    for retry in range(LOWERING_BUDGET_RETRIES + 1):
+        graph_budgets = _tightened(budgets, retry)
+        lossy_runner = LossyRunner(graph_budgets, data, call_graph=_GraphCaller) if budgets else None
+        manager = PassManager(passes, verify=check.enabled, on_error=on_error,
+                              fixed_point=options.pipeline.fixed_point, instruments=options.pipeline.instruments,
+                              tolerance_scale=check.tolerance_scale, lossy_runner=lossy_runner)
+        gm = manager.run(captured.graph_module, captured.flat_inputs, report, captured.graph_outputs)
+        budget = _final_budget(report, budgets)
+        lowering_target = chosen.for_graph(gm) if chosen_by_name else chosen
+        if lowering_target is not chosen:
+            report.notes.append(f"target {chosen.name!r} named without a lowering: this graph lowers as "
+                                f"{lowering_target.label()!r} (Target.for_graph)")
+        try:
+            return _lower_and_check(model, gm, manager, lowering_target, captured, report, budget, lossy_runner,
+                                    check, tune=tune, on_error=on_error)
+        except VerificationError as error:
+            shortfall = getattr(error, "budget_shortfall", None)
+            if shortfall is None or retry == LOWERING_BUDGET_RETRIES or not _tightenable(budget):
+                raise
+            tighter = _tightened(budgets, retry + 1)
+            log.info("the lowered model missed the budget (%s); running the lossy passes again under %s",
+                     shortfall, _describe(tighter))
+            first_notes.append(f"lowered to {chosen.name!r}, the model missed its budget ({shortfall}); the lossy "
+                               f"passes ran again holding the graph to {_describe(tighter)}, so that more layers "
+                               "stay in float")
+            report = Report(target=chosen.name, capture_seconds=report.capture_seconds, notes=list(first_notes))
+            captured = dataclasses.replace(captured, graph_module=snapshot_graph_module(pristine))
+    raise AssertionError("unreachable: the last retry returns or raises")
 
+
+LOWERING_BUDGET_RETRIES = 3
+"""How often ``optimize`` runs the lossy passes again, under a tighter budget, when the lowered model misses it."""
+
+
+def _tightenable(budget: Fidelity | None) -> bool:
+    """True for an enforced output-cosine budget (a tighter one keeps more layers in float)."""
+    return (budget is not None and budget.enforce and budget.metric is None and budget.max_perplexity_ratio is None
+            and budget.min_token_agreement is None and budget.min_cosine < 1.0)
+
+
+def _tightened(budgets: dict[str, Fidelity], retry: int) -> dict[str, Fidelity]:
+    """The budgets the graph answers to on ``retry``: each cosine budget's distance to 1 halved per retry."""
+    return {name: dataclasses.replace(f, min_cosine=1.0 - (1.0 - f.min_cosine) / 2 ** retry)
+            if retry and _tightenable(f) else f for name, f in budgets.items()}
+
+
+def _describe(budgets: dict[str, Fidelity]) -> str:
+    return ", ".join(f"{name}: output cosine >= {f.min_cosine:.5g}" for name, f in budgets.items() if _tightenable(f))
+
+
+def _lower_and_check(model: torch.nn.Module, gm: fx.GraphModule, manager: PassManager, target: Target,
+                     captured: CapturedModel, report: Report, budget: Fidelity | None,
+                     lossy_runner: LossyRunner | None, check: Verify, *, tune: bool, on_error: OnError
+                     ) -> OptimizedModel:
+    """Lower the optimized graph ``gm`` and check the result against eager (or the budget); the optimized model.
+
+    Raises ``VerificationError`` when the lowered model differs; one that misses an enforced
+    budget carries ``budget_shortfall`` (what it missed), so that ``optimize`` can try again.
+    """
     native = target.native_error(model, captured.example_args, captured.example_kwargs, captured.reference_outputs)
     started = time.perf_counter()
     runner, target = lower_model(target, gm, captured, report, tune=tune, budget=budget,
@@ -270,9 +331,13 @@ def _final_metric(optimized: OptimizedModel, budget: Fidelity, baseline: float |
         raise error
 
 
-def _lossy_runner(captured: CapturedModel, pipeline: Sequence[Pass], fidelity: Fidelity | None,
-                  measured_only: set[str], calibration: Iterable[Any] | None, report: Report) -> LossyRunner | None:
-    """The fidelity machinery for the pipeline's lossy passes (None when it has none)."""
+def _lossy_setup(captured: CapturedModel, pipeline: Sequence[Pass], fidelity: Fidelity | None,
+                 measured_only: set[str], calibration: Iterable[Any] | None, report: Report
+                 ) -> tuple[dict[str, Fidelity], CalibrationData | None]:
+    """Each lossy pass's budget and the data the fidelity machinery runs on (empty and None without lossy passes).
+
+    The calibration batches are read once here: a retry under a tighter budget reuses them.
+    """
     if fidelity is not None and not isinstance(fidelity, Fidelity):
         raise InputError(f"fidelity must be a graphopt.Fidelity, got {type(fidelity).__name__}")
     lossy = [p for p in pipeline if is_lossy(p)]
@@ -280,21 +345,21 @@ def _lossy_runner(captured: CapturedModel, pipeline: Sequence[Pass], fidelity: F
         if calibration is not None or fidelity is not None:
             report.notes.append("calibration/fidelity given but no lossy pass (compress=, quantize=, prune=) "
                                 "asked for: unused")
-        return None
+        return {}, None
     batches, notes = calibration_batches(calibration, captured)
     report.notes.extend(notes)
-    data = CalibrationData(example=captured.flat_inputs, batches=batches)
-    return LossyRunner(_budgets(lossy, fidelity, measured_only), data, call_graph=_GraphCaller)
+    return _budgets(lossy, fidelity, measured_only), CalibrationData(example=captured.flat_inputs, batches=batches)
 
 
-def _final_budget(report: Report, runner: LossyRunner | None) -> Fidelity | None:
+def _final_budget(report: Report, budgets: dict[str, Fidelity]) -> Fidelity | None:
     """The budget the final check holds the lowered model to: the strictest enforced one of the lossy passes run.
 
-    None when no lossy pass changed the graph (the exact tolerance applies then).
+    None when no lossy pass changed the graph (the exact tolerance applies then). ``budgets`` are
+    the passes' own, not the tightened ones a retry holds the graph to.
     """
-    if runner is None or not any(r.fidelity and r.status == "changed" for r in report.records):
+    if not budgets or not any(r.fidelity and r.status == "changed" for r in report.records):
         return None
-    enforced = [f for f in runner.fidelities.values() if f.enforce]
+    enforced = [f for f in budgets.values() if f.enforce]
     if not enforced:
         return Fidelity(enforce=False)
     return max(enforced, key=lambda f: f.min_cosine)
@@ -339,10 +404,13 @@ def _final_check(optimized: OptimizedModel, model: torch.nn.Module, captured: Ca
     if len(results) > 1:
         report.notes.append("dynamic dims checked against eager at: " + "; ".join(label for label, _ in results))
     if failures and verify:
-        raise VerificationError(
+        error = VerificationError(
             f"the optimized model lowered to {optimized.target.name!r} differs from the original: {failures[0]}",
             f"lower-{optimized.target.name}",
         )
+        if budget is not None and budget.enforce:
+            error.budget_shortfall = failures[0]  # type: ignore[attr-defined]  # optimize may try a tighter graph
+        raise error
 
 
 def _run_probes(optimized: OptimizedModel, model: torch.nn.Module, probes: list[Any], tolerance_scale: float,

@@ -214,11 +214,12 @@ class PrepackWeights(Pass):
         return PassResult(packed > 0, {"packed": packed})
 
 
-def reduced_precision(gm: fx.GraphModule) -> bool:
-    """True when some node of ``gm`` computes in bfloat16 or float16 (after ``precision=``)."""
+def reduced_precision(gm: fx.GraphModule, *dtypes: torch.dtype) -> bool:
+    """True when some node of ``gm`` computes in bfloat16 or float16 (after ``precision=``), or in one of ``dtypes``."""
+    wanted = dtypes or (torch.bfloat16, torch.float16)
     for node in gm.graph.nodes:
         value = node.meta.get("val")
-        if isinstance(value, torch.Tensor) and value.dtype in (torch.bfloat16, torch.float16):
+        if isinstance(value, torch.Tensor) and value.dtype in wanted:
             return True
     return False
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,9 +18,10 @@ from graphopt.passes.cleanup import DeadCodeElimination
 from graphopt.passes.quantize.patterns import has_quantized_ops
 from graphopt.targets.base import LoweringContext, Target
 from graphopt.targets.common.lowering import run_lowering
-from graphopt.targets.cpu.lowering import CpuLowering, float_lowering_passes, lower_graph
+from graphopt.targets.cpu.lowering import CpuLowering, float_lowering_passes, lower_graph, reduced_precision
 from graphopt.targets.cpu.quantized import INT8_LOWERING
 from graphopt.targets.cpu.weight_only import CpuWeightOnlyKernels
+from graphopt.targets.onnx.options import openvino_installed
 
 __all__ = ["CpuTarget"]
 
@@ -47,6 +49,18 @@ class CpuTarget(Target):
             choice = self.lowering.weight_kernels
             return [replace(p, choice=choice) if isinstance(p, CpuWeightOnlyKernels) else p for p in INT8_LOWERING]
         return float_lowering_passes(self.lowering)
+
+    def for_graph(self, gm: fx.GraphModule) -> CpuTarget:
+        """OpenVINO (bfloat16 inference) for a float graph computing in bfloat16, where it beats oneDNN through PyTorch.
+
+        Only with the default PyTorch backend, OpenVINO installed and a CPU with bfloat16
+        instructions (AVX512-BF16 or AMX); measured here: ResNet-50 21 vs 35 ms, MiniLM (8 x 128)
+        72 vs 93 ms. Quantized graphs keep their own kernels.
+        """
+        if (self.lowering.backend != "graph" or has_quantized_ops(gm) or not reduced_precision(gm, torch.bfloat16)
+                or not openvino_installed() or not cpu_has_bfloat16()):
+            return self
+        return self.with_lowering(replace(self.lowering, backend="openvino"))  # type: ignore[return-value]
 
     def exact_weight_lowering(self) -> CpuTarget | None:
         """The next more exact lowering of weight-only layers, for a compressed model whose kernels missed its budget.
@@ -81,6 +95,15 @@ class CpuTarget(Target):
                 return lowered
             gm = lowered  # weight-only graph whose weights were all dequantized once: a float graph, lowered as one
         return lower_graph(gm, context, self.lowering, self.lowering_passes(gm))
+
+
+def cpu_has_bfloat16() -> bool:
+    """True when this CPU has bfloat16 arithmetic instructions (Linux's ``/proc/cpuinfo``: avx512_bf16, amx_bf16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _only_aten_ops(gm: fx.GraphModule) -> bool:

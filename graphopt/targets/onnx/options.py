@@ -41,7 +41,7 @@ class OnnxLowering:
     int8 ``weight_only_activations``) are refused with ``"openvino"``. ``openvino_precision``: OpenVINO's
     inference precision, ``"f32"`` (the file as written: a ``precision="bf16"`` graph's reduced layers still
     run in bfloat16) or ``"bf16"`` (every op OpenVINO can in bfloat16; needs the fidelity budget of a lossy
-    pass). Unset: ``"bf16"`` where the graph computes in bfloat16 already (``precision="bf16"``), else ``"f32"``.
+    pass). Unset: ``"f32"`` (a ``precision="bf16"`` graph still runs its reduced layers in bfloat16).
     """
 
     fused_attention: bool = True
