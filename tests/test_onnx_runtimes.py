@@ -159,3 +159,19 @@ def test_ort_format_and_its_operator_list(tmp_path: Path) -> None:
     assert not list((tmp_path / "mobile").glob("*.onnx"))  # the intermediate ONNX file is not left behind
     section = next(s for s in fast.report.sections if s.title == "exported files")
     assert section.rows[-1][:4] == ["cnn.ort", "ort", 20, "fp32"]
+
+
+def test_cpu_backends_take_the_onnx_export_options() -> None:
+    from graphopt.targets.cpu.lowering import TRANSFORMER_OPTIMIZER_EXPORT, CpuLowering
+
+    model, inputs = _encoder()
+    lowering = CpuLowering(backend="onnxruntime", onnx=OnnxLowering(opset=20))
+    fast = graphopt.optimize(model, inputs, target="cpu", lowering=lowering)
+    assert _standard_opset(fast.runner.model) == 20 and fast.target.label() == "cpu:onnxruntime(ort-opset20)"
+    assert compare_outputs([fast(*inputs)], [model(*inputs)]).ok
+    # tune measures onnxruntime's transformer optimizer on the standard-op attention chains too
+    candidates = CpuLowering().candidates()
+    assert CpuLowering(backend="onnxruntime", onnx=TRANSFORMER_OPTIMIZER_EXPORT) in candidates
+    assert OnnxLowering(fused_attention=False, transformer_optimizer=True) in OnnxLowering().candidates()
+    with pytest.raises(ValueError, match="onnx= configures the export"):
+        CpuLowering(onnx=OnnxLowering())

@@ -298,3 +298,20 @@ def test_cpu_target_by_name_lowers_a_bf16_graph_with_openvino() -> None:
     assert not isinstance(named.runner, OpenVinoModule)  # a lowering the user names is kept
     plain = graphopt.optimize(model, (x,), target="cpu")
     assert not isinstance(plain.runner, OpenVinoModule)  # float32 graphs keep PyTorch's kernels
+
+
+def test_tune_measures_openvino_bfloat16_only_for_graphs_with_a_budget() -> None:
+    from graphopt.passes.lossy.base import Fidelity
+    from graphopt.targets.tune import tune_candidates
+
+    target = CpuTarget()
+    exact = [c.label for c in tune_candidates(target)]
+    lossy = [c.label for c in tune_candidates(target, Fidelity())]
+    assert "cpu:openvino" in exact and "cpu:openvino(openvino-bf16)" not in exact
+    assert "cpu:openvino(openvino-bf16)" in lossy
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16)).eval(), torch.randn(8, 64)
+    fast = graphopt.optimize(model, (x,), target="onnx", quantize="int8-dynamic", tune=True)
+    section = next(s for s in fast.report.sections if s.title.startswith("tune"))
+    assert any("openvino-bf16" in str(row[0]) for row in section.rows)
+    assert fast.report.final_check == "passed"

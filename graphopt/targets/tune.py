@@ -77,9 +77,14 @@ def _lower(target: Target, gm: fx.GraphModule, context: LoweringContext) -> Any:
     return target.lower(gm, context)
 
 
-def tune_candidates(target: Target) -> list[Candidate]:
-    """The candidate lowerings ``tune`` measures for ``target`` (the target's own lowering first)."""
-    return [Candidate(candidate.label(), candidate) for candidate in target.candidates()]
+def tune_candidates(target: Target, budget: Fidelity | None = None) -> list[Candidate]:
+    """The candidate lowerings ``tune`` measures for ``target`` (the target's own lowering first).
+
+    Lowerings that compute beyond the graph (``lossy``: OpenVINO's bfloat16 inference) only for a
+    graph with a fidelity ``budget``; an exact graph is held to the float32 tolerance.
+    """
+    return [Candidate(candidate.label(), candidate) for candidate in target.candidates()
+            if budget is not None or not getattr(candidate.lowering, "lossy", False)]
 
 
 def _check(candidate: Candidate, captured: Any, budget: Fidelity | None, tolerance_scale: float,
@@ -166,7 +171,7 @@ def lower_model(target: Target, gm: fx.GraphModule, captured: CapturedModel, rep
                                             tolerance_scale=tolerance_scale, fidelity=budget)
     if not tune:
         return _lower(target, gm, context), target
-    candidates = tune_candidates(target)
+    candidates = tune_candidates(target, budget)
     for candidate in candidates:
         scratch = Report(target=target.name)
         started = time.perf_counter()

@@ -262,9 +262,9 @@ class OptimizedModel(torch.nn.Module):
         (about half the file), held to the model's fidelity budget (``Fidelity(min_cosine=0.999)``
         when it has none); ``keep_io_types`` keeps the inputs and outputs float32 (onnxruntime's x86
         CPU kernels compute most float16 operators in float32, so the check here can be kinder than
-        a device with float16 arithmetic). The file, its
-        size and its measured error go into the report's "exported files" section. Raises
-        ``VerificationError`` when onnxruntime's outputs differ from the original model's.
+        a device with float16 arithmetic). The file, its size and its measured error go into the
+        report's "exported files" section. Raises ``VerificationError`` when the runtime's outputs
+        differ from the original model's (or miss the budget).
         """
         session, budget = self._onnx_session(opset, precision, keep_io_types)
         half_io = precision == "fp16" and not keep_io_types
@@ -296,7 +296,7 @@ class OptimizedModel(torch.nn.Module):
         return files
 
     def _onnx_session(self, opset: int | None, precision: OnnxPrecision, keep_io_types: bool) -> tuple[Any, Any]:
-        """An onnxruntime module for the export (the onnx target's own when it fits), and the budget it answers to."""
+        """A runtime module over the file to write (the lowered model's own when it fits), and its budget."""
         # onnx and onnxruntime take about a second to import: only when exporting
         from graphopt.targets.onnx.opsets import check_opset, opset_of, stamp_ir_version
         from graphopt.targets.onnx.packaging import float16_model

@@ -78,6 +78,9 @@ class CpuLowering:
     where they are faster on the layer's shape; they compute in bfloat16), ``"kernel"`` (always
     those kernels) or ``"dequantize-once"`` (float weights computed at lowering: exact, no memory
     saving); the ``GRAPHOPT_WEIGHT_ONLY_KERNEL`` environment variable overrides ``"auto"``.
+    ``onnx``: the export and session options of the ``onnxruntime`` / ``openvino`` backends
+    (an ``OnnxLowering``: opset, fused attention, transformer optimizer, OpenVINO precision; its
+    threads, runtime and weight-only activations come from this config).
     ``weight_only_activations``: ``"int8"`` quantizes those layers' inputs on the fly (W4A8 / W8A8;
     onnxruntime's ``MatMulNBits`` at accuracy level 4, so ``backend="onnxruntime"`` only), see
     ``OnnxLowering``.
@@ -90,8 +93,14 @@ class CpuLowering:
     threads: int | None = None
     weight_kernels: WeightKernels = "auto"
     weight_only_activations: WeightOnlyActivations = "float"
+    onnx: OnnxLowering | None = None
 
     def __post_init__(self) -> None:
+        if self.onnx is not None and not isinstance(self.onnx, OnnxLowering):
+            raise ValueError(f"onnx must be an OnnxLowering, got {type(self.onnx).__name__}")
+        if self.onnx is not None and self.backend not in ("onnxruntime", "openvino"):
+            raise ValueError("onnx= configures the export of backend='onnxruntime' or 'openvino'; "
+                             f"backend is {self.backend!r}")
         if self.layout not in ("auto", "channels_last", "contiguous"):
             raise ValueError(f"layout must be 'auto', 'channels_last' or 'contiguous', got {self.layout!r}")
         if self.backend not in ("graph", "inductor", "onnxruntime", "openvino"):
@@ -103,12 +112,18 @@ class CpuLowering:
                              f"{self.weight_kernels!r}")
         check_weight_only_activations(self.weight_only_activations)
 
+    @property
+    def lossy(self) -> bool:
+        """True when the lowering computes beyond the graph (OpenVINO's bfloat16 inference): it needs a budget."""
+        return self.onnx is not None and self.onnx.lossy
+
     def label(self) -> str:
         """Short name of this lowering, for reports and ``tune``."""
         weights = [f"weights-{self.weight_kernels}"] if self.weight_kernels != "auto" else []
         activations = ["a8"] if self.weight_only_activations == "int8" else []
         if self.backend != "graph":
-            return "-".join([self.backend, *activations])
+            export = [f"({self.onnx.label()})"] if self.onnx is not None else []
+            return "-".join([self.backend, *activations]) + "".join(export)
         if not self.fuse and self.layout != "channels_last":
             return "-".join(["aten", *weights])
         parts = ["onednn" if self.fuse else "aten"]
@@ -121,18 +136,33 @@ class CpuLowering:
     def candidates(self) -> list[CpuLowering]:
         """The variants ``tune`` measures: this one, plain ATen, NCHW/NHWC, Inductor, onnxruntime (and OpenVINO).
 
-        OpenVINO only where it is installed.
+        onnxruntime twice: as exported, and through its offline transformer optimizer on the export
+        with attention as standard ops (the chains it knows how to fuse). OpenVINO only where it is
+        installed.
         """
+        export = None if self.backend in ("onnxruntime", "openvino") else self.onnx
         options = [self, replace(self, fuse=False, layout="contiguous", prepack=False),
                    replace(self, layout="channels_last"), replace(self, layout="contiguous"),
-                   replace(self, backend="inductor"), replace(self, backend="onnxruntime")]
+                   replace(self, backend="inductor", onnx=None), replace(self, backend="onnxruntime", onnx=export),
+                   replace(self, backend="onnxruntime", onnx=TRANSFORMER_OPTIMIZER_EXPORT)]
         if openvino_installed():
-            options.append(replace(self, backend="openvino", weight_only_activations="float"))
+            openvino = replace(self, backend="openvino", weight_only_activations="float", onnx=None)
+            options += [openvino, replace(openvino, onnx=OPENVINO_BFLOAT16)]  # bf16: tune, for lossy graphs only
         unique: list[CpuLowering] = []
         for option in options:
             if option not in unique:
                 unique.append(option)
         return unique
+
+
+TRANSFORMER_OPTIMIZER_EXPORT = OnnxLowering(fused_attention=False, transformer_optimizer=True)
+"""The export ``tune`` also measures onnxruntime with: attention as standard ops, then onnxruntime's transformer
+optimizer (on T5- and BERT-like encoders it fuses more than the session does with ONNX's ``Attention``)."""
+
+
+OPENVINO_BFLOAT16 = OnnxLowering(runtime="openvino", openvino_precision="bf16")
+"""OpenVINO computing every op it can in bfloat16: a ``tune`` candidate for graphs with a fidelity budget (on
+MiniLM int8, 8 x 128: 56 ms against 75 ms at its f32 hint, output cosine unchanged)."""
 
 
 def float_lowering_passes(options: CpuLowering) -> list[Pass]:
@@ -293,8 +323,10 @@ def lower_graph(gm: fx.GraphModule, context: LoweringContext, options: CpuLoweri
         # imported here: the onnx lowering loads onnx (about a second), which the other backends never need
         from graphopt.targets.onnx.lowering import lower_onnx
 
-        return lower_onnx(gm, context, OnnxLowering(threads=options.threads, runtime=options.backend,
-                                                    weight_only_activations=options.weight_only_activations))
+        export = options.onnx or OnnxLowering()
+        return lower_onnx(gm, context, replace(export, threads=options.threads or export.threads,
+                                               runtime=options.backend,
+                                               weight_only_activations=options.weight_only_activations))
     report = context.report
     started = time.perf_counter()
     shared = {name: entry for name, entry in tensor_versions(gm).items() if isinstance(entry[0], torch.nn.Parameter)}

@@ -85,6 +85,11 @@ class OnnxLowering:
                                  "not have (its transformer optimizer and int8 MatMulNBits write onnxruntime's "
                                  "contrib ops); leave them at their defaults or use runtime='onnxruntime'")
 
+    @property
+    def lossy(self) -> bool:
+        """True when the runtime computes beyond the graph (OpenVINO's bfloat16 inference): it needs a budget."""
+        return self.openvino_precision == "bf16"
+
     def label(self) -> str:
         """Short name of this lowering, for reports and ``tune``."""
         if self.runtime == "openvino":
@@ -123,9 +128,12 @@ class OnnxLowering:
             return list(dict.fromkeys([self, flipped, replace(self, runtime="onnxruntime", openvino_precision=None)]))
         options = [self, flipped,
                    replace(self, transformer_optimizer=not self.transformer_optimizer)]
+        if self.opset is None:  # the optimizer fuses the standard-op attention chains, not ONNX's Attention
+            options.append(replace(self, fused_attention=False, transformer_optimizer=True))
         if openvino_installed():
-            options.append(replace(self, runtime="openvino", optimization_level="all", transformer_optimizer=False,
-                                   optimized_model_path=None, weight_only_activations="float"))
+            openvino = replace(self, runtime="openvino", optimization_level="all", transformer_optimizer=False,
+                               optimized_model_path=None, weight_only_activations="float")
+            options += [openvino, replace(openvino, openvino_precision="bf16")]  # bf16: tune, for lossy graphs only
         return list(dict.fromkeys(options))
 
 
