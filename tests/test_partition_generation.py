@@ -77,7 +77,10 @@ def test_each_stage_keeps_its_own_layers_cache(two_stages) -> None:
     held = two_stages.held
     assert sorted(i for h in held for i in h) == list(range(len(two_stages.state)))  # every state in one stage
     layers = [{int(two_stages.state[i].name.split("_")[1]) for i in h} for h in held]
-    assert layers[0] and layers[1] and max(layers[0]) < min(layers[1])  # contiguous layers, in order
+    # contiguous layers, in order; a measured (balance="time") cut may fall inside the layer at the boundary,
+    # between its keys and its values, but each cache tensor stays whole in one stage (checked above)
+    assert layers[0] and layers[1] and max(layers[0]) <= min(layers[1])
+    assert len(layers[0] & layers[1]) <= 1
     report = two_stages.report
     assert all(stage.state_bytes > 0 for stage in report.stages)
     # only activations cross the cut: a decode step sends far less than the cache it leaves behind
