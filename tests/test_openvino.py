@@ -315,3 +315,13 @@ def test_tune_measures_openvino_bfloat16_only_for_graphs_with_a_budget() -> None
     section = next(s for s in fast.report.sections if s.title.startswith("tune"))
     assert any("openvino-bf16" in str(row[0]) for row in section.rows)
     assert fast.report.final_check == "passed"
+
+
+def test_precision_bf16_on_the_onnx_target_with_openvino() -> None:
+    model, x = _conv_mlp()
+    fast = graphopt.optimize(model, (x,), target="onnx", lowering=OPENVINO, precision="bf16")
+    assert isinstance(fast.runner, OpenVinoModule)
+    assert any(i.data_type == onnx.TensorProto.BFLOAT16 for i in fast.runner.model.graph.initializer)
+    assert fast.report.final_check == "passed" and fast.report.final_cosine >= 0.999
+    with pytest.raises(InputError, match="runtime='openvino'"):  # onnxruntime has no bfloat16 matrix kernels
+        graphopt.optimize(model, (x,), target="onnx", precision="bf16")

@@ -179,7 +179,8 @@ def precision_pass(spec: str | ReducedPrecision, target: str | None = None) -> R
     if target == "onnx":
         raise InputError("precision= lowers to reduced-precision kernels on target='cpu' (oneDNN bfloat16) and "
                          "target='gpu'; onnxruntime's CPU provider has no such kernels. Use target='cpu' or 'gpu', "
-                         "or quantize='int8' for a smaller, faster ONNX model.")
+                         "the onnx target with OpenVINO (lowering=OnnxLowering(runtime='openvino')), or "
+                         "quantize='int8' for a smaller, faster ONNX model.")
     if isinstance(spec, ReducedPrecision):
         return spec
     if not isinstance(spec, str):

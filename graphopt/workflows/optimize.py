@@ -186,7 +186,7 @@ def optimize(
     passes = options.pipeline.build(target)
     if max_cache_len is not None:
         raise InputError("max_cache_len= applies to causal language models (generation); this model is not one")
-    steps = compression_steps(compress, target=target.name, **options.compression)
+    steps = compression_steps(compress, target=_kernels_of(target), **options.compression)
     _check_once_per_stage(passes, steps)
     if steps:
         passes += [*(step.lossy for step in steps), resolve_pass("cse"), resolve_pass("dce")]
@@ -235,6 +235,15 @@ def optimize(
             report = Report(target=chosen.name, capture_seconds=report.capture_seconds, notes=list(first_notes))
             captured = dataclasses.replace(captured, graph_module=snapshot_graph_module(pristine))
     raise AssertionError("unreachable: the last retry returns or raises")
+
+
+def _kernels_of(target: Target) -> str:
+    """The name compression checks kernels by: the target's, or the runtime's where it runs another one.
+
+    ``precision=`` is refused on ``onnx`` (onnxruntime's CPU provider has no bfloat16 matrix
+    kernels) but not when the onnx target runs OpenVINO, which has.
+    """
+    return "openvino" if getattr(target.lowering, "runtime", None) == "openvino" else target.name
 
 
 LOWERING_BUDGET_RETRIES = 3
