@@ -8,7 +8,6 @@ when OpenVINO is not installed (``pip install openvino``).
 from __future__ import annotations
 
 import importlib.util
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,21 +15,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from graphopt.bench.runner import Backend, Runner
+from graphopt.bench.runner import Backend, ExportedOnnx, Runner
 
 __all__ = ["OpenVinoBackend", "OpenVinoRunner"]
 
 
-class OpenVinoRunner:
+class OpenVinoRunner(ExportedOnnx):
     """Calls an OpenVINO compiled model with torch tensors; keeps its ONNX file in a temp dir."""
 
     def __init__(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...], threads: int,
                  precision: str | None) -> None:
         import openvino as ov
 
-        self._dir = tempfile.TemporaryDirectory(prefix="graphopt-bench-openvino-")
-        self.path = Path(self._dir.name) / "model.onnx"
-        torch.onnx.export(model, example_inputs, dynamo=True, verbose=False).save(str(self.path))
+        super().__init__(model, example_inputs, "graphopt-bench-openvino-")
         config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         if precision is not None:
             config["INFERENCE_PRECISION_HINT"] = precision
@@ -42,10 +39,6 @@ class OpenVinoRunner:
         """Run the compiled model on CPU tensors and return copies of its outputs."""
         results = self.request.infer([x.detach().cpu().numpy() for x in inputs])
         return [torch.from_numpy(results[output].copy()) for output in self.compiled.outputs]
-
-    def disk_bytes(self) -> int:
-        """Size of the ONNX file plus any external-data files next to it."""
-        return sum(p.stat().st_size for p in self.path.parent.iterdir() if p.is_file())
 
 
 @dataclass(frozen=True)

@@ -103,17 +103,27 @@ class TorchCompileBackend(Backend):
         return super().artifact_bytes(module, workdir)
 
 
-class OrtRunner:
+class ExportedOnnx:
+    """The original model exported with ``torch.onnx.export(dynamo=True)`` into a temp dir, for a peer runtime."""
+
+    def __init__(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...], prefix: str) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix=prefix)
+        self.path = Path(self._dir.name) / "model.onnx"
+        torch.onnx.export(model, example_inputs, dynamo=True, verbose=False).save(str(self.path))
+
+    def disk_bytes(self) -> int:
+        """Size of the ONNX file plus any external-data files next to it."""
+        return sum(p.stat().st_size for p in self.path.parent.iterdir() if p.is_file())
+
+
+class OrtRunner(ExportedOnnx):
     """Calls an onnxruntime session with torch tensors; keeps its ONNX file in a temp dir."""
 
     def __init__(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...], threads: int,
                  providers: list[str]) -> None:
         import onnxruntime as ort
 
-        self._dir = tempfile.TemporaryDirectory(prefix="graphopt-bench-ort-")
-        self.path = Path(self._dir.name) / "model.onnx"
-        program = torch.onnx.export(model, example_inputs, dynamo=True, verbose=False)
-        program.save(str(self.path))
+        super().__init__(model, example_inputs, "graphopt-bench-ort-")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -124,10 +134,6 @@ class OrtRunner:
         """Run the session on CPU tensors and return its outputs as tensors."""
         feed = {name: x.detach().cpu().numpy() for name, x in zip(self.input_names, inputs, strict=True)}
         return [torch.from_numpy(y) for y in self.session.run(None, feed)]
-
-    def disk_bytes(self) -> int:
-        """Size of the ONNX file plus any external-data files next to it."""
-        return sum(p.stat().st_size for p in self.path.parent.iterdir() if p.is_file())
 
 
 @dataclass(frozen=True)

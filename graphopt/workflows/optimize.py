@@ -206,8 +206,8 @@ def optimize(
     measured_only = {step.lossy.name for step in steps if step.stage == "prune"}
     budgets, data = _lossy_setup(captured, passes, fidelity, measured_only, calibration, report)
     pristine = snapshot_graph_module(captured.graph_module) if budgets else None
-    first_notes, chosen = list(report.notes), target
-    for retry in range(LOWERING_BUDGET_RETRIES + 1):
+    first_notes, retry = list(report.notes), 0
+    while True:  # returns the first lowered model that meets its budget, or raises
         graph_budgets = _tightened(budgets, retry)
         lossy_runner = LossyRunner(graph_budgets, data, call_graph=_GraphCaller) if budgets else None
         manager = PassManager(passes, verify=check.enabled, on_error=on_error,
@@ -215,9 +215,9 @@ def optimize(
                               tolerance_scale=check.tolerance_scale, lossy_runner=lossy_runner)
         gm = manager.run(captured.graph_module, captured.flat_inputs, report, captured.graph_outputs)
         budget = _final_budget(report, budgets)
-        lowering_target = chosen.for_graph(gm) if chosen_by_name else chosen
-        if lowering_target is not chosen:
-            report.notes.append(f"target {chosen.name!r} named without a lowering: this graph lowers as "
+        lowering_target = target.for_graph(gm) if chosen_by_name else target
+        if lowering_target is not target:
+            report.notes.append(f"target {target.name!r} named without a lowering: this graph lowers as "
                                 f"{lowering_target.label()!r} (Target.for_graph)")
         try:
             return _lower_and_check(model, gm, manager, lowering_target, captured, report, budget, lossy_runner,
@@ -229,12 +229,12 @@ def optimize(
             tighter = _tightened(budgets, retry + 1)
             log.info("the lowered model missed the budget (%s); running the lossy passes again under %s",
                      shortfall, _describe(tighter))
-            first_notes.append(f"lowered to {chosen.name!r}, the model missed its budget ({shortfall}); the lossy "
+            first_notes.append(f"lowered to {target.name!r}, the model missed its budget ({shortfall}); the lossy "
                                f"passes ran again holding the graph to {_describe(tighter)}, so that more layers "
                                "stay in float")
-            report = Report(target=chosen.name, capture_seconds=report.capture_seconds, notes=list(first_notes))
+            report = Report(target=target.name, capture_seconds=report.capture_seconds, notes=list(first_notes))
             captured = dataclasses.replace(captured, graph_module=snapshot_graph_module(pristine))
-    raise AssertionError("unreachable: the last retry returns or raises")
+            retry += 1
 
 
 def _kernels_of(target: Target) -> str:

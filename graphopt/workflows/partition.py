@@ -288,8 +288,6 @@ class PartitionedModel(torch.nn.Module):
         from graphopt.targets.onnx.target import OnnxRuntimeModule, export_onnx_model
 
         check_opset(opset)
-
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         stages = self._cpu_stages()

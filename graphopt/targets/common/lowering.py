@@ -46,16 +46,8 @@ from graphopt.passes.manager import PassManager
 from graphopt.report import PassRecord, Report, ReportSection, sum_counts, sum_near_misses
 from graphopt.targets.base import LoweringContext
 
-__all__ = [
-    "KernelSubstitution",
-    "LoweringCheck",
-    "LoweringResult",
-    "is_kernel_substituting",
-    "kernel_bounds",
-    "kernel_comparison",
-    "records_section",
-    "run_lowering",
-]
+__all__ = ["KernelSubstitution", "LoweringCheck", "LoweringResult", "computes_in", "is_kernel_substituting",
+           "kernel_bounds", "kernel_comparison", "records_section", "run_lowering"]
 
 
 @dataclass(frozen=True)
@@ -200,3 +192,9 @@ def records_section(title: str, records: list[PassRecord], summary: str = "") ->
     return ReportSection(title=title, description=summary or None,
                          headers=["rewrite", "status", "nodes", "ms", "verify ms", "max |Δ|", "details", "near-misses"],
                          rows=rows)
+
+
+def computes_in(gm: fx.GraphModule, *dtypes: torch.dtype) -> bool:
+    """True when some node of ``gm`` computes a tensor of one of ``dtypes`` (its recorded value's dtype)."""
+    return any(isinstance(value, torch.Tensor) and value.dtype in dtypes
+               for value in (node.meta.get("val") for node in gm.graph.nodes))

@@ -42,7 +42,7 @@ from graphopt.report import PassRecord
 from graphopt.targets.base import LoweringContext
 from graphopt.targets.common.channels_last import ChannelsLast
 from graphopt.targets.common.donated_state import InplaceStateUpdates
-from graphopt.targets.common.lowering import run_lowering
+from graphopt.targets.common.lowering import computes_in, run_lowering
 from graphopt.targets.cpu.cached_attention import CachedAttention
 from graphopt.targets.cpu.epilogue import EpilogueFusion
 from graphopt.targets.cpu.split_linear import SplitLinears
@@ -244,14 +244,9 @@ class PrepackWeights(Pass):
         return PassResult(packed > 0, {"packed": packed})
 
 
-def reduced_precision(gm: fx.GraphModule, *dtypes: torch.dtype) -> bool:
-    """True when some node of ``gm`` computes in bfloat16 or float16 (after ``precision=``), or in one of ``dtypes``."""
-    wanted = dtypes or (torch.bfloat16, torch.float16)
-    for node in gm.graph.nodes:
-        value = node.meta.get("val")
-        if isinstance(value, torch.Tensor) and value.dtype in wanted:
-            return True
-    return False
+def reduced_precision(gm: fx.GraphModule) -> bool:
+    """True when some node of ``gm`` computes in bfloat16 or float16 (after ``precision=``)."""
+    return computes_in(gm, torch.bfloat16, torch.float16)
 
 
 class LoweredGraph(torch.nn.Module):

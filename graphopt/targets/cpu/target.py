@@ -17,8 +17,8 @@ from graphopt.passes.base import Pass
 from graphopt.passes.cleanup import DeadCodeElimination
 from graphopt.passes.quantize.patterns import has_quantized_ops
 from graphopt.targets.base import LoweringContext, Target
-from graphopt.targets.common.lowering import run_lowering
-from graphopt.targets.cpu.lowering import CpuLowering, float_lowering_passes, lower_graph, reduced_precision
+from graphopt.targets.common.lowering import computes_in, run_lowering
+from graphopt.targets.cpu.lowering import CpuLowering, float_lowering_passes, lower_graph
 from graphopt.targets.cpu.quantized import INT8_LOWERING
 from graphopt.targets.cpu.weight_only import CpuWeightOnlyKernels
 from graphopt.targets.onnx.options import openvino_installed
@@ -57,7 +57,7 @@ class CpuTarget(Target):
         instructions (AVX512-BF16 or AMX); measured here: ResNet-50 21 vs 35 ms, MiniLM (8 x 128)
         72 vs 93 ms. Quantized graphs keep their own kernels.
         """
-        if (self.lowering.backend != "graph" or has_quantized_ops(gm) or not reduced_precision(gm, torch.bfloat16)
+        if (self.lowering.backend != "graph" or has_quantized_ops(gm) or not computes_in(gm, torch.bfloat16)
                 or not openvino_installed() or not cpu_has_bfloat16()):
             return self
         return self.with_lowering(replace(self.lowering, backend="openvino"))  # type: ignore[return-value]

@@ -219,7 +219,7 @@ def _at_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     except Exception as error:
         raise LoweringError(f"the graph cannot be written at opset {opset} (the exporter wrote opset {written} and "
                             f"onnx's version converter failed: {str(error).splitlines()[-1][:200]}); pick an opset "
-                            f"from {opset_of(model)} to {MAX_OPSET}, or export at the default opset") from error
+                            f"from {written} to {MAX_OPSET}, or export at the default opset") from error
     return _without_newer_reduce_attributes(converted) if opset < 18 else converted
 
 

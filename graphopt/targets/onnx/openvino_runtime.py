@@ -44,13 +44,13 @@ from graphopt.errors import InputError, LoweringError
 from graphopt.ir.graph import run_and_record
 from graphopt.passes.base import Pass
 from graphopt.targets.base import LoweringContext
-from graphopt.targets.common.lowering import kernel_comparison
+from graphopt.targets.common.lowering import computes_in, kernel_comparison
 from graphopt.targets.onnx.decoder_norms import SkipRmsNorm
 from graphopt.targets.onnx.export import EXTERNAL_DATA_THRESHOLD, export_passes, write_model
 from graphopt.targets.onnx.opsets import FUSED_ATTENTION_OPSET
 from graphopt.targets.onnx.options import OnnxLowering, OpenVinoPrecision
 
-__all__ = ["BFLOAT16_OPSET", "OpenVinoModule", "computes_in_bfloat16", "import_openvino",
+__all__ = ["BFLOAT16_OPSET", "OpenVinoModule", "import_openvino",
            "openvino_export", "openvino_runner", "refuse_contrib_ops", "resolve_precision", "run_openvino",
            "without_bfloat16_casts"]
 
@@ -77,12 +77,6 @@ def import_openvino() -> ModuleType:
         raise LoweringError("runtime='openvino' (backend='openvino') needs OpenVINO: pip install openvino "
                             "(or graphopt[openvino]), or use runtime='onnxruntime'") from error
     return openvino
-
-
-def computes_in_bfloat16(gm: fx.GraphModule) -> bool:
-    """True when some node of ``gm`` computes in bfloat16 (after ``precision="bf16"``)."""
-    return any(isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16
-               for value in (node.meta.get("val") for node in gm.graph.nodes))
 
 
 def resolve_precision(options: OnnxLowering, gm: fx.GraphModule, context: LoweringContext) -> OpenVinoPrecision:
@@ -122,7 +116,7 @@ def openvino_export(gm: fx.GraphModule, context: LoweringContext, options: OnnxL
     resolve_precision(options, gm, context)  # refuses bf16 without a budget before the export
     passes = export_passes(gm) if passes is None else passes
     passes = [p for p in passes if not isinstance(p, SkipRmsNorm)]  # onnxruntime's contrib op: standard ops
-    if options.opset is None and computes_in_bfloat16(gm):
+    if options.opset is None and computes_in(gm, torch.bfloat16):
         fused = options.fused_attention and any(
             n.target == torch.ops.aten.scaled_dot_product_attention.default for n in gm.graph.nodes)
         options = replace(options, opset=FUSED_ATTENTION_OPSET if fused else BFLOAT16_OPSET)
@@ -286,7 +280,7 @@ def openvino_runner(model: onnx.ModelProto, gm: fx.GraphModule, context: Lowerin
         raise LoweringError(f"OpenVINO's bfloat16 inference misses the fidelity budget against the graph ({problem}); "
                             "use openvino_precision='f32' (the default: the graph's own bfloat16 layers) or a looser "
                             "budget")
-    notes.append(_precision_note(runner, computes_in_bfloat16(gm)))
+    notes.append(_precision_note(runner, computes_in(gm, torch.bfloat16)))
     return runner
 
 

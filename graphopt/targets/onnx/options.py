@@ -10,7 +10,7 @@ import importlib.util
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from graphopt.targets.onnx.opsets import MAX_OPSET, MIN_OPSET
+from graphopt.targets.onnx.opsets import check_opset
 
 __all__ = ["Level", "OnnxLowering", "OpenVinoPrecision", "Runtime", "WeightOnlyActivations",
            "check_weight_only_activations", "openvino_installed"]
@@ -61,9 +61,7 @@ class OnnxLowering:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         check_weight_only_activations(self.weight_only_activations)
-        if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)
-                                       or not MIN_OPSET <= self.opset <= MAX_OPSET):
-            raise ValueError(f"opset must be an int from {MIN_OPSET} to {MAX_OPSET}, got {self.opset!r}")
+        check_opset(self.opset)
         self._check_runtime()
 
     def _check_runtime(self) -> None:
