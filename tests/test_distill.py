@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import graphopt
 from graphopt.errors import FidelityError, InputError
@@ -132,3 +133,60 @@ def test_prune_distill_then_quantize_composes() -> None:
     assert any("is an OptimizedModel" in note for note in quantized.report.notes)
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(quantized(x), recovered(x)).min() > 0.99
+
+
+def test_distill_and_calibration_take_a_loader_of_another_batch_size() -> None:
+    """The issue's case: optimized for a batch of 540, calibrated and trained on a batch-64 DataLoader."""
+    torch.manual_seed(0)
+    x_train, y_train, x_test, y_test = _digits()
+    batches = [(x_train[i:i + 64], y_train[i:i + 64]) for i in range(0, len(x_train), 64)]
+    model = _train(_cnn(), batches, epochs=8)
+    original = _accuracy(model, x_test, y_test)
+    loader = DataLoader(TensorDataset(x_train), batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    pruned = graphopt.optimize(model, (x_train[:540],), "cpu", prune=0.5, calibration=loader)
+    assert any("regrouped into 2 batch(es) of the example's size 540" in note for note in pruned.report.notes)
+
+    recovered = graphopt.distill(pruned, teacher=model, data=loader, epochs=10, lr=2e-3)
+    padded = torch.cat([x_test, torch.zeros(540 - len(x_test), 1, 8, 8)])  # the recovered model keeps batch 540
+    with torch.no_grad():
+        after = float((recovered(padded)[:len(x_test)].argmax(1) == y_test).float().mean())
+        before = float((pruned(padded)[:len(x_test)].argmax(1) == y_test).float().mean())
+    assert after >= original - 0.01 and after > before
+    section = next(s for s in recovered.report.sections if s.title == "distill: recovery")
+    assert "trained with free dims: batch (example 540)" in section.description
+
+
+def _mean_pooled(outputs: list, inputs: tuple) -> torch.Tensor:
+    """Sentence embeddings: the last hidden state averaged over the real (unpadded) tokens."""
+    hidden, mask = outputs[0], inputs[1].unsqueeze(-1).to(outputs[0].dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def test_distill_an_encoder_on_unlabeled_sentences_of_any_length() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=256, vocab_size=120)
+    teacher = transformers.BertModel(config).eval()
+    generator = torch.Generator().manual_seed(1)
+
+    def batch(size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.randint(0, 120, (size, length), generator=generator)
+        mask = torch.ones(size, length, dtype=torch.long)
+        mask[0, length // 2:] = 0  # one padded sentence per batch
+        return ids, mask
+
+    pruned = graphopt.optimize(teacher, batch(4, 32), "cpu", prune=0.5)
+    data = [batch(8, length) for length in (12, 20, 32, 7, 25, 16)]
+    recovered = graphopt.distill(pruned, teacher=teacher, data=data, epochs=6, lr=3e-4, loss="cosine",
+                                 match=_mean_pooled)
+    section = next(s for s in recovered.report.sections if s.title == "distill: recovery")
+    cosine_before, cosine_after = section.rows[0][1], section.rows[0][2]
+    assert cosine_after > cosine_before
+    assert "batch (example 4)" in section.description and "dim1_32 (example 32, at most 32)" in section.description
+    assert "on _mean_pooled(outputs)" in section.description
+    with pytest.raises(InputError, match="outside its range"):  # longer than the example's position table
+        graphopt.distill(pruned, teacher=teacher, data=[batch(2, 40)], epochs=1, loss="cosine")
+    with pytest.raises(InputError, match=r"match=\.\.\.\) takes a function"):
+        graphopt.distill(pruned, teacher=teacher, data=data, match="mean")

@@ -161,17 +161,22 @@ def test_a_user_metric_budget_is_measured_on_the_graph_and_the_lowered_model() -
     assert calls[-1] is fast  # the last measurement is of the lowered model
 
 
-def test_calibration_batches_reach_the_budget_and_misfits_are_skipped_with_a_note() -> None:
+def test_calibration_batches_of_another_size_are_regrouped_and_misfits_skipped_with_a_note() -> None:
     model = ThreeLayers()
     batches = [(torch.randn(4, 16),) for _ in range(3)] + [(torch.randn(3, 16),)]  # last: a short batch
     fast = graphopt.optimize(model, (_x(),), passes=[RoundWeights(bits=8)], calibration=batches)
+    assert any("1 calibration batch(es) of another batch size (3 samples) were regrouped into 1 batch(es) of the "
+               "example's size 4 (repeating samples to fill one)" in note for note in fast.report.notes)
+    loader = [(torch.randn(6, 16),), (torch.randn(6, 16),), (torch.randn(4, 15),)]  # 12 samples, one misfit
+    fast = graphopt.optimize(model, (_x(),), passes=[RoundWeights(bits=8)], calibration=loader)
+    assert any("regrouped into 3 batch(es)" in note for note in fast.report.notes)
     assert any("1 calibration batch(es) skipped" in note for note in fast.report.notes)
     with pytest.raises(InputError, match="none of the 1 calibration batch"):
-        graphopt.optimize(model, (_x(),), passes=[RoundWeights(bits=8)], calibration=[(torch.randn(3, 16),)])
+        graphopt.optimize(model, (_x(),), passes=[RoundWeights(bits=8)], calibration=[(torch.randn(4, 15),)])
     with pytest.raises(InputError, match="iterable of batches"):
         graphopt.optimize(model, (_x(),), passes=[RoundWeights(bits=8)], calibration=torch.randn(4, 16))
     with pytest.raises(InputError, match="dynamic_batch"):
-        graphopt.optimize(model, (_x(),), passes=[RoundWeights(bits=8)], calibration=[(torch.randn(2, 16),)])
+        graphopt.optimize(model, (_x(),), passes=[RoundWeights(bits=8)], calibration=[(torch.randn(2, 15),)])
 
 
 def test_dynamic_batch_takes_calibration_batches_of_any_size() -> None:

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,10 +39,11 @@ from graphopt.passes.lossy.base import Fidelity, output_cosine
 from graphopt.report import PassRecord, PlotSpec, Report, ReportSection
 from graphopt.report.progress import progress
 from graphopt.workflows.optimized_model import OptimizedModel
+from graphopt.workflows.training_graph import TrainingGraph, training_graph
 
 __all__ = ["distill"]
 
-LOSSES = ("kl", "mse")
+LOSSES = ("kl", "mse", "cosine")
 
 
 def distill(
@@ -56,6 +58,7 @@ def distill(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     loss: str = "kl",
+    match: Callable[[list[Any], tuple[Any, ...]], Any] | None = None,
     fidelity: Fidelity | None = None,
     check_batches: int = 8,
 ) -> OptimizedModel:
@@ -64,10 +67,19 @@ def distill(
     ``data`` yields input tuples (a tensor counts as a 1-tuple), or ``(inputs, labels)`` pairs
     with ``labeled=True``; it is iterated once per epoch, so pass a re-iterable (a list, a
     DataLoader). ``alpha`` weighs the soft (teacher) loss against the hard (label) loss when
-    labeled. Agreement with the teacher (output cosine) is measured on the example and the
-    first ``check_batches`` batches before and after, and recorded in the report.
+    labeled. Batches may differ from the example in batch size, and in other dims up to the
+    example's size (shorter sentences): the student trains on its graph with those dims free.
+
+    ``loss``: ``"kl"`` (soft targets), ``"mse"`` or ``"cosine"`` (1 - cosine along the last dim:
+    hidden states and embeddings, whatever their scale). ``match(outputs, inputs)`` picks what
+    the student must reproduce from the flat list of outputs and the batch's inputs (the same
+    function for student and teacher), e.g. mask-weighted mean pooling for sentence embeddings;
+    default: every floating-point output. Agreement with the teacher (output cosine) is measured
+    on the example and the first ``check_batches`` batches before and after, and recorded in the
+    report.
     """
-    _check_arguments(pruned, teacher, data, epochs, temperature, alpha, lr, loss)
+    _check_arguments(pruned, teacher, data, epochs, temperature, alpha, lr, loss, match)
+    settings = _Settings(epochs, temperature, alpha, labeled, lr, loss, match)
     batches = list(data) if not hasattr(data, "__len__") else data
     started = time.perf_counter()
     student = clone_graph_module(pruned.portable_graph)
@@ -86,14 +98,17 @@ def distill(
             raise InputError(f"distill: the teacher fails on a batch of {len(args)} input(s) ({shapes}): "
                              f"{type(error).__name__}: {error}{hint}") from error
 
-    def run_student(args: tuple[Any, ...], params: dict[str, torch.Tensor]) -> list[Any]:
-        pruned.check_inputs(*args)
-        return pytree.tree_leaves(functional_call(student, params, args, strict=False))
-
     check_inputs = [pruned.example_inputs] + [
         _split(batch, labeled)[0] for _, batch in zip(range(check_batches), batches, strict=False)
     ]
-    before = _agreement(run_teacher, lambda a: run_student(a, trainable), check_inputs)
+    trainer = _trainer(pruned, student, batches, labeled, check_inputs)
+    trainable = {name: value for name, value in trainable.items() if name not in trainer.frozen}
+
+    def run_student(args: tuple[Any, ...], params: dict[str, torch.Tensor]) -> list[Any]:
+        trainer.check(args)
+        return pytree.tree_leaves(functional_call(trainer.graph_module, params, args, strict=False))
+
+    before = _agreement(run_teacher, lambda a: run_student(a, trainable), check_inputs, match)
     accuracy_before = _label_accuracy(run_student, trainable, batches, labeled, check_batches)
 
     params = {name: value.detach().clone().requires_grad_(True) for name, value in trainable.items()}
@@ -110,7 +125,7 @@ def distill(
         targets = run_teacher(args)
         with torch.enable_grad():
             outputs = run_student(args, params)
-            value = _loss(outputs, targets, labels, temperature, alpha, loss)
+            value = _loss(outputs, targets, args, labels, settings)
             optimizer.zero_grad()
             value.backward()
             optimizer.step()
@@ -122,21 +137,51 @@ def distill(
 
     trained = {name: value.detach() for name, value in params.items()}
     _store(student, trained)
-    after = _agreement(run_teacher, lambda a: run_student(a, trained), check_inputs)
+    after = _agreement(run_teacher, lambda a: run_student(a, trained), check_inputs, match)
     accuracy_after = _label_accuracy(run_student, trained, batches, labeled, check_batches)
 
     report = Report.from_dict(pruned.report.to_dict())
     recovered = pruned.with_graph(student, report)
     metric = _metric_figures(fidelity, recovered, pruned, teacher)
     seconds = time.perf_counter() - started
-    _record(report, student, seconds, epochs, temperature, alpha, labeled, lr, loss, epoch_losses, before, after,
+    _record(report, student, settings, seconds, trainer.describe(), epoch_losses, before, after,
             accuracy_before, accuracy_after, metric)
     _enforce(fidelity, after, metric)
     return recovered
 
 
+def _trainer(pruned: OptimizedModel, student: fx.GraphModule, batches: Any, labeled: bool,
+             check_inputs: list[tuple[Any, ...]]) -> TrainingGraph:
+    """The student as trained: its batch dim, and the dims the data vary in, set free."""
+    if pruned.example_kwargs:  # batches are positional: train at the example's shapes
+        return TrainingGraph(student, pruned.dynamic, pruned.signature)
+    samples = list(check_inputs[1:])
+    if isinstance(batches, (list, tuple)):  # shapes are free to look at: look at all of them
+        samples += [_split(batch, labeled)[0] for batch in batches[len(samples):]]
+    return training_graph(student, list(pruned.example_inputs), pruned.dynamic, pruned.signature, samples)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """How distill trains (what the report describes)."""
+
+    epochs: int
+    temperature: float
+    alpha: float
+    labeled: bool
+    lr: float
+    loss: str
+    match: Callable[[list[Any], tuple[Any, ...]], Any] | None
+
+    def describe(self) -> str:
+        return (f"{self.epochs} epoch(s), loss {self.loss}"
+                + (f" at temperature {self.temperature:g}" if self.loss == "kl" else "")
+                + (f" on {getattr(self.match, '__name__', 'match')}(outputs)" if self.match else "")
+                + (f", labeled (alpha {self.alpha:g})" if self.labeled else "") + f", lr {self.lr:g}")
+
+
 def _check_arguments(pruned: Any, teacher: Any, data: Any, epochs: int, temperature: float, alpha: float,
-                     lr: float, loss: str) -> None:
+                     lr: float, loss: str, match: Any) -> None:
     if not isinstance(pruned, OptimizedModel):
         raise InputError(f"distill(pruned=...) takes what graphopt.optimize returned, got {type(pruned).__name__}")
     if not isinstance(teacher, torch.nn.Module):
@@ -154,6 +199,8 @@ def _check_arguments(pruned: Any, teacher: Any, data: Any, epochs: int, temperat
         raise InputError(f"distill(lr=...) must be > 0, got {lr}")
     if loss not in LOSSES:
         raise InputError(f"distill(loss=...) must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if match is not None and not callable(match):
+        raise InputError(f"distill(match=...) takes a function of (outputs, inputs), got {type(match).__name__}")
 
 
 def _split(batch: Any, labeled: bool) -> tuple[tuple[Any, ...], Any]:
@@ -194,31 +241,44 @@ def _float_pairs(outputs: list[Any], targets: list[Any]) -> list[tuple[torch.Ten
     return pairs
 
 
-def _loss(outputs: list[Any], targets: list[Any], labels: Any, temperature: float, alpha: float,
-          kind: str) -> torch.Tensor:
-    pairs = _float_pairs(outputs, targets)
+def _matched(outputs: list[Any], inputs: tuple[Any, ...], match: Any) -> list[Any]:
+    if match is None:
+        return outputs
+    try:
+        return pytree.tree_leaves(match(outputs, inputs))
+    except Exception as error:
+        raise InputError(f"distill(match=...) failed on a batch: {type(error).__name__}: {error}") from error
+
+
+def _loss(outputs: list[Any], targets: list[Any], inputs: tuple[Any, ...], labels: Any,
+          settings: _Settings) -> torch.Tensor:
+    logits = outputs[0] if outputs else None
+    pairs = _float_pairs(_matched(outputs, inputs, settings.match), _matched(targets, inputs, settings.match))
+    temperature = settings.temperature
     soft = torch.zeros(())
     for student, teacher in pairs:
-        if kind == "mse" or student.dim() == 0:
+        if settings.loss == "mse" or student.dim() == 0:
             soft = soft + F.mse_loss(student.float(), teacher.float())
-            continue
-        s = student.float().reshape(-1, student.shape[-1]) / temperature
-        t = teacher.float().reshape(-1, teacher.shape[-1]) / temperature
-        soft = soft + F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
-                               reduction="batchmean") * temperature ** 2
+        elif settings.loss == "cosine":
+            soft = soft + (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+        else:
+            s = student.float().reshape(-1, student.shape[-1]) / temperature
+            t = teacher.float().reshape(-1, teacher.shape[-1]) / temperature
+            soft = soft + F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
+                                   reduction="batchmean") * temperature ** 2
     if labels is None:
         return soft
-    logits = pairs[0][0]
     hard = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).long())
-    return alpha * soft + (1 - alpha) * hard
+    return settings.alpha * soft + (1 - settings.alpha) * hard
 
 
-def _agreement(teacher: Any, student: Any, inputs: list[tuple[Any, ...]]) -> float:
-    """Worst output cosine of the student against the teacher over ``inputs``."""
+def _agreement(teacher: Any, student: Any, inputs: list[tuple[Any, ...]], match: Any) -> float:
+    """Worst cosine of the student's (matched) outputs against the teacher's over ``inputs``."""
     worst = 1.0
     with torch.no_grad():
         for args in inputs:
-            worst = min(worst, output_cosine(teacher(args), student(args)))
+            expected, actual = _matched(teacher(args), args, match), _matched(student(args), args, match)
+            worst = min(worst, output_cosine(expected, actual))
     return worst
 
 
@@ -262,12 +322,12 @@ def _metric_figures(fidelity: Fidelity | None, recovered: OptimizedModel, pruned
             "drop_after": baseline - after}
 
 
-def _record(report: Report, student: fx.GraphModule, seconds: float, epochs: int, temperature: float, alpha: float,
-            labeled: bool, lr: float, loss: str, epoch_losses: list[float], before: float, after: float,
-            accuracy_before: float | None, accuracy_after: float | None, metric: dict[str, float]) -> None:
+def _record(report: Report, student: fx.GraphModule, settings: _Settings, seconds: float, shapes: str,
+            epoch_losses: list[float], before: float, after: float, accuracy_before: float | None,
+            accuracy_after: float | None, metric: dict[str, float]) -> None:
     nodes = sum(1 for n in student.graph.nodes if n.op not in ("placeholder", "output"))
     size = parameter_bytes(student)
-    stats: dict[str, int | float] = {"epochs": epochs, "final_loss": round(epoch_losses[-1], 6)}
+    stats: dict[str, int | float] = {"epochs": settings.epochs, "final_loss": round(epoch_losses[-1], 6)}
     report.records.append(PassRecord(
         name="distill", status="changed", nodes_before=nodes, nodes_after=nodes, param_bytes_before=size,
         param_bytes_after=size, seconds=seconds, stats=stats,
@@ -281,8 +341,7 @@ def _record(report: Report, student: fx.GraphModule, seconds: float, epochs: int
         rows.append([f"metric (teacher {metric['teacher']:.4g})", round(metric["before"], 6),
                      round(metric["after"], 6)])
         rows.append(["metric drop vs teacher", round(metric["drop_before"], 6), round(metric["drop_after"], 6)])
-    description = (f"{epochs} epoch(s), loss {loss}" + (f" at temperature {temperature:g}" if loss == "kl" else "")
-                   + (f", labeled (alpha {alpha:g})" if labeled else "") + f", lr {lr:g}, {seconds:.1f} s")
+    description = f"{settings.describe()}, {shapes}, {seconds:.1f} s"
     plot = PlotSpec(kind="line", title="distill: training loss per epoch",
                     x_labels=[str(i + 1) for i in range(len(epoch_losses))], series={"loss": epoch_losses},
                     x_label="epoch", y_label="loss")

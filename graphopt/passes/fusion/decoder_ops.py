@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from graphopt.ir.free_dims import register_broadcasting
 from graphopt.ir.graph import node_shape
 from graphopt.ir.meta import infer_meta
 
@@ -102,7 +103,7 @@ def _rotary_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 SWIGLU = torch.ops.graphopt_decoder.swiglu.default
 GEGLU = torch.ops.graphopt_decoder.geglu.default
-ROTARY = torch.ops.graphopt_decoder.rotary.default
+ROTARY = register_broadcasting(torch.ops.graphopt_decoder.rotary.default)  # cos/sin broadcast to x
 DECODER_OPS = (SWIGLU, GEGLU, ROTARY)
 """Every ``graphopt_decoder`` op, for lowering and inspection."""
 

@@ -42,9 +42,10 @@ def calibration_batches(
 ) -> tuple[list[tuple[Any, ...]], list[str]]:
     """The calibration batches as flat graph inputs, and notes for the report.
 
-    Batches whose shapes the graph cannot take (a DataLoader's smaller last batch on a graph
-    with a static batch dim) are skipped and counted in a note; when none fits, ``InputError``
-    says how to fix it.
+    Batches that differ from the example only in their batch size (a DataLoader's, on a graph
+    with a static batch dim) are regrouped into batches of the example's size. Batches whose
+    shapes the graph cannot take otherwise are skipped and counted in a note; when none fits,
+    ``InputError`` says how to fix it.
     """
     if calibration is None:
         return [], []
@@ -57,23 +58,80 @@ def calibration_batches(
     gm = captured.graph_module
     flats: list[tuple[Any, ...]] = []
     refused: list[str] = []
+    other_batch_size: list[tuple[Any, ...]] = []
     for batch in progress(calibration, desc="reading calibration data"):
         args, kwargs = _as_call(batch, captured.example_kwargs)
         try:
-            flat = flatten_inputs(gm, args, kwargs)
-            captured.dynamic.check(flat, signature)
+            flat = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in flatten_inputs(gm, args, kwargs))
         except InputError as error:
             refused.append(str(error))
             continue
-        flats.append(tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in flat))
+        try:
+            captured.dynamic.check(flat, signature)
+        except InputError as error:
+            if _differs_in_batch_only(flat, signature, captured):
+                other_batch_size.append(flat)
+            else:
+                refused.append(str(error))
+            continue
+        flats.append(flat)
+    notes = []
+    if other_batch_size:
+        rebatched = _rebatch(other_batch_size, signature)
+        flats.extend(rebatched)
+        samples = sum(_batch_size(f) for f in other_batch_size)
+        notes.append(f"{len(other_batch_size)} calibration batch(es) of another batch size ({samples} samples) were "
+                     f"regrouped into {len(rebatched)} batch(es) of the example's size {_batch_size(rebatched[0])}"
+                     + (" (repeating samples to fill one)" if samples < _batch_size(rebatched[0]) else ""))
     if refused and not flats:
         raise InputError(
             f"none of the {len(refused)} calibration batch(es) fits the graph: {refused[0]} "
             "Give batches shaped like the example inputs, or declare varying dims (dynamic_batch=True)."
         )
-    notes = []
     if refused:
         notes.append(f"{len(refused)} calibration batch(es) skipped: their shapes do not fit the graph ({refused[0]})")
     if not flats:
         notes.append("the calibration data was empty")
     return flats, notes
+
+
+def _batch_size(flat: tuple[Any, ...]) -> int:
+    return next(int(v.shape[0]) for v in flat if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def _differs_in_batch_only(flat: tuple[Any, ...], signature: list[tuple[tuple[int, ...], torch.dtype] | None],
+                           captured: CapturedModel) -> bool:
+    """Whether a batch fits the graph but for its batch size (dim 0 of every tensor input, static in the graph)."""
+    if len(flat) != len(signature) or any(0 in (d or {}) for d in captured.dynamic.dims):
+        return False
+    sizes = set()
+    for value, want in zip(flat, signature, strict=True):
+        if want is None:
+            continue
+        if not isinstance(value, torch.Tensor) or value.dtype != want[1] or value.dim() != len(want[0]):
+            return False
+        if value.dim() == 0 or tuple(value.shape[1:]) != tuple(want[0][1:]):
+            return False
+        sizes.add(int(value.shape[0]))
+    example_sizes = {want[0][0] for want in signature if want is not None and want[0]}
+    return len(sizes) == 1 and len(example_sizes) == 1
+
+
+def _rebatch(flats: list[tuple[Any, ...]], signature: list[tuple[tuple[int, ...], torch.dtype] | None]
+             ) -> list[tuple[Any, ...]]:
+    """Batches of another batch size, concatenated and cut into batches of the example's size.
+
+    The samples that do not fill a last batch are dropped, unless there are too few for one: then
+    they are repeated until one batch is full.
+    """
+    size = next(want[0][0] for want in signature if want is not None and want[0])
+    columns = [torch.cat([f[i] for f in flats]) if want is not None else flats[0][i]
+               for i, want in enumerate(signature)]
+    total = next(int(c.shape[0]) for c, want in zip(columns, signature, strict=True) if want is not None)
+    if total < size:
+        repeats = -(-size // total)
+        columns = [torch.cat([c] * repeats)[:size] if want is not None else c
+                   for c, want in zip(columns, signature, strict=True)]
+        total = size
+    return [tuple(c[start:start + size] if want is not None else c for c, want in zip(columns, signature, strict=True))
+            for start in range(0, total - size + 1, size)]
