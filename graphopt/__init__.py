@@ -51,6 +51,7 @@ from graphopt.workflows.optimize import optimize
 from graphopt.workflows.optimized_model import OptimizedModel, load
 from graphopt.workflows.options import Dynamic, PassPipeline, Verify
 from graphopt.workflows.partition import PartitionedModel, PartitionReport, partition
+from graphopt.workflows.recipe import recipe
 
 __all__ = [
     "DEFAULT_PIPELINE",
@@ -121,5 +122,6 @@ __all__ = [
     "load",
     "optimize",
     "partition",
+    "recipe",
     "register_pass",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -266,3 +267,58 @@ def test_a_lowering_no_tighter_graph_rescues_still_raises() -> None:
     with pytest.raises(graphopt.VerificationError, match="output cosine"):
         graphopt.optimize(model, (x,), _LossierKernels(model, factor=400.0), passes=["dce", RoundWeights(bits=8)],
                           fidelity=Fidelity(min_cosine=0.99))
+
+
+class TwoBranches(torch.nn.Module):
+    """``p`` reads the first 8 features, ``q`` the last 8; ``r`` has weights 4-bit rounding keeps exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.p, self.q, self.r = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        with torch.no_grad():
+            self.r.weight.copy_(torch.randint(-7, 8, (4, 16)) / 7.0)
+            self.r.weight[0, 0] = 1.0  # the largest magnitude: 4-bit steps of 1/7 are exact
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.r(torch.relu(self.p(x[:, :8]) + self.q(x[:, 8:])))
+
+
+def _first_half(batch: int, seed: int) -> torch.Tensor:
+    """Inputs whose last 8 features are small: they barely show ``q``'s rounding."""
+    x = torch.randn(batch, 16, generator=torch.Generator().manual_seed(seed))
+    x[:, 8:] *= 0.05
+    return x
+
+
+def test_the_budget_is_judged_on_held_out_data_the_layers_were_not_chosen_on() -> None:
+    calibration = [(_first_half(8, seed),) for seed in range(4)]
+    fresh = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(10 + i)),) for i in range(2)]
+    budget = Fidelity(min_cosine=0.9995)
+
+    blind = graphopt.optimize(TwoBranches(), (_first_half(8, 99),), passes=[RoundWeights(bits=4)],
+                              calibration=calibration, fidelity=dataclasses.replace(budget, held_out=0))
+    with torch.no_grad():  # chosen and judged on data that barely exercises q: fresh inputs break the budget
+        assert min(output_cosine(TwoBranches()(x), blind(x)) for (x,) in fresh) < budget.min_cosine
+
+    judged = graphopt.optimize(TwoBranches(), (_first_half(8, 99),), passes=[RoundWeights(bits=4)],
+                               calibration=calibration, validation=fresh, fidelity=budget)
+    record = _record(judged.report)
+    assert record.fidelity["held_out_cosine"] >= budget.min_cosine
+    assert record.fidelity["fallen_back"] == _record(blind.report).fidelity["fallen_back"] + 1
+    assert judged.report.final_held_out_cosine >= budget.min_cosine
+    assert "on held-out data" in str(judged.report)
+    assert any("2 validation batch(es)" in note for note in judged.report.notes)
+    with torch.no_grad():
+        assert min(output_cosine(TwoBranches()(x), judged(x)) for (x,) in fresh) >= budget.min_cosine
+
+
+def test_without_validation_the_last_calibration_batches_are_held_out() -> None:
+    batches = [(_x(4),)] + [(torch.randn(4, 16, generator=torch.Generator().manual_seed(s)),) for s in range(7)]
+    fast = graphopt.optimize(ThreeLayers(), (_x(),), passes=[RoundWeights(bits=8)], calibration=batches)
+    assert any("6 batch(es) choose the layers, the last 2 are held out" in note for note in fast.report.notes)
+    assert "held_out_cosine" in _record(fast.report).fidelity
+    few = graphopt.optimize(ThreeLayers(), (_x(),), passes=[RoundWeights(bits=8)], calibration=batches[:2])
+    assert any("give validation= to judge it on other data" in note for note in few.report.notes)
+    with pytest.raises(InputError, match="held_out"):
+        Fidelity(held_out=1.0)

@@ -43,6 +43,7 @@ import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, is_mutating, node_shape, op_name
 from graphopt.ir.op_args import argument, conv_arguments
+from graphopt.ir.op_traits import broadcasting
 from graphopt.ir.ops import (
     ALIAS_OPS,
     CONV_OPS,
@@ -129,9 +130,11 @@ def _is_int(value: Any) -> bool:
 class DependencyGraph:
     """Coupled dims of an ATen graph module and the pruning groups they form (see the module doc)."""
 
-    def __init__(self, gm: fx.GraphModule, protect: Sequence[str] = ()) -> None:
+    def __init__(self, gm: fx.GraphModule, protect: Sequence[str] = (), norms: bool = False) -> None:
         self.gm = gm
         self.protect = tuple(protect)
+        self.norms = norms  # whether the dims a norm normalizes over may shrink
+        self.shrinking_norms: dict[str, str] = {}  # layer / RMS norm node -> "layer" or "rms", when norms may shrink
         self.atoms: list[Atom] = []
         self.groups: list[Group] = []
         self.layouts: dict[str, Any] = {}  # node name -> list[Layout] (or list of lists for tuple outputs)
@@ -145,13 +148,15 @@ class DependencyGraph:
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def build(cls, gm: fx.GraphModule, protect: Sequence[str] = ()) -> DependencyGraph:
+    def build(cls, gm: fx.GraphModule, protect: Sequence[str] = (), norms: bool = False) -> DependencyGraph:
         """Analyse ``gm`` (not changed).
 
         ``protect``: fnmatch patterns of attribute names (or their prefixes, e.g. ``"layer4.*"``
-        or ``"classifier"``) whose dims must keep their size.
+        or ``"classifier"``) whose dims must keep their size. ``norms``: let the dims a layer or
+        RMS norm (or a mean / variance) normalizes over shrink, such as a transformer's hidden size:
+        the norms then normalize over the kept features only (``shrinking_norms`` lists them).
         """
-        deps = cls(gm, protect)
+        deps = cls(gm, protect, norms)
         for node in gm.graph.nodes:
             deps._visit(node)
         deps._build_nx()
@@ -421,10 +426,12 @@ class DependencyGraph:
         if target in _IDENTITY_OPS:
             source = self.layout_of(args[0])
             return source if source is not None else self._fixed_layouts(node)
-        if torch.Tag.pointwise in target.tags or target in {aten.__and__.Tensor, aten.__or__.Tensor,
-                                                            aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
-                                                            aten.masked_fill.Tensor}:
-            return self._broadcast(node, [a for a in _flat_nodes(args) + _flat_nodes(node.kwargs)], name)
+        traits = broadcasting(target)
+        if traits is not None or target in {aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.masked_fill.Tensor}:
+            out = self._broadcast(node, [a for a in _flat_nodes(args) + _flat_nodes(node.kwargs)], name)
+            if traits is not None and traits.mixed_last_dims:
+                self.block(self.atoms_in(out[len(out) - traits.mixed_last_dims:]), f"{name}: {traits.reason}")
+            return out
         if target in RESHAPE_OPS or target is aten.flatten.using_ints or target is aten.unflatten.int:
             return self._reshape(node, name)
         if target in (aten.permute.default,):
@@ -704,8 +711,12 @@ class DependencyGraph:
     def _layer_norm(self, node: fx.Node, name: str) -> list[Layout]:
         x = self._need(node.args[0], name)
         normalized = len(node.args[1])
-        self.block(self.atoms_in(x[len(x) - normalized:]),
-                   f"{name} normalizes over it (removing features changes every other feature)")
+        if self.norms:
+            self.rewrites[node.name] = "normalized_shape"
+            self.shrinking_norms[node.name] = "rms" if node.target is aten.rms_norm.default else "layer"
+        else:
+            self.block(self.atoms_in(x[len(x) - normalized:]),
+                       f"{name} normalizes over it (removing features changes every other feature)")
         for param in node.args[2:4]:
             if isinstance(param, fx.Node):
                 for la, lb in zip(x[len(x) - normalized:], self._need(param, name), strict=True):
@@ -733,7 +744,7 @@ class DependencyGraph:
         else:
             dims = [d % len(source) for d in ([dims_arg] if isinstance(dims_arg, int) else dims_arg)]
         reduced = [source[d] for d in dims]
-        if normalizing:
+        if normalizing and not self.norms:
             self.block(self.atoms_in(reduced), f"{name} averages over it (removing entries changes the mean)")
         out = []
         for d, layout in enumerate(source):
@@ -771,6 +782,11 @@ class DependencyGraph:
             self.unify(a, b, f"{name} batches over them")
             return self.resolve(a)
         if size_a != 1 and size_b != 1:  # grouped-query attention: query head h reads key head h // ratio
+            if _is_int(size_a) and _is_int(size_b) and size_a % size_b == 0:
+                # a key/value head goes with the query heads that read it
+                outer, _ = self._split_dim(a, [size_b, size_a // size_b], name)
+                self.unify(outer, b, f"{name} shares each key/value head between {size_a // size_b} query heads")
+                return self.resolve(a)
             self.block(self.atoms_in([a, b]), f"{name} shares key/value heads between query heads")
         return a if size_b == 1 else b
 

@@ -40,26 +40,15 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch.utils._sympy.functions import FloorDiv
 
 from graphopt.errors import InputError
-from graphopt.ir.graph import clone_graph_module
+from graphopt.ir.graph import snapshot_graph_module
+from graphopt.ir.op_traits import broadcasting
 
-__all__ = ["FreedGraph", "free_dims", "register_broadcasting"]
+__all__ = ["FreedGraph", "free_dims"]
 
 aten = torch.ops.aten
 
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _EXPANDS = {aten.expand.default}
-# broadcasting ops torch does not tag pointwise (graphopt's own fused ops add themselves: register_broadcasting)
-_BROADCASTING: set[Any] = {aten.__and__.Tensor, aten.__or__.Tensor, aten.__xor__.Tensor}
-
-
-def register_broadcasting(op: Any) -> Any:
-    """Declare that ``op``'s tensor operands broadcast against each other like a pointwise op's.
-
-    ``free_dims`` then fits constant operands of ``op`` (a ``cos`` table, a mask) to freed dims.
-    Returns ``op``.
-    """
-    _BROADCASTING.add(op)
-    return op
 # scalar size arguments (not lists) that may carry a freed size: slice bounds, arange ends, narrow lengths
 _SCALAR_SIZES = {
     aten.slice.Tensor: ("start", "end"),
@@ -268,7 +257,7 @@ class _Propagation(fx.Interpreter):
             scores = [*args[0].shape[:-1], args[1].shape[-2]]  # the attention mask broadcasts to [..., Lq, Lk]
             fitted = self._fit([args[3]], [node_args[3]], [list(args[3].shape), scores])
             return args if fitted is None else (*args[:3], fitted[0], *args[4:])
-        if torch.Tag.pointwise not in getattr(target, "tags", ()) and target not in _BROADCASTING:
+        if broadcasting(target) is None:
             return args
         shapes = [list(a.shape) if isinstance(a, torch.Tensor) else [] for a in args]
         fitted = self._fit(list(args), list(node_args), shapes)
@@ -291,8 +280,8 @@ class _Propagation(fx.Interpreter):
                       and not (i < len(node_args) and isinstance(self.constants.get(node_args[i]), torch.Tensor))]
             cuts = []
             for dim in range(value.dim()):
-                if value.dim() - dim == skip:
-                    continue
+                if value.dim() - dim == skip or isinstance(value.shape[dim], torch.SymInt):
+                    continue  # (a dim that already follows a freed size stays)
                 freed = self._broadcast_partner(int(value.shape[dim]), value.dim() - dim, others)
                 if freed is not None:
                     kind = self._cut_kind(node_arg, dim)
@@ -337,7 +326,8 @@ class _Propagation(fx.Interpreter):
                 continue
             extent = _expr(source.shape[i])
             cuts = [(dim, "arange", extent) for dim in range(index.dim())
-                    if extent.free_symbols and int(index.shape[dim]) == _hint(extent, hints) >= 2
+                    if extent.free_symbols and not isinstance(index.shape[dim], torch.SymInt)
+                    and int(index.shape[dim]) == _hint(extent, hints) >= 2
                     and self._cut_kind(node_arg, dim) == "arange"]
             if cuts:
                 self.fitted.update(str(a.target) for a in _weights_read(node_arg))
@@ -629,7 +619,7 @@ def _build(expr: sympy.Expr, leaf: Callable[[sympy.Symbol], Any], mul: Callable[
 def _rewrite(gm: fx.GraphModule, placeholders: list[fx.Node],
              decisions: dict[str, tuple[tuple[Any, ...], dict[str, Any]]],
              symbols: dict[str, sympy.Symbol], sources: dict[sympy.Symbol, tuple[int, int]]) -> fx.GraphModule:
-    copy = clone_graph_module(gm)
+    copy = snapshot_graph_module(gm)
     nodes = {n.name: n for n in copy.graph.nodes}
     copy_placeholders = [nodes[p.name] for p in placeholders]
     sizes: dict[sympy.Symbol, fx.Node] = {}

@@ -86,6 +86,7 @@ class Report:
     final_max_abs_diff: float | None = None
     final_check: str = "not run"
     final_cosine: float | None = None  # after lossy passes: worst output cosine of the lowered model vs eager
+    final_held_out_cosine: float | None = None  # the same on the held-out (validation) batches
     final_metric: dict[str, float] = field(default_factory=dict)  # Fidelity.metric: baseline, value, drop
     lowering_seconds: float = 0.0
     capture_seconds: float = 0.0
@@ -171,7 +172,9 @@ class Report:
             f" lowering {self.lowering_seconds:.2f} s"
         ]
         if self.final_cosine is not None:
-            lines.append(f"lossy passes: final output cosine vs eager {self.final_cosine:.5f}")
+            held_out = (f", on held-out data {self.final_held_out_cosine:.5f}"
+                        if self.final_held_out_cosine is not None else "")
+            lines.append(f"lossy passes: final output cosine vs eager {self.final_cosine:.5f}{held_out}")
         if self.final_metric:
             lines.append("fidelity metric: " + ", ".join(f"{k} {v:.4g}" for k, v in self.final_metric.items()))
         if self.rolled_back:

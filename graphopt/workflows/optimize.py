@@ -25,7 +25,7 @@ from graphopt.ir.shapes import resize_inputs
 from graphopt.ir.verify import compare_outputs
 from graphopt.passes.base import Pass, resolve_pass
 from graphopt.passes.compress import CompressionSpec, CompressionStep, compression_steps, stage_of
-from graphopt.passes.lossy.base import CalibrationData, Fidelity, is_lossy
+from graphopt.passes.lossy.base import MIN_BATCHES_TO_HOLD_OUT, CalibrationData, Fidelity, is_lossy
 from graphopt.passes.lossy.calibration import calibration_batches
 from graphopt.passes.lossy.runner import LossyRunner
 from graphopt.passes.manager import OnError, PassManager
@@ -58,8 +58,8 @@ __all__ = ["optimize"]
 
 log = logging.getLogger("graphopt")
 
-_KEYWORDS = ("example_kwargs", "dynamic", "compress", "calibration", "fidelity", "pipeline", "verify", "lowering",
-             "tune", "max_cache_len")
+_KEYWORDS = ("example_kwargs", "dynamic", "compress", "calibration", "validation", "fidelity", "pipeline", "verify",
+             "lowering", "tune", "max_cache_len")
 """The keywords ``optimize`` takes by name (the flat shortcuts come on top, see ``options.SHORTCUTS``)."""
 
 
@@ -102,6 +102,7 @@ def optimize(
     dynamic: Dynamic | None = None,
     compress: CompressionSpec | Sequence[CompressionSpec] = (),
     calibration: Iterable[Any] | None = None,
+    validation: Iterable[Any] | None = None,
     fidelity: Fidelity | None = None,
     pipeline: PassPipeline | None = None,
     verify: bool | Verify = True,
@@ -139,7 +140,10 @@ def optimize(
     so that more layers stay in float; ``VerificationError`` only when that does not help.
     ``calibration`` is an iterable of input batches (tuples like ``example_inputs``, a tensor, or
     a dict of keyword inputs; a DataLoader works) that observers and the budget run on;
-    ``Int8Static`` needs it.
+    ``Int8Static`` needs it. Budgets are judged on data the layers were not chosen on:
+    ``validation`` (batches like ``calibration``), else the last ``Fidelity.held_out`` share
+    (0.25) of the calibration batches when there are at least 3; the lossy passes and the final
+    check hold the model to the budget on those too, and the report shows both figures.
 
     **Lowering.** ``lowering`` replaces the target's lowering config (``CpuLowering(...)`` for
     ``cpu``, ``GpuLowering(...)`` for ``gpu``, ``OnnxLowering(...)`` for ``onnx``). A target named
@@ -182,7 +186,8 @@ def optimize(
                                              fidelity)
         return optimize_for_generation(model, example_inputs, target, passes, max_cache_len=max_cache_len,
                                        verify=check.enabled, on_error=on_error, compression=compression,
-                                       refused=_refused_for_generation(calibration, tune, example_kwargs, options))
+                                       refused=_refused_for_generation(calibration, tune, example_kwargs, options,
+                                                                       validation))
     passes = options.pipeline.build(target)
     if max_cache_len is not None:
         raise InputError("max_cache_len= applies to causal language models (generation); this model is not one")
@@ -204,7 +209,7 @@ def optimize(
     log.info("captured %d nodes; running %d passes", len(captured.graph_module.graph.nodes), len(passes))
 
     measured_only = {step.lossy.name for step in steps if step.stage == "prune"}
-    budgets, data = _lossy_setup(captured, passes, fidelity, measured_only, calibration, report)
+    budgets, data = _lossy_setup(captured, passes, fidelity, measured_only, calibration, validation, report)
     pristine = snapshot_graph_module(captured.graph_module) if budgets else None
     first_notes, retry = list(report.notes), 0
     while True:  # returns the first lowered model that meets its budget, or raises
@@ -221,7 +226,8 @@ def optimize(
                                 f"{lowering_target.label()!r} (Target.for_graph)")
         try:
             return _lower_and_check(model, gm, manager, lowering_target, captured, report, budget, lossy_runner,
-                                    check, tune=tune, on_error=on_error)
+                                    check, tune=tune, on_error=on_error,
+                                    held_out=data.validation if data is not None else [])
         except VerificationError as error:
             shortfall = getattr(error, "budget_shortfall", None)
             if shortfall is None or retry == LOWERING_BUDGET_RETRIES or not _tightenable(budget):
@@ -268,9 +274,11 @@ def _describe(budgets: dict[str, Fidelity]) -> str:
 
 def _lower_and_check(model: torch.nn.Module, gm: fx.GraphModule, manager: PassManager, target: Target,
                      captured: CapturedModel, report: Report, budget: Fidelity | None,
-                     lossy_runner: LossyRunner | None, check: Verify, *, tune: bool, on_error: OnError
-                     ) -> OptimizedModel:
+                     lossy_runner: LossyRunner | None, check: Verify, *, tune: bool, on_error: OnError,
+                     held_out: Sequence[tuple[Any, ...]] = ()) -> OptimizedModel:
     """Lower the optimized graph ``gm`` and check the result against eager (or the budget); the optimized model.
+
+    ``held_out``: batches (flat inputs) the budget is also checked on, kept apart from calibration.
 
     Raises ``VerificationError`` when the lowered model differs; one that misses an enforced
     budget carries ``budget_shortfall`` (what it missed), so that ``optimize`` can try again.
@@ -299,7 +307,7 @@ def _lower_and_check(model: torch.nn.Module, gm: fx.GraphModule, manager: PassMa
     # cpu runs the verified graph itself, unless lowering rewrote it (int8 kernels for a quantized graph)
     graph_outputs = manager.outputs if runner is gm and check.enabled and budget is None else None
     _final_check(optimized, reference_model, captured, report, check.tolerance_scale, native, check.enabled,
-                 graph_outputs, budget)
+                 graph_outputs, budget, held_out if budget is not None and budget.metric is None else ())
     if budget is not None and budget.metric is not None and lossy_runner is not None:
         _final_metric(optimized, budget, lossy_runner.baseline_metric, report)
     return optimized
@@ -313,9 +321,12 @@ def _generates(model: torch.nn.Module, example_kwargs: dict[str, Any] | None) ->
     return getattr(getattr(model, "config", None), "use_cache", True) is not False
 
 
-def _refused_for_generation(calibration: Any, tune: bool, example_kwargs: Any, options: Any) -> list[str]:
+def _refused_for_generation(calibration: Any, tune: bool, example_kwargs: Any, options: Any,
+                            validation: Any = None) -> list[str]:
     """The options ``optimize`` takes that generation does not support yet (named in its error)."""
-    asked = {"calibration= (the budget's text is Fidelity(text=...))": calibration is not None, "tune=True": tune,
+    asked = {"calibration= (the budget's text is Fidelity(text=...))": calibration is not None,
+             "validation= (the budget's held-out text is Fidelity(text=...))": validation is not None,
+             "tune=True": tune,
              "example_kwargs= (other than use_cache)": bool(set(example_kwargs or {}) - {"use_cache"}),
              "dynamic=": bool(options.dynamic.shapes) or options.dynamic.batch}
     return [name for name, given in asked.items() if given]
@@ -341,23 +352,44 @@ def _final_metric(optimized: OptimizedModel, budget: Fidelity, baseline: float |
 
 
 def _lossy_setup(captured: CapturedModel, pipeline: Sequence[Pass], fidelity: Fidelity | None,
-                 measured_only: set[str], calibration: Iterable[Any] | None, report: Report
-                 ) -> tuple[dict[str, Fidelity], CalibrationData | None]:
+                 measured_only: set[str], calibration: Iterable[Any] | None, validation: Iterable[Any] | None,
+                 report: Report) -> tuple[dict[str, Fidelity], CalibrationData | None]:
     """Each lossy pass's budget and the data the fidelity machinery runs on (empty and None without lossy passes).
 
-    The calibration batches are read once here: a retry under a tighter budget reuses them.
+    The calibration (and validation) batches are read once here: a retry under a tighter budget
+    reuses them. Without ``validation``, the last ``held_out`` share of the calibration batches is
+    kept apart to judge the budgets on.
     """
     if fidelity is not None and not isinstance(fidelity, Fidelity):
         raise InputError(f"fidelity must be a graphopt.Fidelity, got {type(fidelity).__name__}")
     lossy = [p for p in pipeline if is_lossy(p)]
     if not lossy:
-        if calibration is not None or fidelity is not None:
-            report.notes.append("calibration/fidelity given but no lossy pass (compress=, quantize=, prune=) "
-                                "asked for: unused")
+        if calibration is not None or fidelity is not None or validation is not None:
+            report.notes.append("calibration/validation/fidelity given but no lossy pass (compress=, quantize=, "
+                                "prune=) asked for: unused")
         return {}, None
     batches, notes = calibration_batches(calibration, captured)
     report.notes.extend(notes)
-    return _budgets(lossy, fidelity, measured_only), CalibrationData(example=captured.flat_inputs, batches=batches)
+    budgets = _budgets(lossy, fidelity, measured_only)
+    if validation is not None:
+        held, notes = calibration_batches(validation, captured, what="validation")
+        report.notes.extend(notes)
+        report.notes.append(f"budgets judged on {len(held)} validation batch(es) besides the example and "
+                            f"{len(batches)} calibration batch(es)")
+        return budgets, CalibrationData(example=captured.flat_inputs, batches=batches, validation=held)
+    share = max((f.held_out for f in budgets.values() if f.enforce and f.metric is None
+                 and not f.for_language_model), default=0.0)
+    if share and len(batches) >= MIN_BATCHES_TO_HOLD_OUT:
+        count = max(1, round(len(batches) * share))
+        batches, held = batches[:-count], batches[-count:]
+        report.notes.append(f"calibration: {len(batches)} batch(es) choose the layers, the last {len(held)} are held "
+                            "out to judge the budget on (Fidelity(held_out=...), or give validation=)")
+        return budgets, CalibrationData(example=captured.flat_inputs, batches=batches, validation=held)
+    if share and batches:
+        report.notes.append(f"the budget is judged on the {len(batches)} calibration batch(es) the layers were chosen "
+                            f"on (fewer than {MIN_BATCHES_TO_HOLD_OUT} to hold some out): give validation= to judge "
+                            "it on other data")
+    return budgets, CalibrationData(example=captured.flat_inputs, batches=batches)
 
 
 def _final_budget(report: Report, budgets: dict[str, Fidelity]) -> Fidelity | None:
@@ -386,8 +418,8 @@ def _measured_before_enforced(report: Report, budget: Fidelity | None) -> bool:
 
 def _final_check(optimized: OptimizedModel, model: torch.nn.Module, captured: CapturedModel, report: Report,
                  tolerance_scale: float, native: float, verify: bool, graph_outputs: Any = None,
-                 budget: Fidelity | None = None) -> None:
-    """Compare the lowered model with eager on the example, and at other sizes of its dynamic dims.
+                 budget: Fidelity | None = None, held_out: Sequence[tuple[Any, ...]] = ()) -> None:
+    """Compare the lowered model with eager on the example, at other sizes of its dynamic dims, and on ``held_out``.
 
     After lossy passes (``budget`` given) the comparison is by output cosine against the budget
     instead of the exact tolerance; the worst cosine goes into ``report.final_cosine``.
@@ -404,14 +436,20 @@ def _final_check(optimized: OptimizedModel, model: torch.nn.Module, captured: Ca
             args, kwargs, sizes = resized
             label = ", ".join(f"{name}={size}" for name, size in sizes.items())
             probes.append((label, args, kwargs, None))
+    if not captured.example_kwargs:  # held-out batches are flat inputs: positional calls
+        probes += [(f"held-out batch {i + 1}", tuple(flat), {}, None) for i, flat in enumerate(held_out)]
     results = _run_probes(optimized, model, probes, tolerance_scale, native, graph_outputs, budget)
     report.final_max_abs_diff = max(c.max_abs_diff for _, c in results)
     if budget is not None:
-        report.final_cosine = min(c.max_scaled_diff for _, c in results)
+        report.final_cosine = min(c.max_scaled_diff for label, c in results if not label.startswith("held-out"))
     failures = [f"{label}: {c.detail}" for label, c in results if not c.ok]
     report.final_check = "passed" if not failures else f"FAILED ({'; '.join(failures)})"
-    if len(results) > 1:
-        report.notes.append("dynamic dims checked against eager at: " + "; ".join(label for label, _ in results))
+    resized = [label for label, _ in results[1:] if not label.startswith("held-out")]
+    if resized:
+        report.notes.append("dynamic dims checked against eager at: " + "; ".join(["example inputs", *resized]))
+    held = [c for label, c in results if label.startswith("held-out")]
+    if held and budget is not None:
+        report.final_held_out_cosine = min(c.max_scaled_diff for c in held)
     if failures and verify:
         error = VerificationError(
             f"the optimized model lowered to {optimized.target.name!r} differs from the original: {failures[0]}",

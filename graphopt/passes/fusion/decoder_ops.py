@@ -27,9 +27,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir.free_dims import register_broadcasting
 from graphopt.ir.graph import node_shape
 from graphopt.ir.meta import infer_meta
+from graphopt.ir.op_traits import register_broadcasting
 
 __all__ = ["DECODER_OPS", "GEGLU", "NAMESPACE", "ROTARY", "SWIGLU", "decompose", "rotary_reference"]
 
@@ -101,9 +101,10 @@ def _rotary_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + x * sin
 
 
-SWIGLU = torch.ops.graphopt_decoder.swiglu.default
-GEGLU = torch.ops.graphopt_decoder.geglu.default
-ROTARY = register_broadcasting(torch.ops.graphopt_decoder.rotary.default)  # cos/sin broadcast to x
+SWIGLU = register_broadcasting(torch.ops.graphopt_decoder.swiglu.default)
+GEGLU = register_broadcasting(torch.ops.graphopt_decoder.geglu.default)
+ROTARY = register_broadcasting(torch.ops.graphopt_decoder.rotary.default, mixed_last_dims=1,
+                              reason="rotary embeddings pair the two halves of the head dim")
 DECODER_OPS = (SWIGLU, GEGLU, ROTARY)
 """Every ``graphopt_decoder`` op, for lowering and inspection."""
 

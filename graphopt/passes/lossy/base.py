@@ -41,6 +41,7 @@ __all__ = [
     "LossyPass",
     "LossyPlan",
     "LossyUnit",
+    "MIN_BATCHES_TO_HOLD_OUT",
     "output_cosine",
     "output_sqnr_db",
 ]
@@ -57,6 +58,12 @@ class Fidelity:
     ``max_drop`` below its value on the unchanged graph; the cosine is then measured and
     reported but not enforced. ``enforce=False`` measures and reports without enforcing.
     ``max_batches`` caps how many calibration batches the check runs on.
+
+    **Held-out data.** The budget is judged on data the layers were not chosen on: the
+    ``validation=`` batches given to ``optimize``, else the last ``held_out`` share of the
+    calibration batches (when there are at least ``MIN_BATCHES_TO_HOLD_OUT``). Observers and the
+    per-layer fallback use the rest; a candidate must meet the budget on both, and the report
+    shows both figures. ``held_out=0`` judges the budget on the calibration data itself.
 
     **Language models** (compressed for generation) are judged on held-out text instead:
     ``max_perplexity_ratio`` (perplexity at most that multiple of the float model's, e.g. 1.02)
@@ -77,6 +84,7 @@ class Fidelity:
     agreement_tokens: int = 32
     text: str | None = None
     tokenizer: Any = None
+    held_out: float = 0.25
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_cosine <= 1.0:
@@ -98,6 +106,9 @@ class Fidelity:
         if isinstance(self.agreement_tokens, bool) or not isinstance(self.agreement_tokens, int) \
                 or self.agreement_tokens < 1:
             raise InputError(f"Fidelity(agreement_tokens=...) must be a positive int, got {self.agreement_tokens!r}")
+        if isinstance(self.held_out, bool) or not 0.0 <= self.held_out < 1.0:
+            raise InputError(f"Fidelity(held_out=...) is the share of calibration batches kept apart to judge the "
+                             f"budget on, in [0, 1); got {self.held_out!r}")
         if self.text is not None and not isinstance(self.text, str):
             raise InputError("Fidelity(text=...) is the held-out text as one string (it is tokenized with "
                              f"tokenizer=), got {type(self.text).__name__}")
@@ -123,17 +134,23 @@ class Fidelity:
         return f"output cosine >= {self.min_cosine:g}"
 
 
+MIN_BATCHES_TO_HOLD_OUT = 3
+"""Fewer calibration batches than this are all used for calibration (the budget is then judged on them too)."""
+
+
 @dataclass
 class CalibrationData:
     """Inputs a lossy pass may run the graph on, each as the graph's flat input tuple.
 
     ``example`` is the example inputs; ``batches`` the calibration batches the user gave
-    (empty when none). Passes that need data they were not given raise ``InputError``
-    saying what to pass (``optimize(..., calibration=loader)``).
+    (empty when none); ``validation`` the batches kept apart to judge budgets on (never seen by
+    observers or the choice of layers). Passes that need data they were not given raise
+    ``InputError`` saying what to pass (``optimize(..., calibration=loader)``).
     """
 
     example: tuple[Any, ...] | None
     batches: list[tuple[Any, ...]] = field(default_factory=list)
+    validation: list[tuple[Any, ...]] = field(default_factory=list)
 
     @property
     def all(self) -> list[tuple[Any, ...]]:

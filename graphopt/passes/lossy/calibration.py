@@ -38,9 +38,11 @@ def _as_call(batch: Any, example_kwargs: dict[str, Any]) -> tuple[tuple[Any, ...
 
 
 def calibration_batches(
-    calibration: Iterable[Any] | None, captured: CapturedModel
+    calibration: Iterable[Any] | None, captured: CapturedModel, what: str = "calibration"
 ) -> tuple[list[tuple[Any, ...]], list[str]]:
     """The calibration batches as flat graph inputs, and notes for the report.
+
+    ``what`` names the data in messages (``"validation"`` for held-out batches).
 
     Batches that differ from the example only in their batch size (a DataLoader's, on a graph
     with a static batch dim) are regrouped into batches of the example's size. Batches whose
@@ -51,7 +53,7 @@ def calibration_batches(
         return [], []
     if isinstance(calibration, (torch.Tensor, Mapping)):
         raise InputError(
-            "calibration must be an iterable of batches (a list of input tuples or a DataLoader), not a single "
+            f"{what} must be an iterable of batches (a list of input tuples or a DataLoader), not a single "
             f"{type(calibration).__name__}; wrap one batch as [(x,)]"
         )
     signature = [(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None for v in captured.flat_inputs]
@@ -59,7 +61,7 @@ def calibration_batches(
     flats: list[tuple[Any, ...]] = []
     refused: list[str] = []
     other_batch_size: list[tuple[Any, ...]] = []
-    for batch in progress(calibration, desc="reading calibration data"):
+    for batch in progress(calibration, desc=f"reading {what} data"):
         args, kwargs = _as_call(batch, captured.example_kwargs)
         try:
             flat = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in flatten_inputs(gm, args, kwargs))
@@ -80,18 +82,18 @@ def calibration_batches(
         rebatched = _rebatch(other_batch_size, signature)
         flats.extend(rebatched)
         samples = sum(_batch_size(f) for f in other_batch_size)
-        notes.append(f"{len(other_batch_size)} calibration batch(es) of another batch size ({samples} samples) were "
+        notes.append(f"{len(other_batch_size)} {what} batch(es) of another batch size ({samples} samples) were "
                      f"regrouped into {len(rebatched)} batch(es) of the example's size {_batch_size(rebatched[0])}"
                      + (" (repeating samples to fill one)" if samples < _batch_size(rebatched[0]) else ""))
     if refused and not flats:
         raise InputError(
-            f"none of the {len(refused)} calibration batch(es) fits the graph: {refused[0]} "
+            f"none of the {len(refused)} {what} batch(es) fits the graph: {refused[0]} "
             "Give batches shaped like the example inputs, or declare varying dims (dynamic_batch=True)."
         )
     if refused:
-        notes.append(f"{len(refused)} calibration batch(es) skipped: their shapes do not fit the graph ({refused[0]})")
+        notes.append(f"{len(refused)} {what} batch(es) skipped: their shapes do not fit the graph ({refused[0]})")
     if not flats:
-        notes.append("the calibration data was empty")
+        notes.append(f"the {what} data was empty")
     return flats, notes
 
 

@@ -46,17 +46,21 @@ class Measurement:
     sqnr_db: float
     metric: float | None = None
     metric_drop: float | None = None
+    held_out_cosine: float | None = None  # on the held-out batches, when there are any
 
     def meets(self, fidelity: Fidelity) -> bool:
-        """True when this measurement is within ``fidelity``'s budget."""
+        """True when this measurement is within ``fidelity``'s budget (on held-out data too, when measured)."""
         if fidelity.metric is not None:
             return self.metric_drop is not None and self.metric_drop <= fidelity.max_drop  # type: ignore[operator]
-        return self.cosine >= fidelity.min_cosine
+        held_out = self.held_out_cosine if self.held_out_cosine is not None else 1.0
+        return self.cosine >= fidelity.min_cosine and held_out >= fidelity.min_cosine
 
     def headline(self, fidelity: Fidelity) -> str:
         """The measured value the budget is about, in words."""
         if fidelity.metric is not None and self.metric is not None:
             return f"{_metric_name(fidelity)} {self.metric:.4g} (drop {self.metric_drop:.4g})"
+        if self.held_out_cosine is not None:
+            return f"cosine {self.cosine:.7f} (held-out data: {self.held_out_cosine:.7f})"
         return f"cosine {self.cosine:.7f}"
 
 
@@ -96,6 +100,8 @@ class LossyOutcome:
         if self.measurement.metric is not None:
             fields["metric"] = self.measurement.metric
             fields["metric_drop"] = self.measurement.metric_drop
+        if self.measurement.held_out_cosine is not None:
+            fields["held_out_cosine"] = self.measurement.held_out_cosine
         return fields
 
 
@@ -125,7 +131,9 @@ class LossyRunner:
         self.call_graph = call_graph
         batches = max([f.max_batches for f in self.fidelities.values()] + [self.default.max_batches])
         self._inputs = data.all[: 1 + batches] if data.example is not None else []
+        self._held_out = list(data.validation[:batches])
         self._reference: list[Any] | None = None
+        self._held_out_reference: list[Any] = []
         self.baseline_metric: float | None = None
 
     def fidelity_for(self, pass_name: str) -> Fidelity:
@@ -139,6 +147,7 @@ class LossyRunner:
         self.fidelity = self.fidelity_for(pass_.name)
         if self._reference is None:
             self._reference = [example_outputs] + [self._run(gm, flat) for flat in self._inputs[1:]]
+            self._held_out_reference = [self._run(gm, flat) for flat in self._held_out]
             if self.fidelity.metric is not None:
                 self.baseline_metric = self._metric(gm)
         plan = self._plan(pass_, gm)
@@ -207,6 +216,11 @@ class LossyRunner:
                 cosine = min(cosine, output_cosine(reference, outputs))
                 sqnr = min(sqnr, output_sqnr_db(reference, outputs))
         measurement = Measurement(cosine, sqnr)
+        if self._held_out and self.fidelity.metric is None and (not self.fidelity.enforce
+                                                                 or cosine >= self.fidelity.min_cosine):
+            measurement.held_out_cosine = min(
+                output_cosine(reference, self._run(candidate, flat))
+                for flat, reference in zip(self._held_out, self._held_out_reference, strict=True))
         if self.fidelity.metric is not None:
             measurement.metric = self._metric(candidate)
             measurement.metric_drop = self.baseline_metric - measurement.metric  # type: ignore[operator]

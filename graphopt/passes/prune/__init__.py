@@ -39,7 +39,12 @@ class Prune(LossyPass):
     ``"global"`` ranks all units (elements) against one threshold, no group losing more than
     ``max_group_amount``. ``protect``: attribute-name patterns (``"layer4.*"``, ``"classifier"``)
     that keep their shape; graph outputs always do. ``round_to`` keeps multiples of that many
-    units per group (e.g. 8 for vector units). Unstructured only: ``pattern="2:4"`` keeps the 2
+    units per group (e.g. 8 for vector units). ``norms=True`` (structured) also prunes the dims
+    layer and RMS norms normalize over: a transformer's hidden size (the residual stream, its
+    embeddings and every projection reading it, together). The norms then normalize over the kept
+    features, which changes more than the removed weights (distill recovers it); RMS norm is
+    rescaled so that removing features that were zero stays exact. ``norms=False`` keeps those
+    dims. Unstructured only: ``pattern="2:4"`` keeps the 2
     largest of every 4 weights along the input dim (sparse tensor cores on recent GPUs).
     """
 
@@ -53,6 +58,7 @@ class Prune(LossyPass):
     round_to: int = 1
     max_group_amount: float = 0.9
     pattern: str | None = None
+    norms: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.protect, (list, str)):
@@ -83,7 +89,7 @@ class Prune(LossyPass):
         if self.structured:
             return plan_structured(gm, data, amount=self.amount, importance=self.importance, scope=self.scope,
                                    protect=self.protect, round_to=self.round_to,
-                                   max_group_amount=self.max_group_amount)
+                                   max_group_amount=self.max_group_amount, norms=self.norms)
         return plan_unstructured(gm, data, amount=self.amount, importance=self.importance, scope=self.scope,
                                  protect=self.protect, pattern=self.pattern)
 

@@ -11,6 +11,7 @@ most sensitive groups fall back. ``StructuredPlan.apply`` slices every coupled w
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -111,10 +112,11 @@ def _out_dim(deps: DependencyGraph, atom: Atom) -> int:
 
 
 def plan_structured(gm: fx.GraphModule, data: CalibrationData, *, amount: float, importance: str,
-                    scope: str, protect: Sequence[str], round_to: int, max_group_amount: float) -> StructuredPlan:
+                    scope: str, protect: Sequence[str], round_to: int, max_group_amount: float,
+                    norms: bool = True) -> StructuredPlan:
     """Decide which units of every prunable group to keep (``gm`` is not changed)."""
     check_kind(importance)
-    deps = DependencyGraph.build(gm, protect)
+    deps = DependencyGraph.build(gm, protect, norms=norms)
     groups = deps.prunable_groups()
     if not groups:
         raise InputError(_nothing_prunable_message(deps))
@@ -315,14 +317,16 @@ class StructuredPlan(LossyPlan):
             layouts = deps.layouts[node.name]
             if kind == "shape":
                 node.args = (node.args[0], self._sizes(node.args[1], layouts, active), *node.args[2:])
-            elif kind == "unflatten":
-                dim = node.args[1] % len(layouts)
+            elif kind == "unflatten":  # the dim is counted in the input, which has len(sizes) - 1 dims fewer
+                dim = node.args[1] % (len(layouts) - len(node.args[2]) + 1)
                 sizes = self._sizes(node.args[2], layouts[dim: dim + len(node.args[2])], active)
                 node.args = (node.args[0], node.args[1], sizes, *node.args[3:])
             elif kind in ("groups", "num_groups"):  # the conv's / group norm's argument of that name
                 set_argument(node, kind, int(self.new_length(deps.virtual[(node.name, "groups")], active)))
             elif kind == "split":
                 self._rewrite_split(node, layouts, active)
+            elif kind == "normalized_shape":
+                self._rewrite_norm(gm, node, layouts, active)
             elif kind == "slice":
                 dim = (node.args[1] if len(node.args) > 1 else 0) % len(layouts)
                 start = self.new_length(deps.virtual[(node.name, "before")], active)
@@ -339,6 +343,33 @@ class StructuredPlan(LossyPlan):
                 if new != size and isinstance(new, int):
                     out[i] = new
         return out
+
+    def _rewrite_norm(self, gm: fx.GraphModule, node: fx.Node, layouts: list[Layout],
+                      active: dict[int, GroupChoice]) -> None:
+        """A layer / RMS norm over shrunk features: its normalized shape, and for RMS norm its scale.
+
+        RMS norm over the kept features of a vector whose removed features were zero is the
+        original times sqrt(kept / all): the weight (times sqrt(all / kept)) and eps (times
+        all / kept) undo that, so removing zero features stays exact.
+        """
+        normalized = layouts[len(layouts) - len(node.args[1]):]
+        before = math.prod(int(sum(seg.length for seg in layout)) for layout in normalized)
+        sizes = [int(self.new_length(layout, active)) for layout in normalized]
+        node.args = (node.args[0], sizes, *node.args[2:])
+        after = math.prod(sizes)
+        if after == before or self.deps.shrinking_norms.get(node.name) != "rms":
+            return
+        weight = node.args[2] if len(node.args) > 2 else None
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+            return
+        ratio = before / after
+        value = attribute_value(gm, weight)
+        scaled = register_constant(gm, f"{weight.target}_rescaled", (value * math.sqrt(ratio)).contiguous(),
+                                   before=weight)
+        node.replace_input_with(weight, scaled)
+        eps = node.args[3] if len(node.args) > 3 else None
+        if isinstance(eps, float):
+            node.args = (*node.args[:3], eps * ratio, *node.args[4:])
 
     def _rewrite_split(self, node: fx.Node, outputs: list[list[Layout]], active: dict[int, GroupChoice]) -> None:
         dim = argument(node, "dim", 0) % len(outputs[0])
