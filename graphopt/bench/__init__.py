@@ -292,6 +292,9 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--quantize", type=_schemes, default=None, metavar="S1,S2",
                         help="instead: float vs int8 (e.g. int8,int8-dynamic) on cpu and onnx, with eager and "
                              "onnxruntime's own dynamic int8 side by side: size, latency, speed-ups, output cosine")
+    parser.add_argument("--compound", type=_ratio, default=None, metavar="RATIO",
+                        help="with --quantize: add OpenVINO and, per scheme, the model pruned by RATIO, distilled on "
+                             "unlabeled data (pydoc sentences for text models) and quantized (graphopt.recipe)")
     add_generation_arguments(parser)
     parser.set_defaults(func=run_bench_command)
 
@@ -317,6 +320,13 @@ def _ratios(text: str) -> list[float]:
     return values
 
 
+def _ratio(text: str) -> float:
+    values = _ratios(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"--compound takes one pruning ratio such as 0.5; got {text!r}")
+    return values[0]
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
     """Run ``graphopt bench`` from parsed arguments; returns the process exit code."""
     if getattr(args, "generation", False):
@@ -334,6 +344,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
         print(f"graphopt bench: {exc}", file=sys.stderr)
         return 2
     threads = args.threads or default_threads()
+    if getattr(args, "compound", None) is not None and not getattr(args, "quantize", None):
+        print("graphopt bench: --compound adds rows to --quantize: give the schemes too (--quantize int8-dynamic)",
+              file=sys.stderr)
+        return 2
     if getattr(args, "quantize", None):
         from graphopt.bench.quantize import run_quantize_bench_command
 

@@ -1,4 +1,4 @@
-"""``graphopt bench --quantize int8,int8-dynamic``: what int8 buys, measured side by side.
+"""``graphopt bench --quantize int8,int8-dynamic [--compound 0.5]``: what int8 buys, measured side by side.
 
 For every model, in one process and timed round-robin with ``graphopt bench``'s harness:
 eager PyTorch; onnxruntime on a plain export (fp32) and onnxruntime's own dynamic int8
@@ -8,7 +8,8 @@ the size on disk, latency, speed-ups over eager, over graphopt's fp32 lowering o
 target and over onnxruntime's own dynamic int8, and fidelity: the worst per-sample output
 cosine against eager (and, for embedding models, whether each sentence with a clearly nearest
 neighbour keeps it and the ranking of pairwise similarities stays, Spearman >= 0.97). Static
-int8 calibrates on the zoo's example inputs.
+int8 calibrates on the zoo's example inputs. ``--compound RATIO`` adds OpenVINO and, per target
+and scheme, the model pruned by RATIO, distilled and quantized (``graphopt.bench.compound``).
 
     >>> from graphopt.bench.quantize import run_quantize_benchmark
     >>> print(run_quantize_benchmark(["resnet18"], schemes=("int8",), size="small"))
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 from graphopt.bench import zoo
+from graphopt.bench.compound import CompoundBackend
+from graphopt.bench.openvino_peer import OpenVinoBackend
 from graphopt.bench.report import machine_info, versions, write_result_files
 from graphopt.bench.runner import (
     Backend,
@@ -142,6 +145,7 @@ def run_quantize_benchmark(
     models: Sequence[str | tuple[str, nn.Module, tuple[torch.Tensor, ...]]],
     schemes: Sequence[str] = ("int8", "int8-dynamic"),
     targets: Sequence[str] = ("cpu", "onnx"),
+    compound: float | None = None,
     size: str = "full",
     batch: int = 1,
     threads: int | None = None,
@@ -150,7 +154,11 @@ def run_quantize_benchmark(
     progress: bool = True,
     command: str | None = None,
 ) -> QuantizeBenchResult:
-    """Float vs int8 per model: eager, onnxruntime fp32 / dynamic int8, graphopt fp32 / int8 per target."""
+    """Float vs int8 per model: eager, onnxruntime fp32 / dynamic int8, graphopt fp32 / int8 per target.
+
+    ``compound``: a pruning ratio; adds OpenVINO (f32 and its default precision) and, per target
+    and scheme, prune -> distill -> quantize (``graphopt.bench.compound``).
+    """
     from graphopt.bench import default_threads
 
     threads = threads or default_threads()
@@ -172,14 +180,17 @@ def run_quantize_benchmark(
                 name, model, inputs, kind = entry, built.model, built.example_inputs, built.output_kind
             else:
                 (name, model, inputs), kind = entry, "logits"
-            rows += _measure(name, model.eval(), inputs, kind, schemes, targets, threads, plan, probe, report)
+            rows += _measure(name, model.eval(), inputs, kind, schemes, targets, threads, plan, probe, report,
+                             compound)
     finally:
         torch.set_num_threads(previous)
     meta = {"size": size, "batch": batch, "threads": threads, "schemes": list(schemes), "targets": list(targets),
+            "compound": compound,
             "timing": plan.describe(), "machine": machine_info(), "versions": versions(),
-            "command": command or f"graphopt bench --quantize {','.join(schemes)} "
-                                  f"{' '.join(m if isinstance(m, str) else m[0] for m in models)} --size {size} "
-                                  f"--batch {batch}",
+            "command": command or (f"graphopt bench --quantize {','.join(schemes)} "
+                                   + (f"--compound {compound:g} " if compound else "")
+                                   + f"{' '.join(m if isinstance(m, str) else m[0] for m in models)} --size {size} "
+                                   f"--batch {batch}"),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "total_seconds": round(time.perf_counter() - started, 1)}
     return QuantizeBenchResult(rows, meta)
 
@@ -209,7 +220,7 @@ def _ranking_kept(outputs: Any, reference: list[torch.Tensor]) -> bool | None:
 
 def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], kind: str, schemes: Sequence[str],
              targets: Sequence[str], threads: int, plan: TimingPlan, probe: MemoryProbe,
-             report: Any) -> list[QuantizeRow]:
+             report: Any, compound: float | None = None) -> list[QuantizeRow]:
     with torch.no_grad():
         reference = flatten_outputs(model(*inputs))
     backends: list[tuple[Backend, str | None, str | None]] = [
@@ -217,10 +228,18 @@ def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], kind
         (OnnxRuntimeBackend(name="onnxruntime fp32", threads=threads), None, None),
         (_OrtDynamicBackend(threads=threads), None, "ort-dynamic"),
     ]
+    if compound is not None:
+        backends += [(OpenVinoBackend(name="openvino f32", threads=threads, precision="f32"), None, "openvino"),
+                     (OpenVinoBackend(name="openvino (default precision)", threads=threads), None, "openvino")]
     for target in targets:
         for scheme in (None, *schemes):
             label = f"graphopt-{target} {scheme or 'fp32'}"
             backends.append((_QuantizedBackend(name=label, target=target, scheme=scheme), target, scheme))
+        for scheme in schemes if compound is not None else ():
+            label = f"graphopt-{target} prune {compound:g} + distill + {scheme}"
+            backend = CompoundBackend(name=label, target=target, amount=compound, scheme=scheme,
+                                      loss="kl" if kind == "logits" else "cosine")
+            backends.append((backend, target, f"compound {scheme}"))
     prepared, rows = [], []
     with tempfile.TemporaryDirectory(prefix="graphopt-bench-quantize-") as tmp:
         for backend, target, scheme in backends:
@@ -264,14 +283,15 @@ def _ratios(rows: list[QuantizeRow]) -> None:
         row.speedup_vs_eager = eager / row.median_ms if eager else None
         if row.target and row.scheme and fp32.get(row.target):
             row.speedup_vs_fp32 = fp32[row.target] / row.median_ms
-        if row.scheme and row.scheme != "ort-dynamic" and ort_int8:
+        if row.scheme and row.scheme not in ("ort-dynamic", "openvino") and ort_int8:
             row.speedup_vs_ort_int8 = ort_int8 / row.median_ms
 
 
 def run_quantize_bench_command(args: Any, models: Sequence[str], threads: int) -> int:
     """``graphopt bench --quantize ...`` from parsed arguments."""
     result = run_quantize_benchmark(models, schemes=args.quantize, size=args.size, batch=args.batch[0],
-                                    threads=threads, min_repeats=args.min_repeats, max_seconds=args.max_seconds,
+                                    compound=getattr(args, "compound", None), threads=threads,
+                                    min_repeats=args.min_repeats, max_seconds=args.max_seconds,
                                     progress=not args.quiet)
     print(result)
     write_result_files(result, args.json, args.markdown)

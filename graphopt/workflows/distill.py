@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from graphopt.ir.graph import clone_graph_module, parameter_bytes, state_update_
 from graphopt.passes.lossy.base import Fidelity, output_cosine
 from graphopt.report import PassRecord, PlotSpec, Report, ReportSection
 from graphopt.report.progress import progress
+from graphopt.workflows.layer_taps import TeacherTaps, module_outputs, with_extra_outputs
 from graphopt.workflows.optimized_model import OptimizedModel
 from graphopt.workflows.training_graph import TrainingGraph, training_graph
 
@@ -59,6 +60,8 @@ def distill(
     weight_decay: float = 0.0,
     loss: str = "kl",
     match: Callable[[list[Any], tuple[Any, ...]], Any] | None = None,
+    layers: str | Sequence[str] | None = None,
+    layer_weight: float = 1.0,
     fidelity: Fidelity | None = None,
     check_batches: int = 8,
 ) -> OptimizedModel:
@@ -74,12 +77,17 @@ def distill(
     hidden states and embeddings, whatever their scale). ``match(outputs, inputs)`` picks what
     the student must reproduce from the flat list of outputs and the batch's inputs (the same
     function for student and teacher), e.g. mask-weighted mean pooling for sentence embeddings;
-    default: every floating-point output. Agreement with the teacher (output cosine) is measured
+    default: every floating-point output. ``layers``: module paths (fnmatch per dotted part, e.g.
+    ``"encoder.layer.*"``) whose outputs the student must match too, weighted by ``layer_weight``
+    (cosine along the last dim, or MSE with ``loss="mse"``): intermediate targets recover a pruned
+    model much further than its last output alone; their shapes must be the teacher's (a pruned
+    hidden size cannot be matched). Agreement with the teacher (output cosine) is measured
     on the example and the first ``check_batches`` batches before and after, and recorded in the
     report.
     """
     _check_arguments(pruned, teacher, data, epochs, temperature, alpha, lr, loss, match)
-    settings = _Settings(epochs, temperature, alpha, labeled, lr, loss, match)
+    settings = _Settings(epochs, temperature, alpha, labeled, lr, loss, match,
+                         layers if isinstance(layers, str) or layers is None else ", ".join(layers))
     batches = list(data) if not hasattr(data, "__len__") else data
     started = time.perf_counter()
     student = clone_graph_module(pruned.portable_graph)
@@ -103,10 +111,25 @@ def distill(
     ]
     trainer = _trainer(pruned, student, batches, labeled, check_inputs)
     trainable = {name: value for name, value in trainable.items() if name not in trainer.frozen}
+    taps = module_outputs(student, [layers] if isinstance(layers, str) else list(layers)) if layers else {}
+    if layers and not taps:
+        raise InputError(f"distill(layers={layers!r}) names no module of the optimized graph; give module paths "
+                         "like 'encoder.layer.*' (fnmatch per dotted part)")
+    teacher_taps = TeacherTaps(teacher_twin, list(taps)) if taps else None
+    trained_graph = (with_extra_outputs(trainer.graph_module, list(taps.values()))[0] if taps
+                     else trainer.graph_module)
+
+    def run_teacher_and_taps(args: tuple[Any, ...]) -> tuple[list[Any], list[Any]]:
+        outputs = run_teacher(args)
+        return outputs, (teacher_taps.take() if teacher_taps else [])
+
+    def run_student_and_taps(args: tuple[Any, ...], params: dict[str, torch.Tensor]) -> tuple[list[Any], list[Any]]:
+        trainer.check(args)
+        values = list(pytree.tree_leaves(functional_call(trained_graph, params, args, strict=False)))
+        return values[:len(values) - len(taps)], values[len(values) - len(taps):]
 
     def run_student(args: tuple[Any, ...], params: dict[str, torch.Tensor]) -> list[Any]:
-        trainer.check(args)
-        return pytree.tree_leaves(functional_call(trainer.graph_module, params, args, strict=False))
+        return run_student_and_taps(args, params)[0]
 
     before = _agreement(run_teacher, lambda a: run_student(a, trainable), check_inputs, match)
     accuracy_before = _label_accuracy(run_student, trainable, batches, labeled, check_batches)
@@ -122,10 +145,12 @@ def distill(
             epoch_losses.append(running / max(count, 1))
             running, count, current = 0.0, 0, epoch
         args, labels = _split(batch, labeled)
-        targets = run_teacher(args)
+        targets, teacher_layers = run_teacher_and_taps(args)
         with torch.enable_grad():
-            outputs = run_student(args, params)
+            outputs, student_layers = run_student_and_taps(args, params)
             value = _loss(outputs, targets, args, labels, settings)
+            if taps:
+                value = value + layer_weight * _layer_loss(student_layers, teacher_layers, list(taps), settings.loss)
             optimizer.zero_grad()
             value.backward()
             optimizer.step()
@@ -172,11 +197,13 @@ class _Settings:
     lr: float
     loss: str
     match: Callable[[list[Any], tuple[Any, ...]], Any] | None
+    layers: str | None = None
 
     def describe(self) -> str:
         return (f"{self.epochs} epoch(s), loss {self.loss}"
                 + (f" at temperature {self.temperature:g}" if self.loss == "kl" else "")
                 + (f" on {getattr(self.match, '__name__', 'match')}(outputs)" if self.match else "")
+                + (f", layer outputs {self.layers} matched too" if self.layers else "")
                 + (f", labeled (alpha {self.alpha:g})" if self.labeled else "") + f", lr {self.lr:g}")
 
 
@@ -248,6 +275,22 @@ def _matched(outputs: list[Any], inputs: tuple[Any, ...], match: Any) -> list[An
         return pytree.tree_leaves(match(outputs, inputs))
     except Exception as error:
         raise InputError(f"distill(match=...) failed on a batch: {type(error).__name__}: {error}") from error
+
+
+def _layer_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], paths: list[str],
+                kind: str) -> torch.Tensor:
+    """How far the student's layer outputs are from the teacher's: 1 - cosine along the last dim, or MSE."""
+    total = torch.zeros(())
+    for path, s, t in zip(paths, student, teacher, strict=True):
+        if s.shape != t.shape:
+            raise InputError(f"distill(layers=...): {path} gives {tuple(s.shape)} in the student and "
+                             f"{tuple(t.shape)} in the teacher (a pruned hidden size?); match other layers or "
+                             "outputs only")
+        if kind == "mse":
+            total = total + F.mse_loss(s.float(), t.float())
+        else:
+            total = total + (1 - F.cosine_similarity(s.float(), t.float(), dim=-1)).mean()
+    return total / max(len(paths), 1)
 
 
 def _loss(outputs: list[Any], targets: list[Any], inputs: tuple[Any, ...], labels: Any,

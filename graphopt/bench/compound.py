@@ -1,0 +1,78 @@
+"""``graphopt bench --quantize int8-dynamic --compound 0.5``: prune -> distill -> quantize beside the peers.
+
+Adds to the quantization benchmark, per target and scheme, the model that ``graphopt.recipe``
+makes: pruned by the ratio, recovered by distillation against the original, then quantized;
+and OpenVINO (f32, and its default, bf16 on CPUs with bf16 instructions) beside onnxruntime's
+own dynamic int8. Distillation trains on unlabeled data the example inputs are not part of:
+for token inputs, sentences of Python's ``pydoc_data.topics`` tokenized with the zoo's
+all-MiniLM-L6-v2 tokenizer (BERT's vocabulary), padded per batch; for other inputs, Gaussian
+inputs of the example's shape. So the rows' fidelity (on the example inputs) is on held-out data.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphopt.bench import zoo
+from graphopt.bench.runner import GraphoptBackend, Runner
+
+__all__ = ["CompoundBackend", "distill_data", "pydoc_sentences"]
+
+DISTILL_SENTENCES = 320
+"""How many sentences (or random inputs) distillation trains on, per epoch."""
+DISTILL_BATCH = 32
+
+
+def pydoc_sentences() -> list[str]:
+    """Real English prose on every Python: the sentences of ``pydoc_data.topics``, 40 to 300 characters."""
+    from pydoc_data.topics import topics
+
+    text = " ".join(topics[key] for key in sorted(topics))
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if 40 <= len(s.strip()) <= 300]
+
+
+def distill_data(example_inputs: tuple[torch.Tensor, ...], count: int = DISTILL_SENTENCES,
+                 batch: int = DISTILL_BATCH) -> list[tuple[torch.Tensor, ...]]:
+    """Unlabeled training batches for ``example_inputs``' model (see the module doc)."""
+    if _token_inputs(example_inputs):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(zoo.minilm_path(), local_files_only=True)
+        length = example_inputs[0].shape[1]
+        sentences = pydoc_sentences()[:count]
+        batches = []
+        for start in range(0, len(sentences), batch):
+            tokens = tokenizer(sentences[start:start + batch], padding=True, truncation=True, max_length=length,
+                               return_tensors="pt")
+            batches.append((tokens["input_ids"], tokens["attention_mask"])[:len(example_inputs)])
+        return batches
+    generator = torch.Generator().manual_seed(0)
+    return [tuple(torch.randn((batch, *x.shape[1:]), generator=generator, dtype=x.dtype) for x in example_inputs)
+            for _ in range(max(1, count // batch))]
+
+
+def _token_inputs(example_inputs: tuple[torch.Tensor, ...]) -> bool:
+    return 1 <= len(example_inputs) <= 2 and all(not x.is_floating_point() and x.dim() == 2 for x in example_inputs)
+
+
+@dataclass(frozen=True)
+class CompoundBackend(GraphoptBackend):
+    """``graphopt.recipe(model, x, data, target, prune=amount, quantize=scheme)``."""
+
+    amount: float = 0.5
+    scheme: str = "int8-dynamic"
+    epochs: int = 2
+    loss: str = "cosine"
+
+    def prepare(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Runner:
+        """Prune, distill on held-apart data, quantize (static int8 calibrates on the example)."""
+        from graphopt import recipe
+
+        distill: dict[str, Any] = {"epochs": self.epochs, "loss": self.loss, "lr": 1e-4}
+        return recipe(model, example_inputs, distill_data(example_inputs), target=self.target, prune=self.amount,
+                      distill=distill, quantize=self.scheme, calibration=[example_inputs])
