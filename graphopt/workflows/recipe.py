@@ -88,7 +88,16 @@ def recipe(
 
 
 def _describe(spec: Any) -> str:
-    return spec if isinstance(spec, str) else f"{spec:g}" if isinstance(spec, float) else type(spec).__name__
+    """A stage's setting in a few words: ``0.5``, ``0.5 taylor``, ``int8-dynamic``."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, (int, float)):
+        return f"{spec:g}"
+    amount = getattr(spec, "amount", None)
+    if isinstance(amount, float):
+        importance = getattr(spec, "importance", "l1")
+        return f"{amount:g}" + (f" {importance}" if importance != "l1" else "")
+    return str(getattr(spec, "name", type(spec).__name__))
 
 
 def _as_inputs(batch: Any) -> tuple[Any, ...]:
