@@ -1,23 +1,6 @@
-"""Free input dims of a static graph: re-derive the sizes it baked in from its inputs' sizes.
+"""Propagating symbolic shapes through a static graph, deciding which literal sizes and constants follow a freed dim.
 
-A graph captured with static shapes carries the example's sizes as literals, e.g.
-``view(x, [540, 512])`` after a flatten. ``free_dims`` returns a copy in which chosen input dims
-(the batch, a sequence length) may take other sizes: every literal size that came from a freed
-dim becomes ``sym_size`` of the input it came from (times the other factors it was merged with).
-Which literals came from a freed dim is found by propagating symbolic shapes through the graph
-(fake tensors on a ``ShapeEnv``) and matching each literal against the sizes of the tensors it
-acts on:
-
-- ``view`` / ``reshape`` sizes are regrouped against the input's shape, so a merge
-  (``[B, S, H] -> [B*S, H]``) and a split (``[B*S, H] -> [B, S, H]``) are followed exactly;
-- ``expand`` sizes are matched to the input dim they broadcast;
-- the sizes of tensor factories (``full``, ``zeros``, ``arange``...) and slice bounds are
-  matched to the sizes seen so far in the graph.
-
-When two sizes coincide (a batch of 64 and a head dim of 64) the outer dim is taken as the freed
-one; a wrong guess is caught, because it fixes the freed dim to a number somewhere later in the
-graph (raised as ``InputError`` naming the node), or by the caller's check of the result.
-``graphopt.distill`` uses this to train a graph optimized for one batch size on a loader's batches.
+See ``graphopt.ir.free_dims`` for what is matched how.
 """
 
 from __future__ import annotations
@@ -27,23 +10,20 @@ import itertools
 import math
 import operator
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import sympy
 import torch
 import torch.fx as fx
-from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
-from torch.utils._sympy.functions import FloorDiv
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from graphopt.errors import InputError
-from graphopt.ir.graph import snapshot_graph_module
+from graphopt.ir.free_dims.sizes import Size, Sliced, TensorOps, apply_cuts, build
 from graphopt.ir.op_traits import broadcasting
 
-__all__ = ["FreedGraph", "free_dims"]
+__all__ = ["Propagation"]
 
 aten = torch.ops.aten
 
@@ -59,113 +39,8 @@ _SCALAR_SIZES = {
 }
 
 
-class _Size:
-    """A literal size replaced by an expression of the freed dims."""
-
-    def __init__(self, expr: sympy.Expr, literal: int) -> None:
-        self.expr = expr
-        self.literal = literal
-
-    def __repr__(self) -> str:
-        return f"_Size({self.expr})"
-
-
-class _Sliced:
-    """A constant operand fitted to freed dims.
-
-    Per dim: ``"uniform"`` (cut to 1, it broadcasts), ``"expand"`` (cut to 1 and expanded to the freed
-    size), ``"arange"`` (rebuilt as a count up to the freed size) or ``"prefix"`` (cut to the freed
-    size: valid up to the example's).
-    """
-
-    def __init__(self, node: fx.Node, cuts: list[tuple[int, str, sympy.Expr]], value: torch.Tensor) -> None:
-        self.node = node
-        self.cuts = cuts
-        self.value = value  # the constant's real value
-
-
-@dataclass(frozen=True)
-class FreedGraph:
-    """``free_dims``'s result: the graph with freed dims, and the constants it reads only in part.
-
-    ``fitted`` names the attributes (folded masks, position tables, index ranges) the graph now
-    cuts or rebuilds to the freed sizes; training them would change values the original graph
-    reads and this one does not, so leave them frozen. ``bounds``: the freed sizes (by name) that
-    may not exceed their example value, because a table was cut to them.
-    """
-
-    graph_module: fx.GraphModule
-    fitted: frozenset[str]
-    bounds: dict[str, int]
-
-
-def free_dims(gm: fx.GraphModule, flat_inputs: Sequence[Any], dims: Mapping[int, Mapping[int, str]]) -> FreedGraph:
-    """A copy of ``gm`` whose listed input dims may vary: ``dims[i] = {dim: name}`` for flat input ``i``.
-
-    Dims given the same name are one size (the batch dim of every input, say) and must have the
-    same size in ``flat_inputs``; each freed size must be at least 2 in the example (sizes 0 and
-    1 are indistinguishable from constants). The copy shares ``gm``'s weights, keeps its
-    attribute names, and computes what ``gm`` does on ``flat_inputs``. Constants folded at the
-    example's sizes are fitted: uniform ones broadcast, counting ones (``arange``) are rebuilt, and
-    others (position tables, causal masks) are cut to the freed size, so those dims may then only
-    shrink below the example's size.
-    Raises ``InputError`` when a freed dim cannot vary in this graph.
-    """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(flat_inputs):
-        raise InputError(f"free_dims: the graph has {len(placeholders)} inputs, {len(flat_inputs)} were given")
-    env = ShapeEnv()
-    mode = FakeTensorMode(shape_env=env)
-    symbols, sizes, sources = _make_symbols(env, flat_inputs, dims)
-    fake_inputs = _fake_inputs(mode, env, flat_inputs, dims, symbols)
-    propagation = _Propagation(gm, mode, env, symbols, {symbols[name]: size for name, size in sizes.items()})
-    with mode:
-        propagation.run(*fake_inputs)
-    freed = _rewrite(gm, placeholders, propagation.decisions, symbols, sources)
-    return FreedGraph(freed, frozenset(propagation.fitted), dict(propagation.bounds))
-
-
-def _make_symbols(env: ShapeEnv, flat_inputs: Sequence[Any], dims: Mapping[int, Mapping[int, str]]
-                  ) -> tuple[dict[str, sympy.Symbol], dict[str, int], dict[sympy.Symbol, tuple[int, int]]]:
-    """One symbol per freed name, its size in the example (the symbol's hint), and where to read it from."""
-    symbols: dict[str, sympy.Symbol] = {}
-    sizes: dict[str, int] = {}
-    sources: dict[sympy.Symbol, tuple[int, int]] = {}
-    for index, per_dim in dims.items():
-        value = flat_inputs[index]
-        if not isinstance(value, torch.Tensor):
-            raise InputError(f"free_dims: input {index} is not a tensor")
-        for dim, name in per_dim.items():
-            if not -value.dim() <= dim < value.dim():
-                raise InputError(f"free_dims: input {index} has {value.dim()} dims, dim {dim} does not exist")
-            size = int(value.shape[dim])
-            if size < 2:
-                raise InputError(f"free_dims: dim {dim} of input {index} has size {size} in the example; a size of "
-                                 "0 or 1 cannot be told apart from a constant. Capture with a size of 2 or more.")
-            if sizes.setdefault(name, size) != size:
-                raise InputError(f"free_dims: dims named {name!r} have sizes {sizes[name]} and {size} in the example")
-            if name not in symbols:
-                symbols[name] = env.create_symbol(size, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
-                sources[symbols[name]] = (index, dim % value.dim())
-    return symbols, sizes, sources
-
-
-def _fake_inputs(mode: FakeTensorMode, env: ShapeEnv, flat_inputs: Sequence[Any],
-                 dims: Mapping[int, Mapping[int, str]], symbols: dict[str, sympy.Symbol]) -> list[Any]:
-    fakes: list[Any] = []
-    for index, value in enumerate(flat_inputs):
-        if not isinstance(value, torch.Tensor):
-            fakes.append(value)
-            continue
-        freed = {d % max(value.dim(), 1): name for d, name in dims.get(index, {}).items()}
-        sizes = [env.create_symintnode(symbols[freed[d]], hint=int(value.shape[d]), source=ConstantSource(freed[d]))
-                 if d in freed else int(value.shape[d]) for d in range(value.dim())]
-        with mode:
-            fakes.append(torch.empty(sizes, dtype=value.dtype, device=value.device))
-    return fakes
-
-
-def _expr(size: Any) -> sympy.Expr:
+def _size_of(size: Any) -> sympy.Expr:
+    """A tensor dim's size as a sympy expression (an integer when it is fixed)."""
     return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
 
 
@@ -179,7 +54,8 @@ def _simplest(candidates: list[sympy.Expr], order: Mapping[sympy.Symbol, int]) -
                                           sympy.count_ops(e), str(e)))
 
 
-class _Propagation(fx.Interpreter):
+
+class Propagation(fx.Interpreter):
     """Runs the graph on fake tensors with symbolic freed dims, replacing the literal sizes that came from them."""
 
     def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, env: ShapeEnv,
@@ -199,16 +75,18 @@ class _Propagation(fx.Interpreter):
 
 
     def fetch_attr(self, target: str) -> Any:
+        """A weight as a fake tensor of its fixed shape."""
         value = super().fetch_attr(target)
         return self.mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
 
     def run_node(self, n: fx.Node) -> Any:
+        """Run ``n`` on fake tensors; raise ``InputError`` when it fixes a freed size to a number."""
         self.current = n
         result = super().run_node(n)
         self._record_constant(n)
         for value in torch.utils._pytree.tree_leaves(result):
             if isinstance(value, torch.Tensor):
-                self.pool.update(e for e in map(_expr, value.shape) if e.free_symbols)
+                self.pool.update(e for e in map(_size_of, value.shape) if e.free_symbols)
         fixed = [self.names[s] for s in self.symbols.values()
                  if isinstance(self.shape_env.replacements.get(s), sympy.Integer)]
         if fixed:
@@ -230,6 +108,7 @@ class _Propagation(fx.Interpreter):
         self.constants[n] = value
 
     def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run an op with its freed sizes and fitted constants, recording what was replaced."""
         new_args, new_kwargs = self._replace_sizes(target, args, kwargs)
         new_args = self._cut_constants(target, new_args)
         if new_args is not args or new_kwargs is not kwargs:
@@ -292,8 +171,8 @@ class _Propagation(fx.Interpreter):
                             self.bounds[name] = min(self.bounds.get(name, self.hints[symbol]), self.hints[symbol])
             if cuts:
                 self.fitted.update(str(a.target) for a in _weights_read(node_arg))
-                new_values[index] = _Sliced(node_arg, cuts, self.constants[node_arg])
-        return new_values if any(isinstance(v, _Sliced) for v in new_values) else None
+                new_values[index] = Sliced(node_arg, cuts, self.constants[node_arg])
+        return new_values if any(isinstance(v, Sliced) for v in new_values) else None
 
     def _broadcast_partner(self, size: int, from_end: int, shapes: list[list[Any]]) -> sympy.Expr | None:
         """The freed size a constant's dim of ``size`` broadcasts against (dims counted from the end), if any.
@@ -305,7 +184,7 @@ class _Propagation(fx.Interpreter):
         if size < 2:
             return None
         hints = self.hints
-        partners = [_expr(shape[len(shape) - from_end]) for shape in shapes if len(shape) >= from_end]
+        partners = [_size_of(shape[len(shape) - from_end]) for shape in shapes if len(shape) >= from_end]
         if any(not p.free_symbols and int(p) == size for p in partners):
             return None
         matching = [p for p in partners if p.free_symbols and _hint(p, hints) == size]
@@ -324,15 +203,15 @@ class _Propagation(fx.Interpreter):
         for i, (index, node_arg) in enumerate(zip(indices, node_indices, strict=False)):
             if not (isinstance(index, torch.Tensor) and isinstance(self.constants.get(node_arg), torch.Tensor)):
                 continue
-            extent = _expr(source.shape[i])
+            extent = _size_of(source.shape[i])
             cuts = [(dim, "arange", extent) for dim in range(index.dim())
                     if extent.free_symbols and not isinstance(index.shape[dim], torch.SymInt)
                     and int(index.shape[dim]) == _hint(extent, hints) >= 2
                     and self._cut_kind(node_arg, dim) == "arange"]
             if cuts:
                 self.fitted.update(str(a.target) for a in _weights_read(node_arg))
-                new_indices[i] = _Sliced(node_arg, cuts, self.constants[node_arg])
-        if not any(isinstance(a, _Sliced) for a in new_indices):
+                new_indices[i] = Sliced(node_arg, cuts, self.constants[node_arg])
+        if not any(isinstance(a, Sliced) for a in new_indices):
             return args
         return (source, new_indices, *args[2:])
 
@@ -381,7 +260,7 @@ class _Propagation(fx.Interpreter):
             if target in _EXPANDS:
                 return self._expand(args[0], list(value))
             replaced = [self._from_pool(v) for v in value]
-            return replaced if any(isinstance(v, _Size) for v in replaced) else value
+            return replaced if any(isinstance(v, Size) for v in replaced) else value
         if argument.name in _SCALAR_SIZES.get(target, ()) and isinstance(value, int) and not isinstance(value, bool):
             if target is aten.slice.Tensor:
                 return self._slice_bound(args, value)
@@ -390,7 +269,7 @@ class _Propagation(fx.Interpreter):
 
     def _from_pool(self, literal: int) -> Any:
         match = self._pool_match(literal)
-        return literal if match is None else _Size(match, literal)
+        return literal if match is None else Size(match)
 
     def _pool_match(self, literal: int) -> sympy.Expr | None:
         """The plainest freed size seen so far whose example value is ``literal``."""
@@ -403,9 +282,9 @@ class _Propagation(fx.Interpreter):
     def _slice_bound(self, args: tuple[Any, ...], literal: int) -> Any:
         """A bound of a slice along a freed dim that equals its size (``x[:, :S]``) follows it; others stay."""
         tensor, dim = args[0], (args[1] if len(args) > 1 else 0)
-        size = _expr(tensor.shape[dim])
+        size = _size_of(tensor.shape[dim])
         if size.free_symbols and _hint(size, self.hints) == literal:
-            return _Size(size, literal)
+            return Size(size)
         return literal
 
     def _expand(self, tensor: torch.Tensor, sizes: list[int]) -> Any:
@@ -413,18 +292,18 @@ class _Propagation(fx.Interpreter):
         offset = len(sizes) - tensor.dim()
         out: list[Any] = []
         for position, literal in enumerate(sizes):
-            source = _expr(tensor.shape[position - offset]) if position >= offset else sympy.Integer(1)
+            source = _size_of(tensor.shape[position - offset]) if position >= offset else sympy.Integer(1)
             if literal == -1 or not (source.free_symbols or source == 1):
                 out.append(literal)
             elif source.free_symbols and _hint(source, hints) == literal:
-                out.append(_Size(source, literal))
+                out.append(Size(source))
             else:
                 out.append(self._from_pool(literal))
-        return out if any(isinstance(v, _Size) for v in out) else sizes
+        return out if any(isinstance(v, Size) for v in out) else sizes
 
     def _regroup(self, tensor: torch.Tensor, sizes: list[int]) -> Any:
         """The sizes of a view of ``tensor``, with the freed dims followed through merges and splits."""
-        shape = [_expr(s) for s in tensor.shape]
+        shape = [_size_of(s) for s in tensor.shape]
         if not any(e.free_symbols for e in shape):
             return sizes
         hints = self.hints
@@ -442,10 +321,10 @@ class _Propagation(fx.Interpreter):
             for position, expr in zip(b_run, self._distribute(sympy.Mul(*exprs), [literal[j] for j in b_run]),
                                       strict=True):
                 if expr.free_symbols:
-                    out[position] = _Size(expr, literal[position])
+                    out[position] = Size(expr)
         for position in inferred:
             out[position] = -1
-        return out if any(isinstance(v, _Size) for v in out) else sizes
+        return out if any(isinstance(v, Size) for v in out) else sizes
 
     def _distribute(self, total: sympy.Expr, literals: list[int]) -> list[sympy.Expr]:
         """Split ``total`` (a product of symbols and a constant) over ``literals``, symbols outermost."""
@@ -468,11 +347,11 @@ class _Propagation(fx.Interpreter):
                          f"{self.current.format_node()}; optimize with dynamic shapes declared instead")
 
     def _materialize(self, value: Any) -> Any:
-        if isinstance(value, _Sliced):
+        if isinstance(value, Sliced):
             constant = self.env[value.node]
-            return _apply_cuts(constant, value.cuts, self._materialize_expr, _TensorOps, constant)
-        if isinstance(value, _Size):
-            return _build(value.expr, self._symint, operator.mul, operator.add, operator.floordiv)
+            return apply_cuts(constant, value.cuts, self._materialize_expr, TensorOps, constant)
+        if isinstance(value, Size):
+            return build(value.expr, self._symint, operator.mul, operator.add, operator.floordiv)
         if isinstance(value, (list, tuple)):
             return type(value)(self._materialize(v) for v in value)
         if isinstance(value, dict):
@@ -480,62 +359,11 @@ class _Propagation(fx.Interpreter):
         return value
 
     def _materialize_expr(self, expr: sympy.Expr) -> Any:
-        return _build(expr, self._symint, operator.mul, operator.add, operator.floordiv)
+        return build(expr, self._symint, operator.mul, operator.add, operator.floordiv)
 
     def _symint(self, symbol: sympy.Symbol) -> torch.SymInt:
         return self.shape_env.create_symintnode(symbol, hint=self.hints[symbol])
 
-
-class _TensorOps:
-    """Tensor operations for ``_apply_cuts`` on (fake) tensors."""
-
-    slice = staticmethod(aten.slice.Tensor)
-    clone = staticmethod(aten.clone.default)
-    expand = staticmethod(aten.expand.default)
-    add = staticmethod(aten.add.Tensor)
-    view = staticmethod(aten.view.default)
-    arange = staticmethod(aten.arange.default)
-
-
-class _GraphOps:
-    """The same operations, as nodes appended to a graph."""
-
-    def __init__(self, graph: fx.Graph) -> None:
-        for name, op in (("slice", aten.slice.Tensor), ("clone", aten.clone.default), ("expand", aten.expand.default),
-                         ("add", aten.add.Tensor), ("view", aten.view.default)):
-            setattr(self, name, functools.partial(self._call, op))
-        self.graph = graph
-
-    def _call(self, op: Any, *args: Any, **kwargs: Any) -> fx.Node:
-        return self.graph.call_function(op, args, kwargs)
-
-    def arange(self, end: Any, **kwargs: Any) -> fx.Node:
-        return self.graph.call_function(aten.arange.default, (end,), kwargs)
-
-
-def _apply_cuts(value: Any, cuts: list[tuple[int, str, sympy.Expr]], size: Callable[[sympy.Expr], Any],
-                ops: Any, like: torch.Tensor) -> Any:
-    """Fit a constant (a tensor, or a graph node with ``ops`` building nodes) to freed sizes, dim by dim.
-
-    ``like`` is the constant itself (for its rank and dtype).
-    """
-    for dim, kind, expr in cuts:
-        if kind == "uniform":
-            value = ops.slice(value, dim, 0, 1)
-        elif kind == "expand":
-            value = ops.expand(ops.slice(value, dim, 0, 1), [size(expr) if d == dim else -1 for d in range(like.dim())])
-        elif kind == "prefix":
-            end = size(expr)
-            if isinstance(end, torch.SymInt):  # propagating: the freed size stays within the table
-                torch._check(end <= like.shape[dim])
-            # a copy: a view keeps the table's strides, and strides that equal the freed size's example
-            # value would fix it to that value in the next layout check
-            value = ops.clone(ops.slice(value, dim, 0, end), memory_format=torch.contiguous_format)
-        else:
-            steps = ops.view(ops.arange(size(expr), dtype=like.dtype),
-                             [-1 if d == dim else 1 for d in range(like.dim())])
-            value = ops.add(ops.slice(value, dim, 0, 1), steps)
-    return value
 
 
 def _weights_read(node: fx.Node) -> list[fx.Node]:
@@ -550,6 +378,7 @@ def _weights_read(node: fx.Node) -> list[fx.Node]:
             found.append(current)
         stack.extend(current.all_input_nodes)
     return found
+
 
 
 def _int_list(value: Any) -> bool:
@@ -588,85 +417,3 @@ def _symint_arguments(target: Any) -> frozenset[str]:
     return frozenset(re.findall(r"SymInt(?:\[\d*\])?\??\s+(\w+)", str(target._schema)))
 
 
-def _build(expr: sympy.Expr, leaf: Callable[[sympy.Symbol], Any], mul: Callable[[Any, Any], Any],
-           add: Callable[[Any, Any], Any], floordiv: Callable[[Any, Any], Any]) -> Any:
-    """Evaluate a size expression with ``leaf`` for its symbols and the given operations."""
-    if isinstance(expr, sympy.Integer):
-        return int(expr)
-    if isinstance(expr, sympy.Symbol):
-        return leaf(expr)
-    parts = [_build(a, leaf, mul, add, floordiv) for a in expr.args]
-    if isinstance(expr, sympy.Mul):
-        combine = mul
-    elif isinstance(expr, sympy.Add):
-        combine = add
-    elif isinstance(expr, FloorDiv):
-        return floordiv(parts[0], parts[1])
-    elif isinstance(expr, sympy.Pow) and isinstance(expr.args[1], sympy.Integer) and int(expr.args[1]) > 0:
-        parts = [parts[0]] * int(expr.args[1])
-        combine = mul
-    else:
-        raise InputError(f"free_dims: a size {expr} has a form that cannot be rebuilt; optimize with dynamic shapes "
-                         "declared instead")
-    # constants first, so that the nodes read ``sym_size * 12``, not ``12 * sym_size``
-    parts.sort(key=lambda p: isinstance(p, int))
-    result = parts[0]
-    for part in parts[1:]:
-        result = combine(result, part)
-    return result
-
-
-def _rewrite(gm: fx.GraphModule, placeholders: list[fx.Node],
-             decisions: dict[str, tuple[tuple[Any, ...], dict[str, Any]]],
-             symbols: dict[str, sympy.Symbol], sources: dict[sympy.Symbol, tuple[int, int]]) -> fx.GraphModule:
-    copy = snapshot_graph_module(gm)
-    nodes = {n.name: n for n in copy.graph.nodes}
-    copy_placeholders = [nodes[p.name] for p in placeholders]
-    sizes: dict[sympy.Symbol, fx.Node] = {}
-    with copy.graph.inserting_after(copy_placeholders[-1]):
-        for symbol in reversed(list(symbols.values()) if decisions else []):
-            index, dim = sources[symbol]
-            sizes[symbol] = copy.graph.call_function(aten.sym_size.int, (copy_placeholders[index], dim))
-    built: dict[sympy.Expr, Any] = {}
-
-    def node_for(expr: sympy.Expr, before: fx.Node) -> Any:
-        if expr not in built:
-            with copy.graph.inserting_before(before):
-                built[expr] = _build(
-                    expr, sizes.__getitem__,
-                    lambda a, b: copy.graph.call_function(operator.mul, (a, b)),
-                    lambda a, b: copy.graph.call_function(operator.add, (a, b)),
-                    lambda a, b: copy.graph.call_function(operator.floordiv, (a, b)))
-        return built[expr]
-
-    def to_graph(value: Any, original: Any, before: fx.Node) -> Any:
-        """The copy's argument: ``value``'s replacements built as nodes, everything else ``original``."""
-        if isinstance(value, _Sliced):
-            with copy.graph.inserting_before(before):
-                return _apply_cuts(original, value.cuts, lambda e: node_for(e, before),
-                                   _GraphOps(copy.graph), value.value)
-        if isinstance(value, _Size):
-            return node_for(value.expr, before)
-        if isinstance(value, (list, tuple)) and _has_size(value):
-            return type(original)(to_graph(v, o, before) for v, o in zip(value, original, strict=True))
-        return original
-
-    for name, (args, kwargs) in decisions.items():
-        node = nodes[name]
-        node.args = tuple(to_graph(a, o, node) for a, o in zip(args, node.args, strict=True))
-        node.kwargs = {k: to_graph(v, node.kwargs[k], node) for k, v in kwargs.items()}
-    copy.graph.lint()
-    copy.recompile()
-    # torch.export's unlifted modules check calls against the exported (static) sizes: not any more
-    for key, hook in list(copy._forward_pre_hooks.items()):
-        if "input_constraints" in getattr(hook, "__name__", ""):
-            del copy._forward_pre_hooks[key]
-    return copy
-
-
-def _has_size(value: Any) -> bool:
-    if isinstance(value, (_Size, _Sliced)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_has_size(v) for v in value)
-    return False
