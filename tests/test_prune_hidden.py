@@ -135,3 +135,35 @@ def test_vit_classifier_at_half_keeps_at_most_035_of_its_weights() -> None:
     kept = graphopt.optimize(model, (x,), "cpu", prune=Prune(amount=0.5, norms=False))  # hidden size kept
     norms = [n for n in kept.graph_module.graph.nodes if n.target is aten.layer_norm.default]
     assert norms and all(n.args[1] == [96] for n in norms)
+
+
+class _TorchEncoder(nn.Module):
+    """Two ``nn.TransformerEncoderLayer`` (so ``nn.MultiheadAttention``: packed q/k/v, batch-folded heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, 256, batch_first=True, dropout=0.0)
+        self.layers = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.inp(x)).mean(1))
+
+
+def test_multihead_attention_is_unpacked_exactly_and_its_heads_prune() -> None:
+    torch.manual_seed(0)
+    model, x = _TorchEncoder().eval(), torch.randn(2, 12, 16)
+    fast = graphopt.optimize(model, (x,), "cpu")  # the pass manager verifies the rewrite against eager
+    record = next(r for r in fast.report.records if r.name == "unpack-attention")
+    assert record.stats == {"qkv_slices": 6, "heads_unfolded": 6}
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+    pruned = graphopt.optimize(model, (x,), "cpu", prune=Prune(amount=0.5, norms=False))
+    # pruned constants are new attributes named after the originals, dots made underscores
+    shapes = {name.replace(".", "_"): tuple(t.shape) for name, t in _read_constants(pruned.graph_module).items()}
+    in_proj = next(shape for name, shape in shapes.items() if name.endswith("layers_0_self_attn_in_proj_weight"))
+    out_proj = next(shape for name, shape in shapes.items() if name.endswith("layers_0_self_attn_out_proj_weight"))
+    assert in_proj == (96, 64) and out_proj == (64, 32)  # 2 of 4 heads kept in q, k, v and the output projection
+    assert pruned(x).shape == (2, 10)

@@ -320,6 +320,13 @@ def test_cli_quantize_with_npz_calibration(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "weight-only-quantize" in text and "output cosine >= 0.995" in text
     assert Counter(n.op_type for n in onnx.load(str(out)).graph.node)["MatMulNBits"] == 4  # two 4-bit halves each
+    held_out = tmp_path / "held_out.npz"
+    np.savez(held_out, x=np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32))
+    code = main(["optimize", f"{model_file}:build", "--input-shape", "4,64", "--target", "onnx",
+                 "--quantize", "int8-weight-only", "--calibration", str(data), "--validation", str(held_out),
+                 "-o", str(out)])
+    assert code == 0
+    assert "budgets judged on 2 validation batch(es)" in capsys.readouterr().out
 
 
 def test_calibration_files_cut_batches_and_explain_mistakes(tmp_path):

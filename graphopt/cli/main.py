@@ -108,7 +108,7 @@ def _command_partition(args: argparse.Namespace) -> int:
 
 
 def _quantize_options(args: argparse.Namespace, inputs: Any) -> dict[str, Any]:
-    """``optimize`` keywords for --quantize / --calibration / --fidelity-cosine."""
+    """``optimize`` keywords for --quantize / --calibration / --validation / --fidelity-cosine."""
     import graphopt
     from graphopt.cli.calibration_files import load_calibration
 
@@ -117,6 +117,8 @@ def _quantize_options(args: argparse.Namespace, inputs: Any) -> dict[str, Any]:
         options["quantize"] = args.quantize
     if getattr(args, "calibration", None):
         options["calibration"] = load_calibration(args.calibration, inputs)
+    if getattr(args, "validation", None):
+        options["validation"] = load_calibration(args.validation, inputs)
     if getattr(args, "fidelity_cosine", None) is not None:
         options["fidelity"] = graphopt.Fidelity(min_cosine=args.fidelity_cosine)
     return options
@@ -171,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--calibration", metavar="FILE.npz|FILE.py:FACTORY",
                           help="calibration inputs: a .npz with one array per model input (samples on dim 0, cut into "
                                "batches of the example's size), or a factory returning an iterable of input tuples")
+    optimize.add_argument("--validation", metavar="FILE.npz|FILE.py:FACTORY",
+                          help="held-out inputs (like --calibration) the fidelity budget is judged on besides; "
+                               "default: the last quarter of the calibration batches")
     optimize.add_argument("--fidelity-cosine", type=float, metavar="COSINE",
                           help="lossy passes must keep the mean output cosine vs the float model >= this "
                                "(default 0.99)")

@@ -98,6 +98,7 @@ _BUILTIN: dict[str, str] = {
     "constant-folding": "graphopt.passes.constant_folding:ConstantFolding",
     "fold-conv-batchnorm": "graphopt.passes.batchnorm_folding:FoldConvBatchNorm",
     "fold-linear-batchnorm": "graphopt.passes.batchnorm_folding:FoldLinearBatchNorm",
+    "unpack-attention": "graphopt.passes.fusion.packed_attention:UnpackAttention",
     "fuse-attention": "graphopt.passes.fusion.attention:FuseAttention",
     "fuse-activations": "graphopt.passes.fusion.activations:FuseActivations",
     "fuse-norms": "graphopt.passes.fusion.norms:FuseNorms",

@@ -34,6 +34,7 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "cse",
     "fuse-activations",
     "fuse-norms",
+    "unpack-attention",
     "fuse-attention",
     "fuse-horizontal",
     "fuse-gqa",

@@ -86,6 +86,8 @@ def distill(
     report.
     """
     _check_arguments(pruned, teacher, data, epochs, temperature, alpha, lr, loss, match)
+    if not layer_weight >= 0:
+        raise InputError(f"distill(layer_weight=...) must be >= 0, got {layer_weight}")
     settings = _Settings(epochs, temperature, alpha, labeled, lr, loss, match,
                          layers if isinstance(layers, str) or layers is None else ", ".join(layers))
     batches = list(data) if not hasattr(data, "__len__") else data
