@@ -295,6 +295,10 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--compound", type=_ratio, default=None, metavar="RATIO",
                         help="with --quantize: add OpenVINO and, per scheme, the model pruned by RATIO, distilled on "
                              "unlabeled data (pydoc sentences for text models) and quantized (graphopt.recipe)")
+    parser.add_argument("--distill-sentences", type=_positive_int, default=1280, metavar="N",
+                        help="with --compound: how many sentences (or random inputs) to distill on (default 1280)")
+    parser.add_argument("--distill-epochs", type=_positive_int, default=2, metavar="N",
+                        help="with --compound: distillation epochs (default 2)")
     add_generation_arguments(parser)
     parser.set_defaults(func=run_bench_command)
 
@@ -318,6 +322,16 @@ def _ratios(text: str) -> list[float]:
     if not values or not all(0 < v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"--prune ratios must lie between 0 and 1; got {text!r}")
     return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _ratio(text: str) -> float:

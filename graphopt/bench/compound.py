@@ -21,11 +21,26 @@ from torch import nn
 from graphopt.bench import zoo
 from graphopt.bench.runner import GraphoptBackend, Runner
 
-__all__ = ["CompoundBackend", "distill_data", "pydoc_sentences"]
+__all__ = ["Compound", "CompoundBackend", "distill_data", "pydoc_sentences"]
 
 DISTILL_SENTENCES = 1280
 """How many sentences (or random inputs) distillation trains on, per epoch."""
 DISTILL_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Compound:
+    """What ``--compound`` measures: prune by ``amount``, distill ``epochs`` over ``sentences`` inputs."""
+
+    amount: float
+    sentences: int = DISTILL_SENTENCES
+    epochs: int = 2
+
+    def describe(self) -> str:
+        """The bench command's flags for it."""
+        return (f"--compound {self.amount:g}"
+                + (f" --distill-sentences {self.sentences}" if self.sentences != DISTILL_SENTENCES else "")
+                + (f" --distill-epochs {self.epochs}" if self.epochs != 2 else ""))
 
 
 def pydoc_sentences() -> list[str]:
@@ -68,16 +83,16 @@ class CompoundBackend(GraphoptBackend):
     half best of what was tried (L1 importance; lr 1e-4): see docs/benchmarks.md.
     """
 
-    amount: float = 0.5
+    compound: Compound = Compound(0.5)
     scheme: str = "int8-dynamic"
-    epochs: int = 2
     loss: str = "cosine"
 
     def prepare(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Runner:
         """Prune (Taylor importance), distill on held-apart data, quantize (static int8 calibrates on the example)."""
         from graphopt import Prune, recipe
 
-        distill: dict[str, Any] = {"epochs": self.epochs, "loss": self.loss, "lr": 5e-4}
-        return recipe(model, example_inputs, distill_data(example_inputs), target=self.target,
-                      prune=Prune(amount=self.amount, importance="taylor"), distill=distill, quantize=self.scheme,
-                      calibration=[example_inputs])
+        distill: dict[str, Any] = {"epochs": self.compound.epochs, "loss": self.loss, "lr": 5e-4}
+        data = distill_data(example_inputs, count=self.compound.sentences)
+        return recipe(model, example_inputs, data, target=self.target,
+                      prune=Prune(amount=self.compound.amount, importance="taylor"), distill=distill,
+                      quantize=self.scheme, calibration=[example_inputs])

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from graphopt.bench import zoo
-from graphopt.bench.compound import CompoundBackend
+from graphopt.bench.compound import Compound, CompoundBackend
 from graphopt.bench.openvino_peer import OpenVinoBackend
 from graphopt.bench.report import machine_info, versions, write_result_files
 from graphopt.bench.runner import (
@@ -145,7 +145,7 @@ def run_quantize_benchmark(
     models: Sequence[str | tuple[str, nn.Module, tuple[torch.Tensor, ...]]],
     schemes: Sequence[str] = ("int8", "int8-dynamic"),
     targets: Sequence[str] = ("cpu", "onnx"),
-    compound: float | None = None,
+    compound: Compound | float | None = None,
     size: str = "full",
     batch: int = 1,
     threads: int | None = None,
@@ -156,12 +156,14 @@ def run_quantize_benchmark(
 ) -> QuantizeBenchResult:
     """Float vs int8 per model: eager, onnxruntime fp32 / dynamic int8, graphopt fp32 / int8 per target.
 
-    ``compound``: a pruning ratio; adds OpenVINO (f32 and its default precision) and, per target
+    ``compound``: a ``Compound`` (or a pruning ratio); adds OpenVINO (f32 and its default precision) and, per target
     and scheme, prune -> distill -> quantize (``graphopt.bench.compound``).
     """
     from graphopt.bench import default_threads
 
     threads = threads or default_threads()
+    if isinstance(compound, (int, float)):
+        compound = Compound(float(compound))
     plan = TimingPlan(min_repeats=min_repeats, max_seconds=max_seconds)
     probe = MemoryProbe("cpu")
 
@@ -185,10 +187,10 @@ def run_quantize_benchmark(
     finally:
         torch.set_num_threads(previous)
     meta = {"size": size, "batch": batch, "threads": threads, "schemes": list(schemes), "targets": list(targets),
-            "compound": compound,
+            "compound": None if compound is None else compound.describe(),
             "timing": plan.describe(), "machine": machine_info(), "versions": versions(),
             "command": command or (f"graphopt bench --quantize {','.join(schemes)} "
-                                   + (f"--compound {compound:g} " if compound else "")
+                                   + (f"{compound.describe()} " if compound else "")
                                    + f"{' '.join(m if isinstance(m, str) else m[0] for m in models)} --size {size} "
                                    f"--batch {batch}"),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "total_seconds": round(time.perf_counter() - started, 1)}
@@ -220,7 +222,7 @@ def _ranking_kept(outputs: Any, reference: list[torch.Tensor]) -> bool | None:
 
 def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], kind: str, schemes: Sequence[str],
              targets: Sequence[str], threads: int, plan: TimingPlan, probe: MemoryProbe,
-             report: Any, compound: float | None = None) -> list[QuantizeRow]:
+             report: Any, compound: Compound | None = None) -> list[QuantizeRow]:
     with torch.no_grad():
         reference = flatten_outputs(model(*inputs))
     backends: list[tuple[Backend, str | None, str | None]] = [
@@ -236,8 +238,8 @@ def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], kind
             label = f"graphopt-{target} {scheme or 'fp32'}"
             backends.append((_QuantizedBackend(name=label, target=target, scheme=scheme), target, scheme))
         for scheme in schemes if compound is not None else ():
-            label = f"graphopt-{target} prune {compound:g} + distill + {scheme}"
-            backend = CompoundBackend(name=label, target=target, amount=compound, scheme=scheme,
+            label = f"graphopt-{target} prune {compound.amount:g} + distill + {scheme}"
+            backend = CompoundBackend(name=label, target=target, compound=compound, scheme=scheme,
                                       loss="kl" if kind == "logits" else "cosine")
             backends.append((backend, target, f"compound {scheme}"))
     prepared, rows = [], []
@@ -287,10 +289,16 @@ def _ratios(rows: list[QuantizeRow]) -> None:
             row.speedup_vs_ort_int8 = ort_int8 / row.median_ms
 
 
+def _compound(args: Any) -> Compound | None:
+    if getattr(args, "compound", None) is None:
+        return None
+    return Compound(args.compound, sentences=args.distill_sentences, epochs=args.distill_epochs)
+
+
 def run_quantize_bench_command(args: Any, models: Sequence[str], threads: int) -> int:
     """``graphopt bench --quantize ...`` from parsed arguments."""
     result = run_quantize_benchmark(models, schemes=args.quantize, size=args.size, batch=args.batch[0],
-                                    compound=getattr(args, "compound", None), threads=threads,
+                                    compound=_compound(args), threads=threads,
                                     min_repeats=args.min_repeats, max_seconds=args.max_seconds,
                                     progress=not args.quiet)
     print(result)
