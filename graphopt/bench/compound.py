@@ -7,6 +7,7 @@ own dynamic int8. Distillation trains on unlabeled data the example inputs are n
 for token inputs, sentences of Python's ``pydoc_data.topics`` tokenized with the zoo's
 all-MiniLM-L6-v2 tokenizer (BERT's vocabulary), padded per batch; for other inputs, Gaussian
 inputs of the example's shape. So the rows' fidelity (on the example inputs) is on held-out data.
+``--distill-sentences N`` (default 1280) and ``--distill-epochs N`` (default 2) size the training.
 """
 
 from __future__ import annotations

@@ -69,6 +69,7 @@ def recipe(
         raise InputError(f"recipe(distill=...) takes graphopt.distill's keywords as a dict, got "
                          f"{type(distill).__name__}")
     held_out = [_as_inputs(batch) for batch in validation] if validation is not None else []
+    calibration = list(calibration) if calibration is not None else None  # read by two stages: not a one-shot
     stages: list[tuple[str, Any]] = [("original (eager)", model)]
     current: Any = model
     if prune is not None:
