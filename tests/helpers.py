@@ -124,3 +124,18 @@ def fuzz_settings(examples: int, phases: Iterable[Phase] = tuple(Phase)) -> Call
         return seed(int(FUZZ_SEED))(test) if FUZZ_SEED is not None else test
 
     return decorate
+
+
+def mean_pooled(outputs: list, inputs: tuple) -> torch.Tensor:
+    """Sentence embeddings: the last hidden state averaged over the real (unpadded) tokens (``distill(match=)``)."""
+    hidden, mask = outputs[0], inputs[1].unsqueeze(-1).to(outputs[0].dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def token_batch(generator: torch.Generator, size: int, length: int, vocab: int = 120
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids and an attention mask whose first sentence is padded from half its length."""
+    ids = torch.randint(0, vocab, (size, length), generator=generator)
+    mask = torch.ones(size, length, dtype=torch.long)
+    mask[0, length // 2:] = 0
+    return ids, mask

@@ -10,6 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import graphopt
 from graphopt.errors import FidelityError, InputError
 
+from helpers import mean_pooled, token_batch
+
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     datasets = pytest.importorskip("sklearn.datasets")
@@ -45,12 +47,18 @@ def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> f
         return float((model(images).argmax(1) == labels).float().mean())
 
 
+def _trained_digits_cnn() -> tuple[nn.Module, tuple[torch.Tensor, ...], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The CNN trained 8 epochs on the digits' training split, the split, and its batches of 64."""
+    torch.manual_seed(0)
+    split = _digits()
+    x_train, y_train = split[0], split[1]
+    batches = [(x_train[i:i + 64], y_train[i:i + 64]) for i in range(0, len(x_train), 64)]
+    return _train(_cnn(), batches, epochs=8), split, batches
+
+
 @pytest.mark.slow
 def test_digits_cnn_pruned_by_half_recovers_to_within_a_point() -> None:
-    torch.manual_seed(0)
-    x_train, y_train, x_test, y_test = _digits()
-    batches = [(x_train[i:i + 64], y_train[i:i + 64]) for i in range(0, len(x_train), 64)]
-    model = _train(_cnn(), batches, epochs=8)
+    model, (x_train, _y_train, x_test, y_test), batches = _trained_digits_cnn()
     original = _accuracy(model, x_test, y_test)
     assert original > 0.95
 
@@ -137,10 +145,7 @@ def test_prune_distill_then_quantize_composes() -> None:
 
 def test_distill_and_calibration_take_a_loader_of_another_batch_size() -> None:
     """The issue's case: optimized for a batch of 540, calibrated and trained on a batch-64 DataLoader."""
-    torch.manual_seed(0)
-    x_train, y_train, x_test, y_test = _digits()
-    batches = [(x_train[i:i + 64], y_train[i:i + 64]) for i in range(0, len(x_train), 64)]
-    model = _train(_cnn(), batches, epochs=8)
+    model, (x_train, _y_train, x_test, y_test), _batches = _trained_digits_cnn()
     original = _accuracy(model, x_test, y_test)
     loader = DataLoader(TensorDataset(x_train), batch_size=64, shuffle=True,
                         generator=torch.Generator().manual_seed(0))
@@ -157,12 +162,6 @@ def test_distill_and_calibration_take_a_loader_of_another_batch_size() -> None:
     assert "trained with free dims: batch (example 540)" in section.description
 
 
-def _mean_pooled(outputs: list, inputs: tuple) -> torch.Tensor:
-    """Sentence embeddings: the last hidden state averaged over the real (unpadded) tokens."""
-    hidden, mask = outputs[0], inputs[1].unsqueeze(-1).to(outputs[0].dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
 def test_distill_an_encoder_on_unlabeled_sentences_of_any_length() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -172,20 +171,17 @@ def test_distill_an_encoder_on_unlabeled_sentences_of_any_length() -> None:
     generator = torch.Generator().manual_seed(1)
 
     def batch(size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.randint(0, 120, (size, length), generator=generator)
-        mask = torch.ones(size, length, dtype=torch.long)
-        mask[0, length // 2:] = 0  # one padded sentence per batch
-        return ids, mask
+        return token_batch(generator, size, length)  # one padded sentence per batch
 
     pruned = graphopt.optimize(teacher, batch(4, 32), "cpu", prune=0.5)
     data = [batch(8, length) for length in (12, 20, 32, 7, 25, 16)]
     recovered = graphopt.distill(pruned, teacher=teacher, data=data, epochs=6, lr=3e-4, loss="cosine",
-                                 match=_mean_pooled)
+                                 match=mean_pooled)
     section = next(s for s in recovered.report.sections if s.title == "distill: recovery")
     cosine_before, cosine_after = section.rows[0][1], section.rows[0][2]
     assert cosine_after > cosine_before
     assert "batch (example 4)" in section.description and "dim1_32 (example 32, at most 32)" in section.description
-    assert "on _mean_pooled(outputs)" in section.description
+    assert "on mean_pooled(outputs)" in section.description
     with pytest.raises(InputError, match="outside its range"):  # longer than the example's position table
         graphopt.distill(pruned, teacher=teacher, data=[batch(2, 40)], epochs=1, loss="cosine")
     with pytest.raises(InputError, match=r"match=\.\.\.\) takes a function"):

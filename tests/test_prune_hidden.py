@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.ir.graph import run_and_record, snapshot_graph_module
+from graphopt.ir.graph import attribute_value, run_and_record, snapshot_graph_module
 from graphopt.passes import Prune
 from graphopt.passes.lossy.base import CalibrationData
 
@@ -26,13 +26,7 @@ def _stored_numel(gm: torch.nn.Module) -> int:
 
 def _read_constants(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     """Every tensor the graph reads, by attribute name."""
-    values = {str(n.target): _attribute(gm, str(n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
-    return {name: value for name, value in values.items() if isinstance(value, torch.Tensor)}
-
-
-def _attribute(gm: torch.nn.Module, name: str):
-    owner, _, leaf = name.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
+    return {str(n.target): value for n in gm.graph.nodes if (value := attribute_value(gm, n)) is not None}
 
 
 def _hidden_choice(plan, width: int):

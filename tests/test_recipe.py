@@ -8,19 +8,9 @@ import torch
 import graphopt
 from graphopt.errors import InputError
 
+from helpers import mean_pooled, token_batch
+
 transformers = pytest.importorskip("transformers")
-
-
-def _mean_pooled(outputs: list, inputs: tuple) -> torch.Tensor:
-    hidden, mask = outputs[0], inputs[1].unsqueeze(-1).to(outputs[0].dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
-def _batch(generator: torch.Generator, size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(0, 120, (size, length), generator=generator)
-    mask = torch.ones(size, length, dtype=torch.long)
-    mask[0, length // 2:] = 0
-    return ids, mask
 
 
 def test_recipe_on_a_small_encoder_end_to_end() -> None:
@@ -29,11 +19,11 @@ def test_recipe_on_a_small_encoder_end_to_end() -> None:
                                      intermediate_size=256, vocab_size=120)
     teacher = transformers.BertModel(config).eval()
     generator = torch.Generator().manual_seed(1)
-    example = _batch(generator, 4, 32)
-    sentences = [_batch(generator, 8, length) for length in (12, 20, 32, 7, 25, 16)]
-    held_out = [_batch(generator, 4, 32) for _ in range(3)]
+    example = token_batch(generator, 4, 32)
+    sentences = [token_batch(generator, 8, length) for length in (12, 20, 32, 7, 25, 16)]
+    held_out = [token_batch(generator, 4, 32) for _ in range(3)]
     small = graphopt.recipe(teacher, example, data=sentences, prune=0.5,
-                            distill={"epochs": 3, "lr": 3e-4, "loss": "cosine"}, match=_mean_pooled,
+                            distill={"epochs": 3, "lr": 3e-4, "loss": "cosine"}, match=mean_pooled,
                             quantize="int8-dynamic", validation=held_out)
 
     names = [r.name for r in small.report.records]

@@ -31,6 +31,7 @@ __all__ = [
     "draws_random_numbers",
     "has_attribute",
     "inherit_module_paths",
+    "module_paths",
     "is_aten",
     "is_mutating",
     "iter_ops",
@@ -58,13 +59,16 @@ FUSED_FROM = "graphopt_fused_from"
 """``node.meta`` key: the module paths of the layers a fusion merged into this node."""
 
 
+def module_paths(node: fx.Node) -> list[str]:
+    """Every module path ``node`` runs inside, outermost first (``encoder``, ``encoder.layer.0``, ...)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [str(entry[0]).removeprefix("L['self'].").replace("L__self___", "") for entry in stack.values()]
+
+
 def module_path(node: fx.Node) -> str:
     """The user's module path of ``node`` (e.g. ``encoder.layer.0.attention.self.query``), or ''."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return str(path).removeprefix("L['self'].").replace("L__self___", "")
+    paths = module_paths(node)
+    return paths[-1] if paths else ""
 
 
 def inherit_module_paths(new: fx.Node, merged: list[fx.Node]) -> None:

@@ -18,15 +18,9 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt.errors import InputError
-from graphopt.ir.graph import snapshot_graph_module
+from graphopt.ir.graph import module_paths, snapshot_graph_module
 
 __all__ = ["TeacherTaps", "module_outputs", "with_extra_outputs"]
-
-
-def _paths(node: fx.Node) -> list[str]:
-    """Every module path ``node`` runs inside, outermost first (as ``graphopt.ir.graph.module_path`` names them)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return [str(entry[0]).removeprefix("L['self'].").replace("L__self___", "") for entry in stack.values()]
 
 
 def _matches(path: str, patterns: Sequence[str]) -> bool:
@@ -46,7 +40,7 @@ def module_outputs(gm: fx.GraphModule, patterns: Sequence[str]) -> dict[str, str
     """
     inside: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        for path in _paths(node):
+        for path in module_paths(node):
             if path and _matches(path, patterns):
                 inside.setdefault(path, []).append(node)
     outputs: dict[str, str] = {}
