@@ -71,7 +71,8 @@ class Propagation(fx.Interpreter):
         self.decisions: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self.fitted: set[str] = set()  # constants cut or rebuilt to fit the freed dims
         self.bounds: dict[str, int] = {}  # freed sizes that may not exceed their example value
-        self.constants: dict[fx.Node, Any] = {}  # real values of the nodes that read only weights
+        self.weight_only: set[fx.Node] = set()  # nodes computed from weights alone (no graph input)
+        self._real_values: dict[fx.Node, Any] = {}  # the real values of those asked for
 
 
     def fetch_attr(self, target: str) -> Any:
@@ -96,16 +97,26 @@ class Propagation(fx.Interpreter):
         return result
 
     def _record_constant(self, n: fx.Node) -> None:
-        """Keep the real value of a node computed from weights alone (a folded table and its views)."""
-        if n.op == "get_attr":
-            value = super().fetch_attr(str(n.target))
-        elif n.op == "call_function" and n.all_input_nodes and all(a in self.constants for a in n.all_input_nodes):
-            args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: self.constants[a])
-            with unset_fake_temporarily():
-                value = n.target(*args, **kwargs)
-        else:
-            return
-        self.constants[n] = value
+        """Note whether ``n`` is computed from weights alone (a folded table and its views)."""
+        if n.op == "get_attr" or (n.op == "call_function" and n.all_input_nodes
+                                  and all(a in self.weight_only for a in n.all_input_nodes)):
+            self.weight_only.add(n)
+
+    def _is_constant(self, node: Any) -> bool:
+        """Whether ``node`` is a tensor computed from weights alone."""
+        return node in self.weight_only and isinstance(self.env.get(node), torch.Tensor)
+
+    def _real(self, node: fx.Node) -> Any:
+        """The real (not fake) value of a weight-only node, computed when first asked for."""
+        if node not in self._real_values:
+            if node.op == "get_attr":
+                value = super().fetch_attr(str(node.target))
+            else:
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), self._real)
+                with unset_fake_temporarily():
+                    value = node.target(*args, **kwargs)
+            self._real_values[node] = value
+        return self._real_values[node]
 
     def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run an op with its freed sizes and fitted constants, recording what was replaced."""
@@ -152,11 +163,11 @@ class Propagation(fx.Interpreter):
         """
         new_values = list(values)
         for index, (value, node_arg) in enumerate(zip(values, node_args, strict=False)):
-            if not (isinstance(value, torch.Tensor) and isinstance(self.constants.get(node_arg), torch.Tensor)):
+            if not (isinstance(value, torch.Tensor) and self._is_constant(node_arg)):
                 continue
             # what it meets: the shapes of the operands that are not constants themselves (those get fitted too)
             others = [shape for i, shape in enumerate(shapes) if shape and i != index
-                      and not (i < len(node_args) and isinstance(self.constants.get(node_args[i]), torch.Tensor))]
+                      and not (i < len(node_args) and self._is_constant(node_args[i]))]
             cuts = []
             for dim in range(value.dim()):
                 if value.dim() - dim == skip or isinstance(value.shape[dim], torch.SymInt):
@@ -171,7 +182,7 @@ class Propagation(fx.Interpreter):
                             self.bounds[name] = min(self.bounds.get(name, self.hints[symbol]), self.hints[symbol])
             if cuts:
                 self.fitted.update(str(a.target) for a in _weights_read(node_arg))
-                new_values[index] = Sliced(node_arg, cuts, self.constants[node_arg])
+                new_values[index] = Sliced(node_arg, cuts, self._real(node_arg))
         return new_values if any(isinstance(v, Sliced) for v in new_values) else None
 
     def _broadcast_partner(self, size: int, from_end: int, shapes: list[list[Any]]) -> sympy.Expr | None:
@@ -201,7 +212,7 @@ class Propagation(fx.Interpreter):
         new_indices = list(indices)
         hints = self.hints
         for i, (index, node_arg) in enumerate(zip(indices, node_indices, strict=False)):
-            if not (isinstance(index, torch.Tensor) and isinstance(self.constants.get(node_arg), torch.Tensor)):
+            if not (isinstance(index, torch.Tensor) and self._is_constant(node_arg)):
                 continue
             extent = _size_of(source.shape[i])
             cuts = [(dim, "arange", extent) for dim in range(index.dim())
@@ -210,14 +221,14 @@ class Propagation(fx.Interpreter):
                     and self._cut_kind(node_arg, dim) == "arange"]
             if cuts:
                 self.fitted.update(str(a.target) for a in _weights_read(node_arg))
-                new_indices[i] = Sliced(node_arg, cuts, self.constants[node_arg])
+                new_indices[i] = Sliced(node_arg, cuts, self._real(node_arg))
         if not any(isinstance(a, Sliced) for a in new_indices):
             return args
         return (source, new_indices, *args[2:])
 
     def _cut_kind(self, node: fx.Node, dim: int) -> str:
         """How a constant varies along ``dim``: ``"uniform"``, ``"arange"`` (counts up by one) or ``"prefix"``."""
-        real = self.constants[node]
+        real = self._real(node)
         with unset_fake_temporarily():
             first = real.narrow(dim, 0, 1)
             if torch.equal(real, first.expand_as(real)):
