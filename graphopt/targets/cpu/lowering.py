@@ -3,16 +3,18 @@
 The optimized ATen graph (``OptimizedModel.graph_module``) stays as it is: portable, savable,
 exportable to ONNX. Lowering works on a structure copy that shares its weights:
 
-1. ``channels-last`` (``graphopt.targets.common.channels_last``): convolution-heavy graphs run NHWC, converted
+1. ``trimmed-attention`` (``graphopt.targets.cpu.attention``): masked attention computed over the
+   key columns some query may see (padding and unwritten cache slots skipped at run time);
+2. ``channels-last`` (``graphopt.targets.common.channels_last``): convolution-heavy graphs run NHWC, converted
    once at the entry;
-2. ``epilogue-fusion`` (``graphopt.targets.cpu.epilogue``): conv / linear + bias + activation
+3. ``epilogue-fusion`` (``graphopt.targets.cpu.epilogue``): conv / linear + bias + activation
    (+ residual add) become oneDNN's fused kernels;
-3. ``prepack-weights``: convolution weights are reordered once into oneDNN's blocked layout for
+4. ``prepack-weights``: convolution weights are reordered once into oneDNN's blocked layout for
    the example's input size (the kernels accept other sizes too), so no call reorders them again.
    Packed weights are opaque oneDNN tensors held by the lowered module only; they are not part
    of any state dict.
 
-All three are passes (``float_lowering_passes``) run through a ``PassManager``
+All four are passes (``float_lowering_passes``) run through a ``PassManager``
 (``graphopt.targets.common.lowering.run_lowering``), so each is verified against the graph
 before it; their records (counts, near-misses) form a report section and ``LoweredGraph.records``.
 
@@ -43,7 +45,7 @@ from graphopt.targets.base import LoweringContext
 from graphopt.targets.common.channels_last import ChannelsLast
 from graphopt.targets.common.donated_state import InplaceStateUpdates
 from graphopt.targets.common.lowering import computes_in, run_lowering
-from graphopt.targets.cpu.cached_attention import CachedAttention
+from graphopt.targets.cpu.attention import TrimmedAttention
 from graphopt.targets.cpu.epilogue import EpilogueFusion
 from graphopt.targets.cpu.split_linear import SplitLinears
 from graphopt.targets.onnx.options import (
@@ -169,7 +171,7 @@ def float_lowering_passes(options: CpuLowering) -> list[Pass]:
     """The verified rewrites the lowering of a float graph runs with ``options``, in order."""
     if options.backend != "graph":
         return []  # Inductor and onnxruntime do their own fusion
-    passes: list[Pass] = []
+    passes: list[Pass] = [TrimmedAttention()]
     if options.layout != "contiguous":
         passes.append(ChannelsLast(min_conv_share=0.0 if options.layout == "channels_last" else 0.5))
     if options.fuse:
@@ -298,11 +300,12 @@ def _compile_inductor(gm: fx.GraphModule, example_args: tuple[Any, ...], example
 def decoder_step_passes(gm: fx.GraphModule, context: LoweringContext) -> list[Pass]:
     """The passes a state-lifted step graph (a decoder with its cache) gets first.
 
-    Grouped attention over the cache, and in-place state updates when the caller donates the state.
+    Its decode GEMVs split across threads, and in-place state updates when the caller donates the state
+    (attention over the cache is ``float_lowering_passes``' ``trimmed-attention``).
     """
     if not state_inputs(gm):
         return []
-    return [CachedAttention(), SplitLinears(), *([InplaceStateUpdates()] if context.state_inputs else [])]
+    return [SplitLinears(), *([InplaceStateUpdates()] if context.state_inputs else [])]
 
 
 def lower_graph(gm: fx.GraphModule, context: LoweringContext, options: CpuLowering,
@@ -328,7 +331,8 @@ def lower_graph(gm: fx.GraphModule, context: LoweringContext, options: CpuLoweri
     lowered = snapshot_graph_module(gm)
     if options.backend == "inductor":
         step_passes = decoder_step_passes(gm, context)
-        if step_passes:  # a decoder step: its cache written in place and its GEMVs split, compiled as such
+        if step_passes:  # a decoder step: attention over the live cache, written in place, GEMVs split
+            step_passes = [TrimmedAttention(), *step_passes]
             lowered = run_lowering(lowered, step_passes, context).graph_module
         example_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in context.example_args)
         runner = _compile_inductor(lowered, example_args, context.example_kwargs, dynamic=not context.static)

@@ -29,7 +29,7 @@ __all__ = ["SplitLinears", "split_weight"]
 
 aten = torch.ops.aten
 
-_LIBRARY = torch.library.Library("graphopt_cpu", "FRAGMENT")  # beside cached_attention
+_LIBRARY = torch.library.Library("graphopt_cpu", "FRAGMENT")  # beside graphopt_cpu::attention
 _LIBRARY.define("split_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 

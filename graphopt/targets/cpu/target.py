@@ -18,6 +18,7 @@ from graphopt.passes.cleanup import DeadCodeElimination
 from graphopt.passes.quantize.patterns import has_quantized_ops
 from graphopt.targets.base import LoweringContext, Target
 from graphopt.targets.common.lowering import computes_in, run_lowering
+from graphopt.targets.cpu.attention import TrimmedAttention
 from graphopt.targets.cpu.lowering import CpuLowering, float_lowering_passes, lower_graph
 from graphopt.targets.cpu.quantized import INT8_LOWERING
 from graphopt.targets.cpu.weight_only import CpuWeightOnlyKernels
@@ -35,7 +36,8 @@ class CpuTarget(Target):
     ``lowering`` chooses it (default ``CpuLowering()``: oneDNN epilogue fusion, channels-last for
     convolution nets, prepacked weights); ``CpuLowering(fuse=False, layout="contiguous")`` runs
     the optimized ATen graph as it is, ``CpuLowering(backend="inductor")`` through torch.compile.
-    A quantized graph first runs ``INT8_LOWERING`` (oneDNN int8 and weight-only kernels).
+    A quantized graph first runs ``INT8_LOWERING`` (oneDNN int8 and weight-only kernels), then
+    ``trimmed-attention``.
     """
 
     name = "cpu"
@@ -47,7 +49,8 @@ class CpuTarget(Target):
         """The int8 / weight-only kernel rewrites for a quantized graph, the float lowering's otherwise."""
         if has_quantized_ops(gm):
             choice = self.lowering.weight_kernels
-            return [replace(p, choice=choice) if isinstance(p, CpuWeightOnlyKernels) else p for p in INT8_LOWERING]
+            kernels = [replace(p, choice=choice) if isinstance(p, CpuWeightOnlyKernels) else p for p in INT8_LOWERING]
+            return [*kernels, TrimmedAttention()]
         return float_lowering_passes(self.lowering)
 
     def for_graph(self, gm: fx.GraphModule) -> CpuTarget:
@@ -107,7 +110,7 @@ def cpu_has_bfloat16() -> bool:
 
 
 def _only_aten_ops(gm: fx.GraphModule) -> bool:
-    """True when every call in ``gm`` is an ATen op (or ``getitem``): no int8 kernel, no quantized op left."""
-    return all(n.target is operator.getitem
+    """True when every call in ``gm`` is an ATen op, ``getitem`` or float attention: no int8 kernel or quantized op."""
+    return all(n.target is operator.getitem or n.target is torch.ops.graphopt_cpu.attention.default
                or (isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "aten")
                for n in gm.graph.nodes if n.op == "call_function")
