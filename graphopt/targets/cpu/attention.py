@@ -62,20 +62,23 @@ def _key_mask(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     mask is within those columns (``_NO_MASK``, ``_MATMUL_SAFE``, ``_EMPTY_ROWS``). Computed once
     per mask, however many attention layers read it.
     """
-    attends = mask if mask.dtype == torch.bool else mask > float("-inf")
+    # as bytes: torch's boolean reductions across rows are 20x slower than max/min of uint8
+    attends = (mask if mask.dtype == torch.bool else mask > float("-inf")).view(torch.uint8)
     length = mask.shape[-1]
-    columns = attends.reshape(-1, length).any(0)
+    columns = attends.reshape(-1, length).amax(0).tolist()
     live = length
-    if bool(columns.any()):
-        live = min(length, -(-(int(torch.nonzero(columns).max()) + 1) // KEY_BLOCK) * KEY_BLOCK)
+    if 1 in columns:
+        last = length - columns[::-1].index(1)
+        live = min(length, -(-last // KEY_BLOCK) * KEY_BLOCK)
     if mask.dtype == torch.bool:
         additive = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
     else:
         additive = mask.to(dtype, copy=True)
-    trimmed = additive[..., :live]
-    if bool((trimmed == 0).all()):
+    seen = attends[..., :live]
+    unmasked = seen if mask.dtype == torch.bool else (additive[..., :live] == 0).view(torch.uint8)  # finite biases mask
+    if int(unmasked.amin()) == 1:
         kind = _NO_MASK
-    elif bool(attends[..., :live].any(-1).all()):
+    elif int(seen.amax(-1).amin()) == 1:
         kind = _MATMUL_SAFE
     else:
         kind = _EMPTY_ROWS
