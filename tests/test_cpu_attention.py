@@ -75,6 +75,18 @@ def test_attention_keeps_finite_large_negative_masks_and_grouped_heads() -> None
     torch.testing.assert_close(actual, expected)
 
 
+def test_attention_output_has_the_layout_torch_gives() -> None:
+    """Queries as a transposed view of ``[B, S, H, D]`` (how models split heads): the result keeps that layout."""
+    query = torch.randn(2, 20, 3, 16).transpose(1, 2)
+    key, value = torch.randn(2, 3, 64, 16), torch.randn(2, 3, 64, 16)
+    mask = _padded_mask(2, 20, 64, [9, 17])
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.25)
+    actual, plan = _ours(query, key, value, mask)
+    assert plan == [2 * KEY_BLOCK, 1]  # the matmul kernel
+    assert actual.stride() == expected.stride()
+    torch.testing.assert_close(actual, expected)
+
+
 def test_attention_in_bfloat16_stays_on_torchs_kernel() -> None:
     query, key, value = _qkv(2, 2, 8, 32, dtype=torch.bfloat16)
     mask = _padded_mask(2, 8, 32, [3, 10])

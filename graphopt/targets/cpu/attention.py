@@ -91,11 +91,15 @@ def _key_mask_fake(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor
 
 def _matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                       scale: float) -> torch.Tensor:
-    """softmax(query keyᵀ · scale + mask) value as two batched matmuls, in place where it can."""
+    """softmax(query keyᵀ · scale + mask) value as two batched matmuls, in place where it can.
+
+    The result has the query's layout, as torch's attention gives it (so a later transpose back to
+    ``[B, S, H, D]`` stays a view, and compilers reading the fake kernel see the real strides).
+    """
     scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)
     if mask is not None:
         scores.add_(mask)
-    return torch.matmul(torch.softmax(scores, dim=-1), value)
+    return torch.matmul(torch.softmax(scores, dim=-1), value, out=torch.empty_like(query))
 
 
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
@@ -106,7 +110,7 @@ def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
     (grouped heads), ``mask`` additive, broadcastable to ``[B, H, S, L]``, with its ``plan`` from
     ``key_mask`` (without one, the mask is used as it is).
     """
-    kind = _EMPTY_ROWS
+    kind = _EMPTY_ROWS  # without a plan: torch's kernel, as the graph had it
     if mask is not None and plan is not None:
         live, kind = plan.tolist()
         if live < key.shape[2]:
