@@ -95,7 +95,7 @@ def test_configs_refuse_bad_options_and_say_what_is_allowed(build, message) -> N
 
 def test_each_config_has_only_its_schemes_options() -> None:
     names = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (Int8Static, Int8Dynamic, WeightOnly, KMeans)}
-    assert names[Int8Dynamic] == {"per_channel", "skip", "embeddings"}
+    assert names[Int8Dynamic] == {"per_channel", "skip", "embeddings", "embedding_bits"}
     assert "observer" not in names[WeightOnly] and "per_channel" not in names[WeightOnly]
     assert "group_size" in names[WeightOnly] and "group_size" not in names[Int8Static]
     assert "clusters" in names[KMeans] and "embeddings" not in names[KMeans]

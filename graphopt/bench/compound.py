@@ -7,7 +7,8 @@ own dynamic int8. Distillation trains on unlabeled data the example inputs are n
 for token inputs, sentences of Python's ``pydoc_data.topics`` tokenized with the zoo's
 all-MiniLM-L6-v2 tokenizer (BERT's vocabulary), padded per batch; for other inputs, Gaussian
 inputs of the example's shape. So the rows' fidelity (on the example inputs) is on held-out data.
-``--distill-sentences N`` (default 1280) and ``--distill-epochs N`` (default 2) size the training.
+``--distill-sentences N`` (default 1280) and ``--distill-epochs N`` (default 2) size the training;
+int8 schemes store embedding tables in 4 bits there (``--embedding-bits 8``: int8 rows).
 """
 
 from __future__ import annotations
@@ -31,17 +32,23 @@ DISTILL_BATCH = 32
 
 @dataclass(frozen=True)
 class Compound:
-    """What ``--compound`` measures: prune by ``amount``, distill ``epochs`` over ``sentences`` inputs."""
+    """What ``--compound`` measures: prune by ``amount``, distill ``epochs`` over ``sentences`` inputs, quantize.
+
+    ``embedding_bits``: how int8 schemes store embedding tables (4 by default: the compound rows
+    are about the smallest file; ``Int8Dynamic(embedding_bits=...)``).
+    """
 
     amount: float
     sentences: int = DISTILL_SENTENCES
     epochs: int = 2
+    embedding_bits: int = 4
 
     def describe(self) -> str:
         """The bench command's flags for it."""
         return (f"--compound {self.amount:g}"
                 + (f" --distill-sentences {self.sentences}" if self.sentences != DISTILL_SENTENCES else "")
-                + (f" --distill-epochs {self.epochs}" if self.epochs != 2 else ""))
+                + (f" --distill-epochs {self.epochs}" if self.epochs != 2 else "")
+                + (f" --embedding-bits {self.embedding_bits}" if self.embedding_bits != 4 else ""))
 
 
 def pydoc_sentences() -> list[str]:
@@ -80,6 +87,8 @@ def _token_inputs(example_inputs: tuple[torch.Tensor, ...]) -> bool:
 class CompoundBackend(GraphoptBackend):
     """``graphopt.recipe(model, x, data, target, prune=Prune(amount, importance="taylor"), quantize=scheme)``.
 
+    int8 schemes store embedding tables in ``compound.embedding_bits``.
+
     Taylor importance (gradients on the example) and lr 5e-4 recovered all-MiniLM-L6-v2 pruned by
     half best of what was tried (L1 importance; lr 1e-4): see docs/benchmarks.md.
     """
@@ -90,10 +99,13 @@ class CompoundBackend(GraphoptBackend):
 
     def prepare(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Runner:
         """Prune (Taylor importance), distill on held-apart data, quantize (static int8 calibrates on the example)."""
-        from graphopt import Prune, recipe
+        from graphopt import Int8Dynamic, Int8Static, Prune, recipe
 
         distill: dict[str, Any] = {"epochs": self.compound.epochs, "loss": self.loss, "lr": 5e-4}
         data = distill_data(example_inputs, count=self.compound.sentences)
+        scheme: Any = self.scheme
+        if scheme in ("int8", "int8-dynamic"):
+            scheme = (Int8Static if scheme == "int8" else Int8Dynamic)(embedding_bits=self.compound.embedding_bits)
         return recipe(model, example_inputs, data, target=self.target,
                       prune=Prune(amount=self.compound.amount, importance="taylor"), distill=distill,
-                      quantize=self.scheme, calibration=[example_inputs])
+                      quantize=scheme, calibration=[example_inputs])

@@ -292,7 +292,8 @@ def _ratios(rows: list[QuantizeRow]) -> None:
 def _compound(args: Any) -> Compound | None:
     if getattr(args, "compound", None) is None:
         return None
-    return Compound(args.compound, sentences=args.distill_sentences, epochs=args.distill_epochs)
+    return Compound(args.compound, sentences=args.distill_sentences, epochs=args.distill_epochs,
+                    embedding_bits=args.embedding_bits)
 
 
 def run_quantize_bench_command(args: Any, models: Sequence[str], threads: int) -> int:

@@ -21,7 +21,7 @@ from graphopt.ir.graph import attribute_value, module_path, prune_unused_attribu
 from graphopt.ir.meta import infer_meta
 from graphopt.passes.base import PassResult
 from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
-from graphopt.passes.quantize.embedding import quantize_embeddings
+from graphopt.passes.quantize.embedding import QuantizedTable, check_embedding_bits, quantize_embeddings
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN, quantize_weight
 from graphopt.passes.quantize.placement import (
     QuantSite,
@@ -68,7 +68,7 @@ class DynamicPlan(LossyPlan):
     sites: list[QuantSite]
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     units: list[LossyUnit] = field(default_factory=list)
-    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    embeddings: dict[str, QuantizedTable] = field(default_factory=dict)
     user_skipped: int = 0
 
     def apply(self, gm: fx.GraphModule, skip: frozenset[str] = frozenset()) -> PassResult:
@@ -108,7 +108,9 @@ class Int8Dynamic(QuantizationScheme):
 
     Quantizes linear layers and products by a constant weight. ``per_channel``: one weight scale
     per output channel (else one per tensor). ``skip``: node names or module paths kept in
-    float. ``embeddings``: store embedding tables as int8 rows.
+    float. ``embeddings``: store embedding tables quantized, ``embedding_bits`` wide (8: int8
+    rows; 4: 4-bit codes with a scale and offset per 32 columns, a third of the int8 table's size
+    less; see ``graphopt.passes.quantize.embedding``).
     """
 
     name: ClassVar[str] = "quantize-dynamic"
@@ -116,10 +118,12 @@ class Int8Dynamic(QuantizationScheme):
     per_channel: bool = True
     skip: tuple[str, ...] = ()
     embeddings: bool = True
+    embedding_bits: int = 8
 
     def __post_init__(self) -> None:
         names_option(self, "skip")
         check_flags(self, "per_channel", "embeddings")
+        check_embedding_bits(self)
 
     @property
     def scheme(self) -> str:
@@ -141,5 +145,5 @@ class Int8Dynamic(QuantizationScheme):
             details: dict[str, Any] = {"module": module_path(node), "weight_shape": list(weight.shape)}
             scheme = "int8 dynamic, " + ("per-channel" if self.per_channel else "per-tensor") + " weights"
             units.append(LossyUnit(site.node, site.family, scheme, details))
-        tables = embedding_units(gm, nodes, skipped, units) if self.embeddings else {}
+        tables = embedding_units(gm, nodes, skipped, units, self.embedding_bits) if self.embeddings else {}
         return DynamicPlan(sites, weights, units, tables, user_skipped=len(all_sites) - len(sites))

@@ -1,24 +1,121 @@
-"""Int8 embedding tables: the rows are gathered as int8, then scaled (no float copy of the table).
+"""Quantized embedding tables: the rows are gathered as stored, then dequantized (no float copy of the table).
 
-Static and dynamic int8 both store every constant ``aten.embedding`` table as int8 with one
-symmetric scale per row; the graph reads ``embedding(int8 table, ids).float() * embedding(scales,
-ids)``. Only the looked-up rows are ever dequantized, on every target (ONNX: two ``Gather`` and
-a ``Mul``). For a BERT-style model the word embeddings are half of the fp32 file, so this is
-what brings an int8 file down to about a quarter of the fp32 size.
+Static and dynamic int8 both store every constant ``aten.embedding`` table in one of two forms
+(``embedding_bits``):
+
+- **8 bits** (default): int8 with one symmetric scale per row; the graph reads
+  ``embedding(int8 table, ids).float() * embedding(scales, ids)``.
+- **4 bits**: two 4-bit codes per byte and, per group of ``group`` consecutive columns of a row,
+  a float16 scale and offset (asymmetric: ``value ≈ code · scale + offset``, codes 0-15). Byte
+  ``j`` of a row holds column ``j`` in its low half and column ``j + D/2`` in its high half, so
+  unpacking is ``cat(rows mod 16, rows // 16)`` with no reshape (any batch shape, any free dim);
+  ``index_select`` spreads each group's scale and offset over its columns.
+
+Only the looked-up rows are ever dequantized, on every target (ONNX: ``Gather``, ``Floor``, ``Mul``,
+``Add``, exact on bytes in float). For a BERT-style model the word embeddings are half of the fp32
+file, so int8 tables bring an int8 file to about a quarter of the fp32 size, and 4-bit tables
+(0.16 bytes per value with group 32) to about a sixth.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 
+from graphopt.errors import InputError
 from graphopt.ir.graph import attribute_value, register_constant
 from graphopt.ir.meta import infer_meta
 from graphopt.passes.quantize.observers import quantize_weight
 
-__all__ = ["embedding_sites", "plan_embeddings", "quantize_embedding"]
+__all__ = ["EMBEDDING_BITS", "QuantizedTable", "check_embedding_bits", "embedding_sites", "plan_embeddings",
+           "quantize_embedding"]
 
 aten = torch.ops.aten
+
+EMBEDDING_BITS = (8, 4)
+"""The widths an embedding table can be stored in."""
+
+INT4_GROUP = 32
+"""Columns per 4-bit scale/offset pair (a row whose width it does not divide is stored in int8)."""
+
+_FLOAT16_MAX = 6.0e4
+
+
+def check_embedding_bits(config: object) -> None:
+    """``config.embedding_bits`` must be one of ``EMBEDDING_BITS``."""
+    bits = config.embedding_bits  # type: ignore[attr-defined]
+    if isinstance(bits, bool) or bits not in EMBEDDING_BITS:
+        raise InputError(f"{type(config).__name__}(embedding_bits=...) must be 8 or 4, got {bits!r}: 8 stores "
+                         "embedding tables as int8 rows, 4 as 4-bit codes with a scale and offset per 32 columns")
+
+
+@dataclass(frozen=True)
+class QuantizedTable:
+    """An embedding table as stored: int8 ``codes`` with per-row ``scales``, or packed 4-bit codes.
+
+    4 bits: ``codes`` is ``uint8 [rows, D/2]`` (column ``j`` in the low half of byte ``j``, column
+    ``j + D/2`` in the high half), ``scales`` and ``offsets`` ``[rows, D/group]``.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None = None
+    group: int = 0
+
+    @property
+    def bits(self) -> int:
+        """4 or 8."""
+        return 4 if self.offsets is not None else 8
+
+    @property
+    def shape(self) -> list[int]:
+        """The float table's shape."""
+        rows, width = self.codes.shape
+        return [rows, width * 2 if self.bits == 4 else width]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: codes, scales and offsets."""
+        parts = (self.codes, self.scales, self.offsets)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    @property
+    def scheme(self) -> str:
+        """How the report names it."""
+        if self.bits == 4:
+            return f"4-bit table, scale + offset per {self.group} columns (weight-only)"
+        return "int8 per-row table (weight-only)"
+
+    def dequantized(self) -> torch.Tensor:
+        """The float table the stored one stands for (float32)."""
+        if self.offsets is None:
+            return self.codes.float() * self.scales.reshape(-1, 1).float()
+        codes = torch.cat([self.codes & 15, self.codes >> 4], dim=-1).float()
+        columns = _column_groups(codes.shape[1], self.group)
+        return (codes * self.scales.float().index_select(1, columns)
+                + self.offsets.float().index_select(1, columns))
+
+
+def _column_groups(width: int, group: int) -> torch.Tensor:
+    """Each column's group index (``[width]``, int64)."""
+    return torch.arange(width) // group
+
+
+def quantize_table_int4(table: torch.Tensor, group: int = INT4_GROUP) -> QuantizedTable:
+    """Asymmetric 4-bit codes per ``group`` columns of each row, scales and offsets in float16 where they fit."""
+    rows, width = table.shape
+    values = table.detach().float().reshape(rows, width // group, group)
+    low, high = values.amin(-1), values.amax(-1)
+    dtype = torch.float16 if float(values.abs().max()) < _FLOAT16_MAX else torch.float32
+    scales = ((high - low) / 15).clamp_min(1e-8).to(dtype)
+    offsets = low.to(dtype)
+    codes = torch.round((values - offsets.float().unsqueeze(-1)) / scales.float().unsqueeze(-1)).clamp(0, 15)
+    codes = codes.reshape(rows, width).to(torch.uint8)
+    half = width // 2
+    packed = codes[:, :half] | (codes[:, half:] << 4)
+    return QuantizedTable(packed.contiguous(), scales, offsets, group)
 
 
 def embedding_sites(gm: fx.GraphModule) -> list[str]:
@@ -32,37 +129,64 @@ def embedding_sites(gm: fx.GraphModule) -> list[str]:
     return names
 
 
-def quantize_embedding(gm: fx.GraphModule, node: fx.Node, q_table: torch.Tensor, scales: torch.Tensor) -> int:
-    """Rewrite ``node`` to gather int8 rows and their scales; returns the bytes saved."""
-    table = attribute_value(gm, node.args[0])
+def quantize_embedding(gm: fx.GraphModule, node: fx.Node, table: QuantizedTable) -> int:
+    """Rewrite ``node`` to gather the stored rows and dequantize them; returns the bytes saved."""
+    original = attribute_value(gm, node.args[0])
     graph = gm.graph
-    q_node = register_constant(gm, f"{node.name}_table_int8", q_table, before=node)
-    s_node = register_constant(gm, f"{node.name}_row_scale", scales.reshape(-1, 1), before=node)
     rest = tuple(node.args[2:])
+    ids = node.args[1]
+
+    def add(target: object, *args: object, **kwargs: object) -> fx.Node:
+        new = graph.call_function(target, args, kwargs)  # type: ignore[arg-type]
+        infer_meta(new)
+        return new
+
+    codes = register_constant(gm, f"{node.name}_table_int{table.bits}", table.codes, before=node)
+    scales = register_constant(gm, f"{node.name}_{'row' if table.bits == 8 else 'group'}_scale",
+                               table.scales.reshape(-1, 1) if table.bits == 8 else table.scales, before=node)
+    offsets = (register_constant(gm, f"{node.name}_group_offset", table.offsets, before=node)
+               if table.offsets is not None else None)
+    columns = (register_constant(gm, f"{node.name}_column_group", _column_groups(table.shape[1], table.group),
+                                 before=node) if offsets is not None else None)
     with graph.inserting_before(node):
-        rows = graph.call_function(aten.embedding.default, (q_node, node.args[1], *rest))
-        infer_meta(rows)
-        row_scales = graph.call_function(aten.embedding.default, (s_node, node.args[1], *rest))
-        infer_meta(row_scales)
-        as_float = graph.call_function(aten._to_copy.default, (rows,), {"dtype": table.dtype})
-        infer_meta(as_float)
-        scaled = graph.call_function(aten.mul.Tensor, (as_float, row_scales))
-        infer_meta(scaled)
+        rows = add(aten.embedding.default, codes, ids, *rest)
+        if offsets is None:
+            row_scales = add(aten.embedding.default, scales, ids, *rest)
+            scaled = add(aten.mul.Tensor, add(aten._to_copy.default, rows, dtype=original.dtype), row_scales)
+        else:
+            # unpacked in float arithmetic, exact for bytes (ONNX's BitShift is not in every runtime's type set)
+            as_float = add(aten._to_copy.default, rows, dtype=original.dtype)
+            high = add(aten.floor.default, add(aten.mul.Tensor, as_float, 1 / 16))
+            low = add(aten.sub.Tensor, as_float, add(aten.mul.Tensor, high, 16))
+            values = add(aten.cat.default, [low, high], -1)
+            spread = [add(aten._to_copy.default,
+                          add(aten.index_select.default, add(aten.embedding.default, part, ids, *rest), -1, columns),
+                          dtype=original.dtype) for part in (scales, offsets)]
+            scaled = add(aten.add.Tensor, add(aten.mul.Tensor, values, spread[0]), spread[1])
     node.replace_all_uses_with(scaled)
     graph.erase_node(node)
-    return table.numel() * table.element_size() - q_table.numel() - scales.numel() * scales.element_size()
+    return original.numel() * original.element_size() - table.nbytes
 
 
-def plan_embeddings(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Int8 rows + per-row scales for every constant embedding table of ``gm``, by node name."""
+def plan_embeddings(gm: fx.GraphModule, bits: int = 8, group: int = INT4_GROUP) -> dict[str, QuantizedTable]:
+    """The stored form of every constant embedding table of ``gm``, by node name.
+
+    ``bits=4`` packs tables whose width ``group`` divides (and is even) in 4 bits, the others in int8.
+    """
     nodes = {n.name: n for n in gm.graph.nodes}
-    return {name: quantize_weight(attribute_value(gm, nodes[name].args[0]), per_channel=True, axis=0)
-            for name in embedding_sites(gm)}
+    planned = {}
+    for name in embedding_sites(gm):
+        table = attribute_value(gm, nodes[name].args[0])
+        if bits == 4 and table.shape[1] % group == 0 and table.shape[1] % 2 == 0:
+            planned[name] = quantize_table_int4(table, group)
+        else:
+            planned[name] = QuantizedTable(*quantize_weight(table, per_channel=True, axis=0))
+    return planned
 
 
-def quantize_embeddings(gm: fx.GraphModule, planned: dict[str, tuple[torch.Tensor, torch.Tensor]],
+def quantize_embeddings(gm: fx.GraphModule, planned: dict[str, QuantizedTable],
                         nodes: dict[str, fx.Node], skip: frozenset[str]) -> tuple[int, int]:
-    """Apply the planned int8 tables not in ``skip``; returns (tables quantized, bytes saved)."""
+    """Apply the planned tables not in ``skip``; returns (tables quantized, bytes saved)."""
     tables = [name for name in planned if name not in skip and name in nodes]
-    saved = sum(quantize_embedding(gm, nodes[name], *planned[name]) for name in tables)
+    saved = sum(quantize_embedding(gm, nodes[name], planned[name]) for name in tables)
     return len(tables), saved

@@ -21,7 +21,12 @@ from graphopt.errors import InputError
 from graphopt.ir.graph import attribute_value, module_path, prune_unused_attributes
 from graphopt.passes.base import PassResult
 from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
-from graphopt.passes.quantize.embedding import plan_embeddings, quantize_embeddings
+from graphopt.passes.quantize.embedding import (
+    QuantizedTable,
+    check_embedding_bits,
+    plan_embeddings,
+    quantize_embeddings,
+)
 from graphopt.passes.quantize.observers import OBSERVERS, Observer, QParams, make_observer, quantize_weight
 from graphopt.passes.quantize.placement import (
     PASS_THROUGH,
@@ -72,7 +77,7 @@ class StaticPlan(LossyPlan):
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     units: list[LossyUnit] = field(default_factory=list)
     unquantizable: list[str] = field(default_factory=list)
-    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    embeddings: dict[str, QuantizedTable] = field(default_factory=dict)
 
     def apply(self, gm: fx.GraphModule, skip: frozenset[str] = frozenset()) -> PassResult:
         """Insert QDQ nodes for every site not in ``skip`` (names are node names of the planned graph)."""
@@ -151,7 +156,8 @@ class Int8Static(QuantizationScheme):
     (else one per tensor). ``ops``: the op families quantized (``conv``, ``linear``, ``matmul``,
     ``add``, ``concat``, ``pooling``). ``skip``: node names or module paths kept in float.
     ``max_calibration_batches``: cap on the batches observed (all when None). ``embeddings``:
-    store embedding tables as int8 rows. Needs ``optimize(..., calibration=batches)``.
+    store embedding tables quantized, ``embedding_bits`` wide (8 or 4, as ``Int8Dynamic``).
+    Needs ``optimize(..., calibration=batches)``.
     Registered as ``quantize``, the scheme ``Quantize()`` has always meant.
     """
 
@@ -163,6 +169,7 @@ class Int8Static(QuantizationScheme):
     skip: tuple[str, ...] = ()
     max_calibration_batches: int | None = None
     embeddings: bool = True
+    embedding_bits: int = 8
 
     def __post_init__(self) -> None:
         names_option(self, "ops")
@@ -172,6 +179,7 @@ class Int8Static(QuantizationScheme):
                              f"{', '.join(OBSERVERS)}; got {self.observer!r}")
         check_ops(self)
         check_flags(self, "per_channel", "embeddings")
+        check_embedding_bits(self)
         check_count(self, "max_calibration_batches", 1, ", or None for every batch", optional=True)
 
     @property
@@ -215,16 +223,16 @@ class Int8Static(QuantizationScheme):
             if out is not node:
                 details["fused"] = str(out.target).split(".")[-2]
             units.append(LossyUnit(site.node, site.family, scheme, details))
-        tables = embedding_units(gm, nodes, skipped, units) if self.embeddings else {}
+        tables = embedding_units(gm, nodes, skipped, units, self.embedding_bits) if self.embeddings else {}
         unquantizable = [f"{s.node}: {SKIPPED}" for s in all_sites if nodes[s.node] in skipped]
         return StaticPlan(sites, activation_qparams, weights, units, unquantizable, tables)
 
 
 def embedding_units(gm: fx.GraphModule, nodes: dict[str, fx.Node], skipped: SkipList,
-                    units: list[LossyUnit]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Plan int8 embedding tables (weight-only, per row) and add one unit per table to ``units``."""
-    tables = {name: value for name, value in plan_embeddings(gm).items() if nodes[name] not in skipped}
-    for name, (q_table, _) in tables.items():
-        units.append(LossyUnit(name, "embedding", "int8 per-row table (weight-only)",
-                               {"module": module_path(nodes[name]), "weight_shape": list(q_table.shape)}))
+                    units: list[LossyUnit], bits: int = 8) -> dict[str, QuantizedTable]:
+    """Plan embedding tables in ``bits`` (weight-only) and add one unit per table to ``units``."""
+    tables = {name: value for name, value in plan_embeddings(gm, bits).items() if nodes[name] not in skipped}
+    for name, table in tables.items():
+        units.append(LossyUnit(name, "embedding", table.scheme,
+                               {"module": module_path(nodes[name]), "weight_shape": table.shape}))
     return tables
