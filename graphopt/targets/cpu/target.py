@@ -18,7 +18,7 @@ from graphopt.passes.cleanup import DeadCodeElimination
 from graphopt.passes.quantize.patterns import has_quantized_ops
 from graphopt.targets.base import LoweringContext, Target
 from graphopt.targets.common.lowering import computes_in, run_lowering
-from graphopt.targets.cpu.attention import TrimmedAttention
+from graphopt.targets.cpu.attention import QuantizedGraphAttention
 from graphopt.targets.cpu.lowering import CpuLowering, float_lowering_passes, lower_graph
 from graphopt.targets.cpu.quantized import INT8_LOWERING
 from graphopt.targets.cpu.weight_only import CpuWeightOnlyKernels
@@ -50,7 +50,7 @@ class CpuTarget(Target):
         if has_quantized_ops(gm):
             choice = self.lowering.weight_kernels
             kernels = [replace(p, choice=choice) if isinstance(p, CpuWeightOnlyKernels) else p for p in INT8_LOWERING]
-            return [*kernels, TrimmedAttention()]
+            return [*kernels, QuantizedGraphAttention()]
         return float_lowering_passes(self.lowering)
 
     def for_graph(self, gm: fx.GraphModule) -> CpuTarget:
