@@ -13,6 +13,7 @@ from graphopt.passes.quantize.embedding import INT4_GROUP, quantize_table_int4
 def test_int4_table_round_trips_within_half_a_step() -> None:
     torch.manual_seed(0)
     table = torch.randn(50, 64) * torch.linspace(0.1, 3.0, 64)  # columns of very different ranges
+    table[7, :32] = 0.25  # a constant group (a zero range must not divide by zero)
     stored = quantize_table_int4(table)
     assert stored.codes.dtype == torch.uint8 and list(stored.codes.shape) == [50, 32]  # two codes a byte
     assert list(stored.scales.shape) == [50, 64 // INT4_GROUP] and stored.scales.dtype == torch.float16
@@ -22,6 +23,7 @@ def test_int4_table_round_trips_within_half_a_step() -> None:
     step = stored.scales.float().repeat_interleave(INT4_GROUP, dim=1)
     assert bool((error <= step * 0.5 + 1e-3 * table.abs()).all())  # round to nearest (float16 scales)
     assert float(error.max()) > 0  # it is lossy: 16 levels per group
+    assert bool((stored.dequantized()[7, :32] == 0.25).all())
 
 
 def _bert():

@@ -109,8 +109,8 @@ class Int8Dynamic(QuantizationScheme):
     Quantizes linear layers and products by a constant weight. ``per_channel``: one weight scale
     per output channel (else one per tensor). ``skip``: node names or module paths kept in
     float. ``embeddings``: store embedding tables quantized, ``embedding_bits`` wide (8: int8
-    rows; 4: 4-bit codes with a scale and offset per 32 columns, a third of the int8 table's size
-    less; see ``graphopt.passes.quantize.embedding``).
+    rows; 4: 4-bit codes with a scale and offset per 32 columns, about 0.6x the int8 table; see
+    ``graphopt.passes.quantize.embedding``).
     """
 
     name: ClassVar[str] = "quantize-dynamic"
