@@ -130,6 +130,36 @@ def test_cpu_lowering_runs_dynamic_linear_as_onednn_int8_with_fused_activations(
         assert output_cosine([gm(x)], [lowered(x)]) > 0.999
 
 
+class ResidualFeedForward(torch.nn.Module):
+    """Two transformer FFN blocks: ``x + down(gelu(up(x)))``, the second block's residual read twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up1, self.down1 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+        self.up2, self.down2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.down1(torch.nn.functional.gelu(self.up1(x)))
+        y = self.down2(torch.nn.functional.gelu(self.up2(x))) + x
+        return y * x  # the residual x is read again after the add
+
+
+def test_cpu_lowering_fuses_residual_adds_into_dynamic_int8_linears() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 32)
+    gm, quantized = _quantized_graph(ResidualFeedForward().eval(), x, scheme="int8-dynamic")
+    lowered = lower_quantized_for_cpu(quantized, x).graph_module
+    kernels = [n for n in lowered.graph.nodes if n.target is dynamic_int8_linear]
+    assert len(kernels) == 4
+    # the down projections take their residual (either operand order); the up projections their GELU
+    assert [n.args[5] for n in kernels] == ["gelu", "none", "gelu", "none"]
+    assert [n.args[7] is not None for n in kernels] == [False, True, False, True]
+    assert "aten.add.Tensor" not in count_ops(lowered)
+    with torch.no_grad():
+        for _ in range(2):  # the residual is not overwritten: the second call sees the same values
+            assert output_cosine([gm(x)], [lowered(x)]) > 0.999
+
+
 def test_optimize_cpu_runs_the_int8_graph_and_keeps_the_portable_one() -> None:
     torch.manual_seed(0)
     model, x = ResidualConvNet().eval(), torch.randn(4, 3, 16, 16)
