@@ -140,3 +140,19 @@ def test_encoder_on_padded_sentences_runs_trimmed_attention(quantize: str | None
             if quantize is None:  # int8 kernels round differently from the graph's reference by design
                 assert (actual - reference).abs().max() <= 1e-4 * scale
             assert (actual - expected).abs().max() <= tolerance * scale
+
+
+def test_weight_only_model_computed_once_in_float_gets_the_float_lowering_with_trimmed_attention() -> None:
+    """int8 weights dequantized once leave a float graph: it is lowered as one (oneDNN linears), attention trimmed."""
+    model = _bert()
+    example = _batch([11, 7, 30, 14])
+    fast = graphopt.optimize(model, example, "cpu", quantize="int8-weight-only",
+                             lowering=graphopt.CpuLowering(weight_kernels="dequantize-once"))
+    assert isinstance(fast.runner, LoweredGraph)
+    ops = count_ops(fast.runner.graph_module)
+    assert ops["graphopt_cpu.attention.default"] == 2 and ops["graphopt_cpu.key_mask.default"] == 1
+    assert any(name.startswith("mkldnn._linear_pointwise") for name in ops)
+    with torch.no_grad():
+        inputs = _batch([3, 1, 2, 1])
+        expected = model(*inputs).last_hidden_state
+        assert (fast(*inputs)[0] - expected).abs().max() <= 0.05 * expected.abs().max()

@@ -110,7 +110,7 @@ def cpu_has_bfloat16() -> bool:
 
 
 def _only_aten_ops(gm: fx.GraphModule) -> bool:
-    """True when every call in ``gm`` is an ATen op, ``getitem`` or float attention: no int8 kernel or quantized op."""
-    return all(n.target is operator.getitem or n.target is torch.ops.graphopt_cpu.attention.default
-               or (isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "aten")
+    """True when every call in ``gm`` is an ATen op, ``getitem`` or a float ``graphopt_cpu`` op: no int8 kernel left."""
+    return all(n.target is operator.getitem
+               or (isinstance(n.target, torch._ops.OpOverload) and n.target.namespace in ("aten", "graphopt_cpu"))
                for n in gm.graph.nodes if n.op == "call_function")
