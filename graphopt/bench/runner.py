@@ -107,9 +107,12 @@ class ExportedOnnx:
     """The original model exported with ``torch.onnx.export(dynamo=True)`` into a temp dir, for a peer runtime."""
 
     def __init__(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...], prefix: str) -> None:
+        from graphopt.targets.onnx.export import quiet_loggers  # loads onnx: only for the peers that need it
+
         self._dir = tempfile.TemporaryDirectory(prefix=prefix)
         self.path = Path(self._dir.name) / "model.onnx"
-        torch.onnx.export(model, example_inputs, dynamo=True, verbose=False).save(str(self.path))
+        with quiet_loggers("torch.onnx", "onnxscript"):  # its constant folding warns of every shape it cannot fold
+            torch.onnx.export(model, example_inputs, dynamo=True, verbose=False).save(str(self.path))
 
     def disk_bytes(self) -> int:
         """Size of the ONNX file plus any external-data files next to it."""
