@@ -99,13 +99,14 @@ class CompoundBackend(GraphoptBackend):
 
     def prepare(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Runner:
         """Prune (Taylor importance), distill on held-apart data, quantize (static int8 calibrates on the example)."""
-        from graphopt import Int8Dynamic, Int8Static, Prune, recipe
+        from graphopt import Prune, recipe
+        from graphopt.passes.quantize import Quantize
 
         distill: dict[str, Any] = {"epochs": self.compound.epochs, "loss": self.loss, "lr": 5e-4}
         data = distill_data(example_inputs, count=self.compound.sentences)
         scheme: Any = self.scheme
         if scheme in ("int8", "int8-dynamic"):
-            scheme = (Int8Static if scheme == "int8" else Int8Dynamic)(embedding_bits=self.compound.embedding_bits)
+            scheme = Quantize(scheme, embedding_bits=self.compound.embedding_bits)
         return recipe(model, example_inputs, data, target=self.target,
                       prune=Prune(amount=self.compound.amount, importance="taylor"), distill=distill,
                       quantize=scheme, calibration=[example_inputs])

@@ -27,12 +27,12 @@ from graphopt.passes.fusion._match import erase_dead, is_call
 
 aten = torch.ops.aten
 
-__all__ = ["FuseGroupedQueryAttention"]
+__all__ = ["FuseGroupedQueryAttention", "repeated_heads"]
 
 _SDPA = aten.scaled_dot_product_attention.default
 
 
-def _repeat_kv(node: Any) -> tuple[fx.Node, int, list[fx.Node]] | str | None:
+def repeated_heads(node: Any) -> tuple[fx.Node, int, list[fx.Node]] | str | None:
     """``(x, n, nodes)`` when ``node`` repeats each head (dim 1) of 4-d ``x`` ``n`` times; a reason for a tiling."""
     if is_call(node, aten.repeat.default):
         return "keys/values tiled with repeat (head h reads h mod kv), not repeated in place"
@@ -72,7 +72,7 @@ def _plan(sdpa: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | str | None:
     """``(k, v, repeat nodes)`` for an SDPA whose keys and values are ``repeat_kv``-ed; a reason for look-alikes."""
     if len(sdpa.args) < 3:
         return None
-    keys, values = _repeat_kv(sdpa.args[1]), _repeat_kv(sdpa.args[2])
+    keys, values = repeated_heads(sdpa.args[1]), repeated_heads(sdpa.args[2])
     for found in (keys, values):
         if isinstance(found, str):
             return found

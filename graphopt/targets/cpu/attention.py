@@ -33,7 +33,9 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.meta import copy_meta, infer_meta
+from graphopt.ir.op_args import argument
 from graphopt.passes.base import NodeRewrite
+from graphopt.passes.fusion.gqa import repeated_heads
 from graphopt.targets.common.lowering import KernelSubstitution
 
 __all__ = ["ATTENTION", "KEY_BLOCK", "KEY_MASK", "MATMUL_MAX_KEYS", "QuantizedGraphAttention", "TrimmedAttention"]
@@ -143,25 +145,6 @@ KEY_MASK = torch.ops.graphopt_cpu.key_mask.default
 ATTENTION = torch.ops.graphopt_cpu.attention.default
 
 
-def _unrepeated(node: object, heads: int) -> fx.Node | None:
-    """The cache behind ``repeat_kv(cache)`` (unsqueeze(2) -> expand -> reshape to ``heads``), else None."""
-    if not isinstance(node, fx.Node) or node.target not in (aten.reshape.default, aten.view.default,
-                                                            aten._unsafe_view.default):
-        return None
-    expand = node.args[0]
-    if not isinstance(expand, fx.Node) or expand.target is not aten.expand.default:
-        return None
-    unsqueeze = expand.args[0]
-    if not isinstance(unsqueeze, fx.Node) or unsqueeze.target is not aten.unsqueeze.default or unsqueeze.args[1] != 2:
-        return None
-    return unsqueeze.args[0]  # type: ignore[return-value]
-
-
-def _heads(node: fx.Node) -> int | None:
-    value = node.meta.get("val")
-    return int(value.shape[1]) if value is not None and value.dim() == 4 else None
-
-
 @dataclass(frozen=True)
 class TrimmedAttention(NodeRewrite):
     """``sdpa`` with a mask, or over ``repeat_kv`` of grouped key/value heads -> ``graphopt_cpu::attention``."""
@@ -175,20 +158,16 @@ class TrimmedAttention(NodeRewrite):
         if node.op != "call_function" or node.target is not aten.scaled_dot_product_attention.default:
             return False
         query, key, value = node.args[:3]
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
-        causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
-        scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
-        if dropout or causal:
+        mask, scale = argument(node, "attn_mask"), argument(node, "scale")
+        if argument(node, "dropout_p", 0.0) or argument(node, "is_causal", False):
             return "dropout or is_causal attention"
-        heads = _heads(query)
-        if heads is None:
+        if query.meta.get("val") is None or query.meta["val"].dim() != 4:
             return "query shape unknown"
         unrepeated = False
-        if not node.kwargs.get("enable_gqa", False):
-            key_cache, value_cache = _unrepeated(key, heads), _unrepeated(value, heads)
-            if key_cache is not None and value_cache is not None:
-                key, value, unrepeated = key_cache, value_cache, True
+        if not argument(node, "enable_gqa", False):
+            keys, values = repeated_heads(key), repeated_heads(value)  # repeat_kv, as fuse-gqa matches it
+            if isinstance(keys, tuple) and isinstance(values, tuple) and keys[1] == values[1]:
+                key, value, unrepeated = keys[0], values[0], True
         if mask is None and not unrepeated:
             return False  # nothing to trim or read in place: torch's kernel as it is
         dim = query.meta["val"].shape[-1]

@@ -39,7 +39,7 @@ from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN
 from graphopt.passes.quantize.patterns import constant_bias, int8_weight, static_activation
 from graphopt.passes.quantize.placement import PASS_THROUGH, is_dequantize
 from graphopt.targets.common.lowering import KernelSubstitution
-from graphopt.targets.common.patterns import dynamic_int8_gemm
+from graphopt.targets.common.patterns import dynamic_int8_gemm, residual_operand
 from graphopt.targets.common.weight_only_kernels import (
     ExpandCompressedWeights,
     GatherCodebookEmbeddings,
@@ -438,18 +438,12 @@ def _dynamic_epilogue(node: fx.Node) -> tuple[fx.Node, str, str]:
 def _residual_add(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """``(add, residual)`` when the GEMM's only reader adds a float32 tensor of its own shape to it, else None."""
     users = list(node.users)
-    if len(users) != 1 or users[0].op != "call_function" or users[0].target is not aten.add.Tensor or users[0].kwargs:
+    if len(users) != 1:
         return None
-    add = users[0]
-    if len(add.args) != 2 or add.args[0] is add.args[1]:
+    residual = residual_operand(users[0], node)
+    if not isinstance(residual, fx.Node) or residual.meta["val"].dtype != torch.float32:
         return None
-    residual = add.args[1] if add.args[0] is node else add.args[0]
-    mine, theirs = node.meta.get("val"), getattr(residual, "meta", {}).get("val")
-    if not isinstance(residual, fx.Node) or not isinstance(mine, torch.Tensor) or not isinstance(theirs, torch.Tensor):
-        return None
-    if theirs.shape != mine.shape or theirs.dtype != torch.float32 or mine.dtype != torch.float32:
-        return None
-    return add, residual
+    return users[0], residual
 
 
 @dataclass(frozen=True)

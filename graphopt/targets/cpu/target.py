@@ -94,7 +94,7 @@ class CpuTarget(Target):
                 kernels = ", ".join(f"{count} {kind}" for kind, count in counts.items() if count)
                 context.report.notes.append(f"cpu lowering: int8 kernels: {kernels or 'none matched'}")
             result.report(context.report, "cpu lowering: quantized kernels")
-            if has_quantized_ops(lowered, activations=True) or not _only_aten_ops(lowered):
+            if has_quantized_ops(lowered, activations=True) or not _only_float_ops(lowered):
                 return lowered
             gm = lowered  # weight-only graph whose weights were all dequantized once: a float graph, lowered as one
         return lower_graph(gm, context, self.lowering, self.lowering_passes(gm))
@@ -109,7 +109,7 @@ def cpu_has_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _only_aten_ops(gm: fx.GraphModule) -> bool:
+def _only_float_ops(gm: fx.GraphModule) -> bool:
     """True when every call in ``gm`` is an ATen op, ``getitem`` or a float ``graphopt_cpu`` op: no int8 kernel left."""
     return all(n.target is operator.getitem
                or (isinstance(n.target, torch._ops.OpOverload) and n.target.namespace in ("aten", "graphopt_cpu"))
