@@ -160,6 +160,24 @@ def test_cpu_lowering_fuses_residual_adds_into_dynamic_int8_linears() -> None:
             assert output_cosine([gm(x)], [lowered(x)]) > 0.999
 
 
+def test_static_quantize_nodes_left_become_uint8_codes_read_in_place() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 32)
+    # the first block's add hands int8 on to the second block: its quantize nodes stay in the lowered graph
+    _, quantized = _quantized_graph(ResidualFeedForward().eval(), x, scheme="int8")
+    lowered = lower_quantized_for_cpu(quantized, x).graph_module
+    ops = count_ops(lowered)
+    assert ops["graphopt_cpu.quantize_uint8.default"] >= 2
+    assert "aten.int_repr.default" not in ops and not any(name.startswith("quantized_decomposed") for name in ops)
+    with torch.no_grad():
+        assert output_cosine([quantized(x)], [lowered(x)]) > 0.9999
+    values = torch.randn(3, 5) * 4
+    codes = torch.ops.graphopt_cpu.quantize_uint8(values, 0.05, 128)
+    assert codes.dtype == torch.uint8 and not codes.is_quantized
+    expected = torch.clamp(torch.round(values / 0.05) + 128, 0, 255).to(torch.uint8)
+    assert torch.equal(codes.clone(), expected)  # a plain uint8 tensor: copies, views and maths work
+
+
 def test_optimize_cpu_runs_the_int8_graph_and_keeps_the_portable_one() -> None:
     torch.manual_seed(0)
     model, x = ResidualConvNet().eval(), torch.randn(4, 3, 16, 16)
@@ -178,11 +196,13 @@ def test_onnx_static_int8_runs_qlinear_kernels_in_onnxruntime(tmp_path: Path) ->
     _gm, quantized = _quantized_graph(ResidualConvNet().eval(), x)
     model = export_graph_to_onnx(quantized, (x,), {})
     exported = collections.Counter(n.op_type for n in model.graph.node)
-    assert exported["QuantizeLinear"] == 11 and exported["DequantizeLinear"] >= 11 + 5
+    # 10 quantized activations (the classifier's output stays float: no int8 op reads it), 4 conv weights
+    assert exported["QuantizeLinear"] == 10 and exported["DequantizeLinear"] >= 10 + 3
+    assert exported["MatMulIntegerToFloat"] == 1  # the classifier: int8 product, float out
     matrices = [i for i in model.graph.initializer if len(i.dims) >= 2]
     assert len(matrices) == 5 and all(i.data_type == onnx.TensorProto.INT8 for i in matrices)
     optimized = _ort_optimized_ops(model, tmp_path)
-    assert optimized["QLinearConv"] == 4 and optimized["QGemm"] + optimized["QLinearMatMul"] == 1
+    assert optimized["QLinearConv"] == 4 and optimized["MatMulIntegerToFloat"] == 1
     assert optimized["QLinearAdd"] == 1 and optimized["QLinearConcat"] == 1
     assert not {"Conv", "Gemm", "MatMul"} & set(optimized)  # every conv / GEMM runs int8
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -204,8 +224,8 @@ def test_onnx_int8_files_carry_int8_weights_at_a_quarter_of_the_size(tmp_path: P
         matrices = [i for i in written.graph.initializer if len(i.dims) >= 2]
         assert len(matrices) == 4 and all(i.data_type == onnx.TensorProto.INT8 for i in matrices)
         optimized = _ort_optimized_ops(written, tmp_path)
-        if scheme == "int8":
-            assert optimized["QGemm"] + optimized["QLinearMatMul"] == 4
+        if scheme == "int8":  # int8 out where the next layer reads it (through ReLU); float before GELU and at the end
+            assert optimized["QGemm"] + optimized["QLinearMatMul"] == 2 and optimized["MatMulIntegerToFloat"] == 2
         else:
             assert optimized["DynamicQuantizeMatMul"] + optimized["MatMulIntegerToFloat"] == 4
         assert not {"Gemm", "MatMul", "FusedMatMul"} & set(optimized)

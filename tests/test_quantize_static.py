@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from quantize_models import ResidualConvNet, accuracy, digits_data, train_digits_cnn
 
 import graphopt
@@ -58,8 +59,10 @@ def test_conv_net_placement_counts_and_no_redundant_pairs() -> None:
     assert sorted(u.kind for u in plan.units) == ["add", "concat", "conv", "conv", "conv", "conv", "linear", "pooling"]
     assert result.stats["quantized"] == 8
     # quantized values: input, stem→relu (fused), maxpool (shared scale), conv_a→relu, conv_b, add, conv_c→relu,
-    # concat, pooled, flatten (shared), linear output
-    assert _ops(gm) == {"quantize_per_tensor": 11, "dequantize_per_tensor": 11, "dequantize_per_channel": 5}
+    # concat, pooled, flatten (shared); not the linear's output, which no int8 op reads
+    assert _ops(gm) == {"quantize_per_tensor": 10, "dequantize_per_tensor": 10, "dequantize_per_channel": 5}
+    linear = next(n for n in gm.graph.nodes if n.target == aten.linear.default)
+    assert not any(is_quantize(u) for u in linear.users)
     assert redundant_pairs(gm) == []
     for node in gm.graph.nodes:
         if node.target in (aten.conv2d.default, aten.linear.default):
@@ -242,6 +245,64 @@ def test_tight_budget_makes_the_most_sensitive_layers_fall_back() -> None:
     with pytest.raises(FidelityError, match="cannot meet the budget"):
         graphopt.optimize(model, (x,), quantize=Quantize(ops=("conv",)), calibration=calibration,
                           fidelity=Fidelity(min_cosine=1.0))
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def _wide_range_calibration() -> tuple[torch.nn.Module, torch.Tensor, list]:
+    """Calibration where one batch is 100x the others: one static scale per activation serves the example badly."""
+    torch.manual_seed(0)
+    return _TwoLinears().eval(), torch.randn(32, 16), [(torch.randn(32, 16) * 100,), (torch.randn(32, 16),)]
+
+
+def test_static_linears_that_break_the_budget_step_down_to_dynamic_int8_before_float() -> None:
+    model, x, calibration = _wide_range_calibration()
+    fast = graphopt.optimize(model, (x,), quantize=Quantize(ops=("linear",)), calibration=calibration)
+    record = next(r for r in fast.report.records if r.name == "quantize")
+    assert record.fidelity["fallen_back"] == 0 and record.fidelity["milder"] >= 1
+    assert "in a milder scheme" in str(fast.report)
+    section = next(s for s in fast.report.sections if s.title.startswith("quantize"))
+    statuses = [row[section.headers.index("status")] for row in section.rows]
+    assert statuses.count("milder: int8 dynamic, per-channel weights") == record.fidelity["milder"]
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(model(x), fast(x)).mean() >= 0.99
+    assert fast.report.to_dict()  # the statuses serialise
+    assert any("dynamic_linear" in note for note in fast.report.notes)  # lowered to the dynamic int8 kernel
+
+    with pytest.raises(FidelityError, match="1 of its 2 unit"):  # static or float only: nothing meets the budget
+        graphopt.optimize(model, (x,), quantize=Quantize(ops=("linear",), dynamic_fallback=False),
+                          calibration=calibration)
+
+
+def test_a_static_plan_applies_milder_units_with_run_time_activation_scales() -> None:
+    model, x, calibration = _wide_range_calibration()
+    captured, plan, everything_static, _ = _quantized(model, (x,), calibration, ops=("linear",))
+    assert [u.milder for u in plan.units] == [("int8 dynamic, per-channel weights",)] * 2
+    gm = snapshot_graph_module(captured.graph_module)
+    result = plan.apply(gm, frozenset(), {u.name: 1 for u in plan.units})
+    ops = count_ops(gm)
+    assert ops["quantized_decomposed.choose_qparams.tensor"] == 2 and result.stats["dynamic_activations"] == 2
+    assert ops["quantized_decomposed.dequantize_per_channel.default"] == 2  # both keep int8 weights
+    assert "quantized_decomposed.quantize_per_tensor.default" not in ops  # no calibrated scale is left
+    with torch.no_grad():
+        reference = model(x)
+        milder = torch.nn.functional.cosine_similarity(reference, pytree.tree_leaves(gm(x))[0]).mean()
+        static = torch.nn.functional.cosine_similarity(reference, pytree.tree_leaves(everything_static(x))[0]).mean()
+    assert milder > 0.99 > static
+
+
+def test_convolutions_have_no_milder_scheme() -> None:
+    torch.manual_seed(0)
+    _, plan, _, _ = _quantized(ResidualConvNet().eval(), (torch.randn(4, 3, 16, 16),), [(torch.randn(4, 3, 16, 16),)])
+    assert {u.kind: u.milder for u in plan.units if u.kind in ("conv", "add")} == {"conv": (), "add": ()}
+    assert next(u for u in plan.units if u.kind == "linear").milder
 
 
 # ------------------------------------------------------------------ accuracy on real data

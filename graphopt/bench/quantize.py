@@ -264,14 +264,16 @@ def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], kind
 
 
 def _fallen_back(runner: Any) -> str | None:
-    """``"k/n"`` int8 units that fell back to float, from the optimization report."""
+    """``"k/n"`` int8 units that fell back to float (``"k/n, m dynamic"`` with static units that ran dynamic)."""
     from graphopt.passes.quantize.dynamic import Int8Dynamic
     from graphopt.passes.quantize.static import Int8Static
 
     report = getattr(runner, "report", None)
     for record in getattr(report, "records", []):
         if record.name in (Int8Static.name, Int8Dynamic.name) and record.fidelity:
-            return f"{record.fidelity.get('fallen_back', 0)}/{record.fidelity.get('units', 0)}"
+            milder = record.fidelity.get("milder")
+            return (f"{record.fidelity.get('fallen_back', 0)}/{record.fidelity.get('units', 0)}"
+                    + (f", {milder} dynamic" if milder else ""))
     return None
 
 

@@ -72,7 +72,8 @@ def _fidelity_text(fidelity: Mapping[str, Any]) -> str:
         parts.append(f"SQNR {fidelity['sqnr_db']:.1f} dB")
     if "metric_drop" in fidelity:
         parts.append(f"metric drop {fidelity['metric_drop']:.4g}")
-    parts.append(f"{fidelity.get('fallen_back', 0)}/{fidelity.get('units', 0)} fallen back")
+    parts.append(f"{fidelity.get('fallen_back', 0)}/{fidelity.get('units', 0)} fallen back"
+                 + (f", {fidelity['milder']} in a milder scheme" if fidelity.get("milder") else ""))
     parts.append(f"budget {fidelity.get('budget')}" + ("" if fidelity.get("enforced", True) else " (reported only)"))
     return ", ".join(parts)
 

@@ -12,9 +12,12 @@ every lossy family:
    applied), applies all units, and checks the budget.
 3. While the budget is broken, the most sensitive applied unit falls back (is skipped), one at
    a time; the report lists every unit as kept or fallen back, with why. A budget no fallback
-   can meet raises ``FidelityError`` with the best value reached.
+   can meet raises ``FidelityError`` with the best value reached. A unit that declares milder
+   schemes (``LossyUnit.milder``: static int8 -> dynamic int8) steps down to those first, and
+   leaves the pass only when the mildest one still breaks the budget.
 
-``LossyPlan.apply(gm, skip)`` must be pure in the graph module it is given: it may be called
+``LossyPlan.apply(gm, skip)`` (plus ``milder={unit: level}`` for plans whose units declare milder
+schemes) must be pure in the graph module it is given: it may be called
 many times, on fresh structure copies of the planned graph (node names are the same), so it
 keeps what it learnt in the plan and registers new tensors instead of writing existing ones.
 """
@@ -165,13 +168,15 @@ class LossyUnit:
     ``name`` is stable within the plan (used in ``skip``); ``kind`` says what it is (``linear``,
     ``conv2d``, ``channel-group``...), ``scheme`` how it is changed (``int8 per-channel``,
     ``50% of 64 channels``...); ``details`` are plain values shown in the report (shapes, sizes,
-    sparsity...).
+    sparsity...). ``milder``: schemes the unit can step down to before it falls back, mildest
+    last (level 1 is ``milder[0]``); a plan with such units takes ``apply(gm, skip, milder)``.
     """
 
     name: str
     kind: str
     scheme: str
     details: dict[str, Any] = field(default_factory=dict)
+    milder: tuple[str, ...] = ()
 
 
 class LossyPlan(ABC):
@@ -181,7 +186,11 @@ class LossyPlan(ABC):
 
     @abstractmethod
     def apply(self, gm: fx.GraphModule, skip: frozenset[str] = frozenset()) -> PassResult:
-        """Rewrite ``gm`` (a structure copy of the planned graph) applying every unit not in ``skip``."""
+        """Rewrite ``gm`` (a structure copy of the planned graph) applying every unit not in ``skip``.
+
+        A plan whose units declare ``milder`` schemes also takes ``milder``: ``{unit name: level}``
+        for the units applied in their milder scheme number ``level`` (1-based) instead of their own.
+        """
 
     def notes(self) -> list[str]:
         """Facts for the report that are not about one unit (e.g. "no speed-up from unstructured sparsity")."""

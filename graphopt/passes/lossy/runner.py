@@ -4,7 +4,9 @@ The pass manager hands every ``LossyPass`` to a ``LossyRunner``. The runner keep
 outputs of the graph as it was before the first lossy pass (the reference every budget is
 measured against, so the losses of pruning and then quantization add up), plans the pass
 once, measures each unit's sensitivity, applies every unit, and while the budget is broken
-lets the most sensitive applied unit fall back, one at a time.
+lets the most sensitive applied unit fall back, one at a time. A unit with milder schemes
+(``LossyUnit.milder``) steps down to the next one instead, and its sensitivity is measured again
+in that scheme; it falls back only from its mildest.
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ from graphopt.passes.lossy.base import (
 from graphopt.report import PlotSpec, ReportSection, format_cell
 from graphopt.report.progress import progress
 
-__all__ = ["LossyOutcome", "LossyRunner", "Measurement", "GraphCaller"]
+__all__ = ["FALLEN_BACK", "MILDER", "LossyOutcome", "LossyRunner", "Measurement", "GraphCaller"]
+
+FALLEN_BACK = "fallen back"
+MILDER = "milder: "
+"""A unit's status when it left the pass, and the start of it when it stepped down to a milder scheme."""
 
 GraphCaller = Callable[[fx.GraphModule], Callable[..., Any]]
 """Turns a graph module into a callable taking the user's own arguments (for ``Fidelity.metric``)."""
@@ -88,7 +94,7 @@ class LossyOutcome:
 
     def record_fields(self, fidelity: Fidelity) -> dict[str, Any]:
         """Plain values for ``PassRecord.fidelity``."""
-        fallen = sum(1 for u in self.units if u.status != "kept")
+        fallen = sum(1 for u in self.units if u.status == FALLEN_BACK)
         fields: dict[str, Any] = {
             "budget": fidelity.describe(),
             "enforced": fidelity.enforce,
@@ -97,6 +103,9 @@ class LossyOutcome:
             "units": len(self.units),
             "fallen_back": fallen,
         }
+        milder = sum(1 for u in self.units if u.status.startswith(MILDER))
+        if milder:
+            fields["milder"] = milder
         if self.measurement.metric is not None:
             fields["metric"] = self.measurement.metric
             fields["metric_drop"] = self.measurement.metric_drop
@@ -159,18 +168,28 @@ class LossyRunner:
         if self.fidelity.enforce:
             self._measure_sensitivity(pass_, plan, outcomes, gm, example_outputs)
         skip: set[str] = set()
+        levels: dict[str, int] = {}
         while True:
-            candidate, result = self._apply(pass_, plan, gm, frozenset(skip))
+            candidate, result = self._apply(pass_, plan, gm, frozenset(skip), levels)
             measurement, outputs = self._evaluate(candidate)
             if not self.fidelity.enforce or measurement.meets(self.fidelity):
                 break
             victim = self._most_sensitive(outcomes, skip)
+            broke = f"while {measurement.headline(self.fidelity)} broke the budget ({self.fidelity.describe()})"
+            level = levels.get(victim.unit.name, 0) if victim is not None else 0
+            if victim is not None and level < len(victim.unit.milder):
+                levels[victim.unit.name] = level + 1
+                victim.status = MILDER + victim.unit.milder[level]
+                victim.reason = f"most sensitive unit {broke}"
+                victim.alone = self._alone(pass_, plan, outcomes, gm, example_outputs, victim.unit.name, levels)
+                continue
             if victim is None or len(skip) + 1 == len(outcomes):
                 raise self._unmeetable(pass_, outcomes, measurement, len(skip))
-            victim.status = "fallen back"
-            victim.reason = (f"most sensitive kept unit while {measurement.headline(self.fidelity)} broke "
-                             f"the budget ({self.fidelity.describe()})")
+            victim.status = FALLEN_BACK
+            victim.reason = f"most sensitive kept unit {broke}" + (
+                f" (in its mildest scheme, {victim.unit.milder[-1]})" if victim.unit.milder else "")
             skip.add(victim.unit.name)
+            levels.pop(victim.unit.name, None)
         if not self.fidelity.enforce:
             self._reference = None  # reported, not charged: later budgets start from this graph
         return LossyOutcome(candidate, result, outputs, measurement, outcomes, plan.notes(), plan.sections())
@@ -185,11 +204,12 @@ class LossyRunner:
                             pass_.name) from error
 
     @staticmethod
-    def _apply(pass_: LossyPass, plan: LossyPlan, gm: fx.GraphModule,
-               skip: frozenset[str]) -> tuple[fx.GraphModule, PassResult]:
+    def _apply(pass_: LossyPass, plan: LossyPlan, gm: fx.GraphModule, skip: frozenset[str],
+               levels: dict[str, int] | None = None) -> tuple[fx.GraphModule, PassResult]:
+        """``plan`` applied to a copy of ``gm``; ``levels``: the units stepped down to a milder scheme."""
         candidate = snapshot_graph_module(gm)
         try:
-            result = plan.apply(candidate, skip)
+            result = plan.apply(candidate, skip, dict(levels)) if levels else plan.apply(candidate, skip)
             candidate.recompile()
         except PassError:
             raise
@@ -235,12 +255,16 @@ class LossyRunner:
     def _measure_sensitivity(self, pass_: LossyPass, plan: LossyPlan, outcomes: list[UnitOutcome],
                              gm: fx.GraphModule, example_outputs: Any) -> None:
         """Each unit alone: output cosine and SQNR on the example (against this pass's input graph)."""
-        everything = frozenset(u.unit.name for u in outcomes)
         for outcome in progress(outcomes, desc=f"{pass_.name}: sensitivity per unit"):
-            candidate, _ = self._apply(pass_, plan, gm, everything - {outcome.unit.name})
-            outputs = self._run(candidate, self._inputs[0])
-            outcome.alone = Measurement(output_cosine(example_outputs, outputs),
-                                        output_sqnr_db(example_outputs, outputs))
+            outcome.alone = self._alone(pass_, plan, outcomes, gm, example_outputs, outcome.unit.name, {})
+
+    def _alone(self, pass_: LossyPass, plan: LossyPlan, outcomes: Sequence[UnitOutcome], gm: fx.GraphModule,
+               example_outputs: Any, name: str, levels: dict[str, int]) -> Measurement:
+        """Output cosine and SQNR on the example with unit ``name`` alone applied (at its level in ``levels``)."""
+        others = frozenset(o.unit.name for o in outcomes) - {name}
+        candidate, _ = self._apply(pass_, plan, gm, others, {name: levels[name]} if levels.get(name) else None)
+        outputs = self._run(candidate, self._inputs[0])
+        return Measurement(output_cosine(example_outputs, outputs), output_sqnr_db(example_outputs, outputs))
 
     @staticmethod
     def _most_sensitive(outcomes: Sequence[UnitOutcome], skip: set[str]) -> UnitOutcome | None:
@@ -291,11 +315,13 @@ def unit_section(pass_name: str, outcome: LossyOutcome) -> ReportSection:
             x_labels=[o.unit.name for o in measured],
             series={"SQNR dB": [_finite(o.alone.sqnr_db) for o in measured]},  # type: ignore[union-attr]
             y_label="dB", marked=[i for i, o in enumerate(measured) if o.status != "kept"],
-            marked_label="fallen back",
+            marked_label="fallen back or milder",
         ))
-    fallen = sum(1 for o in outcome.units if o.status != "kept")
+    fallen = sum(1 for o in outcome.units if o.status == FALLEN_BACK)
+    milder = sum(1 for o in outcome.units if o.status.startswith(MILDER))
     sqnr = format_cell(_finite(outcome.measurement.sqnr_db))
-    description = (f"{len(outcome.units)} unit(s), {fallen} fallen back; whole model: "
+    description = (f"{len(outcome.units)} unit(s), {fallen} fallen back"
+                   + (f", {milder} in a milder scheme" if milder else "") + "; whole model: "
                    f"cosine {outcome.measurement.cosine:.5f}, SQNR {sqnr} dB"
                    + "".join(f". {note}" for note in outcome.notes))
     return ReportSection(f"{pass_name}: per unit", description, headers, rows, plots)

@@ -21,7 +21,12 @@ from graphopt.ir.graph import attribute_value, module_path, prune_unused_attribu
 from graphopt.ir.meta import infer_meta
 from graphopt.passes.base import PassResult
 from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
-from graphopt.passes.quantize.embedding import QuantizedTable, check_embedding_bits, quantize_embeddings
+from graphopt.passes.quantize.embedding import (
+    QuantizedTable,
+    check_embedding_bits,
+    embedding_units,
+    quantize_embeddings,
+)
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN, quantize_weight
 from graphopt.passes.quantize.placement import (
     QuantSite,
@@ -31,11 +36,12 @@ from graphopt.passes.quantize.placement import (
 )
 from graphopt.passes.quantize.scheme import QuantizationScheme, check_flags, names_option
 from graphopt.passes.quantize.selection import SKIPPED, SkipList
-from graphopt.passes.quantize.static import embedding_units
 
-__all__ = ["DynamicPlan", "Int8Dynamic", "insert_dynamic_qdq"]
+__all__ = ["DYNAMIC_FAMILIES", "DynamicPlan", "Int8Dynamic", "insert_dynamic_qdq"]
 
 qd = torch.ops.quantized_decomposed
+DYNAMIC_FAMILIES = ("linear", "matmul")
+"""The op families dynamic int8 quantizes (those with a constant weight)."""
 _EPS = torch.finfo(torch.float32).eps
 
 
@@ -134,7 +140,7 @@ class Int8Dynamic(QuantizationScheme):
         """Plan dynamic int8 for every linear/matmul by a constant weight in ``gm`` (``data`` is not needed)."""
         nodes = {n.name: n for n in gm.graph.nodes}
         skipped = SkipList.checked(gm, self.skip, "Int8Dynamic(skip=...)")
-        all_sites = find_sites(gm, ("linear", "matmul"), need_weight=True)
+        all_sites = find_sites(gm, DYNAMIC_FAMILIES, need_weight=True)
         sites = [s for s in all_sites if nodes[s.node] not in skipped]
         weights = {}
         units = []

@@ -25,12 +25,14 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import InputError
-from graphopt.ir.graph import attribute_value, register_constant
+from graphopt.ir.graph import attribute_value, module_path, register_constant
 from graphopt.ir.meta import infer_meta
+from graphopt.passes.lossy.base import LossyUnit
 from graphopt.passes.quantize.observers import quantize_weight
+from graphopt.passes.quantize.selection import SkipList
 
-__all__ = ["EMBEDDING_BITS", "QuantizedTable", "check_embedding_bits", "embedding_sites", "plan_embeddings",
-           "quantize_embedding"]
+__all__ = ["EMBEDDING_BITS", "QuantizedTable", "check_embedding_bits", "embedding_sites", "embedding_units",
+           "plan_embeddings", "quantize_embedding"]
 
 aten = torch.ops.aten
 
@@ -190,3 +192,13 @@ def quantize_embeddings(gm: fx.GraphModule, planned: dict[str, QuantizedTable],
     tables = [name for name in planned if name not in skip and name in nodes]
     saved = sum(quantize_embedding(gm, nodes[name], planned[name]) for name in tables)
     return len(tables), saved
+
+
+def embedding_units(gm: fx.GraphModule, nodes: dict[str, fx.Node], skipped: SkipList,
+                    units: list[LossyUnit], bits: int = 8) -> dict[str, QuantizedTable]:
+    """Plan embedding tables in ``bits`` (weight-only) and add one unit per table to ``units``."""
+    tables = {name: value for name, value in plan_embeddings(gm, bits).items() if nodes[name] not in skipped}
+    for name, table in tables.items():
+        units.append(LossyUnit(name, "embedding", table.scheme,
+                               {"module": module_path(nodes[name]), "weight_shape": table.shape}))
+    return tables

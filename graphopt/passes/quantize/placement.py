@@ -18,7 +18,8 @@ Placement rules (static int8):
 
 - *Quantized ops* (``QUANTIZABLE``): conv, linear (``aten.linear``/``aten.addmm`` with a
   constant weight), matmul/bmm of two activations, add of two activations, concat, average
-  pooling. Their activation inputs are read through a QDQ pair and their output gets one.
+  pooling. Their activation inputs are read through a QDQ pair; their output gets one where an
+  int8 op reads it (``static.StaticPlan`` decides: a GEMM read only by float ops writes float).
 - A ReLU / ReLU6 that is the only user of a quantized op is fused into it: the output QDQ goes
   after the activation (the kernels apply it before requantizing).
 - *Pass-through ops* (``PASS_THROUGH``: max pooling, reshapes, transposes, ReLU...) keep the

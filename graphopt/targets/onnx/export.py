@@ -48,7 +48,7 @@ from graphopt.targets.onnx.decoder_norms import SkipRmsNorm, clear_unused_output
 from graphopt.targets.onnx.decoder_norms import translation_table as norm_translations
 from graphopt.targets.onnx.decoder_ops import DecomposeDecoderOps, has_decoder_ops
 from graphopt.targets.onnx.opsets import MAX_OPSET, opset_of, stamp_ir_version
-from graphopt.targets.onnx.quantized import DynamicLinearOp, StaticLinearAsMatmul
+from graphopt.targets.onnx.quantized import DynamicLinearOp, StaticLinearAsMatmul, StaticLinearFloatOutput
 from graphopt.targets.onnx.quantized import translation_table as quantized_translations
 from graphopt.targets.onnx.weight_only import MatMulNBitsLinears
 from graphopt.targets.onnx.weight_only import translation_table as weight_only_translations
@@ -127,7 +127,7 @@ def export_passes(gm: fx.GraphModule) -> list[Pass]:
     """
     passes: list[Pass] = []
     if has_quantized_ops(gm, activations=True):
-        passes += [StaticLinearAsMatmul(), DynamicLinearOp()]
+        passes += [StaticLinearFloatOutput(), StaticLinearAsMatmul(), DynamicLinearOp()]
     if has_weight_only_ops(gm):
         passes += [GatherQuantizedEmbeddings(), GatherCodebookEmbeddings(), MatMulNBitsLinears(),
                    ExpandCompressedWeights(ops=(DEQUANTIZE_INT4,))]  # ONNX has no int4 op but MatMulNBits

@@ -123,9 +123,14 @@ def openvino_export(gm: fx.GraphModule, context: LoweringContext, options: OnnxL
     return options, passes
 
 
+OPENVINO_CONTRIB_OPS = frozenset({"MatMulIntegerToFloat"})
+"""onnxruntime contrib operators graphopt writes that OpenVINO's ONNX reader runs too (static int8 linears)."""
+
+
 def refuse_contrib_ops(model: onnx.ModelProto) -> None:
-    """``LoweringError`` naming onnxruntime's contrib operators in ``model`` (OpenVINO reads none of them)."""
-    contrib = Counter(node.op_type for node in model.graph.node if node.domain == CONTRIB_DOMAIN)
+    """``LoweringError`` naming the onnxruntime contrib operators in ``model`` that OpenVINO does not read."""
+    contrib = Counter(node.op_type for node in model.graph.node
+                      if node.domain == CONTRIB_DOMAIN and node.op_type not in OPENVINO_CONTRIB_OPS)
     if not contrib:
         return
     found = ", ".join(f"{op} x{count}" + (f" ({_CONTRIB_SOURCES[op]})" if op in _CONTRIB_SOURCES else "")
