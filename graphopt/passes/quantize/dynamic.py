@@ -37,11 +37,9 @@ from graphopt.passes.quantize.placement import (
 from graphopt.passes.quantize.scheme import QuantizationScheme, check_flags, names_option
 from graphopt.passes.quantize.selection import SKIPPED, SkipList
 
-__all__ = ["DYNAMIC_FAMILIES", "DynamicPlan", "Int8Dynamic", "insert_dynamic_qdq"]
+__all__ = ["DynamicPlan", "Int8Dynamic", "insert_dynamic_qdq"]
 
 qd = torch.ops.quantized_decomposed
-DYNAMIC_FAMILIES = ("linear", "matmul")
-"""The op families dynamic int8 quantizes (those with a constant weight)."""
 _EPS = torch.finfo(torch.float32).eps
 
 
@@ -140,7 +138,7 @@ class Int8Dynamic(QuantizationScheme):
         """Plan dynamic int8 for every linear/matmul by a constant weight in ``gm`` (``data`` is not needed)."""
         nodes = {n.name: n for n in gm.graph.nodes}
         skipped = SkipList.checked(gm, self.skip, "Int8Dynamic(skip=...)")
-        all_sites = find_sites(gm, DYNAMIC_FAMILIES, need_weight=True)
+        all_sites = find_sites(gm, ("linear", "matmul"), need_weight=True)
         sites = [s for s in all_sites if nodes[s.node] not in skipped]
         weights = {}
         units = []

@@ -514,7 +514,10 @@ QUANTIZE_UINT8 = torch.ops.graphopt_cpu.quantize_uint8.default
 
 @dataclass(frozen=True)
 class QdqKernels(NodeRewrite, KernelSubstitution):
-    """The static quantize / dequantize nodes left → one fused ATen kernel each (the decomposed forms take 4-5)."""
+    """The static quantize / dequantize nodes left → one fused kernel each (the decomposed forms take 4-5).
+
+    Quantize: ``graphopt_cpu::quantize_uint8`` (codes read in place); dequantize: ATen's ``dequantize``.
+    """
 
     name = "int8-qdq-kernels"
     stat = "int8_qdq_kernels"

@@ -35,7 +35,7 @@ from graphopt.ir.meta import infer_meta
 from graphopt.passes.base import NodeRewrite
 from graphopt.passes.quantize.observers import WEIGHT_QMAX, WEIGHT_QMIN
 from graphopt.passes.quantize.patterns import dynamic_source, int8_weight, static_activation
-from graphopt.passes.quantize.placement import is_dequantize, is_quantize
+from graphopt.passes.quantize.placement import is_dequantize, is_quantize, output_point
 from graphopt.targets.common.lowering import KernelSubstitution
 from graphopt.targets.common.patterns import dynamic_int8_gemm, gemm_operands
 from graphopt.targets.onnx.contrib_ops import ensure_schema
@@ -210,14 +210,6 @@ class DynamicLinearOp(NodeRewrite, KernelSubstitution):
         return True
 
 
-def _quantized_output(node: fx.Node) -> bool:
-    """Whether ``node``'s output (or that of a ReLU that is its only reader) is quantized again."""
-    users = list(node.users)
-    if len(users) == 1 and users[0].target in (aten.relu.default, aten.hardtanh.default):
-        users = list(users[0].users)
-    return any(is_quantize(user) for user in users)
-
-
 @dataclass(frozen=True)
 class StaticLinearFloatOutput(NodeRewrite, KernelSubstitution):
     """Static int8 linear read only by float ops -> ``graphopt_quant::static_linear`` (MatMulIntegerToFloat)."""
@@ -228,7 +220,8 @@ class StaticLinearFloatOutput(NodeRewrite, KernelSubstitution):
     def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
         """Rewrite a static int8 linear whose output is not quantized in place."""
         operands = gemm_operands(node)
-        if operands is None or node.target != aten.linear.default or _quantized_output(node):
+        if (operands is None or node.target != aten.linear.default
+                or any(is_quantize(user) for user in output_point(node).users)):  # an int8 op reads it
             return False
         x_arg, w_arg, bias, axis = operands
         activation = static_activation(x_arg)
