@@ -31,6 +31,7 @@ from graphopt.ir.graph import (
     torch_deprecations_silenced,
     written_since,
 )
+from graphopt.ir.inference_form import to_inference_form
 from graphopt.ir.shapes import DynamicDims, batch_dynamic_shapes, dims_from_graph, user_dim_names
 from graphopt.ir.verify import compare_outputs
 
@@ -327,8 +328,11 @@ def capture(
     exported = _export(twin, args, kwargs, spec)
     gm = unlift_program(exported)
     functionalized = any(is_mutating(n) for n in gm.graph.nodes)
-    if functionalized and not outplace_simple_mutations(gm):
-        exported, gm = _functionalize(exported)
+    if functionalized:
+        if outplace_simple_mutations(gm):
+            to_inference_form(gm)  # what torch.export's functionalization would also have given
+        else:
+            exported, gm = _functionalize(exported)
     flat_inputs = flatten_inputs(gm, args, kwargs)
     dynamic = dims_from_graph(gm, flat_inputs, exported.range_constraints,
                               user_dim_names(twin, args, kwargs, spec) if spec is not None else {})

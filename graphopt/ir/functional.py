@@ -1,10 +1,15 @@
-"""A cheap functionalization for the common case: in-place ops on fresh, unaliased intermediates.
+"""A cheap functionalization for the common cases: in-place ops on fresh intermediates and on state.
 
 ``ReLU(inplace=True)``, ``x += residual`` and the like write into a tensor that an earlier op
 has just computed and that nothing else views. Rewriting each such op to its out-of-place form
 (``relu_`` -> ``relu``) and pointing the later readers of the written tensor at the result is
-exactly what functionalization would do, without its cost (about a second on a ResNet). Anything
-else (a write into an input, a buffer, a view, or a tensor some view still reads) is left to
+exactly what functionalization would do, without its cost (about a second on a ResNet).
+
+A write straight into state (a buffer or an input, or a ``.to()`` of one that converts nothing:
+a key/value cache's ``index_copy_``, a step counter's ``add_``) is rewritten the same way, and
+the state's last value is written back by one ``aten.copy_`` before the output, the form
+torch.export's functionalization gives (on a 30-layer decoder step that functionalization took
+15 s). Anything else (a write into a view, or into a tensor some view still reads) is left to
 torch.export's own functionalization: :func:`outplace_simple_mutations` then changes nothing.
 """
 
@@ -13,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphopt.ir.graph import is_aten, is_mutating
+from graphopt.ir.graph import STATE_UPDATE, is_aten, is_mutating
 from graphopt.ir.ops import MAYBE_ALIASING_OPS
 
 __all__ = ["creates_alias", "outplace_simple_mutations"]
@@ -63,9 +68,62 @@ def creates_alias(user: fx.Node, of: fx.Node) -> bool:
     return any(r.alias_info is not None for r in target._schema.returns)
 
 
-def _chains(gm: fx.GraphModule) -> list[fx.Node] | None:
-    """The in-place nodes, in order, when every one writes a fresh unaliased tensor; else None."""
+def _same_tensor(node: fx.Node) -> bool:
+    """True for ``x.to(...)`` / ``aten.alias(x)`` that returns ``x`` itself (no conversion, no copy asked)."""
+    if node.op != "call_function" or not isinstance(node.args[0] if node.args else None, fx.Node):
+        return False
+    if node.target is aten.alias.default:
+        return True
+    if getattr(node.target, "overloadpacket", None) is not aten.to or node.kwargs.get("copy", False):
+        return False
+    if node.kwargs.get("memory_format") not in (None, torch.preserve_format):
+        return False
+    out, source = node.meta.get("val"), node.args[0].meta.get("val")
+    if not isinstance(out, torch.Tensor) or not isinstance(source, torch.Tensor):
+        return False
+    return (out.dtype, out.device, out.layout) == (source.dtype, source.device, source.layout)
+
+
+def _state_group(root: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node] | None:
+    """``root`` (state) and the ``.to()`` nodes that return it itself, when its writes are simple; else None.
+
+    Simple: every write goes into one of those names (or into an earlier write's result) with an op
+    that has a functional twin, and no view of the state is taken before its last write (a view
+    read after a write would see the new value, which the rewrite cannot give it).
+    """
+    group = [root]
+    writes: list[fx.Node] = []
+    for member in group:  # the group grows while it is walked
+        for user in member.users:
+            if _same_tensor(user) and user.args[0] is member:
+                group.append(user)
+            elif is_mutating(user):
+                if user.args[0] is not member or _out_of_place(user) is None:
+                    return None  # written through another argument, or by an op with no functional twin
+                writes.append(user)
+    for write in writes:  # a write's result names the state too; a write into it is another write
+        writes.extend(u for u in write.users if is_mutating(u) and u.args[0] is write and u not in writes)
+    if any(_out_of_place(w) is None for w in writes):
+        return None
+    last_write = max((order[w] for w in writes), default=-1)
+    for tensor in [*group, *writes]:
+        for user in tensor.users:
+            if user in group or is_mutating(user):
+                continue
+            if creates_alias(user, tensor) and order[user] < last_write:
+                return None  # a view of the state taken before a later write
+    return group
+
+
+def _chains(gm: fx.GraphModule) -> tuple[list[fx.Node], dict[fx.Node, list[fx.Node]]] | None:
+    """The in-place nodes in order and the state groups they write, when every write is simple; else None.
+
+    Simple: the written tensor is fresh and unaliased (with the chain of writes into it), or is
+    state that nothing views (``_state_group``).
+    """
     mutating = [n for n in gm.graph.nodes if is_mutating(n)]
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    groups: dict[fx.Node, list[fx.Node]] = {}
     for node in mutating:
         if _out_of_place(node) is None or not isinstance(node.args[0], fx.Node):
             return None
@@ -74,37 +132,75 @@ def _chains(gm: fx.GraphModule) -> list[fx.Node] | None:
         while is_mutating(base):  # relu_(add_(x, y)): the chain of writes into one tensor
             base = base.args[0]
             chain.append(base)
+        state = base
+        while _same_tensor(state):
+            state = state.args[0]
+        if state.op in ("get_attr", "placeholder"):
+            if state not in groups:
+                group = _state_group(state, order)
+                if group is None:
+                    return None
+                groups[state] = group
+            continue
         if not _is_fresh(base):
             return None
         for link in chain:
             if any(creates_alias(user, link) for user in link.users):
                 return None
-    return mutating
+    return mutating, groups
+
+
+def _copied_value(node: fx.Node) -> fx.Node | None:
+    """``src`` of ``copy_(dst, src)`` when it has ``dst``'s shape, dtype and device (the write is ``src`` itself)."""
+    if node.target is not aten.copy_.default or not isinstance(node.args[1], fx.Node):
+        return None
+    dst, src = node.args[0].meta.get("val"), node.args[1].meta.get("val")
+    if not isinstance(dst, torch.Tensor) or not isinstance(src, torch.Tensor):
+        return None
+    same = (dst.shape, dst.dtype, dst.device) == (src.shape, src.dtype, src.device)
+    return node.args[1] if same else None
 
 
 def outplace_simple_mutations(gm: fx.GraphModule) -> bool:
-    """Rewrite every in-place op of ``gm`` out of place, if all write fresh unaliased tensors.
+    """Rewrite every in-place op of ``gm`` out of place, if all write fresh unaliased tensors or unviewed state.
 
-    Returns True when the graph is now free of mutation; False (and ``gm`` untouched) when some
-    write needs real functionalization.
+    Each write into state leaves one ``aten.copy_(state, last value)`` before the output, marked
+    ``STATE_UPDATE``. Returns True when the graph is now free of mutation (but for those copies);
+    False (and ``gm`` untouched) when some write needs real functionalization.
     """
-    mutating = _chains(gm)
-    if mutating is None:
+    found = _chains(gm)
+    if found is None:
         return False
+    mutating, groups = found
+    group_of = {member: group for group in groups.values() for member in group}
+    last_value: dict[fx.Node, fx.Node] = {}
     order: dict[fx.Node, float] = {node: index for index, node in enumerate(gm.graph.nodes)}
     for node in mutating:
         written = node.args[0]
-        with gm.graph.inserting_before(node):
-            result = gm.graph.call_function(_out_of_place(node), node.args, node.kwargs)
-        result.meta = dict(node.meta)
-        order[result] = order[node] - 0.5  # it runs where the in-place op ran
-        # readers of the written tensor after the write see the new value; readers before keep the old
+        result = _copied_value(node)
+        if result is None:
+            with gm.graph.inserting_before(node):
+                result = gm.graph.call_function(_out_of_place(node), node.args, node.kwargs)
+            result.meta = {k: v for k, v in node.meta.items() if k != STATE_UPDATE}
+            order[result] = order[node] - 0.5  # it runs where the in-place op ran
+        # readers of the written tensor (or of another name for the same state) after the write see the new value
         position = order[node]
-        for user in list(written.users):
-            if user is not node and user is not result and order[user] > position:
-                user.replace_input_with(written, result)
+        for tensor in group_of.get(written, [written]):
+            for user in list(tensor.users):
+                if user is not node and user is not result and order[user] > position:
+                    user.replace_input_with(tensor, result)
         node.replace_all_uses_with(result)
         gm.graph.erase_node(node)
+        if written in group_of:
+            last_value[group_of[written][0]] = result
+        elif written in last_value.values():  # a second write into state goes through the first one's result
+            root = next(r for r, value in last_value.items() if value is written)
+            last_value[root] = result
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    for root, value in sorted(last_value.items(), key=lambda item: order[item[0]]):  # state in the graph's order
+        with gm.graph.inserting_before(output):
+            update = gm.graph.call_function(aten.copy_.default, (root, value))
+        update.meta = {**root.meta, STATE_UPDATE: True}
     gm.graph.lint()
     gm.recompile()
     return True

@@ -47,6 +47,7 @@ from graphopt.targets.onnx.cached_attention import translation_table as attentio
 from graphopt.targets.onnx.decoder_norms import SkipRmsNorm, clear_unused_outputs, has_rms_norm
 from graphopt.targets.onnx.decoder_norms import translation_table as norm_translations
 from graphopt.targets.onnx.decoder_ops import DecomposeDecoderOps, has_decoder_ops
+from graphopt.targets.onnx.direct_export import export_translated_directly
 from graphopt.targets.onnx.opsets import MAX_OPSET, opset_of, stamp_ir_version
 from graphopt.targets.onnx.quantized import DynamicLinearOp, StaticLinearAsMatmul, StaticLinearFloatOutput
 from graphopt.targets.onnx.quantized import translation_table as quantized_translations
@@ -177,10 +178,13 @@ def export_prepared(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str,
     try:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()), quiet_loggers("torch.onnx", "onnxscript"):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(gm, args, kwargs=kwargs or None, dynamo=True, verbose=False,
-                                        report=False, optimize=not state_inputs(gm), dynamic_shapes=dynamic_shapes,
-                                        **({"opset_version": opset} if opset else {}),
-                                        custom_translation_table=_translations(gm))
+            optimize, translations = not state_inputs(gm), _translations(gm)
+            program = export_translated_directly(gm, args, kwargs, dynamic_shapes, opset, optimize, translations)
+            if program is None:
+                program = torch.onnx.export(gm, args, kwargs=kwargs or None, dynamo=True, verbose=False,
+                                            report=False, optimize=optimize, dynamic_shapes=dynamic_shapes,
+                                            **({"opset_version": opset} if opset else {}),
+                                            custom_translation_table=translations)
     except Exception as error:
         unsupported = _unsupported_op(gm, error)
         if unsupported is not None:
