@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import STATE_UPDATE, is_aten, is_mutating
+from graphopt.ir.op_args import argument
 from graphopt.ir.ops import MAYBE_ALIASING_OPS
 
 __all__ = ["creates_alias", "outplace_simple_mutations"]
@@ -74,9 +75,9 @@ def _same_tensor(node: fx.Node) -> bool:
         return False
     if node.target is aten.alias.default:
         return True
-    if getattr(node.target, "overloadpacket", None) is not aten.to or node.kwargs.get("copy", False):
+    if getattr(node.target, "overloadpacket", None) is not aten.to or argument(node, "copy", False):
         return False
-    if node.kwargs.get("memory_format") not in (None, torch.preserve_format):
+    if argument(node, "memory_format") not in (None, torch.preserve_format):
         return False
     out, source = node.meta.get("val"), node.args[0].meta.get("val")
     if not isinstance(out, torch.Tensor) or not isinstance(source, torch.Tensor):
@@ -154,6 +155,8 @@ def _copied_value(node: fx.Node) -> fx.Node | None:
     """``src`` of ``copy_(dst, src)`` when it has ``dst``'s shape, dtype and device (the write is ``src`` itself)."""
     if node.target is not aten.copy_.default or not isinstance(node.args[1], fx.Node):
         return None
+    if node.args[1].op in ("get_attr", "placeholder"):
+        return None  # state copied into state: the source may be updated before the end (a copy keeps its value)
     dst, src = node.args[0].meta.get("val"), node.args[1].meta.get("val")
     if not isinstance(dst, torch.Tensor) or not isinstance(src, torch.Tensor):
         return None

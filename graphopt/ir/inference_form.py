@@ -16,6 +16,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from graphopt.ir.op_args import argument
+
 __all__ = ["inline_grad_mode_regions", "to_as_copies", "to_inference_form"]
 
 aten = torch.ops.aten
@@ -66,14 +68,6 @@ def inline_grad_mode_regions(gm: fx.GraphModule) -> int:
     return inlined
 
 
-def _to_arguments(node: fx.Node, gm: fx.GraphModule) -> dict[str, object] | None:
-    """``x.to(...)``'s arguments by name, or None for another op."""
-    if node.op != "call_function" or getattr(node.target, "overloadpacket", None) is not aten.to:
-        return None
-    normalized = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
-    return dict(normalized.kwargs) if normalized is not None else None
-
-
 def to_as_copies(gm: fx.GraphModule) -> int:
     """Each ``x.to(...)``: dropped when it returns ``x`` itself, else ``_to_copy``; how many were rewritten.
 
@@ -82,13 +76,14 @@ def to_as_copies(gm: fx.GraphModule) -> int:
     """
     rewritten = 0
     for node in list(gm.graph.nodes):
-        arguments = _to_arguments(node, gm)
+        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) is not aten.to:
+            continue
         out = node.meta.get("val")
-        if arguments is None or not isinstance(out, torch.Tensor) or not isinstance(node.args[0], fx.Node):
+        if not isinstance(out, torch.Tensor) or not isinstance(node.args[0], fx.Node):
             continue
         source = node.args[0].meta.get("val")
-        memory_format = arguments.get("memory_format")
-        same = (isinstance(source, torch.Tensor) and not arguments.get("copy")
+        memory_format = argument(node, "memory_format")
+        same = (isinstance(source, torch.Tensor) and not argument(node, "copy", False)
                 and memory_format in (None, torch.preserve_format)
                 and (out.dtype, out.device, out.layout) == (source.dtype, source.device, source.layout))
         if same and not any(user.op == "output" for user in node.users):  # an output stays a tensor of its own
