@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import STATE_UPDATE, is_aten, is_mutating
-from graphopt.ir.op_args import argument
+from graphopt.ir.inference_form import to_returns_input
 from graphopt.ir.ops import MAYBE_ALIASING_OPS
 
 __all__ = ["creates_alias", "outplace_simple_mutations"]
@@ -70,19 +70,10 @@ def creates_alias(user: fx.Node, of: fx.Node) -> bool:
 
 
 def _same_tensor(node: fx.Node) -> bool:
-    """True for ``x.to(...)`` / ``aten.alias(x)`` that returns ``x`` itself (no conversion, no copy asked)."""
-    if node.op != "call_function" or not isinstance(node.args[0] if node.args else None, fx.Node):
-        return False
-    if node.target is aten.alias.default:
-        return True
-    if getattr(node.target, "overloadpacket", None) is not aten.to or argument(node, "copy", False):
-        return False
-    if argument(node, "memory_format") not in (None, torch.preserve_format):
-        return False
-    out, source = node.meta.get("val"), node.args[0].meta.get("val")
-    if not isinstance(out, torch.Tensor) or not isinstance(source, torch.Tensor):
-        return False
-    return (out.dtype, out.device, out.layout) == (source.dtype, source.device, source.layout)
+    """True for ``aten.alias(x)`` or an ``x.to(...)`` that returns ``x`` itself."""
+    if node.op == "call_function" and node.target is aten.alias.default:
+        return isinstance(node.args[0], fx.Node)
+    return to_returns_input(node)
 
 
 def _state_group(root: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node] | None:
@@ -176,6 +167,7 @@ def outplace_simple_mutations(gm: fx.GraphModule) -> bool:
         return False
     mutating, groups = found
     group_of = {member: group for group in groups.values() for member in group}
+    state_of = {member: group[0] for member, group in group_of.items()}  # every name of a state, and later its values
     last_value: dict[fx.Node, fx.Node] = {}
     order: dict[fx.Node, float] = {node: index for index, node in enumerate(gm.graph.nodes)}
     for node in mutating:
@@ -194,11 +186,9 @@ def outplace_simple_mutations(gm: fx.GraphModule) -> bool:
                     user.replace_input_with(tensor, result)
         node.replace_all_uses_with(result)
         gm.graph.erase_node(node)
-        if written in group_of:
-            last_value[group_of[written][0]] = result
-        elif written in last_value.values():  # a second write into state goes through the first one's result
-            root = next(r for r, value in last_value.items() if value is written)
-            last_value[root] = result
+        if written in state_of:  # the state's newest value; a later write into the state goes through it
+            state_of[result] = state_of[written]
+            last_value[state_of[written]] = result
     output = next(n for n in gm.graph.nodes if n.op == "output")
     for root, value in sorted(last_value.items(), key=lambda item: order[item[0]]):  # state in the graph's order
         with gm.graph.inserting_before(output):

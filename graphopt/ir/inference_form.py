@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from graphopt.ir.op_args import argument
 
-__all__ = ["inline_grad_mode_regions", "to_as_copies", "to_inference_form"]
+__all__ = ["inline_grad_mode_regions", "to_as_copies", "to_inference_form", "to_returns_input"]
 
 aten = torch.ops.aten
 
@@ -68,6 +68,22 @@ def inline_grad_mode_regions(gm: fx.GraphModule) -> int:
     return inlined
 
 
+def _is_to(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "overloadpacket", None) is aten.to
+
+
+def to_returns_input(node: fx.Node) -> bool:
+    """True for ``x.to(...)`` that returns ``x`` itself: no conversion, no copy or memory format asked."""
+    if not _is_to(node) or not isinstance(node.args[0], fx.Node):
+        return False
+    out, source = node.meta.get("val"), node.args[0].meta.get("val")
+    if not isinstance(out, torch.Tensor) or not isinstance(source, torch.Tensor):
+        return False
+    if argument(node, "copy", False) or argument(node, "memory_format") not in (None, torch.preserve_format):
+        return False
+    return (out.dtype, out.device, out.layout) == (source.dtype, source.device, source.layout)
+
+
 def to_as_copies(gm: fx.GraphModule) -> int:
     """Each ``x.to(...)``: dropped when it returns ``x`` itself, else ``_to_copy``; how many were rewritten.
 
@@ -76,21 +92,15 @@ def to_as_copies(gm: fx.GraphModule) -> int:
     """
     rewritten = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) is not aten.to:
-            continue
         out = node.meta.get("val")
-        if not isinstance(out, torch.Tensor) or not isinstance(node.args[0], fx.Node):
+        if not _is_to(node) or not isinstance(out, torch.Tensor) or not isinstance(node.args[0], fx.Node):
             continue
-        source = node.args[0].meta.get("val")
-        memory_format = argument(node, "memory_format")
-        same = (isinstance(source, torch.Tensor) and not argument(node, "copy", False)
-                and memory_format in (None, torch.preserve_format)
-                and (out.dtype, out.device, out.layout) == (source.dtype, source.device, source.layout))
-        if same and not any(user.op == "output" for user in node.users):  # an output stays a tensor of its own
-            node.replace_all_uses_with(node.args[0])
+        if to_returns_input(node) and not any(user.op == "output" for user in node.users):
+            node.replace_all_uses_with(node.args[0])  # (an output stays a tensor of its own)
             gm.graph.erase_node(node)
         else:  # rewritten in place: the node keeps its name (an exported program's signature names its outputs)
             kwargs = {"dtype": out.dtype, "layout": out.layout, "device": out.device}
+            memory_format = argument(node, "memory_format")
             if memory_format is not None:
                 kwargs["memory_format"] = memory_format
             node.target, node.args, node.kwargs = aten._to_copy.default, (node.args[0],), kwargs

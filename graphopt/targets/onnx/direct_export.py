@@ -21,7 +21,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from graphopt.ir.graph import node_dtype
 from graphopt.ir.inference_form import to_as_copies
+from graphopt.ir.op_args import argument
 
 __all__ = ["export_translated_directly"]
 
@@ -89,24 +91,13 @@ def _needs_decomposition(gm: fx.GraphModule, translated: set[Any]) -> set[Any]:
 aten = torch.ops.aten
 
 
-def _float32(node: Any) -> bool:
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return isinstance(value, torch.Tensor) and value.dtype == torch.float32
-
-
-def _bool(node: Any) -> bool:
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return isinstance(value, torch.Tensor) and value.dtype == torch.bool
-
-
 def _translatable(node: fx.Node) -> bool:
     """False for a composite op below whose translation here this node falls (it needs decomposing)."""
     if node.target is aten.rms_norm.default:
-        args = [*node.args, *([None] * 4)]
-        weight, eps = node.kwargs.get("weight", args[2]), node.kwargs.get("eps", args[3])
-        return eps is not None and isinstance(weight, fx.Node) and _float32(node.args[0])
+        inputs_float32 = isinstance(node.args[0], fx.Node) and node_dtype(node.args[0]) == torch.float32
+        return argument(node, "eps") is not None and isinstance(argument(node, "weight"), fx.Node) and inputs_float32
     if node.target in (aten.__and__.Tensor, aten.__or__.Tensor):
-        return all(_bool(a) for a in node.args[:2])
+        return all(isinstance(a, fx.Node) and node_dtype(a) == torch.bool for a in node.args[:2])
     if node.target is aten.adaptive_avg_pool2d.default:
         return list(node.args[1]) == [1, 1]
     return True
