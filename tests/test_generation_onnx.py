@@ -132,15 +132,34 @@ def test_onnx_steps_keep_the_cache_in_place(exported: tuple[Any, Any, Path]) -> 
 
 def test_decoder_runs_on_onnxruntime_fused_decoder_ops(exported: tuple[Any, Any, Path]) -> None:
     _, fast, path = exported
-    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
-    assert ops.count("GroupQueryAttention") == LAYERS  # cache write + attention over the written slots, one op
-    assert ops.count("RotaryEmbedding") == 2 * LAYERS  # queries and keys of every layer
+    nodes = onnx.load(str(path)).graph.node
+    ops = [node.op_type for node in nodes]
+    attention = [node for node in nodes if node.op_type == "GroupQueryAttention"]
+    assert len(attention) == LAYERS  # cache write + attention over the written slots, one op
+    for node in attention:  # the fused Q/K/V projection whole, queries and keys rotated inside
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert node.input[1] == node.input[2] == "" and attributes["do_rotary"] == 1
+    assert "RotaryEmbedding" not in ops and ops.count("Split") <= LAYERS  # only the gate/up split is left
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * LAYERS  # every norm after a residual add
     assert "ScatterElements" not in ops and "Attention" not in ops
     stats = {row[0]: row[-2] for section in fast.report.sections if "rewrites" in section.title
              for row in section.rows}
     assert stats["onnx-group-query-attention"] == f"group_query_attention={LAYERS}"
     assert any("state tensor(s) always equal to another" in note for note in fast.report.notes)
+
+
+def test_separate_projections_get_rotary_ops_before_the_attention() -> None:
+    """Without the fused Q/K/V projection the attention takes queries, keys and values apart, rotated before it."""
+    lm = _tiny_llama()
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    unfused = graphopt.PassPipeline(disabled=("fuse-horizontal",))
+    fast = graphopt.optimize(lm, (ids[:1],), target="onnx", pipeline=unfused)
+    ops = [node.op_type for node in fast.steps_for(1).steps._decode.module.model.graph.node]
+    assert ops.count("GroupQueryAttention") == LAYERS and ops.count("RotaryEmbedding") == 2 * LAYERS
+    expected = lm.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert fast.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[]).tolist() == expected.tolist()
 
 
 def test_left_padded_batch_on_onnx_matches_transformers(exported: tuple[Any, Any, Path]) -> None:
@@ -151,6 +170,11 @@ def test_left_padded_batch_on_onnx_matches_transformers(exported: tuple[Any, Any
     mask[1, :1] = 0
     expected = lm.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
     assert fast.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[]).tolist() == expected.tolist()
+    # onnxruntime rotates a first prompt by token index, not position: only batch 1 rotates inside the attention
+    ops = [node.op_type for node in fast.steps_for(3).steps._decode.module.model.graph.node]
+    assert ops.count("RotaryEmbedding") == 2 * LAYERS
+    one = lm.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert fast.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=10, eos_token_id=[]).tolist() == one.tolist()
 
 
 def test_onnx_steps_keep_torch_to_one_thread_while_generating(exported: tuple[Any, Any, Path]) -> None:

@@ -273,6 +273,21 @@ def test_optimize_onnx_int8_weight_only_runs_matmulnbits(mlp, tmp_path):
     assert Counter(n.op_type for n in onnx.load(str(path)).graph.node)["MatMulNBits"] == 6
 
 
+def test_onnx_int4_float_zero_points_sum_groups_with_shared_matrices(mlp, tmp_path):
+    """Float zero points: MatMulNBits plus per-group offsets, the group sums one product with a shared 0/1 matrix."""
+    model, inputs, _ = mlp
+    fast = graphopt.optimize(model, inputs, target="onnx", quantize=WeightOnlyQuantize(bits=4, group_size=32),
+                             dynamic_batch=True)
+    for batch in (4, 7):
+        ids = torch.randint(0, 200, (batch, 16))
+        assert output_cosine([fast.graph_module(ids)], [fast(ids)]) > 0.99999  # the graph's weights, exactly
+    graph = onnx.load(str(fast.export_onnx(tmp_path / "int4.onnx"))).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["MatMulNBits"] == 3 and "ReduceSum" not in ops and "Shape" not in ops
+    indicators = [i for i in graph.initializer if "nbits_groups" in i.name]
+    assert sorted(tuple(i.dims) for i in indicators) == [(128, 4), (256, 8)]  # one per input width, not per layer
+
+
 def test_optimize_cpu_int8_weight_only_reports_units_and_kernels(mlp):
     model, inputs, _ = mlp
     fast = graphopt.optimize(model, inputs, target="cpu", quantize="int8-weight-only")

@@ -42,6 +42,7 @@ __all__ = [
     "parameter_bytes",
     "preserved_state",
     "prune_unused_attributes",
+    "read_constant",
     "register_constant",
     "run_and_record",
     "same_shape",
@@ -154,6 +155,12 @@ def register_constant(gm: fx.GraphModule, base_name: str, value: torch.Tensor, b
         index += 1
         name = f"_go_{stem}_{index}"
     gm.register_buffer(name, value.detach() if keep_layout else value.detach().contiguous())
+    return read_constant(gm, name, before)
+
+
+def read_constant(gm: fx.GraphModule, name: str, before: fx.Node) -> fx.Node:
+    """A ``get_attr`` node for ``gm``'s tensor attribute ``name``, with its metadata, inserted before ``before``."""
+    value = getattr(gm, name)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
     node.meta["tensor_meta"] = _extract_tensor_metadata(value)

@@ -19,7 +19,11 @@ like any other) and whose translation writes the contrib op. It applies where th
 exact: both writes are ``index_copy`` of one contiguous run of slots into state inputs read by
 nothing else, no dropout, a mask given. Queries, keys and values are passed in
 ``[batch, seq, heads, head_dim]`` layout: the transposes into attention's layout are dropped,
-and a rotary embedding between them is applied in the untransposed layout instead.
+and a rotary embedding between them is applied in the untransposed layout instead. Where the
+three are consecutive slices of one projection (a fused Q/K/V linear) and queries and keys are
+rotated, the op gets that projection whole and rotates them itself (``graphopt_onnx::cached_gqa_packed``:
+``do_rotary`` with the step's own angle tables and positions, for a batch of one, see
+``_rotates_inside``): one kernel instead of a split, two rotary embeddings and the attention.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import onnx
 import torch
 import torch.fx as fx
 
-from graphopt.ir.graph import same_shape
+from graphopt.ir.graph import register_constant, same_shape
 from graphopt.ir.meta import infer_meta
 from graphopt.ir.op_args import argument
 from graphopt.ir.state import state_inputs
@@ -41,7 +45,8 @@ from graphopt.passes.base import NodeRewrite, PassResult
 from graphopt.passes.fusion.decoder_ops import ROTARY, rotary_reference
 from graphopt.targets.onnx.contrib_ops import ensure_schema
 
-__all__ = ["GroupQueryAttentionOverCache", "cached_gqa", "has_cached_attention", "translation_table"]
+__all__ = ["GroupQueryAttentionOverCache", "cached_gqa", "cached_gqa_packed", "has_cached_attention",
+           "translation_table"]
 
 aten = torch.ops.aten
 
@@ -99,8 +104,38 @@ def _(x: torch.Tensor, position_ids: torch.Tensor, cos_table: torch.Tensor, sin_
     return x.new_empty(x.shape)
 
 
+@torch.library.custom_op("graphopt_onnx::cached_gqa_packed", mutates_args=())
+def cached_gqa_packed(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, seqlens_k: torch.Tensor,
+                      total_length: torch.Tensor, bias_end: torch.Tensor, bias: torch.Tensor,
+                      position_ids: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, num_heads: int,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cached_gqa` on one packed projection ``qkv [B, S, (H + 2 Hkv) * D]``, queries and keys rotated first.
+
+    ``qkv`` holds queries, keys and values in that order; queries and keys get the rotary
+    embedding of :func:`rotary_embedding` (``position_ids`` into the tables). The reference of
+    ``GroupQueryAttention`` given a packed query and ``do_rotary=1``.
+    """
+    kv_heads, dim = past_key.shape[1], past_key.shape[3]
+    query, key, value = qkv.split([num_heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    query = rotary_embedding(query, position_ids, cos_table, sin_table, num_heads)
+    key = rotary_embedding(key, position_ids, cos_table, sin_table, kv_heads)
+    return cached_gqa(query, key, value, past_key, past_value, seqlens_k, total_length, bias_end, bias, scale)
+
+
+@cached_gqa_packed.register_fake
+def _(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, seqlens_k: torch.Tensor,
+      total_length: torch.Tensor, bias_end: torch.Tensor, bias: torch.Tensor, position_ids: torch.Tensor,
+      cos_table: torch.Tensor, sin_table: torch.Tensor, num_heads: int, scale: float
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    output = qkv.new_empty((*qkv.shape[:-1], num_heads * past_key.shape[3]))
+    return output, past_key.new_empty(past_key.shape), past_value.new_empty(past_value.shape)
+
+
 CACHED_GQA = torch.ops.graphopt_onnx.cached_gqa.default
+CACHED_GQA_PACKED = torch.ops.graphopt_onnx.cached_gqa_packed.default
 ROTARY_EMBEDDING = torch.ops.graphopt_onnx.rotary_embedding.default
+ROTARY_HEAD_MULTIPLE = 16
+"""``GroupQueryAttention`` applies the rotary embedding itself only to heads whose size is a multiple of this."""
 
 
 def has_cached_attention(gm: fx.GraphModule) -> bool:
@@ -194,6 +229,7 @@ class _Builder:
     """Inserts the nodes the fused attention reads, each shared by every layer that needs it."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
         self.graph = gm.graph
         self._memo: dict[tuple[Any, ...], Any] = {}
 
@@ -243,6 +279,25 @@ class _Builder:
             return ids, tables[0], tables[1]
         return self._ordered(("rotary", cos, sin), build)
 
+    def padded_tables(self, rotary: tuple[Any, ...], rows: int) -> tuple[Any, ...]:
+        """``(position_ids, cos_table, sin_table)`` with ``rows`` rows of zeros below each table.
+
+        ``GroupQueryAttention`` wants tables at least as long as the cache it attends over; the
+        step's own tables hold only its ``B * S`` positions (the rows past them are never read).
+        A ``cat`` with constant zeros, not ``constant_pad_nd``: the latter's shape rule puts a guard
+        on the symbolic sequence length into the shape environment this copy shares with the
+        portable graph, which then saves with that length fixed.
+        """
+        ids, cos_table, sin_table = rotary
+
+        def build() -> tuple[Any, ...]:
+            value = cos_table.meta["val"]
+            padding = torch.zeros(rows, value.shape[-1], dtype=value.dtype)
+            zeros = register_constant(self.gm, "gqa_rotary_padding", padding,
+                                      before=self.graph.find_nodes(op="placeholder")[-1].next)
+            return (ids, *(self.call(aten.cat.default, ([table, zeros],)) for table in (cos_table, sin_table)))
+        return self._ordered(("padded", cos_table, sin_table, rows), build)
+
     def packed(self, node: fx.Node) -> fx.Node:
         """An attention operand ``[B, N, S, D]`` as ``[B, S, N*D]``, through its transposes (rotary rewritten)."""
         if node.target is ROTARY and _is_swap(node.args[0]):
@@ -265,6 +320,54 @@ class _Builder:
 def _position(node: fx.Node) -> int:
     """A node's index in its graph (for "the later of these nodes")."""
     return next(index for index, n in enumerate(node.graph.nodes) if n is node)
+
+
+def _slice_of(node: fx.Node, rank: int) -> tuple[fx.Node, int, int] | None:
+    """``(source, start, end)`` of ``slice(source, last dim, start, end)`` with step 1, else None."""
+    if node.target is not aten.slice.Tensor:
+        return None
+    source, dim, start, end, *step = (*node.args, *([None] * (4 - len(node.args))))
+    if not isinstance(source, fx.Node) or dim not in (-1, rank - 1) or (step and step[0] not in (None, 1)):
+        return None
+    if not isinstance(start, int) or not isinstance(end, int):
+        return None
+    return source, start, end
+
+
+def _rotates_inside(batch: Any, dim: int) -> bool:
+    """True when ``GroupQueryAttention`` can apply the step's rotary embedding itself, exactly.
+
+    Its kernel rotates only heads whose size is a multiple of 16. On a first prompt (an empty
+    cache) it ignores ``position_ids`` and rotates token ``s`` of every row by table row ``s``;
+    the step's own tables (one row per token, row-major) agree with that only for one row, so the
+    batch must be static 1 (left padding included: the tables hold the model's own angles).
+    """
+    return batch == 1 and dim % ROTARY_HEAD_MULTIPLE == 0
+
+
+def _packed_projection(operands: list[fx.Node], widths: list[int]) -> tuple[fx.Node, tuple[Any, ...]] | None:
+    """The one projection the rotated queries and keys and the values slice in order, and the rotary they share.
+
+    ``operands`` are the attention's ``[B, S, width]`` queries, keys and values. Returns ``(qkv,
+    (position_ids, cos_table, sin_table))``, or None unless queries and keys are rotated alike,
+    values are not, and the three are consecutive slices of one tensor's last dim covering it.
+    """
+    rotary = [tuple(op.args[1:4]) if op.target is ROTARY_EMBEDDING else None for op in operands]
+    if rotary[0] is None or rotary[0] != rotary[1] or rotary[2] is not None:
+        return None
+    slices = [_slice_of(source, 3) for source in (operands[0].args[0], operands[1].args[0], operands[2])]
+    if any(piece is None for piece in slices):
+        return None
+    start = 0
+    for piece, width in zip(slices, widths, strict=True):
+        source, first, end = piece  # type: ignore[misc]
+        if source is not slices[0][0] or first != start or end != start + width:  # type: ignore[index]
+            return None
+        start = end
+    qkv = slices[0][0]  # type: ignore[index]
+    if _rank(qkv) != 3 or _shape(qkv)[-1] != start:
+        return None
+    return qkv, rotary[0]
 
 
 @dataclass(frozen=True)
@@ -321,11 +424,22 @@ class GroupQueryAttentionOverCache(NodeRewrite):
         attention_inputs = builder.attention_inputs(key_write.args[2], mask, query_shape[0],
                                                     query.meta["val"].dtype)
         graph = gm.graph
+        scale = float(scale) if scale is not None else float(query_shape[-1]) ** -0.5
         with graph.inserting_before(node):
-            fused = builder.call(CACHED_GQA, (
-                builder.packed(query), builder.packed(key_write.args[3]), builder.packed(value_write.args[3]),
-                key_write.args[0], value_write.args[0], *attention_inputs,
-                float(scale) if scale is not None else float(query_shape[-1]) ** -0.5))
+            operands = [builder.packed(query), builder.packed(key_write.args[3]), builder.packed(value_write.args[3])]
+            query_heads, dim = int(query_shape[1]), int(query_shape[3])
+            kv_width = int(_shape(key_write)[1]) * dim
+            packed = _packed_projection(operands, [query_heads * dim, kv_width, kv_width]) \
+                if _rotates_inside(query_shape[0], dim) else None
+            if packed is not None:
+                qkv, rotary = packed
+                fused = builder.call(CACHED_GQA_PACKED, (qkv, key_write.args[0], value_write.args[0],
+                                                         *attention_inputs,
+                                                         *builder.padded_tables(rotary, int(_shape(key_write)[2])),
+                                                         query_heads, scale))
+            else:
+                fused = builder.call(CACHED_GQA, (*operands, key_write.args[0], value_write.args[0],
+                                                  *attention_inputs, scale))
             output, new_key, new_value = (builder.call(operator.getitem, (fused, index)) for index in range(3))
         key_write.replace_all_uses_with(new_key)
         value_write.replace_all_uses_with(new_value)
@@ -393,6 +507,20 @@ def _cached_gqa_onnx(query: Any, key: Any, value: Any, past_key: Any, past_value
         num_heads=int(query.shape[2]) // dim, kv_num_heads=int(past_key.shape[1]), scale=scale)
 
 
+def _cached_gqa_packed_onnx(qkv: Any, past_key: Any, past_value: Any, seqlens_k: Any, total_length: Any,
+                            bias_end: Any, bias: Any, position_ids: Any, cos_table: Any, sin_table: Any,
+                            num_heads: int = 1, scale: float = 1.0) -> Any:
+    from onnxscript import opset18 as op  # onnxscript takes about 1.4 s to import: only while exporting
+    from onnxscript.values import Opset
+
+    ensure_schema("GroupQueryAttention", _group_query_attention_schema)
+    microsoft = Opset("com.microsoft", 1)
+    visible = op.Slice(bias, op.Constant(value_ints=[0]), bias_end, op.Constant(value_ints=[3]))
+    return microsoft.GroupQueryAttention(
+        qkv, None, None, past_key, past_value, seqlens_k, total_length, cos_table, sin_table, position_ids, visible,
+        num_heads=num_heads, kv_num_heads=int(past_key.shape[1]), scale=scale, do_rotary=1)
+
+
 def _rotary_embedding_schema() -> onnx.defs.OpSchema:
     """The signature of onnxruntime's ``com.microsoft.RotaryEmbedding``, for onnx (and so onnxscript)."""
     schema = onnx.defs.OpSchema
@@ -422,4 +550,5 @@ def _rotary_embedding_onnx(x: Any, position_ids: Any, cos_table: Any, sin_table:
 
 def translation_table() -> dict[Any, Callable[..., Any]]:
     """Translation of ``graphopt_onnx::cached_gqa`` for ``torch.onnx.export(custom_translation_table=...)``."""
-    return {CACHED_GQA: _cached_gqa_onnx, ROTARY_EMBEDDING: _rotary_embedding_onnx}
+    return {CACHED_GQA: _cached_gqa_onnx, CACHED_GQA_PACKED: _cached_gqa_packed_onnx,
+            ROTARY_EMBEDDING: _rotary_embedding_onnx}

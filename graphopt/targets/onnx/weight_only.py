@@ -20,7 +20,7 @@ import onnx
 import torch
 import torch.fx as fx
 
-from graphopt.ir.graph import register_constant
+from graphopt.ir.graph import read_constant, register_constant
 from graphopt.ir.meta import infer_meta
 from graphopt.passes.base import NodeRewrite, PassResult
 from graphopt.passes.quantize.weight_ops import DEQUANTIZE_CODEBOOK, DEQUANTIZE_INT8, pack_nibbles, unpack_nibbles
@@ -170,20 +170,34 @@ def _group_offsets(values: list[Any]) -> torch.Tensor | None:
 
 def _add_group_offsets(gm: fx.GraphModule, node: fx.Node, product: fx.Node, offsets: torch.Tensor,
                        block: int) -> fx.Node:
-    """``product + (x summed per group of block features) @ offsets`` (inserted before ``node``)."""
+    """``product + (x summed per group of block features) @ offsets`` (inserted before ``node``).
+
+    The group sums are one product with a constant ``[K, K/block]`` indicator matrix rather than
+    an unflatten and a sum: with a dynamic sequence length the unflatten exports as Shape, Slice,
+    Concat and Reshape, and those four small ops per layer cost a decode step more than the sums.
+    """
     graph = gm.graph
     x = node.args[0]
-    features = offsets.shape[0] * block
+    indicator_node = _group_indicator(gm, offsets.shape[0], block, offsets.dtype, before=node)
     offsets_node = register_constant(gm, f"{node.name}_nbits_offsets", offsets, before=node)
-    grouped = graph.call_function(aten.unflatten.int, (x, -1, [features // block, block]))
-    infer_meta(grouped)
-    sums = graph.call_function(aten.sum.dim_IntList, (grouped, [-1]))
+    sums = graph.call_function(aten.matmul.default, (x, indicator_node))
     infer_meta(sums)
     correction = graph.call_function(aten.matmul.default, (sums, offsets_node))
     infer_meta(correction)
     total = graph.call_function(aten.add.Tensor, (product, correction))
     infer_meta(total)
     return total
+
+
+def _group_indicator(gm: fx.GraphModule, groups: int, block: int, dtype: torch.dtype, before: fx.Node) -> fx.Node:
+    """A read of the ``[groups * block, groups]`` 0/1 matrix summing each block of features (one per shape in gm)."""
+    name = f"_go_nbits_groups_{groups}x{block}_{str(dtype).removeprefix('torch.')}"
+    if not hasattr(gm, name):
+        features = torch.arange(groups * block)
+        indicator = torch.zeros(groups * block, groups, dtype=dtype)
+        indicator[features, features // block] = 1
+        gm.register_buffer(name, indicator)
+    return read_constant(gm, name, before)
 
 
 @dataclass(frozen=True)
