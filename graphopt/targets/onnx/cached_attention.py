@@ -322,12 +322,14 @@ def _position(node: fx.Node) -> int:
     return next(index for index, n in enumerate(node.graph.nodes) if n is node)
 
 
-def _slice_of(node: fx.Node, rank: int) -> tuple[fx.Node, int, int] | None:
+def _slice_of(node: fx.Node) -> tuple[fx.Node, int, int] | None:
     """``(source, start, end)`` of ``slice(source, last dim, start, end)`` with step 1, else None."""
     if node.target is not aten.slice.Tensor:
         return None
-    source, dim, start, end, *step = (*node.args, *([None] * (4 - len(node.args))))
-    if not isinstance(source, fx.Node) or dim not in (-1, rank - 1) or (step and step[0] not in (None, 1)):
+    source, start, end = node.args[0], argument(node, "start"), argument(node, "end")
+    if not isinstance(source, fx.Node) or _rank(source) is None or argument(node, "step", 1) != 1:
+        return None
+    if argument(node, "dim", 0) % _rank(source) != _rank(source) - 1:
         return None
     if not isinstance(start, int) or not isinstance(end, int):
         return None
@@ -342,7 +344,7 @@ def _rotates_inside(batch: Any, dim: int) -> bool:
     the step's own tables (one row per token, row-major) agree with that only for one row, so the
     batch must be static 1 (left padding included: the tables hold the model's own angles).
     """
-    return batch == 1 and dim % ROTARY_HEAD_MULTIPLE == 0
+    return isinstance(batch, int) and batch == 1 and dim % ROTARY_HEAD_MULTIPLE == 0  # a symbolic batch would guard
 
 
 def _packed_projection(operands: list[fx.Node], widths: list[int]) -> tuple[fx.Node, tuple[Any, ...]] | None:
@@ -355,7 +357,7 @@ def _packed_projection(operands: list[fx.Node], widths: list[int]) -> tuple[fx.N
     rotary = [tuple(op.args[1:4]) if op.target is ROTARY_EMBEDDING else None for op in operands]
     if rotary[0] is None or rotary[0] != rotary[1] or rotary[2] is not None:
         return None
-    slices = [_slice_of(source, 3) for source in (operands[0].args[0], operands[1].args[0], operands[2])]
+    slices = [_slice_of(source) for source in (operands[0].args[0], operands[1].args[0], operands[2])]
     if any(piece is None for piece in slices):
         return None
     start = 0
@@ -493,32 +495,34 @@ def _group_query_attention_schema() -> onnx.defs.OpSchema:
     )
 
 
-def _cached_gqa_onnx(query: Any, key: Any, value: Any, past_key: Any, past_value: Any, seqlens_k: Any,
-                     total_length: Any, bias_end: Any, bias: Any, scale: float = 1.0) -> Any:
+def _group_query_attention(query: Any, key: Any, value: Any, past_key: Any, past_value: Any, seqlens_k: Any,
+                           total_length: Any, rotary: tuple[Any, Any, Any], bias_end: Any, bias: Any,
+                           **attributes: Any) -> Any:
+    """``com.microsoft.GroupQueryAttention`` over the cache, the mask's bias cut to the written slots."""
     from onnxscript import opset18 as op  # onnxscript takes about 1.4 s to import: only while exporting
     from onnxscript.values import Opset
 
     ensure_schema("GroupQueryAttention", _group_query_attention_schema)
-    microsoft = Opset("com.microsoft", 1)
-    dim = int(past_key.shape[3])
     visible = op.Slice(bias, op.Constant(value_ints=[0]), bias_end, op.Constant(value_ints=[3]))
-    return microsoft.GroupQueryAttention(
-        query, key, value, past_key, past_value, seqlens_k, total_length, None, None, None, visible,
-        num_heads=int(query.shape[2]) // dim, kv_num_heads=int(past_key.shape[1]), scale=scale)
+    position_ids, cos_table, sin_table = rotary
+    return Opset("com.microsoft", 1).GroupQueryAttention(
+        query, key, value, past_key, past_value, seqlens_k, total_length, cos_table, sin_table, position_ids, visible,
+        kv_num_heads=int(past_key.shape[1]), **attributes)
+
+
+def _cached_gqa_onnx(query: Any, key: Any, value: Any, past_key: Any, past_value: Any, seqlens_k: Any,
+                     total_length: Any, bias_end: Any, bias: Any, scale: float = 1.0) -> Any:
+    return _group_query_attention(query, key, value, past_key, past_value, seqlens_k, total_length,
+                                  (None, None, None), bias_end, bias,
+                                  num_heads=int(query.shape[2]) // int(past_key.shape[3]), scale=scale)
 
 
 def _cached_gqa_packed_onnx(qkv: Any, past_key: Any, past_value: Any, seqlens_k: Any, total_length: Any,
                             bias_end: Any, bias: Any, position_ids: Any, cos_table: Any, sin_table: Any,
                             num_heads: int = 1, scale: float = 1.0) -> Any:
-    from onnxscript import opset18 as op  # onnxscript takes about 1.4 s to import: only while exporting
-    from onnxscript.values import Opset
-
-    ensure_schema("GroupQueryAttention", _group_query_attention_schema)
-    microsoft = Opset("com.microsoft", 1)
-    visible = op.Slice(bias, op.Constant(value_ints=[0]), bias_end, op.Constant(value_ints=[3]))
-    return microsoft.GroupQueryAttention(
-        qkv, None, None, past_key, past_value, seqlens_k, total_length, cos_table, sin_table, position_ids, visible,
-        num_heads=num_heads, kv_num_heads=int(past_key.shape[1]), scale=scale, do_rotary=1)
+    return _group_query_attention(qkv, None, None, past_key, past_value, seqlens_k, total_length,
+                                  (position_ids, cos_table, sin_table), bias_end, bias, num_heads=num_heads,
+                                  scale=scale, do_rotary=1)
 
 
 def _rotary_embedding_schema() -> onnx.defs.OpSchema:
