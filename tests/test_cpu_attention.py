@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import graphopt
 from graphopt.ir.graph import count_ops
 from graphopt.targets.common.lowering import is_kernel_substituting
+from graphopt.targets.cpu import attention as cpu_attention
 from graphopt.targets.cpu.attention import ATTENTION, KEY_BLOCK, KEY_MASK
 from graphopt.targets.cpu.lowering import LoweredGraph
 from graphopt.targets.cpu.target import CpuTarget
@@ -87,6 +88,62 @@ def test_attention_output_has_the_layout_torch_gives() -> None:
     assert plan == [2 * KEY_BLOCK, 1]  # the matmul kernel
     assert actual.stride() == expected.stride()
     torch.testing.assert_close(actual, expected)
+
+
+def test_only_trimmed_keys_take_the_matmul_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Untrimmed keys stay on torch's kernel (the matmuls lose to it on strided inputs, e.g. Swin's windows)."""
+    calls: list[int] = []
+    matmuls = cpu_attention._matmul_attention
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return matmuls(*args)
+
+    monkeypatch.setattr(cpu_attention, "_matmul_attention", counted)
+    query, key, value = _qkv(4, 3, 20, 48)
+    for lengths, trimmed in (([40, 48, 7, 30], False), ([5, 12, 3, 9], True)):
+        mask = _padded_mask(4, 20, 48, lengths)
+        expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.25)
+        calls.clear()
+        actual, plan = _ours(query, key, value, mask)
+        assert (plan[0] < 48) == trimmed and len(calls) == int(trimmed)
+        torch.testing.assert_close(actual, expected, atol=2e-6, rtol=1e-5)
+
+
+class _BiasedAttention(torch.nn.Module):
+    """Self-attention whose mask is a learned bias (Swin's relative-position bias); grouped key/value heads optional."""
+
+    def __init__(self, kv_heads: int = 4) -> None:
+        super().__init__()
+        self.kv_heads = kv_heads
+        self.query = torch.nn.Linear(32, 32)
+        self.key_value = torch.nn.Linear(32, 2 * 8 * kv_heads)
+        self.bias = torch.nn.Parameter(torch.randn(1, 4, 10, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        query = self.query(x).view(batch, length, 4, 8).transpose(1, 2)
+        key, value = self.key_value(x).view(batch, length, 2, self.kv_heads, 8).permute(2, 0, 3, 1, 4)
+        if self.kv_heads != 4:  # transformers' repeat_kv
+            repeat = 4 // self.kv_heads
+            key = key[:, :, None].expand(batch, self.kv_heads, repeat, length, 8).reshape(batch, 4, length, 8)
+            value = value[:, :, None].expand(batch, self.kv_heads, repeat, length, 8).reshape(batch, 4, length, 8)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=self.bias)
+        return out.transpose(1, 2).reshape(batch, length, 32)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_with_a_mask_from_weights_alone_is_not_trimmed(kv_heads: int) -> None:
+    """A mask the inputs do not change has nothing to trim per call: no mask analysis at run time."""
+    model = _BiasedAttention(kv_heads).eval()
+    x = torch.randn(3, 10, 32)
+    fast = graphopt.optimize(model, (x,), "cpu")
+    ops = count_ops(fast.runner.graph_module)
+    assert "graphopt_cpu.key_mask.default" not in ops and "graphopt_cpu.attention.default" not in ops
+    assert ops["aten.scaled_dot_product_attention.default"] == 1  # torch's attention as the graph had it
+    assert "aten.expand.default" not in ops  # grouped heads read in place (fuse-gqa's enable_gqa)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_in_bfloat16_stays_on_torchs_kernel() -> None:

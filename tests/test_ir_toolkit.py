@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from graphopt.ir.capture import capture
 from graphopt.ir.graph import register_constant, run_and_record
 from graphopt.ir.meta import copy_meta, fake_mode_of, infer_meta, propagate_meta, tensor_metadata
-from graphopt.ir.op_args import ConvArguments, argument, conv_arguments, normalized_args, set_argument
+from graphopt.ir.op_args import ConvArguments, argument, conv_arguments, given_argument, normalized_args, set_argument
 from graphopt.ir.ops import CONV_OPS, LINEAR_OPS, STRING_PADDING_CONV_OPS
 
 aten = torch.ops.aten
@@ -228,6 +228,13 @@ def test_normalized_args_fill_keyword_only_defaults_and_set_argument_keeps_the_s
     set_argument(addmm, "beta", 1)
     set_argument(addmm, "mat2", x)
     assert addmm.args == (b, x, x) and addmm.kwargs == {"beta": 1}
+    # the schema's ``self`` is ``input`` to every reader and writer, as normalize_function names it
+    set_argument(addmm, "input", w)
+    assert addmm.args == (w, x, x) and given_argument(addmm, "input") is w and argument(addmm, "input") is w
+    assert argument(addmm, "self") is w and given_argument(addmm, "self") is w
+    keyword = graph.call_function(aten.addmm.default, (), {"self": b, "mat1": x, "mat2": w})
+    set_argument(keyword, "input", x)
+    assert keyword.kwargs["self"] is x and "input" not in keyword.kwargs
     conv = graph.call_function(aten.conv2d.default, (x, w))
     set_argument(conv, "groups", 2)  # left out: given by keyword (stride... stay defaults)
     assert conv.args == (x, w) and conv.kwargs == {"groups": 2}

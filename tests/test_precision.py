@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -99,6 +101,36 @@ def test_precision_spec_errors() -> None:
     model, x = _block()
     with pytest.raises(InputError, match="onnxruntime's CPU provider"):
         graphopt.optimize(model, (x,), target="onnx", precision="bf16")
+
+
+class AddmmMlp(nn.Module):
+    """GPT-2's ``Conv1D`` layers: ``addmm(bias, x, weight)`` over the flattened tokens; then ``mm`` and an add."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.up_weight = nn.Parameter(torch.randn(width, 4 * width) * 0.1)
+        self.up_bias = nn.Parameter(torch.randn(4 * width))
+        self.down_weight = nn.Parameter(torch.randn(4 * width, width) * 0.1)
+        self.down_bias = nn.Parameter(torch.randn(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        hidden = F.gelu(torch.addmm(self.up_bias, flat, self.up_weight))
+        return (torch.mm(hidden, self.down_weight) + self.down_bias).reshape(x.shape)
+
+
+def test_addmm_and_mm_layers_in_bf16() -> None:
+    """``addmm`` and ``mm`` name an argument ``self``: their layers are reduced, not the pass rolled back or skipped."""
+    torch.manual_seed(0)
+    model, x = AddmmMlp().eval(), torch.randn(4, 8, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", graphopt.RollbackWarning)  # a pass that fails is rolled back with a warning
+        fast = graphopt.optimize(model, (x,), target="cpu", precision="bf16", lowering=graphopt.CpuLowering())
+    record = _record(fast.report)
+    assert record.status == "changed" and record.stats["reduced layers"] == 2
+    out = fast(x)
+    assert F.cosine_similarity(out.flatten(1), model(x).flatten(1)).min() > 0.999
+    assert not torch.equal(out, model(x))
 
 
 def test_conv_net_in_bf16() -> None:

@@ -33,13 +33,27 @@ def normalized_args(node: fx.Node) -> dict[str, Any] | None:
     return dict(bound.kwargs) if bound is not None else None
 
 
+def _schema_index(target: torch._ops.OpOverload, name: str) -> int | None:
+    """Position of argument ``name`` in ``target``'s schema; ``"input"`` also names a ``self`` argument.
+
+    ``normalize_function`` (so ``normalized_args``) calls an op's ``self`` argument ``input``, as
+    torch's Python API does; every reader and writer here takes either name.
+    """
+    names = [a.name for a in target._schema.arguments]
+    if name in names:
+        return names.index(name)
+    return names.index("self") if name == "input" and "self" in names else None
+
+
 def argument(node: fx.Node, name: str, default: Any = None) -> Any:
     """The argument ``name`` of an ATen call node (its schema default when the call leaves it out).
 
     ``default`` when the op has no such argument or the node is not an ATen call.
     """
     values = normalized_args(node)
-    return values.get(name, default) if values is not None else default
+    if values is None:
+        return default
+    return values.get("input" if name == "self" else name, default)  # normalize_function's name for ``self``
 
 
 def given_argument(node: fx.Node, name: str, default: Any = None) -> Any:
@@ -52,12 +66,13 @@ def given_argument(node: fx.Node, name: str, default: Any = None) -> Any:
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return default
-    if name in node.kwargs:
-        return node.kwargs[name]
-    for index, schema_argument in enumerate(target._schema.arguments):
-        if schema_argument.name == name:
-            return node.args[index] if not schema_argument.kwarg_only and index < len(node.args) else default
-    return default
+    index = _schema_index(target, name)
+    if index is None:
+        return default
+    schema_argument = target._schema.arguments[index]
+    if schema_argument.name in node.kwargs:
+        return node.kwargs[schema_argument.name]
+    return node.args[index] if not schema_argument.kwarg_only and index < len(node.args) else default
 
 
 def set_argument(node: fx.Node, name: str, value: Any) -> None:
@@ -71,9 +86,10 @@ def set_argument(node: fx.Node, name: str, value: Any) -> None:
     if not isinstance(target, torch._ops.OpOverload):
         raise KeyError(f"{node.name} does not call an ATen op, so it has no argument {name!r}")
     schema = target._schema.arguments
-    index = next((i for i, a in enumerate(schema) if a.name == name), None)
+    index = _schema_index(target, name)
     if index is None:
         raise KeyError(f"{target} has no argument {name!r}; it has {', '.join(a.name for a in schema)}")
+    name = schema[index].name
     if name in node.kwargs:
         node.kwargs = {**node.kwargs, name: value}
     elif index < len(node.args):
