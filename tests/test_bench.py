@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from graphopt import bench
+from graphopt.bench import zoo
 from graphopt.bench.report import BenchRow, TimingStats, compute_ratios
 from graphopt.bench.runner import Backend, Runner
 
@@ -177,6 +178,18 @@ def test_cli_writes_json_and_markdown(tmp_path: Path, capsys: Any) -> None:
     meta = json.loads(json_path.read_text())["meta"]
     assert meta["command"].startswith("graphopt bench resnet18 --target cpu --batch 1 --size small --threads 1")
     assert "**Reproduce:** `graphopt bench resnet18" in md_path.read_text()
+
+
+def test_cli_outside_runs_every_architecture_outside_the_zoo(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    json_path = tmp_path / "bench.json"
+    args = _parser().parse_args(["bench", "--outside", "swin", "--size", "small", "--backends", "eager",
+                                 "--threads", "1", "--quiet", "--max-seconds", "0.1", "--min-repeats", "2",
+                                 "--json", str(json_path)])
+    assert args.func(args) == 0
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [row["model"] for row in rows] == zoo.list_outside_models()  # swin named again: measured once
+    assert all(row["error"] is None and row["median_ms"] > 0 for row in rows)
 
 
 def test_cli_rejects_gpu_without_cuda(capsys: Any) -> None:

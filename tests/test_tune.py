@@ -93,6 +93,43 @@ def test_a_candidate_that_fails_its_check_is_never_kept(monkeypatch: pytest.Monk
     assert compare_outputs([runner(x)], [model(x)]).ok
 
 
+@dataclass(frozen=True)
+class ThreeCpuLowerings(CpuLowering):
+    """Three quick candidates, to race."""
+
+    def candidates(self) -> list[CpuLowering]:
+        return [self, replace(self, fuse=False, layout="contiguous", prepack=False), replace(self, layout="contiguous")]
+
+
+def test_tune_races_the_close_candidates_after_the_first_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clearly slower candidate leaves after ``min_rounds``; the two close ones get the rounds left."""
+    import time
+
+    import graphopt.targets.tune as tune
+
+    delays = {"cpu:onednn": 0.010, "cpu:aten": 0.010, "cpu:onednn-nchw": 0.030}
+
+    def lower(target: CpuTarget, gm: torch.fx.GraphModule, context: object) -> object:
+        def run(*args: torch.Tensor) -> object:
+            time.sleep(delays[target.label()])
+            return gm(*args)
+        return run
+
+    monkeypatch.setattr(tune, "_lower", lower)
+    model, x = _net()
+    captured = graphopt.capture(model, (x,))
+    report = graphopt.Report(target="cpu")
+    plan = TunePlan(min_rounds=3, max_seconds=0.0, gap_s=0.0, drop_margin=0.5)  # wide: sleep() jitters
+    _, chosen = lower_model(CpuTarget(ThreeCpuLowerings()), captured.graph_module, captured, report, tune=True,
+                            plan=plan)
+    rows = {row[0]: row for row in _section(report).rows}
+    assert "left the race after 3 calls" in rows["cpu:onednn-nchw"][5]
+    assert chosen.label() in ("cpu:onednn", "cpu:aten") and rows[chosen.label()][4] == "chosen"
+    assert rows["cpu:onednn-nchw"][6] == 3
+    for label in ("cpu:onednn", "cpu:aten"):  # still racing: three more rounds each
+        assert "left the race" not in rows[label][5] and rows[label][6] == 6
+
+
 def test_no_passing_candidate_is_a_lowering_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import graphopt.targets.tune as tune
 

@@ -90,3 +90,23 @@ def test_minilm_similar_sentences_are_closer_than_unrelated() -> None:
     for similar in [(0, 1), (3, 5), (2, 7)]:
         for unrelated in [(0, 2), (3, 6), (4, 7)]:
             assert cos(*similar) > cos(*unrelated) + 0.2, (similar, unrelated)
+
+
+@pytest.mark.parametrize("name", zoo.list_outside_models())
+def test_architectures_outside_the_zoo_build_and_lower_on_cpu(name: str) -> None:
+    """The ones ``graphopt bench --outside`` measures: deterministic, and the default cpu lowering matches eager."""
+    pytest.importorskip("transformers")
+    import graphopt
+
+    entry = _load_or_skip(name)
+    assert name not in zoo.list_models() and entry.size == "small"
+    eager = _run(entry)
+    assert torch.isfinite(eager).all() and torch.equal(eager, _run(_load_or_skip(name)))
+    fast = graphopt.optimize(entry.model, entry.example_inputs, "cpu")
+    torch.testing.assert_close(fast(*entry.example_inputs), eager, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_name_lists_the_architectures_outside_the_zoo_too() -> None:
+    with pytest.raises(zoo.UnknownModelError) as info:
+        zoo.check_name("resnet1000")
+    assert all(name in str(info.value) for name in zoo.list_outside_models())

@@ -273,8 +273,12 @@ def add_bench_parser(subparsers: Any) -> None:
             "Default batch is 1: full-size models at larger batches take minutes per backend on small machines."
         ),
     )
-    parser.add_argument("models", nargs="*", metavar="MODEL", help=f"zoo models: {', '.join(zoo.list_models())}")
+    parser.add_argument("models", nargs="*", metavar="MODEL",
+                        help=f"zoo models: {', '.join(zoo.list_models())}; outside the zoo (transformers configs, "
+                             f"random weights): {', '.join(zoo.list_outside_models())}")
     parser.add_argument("--all", action="store_true", help="benchmark every zoo model")
+    parser.add_argument("--outside", action="store_true",
+                        help="benchmark every architecture outside the zoo (graphopt.bench.outside_zoo)")
     parser.add_argument("--target", choices=TARGETS, default="cpu", help="device to benchmark on (default cpu)")
     parser.add_argument("--batch", type=_batches, default=[1], help="comma-separated batch sizes (default 1)")
     parser.add_argument("--size", choices=zoo.SIZES, default="full", help="zoo model size (default full)")
@@ -347,10 +351,12 @@ def run_bench_command(args: argparse.Namespace) -> int:
     """Run ``graphopt bench`` from parsed arguments; returns the process exit code."""
     if getattr(args, "generation", False):
         return run_generation_command(args, args.threads or default_threads())
-    models = zoo.list_models() if args.all else list(args.models)
+    models = zoo.list_models() if args.all else []
+    models += zoo.list_outside_models() if getattr(args, "outside", False) else []
+    models += [name for name in args.models if name not in models]
     if not models:
-        print("graphopt bench: name at least one model, or --all; models: " + ", ".join(zoo.list_models()),
-              file=sys.stderr)
+        print("graphopt bench: name at least one model, or --all / --outside; models: "
+              + ", ".join(zoo.list_models() + zoo.list_outside_models()), file=sys.stderr)
         return 2
     try:
         for name in models:

@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graphopt.bench.model_parts import Builder, Built, LastHiddenState, images, token_inputs
+from graphopt.bench.outside_zoo import OUTSIDE_MODELS
 from graphopt.errors import GraphoptError
 
 SEED = 0
 SIZES = ("small", "full")
-
-Built = tuple[nn.Module, tuple[torch.Tensor, ...], str]
-"""What a builder returns: the model, its example inputs, and a one-line description."""
-Builder = Callable[[str, int], Built]
 
 MINILM_SENTENCES: tuple[str, ...] = (
     "A man is playing a guitar on the stage.",
@@ -258,10 +256,6 @@ def _torchvision_available() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-def _images(batch: int, side: int) -> tuple[torch.Tensor, ...]:
-    return (torch.randn(batch, 3, side, side),)
-
-
 def _build_resnet(name: str, size: str, batch: int) -> Built:
     block, layers = (BasicBlock, (2, 2, 2, 2)) if name == "resnet18" else (Bottleneck, (3, 4, 6, 3))
     if size == "full":
@@ -274,11 +268,11 @@ def _build_resnet(name: str, size: str, batch: int) -> Built:
             model = ResNet(block, layers)
             origin = "graphopt.bench.zoo.ResNet"
         _init_cnn(model)
-        return model, _images(batch, 224), f"{name} ({origin}), 224x224, 1000 classes, random weights"
+        return model, images(batch, 224), f"{name} ({origin}), 224x224, 1000 classes, random weights"
     small_layers = (1, 1, 1, 1) if name == "resnet50" else layers
     model = ResNet(block, small_layers, base_width=8, num_classes=10)
     _init_cnn(model)
-    return model, _images(batch, 32), f"{name}-style, base width 8, blocks {small_layers}, 32x32, 10 classes"
+    return model, images(batch, 32), f"{name}-style, base width 8, blocks {small_layers}, 32x32, 10 classes"
 
 
 def _build_mobilenet_v2(size: str, batch: int) -> Built:
@@ -290,25 +284,13 @@ def _build_mobilenet_v2(size: str, batch: int) -> Built:
         else:
             model, origin = MobileNetV2(), "graphopt.bench.zoo.MobileNetV2"
         _init_cnn(model)
-        return model, _images(batch, 224), f"mobilenet_v2 ({origin}), 224x224, 1000 classes, random weights"
+        return model, images(batch, 224), f"mobilenet_v2 ({origin}), 224x224, 1000 classes, random weights"
     model = MobileNetV2(width_mult=0.25, num_classes=10, max_repeats=1)
     _init_cnn(model)
-    return model, _images(batch, 32), "MobileNetV2-style, width 0.25, one block per stage, 32x32, 10 classes"
+    return model, images(batch, 32), "MobileNetV2-style, width 0.25, one block per stage, 32x32, 10 classes"
 
 
 # ------------------------------------------------------------------- transformers
-
-
-class LastHiddenState(nn.Module):
-    """Wrap a Hugging Face encoder so it returns ``last_hidden_state`` as a plain tensor."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """Positional inputs as the encoder takes them (e.g. input_ids, attention_mask)."""
-        return self.encoder(*inputs).last_hidden_state
 
 
 class Logits(nn.Module):
@@ -339,16 +321,6 @@ class MeanPooledEmbedding(nn.Module):
         return F.normalize(pooled, p=2, dim=1)
 
 
-def _token_inputs(batch: int, seq: int, vocab: int, with_mask: bool) -> tuple[torch.Tensor, ...]:
-    """Random token ids; odd rows of the mask pad their last quarter so masking matters."""
-    ids = torch.randint(0, vocab, (batch, seq), dtype=torch.long)
-    if not with_mask:
-        return (ids,)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[1::2, seq - seq // 4 :] = 0
-    return ids, mask
-
-
 def _build_bert(size: str, batch: int) -> Built:
     from transformers import BertConfig, BertModel
 
@@ -362,7 +334,7 @@ def _build_bert(size: str, batch: int) -> Built:
         seq = 16
     model = LastHiddenState(BertModel(config, add_pooling_layer=False))
     shape = f"{config.hidden_size} hidden, {config.num_hidden_layers} layers, {config.num_attention_heads} heads"
-    return model, _token_inputs(batch, seq, config.vocab_size, True), f"BertModel ({shape}), seq {seq}"
+    return model, token_inputs(batch, seq, config.vocab_size, True), f"BertModel ({shape}), seq {seq}"
 
 
 def _build_gpt2(size: str, batch: int) -> Built:
@@ -378,7 +350,7 @@ def _build_gpt2(size: str, batch: int) -> Built:
         seq = 16
     model = Logits(GPT2LMHeadModel(config))
     shape = f"{config.n_embd} hidden, {config.n_layer} layers, {config.n_head} heads, vocab {config.vocab_size}"
-    return model, _token_inputs(batch, seq, config.vocab_size, False), f"GPT2LMHeadModel ({shape}), seq {seq}"
+    return model, token_inputs(batch, seq, config.vocab_size, False), f"GPT2LMHeadModel ({shape}), seq {seq}"
 
 
 def _build_vit(size: str, batch: int) -> Built:
@@ -394,7 +366,7 @@ def _build_vit(size: str, batch: int) -> Built:
     model = LastHiddenState(ViTModel(config, add_pooling_layer=False))
     shape = f"{config.hidden_size} hidden, {config.num_hidden_layers} layers, {config.num_attention_heads} heads"
     side, patch = config.image_size, config.patch_size
-    return model, _images(batch, side), f"ViTModel ({shape}), {side}x{side}, patch {patch}"
+    return model, images(batch, side), f"ViTModel ({shape}), {side}x{side}, patch {patch}"
 
 
 def minilm_path() -> str:
@@ -466,24 +438,31 @@ def list_models() -> list[str]:
     return list(_REGISTRY)
 
 
+def list_outside_models() -> list[str]:
+    """Names of the architectures outside the zoo (``graphopt.bench.outside_zoo``) that ``load`` also builds."""
+    return list(OUTSIDE_MODELS)
+
+
 def check_name(name: str) -> None:
-    """Raise UnknownModelError, listing the available names, unless ``name`` is a zoo entry."""
-    if name not in _REGISTRY:
-        raise UnknownModelError(f"no zoo model named {name!r}; available: {', '.join(list_models())}")
+    """Raise UnknownModelError, listing the available names, unless ``load`` can build ``name``."""
+    if name not in _REGISTRY and name not in OUTSIDE_MODELS:
+        raise UnknownModelError(f"no zoo model named {name!r}; available: {', '.join(list_models())}; outside the "
+                                f"zoo: {', '.join(list_outside_models())}")
 
 
 def load(name: str, size: str = "small", batch: int = 1) -> ZooModel:
     """Build zoo entry ``name`` at ``size`` ("small" or "full") with ``batch`` example inputs.
 
-    Raises UnknownModelError for a name not in ``list_models()``, ValueError for a
-    bad size or batch, and ModelUnavailableError when the entry's weights are missing.
+    ``name`` may also be one of ``list_outside_models()``. Raises UnknownModelError for any other
+    name, ValueError for a bad size or batch, and ModelUnavailableError when the entry's weights
+    are missing.
     """
     check_name(name)
     if size not in SIZES:
         raise ValueError(f"zoo size must be one of {', '.join(SIZES)}, got {size!r}")
     if batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch}")
-    builder, output_kind = _REGISTRY[name]
+    builder, output_kind = _REGISTRY[name] if name in _REGISTRY else OUTSIDE_MODELS[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model, inputs, description = builder(size, batch)

@@ -4,8 +4,11 @@ Without ``tune`` the target lowers the optimized graph its default way. With it,
 candidate lowering of the target is built, checked against the eager outputs on the example
 inputs (the exact tolerance, or the fidelity budget after lossy passes), and timed on the
 example inputs round-robin (so drifts of the machine hit every candidate alike); the fastest
-that passes is kept. The report gets a section with every candidate's median time, status and
-setup time, and a bar plot of the times.
+that passes is kept. Timing is a race: after the first rounds, a candidate whose fastest call is
+clearly slower than the leader's median stops being timed, and the rounds left go to the close
+contenders, so that the choice between near-equal lowerings rests on more than three calls
+each. The report gets a section with every candidate's median time, status and setup time, and
+a bar plot of the times.
 
 Candidates: the target's ``candidates()``, one per variant of its config (``cpu``: oneDNN-fused
 with channels-last or NCHW, plain ATen, torch.compile/Inductor; ``onnx``: with and without fused
@@ -52,6 +55,9 @@ class TunePlan:
     max_rounds: int = 30
     max_seconds: float = 3.0
     gap_s: float = 0.1
+    drop_margin: float = 0.05
+    """After ``min_rounds``, a candidate whose fastest call is slower than the leader's median by more than
+    this fraction leaves the race; the contenders left get at least ``min_rounds`` more rounds."""
 
 
 @dataclass
@@ -107,11 +113,19 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _contenders(racing: list[Candidate], margin: float) -> list[Candidate]:
+    """The candidates whose fastest call is within ``margin`` of the leader's median (the leader included)."""
+    leader = min(c.median_ms or float("inf") for c in racing) / 1e3
+    return [c for c in racing if c.samples and min(c.samples) <= leader * (1 + margin)]
+
+
 def _time_round_robin(candidates: list[Candidate], captured: Any, plan: TunePlan) -> None:
+    """Time every candidate round-robin for ``plan.min_rounds``, then race the close contenders (see ``TunePlan``)."""
     calls = {}
     for candidate in candidates:
         calls[candidate.label] = candidate.target.move_inputs(captured.example_args, captured.example_kwargs)
         candidate.samples = []
+    racing, final_rounds = list(candidates), 0
     with torch.inference_mode():
         for _ in range(plan.warmup):
             for candidate in candidates:
@@ -119,7 +133,7 @@ def _time_round_robin(candidates: list[Candidate], captured: Any, plan: TunePlan
                 candidate.runner(*args, **kwargs)
         started = time.perf_counter()
         for rounds in range(1, plan.max_rounds + 1):
-            for candidate in candidates[rounds % len(candidates):] + candidates[:rounds % len(candidates)]:
+            for candidate in racing[rounds % len(racing):] + racing[:rounds % len(racing)]:
                 args, kwargs = calls[candidate.label]
                 time.sleep(plan.gap_s)  # let the previous runtime's spinning threads go idle first
                 _sync()
@@ -127,7 +141,15 @@ def _time_round_robin(candidates: list[Candidate], captured: Any, plan: TunePlan
                 candidate.runner(*args, **kwargs)
                 _sync()
                 candidate.samples.append(time.perf_counter() - begin)  # type: ignore[union-attr]
-            if rounds >= plan.min_rounds and time.perf_counter() - started >= plan.max_seconds:
+            if rounds < plan.min_rounds:
+                continue
+            narrowed = _contenders(racing, plan.drop_margin)
+            for candidate in racing:
+                if candidate not in narrowed:
+                    candidate.detail += f"; left the race after {len(candidate.samples or [])} calls"
+            racing, final_rounds = narrowed, final_rounds + (len(narrowed) < len(candidates))
+            if len(racing) == 1 or (time.perf_counter() - started >= plan.max_seconds
+                                    and (len(racing) == len(candidates) or final_rounds > plan.min_rounds)):
                 break
 
 
@@ -138,16 +160,16 @@ def _section(candidates: list[Candidate], chosen: Candidate) -> ReportSection:
         status = "chosen" if c is chosen else c.status
         speed = None if c.median_ms is None or default is None else round(default / c.median_ms, 3)
         rows.append([c.label, None if c.median_ms is None else round(c.median_ms, 3), speed, round(c.setup_s, 2),
-                     status, c.detail])
+                     status, c.detail, len(c.samples or [])])
     timed = [c for c in candidates if c.median_ms is not None]
     plots = [PlotSpec("barh", "median time per call on the example inputs", [c.label for c in timed],
                       {"ms": [c.median_ms for c in timed]}, x_label="candidate", y_label="ms",
                       marked=[i for i, c in enumerate(timed) if c is chosen], marked_label="chosen")] if timed else []
     return ReportSection(
         title="tune: candidate lowerings",
-        description=(f"each candidate checked against eager on the example inputs, then timed round-robin; "
-                     f"kept: {chosen.label}"),
-        headers=["candidate", "median ms", "x default", "setup s", "status", "check"],
+        description=(f"each candidate checked against eager on the example inputs, then timed round-robin (the "
+                     f"clearly slower ones leave the race after the first rounds); kept: {chosen.label}"),
+        headers=["candidate", "median ms", "x default", "setup s", "status", "check", "timed calls"],
         rows=rows,
         plots=plots,
     )
