@@ -130,6 +130,39 @@ def test_tune_races_the_close_candidates_after_the_first_rounds(monkeypatch: pyt
         assert "left the race" not in rows[label][5] and rows[label][6] == 6
 
 
+def test_tune_keeps_a_candidate_still_in_the_race(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One that left after its first calls is never kept, even when their median beats the finalists' later one."""
+    import time
+
+    import graphopt.targets.tune as tune
+
+    # (first three calls, later calls) in seconds: the two leaders slow down once the third has left
+    delays = {"cpu:onednn": (0.010, 0.030), "cpu:aten": (0.0104, 0.030), "cpu:onednn-nchw": (0.016, 0.016)}
+    calls: dict[str, int] = {}
+
+    def lower(target: CpuTarget, gm: torch.fx.GraphModule, context: object) -> object:
+        label = target.label()
+
+        def run(*args: torch.Tensor) -> object:
+            calls[label] = calls.get(label, 0) + 1
+            first, later = delays[label]
+            time.sleep(first if calls[label] <= 4 else later)  # the first call is the check, then the warm-up
+            return gm(*args)
+        return run
+
+    monkeypatch.setattr(tune, "_lower", lower)
+    model, x = _net()
+    captured = graphopt.capture(model, (x,))
+    report = graphopt.Report(target="cpu")
+    plan = TunePlan(warmup=1, min_rounds=3, max_seconds=0.0, gap_s=0.0, drop_margin=0.3)
+    _, chosen = lower_model(CpuTarget(ThreeCpuLowerings()), captured.graph_module, captured, report, tune=True,
+                            plan=plan)
+    rows = {row[0]: row for row in _section(report).rows}
+    assert "left the race after 3 calls" in rows["cpu:onednn-nchw"][5]
+    assert rows["cpu:onednn-nchw"][1] < min(rows["cpu:onednn"][1], rows["cpu:aten"][1])
+    assert chosen.label() in ("cpu:onednn", "cpu:aten")
+
+
 def test_no_passing_candidate_is_a_lowering_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import graphopt.targets.tune as tune
 

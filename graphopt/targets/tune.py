@@ -55,7 +55,7 @@ class TunePlan:
     max_rounds: int = 30
     max_seconds: float = 3.0
     gap_s: float = 0.1
-    drop_margin: float = 0.05
+    drop_margin: float = 0.1
     """After ``min_rounds``, a candidate whose fastest call is slower than the leader's median by more than
     this fraction leaves the race; the contenders left get at least ``min_rounds`` more rounds."""
 
@@ -119,8 +119,12 @@ def _contenders(racing: list[Candidate], margin: float) -> list[Candidate]:
     return [c for c in racing if c.samples and min(c.samples) <= leader * (1 + margin)]
 
 
-def _time_round_robin(candidates: list[Candidate], captured: Any, plan: TunePlan) -> None:
-    """Time every candidate round-robin for ``plan.min_rounds``, then race the close contenders (see ``TunePlan``)."""
+def _time_round_robin(candidates: list[Candidate], captured: Any, plan: TunePlan) -> list[Candidate]:
+    """Time every candidate round-robin for ``plan.min_rounds``, then race the close contenders (see ``TunePlan``).
+
+    Returns the candidates still in the race at the end: the choice is among them, on medians of
+    the same rounds (a candidate that left keeps the median of its first calls, for the report).
+    """
     calls = {}
     for candidate in candidates:
         calls[candidate.label] = candidate.target.move_inputs(captured.example_args, captured.example_kwargs)
@@ -151,6 +155,7 @@ def _time_round_robin(candidates: list[Candidate], captured: Any, plan: TunePlan
             if len(racing) == 1 or (time.perf_counter() - started >= plan.max_seconds
                                     and (len(racing) == len(candidates) or final_rounds > plan.min_rounds)):
                 break
+    return racing
 
 
 def _section(candidates: list[Candidate], chosen: Candidate) -> ReportSection:
@@ -210,8 +215,8 @@ def lower_model(target: Target, gm: fx.GraphModule, captured: CapturedModel, rep
     if not passing:
         error_lines = "; ".join(f"{c.label}: {c.detail}" for c in candidates)
         raise LoweringError(f"tune: no candidate lowering of target {target.name!r} passed its check ({error_lines})")
-    _time_round_robin(passing, captured, plan or TunePlan())
-    chosen = min(passing, key=lambda c: c.median_ms or float("inf"))
+    finalists = _time_round_robin(passing, captured, plan or TunePlan())
+    chosen = min(finalists, key=lambda c: c.median_ms or float("inf"))
     for candidate in passing:
         if candidate is not chosen:
             candidate.runner = None  # free what the losers hold (sessions, packed weights)
