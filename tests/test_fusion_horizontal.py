@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
-from graphopt.ir.graph import count_ops
+from graphopt.ir.graph import count_ops, parameter_bytes
 
 PIPELINE = ["remove-identity", "fuse-horizontal", "dce"]
 
@@ -58,6 +58,32 @@ def test_qkv_projections_become_one_linear() -> None:
     assert fused_weight.shape == (96, 32)
     torch.testing.assert_close(fused_bias[64:], torch.zeros(32))  # v had no bias: zeros
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())  # untouched
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class SharedBlock(nn.Module):
+    """ALBERT's layer sharing: one attention block applied three times."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = QKV()
+
+    def forward(self, x):
+        for _ in range(3):
+            x = x + self.block(x).view(x.shape)
+        return x
+
+
+def test_a_block_applied_several_times_stores_its_fused_weights_once() -> None:
+    torch.manual_seed(0)
+    model = SharedBlock().eval()
+    x = torch.randn(2, 8, 32)
+    fast = graphopt.optimize(model, (x,), passes=PIPELINE)
+    assert _record(fast).stats == {"groups": 3, "linears_merged": 9}
+    linears = [n for n in fast.graph_module.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(linears) == 3 and len({n.args[1].target for n in linears}) == 1  # one fused weight, read thrice
+    assert parameter_bytes(fast.graph_module) == (96 * 32 + 96) * 4  # the fused copies only: no per-use copy
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
 

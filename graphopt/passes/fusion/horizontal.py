@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -32,6 +33,7 @@ from graphopt.ir.graph import (
     inherit_module_paths,
     node_shape,
     prune_unused_attributes,
+    read_constant,
     register_constant,
 )
 from graphopt.ir.meta import infer_meta
@@ -123,14 +125,41 @@ def _concatenated(members: list[_Member]) -> tuple[torch.Tensor, torch.Tensor | 
     return weight, torch.cat(biases)
 
 
-def _fuse(gm: fx.GraphModule, members: list[_Member], rewrites: list[fx.Node], order: dict[fx.Node, int]) -> None:
+_Fused = dict[tuple[Any, ...], tuple[str, str | None]]
+"""Buffers already fused in this run, by the identity of the weights and biases they concatenate."""
+
+
+def _sources(members: list[_Member]) -> tuple[Any, ...]:
+    """What a fused weight is made of: each member's weight and bias storage, shape and strides."""
+    def identity(tensor: torch.Tensor | None) -> Any:
+        return None if tensor is None else (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+    return tuple((identity(m.weight), identity(m.bias)) for m in members)
+
+
+def _fused_constants(gm: fx.GraphModule, members: list[_Member], first: fx.Node,
+                     fused: _Fused) -> tuple[fx.Node, fx.Node | None]:
+    """get_attr nodes of the concatenated weight and bias, stored once however many groups share the layers.
+
+    A model that applies one block several times (ALBERT's shared layer) has a group per use with the
+    same weights: every use reads the one fused copy instead of a copy of its own.
+    """
+    key = _sources(members)
+    if key in fused:
+        weight_name, bias_name = fused[key]
+        return read_constant(gm, weight_name, first), read_constant(gm, bias_name, first) if bias_name else None
+    weight, bias = _concatenated(members)
+    weight_node = register_constant(gm, f"{first.name}_hfused_weight", weight, before=first)
+    bias_node = register_constant(gm, f"{first.name}_hfused_bias", bias, before=first) if bias is not None else None
+    fused[key] = (str(weight_node.target), str(bias_node.target) if bias_node is not None else None)
+    return weight_node, bias_node
+
+
+def _fuse(gm: fx.GraphModule, members: list[_Member], rewrites: list[fx.Node], order: dict[fx.Node, int],
+          fused_constants: _Fused) -> None:
     graph = gm.graph
     first = min((m.node for m in members), key=order.__getitem__)
-    weight, bias = _concatenated(members)
     x = members[0].x
-    stem = first.name
-    weight_node = register_constant(gm, f"{stem}_hfused_weight", weight, before=first)
-    bias_node = register_constant(gm, f"{stem}_hfused_bias", bias, before=first) if bias is not None else None
+    weight_node, bias_node = _fused_constants(gm, members, first, fused_constants)
     rank = len(node_shape(x))
     with graph.inserting_before(first):
         fused = graph.call_function(aten.linear.default, (x, weight_node, bias_node))
@@ -177,6 +206,7 @@ class FuseHorizontal(Pass):
         analysis = CopyAnalysis(gm)
         order = {node: index for index, node in enumerate(gm.graph.nodes)}
         groups, merged = 0, 0
+        fused_constants: _Fused = {}
         for x, members in by_input.items():
             if len(members) + sum(problems[x].values()) < self.min_group:
                 continue
@@ -201,7 +231,7 @@ class FuseHorizontal(Pass):
                 if problem:
                     misses[problem] += 1
                     continue
-                _fuse(gm, group, [v for m in group for v in views_of[m.node]], order)
+                _fuse(gm, group, [v for m in group for v in views_of[m.node]], order, fused_constants)
                 groups += 1
                 merged += len(group)
         if groups:
