@@ -99,7 +99,7 @@ def test_cpu_backend_openvino_with_dynamic_batch() -> None:
 def test_bf16_graph_runs_in_bfloat16_within_its_budget() -> None:
     model, x = _conv_mlp()
     fast = graphopt.optimize(model, (x,), target="cpu", lowering=CpuLowering(backend="openvino"), precision="bf16")
-    assert fast.runner.precision == "f32"  # unset openvino_precision: the file as written, its bf16 layers in bf16
+    assert fast.runner.precision == "bf16"  # unset openvino_precision on a bf16 graph: the bf16 hint, within budget
     exported = fast.runner.model
     opset = next(o.version for o in exported.opset_import if o.domain == "")
     assert opset >= 22  # Conv takes bfloat16 from opset 22
@@ -115,7 +115,20 @@ def test_bf16_graph_runs_in_bfloat16_within_its_budget() -> None:
         assert not compare_outputs([fast(other)], [model(other)]).ok  # really computed in bfloat16
         (everything,) = OpenVinoModule(exported, None, "bf16")(other)  # every op OpenVINO can in bfloat16
         assert output_cosine([model(other)], [everything]) >= 0.999
+    assert "OpenVINO inference precision bf16" in _precision_note(fast)
+
+
+def test_bf16_graph_keeps_the_f32_hint_when_the_bf16_hint_strays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bf16 hint must keep within a share of the budget's slack of the graph; else the file runs as written."""
+    from graphopt.targets.onnx import openvino_runtime
+
+    monkeypatch.setattr(openvino_runtime, "AUTO_BFLOAT16_SLACK_SHARE", 0.0)  # nothing but the graph's own outputs
+    model, x = _conv_mlp()
+    fast = graphopt.optimize(model, (x,), target="cpu", lowering=CpuLowering(backend="openvino"), precision="bf16")
+    assert fast.runner.precision == "f32"
     assert "precision f32; the graph's bfloat16 layers run in bfloat16" in _precision_note(fast)
+    assert any("bf16 hint left the graph" in note for note in fast.report.notes)
+    assert fast.report.final_check == "passed" and fast.report.final_cosine >= 0.999
 
 
 def test_f32_inference_keeps_the_graphs_bfloat16_layers() -> None:
