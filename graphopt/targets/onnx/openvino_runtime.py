@@ -12,10 +12,10 @@ are in the file, which is exported at opset 22 or later, where ``Conv`` takes bf
 ``"bf16"`` lets OpenVINO compute every op it can in bfloat16 (on CPUs with AVX512-BF16 or AMX
 about twice as fast as float32 on a float graph; on a ``precision="bf16"`` graph 4-6% faster
 with AVX512-BF16 and 22-28% with AMX, which is why such a graph tries it first when
-``openvino_precision`` is unset, see :func:`resolve_precision`); that changes the outputs beyond the graph, so it needs a fidelity budget (see
-:func:`resolve_precision`) and is held to it against the graph like any kernel substitution
-(``graphopt.targets.common.lowering.kernel_comparison``); the final check of ``optimize`` then
-holds the lowered model to the budget against eager. At ``"bf16"`` OpenVINO compiles the export with
+``openvino_precision`` is unset); that changes the outputs beyond the graph, so it needs a
+fidelity budget (see :func:`resolve_precision`) and is held to it against the graph like any
+kernel substitution (``graphopt.targets.common.lowering.kernel_comparison``); the final check of
+``optimize`` then holds the lowered model to the budget against eager. At ``"bf16"`` OpenVINO compiles the export with
 the casts of ``precision="bf16"`` undone (:func:`without_bfloat16_casts`): it computes those layers
 in bfloat16 anyway, and kept, the conversions around every layer cost 3.5% of ResNet-50's time.
 
