@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import pytest
@@ -101,43 +102,13 @@ class ThreeCpuLowerings(CpuLowering):
         return [self, replace(self, fuse=False, layout="contiguous", prepack=False), replace(self, layout="contiguous")]
 
 
-def test_tune_races_the_close_candidates_after_the_first_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A clearly slower candidate leaves after ``min_rounds``; the two close ones get the rounds left."""
+def _race(monkeypatch: pytest.MonkeyPatch, seconds: Callable[[str, int], float],
+          plan: TunePlan) -> tuple[str, dict[str, list]]:
+    """Tune ``ThreeCpuLowerings`` whose runners sleep ``seconds(label, call number)``: the kept label, the rows."""
     import time
 
     import graphopt.targets.tune as tune
 
-    delays = {"cpu:onednn": 0.010, "cpu:aten": 0.010, "cpu:onednn-nchw": 0.030}
-
-    def lower(target: CpuTarget, gm: torch.fx.GraphModule, context: object) -> object:
-        def run(*args: torch.Tensor) -> object:
-            time.sleep(delays[target.label()])
-            return gm(*args)
-        return run
-
-    monkeypatch.setattr(tune, "_lower", lower)
-    model, x = _net()
-    captured = graphopt.capture(model, (x,))
-    report = graphopt.Report(target="cpu")
-    plan = TunePlan(min_rounds=3, max_seconds=0.0, gap_s=0.0, drop_margin=0.5)  # wide: sleep() jitters
-    _, chosen = lower_model(CpuTarget(ThreeCpuLowerings()), captured.graph_module, captured, report, tune=True,
-                            plan=plan)
-    rows = {row[0]: row for row in _section(report).rows}
-    assert "left the race after 3 calls" in rows["cpu:onednn-nchw"][5]
-    assert chosen.label() in ("cpu:onednn", "cpu:aten") and rows[chosen.label()][4] == "chosen"
-    assert rows["cpu:onednn-nchw"][6] == 3
-    for label in ("cpu:onednn", "cpu:aten"):  # still racing: three more rounds each
-        assert "left the race" not in rows[label][5] and rows[label][6] == 6
-
-
-def test_tune_keeps_a_candidate_still_in_the_race(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One that left after its first calls is never kept, even when their median beats the finalists' later one."""
-    import time
-
-    import graphopt.targets.tune as tune
-
-    # (first three calls, later calls) in seconds: the two leaders slow down once the third has left
-    delays = {"cpu:onednn": (0.010, 0.030), "cpu:aten": (0.0104, 0.030), "cpu:onednn-nchw": (0.016, 0.016)}
     calls: dict[str, int] = {}
 
     def lower(target: CpuTarget, gm: torch.fx.GraphModule, context: object) -> object:
@@ -145,8 +116,7 @@ def test_tune_keeps_a_candidate_still_in_the_race(monkeypatch: pytest.MonkeyPatc
 
         def run(*args: torch.Tensor) -> object:
             calls[label] = calls.get(label, 0) + 1
-            first, later = delays[label]
-            time.sleep(first if calls[label] <= 4 else later)  # the first call is the check, then the warm-up
+            time.sleep(seconds(label, calls[label]))
             return gm(*args)
         return run
 
@@ -154,13 +124,37 @@ def test_tune_keeps_a_candidate_still_in_the_race(monkeypatch: pytest.MonkeyPatc
     model, x = _net()
     captured = graphopt.capture(model, (x,))
     report = graphopt.Report(target="cpu")
-    plan = TunePlan(warmup=1, min_rounds=3, max_seconds=0.0, gap_s=0.0, drop_margin=0.3)
     _, chosen = lower_model(CpuTarget(ThreeCpuLowerings()), captured.graph_module, captured, report, tune=True,
                             plan=plan)
-    rows = {row[0]: row for row in _section(report).rows}
+    return chosen.label(), {row[0]: row for row in _section(report).rows}
+
+
+def test_tune_races_the_close_candidates_after_the_first_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clearly slower candidate leaves after ``min_rounds``; the two close ones get the rounds left."""
+    delays = {"cpu:onednn": 0.010, "cpu:aten": 0.010, "cpu:onednn-nchw": 0.030}
+    plan = TunePlan(min_rounds=3, max_seconds=0.0, gap_s=0.0, drop_margin=0.5)  # wide: sleep() jitters
+    chosen, rows = _race(monkeypatch, lambda label, call: delays[label], plan)
+    assert "left the race after 3 calls" in rows["cpu:onednn-nchw"][5]
+    assert chosen in ("cpu:onednn", "cpu:aten") and rows[chosen][4] == "chosen"
+    assert rows["cpu:onednn-nchw"][6] == 3
+    for label in ("cpu:onednn", "cpu:aten"):  # still racing: three more rounds each
+        assert "left the race" not in rows[label][5] and rows[label][6] == 6
+
+
+def test_tune_keeps_a_candidate_still_in_the_race(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One that left after its first calls is never kept, even when their median beats the finalists' later one."""
+    # (first three calls, later calls) in seconds: the two leaders slow down once the third has left
+    delays = {"cpu:onednn": (0.010, 0.030), "cpu:aten": (0.0104, 0.030), "cpu:onednn-nchw": (0.016, 0.016)}
+
+    def seconds(label: str, call: int) -> float:
+        first, later = delays[label]
+        return first if call <= 4 else later  # the first call is the check, then the warm-up
+
+    plan = TunePlan(warmup=1, min_rounds=3, max_seconds=0.0, gap_s=0.0, drop_margin=0.3)
+    chosen, rows = _race(monkeypatch, seconds, plan)
     assert "left the race after 3 calls" in rows["cpu:onednn-nchw"][5]
     assert rows["cpu:onednn-nchw"][1] < min(rows["cpu:onednn"][1], rows["cpu:aten"][1])
-    assert chosen.label() in ("cpu:onednn", "cpu:aten")
+    assert chosen in ("cpu:onednn", "cpu:aten")
 
 
 def test_no_passing_candidate_is_a_lowering_error(monkeypatch: pytest.MonkeyPatch) -> None:

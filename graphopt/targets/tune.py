@@ -115,7 +115,7 @@ def _sync() -> None:
 
 def _contenders(racing: list[Candidate], margin: float) -> list[Candidate]:
     """The candidates whose fastest call is within ``margin`` of the leader's median (the leader included)."""
-    leader = min(c.median_ms or float("inf") for c in racing) / 1e3
+    leader = min(statistics.median(c.samples) for c in racing if c.samples)
     return [c for c in racing if c.samples and min(c.samples) <= leader * (1 + margin)]
 
 
@@ -129,7 +129,7 @@ def _time_round_robin(candidates: list[Candidate], captured: Any, plan: TunePlan
     for candidate in candidates:
         calls[candidate.label] = candidate.target.move_inputs(captured.example_args, captured.example_kwargs)
         candidate.samples = []
-    racing, final_rounds = list(candidates), 0
+    racing, narrowed_at = list(candidates), None
     with torch.inference_mode():
         for _ in range(plan.warmup):
             for candidate in candidates:
@@ -151,9 +151,11 @@ def _time_round_robin(candidates: list[Candidate], captured: Any, plan: TunePlan
             for candidate in racing:
                 if candidate not in narrowed:
                     candidate.detail += f"; left the race after {len(candidate.samples or [])} calls"
-            racing, final_rounds = narrowed, final_rounds + (len(narrowed) < len(candidates))
+            racing = narrowed
+            if narrowed_at is None and len(racing) < len(candidates):
+                narrowed_at = rounds  # the contenders left get min_rounds more rounds from here
             if len(racing) == 1 or (time.perf_counter() - started >= plan.max_seconds
-                                    and (len(racing) == len(candidates) or final_rounds > plan.min_rounds)):
+                                    and (narrowed_at is None or rounds - narrowed_at >= plan.min_rounds)):
                 break
     return racing
 
