@@ -156,13 +156,29 @@ def test_int8_static_qdq_runs_in_openvino_within_budget() -> None:
     model, x = ResidualConvNet().eval(), torch.randn(4, 3, 16, 16)
     calibration = [(torch.randn(4, 3, 16, 16),) for _ in range(2)]
     fast = graphopt.optimize(model, (x,), target="onnx", lowering=OPENVINO, quantize="int8", calibration=calibration)
-    assert isinstance(fast.runner, OpenVinoModule) and fast.runner.precision == "f32"
+    # unset openvino_precision on a graph with int8 activations: the bf16 hint, kept within half the budget's slack
+    assert isinstance(fast.runner, OpenVinoModule) and fast.runner.precision == "bf16"
+    assert "OpenVINO inference precision bf16" in _precision_note(fast)
     ops = _ops(fast.runner.model)
     assert ops["QuantizeLinear"] >= 5 and ops["DequantizeLinear"] >= 5
     assert fast.report.final_check == "passed"
     other = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert output_cosine([model(other)], [fast(other)]) >= 0.99
+
+
+def test_int8_graph_keeps_the_f32_hint_when_the_bf16_hint_strays(monkeypatch: pytest.MonkeyPatch) -> None:
+    from graphopt.targets.onnx import openvino_runtime
+
+    monkeypatch.setattr(openvino_runtime, "AUTO_BFLOAT16_SLACK_SHARE", 0.0)  # nothing but the graph's own outputs
+    torch.manual_seed(0)
+    model, x = ResidualConvNet().eval(), torch.randn(4, 3, 16, 16)
+    fast = graphopt.optimize(model, (x,), target="onnx", lowering=OPENVINO, quantize="int8",
+                             calibration=[(torch.randn(4, 3, 16, 16),) for _ in range(2)])
+    assert fast.runner.precision == "f32"
+    assert any("bf16 hint left the graph" in note and "float32 between the int8 layers" in note
+               for note in fast.report.notes)
+    assert fast.report.final_check == "passed"
 
 
 def test_int8_dynamic_and_explicit_bf16_under_the_int8_budget() -> None:
@@ -311,6 +327,54 @@ def test_cpu_target_by_name_lowers_a_bf16_graph_with_openvino() -> None:
     assert not isinstance(named.runner, OpenVinoModule)  # a lowering the user names is kept
     plain = graphopt.optimize(model, (x,), target="cpu")
     assert not isinstance(plain.runner, OpenVinoModule)  # float32 graphs keep PyTorch's kernels
+
+
+def test_cpu_target_by_name_lowers_a_static_int8_conv_net_with_openvino(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = ResidualConvNet().eval(), torch.randn(4, 3, 16, 16)
+    calibration = [(torch.randn(4, 3, 16, 16),) for _ in range(2)]
+    fast = graphopt.optimize(model, (x,), target="cpu", quantize="int8", calibration=calibration)
+    assert isinstance(fast.runner, OpenVinoModule)
+    assert any("lowers as 'cpu:openvino'" in note for note in fast.report.notes)
+    assert fast.report.final_check == "passed"
+    other = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert output_cosine([model(other)], [fast(other)]) >= 0.99
+    loaded = graphopt.load(fast.save(tmp_path / "int8.pt2"))
+    assert isinstance(loaded.runner, OpenVinoModule) and loaded.runner.precision == "f32"  # no budget saved
+    with torch.no_grad():
+        assert output_cosine([model(other)], [loaded(other)]) >= 0.99
+    in_pytorch = graphopt.load(tmp_path / "int8.pt2", target=CpuTarget())
+    assert not isinstance(in_pytorch.runner, OpenVinoModule)  # a Target object is lowered as given
+    named = graphopt.optimize(model, (x,), target="cpu", quantize="int8", calibration=calibration,
+                              lowering=CpuLowering())
+    assert not isinstance(named.runner, OpenVinoModule)  # a lowering the user names is kept
+    dynamic = graphopt.optimize(model, (x,), target="cpu", quantize="int8-dynamic")
+    assert not isinstance(dynamic.runner, OpenVinoModule)  # int8 computed at run time: PyTorch's kernels
+    mlp, features = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16)).eval(), torch.randn(8, 64)
+    linears = graphopt.optimize(mlp, (features,), target="cpu", quantize="int8", calibration=[(torch.randn(8, 64),)])
+    assert not isinstance(linears.runner, OpenVinoModule)  # no convolutions: PyTorch's int8 kernels
+
+
+def test_a_lowering_picked_for_the_graph_that_fails_falls_back_to_the_named_target(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from graphopt.targets.onnx import lowering as onnx_lowering
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise LoweringError("this OpenVINO cannot compile the file")
+
+    monkeypatch.setattr(onnx_lowering, "openvino_runner", refuse)
+    torch.manual_seed(0)
+    model, x = ResidualConvNet().eval(), torch.randn(4, 3, 16, 16)
+    fast = graphopt.optimize(model, (x,), target="cpu", quantize="int8",
+                             calibration=[(torch.randn(4, 3, 16, 16),) for _ in range(2)])
+    assert not isinstance(fast.runner, OpenVinoModule) and fast.target.lowering.backend == "graph"
+    assert any(f"'cpu:openvino' could not lower this graph (this OpenVINO cannot compile the file): lowered as "
+               f"{CpuTarget().label()!r}" in note for note in fast.report.notes)
+    assert fast.report.final_check == "passed"
+    with pytest.raises(LoweringError, match="cannot compile"):  # a lowering the user names is not replaced
+        graphopt.optimize(model, (x,), target="cpu", quantize="int8", lowering=CpuLowering(backend="openvino"),
+                          calibration=[(torch.randn(4, 3, 16, 16),) for _ in range(2)])
 
 
 def test_tune_measures_openvino_bfloat16_only_for_graphs_with_a_budget() -> None:

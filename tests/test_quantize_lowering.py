@@ -77,6 +77,24 @@ def test_cpu_lowering_runs_static_conv_and_linear_as_onednn_int8_kernels() -> No
         assert output_cosine([quantized(x)], [lowered(x)]) > 0.9999  # the lowered kernels compute the reference
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_cpu_lowering_fuses_gelu_into_static_int8_linears(approximate: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(approximate=approximate),
+                          nn.Linear(256, 64), nn.GELU(approximate=approximate)).eval()
+    x = torch.randn(32, 64)
+    _, quantized = _quantized_graph(model, x)
+    lowered = lower_quantized_for_cpu(quantized, x).graph_module
+    ops = count_ops(lowered)
+    assert ops["onednn.qlinear_pointwise.default"] == 2 and "aten.gelu.default" not in ops
+    kernels = [n for n in lowered.graph.nodes if n.target == torch.ops.onednn.qlinear_pointwise.default]
+    assert [(n.args[10], n.args[12]) for n in kernels] == [("gelu", approximate)] * 2
+    assert kernels[0].meta["val"].dtype == torch.uint8  # GELU's output requantized inside the kernel, for the next
+    assert kernels[1].meta["val"].dtype == torch.float32  # the last GELU's output is the model's: float
+    with torch.no_grad():
+        assert output_cosine([quantized(x)], [lowered(x)]) > 0.9999
+
+
 class ResidualBlocks(nn.Module):
     """Two ResNet basic blocks; with ``reuse`` the block input is read again after the residual add."""
 
@@ -181,7 +199,9 @@ def test_static_quantize_nodes_left_become_uint8_codes_read_in_place() -> None:
 def test_optimize_cpu_runs_the_int8_graph_and_keeps_the_portable_one() -> None:
     torch.manual_seed(0)
     model, x = ResidualConvNet().eval(), torch.randn(4, 3, 16, 16)
-    fast = graphopt.optimize(model, (x,), target="cpu", quantize="int8", calibration=[(torch.randn(4, 3, 16, 16),)])
+    # PyTorch's int8 kernels named: by name alone, OpenVINO would run a conv net where it is installed
+    fast = graphopt.optimize(model, (x,), target="cpu", quantize="int8", calibration=[(torch.randn(4, 3, 16, 16),)],
+                             lowering=graphopt.CpuLowering())
     assert has_quantized_ops(fast.graph_module)  # the QDQ graph (exportable, savable) is kept
     ops = count_ops(fast.runner)
     assert ops["onednn.qconv_pointwise.default"] + ops["onednn.qconv2d_pointwise.binary"] == 4

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.errors import FidelityError, GraphoptError, InputError, VerificationError
+from graphopt.errors import FidelityError, GraphoptError, InputError, LoweringError, VerificationError
 from graphopt.ir.capture import CapturedModel, capture, eval_twin
 from graphopt.ir.graph import preserved_state, run_and_record, snapshot_graph_module
 from graphopt.ir.shapes import resize_inputs
@@ -224,10 +224,19 @@ def optimize(
         if lowering_target is not target:
             report.notes.append(f"target {target.name!r} named without a lowering: this graph lowers as "
                                 f"{lowering_target.label()!r} (Target.for_graph)")
+        held_out = data.validation if data is not None else []
         try:
-            return _lower_and_check(model, gm, manager, lowering_target, captured, report, budget, lossy_runner,
-                                    check, tune=tune, on_error=on_error,
-                                    held_out=data.validation if data is not None else [])
+            try:
+                return _lower_and_check(model, gm, manager, lowering_target, captured, report, budget, lossy_runner,
+                                        check, tune=tune, on_error=on_error, held_out=held_out)
+            except LoweringError as error:
+                if lowering_target is target:
+                    raise
+                log.info("lowering as %s failed (%s); lowering as %s", lowering_target.label(), error, target.label())
+                report.notes.append(f"{lowering_target.label()!r} could not lower this graph ({error}): lowered as "
+                                    f"{target.label()!r} instead")
+                return _lower_and_check(model, gm, manager, target, captured, report, budget, lossy_runner,
+                                        check, tune=tune, on_error=on_error, held_out=held_out)
         except VerificationError as error:
             shortfall = getattr(error, "budget_shortfall", None)
             if shortfall is None or retry == LOWERING_BUDGET_RETRIES or not _tightenable(budget):

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.errors import InputError, SaveFileError, VerificationError
+from graphopt.errors import InputError, LoweringError, SaveFileError, VerificationError
 from graphopt.ir.capture import CapturedModel, flatten_inputs
 from graphopt.ir.graph import clone_graph_module, preserved_state, run_and_record, tensor_versions, written_since
 from graphopt.ir.verify import Comparison, compare_outputs
@@ -385,7 +385,11 @@ def load(path: str | Path, target: str | Target | None = None) -> OptimizedModel
     What ``OptimizedModel.save`` wrote comes back as an ``OptimizedModel``, what
     ``GenerativeModel.save`` wrote as a ``GenerativeModel`` with the steps of the batch sizes it
     was saved with. Raises ``SaveFileError`` naming the file when it is missing, truncated,
-    corrupt or not a graphopt save. No pickled code is executed. When the outputs are classes
+    corrupt or not a graphopt save. A target given by name (or the saved one) lowers the way
+    ``optimize`` would pick for the graph (``Target.for_graph``: OpenVINO for a bfloat16 or static
+    int8 convolution graph on ``cpu`` where it is installed, at its f32 hint, since the budget is
+    not saved), falling back to the target's own lowering when that one cannot lower it. No pickled
+    code is executed. When the outputs are classes
     of an installed package (a transformers ``ModelOutput``), that package is imported so their
     structure can be rebuilt.
     """
@@ -402,8 +406,9 @@ def load(path: str | Path, target: str | Target | None = None) -> OptimizedModel
         outputs, _ = run_and_record(gm, flat_inputs)
     except Exception as error:
         raise SaveFileError(f"{archive.path}: the loaded graph fails on its own example inputs: {error}") from error
-    chosen = get_target(target or archive.target)
-    chosen.check_available()
+    named = get_target(target or archive.target)
+    named.check_available()
+    chosen = named if isinstance(target, Target) else named.for_graph(gm)  # by name: the lowering optimize picks
     captured = CapturedModel(
         graph_module=gm,
         example_args=archive.example_args,
@@ -413,5 +418,11 @@ def load(path: str | Path, target: str | Target | None = None) -> OptimizedModel
         notes=[],
         dynamic=archive.dynamic,
     )
-    runner = chosen.lower(gm, LoweringContext.from_captured(captured))
+    try:
+        runner = chosen.lower(gm, LoweringContext.from_captured(captured))
+    except LoweringError:
+        if chosen is named:
+            raise
+        chosen = named
+        runner = chosen.lower(gm, LoweringContext.from_captured(captured))
     return OptimizedModel(gm, runner, chosen, archive.report, captured)

@@ -6,7 +6,8 @@ lowered copy in which every quantized op becomes an int8 kernel:
 - static conv  ``DQ(x_u8) ⊛ DQ(w_i8) [+ b] [→ relu] → Q`` → ``onednn.qconv_pointwise`` (uint8 in,
   uint8 out, requantization and the fused activation inside the kernel; float out when the
   output is not quantized); with a residual add after it, ``qconv2d_pointwise.binary``;
-- static linear / addmm → ``onednn.qlinear_pointwise`` the same way (weights prepacked once);
+- static linear / addmm → ``onednn.qlinear_pointwise`` the same way, GELU fused too (weights
+  prepacked once);
 - dynamic linear / addmm / matmul-by-weight → ``dynamic_int8_linear`` (the activation quantized
   at run time by one kernel, oneDNN's int8 GEMM with a fused ReLU / GELU, float out);
 - pass-through ops between int8 ops (max pooling, reshapes, transposes, ReLU) run on the uint8
@@ -26,6 +27,7 @@ so they are ``KernelSubstitution`` passes, held to the fidelity budget
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from graphopt.ir.op_args import argument
 from graphopt.passes.base import NodeRewrite, Pass, PassResult
 from graphopt.passes.cleanup import DeadCodeElimination
 from graphopt.passes.quantize.observers import ACTIVATION_QMAX, ACTIVATION_QMIN
@@ -98,25 +101,44 @@ def _store(gm: fx.GraphModule, stem: str, value: object, before: fx.Node) -> fx.
     return node
 
 
-def _fused_output(node: fx.Node) -> tuple[fx.Node, str, list[float], fx.Node | None]:
-    """The value ending ``node`` (itself or a fused ReLU/ReLU6), the post-op, its args, and the quantize after it."""
-    end, post_op, post_args = node, "none", []
+@dataclass(frozen=True)
+class _FusedOutput:
+    """Where an int8 kernel's result ends: ``end`` (the op or its fused activation), the post-op, the quantize after."""
+
+    end: fx.Node
+    post_op: str = "none"
+    post_args: tuple[float, ...] = ()
+    algorithm: str = ""
+    quantize: fx.Node | None = None
+
+
+def _fused_output(node: fx.Node, gelu: bool = False) -> _FusedOutput:
+    """The value ending ``node`` (itself or a fused ReLU / ReLU6 / GELU) and the uint8 quantize after it, if any.
+
+    ``gelu``: the kernel takes GELU as a post-op (oneDNN's int8 linear does; its int8 conv is not asked to).
+    """
+    fused = _FusedOutput(node)
     users = list(node.users)
     if len(users) == 1 and users[0].args[0] is node:
         user = users[0]
         if user.target == aten.relu.default:
-            end, post_op = user, "relu"
+            fused = _FusedOutput(user, "relu")
         elif user.target == aten.hardtanh.default:
             low = user.args[1] if len(user.args) > 1 else -1.0
             high = user.args[2] if len(user.args) > 2 else 1.0
             if low == 0:
-                end, post_op, post_args = user, "hardtanh", [float(low), float(high)]
+                fused = _FusedOutput(user, "hardtanh", (float(low), float(high)))
+        elif gelu and user.target == aten.gelu.default:
+            fused = _FusedOutput(user, "gelu", algorithm=str(argument(user, "approximate", "none")))
+    end = fused.end
     quantizers = [u for u in end.users if u.target == qd.quantize_per_tensor.default and u.args[5] == torch.uint8]
     if len(end.users) == 1 and quantizers:
-        return end, post_op, post_args, quantizers[0]
+        return dataclasses.replace(fused, quantize=quantizers[0])
+    if fused.post_op == "gelu":  # a float output: oneDNN's fused GELU in float32 (as a separate op would run it)
+        return fused
     if end is not node:  # a float output: keep the activation as its own op
-        return node, "none", [], None
-    return node, post_op, post_args, None
+        return _FusedOutput(node)
+    return fused
 
 
 def _read_as_int8(quantize: fx.Node) -> bool:
@@ -213,7 +235,8 @@ class OnednnInt8Kernels(KernelSubstitution):
             ops = _weighted_operands(gm, node)
             if ops is None:
                 continue
-            end, post_op, post_args, quantize = _fused_output(node)
+            fused = _fused_output(node, gelu=ops.family == "qlinear")
+            end, post_op, post_args, quantize = fused.end, fused.post_op, list(fused.post_args), fused.quantize
             out_scale, out_zp, out_dtype = 1.0, 0, torch.float32
             float_readers: list[fx.Node] = []
             if quantize is not None and not _read_as_int8(quantize):
@@ -225,7 +248,7 @@ class OnednnInt8Kernels(KernelSubstitution):
                 scales, zero_points, bias = _weight_nodes(gm, node, ops)
                 packed_node = _store(gm, f"{node.name}_packed", _packed_linear(ops.q_weight, ops.source), node)
                 args = (ops.source, ops.x_scale, ops.x_zero_point, packed_node, scales, zero_points, bias, out_scale,
-                        out_zp, out_dtype, post_op, post_args, "")
+                        out_zp, out_dtype, post_op, post_args, fused.algorithm)
                 target = torch.ops.onednn.qlinear_pointwise.default
             else:
                 args = (*_packed_conv(gm, node, ops), out_scale, out_zp, out_dtype, post_op, post_args, "")
@@ -300,7 +323,8 @@ class OnednnConvAdd(NodeRewrite, KernelSubstitution):
             return False
         conv, other = match
         ops = _weighted_operands(gm, conv)
-        end, post_op, _, quantize = _fused_output(add)
+        fused = _fused_output(add)
+        end, post_op, quantize = fused.end, fused.post_op, fused.quantize
         batched = isinstance(conv.meta.get("val"), torch.Tensor) and conv.meta["val"].dim() == 4
         if ops is None or quantize is None or post_op not in ("none", "relu") or not batched:
             return False
@@ -430,7 +454,7 @@ def _dynamic_epilogue(node: fx.Node) -> tuple[fx.Node, str, str]:
             users[0].args[0] is node:
         post_op, algorithm = _EPILOGUES[users[0].target]
         if users[0].target == aten.gelu.default:
-            algorithm = users[0].kwargs.get("approximate", "none")
+            algorithm = str(argument(users[0], "approximate", "none"))
         return users[0], post_op, algorithm
     return node, "none", ""
 

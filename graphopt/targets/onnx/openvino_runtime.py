@@ -11,8 +11,8 @@ graph computes in float32, and bfloat16 in the layers ``precision="bf16"`` reduc
 are in the file, which is exported at opset 22 or later, where ``Conv`` takes bfloat16).
 ``"bf16"`` lets OpenVINO compute every op it can in bfloat16 (on CPUs with AVX512-BF16 or AMX
 about twice as fast as float32 on a float graph; on a ``precision="bf16"`` graph 4-6% faster
-with AVX512-BF16 and 22-28% with AMX, which is why such a graph tries it first when
-``openvino_precision`` is unset); that changes the outputs beyond the graph, so it needs a
+with AVX512-BF16 and 22-28% with AMX, and on a static int8 graph a third with AMX, which is why
+such graphs try it first when ``openvino_precision`` is unset); that changes the outputs beyond the graph, so it needs a
 fidelity budget (see :func:`resolve_precision`) and is held to it against the graph like any
 kernel substitution (``graphopt.targets.common.lowering.kernel_comparison``); the final check of
 ``optimize`` then holds the lowered model to the budget against eager. At ``"bf16"`` OpenVINO compiles the export with
@@ -44,6 +44,7 @@ import torch.utils._pytree as pytree
 from graphopt.errors import InputError, LoweringError
 from graphopt.ir.graph import run_and_record
 from graphopt.passes.base import Pass
+from graphopt.passes.quantize.patterns import has_quantized_ops
 from graphopt.targets.base import LoweringContext
 from graphopt.targets.common.lowering import computes_in, kernel_comparison
 from graphopt.targets.onnx.decoder_norms import SkipRmsNorm
@@ -85,10 +86,12 @@ def resolve_precision(options: OnnxLowering, gm: fx.GraphModule, context: Loweri
 
     Unset: ``"f32"``, the file as written: the layers ``precision="bf16"`` reduced run in bfloat16,
     the ones its budget kept in float32 stay float32 (a budget of cosine 0.999999 keeps layers that
-    OpenVINO's ``"bf16"`` would round again); but a bfloat16 graph is first tried at ``"bf16"``
-    (``openvino_runner``), kept when it stays within half the budget's slack of the graph. The f32
-    hint cost 4-6% on a CPU with AVX512-BF16 (ResNet-50 21.5 vs 20.7 ms, MiniLM 8 x 128 67.8 vs
-    63.6 ms) and 22-28% on one with AMX (ResNet-50 10.9 vs 8.4 ms). ``"bf16"`` on a graph without a
+    OpenVINO's ``"bf16"`` would round again); but a bfloat16 graph, and a graph with int8
+    activations, is first tried at ``"bf16"`` (``openvino_runner``), kept when it stays within half
+    the budget's slack of the graph. The f32 hint cost 4-6% on a CPU with AVX512-BF16 (ResNet-50
+    21.5 vs 20.7 ms, MiniLM 8 x 128 67.8 vs 63.6 ms) and 22-28% on one with AMX (ResNet-50 10.9 vs
+    8.4 ms); on static int8 ResNet-50 (AMX) 20.0 against 13.3 ms, the float ops between the int8
+    layers being most of the difference. ``"bf16"`` on a graph without a
     budget is an ``InputError``: the final check would hold bfloat16 outputs to the exact float32
     tolerance.
     """
@@ -264,7 +267,7 @@ def run_openvino(model: onnx.ModelProto, feed: dict[str, Any]) -> list[np.ndarra
 
 
 AUTO_BFLOAT16_SLACK_SHARE = 0.5
-"""A ``precision="bf16"`` graph with ``openvino_precision`` unset runs at OpenVINO's bf16 hint when its outputs
+"""A ``precision="bf16"`` or int8 graph with ``openvino_precision`` unset runs at OpenVINO's bf16 hint when its outputs
 stay within this share of the budget's slack (``1 - min_cosine``) of the graph's on the example call; the rest of
 the slack is the graph's own, which the final check against eager holds as a whole."""
 
@@ -285,21 +288,24 @@ def _bfloat16_check(runner: OpenVinoModule, gm: fx.GraphModule, context: Lowerin
 
 def _auto_bfloat16(model: onnx.ModelProto, gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering,
                    notes: list[str]) -> OpenVinoModule | None:
-    """OpenVINO at its bf16 hint for a bfloat16 graph with ``openvino_precision`` unset, when it keeps close enough.
+    """OpenVINO at its bf16 hint for a lossy graph with ``openvino_precision`` unset, when it keeps close enough.
 
-    On CPUs with AMX, the f32 hint's casts around every bfloat16 layer cost ResNet-50 a quarter
-    of its time (10.9 ms against 8.4 at the bf16 hint, same cosine). None (and a note) when the
-    outputs leave more than ``AUTO_BFLOAT16_SLACK_SHARE`` of the budget's slack.
+    Lossy here: computing in bfloat16, or with int8 activations (static QDQ), the graphs whose budget
+    already allows rounding. On CPUs with AMX, the f32 hint's casts around every bfloat16 layer cost
+    ResNet-50 a quarter of its time (10.9 ms against 8.4 at the bf16 hint, same cosine), and float32
+    between its int8 layers a third (20.0 against 13.3 ms). None (and a note) when the outputs leave
+    more than ``AUTO_BFLOAT16_SLACK_SHARE`` of the budget's slack.
     """
-    if options.openvino_precision is not None or context.fidelity is None or not computes_in(gm, torch.bfloat16):
+    lossy = computes_in(gm, torch.bfloat16) or has_quantized_ops(gm, activations=True)
+    if options.openvino_precision is not None or context.fidelity is None or not lossy:
         return None
     runner = OpenVinoModule(model, getattr(gm, "_out_spec", None), "bf16", options.threads)
     min_cosine = 1.0 - (1.0 - context.fidelity.min_cosine) * AUTO_BFLOAT16_SLACK_SHARE
     problem = _bfloat16_check(runner, gm, context, min_cosine)
     if not problem:
         return runner
-    notes.append(f"OpenVINO's bf16 hint left the graph by more than half the budget ({problem}): f32 hint, the "
-                 "graph's own bfloat16 layers")
+    kept = "the graph's own bfloat16 layers" if computes_in(gm, torch.bfloat16) else "float32 between the int8 layers"
+    notes.append(f"OpenVINO's bf16 hint left the graph by more than half the budget ({problem}): f32 hint, {kept}")
     return None
 
 
@@ -309,7 +315,7 @@ def openvino_runner(model: onnx.ModelProto, gm: fx.GraphModule, context: Lowerin
 
     bfloat16 inference (asked for with ``openvino_precision="bf16"``) is checked against the graph
     on the example call first, and raises ``LoweringError`` when it misses the budget. Unset on a
-    bfloat16 graph, the bf16 hint is tried and kept within half the budget's slack, else the f32
+    bfloat16 or int8 graph, the bf16 hint is tried and kept within half the budget's slack, else the f32
     hint runs (``_auto_bfloat16``). Appends the precision that ran to ``notes``.
     """
     refuse_contrib_ops(model)
