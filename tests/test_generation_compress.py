@@ -24,6 +24,7 @@ from graphopt.passes.quantize.weight_ops import (
     dequantize_int4_reference,
     dequantize_int8_reference,
 )
+from graphopt.targets.onnx.native_kernels import native_int4_library
 
 VOCAB = 256
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -74,6 +75,10 @@ def test_int4_decoder_meets_its_budget_and_reports_every_layer(int4_cpu: dict) -
     note = next(n for n in report.notes if n.startswith("int4-weight-only:"))
     assert "perplexity" in note and "greedy tokens equal" in note
     assert any(n.startswith("lowered steps: first 32 greedy tokens") for n in report.notes)
+    if native_int4_library().path is not None:  # the one-token decode step runs graphopt's int4 kernel
+        assert any("16 of 16 MatMulNBits layers run graphopt's exact int4 kernel" in n for n in report.notes)
+        assert any("int4 kernel not used: the weight-only layers read a number of rows fixed only at run time" in n
+                   for n in report.notes)  # the prompt step: any number of tokens
     graph = int4_cpu["fast"].graph_module
     kept = [row for row in section.rows if row[5] == "kept" and row[1] == "linear"]
     assert kept and sum(1 for n in graph.graph.nodes if n.target == DEQUANTIZE_INT4) == len(kept)

@@ -148,6 +148,14 @@ class Target:
         """
         return self
 
+    def specializes_decode(self, gm: fx.GraphModule) -> bool:
+        """True when a decode step (one token per row) gains from a lowering of its own, with static shapes.
+
+        ``gm`` is the state-lifted step graph. Here: lowerings that compile kernels for the shapes
+        they see (``backend="inductor"``); targets add their own cases.
+        """
+        return getattr(getattr(self, "lowering", None), "backend", "graph") == "inductor"
+
     def exact_weight_lowering(self) -> Target | None:
         """A copy of this target whose weight-only layers compute exactly as the graph does, when its kernels may not.
 

@@ -23,7 +23,7 @@ from graphopt.targets.cpu.attention import QuantizedGraphAttention
 from graphopt.targets.cpu.lowering import CpuLowering, float_lowering_passes, lower_graph
 from graphopt.targets.cpu.quantized import INT8_LOWERING
 from graphopt.targets.cpu.weight_only import CpuWeightOnlyKernels
-from graphopt.targets.onnx.options import openvino_installed
+from graphopt.targets.onnx.options import OnnxLowering, openvino_installed
 
 __all__ = ["CpuTarget"]
 
@@ -79,6 +79,16 @@ class CpuTarget(Target):
         elif has_quantized_ops(gm) or not computes_in(gm, torch.bfloat16) or not cpu_has_bfloat16():
             return self
         return self.with_lowering(replace(self.lowering, backend="openvino"))  # type: ignore[return-value]
+
+    def specializes_decode(self, gm: fx.GraphModule) -> bool:
+        """Inductor's compiled kernels, or onnxruntime steps whose decode step would run graphopt's int4 kernel."""
+        if self.lowering.backend == "onnxruntime":
+            from graphopt.targets.onnx.lowering import native_int4_applies  # loads onnx: only for this backend
+
+            options = replace(self.lowering.onnx or OnnxLowering(),
+                              weight_only_activations=self.lowering.weight_only_activations)
+            return native_int4_applies(gm, options)
+        return super().specializes_decode(gm)
 
     def exact_weight_lowering(self) -> CpuTarget | None:
         """The next more exact lowering of weight-only layers, for a compressed model whose kernels missed its budget.

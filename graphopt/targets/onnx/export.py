@@ -284,21 +284,27 @@ class OnnxRuntimeModule(torch.nn.Module):
     """Runs an ONNX model in onnxruntime behind the original model's calling convention."""
 
     def __init__(self, model: onnx.ModelProto | None, out_spec: pytree.TreeSpec | None, threads: int | None = None,
-                 options: Any = None, session: Any = None) -> None:
+                 options: Any = None, session: Any = None, session_model: onnx.ModelProto | None = None) -> None:
+        """``model`` is what ``save`` writes; the session runs ``session_model`` (default: ``model``).
+
+        They differ where the session runs graphopt's own kernels (``native_kernels``), which
+        ``options`` then registers.
+        """
         super().__init__()
         options = options if options is not None else ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.model = model
+        runs = session_model if session_model is not None else model
         if session is not None:
             self.session = session
-        elif model is None:
+        elif runs is None:
             raise LoweringError("OnnxRuntimeModule needs an ONNX model or an onnxruntime session")
-        elif model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-            self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        elif runs.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            self.session = ort.InferenceSession(runs.SerializeToString(), options, providers=["CPUExecutionProvider"])
         else:  # onnxruntime reads a large model (weights in a side file) from disk
             with tempfile.TemporaryDirectory() as folder:
-                path = write_model(model, Path(folder) / "model.onnx")
+                path = write_model(runs, Path(folder) / "model.onnx")
                 self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.out_spec = out_spec

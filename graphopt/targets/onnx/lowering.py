@@ -48,17 +48,21 @@ from graphopt.errors import LoweringError, UnsupportedOpError
 from graphopt.ir.graph import node_shape, snapshot_graph_module
 from graphopt.ir.verify import compare_outputs
 from graphopt.passes.base import Pass, PassResult
+from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT4
 from graphopt.report import PassRecord, ReportSection
 from graphopt.targets.base import LoweringContext
 from graphopt.targets.common.lowering import LoweringResult, run_lowering
+from graphopt.targets.common.weight_only_kernels import weight_only_linears
 from graphopt.targets.onnx.export import OnnxRuntimeModule, export_prepared, prepare_for_export, quiet_loggers
+from graphopt.targets.onnx.native_kernels import native_int4_library, native_int4_model
 from graphopt.targets.onnx.openvino_runtime import openvino_export, openvino_runner, run_openvino
 from graphopt.targets.onnx.opsets import FUSED_ATTENTION_OPSET, opset_of
 from graphopt.targets.onnx.options import Level, OnnxLowering
 from graphopt.targets.onnx.stateful import StatefulOnnxRunner
 
 __all__ = ["ATTENTION_EXPORT_PASSES", "FUSED_ONNX_OPS", "ExpandAttentionMasks", "ExportedModel", "Level",
-           "OnnxLowering", "expand_attention_masks", "export_model", "fused_op_counts", "lower_onnx", "session_options"]
+           "OnnxLowering", "expand_attention_masks", "export_model", "fused_op_counts", "lower_onnx",
+           "NATIVE_MAX_ROWS", "native_int4_applies", "onnxruntime_runner", "session_options", "weight_only_rows"]
 
 log = logging.getLogger("graphopt")
 
@@ -80,10 +84,99 @@ def session_options(options: OnnxLowering) -> Any:
     session.graph_optimization_level = levels[options.optimization_level]
     session.intra_op_num_threads = options.threads or torch.get_num_threads()
     session.inter_op_num_threads = 1
+    session.log_severity_level = 3  # errors only: its warnings (constant folds it skips) are nothing to act on
     session.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if options.optimized_model_path:
         session.optimized_model_filepath = str(options.optimized_model_path)
     return session
+
+
+NATIVE_MAX_ROWS = 8
+"""graphopt's int4 kernel runs a graph's weight-only layers only when each reads at most this many rows per call,
+fixed in the graph (a decode step: batch x 1 token). On 1536x576 it is 1.5-3.7x ``MatMulNBits``' exact path at
+one row, 1.3x at 4 and even at 16; over more rows (a prompt, a batch of sequences) that path's GEMM wins."""
+
+
+def _input_dim_values(gm: fx.GraphModule, context: LoweringContext) -> dict[Any, int]:
+    """The example call's size of every input dim ``gm`` records as a bare symbol (``s0`` -> 1 for one token)."""
+    values: dict[Any, int] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, tensor in zip(placeholders, context.flat_inputs(gm), strict=False):
+        recorded = node.meta.get("val")
+        if not isinstance(recorded, torch.Tensor) or not isinstance(tensor, torch.Tensor):
+            continue
+        for size, actual in zip(recorded.shape, tensor.shape, strict=False):
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                values[size.node.expr] = int(actual)
+    return values
+
+
+def weight_only_rows(gm: fx.GraphModule, context: LoweringContext | None = None) -> int | None:
+    """The most rows any weight-only linear of ``gm`` reads per call (leading dims of its input); None if dynamic.
+
+    With a ``context`` of static shapes, dims the graph recorded as symbolic take the example call's
+    sizes (the one-token decode step lowered from a graph captured for any sequence length).
+    """
+    values = _input_dim_values(gm, context) if context is not None and context.static else {}
+    most = 0
+    for node, _ in weight_only_linears(gm.graph):
+        recorded = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        if not isinstance(recorded, torch.Tensor):
+            return None
+        rows = 1
+        for size in recorded.shape[:-1]:
+            expr = size.node.expr.xreplace(values) if isinstance(size, torch.SymInt) else size
+            if not isinstance(expr, int) and not getattr(expr, "is_number", False):
+                return None
+            rows *= int(expr)
+        most = max(most, rows)
+    return most
+
+
+def native_int4_applies(gm: fx.GraphModule, options: OnnxLowering) -> bool:
+    """True when an onnxruntime session of ``gm`` under ``options`` could run graphopt's int4 kernel.
+
+    That is: native kernels allowed, float activations, onnxruntime as the runtime, a 4-bit
+    weight-only linear whose in-features are a multiple of 32, and the library available here.
+    (The rows it reads decide the rest: ``NATIVE_MAX_ROWS``.)
+    """
+    if not options.native_kernels or options.weight_only_activations != "float" or options.runtime != "onnxruntime":
+        return False
+    int4 = [node for node, dequant in weight_only_linears(gm.graph) if dequant.target == DEQUANTIZE_INT4
+            and isinstance(node.args[0], fx.Node) and node.args[0].meta.get("val") is not None
+            and node.args[0].meta["val"].shape[-1] % 32 == 0]
+    return bool(int4) and native_int4_library().path is not None
+
+
+def onnxruntime_runner(model: onnx.ModelProto, out_spec: Any, options: OnnxLowering, notes: list[str], *,
+                       rows: int | None) -> OnnxRuntimeModule:
+    """An onnxruntime session over ``model``, running graphopt's own kernels where ``options`` allow them.
+
+    Exact 4-bit ``MatMulNBits`` layers run ``graphopt.Int4Linear`` in the session's copy of the
+    model (``native_kernels``) when ``rows``, the most rows any of them reads per call, is at most
+    ``NATIVE_MAX_ROWS``; ``model`` itself, what the module saves, keeps ``MatMulNBits``. Appends to
+    ``notes`` what ran, or why graphopt's kernel did not.
+    """
+    session = session_options(options)
+    session_model = None
+    nbits = sum(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in model.graph.node)
+    if nbits and options.native_kernels and options.weight_only_activations == "float":
+        library = native_int4_library()
+        small = rows is not None and rows <= NATIVE_MAX_ROWS
+        rewrite = native_int4_model(model) if library.path is not None and small else None
+        if library.path is None:
+            notes.append(f"graphopt's int4 kernel not used ({library.reason}): MatMulNBits runs as exported")
+        elif not small:
+            count = "a number of rows fixed only at run time" if rows is None else f"{rows} rows"
+            notes.append(f"graphopt's int4 kernel not used: the weight-only layers read {count} per call (more "
+                         f"than {NATIVE_MAX_ROWS}), where MatMulNBits' dequantize-then-GEMM is faster")
+        elif rewrite is not None and rewrite.layers:
+            session.register_custom_ops_library(str(library.path))
+            session_model = rewrite.model
+            notes.append(f"{rewrite.layers} of {nbits} MatMulNBits layers run graphopt's exact int4 kernel "
+                         f"(graphopt.Int4Linear, {rewrite.offsets_folded} group-offset adds folded in); the "
+                         "exported file keeps MatMulNBits")
+    return OnnxRuntimeModule(model, out_spec, options=session, session_model=session_model)
 
 
 INT8_ACTIVATIONS_LEVEL = 4
@@ -300,7 +393,8 @@ def lower_onnx(gm: fx.GraphModule, context: LoweringContext, options: OnnxLoweri
     if options.runtime == "openvino":
         runner = openvino_runner(model, gm, context, options, exported.notes)
     else:
-        runner = OnnxRuntimeModule(model, getattr(gm, "_out_spec", None), options=session_options(options))
+        runner = onnxruntime_runner(model, getattr(gm, "_out_spec", None), options, exported.notes,
+                                    rows=weight_only_rows(gm, context))
     if context.state_inputs:
         runner = StatefulOnnxRunner(runner, context.state_inputs)
     if report is not None:

@@ -42,6 +42,9 @@ class OnnxLowering:
     inference precision, ``"f32"`` (the file as written: a ``precision="bf16"`` graph's reduced layers still
     run in bfloat16) or ``"bf16"`` (every op OpenVINO can in bfloat16; needs the fidelity budget of a lossy
     pass). Unset: ``"f32"`` (a ``precision="bf16"`` graph still runs its reduced layers in bfloat16).
+    ``native_kernels``: let the onnxruntime session run graphopt's own kernels where they apply (exact
+    4-bit weight-only layers: ``graphopt.Int4Linear``, built on first use with the system's C++ compiler,
+    x86-64 with AVX-512; ``graphopt.targets.onnx.native_kernels``); the exported file keeps standard ops.
     """
 
     fused_attention: bool = True
@@ -53,6 +56,7 @@ class OnnxLowering:
     opset: int | None = None
     runtime: Runtime = "onnxruntime"
     openvino_precision: OpenVinoPrecision | None = None
+    native_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.optimization_level not in ("disabled", "basic", "extended", "all"):
@@ -103,6 +107,8 @@ class OnnxLowering:
             parts.append(self.optimization_level)
         if self.weight_only_activations == "int8":
             parts.append("a8")
+        if not self.native_kernels:
+            parts.append("stock-kernels")
         return "-".join(parts)
 
     def _openvino_label(self) -> str:

@@ -17,7 +17,7 @@ from graphopt.ir.shapes import DynamicDims
 from graphopt.passes.base import Pass
 from graphopt.targets.base import LoweringContext, Target
 from graphopt.targets.onnx.export import OnnxRuntimeModule, export_graph_to_onnx, export_passes
-from graphopt.targets.onnx.lowering import export_model, lower_onnx
+from graphopt.targets.onnx.lowering import export_model, lower_onnx, native_int4_applies
 from graphopt.targets.onnx.options import OnnxLowering
 
 __all__ = ["OnnxRuntimeModule", "OnnxTarget", "export_graph_to_onnx", "export_onnx_model"]
@@ -49,6 +49,10 @@ class OnnxTarget(Target):
         if self.lowering.weight_only_activations == "int8":
             return self.with_lowering(replace(self.lowering, weight_only_activations="float"))  # type: ignore[return-value]
         return None
+
+    def specializes_decode(self, gm: fx.GraphModule) -> bool:
+        """True when the decode step would run graphopt's int4 kernel: it needs the rows fixed (``NATIVE_MAX_ROWS``)."""
+        return native_int4_applies(gm, self.lowering)
 
     def lowering_passes(self, gm: fx.GraphModule) -> list[Pass]:
         """The rewrites before export: custom ops onnxruntime runs with int8 / compressed-weight kernels."""

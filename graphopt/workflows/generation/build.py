@@ -222,7 +222,8 @@ def lower_steps(lifted: LiftedState, example: tuple[torch.Tensor, torch.Tensor, 
     ``example`` is the prefill step's inputs (a prompt, its cache-wide mask, its positions; the
     batch size and ``max_cache_len`` are read from the mask), ``dynamic`` the step's dynamic dims
     (the sequence length; the state is static). The prefill lowering keeps the sequence length
-    dynamic; targets that gain from static shapes get a second lowering for one token.
+    dynamic; targets that gain from static shapes (``Target.specializes_decode``: Inductor, graphopt's int4
+    kernel in onnxruntime) get a second lowering for one token.
     ``lifted.initial`` is the empty cache every generation starts from.
     """
     state = lifted.initial
@@ -231,7 +232,7 @@ def lower_steps(lifted: LiftedState, example: tuple[torch.Tensor, torch.Tensor, 
         (*example, *state), dynamic=_with_state(dynamic, len(state)), report=report, on_error=on_error,
         state_inputs=len(state)))
     decode = prefill
-    if _specializes(target):
+    if target.specializes_decode(lifted.graph_module):
         prompt = example[0]
         one = step_inputs(prompt[:, :1], torch.ones_like(prompt[:, :1]), max_cache_len)
         decode = target.lower(lifted.graph_module, LoweringContext((*one, *state), report=report, on_error=on_error,
@@ -249,14 +250,6 @@ def _merge_equal_state(lifted: LiftedState, report: Report) -> None:
         gm.recompile()
         report.notes.append(f"generation: {merged} state tensor(s) always equal to another (same start, same "
                             "update) are read through that one; their common computations merged")
-
-
-def _specializes(target: Target) -> bool:
-    """True when the target's lowering gains from a decode step of static shape (compiled kernels).
-
-    (A gpu decode step captured as one CUDA graph would too; that lowering does not exist yet.)
-    """
-    return getattr(getattr(target, "lowering", None), "backend", "graph") == "inductor"
 
 
 def _with_state(dynamic: DynamicDims, count: int) -> DynamicDims:

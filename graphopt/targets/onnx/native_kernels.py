@@ -1,0 +1,272 @@
+"""graphopt's own onnxruntime kernels: built once on the machine, swapped into the session's copy of a model.
+
+onnxruntime's ``MatMulNBits`` on float activations (accuracy level 0, what an exact int4 model
+needs) dequantizes its 4-bit weights into a float buffer and runs a float GEMM: on a decode step,
+where every product is one row against a large weight, that reads the codes at 4-6 GB/s. With int8
+activations (accuracy level 4) it is 2-3x faster but no longer computes what the graph computes.
+``graphopt.Int4Linear`` (``int4_linear.cc``) computes the same float32 product from the 4-bit codes
+directly with AVX-512 and onnxruntime's thread pool.
+
+How it is used: :func:`native_int4_model` rewrites a *copy* of the exported model for the session
+(each eligible ``MatMulNBits``, with the group offsets that follow it folded in, becomes one
+``Int4Linear``); the model graphopt keeps, saves and exports stays standard ONNX. The library is
+compiled with the system's C++ compiler into graphopt's cache folder the first time it is needed
+(about a second) and registered with the session's options. Where it cannot be used (no compiler,
+no AVX-512, onnxruntime older than 1.20, ``GRAPHOPT_NATIVE_KERNELS=0``) the session runs
+``MatMulNBits`` as exported and :func:`native_int4_library` says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["NATIVE_DOMAIN", "NativeLibrary", "NativeRewrite", "native_int4_library", "native_int4_model"]
+
+log = logging.getLogger("graphopt")
+
+NATIVE_DOMAIN = "graphopt"
+"""The ONNX domain of graphopt's own operators (``graphopt.Int4Linear``)."""
+
+GROUP = 32
+"""Features per scale in ``Int4Linear`` (``MatMulNBits`` blocks of any multiple of it are split into groups of 32)."""
+
+MIN_ONNXRUNTIME = (1, 20)
+"""The library asks onnxruntime for C API version 20 (``KernelContext_ParallelFor`` and the rest it calls)."""
+
+SOURCE = Path(__file__).with_name("int4_linear.cc")
+COMPILE_FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fPIC", "-shared",
+                 "-fvisibility=hidden")
+
+
+@dataclass(frozen=True)
+class NativeLibrary:
+    """The built library (``path``), or why there is none (``reason``)."""
+
+    path: Path | None
+    reason: str = ""
+
+
+def _cache_folder() -> Path:
+    """Where built kernels live: ``GRAPHOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/graphopt`` or ``~/.cache/graphopt``."""
+    if os.environ.get("GRAPHOPT_CACHE_DIR"):
+        return Path(os.environ["GRAPHOPT_CACHE_DIR"]) / "kernels"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "graphopt" / "kernels"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _why_not() -> str:
+    """Why this machine cannot run the library ("" when it can)."""
+    if os.environ.get("GRAPHOPT_NATIVE_KERNELS", "1").lower() in ("0", "off", "false", "no"):
+        return "GRAPHOPT_NATIVE_KERNELS=0"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"built for Linux on x86-64 only (this is {platform.system()} on {platform.machine()})"
+    if not {"avx512f", "avx512bw"} <= _cpu_flags():
+        return "the CPU has no AVX-512 (F and BW)"
+    import onnxruntime as ort
+
+    version = tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
+    if version < MIN_ONNXRUNTIME:
+        return f"onnxruntime {ort.__version__} is older than 1.20"
+    return ""
+
+
+@lru_cache(maxsize=1)
+def native_int4_library() -> NativeLibrary:
+    """The ``Int4Linear`` library for onnxruntime, compiled into the cache folder on first use (once per source)."""
+    reason = _why_not()
+    if reason:
+        return NativeLibrary(None, reason)
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if compiler is None:
+        return NativeLibrary(None, "no C++ compiler found (g++, c++ or clang++; or set CXX)")
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    target = _cache_folder() / f"graphopt_int4_linear_{digest}.so"
+    if target.exists():
+        return NativeLibrary(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as folder:
+            built = Path(folder) / target.name
+            subprocess.run([compiler, *COMPILE_FLAGS, "-o", str(built), str(SOURCE)], check=True,
+                           capture_output=True, text=True, timeout=300)
+            os.replace(built, target)  # atomic: another process building the same source sees a whole file
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        return NativeLibrary(None, f"compiling {SOURCE.name} failed: {detail.strip().splitlines()[-1][:200]}")
+    log.info("built graphopt's int4 kernel for onnxruntime: %s", target)
+    return NativeLibrary(target)
+
+
+@dataclass(frozen=True)
+class NativeRewrite:
+    """What :func:`native_int4_model` did: the session's model and how many layers run ``Int4Linear``."""
+
+    model: onnx.ModelProto
+    layers: int
+    offsets_folded: int
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+
+def _unpack_low_first(packed: np.ndarray) -> np.ndarray:
+    """uint8 pairs -> nibbles along the last axis, the low nibble first (``MatMulNBits``' order)."""
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def _int4_linear_constants(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(codes, scales, offsets) of ``Int4Linear`` for a ``MatMulNBits`` node, or None when it does not qualify.
+
+    Qualifies: 4 bits, float32 scales, blocks and K multiples of ``GROUP``, constant weights, float
+    activations (accuracy level 0), uint8 zero points or none, no ``g_idx`` or bias.
+    """
+    inputs = list(node.input) + [""] * (6 - len(node.input))
+    k, n = _attribute(node, "K", 0), _attribute(node, "N", 0)
+    block = _attribute(node, "block_size", 0)
+    if (_attribute(node, "bits", 4) != 4 or _attribute(node, "accuracy_level", 0) != 0 or block % GROUP
+            or k % GROUP or inputs[4] or inputs[5] or inputs[1] not in initializers or inputs[2] not in initializers):
+        return None
+    if inputs[3] and (inputs[3] not in initializers or initializers[inputs[3]].data_type != onnx.TensorProto.UINT8):
+        return None
+    scales = numpy_helper.to_array(initializers[inputs[2]])
+    if scales.dtype != np.float32:
+        return None
+    packed = numpy_helper.to_array(initializers[inputs[1]])
+    blocks = -(-k // block)
+    q = _unpack_low_first(packed.reshape(n, -1))[:, :k]
+    groups = k // GROUP
+    codes = q.reshape(n, groups, 2, GROUP // 2)
+    codes = (codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)).astype(np.uint8)
+    if inputs[3]:
+        zero_points = _unpack_low_first(numpy_helper.to_array(initializers[inputs[3]]).reshape(n, -1))[:, :blocks]
+    else:
+        zero_points = np.full((n, blocks), 8, dtype=np.uint8)
+    scales = scales.reshape(n, blocks)
+    per_group = block // GROUP
+    group_scales = np.repeat(scales, per_group, axis=1)[:, :groups]
+    group_offsets = np.repeat(-zero_points.astype(np.float32) * scales, per_group, axis=1)[:, :groups]
+    return codes, np.ascontiguousarray(group_scales), np.ascontiguousarray(group_offsets, dtype=np.float32)
+
+
+def _group_offset_term(model: onnx.ModelProto, add: onnx.NodeProto, product: str, activations: str, k: int,
+                       initializers: dict[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, np.ndarray] | None:
+    """``(MatMul node, [N, K/GROUP] offsets)`` when ``add`` adds ``(activations summed per block) @ offsets``.
+
+    That is how graphopt exports float zero points (``weight_only._add_group_offsets``): a
+    constant 0/1 indicator matrix sums each block of features, a constant ``[blocks, N]`` matrix
+    weighs the sums.
+    """
+    producers = {output: node for node in model.graph.node for output in node.output}
+    other = next((name for name in add.input if name != product), None)
+    weigh = producers.get(other) if other is not None else None
+    if weigh is None or weigh.op_type != "MatMul" or weigh.input[1] not in initializers:
+        return None
+    summed = producers.get(weigh.input[0])
+    if summed is None or summed.op_type != "MatMul" or summed.input[0] != activations \
+            or summed.input[1] not in initializers:
+        return None
+    indicator = numpy_helper.to_array(initializers[summed.input[1]])
+    offsets = numpy_helper.to_array(initializers[weigh.input[1]])
+    if indicator.ndim != 2 or indicator.shape[0] != k or offsets.ndim != 2 or offsets.dtype != np.float32:
+        return None
+    blocks = indicator.shape[1]
+    block = k // blocks if blocks and k % blocks == 0 else 0
+    if block % GROUP or not np.array_equal(indicator, np.repeat(np.eye(blocks, dtype=indicator.dtype), block, 0)):
+        return None
+    return weigh, np.repeat(offsets.T, block // GROUP, axis=1)
+
+
+def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
+    """A copy of ``model`` whose exact 4-bit ``MatMulNBits`` layers run ``graphopt.Int4Linear``.
+
+    Each layer's codes are repacked for the kernel (two features of one 32-feature group per
+    byte), its scales and zero points become a float scale and offset per group, and a following
+    add of graphopt's float-zero-point offsets is folded into those offsets. Nodes left without a
+    reader are removed. ``model`` itself is not changed.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    initializers = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    layers = folded = 0
+    replaced: dict[int, onnx.NodeProto] = {}
+    dropped: set[str] = set()  # outputs of the adds folded into a kernel
+    for index, node in enumerate(graph.node):
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+            continue
+        constants = _int4_linear_constants(node, initializers)
+        if constants is None:
+            continue
+        codes, scales, offsets = constants
+        output = node.output[0]
+        readers = consumers.get(output, [])
+        term = None
+        if len(readers) == 1 and readers[0].op_type == "Add" and output not in [o.name for o in graph.output]:
+            term = _group_offset_term(copy, readers[0], output, node.input[0], _attribute(node, "K", 0), initializers)
+        if term is not None:  # the add's output comes from the kernel; the offset chain loses its reader
+            offsets = offsets + term[1]
+            output = readers[0].output[0]
+            dropped.add(output)
+            folded += 1
+        stem = f"{node.name or node.output[0]}_graphopt_int4"
+        for suffix, array in (("codes", codes), ("scales", scales), ("offsets", offsets)):
+            graph.initializer.append(numpy_helper.from_array(array, f"{stem}_{suffix}"))
+        replaced[index] = onnx.helper.make_node("Int4Linear", [node.input[0], f"{stem}_codes", f"{stem}_scales",
+                                                               f"{stem}_offsets"], [output], name=stem,
+                                                domain=NATIVE_DOMAIN)
+        layers += 1
+    if not layers:
+        return NativeRewrite(copy, 0, 0)
+    nodes = [replaced.get(i, node) for i, node in enumerate(graph.node)
+             if not (node.op_type == "Add" and node.output[0] in dropped)]
+    del graph.node[:]
+    graph.node.extend(_without_dead_nodes(nodes, {o.name for o in graph.output}))
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if not any(o.domain == NATIVE_DOMAIN for o in copy.opset_import):
+        copy.opset_import.append(onnx.helper.make_opsetid(NATIVE_DOMAIN, 1))
+    return NativeRewrite(copy, layers, folded)
+
+
+def _without_dead_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` less those whose outputs nothing reads (repeatedly), in their order."""
+    live = set(outputs)
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(nodes):
+        if any(name in live for name in node.output if name):
+            kept.append(node)
+            live.update(name for name in node.input if name)
+    return list(reversed(kept))
