@@ -99,15 +99,31 @@ def test_int4_layers_run_graphopts_kernel_in_the_session_and_the_file_keeps_matm
     x = torch.randn(rows, 96)
     fast = graphopt.optimize(model, (x,), **INT4)
     stock = graphopt.optimize(model, (x,), lowering=OnnxLowering(native_kernels=False), **INT4)
-    note = next(n for n in fast.report.notes if "graphopt's exact int4 kernel" in n)
-    assert "2 of 2 MatMulNBits layers" in note and "2 group-offset adds folded in" in note
-    assert not any("graphopt's exact int4 kernel" in n for n in stock.report.notes)
+    note = next(n for n in fast.report.notes if "graphopt's exact kernels" in n)
+    assert "2 of 2 MatMulNBits layers" in note and "2 graphopt.Int4Linear (2 with their group offsets" in note
+    assert not any("graphopt's exact kernels" in n for n in stock.report.notes)
     assert _ops(fast.runner.model)["MatMulNBits"] == 2 and "Int4Linear" not in _ops(fast.runner.model)
     assert fast.report.final_check == "passed"
     with torch.no_grad():
         other = torch.randn(rows, 96)
         torch.testing.assert_close(fast(other), stock(other), rtol=1e-5, atol=1e-5)
     assert OnnxLowering(native_kernels=False).label().endswith("stock-kernels")
+
+
+@needs_library
+def test_int8_layers_exported_as_two_halves_run_one_int8_kernel() -> None:
+    model, x = _mlp()
+    int8 = {**INT4, "compress": [WeightOnly(bits=8, group_size=32)]}
+    fast = graphopt.optimize(model, (x[:2],), **int8)
+    stock = graphopt.optimize(model, (x[:2],), lowering=OnnxLowering(native_kernels=False), **int8)
+    assert _ops(fast.runner.model)["MatMulNBits"] == 4  # the file: each int8 layer as two 4-bit halves
+    assert any("4 of 4 MatMulNBits layers" in n and "2 graphopt.Int8Linear" in n for n in fast.report.notes)
+    session_ops = _ops(native_int4_model(fast.runner.model).model)
+    assert session_ops == {"Int8Linear": 2, "Gelu": 1, "Add": 1}  # the add left: the second layer's bias
+    with torch.no_grad():
+        other = torch.randn(2, 96)
+        torch.testing.assert_close(fast(other), stock(other), rtol=1e-5, atol=1e-5)
+    assert fast.report.final_check == "passed"
 
 
 @needs_library

@@ -173,9 +173,10 @@ def onnxruntime_runner(model: onnx.ModelProto, out_spec: Any, options: OnnxLower
         elif rewrite is not None and rewrite.layers:
             session.register_custom_ops_library(str(library.path))
             session_model = rewrite.model
-            notes.append(f"{rewrite.layers} of {nbits} MatMulNBits layers run graphopt's exact int4 kernel "
-                         f"(graphopt.Int4Linear, {rewrite.offsets_folded} group-offset adds folded in); the "
-                         "exported file keeps MatMulNBits")
+            notes.append(f"{rewrite.layers} of {nbits} MatMulNBits layers run graphopt's exact kernels: "
+                         f"{rewrite.int4_layers} graphopt.Int4Linear ({rewrite.offsets_folded} with their group "
+                         f"offsets folded in), {rewrite.int8_layers} graphopt.Int8Linear (each an int8 layer "
+                         "exported as two 4-bit halves); the exported file keeps MatMulNBits")
     return OnnxRuntimeModule(model, out_spec, options=session, session_model=session_model)
 
 

@@ -5,11 +5,13 @@ needs) dequantizes its 4-bit weights into a float buffer and runs a float GEMM: 
 where every product is one row against a large weight, that reads the codes at 4-6 GB/s. With int8
 activations (accuracy level 4) it is 2-3x faster but no longer computes what the graph computes.
 ``graphopt.Int4Linear`` (``int4_linear.cc``) computes the same float32 product from the 4-bit codes
-directly with AVX-512 and onnxruntime's thread pool.
+directly with AVX-512 and onnxruntime's thread pool; ``graphopt.Int8Linear`` does the same for the
+group-wise int8 layers graphopt exports as two 4-bit halves (a tied LM head), from one byte per weight.
 
 How it is used: :func:`native_int4_model` rewrites a *copy* of the exported model for the session
 (each eligible ``MatMulNBits``, with the group offsets that follow it folded in, becomes one
-``Int4Linear``); the model graphopt keeps, saves and exports stays standard ONNX. The library is
+``Int4Linear``; each pair of halves with its adds, one ``Int8Linear``); the model graphopt keeps,
+saves and exports stays standard ONNX. The library is
 compiled with the system's C++ compiler into graphopt's cache folder the first time it is needed
 (about a second) and registered with the session's options. Where it cannot be used (no compiler,
 no AVX-512, onnxruntime older than 1.20, ``GRAPHOPT_NATIVE_KERNELS=0``) the session runs
@@ -124,11 +126,18 @@ def native_int4_library() -> NativeLibrary:
 
 @dataclass(frozen=True)
 class NativeRewrite:
-    """What :func:`native_int4_model` did: the session's model and how many layers run ``Int4Linear``."""
+    """What :func:`native_int4_model` did: the session's model, its ``Int4Linear`` and ``Int8Linear`` layers."""
 
     model: onnx.ModelProto
-    layers: int
+    int4_layers: int
     offsets_folded: int
+    int8_layers: int = 0
+    """int8 layers graphopt exported as two 4-bit ``MatMulNBits`` halves, each now one ``Int8Linear``."""
+
+    @property
+    def layers(self) -> int:
+        """How many ``MatMulNBits`` nodes the kernels replaced."""
+        return self.int4_layers + 2 * self.int8_layers
 
 
 def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -175,15 +184,14 @@ def _int4_linear_constants(node: onnx.NodeProto, initializers: dict[str, onnx.Te
     return codes, np.ascontiguousarray(group_scales), np.ascontiguousarray(group_offsets, dtype=np.float32)
 
 
-def _group_offset_term(model: onnx.ModelProto, add: onnx.NodeProto, product: str, activations: str, k: int,
-                       initializers: dict[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, np.ndarray] | None:
-    """``(MatMul node, [N, K/GROUP] offsets)`` when ``add`` adds ``(activations summed per block) @ offsets``.
+def _group_offsets(add: onnx.NodeProto, product: str, activations: str, k: int, producers: dict[str, onnx.NodeProto],
+                   initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    """The ``[N, K/GROUP]`` offsets ``add`` adds to ``product`` as ``(activations summed per block) @ offsets``, if so.
 
     That is how graphopt exports float zero points (``weight_only._add_group_offsets``): a
     constant 0/1 indicator matrix sums each block of features, a constant ``[blocks, N]`` matrix
     weighs the sums.
     """
-    producers = {output: node for node in model.graph.node for output in node.output}
     other = next((name for name in add.input if name != product), None)
     weigh = producers.get(other) if other is not None else None
     if weigh is None or weigh.op_type != "MatMul" or weigh.input[1] not in initializers:
@@ -200,30 +208,94 @@ def _group_offset_term(model: onnx.ModelProto, add: onnx.NodeProto, product: str
     block = k // blocks if blocks and k % blocks == 0 else 0
     if block % GROUP or not np.array_equal(indicator, np.repeat(np.eye(blocks, dtype=indicator.dtype), block, 0)):
         return None
-    return weigh, np.repeat(offsets.T, block // GROUP, axis=1)
+    return np.repeat(offsets.T, block // GROUP, axis=1)
+
+
+@dataclass(frozen=True)
+class _Int8Pair:
+    """An int8 layer exported as two 4-bit halves: ``Add(hi, lo) + (activations summed per block) @ 8s``."""
+
+    halves: tuple[onnx.NodeProto, onnx.NodeProto]
+    adds: tuple[str, str]  # the outputs of the add of the halves and of the offsets, the second the layer's
+    codes: np.ndarray  # int8 [N, K/GROUP, GROUP]
+    scales: np.ndarray  # float32 [N, K/GROUP]
+
+
+def _int8_pair(add: onnx.NodeProto, producers: dict[str, onnx.NodeProto], consumers: dict[str, list[onnx.NodeProto]],
+               initializers: dict[str, onnx.TensorProto]) -> _Int8Pair | None:
+    """The int8 layer ``add`` sums the halves of (``weight_only._groupwise_int8_product``), or None.
+
+    ``s * q == 16s * (hi - 8) + s * (lo - 8) + 8s`` with ``q + 128 = 16 * hi + lo``: both halves
+    4-bit without zero points on the same input, the high one's scales 16 times the low one's,
+    and the add after them adding ``8s`` per group.
+    """
+    halves = [producers.get(name) for name in add.input]
+    if len(halves) != 2 or any(h is None or h.op_type != "MatMulNBits" or h.domain != "com.microsoft" for h in halves):
+        return None
+    first, second = halves
+    if first.input[0] != second.input[0] or any(len([i for i in h.input if i]) != 3 for h in halves):
+        return None
+    attributes = [{a: _attribute(h, a, 0) for a in ("K", "N", "bits", "block_size", "accuracy_level")} for h in halves]
+    k, n, block = attributes[0]["K"], attributes[0]["N"], attributes[0]["block_size"]
+    if attributes[0] != attributes[1] or attributes[0]["bits"] != 4 or attributes[0]["accuracy_level"] or block % GROUP:
+        return None
+    if k % GROUP or any(h.input[1] not in initializers or h.input[2] not in initializers for h in halves):
+        return None
+    scales = [numpy_helper.to_array(initializers[h.input[2]]) for h in halves]
+    if np.array_equal(scales[1], 16 * scales[0]):
+        first, second, scales = second, first, scales[::-1]
+    if scales[0].dtype != np.float32 or not np.array_equal(scales[0], 16 * scales[1]):
+        return None
+    readers = consumers.get(add.output[0], [])
+    if len(readers) != 1 or readers[0].op_type != "Add":
+        return None
+    offsets = _group_offsets(readers[0], add.output[0], first.input[0], k, producers, initializers)
+    per_group, groups = block // GROUP, k // GROUP
+    low_scales = np.repeat(scales[1].reshape(n, -1), per_group, axis=1)[:, :groups]
+    if offsets is None or not np.array_equal(offsets, 8 * low_scales):
+        return None
+    high, low = (_unpack_low_first(numpy_helper.to_array(initializers[h.input[1]]).reshape(n, -1))[:, :k]
+                 for h in (first, second))
+    codes = (16 * high.astype(np.int16) + low - 128).astype(np.int8).reshape(n, groups, GROUP)
+    return _Int8Pair((first, second), (add.output[0], readers[0].output[0]), codes, np.ascontiguousarray(low_scales))
 
 
 def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
-    """A copy of ``model`` whose exact 4-bit ``MatMulNBits`` layers run ``graphopt.Int4Linear``.
+    """A copy of ``model`` whose exact 4-bit ``MatMulNBits`` layers run ``graphopt.Int4Linear`` / ``Int8Linear``.
 
     Each layer's codes are repacked for the kernel (two features of one 32-feature group per
     byte), its scales and zero points become a float scale and offset per group, and a following
-    add of graphopt's float-zero-point offsets is folded into those offsets. Nodes left without a
-    reader are removed. ``model`` itself is not changed.
+    add of graphopt's float-zero-point offsets is folded into those offsets. An int8 layer exported
+    as two halves (``_int8_pair``) becomes one ``Int8Linear`` on its one-byte codes. Nodes left
+    without a reader are removed. ``model`` itself is not changed.
     """
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graph = copy.graph
     initializers = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
+    producers: dict[str, onnx.NodeProto] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+        producers.update((name, node) for name in node.output)
     layers = folded = 0
     replaced: dict[int, onnx.NodeProto] = {}
     dropped: set[str] = set()  # outputs of the adds folded into a kernel
+    pairs = [pair for node in graph.node if node.op_type == "Add"
+             and (pair := _int8_pair(node, producers, consumers, initializers)) is not None]
+    paired = {half.output[0] for pair in pairs for half in pair.halves}
+    positions = {node.output[0]: index for index, node in enumerate(graph.node) if node.output}
+    for pair in pairs:
+        stem = f"{pair.halves[0].name or pair.adds[1]}_graphopt_int8"
+        graph.initializer.extend([numpy_helper.from_array(pair.codes, f"{stem}_codes"),
+                                  numpy_helper.from_array(pair.scales, f"{stem}_scales")])
+        replaced[positions[pair.adds[1]]] = onnx.helper.make_node(
+            "Int8Linear", [pair.halves[0].input[0], f"{stem}_codes", f"{stem}_scales"], [pair.adds[1]], name=stem,
+            domain=NATIVE_DOMAIN)
+        dropped.update(pair.adds)
     for index, node in enumerate(graph.node):
-        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or node.output[0] in paired:
             continue
         constants = _int4_linear_constants(node, initializers)
         if constants is None:
@@ -233,9 +305,9 @@ def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
         readers = consumers.get(output, [])
         term = None
         if len(readers) == 1 and readers[0].op_type == "Add" and output not in [o.name for o in graph.output]:
-            term = _group_offset_term(copy, readers[0], output, node.input[0], _attribute(node, "K", 0), initializers)
+            term = _group_offsets(readers[0], output, node.input[0], _attribute(node, "K", 0), producers, initializers)
         if term is not None:  # the add's output comes from the kernel; the offset chain loses its reader
-            offsets = offsets + term[1]
+            offsets = offsets + term
             output = readers[0].output[0]
             dropped.add(output)
             folded += 1
@@ -246,19 +318,21 @@ def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
                                                                f"{stem}_offsets"], [output], name=stem,
                                                 domain=NATIVE_DOMAIN)
         layers += 1
-    if not layers:
+    if not layers and not pairs:
         return NativeRewrite(copy, 0, 0)
-    nodes = [replaced.get(i, node) for i, node in enumerate(graph.node)
-             if not (node.op_type == "Add" and node.output[0] in dropped)]
+    nodes = [replaced[i] if i in replaced else node for i, node in enumerate(graph.node)
+             if i in replaced or not (node.op_type == "Add" and node.output[0] in dropped)]
     del graph.node[:]
-    graph.node.extend(_without_dead_nodes(nodes, {o.name for o in graph.output}))
-    used = {name for node in graph.node for name in node.input}
+    nested = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute)
+    # a value read only inside a subgraph (If, Loop) looks unread from here: with subgraphs, nothing is pruned
+    graph.node.extend(nodes if nested else _without_dead_nodes(nodes, {o.name for o in graph.output}))
+    used = {name for node in graph.node for name in node.input} | {i.name for i in graph.input}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     if not any(o.domain == NATIVE_DOMAIN for o in copy.opset_import):
         copy.opset_import.append(onnx.helper.make_opsetid(NATIVE_DOMAIN, 1))
-    return NativeRewrite(copy, layers, folded)
+    return NativeRewrite(copy, layers, folded, len(pairs))
 
 
 def _without_dead_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
