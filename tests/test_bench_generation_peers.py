@@ -362,6 +362,17 @@ def test_generation_cli_knows_every_peer() -> None:
     assert tuple(PEER_NAMES) == tuple(BACKEND_NAMES)
 
 
+def test_graphopt_stock_row_keeps_onnxruntimes_kernels() -> None:
+    from graphopt.bench.generation import GraphoptGenerationBackend
+    from graphopt.bench.generation_cli import GRAPHOPT_NAMES
+
+    backend = GraphoptGenerationBackend("cpu-int4-stock", max_cache_len=32)
+    assert (backend.target, backend.bits, backend.stock_kernels) == ("cpu", 4, True)
+    assert backend.name == "graphopt-cpu-int4-stock" and backend.name in GRAPHOPT_NAMES
+    plain = GraphoptGenerationBackend("cpu-int4", max_cache_len=32)
+    assert (plain.target, plain.bits, plain.stock_kernels) == ("cpu", 4, False)
+
+
 def test_graphopt_backend_generates_the_eager_tokens_with_both_timings(tiny_source: GenerationSource) -> None:
     from graphopt.bench.generation import GraphoptGenerationBackend
 

@@ -46,11 +46,14 @@ class GraphoptGenerationBackend(GenerationBackend):
     (``lowering=CpuLowering()``; the cpu default for generation runs them in onnxruntime). A
     ``-int4`` / ``-int8`` suffix compresses the weights (``WeightOnly``, group 32) within the
     default language-model budget, judged with the source's tokenizer; the budget's figures
-    (perplexity, token agreement) go to stderr beside the progress lines.
+    (perplexity, token agreement) go to stderr beside the progress lines. A further ``-stock``
+    suffix (``cpu-int4-stock``) keeps onnxruntime's own kernels (``native_kernels=False``), to
+    measure graphopt's beside them.
     """
 
     def __init__(self, target: str = "cpu", max_cache_len: int = 1024) -> None:
-        self.target, _, scheme = target.partition("-int")
+        self.stock_kernels = target.endswith("-stock")
+        self.target, _, scheme = target.removesuffix("-stock").partition("-int")
         self.bits = int(scheme) if scheme.isdigit() else None
         self.name = f"graphopt-{target}"
         self.max_cache_len = max_cache_len
@@ -68,6 +71,10 @@ class GraphoptGenerationBackend(GenerationBackend):
         options: dict[str, Any] = {"target": self.target}
         if self.target == "cpu-torch":
             options = {"target": "cpu", "lowering": graphopt.CpuLowering()}
+        if self.stock_kernels:
+            stock = graphopt.OnnxLowering(native_kernels=False)
+            options["lowering"] = stock if self.target == "onnx" else graphopt.CpuLowering(backend="onnxruntime",
+                                                                                          onnx=stock)
         if self.bits is not None:
             from graphopt.passes.compress import WeightOnly
             from graphopt.workflows.generation.language_budget import default_language_fidelity
@@ -76,7 +83,7 @@ class GraphoptGenerationBackend(GenerationBackend):
             options.update(compress=[WeightOnly(bits=self.bits, group_size=32)], fidelity=fidelity)
         self.model = graphopt.optimize(source.model, (example,), max_cache_len=self.max_cache_len, **options)
         for note in self.model.report.notes:
-            if "weight-only:" in note or note.startswith("lowered steps"):
+            if "weight-only:" in note or note.startswith("lowered steps") or "graphopt's exact kernels" in note:
                 print(f"{self.name}: {note}", file=sys.stderr, flush=True)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> GenerationRun:

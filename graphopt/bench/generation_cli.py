@@ -9,8 +9,9 @@ import sys
 __all__ = ["GRAPHOPT_NAMES", "PEER_NAMES", "add_generation_arguments", "run_generation_command"]
 
 GRAPHOPT_NAMES = ("graphopt-cpu", "graphopt-cpu-torch", "graphopt-onnx", "graphopt-gpu", "graphopt-cpu-int4",
-                  "graphopt-cpu-int8", "graphopt-onnx-int4")
-"""graphopt's rows; ``-int4`` / ``-int8``: weight-only, group 32, within the default language-model budget."""
+                  "graphopt-cpu-int8", "graphopt-onnx-int4", "graphopt-cpu-int4-stock")
+"""graphopt's rows; ``-int4`` / ``-int8``: weight-only, group 32, within the default language-model budget;
+``-stock``: onnxruntime's own kernels instead of graphopt's (``OnnxLowering(native_kernels=False)``)."""
 PEER_NAMES = ("transformers-eager", "transformers-static-compile", "llama.cpp", "onnxruntime-genai-fp32",
               "onnxruntime-genai-int4")
 """The peers of ``graphopt.bench.generation_peers`` (kept equal to its ``BACKEND_NAMES`` by a test)."""
