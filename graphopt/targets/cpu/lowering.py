@@ -119,6 +119,15 @@ class CpuLowering:
         """True when the lowering computes beyond the graph (OpenVINO's bfloat16 inference): it needs a budget."""
         return self.onnx is not None and self.onnx.lossy
 
+    def onnx_lowering(self) -> OnnxLowering:
+        """The ``OnnxLowering`` the ``onnxruntime`` / ``openvino`` backends export and run with (``onnx``, or defaults).
+
+        Its threads, runtime and weight-only activations come from this config.
+        """
+        export = self.onnx or OnnxLowering()
+        return replace(export, threads=self.threads or export.threads, runtime=self.backend,
+                       weight_only_activations=self.weight_only_activations)
+
     def label(self) -> str:
         """Short name of this lowering, for reports and ``tune``."""
         weights = [f"weights-{self.weight_kernels}"] if self.weight_kernels != "auto" else []
@@ -321,10 +330,7 @@ def lower_graph(gm: fx.GraphModule, context: LoweringContext, options: CpuLoweri
         # imported here: the onnx lowering loads onnx (about a second), which the other backends never need
         from graphopt.targets.onnx.lowering import lower_onnx
 
-        export = options.onnx or OnnxLowering()
-        return lower_onnx(gm, context, replace(export, threads=options.threads or export.threads,
-                                               runtime=options.backend,
-                                               weight_only_activations=options.weight_only_activations))
+        return lower_onnx(gm, context, options.onnx_lowering())
     report = context.report
     started = time.perf_counter()
     shared = {name: entry for name, entry in tensor_versions(gm).items() if isinstance(entry[0], torch.nn.Parameter)}

@@ -23,7 +23,7 @@ from graphopt.targets.cpu.attention import QuantizedGraphAttention
 from graphopt.targets.cpu.lowering import CpuLowering, float_lowering_passes, lower_graph
 from graphopt.targets.cpu.quantized import INT8_LOWERING
 from graphopt.targets.cpu.weight_only import CpuWeightOnlyKernels
-from graphopt.targets.onnx.options import OnnxLowering, openvino_installed
+from graphopt.targets.onnx.options import openvino_installed
 
 __all__ = ["CpuTarget"]
 
@@ -82,12 +82,10 @@ class CpuTarget(Target):
 
     def specializes_decode(self, gm: fx.GraphModule) -> bool:
         """Inductor's compiled kernels, or onnxruntime steps whose decode step would run graphopt's int4 kernel."""
-        if self.lowering.backend == "onnxruntime":
-            from graphopt.targets.onnx.lowering import native_int4_applies  # loads onnx: only for this backend
+        if self.lowering.backend in ONNX_BACKENDS:
+            from graphopt.targets.onnx.lowering import native_int4_applies  # loads onnx: only for these backends
 
-            options = replace(self.lowering.onnx or OnnxLowering(),
-                              weight_only_activations=self.lowering.weight_only_activations)
-            return native_int4_applies(gm, options)
+            return native_int4_applies(gm, self.lowering.onnx_lowering())
         return super().specializes_decode(gm)
 
     def exact_weight_lowering(self) -> CpuTarget | None:

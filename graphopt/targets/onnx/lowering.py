@@ -140,12 +140,12 @@ def native_int4_applies(gm: fx.GraphModule, options: OnnxLowering) -> bool:
     weight-only linear whose in-features are a multiple of 32, and the library available here.
     (The rows it reads decide the rest: ``NATIVE_MAX_ROWS``.)
     """
-    if not options.native_kernels or options.weight_only_activations != "float" or options.runtime != "onnxruntime":
+    if not options.runs_native_kernels:
         return False
-    int4 = [node for node, dequant in weight_only_linears(gm.graph) if dequant.target == DEQUANTIZE_INT4
-            and isinstance(node.args[0], fx.Node) and node.args[0].meta.get("val") is not None
-            and node.args[0].meta["val"].shape[-1] % 32 == 0]
-    return bool(int4) and native_int4_library().path is not None
+    int4 = any(dequant.target == DEQUANTIZE_INT4 and isinstance(node.args[0], fx.Node)
+               and node.args[0].meta.get("val") is not None and node.args[0].meta["val"].shape[-1] % 32 == 0
+               for node, dequant in weight_only_linears(gm.graph))
+    return int4 and native_int4_library().path is not None
 
 
 def onnxruntime_runner(model: onnx.ModelProto, out_spec: Any, options: OnnxLowering, notes: list[str], *,
@@ -160,7 +160,7 @@ def onnxruntime_runner(model: onnx.ModelProto, out_spec: Any, options: OnnxLower
     session = session_options(options)
     session_model = None
     nbits = sum(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in model.graph.node)
-    if nbits and options.native_kernels and options.weight_only_activations == "float":
+    if nbits and options.runs_native_kernels:
         library = native_int4_library()
         small = rows is not None and rows <= NATIVE_MAX_ROWS
         rewrite = native_int4_model(model) if library.path is not None and small else None

@@ -33,7 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
+
+from graphopt.passes.quantize.weight_ops import unpack_nibbles
 
 __all__ = ["NATIVE_DOMAIN", "NativeLibrary", "NativeRewrite", "native_int4_library", "native_int4_model"]
 
@@ -145,8 +148,8 @@ def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
 
 
 def _unpack_low_first(packed: np.ndarray) -> np.ndarray:
-    """uint8 pairs -> nibbles along the last axis, the low nibble first (``MatMulNBits``' order)."""
-    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    """uint8 pairs -> nibbles along the last axis, the low nibble first (``MatMulNBits``' order, graphopt's own)."""
+    return unpack_nibbles(torch.from_numpy(np.ascontiguousarray(packed))).numpy()
 
 
 def _int4_linear_constants(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]

@@ -88,6 +88,11 @@ class OnnxLowering:
                                  "contrib ops); leave them at their defaults or use runtime='onnxruntime'")
 
     @property
+    def runs_native_kernels(self) -> bool:
+        """True when a session under these options may run graphopt's own kernels (exact, in onnxruntime)."""
+        return self.native_kernels and self.runtime == "onnxruntime" and self.weight_only_activations == "float"
+
+    @property
     def lossy(self) -> bool:
         """True when the runtime computes beyond the graph (OpenVINO's bfloat16 inference): it needs a budget."""
         return self.openvino_precision == "bf16"
