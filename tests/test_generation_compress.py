@@ -25,6 +25,7 @@ from graphopt.passes.quantize.weight_ops import (
     dequantize_int8_reference,
 )
 from graphopt.targets.onnx.native_kernels import native_int4_library
+from graphopt.targets.onnx.options import OnnxLowering
 
 VOCAB = 256
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -75,9 +76,9 @@ def test_int4_decoder_meets_its_budget_and_reports_every_layer(int4_cpu: dict) -
     note = next(n for n in report.notes if n.startswith("int4-weight-only:"))
     assert "perplexity" in note and "greedy tokens equal" in note
     assert any(n.startswith("lowered steps: first 32 greedy tokens") for n in report.notes)
-    if native_int4_library().path is not None:  # the one-token decode step runs graphopt's int4 kernel
-        assert any("16 of 16 MatMulNBits layers run graphopt's exact kernels" in n for n in report.notes)
-        assert any("int4 kernel not used: the weight-only layers read a number of rows fixed only at run time" in n
+    if native_int4_library().path is not None:  # the one-token decode step runs graphopt's kernels
+        assert any("16 of 16 MatMulNBits layers run graphopt's kernels" in n for n in report.notes)
+        assert any("kernels not used: the weight-only layers read a number of rows fixed only at run time" in n
                    for n in report.notes)  # the prompt step: any number of tokens
     graph = int4_cpu["fast"].graph_module
     kept = [row for row in section.rows if row[5] == "kept" and row[1] == "linear"]
@@ -99,6 +100,19 @@ def test_int8_decoder_on_other_lowerings(target: str) -> None:
                              fidelity=budget(max_perplexity_ratio=1.005), **TARGETS[target])
     assert any(n.startswith("int8-weight-only:") for n in fast.report.notes)
     assert fast.generate(prompt(), max_new_tokens=8, eos_token_id=[]).shape == (1, 15)
+
+
+@pytest.mark.skipif(native_int4_library().path is None, reason="graphopt's kernels cannot run here")
+def test_int8_decode_step_runs_one_int8_kernel_per_layer() -> None:
+    fast = graphopt.optimize(tiny_llama(), (prompt(),), target="onnx", max_cache_len=48,
+                             compress=[WeightOnly(bits=8, group_size=32)],
+                             fidelity=budget(max_perplexity_ratio=1.05, min_token_agreement=0.0))
+    assert any("of 10 layers compressed as asked" in n and not n.startswith("int8-weight-only: 0 of")
+               for n in fast.report.notes)
+    kernels = next(n for n in fast.report.notes if "MatMulNBits layers run graphopt's kernels" in n)
+    assert all(part in kernels for part in ("18 of 18 MatMulNBits", "0 graphopt.Int4Linear", "9 graphopt.Int8Linear"))
+    out = fast.generate(prompt(), max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(fast.generate(prompt(), max_new_tokens=8, eos_token_id=[]), out) and out.shape == (1, 15)
 
 
 def test_strict_budget_falls_back_per_layer() -> None:
@@ -167,10 +181,14 @@ def test_onnxruntime_kernels_match_the_dequantized_reference(bits: int) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32)).eval()
     x = torch.randn(5, 64)
-    scheme = WeightOnly(bits=bits, group_size=32)
-    fast = graphopt.optimize(model, (x,), target="onnx", compress=[scheme], fidelity=Fidelity(min_cosine=0.9))
-    reference = fast.portable_graph(x)
-    torch.testing.assert_close(fast(x), reference, atol=1e-4, rtol=1e-4)
+    options = {"target": "onnx", "compress": [WeightOnly(bits=bits, group_size=32)],
+               "fidelity": Fidelity(min_cosine=0.9)}
+    stock = graphopt.optimize(model, (x,), lowering=OnnxLowering(native_kernels=False), **options)
+    reference = stock.portable_graph(x)
+    torch.testing.assert_close(stock(x), reference, atol=1e-4, rtol=1e-4)  # MatMulNBits, GatherBlockQuantized
+    fast = graphopt.optimize(model, (x,), **options)  # graphopt's kernels where they run: a tenth of int4's change
+    with torch.no_grad():
+        assert (fast(x) - reference).abs().max() <= 0.1 * (reference - model(x)).abs().max()
 
 
 def weight_bytes(path) -> int:
@@ -216,6 +234,14 @@ def test_int4_decoder_saves_loads_in_a_fresh_process_and_exports_small_files(int
     assert in_pytorch.generate(ids, max_new_tokens=12, eos_token_id=[]).tolist() == expected
 
 
+def _onnxruntimes_float_path_ends(target) -> bool:
+    """After float activations in onnxruntime: graphopt's kernels give way to MatMulNBits (where they run here),
+    which is the end of the chain."""
+    if native_int4_library().path is None:
+        return target is None
+    return target.lowering.onnx_lowering().native_kernels is False and target.exact_weight_lowering() is None
+
+
 def test_exact_weight_lowering_is_the_fallback_of_pytorch_kernels() -> None:
     from graphopt.targets.cpu.target import CpuTarget
 
@@ -223,7 +249,8 @@ def test_exact_weight_lowering_is_the_fallback_of_pytorch_kernels() -> None:
     exact = kernels.exact_weight_lowering()
     assert exact is not None and exact.lowering.weight_kernels == "dequantize-once"
     assert exact.exact_weight_lowering() is None
-    assert CpuTarget(graphopt.CpuLowering(backend="onnxruntime")).exact_weight_lowering() is None
+    onnxruntime = CpuTarget(graphopt.CpuLowering(backend="onnxruntime")).exact_weight_lowering()
+    assert _onnxruntimes_float_path_ends(onnxruntime)
     with pytest.raises(ValueError, match="weight_kernels"):
         graphopt.CpuLowering(weight_kernels="fast")
     fast = graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48,
@@ -243,7 +270,8 @@ def test_int8_activations_step_down_to_float_ones_then_stop() -> None:
     a8 = CpuTarget(graphopt.CpuLowering(backend="onnxruntime", weight_only_activations="int8"))
     exact = a8.exact_weight_lowering()
     assert a8.lowering.label() == "onnxruntime-a8" and exact is not None
-    assert exact.lowering.weight_only_activations == "float" and exact.exact_weight_lowering() is None
+    assert exact.lowering.weight_only_activations == "float" and _onnxruntimes_float_path_ends(
+        exact.exact_weight_lowering())
     onnx_a8 = OnnxTarget(OnnxLowering(weight_only_activations="int8")).exact_weight_lowering()
     assert onnx_a8 is not None and onnx_a8.lowering.weight_only_activations == "float"
     with pytest.raises(ValueError, match="weight_only_activations"):

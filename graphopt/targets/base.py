@@ -164,6 +164,16 @@ class Target:
         """
         return None
 
+    def weight_kernels_round_within_bound(self, gm: fx.GraphModule) -> bool:
+        """True when ``gm``'s weight-only layers run kernels whose only departure from the graph is a bounded rounding.
+
+        graphopt's own int4/int8 kernels for onnxruntime (16-bit activations, float16 scales: far
+        below the weights' own rounding) are such kernels; int8 activations or bfloat16 kernels are
+        not. A loaded model, which has no float model to judge kernels by its budget, keeps these
+        and checks them against its saved graph by logit cosine (``LOWERED_MIN_COSINE``).
+        """
+        return False
+
     def native_error(self, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], reference: list[Any]) -> float:
         """Max abs error of the *unoptimized* model run the target's way, vs the CPU reference.
 

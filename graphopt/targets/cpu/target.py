@@ -23,7 +23,7 @@ from graphopt.targets.cpu.attention import QuantizedGraphAttention
 from graphopt.targets.cpu.lowering import CpuLowering, float_lowering_passes, lower_graph
 from graphopt.targets.cpu.quantized import INT8_LOWERING
 from graphopt.targets.cpu.weight_only import CpuWeightOnlyKernels
-from graphopt.targets.onnx.options import openvino_installed
+from graphopt.targets.onnx.options import OnnxLowering, openvino_installed
 
 __all__ = ["CpuTarget"]
 
@@ -81,22 +81,36 @@ class CpuTarget(Target):
         return self.with_lowering(replace(self.lowering, backend="openvino"))  # type: ignore[return-value]
 
     def specializes_decode(self, gm: fx.GraphModule) -> bool:
-        """Inductor's compiled kernels, or onnxruntime steps whose decode step would run graphopt's int4 kernel."""
+        """Inductor's compiled kernels, or onnxruntime steps whose decode step would run graphopt's kernels."""
         if self.lowering.backend in ONNX_BACKENDS:
-            from graphopt.targets.onnx.lowering import native_int4_applies  # loads onnx: only for these backends
-
-            return native_int4_applies(gm, self.lowering.onnx_lowering())
+            return self.weight_kernels_round_within_bound(gm)
         return super().specializes_decode(gm)
+
+    def weight_kernels_round_within_bound(self, gm: fx.GraphModule) -> bool:
+        """True when the onnxruntime session may run graphopt's kernels on ``gm`` (``native_kernels_apply``)."""
+        if self.lowering.backend not in ONNX_BACKENDS:
+            return False
+        from graphopt.targets.onnx.lowering import native_kernels_apply  # loads onnx: only for these backends
+
+        return native_kernels_apply(gm, self.lowering.onnx_lowering())
 
     def exact_weight_lowering(self) -> CpuTarget | None:
         """The next more exact lowering of weight-only layers, for a compressed model whose kernels missed its budget.
 
-        int8 activations (``weight_only_activations="int8"``) go back to float ones first; then, in
-        PyTorch, float weights computed once replace PyTorch's int8/int4 kernels (bfloat16). None
-        when the weights are computed once already, or onnxruntime's kernels run on float activations.
+        int8 activations (``weight_only_activations="int8"``) go back to float ones first; in
+        onnxruntime, graphopt's kernels (16-bit activations, float16 scales) then give way to
+        onnxruntime's float ``MatMulNBits``; in PyTorch, float weights computed once replace PyTorch's
+        int8/int4 kernels (bfloat16). None when the weights are computed once already, or onnxruntime's
+        own kernels run on float activations.
         """
         if self.lowering.weight_only_activations == "int8":  # first: the same kernels on float activations
             return self.with_lowering(replace(self.lowering, weight_only_activations="float"))  # type: ignore[return-value]
+        if self.lowering.backend in ONNX_BACKENDS:
+            from graphopt.targets.onnx.native_kernels import native_int4_library  # loads onnx: only for these
+
+            if self.lowering.onnx_lowering().runs_native_kernels and native_int4_library().path is not None:
+                stock = replace(self.lowering.onnx or OnnxLowering(), native_kernels=False)
+                return self.with_lowering(replace(self.lowering, onnx=stock))  # type: ignore[return-value]
         if self.lowering.backend != "graph" or self.lowering.weight_kernels == "dequantize-once":
             return None
         return self.with_lowering(replace(self.lowering, weight_kernels="dequantize-once"))  # type: ignore[return-value]

@@ -1,24 +1,38 @@
-// graphopt's exact int4 and int8 linears for onnxruntime's CPU provider (custom ops "graphopt.Int4Linear",
+// graphopt's int4 and int8 linears for onnxruntime's CPU provider (custom ops "graphopt.Int4Linear",
 // "graphopt.Int8Linear").
 //
-// Y[m, n] = sum_k A[m, k] * (q[n, k] * scale[n, g(k)] + offset[n, g(k)]), groups g of 32 features,
-// computed in float32 from float32 activations: the same product as MatMulNBits at accuracy level 0,
-// but from the 4-bit codes directly, where MatMulNBits first dequantizes them into a float buffer.
+// Y[m, n] = sum_k A[m, k] * (q[n, k] * scale[n, g(k)] + offset[n, g(k)]), groups g of 32 features.
 //
-// Int4Linear inputs: A float [..., K]; codes uint8 [N, K/32, 16] (byte i of group g: feature 32g+i in
-//          the low nibble, 32g+16+i in the high one); scales float [N, K/32]; offsets float [N, K/32].
-// Int8Linear inputs: A float [..., K]; codes int8 [N, K/32, 32]; scales float [N, K/32] (no offsets:
-//          Y[m, n] = sum_k A[m, k] * q[n, k] * scale[n, g(k)]).
-// Output:  Y float [..., N].
+// The products run on integers with AVX512-VNNI (vpdpbusd: 64 byte products per instruction), at
+// the speed memory delivers the codes: each group of 32 activations becomes 16-bit codes,
+// x ~= step * (256 * high + low) with step = the group's largest |x| / 32512, and the weight codes
+// meet the high and the low bytes in two integer dot products. The only rounding is that of the
+// activations to 16 bits, at most step / 2 each: about 2^-16 of the group's largest activation,
+// hundreds of times below the weights' own 4-bit rounding (MatMulNBits at accuracy level 4 rounds
+// activations to 8 bits). The offsets meet the groups' float32 sums. Scales and offsets are stored
+// as float16 (what graphopt's Python side checks they fit), so that a weight costs 0.625 bytes.
+//
+// Weights come in tiles of 16 output features (the last tile padded with zeros), one block of bytes
+// per tile and group, read front to back:
+//   Int4Linear inputs: A float [..., K]; weights uint8 [T, G, 320]; N int64 [1]. A block is the codes
+//     [4 chunks, 16 lanes, 4 bytes] (byte b of lane c in chunk j holds q[16t + c, 32g + 8j + b] in its
+//     low nibble and q[16t + c, 32g + 8j + 4 + b] in its high one), then 16 float16 scales and 16
+//     float16 offsets.
+//   Int8Linear inputs: A float [..., K]; weights uint8 [T, G, 544]; N int64 [1]. A block is the codes
+//     [8 chunks, 16 lanes, 4 bytes] (byte b of lane c in chunk j holds q[16t + c, 32g + 4j + b] + 128),
+//     then 16 float16 scales (no offsets: Y[m, n] = sum_k A[m, k] * q[n, k] * scale[n, g(k)]).
+// Output:  Y float [..., N]. T = ceil(N / 16), G = K / 32.
 //
 // The library talks to onnxruntime through its C ABI only (no headers ship with the Python wheel):
 // the OrtApi function table is indexed by slot, and onnxruntime only ever appends to that table.
-// Built by graphopt.targets.onnx.native_kernels with AVX-512 (F, BW) enabled.
+// Built by graphopt.targets.onnx.native_kernels with AVX-512 (F, BW, VNNI) enabled.
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -43,9 +57,10 @@ namespace {
 constexpr uint32_t kApiVersion = 20;  // onnxruntime >= 1.20: KernelContext_ParallelFor is in the table
 constexpr int kFloat = 1;              // ONNXTensorElementDataType
 constexpr int kUint8 = 2;
-constexpr int kInt8 = 3;
+constexpr int kInt64 = 7;
 constexpr int kRequired = 0;           // OrtCustomOpInputOutputCharacteristic
 constexpr int64_t kGroup = 32;
+constexpr float kCodeMax = 32512.0f;  // 16-bit activation codes stay in [-127 * 256 - 128, 127 * 256 + 127]
 constexpr int64_t kTasks = 8;  // per call, for onnxruntime's intra-op threads (a few cores at most here)
 
 // Slots of the OrtApi table this library calls.
@@ -114,88 +129,124 @@ void* data_of(const OrtValue* value) {
   return data;
 }
 
-struct Problem {
-  const float* a;       // [M, K]
-  const uint8_t* codes; // [N, G, 16] (int4) or [N, G, 32] (int8)
-  const float* scales;  // [N, G]
-  const float* offsets; // [N, G]; int4 only
-  const float* sums;    // [M, G]: each group of A's features summed
-  float* y;             // [M, N]
-  int64_t m, k, n, g;
-  int64_t rows_per_task;
+// One call's activations as 16-bit codes per group of 32 features: x ~= step * (256 * high + low).
+struct Activations {
+  std::vector<int8_t> high, low;  // [M, K]: high in [-127, 127], low in [-128, 127]
+  std::vector<float> steps;       // [M, G]: the group's largest |x| / kCodeMax (0 for an all-zero group)
+  std::vector<float> sums;        // [M, G]: the group's features summed in float32 (for the int4 offsets)
+  std::vector<int32_t> code_sums; // [M, G]: the group's 16-bit codes summed (for int8's +128 shift)
 };
 
-// Rows [row, row + R) of W against rows [first, first + MB) of A.
-template <bool Int8, int R, int MB>
-void block(const Problem& p, int64_t row, int64_t first) {
-  const __m512i low_nibble = _mm512_set1_epi32(0x0F);
-  __m512 acc[MB][R];
-  for (int i = 0; i < MB; ++i)
-    for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-  for (int64_t group = 0; group < p.g; ++group) {
-    __m512 x_low[MB], x_high[MB];
-    for (int i = 0; i < MB; ++i) {
-      const float* x = p.a + (first + i) * p.k + group * kGroup;
-      x_low[i] = _mm512_loadu_ps(x);
-      x_high[i] = _mm512_loadu_ps(x + 16);
+void quantize(const float* a, int64_t m, int64_t k, Activations& out) {
+  const int64_t g = k / kGroup;
+  out.high.resize(static_cast<size_t>(m * k));
+  out.low.resize(static_cast<size_t>(m * k));
+  out.steps.resize(static_cast<size_t>(m * g));
+  out.sums.resize(static_cast<size_t>(m * g));
+  out.code_sums.resize(static_cast<size_t>(m * g));
+  for (int64_t i = 0; i < m * g; ++i) {
+    const float* x = a + i * kGroup;  // rows are whole groups: group i of the flattened [M, K]
+    const __m512 first = _mm512_loadu_ps(x), second = _mm512_loadu_ps(x + 16);
+    const float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(first), _mm512_abs_ps(second)));
+    out.sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
+    const bool finite = std::isfinite(out.sums[i]);  // a NaN or an infinity in the group: NaN out, as in float
+    const float inverse = finite && largest > 0.0f ? kCodeMax / largest : 0.0f;
+    out.steps[i] = !finite ? std::numeric_limits<float>::quiet_NaN() : largest > 0.0f ? largest / kCodeMax : 0.0f;
+    __m512i code_sum = _mm512_setzero_si512();
+    for (int half = 0; half < 2; ++half) {
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(half ? second : first, _mm512_set1_ps(inverse)));
+      const __m512i low = _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24);  // the low byte, signed
+      const __m512i high = _mm512_srai_epi32(_mm512_sub_epi32(v, low), 8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.high.data() + i * kGroup + 16 * half), _mm512_cvtepi32_epi8(high));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.low.data() + i * kGroup + 16 * half), _mm512_cvtepi32_epi8(low));
+      code_sum = _mm512_add_epi32(code_sum, v);
     }
-    for (int r = 0; r < R; ++r) {
-      const int64_t at = (row + r) * p.g + group;
-      __m512 low, high;  // the group's first and last 16 weights (codes, before the scale)
-      if constexpr (Int8) {
-        const __m128i* codes = reinterpret_cast<const __m128i*>(p.codes + at * 32);
-        low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes)));
-        high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes + 1)));
-      } else {
-        const __m128i* codes = reinterpret_cast<const __m128i*>(p.codes + at * 16);
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes));
-        low = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low_nibble));
-        high = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
-      }
-      const __m512 scale = _mm512_set1_ps(p.scales[at]);
-      for (int i = 0; i < MB; ++i) {
-        const __m512 dot = _mm512_fmadd_ps(high, x_high[i], _mm512_mul_ps(low, x_low[i]));
-        acc[i][r] = _mm512_fmadd_ps(dot, scale, acc[i][r]);
-      }
-    }
-  }
-  const __mmask16 all = 0xFFFF;
-  for (int r = 0; r < R; ++r) {
-    const float* offsets = Int8 ? nullptr : p.offsets + (row + r) * p.g;
-    for (int i = 0; i < MB; ++i) {
-      const float* sums = p.sums + (first + i) * p.g;
-      __m512 total = acc[i][r];  // plus sum over groups of offset * (the group's features summed)
-      for (int64_t group = 0; !Int8 && group < p.g; group += 16) {
-        const int64_t left = p.g - group;
-        const __mmask16 mask = left >= 16 ? all : static_cast<__mmask16>((1u << left) - 1);
-        total = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, offsets + group), _mm512_maskz_loadu_ps(mask, sums + group),
-                                total);
-      }
-      p.y[(first + i) * p.n + row + r] = _mm512_reduce_add_ps(total);
-    }
+    out.code_sums[i] = _mm512_reduce_add_epi32(code_sum);
   }
 }
 
-template <bool Int8, int R>
-void rows(const Problem& p, int64_t row) {
-  int64_t first = 0;
-  for (; first + 4 <= p.m; first += 4) block<Int8, R, 4>(p, row, first);
-  switch (p.m - first) {
-    case 3: block<Int8, R, 3>(p, row, first); break;
-    case 2: block<Int8, R, 2>(p, row, first); break;
-    case 1: block<Int8, R, 1>(p, row, first); break;
-    default: break;
+struct Problem {
+  const Activations* x;
+  const uint8_t* weights;  // [T, G, block bytes]: see the file's comment
+  float* y;              // [M, N]
+  int64_t m, k, n, g, tiles;
+  int64_t tiles_per_task;
+};
+
+int32_t four_bytes(const int8_t* at) {
+  int32_t value;
+  std::memcpy(&value, at, sizeof(value));
+  return value;
+}
+
+// Tile t (output features 16t .. 16t + 15) against rows [first, first + MB) of the activations.
+template <bool Int8, int MB>
+void tile(const Problem& p, int64_t t, int64_t first) {
+  constexpr int64_t kChunks = Int8 ? 8 : 4;  // 64-byte loads of codes per group and tile
+  constexpr int64_t kBlock = kChunks * 64 + (Int8 ? 32 : 64);  // the codes, then float16 scales (and offsets)
+  const __m512i low_nibble = _mm512_set1_epi8(0x0F);
+  const Activations& x = *p.x;
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t group = 0; group < p.g; ++group) {
+    const int64_t at = t * p.g + group;
+    const uint8_t* block = p.weights + at * kBlock;
+    __m512i high[MB], low[MB];  // integer dot products with the high and the low activation bytes
+    for (int i = 0; i < MB; ++i) high[i] = low[i] = _mm512_setzero_si512();
+    for (int64_t chunk = 0; chunk < kChunks; ++chunk) {
+      const __m512i bytes = _mm512_loadu_si512(block + chunk * 64);
+      if constexpr (Int8) {  // lane c: features 4 * chunk .. + 3 of output feature 16t + c, plus 128
+        for (int i = 0; i < MB; ++i) {
+          const int64_t from = (first + i) * p.k + group * kGroup + 4 * chunk;
+          high[i] = _mm512_dpbusd_epi32(high[i], bytes, _mm512_set1_epi32(four_bytes(x.high.data() + from)));
+          low[i] = _mm512_dpbusd_epi32(low[i], bytes, _mm512_set1_epi32(four_bytes(x.low.data() + from)));
+        }
+      } else {  // lane c: features 8 * chunk .. + 3 in the low nibbles, the next four in the high ones
+        const __m512i near = _mm512_and_si512(bytes, low_nibble);
+        const __m512i far = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibble);
+        for (int i = 0; i < MB; ++i) {
+          const int64_t from = (first + i) * p.k + group * kGroup + 8 * chunk;
+          high[i] = _mm512_dpbusd_epi32(high[i], near, _mm512_set1_epi32(four_bytes(x.high.data() + from)));
+          high[i] = _mm512_dpbusd_epi32(high[i], far, _mm512_set1_epi32(four_bytes(x.high.data() + from + 4)));
+          low[i] = _mm512_dpbusd_epi32(low[i], near, _mm512_set1_epi32(four_bytes(x.low.data() + from)));
+          low[i] = _mm512_dpbusd_epi32(low[i], far, _mm512_set1_epi32(four_bytes(x.low.data() + from + 4)));
+        }
+      }
+    }
+    const __m256i* halves = reinterpret_cast<const __m256i*>(block + kChunks * 64);  // scales, then offsets
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(halves));
+    const __m512 offset = Int8 ? scale : _mm512_cvtph_ps(_mm256_loadu_si256(halves + 1));
+    for (int i = 0; i < MB; ++i) {
+      const int64_t row_group = (first + i) * p.g + group;
+      __m512i total = _mm512_add_epi32(_mm512_slli_epi32(high[i], 8), low[i]);
+      if constexpr (Int8) total = _mm512_sub_epi32(total, _mm512_set1_epi32(128 * x.code_sums[row_group]));
+      const __m512 step = _mm512_mul_ps(scale, _mm512_set1_ps(x.steps[row_group]));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), step, acc[i]);
+      if constexpr (!Int8) {
+        acc[i] = _mm512_fmadd_ps(offset, _mm512_set1_ps(x.sums[row_group]), acc[i]);
+      }
+    }
   }
+  const int64_t left = p.n - 16 * t;
+  const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+  for (int i = 0; i < MB; ++i) _mm512_mask_storeu_ps(p.y + (first + i) * p.n + 16 * t, mask, acc[i]);
 }
 
 template <bool Int8>
 void task(void* data, size_t index) {
   const Problem& p = *static_cast<const Problem*>(data);
-  const int64_t begin = static_cast<int64_t>(index) * p.rows_per_task;
-  const int64_t end = begin + p.rows_per_task < p.n ? begin + p.rows_per_task : p.n;
-  int64_t row = begin;
-  for (; row + 4 <= end; row += 4) rows<Int8, 4>(p, row);
-  for (; row < end; ++row) rows<Int8, 1>(p, row);
+  const int64_t begin = static_cast<int64_t>(index) * p.tiles_per_task;
+  const int64_t end = begin + p.tiles_per_task < p.tiles ? begin + p.tiles_per_task : p.tiles;
+  for (int64_t t = begin; t < end; ++t) {
+    int64_t first = 0;
+    for (; first + 4 <= p.m; first += 4) tile<Int8, 4>(p, t, first);
+    switch (p.m - first) {
+      case 3: tile<Int8, 3>(p, t, first); break;
+      case 2: tile<Int8, 2>(p, t, first); break;
+      case 1: tile<Int8, 1>(p, t, first); break;
+      default: break;
+    }
+  }
 }
 
 // The kernel handle onnxruntime passes back to compute: which op it is.
@@ -207,17 +258,20 @@ Kernel g_int8_kernel{true};
 
 void compute(void* kernel, OrtKernelContext* context) {
   const bool int8 = static_cast<const Kernel*>(kernel)->int8;
-  const OrtValue* inputs[4] = {nullptr, nullptr, nullptr, nullptr};
-  for (size_t i = 0; i < (int8 ? 3u : 4u); ++i) {
+  constexpr size_t count = 3;  // activations, weights, the number of output features (int64 [1])
+  const OrtValue* inputs[count] = {nullptr, nullptr, nullptr};
+  for (size_t i = 0; i < count; ++i) {
     slot<OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**)>(kKernelContextGetInput)(context, i,
                                                                                                      &inputs[i]);
   }
   Shape a_shape = shape_of(inputs[0]);
-  Shape code_shape = shape_of(inputs[1]);
+  Shape weight_shape = shape_of(inputs[1]);
   Problem p{};
   p.k = a_shape.dims.back();
-  p.n = code_shape.dims[0];
-  p.g = code_shape.dims[1];
+  p.tiles = weight_shape.dims[0];
+  p.g = weight_shape.dims.size() == 3 ? weight_shape.dims[1] : 0;
+  const int64_t block = weight_shape.dims.size() == 3 ? weight_shape.dims[2] : 0;
+  p.n = *static_cast<const int64_t*>(data_of(inputs[count - 1]));
   p.m = 1;
   for (size_t i = 0; i + 1 < a_shape.dims.size(); ++i) p.m *= a_shape.dims[i];
   std::vector<int64_t> out_dims = a_shape.dims;
@@ -225,26 +279,19 @@ void compute(void* kernel, OrtKernelContext* context) {
   OrtValue* output = nullptr;
   slot<OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**)>(kKernelContextGetOutput)(
       context, 0, out_dims.data(), out_dims.size(), &output);
-  p.a = static_cast<const float*>(data_of(inputs[0]));
-  p.codes = static_cast<const uint8_t*>(data_of(inputs[1]));
-  p.scales = static_cast<const float*>(data_of(inputs[2]));
-  p.offsets = int8 ? nullptr : static_cast<const float*>(data_of(inputs[3]));
+  p.weights = static_cast<const uint8_t*>(data_of(inputs[1]));
   p.y = static_cast<float*>(data_of(output));
   if (p.m == 0 || p.n == 0) return;
-  if (p.k != p.g * kGroup) {  // not what graphopt wrote: NaN, which every check downstream reports
+  if (p.k != p.g * kGroup || p.tiles * 16 < p.n || block != (int8 ? 544 : 320)) {  // not what graphopt wrote: NaN, which every check reports
     for (int64_t i = 0; i < p.m * p.n; ++i) p.y[i] = std::numeric_limits<float>::quiet_NaN();
     return;
   }
-  std::vector<float> sums(static_cast<size_t>(p.m * p.g));
-  for (int64_t i = 0; i < p.m; ++i) {
-    for (int64_t group = 0; group < p.g; ++group) {
-      const float* x = p.a + i * p.k + group * kGroup;
-      sums[i * p.g + group] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)));
-    }
-  }
-  p.sums = sums.data();
-  p.rows_per_task = ((p.n + kTasks - 1) / kTasks + 3) / 4 * 4;  // whole blocks of 4 rows
-  const size_t tasks = static_cast<size_t>((p.n + p.rows_per_task - 1) / p.rows_per_task);
+  Activations x;
+  quantize(static_cast<const float*>(data_of(inputs[0])), p.m, p.k, x);
+  p.x = &x;
+  p.tiles = (p.n + 15) / 16;
+  p.tiles_per_task = (p.tiles + kTasks - 1) / kTasks;
+  const size_t tasks = static_cast<size_t>((p.tiles + p.tiles_per_task - 1) / p.tiles_per_task);
   slot<OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*)>(
       kKernelContextParallelFor)(context, int8 ? task<true> : task<false>, tasks, 0, &p);
 }
@@ -255,20 +302,18 @@ void destroy_kernel(void*) {}
 const char* int4_name(const CustomOp*) { return "Int4Linear"; }
 const char* int8_name(const CustomOp*) { return "Int8Linear"; }
 const char* provider(const CustomOp*) { return "CPUExecutionProvider"; }
-int int4_input_type(const CustomOp*, size_t index) { return index == 1 ? kUint8 : kFloat; }
-int int8_input_type(const CustomOp*, size_t index) { return index == 1 ? kInt8 : kFloat; }
-size_t int4_input_count(const CustomOp*) { return 4; }
-size_t int8_input_count(const CustomOp*) { return 3; }
+int input_type(const CustomOp*, size_t index) { return index == 0 ? kFloat : index == 1 ? kUint8 : kInt64; }
+size_t input_count(const CustomOp*) { return 3; }
 int output_type(const CustomOp*, size_t) { return kFloat; }
 size_t output_count(const CustomOp*) { return 1; }
 int required(const CustomOp*, size_t) { return kRequired; }
 int default_memory(const CustomOp*, size_t) { return 0; }
 int one(const CustomOp*) { return 1; }
 
-CustomOp g_int4_linear = {14,       create_int4_kernel, int4_name,      provider, int4_input_type, int4_input_count,
+CustomOp g_int4_linear = {14,       create_int4_kernel, int4_name,      provider, input_type, input_count,
                           output_type, output_count,   compute,        destroy_kernel,  required, required,
                           default_memory, one, one, one, one};
-CustomOp g_int8_linear = {14,       create_int8_kernel, int8_name,      provider, int8_input_type, int8_input_count,
+CustomOp g_int8_linear = {14,       create_int8_kernel, int8_name,      provider, input_type, input_count,
                           output_type, output_count,   compute,        destroy_kernel,  required, required,
                           default_memory, one, one, one, one};
 

@@ -48,7 +48,7 @@ from graphopt.errors import LoweringError, UnsupportedOpError
 from graphopt.ir.graph import node_shape, snapshot_graph_module
 from graphopt.ir.verify import compare_outputs
 from graphopt.passes.base import Pass, PassResult
-from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT4
+from graphopt.passes.quantize.weight_ops import DEQUANTIZE_INT4, DEQUANTIZE_INT8
 from graphopt.report import PassRecord, ReportSection
 from graphopt.targets.base import LoweringContext
 from graphopt.targets.common.lowering import LoweringResult, run_lowering
@@ -62,7 +62,7 @@ from graphopt.targets.onnx.stateful import StatefulOnnxRunner
 
 __all__ = ["ATTENTION_EXPORT_PASSES", "FUSED_ONNX_OPS", "ExpandAttentionMasks", "ExportedModel", "Level",
            "OnnxLowering", "expand_attention_masks", "export_model", "fused_op_counts", "lower_onnx",
-           "NATIVE_MAX_ROWS", "native_int4_applies", "onnxruntime_runner", "session_options", "weight_only_rows"]
+           "NATIVE_MAX_ROWS", "native_kernels_apply", "onnxruntime_runner", "session_options", "weight_only_rows"]
 
 log = logging.getLogger("graphopt")
 
@@ -92,7 +92,7 @@ def session_options(options: OnnxLowering) -> Any:
 
 
 NATIVE_MAX_ROWS = 8
-"""graphopt's int4 kernel runs a graph's weight-only layers only when each reads at most this many rows per call,
+"""graphopt's int4/int8 kernels run a graph's weight-only layers only when each reads at most this many rows per call,
 fixed in the graph (a decode step: batch x 1 token). On 1536x576 it is 1.5-3.7x ``MatMulNBits``' exact path at
 one row, 1.3x at 4 and even at 16; over more rows (a prompt, a batch of sequences) that path's GEMM wins."""
 
@@ -133,26 +133,27 @@ def weight_only_rows(gm: fx.GraphModule, context: LoweringContext | None = None)
     return most
 
 
-def native_int4_applies(gm: fx.GraphModule, options: OnnxLowering) -> bool:
-    """True when an onnxruntime session of ``gm`` under ``options`` could run graphopt's int4 kernel.
+def native_kernels_apply(gm: fx.GraphModule, options: OnnxLowering) -> bool:
+    """True when an onnxruntime session of ``gm`` under ``options`` could run graphopt's int4 / int8 kernels.
 
-    That is: native kernels allowed, float activations, onnxruntime as the runtime, a 4-bit
-    weight-only linear whose in-features are a multiple of 32, and the library available here.
-    (The rows it reads decide the rest: ``NATIVE_MAX_ROWS``.)
+    That is: native kernels allowed, float activations, onnxruntime as the runtime, a 4-bit or an
+    8-bit weight-only linear whose in-features are a multiple of 32 (an 8-bit one is exported as
+    two 4-bit halves, which ``Int8Linear`` runs as one), and the library available here. (The rows
+    it reads decide the rest: ``NATIVE_MAX_ROWS``.)
     """
     if not options.runs_native_kernels:
         return False
-    int4 = any(dequant.target == DEQUANTIZE_INT4 and isinstance(node.args[0], fx.Node)
-               and node.args[0].meta.get("val") is not None and node.args[0].meta["val"].shape[-1] % 32 == 0
-               for node, dequant in weight_only_linears(gm.graph))
-    return int4 and native_int4_library().path is not None
+    eligible = any(dequant.target in (DEQUANTIZE_INT4, DEQUANTIZE_INT8) and isinstance(node.args[0], fx.Node)
+                   and node.args[0].meta.get("val") is not None and node.args[0].meta["val"].shape[-1] % 32 == 0
+                   for node, dequant in weight_only_linears(gm.graph))
+    return eligible and native_int4_library().path is not None
 
 
 def onnxruntime_runner(model: onnx.ModelProto, out_spec: Any, options: OnnxLowering, notes: list[str], *,
                        rows: int | None) -> OnnxRuntimeModule:
     """An onnxruntime session over ``model``, running graphopt's own kernels where ``options`` allow them.
 
-    Exact 4-bit ``MatMulNBits`` layers run ``graphopt.Int4Linear`` in the session's copy of the
+    4-bit ``MatMulNBits`` layers on float activations run ``graphopt.Int4Linear`` in the session's copy of the
     model (``native_kernels``) when ``rows``, the most rows any of them reads per call, is at most
     ``NATIVE_MAX_ROWS``; ``model`` itself, what the module saves, keeps ``MatMulNBits``. Appends to
     ``notes`` what ran, or why graphopt's kernel did not.
@@ -165,15 +166,16 @@ def onnxruntime_runner(model: onnx.ModelProto, out_spec: Any, options: OnnxLower
         small = rows is not None and rows <= NATIVE_MAX_ROWS
         rewrite = native_int4_model(model) if library.path is not None and small else None
         if library.path is None:
-            notes.append(f"graphopt's int4 kernel not used ({library.reason}): MatMulNBits runs as exported")
+            notes.append(f"graphopt's int4/int8 kernels not used ({library.reason}): MatMulNBits runs as exported")
         elif not small:
             count = "a number of rows fixed only at run time" if rows is None else f"{rows} rows"
-            notes.append(f"graphopt's int4 kernel not used: the weight-only layers read {count} per call (more "
+            notes.append(f"graphopt's int4/int8 kernels not used: the weight-only layers read {count} per call (more "
                          f"than {NATIVE_MAX_ROWS}), where MatMulNBits' dequantize-then-GEMM is faster")
         elif rewrite is not None and rewrite.layers:
             session.register_custom_ops_library(str(library.path))
             session_model = rewrite.model
-            notes.append(f"{rewrite.layers} of {nbits} MatMulNBits layers run graphopt's exact kernels: "
+            notes.append(f"{rewrite.layers} of {nbits} MatMulNBits layers run graphopt's kernels "
+                         f"(integer products on 16-bit activations): "
                          f"{rewrite.int4_layers} graphopt.Int4Linear ({rewrite.offsets_folded} with their group "
                          f"offsets folded in), {rewrite.int8_layers} graphopt.Int8Linear (each an int8 layer "
                          "exported as two 4-bit halves); the exported file keeps MatMulNBits")

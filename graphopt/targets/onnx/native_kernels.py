@@ -1,21 +1,26 @@
 """graphopt's own onnxruntime kernels: built once on the machine, swapped into the session's copy of a model.
 
-onnxruntime's ``MatMulNBits`` on float activations (accuracy level 0, what an exact int4 model
-needs) dequantizes its 4-bit weights into a float buffer and runs a float GEMM: on a decode step,
-where every product is one row against a large weight, that reads the codes at 4-6 GB/s. With int8
-activations (accuracy level 4) it is 2-3x faster but no longer computes what the graph computes.
-``graphopt.Int4Linear`` (``int4_linear.cc``) computes the same float32 product from the 4-bit codes
-directly with AVX-512 and onnxruntime's thread pool; ``graphopt.Int8Linear`` does the same for the
-group-wise int8 layers graphopt exports as two 4-bit halves (a tied LM head), from one byte per weight.
+onnxruntime's ``MatMulNBits`` on float activations (accuracy level 0) dequantizes its 4-bit
+weights into a float buffer and runs a float GEMM: on a decode step, where every product is one
+row against a large weight, that reads the codes at 4-6 GB/s. With int8 activations (accuracy
+level 4) it is 2-3x faster but rounds every activation to 8 bits.
+``graphopt.Int4Linear`` (``int4_linear.cc``) reads the 4-bit codes directly and multiplies them
+as integers with AVX512-VNNI against the activations rounded to 16 bits per group of 32 (two
+integer products, one per byte), at the speed memory delivers 0.625 bytes per weight (float16
+scales and offsets beside the codes); ``graphopt.Int8Linear`` does the same for the group-wise
+int8 layers graphopt exports as two 4-bit halves (a tied LM head), from one byte per weight.
+What that changes, against the float product of the file, is bounded per output: half a 16-bit
+step per activation and the float16 rounding of each scale and offset (2^-11 relative), both far
+below the 4-bit rounding of the weights; the lowering's final check judges it like any other.
 
 How it is used: :func:`native_int4_model` rewrites a *copy* of the exported model for the session
 (each eligible ``MatMulNBits``, with the group offsets that follow it folded in, becomes one
 ``Int4Linear``; each pair of halves with its adds, one ``Int8Linear``); the model graphopt keeps,
-saves and exports stays standard ONNX. The library is
-compiled with the system's C++ compiler into graphopt's cache folder the first time it is needed
-(about a second) and registered with the session's options. Where it cannot be used (no compiler,
-no AVX-512, onnxruntime older than 1.20, ``GRAPHOPT_NATIVE_KERNELS=0``) the session runs
-``MatMulNBits`` as exported and :func:`native_int4_library` says why.
+saves and exports stays standard ONNX. The library is compiled with the system's C++ compiler into
+graphopt's cache folder the first time it is needed (about a second) and registered with the
+session's options. Where it cannot be used (no compiler, no AVX512-VNNI, onnxruntime older than
+1.20, ``GRAPHOPT_NATIVE_KERNELS=0``) the session runs ``MatMulNBits`` as exported and
+:func:`native_int4_library` says why.
 """
 
 from __future__ import annotations
@@ -51,9 +56,12 @@ GROUP = 32
 MIN_ONNXRUNTIME = (1, 20)
 """The library asks onnxruntime for C API version 20 (``KernelContext_ParallelFor`` and the rest it calls)."""
 
+TILE = 16
+"""Output features per tile of the kernels' weight layout (one AVX-512 register of int32 sums)."""
+
 SOURCE = Path(__file__).with_name("int4_linear.cc")
-COMPILE_FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fPIC", "-shared",
-                 "-fvisibility=hidden")
+COMPILE_FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fPIC",
+                 "-shared", "-fvisibility=hidden")
 
 
 @dataclass(frozen=True)
@@ -89,8 +97,8 @@ def _why_not() -> str:
         return "GRAPHOPT_NATIVE_KERNELS=0"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"built for Linux on x86-64 only (this is {platform.system()} on {platform.machine()})"
-    if not {"avx512f", "avx512bw"} <= _cpu_flags():
-        return "the CPU has no AVX-512 (F and BW)"
+    if not {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags():
+        return "the CPU lacks AVX-512 (F, BW and VNNI)"
     import onnxruntime as ort
 
     version = tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
@@ -123,7 +131,7 @@ def native_int4_library() -> NativeLibrary:
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         return NativeLibrary(None, f"compiling {SOURCE.name} failed: {detail.strip().splitlines()[-1][:200]}")
-    log.info("built graphopt's int4 kernel for onnxruntime: %s", target)
+    log.info("built graphopt's int4/int8 kernels for onnxruntime: %s", target)
     return NativeLibrary(target)
 
 
@@ -149,12 +157,12 @@ def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
 
 def _unpack_low_first(packed: np.ndarray) -> np.ndarray:
     """uint8 pairs -> nibbles along the last axis, the low nibble first (``MatMulNBits``' order, graphopt's own)."""
-    return unpack_nibbles(torch.from_numpy(np.ascontiguousarray(packed))).numpy()
+    return unpack_nibbles(torch.from_numpy(np.array(packed))).numpy()  # a writable copy
 
 
 def _int4_linear_constants(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(codes, scales, offsets) of ``Int4Linear`` for a ``MatMulNBits`` node, or None when it does not qualify.
+    """(codes ``[N, K/GROUP, GROUP]``, scales and offsets ``[N, K/GROUP]``) of a ``MatMulNBits`` node, or None.
 
     Qualifies: 4 bits, float32 scales, blocks and K multiples of ``GROUP``, constant weights, float
     activations (accuracy level 0), uint8 zero points or none, no ``g_idx`` or bias.
@@ -174,8 +182,7 @@ def _int4_linear_constants(node: onnx.NodeProto, initializers: dict[str, onnx.Te
     blocks = -(-k // block)
     q = _unpack_low_first(packed.reshape(n, -1))[:, :k]
     groups = k // GROUP
-    codes = q.reshape(n, groups, 2, GROUP // 2)
-    codes = (codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)).astype(np.uint8)
+    codes = q.reshape(n, groups, GROUP).astype(np.uint8)
     if inputs[3]:
         zero_points = _unpack_low_first(numpy_helper.to_array(initializers[inputs[3]]).reshape(n, -1))[:, :blocks]
     else:
@@ -255,7 +262,7 @@ def _int8_pair(add: onnx.NodeProto, producers: dict[str, onnx.NodeProto], consum
     offsets = _group_offsets(readers[0], add.output[0], first.input[0], k, producers, initializers)
     per_group, groups = block // GROUP, k // GROUP
     low_scales = np.repeat(scales[1].reshape(n, -1), per_group, axis=1)[:, :groups]
-    if offsets is None or not np.array_equal(offsets, 8 * low_scales):
+    if offsets is None or not np.array_equal(offsets, 8 * low_scales) or not _fits_float16(low_scales):
         return None
     high, low = (_unpack_low_first(numpy_helper.to_array(initializers[h.input[1]]).reshape(n, -1))[:, :k]
                  for h in (first, second))
@@ -263,14 +270,70 @@ def _int8_pair(add: onnx.NodeProto, producers: dict[str, onnx.NodeProto], consum
     return _Int8Pair((first, second), (add.output[0], readers[0].output[0]), codes, np.ascontiguousarray(low_scales))
 
 
-def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
-    """A copy of ``model`` whose exact 4-bit ``MatMulNBits`` layers run ``graphopt.Int4Linear`` / ``Int8Linear``.
+def _by_tiles(array: np.ndarray) -> np.ndarray:
+    """``[N, G, ...]`` -> ``[ceil(N / TILE), G, TILE, ...]``, the last tile padded with zeros."""
+    n = array.shape[0]
+    padded = np.zeros((-(-n // TILE) * TILE, *array.shape[1:]), array.dtype)
+    padded[:n] = array
+    tiled = padded.reshape(-1, TILE, *array.shape[1:])
+    return np.ascontiguousarray(np.moveaxis(tiled, 1, 2))
 
-    Each layer's codes are repacked for the kernel (two features of one 32-feature group per
-    byte), its scales and zero points become a float scale and offset per group, and a following
-    add of graphopt's float-zero-point offsets is folded into those offsets. An int8 layer exported
-    as two halves (``_int8_pair``) becomes one ``Int8Linear`` on its one-byte codes. Nodes left
-    without a reader are removed. ``model`` itself is not changed.
+
+def _int4_tiles(codes: np.ndarray) -> np.ndarray:
+    """The codes of ``Int4Linear``'s blocks, ``[T, G, 256]``, from 4-bit codes ``[N, G, GROUP]`` (``int4_linear.cc``).
+
+    Byte ``b`` of lane ``c`` in chunk ``j`` holds features ``8j + b`` (low nibble) and ``8j + 4 + b``
+    (high nibble) of output feature ``c`` of the tile.
+    """
+    tiled = _by_tiles(codes)
+    tiled = tiled.reshape(*tiled.shape[:3], 4, 2, 4)  # [T, G, TILE, chunk, nibble, byte]
+    packed = (tiled[..., 0, :] | (tiled[..., 1, :] << 4)).astype(np.uint8)
+    return packed.transpose(0, 1, 3, 2, 4).reshape(*tiled.shape[:2], -1)
+
+
+def _int8_tiles(codes: np.ndarray) -> np.ndarray:
+    """The codes of ``Int8Linear``'s blocks, ``[T, G, 512]`` (``q + 128``), from int8 codes ``[N, G, GROUP]``."""
+    tiled = _by_tiles((codes.astype(np.int16) + 128).astype(np.uint8))
+    tiled = tiled.reshape(*tiled.shape[:3], 8, 4)  # [T, G, TILE, chunk, byte]
+    return tiled.transpose(0, 1, 3, 2, 4).reshape(*tiled.shape[:2], -1)
+
+
+HALF_MAX = 65504.0  # float16's largest finite value
+HALF_SMALLEST_NORMAL = 2.0 ** -14  # and its smallest with all 11 significant bits
+
+
+def _fits_float16(*arrays: np.ndarray) -> bool:
+    """Whether float16 holds ``arrays`` to its full 11 significant bits at their largest (none overflows)."""
+    largest = max(float(np.abs(a).max(initial=0.0)) for a in arrays)
+    return bool(all(np.isfinite(a).all() for a in arrays)) and HALF_SMALLEST_NORMAL <= largest <= HALF_MAX
+
+
+def _weight_blocks(codes: np.ndarray, *per_group: np.ndarray) -> np.ndarray:
+    """One block of bytes per tile and group: the tiled ``codes``, then each ``[N, G]`` array as 16 float16s."""
+    halves = [_by_tiles(a).astype(np.float16).view(np.uint8) for a in per_group]  # [T, G, 32] each
+    return np.ascontiguousarray(np.concatenate([codes, *halves], axis=2))
+
+
+def _kernel_node(op: str, activations: str, output: str, stem: str, n: int, blocks: np.ndarray
+                 ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """A ``graphopt`` kernel node reading ``activations`` and its initializers (the weight blocks, ``N``)."""
+    constants = [numpy_helper.from_array(blocks, f"{stem}_weights"),
+                 numpy_helper.from_array(np.array([n], dtype=np.int64), f"{stem}_columns")]
+    node = onnx.helper.make_node(op, [activations, *(t.name for t in constants)], [output], name=stem,
+                                 domain=NATIVE_DOMAIN)
+    return node, constants
+
+
+def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
+    """A copy of ``model`` whose 4-bit float-activation ``MatMulNBits`` run ``graphopt.Int4Linear`` / ``Int8Linear``.
+
+    Each layer's scales and zero points become a scale and an offset per group of 32 features, a
+    following add of graphopt's float-zero-point offsets folded into the offsets, and its codes are
+    repacked in tiles of ``TILE`` output features, each group's codes followed by its scales and
+    offsets in float16 (``_weight_blocks``; a layer whose scales float16 cannot hold keeps
+    ``MatMulNBits``). An int8 layer exported as two halves (``_int8_pair``) becomes one
+    ``Int8Linear`` on its one-byte codes. Nodes left without a reader are removed. ``model`` itself
+    is not changed.
     """
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -291,11 +354,10 @@ def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
     positions = {node.output[0]: index for index, node in enumerate(graph.node) if node.output}
     for pair in pairs:
         stem = f"{pair.halves[0].name or pair.adds[1]}_graphopt_int8"
-        graph.initializer.extend([numpy_helper.from_array(pair.codes, f"{stem}_codes"),
-                                  numpy_helper.from_array(pair.scales, f"{stem}_scales")])
-        replaced[positions[pair.adds[1]]] = onnx.helper.make_node(
-            "Int8Linear", [pair.halves[0].input[0], f"{stem}_codes", f"{stem}_scales"], [pair.adds[1]], name=stem,
-            domain=NATIVE_DOMAIN)
+        blocks = _weight_blocks(_int8_tiles(pair.codes), pair.scales)
+        replaced[positions[pair.adds[1]]], constants = _kernel_node(
+            "Int8Linear", pair.halves[0].input[0], pair.adds[1], stem, pair.codes.shape[0], blocks)
+        graph.initializer.extend(constants)
         dropped.update(pair.adds)
     for index, node in enumerate(graph.node):
         if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or node.output[0] in paired:
@@ -312,14 +374,15 @@ def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
         if term is not None:  # the add's output comes from the kernel; the offset chain loses its reader
             offsets = offsets + term
             output = readers[0].output[0]
+        if not _fits_float16(scales, offsets):
+            continue
+        if term is not None:
             dropped.add(output)
             folded += 1
         stem = f"{node.name or node.output[0]}_graphopt_int4"
-        for suffix, array in (("codes", codes), ("scales", scales), ("offsets", offsets)):
-            graph.initializer.append(numpy_helper.from_array(array, f"{stem}_{suffix}"))
-        replaced[index] = onnx.helper.make_node("Int4Linear", [node.input[0], f"{stem}_codes", f"{stem}_scales",
-                                                               f"{stem}_offsets"], [output], name=stem,
-                                                domain=NATIVE_DOMAIN)
+        blocks = _weight_blocks(_int4_tiles(codes), scales, offsets)
+        replaced[index], constants = _kernel_node("Int4Linear", node.input[0], output, stem, codes.shape[0], blocks)
+        graph.initializer.extend(constants)
         layers += 1
     if not layers and not pairs:
         return NativeRewrite(copy, 0, 0)

@@ -42,9 +42,10 @@ class OnnxLowering:
     inference precision, ``"f32"`` (the file as written: a ``precision="bf16"`` graph's reduced layers still
     run in bfloat16) or ``"bf16"`` (every op OpenVINO can in bfloat16; needs the fidelity budget of a lossy
     pass). Unset: ``"f32"`` (a ``precision="bf16"`` graph still runs its reduced layers in bfloat16).
-    ``native_kernels``: let the onnxruntime session run graphopt's own kernels where they apply (exact
-    4-bit weight-only layers: ``graphopt.Int4Linear``, built on first use with the system's C++ compiler,
-    x86-64 with AVX-512; ``graphopt.targets.onnx.native_kernels``); the exported file keeps standard ops.
+    ``native_kernels``: let the onnxruntime session run graphopt's own kernels where they apply (4-bit
+    weight-only layers on float activations, which the kernels round to 16 bits per group of 32:
+    ``graphopt.Int4Linear``, built on first use with the system's C++ compiler, x86-64 with AVX512-VNNI;
+    ``graphopt.targets.onnx.native_kernels``); the exported file keeps standard ops.
     """
 
     fused_attention: bool = True

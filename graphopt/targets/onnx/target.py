@@ -17,7 +17,8 @@ from graphopt.ir.shapes import DynamicDims
 from graphopt.passes.base import Pass
 from graphopt.targets.base import LoweringContext, Target
 from graphopt.targets.onnx.export import OnnxRuntimeModule, export_graph_to_onnx, export_passes
-from graphopt.targets.onnx.lowering import export_model, lower_onnx, native_int4_applies
+from graphopt.targets.onnx.lowering import export_model, lower_onnx, native_kernels_apply
+from graphopt.targets.onnx.native_kernels import native_int4_library
 from graphopt.targets.onnx.options import OnnxLowering
 
 __all__ = ["OnnxRuntimeModule", "OnnxTarget", "export_graph_to_onnx", "export_onnx_model"]
@@ -45,14 +46,24 @@ class OnnxTarget(Target):
         self.lowering: OnnxLowering = lowering or OnnxLowering()
 
     def exact_weight_lowering(self) -> OnnxTarget | None:
-        """With int8 activations in the weight-only kernels, the same kernels on float activations; else None."""
+        """The next more exact weight-only kernels: int8 activations -> float ones -> onnxruntime's own float path.
+
+        graphopt's kernels (16-bit activations, float16 scales) come before onnxruntime's float
+        ``MatMulNBits``; None once that runs.
+        """
         if self.lowering.weight_only_activations == "int8":
             return self.with_lowering(replace(self.lowering, weight_only_activations="float"))  # type: ignore[return-value]
+        if self.lowering.runs_native_kernels and native_int4_library().path is not None:
+            return self.with_lowering(replace(self.lowering, native_kernels=False))  # type: ignore[return-value]
         return None
 
+    def weight_kernels_round_within_bound(self, gm: fx.GraphModule) -> bool:
+        """True when the session may run graphopt's int4/int8 kernels on ``gm`` (``native_kernels_apply``)."""
+        return native_kernels_apply(gm, self.lowering)
+
     def specializes_decode(self, gm: fx.GraphModule) -> bool:
-        """True when the decode step would run graphopt's int4 kernel: it needs the rows fixed (``NATIVE_MAX_ROWS``)."""
-        return native_int4_applies(gm, self.lowering)
+        """True when the decode step would run graphopt's kernels: they need the rows fixed (``NATIVE_MAX_ROWS``)."""
+        return self.weight_kernels_round_within_bound(gm)
 
     def lowering_passes(self, gm: fx.GraphModule) -> list[Pass]:
         """The rewrites before export: custom ops onnxruntime runs with int8 / compressed-weight kernels."""

@@ -31,7 +31,13 @@ from graphopt.ir.state import LiftedState, StateSpec, relift_state
 from graphopt.report import Report
 from graphopt.targets.base import Target
 from graphopt.targets.common.weight_only_kernels import has_weight_only_ops
-from graphopt.workflows.generation.build import BuiltSteps, GraphStep, check_steps, lower_steps
+from graphopt.workflows.generation.build import (
+    LOWERED_MIN_COSINE,
+    BuiltSteps,
+    GraphStep,
+    check_steps,
+    lower_steps,
+)
 from graphopt.workflows.generation.decoder import STEP_INPUTS
 from graphopt.workflows.generation.sampling import GenerationDefaults
 from graphopt.workflows.save_load import Archive, read_archive, write_archive
@@ -151,8 +157,9 @@ def _lifted_graph(archive: Archive, section: dict[str, Any]) -> tuple[LiftedStat
 def _steps(archive: Archive, section: dict[str, Any], target: Target, report: Report) -> BuiltSteps:
     """One file's step graph, lowered for ``target`` and checked against the graph itself."""
     lifted, example = _lifted_graph(archive, section)
-    exact = target
-    while has_weight_only_ops(lifted.graph_module) and (more := exact.exact_weight_lowering()) is not None:
+    exact, graph = target, lifted.graph_module
+    while has_weight_only_ops(graph) and not exact.weight_kernels_round_within_bound(graph) \
+            and (more := exact.exact_weight_lowering()) is not None:
         exact = more  # no float model here to judge less exact weight kernels by the budget: the exact ones
     if exact is not target:
         report.notes.append(f"compressed weights loaded: steps lowered as '{exact.lowering.label()}', exact to the "
@@ -160,12 +167,14 @@ def _steps(archive: Archive, section: dict[str, Any], target: Target, report: Re
                             "activations or PyTorch's bfloat16 int8/int4 kernels, to its budget); target='cpu' runs "
                             "onnxruntime's compressed kernels")
         target = exact
+    bounded = has_weight_only_ops(graph) and target.weight_kernels_round_within_bound(graph)
     started = time.perf_counter()
     steps = lower_steps(lifted, example, archive.dynamic, target, None)
     lowering = time.perf_counter() - started
     started = time.perf_counter()
     reference = GraphStep(lifted, steps.batch_size, steps.max_cache_len)
-    check_steps(steps, reference, example[0], report, target.name, against="the saved step graph")
+    check_steps(steps, reference, example[0], report, target.name, against="the saved step graph",
+                min_cosine=LOWERED_MIN_COSINE if bounded else None)  # graphopt's kernels: rounding within a bound
     seconds = {"lowering": lowering, "check": time.perf_counter() - started}
     return BuiltSteps(steps, lifted, example, archive.dynamic, seconds)
 
