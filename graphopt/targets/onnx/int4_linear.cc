@@ -6,11 +6,12 @@
 // The products run on integers with AVX512-VNNI (vpdpbusd: 64 byte products per instruction), at
 // the speed memory delivers the codes: each group of 32 activations becomes 16-bit codes,
 // x ~= step * (256 * high + low) with step = the group's largest |x| / 32512, and the weight codes
-// meet the high and the low bytes in two integer dot products. The only rounding is that of the
-// activations to 16 bits, at most step / 2 each: about 2^-16 of the group's largest activation,
-// hundreds of times below the weights' own 4-bit rounding (MatMulNBits at accuracy level 4 rounds
-// activations to 8 bits). The offsets meet the groups' float32 sums. Scales and offsets are stored
-// as float16 (what graphopt's Python side checks they fit), so that a weight costs 0.625 bytes.
+// meet the high and the low bytes in two integer dot products; the offsets meet the groups' float32
+// sums. Two roundings part this from the float product: the activations' to 16 bits, at most
+// step / 2 each (about 2^-16 of the group's largest activation; MatMulNBits at accuracy level 4
+// rounds them to 8 bits), and the scales' and offsets' to float16 (2^-11 relative; graphopt's Python
+// side checks that they fit), which makes a 4-bit weight cost 0.625 bytes. Both lie far below the
+// weights' own 4-bit rounding.
 //
 // Weights come in tiles of 16 output features (the last tile padded with zeros), one block of bytes
 // per tile and group, read front to back:
@@ -157,8 +158,9 @@ void quantize(const float* a, int64_t m, int64_t k, Activations& out) {
       const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(half ? second : first, _mm512_set1_ps(inverse)));
       const __m512i low = _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24);  // the low byte, signed
       const __m512i high = _mm512_srai_epi32(_mm512_sub_epi32(v, low), 8);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.high.data() + i * kGroup + 16 * half), _mm512_cvtepi32_epi8(high));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.low.data() + i * kGroup + 16 * half), _mm512_cvtepi32_epi8(low));
+      const int64_t at = i * kGroup + 16 * half;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.high.data() + at), _mm512_cvtepi32_epi8(high));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.low.data() + at), _mm512_cvtepi32_epi8(low));
       code_sum = _mm512_add_epi32(code_sum, v);
     }
     out.code_sums[i] = _mm512_reduce_add_epi32(code_sum);
@@ -168,7 +170,7 @@ void quantize(const float* a, int64_t m, int64_t k, Activations& out) {
 struct Problem {
   const Activations* x;
   const uint8_t* weights;  // [T, G, block bytes]: see the file's comment
-  float* y;              // [M, N]
+  float* y;                // [M, N]
   int64_t m, k, n, g, tiles;
   int64_t tiles_per_task;
 };
@@ -282,7 +284,8 @@ void compute(void* kernel, OrtKernelContext* context) {
   p.weights = static_cast<const uint8_t*>(data_of(inputs[1]));
   p.y = static_cast<float*>(data_of(output));
   if (p.m == 0 || p.n == 0) return;
-  if (p.k != p.g * kGroup || p.tiles * 16 < p.n || block != (int8 ? 544 : 320)) {  // not what graphopt wrote: NaN, which every check reports
+  // Not what graphopt wrote: NaN, which every check downstream reports.
+  if (p.k != p.g * kGroup || p.tiles * 16 < p.n || block != (int8 ? 544 : 320)) {
     for (int64_t i = 0; i < p.m * p.n; ++i) p.y[i] = std::numeric_limits<float>::quiet_NaN();
     return;
   }
