@@ -306,6 +306,31 @@ def test_int8_activations_run_in_onnxruntime_and_answer_to_the_budget(monkeypatc
     assert "'onnxruntime-a8'" in note and "as 'onnxruntime'" in note and len(checked) == 2
 
 
+@pytest.mark.skipif(native_int4_library().path is None, reason="graphopt's kernels cannot run here")
+def test_a_model_loads_with_the_kernels_its_budget_kept(monkeypatch, tmp_path) -> None:
+    from graphopt.workflows.generation import build
+
+    checked = []
+
+    def misses_once(decision, steps, report):  # graphopt's kernels break the budget, onnxruntime's meet it
+        checked.append(steps)
+        if len(checked) == 1:
+            raise FidelityError("greedy tokens equal on 0% of prompts", "weight-only")
+    monkeypatch.setattr(build, "check_lowered", misses_once)
+    fallen = graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48,
+                               compress=[WeightOnly(bits=4, group_size=32)],
+                               fidelity=budget(max_perplexity_ratio=1.05, min_token_agreement=0.0))
+    note = next(n for n in fallen.report.notes if "lowered again more exactly" in n)
+    assert "stock-kernels" in note and len(checked) == 2
+    monkeypatch.undo()
+    loaded = graphopt.load(fallen.save(tmp_path / "fallen.pt2"), target="cpu")
+    kept = next(n for n in loaded.report.notes if "where optimize's budget left them" in n)
+    assert "stock-kernels" in kept
+    ids = prompt()
+    assert torch.equal(loaded.generate(ids, max_new_tokens=8, eos_token_id=[]),
+                       fallen.generate(ids, max_new_tokens=8, eos_token_id=[]))
+
+
 def test_partitioned_int4_decoder_keeps_compressed_stages(tmp_path) -> None:
     from graphopt.workflows.generation import PartitionedGenerator
 

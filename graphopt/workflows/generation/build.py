@@ -89,6 +89,9 @@ class BuiltSteps:
     example: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     dynamic: DynamicDims
     seconds: dict[str, float] = field(default_factory=dict)
+    weight_fallback: str | None = None
+    """The label (``Target.label``) of the more exact lowering the steps fell back to when the weight-only
+    kernels missed the budget (``Target.exact_weight_lowering``); saved, so that a loaded model starts there."""
 
 
 LOWERED_MIN_COSINE = 0.999
@@ -174,36 +177,39 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
     steps = lower_steps(lifted, example, traced.dynamic, target, report, on_error=on_error)
     seconds["lowering"] = time.perf_counter() - started
     report.lowering_seconds += seconds["lowering"]
+    fallback = None
     if verify:
         started = time.perf_counter()
         if compression is None:
             check_steps(steps, traced.decoder, traced.prompt, report, target.name)
         else:
-            steps = _check_compressed(steps, lifted, traced.prompt, compression, example, traced.dynamic, target,
-                                      report, on_error)
+            steps, fallback = _check_compressed(steps, lifted, traced.prompt, compression, example, traced.dynamic,
+                                                target, report, on_error)
         seconds["check"] = time.perf_counter() - started
-    return BuiltSteps(steps, lifted, example, traced.dynamic, seconds)
+    return BuiltSteps(steps, lifted, example, traced.dynamic, seconds, fallback)
 
 
 def _check_compressed(steps: LoweredSteps, lifted: LiftedState, prompt: torch.Tensor, compression: StepCompression,
                       example: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dynamic: DynamicDims, target: Target,
-                      report: Report, on_error: str) -> LoweredSteps:
+                      report: Report, on_error: str) -> tuple[LoweredSteps, str | None]:
     """Check compressed steps against their graph and the budget; lower them more exactly while they miss it.
 
     Weight-only kernels may compute less exactly than the graph: int8 activations
     (``weight_only_activations="int8"``), PyTorch's int8/int4 kernels in bfloat16. When the steps
     drift from the graph or break the budget's token agreement, the target's next more exact
     lowering (``Target.exact_weight_lowering``: float activations, then float weights computed
-    once) is tried; only when the last one misses too does the error reach the user.
+    once) is tried; only when the last one misses too does the error reach the user. Returns the
+    steps kept and, when they are a fallback, the label of their target.
     """
     assert compression.decision is not None
     reference = GraphStep(lifted, steps.batch_size, steps.max_cache_len)
+    fallback = None
     while True:
         try:
             check_steps(steps, reference, prompt, report, target.name, against="the compressed step graph",
                         min_cosine=LOWERED_MIN_COSINE)
             check_lowered(compression.decision, steps, report)
-            return steps
+            return steps, fallback
         except (FidelityError, VerificationError) as error:
             exact = target.exact_weight_lowering()
             if exact is None:
@@ -211,7 +217,7 @@ def _check_compressed(steps: LoweredSteps, lifted: LiftedState, prompt: torch.Te
             report.notes.append(f"the weight-only kernels of lowering '{target.lowering.label()}' missed the budget "
                                 f"({error}); the steps were lowered again more exactly, as "
                                 f"'{exact.lowering.label()}'")
-            target = exact
+            target, fallback = exact, exact.label()
             steps = lower_steps(lifted, example, dynamic, target, report, on_error=on_error)
 
 

@@ -83,6 +83,7 @@ def _section(built: BuiltSteps, max_cache_len: int, defaults: GenerationDefaults
                   for spec in lifted.state],
         "num_outputs": lifted.num_outputs,
         "defaults": defaults.to_dict(),
+        "weight_fallback": built.weight_fallback,
     }
 
 
@@ -155,19 +156,35 @@ def _lifted_graph(archive: Archive, section: dict[str, Any]) -> tuple[LiftedStat
 
 
 def _steps(archive: Archive, section: dict[str, Any], target: Target, report: Report) -> BuiltSteps:
-    """One file's step graph, lowered for ``target`` and checked against the graph itself."""
+    """One file's step graph, lowered for ``target`` and checked against the graph itself.
+
+    Weight-only kernels start where ``optimize``'s budget left them (``weight_fallback``: the first
+    lowering down ``Target.exact_weight_lowering`` with that label), then go on down to kernels
+    exact to the graph or rounding within a bound: a loaded model has no float model to judge
+    others by its budget.
+    """
     lifted, example = _lifted_graph(archive, section)
-    exact, graph = target, lifted.graph_module
-    while has_weight_only_ops(graph) and not exact.weight_kernels_round_within_bound(graph) \
+    graph = lifted.graph_module
+    compressed = has_weight_only_ops(graph)
+    fallback = section.get("weight_fallback") if compressed else None
+    step: Target | None = target
+    while fallback is not None and step is not None and step.label() != fallback:
+        step = step.exact_weight_lowering()
+    if step is not None and step is not target:
+        report.notes.append(f"compressed weights loaded: steps lowered as '{fallback}', where optimize's budget "
+                            "left them")
+        target = step
+    exact = target
+    while compressed and not exact.weight_kernels_round_within_bound(graph) \
             and (more := exact.exact_weight_lowering()) is not None:
-        exact = more  # no float model here to judge less exact weight kernels by the budget: the exact ones
+        exact = more
     if exact is not target:
         report.notes.append(f"compressed weights loaded: steps lowered as '{exact.lowering.label()}', exact to the "
                             "saved graph (a loaded model has no float model to hold less exact weight kernels, int8 "
                             "activations or PyTorch's bfloat16 int8/int4 kernels, to its budget); target='cpu' runs "
                             "onnxruntime's compressed kernels")
         target = exact
-    bounded = has_weight_only_ops(graph) and target.weight_kernels_round_within_bound(graph)
+    bounded = compressed and target.weight_kernels_round_within_bound(graph)
     started = time.perf_counter()
     steps = lower_steps(lifted, example, archive.dynamic, target, None)
     lowering = time.perf_counter() - started
@@ -176,7 +193,7 @@ def _steps(archive: Archive, section: dict[str, Any], target: Target, report: Re
     check_steps(steps, reference, example[0], report, target.name, against="the saved step graph",
                 min_cosine=LOWERED_MIN_COSINE if bounded else None)  # graphopt's kernels: rounding within a bound
     seconds = {"lowering": lowering, "check": time.perf_counter() - started}
-    return BuiltSteps(steps, lifted, example, archive.dynamic, seconds)
+    return BuiltSteps(steps, lifted, example, archive.dynamic, seconds, fallback)
 
 
 def _batch_archive(path: Path, name: str, batch_size: int, max_cache_len: int) -> tuple[Archive, dict[str, Any]]:
