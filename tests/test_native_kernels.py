@@ -66,6 +66,7 @@ def _kernel_rounding_bound(x: np.ndarray, weight: np.ndarray, scaled_codes: np.n
     half_precision = 2.0 ** -11 * (np.abs(scaled_codes) + offsets) + 2.0 ** -24 * 16
     return half_steps @ np.abs(scaled_codes).T + np.abs(x) @ half_precision.T
 
+
 def _assert_within_kernel_rounding(ours: torch.Tensor, stock: torch.Tensor, original: torch.Tensor) -> None:
     """``ours`` (graphopt's kernels) differs from ``stock`` (``MatMulNBits`` on float activations), by less than a
     tenth of what the 4-bit weights themselves change (``stock`` against the ``original`` float model)."""
