@@ -106,9 +106,9 @@ class CpuTarget(Target):
         if self.lowering.weight_only_activations == "int8":  # first: the same kernels on float activations
             return self.with_lowering(replace(self.lowering, weight_only_activations="float"))  # type: ignore[return-value]
         if self.lowering.backend in ONNX_BACKENDS:
-            from graphopt.targets.onnx.native_kernels import native_int4_library  # loads onnx: only for these
+            from graphopt.targets.onnx.native_kernels import native_kernels_run  # loads onnx: only for these
 
-            if self.lowering.onnx_lowering().runs_native_kernels and native_int4_library().path is not None:
+            if native_kernels_run(self.lowering.onnx_lowering()):
                 stock = replace(self.lowering.onnx or OnnxLowering(), native_kernels=False)
                 return self.with_lowering(replace(self.lowering, onnx=stock))  # type: ignore[return-value]
         if self.lowering.backend != "graph" or self.lowering.weight_kernels == "dequantize-once":

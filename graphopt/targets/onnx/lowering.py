@@ -54,7 +54,7 @@ from graphopt.targets.base import LoweringContext
 from graphopt.targets.common.lowering import LoweringResult, run_lowering
 from graphopt.targets.common.weight_only_kernels import weight_only_linears
 from graphopt.targets.onnx.export import OnnxRuntimeModule, export_prepared, prepare_for_export, quiet_loggers
-from graphopt.targets.onnx.native_kernels import native_int4_library, native_int4_model
+from graphopt.targets.onnx.native_kernels import native_int4_library, native_int4_model, native_kernels_run
 from graphopt.targets.onnx.openvino_runtime import openvino_export, openvino_runner, run_openvino
 from graphopt.targets.onnx.opsets import FUSED_ATTENTION_OPSET, opset_of
 from graphopt.targets.onnx.options import Level, OnnxLowering
@@ -93,8 +93,9 @@ def session_options(options: OnnxLowering) -> Any:
 
 NATIVE_MAX_ROWS = 8
 """graphopt's int4/int8 kernels run a graph's weight-only layers only when each reads at most this many rows per call,
-fixed in the graph (a decode step: batch x 1 token). On 1536x576 it is 1.5-3.7x ``MatMulNBits``' exact path at
-one row, 1.3x at 4 and even at 16; over more rows (a prompt, a batch of sequences) that path's GEMM wins."""
+fixed in the graph (a decode step: batch x 1 token). On 24 layers of 1536x576 (2 threads) they run 2.97x
+``MatMulNBits``' float path at one row, 1.83x at 4, 1.59x at 8 and still 1.44x at 16; over many rows (a prompt)
+that path's GEMM wins."""
 
 
 def _input_dim_values(gm: fx.GraphModule, context: LoweringContext) -> dict[Any, int]:
@@ -146,17 +147,18 @@ def native_kernels_apply(gm: fx.GraphModule, options: OnnxLowering) -> bool:
     eligible = any(dequant.target in (DEQUANTIZE_INT4, DEQUANTIZE_INT8) and isinstance(node.args[0], fx.Node)
                    and node.args[0].meta.get("val") is not None and node.args[0].meta["val"].shape[-1] % 32 == 0
                    for node, dequant in weight_only_linears(gm.graph))
-    return eligible and native_int4_library().path is not None
+    return eligible and native_kernels_run(options)  # the library is built only for graphs that have such layers
 
 
 def onnxruntime_runner(model: onnx.ModelProto, out_spec: Any, options: OnnxLowering, notes: list[str], *,
                        rows: int | None) -> OnnxRuntimeModule:
     """An onnxruntime session over ``model``, running graphopt's own kernels where ``options`` allow them.
 
-    4-bit ``MatMulNBits`` layers on float activations run ``graphopt.Int4Linear`` in the session's copy of the
-    model (``native_kernels``) when ``rows``, the most rows any of them reads per call, is at most
-    ``NATIVE_MAX_ROWS``; ``model`` itself, what the module saves, keeps ``MatMulNBits``. Appends to
-    ``notes`` what ran, or why graphopt's kernel did not.
+    4-bit ``MatMulNBits`` layers on float activations run ``graphopt.Int4Linear`` (an int8 layer's
+    two halves, ``graphopt.Int8Linear``) in the session's copy of the model (``native_kernels``) when
+    ``rows``, the most rows any of them reads per call, is at most ``NATIVE_MAX_ROWS``; ``model``
+    itself, what the module saves, keeps ``MatMulNBits``. Appends to ``notes`` what ran, or why
+    graphopt's kernels did not.
     """
     session = session_options(options)
     session_model = None

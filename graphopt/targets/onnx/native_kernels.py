@@ -42,8 +42,10 @@ import torch
 from onnx import numpy_helper
 
 from graphopt.passes.quantize.weight_ops import unpack_nibbles
+from graphopt.targets.onnx.options import OnnxLowering
 
-__all__ = ["NATIVE_DOMAIN", "NativeLibrary", "NativeRewrite", "native_int4_library", "native_int4_model"]
+__all__ = ["NATIVE_DOMAIN", "NativeLibrary", "NativeRewrite", "native_int4_library", "native_int4_model",
+           "native_kernels_run"]
 
 log = logging.getLogger("graphopt")
 
@@ -133,6 +135,14 @@ def native_int4_library() -> NativeLibrary:
         return NativeLibrary(None, f"compiling {SOURCE.name} failed: {detail.strip().splitlines()[-1][:200]}")
     log.info("built graphopt's int4/int8 kernels for onnxruntime: %s", target)
     return NativeLibrary(target)
+
+
+def native_kernels_run(options: OnnxLowering) -> bool:
+    """True when sessions under ``options`` run graphopt's kernels where a model has layers for them.
+
+    The options allow them (``OnnxLowering.runs_native_kernels``) and the library is built here.
+    """
+    return options.runs_native_kernels and native_int4_library().path is not None
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ class OnnxLowering:
 
     @property
     def runs_native_kernels(self) -> bool:
-        """True when a session under these options may run graphopt's own kernels (exact, in onnxruntime)."""
+        """True when a session under these options may run graphopt's own kernels (onnxruntime, float activations)."""
         return self.native_kernels and self.runtime == "onnxruntime" and self.weight_only_activations == "float"
 
     @property

@@ -18,7 +18,7 @@ from graphopt.passes.base import Pass
 from graphopt.targets.base import LoweringContext, Target
 from graphopt.targets.onnx.export import OnnxRuntimeModule, export_graph_to_onnx, export_passes
 from graphopt.targets.onnx.lowering import export_model, lower_onnx, native_kernels_apply
-from graphopt.targets.onnx.native_kernels import native_int4_library
+from graphopt.targets.onnx.native_kernels import native_kernels_run
 from graphopt.targets.onnx.options import OnnxLowering
 
 __all__ = ["OnnxRuntimeModule", "OnnxTarget", "export_graph_to_onnx", "export_onnx_model"]
@@ -53,7 +53,7 @@ class OnnxTarget(Target):
         """
         if self.lowering.weight_only_activations == "int8":
             return self.with_lowering(replace(self.lowering, weight_only_activations="float"))  # type: ignore[return-value]
-        if self.lowering.runs_native_kernels and native_int4_library().path is not None:
+        if native_kernels_run(self.lowering):
             return self.with_lowering(replace(self.lowering, native_kernels=False))  # type: ignore[return-value]
         return None
 

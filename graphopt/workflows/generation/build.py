@@ -195,9 +195,10 @@ def _check_compressed(steps: LoweredSteps, lifted: LiftedState, prompt: torch.Te
     """Check compressed steps against their graph and the budget; lower them more exactly while they miss it.
 
     Weight-only kernels may compute less exactly than the graph: int8 activations
-    (``weight_only_activations="int8"``), PyTorch's int8/int4 kernels in bfloat16. When the steps
-    drift from the graph or break the budget's token agreement, the target's next more exact
-    lowering (``Target.exact_weight_lowering``: float activations, then float weights computed
+    (``weight_only_activations="int8"``), graphopt's kernels on 16-bit activations, PyTorch's
+    int8/int4 kernels in bfloat16. When the steps drift from the graph or break the budget's token
+    agreement, the target's next more exact lowering (``Target.exact_weight_lowering``: float
+    activations, then onnxruntime's float kernels instead of graphopt's, or float weights computed
     once) is tried; only when the last one misses too does the error reach the user. Returns the
     steps kept and, when they are a fallback, the label of their target.
     """
@@ -228,8 +229,8 @@ def lower_steps(lifted: LiftedState, example: tuple[torch.Tensor, torch.Tensor, 
     ``example`` is the prefill step's inputs (a prompt, its cache-wide mask, its positions; the
     batch size and ``max_cache_len`` are read from the mask), ``dynamic`` the step's dynamic dims
     (the sequence length; the state is static). The prefill lowering keeps the sequence length
-    dynamic; targets that gain from static shapes (``Target.specializes_decode``: Inductor, graphopt's int4
-    kernel in onnxruntime) get a second lowering for one token.
+    dynamic; targets that gain from static shapes (``Target.specializes_decode``: Inductor, graphopt's int4/int8
+    kernels in onnxruntime) get a second lowering for one token.
     ``lifted.initial`` is the empty cache every generation starts from.
     """
     state = lifted.initial
