@@ -103,14 +103,15 @@ def test_int8_decoder_on_other_lowerings(target: str) -> None:
 
 
 @pytest.mark.skipif(native_int4_library().path is None, reason="graphopt's kernels cannot run here")
-def test_int8_decode_step_runs_one_int8_kernel_per_layer() -> None:
+def test_int8_decode_step_runs_one_int8_kernel_per_layer_and_one_per_swiglu() -> None:
     fast = graphopt.optimize(tiny_llama(), (prompt(),), target="onnx", max_cache_len=48,
                              compress=[WeightOnly(bits=8, group_size=32)],
                              fidelity=budget(max_perplexity_ratio=1.05, min_token_agreement=0.0))
     assert any("of 10 layers compressed as asked" in n and not n.startswith("int8-weight-only: 0 of")
                for n in fast.report.notes)
     kernels = next(n for n in fast.report.notes if "MatMulNBits layers run graphopt's kernels" in n)
-    assert all(part in kernels for part in ("18 of 18 MatMulNBits", "0 graphopt.Int4Linear", "9 graphopt.Int8Linear"))
+    assert all(part in kernels for part in ("18 of 18 MatMulNBits", "0 graphopt.Int4Linear", "9 graphopt.Int8Linear",
+                                            "2 SwiGLU blocks run their gate and up layers as one kernel"))
     out = fast.generate(prompt(), max_new_tokens=8, eos_token_id=[])
     assert torch.equal(fast.generate(prompt(), max_new_tokens=8, eos_token_id=[]), out) and out.shape == (1, 15)
 

@@ -111,6 +111,127 @@ def test_int4_linear_computes_matmul_nbits_within_its_rounding_bound(n: int, k: 
     assert np.isnan(spoiled[:2]).all() and np.array_equal(spoiled[2:], ours[2:])
 
 
+def _silu_times(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    gate = gate.astype(np.float64)
+    return gate / (1 + np.exp(-gate)) * up
+
+
+def _constant_bound(name: str, value: int) -> list[onnx.NodeProto]:
+    """``name`` = [value] computed as torch.onnx writes slice bounds: a Constant, cast, then reshaped to [-1]."""
+    return [helper.make_node("Constant", [], [f"{name}_c"], value=numpy_helper.from_array(np.array(value, np.int64))),
+            helper.make_node("Cast", [f"{name}_c"], [f"{name}_i"], to=TensorProto.INT64),
+            helper.make_node("Constant", [], [f"{name}_s"], value_ints=[-1]),
+            helper.make_node("Reshape", [f"{name}_i", f"{name}_s"], [name])]
+
+
+def _swiglu_model(width: int, k: int, rows: int, form: str
+                  ) -> tuple[onnx.ModelProto, onnx.ModelProto, list[tuple[np.ndarray, np.ndarray]]]:
+    """``SiLU(gate) * up`` over 4-bit layers, the bare layer(s) it reads, and the (weight, codes times scales) of
+    gate and up (``_matmul_nbits_model``): gate and up as slices or a split of one layer of ``2 * width``
+    features, or as two layers."""
+    if form == "two layers":
+        gate, *gate_parts = _matmul_nbits_model(width, k, 32, rows, zero_points=True, seed=0)
+        up, *up_parts = _matmul_nbits_model(width, k, 32, rows, zero_points=True, seed=1)
+        parts = [tuple(gate_parts), tuple(up_parts)]
+        for model, name in ((gate, "G"), (up, "U")):
+            for tensor in model.graph.initializer:
+                tensor.name = f"{name}_{tensor.name}"
+            node = model.graph.node[0]
+            node.input[1:] = [f"{name}_{i}" for i in node.input[1:]]
+            node.output[0] = name
+        nodes = [gate.graph.node[0], up.graph.node[0]]
+        initializers = [*gate.graph.initializer, *up.graph.initializer]
+        bare_outputs = ["G", "U"]
+    else:
+        layer, *both = _matmul_nbits_model(2 * width, k, 32, rows, zero_points=True)
+        parts = [(both[0][:width], both[1][:width]), (both[0][width:], both[1][width:])]
+        nodes, initializers, bare_outputs = list(layer.graph.node), list(layer.graph.initializer), ["Y"]
+        if form == "split":
+            nodes += [helper.make_node("Constant", [], ["sizes"], value_ints=[width, width]),
+                      helper.make_node("Split", ["Y", "sizes"], ["G", "U"], axis=-1)]
+        else:  # slices along axis 1 (the last), as torch.onnx exports them
+            for name, start, stop in (("G", 0, width), ("U", width, 2 * width)):
+                nodes += [*_constant_bound(f"{name}_start", start), *_constant_bound(f"{name}_stop", stop),
+                          *_constant_bound(f"{name}_axis", 1),
+                          helper.make_node("Slice", ["Y", f"{name}_start", f"{name}_stop", f"{name}_axis"], [name])]
+    nodes += [helper.make_node("Sigmoid", ["G"], ["sig"]), helper.make_node("Mul", ["G", "sig"], ["silu"]),
+              helper.make_node("Mul", ["U", "silu"], ["Z"])]
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    a = helper.make_tensor_value_info("A", TensorProto.FLOAT, [rows, k])
+    value_info = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, 2 * width])]
+    swiglu = helper.make_model(helper.make_graph(
+        nodes, "g", [a], [helper.make_tensor_value_info("Z", TensorProto.FLOAT, [rows, width])], initializers,
+        value_info=value_info), opset_imports=opsets)
+    bare = helper.make_model(helper.make_graph(
+        nodes[:2] if form == "two layers" else nodes[:1], "g", [a],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in bare_outputs], initializers),
+        opset_imports=opsets)
+    return swiglu, bare, parts
+
+
+@needs_library
+@pytest.mark.parametrize("form", ["slices", "split", "two layers"])
+@pytest.mark.parametrize("width", [64, 40])  # whole tiles of 16 features, and a padded last tile
+def test_swiglu_blocks_run_as_one_gated_kernel(form: str, width: int) -> None:
+    rows, k = 3, 96
+    model, bare, parts = _swiglu_model(width, k, rows, form)
+    rewrite = native_int4_model(model)
+    assert rewrite.swiglus == 1 and _ops(rewrite.model) == {"Int4SwiGLU": 1}
+    assert rewrite.layers == (2 if form == "two layers" else 1)
+    x = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
+    gated = _session(rewrite.model, library=True).run(None, {"A": x})[0]
+    linears = _session(native_int4_model(bare).model, library=True).run(None, {"A": x})  # the ungated kernels
+    gate, up = (linears[0][:, :width], linears[0][:, width:]) if form != "two layers" else linears
+    expected = _silu_times(gate, up)  # the same integer products: only SiLU's exponential and float32 rounding differ
+    assert np.abs(gated - expected).max() <= 1e-5 * np.abs(expected).max()
+    (gate_bound, exact_gate), (up_bound, exact_up) = ((_kernel_rounding_bound(x, *p), x.astype(np.float64) @ p[0].T)
+                                                      for p in parts)
+    exact = _silu_times(exact_gate, exact_up)  # SiLU's slope lies within [-0.1, 1.1]
+    bound = 1.1 * gate_bound * np.abs(exact_up) + np.abs(_silu_times(exact_gate, 1)) * up_bound + gate_bound * up_bound
+    assert (np.abs(gated - exact) <= bound + 1e-6 * np.abs(exact).max()).all()
+    stock = _session(model, library=False).run(None, {"A": x})[0]  # MatMulNBits, Sigmoid, Mul: float32 rounding
+    assert np.abs(stock - exact).max() < 1e-5 * np.abs(exact).max() < np.abs(gated - stock).max()
+    x[1, 7] = np.nan
+    spoiled = _session(rewrite.model, library=True).run(None, {"A": x})[0]
+    assert np.isnan(spoiled[1]).all() and np.array_equal(spoiled[[0, 2]], gated[[0, 2]])
+
+
+@needs_library
+def test_a_swiglu_whose_parts_are_read_elsewhere_keeps_separate_kernels() -> None:
+    model, _, _ = _swiglu_model(64, 96, 2, "slices")
+    model.graph.output.append(helper.make_tensor_value_info("sig", TensorProto.FLOAT, None))
+    rewrite = native_int4_model(model)
+    assert rewrite.swiglus == 0 and _ops(rewrite.model)["Int4Linear"] == 1 and _ops(rewrite.model)["Slice"] == 2
+    x = np.random.default_rng(2).standard_normal((2, 96)).astype(np.float32)
+    ours, stock = (_session(m, library=lib).run(None, {"A": x}) for m, lib in ((rewrite.model, True), (model, False)))
+    assert all(np.abs(a - b).max() < 1e-3 * np.abs(b).max() for a, b in zip(ours, stock, strict=True))
+
+
+class _SwiGLUMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up = nn.Linear(96, 128, bias=False), nn.Linear(96, 128, bias=False)
+        self.down = nn.Linear(128, 96, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+@needs_library
+def test_a_swiglu_mlp_runs_its_gated_kernel_through_optimize() -> None:
+    torch.manual_seed(0)
+    model, x = _SwiGLUMLP().eval(), torch.randn(2, 96)
+    fast = graphopt.optimize(model, (x,), **INT4)
+    stock = graphopt.optimize(model, (x,), lowering=OnnxLowering(native_kernels=False), **INT4)
+    note = next(n for n in fast.report.notes if "graphopt's kernels" in n)
+    assert "3 of 3 MatMulNBits layers" in note or "2 of 2 MatMulNBits layers" in note
+    assert "1 SwiGLU blocks run their gate and up layers as one kernel" in note
+    assert fast.report.final_check == "passed"
+    with torch.no_grad():
+        other = torch.randn(2, 96)
+        _assert_within_kernel_rounding(fast(other), stock(other), model(other))
+
+
 def test_layers_the_kernel_does_not_take_stay_matmul_nbits() -> None:
     model, _, _ = _matmul_nbits_model(16, 96, 32, 2, zero_points=True)
     node = model.graph.node[0]

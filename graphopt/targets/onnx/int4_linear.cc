@@ -1,5 +1,5 @@
 // graphopt's int4 and int8 linears for onnxruntime's CPU provider (custom ops "graphopt.Int4Linear",
-// "graphopt.Int8Linear").
+// "graphopt.Int8Linear", and the gated "graphopt.Int4SwiGLU", "graphopt.Int8SwiGLU").
 //
 // Y[m, n] = sum_k A[m, k] * (q[n, k] * scale[n, g(k)] + offset[n, g(k)]), groups g of 32 features.
 //
@@ -23,6 +23,9 @@
 //     [8 chunks, 16 lanes, 4 bytes] (byte b of lane c in chunk j holds q[16t + c, 32g + 4j + b] + 128),
 //     then 16 float16 scales (no offsets: Y[m, n] = sum_k A[m, k] * q[n, k] * scale[n, g(k)]).
 // Output:  Y float [..., N]. T = ceil(N / 16), G = K / 32.
+//   Int4SwiGLU / Int8SwiGLU (a decoder MLP's SiLU(x W_gate) * (x W_up) as one op): the same inputs with
+//     weights [2T, G, bytes], the gate's tile t at 2t and the up projection's at 2t + 1; each output
+//     tile is SiLU(gate) * up, computed in registers before the store (e^x to float32 precision).
 //
 // The library talks to onnxruntime through its C ABI only (no headers ship with the Python wheel):
 // the OrtApi function table is indexed by slot, and onnxruntime only ever appends to that table.
@@ -181,14 +184,14 @@ int32_t four_bytes(const int8_t* at) {
   return value;
 }
 
-// Tile t (output features 16t .. 16t + 15) against rows [first, first + MB) of the activations.
+// Tile t of the weights (output features 16t .. 16t + 15 of its layer) against rows [first, first + MB)
+// of the activations, summed into acc.
 template <bool Int8, int MB>
-void tile(const Problem& p, int64_t t, int64_t first) {
+void accumulate(const Problem& p, int64_t t, int64_t first, __m512 (&acc)[MB]) {
   constexpr int64_t kChunks = Int8 ? 8 : 4;  // 64-byte loads of codes per group and tile
   constexpr int64_t kBlock = kChunks * 64 + (Int8 ? 32 : 64);  // the codes, then float16 scales (and offsets)
   const __m512i low_nibble = _mm512_set1_epi8(0x0F);
   const Activations& x = *p.x;
-  __m512 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t group = 0; group < p.g; ++group) {
     const int64_t at = t * p.g + group;
@@ -229,23 +232,60 @@ void tile(const Problem& p, int64_t t, int64_t first) {
       }
     }
   }
+}
+
+// e^x for float32 lanes: 2^n * e^r with r = x - n ln 2 in [-ln 2 / 2, ln 2 / 2] and e^r to degree 7
+// (truncation below 1e-8 relative, under float32's own rounding); x is first clamped to [-88, 88].
+__m512 exp_lanes(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts, exact first
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 e = _mm512_set1_ps(1.0f / 5040.0f);
+  for (const float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f}) {
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
+  }
+  return _mm512_scalef_ps(e, n);
+}
+
+// SiLU(gate) * up = gate / (1 + e^-gate) * up.
+__m512 swiglu(__m512 gate, __m512 up) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_mul_ps(_mm512_div_ps(gate, _mm512_add_ps(one, exp_lanes(_mm512_sub_ps(_mm512_setzero_ps(), gate)))),
+                       up);
+}
+
+// Output tile t (features 16t .. 16t + 15) for rows [first, first + MB): a linear reads weight tile t;
+// a gated one (SwiGLU) reads the gate's tile at 2t and the up projection's at 2t + 1.
+template <bool Int8, bool Gated, int MB>
+void tile(const Problem& p, int64_t t, int64_t first) {
+  __m512 acc[MB];
+  if constexpr (Gated) {
+    __m512 up[MB];
+    accumulate<Int8, MB>(p, 2 * t, first, acc);
+    accumulate<Int8, MB>(p, 2 * t + 1, first, up);
+    for (int i = 0; i < MB; ++i) acc[i] = swiglu(acc[i], up[i]);
+  } else {
+    accumulate<Int8, MB>(p, t, first, acc);
+  }
   const int64_t left = p.n - 16 * t;
   const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
   for (int i = 0; i < MB; ++i) _mm512_mask_storeu_ps(p.y + (first + i) * p.n + 16 * t, mask, acc[i]);
 }
 
-template <bool Int8>
+template <bool Int8, bool Gated>
 void task(void* data, size_t index) {
   const Problem& p = *static_cast<const Problem*>(data);
   const int64_t begin = static_cast<int64_t>(index) * p.tiles_per_task;
   const int64_t end = begin + p.tiles_per_task < p.tiles ? begin + p.tiles_per_task : p.tiles;
   for (int64_t t = begin; t < end; ++t) {
     int64_t first = 0;
-    for (; first + 4 <= p.m; first += 4) tile<Int8, 4>(p, t, first);
+    for (; first + 4 <= p.m; first += 4) tile<Int8, Gated, 4>(p, t, first);
     switch (p.m - first) {
-      case 3: tile<Int8, 3>(p, t, first); break;
-      case 2: tile<Int8, 2>(p, t, first); break;
-      case 1: tile<Int8, 1>(p, t, first); break;
+      case 3: tile<Int8, Gated, 3>(p, t, first); break;
+      case 2: tile<Int8, Gated, 2>(p, t, first); break;
+      case 1: tile<Int8, Gated, 1>(p, t, first); break;
       default: break;
     }
   }
@@ -254,12 +294,20 @@ void task(void* data, size_t index) {
 // The kernel handle onnxruntime passes back to compute: which op it is.
 struct Kernel {
   bool int8;
+  bool gated;
 };
-Kernel g_int4_kernel{false};
-Kernel g_int8_kernel{true};
+Kernel g_int4_kernel{false, false};
+Kernel g_int8_kernel{true, false};
+Kernel g_int4_swiglu_kernel{false, true};
+Kernel g_int8_swiglu_kernel{true, true};
+
+using Task = void (*)(void*, size_t);
+
+constexpr Task kTasksByKind[2][2] = {{task<false, false>, task<false, true>}, {task<true, false>, task<true, true>}};
 
 void compute(void* kernel, OrtKernelContext* context) {
   const bool int8 = static_cast<const Kernel*>(kernel)->int8;
+  const bool gated = static_cast<const Kernel*>(kernel)->gated;
   constexpr size_t count = 3;  // activations, weights, the number of output features (int64 [1])
   const OrtValue* inputs[count] = {nullptr, nullptr, nullptr};
   for (size_t i = 0; i < count; ++i) {
@@ -285,25 +333,30 @@ void compute(void* kernel, OrtKernelContext* context) {
   p.y = static_cast<float*>(data_of(output));
   if (p.m == 0 || p.n == 0) return;
   // Not what graphopt wrote: NaN, which every check downstream reports.
-  if (p.k != p.g * kGroup || p.tiles * 16 < p.n || block != (int8 ? 544 : 320)) {
+  const int64_t tiles = (p.n + 15) / 16;
+  if (p.k != p.g * kGroup || p.tiles < (gated ? 2 : 1) * tiles || block != (int8 ? 544 : 320)) {
     for (int64_t i = 0; i < p.m * p.n; ++i) p.y[i] = std::numeric_limits<float>::quiet_NaN();
     return;
   }
   Activations x;
   quantize(static_cast<const float*>(data_of(inputs[0])), p.m, p.k, x);
   p.x = &x;
-  p.tiles = (p.n + 15) / 16;
+  p.tiles = tiles;
   p.tiles_per_task = (p.tiles + kTasks - 1) / kTasks;
   const size_t tasks = static_cast<size_t>((p.tiles + p.tiles_per_task - 1) / p.tiles_per_task);
   slot<OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*)>(
-      kKernelContextParallelFor)(context, int8 ? task<true> : task<false>, tasks, 0, &p);
+      kKernelContextParallelFor)(context, kTasksByKind[int8][gated], tasks, 0, &p);
 }
 
 void* create_int4_kernel(const CustomOp*, const OrtApi*, const OrtKernelInfo*) { return &g_int4_kernel; }
 void* create_int8_kernel(const CustomOp*, const OrtApi*, const OrtKernelInfo*) { return &g_int8_kernel; }
+void* create_int4_swiglu_kernel(const CustomOp*, const OrtApi*, const OrtKernelInfo*) { return &g_int4_swiglu_kernel; }
+void* create_int8_swiglu_kernel(const CustomOp*, const OrtApi*, const OrtKernelInfo*) { return &g_int8_swiglu_kernel; }
 void destroy_kernel(void*) {}
 const char* int4_name(const CustomOp*) { return "Int4Linear"; }
 const char* int8_name(const CustomOp*) { return "Int8Linear"; }
+const char* int4_swiglu_name(const CustomOp*) { return "Int4SwiGLU"; }
+const char* int8_swiglu_name(const CustomOp*) { return "Int8SwiGLU"; }
 const char* provider(const CustomOp*) { return "CPUExecutionProvider"; }
 int input_type(const CustomOp*, size_t index) { return index == 0 ? kFloat : index == 1 ? kUint8 : kInt64; }
 size_t input_count(const CustomOp*) { return 3; }
@@ -313,12 +366,15 @@ int required(const CustomOp*, size_t) { return kRequired; }
 int default_memory(const CustomOp*, size_t) { return 0; }
 int one(const CustomOp*) { return 1; }
 
-CustomOp g_int4_linear = {14,       create_int4_kernel, int4_name,      provider, input_type, input_count,
-                          output_type, output_count,   compute,        destroy_kernel,  required, required,
-                          default_memory, one, one, one, one};
-CustomOp g_int8_linear = {14,       create_int8_kernel, int8_name,      provider, input_type, input_count,
-                          output_type, output_count,   compute,        destroy_kernel,  required, required,
-                          default_memory, one, one, one, one};
+constexpr CustomOp op(void* (*create)(const CustomOp*, const OrtApi*, const OrtKernelInfo*),
+                      const char* (*name)(const CustomOp*)) {
+  return {14,       create,   name,           provider, input_type, input_count, output_type, output_count,
+          compute,  destroy_kernel, required, required, default_memory, one,   one,         one,
+          one};
+}
+
+CustomOp g_ops[] = {op(create_int4_kernel, int4_name), op(create_int8_kernel, int8_name),
+                    op(create_int4_swiglu_kernel, int4_swiglu_name), op(create_int8_swiglu_kernel, int8_swiglu_name)};
 
 }  // namespace
 
@@ -330,8 +386,8 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   OrtStatus* status =
       slot<OrtStatus* (*)(const char*, OrtCustomOpDomain**)>(kCreateCustomOpDomain)("graphopt", &domain);
   if (status != nullptr) return status;
-  for (const CustomOp* op : {&g_int4_linear, &g_int8_linear}) {
-    status = slot<OrtStatus* (*)(OrtCustomOpDomain*, const CustomOp*)>(kCustomOpDomainAdd)(domain, op);
+  for (const CustomOp& custom_op : g_ops) {
+    status = slot<OrtStatus* (*)(OrtCustomOpDomain*, const CustomOp*)>(kCustomOpDomainAdd)(domain, &custom_op);
     if (status != nullptr) return status;
   }
   return slot<OrtStatus* (*)(OrtSessionOptions*, OrtCustomOpDomain*)>(kAddCustomOpDomain)(options, domain);

@@ -180,7 +180,10 @@ def onnxruntime_runner(model: onnx.ModelProto, out_spec: Any, options: OnnxLower
                          f"(integer products on 16-bit activations): "
                          f"{rewrite.int4_layers} graphopt.Int4Linear ({rewrite.offsets_folded} with their group "
                          f"offsets folded in), {rewrite.int8_layers} graphopt.Int8Linear (each an int8 layer "
-                         "exported as two 4-bit halves); the exported file keeps MatMulNBits")
+                         "exported as two 4-bit halves)"
+                         + (f"; {rewrite.swiglus} SwiGLU blocks run their gate and up layers as one kernel, SiLU "
+                            "and product included" if rewrite.swiglus else "")
+                         + "; the exported file keeps MatMulNBits")
     return OnnxRuntimeModule(model, out_spec, options=session, session_model=session_model)
 
 

@@ -15,7 +15,9 @@ below the 4-bit rounding of the weights; the lowering's final check judges it li
 
 How it is used: :func:`native_int4_model` rewrites a *copy* of the exported model for the session
 (each eligible ``MatMulNBits``, with the group offsets that follow it folded in, becomes one
-``Int4Linear``; each pair of halves with its adds, one ``Int8Linear``); the model graphopt keeps,
+``Int4Linear``; each pair of halves with its adds, one ``Int8Linear``; a SwiGLU block over such
+layers, ``SiLU(gate) * up``, one ``Int4SwiGLU`` / ``Int8SwiGLU`` that reads the gate's and the up
+projection's tiles in turn and stores the product); the model graphopt keeps,
 saves and exports stays standard ONNX. The library is compiled with the system's C++ compiler into
 graphopt's cache folder the first time it is needed (about a second) and registered with the
 session's options. Where it cannot be used (no compiler, no AVX512-VNNI, onnxruntime older than
@@ -43,6 +45,7 @@ from onnx import numpy_helper
 
 from graphopt.passes.quantize.weight_ops import unpack_nibbles
 from graphopt.targets.onnx.options import OnnxLowering
+from graphopt.targets.onnx.swiglu import SwiGLU, find_swiglus
 
 __all__ = ["NATIVE_DOMAIN", "NativeLibrary", "NativeRewrite", "native_int4_library", "native_int4_model",
            "native_kernels_run"]
@@ -154,6 +157,8 @@ class NativeRewrite:
     offsets_folded: int
     int8_layers: int = 0
     """int8 layers graphopt exported as two 4-bit ``MatMulNBits`` halves, each now one ``Int8Linear``."""
+    swiglus: int = 0
+    """SwiGLU blocks whose gate and up layers run as one ``Int4SwiGLU`` / ``Int8SwiGLU`` (counted in the layers too)."""
 
     @property
     def layers(self) -> int:
@@ -334,16 +339,47 @@ def _kernel_node(op: str, activations: str, output: str, stem: str, n: int, bloc
     return node, constants
 
 
+@dataclass(frozen=True)
+class _Layer:
+    """A linear the kernels run: its codes and per-group arrays, what it reads and writes, the node it replaces."""
+
+    int8: bool
+    activations: str
+    output: str
+    position: int
+    stem: str
+    codes: np.ndarray  # [N, G, GROUP]: uint8 4-bit codes, or int8
+    per_group: tuple[np.ndarray, ...]  # [N, G] each: the scales, then (4-bit) the offsets
+
+    def blocks(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The kernels' weight blocks ``[T, G, bytes]`` of output features ``start .. stop - 1``."""
+        rows = slice(start, stop)
+        codes = _int8_tiles(self.codes[rows]) if self.int8 else _int4_tiles(self.codes[rows])
+        return _weight_blocks(codes, *(a[rows] for a in self.per_group))
+
+
+def _gated_blocks(block: SwiGLU, layers: dict[str, _Layer]) -> np.ndarray | None:
+    """``Int4SwiGLU`` / ``Int8SwiGLU`` weights: the gate's tile ``t`` at ``2t``, the up projection's at ``2t + 1``."""
+    gate, up = layers[block.gate.source], layers[block.up.source]
+    if gate.int8 != up.int8 or gate.activations != up.activations or gate.codes.shape[1] != up.codes.shape[1]:
+        return None
+    pair = np.stack([gate.blocks(block.gate.start, block.gate.stop), up.blocks(block.up.start, block.up.stop)], 1)
+    return pair.reshape(-1, *pair.shape[2:])
+
+
 def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
-    """A copy of ``model`` whose 4-bit float-activation ``MatMulNBits`` run ``graphopt.Int4Linear`` / ``Int8Linear``.
+    """A copy of ``model`` whose 4-bit float-activation ``MatMulNBits`` run graphopt's kernels.
 
     Each layer's scales and zero points become a scale and an offset per group of 32 features, a
     following add of graphopt's float-zero-point offsets folded into the offsets, and its codes are
     repacked in tiles of ``TILE`` output features, each group's codes followed by its scales and
     offsets in float16 (``_weight_blocks``; a layer whose scales float16 cannot hold keeps
-    ``MatMulNBits``). An int8 layer exported as two halves (``_int8_pair``) becomes one
-    ``Int8Linear`` on its one-byte codes. Nodes left without a reader are removed. ``model`` itself
-    is not changed.
+    ``MatMulNBits``): one ``graphopt.Int4Linear``. An int8 layer exported as two halves
+    (``_int8_pair``) becomes one ``Int8Linear`` on its one-byte codes. Where such layers feed a
+    SwiGLU block (``SiLU(gate) * up``, :func:`~graphopt.targets.onnx.swiglu.find_swiglus`), the gate
+    and up features run as one ``Int4SwiGLU`` / ``Int8SwiGLU`` that applies SiLU and the product
+    before it stores its outputs. Nodes left without a reader are removed. ``model`` itself is not
+    changed.
     """
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -355,19 +391,19 @@ def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
         producers.update((name, node) for name in node.output)
-    layers = folded = 0
-    replaced: dict[int, onnx.NodeProto] = {}
+    # a value read only inside a subgraph (If, Loop) looks unread from here: with subgraphs, nothing is pruned
+    nested = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                 for n in graph.node for a in n.attribute)
+    folded = 0
+    layers: list[_Layer] = []
     dropped: set[str] = set()  # outputs of the adds folded into a kernel
     pairs = [pair for node in graph.node if node.op_type == "Add"
              and (pair := _int8_pair(node, producers, consumers, initializers)) is not None]
     paired = {half.output[0] for pair in pairs for half in pair.halves}
     positions = {node.output[0]: index for index, node in enumerate(graph.node) if node.output}
     for pair in pairs:
-        stem = f"{pair.halves[0].name or pair.adds[1]}_graphopt_int8"
-        blocks = _weight_blocks(_int8_tiles(pair.codes), pair.scales)
-        replaced[positions[pair.adds[1]]], constants = _kernel_node(
-            "Int8Linear", pair.halves[0].input[0], pair.adds[1], stem, pair.codes.shape[0], blocks)
-        graph.initializer.extend(constants)
+        layers.append(_Layer(True, pair.halves[0].input[0], pair.adds[1], positions[pair.adds[1]],
+                             f"{pair.halves[0].name or pair.adds[1]}_graphopt_int8", pair.codes, (pair.scales,)))
         dropped.update(pair.adds)
     for index, node in enumerate(graph.node):
         if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or node.output[0] in paired:
@@ -389,18 +425,35 @@ def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
         if term is not None:
             dropped.add(output)
             folded += 1
-        stem = f"{node.name or node.output[0]}_graphopt_int4"
-        blocks = _weight_blocks(_int4_tiles(codes), scales, offsets)
-        replaced[index], constants = _kernel_node("Int4Linear", node.input[0], output, stem, codes.shape[0], blocks)
-        graph.initializer.extend(constants)
-        layers += 1
-    if not layers and not pairs:
+        layers.append(_Layer(False, node.input[0], output, index, f"{node.name or node.output[0]}_graphopt_int4",
+                             codes, (scales, offsets)))
+    if not layers:
         return NativeRewrite(copy, 0, 0)
+    by_output = {layer.output: layer for layer in layers}
+    replaced: dict[int, onnx.NodeProto | None] = {}  # None: the layer runs inside a gated kernel
+    swiglus = 0
+    for block in [] if nested else find_swiglus(graph, {layer.output: layer.codes.shape[0] for layer in layers}):
+        blocks = _gated_blocks(block, by_output)
+        if blocks is None:
+            continue
+        gate = by_output[block.gate.source]
+        replaced[positions[block.output]], constants = _kernel_node(
+            "Int8SwiGLU" if gate.int8 else "Int4SwiGLU", gate.activations, block.output, f"{gate.stem}_swiglu",
+            block.gate.width, blocks)
+        graph.initializer.extend(constants)
+        for source in (block.gate.source, block.up.source):
+            replaced[by_output[source].position] = None
+        swiglus += 1
+    for layer in layers:
+        if layer.position not in replaced:
+            replaced[layer.position], constants = _kernel_node(
+                "Int8Linear" if layer.int8 else "Int4Linear", layer.activations, layer.output, layer.stem,
+                layer.codes.shape[0], layer.blocks())
+            graph.initializer.extend(constants)
     nodes = [replaced[i] if i in replaced else node for i, node in enumerate(graph.node)
-             if i in replaced or not (node.op_type == "Add" and node.output[0] in dropped)]
+             if replaced.get(i) is not None or (i not in replaced and not (node.op_type == "Add"
+                                                                            and node.output[0] in dropped))]
     del graph.node[:]
-    nested = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute)
-    # a value read only inside a subgraph (If, Loop) looks unread from here: with subgraphs, nothing is pruned
     graph.node.extend(nodes if nested else _without_dead_nodes(nodes, {o.name for o in graph.output}))
     used = {name for node in graph.node for name in node.input} | {i.name for i in graph.input}
     kept = [t for t in graph.initializer if t.name in used]
@@ -408,7 +461,8 @@ def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
     graph.initializer.extend(kept)
     if not any(o.domain == NATIVE_DOMAIN for o in copy.opset_import):
         copy.opset_import.append(onnx.helper.make_opsetid(NATIVE_DOMAIN, 1))
-    return NativeRewrite(copy, layers, folded, len(pairs))
+    int8_layers = sum(layer.int8 for layer in layers)
+    return NativeRewrite(copy, len(layers) - int8_layers, folded, int8_layers, swiglus)
 
 
 def _without_dead_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
