@@ -111,7 +111,8 @@ def test_int8_decode_step_runs_one_int8_kernel_per_layer_and_one_per_swiglu() ->
                for n in fast.report.notes)
     kernels = next(n for n in fast.report.notes if "MatMulNBits layers run graphopt's kernels" in n)
     assert all(part in kernels for part in ("18 of 18 MatMulNBits", "0 graphopt.Int4Linear", "9 graphopt.Int8Linear",
-                                            "2 SwiGLU blocks run their gate and up layers as one kernel"))
+                                            "2 SwiGLU blocks run their gate and up layers as one kernel",
+                                            "3 residual adds and RMS norms run inside the kernel after them"))
     out = fast.generate(prompt(), max_new_tokens=8, eos_token_id=[])
     assert torch.equal(fast.generate(prompt(), max_new_tokens=8, eos_token_id=[]), out) and out.shape == (1, 15)
 

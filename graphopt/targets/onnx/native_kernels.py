@@ -159,6 +159,8 @@ class NativeRewrite:
     """int8 layers graphopt exported as two 4-bit ``MatMulNBits`` halves, each now one ``Int8Linear``."""
     swiglus: int = 0
     """SwiGLU blocks whose gate and up layers run as one ``Int4SwiGLU`` / ``Int8SwiGLU`` (counted in the layers too)."""
+    skip_norms: int = 0
+    """``SkipSimplifiedLayerNormalization`` nodes folded into the kernel that reads them (``SkipNorm...``)."""
 
     @property
     def layers(self) -> int:
@@ -367,6 +369,60 @@ def _gated_blocks(block: SwiGLU, layers: dict[str, _Layer]) -> np.ndarray | None
     return pair.reshape(-1, *pair.shape[2:])
 
 
+SKIP_NORM = "SkipSimplifiedLayerNormalization"
+"""onnxruntime's contrib op for a decoder's residual add and RMS norm (``decoder_norms`` exports it)."""
+
+KERNEL_OPS = ("Int4Linear", "Int8Linear", "Int4SwiGLU", "Int8SwiGLU")
+
+
+def _shapes(graph: onnx.GraphProto) -> dict[str, tuple[int | str, ...]]:
+    return {v.name: tuple(d.dim_value or d.dim_param or "?" for d in v.type.tensor_type.shape.dim)
+            for v in [*graph.value_info, *graph.input, *graph.output]
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+
+
+def _fold_skip_norms(nodes: list[onnx.NodeProto], graph: onnx.GraphProto
+                     ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """``nodes`` with skip-add RMS norms folded into the kernels after them, and the new constants.
+
+    A ``SkipSimplifiedLayerNormalization`` whose normed output only a kernel reads becomes part of that
+    kernel (``SkipNorm<op>``: it adds, normalizes and multiplies in one call). Folded only where the
+    two added tensors have the same known shape, the norm has no bias and writes no mean or inverse
+    deviation anyone reads, and its epsilon is written on the node.
+    """
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs, shapes = {o.name for o in graph.output}, _shapes(graph)
+    fused: dict[int, onnx.NodeProto] = {}  # position of the norm -> the kernel that takes it in
+    taken: set[int] = set()  # positions of the kernels folded into a norm's place
+    constants: list[onnx.TensorProto] = []
+    positions = {id(node): index for index, node in enumerate(nodes)}
+    for index, norm in enumerate(nodes):
+        if norm.op_type != SKIP_NORM or norm.domain != "com.microsoft" or len([i for i in norm.input if i]) != 3:
+            continue
+        epsilon = next((a.f for a in norm.attribute if a.name == "epsilon"), None)
+        kernel = readers.get(norm.output[0], [None])
+        unread = all(not name or not readers.get(name) for name in norm.output[1:3])
+        shape = shapes.get(norm.input[0], ("?",))
+        same_shape = shape == shapes.get(norm.input[1]) and "?" not in shape
+        if (len(kernel) != 1 or kernel[0] is None or kernel[0].domain != NATIVE_DOMAIN or kernel[0].op_type not in
+                KERNEL_OPS or kernel[0].input[0] != norm.output[0] or norm.output[0] in outputs or not unread
+                or epsilon is None or not same_shape):
+            continue
+        linear = kernel[0]
+        stem = linear.name or linear.output[0]
+        constants.append(numpy_helper.from_array(np.array([epsilon], np.float32), f"{stem}_epsilon"))
+        total = norm.output[3] if len(norm.output) > 3 and norm.output[3] else f"{stem}_unread_sum"
+        fused[index] = onnx.helper.make_node(
+            f"SkipNorm{linear.op_type}", [norm.input[0], linear.input[1], linear.input[2], norm.input[1],
+                                          norm.input[2], constants[-1].name],
+            [linear.output[0], total], name=f"{stem}_skip_norm", domain=NATIVE_DOMAIN)
+        taken.add(positions[id(linear)])
+    return [fused.get(i, node) for i, node in enumerate(nodes) if i not in taken], constants
+
+
 def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
     """A copy of ``model`` whose 4-bit float-activation ``MatMulNBits`` run graphopt's kernels.
 
@@ -454,7 +510,12 @@ def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
              if replaced.get(i) is not None or (i not in replaced and not (node.op_type == "Add"
                                                                             and node.output[0] in dropped))]
     del graph.node[:]
-    graph.node.extend(nodes if nested else _without_dead_nodes(nodes, {o.name for o in graph.output}))
+    norms = 0
+    if not nested:
+        nodes, epsilons = _fold_skip_norms(_without_dead_nodes(nodes, {o.name for o in graph.output}), graph)
+        graph.initializer.extend(epsilons)
+        norms = len(epsilons)
+    graph.node.extend(nodes)
     used = {name for node in graph.node for name in node.input} | {i.name for i in graph.input}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
@@ -462,7 +523,7 @@ def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
     if not any(o.domain == NATIVE_DOMAIN for o in copy.opset_import):
         copy.opset_import.append(onnx.helper.make_opsetid(NATIVE_DOMAIN, 1))
     int8_layers = sum(layer.int8 for layer in layers)
-    return NativeRewrite(copy, len(layers) - int8_layers, folded, int8_layers, swiglus)
+    return NativeRewrite(copy, len(layers) - int8_layers, folded, int8_layers, swiglus, norms)
 
 
 def _without_dead_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
