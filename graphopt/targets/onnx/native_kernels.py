@@ -17,7 +17,8 @@ How it is used: :func:`native_int4_model` rewrites a *copy* of the exported mode
 (each eligible ``MatMulNBits``, with the group offsets that follow it folded in, becomes one
 ``Int4Linear``; each pair of halves with its adds, one ``Int8Linear``; a SwiGLU block over such
 layers, ``SiLU(gate) * up``, one ``Int4SwiGLU`` / ``Int8SwiGLU`` that reads the gate's and the up
-projection's tiles in turn and stores the product); the model graphopt keeps,
+projection's tiles in turn and stores the product; onnxruntime's residual add and RMS norm before
+a kernel, part of it: ``SkipNorm...``); the model graphopt keeps,
 saves and exports stays standard ONNX. The library is compiled with the system's C++ compiler into
 graphopt's cache folder the first time it is needed (about a second) and registered with the
 session's options. Where it cannot be used (no compiler, no AVX512-VNNI, onnxruntime older than
@@ -434,7 +435,8 @@ def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
     (``_int8_pair``) becomes one ``Int8Linear`` on its one-byte codes. Where such layers feed a
     SwiGLU block (``SiLU(gate) * up``, :func:`~graphopt.targets.onnx.swiglu.find_swiglus`), the gate
     and up features run as one ``Int4SwiGLU`` / ``Int8SwiGLU`` that applies SiLU and the product
-    before it stores its outputs. Nodes left without a reader are removed. ``model`` itself is not
+    before it stores its outputs. Nodes left without a reader are removed, and a skip-add RMS norm
+    that only a kernel reads runs inside it (:func:`_fold_skip_norms`). ``model`` itself is not
     changed.
     """
     copy = onnx.ModelProto()
