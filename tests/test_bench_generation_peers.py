@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from graphopt.bench import generation_peers
 from graphopt.bench.generation_peers import (
     BACKEND_NAMES,
     GenerationBackend,
@@ -258,6 +261,27 @@ def test_measure_peers_restores_torch_threads(tiny_source: GenerationSource) -> 
     measure_peers(tiny_source, [torch.randint(2, 128, (1, 4))], 2, ["transformers-eager"], repeats=1,
                   threads=1, gap_s=0.0, progress=False)
     assert torch.get_num_threads() == before
+
+
+def test_ort_genai_int8_head_variant_asks_the_builder_for_it(tiny_source: GenerationSource, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    commands: list[list[str]] = []
+
+    def builder_fails(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "stopped by the test")
+
+    monkeypatch.setattr(generation_peers.subprocess, "run", builder_fails)
+    backend = make_generation_backend("onnxruntime-genai-int4-int8-head")
+    assert backend.name == "onnxruntime-genai-int4-int8-head"
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        backend.converted_dir(replace(tiny_source, workdir=tmp_path))
+    command = commands[0]
+    assert command[command.index("-p") + 1] == "int4"
+    assert command[command.index("--extra_options") + 1:] == ["matmul_mixed_precision=last_matmul:int8",
+                                                              "shared_embeddings=false"]
+    with pytest.raises(ValueError, match="unknown onnxruntime-genai variant 'int3'"):
+        OrtGenaiBackend("int3")
 
 
 # ------------------------------------------------------------------------------ peers: skip cleanly when absent

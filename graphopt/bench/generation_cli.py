@@ -13,7 +13,7 @@ GRAPHOPT_NAMES = ("graphopt-cpu", "graphopt-cpu-torch", "graphopt-onnx", "grapho
 """graphopt's rows; ``-int4`` / ``-int8``: weight-only, group 32, within the default language-model budget;
 ``-stock``: onnxruntime's own kernels instead of graphopt's (``OnnxLowering(native_kernels=False)``)."""
 PEER_NAMES = ("transformers-eager", "transformers-static-compile", "llama.cpp", "onnxruntime-genai-fp32",
-              "onnxruntime-genai-int4")
+              "onnxruntime-genai-int4", "onnxruntime-genai-int4-int8-head")
 """The peers of ``graphopt.bench.generation_peers`` (kept equal to its ``BACKEND_NAMES`` by a test)."""
 
 

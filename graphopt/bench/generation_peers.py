@@ -21,7 +21,8 @@ time to the first new token (prefill) apart from the time of the remaining ones 
   argmaxed with the end-of-generation tokens masked. It multiplies with int8-quantized
   activations, so where two logits nearly tie its greedy text can leave transformers'
   (SmolLM2's chat answer starts "L'Étoile" instead of "The capital", 24.74 vs 24.65).
-* ``onnxruntime-genai-fp32`` / ``onnxruntime-genai-int4``: the model builder of
+* ``onnxruntime-genai-fp32`` / ``onnxruntime-genai-int4`` / ``onnxruntime-genai-int4-int8-head`` (the
+  LM head kept in int8, as graphopt's budget keeps SmolLM2's): the model builder of
   onnxruntime-genai converts ``source.model`` (saved with ``save_pretrained``) once; the
   converted folder is cached under ``source.workdir`` keyed by a hash of the GGUF path
   and size.
@@ -79,8 +80,17 @@ __all__ = [
     "rows_to_markdown",
 ]
 
+ORT_GENAI_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "fp32": ("fp32", ()),
+    "int4": ("int4", ()),
+    "int4-int8-head": ("int4", ("matmul_mixed_precision=last_matmul:int8", "shared_embeddings=false")),
+}
+"""onnxruntime-genai rows: the builder's precision and ``--extra_options``. ``int4-int8-head`` keeps the LM head
+in int8, as graphopt's default budget does on SmolLM2 (with the embedding shared, the builder writes a file
+onnxruntime cannot load, so the embedding gets its own float copy)."""
+
 BACKEND_NAMES = ("transformers-eager", "transformers-static-compile", "llama.cpp",
-                 "onnxruntime-genai-fp32", "onnxruntime-genai-int4")
+                 *(f"onnxruntime-genai-{variant}" for variant in ORT_GENAI_VARIANTS))
 """The peers ``make_generation_backend`` knows, in the order ``measure_peers`` runs them."""
 
 AGREEMENT_TOKENS = 32
@@ -391,7 +401,8 @@ def _without_quantizer(model: transformers.PreTrainedModel) -> Iterator[None]:
             model.config.quantization_config = config_entry
 
 
-def _ort_genai_convert(source: GenerationSource, precision: str, out: Path, report: Progress) -> None:
+def _ort_genai_convert(source: GenerationSource, precision: str, out: Path, report: Progress,
+                       extra_options: tuple[str, ...] = ()) -> None:
     """Run onnxruntime-genai's model builder on ``source.model`` saved as a transformers folder."""
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -402,6 +413,8 @@ def _ort_genai_convert(source: GenerationSource, precision: str, out: Path, repo
     source.tokenizer.save_pretrained(hf_folder)
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder),
                "-o", str(staging / "model"), "-p", precision, "-e", "cpu", "-c", str(staging / "cache")]
+    if extra_options:
+        command += ["--extra_options", *extra_options]
     report(f"converting with onnxruntime-genai's builder ({precision}): {' '.join(command[2:])}")
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -432,7 +445,7 @@ def _configure(model_dir: Path, threads: int) -> int:
 
 
 class OrtGenaiBackend(GenerationBackend):
-    """onnxruntime-genai on a model its builder converted (fp32 or int4).
+    """onnxruntime-genai on a model its builder converted (a variant of ``ORT_GENAI_VARIANTS``).
 
     Batches of equal-length prompts give each row exactly its single-sequence tokens.
     Left-padded rows are accepted (padding becomes the pad id, which onnxruntime-genai
@@ -440,9 +453,13 @@ class OrtGenaiBackend(GenerationBackend):
     eager greedy decoding for a few tokens and then drifts (measured on SmolLM2).
     """
 
-    def __init__(self, precision: str = "fp32", threads: int | None = None, progress: Progress | None = None) -> None:
-        self.precision = precision
-        self.name = f"onnxruntime-genai-{precision}"
+    def __init__(self, variant: str = "fp32", threads: int | None = None, progress: Progress | None = None) -> None:
+        if variant not in ORT_GENAI_VARIANTS:
+            raise ValueError(f"unknown onnxruntime-genai variant {variant!r}; "
+                             f"choose from {', '.join(ORT_GENAI_VARIANTS)}")
+        self.variant = variant
+        self.precision, self.extra_options = ORT_GENAI_VARIANTS[variant]
+        self.name = f"onnxruntime-genai-{variant}"
         self.threads = threads or _usable_cores()
         self.report = progress or _stderr_progress
         self.model: Any = None
@@ -457,9 +474,9 @@ class OrtGenaiBackend(GenerationBackend):
 
     def converted_dir(self, source: GenerationSource) -> Path:
         """The cached builder output for this source and precision, converting it first when absent."""
-        out = Path(source.workdir) / f"ort-genai-{source.cache_key()}-{self.precision}"
+        out = Path(source.workdir) / f"ort-genai-{source.cache_key()}-{self.variant}"
         if not (out / "genai_config.json").exists():
-            _ort_genai_convert(source, self.precision, out, self.report)
+            _ort_genai_convert(source, self.precision, out, self.report, self.extra_options)
         else:
             self.report(f"reusing the onnxruntime-genai model in {out}")
         return out
