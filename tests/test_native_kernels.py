@@ -127,8 +127,8 @@ def _constant_bound(name: str, value: int) -> list[onnx.NodeProto]:
 def _swiglu_model(width: int, k: int, rows: int, form: str
                   ) -> tuple[onnx.ModelProto, onnx.ModelProto, list[tuple[np.ndarray, np.ndarray]]]:
     """``SiLU(gate) * up`` over 4-bit layers, the bare layer(s) it reads, and the (weight, codes times scales) of
-    gate and up (``_matmul_nbits_model``): gate and up as slices or a split of one layer of ``2 * width``
-    features, or as two layers."""
+    gate and up (``_matmul_nbits_model``): gate and up as slices, a split or equal halves of one layer of
+    ``2 * width`` features, or as two layers."""
     if form == "two layers":
         gate, *gate_parts = _matmul_nbits_model(width, k, 32, rows, zero_points=True, seed=0)
         up, *up_parts = _matmul_nbits_model(width, k, 32, rows, zero_points=True, seed=1)
@@ -149,6 +149,8 @@ def _swiglu_model(width: int, k: int, rows: int, form: str
         if form == "split":
             nodes += [helper.make_node("Constant", [], ["sizes"], value_ints=[width, width]),
                       helper.make_node("Split", ["Y", "sizes"], ["G", "U"], axis=-1)]
+        elif form == "halves":  # torch's chunk(2): a Split into equal parts, no sizes given
+            nodes += [helper.make_node("Split", ["Y"], ["G", "U"], axis=-1, num_outputs=2)]
         else:  # slices along axis 1 (the last), as torch.onnx exports them
             for name, start, stop in (("G", 0, width), ("U", width, 2 * width)):
                 nodes += [*_constant_bound(f"{name}_start", start), *_constant_bound(f"{name}_stop", stop),
@@ -170,7 +172,7 @@ def _swiglu_model(width: int, k: int, rows: int, form: str
 
 
 @needs_library
-@pytest.mark.parametrize("form", ["slices", "split", "two layers"])
+@pytest.mark.parametrize("form", ["slices", "split", "halves", "two layers"])
 @pytest.mark.parametrize("width", [64, 40])  # whole tiles of 16 features, and a padded last tile
 def test_swiglu_blocks_run_as_one_gated_kernel(form: str, width: int) -> None:
     rows, k = 3, 96

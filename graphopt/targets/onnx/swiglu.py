@@ -3,7 +3,8 @@
 A decoder's MLP (Llama, Mistral, Qwen, Phi-3, SmolLM ...) computes ``SiLU(x W_gate) * (x W_up)``.
 Exported, that is ``Mul(Mul(g, Sigmoid(g)), u)``, where ``g`` and ``u`` are either two layers'
 outputs or two slices of one layer that holds both (graphopt's horizontal fusion, or a model's own
-``gate_up_proj``): ``Slice`` or ``Split`` along the last axis. Their bounds are often computed from
+``gate_up_proj``): ``Slice`` or ``Split`` along the last axis (with sizes, or in equal parts as
+torch's ``chunk`` exports it). Their bounds are often computed from
 constants (``Cast``, ``Reshape`` of a ``Constant``) rather than written as initializers; a small
 constant evaluator (:func:`constant_value`) reads them.
 
@@ -129,7 +130,10 @@ def _features(name: str, widths: dict[str, int], graph: _Graph) -> tuple[Feature
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         sizes = constant[1] if len(constant) > 1 and constant[1] is not None else \
             next((np.asarray(a.ints) for a in node.attribute if a.name == "split"), None)
-        if sizes is None or not _last_axis(axis, source, graph) or int(sizes.sum()) != width:
+        if sizes is None and (len(node.input) < 2 or not node.input[1]):  # equal parts, the last one shorter
+            chunk = -(-width // len(node.output))
+            sizes = np.array([min(chunk, width - chunk * i) for i in range(len(node.output))])
+        if sizes is None or not _last_axis(axis, source, graph) or int(sizes.sum()) != width or (sizes <= 0).any():
             return None
         index = list(node.output).index(name)
         start = int(sizes[:index].sum())
