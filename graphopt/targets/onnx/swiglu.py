@@ -23,9 +23,6 @@ from onnx import numpy_helper
 
 __all__ = ["Features", "SwiGLU", "constant_value", "find_swiglus"]
 
-INT64_MAX = np.iinfo(np.int64).max
-
-
 @dataclass(frozen=True)
 class Features:
     """Output features ``start .. stop - 1`` of the value ``source`` (a layer's output)."""
@@ -121,6 +118,8 @@ def _features(name: str, widths: dict[str, int], graph: _Graph) -> tuple[Feature
     constant = [constant_value(i, graph.producers, graph.initializers) if i else None for i in node.input]
     if node.op_type == "Slice" and len(node.input) >= 4 and all(c is not None for c in constant[1:4]):
         starts, ends, axes = (c.reshape(-1) for c in constant[1:4])
+        if len(node.input) > 4 and node.input[4] and constant[4] is None:
+            return None  # steps computed at run time
         steps = constant[4].reshape(-1) if len(constant) > 4 and constant[4] is not None else np.ones(1, np.int64)
         if len(axes) != 1 or not _last_axis(int(axes[0]), source, graph) or int(steps[0]) != 1:
             return None
