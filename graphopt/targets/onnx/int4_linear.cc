@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 extern "C" {
@@ -427,13 +428,20 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
                                                                              const ApiBase* base) {
   g_api = base->GetApi(kApiVersion);
   if (g_api == nullptr) return nullptr;  // an older onnxruntime: graphopt checks the version before loading
-  OrtCustomOpDomain* domain = nullptr;  // onnxruntime needs it to outlive the session: never released
-  OrtStatus* status =
-      slot<OrtStatus* (*)(const char*, OrtCustomOpDomain**)>(kCreateCustomOpDomain)("graphopt", &domain);
-  if (status != nullptr) return status;
-  for (const Op& entry : g_ops) {
-    status = slot<OrtStatus* (*)(OrtCustomOpDomain*, const CustomOp*)>(kCustomOpDomainAdd)(domain, &entry.api);
+  // One domain for every session of the process: onnxruntime needs it to outlive them, so it is never released.
+  static std::mutex lock;
+  static OrtCustomOpDomain* shared = nullptr;
+  std::lock_guard<std::mutex> guard(lock);
+  if (shared == nullptr) {
+    OrtCustomOpDomain* domain = nullptr;
+    OrtStatus* status =
+        slot<OrtStatus* (*)(const char*, OrtCustomOpDomain**)>(kCreateCustomOpDomain)("graphopt", &domain);
     if (status != nullptr) return status;
+    for (const Op& entry : g_ops) {
+      status = slot<OrtStatus* (*)(OrtCustomOpDomain*, const CustomOp*)>(kCustomOpDomainAdd)(domain, &entry.api);
+      if (status != nullptr) return status;
+    }
+    shared = domain;
   }
-  return slot<OrtStatus* (*)(OrtSessionOptions*, OrtCustomOpDomain*)>(kAddCustomOpDomain)(options, domain);
+  return slot<OrtStatus* (*)(OrtSessionOptions*, OrtCustomOpDomain*)>(kAddCustomOpDomain)(options, shared);
 }
