@@ -91,11 +91,12 @@ def session_options(options: OnnxLowering) -> Any:
     return session
 
 
-NATIVE_MAX_ROWS = 8
+NATIVE_MAX_ROWS = 16
 """graphopt's int4/int8 kernels run a graph's weight-only layers only when each reads at most this many rows per call,
-fixed in the graph (a decode step: batch x 1 token). On 24 layers of 1536x576 (2 threads) they run 2.97x
-``MatMulNBits``' float path at one row, 1.83x at 4, 1.59x at 8 and still 1.44x at 16; over many rows (a prompt)
-that path's GEMM wins."""
+fixed in the graph (a decode step: batch x 1 token). On 24 layers of 1536x576 (2 threads) they ran 2.97x
+``MatMulNBits``' float path at one row, 1.83x at 4, 1.59x at 8 and 1.44x at 16 in one run; 2.19x at 8, 1.79x at
+16, 1.43x at 32 and 1.37x at 64 in another. A prompt's rows are known only at run time, and there that path's
+GEMM runs."""
 
 
 def _input_dim_values(gm: fx.GraphModule, context: LoweringContext) -> dict[Any, int]:
