@@ -46,7 +46,7 @@ from onnx import numpy_helper
 
 from graphopt.passes.quantize.weight_ops import unpack_nibbles
 from graphopt.targets.onnx.options import OnnxLowering
-from graphopt.targets.onnx.swiglu import SwiGLU, find_swiglus
+from graphopt.targets.onnx.swiglu import SwiGLU, find_swiglus, value_shapes
 
 __all__ = ["NATIVE_DOMAIN", "NativeLibrary", "NativeRewrite", "native_int4_library", "native_int4_model",
            "native_kernels_run"]
@@ -376,12 +376,6 @@ SKIP_NORM = "SkipSimplifiedLayerNormalization"
 KERNEL_OPS = ("Int4Linear", "Int8Linear", "Int4SwiGLU", "Int8SwiGLU")
 
 
-def _shapes(graph: onnx.GraphProto) -> dict[str, tuple[int | str, ...]]:
-    return {v.name: tuple(d.dim_value or d.dim_param or "?" for d in v.type.tensor_type.shape.dim)
-            for v in [*graph.value_info, *graph.input, *graph.output]
-            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
-
-
 def _fold_skip_norms(nodes: list[onnx.NodeProto], graph: onnx.GraphProto
                      ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """``nodes`` with skip-add RMS norms folded into the kernels after them, and the new constants.
@@ -395,7 +389,7 @@ def _fold_skip_norms(nodes: list[onnx.NodeProto], graph: onnx.GraphProto
     for node in nodes:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    outputs, shapes = {o.name for o in graph.output}, _shapes(graph)
+    outputs, shapes = {o.name for o in graph.output}, value_shapes(graph)
     fused: dict[int, onnx.NodeProto] = {}  # position of the norm -> the kernel that takes it in
     taken: set[int] = set()  # positions of the kernels folded into a norm's place
     constants: list[onnx.TensorProto] = []
@@ -508,9 +502,13 @@ def native_int4_model(model: onnx.ModelProto) -> NativeRewrite:
                 "Int8Linear" if layer.int8 else "Int4Linear", layer.activations, layer.output, layer.stem,
                 layer.codes.shape[0], layer.blocks())
             graph.initializer.extend(constants)
-    nodes = [replaced[i] if i in replaced else node for i, node in enumerate(graph.node)
-             if replaced.get(i) is not None or (i not in replaced and not (node.op_type == "Add"
-                                                                            and node.output[0] in dropped))]
+    nodes: list[onnx.NodeProto] = []
+    for index, node in enumerate(graph.node):
+        if index not in replaced:
+            if not (node.op_type == "Add" and node.output[0] in dropped):
+                nodes.append(node)
+        elif (kernel := replaced[index]) is not None:  # None: the layer runs inside a gated kernel
+            nodes.append(kernel)
     del graph.node[:]
     norms = 0
     if not nested:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["Features", "SwiGLU", "constant_value", "find_swiglus"]
+__all__ = ["Features", "SwiGLU", "constant_value", "find_swiglus", "value_shapes"]
 
 @dataclass(frozen=True)
 class Features:
@@ -48,6 +48,13 @@ class SwiGLU:
     """The first outputs of the block's nodes (slices, sigmoid, products): none is read outside it."""
 
 
+def value_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int | str, ...]]:
+    """The shape ``graph`` records for each value (value infos, inputs, outputs); ``"?"`` for an unnamed free dim."""
+    return {v.name: tuple(d.dim_value or d.dim_param or "?" for d in v.type.tensor_type.shape.dim)
+            for v in [*graph.value_info, *graph.input, *graph.output]
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+
+
 class _Graph:
     """The lookups the matcher needs: producers, readers, constants, ranks."""
 
@@ -59,9 +66,7 @@ class _Graph:
                 self.readers.setdefault(name, []).append(node)
         self.initializers = {t.name: t for t in graph.initializer}
         self.outputs = {o.name for o in graph.output}
-        self.ranks = {v.name: len(v.type.tensor_type.shape.dim)
-                      for v in [*graph.value_info, *graph.input, *graph.output]
-                      if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+        self.ranks = {name: len(shape) for name, shape in value_shapes(graph).items()}
 
     def only_read_by(self, name: str, readers: set[str]) -> bool:
         """Whether every reader of ``name`` is one of the nodes whose first outputs are ``readers``."""
