@@ -28,6 +28,8 @@ __all__ = ["Compound", "CompoundBackend", "distill_data", "pydoc_sentences"]
 DISTILL_SENTENCES = 1280
 """How many sentences (or random inputs) distillation trains on, per epoch."""
 DISTILL_BATCH = 32
+DISTILL_LR = 1e-4
+"""Distillation's learning rate in the compound rows."""
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,15 @@ def pydoc_sentences() -> list[str]:
 
 
 def distill_data(example_inputs: tuple[torch.Tensor, ...], count: int = DISTILL_SENTENCES,
-                 batch: int = DISTILL_BATCH) -> list[tuple[torch.Tensor, ...]]:
-    """Unlabeled training batches for ``example_inputs``' model (see the module doc)."""
+                 batch: int = DISTILL_BATCH, like_example: bool = False) -> list[tuple[torch.Tensor, ...]]:
+    """Unlabeled training batches for ``example_inputs``' model (see the module doc).
+
+    ``like_example``: every batch shaped like the example (its batch size; token inputs padded to
+    its length), which a graph with static shapes can calibrate on; else sentences are padded per
+    batch of ``batch``.
+    """
+    if like_example:
+        batch = example_inputs[0].shape[0]
     if _token_inputs(example_inputs):
         from transformers import AutoTokenizer
 
@@ -69,9 +78,9 @@ def distill_data(example_inputs: tuple[torch.Tensor, ...], count: int = DISTILL_
         length = example_inputs[0].shape[1]
         sentences = pydoc_sentences()[:count]
         batches = []
-        for start in range(0, len(sentences), batch):
-            tokens = tokenizer(sentences[start:start + batch], padding=True, truncation=True, max_length=length,
-                               return_tensors="pt")
+        for start in range(0, len(sentences) - (batch - 1 if like_example else 0), batch):
+            tokens = tokenizer(sentences[start:start + batch], padding="max_length" if like_example else True,
+                               truncation=True, max_length=length, return_tensors="pt")
             batches.append((tokens["input_ids"], tokens["attention_mask"])[:len(example_inputs)])
         return batches
     generator = torch.Generator().manual_seed(0)
@@ -85,12 +94,14 @@ def _token_inputs(example_inputs: tuple[torch.Tensor, ...]) -> bool:
 
 @dataclass(frozen=True)
 class CompoundBackend(GraphoptBackend):
-    """``graphopt.recipe(model, x, data, target, prune=Prune(amount, importance="taylor"), quantize=scheme)``.
+    """``graphopt.recipe(model, x, data, target, prune=Prune(amount, importance="fluctuation"), quantize=scheme)``.
 
-    int8 schemes store embedding tables in ``compound.embedding_bits``.
+    Pruning chooses and refits on the distillation data, shaped like the example (the graph's
+    shapes are static); int8 schemes store embedding tables in ``compound.embedding_bits``.
 
-    Taylor importance (gradients on the example) and lr 5e-4 recovered all-MiniLM-L6-v2 pruned by
-    half best of what was tried (L1 importance; lr 1e-4): see docs/benchmarks.md.
+    Fluctuation importance with the least-squares refit kept all-MiniLM-L6-v2 pruned by half
+    closest to the original of what was tried (Taylor and L1, sliced or refit); after the refit,
+    distillation at lr 5e-4 lost ground that 1e-4 gains: see docs/benchmarks.md.
     """
 
     compound: Compound = Compound(0.5)
@@ -98,15 +109,16 @@ class CompoundBackend(GraphoptBackend):
     loss: str = "cosine"
 
     def prepare(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Runner:
-        """Prune (Taylor importance), distill on held-apart data, quantize (static int8 calibrates on the example)."""
+        """Prune and refit, distill, quantize: all on data held apart from the example inputs."""
         from graphopt import Prune, recipe
         from graphopt.passes.quantize import Quantize
 
-        distill: dict[str, Any] = {"epochs": self.compound.epochs, "loss": self.loss, "lr": 5e-4}
+        distill: dict[str, Any] = {"epochs": self.compound.epochs, "loss": self.loss, "lr": DISTILL_LR}
         data = distill_data(example_inputs, count=self.compound.sentences)
+        choosing = distill_data(example_inputs, count=self.compound.sentences, like_example=True)
         scheme: Any = self.scheme
         if scheme in ("int8", "int8-dynamic"):
             scheme = Quantize(scheme, embedding_bits=self.compound.embedding_bits)
         return recipe(model, example_inputs, data, target=self.target,
-                      prune=Prune(amount=self.compound.amount, importance="taylor"), distill=distill,
-                      quantize=scheme, calibration=[example_inputs])
+                      prune=Prune(amount=self.compound.amount, importance="fluctuation"), distill=distill,
+                      quantize=scheme, calibration=choosing)

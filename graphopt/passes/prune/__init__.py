@@ -3,11 +3,15 @@
     graphopt.optimize(model, x, prune=0.5)                    # structured, 50% of every group, L1
     graphopt.optimize(model, x, prune=Prune(amount=0.3, importance="taylor", scope="global",
                                             protect=["layer4.*"]), calibration=loader)
+    graphopt.optimize(model, x, prune=Prune(0.4, importance="fluctuation"), calibration=loader)  # refit too
     graphopt.optimize(model, x, prune=Prune(amount=0.5, structured=False))   # magnitude masks
     graphopt.optimize(model, x, prune=Prune(structured=False, pattern="2:4"))  # 2:4 semi-structured
 
-Pruning is a lossy pass: the pass manager measures it against a ``Fidelity`` budget (reported,
-not enforced, unless you give ``fidelity=``). Follow it with ``graphopt.distill`` to recover.
+``importance="fluctuation"`` also refits the layers that read the removed units by least squares
+on the calibration data (``graphopt.passes.prune.refit``), which recovers much of what slicing
+loses without any training. Pruning is a lossy pass: the pass manager measures it against a ``Fidelity`` budget
+(reported, not enforced, unless you give ``fidelity=``). Follow it with ``graphopt.distill`` to
+recover more.
 """
 
 from __future__ import annotations
@@ -34,18 +38,27 @@ class Prune(LossyPass):
 
     ``structured=True`` removes whole output channels / features / attention heads / FFN
     neurons, found by the dependency graph of coupled dims, so tensors really shrink.
-    ``importance``: ``"l1"``, ``"l2"`` (magnitude) or ``"taylor"`` (gradient x weight on the
-    calibration data, which it needs). ``scope="local"`` prunes every group (or layer) by ``amount``;
-    ``"global"`` ranks all units (elements) against one threshold, no group losing more than
-    ``max_group_amount``. ``protect``: attribute-name patterns (``"layer4.*"``, ``"classifier"``)
-    that keep their shape; graph outputs always do. ``round_to`` keeps multiples of that many
-    units per group (e.g. 8 for vector units). ``norms=True`` (structured) also prunes the dims
-    layer and RMS norms normalize over: a transformer's hidden size (the residual stream, its
-    embeddings and every projection reading it, together). The norms then normalize over the kept
-    features, which changes more than the removed weights (distill recovers it); RMS norm is
-    rescaled so that removing features that were zero stays exact. ``norms=False`` keeps those
-    dims. Unstructured only: ``pattern="2:4"`` keeps the 2
-    largest of every 4 weights along the input dim (sparse tensor cores on recent GPUs).
+    ``importance``: ``"l1"``, ``"l2"`` (magnitude), ``"taylor"`` (gradient x weight on the
+    calibration data, which it needs) or ``"fluctuation"`` (structured, calibration data: how much
+    a unit's values vary where layers read them, times those layers' weights on it; units no
+    measured layer reads fall back to ``"l2"``). ``refit`` (structured): refit the linear layers
+    reading removed units to reproduce their original outputs on the calibration data by least
+    squares, bias included. ``None`` (the default) refits with ``"fluctuation"``, the importance
+    made for it (it keeps the units whose variation the kept ones cannot carry; a refit after
+    another importance's choice can do worse than slicing: on all-MiniLM-L6-v2 at half its heads
+    and neurons, Taylor's choice refit kept a worst held-out cosine of 0.15 against 0.36 sliced,
+    fluctuation's 0.68 against 0.44). ``True`` refits after any importance, ``False`` only slices.
+    ``scope="local"`` prunes every group (or layer) by ``amount``; ``"global"`` ranks all units
+    (elements) against one threshold, no group losing more than ``max_group_amount``.
+    ``protect``: attribute-name patterns (``"layer4.*"``, ``"classifier"``) that keep their
+    shape; graph outputs always do. ``round_to`` keeps multiples of that many units per group
+    (e.g. 8 for vector units). ``norms=True`` (structured) also prunes the dims layer and RMS
+    norms normalize over: a transformer's hidden size (the residual stream, its embeddings and
+    every projection reading it, together). The norms then normalize over the kept features,
+    which changes more than the removed weights (distill recovers it); RMS norm is rescaled so
+    that removing features that were zero stays exact. ``norms=False`` keeps those dims.
+    Unstructured only: ``pattern="2:4"`` keeps the 2 largest of every 4 weights along the input
+    dim (sparse tensor cores on recent GPUs).
     """
 
     name: ClassVar[str] = "prune"
@@ -59,6 +72,7 @@ class Prune(LossyPass):
     max_group_amount: float = 0.9
     pattern: str | None = None
     norms: bool = True
+    refit: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.protect, (list, str)):
@@ -78,6 +92,9 @@ class Prune(LossyPass):
         if not self.structured and self.round_to != 1:
             raise InputError(f"Prune(round_to={self.round_to}) rounds the units kept per group of structured pruning; "
                              "unstructured pruning masks single weights: leave round_to unset, or use structured=True")
+        if not self.structured and (self.importance == "fluctuation" or self.refit):
+            raise InputError("Prune(importance='fluctuation') and Prune(refit=True) work on the layers reading "
+                             "removed units, which structured pruning has: use structured=True, or another importance")
         if self.pattern is not None:
             if self.structured:
                 raise InputError("Prune(pattern='2:4') is unstructured sparsity: pass structured=False too")
@@ -89,7 +106,7 @@ class Prune(LossyPass):
         if self.structured:
             return plan_structured(gm, data, amount=self.amount, importance=self.importance, scope=self.scope,
                                    protect=self.protect, round_to=self.round_to,
-                                   max_group_amount=self.max_group_amount, norms=self.norms)
+                                   max_group_amount=self.max_group_amount, norms=self.norms, refit=self.refit)
         return plan_unstructured(gm, data, amount=self.amount, importance=self.importance, scope=self.scope,
                                  protect=self.protect, pattern=self.pattern)
 

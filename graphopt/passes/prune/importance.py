@@ -6,7 +6,10 @@ A unit of a coupled group spans a slice of every weight in the group (a conv's o
 - ``"l1"``: sum of absolute weights; ``"l2"``: Euclidean norm of the weights;
 - ``"taylor"``: first-order Taylor estimate of the change removing it causes,
   ``sum |w * dL/dw|`` accumulated over the calibration batches, with ``L`` half the mean
-  squared output (the output's energy: no labels are needed).
+  squared output (the output's energy: no labels are needed);
+- ``"fluctuation"`` (structured only): the variance of the unit's values where layers read them
+  times those layers' squared weights on it, on the calibration batches
+  (``graphopt.passes.prune.refit``).
 
 Element-wise importance for unstructured pruning uses the same measures per weight.
 """
@@ -26,7 +29,7 @@ from graphopt.passes.lossy.base import CalibrationData
 
 __all__ = ["IMPORTANCE_KINDS", "element_scores", "group_scores", "taylor_gradients"]
 
-IMPORTANCE_KINDS = ("l1", "l2", "taylor")
+IMPORTANCE_KINDS = ("l1", "l2", "taylor", "fluctuation")
 
 
 def check_kind(kind: str) -> None:

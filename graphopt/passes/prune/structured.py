@@ -37,6 +37,15 @@ from graphopt.passes.prune.importance import (
     keep_count,
     taylor_gradients,
 )
+from graphopt.passes.prune.refit import (
+    Reader,
+    ReaderStatistics,
+    Refit,
+    collect_statistics,
+    find_readers,
+    fluctuation_scores,
+    solve_refits,
+)
 from graphopt.report import PlotSpec, ReportSection
 
 __all__ = ["GroupChoice", "StructuredPlan", "layer_section", "plan_structured"]
@@ -113,18 +122,36 @@ def _out_dim(deps: DependencyGraph, atom: Atom) -> int:
 
 def plan_structured(gm: fx.GraphModule, data: CalibrationData, *, amount: float, importance: str,
                     scope: str, protect: Sequence[str], round_to: int, max_group_amount: float,
-                    norms: bool = True) -> StructuredPlan:
-    """Decide which units of every prunable group to keep (``gm`` is not changed)."""
+                    norms: bool = True, refit: bool | None = None) -> StructuredPlan:
+    """Decide which units of every prunable group to keep (``gm`` is not changed).
+
+    ``refit``: gather the input statistics the least-squares refit of ``apply`` needs (``None``:
+    with ``importance="fluctuation"``).
+    """
     check_kind(importance)
     deps = DependencyGraph.build(gm, protect, norms=norms)
     groups = deps.prunable_groups()
     if not groups:
         raise InputError(_nothing_prunable_message(deps))
+    if (refit or importance == "fluctuation") and not data.batches:
+        raise InputError(_needs_calibration_message(importance, refit))
+    refit = importance == "fluctuation" if refit is None else refit
+    readers: list[Reader] = []
+    statistics = ReaderStatistics()
+    notes: list[str] = []
+    if refit or importance == "fluctuation":
+        readers, notes = find_readers(gm, deps, groups)
+        statistics = collect_statistics(gm, readers, data.batches)
     taylor = None
     if importance == "taylor":
         targets = {a.target for g in groups for a in deps.weight_atoms(g)}
         taylor = taylor_gradients(gm, targets, data)
-    scores = [group_scores(deps, g, importance, taylor) for g in groups]
+    scored = [_scores(deps, g, importance, taylor, readers, statistics) for g in groups]
+    scores = [score for score, _ in scored]
+    unread = sum(1 for _, measured in scored if not measured)
+    if unread:
+        notes.append(f"{unread} group(s) ranked by L2 magnitude: no linear layer reads their units where "
+                     "'fluctuation' can measure them (convolutions, normalized inputs)")
     if scope == "global":
         keeps = global_keep_counts(scores, amount, max_group_amount, round_to)
     else:
@@ -136,7 +163,27 @@ def plan_structured(gm: fx.GraphModule, data: CalibrationData, *, amount: float,
             continue
         choices.append(GroupChoice(_unit_name(deps, group, used), group, chosen_units(score, keep),
                                    [float(s) for s in score]))
-    return StructuredPlan(deps, choices, amount, importance, scope)
+    plan = StructuredPlan(deps, choices, amount, importance, scope)
+    refits = solve_refits(deps, readers, statistics, plan.kept_index, {c.group.id for c in choices}) if refit else []
+    plan.use_refits(refits, notes)
+    return plan
+
+
+def _scores(deps: DependencyGraph, group: Group, importance: str, taylor: dict[str, torch.Tensor] | None,
+            readers: list[Reader], statistics: ReaderStatistics) -> tuple[torch.Tensor, bool]:
+    """The group's unit importances, and False where ``"fluctuation"`` had nothing to measure (L2 instead)."""
+    if importance == "fluctuation":
+        measured = fluctuation_scores(deps, group, readers, statistics)
+        return (measured, True) if measured is not None else (group_scores(deps, group, "l2"), False)
+    return group_scores(deps, group, importance, taylor), True
+
+
+def _needs_calibration_message(importance: str, refit: bool | None) -> str:
+    what = "importance='fluctuation'" if importance == "fluctuation" else "refit=True"
+    return (f"Prune({what}) needs calibration data: it measures the inputs of the layers that read the pruned "
+            "units, and on the example inputs alone (the inputs the fidelity budget is judged on) the fit would "
+            "only learn those. Pass optimize(..., calibration=batches) with representative samples (an iterable "
+            "of input tuples; a DataLoader works), or use Prune(importance='l1', refit=False), which need none")
 
 
 def _nothing_prunable_message(deps: DependencyGraph) -> str:
@@ -161,6 +208,8 @@ class StructuredPlan(LossyPlan):
         self.amount = amount
         self.importance = importance
         self.scope = scope
+        self.refits: list[Refit] = []  # solved with every group pruned; used where all their input groups are
+        self.refit_notes: list[str] = []
         self.last_section: ReportSection | None = None
         self.units = [self._unit(c) for c in choices]
 
@@ -177,13 +226,24 @@ class StructuredPlan(LossyPlan):
         macs_before, macs_after = self._group_macs(group, fraction)
         return LossyUnit(
             choice.name, kind,
-            f"keep {len(choice.kept)} of {group.units} {noun} ({self.importance}, {self.scope})",
+            f"keep {len(choice.kept)} of {group.units} {noun} ({self.importance}, {self.scope}"
+            + (", readers refit)" if self._refits(group) else ")"),
             {"layers": ", ".join(layers[:6]) + (f" (+{len(layers) - 6})" if len(layers) > 6 else ""),
              "units before": group.units, "units after": len(choice.kept),
              "params before": params_before, "params after": params_after,
              "MACs before": macs_before, "MACs after": macs_after,
              "kept ratio": round(fraction, 4)},
         )
+
+    def use_refits(self, refits: list[Refit], notes: list[str]) -> None:
+        """Refit these readers where ``apply`` prunes all their input groups; ``notes`` go to the report."""
+        self.refits = refits
+        self.refit_notes = notes
+        self.units = [self._unit(c) for c in self.choices]
+
+    def _refits(self, group: Group) -> bool:
+        """Whether a layer reading the group's units is refit when it shrinks."""
+        return any(group.id in refit.groups for refit in self.refits)
 
     def _touched_numels(self, group: Group) -> dict[str, int]:
         """Elements of each constant the group runs through that belong to the group's slices."""
@@ -204,14 +264,15 @@ class StructuredPlan(LossyPlan):
         return before, round(before * fraction)
 
     def notes(self) -> list[str]:
-        """Groups left as they are, with why (from the dependency analysis)."""
+        """Groups left as they are, with why (from the dependency analysis), and readers left unrefit."""
         reasons: Counter[str] = Counter()
         for group in self.deps.blocked_groups():
             reasons.update(group.reasons[:1])
-        if not reasons:
-            return []
-        return ["kept at full size: " + "; ".join(f"{count} group(s): {reason}" for reason, count
-                                                  in reasons.most_common(6))]
+        notes = list(self.refit_notes)
+        if reasons:
+            notes.insert(0, "kept at full size: " + "; ".join(f"{count} group(s): {reason}" for reason, count
+                                                              in reasons.most_common(6)))
+        return notes
 
     def sections(self) -> list[ReportSection]:
         """The per-layer table of the last ``apply`` (shapes, params, MACs before and after), with a plot."""
@@ -225,7 +286,8 @@ class StructuredPlan(LossyPlan):
         if not active:
             return PassResult(False, {"groups_pruned": 0}, near_misses=self._near_misses())
         before = _layer_facts(gm)
-        replaced = self._slice_constants(gm, active)
+        refits = self._refit_readers(active)
+        replaced = self._slice_constants(gm, active, refits)
         self._rewrite_sizes(gm, active)
         gm.graph.lint()
         gm.recompile()
@@ -240,6 +302,7 @@ class StructuredPlan(LossyPlan):
             "groups_pruned": len(active),
             "units_removed": sum(c.group.units - len(c.kept) for c in active.values()),
             "constants_sliced": replaced,
+            "layers_refit": sum(1 for refit in self.refits if refit.reader.weight in refits),
             "layer_params_before": params_before,
             "layer_params_after": params_after,
             "layer_macs_before": sum(f["macs"] for f in before.values()),
@@ -262,7 +325,8 @@ class StructuredPlan(LossyPlan):
         within = torch.arange(atom.per_unit)
         return (atom.offset + (units[:, None] * atom.per_unit + within[None, :]).reshape(-1))
 
-    def _slice_constants(self, gm: fx.GraphModule, active: dict[int, GroupChoice]) -> int:
+    def _atoms_by_target(self, active: dict[int, GroupChoice]) -> tuple[dict[str, dict[int, list[Atom]]], set[str]]:
+        """Every constant's atoms by dim, and the constants an active group runs through."""
         by_target: dict[str, dict[int, list[Atom]]] = defaultdict(lambda: defaultdict(list))
         touched: set[str] = set()
         for atom in self.deps.atoms:
@@ -271,6 +335,37 @@ class StructuredPlan(LossyPlan):
             by_target[atom.target][atom.dim].append(atom)
             if self.deps.group_of(atom.id).id in active:
                 touched.add(atom.target)
+        return by_target, touched
+
+    def kept_index(self, target: str, dim: int) -> torch.Tensor | None:
+        """The indices dim ``dim`` of constant ``target`` keeps with every planned group pruned (None: no atoms)."""
+        active = {c.group.id: c for c in self.choices}
+        by_target, _ = self._atoms_by_target(active)
+        atoms = by_target.get(target, {}).get(dim)
+        return self._kept_index(atoms, active) if atoms else None
+
+    def _kept_index(self, atoms: list[Atom], active: dict[int, GroupChoice]) -> torch.Tensor:
+        """The indices a constant's dim keeps, made of its ``atoms``."""
+        return torch.cat([self._kept_elements(a, active) for a in sorted(atoms, key=lambda a: a.offset)])
+
+    def _refit_readers(self, active: dict[int, GroupChoice]) -> dict[str, torch.Tensor]:
+        """The refit weights and biases (by constant, all outputs) of readers whose every input group is active.
+
+        A reader with only some of its input groups active (a concat of two pruned groups, one
+        falling back) is sliced: its refit was solved for all of them.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for refit in self.refits:
+            if refit.groups <= active.keys():
+                out.update(refit.tensors)
+        return out
+
+    def _slice_constants(self, gm: fx.GraphModule, active: dict[int, GroupChoice],
+                         refits: dict[str, torch.Tensor] | None = None) -> int:
+        """Replace every constant an active group runs through by its kept slices (a refit's, where given)."""
+        by_target, touched = self._atoms_by_target(active)
+        refits = refits or {}
+        touched |= set(refits)
         readers: dict[str, list[fx.Node]] = defaultdict(list)
         for node in gm.graph.nodes:
             if node.op == "get_attr" and str(node.target) in touched:
@@ -282,9 +377,9 @@ class StructuredPlan(LossyPlan):
             value = attribute_value(gm, nodes[0])
             if value is None:
                 raise InputError(f"pruning planned to slice {target}, which this graph no longer stores")
-            new = value.detach()
-            for dim, atoms in sorted(by_target[target].items()):
-                index = torch.cat([self._kept_elements(a, active) for a in sorted(atoms, key=lambda a: a.offset)])
+            new = refits[target].to(value.device) if target in refits else value.detach()
+            for dim, atoms in sorted(by_target[target].items()):  # a refit weight's input dim is already kept-size
+                index = self._kept_index(atoms, active)
                 if len(index) != new.shape[dim]:
                     new = new.index_select(dim, index.to(new.device))
             replacement = register_constant(gm, f"pruned_{target}", new.contiguous(), before=nodes[0])

@@ -1,0 +1,263 @@
+"""Least-squares refit: the layers that read pruned units learn to do without them.
+
+Removing a neuron, channel or head removes its contribution from every layer that reads it (the
+FFN's down projection, attention's output projection). Slicing alone drops that contribution,
+mean included. Refitting instead solves, for each such *reader* on calibration inputs ``X``,
+
+    min over W', b'  || X_kept W'^T + b' - (X W^T + b) ||^2
+
+in closed form from the Gram matrix of ``[X, 1]`` (float64, a small ridge term): the kept inputs
+take over what the removed ones carried where they are correlated, and the bias absorbs their
+mean. The same statistics give the ``"fluctuation"`` importance: the variance of a unit's input
+to its readers times the readers' weights on it, the output change its removal causes once the
+bias has absorbed its mean.
+
+Readers are linear layers and products whose stored 2-D weight's input dim shrinks
+(``linear``, ``addmm``, ``mm``, ``matmul``), with a weight of their own. A reader whose input a
+shrinking layer or RMS norm normalizes is left to slicing: its inputs change with the pruning, so
+statistics of the original graph would not describe them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphopt.analysis.dependency import DependencyGraph, Group
+from graphopt.ir.graph import attribute_value
+from graphopt.report.progress import progress
+
+__all__ = ["GRAM_BUDGET_BYTES", "MAX_READER_FEATURES", "Reader", "ReaderStatistics", "Refit", "collect_statistics",
+           "find_readers", "fluctuation_scores", "refit_reader", "solve_refits"]
+
+aten = torch.ops.aten
+
+MAX_READER_FEATURES = 8192
+"""Readers with more input features than this are sliced, not refit (the Gram matrix is features^2 float64)."""
+
+GRAM_BUDGET_BYTES = 4 << 30
+"""Memory the Gram matrices of one plan may take together; readers past it are sliced (a note says how many)."""
+
+RIDGE = 1e-6
+"""Ridge term of the refit, relative to the mean diagonal of the kept inputs' Gram matrix."""
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A layer whose weight's input dim pruning may shrink: what to refit and where its input comes from."""
+
+    node: str  # the layer node's name
+    weight: str  # get_attr target of the 2-D weight
+    input_dim: int  # the weight's dim that multiplies the input features (1 for linear, 0 for addmm/mm)
+    bias: str | None  # get_attr target of the bias added in the layer (addmm, linear), if any
+    source: str  # name of the node whose output is the layer's input
+
+
+_LAYOUTS = {
+    # op: (index of the activation argument, index of the weight, the weight's input dim, index of the bias)
+    aten.linear.default: (0, 1, 1, 2),
+    aten.addmm.default: (1, 2, 0, 0),
+    aten.mm.default: (0, 1, 0, None),
+    aten.matmul.default: (0, 1, 0, None),
+}
+
+
+def find_readers(gm: fx.GraphModule, deps: DependencyGraph,
+                 groups: Sequence[Group]) -> tuple[list[Reader], list[str]]:
+    """The layers of ``gm`` reading units of ``groups`` whose weights a refit may replace, and notes on any left out."""
+    wanted = {g.id for g in groups}
+    normalized = {g.id for name in deps.shrinking_norms for g in deps.slot_groups(name, -1)}
+    uses: dict[str, int] = {}  # constant -> how many ops read it
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            uses[str(node.target)] = uses.get(str(node.target), 0) + len(node.users)
+    readers: list[Reader] = []
+    too_wide = over_budget = 0
+    gram_bytes: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        reader = _reader(gm, node, uses)
+        if reader is None:
+            continue
+        shrinking = {g.id for g in deps.weight_groups(reader.weight, reader.input_dim)}
+        if not shrinking & wanted or shrinking & normalized:
+            continue
+        features = deps.constant(reader.weight).shape[reader.input_dim]
+        if features > MAX_READER_FEATURES:
+            too_wide += 1
+            continue
+        size = (features + 1) ** 2 * 8
+        if reader.source not in gram_bytes and sum(gram_bytes.values()) + size > GRAM_BUDGET_BYTES:
+            over_budget += 1
+            continue
+        gram_bytes[reader.source] = size
+        readers.append(reader)
+    notes = []
+    if too_wide:
+        notes.append(f"{too_wide} layer(s) reading pruned units were sliced, not refit: more than "
+                     f"{MAX_READER_FEATURES} input features")
+    if over_budget:
+        notes.append(f"{over_budget} layer(s) reading pruned units were sliced, not refit: their input statistics "
+                     f"would pass {GRAM_BUDGET_BYTES >> 30} GiB")
+    return readers, notes
+
+
+def _reader(gm: fx.GraphModule, node: fx.Node, uses: dict[str, int]) -> Reader | None:
+    """``node`` as a reader: a linear layer or product with a 2-D float weight of its own, else None."""
+    layout = _LAYOUTS.get(node.target) if node.op == "call_function" else None
+    if layout is None:
+        return None
+    source_at, weight_at, input_dim, bias_at = layout
+    if len(node.args) <= max(source_at, weight_at):
+        return None
+    source, weight = node.args[source_at], node.args[weight_at]
+    value = attribute_value(gm, weight) if isinstance(weight, fx.Node) else None
+    if not isinstance(source, fx.Node) or value is None or value.dim() != 2 or not value.is_floating_point():
+        return None
+    if uses.get(str(weight.target), 0) != 1:
+        return None
+    bias = node.args[bias_at] if bias_at is not None and len(node.args) > bias_at else None
+    bias_value = attribute_value(gm, bias) if isinstance(bias, fx.Node) else None
+    own_bias = (bias_value is not None and bias_value.dim() == 1 and uses.get(str(bias.target), 0) == 1
+                and bias_value.shape[0] == value.shape[1 - input_dim])
+    return Reader(node.name, str(weight.target), input_dim, str(bias.target) if own_bias else None, source.name)
+
+
+class ReaderStatistics:
+    """Gram matrices of ``[x, 1]`` (float64) over every row of each reader's input, on calibration batches."""
+
+    def __init__(self) -> None:
+        self.grams: dict[str, torch.Tensor] = {}  # source node name -> (features + 1)^2
+        self.rows = 0
+
+    def update(self, source: str, value: torch.Tensor) -> None:
+        """Add one more batch of ``source``'s values (any leading dims; the last is the features)."""
+        rows = value.detach().reshape(-1, value.shape[-1]).double()
+        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
+        gram = rows.T @ rows
+        if source in self.grams:
+            self.grams[source] += gram
+        else:
+            self.grams[source] = gram
+
+    def mean_and_variance(self, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per feature of ``source``: the mean and the variance over the calibration rows."""
+        gram = self.grams[source]
+        count = gram[-1, -1]
+        mean = gram[-1, :-1] / count
+        return mean, (gram.diagonal()[:-1] / count - mean.pow(2)).clamp_min(0.0)
+
+
+class _Watching(fx.Interpreter):
+    """Runs a graph and hands each watched node's tensor to the statistics."""
+
+    def __init__(self, gm: fx.GraphModule, sources: set[str], statistics: ReaderStatistics) -> None:
+        super().__init__(gm)
+        self.sources = sources
+        self.statistics = statistics
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n.name in self.sources and isinstance(result, torch.Tensor) and result.is_floating_point():
+            self.statistics.update(n.name, result)
+        return result
+
+
+def collect_statistics(gm: fx.GraphModule, readers: Iterable[Reader],
+                       batches: Sequence[tuple[Any, ...]]) -> ReaderStatistics:
+    """Run ``gm`` on ``batches`` (flat graph inputs) and gather the Gram matrix of every reader's input."""
+    statistics = ReaderStatistics()
+    sources = {reader.source for reader in readers}
+    if not sources:
+        return statistics
+    interpreter = _Watching(gm, sources, statistics)
+    with torch.no_grad():
+        for batch in progress(batches, desc=f"pruning: input statistics of {len(sources)} layer input(s)"):
+            interpreter.run(*batch)
+    statistics.rows = int(next(iter(statistics.grams.values()))[-1, -1]) if statistics.grams else 0
+    return statistics
+
+
+def _as_rows_out(weight: torch.Tensor, input_dim: int) -> torch.Tensor:
+    """The weight as ``[outputs, inputs]``."""
+    return weight if input_dim == 1 else weight.T
+
+
+def refit_reader(reader: Reader, statistics: ReaderStatistics, weight: torch.Tensor, bias: torch.Tensor | None,
+                 kept_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reader's weight (and bias) on ``kept_inputs`` alone, fitted to its original outputs.
+
+    ``weight`` and ``bias`` are the original tensors; the weight comes back with its input dim
+    cut to ``kept_inputs``, both in their dtypes. Without a bias the fit has no intercept.
+    """
+    gram = statistics.grams[reader.source]
+    features = gram.shape[0] - 1
+    rows_out = _as_rows_out(weight.detach(), reader.input_dim).double()
+    columns = kept_inputs
+    if bias is not None:
+        rows_out = torch.cat([rows_out, bias.detach().double()[:, None]], dim=1)
+        full = torch.arange(features + 1)
+        columns = torch.cat([kept_inputs, torch.tensor([features])])
+    else:
+        full = torch.arange(features)
+    kept_gram = gram.index_select(0, columns).index_select(1, columns)
+    cross = gram.index_select(0, columns).index_select(1, full)
+    ridge = RIDGE * kept_gram.diagonal().mean().clamp_min(1e-30)
+    system = kept_gram + ridge * torch.eye(len(columns), dtype=gram.dtype)
+    solution = torch.linalg.solve(system, cross @ rows_out.T).T  # [outputs, kept (+1)]
+    new_weight = solution[:, : len(kept_inputs)]
+    new_weight = (new_weight if reader.input_dim == 1 else new_weight.T).to(weight.dtype).contiguous()
+    new_bias = solution[:, -1].to(bias.dtype).contiguous() if bias is not None else None
+    return new_weight, new_bias
+
+
+@dataclass
+class Refit:
+    """A reader's refit for one plan: new tensors by constant (all outputs, kept inputs), and the groups it needs."""
+
+    reader: Reader
+    groups: frozenset[int]  # the pruned groups in the reader's input dim: the refit holds when all are pruned
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def solve_refits(deps: DependencyGraph, readers: Sequence[Reader], statistics: ReaderStatistics,
+                 kept_index: Callable[[str, int], torch.Tensor | None], pruned: set[int]) -> list[Refit]:
+    """The refit of every reader whose inputs shrink, given ``kept_index(constant, dim)`` of the plan."""
+    refits = []
+    for reader in readers:
+        if reader.source not in statistics.grams:
+            continue
+        weight = deps.constant(reader.weight)
+        inputs = kept_index(reader.weight, reader.input_dim)
+        if inputs is None or len(inputs) == weight.shape[reader.input_dim]:
+            continue  # only its outputs shrink: slicing is exact
+        bias = deps.constant(reader.bias) if reader.bias is not None else None
+        new_weight, new_bias = refit_reader(reader, statistics, weight, bias, inputs)
+        groups = frozenset(g.id for g in deps.weight_groups(reader.weight, reader.input_dim)) & pruned
+        refit = Refit(reader, groups, {reader.weight: new_weight})
+        if reader.bias is not None and new_bias is not None:
+            refit.tensors[reader.bias] = new_bias
+        refits.append(refit)
+    return refits
+
+
+def fluctuation_scores(deps: DependencyGraph, group: Group, readers: Sequence[Reader],
+                       statistics: ReaderStatistics) -> torch.Tensor | None:
+    """Per unit of ``group``: input variance x squared reader weights, summed over the readers; None without any."""
+    scores = torch.zeros(group.units, dtype=torch.float64)
+    found = False
+    for reader in readers:
+        if reader.source not in statistics.grams:
+            continue
+        _, variance = statistics.mean_and_variance(reader.source)
+        weight = _as_rows_out(deps.constant(reader.weight).detach(), reader.input_dim).double()
+        energy = weight.pow(2).sum(0) * variance  # per input feature
+        for atom in deps.weight_atoms(group):
+            if atom.target != reader.weight or atom.dim != reader.input_dim:
+                continue
+            scores += energy.narrow(0, atom.offset, atom.size).reshape(group.units, -1).sum(1)
+            found = True
+    return scores if found else None

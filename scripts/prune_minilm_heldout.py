@@ -1,0 +1,103 @@
+"""all-MiniLM-L6-v2 pruned by graphopt, judged on held-out sentences: importance, refit, distillation.
+
+Each setting prunes the real model (mean-pooled, batch 8 x 128 tokens) with calibration on the
+first ``--calibration`` sentences of ``pydoc_data.topics`` (padded to 128 tokens), optionally
+distills on the first 1280 (padded per batch), and compares the embeddings of the last 128
+sentences, which nothing trained or calibrated on, with the original's: worst and mean cosine,
+and Spearman's rho of the pairwise similarities; then the same on the zoo's 8 everyday sentences
+(``graphopt bench``'s example inputs: another domain than the documentation prose).
+
+    python scripts/prune_minilm_heldout.py --amounts 0.5,0.3 --importance taylor,fluctuation --refit both
+    python scripts/prune_minilm_heldout.py --amounts 0.5 --importance fluctuation --distill-lr 1e-4,5e-4
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import graphopt
+from graphopt import Prune
+from graphopt.bench import zoo
+from graphopt.bench.compound import distill_data, pydoc_sentences
+
+HELD_OUT = 128
+
+
+def _padded(tokenizer, sentences: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    batches = []
+    for start in range(0, len(sentences) - 7, 8):
+        tokens = tokenizer(sentences[start:start + 8], padding="max_length", truncation=True, max_length=128,
+                           return_tensors="pt")
+        batches.append((tokens["input_ids"], tokens["attention_mask"]))
+    return batches
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    return values.argsort().argsort().double()
+
+
+def fidelity(model, held_out, reference: torch.Tensor, everyday, everyday_reference: torch.Tensor) -> str:
+    """Worst and mean cosine to ``reference`` and Spearman's rho of pairwise similarities; worst on ``everyday``."""
+    with torch.no_grad():
+        embeddings = torch.cat([model(*batch) for batch in held_out])
+        other = F.cosine_similarity(model(*everyday), everyday_reference).min()
+    cosines = F.cosine_similarity(embeddings, reference)
+
+    def similarities(x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x, dim=1)
+        upper = torch.triu_indices(len(x), len(x), 1)
+        return (x @ x.T)[upper[0], upper[1]]
+
+    rho = torch.corrcoef(torch.stack([_ranks(similarities(embeddings)), _ranks(similarities(reference))]))[0, 1]
+    return f"worst {cosines.min():.4f} mean {cosines.mean():.4f} rho {rho:.4f}; everyday worst {other:.4f}"
+
+
+def main() -> None:
+    """Run every requested setting and print its held-out fidelity."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--amounts", default="0.5")
+    parser.add_argument("--importance", default="fluctuation")
+    parser.add_argument("--refit", choices=("default", "both"), default="default",
+                        help="both: each importance sliced and refit")
+    parser.add_argument("--scope", default="local", choices=("local", "global"))
+    parser.add_argument("--calibration", type=int, default=512, help="calibration sentences")
+    parser.add_argument("--distill-lr", default="", help="comma-separated learning rates; empty: no distillation")
+    parser.add_argument("--distill-epochs", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, example, _ = zoo._build_minilm("full", 8)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo.minilm_path(), local_files_only=True)
+    sentences = pydoc_sentences()
+    calibration = _padded(tokenizer, sentences[:args.calibration])
+    held_out = _padded(tokenizer, sentences[-HELD_OUT:])
+    with torch.no_grad():
+        reference = torch.cat([model(*batch) for batch in held_out])
+        everyday = model(*example)
+    checks = (held_out, reference, example, everyday)
+    training = distill_data(example, count=1280) if args.distill_lr else []
+    for amount in (float(a) for a in args.amounts.split(",")):
+        for importance in args.importance.split(","):
+            for refit in ((False, True) if args.refit == "both" else (None,)):
+                started = time.perf_counter()
+                pruned = graphopt.optimize(model, example, "cpu", calibration=calibration,
+                                           prune=Prune(amount, importance=importance, refit=refit, scope=args.scope))
+                label = (f"{amount:g} {importance} {args.scope}"
+                         + ("" if refit is None else (" refit" if refit else " sliced")))
+                print(f"{label}: {fidelity(pruned, *checks)} ({time.perf_counter() - started:.0f} s)",
+                      flush=True)
+                for lr in (float(v) for v in args.distill_lr.split(",") if v):
+                    started = time.perf_counter()
+                    recovered = graphopt.distill(pruned, teacher=model, data=training, epochs=args.distill_epochs,
+                                                 loss="cosine", lr=lr)
+                    print(f"{label} + distill lr {lr:g}: {fidelity(recovered, *checks)} "
+                          f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
