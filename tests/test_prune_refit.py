@@ -120,9 +120,10 @@ def test_fluctuation_through_optimize_reports_the_refit() -> None:
 def test_fluctuation_on_a_convolution_net_says_it_ranked_by_magnitude() -> None:
     torch.manual_seed(0)
     batches = [(torch.randn(2, 3, 8, 8),) for _ in range(2)]
-    _, pruned, plan, result = _plan_and_apply(Residual(), batches[0], Prune(0.5, importance="fluctuation"), batches)
+    gm, pruned, plan, result = _plan_and_apply(Residual(), batches[0], Prune(0.5, importance="fluctuation"), batches)
     assert any("ranked by L2 magnitude" in note for note in plan.notes())
     assert result.stats["layers_refit"] == 0 and result.stats["groups_pruned"] >= 1
+    assert run_and_record(pruned, batches[1])[0].shape == run_and_record(gm, batches[1])[0].shape
 
 
 @pytest.mark.parametrize("pass_", [Prune(importance="fluctuation"), Prune(refit=True)])
