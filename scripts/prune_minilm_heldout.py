@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--importance", default="fluctuation")
     parser.add_argument("--refit", choices=("default", "both"), default="default",
                         help="both: each importance sliced and refit")
-    parser.add_argument("--scope", default="local", choices=("local", "global"))
+    parser.add_argument("--scope", default="local", choices=("local", "global", "cost"))
     parser.add_argument("--calibration", type=int, default=512, help="calibration sentences")
     parser.add_argument("--distill-lr", default="", help="comma-separated learning rates; empty: no distillation")
     parser.add_argument("--distill-epochs", type=int, default=2)

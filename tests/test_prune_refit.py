@@ -135,3 +135,36 @@ def test_refit_and_fluctuation_without_calibration_data_say_what_to_pass(pass_: 
 def test_fluctuation_is_structured_only() -> None:
     with pytest.raises(InputError, match="structured=True"):
         Prune(structured=False, importance="fluctuation")
+
+
+def test_cost_keep_counts_remove_the_cheapest_to_lose_per_mac_first() -> None:
+    from graphopt.passes.prune.importance import cost_keep_counts
+
+    scores = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])]
+    # group 1's units cost 10x more MACs at the same importance: they go first
+    keeps = cost_keep_counts(scores, [1.0, 10.0], amount=0.5, max_amount=0.9, normalize=False)
+    assert keeps == [4, 1]  # 30 of the 44 MACs removed (>= half), capped at 90% of group 1's units
+    keeps = cost_keep_counts(scores, [1.0, 1.0], amount=0.5, max_amount=0.9, normalize=False)
+    assert keeps == [3, 1]  # equal costs: the four least important units overall
+
+
+def test_cost_scope_removes_the_same_macs_as_local_and_varies_per_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 64), nn.ReLU(),
+                          nn.Linear(64, 16))
+    with torch.no_grad():
+        model[4].weight[32:] *= 0.01  # half of the second block's neurons barely move: cheap to lose
+    batches = [(torch.randn(32, 16),) for _ in range(4)]
+    _, _, local, local_result = _plan_and_apply(model, batches[0], Prune(0.5, importance="fluctuation"), batches)
+    _, _, cost, cost_result = _plan_and_apply(model, batches[0], Prune(0.5, importance="fluctuation", scope="cost"),
+                                              batches)
+    kept = {c.name: len(c.kept) for c in cost.choices}
+    assert sorted(kept.values()) != [len(c.kept) for c in local.choices]
+    assert min(kept.values()) <= 32  # the block with quiet neurons loses at least its quiet half
+    macs_local = local_result.stats["layer_macs_after"]
+    assert abs(cost_result.stats["layer_macs_after"] - macs_local) <= 0.1 * macs_local
+
+
+def test_cost_scope_is_structured_only() -> None:
+    with pytest.raises(InputError, match="structured=True"):
+        Prune(structured=False, scope="cost")

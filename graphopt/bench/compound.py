@@ -94,14 +94,16 @@ def _token_inputs(example_inputs: tuple[torch.Tensor, ...]) -> bool:
 
 @dataclass(frozen=True)
 class CompoundBackend(GraphoptBackend):
-    """``graphopt.recipe(model, x, data, target, prune=Prune(amount, importance="fluctuation"), quantize=scheme)``.
+    """``graphopt.recipe(model, x, data, target, prune=Prune(amount, "fluctuation", scope="cost"), quantize=scheme)``.
 
-    Pruning chooses and refits on the distillation data, shaped like the example (the graph's
-    shapes are static); int8 schemes store embedding tables in ``compound.embedding_bits``.
+    Pruning removes ``amount`` of the layers' MACs, chooses and refits on the distillation data
+    shaped like the example (the graph's shapes are static); int8 schemes store embedding tables
+    in ``compound.embedding_bits``.
 
-    Fluctuation importance with the least-squares refit kept all-MiniLM-L6-v2 pruned by half
-    closest to the original of what was tried (Taylor and L1, sliced or refit); after the refit,
-    distillation at lr 5e-4 lost ground that 1e-4 gains: see docs/benchmarks.md.
+    Fluctuation importance with the least-squares refit, at one cost threshold across layers,
+    kept all-MiniLM-L6-v2 pruned by half closest to the original of what was tried (Taylor and
+    L1, sliced or refit; the same ratio in every layer); after the refit, distillation at lr 5e-4
+    lost ground that 1e-4 gains: see docs/benchmarks.md.
     """
 
     compound: Compound = Compound(0.5)
@@ -120,5 +122,6 @@ class CompoundBackend(GraphoptBackend):
         if scheme in ("int8", "int8-dynamic"):
             scheme = Quantize(scheme, embedding_bits=self.compound.embedding_bits)
         return recipe(model, example_inputs, data, target=self.target,
-                      prune=Prune(amount=self.compound.amount, importance="fluctuation"), distill=distill,
+                      prune=Prune(amount=self.compound.amount, importance="fluctuation", scope="cost"),
+                      distill=distill,
                       quantize=scheme, calibration=choosing)

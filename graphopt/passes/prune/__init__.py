@@ -29,7 +29,7 @@ from graphopt.passes.prune.unstructured import plan_unstructured
 
 __all__ = ["Prune", "prune_pass"]
 
-SCOPES = ("local", "global")
+SCOPES = ("local", "global", "cost")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,11 @@ class Prune(LossyPass):
     and neurons, Taylor's choice refit kept a worst held-out cosine of 0.15 against 0.36 sliced,
     fluctuation's 0.68 against 0.44). ``True`` refits after any importance, ``False`` only slices.
     ``scope="local"`` prunes every group (or layer) by ``amount``; ``"global"`` ranks all units
-    (elements) against one threshold, no group losing more than ``max_group_amount``.
+    (elements) against one threshold, no group losing more than ``max_group_amount``;
+    ``"cost"`` (structured) removes ``amount`` of the prunable layers' MACs, cheapest to lose
+    first: one threshold on importance per MAC across all groups (with ``"fluctuation"`` or
+    ``"taylor"`` the scores are output effects and compare as they are; magnitudes are divided by
+    their group's mean first), so sensitive layers keep more units and redundant ones fewer.
     ``protect``: attribute-name patterns (``"layer4.*"``, ``"classifier"``) that keep their
     shape; graph outputs always do. ``round_to`` keeps multiples of that many units per group
     (e.g. 8 for vector units). ``norms=True`` (structured) also prunes the dims layer and RMS
@@ -84,7 +88,7 @@ class Prune(LossyPass):
             raise InputError(f"Prune(importance=...) must be one of {', '.join(IMPORTANCE_KINDS)}, "
                              f"got {self.importance!r}")
         if self.scope not in SCOPES:
-            raise InputError(f"Prune(scope=...) must be 'local' or 'global', got {self.scope!r}")
+            raise InputError(f"Prune(scope=...) must be 'local', 'global' or 'cost', got {self.scope!r}")
         if self.round_to < 1:
             raise InputError(f"Prune(round_to=...) must be >= 1, got {self.round_to}")
         if not 0.0 < self.max_group_amount < 1.0:
@@ -92,6 +96,9 @@ class Prune(LossyPass):
         if not self.structured and self.round_to != 1:
             raise InputError(f"Prune(round_to={self.round_to}) rounds the units kept per group of structured pruning; "
                              "unstructured pruning masks single weights: leave round_to unset, or use structured=True")
+        if not self.structured and self.scope == "cost":
+            raise InputError("Prune(scope='cost') weighs units by the MACs they cost, which only structured pruning "
+                             "removes: use structured=True, or scope='global' for unstructured masks")
         if not self.structured and (self.importance == "fluctuation" or self.refit):
             raise InputError("Prune(importance='fluctuation') and Prune(refit=True) work on the layers reading "
                              "removed units, which structured pruning has: use structured=True, or another importance")

@@ -27,7 +27,7 @@ from graphopt.analysis.dependency import DependencyGraph, Group
 from graphopt.errors import InputError
 from graphopt.passes.lossy.base import CalibrationData
 
-__all__ = ["IMPORTANCE_KINDS", "element_scores", "group_scores", "taylor_gradients"]
+__all__ = ["IMPORTANCE_KINDS", "cost_keep_counts", "element_scores", "group_scores", "taylor_gradients"]
 
 IMPORTANCE_KINDS = ("l1", "l2", "taylor", "fluctuation")
 
@@ -147,6 +147,11 @@ def global_keep_counts(all_scores: Sequence[torch.Tensor], amount: float, max_am
         if removed[g] < caps[g]:
             removed[g] += 1
             count += 1
+    return _rounded_keeps(all_scores, removed, round_to)
+
+
+def _rounded_keeps(all_scores: Sequence[torch.Tensor], removed: Sequence[int], round_to: int) -> list[int]:
+    """Units each group keeps after ``removed``, rounded to ``round_to``, at least one."""
     keeps = []
     for g, s in enumerate(all_scores):
         keep = len(s) - removed[g]
@@ -154,3 +159,28 @@ def global_keep_counts(all_scores: Sequence[torch.Tensor], amount: float, max_am
             keep = max(round_to, round(keep / round_to) * round_to)
         keeps.append(max(1, min(len(s), keep)))
     return keeps
+
+
+def cost_keep_counts(all_scores: Sequence[torch.Tensor], unit_costs: Sequence[float], amount: float,
+                     max_amount: float, round_to: int = 1, normalize: bool = True) -> list[int]:
+    """Units to keep per group when one threshold on importance per MAC removes ``amount`` of the MACs.
+
+    ``unit_costs``: the MACs one unit of each group costs. Units go cheapest-to-lose first (lowest
+    score per MAC) until the removed units' MACs reach ``amount`` of all groups' MACs; no group
+    loses more than ``max_amount`` of its units. ``normalize`` divides each group's scores by
+    their mean first (magnitudes of different layers do not compare; measured output effects do).
+    """
+    scaled = [s / s.mean().clamp_min(1e-30) if normalize else s for s in all_scores]
+    total = sum(len(s) * cost for s, cost in zip(all_scores, unit_costs, strict=True))
+    ranked = sorted((float(v) / max(cost, 1e-30), g) for g, (s, cost) in enumerate(zip(scaled, unit_costs, strict=True))
+                    for v in s)
+    removed = [0] * len(all_scores)
+    caps = [len(s) - keep_count(len(s), max_amount) for s in all_scores]
+    saved = 0.0
+    for _, g in ranked:
+        if saved >= amount * total:
+            break
+        if removed[g] < caps[g]:
+            removed[g] += 1
+            saved += unit_costs[g]
+    return _rounded_keeps(all_scores, removed, round_to)

@@ -32,6 +32,7 @@ from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
 from graphopt.passes.prune.importance import (
     check_kind,
     chosen_units,
+    cost_keep_counts,
     global_keep_counts,
     group_scores,
     keep_count,
@@ -154,6 +155,11 @@ def plan_structured(gm: fx.GraphModule, data: CalibrationData, *, amount: float,
                      "'fluctuation' can measure them (convolutions, normalized inputs)")
     if scope == "global":
         keeps = global_keep_counts(scores, amount, max_group_amount, round_to)
+    elif scope == "cost":
+        costs = node_costs(gm)
+        unit_costs = [_group_layer_macs(deps, g, costs) / g.units for g in groups]
+        keeps = cost_keep_counts(scores, unit_costs, amount, max_group_amount, round_to,
+                                 normalize=importance not in ("fluctuation", "taylor"))
     else:
         keeps = [keep_count(g.units, amount, round_to) for g in groups]
     used: set[str] = set()
@@ -167,6 +173,12 @@ def plan_structured(gm: fx.GraphModule, data: CalibrationData, *, amount: float,
     refits = solve_refits(deps, readers, statistics, plan.kept_index, {c.group.id for c in choices}) if refit else []
     plan.use_refits(refits, notes)
     return plan
+
+
+def _group_layer_macs(deps: DependencyGraph, group: Group, costs: dict[str, Any]) -> int:
+    """MACs of the layers whose weights the group runs through (what removing all its units would save, at most)."""
+    layers = {deps.layer_weights[a.target] for a in deps.weight_atoms(group)}
+    return sum(costs[name].macs for name in layers if name in costs)
 
 
 def _scores(deps: DependencyGraph, group: Group, importance: str, taylor: dict[str, torch.Tensor] | None,
@@ -259,8 +271,7 @@ class StructuredPlan(LossyPlan):
         costs = getattr(self, "_costs", None)
         if costs is None:
             costs = self._costs = node_costs(self.deps.gm)
-        layers = {self.deps.layer_weights[a.target] for a in self.deps.weight_atoms(group)}
-        before = sum(costs[name].macs for name in layers if name in costs)
+        before = _group_layer_macs(self.deps, group, costs)
         return before, round(before * fraction)
 
     def notes(self) -> list[str]:
