@@ -117,12 +117,13 @@ def test_fluctuation_through_optimize_reports_the_refit() -> None:
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())  # not mutated
 
 
-def test_fluctuation_on_a_convolution_net_says_it_ranked_by_magnitude() -> None:
+def test_fluctuation_on_a_convolution_net_measures_what_1x1_convolutions_read_and_says_what_it_did_not() -> None:
     torch.manual_seed(0)
     batches = [(torch.randn(2, 3, 8, 8),) for _ in range(2)]
     gm, pruned, plan, result = _plan_and_apply(Residual(), batches[0], Prune(0.5, importance="fluctuation"), batches)
-    assert any("ranked by L2 magnitude" in note for note in plan.notes())
-    assert result.stats["layers_refit"] == 0 and result.stats["groups_pruned"] >= 1
+    assert any("1 group(s) ranked by L2 magnitude" in note for note in plan.notes())  # conv1's, read by a 3x3 conv
+    assert result.stats["layers_refit"] == 1  # the 1x1 head reads the residual channels
+    assert result.stats["groups_pruned"] == 2
     assert run_and_record(pruned, batches[1])[0].shape == run_and_record(gm, batches[1])[0].shape
 
 
@@ -168,3 +169,31 @@ def test_cost_scope_removes_the_same_macs_as_local_and_varies_per_layer() -> Non
 def test_cost_scope_is_structured_only() -> None:
     with pytest.raises(InputError, match="structured=True"):
         Prune(structured=False, scope="cost")
+
+
+class Bottleneck(nn.Module):
+    """A 3x3 convolution whose channels a strided 1x1 convolution reads, and a copy channel it can do without."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spread, self.project = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 1, stride=2)
+        with torch.no_grad():
+            self.spread.weight[4:] = 0.1 * self.spread.weight[:4]  # channels 4..7 are 0.1x copies of 0..3
+            self.spread.bias[4:] = 0.1 * self.spread.bias[:4]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.relu(self.spread(x)))
+
+
+def test_a_strided_pointwise_convolution_is_refit_exactly_for_copied_channels() -> None:
+    torch.manual_seed(0)
+    batches = [(torch.randn(2, 3, 9, 9),) for _ in range(4)]
+    held_out = [torch.randn(2, 3, 9, 9) for _ in range(2)]
+    gm, refit, plan, result = _plan_and_apply(Bottleneck(), batches[0], Prune(0.5, importance="l1", refit=True),
+                                              batches)
+    _, sliced, _, _ = _plan_and_apply(Bottleneck(), batches[0], Prune(0.5, importance="l1"), batches)
+    [choice] = plan.choices
+    assert choice.kept == [0, 1, 2, 3]
+    assert result.stats["layers_refit"] == 1 and plan.refits[0].reader.stride == (2, 2)
+    assert _relative_error(gm, refit, held_out) < 1e-5
+    assert _relative_error(gm, sliced, held_out) > 1e-2

@@ -41,19 +41,21 @@ class Prune(LossyPass):
     ``importance``: ``"l1"``, ``"l2"`` (magnitude), ``"taylor"`` (gradient x weight on the
     calibration data, which it needs) or ``"fluctuation"`` (structured, calibration data: how much
     a unit's values vary where layers read them, times those layers' weights on it; units no
-    measured layer reads fall back to ``"l2"``). ``refit`` (structured): refit the linear layers
-    reading removed units to reproduce their original outputs on the calibration data by least
-    squares, bias included. ``None`` (the default) refits with ``"fluctuation"``, the importance
-    made for it (it keeps the units whose variation the kept ones cannot carry; a refit after
-    another importance's choice can do worse than slicing: on all-MiniLM-L6-v2 at half its heads
-    and neurons, Taylor's choice refit kept a worst held-out cosine of 0.15 against 0.36 sliced,
-    fluctuation's 0.68 against 0.44). ``True`` refits after any importance, ``False`` only slices.
+    measured layer reads fall back to ``"l2"``). ``refit`` (structured): refit the linear layers and
+    pointwise convolutions reading removed units to reproduce their original outputs on the
+    calibration data by least squares, bias included. ``None`` (the default) refits with
+    ``"fluctuation"``, the importance made for it: it keeps the units whose variation the kept
+    ones cannot carry. A refit after another importance's choice can do worse than slicing: on
+    all-MiniLM-L6-v2 at half its heads and neurons, Taylor's choice refit kept a worst held-out
+    cosine of 0.15 against 0.36 sliced, fluctuation's 0.68 against 0.44. ``True`` refits after
+    any importance, ``False`` only slices.
     ``scope="local"`` prunes every group (or layer) by ``amount``; ``"global"`` ranks all units
     (elements) against one threshold, no group losing more than ``max_group_amount``;
     ``"cost"`` (structured) removes ``amount`` of the prunable layers' MACs, cheapest to lose
     first: one threshold on importance per MAC across all groups (with ``"fluctuation"`` or
-    ``"taylor"`` the scores are output effects and compare as they are; magnitudes are divided by
-    their group's mean first), so sensitive layers keep more units and redundant ones fewer.
+    ``"taylor"`` the scores are output effects and compare as they are; magnitudes, and every
+    score once a group falls back to them, are divided by their group's mean first), so
+    sensitive layers keep more units and redundant ones fewer.
     ``protect``: attribute-name patterns (``"layer4.*"``, ``"classifier"``) that keep their
     shape; graph outputs always do. ``round_to`` keeps multiples of that many units per group
     (e.g. 8 for vector units). ``norms=True`` (structured) also prunes the dims layer and RMS

@@ -13,7 +13,8 @@ to its readers times the readers' weights on it, the output change its removal c
 bias has absorbed its mean.
 
 Readers are linear layers and products whose stored 2-D weight's input dim shrinks
-(``linear``, ``addmm``, ``mm``, ``matmul``), with a weight of their own. A reader whose input a
+(``linear``, ``addmm``, ``mm``, ``matmul``) and pointwise convolutions (1x1 kernels, no padding,
+one group: a linear layer over channels at every (strided) position), with a weight of their own. A reader whose input a
 shrinking layer or RMS norm normalizes is left to slicing: its inputs change with the pruning, so
 statistics of the original graph would not describe them.
 """
@@ -29,6 +30,7 @@ import torch.fx as fx
 
 from graphopt.analysis.dependency import DependencyGraph, Group
 from graphopt.ir.graph import attribute_value
+from graphopt.ir.op_args import conv_arguments
 from graphopt.report.progress import progress
 
 __all__ = ["GRAM_BUDGET_BYTES", "MAX_READER_FEATURES", "Reader", "ReaderStatistics", "Refit", "collect_statistics",
@@ -55,6 +57,20 @@ class Reader:
     input_dim: int  # the weight's dim that multiplies the input features (1 for linear, 0 for addmm/mm)
     bias: str | None  # get_attr target of the bias added in the layer (addmm, linear), if any
     source: str  # name of the node whose output is the layer's input
+    stride: tuple[int, ...] = ()  # a pointwise convolution's stride (its input is channels-first); () for linears
+
+    @property
+    def key(self) -> str:
+        """What its input statistics are stored under: the source, and the positions a strided convolution reads."""
+        return self.source + (f"@{'x'.join(map(str, self.stride))}" if self.stride else "")
+
+    def rows(self, value: torch.Tensor) -> torch.Tensor:
+        """The input ``value`` as ``[positions, features]``: what the layer multiplies by its weight."""
+        if not self.stride:
+            return value.reshape(-1, value.shape[-1])
+        positions = tuple(slice(None, None, step) for step in self.stride)  # where a 1x1 kernel lands
+        value = value[(slice(None), slice(None), *positions)]
+        return value.movedim(1, -1).reshape(-1, value.shape[1])
 
 
 _LAYOUTS = {
@@ -90,10 +106,10 @@ def find_readers(gm: fx.GraphModule, deps: DependencyGraph,
             too_wide += 1
             continue
         size = (features + 1) ** 2 * 8
-        if reader.source not in gram_bytes and sum(gram_bytes.values()) + size > GRAM_BUDGET_BYTES:
+        if reader.key not in gram_bytes and sum(gram_bytes.values()) + size > GRAM_BUDGET_BYTES:
             over_budget += 1
             continue
-        gram_bytes[reader.source] = size
+        gram_bytes[reader.key] = size
         readers.append(reader)
     notes = []
     if too_wide:
@@ -106,46 +122,58 @@ def find_readers(gm: fx.GraphModule, deps: DependencyGraph,
 
 
 def _reader(gm: fx.GraphModule, node: fx.Node, uses: dict[str, int]) -> Reader | None:
-    """``node`` as a reader: a linear layer or product with a 2-D float weight of its own, else None."""
-    layout = _LAYOUTS.get(node.target) if node.op == "call_function" else None
-    if layout is None:
+    """``node`` as a reader: a linear layer, product or pointwise convolution with a float weight of its own."""
+    if node.op != "call_function":
         return None
-    source_at, weight_at, input_dim, bias_at = layout
-    if len(node.args) <= max(source_at, weight_at):
-        return None
-    source, weight = node.args[source_at], node.args[weight_at]
+    layout = _LAYOUTS.get(node.target)
+    stride: tuple[int, ...] = ()
+    if layout is not None:
+        source_at, weight_at, input_dim, bias_at = layout
+        if len(node.args) <= max(source_at, weight_at):
+            return None
+        source, weight = node.args[source_at], node.args[weight_at]
+        bias = node.args[bias_at] if bias_at is not None and len(node.args) > bias_at else None
+        dims = 2
+    else:
+        conv = conv_arguments(node)
+        if conv is None or conv.transposed or conv.groups != 1 or isinstance(conv.padding, str) or any(conv.padding):
+            return None
+        source, weight, bias, input_dim, stride = conv.input, conv.weight, conv.bias, 1, tuple(conv.stride)
+        dims = 2 + len(stride)
     value = attribute_value(gm, weight) if isinstance(weight, fx.Node) else None
-    if not isinstance(source, fx.Node) or value is None or value.dim() != 2 or not value.is_floating_point():
+    if not isinstance(source, fx.Node) or value is None or value.dim() != dims or not value.is_floating_point():
         return None
+    if dims > 2 and any(size != 1 for size in value.shape[2:]):
+        return None  # a kernel wider than one position mixes neighbours: not a linear map of one position's channels
     if uses.get(str(weight.target), 0) != 1:
         return None
-    bias = node.args[bias_at] if bias_at is not None and len(node.args) > bias_at else None
+    outputs = value.shape[0] if dims > 2 else value.shape[1 - input_dim]
     bias_value = attribute_value(gm, bias) if isinstance(bias, fx.Node) else None
     own_bias = (bias_value is not None and bias_value.dim() == 1 and uses.get(str(bias.target), 0) == 1
-                and bias_value.shape[0] == value.shape[1 - input_dim])
-    return Reader(node.name, str(weight.target), input_dim, str(bias.target) if own_bias else None, source.name)
+                and bias_value.shape[0] == outputs)
+    return Reader(node.name, str(weight.target), input_dim, str(bias.target) if own_bias else None, source.name,
+                  stride)
 
 
 class ReaderStatistics:
     """Gram matrices of ``[x, 1]`` (float64) over every row of each reader's input, on calibration batches."""
 
     def __init__(self) -> None:
-        self.grams: dict[str, torch.Tensor] = {}  # source node name -> (features + 1)^2
-        self.rows = 0
+        self.grams: dict[str, torch.Tensor] = {}  # Reader.key -> (features + 1)^2
 
-    def update(self, source: str, value: torch.Tensor) -> None:
-        """Add one more batch of ``source``'s values (any leading dims; the last is the features)."""
-        rows = value.detach().reshape(-1, value.shape[-1]).double()
+    def update(self, reader: Reader, value: torch.Tensor) -> None:
+        """Add one more batch of the reader's input ``value``."""
+        rows = reader.rows(value.detach()).double()
         rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
         gram = rows.T @ rows
-        if source in self.grams:
-            self.grams[source] += gram
+        if reader.key in self.grams:
+            self.grams[reader.key] += gram
         else:
-            self.grams[source] = gram
+            self.grams[reader.key] = gram
 
-    def mean_and_variance(self, source: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per feature of ``source``: the mean and the variance over the calibration rows."""
-        gram = self.grams[source]
+    def mean_and_variance(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per input feature of the readers stored under ``key``: mean and variance over the calibration rows."""
+        gram = self.grams[key]
         count = gram[-1, -1]
         mean = gram[-1, :-1] / count
         return mean, (gram.diagonal()[:-1] / count - mean.pow(2)).clamp_min(0.0)
@@ -154,15 +182,16 @@ class ReaderStatistics:
 class _Watching(fx.Interpreter):
     """Runs a graph and hands each watched node's tensor to the statistics."""
 
-    def __init__(self, gm: fx.GraphModule, sources: set[str], statistics: ReaderStatistics) -> None:
+    def __init__(self, gm: fx.GraphModule, readers: dict[str, list[Reader]], statistics: ReaderStatistics) -> None:
         super().__init__(gm)
-        self.sources = sources
+        self.readers = readers  # source node name -> one reader per statistics key
         self.statistics = statistics
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        if n.name in self.sources and isinstance(result, torch.Tensor) and result.is_floating_point():
-            self.statistics.update(n.name, result)
+        if n.name in self.readers and isinstance(result, torch.Tensor) and result.is_floating_point():
+            for reader in self.readers[n.name]:
+                self.statistics.update(reader, result)
         return result
 
 
@@ -170,19 +199,23 @@ def collect_statistics(gm: fx.GraphModule, readers: Iterable[Reader],
                        batches: Sequence[tuple[Any, ...]]) -> ReaderStatistics:
     """Run ``gm`` on ``batches`` (flat graph inputs) and gather the Gram matrix of every reader's input."""
     statistics = ReaderStatistics()
-    sources = {reader.source for reader in readers}
-    if not sources:
+    by_key = {reader.key: reader for reader in readers}
+    watched: dict[str, list[Reader]] = {}
+    for reader in by_key.values():
+        watched.setdefault(reader.source, []).append(reader)
+    if not watched:
         return statistics
-    interpreter = _Watching(gm, sources, statistics)
+    interpreter = _Watching(gm, watched, statistics)
     with torch.no_grad():
-        for batch in progress(batches, desc=f"pruning: input statistics of {len(sources)} layer input(s)"):
+        for batch in progress(batches, desc=f"pruning: input statistics of {len(by_key)} layer input(s)"):
             interpreter.run(*batch)
-    statistics.rows = int(next(iter(statistics.grams.values()))[-1, -1]) if statistics.grams else 0
     return statistics
 
 
 def _as_rows_out(weight: torch.Tensor, input_dim: int) -> torch.Tensor:
-    """The weight as ``[outputs, inputs]``."""
+    """The weight as ``[outputs, inputs]`` (a pointwise convolution's ``[out, in, 1, ...]`` flattened)."""
+    if weight.dim() > 2:
+        return weight.reshape(weight.shape[0], weight.shape[1])
     return weight if input_dim == 1 else weight.T
 
 
@@ -193,7 +226,7 @@ def refit_reader(reader: Reader, statistics: ReaderStatistics, weight: torch.Ten
     ``weight`` and ``bias`` are the original tensors; the weight comes back with its input dim
     cut to ``kept_inputs``, both in their dtypes. Without a bias the fit has no intercept.
     """
-    gram = statistics.grams[reader.source]
+    gram = statistics.grams[reader.key]
     features = gram.shape[0] - 1
     rows_out = _as_rows_out(weight.detach(), reader.input_dim).double()
     columns = kept_inputs
@@ -209,7 +242,11 @@ def refit_reader(reader: Reader, statistics: ReaderStatistics, weight: torch.Ten
     system = kept_gram + ridge * torch.eye(len(columns), dtype=gram.dtype)
     solution = torch.linalg.solve(system, cross @ rows_out.T).T  # [outputs, kept (+1)]
     new_weight = solution[:, : len(kept_inputs)]
-    new_weight = (new_weight if reader.input_dim == 1 else new_weight.T).to(weight.dtype).contiguous()
+    if weight.dim() > 2:
+        new_weight = new_weight.reshape(weight.shape[0], len(kept_inputs), *weight.shape[2:])
+    elif reader.input_dim == 0:
+        new_weight = new_weight.T
+    new_weight = new_weight.to(weight.dtype).contiguous()
     new_bias = solution[:, -1].to(bias.dtype).contiguous() if bias is not None else None
     return new_weight, new_bias
 
@@ -228,7 +265,7 @@ def solve_refits(deps: DependencyGraph, readers: Sequence[Reader], statistics: R
     """The refit of every reader whose inputs shrink, given ``kept_index(constant, dim)`` of the plan."""
     refits = []
     for reader in readers:
-        if reader.source not in statistics.grams:
+        if reader.key not in statistics.grams:
             continue
         weight = deps.constant(reader.weight)
         inputs = kept_index(reader.weight, reader.input_dim)
@@ -250,9 +287,9 @@ def fluctuation_scores(deps: DependencyGraph, group: Group, readers: Sequence[Re
     scores = torch.zeros(group.units, dtype=torch.float64)
     found = False
     for reader in readers:
-        if reader.source not in statistics.grams:
+        if reader.key not in statistics.grams:
             continue
-        _, variance = statistics.mean_and_variance(reader.source)
+        _, variance = statistics.mean_and_variance(reader.key)
         weight = _as_rows_out(deps.constant(reader.weight).detach(), reader.input_dim).double()
         energy = weight.pow(2).sum(0) * variance  # per input feature
         for atom in deps.weight_atoms(group):

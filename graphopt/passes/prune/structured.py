@@ -152,16 +152,9 @@ def plan_structured(gm: fx.GraphModule, data: CalibrationData, *, amount: float,
     unread = sum(1 for _, measured in scored if not measured)
     if unread:
         notes.append(f"{unread} group(s) ranked by L2 magnitude: no linear layer reads their units where "
-                     "'fluctuation' can measure them (convolutions, normalized inputs)")
-    if scope == "global":
-        keeps = global_keep_counts(scores, amount, max_group_amount, round_to)
-    elif scope == "cost":
-        costs = node_costs(gm)
-        unit_costs = [_group_layer_macs(deps, g, costs) / g.units for g in groups]
-        keeps = cost_keep_counts(scores, unit_costs, amount, max_group_amount, round_to,
-                                 normalize=importance not in ("fluctuation", "taylor"))
-    else:
-        keeps = [keep_count(g.units, amount, round_to) for g in groups]
+                     "'fluctuation' can measure them (convolutions wider than 1x1, normalized inputs)")
+    comparable = importance in ("fluctuation", "taylor") and not unread  # output effects, not magnitudes
+    keeps = _keep_counts(gm, deps, groups, scores, scope, amount, round_to, max_group_amount, comparable)
     used: set[str] = set()
     choices = []
     for group, score, keep in zip(groups, scores, keeps, strict=True):
@@ -173,6 +166,18 @@ def plan_structured(gm: fx.GraphModule, data: CalibrationData, *, amount: float,
     refits = solve_refits(deps, readers, statistics, plan.kept_index, {c.group.id for c in choices}) if refit else []
     plan.use_refits(refits, notes)
     return plan
+
+
+def _keep_counts(gm: fx.GraphModule, deps: DependencyGraph, groups: list[Group], scores: list[torch.Tensor],
+                 scope: str, amount: float, round_to: int, max_group_amount: float, comparable: bool) -> list[int]:
+    """Units each group keeps under ``scope`` (``comparable``: scores of different groups compare as they are)."""
+    if scope == "global":
+        return global_keep_counts(scores, amount, max_group_amount, round_to)
+    if scope == "cost":
+        costs = node_costs(gm)
+        unit_costs = [_group_layer_macs(deps, g, costs) / g.units for g in groups]
+        return cost_keep_counts(scores, unit_costs, amount, max_group_amount, round_to, normalize=not comparable)
+    return [keep_count(g.units, amount, round_to) for g in groups]
 
 
 def _group_layer_macs(deps: DependencyGraph, group: Group, costs: dict[str, Any]) -> int:
