@@ -123,5 +123,4 @@ class CompoundBackend(GraphoptBackend):
             scheme = Quantize(scheme, embedding_bits=self.compound.embedding_bits)
         return recipe(model, example_inputs, data, target=self.target,
                       prune=Prune(amount=self.compound.amount, importance="fluctuation", scope="cost"),
-                      distill=distill,
-                      quantize=scheme, calibration=choosing)
+                      distill=distill, quantize=scheme, calibration=choosing)

@@ -94,6 +94,7 @@ def find_readers(gm: fx.GraphModule, deps: DependencyGraph,
     readers: list[Reader] = []
     too_wide = over_budget = 0
     gram_bytes: dict[str, int] = {}
+    total_bytes = 0
     for node in gm.graph.nodes:
         reader = _reader(gm, node, uses)
         if reader is None:
@@ -106,10 +107,12 @@ def find_readers(gm: fx.GraphModule, deps: DependencyGraph,
             too_wide += 1
             continue
         size = (features + 1) ** 2 * 8
-        if reader.key not in gram_bytes and sum(gram_bytes.values()) + size > GRAM_BUDGET_BYTES:
-            over_budget += 1
-            continue
-        gram_bytes[reader.key] = size
+        if reader.key not in gram_bytes:
+            if total_bytes + size > GRAM_BUDGET_BYTES:
+                over_budget += 1
+                continue
+            gram_bytes[reader.key] = size
+            total_bytes += size
         readers.append(reader)
     notes = []
     if too_wide:
@@ -284,17 +287,17 @@ def solve_refits(deps: DependencyGraph, readers: Sequence[Reader], statistics: R
 def fluctuation_scores(deps: DependencyGraph, group: Group, readers: Sequence[Reader],
                        statistics: ReaderStatistics) -> torch.Tensor | None:
     """Per unit of ``group``: input variance x squared reader weights, summed over the readers; None without any."""
+    by_weight = {(r.weight, r.input_dim): r for r in readers if r.key in statistics.grams}
     scores = torch.zeros(group.units, dtype=torch.float64)
     found = False
-    for reader in readers:
-        if reader.key not in statistics.grams:
+    for atom in deps.weight_atoms(group):
+        reader = by_weight.get((atom.target, atom.dim))
+        if reader is None:
             continue
         _, variance = statistics.mean_and_variance(reader.key)
-        weight = _as_rows_out(deps.constant(reader.weight).detach(), reader.input_dim).double()
-        energy = weight.pow(2).sum(0) * variance  # per input feature
-        for atom in deps.weight_atoms(group):
-            if atom.target != reader.weight or atom.dim != reader.input_dim:
-                continue
-            scores += energy.narrow(0, atom.offset, atom.size).reshape(group.units, -1).sum(1)
-            found = True
+        weight = _as_rows_out(deps.constant(reader.weight).detach(), reader.input_dim)
+        energy = weight.narrow(1, atom.offset, atom.size).double().pow(2).sum(0) * variance.narrow(
+            0, atom.offset, atom.size)  # per input feature of the atom
+        scores += energy.reshape(group.units, -1).sum(1)
+        found = True
     return scores if found else None

@@ -134,13 +134,14 @@ def plan_structured(gm: fx.GraphModule, data: CalibrationData, *, amount: float,
     groups = deps.prunable_groups()
     if not groups:
         raise InputError(_nothing_prunable_message(deps))
-    if (refit or importance == "fluctuation") and not data.batches:
-        raise InputError(_needs_calibration_message(importance, refit))
     refit = importance == "fluctuation" if refit is None else refit
+    measure = refit or importance == "fluctuation"  # the readers' input statistics are needed
+    if measure and not data.batches:
+        raise InputError(_needs_calibration_message(importance))
     readers: list[Reader] = []
     statistics = ReaderStatistics()
     notes: list[str] = []
-    if refit or importance == "fluctuation":
+    if measure:
         readers, notes = find_readers(gm, deps, groups)
         statistics = collect_statistics(gm, readers, data.batches)
     taylor = None
@@ -195,7 +196,7 @@ def _scores(deps: DependencyGraph, group: Group, importance: str, taylor: dict[s
     return group_scores(deps, group, importance, taylor), True
 
 
-def _needs_calibration_message(importance: str, refit: bool | None) -> str:
+def _needs_calibration_message(importance: str) -> str:
     what = "importance='fluctuation'" if importance == "fluctuation" else "refit=True"
     return (f"Prune({what}) needs calibration data: it measures the inputs of the layers that read the pruned "
             "units, and on the example inputs alone (the inputs the fidelity budget is judged on) the fit would "
@@ -227,6 +228,7 @@ class StructuredPlan(LossyPlan):
         self.scope = scope
         self.refits: list[Refit] = []  # solved with every group pruned; used where all their input groups are
         self.refit_notes: list[str] = []
+        self._all_pruned_atoms: dict[str, dict[int, list[Atom]]] | None = None  # kept_index's, built on first use
         self.last_section: ReportSection | None = None
         self.units = [self._unit(c) for c in choices]
 
@@ -356,8 +358,9 @@ class StructuredPlan(LossyPlan):
     def kept_index(self, target: str, dim: int) -> torch.Tensor | None:
         """The indices dim ``dim`` of constant ``target`` keeps with every planned group pruned (None: no atoms)."""
         active = {c.group.id: c for c in self.choices}
-        by_target, _ = self._atoms_by_target(active)
-        atoms = by_target.get(target, {}).get(dim)
+        if self._all_pruned_atoms is None:  # one pass over the atoms for every reader's call
+            self._all_pruned_atoms, _ = self._atoms_by_target(active)
+        atoms = self._all_pruned_atoms.get(target, {}).get(dim)
         return self._kept_index(atoms, active) if atoms else None
 
     def _kept_index(self, atoms: list[Atom], active: dict[int, GroupChoice]) -> torch.Tensor:

@@ -23,6 +23,7 @@ from onnx import numpy_helper
 
 __all__ = ["Features", "SwiGLU", "constant_value", "find_swiglus", "value_shapes"]
 
+
 @dataclass(frozen=True)
 class Features:
     """Output features ``start .. stop - 1`` of the value ``source`` (a layer's output)."""
