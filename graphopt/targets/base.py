@@ -148,6 +148,16 @@ class Target:
         """
         return self
 
+    def runtime_candidates(self, gm: fx.GraphModule) -> list[Target]:
+        """Lowerings of ``gm`` to measure against each other when the target was named without one (none here).
+
+        Where no rule settles which of two runtimes runs a kind of graph faster, ``optimize``
+        (without ``tune``) lowers ``gm`` with each one listed, checks and times them on the example
+        inputs, and keeps the fastest (``graphopt.targets.tune.lower_model``). The first is the
+        target's own lowering.
+        """
+        return []
+
     def specializes_decode(self, gm: fx.GraphModule) -> bool:
         """True when a decode step (one token per row) gains from a lowering of its own, with static shapes.
 

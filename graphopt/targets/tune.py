@@ -17,12 +17,18 @@ graphs). The ``cpu`` candidates include onnxruntime's CPU execution provider, an
 the same device. A candidate is measured as its label says: one whose lowering pass fails
 verification fails as a candidate (it is lowered with ``on_error="raise"``) instead of being
 timed without that pass.
+
+Without ``tune``, a target may still list a few runtimes for a graph where no rule settles which
+is faster (``Target.runtime_candidates``: on ``cpu``, PyTorch and OpenVINO for a large float32
+graph). ``optimize`` then measures those alone, the same way for a shorter time
+(``MEASURED_PLAN``), and the report gets the same section.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -38,7 +44,7 @@ from graphopt.passes.manager import OnError
 from graphopt.report import PlotSpec, Report, ReportSection
 from graphopt.targets.base import LoweringContext, Target
 
-__all__ = ["Candidate", "TunePlan", "lower_model", "tune_candidates"]
+__all__ = ["MEASURED_PLAN", "Candidate", "TunePlan", "lower_model", "tune_candidates"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,10 @@ class TunePlan:
     drop_margin: float = 0.1
     """After ``min_rounds``, a candidate whose fastest call is slower than the leader's median by more than
     this fraction leaves the race; the contenders left get at least ``min_rounds`` more rounds."""
+
+
+MEASURED_PLAN = TunePlan(min_rounds=3, max_rounds=15, max_seconds=1.5)
+"""How long ``optimize`` times the runtimes a target lists (``Target.runtime_candidates``) without ``tune``."""
 
 
 @dataclass
@@ -160,7 +170,7 @@ def _time_round_robin(candidates: list[Candidate], captured: Any, plan: TunePlan
     return racing
 
 
-def _section(candidates: list[Candidate], chosen: Candidate) -> ReportSection:
+def _section(candidates: list[Candidate], chosen: Candidate, tune: bool) -> ReportSection:
     default = candidates[0].median_ms
     rows = []
     for c in candidates:
@@ -172,9 +182,10 @@ def _section(candidates: list[Candidate], chosen: Candidate) -> ReportSection:
     plots = [PlotSpec("barh", "median time per call on the example inputs", [c.label for c in timed],
                       {"ms": [c.median_ms for c in timed]}, x_label="candidate", y_label="ms",
                       marked=[i for i, c in enumerate(timed) if c is chosen], marked_label="chosen")] if timed else []
+    what = "each candidate" if tune else "each runtime the target measures for this kind of graph"
     return ReportSection(
-        title="tune: candidate lowerings",
-        description=(f"each candidate checked against eager on the example inputs, then timed round-robin (the "
+        title="tune: candidate lowerings" if tune else "runtime: measured choice",
+        description=(f"{what} checked against eager on the example inputs, then timed round-robin (the "
                      f"clearly slower ones leave the race after the first rounds); kept: {chosen.label}"),
         headers=["candidate", "median ms", "x default", "setup s", "status", "check", "timed calls"],
         rows=rows,
@@ -183,8 +194,8 @@ def _section(candidates: list[Candidate], chosen: Candidate) -> ReportSection:
 
 
 def lower_model(target: Target, gm: fx.GraphModule, captured: CapturedModel, report: Report | None, *,
-                tune: bool = False, budget: Fidelity | None = None, tolerance_scale: float = 1.0,
-                plan: TunePlan | None = None, native_error: float = 0.0,
+                tune: bool = False, choices: Sequence[Target] = (), budget: Fidelity | None = None,
+                tolerance_scale: float = 1.0, plan: TunePlan | None = None, native_error: float = 0.0,
                 on_error: OnError = "rollback") -> tuple[Any, Target]:
     """Lower ``gm`` for ``target``; with ``tune`` measure every candidate and keep the fastest that passes.
 
@@ -194,18 +205,24 @@ def lower_model(target: Target, gm: fx.GraphModule, captured: CapturedModel, rep
     ``on_error="raise"`` and checked against eager like the final check: to tolerance, plus twice
     ``native_error`` (how far the unoptimized model on the target's device is from CPU eager).
 
+    ``choices`` (without ``tune``; ``Target.runtime_candidates``, ``target`` first): two or more
+    runtimes to measure the same way, each lowered as ``target`` would be (``on_error`` as given),
+    for ``MEASURED_PLAN``'s shorter time. When none passes its check, ``target``'s own lowering is
+    returned for the final check to judge, as without ``choices``.
+
     Returns ``(runner, target)``: the target carries the lowering tuning chose.
     """
     context = LoweringContext.from_captured(captured, report=report, on_error=on_error,
                                             tolerance_scale=tolerance_scale, fidelity=budget)
-    if not tune:
+    if not tune and len(choices) < 2:
         return _lower(target, gm, context), target
-    candidates = tune_candidates(target, budget)
+    candidates = tune_candidates(target, budget) if tune else [Candidate(choice.label(), choice) for choice in choices]
     for candidate in candidates:
         scratch = Report(target=target.name)
         started = time.perf_counter()
         try:
-            candidate.runner = _lower(candidate.target, gm, replace(context, report=scratch, on_error="raise"))
+            candidate.runner = _lower(candidate.target, gm,
+                                      replace(context, report=scratch, on_error="raise" if tune else on_error))
             candidate.setup_s = time.perf_counter() - started
             _check(candidate, captured, budget, tolerance_scale, native_error)
         except Exception as error:  # a candidate that cannot lower is a result, not a failure of optimize
@@ -214,18 +231,33 @@ def lower_model(target: Target, gm: fx.GraphModule, captured: CapturedModel, rep
             candidate.runner = None
         candidate.report = scratch  # type: ignore[attr-defined]
     passing = [c for c in candidates if c.status == "ok"]
+    if not passing and not tune:
+        own = candidates[0]
+        if own.runner is None:
+            return _lower(target, gm, context), target
+        _keep_report_of(own, report)
+        return own.runner, own.target
     if not passing:
         error_lines = "; ".join(f"{c.label}: {c.detail}" for c in candidates)
         raise LoweringError(f"tune: no candidate lowering of target {target.name!r} passed its check ({error_lines})")
-    finalists = _time_round_robin(passing, captured, plan or TunePlan())
+    finalists = _time_round_robin(passing, captured, plan or (TunePlan() if tune else MEASURED_PLAN))
     chosen = min(finalists, key=lambda c: c.median_ms or float("inf"))
     for candidate in passing:
         if candidate is not chosen:
             candidate.runner = None  # free what the losers hold (sessions, packed weights)
     if report is not None:
-        chosen_report: Report = chosen.report  # type: ignore[attr-defined]
-        report.notes.extend(chosen_report.notes)
-        report.sections.extend(chosen_report.sections)
-        report.sections.append(_section(candidates, chosen))
-        report.notes.append(f"tune: kept {chosen.label} ({chosen.median_ms:.2f} ms per call on the example inputs)")
+        _keep_report_of(chosen, report)
+        report.sections.append(_section(candidates, chosen, tune))
+        times = ", ".join(f"{c.label} {c.median_ms:.2f} ms" for c in candidates if c.median_ms is not None)
+        report.notes.append(f"tune: kept {chosen.label} ({chosen.median_ms:.2f} ms per call on the example inputs)"
+                            if tune else f"runtime measured on the example inputs ({times} per call): kept "
+                            f"{chosen.label}")
     return chosen.runner, chosen.target
+
+
+def _keep_report_of(candidate: Candidate, report: Report | None) -> None:
+    """Copy what ``candidate``'s lowering wrote in its own report (notes, sections) into ``report``."""
+    if report is not None:
+        own: Report = candidate.report  # type: ignore[attr-defined]
+        report.notes.extend(own.notes)
+        report.sections.extend(own.sections)

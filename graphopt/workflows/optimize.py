@@ -148,9 +148,11 @@ def optimize(
     **Lowering.** ``lowering`` replaces the target's lowering config (``CpuLowering(...)`` for
     ``cpu``, ``GpuLowering(...)`` for ``gpu``, ``OnnxLowering(...)`` for ``onnx``). A target named
     without one picks it for the optimized graph (``Target.for_graph``: on ``cpu`` a bfloat16 graph
-    runs in OpenVINO where it is installed and the CPU has bfloat16 instructions). ``tune=True``
-    builds every candidate lowering of the target, checks each against eager and keeps the
-    fastest on the example inputs (the report lists every candidate's time).
+    runs in OpenVINO where it is installed and the CPU has bfloat16 instructions), and measures the
+    runtimes no rule decides between (``Target.runtime_candidates``: on ``cpu``, PyTorch and
+    OpenVINO for a large float32 graph), keeping the faster. ``tune=True`` builds every candidate
+    lowering of the target, checks each against eager and keeps the fastest on the example inputs
+    (the report lists every candidate's time).
 
     **Shortcuts.** The flat keywords of earlier releases still work: ``dynamic_shapes=`` and
     ``dynamic_batch=`` (``Dynamic``), ``passes=``, ``disabled=``, ``fixed_point=``,
@@ -225,10 +227,11 @@ def optimize(
             report.notes.append(f"target {target.name!r} named without a lowering: this graph lowers as "
                                 f"{lowering_target.label()!r} (Target.for_graph)")
         held_out = data.validation if data is not None else []
+        choices = lowering_target.runtime_candidates(gm) if chosen_by_name and not tune else []
         try:
             try:
                 return _lower_and_check(model, gm, manager, lowering_target, captured, report, budget, lossy_runner,
-                                        check, tune=tune, on_error=on_error, held_out=held_out)
+                                        check, tune=tune, choices=choices, on_error=on_error, held_out=held_out)
             except LoweringError as error:
                 if lowering_target is target:
                     raise
@@ -284,9 +287,10 @@ def _describe(budgets: dict[str, Fidelity]) -> str:
 def _lower_and_check(model: torch.nn.Module, gm: fx.GraphModule, manager: PassManager, target: Target,
                      captured: CapturedModel, report: Report, budget: Fidelity | None,
                      lossy_runner: LossyRunner | None, check: Verify, *, tune: bool, on_error: OnError,
-                     held_out: Sequence[tuple[Any, ...]] = ()) -> OptimizedModel:
+                     choices: Sequence[Target] = (), held_out: Sequence[tuple[Any, ...]] = ()) -> OptimizedModel:
     """Lower the optimized graph ``gm`` and check the result against eager (or the budget); the optimized model.
 
+    ``choices``: runtimes to measure against each other (``Target.runtime_candidates``; see ``lower_model``).
     ``held_out``: batches (flat inputs) the budget is also checked on, kept apart from calibration.
 
     Raises ``VerificationError`` when the lowered model differs; one that misses an enforced
@@ -294,7 +298,7 @@ def _lower_and_check(model: torch.nn.Module, gm: fx.GraphModule, manager: PassMa
     """
     native = target.native_error(model, captured.example_args, captured.example_kwargs, captured.reference_outputs)
     started = time.perf_counter()
-    runner, target = lower_model(target, gm, captured, report, tune=tune, budget=budget,
+    runner, target = lower_model(target, gm, captured, report, tune=tune, choices=choices, budget=budget,
                                  tolerance_scale=check.tolerance_scale, native_error=native, on_error=on_error)
     report.lowering_seconds = time.perf_counter() - started
     optimized = OptimizedModel(gm, runner, target, report, captured, budget=budget)

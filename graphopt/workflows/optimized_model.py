@@ -29,6 +29,7 @@ from graphopt.passes.lossy.base import Fidelity, output_cosine
 from graphopt.report import Report, ReportSection
 from graphopt.targets.base import LoweringContext, Target, get_target
 from graphopt.targets.gpu.target import retarget_device_constants, retarget_meta_values
+from graphopt.targets.tune import lower_model
 from graphopt.workflows.generation import GenerativeModel, generation_target, is_generation, load_generative
 from graphopt.workflows.save_load import read_archive, write_archive
 
@@ -388,10 +389,10 @@ def load(path: str | Path, target: str | Target | None = None) -> OptimizedModel
     corrupt or not a graphopt save. A target given by name (or the saved one) lowers the way
     ``optimize`` would pick for the graph (``Target.for_graph``: OpenVINO for a bfloat16 or static
     int8 convolution graph on ``cpu`` where it is installed, at its f32 hint, since the budget is
-    not saved), falling back to the target's own lowering when that one cannot lower it. No pickled
-    code is executed. When the outputs are classes
-    of an installed package (a transformers ``ModelOutput``), that package is imported so their
-    structure can be rebuilt.
+    not saved; ``Target.runtime_candidates`` measured on the saved example inputs), falling back
+    to the target's own lowering when that one cannot lower it. No pickled code is executed. When
+    the outputs are classes of an installed package (a transformers ``ModelOutput``), that package
+    is imported so their structure can be rebuilt.
     """
     archive = read_archive(path)
     if is_generation(archive.metadata):
@@ -418,8 +419,9 @@ def load(path: str | Path, target: str | Target | None = None) -> OptimizedModel
         notes=[],
         dynamic=archive.dynamic,
     )
+    choices = [] if isinstance(target, Target) else chosen.runtime_candidates(gm)  # measured, as optimize does
     try:
-        runner = chosen.lower(gm, LoweringContext.from_captured(captured))
+        runner, chosen = lower_model(chosen, gm, captured, None, choices=choices)
     except LoweringError:
         if chosen is named:
             raise
