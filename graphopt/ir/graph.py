@@ -27,6 +27,7 @@ __all__ = [
     "annotate_tensor_meta",
     "attribute_value",
     "clone_graph_module",
+    "constant_uses",
     "count_ops",
     "draws_random_numbers",
     "has_attribute",
@@ -166,6 +167,15 @@ def read_constant(gm: fx.GraphModule, name: str, before: fx.Node) -> fx.Node:
     node.meta["tensor_meta"] = _extract_tensor_metadata(value)
     node.meta["val"] = value
     return node
+
+
+def constant_uses(gm: fx.GraphModule) -> dict[str, int]:
+    """How many ops read each constant (``get_attr`` target), over every ``get_attr`` node of it."""
+    uses: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            uses[str(node.target)] = uses.get(str(node.target), 0) + len(node.users)
+    return uses
 
 
 def prune_unused_attributes(gm: fx.GraphModule) -> int:

@@ -1,17 +1,53 @@
-"""Turning the user's calibration data (a DataLoader, a list of batches) into the graph's flat inputs."""
+"""Calibration data: the user's batches (a DataLoader, a list) as flat graph inputs, and running the graph on them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
+import torch.fx as fx
 
 from graphopt.errors import InputError
 from graphopt.ir.capture import CapturedModel, flatten_inputs
 from graphopt.report.progress import progress
 
-__all__ = ["calibration_batches"]
+__all__ = ["ValueWatcher", "calibration_batches", "watch_values"]
+
+
+class ValueWatcher(Protocol):
+    """What :func:`watch_values` hands a watched node's tensor to (an int8 range observer, a pruning statistic)."""
+
+    def update(self, value: torch.Tensor) -> None:
+        """Take one more value of the watched node."""
+        ...
+
+
+class _Watching(fx.Interpreter):
+    """Runs a graph and hands the tensor value of each watched node to its watcher."""
+
+    def __init__(self, gm: fx.GraphModule, watchers: Mapping[str, ValueWatcher]) -> None:
+        super().__init__(gm)
+        self.watchers = watchers
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        watcher = self.watchers.get(n.name)
+        if watcher is not None and isinstance(result, torch.Tensor):
+            watcher.update(result)
+        return result
+
+
+def watch_values(gm: fx.GraphModule, batches: Sequence[tuple[Any, ...]], watchers: Mapping[str, ValueWatcher],
+                 desc: str) -> None:
+    """Run ``gm`` on every batch (flat graph inputs) without gradients, updating ``watchers`` by node name.
+
+    Shows progress as ``desc``.
+    """
+    interpreter = _Watching(gm, watchers)
+    with torch.no_grad():
+        for batch in progress(batches, desc=desc, total=len(batches)):
+            interpreter.run(*batch)
 
 
 def _as_call(batch: Any, example_kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

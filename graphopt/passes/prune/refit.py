@@ -29,9 +29,9 @@ import torch
 import torch.fx as fx
 
 from graphopt.analysis.dependency import DependencyGraph, Group
-from graphopt.ir.graph import attribute_value
+from graphopt.ir.graph import attribute_value, constant_uses
 from graphopt.ir.op_args import conv_arguments
-from graphopt.report.progress import progress
+from graphopt.passes.lossy.calibration import watch_values
 
 __all__ = ["GRAM_BUDGET_BYTES", "MAX_READER_FEATURES", "Reader", "ReaderStatistics", "Refit", "collect_statistics",
            "find_readers", "fluctuation_scores", "refit_reader", "solve_refits"]
@@ -87,13 +87,10 @@ def find_readers(gm: fx.GraphModule, deps: DependencyGraph,
     """The layers of ``gm`` reading units of ``groups`` whose weights a refit may replace, and notes on any left out."""
     wanted = {g.id for g in groups}
     normalized = {g.id for name in deps.shrinking_norms for g in deps.slot_groups(name, -1)}
-    uses: dict[str, int] = {}  # constant -> how many ops read it
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            uses[str(node.target)] = uses.get(str(node.target), 0) + len(node.users)
+    uses = constant_uses(gm)
     readers: list[Reader] = []
     too_wide = over_budget = 0
-    gram_bytes: dict[str, int] = {}
+    budgeted: set[str] = set()  # statistics keys whose Gram matrix the budget holds
     total_bytes = 0
     for node in gm.graph.nodes:
         reader = _reader(gm, node, uses)
@@ -107,11 +104,11 @@ def find_readers(gm: fx.GraphModule, deps: DependencyGraph,
             too_wide += 1
             continue
         size = (features + 1) ** 2 * 8
-        if reader.key not in gram_bytes:
+        if reader.key not in budgeted:
             if total_bytes + size > GRAM_BUDGET_BYTES:
                 over_budget += 1
                 continue
-            gram_bytes[reader.key] = size
+            budgeted.add(reader.key)
             total_bytes += size
         readers.append(reader)
     notes = []
@@ -182,20 +179,18 @@ class ReaderStatistics:
         return mean, (gram.diagonal()[:-1] / count - mean.pow(2)).clamp_min(0.0)
 
 
-class _Watching(fx.Interpreter):
-    """Runs a graph and hands each watched node's tensor to the statistics."""
+@dataclass(frozen=True)
+class _SourceWatcher:
+    """Hands a source node's float values to the statistics of each reader of it (one per statistics key)."""
 
-    def __init__(self, gm: fx.GraphModule, readers: dict[str, list[Reader]], statistics: ReaderStatistics) -> None:
-        super().__init__(gm)
-        self.readers = readers  # source node name -> one reader per statistics key
-        self.statistics = statistics
+    readers: list[Reader]
+    statistics: ReaderStatistics
 
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if n.name in self.readers and isinstance(result, torch.Tensor) and result.is_floating_point():
-            for reader in self.readers[n.name]:
-                self.statistics.update(reader, result)
-        return result
+    def update(self, value: torch.Tensor) -> None:
+        """Add ``value`` to every reader's Gram matrix."""
+        if value.is_floating_point():
+            for reader in self.readers:
+                self.statistics.update(reader, value)
 
 
 def collect_statistics(gm: fx.GraphModule, readers: Iterable[Reader],
@@ -206,12 +201,9 @@ def collect_statistics(gm: fx.GraphModule, readers: Iterable[Reader],
     watched: dict[str, list[Reader]] = {}
     for reader in by_key.values():
         watched.setdefault(reader.source, []).append(reader)
-    if not watched:
-        return statistics
-    interpreter = _Watching(gm, watched, statistics)
-    with torch.no_grad():
-        for batch in progress(batches, desc=f"pruning: input statistics of {len(by_key)} layer input(s)"):
-            interpreter.run(*batch)
+    if watched:
+        watch_values(gm, batches, {source: _SourceWatcher(group, statistics) for source, group in watched.items()},
+                     f"pruning: input statistics of {len(by_key)} layer input(s)")
     return statistics
 
 

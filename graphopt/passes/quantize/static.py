@@ -23,6 +23,7 @@ from graphopt.errors import InputError
 from graphopt.ir.graph import attribute_value, module_path, prune_unused_attributes
 from graphopt.passes.base import PassResult
 from graphopt.passes.lossy.base import CalibrationData, LossyPlan, LossyUnit
+from graphopt.passes.lossy.calibration import watch_values
 from graphopt.passes.quantize.dynamic import insert_dynamic_qdq
 from graphopt.passes.quantize.embedding import (
     QuantizedTable,
@@ -43,7 +44,6 @@ from graphopt.passes.quantize.placement import (
 )
 from graphopt.passes.quantize.scheme import QuantizationScheme, check_count, check_flags, check_ops, names_option
 from graphopt.passes.quantize.selection import SKIPPED, SkipList
-from graphopt.report.progress import progress
 
 __all__ = ["HANDING_ON", "Int8Static", "StaticPlan", "calibrate", "handing_on_int8"]
 
@@ -51,27 +51,9 @@ HANDING_ON = ("add", "concat", "pooling")
 """Weightless op families: quantized only where their output goes on to an int8 op."""
 
 
-class _Observing(fx.Interpreter):
-    """Runs a graph and hands the value of each watched node to its observer."""
-
-    def __init__(self, gm: fx.GraphModule, observers: dict[str, Observer]) -> None:
-        super().__init__(gm)
-        self.observers = observers
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        observer = self.observers.get(n.name)
-        if observer is not None and isinstance(result, torch.Tensor):
-            observer.update(result)
-        return result
-
-
 def calibrate(gm: fx.GraphModule, batches: Sequence[tuple[Any, ...]], observers: dict[str, Observer]) -> None:
     """Run ``gm`` on every batch (flat graph inputs), updating ``observers`` by node name; shows progress."""
-    interpreter = _Observing(gm, observers)
-    with torch.no_grad():
-        for batch in progress(batches, desc=f"calibrating {len(observers)} int8 activations", total=len(batches)):
-            interpreter.run(*batch)
+    watch_values(gm, batches, observers, f"calibrating {len(observers)} int8 activations")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir.graph import attribute_value, prune_unused_attributes, register_constant
+from graphopt.ir.graph import attribute_value, constant_uses, prune_unused_attributes, register_constant
 from graphopt.ir.meta import PROVENANCE_META, SHAPE_META, copy_meta, infer_meta
 from graphopt.ir.op_args import argument, conv_arguments
 from graphopt.ir.ops import CONV_OPS
@@ -94,10 +94,7 @@ def find_weight_sites(gm: fx.GraphModule, min_elements: int = 1,
 
     Layers in ``skip`` (the user's ``skip=``) are near misses too.
     """
-    readers: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            readers[str(node.target)] = readers.get(str(node.target), 0) + len(node.users)
+    readers = constant_uses(gm)
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue

@@ -144,6 +144,10 @@ class CpuLowering:
             parts.append("nchw")
         return "-".join([*parts, *weights])
 
+    def on_openvino(self) -> CpuLowering:
+        """The OpenVINO variant of this lowering at the f32 hint: the ONNX export, float activations throughout."""
+        return replace(self, backend="openvino", weight_only_activations="float", onnx=None)
+
     def candidates(self) -> list[CpuLowering]:
         """The variants ``tune`` measures: this one, plain ATen, NCHW/NHWC, Inductor, onnxruntime (and OpenVINO).
 
@@ -157,7 +161,7 @@ class CpuLowering:
                    replace(self, backend="inductor", onnx=None), replace(self, backend="onnxruntime", onnx=export),
                    replace(self, backend="onnxruntime", onnx=TRANSFORMER_OPTIMIZER_EXPORT)]
         if openvino_installed():
-            openvino = replace(self, backend="openvino", weight_only_activations="float", onnx=None)
+            openvino = self.on_openvino()
             options += [openvino, replace(openvino, onnx=OPENVINO_BFLOAT16)]  # bf16: tune, for lossy graphs only
         unique: list[CpuLowering] = []
         for option in options:

@@ -102,8 +102,7 @@ class CpuTarget(Target):
             return []
         if total_flops(gm) < MEASURED_RUNTIME_MIN_FLOPS:
             return []
-        openvino = replace(self.lowering, backend="openvino", weight_only_activations="float", onnx=None)
-        return [self, self.with_lowering(openvino)]  # type: ignore[list-item]
+        return [self, self.with_lowering(self.lowering.on_openvino())]  # type: ignore[list-item]
 
     def specializes_decode(self, gm: fx.GraphModule) -> bool:
         """Inductor's compiled kernels, or onnxruntime steps whose decode step would run graphopt's kernels."""
