@@ -21,7 +21,7 @@ from torch import nn
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import graphopt
-from graphopt.errors import InputError
+from graphopt.errors import InputError, UnsupportedOpError
 from graphopt.workflows.generation import GenerativeModel
 from graphopt.workflows.generation.decoder import CachedDecoder
 from graphopt.workflows.generation.sampling import Sampling, _filtered, next_tokens
@@ -398,6 +398,45 @@ def test_user_module_with_buffer_cache_carries_state_between_calls() -> None:
     assert any("state" in note for note in fast.report.notes)
 
 
+# --- a step onnxruntime cannot lower: mixture of experts ----------------------------------------------------------
+
+# transformers runs Mixtral's experts through its own op (transformers::grouped_mm_fallback), which torch.onnx cannot
+# translate: "cpu" named without a lowering then runs the steps in PyTorch instead of onnxruntime
+MOE = ("MixtralConfig", "MixtralForCausalLM", {**TINY, "num_local_experts": 4, "num_experts_per_tok": 2})
+
+
+@pytest.fixture(scope="module")
+def mixtral() -> dict:
+    config_class, model_class, keywords = MOE
+    torch.manual_seed(0)
+    lm = getattr(transformers, model_class)(getattr(transformers, config_class)(**keywords)).eval()
+    lm.generation_config.eos_token_id = None
+    ids = prompt()
+    return {"lm": lm, "ids": ids, "fast": graphopt.optimize(lm, (ids,), target="cpu", max_cache_len=MAX_CACHE_LEN)}
+
+
+def test_cpu_steps_onnxruntime_cannot_lower_run_in_pytorch(mixtral: dict, tmp_path) -> None:
+    lm, ids, fast = mixtral["lm"], mixtral["ids"], mixtral["fast"]
+    assert fast.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=[]).tolist() == reference(lm, ids).tolist()
+    assert fast.target.lowering.backend == "graph" and fast.fallback is None
+    assert any("could not lower them" in note and "grouped_mm" in note for note in fast.report.notes)
+    # another batch size builds for PyTorch directly: one more note would mean onnxruntime was tried again
+    padded, mask = left_padded([9, 4])
+    assert fast.generate(padded, max_new_tokens=12, attention_mask=mask).tolist() == \
+        reference(lm, padded, 12, attention_mask=mask).tolist()
+    assert sum("could not lower them" in note for note in fast.report.notes) == 1
+    loaded = graphopt.load(fast.save(tmp_path / "moe.pt2"))  # by the saved name: falls back the same way
+    assert loaded.target.lowering.backend == "graph"
+    assert any("could not lower" in note for note in loaded.report.notes)
+    assert loaded.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=[]).tolist() == reference(lm, ids).tolist()
+
+
+@pytest.mark.slow
+def test_onnx_named_for_a_step_it_cannot_lower_raises(mixtral: dict) -> None:
+    with pytest.raises(UnsupportedOpError, match="grouped_mm"):
+        graphopt.optimize(mixtral["lm"], (mixtral["ids"],), target="onnx", max_cache_len=MAX_CACHE_LEN)
+
+
 # --- bad optimize inputs ------------------------------------------------------------------------------------------
 
 
@@ -417,6 +456,20 @@ def test_max_cache_len_beyond_positions_raises_input_error() -> None:
 def test_unsupported_options_raise_input_error(options: dict) -> None:
     with pytest.raises(InputError, match="not supported for causal language models"):
         graphopt.optimize(tiny_lm("llama"), (prompt(),), target="cpu", max_cache_len=16, **options)
+
+
+def test_a_state_space_lm_says_how_to_optimize_it_instead() -> None:
+    torch.manual_seed(0)
+    mamba = transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32,
+                                                                   num_hidden_layers=2)).eval()
+    with pytest.raises(InputError, match="MambaForCausalLM generates, but its forward takes no past_key_values"):
+        graphopt.optimize(mamba, (prompt(),), target="cpu", max_cache_len=16)
+    with pytest.raises(graphopt.CaptureError, match=r"cache for generation.*use_cache=False"):
+        graphopt.optimize(mamba, (prompt(),), target="cpu")
+    mamba.config.use_cache = False  # what the errors say: the one-shot forward, exact
+    fast = graphopt.optimize(mamba, (prompt(),), target="cpu")
+    with torch.no_grad():
+        assert torch.allclose(fast(prompt()).logits, mamba(prompt()).logits, atol=1e-5)
 
 
 def test_max_cache_len_on_a_non_generative_model_raises_input_error() -> None:

@@ -130,6 +130,58 @@ def test_strict_budget_falls_back_per_layer() -> None:
     assert all(any(path.startswith(entry.removeprefix("model.")) for entry in skipped) for path in fallen)
 
 
+# decoders laid out unlike Llama: OPT's learned positions take the attention mask, not indices, and end at 64
+# positions (the budget's text must fit them); Falcon's projections reach the graph as transposed constants
+OTHER_LAYOUTS = {
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                                num_attention_heads=4, max_position_embeddings=64,
+                                                word_embed_proj_dim=64, init_std=0.2)),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=4, initializer_range=0.2)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_LAYOUTS))
+def test_budget_reads_decoders_laid_out_unlike_llama(family: str) -> None:
+    config_class, model_class, keywords = OTHER_LAYOUTS[family]
+    torch.manual_seed(0)
+    lm = getattr(transformers, model_class)(getattr(transformers, config_class)(**keywords)).eval()
+    fast = graphopt.optimize(lm, (prompt(),), target="cpu", max_cache_len=48, quantize="int8-weight-only",
+                             fidelity=budget(max_perplexity_ratio=1.005, min_token_agreement=0.0))
+    section = next(s for s in fast.report.sections if "per layer (generation)" in s.title)
+    assert all(row[5] == "kept" for row in section.rows)  # int8 costs a random decoder's perplexity < 0.5%
+    note = next(n for n in fast.report.notes if n.startswith("int8-weight-only:"))
+    assert f"{len(section.rows)} of {len(section.rows)} layers compressed" in note
+    context = lm.config.max_position_embeddings
+    assert f"{min(256, context) * (4 * 256 // min(256, context))} tokens of pydoc_data.topics" in note
+    out = fast.generate(prompt(), max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(fast.generate(prompt(), max_new_tokens=8, eos_token_id=[]), out) and out.shape == (1, 15)
+
+
+@pytest.mark.slow
+def test_weights_no_compressed_layer_reads_are_reported() -> None:
+    torch.manual_seed(0)  # Mixtral's experts are 3-D tensors read by transformers' grouped matmul
+    lm = transformers.MixtralForCausalLM(transformers.MixtralConfig(**{**TINY, "num_local_experts": 4,
+                                                                       "num_experts_per_tok": 2})).eval()
+    fast = graphopt.optimize(lm, (prompt(),), target="cpu", max_cache_len=48, quantize="int8-weight-only",
+                             fidelity=budget(max_perplexity_ratio=1.05, min_token_agreement=0.0))
+    note = next(n for n in fast.report.notes if n.startswith("weight-only compression left"))
+    experts = sum(p.numel() * 4 for name, p in lm.named_parameters() if ".experts." in name)
+    assert f"left {experts / 1e6:.1f} MB" in note and "experts.gate_up_proj" in note
+    assert not any(n.startswith("weight-only compression left") for n in
+                   graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48,
+                                     quantize="int8-weight-only", fidelity=budget(max_perplexity_ratio=1.05,
+                                                                                  min_token_agreement=0.0)
+                                     ).report.notes)
+
+
+def test_a_context_too_short_for_the_budget_raises_input_error() -> None:
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, "max_position_embeddings": 40})).eval()
+    with pytest.raises(InputError, match=r"context \(40 positions.*agreement_tokens=24"):
+        graphopt.optimize(lm, (prompt(),), target="cpu", max_cache_len=32, quantize="int8-weight-only",
+                          fidelity=budget())
+
+
 def test_a_budget_nothing_meets_raises_fidelity_error() -> None:
     with pytest.raises(FidelityError, match="no choice of layers"):
         graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48, quantize="int8-weight-only",
@@ -149,7 +201,7 @@ def test_bad_compression_input_raises_input_error() -> None:
         Fidelity(min_token_agreement=1.5)
     with pytest.raises(InputError, match="no tokenizer was found"):
         graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48, quantize="int8-weight-only")
-    with pytest.raises(InputError, match="at least 256"):
+    with pytest.raises(InputError, match="at least 64 "):  # a chunk of the model's context (64 positions)
         graphopt.optimize(tiny_llama(), (prompt(),), target="cpu", max_cache_len=48, quantize="int8-weight-only",
                           fidelity=budget(text="too short"))
 

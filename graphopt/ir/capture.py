@@ -201,8 +201,10 @@ def _check_outputs(outputs: Any) -> list[Any]:
             continue
         kind = type(leaf).__name__
         hint = (
-            " This is a key/value cache: build the model with use_cache=False "
-            "(e.g. config.use_cache = False) or call it with use_cache=False."
+            " This is a model's cache for generation. graphopt generates with decoders whose forward takes "
+            "past_key_values (graphopt.optimize returns a GenerativeModel for them); to optimize this model's "
+            "one-shot forward, build it with use_cache=False (e.g. config.use_cache = False) or call it with "
+            "use_cache=False."
             if "Cache" in kind
             else " Return tensors (or tuples/dicts of tensors) from forward()."
         )

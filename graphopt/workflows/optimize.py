@@ -181,18 +181,18 @@ def optimize(
     target = with_lowering(get_target(target), lowering)
     target.check_available()
     if is_causal_lm(model) and _generates(model, example_kwargs):
-        if chosen_by_name:
-            target = generation_target(target)
+        named, target = target, generation_target(target) if chosen_by_name else target
         passes = options.pipeline.build(target)
         compression = generation_compression(compression_steps(compress, target=target.name, **options.compression),
                                              fidelity)
         return optimize_for_generation(model, example_inputs, target, passes, max_cache_len=max_cache_len,
+                                       fallback=named if named is not target else None,
                                        verify=check.enabled, on_error=on_error, compression=compression,
                                        refused=_refused_for_generation(calibration, tune, example_kwargs, options,
                                                                        validation))
     passes = options.pipeline.build(target)
     if max_cache_len is not None:
-        raise InputError("max_cache_len= applies to causal language models (generation); this model is not one")
+        raise InputError(_not_generative(model))
     steps = compression_steps(compress, target=_kernels_of(target), **options.compression)
     _check_once_per_stage(passes, steps)
     if steps:
@@ -324,6 +324,16 @@ def _lower_and_check(model: torch.nn.Module, gm: fx.GraphModule, manager: PassMa
     if budget is not None and budget.metric is not None and lossy_runner is not None:
         _final_metric(optimized, budget, lossy_runner.baseline_metric, report)
     return optimized
+
+
+def _not_generative(model: torch.nn.Module) -> str:
+    """Why ``max_cache_len=`` does not apply to ``model``, and what to do instead."""
+    if not callable(getattr(model, "generate", None)):
+        return "max_cache_len= applies to causal language models (generation); this model is not one"
+    return (f"max_cache_len= applies to generation with a key/value cache: {type(model).__name__} generates, but its "
+            "forward takes no past_key_values (its cache is of another kind, e.g. a state-space model's), and graphopt "
+            "cannot generate with that yet. Optimize it without max_cache_len, with config.use_cache = False, for its "
+            "one-shot forward (the logits of a whole sequence)")
 
 
 def _generates(model: torch.nn.Module, example_kwargs: dict[str, Any] | None) -> bool:

@@ -396,11 +396,11 @@ def load(path: str | Path, target: str | Target | None = None) -> OptimizedModel
     """
     archive = read_archive(path)
     if is_generation(archive.metadata):
-        chosen = get_target(target or archive.target)
+        named = chosen = get_target(target or archive.target)
         if not isinstance(target, Target):  # asked for by name: the generation default lowering, as optimize does
-            chosen = generation_target(chosen)
+            chosen = generation_target(named)
         chosen.check_available()
-        return load_generative(archive, chosen)
+        return load_generative(archive, chosen, fallback=named if named is not chosen else None)
     gm = archive.graph_module
     flat_inputs = flatten_inputs(gm, archive.example_args, archive.example_kwargs)
     try:

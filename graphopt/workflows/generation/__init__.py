@@ -110,11 +110,13 @@ def generation_compression(steps: list[CompressionStep], fidelity: Fidelity | No
 def optimize_for_generation(model: nn.Module, example_inputs: Any, target: Target, passes: list[Pass], *,
                             max_cache_len: int | None = None, verify: bool = True, on_error: str = "rollback",
                             compression: GenerationCompression | None = None,
-                            refused: list[str] | None = None) -> GenerativeModel:
+                            refused: list[str] | None = None, fallback: Target | None = None) -> GenerativeModel:
     """Optimize a causal LM for generation on ``target`` (what ``graphopt.optimize`` does for one).
 
     ``compression`` (``generation_compression``) compresses the weights within its budget;
-    ``refused`` lists ``optimize`` options the caller was given that generation does not support.
+    ``refused`` lists ``optimize`` options the caller was given that generation does not support;
+    ``fallback`` is the target the user named when ``target`` is its generation default
+    (``generation_target``), used where that cannot lower the steps.
     """
     if refused:
         raise InputError(f"{', '.join(refused)} not supported for causal language models yet: optimize for "
@@ -124,7 +126,7 @@ def optimize_for_generation(model: nn.Module, example_inputs: Any, target: Targe
     source = StepSource(model, ids, passes, verify=verify, on_error=on_error,
                         compression=StepCompression(compression) if compression is not None else None)
     optimized = GenerativeModel(target, report, _max_cache_len(model, max_cache_len), GenerationDefaults.of(model),
-                                source=source)
+                                source=source, fallback=fallback)
     report.notes.append(f"generation: static cache of {optimized.max_cache_len} positions; steps built in "
                         f"{optimized.setup_seconds:.1f} s")
     return optimized

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from graphopt.errors import FidelityError, VerificationError
+from graphopt.errors import FidelityError, LoweringError, VerificationError
 from graphopt.ir.capture import capture, eval_twin
 from graphopt.ir.shapes import DynamicDims
 from graphopt.ir.state import LiftedState, lift_state, merge_equal_state
@@ -35,9 +36,10 @@ from graphopt.workflows.generation.decoder import CachedDecoder, step_inputs
 from graphopt.workflows.generation.loop import DecoderSteps
 
 __all__ = ["BuiltSteps", "GraphStep", "LoweredSteps", "StepReference", "TracedSteps", "build_steps", "check_steps",
-           "example_prompt", "lower_steps", "trace_steps"]
+           "example_prompt", "lower_steps", "lowered_or_fallback", "trace_steps"]
 
 log = logging.getLogger("graphopt")
+T = TypeVar("T")
 
 
 class LoweredSteps:
@@ -92,6 +94,9 @@ class BuiltSteps:
     weight_fallback: str | None = None
     """The label (``Target.label``) of the more exact lowering the steps fell back to when the weight-only
     kernels missed the budget (``Target.exact_weight_lowering``); saved, so that a loaded model starts there."""
+    target: Target | None = None
+    """The target the steps were built for: the one asked for, or the fallback where that one could not lower
+    them (:func:`lowered_or_fallback`); None in a loaded model."""
 
 
 LOWERED_MIN_COSINE = 0.999
@@ -165,28 +170,52 @@ def trace_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
 
 def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_cache_len: int, target: Target,
                 passes: list[Pass], report: Report, *, verify: bool = True, on_error: str = "rollback",
-                compression: StepCompression | None = None) -> BuiltSteps:
+                compression: StepCompression | None = None, fallback: Target | None = None) -> BuiltSteps:
     """Capture, optimize (verified) and lower ``model``'s prefill and decode steps for ``batch_size`` rows.
 
-    ``compression`` as in :func:`trace_steps`.
+    ``compression`` as in :func:`trace_steps`. ``fallback``: the steps are lowered for it when
+    ``target`` cannot lower them (:func:`lowered_or_fallback`); ``BuiltSteps.target`` says which.
     """
     traced = trace_steps(model, input_ids, batch_size, max_cache_len, passes, report, verify=verify,
                          on_error=on_error, compression=compression)
     seconds, lifted, example = traced.seconds, traced.lifted, traced.example
     started = time.perf_counter()
-    steps = lower_steps(lifted, example, traced.dynamic, target, report, on_error=on_error)
+    steps, target = lowered_or_fallback(
+        lambda chosen: lower_steps(lifted, example, traced.dynamic, chosen, report, on_error=on_error),
+        target, fallback, report)
     seconds["lowering"] = time.perf_counter() - started
     report.lowering_seconds += seconds["lowering"]
-    fallback = None
+    weight_fallback = None
     if verify:
         started = time.perf_counter()
         if compression is None:
             check_steps(steps, traced.decoder, traced.prompt, report, target.name)
         else:
-            steps, fallback = _check_compressed(steps, lifted, traced.prompt, compression, example, traced.dynamic,
-                                                target, report, on_error)
+            steps, weight_fallback = _check_compressed(steps, lifted, traced.prompt, compression, example,
+                                                       traced.dynamic, target, report, on_error)
         seconds["check"] = time.perf_counter() - started
-    return BuiltSteps(steps, lifted, example, traced.dynamic, seconds, fallback)
+    return BuiltSteps(steps, lifted, example, traced.dynamic, seconds, weight_fallback, target)
+
+
+def lowered_or_fallback(build: Callable[[Target], T], target: Target, fallback: Target | None,
+                        report: Report | None) -> tuple[T, Target]:
+    """``build(target)``, or ``build(fallback)`` when ``target`` cannot lower the steps; and the target used.
+
+    Only a ``LoweringError`` (an op the runtime lacks, an export that fails) falls back, with a
+    note in ``report``; a step that lowers but computes wrong still raises.
+    """
+    try:
+        return build(target), target
+    except LoweringError as error:
+        if fallback is None:
+            raise
+        log.info("generation steps: %s could not lower them (%s); lowering as %s", target.label(), error,
+                 fallback.label())
+        built = build(fallback)
+        if report is not None:
+            report.notes.append(f"generation steps: {target.label()!r} could not lower them ({error}); they run as "
+                                f"{fallback.label()!r} instead")
+        return built, fallback
 
 
 def _check_compressed(steps: LoweredSteps, lifted: LiftedState, prompt: torch.Tensor, compression: StepCompression,

@@ -147,7 +147,27 @@ def decide_compression(model: nn.Module, gm: fx.GraphModule, asked: GenerationCo
     decision = CompressionDecision(decided, fidelity, f"float perplexity {budget.float_perplexity:.3f}", measurement,
                                    units, budget)
     _report(decision, budget, report)
+    _report_uncovered(model, units, report)
     return decision
+
+
+UNCOVERED_SHARE = 0.05
+"""Float weights outside every compressed layer worth a report note, as a share of the model's weight bytes."""
+
+
+def _report_uncovered(model: nn.Module, units: list[_Unit], report: Report) -> None:
+    """Note the weights no compressed layer reads (a mixture of experts' 3-D expert tensors), when they matter."""
+    covered = {id(_weight_of(model, path)) for unit in units for path in unit.paths}
+    weights = {name: p for name, p in model.named_parameters() if p.dim() >= 2}
+    total = sum(p.numel() * p.element_size() for p in weights.values())
+    left = {name: p.numel() * p.element_size() for name, p in weights.items() if id(p) not in covered}
+    if total and sum(left.values()) > UNCOVERED_SHARE * total:
+        largest = sorted(left, key=left.__getitem__, reverse=True)[:3]
+        report.notes.append(
+            f"weight-only compression left {sum(left.values()) / 1e6:.1f} MB of the model's {total / 1e6:.1f} MB of "
+            f"weights in float: no layer it compresses reads them as a matrix (the largest: {', '.join(largest)}; "
+            "a mixture of experts' expert tensors are read by transformers' grouped matmul, which it does not "
+            "compress yet)")
 
 
 def _fallback_levels(order: list[int], count: int) -> Iterator[list[int]]:
@@ -183,10 +203,25 @@ def _units(plan: WeightOnlyPlan, gm: fx.GraphModule, model: nn.Module) -> list[_
             raise InputError(f"layer {unit.name} of the step graph has no module with a weight in the model; cannot "
                              "judge its compression on the model (skip it: WeightOnly(skip=[...]))")
         details = unit.details
-        units.append(_Unit(unit.name, unit.kind, unit.scheme, paths, layer.site.transposed,
+        units.append(_Unit(unit.name, unit.kind, unit.scheme, paths, _stored_transposed(model, paths, layer.site),
                            int(details.get("bytes_before", 0)), int(details.get("bytes_after", 0)),
                            int(layer.site.matrix.shape[1])))
     return units
+
+
+def _stored_transposed(model: nn.Module, paths: list[str], site: Any) -> bool:
+    """Whether the modules at ``paths`` keep their weight ``[in, out]`` (transformers' ``Conv1D``, GPT-2's).
+
+    Read from the modules, not from the graph: a graph may read an ``nn.Linear``'s weight
+    through a transposed constant (Falcon's projections do, after constant folding), while the
+    sensitivity and the weights swapped in are the module's own.
+    """
+    modules = [model.get_submodule(path) for path in paths]
+    if all(isinstance(module, (nn.Linear, nn.Embedding)) for module in modules):
+        return False
+    if all(type(module).__name__ == "Conv1D" for module in modules):
+        return True
+    return bool(site.transposed)
 
 
 def _weight_of(model: nn.Module, path: str) -> torch.Tensor | None:
@@ -253,6 +288,8 @@ def _measure_sensitivity(model: nn.Module, units: list[_Unit], weights: dict[str
             x = inputs.get(path)
             if x is None:
                 continue
+            if unit.kind == "embedding" and type(model.get_submodule(path)).forward is not nn.Embedding.forward:
+                x = None  # its first input need not be its indices
             weight = _weight_of(model, path)
             assert weight is not None
             reference, compressed = _layer_outputs(x, weight.detach(), weights[unit.name][path], unit)
@@ -262,9 +299,15 @@ def _measure_sensitivity(model: nn.Module, units: list[_Unit], weights: dict[str
             unit.sqnr_db = math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
-def _layer_outputs(x: torch.Tensor, weight: torch.Tensor, compressed: torch.Tensor, unit: _Unit
+def _layer_outputs(x: torch.Tensor | None, weight: torch.Tensor, compressed: torch.Tensor, unit: _Unit
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's outputs on its inputs ``x`` with the float and with the compressed weight."""
+    """A layer's outputs on its inputs ``x`` with the float and with the compressed weight.
+
+    ``x`` None: an embedding whose first input is not its indices (OPT's learned positions take
+    the attention mask), judged on its whole table.
+    """
+    if x is None:
+        return weight, compressed
     if unit.kind == "embedding":
         return weight[x], compressed[x]
     if unit.transposed:  # a [K, N] weight (GPT-2's Conv1D)

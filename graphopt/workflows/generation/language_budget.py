@@ -32,7 +32,7 @@ from graphopt.passes.lossy.base import Fidelity
 __all__ = ["LanguageBudget", "LanguageMeasurement", "default_language_fidelity"]
 
 CHUNK_TOKENS = 256
-"""Tokens per perplexity chunk (and per sensitivity chunk)."""
+"""Tokens per perplexity chunk (and per sensitivity chunk); fewer per chunk, more chunks, for a shorter context."""
 PERPLEXITY_CHUNKS = 4
 """Chunks the perplexity is measured on (``PERPLEXITY_CHUNKS * CHUNK_TOKENS`` tokens)."""
 CALIBRATION_CHUNKS = 2
@@ -90,8 +90,9 @@ class LanguageBudget:
         self.fidelity = fidelity
         tokenizer = fidelity.tokenizer or _saved_tokenizer(model)
         calibration_text, held_out_text = _texts(fidelity.text)
-        self.calibration = _chunks(tokenizer, calibration_text, CALIBRATION_CHUNKS, "calibration")
-        self.chunks = _chunks(tokenizer, held_out_text, PERPLEXITY_CHUNKS, "Fidelity(text=...)")
+        length = _chunk_length(model, fidelity)
+        self.calibration = _chunks(tokenizer, calibration_text, CALIBRATION_CHUNKS, length, "calibration")
+        self.chunks = _chunks(tokenizer, held_out_text, PERPLEXITY_CHUNKS, length, "Fidelity(text=...)")
         self.prompts = _prompts(tokenizer, held_out_text)
         self.float_perplexity = model_perplexity(model, self.chunks)
         self.float_tokens = model_greedy(model)(self.prompts, fidelity.agreement_tokens)
@@ -182,14 +183,30 @@ def _token_ids(tokenizer: Any, text: str, limit: int) -> torch.Tensor:
         chars *= 2
 
 
-def _chunks(tokenizer: Any, text: str, count: int, what: str) -> torch.Tensor:
-    """Up to ``count`` consecutive chunks of ``CHUNK_TOKENS`` tokens of ``text`` (at least one)."""
+def _chunk_length(model: nn.Module, fidelity: Fidelity) -> int:
+    """``CHUNK_TOKENS``, or the model's context where that is shorter (its position table ends there).
+
+    Raises ``InputError`` when the context cannot hold an agreement prompt and its new tokens.
+    """
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return CHUNK_TOKENS
+    needed = PROMPT_TOKENS + fidelity.agreement_tokens
+    if context < needed:
+        raise InputError(f"the model's context ({context} positions, max_position_embeddings) cannot hold the "
+                         f"budget's greedy agreement ({PROMPT_TOKENS} prompt tokens + {fidelity.agreement_tokens} new "
+                         f"ones): use Fidelity(agreement_tokens={max(1, context - PROMPT_TOKENS)}) or fewer")
+    return min(CHUNK_TOKENS, context)
+
+
+def _chunks(tokenizer: Any, text: str, count: int, length: int, what: str) -> torch.Tensor:
+    """The first ``count * CHUNK_TOKENS`` tokens of ``text`` (at least ``length``) in rows of ``length``."""
     ids = _token_ids(tokenizer, text, count * CHUNK_TOKENS)
-    available = ids.shape[0] // CHUNK_TOKENS
+    available = ids.shape[0] // length
     if available < 1:
         raise InputError(f"{what} holds {ids.shape[0]} tokens; a language-model budget needs at least "
-                         f"{CHUNK_TOKENS} (a few paragraphs of text)")
-    return ids[: available * CHUNK_TOKENS].reshape(available, CHUNK_TOKENS)
+                         f"{length} (a few paragraphs of text)")
+    return ids[: available * length].reshape(available, length)
 
 
 def _prompts(tokenizer: Any, text: str) -> torch.Tensor:

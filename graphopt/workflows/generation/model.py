@@ -23,7 +23,7 @@ from graphopt.errors import InputError
 from graphopt.passes.base import Pass
 from graphopt.report import Report
 from graphopt.targets.base import Target
-from graphopt.workflows.generation.build import BuiltSteps, build_steps
+from graphopt.workflows.generation.build import BuiltSteps, build_steps, lowered_or_fallback
 from graphopt.workflows.generation.compression import StepCompression
 from graphopt.workflows.generation.decoder import step_inputs
 from graphopt.workflows.generation.loop import generate_with
@@ -48,10 +48,15 @@ class StepSource:
     on_error: str = "rollback"
     compression: StepCompression | None = None
 
-    def build(self, batch_size: int, max_cache_len: int, target: Target, report: Report) -> BuiltSteps:
-        """Capture, optimize (verified), compress (if asked) and lower the steps for ``batch_size`` rows."""
+    def build(self, batch_size: int, max_cache_len: int, target: Target, report: Report,
+              fallback: Target | None = None) -> BuiltSteps:
+        """Capture, optimize (verified), compress (if asked) and lower the steps for ``batch_size`` rows.
+
+        ``fallback``: lowered for it where ``target`` cannot lower them (``build_steps``).
+        """
         return build_steps(self.model, self.example_ids, batch_size, max_cache_len, target, list(self.passes),
-                           report, verify=self.verify, on_error=self.on_error, compression=self.compression)
+                           report, verify=self.verify, on_error=self.on_error, compression=self.compression,
+                           fallback=fallback)
 
 
 class GenerativeModel(nn.Module):
@@ -61,16 +66,20 @@ class GenerativeModel(nn.Module):
     of a prompt. ``max_cache_len`` bounds prompt plus new tokens. ``report`` records every build.
     ``source`` builds the steps of batch sizes not in ``built``: given, the steps of its example's
     batch size are built now; None (a model from ``graphopt.load``), only the batch sizes in
-    ``built`` can be generated.
+    ``built`` can be generated. ``fallback``: the target as the user named it, when ``target`` is
+    the generation default put in its place (``generation_target``); a step graph ``target``
+    cannot lower (an op its runtime lacks) is lowered for ``fallback`` instead, which then builds
+    every later batch size too.
     """
 
     def __init__(self, target: Target, report: Report, max_cache_len: int, defaults: GenerationDefaults, *,
                  source: StepSource | None = None, built: dict[int, BuiltSteps] | None = None,
-                 loaded_from: Path | None = None) -> None:
+                 loaded_from: Path | None = None, fallback: Target | None = None) -> None:
         super().__init__()
         if source is None and not built:
             raise InputError("a GenerativeModel needs a model to build its steps from, or built steps")
         self.target = target
+        self.fallback = fallback
         self.report = report
         self.max_cache_len = max_cache_len
         self.defaults = defaults
@@ -106,7 +115,10 @@ class GenerativeModel(nn.Module):
             if self._source is None:
                 raise InputError(self._unsaved_batch_size(batch_size))
             started = time.perf_counter()
-            self._built[batch_size] = self._source.build(batch_size, self.max_cache_len, self.target, self.report)
+            built = self._source.build(batch_size, self.max_cache_len, self.target, self.report, self.fallback)
+            if built.target is self.fallback:  # later batch sizes start where this one ended
+                self.target, self.fallback = built.target, None
+            self._built[batch_size] = built
             self.setup_seconds += time.perf_counter() - started
         return self._built[batch_size]
 
@@ -179,8 +191,14 @@ class GenerativeModel(nn.Module):
                                 max_cache_len=self.max_cache_len, defaults=self.defaults)
 
 
-def load_generative(archive: Archive, target: Target) -> GenerativeModel:
-    """The generation model saved in ``archive`` (read by ``graphopt.load``), its steps lowered for ``target``."""
-    saved = read_generation(archive, target)
+def load_generative(archive: Archive, target: Target, fallback: Target | None = None) -> GenerativeModel:
+    """The generation model saved in ``archive`` (read by ``graphopt.load``), its steps lowered for ``target``.
+
+    ``fallback`` as in :class:`GenerativeModel`.
+    """
+    saved, target = lowered_or_fallback(lambda chosen: read_generation(archive, chosen), target, fallback, None)
+    if target is fallback:
+        saved.report.notes.append(f"generation steps loaded as {target.label()!r}: the generation default lowering "
+                                  "could not lower them")
     return GenerativeModel(target, saved.report, saved.max_cache_len, saved.defaults, built=saved.built,
                            loaded_from=saved.path)
