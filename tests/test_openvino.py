@@ -306,6 +306,24 @@ def test_int8_on_the_cpu_target_with_openvino_runs_in_openvino() -> None:
     assert fast.report.final_check == "passed"
 
 
+def test_openvino_compiles_an_untidied_export_once_and_writes_a_tidy_file(tmp_path: Path, monkeypatch) -> None:
+    import graphopt.targets.onnx.openvino_runtime as runtime
+
+    compiles = []
+    compile_model = runtime._compile
+    monkeypatch.setattr(runtime, "_compile", lambda *a: compiles.append(a[1:]) or compile_model(*a))
+    model, inputs = _encoder()  # attention: the export's trial run compiles it, and the runner reuses that
+    fast = graphopt.optimize(model, inputs, target="cpu", lowering=CpuLowering(backend="openvino"))
+    assert isinstance(fast.runner, OpenVinoModule) and compiles == [("f32", torch.get_num_threads())]
+    ran = fast.runner.model  # onnxscript's optimizer skipped: OpenVINO transforms the graph as it compiles
+    written = onnx.load(str(fast.export_onnx(tmp_path / "encoder.onnx")))
+    onnx_target = graphopt.optimize(model, inputs, target="onnx").runner.model
+    assert len(written.graph.node) == len(onnx_target.graph.node) < len(ran.graph.node)
+    assert "Constant" in _ops(ran) and "Constant" not in _ops(written)
+    row = next(s for s in fast.report.sections if s.title == "exported files").rows[-1]
+    assert row[0] == "encoder.onnx" and row[5] <= 1e-4
+
+
 def test_export_of_a_bf16_openvino_model_is_the_file_it_ran(tmp_path: Path) -> None:
     model, x = _conv_mlp()
     fast = graphopt.optimize(model, (x,), target="cpu", lowering=CpuLowering(backend="openvino"), precision="bf16")

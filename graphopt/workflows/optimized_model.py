@@ -299,6 +299,8 @@ class OptimizedModel(torch.nn.Module):
     def _onnx_session(self, opset: int | None, precision: OnnxPrecision, keep_io_types: bool) -> tuple[Any, Any]:
         """A runtime module over the file to write (the lowered model's own when it fits), and its budget."""
         # onnx and onnxruntime take about a second to import: only when exporting
+        from graphopt.targets.onnx.export import tidy_model
+        from graphopt.targets.onnx.openvino_runtime import OpenVinoModule
         from graphopt.targets.onnx.opsets import check_opset, opset_of, stamp_ir_version
         from graphopt.targets.onnx.packaging import float16_model
         from graphopt.targets.onnx.target import OnnxRuntimeModule, export_onnx_model
@@ -310,8 +312,11 @@ class OptimizedModel(torch.nn.Module):
         own = self._onnx_runner()
         if own is not None and (opset is None or opset_of(own.model) == opset):
             model = own.model
+            if isinstance(own, OpenVinoModule):  # exported for OpenVINO alone, untidied: the file gets it, and is
+                model = tidy_model(model)         # checked in OpenVINO (onnxruntime lacks bfloat16 convolutions)
+                own = OpenVinoModule(model, own.out_spec, own.precision, own.threads)
             if opset is not None:  # asked for an opset: the oldest IR version it allows, as a fresh export has
-                model, own = stamp_ir_version(copy.deepcopy(model)), None
+                model, own = stamp_ir_version(copy.deepcopy(model) if own is not None else model), None
         else:
             self._check_weights_unchanged()
             model = export_onnx_model(self.portable_graph, self.example_inputs, self.example_kwargs, self.dynamic,

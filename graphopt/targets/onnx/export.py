@@ -55,7 +55,7 @@ from graphopt.targets.onnx.weight_only import MatMulNBitsLinears
 from graphopt.targets.onnx.weight_only import translation_table as weight_only_translations
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "OnnxRuntimeModule", "export_graph_to_onnx", "export_passes", "export_prepared",
-           "prepare_for_export", "quiet_loggers", "write_model"]
+           "prepare_for_export", "quiet_loggers", "tidy_model", "write_model"]
 
 log = logging.getLogger("graphopt")
 
@@ -163,7 +163,8 @@ def _translations(gm: fx.GraphModule) -> dict[Any, Any] | None:
 
 
 def export_prepared(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any],
-                    dynamic: DynamicDims | None = None, opset: int | None = None) -> onnx.ModelProto:
+                    dynamic: DynamicDims | None = None, opset: int | None = None,
+                    graph_optimizer: bool = True) -> onnx.ModelProto:
     """Export a graph ``prepare_for_export`` rewrote with ``torch.onnx`` and check it with ``onnx.checker``.
 
     Dims in ``dynamic`` become symbolic ONNX dims named like them (``batch``, ``seq``...).
@@ -172,13 +173,14 @@ def export_prepared(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str,
     ``LoweringError`` when the exporter cannot write that opset. A state-lifted decoder step skips
     onnxscript's graph optimizer: on SmolLM2 it took 14 of the 41 s of lowering and the session
     decoded no faster for it (33.2 vs 32.2 tok/s, onnxruntime optimizes the graph itself).
+    ``graph_optimizer=False`` skips it for any graph (a model only OpenVINO will read).
     """
     log.info("exporting to ONNX (%d graph nodes)", len(gm.graph.nodes))
     dynamic_shapes = dynamic.spec_for("onnx", gm.forward, args, kwargs) if dynamic else None
     try:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()), quiet_loggers("torch.onnx", "onnxscript"):
             warnings.simplefilter("ignore")
-            optimize, translations = not state_inputs(gm), _translations(gm)
+            optimize, translations = graph_optimizer and not state_inputs(gm), _translations(gm)
             program = export_translated_directly(gm, args, kwargs, dynamic_shapes, opset, optimize, translations)
             if program is None:
                 program = torch.onnx.export(gm, args, kwargs=kwargs or None, dynamo=True, verbose=False,
@@ -206,6 +208,21 @@ def export_prepared(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str,
     except onnx.checker.ValidationError as error:
         raise LoweringError(f"the exported ONNX model fails onnx.checker: {error}") from error
     return model
+
+
+def tidy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` through onnxscript's graph optimizer, as ``export_prepared`` runs it by default.
+
+    Constant folding, shape arithmetic folded, dead nodes dropped: BERT's export for OpenVINO
+    (``graph_optimizer=False``) goes from 974 nodes to 309 in about 2 s. For files written for
+    people and other runtimes.
+    """
+    import onnx_ir as ir
+    from onnxscript._framework_apis.torch_2_8 import optimize
+
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), quiet_loggers("onnxscript"):
+        warnings.simplefilter("ignore")
+        return ir.to_proto(optimize(ir.from_proto(model)))
 
 
 def _at_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:

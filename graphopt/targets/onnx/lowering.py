@@ -55,7 +55,7 @@ from graphopt.targets.common.lowering import LoweringResult, run_lowering
 from graphopt.targets.common.weight_only_kernels import weight_only_linears
 from graphopt.targets.onnx.export import OnnxRuntimeModule, export_prepared, prepare_for_export, quiet_loggers
 from graphopt.targets.onnx.native_kernels import native_int4_library, native_int4_model, native_kernels_run
-from graphopt.targets.onnx.openvino_runtime import openvino_export, openvino_runner, run_openvino
+from graphopt.targets.onnx.openvino_runtime import CompiledOpenVino, openvino_export, openvino_runner, run_openvino
 from graphopt.targets.onnx.opsets import FUSED_ATTENTION_OPSET, opset_of
 from graphopt.targets.onnx.options import Level, OnnxLowering
 from graphopt.targets.onnx.stateful import StatefulOnnxRunner
@@ -282,25 +282,33 @@ ATTENTION_EXPORT_PASSES: tuple[Pass, ...] = (ExpandAttentionMasks(),)
 
 
 def _export(gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering, notes: list[str],
-            feed: dict[str, Any]) -> tuple[onnx.ModelProto, list[PassRecord]]:
+            feed: dict[str, Any]) -> tuple[onnx.ModelProto, list[PassRecord], CompiledOpenVino | None]:
     """The ONNX model of the prepared graph ``gm`` (fused attention when asked and possible), and its rewrites.
 
     At ``options.opset`` when given: attention fused from ``FUSED_ATTENTION_OPSET`` on (the exporter
-    then always emits ``Attention``), standard ops below it.
+    then always emits ``Attention``), standard ops below it. Third: OpenVINO's compile of the
+    model from the trial run of fused attention, for the runner to reuse (None otherwise).
     """
     args, kwargs, dynamic = context.example_args, context.example_kwargs, context.dynamic
     fused_opset = options.opset or FUSED_ATTENTION_OPSET
     wants_fused = options.fused_attention if options.opset is None else options.opset >= FUSED_ATTENTION_OPSET
+    # OpenVINO transforms the graph as it compiles: onnxscript's optimizer before it cost BERT 3.4 s of a 15.6 s
+    # setup, ResNet-50 2.3 s of 7.2, for the same outputs and speed (one process, 15 alternating calls)
+    tidy = options.runtime != "openvino"
     if not (wants_fused and _has_attention(gm)):
-        return export_prepared(gm, args, kwargs, dynamic, opset=options.opset), []
+        return export_prepared(gm, args, kwargs, dynamic, opset=options.opset, graph_optimizer=tidy), [], None
     fused = run_lowering(snapshot_graph_module(gm), ATTENTION_EXPORT_PASSES, context)
     try:
-        model = export_prepared(fused.graph_module, args, kwargs, dynamic, opset=fused_opset)
-        _run(model, _feed_for(model, feed), options.runtime)  # onnxruntime's Attention kernel is stricter than SDPA
+        model = export_prepared(fused.graph_module, args, kwargs, dynamic, opset=fused_opset, graph_optimizer=tidy)
+        trial = None  # onnxruntime's Attention kernel is stricter than SDPA: run it once
+        if options.runtime == "openvino":
+            _, trial = run_openvino(model, _feed_for(model, feed))
+        else:
+            _run(model, _feed_for(model, feed))
         expanded = fused.stats.get("expanded", 0)
         if expanded:
             notes.append(f"{expanded} attention mask(s) broadcast to (q_len, kv_len) for the Attention op")
-        return model, fused.records
+        return model, fused.records, trial
     except UnsupportedOpError:
         raise
     except Exception as error:
@@ -311,7 +319,7 @@ def _export(gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering,
         notes.append(f"opset {FUSED_ATTENTION_OPSET} export with fused Attention failed "
                      f"({type(error).__name__}: {str(error)[:160]}); exported at the exporter's default opset, "
                      "attention unfused")
-    return export_prepared(gm, args, kwargs, dynamic), fused.records
+    return export_prepared(gm, args, kwargs, dynamic, graph_optimizer=tidy), fused.records, None
 
 
 def _feed_for(model: onnx.ModelProto, feed: dict[str, Any]) -> dict[str, Any]:
@@ -319,9 +327,7 @@ def _feed_for(model: onnx.ModelProto, feed: dict[str, Any]) -> dict[str, Any]:
     return dict(zip(names, feed.values(), strict=False))
 
 
-def _run(model: onnx.ModelProto, feed: dict[str, Any], runtime: str = "onnxruntime") -> list[Any]:
-    if runtime == "openvino":
-        return run_openvino(model, feed)
+def _run(model: onnx.ModelProto, feed: dict[str, Any]) -> list[Any]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feed)
 
@@ -355,6 +361,8 @@ class ExportedModel:
     model: onnx.ModelProto
     rewrites: LoweringResult
     notes: list[str]
+    trial: CompiledOpenVino | None = None
+    """OpenVINO's compile of ``model`` from the export's trial run, for its runner to reuse."""
 
 
 def export_model(gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering | None = None,
@@ -370,11 +378,11 @@ def export_model(gm: fx.GraphModule, context: LoweringContext, options: OnnxLowe
     prepared = prepare_for_export(gm, context, passes)
     flat = [t for t in context.flat_inputs(gm) if isinstance(t, torch.Tensor)]
     feed = {str(index): t.detach().cpu().numpy() for index, t in enumerate(flat)}
-    model, attention_records = _export(prepared.graph_module, context, options, notes, feed)
+    model, attention_records, trial = _export(prepared.graph_module, context, options, notes, feed)
     if options.transformer_optimizer:
         model = _transformer_optimized(model, _feed_for(model, feed), notes)
     rewrites = LoweringResult(prepared.graph_module, [*prepared.records, *attention_records])
-    return ExportedModel(model, rewrites, notes)
+    return ExportedModel(model, rewrites, notes, trial)
 
 
 def _runtime_fusions(options: OnnxLowering) -> str:
@@ -397,12 +405,14 @@ def lower_onnx(gm: fx.GraphModule, context: LoweringContext, options: OnnxLoweri
         export_options, passes = openvino_export(gm, context, options, passes)
     exported = export_model(gm, context, export_options, passes)
     model = exported.model
+    trial = exported.trial
     if options.weight_only_activations == "int8":
-        count = quantize_weight_only_activations(model)
+        count = quantize_weight_only_activations(model)  # in place: a trial compile no longer fits
         exported.notes.append(f"{count} MatMulNBits layer(s) take int8 activations (accuracy_level 4)")
+        trial = None
     runner: Any
     if options.runtime == "openvino":
-        runner = openvino_runner(model, gm, context, options, exported.notes)
+        runner = openvino_runner(model, gm, context, options, exported.notes, trial)
     else:
         runner = onnxruntime_runner(model, getattr(gm, "_out_spec", None), options, exported.notes,
                                     rows=weight_only_rows(gm, context))

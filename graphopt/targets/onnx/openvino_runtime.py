@@ -30,7 +30,7 @@ from __future__ import annotations
 import io
 import tempfile
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -52,7 +52,7 @@ from graphopt.targets.onnx.export import EXTERNAL_DATA_THRESHOLD, export_passes,
 from graphopt.targets.onnx.opsets import FUSED_ATTENTION_OPSET
 from graphopt.targets.onnx.options import OnnxLowering, OpenVinoPrecision
 
-__all__ = ["BFLOAT16_OPSET", "OpenVinoModule", "import_openvino",
+__all__ = ["BFLOAT16_OPSET", "CompiledOpenVino", "OpenVinoModule", "import_openvino",
            "openvino_export", "openvino_runner", "refuse_contrib_ops", "resolve_precision", "run_openvino",
            "without_bfloat16_casts"]
 
@@ -184,7 +184,8 @@ def without_bfloat16_casts(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for node in copy.graph.node:
-        if {_cast_target(node), types.get(node.input[0])} == {bfloat16, float32}:
+        target = _cast_target(node)  # None for other nodes, some of which (Constant) have no input
+        if target is not None and {target, types.get(node.input[0])} == {bfloat16, float32}:
             node.op_type = "Identity"
             del node.attribute[:]
     for index, initializer in enumerate(copy.graph.initializer):
@@ -230,14 +231,17 @@ class OpenVinoModule(torch.nn.Module):
     """
 
     def __init__(self, model: onnx.ModelProto, out_spec: pytree.TreeSpec | None, precision: OpenVinoPrecision = "f32",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, compiled: CompiledOpenVino | None = None) -> None:
         super().__init__()
         self.model = model  # what save() writes: the export as it is
         self.out_spec = out_spec
         self.precision = precision
         self.threads = threads or torch.get_num_threads()
-        compiled = without_bfloat16_casts(model) if precision == "bf16" else model  # same layers in bf16, no casts
-        self.compiled = _compile(compiled, precision, self.threads)
+        if compiled is not None and compiled.fits(model, precision, self.threads):
+            self.compiled = compiled.compiled  # the export's trial compile: reading and compiling BERT takes ~3 s
+        else:
+            source = without_bfloat16_casts(model) if precision == "bf16" else model  # same layers in bf16, no casts
+            self.compiled = _compile(source, precision, self.threads)
         self.request = self.compiled.create_infer_request()
         self.input_names = [next(iter(i.get_names()), str(index)) for index, i in enumerate(self.compiled.inputs)]
 
@@ -259,11 +263,28 @@ class OpenVinoModule(torch.nn.Module):
         return f"precision={self.precision}, threads={self.threads}"
 
 
-def run_openvino(model: onnx.ModelProto, feed: dict[str, Any]) -> list[np.ndarray]:
-    """One float32 run of ``model`` in OpenVINO on ``feed`` (numpy arrays in the model's input order)."""
-    compiled = _compile(model, "f32", torch.get_num_threads())
+@dataclass(frozen=True)
+class CompiledOpenVino:
+    """An ONNX model compiled by OpenVINO at the f32 hint (``run_openvino``), for a runner of that model to reuse."""
+
+    model: onnx.ModelProto
+    threads: int
+    compiled: Any
+
+    def fits(self, model: onnx.ModelProto, precision: OpenVinoPrecision, threads: int) -> bool:
+        """True when it is ``model`` (the same object, unchanged since) compiled at ``precision`` on ``threads``."""
+        return model is self.model and precision == "f32" and threads == self.threads
+
+
+def run_openvino(model: onnx.ModelProto, feed: dict[str, Any]) -> tuple[list[np.ndarray], CompiledOpenVino]:
+    """One float32 run of ``model`` in OpenVINO on ``feed`` (numpy arrays in the model's input order).
+
+    Also returns the compiled model, which an ``OpenVinoModule`` of the same model may reuse.
+    """
+    threads = torch.get_num_threads()
+    compiled = _compile(model, "f32", threads)
     results = compiled.create_infer_request().infer(list(feed.values()), share_outputs=False)
-    return [np.asarray(results[output]) for output in compiled.outputs]
+    return [np.asarray(results[output]) for output in compiled.outputs], CompiledOpenVino(model, threads, compiled)
 
 
 AUTO_BFLOAT16_SLACK_SHARE = 0.5
@@ -310,13 +331,14 @@ def _auto_bfloat16(model: onnx.ModelProto, gm: fx.GraphModule, context: Lowering
 
 
 def openvino_runner(model: onnx.ModelProto, gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering,
-                    notes: list[str]) -> OpenVinoModule:
+                    notes: list[str], compiled: CompiledOpenVino | None = None) -> OpenVinoModule:
     """Compile the exported ``model`` of ``gm`` in OpenVINO at the precision ``resolve_precision`` picks.
 
     bfloat16 inference (asked for with ``openvino_precision="bf16"``) is checked against the graph
     on the example call first, and raises ``LoweringError`` when it misses the budget. Unset on a
     bfloat16 or int8 graph, the bf16 hint is tried and kept within half the budget's slack, else the f32
-    hint runs (``_auto_bfloat16``). Appends the precision that ran to ``notes``.
+    hint runs (``_auto_bfloat16``). Appends the precision that ran to ``notes``. ``compiled``: the
+    export's trial compile of ``model`` (``run_openvino``), reused where it fits.
     """
     refuse_contrib_ops(model)
     precision = resolve_precision(options, gm, context)
@@ -324,7 +346,7 @@ def openvino_runner(model: onnx.ModelProto, gm: fx.GraphModule, context: Lowerin
     if automatic is not None:
         notes.append(_precision_note(automatic, True))
         return automatic
-    runner = OpenVinoModule(model, getattr(gm, "_out_spec", None), precision, options.threads)
+    runner = OpenVinoModule(model, getattr(gm, "_out_spec", None), precision, options.threads, compiled)
     problem = _bfloat16_check(runner, gm, context) if precision == "bf16" else ""
     if problem:
         raise LoweringError(f"OpenVINO's bfloat16 inference misses the fidelity budget against the graph ({problem}); "
