@@ -95,6 +95,35 @@ def test_cpu_lowering_fuses_gelu_into_static_int8_linears(approximate: str) -> N
         assert output_cosine([quantized(x)], [lowered(x)]) > 0.9999
 
 
+class PostNormBlock(nn.Module):
+    """BERT's output sublayer: ``LayerNorm(h + dense(h))``, then a second projection reading the norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense, self.norm, self.head = nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 64)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(h + self.dense(h)))
+
+
+def test_cpu_lowering_adds_the_residual_in_the_int8_linears_epilogue() -> None:
+    torch.manual_seed(0)
+    model, x = PostNormBlock().eval(), torch.randn(4, 16, 64)
+    _, quantized = _quantized_graph(model, x)
+    result = lower_quantized_for_cpu(quantized, x)
+    lowered = result.graph_module
+    ops = count_ops(lowered)
+    assert result.stats["int8_linear_residual"] == 1 and ops["onednn.qlinear_pointwise.binary"] == 1
+    (fused,) = [n for n in lowered.graph.nodes if n.target == torch.ops.onednn.qlinear_pointwise.binary]
+    assert fused.args[6].op == "placeholder"  # the residual is h itself, in float
+    assert "aten.add.Tensor" not in ops
+    without = run_lowering(snapshot_graph_module(quantized), [p for p in INT8_LOWERING
+                                                                 if p.name != "onednn-linear-residual"],
+                           LoweringContext((x,), on_error="raise")).graph_module
+    with torch.no_grad():
+        assert torch.equal(lowered(x), without(x))  # the same float32 operations, in the GEMM's epilogue
+
+
 class ResidualBlocks(nn.Module):
     """Two ResNet basic blocks; with ``reuse`` the block input is read again after the residual add."""
 

@@ -7,7 +7,7 @@ lowered copy in which every quantized op becomes an int8 kernel:
   uint8 out, requantization and the fused activation inside the kernel; float out when the
   output is not quantized); with a residual add after it, ``qconv2d_pointwise.binary``;
 - static linear / addmm → ``onednn.qlinear_pointwise`` the same way, GELU fused too (weights
-  prepacked once);
+  prepacked once), and a float residual add after a float output in its ``binary`` epilogue;
 - dynamic linear / addmm / matmul-by-weight → ``dynamic_int8_linear`` (the activation quantized
   at run time by one kernel, oneDNN's int8 GEMM with a fused ReLU / GELU, float out);
 - pass-through ops between int8 ops (max pooling, reshapes, transposes, ReLU) run on the uint8
@@ -56,6 +56,7 @@ __all__ = [
     "OnednnConvAdd",
     "OnednnDynamicLinear",
     "OnednnInt8Kernels",
+    "OnednnLinearResidual",
     "QdqKernels",
     "Uint8PassThrough",
     "WEIGHT_ONLY_LOWERING",
@@ -510,6 +511,38 @@ class OnednnDynamicLinear(NodeRewrite, KernelSubstitution):
         return True
 
 
+@dataclass(frozen=True)
+class OnednnLinearResidual(NodeRewrite, KernelSubstitution):
+    """A static int8 linear writing float whose only reader adds a float residual → oneDNN's ``add`` epilogue.
+
+    A transformer block's residual add (BERT's ``LayerNorm(x + dense(h))``) runs inside the GEMM:
+    the same float32 operations, bitwise equal, one pass over the output fewer (840 → 744 µs on
+    MiniLM's output projection at batch 8 x 128). ``add`` writes a new tensor (``sum`` would
+    accumulate into the residual, which the next block reads).
+    """
+
+    name = "onednn-linear-residual"
+    stat = "int8_linear_residual"
+    dead_code_after = True
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """Fold the residual add after a float-output static int8 linear into it, in place."""
+        if node.target != torch.ops.onednn.qlinear_pointwise.default:
+            return False
+        x, x_scale, x_zp, packed, scales, zero_points, bias, _, _, out_dtype, post_op = node.args[:11]
+        fused = _residual_add(node) if out_dtype == torch.float32 and post_op == "none" else None
+        if fused is None:
+            return False
+        add, residual = fused
+        with gm.graph.inserting_before(add):
+            new = gm.graph.call_function(torch.ops.onednn.qlinear_pointwise.binary, (
+                x, x_scale, x_zp, packed, scales, zero_points, residual, bias, 1.0, 0, torch.float32, 1.0, 0, "add",
+                1.0, "none", [], ""))
+        copy_meta(new, add)
+        add.replace_all_uses_with(new)
+        return True
+
+
 _LIBRARY = torch.library.Library("graphopt_cpu", "FRAGMENT")  # beside graphopt_cpu::attention
 _LIBRARY.define("quantize_uint8(Tensor x, float scale, int zero_point) -> Tensor")
 
@@ -572,7 +605,8 @@ WEIGHT_ONLY_LOWERING: tuple[Pass, ...] = (
 """The rewrites of compressed weights (weight-only int8/int4 kernels, K-means), in order."""
 
 INT8_LOWERING: tuple[Pass, ...] = (
-    Uint8PassThrough(), OnednnConvAdd(), OnednnInt8Kernels(), OnednnDynamicLinear(), QdqKernels(),
+    Uint8PassThrough(), OnednnConvAdd(), OnednnInt8Kernels(), OnednnLinearResidual(), OnednnDynamicLinear(),
+    QdqKernels(),
     *WEIGHT_ONLY_LOWERING, DeadCodeElimination(),
 )
 """The rewrites ``CpuTarget`` runs on a quantized graph, in order (then the float lowering, when only ATen is left)."""
