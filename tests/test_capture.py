@@ -115,3 +115,35 @@ def test_user_model_is_not_mutated(small_cnn):
         assert torch.equal(value.detach(), before[name]), name
         assert id(value) == ids_before[name], name
     assert all(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in (model.bn, model.bn_fc))
+
+
+@pytest.mark.parametrize(("kernel", "dilation"), [(3, 1), (4, 1), (3, 2), ((2, 5), 1)])
+def test_string_padded_convolutions_capture_with_numeric_padding(kernel, dilation) -> None:
+    # padding="same" / "valid" (TensorFlow ports: EfficientNet) is its own ATen overload, which the passes
+    # matching conv2d.default would miss; an even kernel pads its odd element after the input, as PyTorch does
+    from graphopt.ir.graph import count_ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, kernel, padding="same", dilation=dilation), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding="valid")).eval()
+    x = torch.randn(2, 3, 11, 13)
+    captured = graphopt.capture(model, (x,))
+    ops = count_ops(captured.graph_module)
+    assert ops["aten.conv2d.default"] == 2 and "aten.conv2d.padding" not in ops
+    with torch.no_grad():
+        assert torch.allclose(captured.graph_module(x), model(x), atol=1e-6)
+    fast = graphopt.optimize(model, (x,), target="cpu", lowering=graphopt.CpuLowering())
+    assert "aten.batch_norm.default" not in count_ops(fast.portable_graph)  # folded into the convolution
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), atol=1e-5)
+
+
+def test_string_padded_conv1d_and_conv3d() -> None:
+    from graphopt.ir.graph import count_ops
+
+    for conv, x in ((nn.Conv1d(3, 4, 4, padding="same"), torch.randn(2, 3, 9)),
+                    (nn.Conv3d(3, 4, (2, 3, 3), padding="same"), torch.randn(1, 3, 5, 6, 7))):
+        captured = graphopt.capture(conv.eval(), (x,))
+        assert not any(name.endswith(".padding") for name in count_ops(captured.graph_module))
+        with torch.no_grad():
+            assert torch.allclose(captured.graph_module(x), conv(x), atol=1e-6)
