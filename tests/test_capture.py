@@ -147,3 +147,22 @@ def test_string_padded_conv1d_and_conv3d() -> None:
         assert not any(name.endswith(".padding") for name in count_ops(captured.graph_module))
         with torch.no_grad():
             assert torch.allclose(captured.graph_module(x), conv(x), atol=1e-6)
+
+
+def test_an_average_pool_over_its_whole_input_captures_as_global_pooling() -> None:
+    # EfficientNet's pooler: a window of 1280 over a 7 x 7 map (ceil_mode), which OpenVINO refuses to convert
+    from graphopt.ir.graph import count_ops
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AvgPool2d(1280, ceil_mode=True), nn.Flatten()).eval()
+    x = torch.randn(2, 3, 9, 9)
+    captured = graphopt.capture(model, (x,))
+    ops = count_ops(captured.graph_module)
+    assert ops["aten.adaptive_avg_pool2d.default"] == 1 and "aten.avg_pool2d.default" not in ops
+    with torch.no_grad():
+        assert torch.allclose(captured.graph_module(x), model(x), atol=1e-6)
+    local = graphopt.capture(nn.Sequential(nn.Conv2d(3, 8, 3), nn.AvgPool2d(3, stride=1)).eval(), (x,))
+    assert count_ops(local.graph_module)["aten.avg_pool2d.default"] == 1  # windows over part of the map stay
+    pytest.importorskip("openvino")
+    fast = graphopt.optimize(model, (x,), target="cpu", lowering=graphopt.CpuLowering(backend="openvino"))
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), atol=1e-5)

@@ -21,7 +21,7 @@ from torch.fx._pytree import tree_flatten_spec
 
 from graphopt.errors import CaptureError, InputError
 from graphopt.ir.buffer_aliases import bind_buffer_aliases
-from graphopt.ir.conv_padding import explicit_conv_padding
+from graphopt.ir.canonical import canonicalize
 from graphopt.ir.functional import outplace_simple_mutations
 from graphopt.ir.graph import (
     STATE_UPDATE,
@@ -336,7 +336,7 @@ def capture(
             to_inference_form(gm)  # what torch.export's functionalization would also have given
         else:
             exported, gm = _functionalize(exported)
-    explicit_conv_padding(gm)
+    canonicalize(gm)
     flat_inputs = flatten_inputs(gm, args, kwargs)
     dynamic = dims_from_graph(gm, flat_inputs, exported.range_constraints,
                               user_dim_names(twin, args, kwargs, spec) if spec is not None else {})
