@@ -419,15 +419,15 @@ def test_cpu_steps_onnxruntime_cannot_lower_run_in_pytorch(mixtral: dict, tmp_pa
     lm, ids, fast = mixtral["lm"], mixtral["ids"], mixtral["fast"]
     assert fast.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=[]).tolist() == reference(lm, ids).tolist()
     assert fast.target.lowering.backend == "graph" and fast.fallback is None
-    assert any("could not lower them" in note and "grouped_mm" in note for note in fast.report.notes)
+    assert any("could not lower the generation steps" in note and "grouped_mm" in note for note in fast.report.notes)
     # another batch size builds for PyTorch directly: one more note would mean onnxruntime was tried again
     padded, mask = left_padded([9, 4])
     assert fast.generate(padded, max_new_tokens=12, attention_mask=mask).tolist() == \
         reference(lm, padded, 12, attention_mask=mask).tolist()
-    assert sum("could not lower them" in note for note in fast.report.notes) == 1
+    assert sum("could not lower the generation steps" in note for note in fast.report.notes) == 1
     loaded = graphopt.load(fast.save(tmp_path / "moe.pt2"))  # by the saved name: falls back the same way
     assert loaded.target.lowering.backend == "graph"
-    assert any("could not lower" in note for note in loaded.report.notes)
+    assert sum("could not lower the generation steps" in note for note in loaded.report.notes) == 2  # saved, loaded
     assert loaded.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=[]).tolist() == reference(lm, ids).tolist()
 
 

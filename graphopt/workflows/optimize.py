@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.errors import FidelityError, GraphoptError, InputError, LoweringError, VerificationError
+from graphopt.errors import FidelityError, GraphoptError, InputError, VerificationError
 from graphopt.ir.capture import CapturedModel, capture, eval_twin
 from graphopt.ir.graph import preserved_state, run_and_record, snapshot_graph_module
 from graphopt.ir.shapes import resize_inputs
@@ -39,6 +40,7 @@ from graphopt.workflows.generation import (
     is_causal_lm,
     optimize_for_generation,
 )
+from graphopt.workflows.lowering_fallback import lowered_or_fallback
 from graphopt.workflows.optimized_model import OptimizedModel, budget_comparison
 from graphopt.workflows.options import (
     Dynamic,
@@ -229,17 +231,10 @@ def optimize(
         held_out = data.validation if data is not None else []
         choices = lowering_target.runtime_candidates(gm) if chosen_by_name and not tune else []
         try:
-            try:
-                return _lower_and_check(model, gm, manager, lowering_target, captured, report, budget, lossy_runner,
-                                        check, tune=tune, choices=choices, on_error=on_error, held_out=held_out)
-            except LoweringError as error:
-                if lowering_target is target:
-                    raise
-                log.info("lowering as %s failed (%s); lowering as %s", lowering_target.label(), error, target.label())
-                report.notes.append(f"{lowering_target.label()!r} could not lower this graph ({error}): lowered as "
-                                    f"{target.label()!r} instead")
-                return _lower_and_check(model, gm, manager, target, captured, report, budget, lossy_runner,
-                                        check, tune=tune, on_error=on_error, held_out=held_out)
+            lower = partial(_lower_and_check, model, gm, manager, captured=captured, report=report, budget=budget,
+                            lossy_runner=lossy_runner, check=check, tune=tune, on_error=on_error, held_out=held_out)
+            return lowered_or_fallback(_measuring(lower, lowering_target, choices), lowering_target, target,
+                                       report.notes)[0]
         except VerificationError as error:
             shortfall = getattr(error, "budget_shortfall", None)
             if shortfall is None or retry == LOWERING_BUDGET_RETRIES or not _tightenable(budget):
@@ -282,6 +277,12 @@ def _tightened(budgets: dict[str, Fidelity], retry: int) -> dict[str, Fidelity]:
 
 def _describe(budgets: dict[str, Fidelity]) -> str:
     return ", ".join(f"{name}: output cosine >= {f.min_cosine:.5g}" for name, f in budgets.items() if _tightenable(f))
+
+
+def _measuring(lower: Callable[..., OptimizedModel], target: Target,
+               choices: Sequence[Target]) -> Callable[[Target], OptimizedModel]:
+    """``lower`` that measures ``choices`` (``target``'s runtime candidates) when it lowers for ``target`` itself."""
+    return lambda chosen: lower(chosen, choices=choices if chosen is target else ())
 
 
 def _lower_and_check(model: torch.nn.Module, gm: fx.GraphModule, manager: PassManager, target: Target,

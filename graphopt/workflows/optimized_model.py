@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.errors import InputError, LoweringError, SaveFileError, VerificationError
+from graphopt.errors import InputError, SaveFileError, VerificationError
 from graphopt.ir.capture import CapturedModel, flatten_inputs
 from graphopt.ir.graph import clone_graph_module, preserved_state, run_and_record, tensor_versions, written_since
 from graphopt.ir.verify import Comparison, compare_outputs
@@ -31,6 +31,7 @@ from graphopt.targets.base import LoweringContext, Target, get_target
 from graphopt.targets.gpu.target import retarget_device_constants, retarget_meta_values
 from graphopt.targets.tune import lower_model
 from graphopt.workflows.generation import GenerativeModel, generation_target, is_generation, load_generative
+from graphopt.workflows.lowering_fallback import lowered_or_fallback
 from graphopt.workflows.save_load import read_archive, write_archive
 
 if TYPE_CHECKING:
@@ -425,11 +426,7 @@ def load(path: str | Path, target: str | Target | None = None) -> OptimizedModel
         dynamic=archive.dynamic,
     )
     choices = [] if isinstance(target, Target) else chosen.runtime_candidates(gm)  # measured, as optimize does
-    try:
-        runner, chosen = lower_model(chosen, gm, captured, None, choices=choices)
-    except LoweringError:
-        if chosen is named:
-            raise
-        chosen = named
-        runner = chosen.lower(gm, LoweringContext.from_captured(captured))
+    (runner, chosen), _ = lowered_or_fallback(
+        lambda target: lower_model(target, gm, captured, None, choices=choices if target is chosen else []),
+        chosen, named, archive.report.notes, "the loaded graph")
     return OptimizedModel(gm, runner, chosen, archive.report, captured)

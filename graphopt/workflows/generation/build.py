@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from graphopt.errors import FidelityError, LoweringError, VerificationError
+from graphopt.errors import FidelityError, VerificationError
 from graphopt.ir.capture import capture, eval_twin
 from graphopt.ir.shapes import DynamicDims
 from graphopt.ir.state import LiftedState, lift_state, merge_equal_state
@@ -34,12 +33,12 @@ from graphopt.targets.base import LoweringContext, Target
 from graphopt.workflows.generation.compression import StepCompression, check_lowered, decide_compression
 from graphopt.workflows.generation.decoder import CachedDecoder, step_inputs
 from graphopt.workflows.generation.loop import DecoderSteps
+from graphopt.workflows.lowering_fallback import lowered_or_fallback
 
 __all__ = ["BuiltSteps", "GraphStep", "LoweredSteps", "StepReference", "TracedSteps", "build_steps", "check_steps",
-           "example_prompt", "lower_steps", "lowered_or_fallback", "trace_steps"]
+           "example_prompt", "lower_steps", "trace_steps"]
 
 log = logging.getLogger("graphopt")
-T = TypeVar("T")
 
 
 class LoweredSteps:
@@ -96,7 +95,7 @@ class BuiltSteps:
     kernels missed the budget (``Target.exact_weight_lowering``); saved, so that a loaded model starts there."""
     target: Target | None = None
     """The target the steps were built for: the one asked for, or the fallback where that one could not lower
-    them (:func:`lowered_or_fallback`); None in a loaded model."""
+    them (``lowered_or_fallback``); None in a loaded model."""
 
 
 LOWERED_MIN_COSINE = 0.999
@@ -174,7 +173,7 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
     """Capture, optimize (verified) and lower ``model``'s prefill and decode steps for ``batch_size`` rows.
 
     ``compression`` as in :func:`trace_steps`. ``fallback``: the steps are lowered for it when
-    ``target`` cannot lower them (:func:`lowered_or_fallback`); ``BuiltSteps.target`` says which.
+    ``target`` cannot lower them (``lowered_or_fallback``); ``BuiltSteps.target`` says which.
     """
     traced = trace_steps(model, input_ids, batch_size, max_cache_len, passes, report, verify=verify,
                          on_error=on_error, compression=compression)
@@ -182,7 +181,7 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
     started = time.perf_counter()
     steps, target = lowered_or_fallback(
         lambda chosen: lower_steps(lifted, example, traced.dynamic, chosen, report, on_error=on_error),
-        target, fallback, report)
+        target, fallback, report.notes, "the generation steps")
     seconds["lowering"] = time.perf_counter() - started
     report.lowering_seconds += seconds["lowering"]
     weight_fallback = None
@@ -195,27 +194,6 @@ def build_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
                                                        traced.dynamic, target, report, on_error)
         seconds["check"] = time.perf_counter() - started
     return BuiltSteps(steps, lifted, example, traced.dynamic, seconds, weight_fallback, target)
-
-
-def lowered_or_fallback(build: Callable[[Target], T], target: Target, fallback: Target | None,
-                        report: Report | None) -> tuple[T, Target]:
-    """``build(target)``, or ``build(fallback)`` when ``target`` cannot lower the steps; and the target used.
-
-    Only a ``LoweringError`` (an op the runtime lacks, an export that fails) falls back, with a
-    note in ``report``; a step that lowers but computes wrong still raises.
-    """
-    try:
-        return build(target), target
-    except LoweringError as error:
-        if fallback is None:
-            raise
-        log.info("generation steps: %s could not lower them (%s); lowering as %s", target.label(), error,
-                 fallback.label())
-        built = build(fallback)
-        if report is not None:
-            report.notes.append(f"generation steps: {target.label()!r} could not lower them ({error}); they run as "
-                                f"{fallback.label()!r} instead")
-        return built, fallback
 
 
 def _check_compressed(steps: LoweredSteps, lifted: LiftedState, prompt: torch.Tensor, compression: StepCompression,

@@ -23,12 +23,13 @@ from graphopt.errors import InputError
 from graphopt.passes.base import Pass
 from graphopt.report import Report
 from graphopt.targets.base import Target
-from graphopt.workflows.generation.build import BuiltSteps, build_steps, lowered_or_fallback
+from graphopt.workflows.generation.build import BuiltSteps, build_steps
 from graphopt.workflows.generation.compression import StepCompression
 from graphopt.workflows.generation.decoder import step_inputs
 from graphopt.workflows.generation.loop import generate_with
 from graphopt.workflows.generation.sampling import GenerationDefaults
 from graphopt.workflows.generation.saving import read_generation, write_generation
+from graphopt.workflows.lowering_fallback import lowered_or_fallback
 from graphopt.workflows.save_load import Archive
 
 __all__ = ["DEFAULT_MAX_CACHE_LEN", "GenerativeModel", "StepSource", "load_generative"]
@@ -196,9 +197,9 @@ def load_generative(archive: Archive, target: Target, fallback: Target | None = 
 
     ``fallback`` as in :class:`GenerativeModel`.
     """
-    saved, target = lowered_or_fallback(lambda chosen: read_generation(archive, chosen), target, fallback, None)
-    if target is fallback:
-        saved.report.notes.append(f"generation steps loaded as {target.label()!r}: the generation default lowering "
-                                  "could not lower them")
+    notes: list[str] = []
+    saved, target = lowered_or_fallback(lambda chosen: read_generation(archive, chosen), target, fallback, notes,
+                                        "the generation steps")
+    saved.report.notes.extend(notes)
     return GenerativeModel(target, saved.report, saved.max_cache_len, saved.defaults, built=saved.built,
                            loaded_from=saved.path)
