@@ -163,11 +163,12 @@ def _report_uncovered(model: nn.Module, units: list[_Unit], report: Report) -> N
     left = {name: p.numel() * p.element_size() for name, p in weights.items() if id(p) not in covered}
     if total and sum(left.values()) > UNCOVERED_SHARE * total:
         largest = sorted(left, key=left.__getitem__, reverse=True)[:3]
+        why = ("a mixture of experts' 3-D expert tensors, read by transformers' grouped matmul, are not compressed "
+               "yet" if any(weights[name].dim() == 3 for name in left) else "the ops reading them are not rewritten")
         report.notes.append(
             f"weight-only compression left {sum(left.values()) / 1e6:.1f} MB of the model's {total / 1e6:.1f} MB of "
             f"weights in float: no layer it compresses reads them as a matrix (the largest: {', '.join(largest)}; "
-            "a mixture of experts' expert tensors are read by transformers' grouped matmul, which it does not "
-            "compress yet)")
+            f"{why})")
 
 
 def _fallback_levels(order: list[int], count: int) -> Iterator[list[int]]:
