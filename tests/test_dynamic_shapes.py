@@ -56,6 +56,21 @@ def test_cnn_with_dynamic_batch_runs_every_batch_size(target):
 
 
 @pytest.mark.parametrize("target", ["cpu", "onnx"])
+def test_dynamic_batch_from_an_example_batch_of_one(target):
+    # torch.export fixes a dim it sees at 1: the batch is traced at two, the graph checked at one
+    model = _cnn()
+    fast = graphopt.optimize(model, (torch.randn(1, 3, 8, 8),), target=target, dynamic_batch=True)
+    assert fast.dynamic.dims == [{0: "batch"}] and fast.example_inputs[0].shape[0] == 1
+    for batch in BATCHES:
+        assert_matches(fast, model, (torch.randn(batch, 3, 8, 8),))
+
+
+def test_a_dim_declared_dynamic_at_size_one_says_so():
+    with pytest.raises(graphopt.CaptureError, match="example of size 2 or more"):
+        graphopt.optimize(_cnn(), (torch.randn(1, 3, 8, 8),), dynamic_shapes=({0: Dim("batch")},))
+
+
+@pytest.mark.parametrize("target", ["cpu", "onnx"])
 def test_bert_with_dynamic_batch_and_sequence(target):
     model = _bert()
     fast = graphopt.optimize(model, _tokens(2, 8), target=target, dynamic_shapes=_bert_dims())

@@ -223,15 +223,30 @@ def _capture_error(error: BaseException, what: str) -> CaptureError:
     elif "Constraints violated" in text or "specialized" in text or "dynamic_shapes" in text:
         detail = "\n".join(line for line in text.splitlines()[1:8] if line.strip())
         first_line += ("\n" + detail) if detail else ""
-        hint = ("A dim declared dynamic is fixed (or tied to another dim) by the model's code: mark only the dims "
-                "that really vary, give them the range the model supports (Dim(name, min=..., max=...)), or "
-                "leave that input static.")
+        hint = ("A dim declared dynamic is fixed (or tied to another dim) by the model's code, or has size 1 in the "
+                "example (torch.export fixes every dim it sees at 1: give an example of size 2 or more there). Mark "
+                "only the dims that really vary, give them the range the model supports (Dim(name, min=..., "
+                "max=...)), or leave that input static.")
     else:
         hint = "Make forward() traceable by torch.export (see the torch.export docs for the construct named above)."
     return CaptureError(
         f"could not {what}: {type(error).__name__}: {first_line}" + (f"\n  at {where}" if where else "") + f"\n{hint}",
         source_line=where,
     )
+
+
+def _batch_of_two(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """An example batch of one repeated to two along dim 0, for ``dynamic_batch=True``'s trace.
+
+    torch.export fixes every dim it sees at size 1, so a batch traced at 1 could never vary. The
+    graph traced at 2 holds for a batch of 1 too (``Dim("batch", min=1)``), and capture checks
+    it on the user's own example right after. Other examples are returned as they are.
+    """
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if not tensors or any(t.shape[0] != 1 for t in tensors):
+        return args, kwargs
+    widen = lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 0 else t  # noqa: E731
+    return pytree.tree_map(widen, (args, kwargs))
 
 
 def _export(
@@ -328,7 +343,7 @@ def capture(
     aliases = bind_buffer_aliases(twin)
     reference = _check_outputs(_run_eager(twin, args, kwargs))
     spec = _resolve_dynamic(twin, args, kwargs, dynamic_shapes, dynamic_batch)
-    exported = _export(twin, args, kwargs, spec)
+    exported = _export(twin, *(_batch_of_two(args, kwargs) if dynamic_batch else (args, kwargs)), spec)
     gm = unlift_program(exported)
     functionalized = any(is_mutating(n) for n in gm.graph.nodes)
     if functionalized:
