@@ -160,6 +160,12 @@ def test_an_average_pool_over_its_whole_input_captures_as_global_pooling() -> No
     assert ops["aten.adaptive_avg_pool2d.default"] == 1 and "aten.avg_pool2d.default" not in ops
     with torch.no_grad():
         assert torch.allclose(captured.graph_module(x), model(x), atol=1e-6)
+    class OneValueKernel(nn.Module):  # ATen's int[2] given one value: it stands for both dims
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.avg_pool2d(x, [9], ceil_mode=True)
+
+    listed = graphopt.capture(OneValueKernel().eval(), (x,))
+    assert count_ops(listed.graph_module)["aten.adaptive_avg_pool2d.default"] == 1
     local = graphopt.capture(nn.Sequential(nn.Conv2d(3, 8, 3), nn.AvgPool2d(3, stride=1)).eval(), (x,))
     assert count_ops(local.graph_module)["aten.avg_pool2d.default"] == 1  # windows over part of the map stay
     pytest.importorskip("openvino")

@@ -94,7 +94,7 @@ def global_average_pools(gm: fx.GraphModule) -> int:
         if node.op != "call_function" or node.target != aten.avg_pool2d.default:
             continue
         source, kernel = node.args[0], _per_dim(node.args[1], 2)
-        padding = _per_dim(node.args[3], 2) if len(node.args) > 3 else [0, 0]
+        padding = _per_dim(node.args[3] if len(node.args) > 3 else node.kwargs.get("padding", 0), 2)
         divisor = node.args[6] if len(node.args) > 6 else node.kwargs.get("divisor_override")
         before, after = source.meta.get("val"), node.meta.get("val")
         if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)) or divisor is not None:
@@ -115,4 +115,6 @@ def global_average_pools(gm: fx.GraphModule) -> int:
 
 
 def _per_dim(value: int | list[int] | tuple[int, ...], dims: int) -> list[int]:
-    return [int(value)] * dims if isinstance(value, int) else [int(v) for v in value]
+    """An ATen ``int[dims]`` argument per dim: one value (bare or in a list of one) stands for every dim."""
+    values = [int(value)] if isinstance(value, int) else [int(v) for v in value]
+    return values * dims if len(values) == 1 else values
