@@ -217,12 +217,11 @@ def tidy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     (``graph_optimizer=False``) goes from 974 nodes to 309 in about 2 s. For files written for
     people and other runtimes.
     """
-    import onnx_ir as ir
-    from onnxscript._framework_apis.torch_2_8 import optimize
+    from onnxscript.optimizer import optimize  # takes about a second to import: only when a file is written
 
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()), quiet_loggers("onnxscript"):
         warnings.simplefilter("ignore")
-        return ir.to_proto(optimize(ir.from_proto(model)))
+        return optimize(model)  # a new model: ``model`` itself is left as it is
 
 
 def _at_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
