@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.ir.graph import node_dtype, node_shape
+from graphopt.ir.graph import count_ops, node_dtype, node_shape
 
 
 def test_every_node_has_shape_and_dtype(small_cnn):
@@ -117,21 +117,24 @@ def test_user_model_is_not_mutated(small_cnn):
     assert all(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in (model.bn, model.bn_fc))
 
 
+def _captured_exactly(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """The op counts of ``model`` captured on ``x``, after checking the graph computes what the model does."""
+    captured = graphopt.capture(model, (x,))
+    with torch.no_grad():
+        assert torch.allclose(captured.graph_module(x), model(x), atol=1e-6)
+    return count_ops(captured.graph_module)
+
+
 @pytest.mark.parametrize(("kernel", "dilation"), [(3, 1), (4, 1), (3, 2), ((2, 5), 1)])
 def test_string_padded_convolutions_capture_with_numeric_padding(kernel, dilation) -> None:
     # padding="same" / "valid" (TensorFlow ports: EfficientNet) is its own ATen overload, which the passes
     # matching conv2d.default would miss; an even kernel pads its odd element after the input, as PyTorch does
-    from graphopt.ir.graph import count_ops
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, kernel, padding="same", dilation=dilation), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 4, 3, padding="valid")).eval()
     x = torch.randn(2, 3, 11, 13)
-    captured = graphopt.capture(model, (x,))
-    ops = count_ops(captured.graph_module)
+    ops = _captured_exactly(model, x)
     assert ops["aten.conv2d.default"] == 2 and "aten.conv2d.padding" not in ops
-    with torch.no_grad():
-        assert torch.allclose(captured.graph_module(x), model(x), atol=1e-6)
     fast = graphopt.optimize(model, (x,), target="cpu", lowering=graphopt.CpuLowering())
     assert "aten.batch_norm.default" not in count_ops(fast.portable_graph)  # folded into the convolution
     with torch.no_grad():
@@ -139,35 +142,25 @@ def test_string_padded_convolutions_capture_with_numeric_padding(kernel, dilatio
 
 
 def test_string_padded_conv1d_and_conv3d() -> None:
-    from graphopt.ir.graph import count_ops
-
     for conv, x in ((nn.Conv1d(3, 4, 4, padding="same"), torch.randn(2, 3, 9)),
                     (nn.Conv3d(3, 4, (2, 3, 3), padding="same"), torch.randn(1, 3, 5, 6, 7))):
-        captured = graphopt.capture(conv.eval(), (x,))
-        assert not any(name.endswith(".padding") for name in count_ops(captured.graph_module))
-        with torch.no_grad():
-            assert torch.allclose(captured.graph_module(x), conv(x), atol=1e-6)
+        assert not any(name.endswith(".padding") for name in _captured_exactly(conv.eval(), x))
 
 
 def test_an_average_pool_over_its_whole_input_captures_as_global_pooling() -> None:
     # EfficientNet's pooler: a window of 1280 over a 7 x 7 map (ceil_mode), which OpenVINO refuses to convert
-    from graphopt.ir.graph import count_ops
-
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AvgPool2d(1280, ceil_mode=True), nn.Flatten()).eval()
     x = torch.randn(2, 3, 9, 9)
-    captured = graphopt.capture(model, (x,))
-    ops = count_ops(captured.graph_module)
+    ops = _captured_exactly(model, x)
     assert ops["aten.adaptive_avg_pool2d.default"] == 1 and "aten.avg_pool2d.default" not in ops
-    with torch.no_grad():
-        assert torch.allclose(captured.graph_module(x), model(x), atol=1e-6)
+
     class OneValueKernel(nn.Module):  # ATen's int[2] given one value: it stands for both dims
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.avg_pool2d(x, [9], ceil_mode=True)
 
-    listed = graphopt.capture(OneValueKernel().eval(), (x,))
-    assert count_ops(listed.graph_module)["aten.adaptive_avg_pool2d.default"] == 1
-    local = graphopt.capture(nn.Sequential(nn.Conv2d(3, 8, 3), nn.AvgPool2d(3, stride=1)).eval(), (x,))
-    assert count_ops(local.graph_module)["aten.avg_pool2d.default"] == 1  # windows over part of the map stay
+    assert _captured_exactly(OneValueKernel().eval(), x)["aten.adaptive_avg_pool2d.default"] == 1
+    local = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AvgPool2d(3, stride=1)).eval()
+    assert _captured_exactly(local, x)["aten.avg_pool2d.default"] == 1  # windows over part of the map stay
     pytest.importorskip("openvino")
     fast = graphopt.optimize(model, (x,), target="cpu", lowering=graphopt.CpuLowering(backend="openvino"))
     with torch.no_grad():

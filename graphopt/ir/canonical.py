@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value
-from graphopt.ir.meta import copy_meta, infer_meta
+from graphopt.ir.meta import infer_meta
 
 __all__ = ["canonicalize", "explicit_conv_padding", "global_average_pools"]
 
@@ -73,10 +73,7 @@ def explicit_conv_padding(gm: fx.GraphModule) -> int:
             new = graph.call_function(_OVERLOADS[node.target], (
                 source, weight, bias, _per_dim(node.kwargs.get("stride", stride), spatial), before, dilation,
                 int(node.kwargs.get("groups", groups))))
-        copy_meta(new, node)
-        new.meta.update({key: value for key, value in node.meta.items() if key not in new.meta})
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        _replace(gm, node, new)
         count += 1
     return count
 
@@ -106,12 +103,16 @@ def global_average_pools(gm: fx.GraphModule) -> int:
             continue
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(aten.adaptive_avg_pool2d.default, (source, [1, 1]))
-        copy_meta(new, node)
-        new.meta.update({key: value for key, value in node.meta.items() if key not in new.meta})
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _replace(gm, node, new)
         count += 1
     return count
+
+
+def _replace(gm: fx.GraphModule, old: fx.Node, new: fx.Node) -> None:
+    """Put ``new``, which computes what ``old`` did, in ``old``'s place, with all of its meta (value, provenance)."""
+    new.meta.update(old.meta)
+    old.replace_all_uses_with(new)
+    gm.graph.erase_node(old)
 
 
 def _per_dim(value: int | list[int] | tuple[int, ...], dims: int) -> list[int]:
