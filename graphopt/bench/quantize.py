@@ -110,6 +110,7 @@ class QuantizeRow:
     speedup_vs_ort_int8: float | None = None
     min_cosine: float | None = None
     ranking_kept: bool | None = None
+    rho: float | None = None
     fallen_back: str | None = None
     error: str | None = None
 
@@ -123,7 +124,7 @@ class QuantizeBenchResult(TableResult):
 
     _HEADERS: ClassVar[tuple[str, ...]] = (
         "model", "backend", "size MB", "median ms", "p10-p90 ms", "vs eager", "vs fp32 same target",
-        "vs ORT dyn int8", "cosine vs eager", "ranking kept", "int8 units fallen back", "error",
+        "vs ORT dyn int8", "cosine vs eager", "ranking kept (rho)", "int8 units fallen back", "error",
     )
 
     def _table(self) -> list[list[Any]]:
@@ -136,7 +137,8 @@ class QuantizeBenchResult(TableResult):
             "-" if r.p10_ms is None else f"{r.p10_ms:.1f}-{r.p90_ms:.1f}",
             ratio(r.speedup_vs_eager), ratio(r.speedup_vs_fp32), ratio(r.speedup_vs_ort_int8),
             "-" if r.min_cosine is None else f"{r.min_cosine:.4f}",
-            "-" if r.ranking_kept is None else ("yes" if r.ranking_kept else "NO"), r.fallen_back or "-",
+            "-" if r.ranking_kept is None else f"{'yes' if r.ranking_kept else 'NO'} ({r.rho:.3f})",
+            r.fallen_back or "-",
             r.error or "",
         ] for r in self.rows]
 
@@ -197,11 +199,11 @@ def run_quantize_benchmark(
     return QuantizeBenchResult(rows, meta)
 
 
-def _ranking_kept(outputs: Any, reference: list[torch.Tensor]) -> bool | None:
-    """For embeddings: True when sentences keep a clearly nearest neighbour and the pair ranking barely moves.
+def _ranking_kept(outputs: Any, reference: list[torch.Tensor]) -> tuple[bool, float] | None:
+    """For embeddings: whether sentences keep a clearly nearest neighbour and the pair ranking barely moves, and rho.
 
-    The ranking check: Spearman correlation >= 0.97 between the eager and the quantized ranks of
-    all pairwise similarities (near-ties among unrelated sentences may swap).
+    The ranking check: Spearman correlation (rho) >= 0.97 between the eager and the quantized
+    ranks of all pairwise similarities (near-ties among unrelated sentences may swap).
     """
     got = flatten_outputs(outputs)
     if len(got) != 1 or got[0].dim() != 2 or got[0].shape[0] < 3:
@@ -217,7 +219,7 @@ def _ranking_kept(outputs: Any, reference: list[torch.Tensor]) -> bool | None:
         ranks.append(similarity[pairs[0], pairs[1]].argsort().argsort().double())
     clear = (top2[0].values[:, 0] - top2[0].values[:, 1]) > 0.1  # a clearly nearest neighbour (not a near-tie)
     spearman = float(torch.corrcoef(torch.stack(ranks))[0, 1])
-    return bool(torch.equal(top2[0].indices[clear, 0], top2[1].indices[clear, 0]) and spearman >= 0.97)
+    return bool(torch.equal(top2[0].indices[clear, 0], top2[1].indices[clear, 0]) and spearman >= 0.97), spearman
 
 
 def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], kind: str, schemes: Sequence[str],
@@ -253,7 +255,9 @@ def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], kind
                 row.size_mb, row.min_cosine = result.row.size_mb, result.row.min_cosine
                 if kind == "embedding":
                     with torch.no_grad():
-                        row.ranking_kept = _ranking_kept(result.runner(*inputs), reference)
+                        ranking = _ranking_kept(result.runner(*inputs), reference)
+                    if ranking is not None:
+                        row.ranking_kept, row.rho = ranking
                 row.fallen_back = _fallen_back(result.runner)
                 prepared.append((row, result))
             else:

@@ -3,18 +3,20 @@
 The optimized ATen graph (``OptimizedModel.graph_module``) stays as it is: portable, savable,
 exportable to ONNX. Lowering works on a structure copy that shares its weights:
 
-1. ``trimmed-attention`` (``graphopt.targets.cpu.attention``): masked attention computed over the
+1. ``packed-rows`` (``graphopt.targets.cpu.packed_rows``): an encoder fed a token mask computes its
+   token-wise ops (linears, norms, activations) on the tokens the mask keeps, padded rows skipped;
+2. ``trimmed-attention`` (``graphopt.targets.cpu.attention``): masked attention computed over the
    key columns some query may see (padding and unwritten cache slots skipped at run time);
-2. ``channels-last`` (``graphopt.targets.common.channels_last``): convolution-heavy graphs run NHWC, converted
+3. ``channels-last`` (``graphopt.targets.common.channels_last``): convolution-heavy graphs run NHWC, converted
    once at the entry;
-3. ``epilogue-fusion`` (``graphopt.targets.cpu.epilogue``): conv / linear + bias + activation
+4. ``epilogue-fusion`` (``graphopt.targets.cpu.epilogue``): conv / linear + bias + activation
    (+ residual add) become oneDNN's fused kernels;
-4. ``prepack-weights``: convolution weights are reordered once into oneDNN's blocked layout for
+5. ``prepack-weights``: convolution weights are reordered once into oneDNN's blocked layout for
    the example's input size (the kernels accept other sizes too), so no call reorders them again.
    Packed weights are opaque oneDNN tensors held by the lowered module only; they are not part
    of any state dict.
 
-All four are passes (``float_lowering_passes``) run through a ``PassManager``
+All are passes (``float_lowering_passes``) run through a ``PassManager``
 (``graphopt.targets.common.lowering.run_lowering``), so each is verified against the graph
 before it; their records (counts, near-misses) form a report section and ``LoweredGraph.records``.
 
@@ -47,6 +49,7 @@ from graphopt.targets.common.donated_state import InplaceStateUpdates
 from graphopt.targets.common.lowering import computes_in, run_lowering
 from graphopt.targets.cpu.attention import TrimmedAttention
 from graphopt.targets.cpu.epilogue import EpilogueFusion
+from graphopt.targets.cpu.packed_rows import PackedRows
 from graphopt.targets.cpu.split_linear import SplitLinears
 from graphopt.targets.onnx.options import (
     OnnxLowering,
@@ -85,7 +88,8 @@ class CpuLowering:
     threads, runtime and weight-only activations come from this config).
     ``weight_only_activations``: ``"int8"`` quantizes those layers' inputs on the fly (W4A8 / W8A8;
     onnxruntime's ``MatMulNBits`` at accuracy level 4, so ``backend="onnxruntime"`` only), see
-    ``OnnxLowering``.
+    ``OnnxLowering``. ``pack_rows``: token-wise ops of an encoder fed a token mask run on the tokens
+    it keeps, padding skipped (``graphopt.targets.cpu.packed_rows``; PyTorch backend only).
     """
 
     fuse: bool = True
@@ -96,6 +100,7 @@ class CpuLowering:
     weight_kernels: WeightKernels = "auto"
     weight_only_activations: WeightOnlyActivations = "float"
     onnx: OnnxLowering | None = None
+    pack_rows: bool = True
 
     def __post_init__(self) -> None:
         if self.onnx is not None and not isinstance(self.onnx, OnnxLowering):
@@ -135,6 +140,7 @@ class CpuLowering:
         if self.backend != "graph":
             export = [f"({self.onnx.label()})"] if self.onnx is not None else []
             return "-".join([self.backend, *activations]) + "".join(export)
+        weights += [] if self.pack_rows else ["padded"]
         if not self.fuse and self.layout != "channels_last":
             return "-".join(["aten", *weights])
         parts = ["onednn" if self.fuse else "aten"]
@@ -184,7 +190,8 @@ def float_lowering_passes(options: CpuLowering) -> list[Pass]:
     """The verified rewrites the lowering of a float graph runs with ``options``, in order."""
     if options.backend != "graph":
         return []  # Inductor and onnxruntime do their own fusion
-    passes: list[Pass] = [TrimmedAttention()]
+    passes: list[Pass] = [PackedRows()] if options.pack_rows else []
+    passes.append(TrimmedAttention())
     if options.layout != "contiguous":
         passes.append(ChannelsLast(min_conv_share=0.0 if options.layout == "channels_last" else 0.5))
     if options.fuse:

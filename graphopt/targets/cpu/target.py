@@ -22,6 +22,7 @@ from graphopt.targets.common.channels_last import conv_share
 from graphopt.targets.common.lowering import computes_in, run_lowering
 from graphopt.targets.cpu.attention import QuantizedGraphAttention
 from graphopt.targets.cpu.lowering import CpuLowering, float_lowering_passes, lower_graph
+from graphopt.targets.cpu.packed_rows import PackedRows
 from graphopt.targets.cpu.quantized import INT8_LOWERING
 from graphopt.targets.cpu.weight_only import CpuWeightOnlyKernels
 from graphopt.targets.onnx.options import OnnxLowering, openvino_installed
@@ -45,8 +46,8 @@ class CpuTarget(Target):
     ``lowering`` chooses it (default ``CpuLowering()``: oneDNN epilogue fusion, channels-last for
     convolution nets, prepacked weights); ``CpuLowering(fuse=False, layout="contiguous")`` runs
     the optimized ATen graph as it is, ``CpuLowering(backend="inductor")`` through torch.compile.
-    A quantized graph first runs ``INT8_LOWERING`` (oneDNN int8 and weight-only kernels), then
-    ``trimmed-attention``.
+    A quantized graph first runs ``packed-rows``, then ``INT8_LOWERING`` (oneDNN int8 and
+    weight-only kernels), then ``trimmed-attention``.
     """
 
     name = "cpu"
@@ -59,7 +60,8 @@ class CpuTarget(Target):
         if has_quantized_ops(gm):
             choice = self.lowering.weight_kernels
             kernels = [replace(p, choice=choice) if isinstance(p, CpuWeightOnlyKernels) else p for p in INT8_LOWERING]
-            return [*kernels, QuantizedGraphAttention()]
+            packing = [PackedRows()] if self.lowering.pack_rows and self.lowering.backend == "graph" else []
+            return [*packing, *kernels, QuantizedGraphAttention()]
         return float_lowering_passes(self.lowering)
 
     def for_graph(self, gm: fx.GraphModule) -> CpuTarget:
@@ -68,7 +70,9 @@ class CpuTarget(Target):
         Only with the default PyTorch backend. Two kinds of graph:
 
         * a float graph computing in bfloat16, on a CPU with bfloat16 instructions (AVX512-BF16 or
-          AMX); measured: ResNet-50 21 vs 35 ms, MiniLM (8 x 128) 72 vs 93 ms;
+          AMX), too small to measure (``runtime_candidates`` lists the larger ones: measured,
+          ResNet-50 21 vs 35 ms, but MiniLM at 8 x 128 on sentences of a dozen tokens 75 vs 16 ms
+          in PyTorch, which skips the padded rows);
         * a static int8 graph (int8 activations) whose convolutions do at least
           ``OPENVINO_INT8_MIN_CONV_SHARE`` of the work: ResNet-50 14.2 ms (bf16 hint) or 20.0 (f32)
           against 43.3 in PyTorch. On transformers PyTorch's int8 linears are as fast (MiniLM 8 x
@@ -83,25 +87,31 @@ class CpuTarget(Target):
                 return self
         elif has_quantized_ops(gm) or not computes_in(gm, torch.bfloat16) or not cpu_has_bfloat16():
             return self
+        elif self.runtime_candidates(gm):
+            return self  # large enough to measure PyTorch against OpenVINO (runtime_candidates)
         return self.with_lowering(replace(self.lowering, backend="openvino"))  # type: ignore[return-value]
 
     def runtime_candidates(self, gm: fx.GraphModule) -> list[CpuTarget]:
-        """PyTorch and OpenVINO (f32) for a large float32 graph, where OpenVINO is installed: measured, not ruled.
+        """PyTorch and OpenVINO for a large float graph, where OpenVINO is installed: measured, not ruled.
 
         Which one is faster depends on the graph more than on its kind. Measured on the zoo
         (OpenVINO f32 against this lowering, ms): ResNet-50 41.8 / 51.5, mobilenet_v2 6.0 / 11.1,
-        BERT 140.8 / 163.3, ViT 48.4 / 58.4, but MiniLM at 8 x 128 103.1 / 94.4. Only with the default
-        PyTorch backend, for graphs of at least ``MEASURED_RUNTIME_MIN_FLOPS`` per call (below it a
-        call takes well under a millisecond and OpenVINO's compile, seconds, does not pay), without
-        state (a cache the graph writes) and computing in float32 alone (bfloat16 and int8 graphs go
-        by ``for_graph``'s rules).
+        BERT 140.8 / 163.3, ViT 48.4 / 58.4, but MiniLM at 8 x 128 103.1 / 94.4 (22 since PyTorch's
+        lowering skips padded rows). Only with the default PyTorch backend, for graphs of at least
+        ``MEASURED_RUNTIME_MIN_FLOPS`` per call (below it a call takes well under a millisecond and
+        OpenVINO's compile, seconds, does not pay), without state (a cache the graph writes),
+        computing in float32, or in bfloat16 on a CPU with bfloat16 instructions (OpenVINO then
+        runs the graph's bfloat16 as ``for_graph`` would). int8 graphs go by ``for_graph``'s rules.
         """
         if self.lowering.backend != "graph" or not openvino_installed() or has_quantized_ops(gm):
             return []
-        if computes_in(gm, torch.bfloat16, torch.float16) or state_update_nodes(gm):
+        if computes_in(gm, torch.float16) or state_update_nodes(gm) or total_flops(gm) < MEASURED_RUNTIME_MIN_FLOPS:
             return []
-        if total_flops(gm) < MEASURED_RUNTIME_MIN_FLOPS:
-            return []
+        if computes_in(gm, torch.bfloat16):
+            if not cpu_has_bfloat16():
+                return []
+            # OpenVINO as for_graph would run it (the graph's bfloat16), against PyTorch's bfloat16 kernels
+            return [self, self.with_lowering(replace(self.lowering, backend="openvino"))]  # type: ignore[list-item]
         return [self, self.with_lowering(self.lowering.on_openvino())]  # type: ignore[list-item]
 
     def specializes_decode(self, gm: fx.GraphModule) -> bool:
