@@ -84,8 +84,8 @@ def test_conv_net_runs_on_fused_onednn_kernels_in_channels_last() -> None:
     assert _record(fast, "channels-last").stats == {"to_channels_last": 1}
     assert compare_outputs([fast(x)], [model(x)]).ok
     section = next(s for s in fast.report.sections if s.title == "cpu lowering 'onednn'")
-    assert [row[0] for row in section.rows] == ["packed-rows", "trimmed-attention", "channels-last",
-                                                "epilogue-fusion", "prepack-weights"]
+    assert [row[0] for row in section.rows] == ["packed-rows", "packed-attention", "trimmed-attention",
+                                                "channels-last", "epilogue-fusion", "prepack-weights"]
     assert "3 convolution weights prepacked" in section.description
     # the weights the fused convolutions read are prepacked oneDNN tensors
     packed = [n for n in fast.runner.graph_module.graph.nodes if n.op == "get_attr" and "packed" in str(n.target)]

@@ -12,6 +12,7 @@ from graphopt.bench.zoo import MeanPooledEmbedding
 from graphopt.ir.graph import count_ops
 from graphopt.passes.quantize import Quantize
 from graphopt.targets.cpu.lowering import CpuLowering
+from graphopt.targets.cpu.packed_attention import PACKED_ATTENTION, PACKED_LAYOUT
 from graphopt.targets.cpu.packed_rows import PACK_ROWS, ROW_INDEX, UNPACK_ROWS
 from graphopt.targets.cpu.target import CpuTarget
 
@@ -102,6 +103,32 @@ def test_row_ops_gather_broadcast_values_and_scatter_zeros() -> None:
     assert torch.equal(UNPACK_ROWS(PACK_ROWS(rows, batch, seq, every), batch, seq, every, False), rows)
 
 
+@pytest.mark.parametrize(("lengths", "left", "positions", "kv_heads", "additive"), [
+    ([5, 12, 3, 16], False, [], 4, False),  # right padding, boolean mask
+    ([5, 12, 3, 16], True, [0], 4, False),  # left padding; position 0 kept in every row but masked as a key
+    ([5, 0, 3, 16], False, [], 2, True),  # a row without tokens (kept whole), grouped key/value heads, additive
+    ([16, 16, 16, 16], False, [], 4, True),  # every token kept: torch's attention on views
+])
+def test_packed_attention_matches_torch_on_the_kept_queries(lengths: list[int], left: bool, positions: list[int],
+                                                            kv_heads: int, additive: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    _, tokens = _batch(lengths, left=left)
+    query = torch.randn(4, 16, 4, 8, generator=generator)
+    key, value = (torch.randn(4, 16, kv_heads, 8, generator=generator) for _ in range(2))
+    # padded keys masked, and some other keys per head; every query still sees itself, as in real masks
+    mask = tokens.bool()[:, None, None, :] & ((torch.rand(1, 4, 16, 16, generator=generator) > 0.3) | torch.eye(16,
+                                                                                                          dtype=torch.bool))
+    if additive:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    expected = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                              attn_mask=mask, scale=0.3, enable_gqa=kv_heads != 4).transpose(1, 2)
+    batch, seq = ROW_INDEX(tokens, positions)
+    slot, compact_mask, plan = PACKED_LAYOUT(mask, batch, seq, tokens, torch.float32)
+    actual = PACKED_ATTENTION(query[batch, seq], key[batch, seq], value[batch, seq], mask, batch, slot, compact_mask,
+                              plan, tokens, 0.3)
+    torch.testing.assert_close(actual, expected[batch, seq], atol=2e-6, rtol=1e-5)
+
+
 def _record(fast: graphopt.OptimizedModel) -> graphopt.PassRecord:
     return next(r for r in fast.runner.records if r.name == "packed-rows")
 
@@ -114,6 +141,13 @@ def test_mean_pooled_bert_runs_its_linears_on_kept_tokens_only() -> None:
     assert record.status == "changed" and record.stats["ops_on_kept_rows"] > 20
     lowered = count_ops(fast.runner.graph_module)
     assert lowered["graphopt_cpu.row_index.default"] == 1
+    # attention among each sentence's kept tokens: no scatter back to [batch, seq, ...] for it
+    assert lowered["graphopt_cpu.packed_attention.default"] == 2
+    assert lowered["graphopt_cpu.packed_layout.default"] == 1  # one layout for both layers
+    assert "aten.scaled_dot_product_attention.default" not in lowered
+    assert "graphopt_cpu.attention.default" not in lowered
+    # what still scatters: the pooling's sum over the sequence, of hidden * mask and of the mask
+    assert lowered["graphopt_cpu.unpack_rows.default"] == 2
     # every linear reads packed rows: [N, hidden], not [batch, seq, hidden]
     linears = [n for n in fast.runner.graph_module.graph.nodes if n.op == "call_function" and "linear" in str(n.target)]
     assert linears and all(n.all_input_nodes[0].meta["val"].dim() == 2 for n in linears)
@@ -172,7 +206,9 @@ def test_first_token_classifier_keeps_that_token_in_every_row() -> None:
     assert _record(fast).status == "changed"
     [index] = [n for n in fast.runner.graph_module.graph.nodes if n.target is ROW_INDEX]
     assert index.args[1] == [0]
-    for inputs in (_batch([2, 16, 9, 4], left=True, seed=3), _batch([2, 16, 9, 4], seed=4)):
+    # a row without any token is computed whole, as the model computes it
+    for inputs in (_batch([2, 16, 9, 4], left=True, seed=3), _batch([2, 16, 9, 4], seed=4),
+                   _batch([0, 16, 9, 4], left=True, seed=5)):
         torch.testing.assert_close(fast(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)
 
 

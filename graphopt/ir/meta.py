@@ -17,6 +17,7 @@ as a run on the example inputs would. Constants a pass registers keep their real
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "infer_meta",
     "propagate_meta",
     "record_meta",
+    "shared_call_outputs",
     "tensor_metadata",
 ]
 
@@ -165,6 +167,31 @@ def infer_meta(node: fx.Node) -> bool:
         return False
     record_meta(node, value)
     return True
+
+
+def shared_call_outputs(gm: fx.GraphModule, before: fx.Node, target: Any, args: tuple[Any, ...], anchor: fx.Node,
+                        count: int) -> list[fx.Node]:
+    """The ``count`` outputs (``getitem`` nodes) of ``target(*args)``, called once however many nodes read them.
+
+    The call an earlier rewrite made with the same ``args`` is found among ``anchor``'s users (one
+    of the args); else a new call goes before ``before``. Missing ``getitem`` nodes are added after
+    the call. Every new node gets its meta from ``infer_meta``.
+    """
+    for user in anchor.users:
+        if user.target is target and user.args == args:
+            computed = user
+            break
+    else:
+        with gm.graph.inserting_before(before):
+            computed = gm.graph.call_function(target, args)
+        infer_meta(computed)
+    parts = {user.args[1]: user for user in computed.users if user.target is operator.getitem}
+    with gm.graph.inserting_after(computed):
+        for index in reversed(range(count)):
+            if index not in parts:
+                parts[index] = gm.graph.call_function(operator.getitem, (computed, index))
+                infer_meta(parts[index])
+    return [parts[index] for index in range(count)]
 
 
 def propagate_meta(gm: fx.GraphModule) -> None:

@@ -30,14 +30,13 @@ instead of 80 µs for the untrimmed, repeated form.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.fx as fx
 
-from graphopt.ir.meta import copy_meta, infer_meta
+from graphopt.ir.meta import copy_meta, shared_call_outputs
 from graphopt.ir.op_args import argument
 from graphopt.passes.base import NodeRewrite
 from graphopt.passes.fusion.gqa import repeated_heads
@@ -206,21 +205,8 @@ class TrimmedAttention(NodeRewrite):
     def _key_mask(gm: fx.GraphModule, node: fx.Node, mask: fx.Node,
                   dtype: torch.dtype) -> tuple[fx.Node, fx.Node]:
         """The (additive mask, plan) nodes of ``mask`` for ``dtype`` queries: the ones an earlier layer made, or new."""
-        for user in mask.users:
-            if user.target is KEY_MASK and user.args[1] == dtype:
-                computed = user
-                break
-        else:
-            with gm.graph.inserting_before(node):
-                computed = gm.graph.call_function(KEY_MASK, (mask, dtype))
-            infer_meta(computed)
-        parts = {user.args[1]: user for user in computed.users if user.target is operator.getitem}
-        with gm.graph.inserting_after(computed):
-            for index in (1, 0):
-                if index not in parts:
-                    parts[index] = gm.graph.call_function(operator.getitem, (computed, index))
-                    infer_meta(parts[index])
-        return parts[0], parts[1]
+        additive, plan = shared_call_outputs(gm, node, KEY_MASK, (mask, dtype), mask, 2)
+        return additive, plan
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ exportable to ONNX. Lowering works on a structure copy that shares its weights:
 
 1. ``packed-rows`` (``graphopt.targets.cpu.packed_rows``): an encoder fed a token mask computes its
    token-wise ops (linears, norms, activations) on the tokens the mask keeps, padded rows skipped;
+   then ``packed-attention`` (``graphopt.targets.cpu.packed_attention``) computes its attention
+   among each sentence's kept tokens;
 2. ``trimmed-attention`` (``graphopt.targets.cpu.attention``): masked attention computed over the
    key columns some query may see (padding and unwritten cache slots skipped at run time);
 3. ``channels-last`` (``graphopt.targets.common.channels_last``): convolution-heavy graphs run NHWC, converted
@@ -49,6 +51,7 @@ from graphopt.targets.common.donated_state import InplaceStateUpdates
 from graphopt.targets.common.lowering import computes_in, run_lowering
 from graphopt.targets.cpu.attention import TrimmedAttention
 from graphopt.targets.cpu.epilogue import EpilogueFusion
+from graphopt.targets.cpu.packed_attention import PackedAttention
 from graphopt.targets.cpu.packed_rows import PackedRows
 from graphopt.targets.cpu.split_linear import SplitLinears
 from graphopt.targets.onnx.options import (
@@ -190,7 +193,7 @@ def float_lowering_passes(options: CpuLowering) -> list[Pass]:
     """The verified rewrites the lowering of a float graph runs with ``options``, in order."""
     if options.backend != "graph":
         return []  # Inductor and onnxruntime do their own fusion
-    passes: list[Pass] = [PackedRows()] if options.pack_rows else []
+    passes: list[Pass] = [PackedRows(), PackedAttention()] if options.pack_rows else []
     passes.append(TrimmedAttention())
     if options.layout != "contiguous":
         passes.append(ChannelsLast(min_conv_share=0.0 if options.layout == "channels_last" else 0.5))

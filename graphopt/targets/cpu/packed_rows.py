@@ -10,7 +10,8 @@ keeps, ``N`` counted on each call (``graphopt_cpu::row_index``). Where an op tha
 token-wise reads a packed value (attention, the pooling's sum over the sequence), the value is
 scattered back to ``[batch, seq, ...]`` with zeros in the padded rows (``unpack_rows``); where a
 token-wise op reads a full value (the attention's output), its kept rows are gathered
-(``pack_rows``).
+(``pack_rows``). ``packed-attention`` (``graphopt.targets.cpu.packed_attention``) then replaces
+each attention's scatter and gather by attention among each sentence's kept tokens.
 
 The rewrite is exact, and the pass proves so before it changes anything. Zeros stand in for
 what the model computed in padded rows, so every value scattered back must reach the outputs
@@ -34,7 +35,8 @@ inputs, as every lowering pass.
 
 Measured here (2 threads), all-MiniLM-L6-v2 at 8 x 128 on sentences of 10-14 tokens, lowered
 with and without it in one process: float32 22 ms against 120 (eager 144), static int8 14 ms
-against 40; outputs bit for bit the same in float32.
+against 40, outputs bit for bit the same in float32; with ``packed-attention`` 16 and 7.3 ms.
+On 8 x 128 real tokens (nothing to skip) 1-3% slower.
 """
 
 from __future__ import annotations
@@ -75,10 +77,16 @@ def _row_index(mask: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, 
 
     In row-major order. ``positions`` are the sequence positions the graph reads by index (a
     classifier's first token): computed in every row, padded or not, as the model computed them.
+    A row the mask keeps nothing of is kept whole: its queries see no key the mask lets through,
+    and attention then averages over every key (an additive mask) or gives zeros, both computed
+    as the model computes them.
     """
     keep = mask != 0
     if positions:
         keep[:, positions] = True
+    empty = ~keep.any(1)
+    if bool(empty.any()):
+        keep[empty] = True
     kept = keep.reshape(-1).nonzero().squeeze(1)
     return torch.div(kept, mask.shape[1], rounding_mode="floor"), kept.remainder(mask.shape[1])
 

@@ -22,6 +22,7 @@ from graphopt.targets.common.channels_last import conv_share
 from graphopt.targets.common.lowering import computes_in, run_lowering
 from graphopt.targets.cpu.attention import QuantizedGraphAttention
 from graphopt.targets.cpu.lowering import CpuLowering, float_lowering_passes, lower_graph
+from graphopt.targets.cpu.packed_attention import QuantizedPackedAttention
 from graphopt.targets.cpu.packed_rows import PackedRows
 from graphopt.targets.cpu.quantized import INT8_LOWERING
 from graphopt.targets.cpu.weight_only import CpuWeightOnlyKernels
@@ -47,7 +48,7 @@ class CpuTarget(Target):
     convolution nets, prepacked weights); ``CpuLowering(fuse=False, layout="contiguous")`` runs
     the optimized ATen graph as it is, ``CpuLowering(backend="inductor")`` through torch.compile.
     A quantized graph first runs ``packed-rows``, then ``INT8_LOWERING`` (oneDNN int8 and
-    weight-only kernels), then ``trimmed-attention``.
+    weight-only kernels), then ``packed-attention`` and ``trimmed-attention``.
     """
 
     name = "cpu"
@@ -60,8 +61,9 @@ class CpuTarget(Target):
         if has_quantized_ops(gm):
             choice = self.lowering.weight_kernels
             kernels = [replace(p, choice=choice) if isinstance(p, CpuWeightOnlyKernels) else p for p in INT8_LOWERING]
-            packing = [PackedRows()] if self.lowering.pack_rows and self.lowering.backend == "graph" else []
-            return [*packing, *kernels, QuantizedGraphAttention()]
+            packing = self.lowering.pack_rows and self.lowering.backend == "graph"
+            return [*([PackedRows()] if packing else []), *kernels,
+                    *([QuantizedPackedAttention()] if packing else []), QuantizedGraphAttention()]
         return float_lowering_passes(self.lowering)
 
     def for_graph(self, gm: fx.GraphModule) -> CpuTarget:
