@@ -164,6 +164,8 @@ def _family(name: str) -> nn.Module:
              "vocab_size": 100, "max_position_embeddings": 64}
     if name == "roberta":  # positions counted along the sequence from the ids (cumsum)
         return transformers.RobertaModel(transformers.RobertaConfig(**small, pad_token_id=0), add_pooling_layer=False)
+    if name == "mpnet":  # relative-position bias on the mask; heads back to tokens by permute
+        return transformers.MPNetModel(transformers.MPNetConfig(**small), add_pooling_layer=False)
     if name == "distilbert":
         config = transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64)
         return transformers.DistilBertModel(config)
@@ -172,11 +174,12 @@ def _family(name: str) -> nn.Module:
                                                              vocab_size=100))
 
 
-@pytest.mark.parametrize("family", ["roberta", "distilbert", "t5"])
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "mpnet", "t5"])
 def test_other_encoder_families_pack_their_rows(family: str) -> None:
     model = MeanPooledEmbedding(_family(family).eval()).eval()
     fast = graphopt.optimize(model, _batch([5, 12, 3, 16]), target=CpuTarget())
     assert _record(fast).status == "changed"
+    assert next(r for r in fast.runner.records if r.name == "packed-attention").stats["attention"] == 2
     for inputs in (_batch([2, 16, 9, 4], seed=3), _batch([7, 1, 16, 16], left=True, seed=5)):
         torch.testing.assert_close(fast(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)
 

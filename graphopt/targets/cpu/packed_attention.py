@@ -153,11 +153,20 @@ PACKED_LAYOUT = torch.ops.graphopt_cpu.packed_layout.default
 PACKED_ATTENTION = torch.ops.graphopt_cpu.packed_attention.default
 
 
+def _swaps_tokens_and_heads(node: object) -> bool:
+    """``transpose(x, 1, 2)`` or ``permute(x, [0, 2, 1, 3])``: ``[B, S, H, D]`` <-> ``[B, H, S, D]``."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.target is aten.transpose.int:
+        return sorted(d % 4 for d in node.args[1:3]) == [1, 2]
+    return node.target is aten.permute.default and [d % 4 for d in node.args[1]] == [0, 2, 1, 3]
+
+
 def _packed_source(node: object) -> fx.Node | None:
     """``x`` of ``transpose(unpack_rows(x, ...), 1, 2)``: a packed ``[N, H, D]`` read as ``[B, H, S, D]``."""
-    if not isinstance(node, fx.Node) or node.target is not aten.transpose.int or sorted(node.args[1:3]) != [1, 2]:
+    if not _swaps_tokens_and_heads(node):
         return None
-    scattered = node.args[0]
+    scattered = node.args[0]  # type: ignore[union-attr]
     if not isinstance(scattered, fx.Node) or scattered.target is not UNPACK_ROWS or scattered.args[4]:
         return None
     packed = scattered.args[0]
@@ -178,7 +187,7 @@ class PackedAttention(NodeRewrite):
         if node.target is not PACK_ROWS:
             return False
         transposed = node.args[0]
-        if transposed.target is not aten.transpose.int or sorted(transposed.args[1:3]) != [1, 2]:
+        if not _swaps_tokens_and_heads(transposed):
             return False
         attention = transposed.args[0]
         if attention.target is not aten.scaled_dot_product_attention.default:
