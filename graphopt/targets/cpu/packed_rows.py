@@ -669,11 +669,13 @@ class _Rewriter:
             self.batch = self._new(operator.getitem, (self.index, 0))
 
     def _new(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> fx.Node:
+        """A new call at the graph's insertion point, its meta inferred."""
         node = self.graph.call_function(target, args, kwargs or {})
         infer_meta(node)
         return node
 
     def run(self) -> int:
+        """Put a packed twin before each packed node, scatter where full nodes read them; how many ops run packed."""
         count = 0
         for node in list(self.graph.nodes):
             if node in self.a.packed:
@@ -692,9 +694,10 @@ class _Rewriter:
         """A full-shaped consumer of packed values reads them scattered back."""
         for value in list(node.all_input_nodes):
             if value in self.packed_value:
-                node.replace_input_with(value, self._scatter(value, node))
+                node.replace_input_with(value, self._scatter(value))
 
-    def _scatter(self, value: fx.Node, before: fx.Node) -> fx.Node:
+    def _scatter(self, value: fx.Node) -> fx.Node:
+        """A packed value scattered back to its full shape, once (right after it is computed)."""
         if value not in self.scattered:
             packed = self.packed_value[value]
             with self.graph.inserting_after(packed):
