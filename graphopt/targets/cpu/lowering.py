@@ -123,6 +123,11 @@ class CpuLowering:
         check_weight_only_activations(self.weight_only_activations)
 
     @property
+    def packs_rows(self) -> bool:
+        """True when the lowering runs ``packed-rows`` and ``packed-attention`` (PyTorch backend, ``pack_rows``)."""
+        return self.pack_rows and self.backend == "graph"
+
+    @property
     def lossy(self) -> bool:
         """True when the lowering computes beyond the graph (OpenVINO's bfloat16 inference): it needs a budget."""
         return self.onnx is not None and self.onnx.lossy
@@ -193,7 +198,7 @@ def float_lowering_passes(options: CpuLowering) -> list[Pass]:
     """The verified rewrites the lowering of a float graph runs with ``options``, in order."""
     if options.backend != "graph":
         return []  # Inductor and onnxruntime do their own fusion
-    passes: list[Pass] = [PackedRows(), PackedAttention()] if options.pack_rows else []
+    passes: list[Pass] = [PackedRows(), PackedAttention()] if options.packs_rows else []
     passes.append(TrimmedAttention())
     if options.layout != "contiguous":
         passes.append(ChannelsLast(min_conv_share=0.0 if options.layout == "channels_last" else 0.5))

@@ -50,6 +50,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
+from graphopt.ir.graph import attribute_value, node_dtype
 from graphopt.ir.meta import infer_meta
 from graphopt.passes.base import Pass, PassResult
 
@@ -197,11 +198,6 @@ def _pointwise(node: fx.Node) -> bool:
 def _shape(value: Any) -> tuple[Any, ...] | None:
     val = value.meta.get("val") if isinstance(value, fx.Node) else None
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def _dtype(value: Any) -> torch.dtype | None:
-    val = value.meta.get("val") if isinstance(value, fx.Node) else None
-    return val.dtype if isinstance(val, torch.Tensor) else None
 
 
 def _dim(dim: int, rank: int) -> int:
@@ -511,13 +507,13 @@ class _Analysis:
             self.zero.add(node)
         if target is aten.mul.Tensor and any(a in self.one for a in inputs) and scalar is not None and scalar < 0:
             self.blocking[node] = scalar  # (1 - mask) * c: c in every padded row
-        elif target in _MASK_NOT and first in self.zero and _dtype(node) == torch.bool:
+        elif target in _MASK_NOT and first in self.zero and node_dtype(node) == torch.bool:
             self.one.add(node)
         elif target is aten.eq.Scalar and first in self.zero and args[1] == 0:
             self.one.add(node)
         elif target is aten.rsub.Scalar and first in self.zero and args[1] == 1:
             self.one.add(node)
-        elif target in _WHERE and _dtype(args[0]) == torch.bool and args[0] in self.zero | self.one:
+        elif target in _WHERE and node_dtype(args[0]) == torch.bool and args[0] in self.zero | self.one:
             value = _largest(args[2] if args[0] in self.zero else args[1], self.gm)  # what padded rows take
             if value is not None:
                 self.blocking[node] = value
@@ -574,7 +570,7 @@ class _Analysis:
         rows = self.rows[mask].shifted(4 - len(shape))
         if rows.seq != 3 or rows.batch != 0:
             return False
-        if _dtype(mask) == torch.bool:
+        if node_dtype(mask) == torch.bool:
             return mask in self.zero
         return self.blocking.get(mask, 0.0) <= BLOCKING_BIAS
 
@@ -593,22 +589,13 @@ def _arg(node: fx.Node, index: int, default: Any) -> Any:
     return node.args[index] if len(node.args) > index else default
 
 
-def _constant(node: Any, gm: fx.GraphModule) -> torch.Tensor | None:
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    value: Any = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part, None)
-    return value if isinstance(value, torch.Tensor) else None
-
-
 _INDEX_VIEWS = {aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.expand.default,
                 aten._to_copy.default, aten.clone.default, aten.alias.default}
 
 
 def _is_arange(index: fx.Node, size: Any, gm: fx.GraphModule) -> bool:
     """True when ``index`` holds ``0, 1, ..., size - 1`` along its one long dim: a constant, or ``arange`` viewed."""
-    constant = _constant(index, gm)
+    constant = attribute_value(gm, index)
     if constant is not None:
         return bool(torch.equal(constant.reshape(-1), torch.arange(int(size))))
     node = index
@@ -628,7 +615,7 @@ def _largest(value: Any, gm: fx.GraphModule) -> float | None:
     """The largest value of a number or constant tensor; None for anything computed."""
     if isinstance(value, (int, float)):
         return float(value)
-    constant = _constant(value, gm)
+    constant = attribute_value(gm, value)
     return float(constant.max()) if constant is not None and constant.numel() > 0 else None
 
 
@@ -786,7 +773,7 @@ def _mask_candidates(gm: fx.GraphModule) -> list[fx.Node]:
     for node in gm.graph.nodes:
         if node.op != "placeholder":
             continue
-        shape, dtype = _shape(node), _dtype(node)
+        shape, dtype = _shape(node), node_dtype(node)
         if shape is not None and len(shape) == 2 and dtype is not None and not dtype.is_floating_point:
             found.append(node)
     return found

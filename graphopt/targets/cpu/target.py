@@ -61,7 +61,7 @@ class CpuTarget(Target):
         if has_quantized_ops(gm):
             choice = self.lowering.weight_kernels
             kernels = [replace(p, choice=choice) if isinstance(p, CpuWeightOnlyKernels) else p for p in INT8_LOWERING]
-            packing = self.lowering.pack_rows and self.lowering.backend == "graph"
+            packing = self.lowering.packs_rows
             return [*([PackedRows()] if packing else []), *kernels,
                     *([QuantizedPackedAttention()] if packing else []), QuantizedGraphAttention()]
         return float_lowering_passes(self.lowering)
