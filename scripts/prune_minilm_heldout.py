@@ -1,4 +1,4 @@
-"""all-MiniLM-L6-v2 pruned by graphopt, judged on held-out sentences: importance, refit, distillation.
+"""all-MiniLM-L6-v2 pruned (or weight-only quantized) by graphopt, judged on held-out sentences.
 
 Each setting prunes the real model (mean-pooled, batch 8 x 128 tokens) with calibration on the
 first ``--calibration`` sentences of ``pydoc_data.topics`` (padded to 128 tokens), optionally
@@ -9,6 +9,10 @@ and Spearman's rho of the pairwise similarities; then the same on the zoo's 8 ev
 
     python scripts/prune_minilm_heldout.py --amounts 0.5,0.3 --importance taylor,fluctuation --refit both
     python scripts/prune_minilm_heldout.py --amounts 0.5 --importance fluctuation --distill-lr 1e-4,5e-4
+
+``--weight-only 4:32,4:128`` quantizes instead (bits:group, each with ``--rounding nearest,gptq``),
+calibrated on the same sentences; the first calibration batch is the example inputs, so the
+everyday sentences stay held out too.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=512, help="calibration sentences")
     parser.add_argument("--distill-lr", default="", help="comma-separated learning rates; empty: no distillation")
     parser.add_argument("--distill-epochs", type=int, default=2)
+    parser.add_argument("--weight-only", default="", help="bits:group settings, e.g. 4:32,4:128; no pruning then")
+    parser.add_argument("--rounding", default="nearest,gptq")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, example, _ = zoo._build_minilm("full", 8)
@@ -80,6 +86,9 @@ def main() -> None:
         reference = torch.cat([model(*batch) for batch in held_out])
         everyday = model(*example)
     checks = (held_out, reference, example, everyday)
+    if args.weight_only:
+        _weight_only(model, args, calibration, checks)
+        return
     training = distill_data(example, count=1280) if args.distill_lr else []
     for amount in (float(a) for a in args.amounts.split(",")):
         for importance in args.importance.split(","):
@@ -97,6 +106,19 @@ def main() -> None:
                                                  loss="cosine", lr=lr)
                     print(f"{label} + distill lr {lr:g}: {fidelity(recovered, *checks)} "
                           f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def _weight_only(model, args, calibration, checks) -> None:
+    """Each ``bits:group`` setting with each rounding, calibrated on ``calibration`` (its first batch the example)."""
+    for setting in args.weight_only.split(","):
+        bits, group = (int(v) for v in setting.split(":"))
+        for rounding in args.rounding.split(","):
+            started = time.perf_counter()
+            scheme = graphopt.WeightOnly(bits=bits, group_size=group, rounding=rounding)
+            quantized = graphopt.optimize(model, calibration[0], "cpu", calibration=calibration[1:], quantize=scheme,
+                                          fidelity=graphopt.Fidelity(enforce=False))
+            print(f"int{bits} group {group} {rounding}: {fidelity(quantized, *checks)} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ measured only), every ``quantize`` scheme (``int8`` static with calibration batc
 ``onnx``. Also drawn: the budget (the scheme's default or an explicit ``Fidelity``), extra
 calibration batches, and the pass options (variant 0 is the plain scheme name; others: Taylor /
 global / unstructured / ``round_to`` pruning, percentile / entropy / moving-average observers,
-per-tensor scales, int4 groups of 32, 16 K-means clusters, ``min_elements=256``). The property:
+per-tensor scales, int4 groups of 32, GPTQ rounding, 16 K-means clusters, ``min_elements=256``). The property:
 ``optimize`` either
 
 (a) returns a model whose outputs, on the example inputs and on fresh inputs of the same shape and
@@ -486,9 +486,11 @@ def _variant(scheme: str, variant: int) -> Any:
     elif scheme == "int8-dynamic":
         options = ["int8-dynamic", Quantize(scheme="int8-dynamic", per_channel=False)]
     elif scheme == "int8-weight-only":  # min_elements: small models have few weights of 1024 elements or more
-        options = ["int8-weight-only", WeightOnlyQuantize(bits=8, min_elements=256)]
+        options = ["int8-weight-only", WeightOnlyQuantize(bits=8, min_elements=256),
+                   WeightOnlyQuantize(bits=8, min_elements=256, rounding="gptq")]
     elif scheme == "int4-weight-only":
-        options = ["int4-weight-only", WeightOnlyQuantize(bits=4, group_size=32, min_elements=256)]
+        options = ["int4-weight-only", WeightOnlyQuantize(bits=4, group_size=32, min_elements=256),
+                   WeightOnlyQuantize(bits=4, group_size=32, min_elements=256, rounding="gptq")]
     elif scheme == "kmeans":
         options = ["kmeans", KMeansQuantize(clusters=16, min_elements=256)]
     else:

@@ -26,7 +26,8 @@ from graphopt.ir.op_args import argument, conv_arguments
 from graphopt.ir.ops import CONV_OPS
 from graphopt.passes.quantize.selection import SKIPPED, SkipList
 
-__all__ = ["WeightSite", "find_weight_sites", "finish", "is_product_kind", "replace_weight", "tensor_bytes"]
+__all__ = ["WeightSite", "find_weight_sites", "finish", "is_product_kind", "product_input", "replace_weight",
+           "tensor_bytes"]
 
 aten = torch.ops.aten
 
@@ -156,7 +157,7 @@ def replace_weight(
     if not site.transposed:
         node.replace_input_with(node.args[site.weight_index], dequant)
     else:
-        x = node.args[1] if site.kind == "addmm" else node.args[0]
+        x = product_input(node, site.kind)
         bias = node.args[0] if site.kind == "addmm" else None
         with gm.graph.inserting_before(node):
             linear = gm.graph.call_function(aten.linear.default, (x, dequant, bias))
@@ -164,6 +165,14 @@ def replace_weight(
         node.replace_all_uses_with(linear)
         gm.graph.erase_node(node)
     return dequant
+
+
+def product_input(node: fx.Node, kind: str) -> Any:
+    """The activation a matrix-product site multiplies by its weight.
+
+    ``linear``, ``mm`` and ``matmul``: their first argument; ``addmm``: its second.
+    """
+    return node.args[1] if kind == "addmm" else node.args[0]
 
 
 def finish(gm: fx.GraphModule) -> None:

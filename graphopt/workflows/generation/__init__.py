@@ -102,6 +102,10 @@ def generation_compression(steps: list[CompressionStep], fidelity: Fidelity | No
                          "compress=[WeightOnly(bits=4, group_size=32)]")
     scheme = steps[0].lossy
     assert isinstance(scheme, WeightOnly)
+    if scheme.rounding != "nearest":
+        raise InputError(f"WeightOnly(rounding={scheme.rounding!r}) is for one-shot models; a language model's "
+                         "weights are rounded to nearest (its budget on held-out text falls back per layer "
+                         "instead): leave rounding at 'nearest'")
     if scheme.bits == 4 and scheme.group_size is None:
         scheme = replace(scheme, group_size=LANGUAGE_INT4_GROUP)
     return GenerationCompression(scheme, fidelity or default_language_fidelity(scheme.bits))
