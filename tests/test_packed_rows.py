@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,6 +202,27 @@ def test_static_int8_encoder_packs_rows_and_keeps_its_outputs(embedding_bits: in
         # the same int8 arithmetic per kept token: at most a last-bit difference, rounded by the next quantization
         cosine = F.cosine_similarity(fast(*inputs), padded(*inputs), dim=-1)
         assert cosine.min() > 0.9999
+
+
+def test_dynamic_int8_takes_each_scale_over_the_kept_rows() -> None:
+    """Dynamic int8's per-tensor scales come from the words, not from the padding: closer to eager, and packed."""
+    model = MeanPooledEmbedding(_bert())
+    example = _batch([5, 12, 3, 16])
+    fast = graphopt.optimize(model, example, target=CpuTarget(), quantize="int8-dynamic")
+    padded = graphopt.optimize(model, example, target=CpuTarget(CpuLowering(pack_rows=False)), quantize="int8-dynamic")
+    # one scale per dynamic linear (Q/K/V merged, the attention output, the two FFN linears; 2 layers)
+    assert re.search(r"packed-rows +changed .*scales_on_kept_rows=8\b", str(fast.report))
+    assert count_ops(fast.runner)["graphopt_cpu.row_index.default"] == 1
+    linears = [n for n in fast.runner.graph.nodes if n.op == "call_function" and "linear" in str(n.target)]
+    assert len(linears) == 8 and all(n.all_input_nodes[0].meta["val"].dim() == 2 for n in linears)
+    assert "graphopt_cpu.row_index.default" not in count_ops(padded.runner)
+    for inputs in (example, _batch([1, 2, 16, 7], seed=1), _batch([4, 9, 2, 11], left=True, seed=2)):
+        expected = model(*inputs)
+        ours, theirs = (F.cosine_similarity(m(*inputs), expected, dim=-1) for m in (fast, padded))
+        assert ours.min() > 0.99 and ours.mean() >= theirs.mean() - 1e-3
+    # nothing padded: the same rows, the same scales, the same arithmetic as the padded lowering
+    full = _batch([16] * 4, seed=3)
+    assert F.cosine_similarity(fast(*full), padded(*full), dim=-1).min() > 0.99999
 
 
 def test_first_token_classifier_keeps_that_token_in_every_row() -> None:

@@ -23,7 +23,7 @@ from graphopt.targets.common.lowering import computes_in, run_lowering
 from graphopt.targets.cpu.attention import QuantizedGraphAttention
 from graphopt.targets.cpu.lowering import CpuLowering, float_lowering_passes, lower_graph
 from graphopt.targets.cpu.packed_attention import QuantizedPackedAttention
-from graphopt.targets.cpu.packed_rows import PackedRows
+from graphopt.targets.cpu.packed_rows import CHOOSE_QPARAMS, PackedRows
 from graphopt.targets.cpu.quantized import INT8_LOWERING
 from graphopt.targets.cpu.weight_only import CpuWeightOnlyKernels
 from graphopt.targets.onnx.options import OnnxLowering, openvino_installed
@@ -62,7 +62,8 @@ class CpuTarget(Target):
             choice = self.lowering.weight_kernels
             kernels = [replace(p, choice=choice) if isinstance(p, CpuWeightOnlyKernels) else p for p in INT8_LOWERING]
             packing = self.lowering.packs_rows
-            return [*([PackedRows()] if packing else []), *kernels,
+            dynamic = any(node.target is CHOOSE_QPARAMS for node in gm.graph.nodes)
+            return [*([PackedRows(statistics_on_kept_rows=dynamic)] if packing else []), *kernels,
                     *([QuantizedPackedAttention()] if packing else []), QuantizedGraphAttention()]
         return float_lowering_passes(self.lowering)
 
