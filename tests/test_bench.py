@@ -244,3 +244,4 @@ def test_quantize_bench_with_compound_rows_beside_the_peers() -> None:
     assert compound.min_cosine is not None and compound.ranking_kept is None  # logits: cosine only
     assert {"openvino f32", "openvino (default precision)", "onnxruntime dynamic int8"} <= set(rows)
     assert "--compound 0.5" in result.meta["command"] and "prune 0.5 + distill" in str(result)
+    assert result.meta["command"].endswith("--min-repeats 2 --max-seconds 0.2")  # the command reproduces the timing

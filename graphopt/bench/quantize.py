@@ -194,7 +194,9 @@ def run_quantize_benchmark(
             "command": command or (f"graphopt bench --quantize {','.join(schemes)} "
                                    + (f"{compound.describe()} " if compound else "")
                                    + f"{' '.join(m if isinstance(m, str) else m[0] for m in models)} --size {size} "
-                                   f"--batch {batch}"),
+                                   f"--batch {batch}"
+                                   + (f" --min-repeats {min_repeats}" if min_repeats != 7 else "")
+                                   + (f" --max-seconds {max_seconds:g}" if max_seconds != 10.0 else "")),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "total_seconds": round(time.perf_counter() - started, 1)}
     return QuantizeBenchResult(rows, meta)
 

@@ -5,9 +5,10 @@ so the layer's *output* on calibration data moves least: with ``H = Σ xᵀx`` o
 input rows, it rounds column ``k`` and adds to the columns not rounded yet the change that best
 makes up for the error, ``ΔW[:, k+1:] = -err_k · H⁻¹[k, k+1:] / H⁻¹[k, k]`` (the inverse taken
 through a Cholesky factor, damped by ``DAMPING`` of the mean diagonal). Columns go in blocks of
-``BLOCK`` whose updates reach the rest of the matrix once per block. A group's grid (scale and
-zero point) is chosen when its first column is reached, from the weights as they are updated by
-then, so the stored layout is exactly round-to-nearest's: the same kernels run it.
+``BLOCK`` (or of one group, when larger) whose updates reach the rest of the matrix once per
+block. A group's grid (scale and zero point) is chosen when its first column is reached, from
+the weights as they are updated by then, so the stored layout is exactly round-to-nearest's:
+the same kernels run it.
 
 ``HessianWatcher`` accumulates ``H`` for one layer from its input values
 (``graphopt.passes.lossy.calibration.watch_values``); ``gptq_int4`` and ``gptq_int8`` return the
@@ -36,14 +37,14 @@ class HessianWatcher:
 
     def __init__(self, features: int) -> None:
         self.features = features
-        self.hessian = torch.zeros(features, features, dtype=torch.float64)
+        self.hessian = torch.zeros(features, features)  # float32, as GPTQ's authors keep it: K² floats per input
         self.rows = 0
 
     def update(self, value: torch.Tensor) -> None:
         """Add the rows of one input value."""
         if value.shape[-1] != self.features:
             return
-        rows = value.detach().reshape(-1, self.features).to(torch.float64)
+        rows = value.detach().reshape(-1, self.features).float()
         self.hessian += rows.T @ rows
         self.rows += rows.shape[0]
 
@@ -76,15 +77,19 @@ def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, group_size: int | Non
     if group_size is None:  # one grid for the whole row, fixed by the original weights
         scale, _ = symmetric(weight.detach().float())
         fixed: GridChooser = lambda values: (scale, torch.zeros_like(scale))  # noqa: E731
-        codes, _, _ = _gptq(weight, hessian, weight.shape[1], fixed, low=-127, high=127)
+        codes, _, _ = _gptq(weight, hessian, weight.shape[1], fixed, low=-127, high=127, block=BLOCK)
         return codes.to(torch.int8), scale.to(weight.dtype)
     codes, scales, _ = _gptq(weight, hessian, group_size, symmetric, low=-127, high=127)
     return codes.to(torch.int8), scales.to(weight.dtype)
 
 
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, grid: GridChooser,
-          low: int, high: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integer codes ``[N, K]`` (float), scales and zero points ``[N, K/g]``."""
+          low: int, high: int, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes ``[N, K]`` (float), scales and zero points ``[N, K/g]``.
+
+    ``block``: columns per block; by default large enough to hold a group, whose grid is chosen
+    from its updated weights (a grid that ignores them, one per row, may span blocks).
+    """
     w = weight.detach().to(torch.float32).clone()
     rows, columns = w.shape
     inverse = _inverse_factor(hessian, w)
@@ -92,7 +97,7 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, grid: Gr
     groups = columns // group_size
     scales = torch.zeros(rows, groups)
     zeros = torch.zeros(rows, groups)
-    block = max(BLOCK, group_size)
+    block = block or max(BLOCK, group_size)
     for start in range(0, columns, block):
         end = min(start + block, columns)
         part = w[:, start:end].clone()
