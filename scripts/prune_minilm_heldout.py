@@ -11,13 +11,19 @@ and Spearman's rho of the pairwise similarities; then the same on the zoo's 8 ev
     python scripts/prune_minilm_heldout.py --amounts 0.5 --importance fluctuation --distill-lr 1e-4,5e-4
 
 ``--weight-only 4:32,4:128`` quantizes instead (bits:group, each with ``--rounding nearest,gptq``),
-calibrated on the same sentences; the first calibration batch is the example inputs, so the
-everyday sentences stay held out too.
+calibrated on the same sentences. ``--text mix`` calibrates on half pydoc sentences, half
+pseudo-sentences (6-20 random whole words of the vocabulary), ``--text pseudo`` on pseudo-sentences
+alone. With ``--weight-only`` or ``--text``, the first calibration batch is the example inputs, so
+the everyday sentences stay held out too (otherwise they are the example, as in the runs
+docs/pruning.md's refit table came from: one batch among the calibration's).
+
+    python scripts/prune_minilm_heldout.py --amounts 0.1 --scope cost --text pydoc,mix,pseudo
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import time
 
 import torch
@@ -73,6 +79,7 @@ def main() -> None:
     parser.add_argument("--distill-epochs", type=int, default=2)
     parser.add_argument("--weight-only", default="", help="bits:group settings, e.g. 4:32,4:128; no pruning then")
     parser.add_argument("--rounding", default="nearest,gptq")
+    parser.add_argument("--text", default="", help="calibration texts to compare: pydoc, mix, pseudo (comma-separated)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, example, _ = zoo._build_minilm("full", 8)
@@ -88,6 +95,9 @@ def main() -> None:
     checks = (held_out, reference, example, everyday)
     if args.weight_only:
         _weight_only(model, args, calibration, checks)
+        return
+    if args.text:
+        _calibration_texts(model, args, tokenizer, sentences, checks)
         return
     training = distill_data(example, count=1280) if args.distill_lr else []
     for amount in (float(a) for a in args.amounts.split(",")):
@@ -106,6 +116,33 @@ def main() -> None:
                                                  loss="cosine", lr=lr)
                     print(f"{label} + distill lr {lr:g}: {fidelity(recovered, *checks)} "
                           f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def _pseudo_sentences(tokenizer, count: int, rng: random.Random) -> list[str]:
+    """Sentences of 6-20 random lower-case whole words (3 letters or more) of ``tokenizer``'s vocabulary."""
+    words = [w for w, i in tokenizer.vocab.items() if w.isalpha() and w.islower() and len(w) > 2 and i > 1996]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(6, 20))).capitalize() + "." for _ in range(count)]
+
+
+def _calibration_texts(model, args, tokenizer, sentences: list[str], checks) -> None:
+    """Each ``--amounts`` ratio calibrated on each of ``--text``'s texts (the everyday sentences held out)."""
+    for text in args.text.split(","):
+        rng = random.Random(0)
+        half = args.calibration // 2
+        if text == "pydoc":
+            chosen = sentences[:args.calibration]
+        elif text == "mix":
+            chosen = sentences[:half] + _pseudo_sentences(tokenizer, args.calibration - half, rng)
+            rng.shuffle(chosen)
+        else:
+            chosen = _pseudo_sentences(tokenizer, args.calibration, rng)
+        calibration = _padded(tokenizer, chosen)
+        for amount in (float(a) for a in args.amounts.split(",")):
+            started = time.perf_counter()
+            pruned = graphopt.optimize(model, calibration[0], "cpu", calibration=calibration[1:],
+                                       prune=Prune(amount, importance=args.importance, scope=args.scope))
+            print(f"{text} {amount:g} {args.importance} {args.scope}: {fidelity(pruned, *checks)} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 def _weight_only(model, args, calibration, checks) -> None:
