@@ -186,9 +186,10 @@ def test_other_encoder_families_pack_their_rows(family: str) -> None:
         torch.testing.assert_close(fast(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("embedding_bits", [8, 4])
+@pytest.mark.parametrize("embedding_bits", [8, 4, 3])
 def test_static_int8_encoder_packs_rows_and_keeps_its_outputs(embedding_bits: int) -> None:
-    """int8 linears and embedding tables (4 bits: nibbles unpacked and joined by ``cat``) on kept rows."""
+    """int8 linears and embedding tables (4 bits: nibbles unpacked and joined by ``cat``; 3 bits: bit planes
+    selected by ``index_select``, indices compared with the codebook's) on kept rows."""
     model = MeanPooledEmbedding(_bert())
     example = _batch([5, 12, 3, 16])
     calibration = [_batch([6, 10, 16, 2], seed=s) for s in range(4)]
@@ -196,6 +197,7 @@ def test_static_int8_encoder_packs_rows_and_keeps_its_outputs(embedding_bits: in
     fast = graphopt.optimize(model, example, target=CpuTarget(), quantize=scheme, calibration=calibration)
     padded = graphopt.optimize(model, example, target=CpuTarget(CpuLowering(pack_rows=False)), quantize=scheme,
                                calibration=calibration)
+    assert any(f"_table_int{embedding_bits}" in name for name in fast.graph_module.state_dict())  # kept
     assert count_ops(fast.runner)["graphopt_cpu.row_index.default"] == 1  # the int8 lowering packs too
     assert "graphopt_cpu.row_index.default" not in count_ops(padded.runner)
     for inputs in (example, _batch([1, 2, 16, 7], seed=1)):

@@ -26,6 +26,29 @@ def test_int4_table_round_trips_within_half_a_step() -> None:
     assert bool((stored.dequantized()[7, :32] == 0.25).all())
 
 
+def test_three_bit_table_is_a_codebook_per_row() -> None:
+    """8 values per row found by k-means; indices in three bit planes; a row of at most 8 values comes back exactly."""
+    from graphopt.passes.quantize.embedding import pack_planes, quantize_table_codebook, unpack_planes
+
+    torch.manual_seed(0)
+    indices = torch.randint(0, 8, (6, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_planes(pack_planes(indices)), indices)
+    table = torch.randn(50, 64)
+    table[3] = torch.tensor([-1.0, 0.0, 0.5, 2.0]).repeat(16)  # four distinct values: representable exactly
+    stored = quantize_table_codebook(table)
+    assert stored.bits == 3 and stored.shape == [50, 64]
+    assert stored.codes.dtype == torch.uint8 and list(stored.codes.shape) == [50, 24]  # 3 planes of 64 / 8 bytes
+    assert list(stored.scales.shape) == [50, 8] and stored.scales.dtype == torch.float16
+    assert stored.nbytes == 50 * 24 + 50 * 8 * 2
+    restored = stored.dequantized()
+    assert torch.equal(restored[3], table[3])
+    # k-means beats a uniform 8-level grid over each row's range on Gaussian rows
+    low, high = table.amin(1, keepdim=True), table.amax(1, keepdim=True)
+    step = (high - low) / 7
+    uniform = torch.round((table - low) / step) * step + low
+    assert (restored - table).pow(2).mean() < 0.9 * (uniform - table).pow(2).mean()
+
+
 def _bert():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -78,8 +101,32 @@ def test_four_bit_embeddings_shrink_the_table_and_keep_the_outputs(target: str, 
         assert packed and packed[0].data_type == onnx.TensorProto.UINT8
 
 
-def test_embedding_bits_must_be_eight_or_four() -> None:
-    with pytest.raises(InputError, match=r"embedding_bits=\.\.\.\) must be 8 or 4, got 2"):
+@pytest.mark.parametrize("target", ["cpu", "onnx"])
+def test_three_bit_embeddings_decode_in_the_graph_on_every_target(target: str, tmp_path) -> None:
+    model = _bert()
+    example = _tokens(4, 16)
+    fast = graphopt.optimize(model, example, target, quantize=graphopt.Int8Dynamic(embedding_bits=3),
+                             fidelity=graphopt.Fidelity(min_cosine=0.98), dynamic_batch=True)
+    tables = {name: value for name, value in fast.graph_module.state_dict().items() if "_table_int3" in name}
+    [word] = [t for t in tables.values() if t.shape[0] == 400]
+    assert word.dtype == torch.uint8 and list(word.shape) == [400, 24]  # 64 columns: 3 planes of 8 bytes
+    stored = {name: value for name, value in fast.graph_module.state_dict().items() if "row_codebook" in name}
+    assert any(list(t.shape) == [400, 8] for t in stored.values())
+    with torch.no_grad():
+        inputs = _tokens(3, 16)  # another batch size: no literal shape in the decoding
+        expected = model(*inputs).last_hidden_state
+        actual = fast(*inputs)[0]
+    assert torch.nn.functional.cosine_similarity(actual.flatten(1), expected.flatten(1)).min() > 0.98
+    if target == "onnx":
+        import onnx
+
+        fast.export_onnx(tmp_path / "model.onnx")
+        initializers = onnx.load(tmp_path / "model.onnx").graph.initializer
+        assert any(list(i.dims) == [400, 24] and i.data_type == onnx.TensorProto.UINT8 for i in initializers)
+
+
+def test_embedding_bits_must_be_eight_four_or_three() -> None:
+    with pytest.raises(InputError, match=r"embedding_bits=\.\.\.\) must be 8, 4 or 3, got 2"):
         graphopt.Int8Dynamic(embedding_bits=2)
-    with pytest.raises(InputError, match="must be 8 or 4"):
+    with pytest.raises(InputError, match="must be 8, 4 or 3"):
         graphopt.Int8Static(embedding_bits=True)

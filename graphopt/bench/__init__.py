@@ -303,7 +303,7 @@ def add_bench_parser(subparsers: Any) -> None:
                         help="with --compound: how many sentences (or random inputs) to distill on (default 1280)")
     parser.add_argument("--distill-epochs", type=_positive_int, default=2, metavar="N",
                         help="with --compound: distillation epochs (default 2)")
-    parser.add_argument("--embedding-bits", type=int, choices=(4, 8), default=4,
+    parser.add_argument("--embedding-bits", type=int, choices=(3, 4, 8), default=4,
                         help="with --compound: how the compound rows store embedding tables (default 4)")
     add_generation_arguments(parser)
     parser.set_defaults(func=run_bench_command)

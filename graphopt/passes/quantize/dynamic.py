@@ -113,8 +113,8 @@ class Int8Dynamic(QuantizationScheme):
     Quantizes linear layers and products by a constant weight. ``per_channel``: one weight scale
     per output channel (else one per tensor). ``skip``: node names or module paths kept in
     float. ``embeddings``: store embedding tables quantized, ``embedding_bits`` wide (8: int8
-    rows; 4: 4-bit codes with a scale and offset per 32 columns, about 0.6x the int8 table; see
-    ``graphopt.passes.quantize.embedding``).
+    rows; 4: 4-bit codes with a scale and offset per 32 columns, about 0.6x the int8 table; 3: 3-bit
+    indices into 8 values per row, about 0.4x; see ``graphopt.passes.quantize.embedding``).
     """
 
     name: ClassVar[str] = "quantize-dynamic"

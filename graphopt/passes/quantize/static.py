@@ -195,7 +195,7 @@ class Int8Static(QuantizationScheme):
     (else one per tensor). ``ops``: the op families quantized (``conv``, ``linear``, ``matmul``,
     ``add``, ``concat``, ``pooling``). ``skip``: node names or module paths kept in float.
     ``max_calibration_batches``: cap on the batches observed (all when None). ``embeddings``:
-    store embedding tables quantized, ``embedding_bits`` wide (8 or 4, as ``Int8Dynamic``).
+    store embedding tables quantized, ``embedding_bits`` wide (8, 4 or 3, as ``Int8Dynamic``).
     ``dynamic_fallback``: a linear layer (or product by a constant) whose static activation ranges
     break the budget first steps down to dynamic int8 (int8 weights, activation scales chosen per
     call: the GELU outputs of a transformer's feed-forward layer, whose range one calibrated scale
