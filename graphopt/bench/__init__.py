@@ -305,6 +305,9 @@ def add_bench_parser(subparsers: Any) -> None:
                         help="with --compound: distillation epochs (default 2)")
     parser.add_argument("--embedding-bits", type=int, choices=(3, 4, 8), default=4,
                         help="with --compound: how the compound rows store embedding tables (default 4)")
+    parser.add_argument("--compound-cosine", type=float, default=0.99, metavar="COS",
+                        help="with --compound: the quantization step's budget, output cosine against the distilled "
+                             "model (default 0.99)")
     add_generation_arguments(parser)
     parser.set_defaults(func=run_bench_command)
 

@@ -37,20 +37,25 @@ class Compound:
     """What ``--compound`` measures: prune by ``amount``, distill ``epochs`` over ``sentences`` inputs, quantize.
 
     ``embedding_bits``: how int8 schemes store embedding tables (4 by default: the compound rows
-    are about the smallest file; ``Int8Dynamic(embedding_bits=...)``).
+    are about the smallest file; ``Int8Dynamic(embedding_bits=...)``). ``min_cosine``: the
+    quantization step's budget (output cosine against the distilled model, ``recipe``'s
+    ``fidelity``); a 3-bit word table, say, costs that model about 0.01 and falls back to float
+    under the default 0.99.
     """
 
     amount: float
     sentences: int = DISTILL_SENTENCES
     epochs: int = 2
     embedding_bits: int = 4
+    min_cosine: float = 0.99
 
     def describe(self) -> str:
         """The bench command's flags for it."""
         return (f"--compound {self.amount:g}"
                 + (f" --distill-sentences {self.sentences}" if self.sentences != DISTILL_SENTENCES else "")
                 + (f" --distill-epochs {self.epochs}" if self.epochs != 2 else "")
-                + (f" --embedding-bits {self.embedding_bits}" if self.embedding_bits != 4 else ""))
+                + (f" --embedding-bits {self.embedding_bits}" if self.embedding_bits != 4 else "")
+                + (f" --compound-cosine {self.min_cosine:g}" if self.min_cosine != 0.99 else ""))
 
 
 def pydoc_sentences() -> list[str]:
@@ -112,7 +117,7 @@ class CompoundBackend(GraphoptBackend):
 
     def prepare(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Runner:
         """Prune and refit, distill, quantize: all on data held apart from the example inputs."""
-        from graphopt import Prune, recipe
+        from graphopt import Fidelity, Prune, recipe
         from graphopt.passes.quantize import Quantize
 
         distill: dict[str, Any] = {"epochs": self.compound.epochs, "loss": self.loss, "lr": DISTILL_LR}
@@ -123,4 +128,5 @@ class CompoundBackend(GraphoptBackend):
             scheme = Quantize(scheme, embedding_bits=self.compound.embedding_bits)
         return recipe(model, example_inputs, data, target=self.target,
                       prune=Prune(amount=self.compound.amount, importance="fluctuation", scope="cost"),
-                      distill=distill, quantize=scheme, calibration=choosing)
+                      distill=distill, quantize=scheme, calibration=choosing,
+                      fidelity=Fidelity(min_cosine=self.compound.min_cosine))

@@ -301,7 +301,7 @@ def _compound(args: Any) -> Compound | None:
     if getattr(args, "compound", None) is None:
         return None
     return Compound(args.compound, sentences=args.distill_sentences, epochs=args.distill_epochs,
-                    embedding_bits=args.embedding_bits)
+                    embedding_bits=args.embedding_bits, min_cosine=args.compound_cosine)
 
 
 def run_quantize_bench_command(args: Any, models: Sequence[str], threads: int) -> int:
