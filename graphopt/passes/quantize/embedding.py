@@ -12,10 +12,10 @@ Static and dynamic int8 both store every constant ``aten.embedding`` table in on
   ``index_select`` spreads each group's scale and offset over its columns.
 - **3 bits**: per row, a codebook of 8 float16 values found by k-means on the row, and a 3-bit
   index per column, stored as three bit planes of ``D/8`` bytes each (plane ``p`` holds bit ``p``
-  of every index; bit ``k`` of plane byte ``j`` is column ``k·D/8 + j``), so unpacking is
-  arithmetic and views on the row's last dim: each byte's 8 bits by ``floor``, the planes summed
-  with weights 1, 2, 4, then each index compared with 0..7 and the matches times the row's
-  codebook summed. 0.125 bytes per value for the codes plus 16 per row (MiniLM's word
+  of every index; bit ``k`` of plane byte ``j`` is column ``k·D/8 + j``), so unpacking works on
+  the row's last dim only: each byte's 8 bits by ``floor``, each column's bit of each plane by
+  ``index_select``, the planes weighted 1, 2, 4, then each index compared with 0..7 and the
+  matches times the row's codebook summed. 0.125 bytes per value for the codes plus 16 per row (MiniLM's word
   embeddings: 4.9 MB against 7.3 at 4 bits and 11.8 at 8).
 
 Only the looked-up rows are ever dequantized, on every target (ONNX: ``Gather``, ``Floor``, ``Mul``,
@@ -41,7 +41,7 @@ from graphopt.passes.quantize.observers import quantize_weight
 from graphopt.passes.quantize.selection import SkipList
 
 __all__ = ["EMBEDDING_BITS", "QuantizedTable", "check_embedding_bits", "embedding_sites", "embedding_units",
-           "plan_embeddings", "quantize_embedding"]
+           "pack_planes", "plan_embeddings", "quantize_embedding", "quantize_table_codebook", "unpack_planes"]
 
 aten = torch.ops.aten
 
