@@ -344,6 +344,19 @@ def test_cli_quantize_with_npz_calibration(tmp_path, capsys):
     assert "budgets judged on 2 validation batch(es)" in capsys.readouterr().out
 
 
+def test_cli_gptq_rounding_needs_a_weight_only_scheme(tmp_path, capsys):
+    model_file = tmp_path / "model.py"
+    model_file.write_text(MODEL_FILE)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32))
+    common = ["optimize", f"{model_file}:build", "--input-shape", "4,64", "--calibration", str(data),
+              "--fidelity-cosine", "0.9", "-o", str(tmp_path / "q.pt2")]
+    assert main([*common, "--quantize", "int4-weight-only", "--rounding", "gptq"]) == 0
+    assert "GPTQ rounding" in capsys.readouterr().out
+    assert main([*common, "--quantize", "int8-dynamic", "--rounding", "gptq"]) == 2
+    assert "--rounding chooses how weight-only quantization rounds" in capsys.readouterr().err
+
+
 def test_calibration_files_cut_batches_and_explain_mistakes(tmp_path):
     from graphopt.cli.calibration_files import load_calibration
 

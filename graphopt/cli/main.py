@@ -115,6 +115,13 @@ def _quantize_options(args: argparse.Namespace, inputs: Any) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if getattr(args, "quantize", None):
         options["quantize"] = args.quantize
+    rounding = getattr(args, "rounding", None)
+    if rounding is not None:
+        if options.get("quantize") not in ("int8-weight-only", "int4-weight-only"):
+            raise InputError("--rounding chooses how weight-only quantization rounds: use it with --quantize "
+                             "int8-weight-only or int4-weight-only")
+        options["quantize"] = graphopt.WeightOnly(bits=8 if args.quantize == "int8-weight-only" else 4,
+                                                  rounding=rounding)
     if getattr(args, "calibration", None):
         options["calibration"] = load_calibration(args.calibration, inputs)
     if getattr(args, "validation", None):
@@ -170,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                           choices=["int8", "int8-dynamic", "int8-weight-only", "int4-weight-only", "kmeans"],
                           help="quantize: static int8 (needs --calibration), dynamic int8, weight-only int8/int4, "
                                "or K-means weight clustering; checked against the fidelity budget")
+    optimize.add_argument("--rounding", choices=["nearest", "gptq"],
+                          help="with a weight-only --quantize: round each weight to nearest (default), or by GPTQ "
+                               "so each layer's output on the --calibration inputs moves least")
     optimize.add_argument("--calibration", metavar="FILE.npz|FILE.py:FACTORY",
                           help="calibration inputs: a .npz with one array per model input (samples on dim 0, cut into "
                                "batches of the example's size), or a factory returning an iterable of input tuples")
