@@ -56,6 +56,7 @@ import torch.fx as fx
 
 from graphopt.ir.graph import attribute_value, node_dtype
 from graphopt.ir.meta import infer_meta
+from graphopt.ir.op_args import argument
 from graphopt.passes.base import Pass, PassResult
 
 __all__ = ["CHOOSE_QPARAMS", "PACK_ROWS", "ROW_INDEX", "UNPACK_ROWS", "PackedRows"]
@@ -318,7 +319,8 @@ class _Analysis:
         if node.target is aten.select.int:
             first, last = node.args[2], node.args[2] + 1
         else:
-            first, last, step = _arg(node, 2, 0), _arg(node, 3, None), _arg(node, 4, 1)
+            first, last, step = argument(node, "start"), argument(node, "end"), argument(node, "step", 1)
+            first = 0 if first is None else first
             if step != 1:
                 return False
             last = length if last is None else last
@@ -381,7 +383,7 @@ class _Analysis:
             order = [_dim(d, len(out)) for d in node.args[1]]
             return Rows(order.index(first_rows.batch), None if first_rows.seq is None else order.index(first_rows.seq))
         if target in (aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.index_select.default):
-            dim = _dim(_arg(node, 1, 0), len(source))
+            dim = _dim(argument(node, "dim", 0), len(source))
             if dim in first_rows.dims() or any(a in self.rows for a in node.all_input_nodes[1:]):
                 return None
             if target is aten.select.int:
@@ -391,7 +393,7 @@ class _Analysis:
             dims = [_dim(d, len(source)) for d in (node.args[1] if len(node.args) > 1 else [])]
             if not dims or set(dims) & set(first_rows.dims()):
                 return None
-            keep = bool(_arg(node, 2, False))
+            keep = bool(argument(node, "keepdim", False))
             return first_rows if keep else Rows(*(d - sum(x < d for x in dims) if d is not None else None
                                                   for d in (first_rows.batch, first_rows.seq)))
         if target in _SOFTMAX:
@@ -409,7 +411,7 @@ class _Analysis:
 
     def _joined_rows(self, node: fx.Node) -> Rows | None:
         """``cat`` / ``stack`` of values with the same token rows, along another dim: those rows."""
-        parts, dim = node.args[0], _arg(node, 1, 0)
+        parts, dim = node.args[0], argument(node, "dim", 0)
         found = {self.rows.get(part) for part in parts}
         out = _shape(node)
         if len(found) != 1 or None in found or out is None:
@@ -429,9 +431,9 @@ class _Analysis:
         if node.target is aten.native_layer_norm.default:
             return rows if len(node.args[1]) <= len(source) - max(rows.dims()) - 1 else None
         if node.target is aten.unbind.int:
-            dim = _dim(_arg(node, 1, 0), len(source))
+            dim = _dim(argument(node, "dim", 0), len(source))
             return None if dim <= max(rows.dims()) else rows  # the removed dim comes after the rows
-        dim = _dim(_arg(node, 2, 0), len(source))
+        dim = _dim(argument(node, "dim", 0), len(source))
         return None if dim in rows.dims() else rows
 
     def _holds_rows(self, shape: Sequence[Any], rows: Rows) -> bool:
@@ -596,10 +598,6 @@ def _name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _arg(node: fx.Node, index: int, default: Any) -> Any:
-    return node.args[index] if len(node.args) > index else default
-
-
 _INDEX_VIEWS = {aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.expand.default,
                 aten._to_copy.default, aten.clone.default, aten.alias.default}
 
@@ -610,8 +608,8 @@ def _is_arange(index: fx.Node, size: Any, gm: fx.GraphModule) -> bool:
     if constant is not None:
         return bool(torch.equal(constant.reshape(-1), torch.arange(int(size))))
     node = index
-    while node.target in _INDEX_VIEWS or (node.target is aten.slice.Tensor and _arg(node, 2, 0) in (0, None)
-                                          and _arg(node, 4, 1) == 1):
+    while node.target in _INDEX_VIEWS or (node.target is aten.slice.Tensor and argument(node, "start") in (0, None)
+                                          and argument(node, "step", 1) == 1):
         node = node.args[0]
         if not isinstance(node, fx.Node):
             return False
@@ -763,7 +761,8 @@ class _Rewriter:
             elif "dim" in kwargs:
                 kwargs["dim"] = moved(kwargs["dim"])
         elif target is aten.unbind.int:
-            args[1:2] = [moved(_arg(node, 1, 0))]
+            args[1:2] = [moved(argument(node, "dim", 0))]
+            kwargs.pop("dim", None)
         elif target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
             if len(args) > 2:
                 args[2] = moved(args[2])
@@ -774,8 +773,9 @@ class _Rewriter:
         elif target in _SOFTMAX:
             args[1] = moved(args[1])
         elif target in _JOINS:
-            dim = _dim(_arg(node, 1, 0), len(_shape(node)))
+            dim = _dim(argument(node, "dim", 0), len(_shape(node)))
             args[1:2] = [dim + (1 - prefix)]
+            kwargs.pop("dim", None)
         return self._new(target, tuple(args), kwargs)
 
 
