@@ -10,13 +10,13 @@ import graphopt
 from graphopt import Fidelity, WeightOnly
 from graphopt.errors import InputError
 from graphopt.passes.quantize.gptq import HessianWatcher, gptq_int4, gptq_int8
-from graphopt.passes.quantize.weight_only import quantize_int4_groupwise, quantize_int8_per_channel
+from graphopt.passes.quantize.weight_only import (
+    int4_group_grid,
+    int8_group_grid,
+    quantize_int4_groupwise,
+    quantize_int8_per_channel,
+)
 from graphopt.passes.quantize.weight_ops import dequantize_int4_reference, dequantize_int8_reference
-
-
-def _grid(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _, scale, zero_point = quantize_int4_groupwise(values, values.shape[1])
-    return scale[:, 0], zero_point[:, 0]
 
 
 def _correlated_inputs(rows: int, features: int, seed: int) -> torch.Tensor:
@@ -30,11 +30,11 @@ def _correlated_inputs(rows: int, features: int, seed: int) -> torch.Tensor:
 def test_uncorrelated_inputs_round_to_nearest() -> None:
     """With H = I no error has anywhere to go: GPTQ's codes and grids are round-to-nearest's."""
     weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(1))
-    packed, scale, zero_point = gptq_int4(weight, torch.eye(128, dtype=torch.float64), 32, _grid)
+    packed, scale, zero_point = gptq_int4(weight, torch.eye(128, dtype=torch.float64), 32, int4_group_grid)
     nearest = quantize_int4_groupwise(weight, 32)
     assert torch.allclose(scale, nearest[1]) and torch.allclose(zero_point, nearest[2], atol=1e-4)
     assert (packed == nearest[0]).float().mean() > 0.999  # a rare tie may round the other way
-    q, scale8 = gptq_int8(weight, torch.eye(128, dtype=torch.float64), None)
+    q, scale8 = gptq_int8(weight, torch.eye(128, dtype=torch.float64), None, int8_group_grid)
     q_nearest, scale_nearest = quantize_int8_per_channel(weight)
     assert torch.equal(scale8, scale_nearest) and (q == q_nearest).float().mean() > 0.999
 
@@ -48,10 +48,10 @@ def test_correlated_inputs_move_the_layer_output_less(bits: int) -> None:
     assert watcher.rows == 2048
     held_out = _correlated_inputs(512, 256, seed=4)
     if bits == 4:
-        gptq = dequantize_int4_reference(*gptq_int4(weight, watcher.hessian, 32, _grid), 32)
+        gptq = dequantize_int4_reference(*gptq_int4(weight, watcher.hessian, 32, int4_group_grid), 32)
         nearest = dequantize_int4_reference(*quantize_int4_groupwise(weight, 32), 32)
     else:
-        gptq = dequantize_int8_reference(*gptq_int8(weight, watcher.hessian, None))
+        gptq = dequantize_int8_reference(*gptq_int8(weight, watcher.hessian, None, int8_group_grid))
         nearest = dequantize_int8_reference(*quantize_int8_per_channel(weight))
     reference = held_out @ weight.T
     gptq_error = (held_out @ gptq.T - reference).norm()

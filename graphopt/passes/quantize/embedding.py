@@ -170,6 +170,7 @@ def quantize_table_codebook(table: torch.Tensor) -> QuantizedTable:
     """3-bit indices into a codebook of ``CODEBOOK_SIZE`` float16 values per row, found by k-means on the row."""
     values = table.detach().float()
     rows = values.shape[0]
+    dtype = torch.float16 if float(values.abs().max()) < _FLOAT16_MAX else torch.float32
     codebooks = torch.empty(rows, CODEBOOK_SIZE)
     indices = torch.empty(values.shape, dtype=torch.uint8)
     levels = (torch.arange(CODEBOOK_SIZE, dtype=torch.float32) + 0.5) / CODEBOOK_SIZE
@@ -181,10 +182,9 @@ def quantize_table_codebook(table: torch.Tensor) -> QuantizedTable:
             sums = torch.zeros_like(centers).scatter_add_(1, nearest, part)
             counts = torch.zeros_like(centers).scatter_add_(1, nearest, torch.ones_like(part))
             centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
-        stored = centers.to(torch.float16).float() if float(part.abs().max()) < _FLOAT16_MAX else centers
+        stored = centers.to(dtype).float()  # the values the file keeps: indices chosen against them
         indices[start:start + KMEANS_ROWS] = (part.unsqueeze(-1) - stored.unsqueeze(1)).abs().argmin(-1).to(torch.uint8)
         codebooks[start:start + KMEANS_ROWS] = stored
-    dtype = torch.float16 if float(values.abs().max()) < _FLOAT16_MAX else torch.float32
     return QuantizedTable(pack_planes(indices), codebooks.to(dtype), codebook=True)
 
 
@@ -212,14 +212,17 @@ def quantize_embedding(gm: fx.GraphModule, node: fx.Node, table: QuantizedTable)
         return new
 
     codes = register_constant(gm, f"{node.name}_table_int{table.bits}", table.codes, before=node)
-    if table.codebook:
-        codebooks = register_constant(gm, f"{node.name}_row_codebook", table.scales, before=node)
-        with graph.inserting_before(node):
-            scaled = _decoded_codebook_rows(gm, add, node, codes, codebooks, ids, rest, original.dtype,
-                                            table.shape[1])
-        node.replace_all_uses_with(scaled)
-        graph.erase_node(node)
-        return original.numel() * original.element_size() - table.nbytes
+    decode = _decoded_codebook_rows if table.codebook else _decoded_scaled_rows
+    scaled = decode(gm, add, node, codes, table, ids, rest, original.dtype)
+    node.replace_all_uses_with(scaled)
+    graph.erase_node(node)
+    return original.numel() * original.element_size() - table.nbytes
+
+
+def _decoded_scaled_rows(gm: fx.GraphModule, add: Callable[..., fx.Node], node: fx.Node, codes: fx.Node,
+                         table: QuantizedTable, ids: Any, rest: tuple[Any, ...], dtype: torch.dtype) -> fx.Node:
+    """The float rows of an int8 or 4-bit table looked up by ``ids``: codes times scales (plus offsets)."""
+    graph = gm.graph
     scales = register_constant(gm, f"{node.name}_{'row' if table.bits == 8 else 'group'}_scale",
                                table.scales.reshape(-1, 1) if table.bits == 8 else table.scales, before=node)
     offsets = (register_constant(gm, f"{node.name}_group_offset", table.offsets, before=node)
@@ -230,51 +233,51 @@ def quantize_embedding(gm: fx.GraphModule, node: fx.Node, table: QuantizedTable)
         rows = add(aten.embedding.default, codes, ids, *rest)
         if offsets is None:
             row_scales = add(aten.embedding.default, scales, ids, *rest)
-            scaled = add(aten.mul.Tensor, add(aten._to_copy.default, rows, dtype=original.dtype), row_scales)
+            scaled = add(aten.mul.Tensor, add(aten._to_copy.default, rows, dtype=dtype), row_scales)
         else:
             # unpacked in float arithmetic, exact for bytes (ONNX's BitShift is not in every runtime's type set)
-            as_float = add(aten._to_copy.default, rows, dtype=original.dtype)
+            as_float = add(aten._to_copy.default, rows, dtype=dtype)
             high = add(aten.floor.default, add(aten.mul.Tensor, as_float, 1 / 16))
             low = add(aten.sub.Tensor, as_float, add(aten.mul.Tensor, high, 16))
             values = add(aten.cat.default, [low, high], -1)
             spread = [add(aten._to_copy.default,
                           add(aten.index_select.default, add(aten.embedding.default, part, ids, *rest), -1, columns),
-                          dtype=original.dtype) for part in (scales, offsets)]
+                          dtype=dtype) for part in (scales, offsets)]
             scaled = add(aten.add.Tensor, add(aten.mul.Tensor, values, spread[0]), spread[1])
-    node.replace_all_uses_with(scaled)
-    graph.erase_node(node)
-    return original.numel() * original.element_size() - table.nbytes
+    return scaled
 
 
 def _decoded_codebook_rows(gm: fx.GraphModule, add: Callable[..., fx.Node], node: fx.Node, codes: fx.Node,
-                           codebooks: fx.Node, ids: Any, rest: tuple[Any, ...], dtype: torch.dtype,
-                           width: int) -> fx.Node:
+                           table: QuantizedTable, ids: Any, rest: tuple[Any, ...], dtype: torch.dtype) -> fx.Node:
     """The float rows of a 3-bit table looked up by ``ids``: planes to indices, indices to codebook values.
 
     Arithmetic, ``index_select`` and ``unsqueeze`` on the last dims only (no shape written down),
     exact in float (bytes are integers below 256).
     """
-    planes = add(aten._to_copy.default, add(aten.embedding.default, codes, ids, *rest), dtype=dtype)  # [..., 3·D/8]
-    bits = []
-    for k in range(8):  # bit k of each byte: floor(b / 2^k) - 2 * floor(b / 2^(k + 1))
-        shifted = add(aten.floor.default, add(aten.mul.Tensor, planes, 1.0 / 2 ** k))
-        higher = add(aten.floor.default, add(aten.mul.Tensor, planes, 1.0 / 2 ** (k + 1)))
-        bits.append(add(aten.sub.Tensor, shifted, add(aten.mul.Tensor, higher, 2.0)))
-    every = add(aten.cat.default, bits, -1)  # [..., 3·D]: bit k, then plane p, then byte j
-    per_plane = width // 8
-    columns = torch.arange(width)
+    codebooks = register_constant(gm, f"{node.name}_row_codebook", table.scales, before=node)
+    per_plane = table.shape[1] // 8
+    columns = torch.arange(table.shape[1])
     index = (columns // per_plane) * 3 * per_plane + columns % per_plane  # column k·D/8 + j in plane 0
-    indices = None
-    for plane, weight in enumerate((1.0, 2.0, 4.0)):
-        where = register_constant(gm, f"{node.name}_plane{plane}_columns", index + plane * per_plane, before=node)
-        bit = add(aten.index_select.default, every, -1, where)
-        term = bit if weight == 1.0 else add(aten.mul.Tensor, bit, weight)
-        indices = term if indices is None else add(aten.add.Tensor, indices, term)
+    wheres = [register_constant(gm, f"{node.name}_plane{plane}_columns", index + plane * per_plane, before=node)
+              for plane in range(3)]
     levels = register_constant(gm, f"{node.name}_levels", torch.arange(CODEBOOK_SIZE, dtype=dtype), before=node)
-    chosen = add(aten._to_copy.default, add(aten.eq.Tensor, add(aten.unsqueeze.default, indices, -1), levels),
-                 dtype=dtype)  # [..., D, 8]: one-hot of each column's index
-    values = add(aten._to_copy.default, add(aten.embedding.default, codebooks, ids, *rest), dtype=dtype)
-    return add(aten.sum.dim_IntList, add(aten.mul.Tensor, chosen, add(aten.unsqueeze.default, values, -2)), [-1])
+    with gm.graph.inserting_before(node):
+        planes = add(aten._to_copy.default, add(aten.embedding.default, codes, ids, *rest), dtype=dtype)  # [..., 3·D/8]
+        bits = []
+        for k in range(8):  # bit k of each byte: floor(b / 2^k) - 2 * floor(b / 2^(k + 1))
+            shifted = add(aten.floor.default, add(aten.mul.Tensor, planes, 1.0 / 2 ** k))
+            higher = add(aten.floor.default, add(aten.mul.Tensor, planes, 1.0 / 2 ** (k + 1)))
+            bits.append(add(aten.sub.Tensor, shifted, add(aten.mul.Tensor, higher, 2.0)))
+        every = add(aten.cat.default, bits, -1)  # [..., 3·D]: bit k, then plane p, then byte j
+        indices = None
+        for where, weight in zip(wheres, (1.0, 2.0, 4.0), strict=True):
+            bit = add(aten.index_select.default, every, -1, where)
+            term = bit if weight == 1.0 else add(aten.mul.Tensor, bit, weight)
+            indices = term if indices is None else add(aten.add.Tensor, indices, term)
+        chosen = add(aten._to_copy.default, add(aten.eq.Tensor, add(aten.unsqueeze.default, indices, -1), levels),
+                     dtype=dtype)  # [..., D, 8]: one-hot of each column's index
+        values = add(aten._to_copy.default, add(aten.embedding.default, codebooks, ids, *rest), dtype=dtype)
+        return add(aten.sum.dim_IntList, add(aten.mul.Tensor, chosen, add(aten.unsqueeze.default, values, -2)), [-1])
 
 
 def plan_embeddings(gm: fx.GraphModule, bits: int = 8, group: int = INT4_GROUP) -> dict[str, QuantizedTable]:

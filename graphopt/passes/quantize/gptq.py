@@ -12,7 +12,8 @@ the same kernels run it.
 
 ``HessianWatcher`` accumulates ``H`` for one layer from its input values
 (``graphopt.passes.lossy.calibration.watch_values``); ``gptq_int4`` and ``gptq_int8`` return the
-same tensors as ``quantize_int4_groupwise`` / ``quantize_int8_*`` in ``weight_only``.
+same tensors as ``quantize_int4_groupwise`` / ``quantize_int8_*`` in ``weight_only``, whose grids
+(``int4_group_grid``, ``int8_group_grid``) the caller passes in.
 """
 
 from __future__ import annotations
@@ -64,22 +65,20 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int,
     return pack_nibbles(codes.to(torch.uint8)), scales.to(weight.dtype), zeros.to(weight.dtype)
 
 
-def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, group_size: int | None,
+              grid: GridChooser) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel (``group_size`` None) or per group, rounded by GPTQ.
 
-    Returns ``(q int8 [N, K], scale)``: ``scale`` is ``[N]`` per channel, ``[N, K/g]`` per group.
+    ``grid`` chooses the scale of each row of the values it is given (round-to-nearest's own
+    choice); per channel it is asked once, for the original weights. Returns ``(q int8 [N, K],
+    scale)``: ``scale`` is ``[N]`` per channel, ``[N, K/g]`` per group.
     """
-    def symmetric(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = values.abs().amax(dim=1) / 127.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return scale, torch.zeros_like(scale)
-
     if group_size is None:  # one grid for the whole row, fixed by the original weights
-        scale, _ = symmetric(weight.detach().float())
-        fixed: GridChooser = lambda values: (scale, torch.zeros_like(scale))  # noqa: E731
+        scale, zero = grid(weight.detach().float())
+        fixed: GridChooser = lambda values: (scale, zero)  # noqa: E731
         codes, _, _ = _gptq(weight, hessian, weight.shape[1], fixed, low=-127, high=127, block=BLOCK)
         return codes.to(torch.int8), scale.to(weight.dtype)
-    codes, scales, _ = _gptq(weight, hessian, group_size, symmetric, low=-127, high=127)
+    codes, scales, _ = _gptq(weight, hessian, group_size, grid, low=-127, high=127)
     return codes.to(torch.int8), scales.to(weight.dtype)
 
 

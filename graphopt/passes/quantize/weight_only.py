@@ -53,8 +53,8 @@ from graphopt.passes.quantize.weight_sites import (
     tensor_bytes,
 )
 
-__all__ = ["WeightOnly", "WeightOnlyQuantize", "quantize_int4_groupwise", "quantize_int8_groupwise",
-           "quantize_int8_per_channel"]
+__all__ = ["WeightOnly", "WeightOnlyQuantize", "int4_group_grid", "int8_group_grid", "quantize_int4_groupwise",
+           "quantize_int8_groupwise", "quantize_int8_per_channel"]
 
 GROUP_SIZES = (32, 64, 128, 256)
 ROUNDINGS = ("nearest", "gptq")
@@ -254,7 +254,7 @@ class WeightOnly(QuantizationScheme):
                 near[site.node] = refusal
                 continue
             chosen.append((site, bits, self._group_for(site, bits)))
-        hessians = self._hessians(gm, data, [site for site, _, _ in chosen]) if self.rounding == "gptq" else {}
+        hessians = self._hessians(gm, nodes, data, [site for site, _, _ in chosen]) if self.rounding == "gptq" else {}
         for site, bits, group in chosen:
             hessian = hessians.get(site.node)
             constants = (_compress(site.matrix, bits, group) if hessian is None
@@ -268,9 +268,9 @@ class WeightOnly(QuantizationScheme):
         return WeightOnlyPlan(bits=self.bits, layers=layers, near_misses=near, units=units, extra_notes=notes)
 
     @staticmethod
-    def _hessians(gm: fx.GraphModule, data: CalibrationData, sites: list[WeightSite]) -> dict[str, torch.Tensor]:
+    def _hessians(gm: fx.GraphModule, nodes: dict[str, fx.Node], data: CalibrationData,
+                  sites: list[WeightSite]) -> dict[str, torch.Tensor]:
         """``Σ xᵀx`` of every matrix product's input over the calibration data (the example when none)."""
-        nodes = {node.name: node for node in gm.graph.nodes}
         watchers: dict[str, HessianWatcher] = {}
         readers: dict[str, list[str]] = {}
         for site in sites:
@@ -372,18 +372,25 @@ def _compress(matrix: torch.Tensor, bits: int, group: int | None) -> dict[str, t
     return {"qweight": packed, "scale": scale, "zero_point": zero_point}
 
 
+def int4_group_grid(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest's 4-bit grid for each row of ``values [N, g]``: ``(scale [N], zero point [N])``."""
+    _, scale, zero_point = quantize_int4_groupwise(values, values.shape[1])
+    return scale[:, 0].float(), zero_point[:, 0].float()
+
+
+def int8_group_grid(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest's symmetric int8 grid for each row of ``values [N, g]``: ``(scale [N], zeros)``."""
+    _, scale = quantize_int8_per_channel(values)
+    return scale.float(), torch.zeros(scale.shape)
+
+
 def _compress_gptq(matrix: torch.Tensor, hessian: torch.Tensor, bits: int,
                    group: int | None) -> dict[str, torch.Tensor]:
     """``_compress``'s tensors, rounded by GPTQ against ``hessian`` (the layer's ``Σ xᵀx``)."""
     if bits == 8:
-        q, scale = gptq_int8(matrix, hessian, group)
+        q, scale = gptq_int8(matrix, hessian, group, int8_group_grid)
         return {"qweight": q, "scale": scale}
-
-    def grid(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, scale, zero_point = quantize_int4_groupwise(values, values.shape[1])
-        return scale[:, 0].float(), zero_point[:, 0].float()
-
-    packed, scale, zero_point = gptq_int4(matrix, hessian, group, grid)  # type: ignore[arg-type]
+    packed, scale, zero_point = gptq_int4(matrix, hessian, group, int4_group_grid)  # type: ignore[arg-type]
     return {"qweight": packed, "scale": scale, "zero_point": zero_point}
 
 
