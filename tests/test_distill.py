@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -122,7 +123,53 @@ def test_distill_bad_arguments_are_input_errors() -> None:
     recovered = graphopt.distill(pruned, teacher=model, data=[(x,)] * 4, epochs=3, lr=1e-2)
     section = next(s for s in recovered.report.sections if s.title == "distill: recovery")
     assert section.rows[0][2] > section.rows[0][1]  # closer to the teacher after training
-    assert len(section.plots[0].series["loss"]) == 3
+    assert len(section.plots[0].series["training loss"]) == 4 and section.plots[0].series["training loss"][0] is None
+
+
+def _small_pruned_mlp() -> tuple[nn.Module, graphopt.OptimizedModel, list[tuple[torch.Tensor]],
+                                 list[tuple[torch.Tensor]]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    data = [(torch.randn(16, 8),) for _ in range(4)]
+    held_out = [(torch.randn(16, 8),) for _ in range(2)]
+    return model, graphopt.optimize(model, data[0], "cpu", prune=0.5), data, held_out
+
+
+def test_distill_validation_keeps_the_untrained_weights_when_no_epoch_helps() -> None:
+    model, pruned, data, held_out = _small_pruned_mlp()
+    recovered = graphopt.distill(pruned, teacher=model, data=data, epochs=3, lr=3.0, loss="mse", validation=held_out)
+    record = recovered.report.records[-1]
+    assert record.stats["kept_epoch"] == 0
+    with torch.no_grad():
+        for (x,) in held_out + data:
+            torch.testing.assert_close(recovered(x), pruned(x), rtol=0, atol=0)
+        expected = sum(float(F.mse_loss(pruned(x), model(x))) for (x,) in held_out) / len(held_out)
+    section = next(s for s in recovered.report.sections if s.title == "distill: recovery")
+    row = next(r for r in section.rows if r[0] == "validation loss")
+    assert row[1] == row[2] == pytest.approx(expected, rel=1e-4)
+    plot = section.plots[0]
+    assert plot.marked == [0] and plot.series["validation loss"][0] == pytest.approx(expected, rel=1e-4)
+    assert max(plot.series["validation loss"][1:]) > expected  # the epochs were measured, and did worse
+    assert any("kept the untrained weights" in note for note in recovered.report.notes)
+
+
+def test_distill_validation_keeps_the_last_epoch_when_every_epoch_helps() -> None:
+    model, pruned, data, held_out = _small_pruned_mlp()
+    plain = graphopt.distill(pruned, teacher=model, data=data, epochs=3, lr=1e-2, loss="mse")
+    checked = graphopt.distill(pruned, teacher=model, data=data, epochs=3, lr=1e-2, loss="mse", validation=held_out)
+    losses = next(s for s in checked.report.sections if s.title == "distill: recovery").plots[0].series[
+        "validation loss"]
+    assert losses == sorted(losses, reverse=True) and len(losses) == 4
+    assert checked.report.records[-1].stats["kept_epoch"] == 3
+    with torch.no_grad():
+        torch.testing.assert_close(checked(held_out[0][0]), plain(held_out[0][0]), rtol=0, atol=0)
+    section = next(s for s in checked.report.sections if s.title == "distill: recovery")
+    worst = next(r for r in section.rows if r[0] == "output cosine vs teacher (worst validation batch)")
+    assert worst[2] > worst[1]
+    with pytest.raises(InputError, match="holds no batch"):
+        graphopt.distill(pruned, teacher=model, data=data, validation=[])
+    with pytest.raises(InputError, match="validation=\\[x\\]"):
+        graphopt.distill(pruned, teacher=model, data=data, validation=held_out[0][0])
 
 
 @pytest.mark.slow
@@ -182,6 +229,10 @@ def test_distill_an_encoder_on_unlabeled_sentences_of_any_length() -> None:
     assert cosine_after > cosine_before
     assert "batch (example 4)" in section.description and "dim1_32 (example 32, at most 32)" in section.description
     assert "on mean_pooled(outputs)" in section.description
+    checked = graphopt.distill(pruned, teacher=teacher, data=data[:2], epochs=1, lr=3e-4, loss="cosine",
+                               match=mean_pooled, validation=[batch(3, 9)])  # a length no training batch has
+    section = next(s for s in checked.report.sections if s.title == "distill: recovery")
+    assert "validation loss" in [row[0] for row in section.rows]
     with pytest.raises(InputError, match="outside its range"):  # longer than the example's position table
         graphopt.distill(pruned, teacher=teacher, data=[batch(2, 40)], epochs=1, loss="cosine")
     with pytest.raises(InputError, match=r"match=\.\.\.\) takes a function"):

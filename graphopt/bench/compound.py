@@ -7,6 +7,8 @@ own dynamic int8. Distillation trains on unlabeled data the example inputs are n
 for token inputs, sentences of Python's ``pydoc_data.topics`` tokenized with the zoo's
 all-MiniLM-L6-v2 tokenizer (BERT's vocabulary), padded per batch; for other inputs, Gaussian
 inputs of the example's shape. So the rows' fidelity (on the example inputs) is on held-out data.
+The next 128 sentences are distillation's validation batches: the epoch (or the untrained
+weights) with the lowest loss on them is what gets quantized.
 ``--distill-sentences N`` (default 1280) and ``--distill-epochs N`` (default 2) size the training;
 int8 schemes store embedding tables in 4 bits there (``--embedding-bits 8``: int8 rows).
 """
@@ -30,6 +32,8 @@ DISTILL_SENTENCES = 1280
 DISTILL_BATCH = 32
 DISTILL_LR = 1e-4
 """Distillation's learning rate in the compound rows."""
+VALIDATION_SENTENCES = 128
+"""Sentences after the training ones whose loss picks the distilled weights kept (``distill(validation=...)``)."""
 
 
 @dataclass(frozen=True)
@@ -67,12 +71,14 @@ def pydoc_sentences() -> list[str]:
 
 
 def distill_data(example_inputs: tuple[torch.Tensor, ...], count: int = DISTILL_SENTENCES,
-                 batch: int = DISTILL_BATCH, like_example: bool = False) -> list[tuple[torch.Tensor, ...]]:
+                 batch: int = DISTILL_BATCH, like_example: bool = False, skip: int = 0
+                 ) -> list[tuple[torch.Tensor, ...]]:
     """Unlabeled training batches for ``example_inputs``' model (see the module doc).
 
     ``like_example``: every batch shaped like the example (its batch size; token inputs padded to
     its length), which a graph with static shapes can calibrate on; else sentences are padded per
-    batch of ``batch``.
+    batch of ``batch``. ``skip``: start after that many sentences (or random batches' worth), so
+    validation batches share nothing with the training ones.
     """
     if like_example:
         batch = example_inputs[0].shape[0]
@@ -81,14 +87,14 @@ def distill_data(example_inputs: tuple[torch.Tensor, ...], count: int = DISTILL_
 
         tokenizer = AutoTokenizer.from_pretrained(zoo.minilm_path(), local_files_only=True)
         length = example_inputs[0].shape[1]
-        sentences = pydoc_sentences()[:count]
+        sentences = pydoc_sentences()[skip:skip + count]
         batches = []
         for start in range(0, len(sentences) - (batch - 1 if like_example else 0), batch):
             tokens = tokenizer(sentences[start:start + batch], padding="max_length" if like_example else True,
                                truncation=True, max_length=length, return_tensors="pt")
             batches.append((tokens["input_ids"], tokens["attention_mask"])[:len(example_inputs)])
         return batches
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(skip)
     return [tuple(torch.randn((batch, *x.shape[1:]), generator=generator, dtype=x.dtype) for x in example_inputs)
             for _ in range(max(1, count // batch))]
 
@@ -120,8 +126,10 @@ class CompoundBackend(GraphoptBackend):
         from graphopt import Fidelity, Prune, recipe
         from graphopt.passes.quantize import Quantize
 
-        distill: dict[str, Any] = {"epochs": self.compound.epochs, "loss": self.loss, "lr": DISTILL_LR}
         data = distill_data(example_inputs, count=self.compound.sentences)
+        held_out = distill_data(example_inputs, count=VALIDATION_SENTENCES, skip=self.compound.sentences)
+        distill: dict[str, Any] = {"epochs": self.compound.epochs, "loss": self.loss, "lr": DISTILL_LR,
+                                   "validation": held_out}
         choosing = distill_data(example_inputs, count=self.compound.sentences, like_example=True)
         scheme: Any = self.scheme
         if scheme in ("int8", "int8-dynamic"):

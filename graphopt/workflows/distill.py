@@ -12,6 +12,11 @@ dim of every float output; ``loss="mse"`` matches outputs directly (embeddings, 
 With ``labeled=True`` each batch is ``(inputs, labels)`` and the cross-entropy with the labels
 joins the loss: ``alpha * soft + (1 - alpha) * hard``.
 
+With ``validation=`` (batches held out from ``data``), the loss on them is measured before
+training and after every epoch, and the weights of the best point are kept, the starting ones
+included: training that stops helping, or never helps, does not make the model worse on data it
+did not see.
+
 The result is a new ``OptimizedModel`` lowered to the same target, with the recovery recorded
 in its report. A ``fidelity=Fidelity(...)`` budget is checked after recovery (output cosine vs
 the teacher on the example and the data, or ``metric``'s drop from the teacher's value) and
@@ -64,6 +69,7 @@ def distill(
     layer_weight: float = 1.0,
     fidelity: Fidelity | None = None,
     check_batches: int = 8,
+    validation: Iterable[Any] | None = None,
 ) -> OptimizedModel:
     """Fine-tune ``pruned`` against ``teacher``'s outputs on ``data``; return a new optimized model.
 
@@ -83,7 +89,9 @@ def distill(
     model much further than its last output alone; their shapes must be the teacher's (a pruned
     hidden size cannot be matched). Agreement with the teacher (output cosine) is measured
     on the example and the first ``check_batches`` batches before and after, and recorded in the
-    report.
+    report. ``validation``: batches laid out like ``data``, never trained on; the loss on them picks
+    the epoch whose weights are returned (or the untrained ones), and their worst output cosine is
+    reported beside the training data's.
     """
     _check_arguments(pruned, teacher, data, epochs, temperature, alpha, lr, loss, match)
     if not layer_weight >= 0:
@@ -91,6 +99,7 @@ def distill(
     settings = _Settings(epochs, temperature, alpha, labeled, lr, loss, match,
                          layers if isinstance(layers, str) or layers is None else ", ".join(layers))
     batches = list(data) if not hasattr(data, "__len__") else data
+    held_out = _validation_batches(validation, labeled)
     started = time.perf_counter()
     student = clone_graph_module(pruned.portable_graph)
     trainable = _trainable(student)
@@ -111,7 +120,7 @@ def distill(
     check_inputs = [pruned.example_inputs] + [
         _split(batch, labeled)[0] for _, batch in zip(range(check_batches), batches, strict=False)
     ]
-    trainer = _trainer(pruned, student, batches, labeled, check_inputs)
+    trainer = _trainer(pruned, student, batches, labeled, check_inputs, [args for args, _ in held_out])
     trainable = {name: value for name, value in trainable.items() if name not in trainer.frozen}
     taps = module_outputs(student, [layers] if isinstance(layers, str) else list(layers)) if layers else {}
     if layers and not taps:
@@ -133,8 +142,19 @@ def distill(
     def run_student(args: tuple[Any, ...], params: dict[str, torch.Tensor]) -> list[Any]:
         return run_student_and_taps(args, params)[0]
 
+    def objective(args: tuple[Any, ...], labels: Any, params: dict[str, torch.Tensor],
+                  expected: tuple[list[Any], list[Any]] | None = None) -> torch.Tensor:
+        targets, teacher_layers = expected if expected is not None else run_teacher_and_taps(args)
+        outputs, student_layers = run_student_and_taps(args, params)
+        value = _loss(outputs, targets, args, labels, settings)
+        if taps:
+            value = value + layer_weight * _layer_loss(student_layers, teacher_layers, list(taps), settings.loss)
+        return value
+
     before = _agreement(run_teacher, lambda a: run_student(a, trainable), check_inputs, match)
     accuracy_before = _label_accuracy(run_student, trainable, batches, labeled, check_batches)
+    checkpoints = _Checkpoints(held_out, run_teacher_and_taps, objective)
+    checkpoints.consider(trainable)
 
     params = {name: value.detach().clone().requires_grad_(True) for name, value in trainable.items()}
     optimizer = torch.optim.Adam(params.values(), lr=lr, weight_decay=weight_decay)
@@ -145,14 +165,11 @@ def distill(
     for epoch, batch in progress(steps, desc="distill", total=total):
         if epoch != current:
             epoch_losses.append(running / max(count, 1))
+            checkpoints.consider(params)
             running, count, current = 0.0, 0, epoch
         args, labels = _split(batch, labeled)
-        targets, teacher_layers = run_teacher_and_taps(args)
         with torch.enable_grad():
-            outputs, student_layers = run_student_and_taps(args, params)
-            value = _loss(outputs, targets, args, labels, settings)
-            if taps:
-                value = value + layer_weight * _layer_loss(student_layers, teacher_layers, list(taps), settings.loss)
+            value = objective(args, labels, params)
             optimizer.zero_grad()
             value.backward()
             optimizer.step()
@@ -161,10 +178,15 @@ def distill(
     epoch_losses.append(running / max(count, 1))
     if not all(math.isfinite(v) for v in epoch_losses):
         raise InputError(f"distill diverged (loss {epoch_losses[-1]}); use a smaller lr= than {lr}")
+    checkpoints.consider(params)
 
-    trained = {name: value.detach() for name, value in params.items()}
+    trained = checkpoints.best if held_out else {name: value.detach() for name, value in params.items()}
     _store(student, trained)
     after = _agreement(run_teacher, lambda a: run_student(a, trained), check_inputs, match)
+    held_inputs = [args for args, _ in held_out]
+    validation_cosines = ((_agreement(run_teacher, lambda a: run_student(a, trainable), held_inputs, match),
+                           _agreement(run_teacher, lambda a: run_student(a, trained), held_inputs, match))
+                          if held_out else None)
     accuracy_after = _label_accuracy(run_student, trained, batches, labeled, check_batches)
 
     report = Report.from_dict(pruned.report.to_dict())
@@ -172,20 +194,63 @@ def distill(
     metric = _metric_figures(fidelity, recovered, pruned, teacher)
     seconds = time.perf_counter() - started
     _record(report, student, settings, seconds, trainer.describe(), epoch_losses, before, after,
-            accuracy_before, accuracy_after, metric)
+            accuracy_before, accuracy_after, metric, checkpoints if held_out else None, validation_cosines)
     _enforce(fidelity, after, metric)
     return recovered
 
 
+def _validation_batches(validation: Iterable[Any] | None, labeled: bool) -> list[tuple[tuple[Any, ...], Any]]:
+    """``validation`` as (inputs, labels) pairs; an empty or non-iterable one is an ``InputError``."""
+    if validation is None:
+        return []
+    if isinstance(validation, torch.Tensor) or not isinstance(validation, Iterable):
+        raise InputError("distill(validation=...) takes an iterable of batches laid out like data= (a list or a "
+                         "DataLoader); a single tensor batch goes in a list: validation=[x]")
+    held_out = [_split(batch, labeled) for batch in validation]
+    if not held_out:
+        raise InputError("distill(validation=...) holds no batch; give held-out batches or leave it out")
+    return held_out
+
+
+class _Checkpoints:
+    """The validation loss at each checkpoint (before training, after every epoch) and the best weights seen.
+
+    Without validation batches it records nothing and ``best`` stays empty.
+    """
+
+    def __init__(self, held_out: list[tuple[tuple[Any, ...], Any]], teacher: Callable[[tuple[Any, ...]], Any],
+                 objective: Callable[..., torch.Tensor]) -> None:
+        self.held_out = held_out
+        self.objective = objective
+        with torch.no_grad():
+            self.targets = [teacher(args) for args, _ in held_out]  # the teacher does not change: run it once
+        self.losses: list[float] = []
+        self.best: dict[str, torch.Tensor] = {}
+        self.best_index = 0
+
+    def consider(self, params: dict[str, torch.Tensor]) -> None:
+        """Measure ``params`` on the validation batches; keep a copy when they beat every earlier checkpoint."""
+        if not self.held_out:
+            return
+        with torch.no_grad():
+            loss = sum(float(self.objective(args, labels, params, expected))
+                       for (args, labels), expected in zip(self.held_out, self.targets, strict=True))
+        loss /= len(self.held_out)
+        if not self.losses or loss < min(self.losses):
+            self.best = {name: value.detach().clone() for name, value in params.items()}
+            self.best_index = len(self.losses)
+        self.losses.append(loss)
+
+
 def _trainer(pruned: OptimizedModel, student: fx.GraphModule, batches: Any, labeled: bool,
-             check_inputs: list[tuple[Any, ...]]) -> TrainingGraph:
-    """The student as trained: its batch dim, and the dims the data vary in, set free."""
+             check_inputs: list[tuple[Any, ...]], validation: list[tuple[Any, ...]]) -> TrainingGraph:
+    """The student as trained: its batch dim, and the dims the data (and validation) vary in, set free."""
     if pruned.example_kwargs:  # batches are positional: train at the example's shapes
         return TrainingGraph(student, pruned.dynamic, pruned.signature)
     samples = list(check_inputs[1:])
     if isinstance(batches, (list, tuple)):  # shapes are free to look at: look at all of them
         samples += [_split(batch, labeled)[0] for batch in batches[len(samples):]]
-    return training_graph(student, list(pruned.example_inputs), pruned.dynamic, pruned.signature, samples)
+    return training_graph(student, list(pruned.example_inputs), pruned.dynamic, pruned.signature, samples + validation)
 
 
 @dataclass(frozen=True)
@@ -369,10 +434,13 @@ def _metric_figures(fidelity: Fidelity | None, recovered: OptimizedModel, pruned
 
 def _record(report: Report, student: fx.GraphModule, settings: _Settings, seconds: float, shapes: str,
             epoch_losses: list[float], before: float, after: float, accuracy_before: float | None,
-            accuracy_after: float | None, metric: dict[str, float]) -> None:
+            accuracy_after: float | None, metric: dict[str, float], checkpoints: _Checkpoints | None,
+            validation_cosines: tuple[float, float] | None) -> None:
     nodes = sum(1 for n in student.graph.nodes if n.op not in ("placeholder", "output"))
     size = parameter_bytes(student)
     stats: dict[str, int | float] = {"epochs": settings.epochs, "final_loss": round(epoch_losses[-1], 6)}
+    if checkpoints is not None:
+        stats.update(kept_epoch=checkpoints.best_index, validation_loss=round(min(checkpoints.losses), 6))
     report.records.append(PassRecord(
         name="distill", status="changed", nodes_before=nodes, nodes_after=nodes, param_bytes_before=size,
         param_bytes_after=size, seconds=seconds, stats=stats,
@@ -387,9 +455,22 @@ def _record(report: Report, student: fx.GraphModule, settings: _Settings, second
                      round(metric["after"], 6)])
         rows.append(["metric drop vs teacher", round(metric["drop_before"], 6), round(metric["drop_after"], 6)])
     description = f"{settings.describe()}, {shapes}, {seconds:.1f} s"
-    plot = PlotSpec(kind="line", title="distill: training loss per epoch",
-                    x_labels=[str(i + 1) for i in range(len(epoch_losses))], series={"loss": epoch_losses},
-                    x_label="epoch", y_label="loss")
+    series: dict[str, list[float | None]] = {"training loss": [None, *epoch_losses]}
+    marked: list[int] = []
+    if checkpoints is not None and validation_cosines is not None:
+        rows.append(["output cosine vs teacher (worst validation batch)", round(validation_cosines[0], 6),
+                     round(validation_cosines[1], 6)])
+        rows.append(["validation loss", round(checkpoints.losses[0], 6), round(min(checkpoints.losses), 6)])
+        series["validation loss"] = list(checkpoints.losses)
+        marked = [checkpoints.best_index]
+        kept = (f"the weights after epoch {checkpoints.best_index}" if checkpoints.best_index
+                else "the untrained weights (no epoch lowered the validation loss)")
+        description += f"; kept {kept}"
+        report.notes.append(f"distill: kept {kept}; validation loss {checkpoints.losses[0]:.5g} -> "
+                            f"{min(checkpoints.losses):.5g}")
+    plot = PlotSpec(kind="line", title="distill: loss per epoch (0: before training)",
+                    x_labels=[str(i) for i in range(len(epoch_losses) + 1)], series=series,
+                    x_label="epoch", y_label="loss", marked=marked, marked_label="weights kept")
     report.sections.append(ReportSection("distill: recovery", description, ["measure", "before", "after"], rows,
                                          [plot]))
     report.notes.append(f"distill: output cosine vs teacher {before:.5f} -> {after:.5f}"
