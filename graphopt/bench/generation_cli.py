@@ -24,6 +24,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                              "llama.cpp and onnxruntime-genai: prefill and decode tokens/s")
     parser.add_argument("--prompt-lens", type=_ints, default=[64, 512], help="generation: prompt lengths (64,512)")
     parser.add_argument("--new-tokens", type=int, default=128, help="generation: new tokens per prompt (128)")
+    parser.add_argument("--gen-repeats", type=_positive, default=3,
+                        help="generation: timed calls per backend and prompt, taken round-robin (3); the median counts")
     parser.add_argument("--gen-backends", type=_names, default=None,
                         help=f"generation: subset of {','.join(GRAPHOPT_NAMES + tuple(PEER_NAMES))}")
     parser.add_argument("--pipeline-stages", type=_ints, default=None, metavar="N1,N2",
@@ -37,6 +39,16 @@ def _ints(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def _names(text: str) -> list[str]:
