@@ -17,6 +17,7 @@ import torch
 
 import graphopt
 from graphopt.errors import LoweringError
+from graphopt.targets.onnx.slice_linears import MIN_PIECE_FEATURES
 from graphopt.targets.onnx.stateful import StatefulOnnxRunner, rename_io
 from graphopt.workflows.generation.onnx_export import sidecar_path
 
@@ -27,7 +28,7 @@ LAYERS, KV_HEADS, HEAD_DIM, VOCAB, MAX_CACHE = 2, 2, 16, 128, 64
 
 def _tiny_llama() -> Any:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=MIN_PIECE_FEATURES,
                                       num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=KV_HEADS,
                                       max_position_embeddings=MAX_CACHE)
     return transformers.LlamaForCausalLM(config).eval()
@@ -139,12 +140,14 @@ def test_decoder_runs_on_onnxruntime_fused_decoder_ops(exported: tuple[Any, Any,
     for node in attention:  # the fused Q/K/V projection whole, queries and keys rotated inside
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert node.input[1] == node.input[2] == "" and attributes["do_rotary"] == 1
-    assert "RotaryEmbedding" not in ops and ops.count("Split") <= LAYERS  # only the gate/up split is left
+    assert "RotaryEmbedding" not in ops and "Split" not in ops
+    assert ops.count("MatMul") == 5 * LAYERS + 1  # Q/K/V merged, gate and up apart again (no Split), LM head
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * LAYERS  # every norm after a residual add
     assert "ScatterElements" not in ops and "Attention" not in ops
     stats = {row[0]: row[-2] for section in fast.report.sections if "rewrites" in section.title
              for row in section.rows}
     assert stats["onnx-group-query-attention"] == f"group_query_attention={LAYERS}"
+    assert stats["linear-per-slice"] == f"linears_divided={LAYERS}, linears_after={2 * LAYERS}"
     assert any("state tensor(s) always equal to another" in note for note in fast.report.notes)
 
 

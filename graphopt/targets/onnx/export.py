@@ -48,9 +48,11 @@ from graphopt.targets.onnx.decoder_norms import SkipRmsNorm, clear_unused_output
 from graphopt.targets.onnx.decoder_norms import translation_table as norm_translations
 from graphopt.targets.onnx.decoder_ops import DecomposeDecoderOps, has_decoder_ops
 from graphopt.targets.onnx.direct_export import export_translated_directly
+from graphopt.targets.onnx.model_size import approximate_bytes, check_structure
 from graphopt.targets.onnx.opsets import MAX_OPSET, opset_of, stamp_ir_version
 from graphopt.targets.onnx.quantized import DynamicLinearOp, StaticLinearAsMatmul, StaticLinearFloatOutput
 from graphopt.targets.onnx.quantized import translation_table as quantized_translations
+from graphopt.targets.onnx.slice_linears import LinearPerSlice
 from graphopt.targets.onnx.weight_only import MatMulNBitsLinears
 from graphopt.targets.onnx.weight_only import translation_table as weight_only_translations
 
@@ -123,8 +125,9 @@ def export_passes(gm: fx.GraphModule) -> list[Pass]:
 
     int8 QDQ graphs: ``graphopt.targets.onnx.quantized``; compressed weights (``MatMulNBits``,
     int8 embedding rows, codebooks): ``graphopt.targets.onnx.weight_only``; ``index_copy`` (a
-    static cache's writes) as ``scatter``: ``graphopt.targets.onnx.cache_writes``. None for other
-    float graphs.
+    static cache's writes) as ``scatter``: ``graphopt.targets.onnx.cache_writes``; a decoder step's
+    merged projections read through slices, one linear per slice: ``graphopt.targets.onnx.slice_linears``.
+    None for other float graphs.
     """
     passes: list[Pass] = []
     if has_quantized_ops(gm, activations=True):
@@ -140,6 +143,8 @@ def export_passes(gm: fx.GraphModule) -> list[Pass]:
         passes.append(DecomposeDecoderOps())  # graphopt_decoder ops (swiglu, geglu, rotary) back to ATen
     if has_index_copy(gm):
         passes.append(IndexCopyAsScatter())  # a cache write as one ScatterElements, not transpose-scatter-transpose
+    if state_inputs(gm):
+        passes.append(LinearPerSlice())  # a decoder step: gate and up apart again, no Split kernel per layer
     return [*passes, DeadCodeElimination()] if passes else []
 
 
@@ -199,13 +204,8 @@ def export_prepared(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str,
         model = _at_opset(model, opset)
         stamp_ir_version(model)  # an older runtime refuses a newer IR version even for operators it has
     try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(model, full_check=True)
-        else:
-            with tempfile.TemporaryDirectory() as folder:  # the checker reads models over 2 GiB from a path
-                path = write_model(model, Path(folder) / "model.onnx")
-                onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as error:
+        check_structure(model)  # every node, type and shape; not the weights' bytes (seconds for a large model)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise LoweringError(f"the exported ONNX model fails onnx.checker: {error}") from error
     return model
 
@@ -284,7 +284,7 @@ def export_graph_to_onnx(
 def write_model(model: onnx.ModelProto, path: Path) -> Path:
     """Write ``model`` to ``path``, its weights in ``path.data`` when it is too large for one protobuf."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    if approximate_bytes(model) < EXTERNAL_DATA_THRESHOLD:
         path.write_bytes(model.SerializeToString())
         return path
     data = path.with_name(path.name + ".data")
@@ -316,7 +316,7 @@ class OnnxRuntimeModule(torch.nn.Module):
             self.session = session
         elif runs is None:
             raise LoweringError("OnnxRuntimeModule needs an ONNX model or an onnxruntime session")
-        elif runs.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        elif approximate_bytes(runs) < EXTERNAL_DATA_THRESHOLD:
             self.session = ort.InferenceSession(runs.SerializeToString(), options, providers=["CPUExecutionProvider"])
         else:  # onnxruntime reads a large model (weights in a side file) from disk
             with tempfile.TemporaryDirectory() as folder:

@@ -49,6 +49,7 @@ from graphopt.targets.base import LoweringContext
 from graphopt.targets.common.lowering import computes_in, kernel_comparison
 from graphopt.targets.onnx.decoder_norms import SkipRmsNorm
 from graphopt.targets.onnx.export import EXTERNAL_DATA_THRESHOLD, export_passes, write_model
+from graphopt.targets.onnx.model_size import approximate_bytes
 from graphopt.targets.onnx.opsets import FUSED_ATTENTION_OPSET
 from graphopt.targets.onnx.options import OnnxLowering, OpenVinoPrecision
 
@@ -178,7 +179,8 @@ def without_bfloat16_casts(model: onnx.ModelProto) -> onnx.ModelProto:
     anything else in it is bfloat16 afterwards (an input, an output, another op's dtype).
     """
     bfloat16, float32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
-    if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD or not any(_cast_target(n) == bfloat16 for n in model.graph.node):
+    casts = any(_cast_target(n) == bfloat16 for n in model.graph.node)
+    if not casts or approximate_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
         return model
     types = _element_types(model)
     copy = onnx.ModelProto()
@@ -199,7 +201,7 @@ def without_bfloat16_casts(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _read_model(core: Any, model: onnx.ModelProto, folder: Path) -> Any:
     """``model`` as an OpenVINO model: from memory, or from a file in ``folder`` when it is over 1.8 GB."""
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    if approximate_bytes(model) < EXTERNAL_DATA_THRESHOLD:
         return core.read_model(io.BytesIO(model.SerializeToString()))
     return core.read_model(str(write_model(model, folder / "model.onnx")))  # weights in a side file
 
