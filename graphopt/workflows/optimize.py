@@ -194,7 +194,7 @@ def optimize(
                                                                        validation))
     passes = options.pipeline.build(target)
     if max_cache_len is not None:
-        raise InputError(_not_generative(model))
+        raise InputError(_not_generative(model, example_kwargs))
     steps = compression_steps(compress, target=_kernels_of(target), **options.compression)
     _check_once_per_stage(passes, steps)
     if steps:
@@ -327,10 +327,16 @@ def _lower_and_check(model: torch.nn.Module, gm: fx.GraphModule, manager: PassMa
     return optimized
 
 
-def _not_generative(model: torch.nn.Module) -> str:
+def _not_generative(model: torch.nn.Module, example_kwargs: dict[str, Any] | None) -> str:
     """Why ``max_cache_len=`` does not apply to ``model``, and what to do instead."""
     if not callable(getattr(model, "generate", None)):
         return "max_cache_len= applies to causal language models (generation); this model is not one"
+    if is_causal_lm(model):  # it takes a cache, which is switched off
+        where = ("use_cache=False in the example's keyword arguments" if (example_kwargs or {}).get("use_cache") is False
+                 else f"its config says use_cache=False (the default of {type(model.config).__name__})")
+        return (f"max_cache_len= applies to generation with a key/value cache, and {type(model).__name__} has one, but "
+                f"{where}: set model.config.use_cache = True (and drop use_cache=False) to optimize it for generation, "
+                "or leave out max_cache_len for its one-shot forward")
     return (f"max_cache_len= applies to generation with a key/value cache: {type(model).__name__} generates, but its "
             "forward takes no past_key_values (its cache is of another kind, e.g. a state-space model's), and graphopt "
             "cannot generate with that yet. Optimize it without max_cache_len, with config.use_cache = False, for its "
