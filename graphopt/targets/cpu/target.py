@@ -118,15 +118,9 @@ class CpuTarget(Target):
         return [self, self.with_lowering(self.lowering.on_openvino())]  # type: ignore[list-item]
 
     def specializes_decode(self, gm: fx.GraphModule) -> bool:
-        """Inductor's compiled kernels, or onnxruntime steps whose decode step gains from its own lowering.
-
-        That is, would run graphopt's kernels, or rotate inside ``GroupQueryAttention``
-        (``graphopt.targets.onnx.cached_attention.decode_packs_rotary``).
-        """
+        """Inductor's compiled kernels, or onnxruntime steps whose decode step would run graphopt's kernels."""
         if self.lowering.backend in ONNX_BACKENDS:
-            from graphopt.targets.onnx.cached_attention import decode_packs_rotary  # loads onnx: only for these
-
-            return self.weight_kernels_round_within_bound(gm) or decode_packs_rotary(gm)
+            return self.weight_kernels_round_within_bound(gm)
         return super().specializes_decode(gm)
 
     def weight_kernels_round_within_bound(self, gm: fx.GraphModule) -> bool:

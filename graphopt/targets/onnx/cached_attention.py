@@ -45,8 +45,8 @@ from graphopt.passes.base import NodeRewrite, PassResult
 from graphopt.passes.fusion.decoder_ops import ROTARY, rotary_reference
 from graphopt.targets.onnx.contrib_ops import ensure_schema
 
-__all__ = ["GroupQueryAttentionOverCache", "cached_gqa", "cached_gqa_packed", "decode_packs_rotary",
-           "has_cached_attention", "translation_table"]
+__all__ = ["GroupQueryAttentionOverCache", "cached_gqa", "cached_gqa_packed", "has_cached_attention",
+           "translation_table"]
 
 aten = torch.ops.aten
 
@@ -336,33 +336,15 @@ def _slice_of(node: fx.Node) -> tuple[fx.Node, int, int] | None:
     return source, start, end
 
 
-def _rotates_inside(batch: Any, length: Any, dim: int) -> bool:
+def _rotates_inside(batch: Any, dim: int) -> bool:
     """True when ``GroupQueryAttention`` can apply the step's rotary embedding itself, exactly.
 
     Its kernel rotates only heads whose size is a multiple of 16. On a first prompt (an empty
     cache) it ignores ``position_ids`` and rotates token ``s`` of every row by table row ``s``;
     the step's own tables (one row per token, row-major) agree with that only for one row, so the
-    batch must be static 1 (left padding included: the tables hold the model's own angles), or
-    the step a decode step of static length 1, which generation never runs on an empty cache.
+    batch must be static 1 (left padding included: the tables hold the model's own angles).
     """
-    one = isinstance(batch, int) and batch == 1  # a symbolic batch or length would guard
-    decoding = isinstance(length, int) and length == 1
-    return (one or decoding) and dim % ROTARY_HEAD_MULTIPLE == 0
-
-
-def decode_packs_rotary(gm: fx.GraphModule) -> bool:
-    """True when a decode step of its own would let ``GroupQueryAttention`` rotate where the shared step cannot.
-
-    A step graph of a static batch above 1 that writes a cache and rotates queries and keys: its
-    prompt-and-decode lowering keeps separate rotary ops (``_rotates_inside``), a one-token
-    lowering takes the packed projection (on SmolLM2 at batch 4, 60 ``RotaryEmbedding`` and 30
-    ``Split`` kernels, about 0.9 ms of a 28 ms step, profiled).
-    """
-    ids = next(iter(gm.graph.find_nodes(op="placeholder")), None)
-    value = ids.meta.get("val") if ids is not None else None
-    batch = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
-    return (isinstance(batch, int) and batch > 1 and has_cached_attention(gm)
-            and any(True for _ in gm.graph.find_nodes(op="call_function", target=ROTARY)))
+    return isinstance(batch, int) and batch == 1 and dim % ROTARY_HEAD_MULTIPLE == 0  # a symbolic batch would guard
 
 
 def _packed_projection(operands: list[fx.Node], widths: list[int]) -> tuple[fx.Node, tuple[Any, ...]] | None:
@@ -392,17 +374,11 @@ def _packed_projection(operands: list[fx.Node], widths: list[int]) -> tuple[fx.N
 
 @dataclass(frozen=True)
 class GroupQueryAttentionOverCache(NodeRewrite):
-    """``index_copy`` cache writes + ``sdpa`` over the cache -> ``graphopt_onnx::cached_gqa`` (see the module).
-
-    ``one_token``: the graph is a decode step lowered on its own, run with one token per row on
-    a cache the prompt has filled, so the packed projection may be rotated inside at any batch size
-    (``_rotates_inside``) although its captured length is symbolic.
-    """
+    """``index_copy`` cache writes + ``sdpa`` over the cache -> ``graphopt_onnx::cached_gqa`` (see the module)."""
 
     name: ClassVar[str] = "onnx-group-query-attention"
     stat: ClassVar[str] = "group_query_attention"
     dead_code_after: ClassVar[bool] = True
-    one_token: bool = False
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         """Rewrite every attention over a static cache of ``gm``, in place."""
@@ -456,7 +432,7 @@ class GroupQueryAttentionOverCache(NodeRewrite):
             query_heads, dim = int(query_shape[1]), int(query_shape[3])
             kv_width = int(_shape(key_write)[1]) * dim
             packed = _packed_projection(operands, [query_heads * dim, kv_width, kv_width]) \
-                if _rotates_inside(query_shape[0], 1 if self.one_token else query_shape[2], dim) else None
+                if _rotates_inside(query_shape[0], dim) else None
             if packed is not None:
                 qkv, rotary = packed
                 fused = builder.call(CACHED_GQA_PACKED, (qkv, key_write.args[0], value_write.args[0],

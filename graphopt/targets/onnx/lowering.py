@@ -36,7 +36,7 @@ import copy
 import io
 import logging
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import onnx
@@ -53,14 +53,7 @@ from graphopt.report import PassRecord, ReportSection
 from graphopt.targets.base import LoweringContext
 from graphopt.targets.common.lowering import LoweringResult, run_lowering
 from graphopt.targets.common.weight_only_kernels import weight_only_linears
-from graphopt.targets.onnx.cached_attention import GroupQueryAttentionOverCache
-from graphopt.targets.onnx.export import (
-    OnnxRuntimeModule,
-    export_passes,
-    export_prepared,
-    prepare_for_export,
-    quiet_loggers,
-)
+from graphopt.targets.onnx.export import OnnxRuntimeModule, export_prepared, prepare_for_export, quiet_loggers
 from graphopt.targets.onnx.native_kernels import native_int4_library, native_int4_model, native_kernels_run
 from graphopt.targets.onnx.openvino_runtime import CompiledOpenVino, openvino_export, openvino_runner, run_openvino
 from graphopt.targets.onnx.opsets import FUSED_ATTENTION_OPSET, opset_of
@@ -399,13 +392,6 @@ def _runtime_fusions(options: OnnxLowering) -> str:
     return f"onnxruntime fuses more in its session at level '{options.optimization_level}'"
 
 
-def _one_token_step(context: LoweringContext) -> bool:
-    """True for a decoder step lowered with static shapes for one token per row (its prompt step is another)."""
-    ids = context.example_args[0] if context.example_args else None
-    return (bool(context.state_inputs) and not context.dynamic and isinstance(ids, torch.Tensor)
-            and ids.dim() == 2 and ids.shape[1] == 1)
-
-
 def lower_onnx(gm: fx.GraphModule, context: LoweringContext, options: OnnxLowering,
                passes: list[Pass] | None = None) -> Any:
     """Export ``gm`` with fused attention, optionally optimize it offline, and open a tuned session.
@@ -415,9 +401,6 @@ def lower_onnx(gm: fx.GraphModule, context: LoweringContext, options: OnnxLoweri
     """
     report = context.report
     export_options = options
-    if _one_token_step(context):  # a decode step lowered on its own (Target.specializes_decode)
-        passes = [replace(p, one_token=True) if isinstance(p, GroupQueryAttentionOverCache) else p
-                  for p in (export_passes(gm) if passes is None else passes)]
     if options.runtime == "openvino":  # refuses decoder steps; a bfloat16 graph exports at opset 22+
         export_options, passes = openvino_export(gm, context, options, passes)
     exported = export_model(gm, context, export_options, passes)

@@ -16,7 +16,6 @@ import torch.fx as fx
 from graphopt.ir.shapes import DynamicDims
 from graphopt.passes.base import Pass
 from graphopt.targets.base import LoweringContext, Target
-from graphopt.targets.onnx.cached_attention import decode_packs_rotary
 from graphopt.targets.onnx.export import OnnxRuntimeModule, export_graph_to_onnx, export_passes
 from graphopt.targets.onnx.lowering import export_model, lower_onnx, native_kernels_apply
 from graphopt.targets.onnx.native_kernels import native_kernels_run
@@ -63,12 +62,8 @@ class OnnxTarget(Target):
         return native_kernels_apply(gm, self.lowering)
 
     def specializes_decode(self, gm: fx.GraphModule) -> bool:
-        """True when a decode step of its own gains: graphopt's kernels, or the rotary inside the attention.
-
-        graphopt's kernels need the rows fixed (``NATIVE_MAX_ROWS``); ``GroupQueryAttention`` rotates
-        at a batch above 1 only in a one-token step (``decode_packs_rotary``).
-        """
-        return self.weight_kernels_round_within_bound(gm) or decode_packs_rotary(gm)
+        """True when the decode step would run graphopt's kernels: they need the rows fixed (``NATIVE_MAX_ROWS``)."""
+        return self.weight_kernels_round_within_bound(gm)
 
     def lowering_passes(self, gm: fx.GraphModule) -> list[Pass]:
         """The rewrites before export: custom ops onnxruntime runs with int8 / compressed-weight kernels."""
