@@ -332,7 +332,8 @@ def _not_generative(model: torch.nn.Module, example_kwargs: dict[str, Any] | Non
     if not callable(getattr(model, "generate", None)):
         return "max_cache_len= applies to causal language models (generation); this model is not one"
     if is_causal_lm(model):  # it takes a cache, which is switched off
-        where = ("use_cache=False in the example's keyword arguments" if (example_kwargs or {}).get("use_cache") is False
+        switched_off_in_call = (example_kwargs or {}).get("use_cache") is False
+        where = ("use_cache=False in the example's keyword arguments" if switched_off_in_call
                  else f"its config says use_cache=False (the default of {type(model.config).__name__})")
         return (f"max_cache_len= applies to generation with a key/value cache, and {type(model).__name__} has one, but "
                 f"{where}: set model.config.use_cache = True (and drop use_cache=False) to optimize it for generation, "
