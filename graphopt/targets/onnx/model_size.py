@@ -53,7 +53,8 @@ def approximate_bytes(model: onnx.ModelProto) -> int:
 def check_structure(model: onnx.ModelProto) -> None:
     """``onnx.checker.check_model(..., full_check=True)`` on ``model`` with its large initializers as inputs.
 
-    Raises ``onnx.checker.ValidationError`` as the checker does.
+    Raises what the checker raises: ``onnx.checker.ValidationError``, or shape inference's
+    ``onnx.shape_inference.InferenceError``.
     """
     checked = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
