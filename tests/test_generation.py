@@ -24,7 +24,7 @@ import graphopt
 from graphopt.errors import InputError, UnsupportedOpError
 from graphopt.workflows.generation import GenerativeModel
 from graphopt.workflows.generation.decoder import CachedDecoder
-from graphopt.workflows.generation.sampling import Sampling, _filtered, next_tokens
+from graphopt.workflows.generation.sampling import Sampling, _filtered, greedy_tokens, next_tokens
 
 VOCAB = 128
 MAX_CACHE_LEN = 48
@@ -238,6 +238,19 @@ def test_bad_generate_arguments_raise_input_error(llama: dict) -> None:
 
 
 # --- sampling ----------------------------------------------------------------------------------------------------
+
+
+def test_greedy_tokens_are_torch_argmax_ties_and_masked_logits_included() -> None:
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    logits[1, [7, 200]] = 50.0  # a tie: the first index wins in both
+    logits[2, :] = float("-inf")
+    logits[2, 9] = 0.0
+    logits[3, 4:] = float("-inf")  # eos-style masking
+    expected = logits.argmax(dim=-1)
+    actual = greedy_tokens(logits)
+    assert actual.dtype == torch.long and actual.tolist() == expected.tolist() and actual[1] == 7
+    assert greedy_tokens(logits[:, ::2]).tolist() == logits[:, ::2].argmax(dim=-1).tolist()  # a strided view
+    assert greedy_tokens(logits.double()).tolist() == expected.tolist()  # other dtypes: torch's own argmax
 
 
 def test_sampling_with_top_k_1_is_greedy(llama: dict) -> None:
