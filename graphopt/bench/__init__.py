@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from graphopt.bench import zoo
+from graphopt.bench.arg_types import positive_int
 from graphopt.bench.generation_cli import add_generation_arguments, run_generation_command
 from graphopt.bench.openvino_peer import OpenVinoBackend
 from graphopt.bench.report import BenchResult, BenchRow, compute_ratios, machine_info, versions, write_result_files
@@ -299,9 +300,9 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--compound", type=_ratio, default=None, metavar="RATIO",
                         help="with --quantize: add OpenVINO and, per scheme, the model pruned by RATIO, distilled on "
                              "unlabeled data (pydoc sentences for text models) and quantized (graphopt.recipe)")
-    parser.add_argument("--distill-sentences", type=_positive_int, default=1280, metavar="N",
+    parser.add_argument("--distill-sentences", type=positive_int, default=1280, metavar="N",
                         help="with --compound: how many sentences (or random inputs) to distill on (default 1280)")
-    parser.add_argument("--distill-epochs", type=_positive_int, default=2, metavar="N",
+    parser.add_argument("--distill-epochs", type=positive_int, default=2, metavar="N",
                         help="with --compound: distillation epochs (default 2)")
     parser.add_argument("--embedding-bits", type=int, choices=(3, 4, 8), default=4,
                         help="with --compound: how the compound rows store embedding tables (default 4)")
@@ -331,16 +332,6 @@ def _ratios(text: str) -> list[float]:
     if not values or not all(0 < v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"--prune ratios must lie between 0 and 1; got {text!r}")
     return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _ratio(text: str) -> float:

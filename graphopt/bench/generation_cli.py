@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from graphopt.bench.arg_types import positive_int
+
 __all__ = ["GRAPHOPT_NAMES", "PEER_NAMES", "add_generation_arguments", "run_generation_command"]
 
 GRAPHOPT_NAMES = ("graphopt-cpu", "graphopt-cpu-torch", "graphopt-onnx", "graphopt-gpu", "graphopt-cpu-int4",
@@ -24,7 +26,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                              "llama.cpp and onnxruntime-genai: prefill and decode tokens/s")
     parser.add_argument("--prompt-lens", type=_ints, default=[64, 512], help="generation: prompt lengths (64,512)")
     parser.add_argument("--new-tokens", type=int, default=128, help="generation: new tokens per prompt (128)")
-    parser.add_argument("--gen-repeats", type=_positive, default=3,
+    parser.add_argument("--gen-repeats", type=positive_int, default=3,
                         help="generation: timed calls per backend and prompt, taken round-robin (3); the median counts")
     parser.add_argument("--gen-backends", type=_names, default=None,
                         help=f"generation: subset of {','.join(GRAPHOPT_NAMES + tuple(PEER_NAMES))}")
@@ -39,16 +41,6 @@ def _ints(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
 
 
 def _names(text: str) -> list[str]:
