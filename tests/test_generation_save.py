@@ -133,7 +133,8 @@ def test_loaded_forward_and_export_onnx(saved: dict[str, Any], loaded: Generativ
 def test_target_override_to_onnx_gives_the_same_tokens(saved: dict[str, Any]) -> None:
     model = graphopt.load(saved["path"], target="onnx")
     assert isinstance(model, GenerativeModel) and model.target.name == "onnx"
-    assert model.steps_for(1).steps._decode.in_place == [True, True, False] * CONFIG["num_hidden_layers"]
+    layers = CONFIG["num_hidden_layers"]
+    assert model.steps_for(1).steps._decode.in_place == [True, True, False] + [True, True] * (layers - 1)
     assert model.generate(saved["ids"], max_new_tokens=NEW_TOKENS).tolist() == saved["stopped"].tolist()
 
 

@@ -50,10 +50,36 @@ def test_counters_with_one_start_and_one_update_are_merged() -> None:
     lifted = _lifted(Counters())
     before = _run(lifted, 4)
     assert merge_equal_state(lifted) == 1
-    reads = [node for node in state_inputs(lifted.graph_module) if node.users]
-    assert len(reads) == 1  # both counters are read through one input; both are still returned
-    assert len(lifted.initial) == 2
+    assert len(state_inputs(lifted.graph_module)) == len(lifted.initial) == len(lifted.state) == 1  # one counter left
+    output = next(node for node in lifted.graph_module.graph.nodes if node.op == "output")
+    assert len(output.args[0]) == lifted.num_outputs + 1
     for got, want in zip(_run(lifted, 4), before, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class ThreeCounters(nn.Module):
+    """Two counters always equal, then one that steps apart: the merged one sits between the two kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("first", "second", "third"):
+            self.register_buffer(name, torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.first.add_(1.0)
+        self.second.add_(1.0)
+        self.third.add_(2.0)
+        return x * self.first + x * self.second - x * self.third ** 2
+
+
+def test_state_after_a_merged_one_keeps_its_place() -> None:
+    lifted = lift_state(capture(ThreeCounters(), (torch.ones(3),)).graph_module)
+    eager = ThreeCounters()
+    expected = [eager(torch.full((3,), float(step))) for step in range(4)]
+    assert merge_equal_state(lifted) == 1
+    assert [spec.name for spec in lifted.state] == ["first", "third"]
+    assert sorted(state_inputs(lifted.graph_module).values()) == [lifted.num_outputs, lifted.num_outputs + 1]
+    for got, want in zip(_run(lifted, 4), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

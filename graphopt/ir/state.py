@@ -155,25 +155,38 @@ def state_inputs(gm: fx.GraphModule) -> dict[fx.Node, int]:
     return {n: n.meta[STATE_INPUT] for n in gm.graph.nodes if n.op == "placeholder" and STATE_INPUT in n.meta}
 
 
-def _expression(node: object, renamed: dict[fx.Node, fx.Node], memo: dict[fx.Node, object]) -> object:
-    """A hashable description of what ``node`` computes, reading each placeholder in ``renamed`` as its image."""
-    if isinstance(node, (tuple, list)):
-        return (type(node).__name__, *(_expression(item, renamed, memo) for item in node))
-    if isinstance(node, dict):
-        return ("dict", *sorted((key, _expression(value, renamed, memo)) for key, value in node.items()))
-    if not isinstance(node, fx.Node):
-        return ("const", repr(node))
-    if node in memo:
-        return memo[node]
-    if node.op == "placeholder":
-        key: object = ("input", renamed.get(node, node).name)
-    elif node.op == "get_attr":
-        key = ("attr", str(node.target))
-    else:
-        key = (node.op, str(node.target), _expression(node.args, renamed, memo),
-               _expression(dict(node.kwargs), renamed, memo))
-    memo[node] = key
-    return key
+class _Computations:
+    """What each node of a graph computes, as an id: equal ids, equal values.
+
+    Each placeholder in ``renamed`` is read as its image. Built in one pass in graph order (no
+    recursion, so a graph of any depth); an impure node (a random draw) is only equal to itself.
+    """
+
+    def __init__(self, gm: fx.GraphModule, renamed: dict[fx.Node, fx.Node]) -> None:
+        self.ids: dict[fx.Node, int] = {}
+        table: dict[object, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                continue
+            if node.op == "placeholder":
+                key: object = ("input", renamed.get(node, node).name)
+            elif node.op == "get_attr":
+                key = ("attr", str(node.target))
+            elif node.is_impure():
+                key = ("impure", node.name)
+            else:
+                key = (node.op, str(node.target), self.key(node.args), self.key(dict(node.kwargs)))
+            self.ids[node] = table.setdefault(key, len(table))
+
+    def key(self, value: object) -> object:
+        """A hashable description of ``value``: a node's id, or the structure of an argument."""
+        if isinstance(value, fx.Node):
+            return ("node", self.ids[value])
+        if isinstance(value, (tuple, list)):
+            return (type(value).__name__, *(self.key(item) for item in value))
+        if isinstance(value, dict):
+            return ("dict", *sorted((str(name), self.key(item)) for name, item in value.items()))
+        return ("const", repr(value))
 
 
 def merge_equal_state(lifted: LiftedState) -> int:
@@ -181,10 +194,14 @@ def merge_equal_state(lifted: LiftedState) -> int:
 
     Two state tensors are equal on every call when they start equal and their new values are the
     same expression of the inputs with each read of one taken as a read of the other (induction
-    on calls). A decoder's per-layer cache counters are such state: every layer's cache holds its
-    own ``cumulative_length``, all advanced by the step's length. Merged, the layers' write
-    positions are one computation instead of one per layer. The inputs and outputs stay as they
-    were (the caller still feeds every state back); only the reads change.
+    on calls): the groups of equal start are split until every member of a group updates alike
+    with each group read through one member. A decoder's per-layer cache counters are such
+    state: every layer's cache holds its own ``cumulative_length``, all advanced by the step's
+    length. Merged, the layers' write positions are one computation instead of one per layer,
+    and the merged state leaves the graph: its input, its output and its entries in
+    ``lifted.state`` and ``lifted.initial`` (changed in place; the state markers renumbered), so
+    a runtime neither feeds it nor computes its new value (in onnxruntime, one ``Add`` per layer
+    fewer).
     """
     gm = lifted.graph_module
     states = state_inputs(gm)
@@ -200,18 +217,41 @@ def merge_equal_state(lifted: LiftedState) -> int:
                 break
         else:
             groups.append([node])
-    merged = 0
-    for group in (g for g in groups if len(g) > 1):
-        renamed = {node: group[0] for node in group}
-        memo: dict[fx.Node, object] = {}
-        first = _expression(returned[states[group[0]]], renamed, memo)
-        same = [node for node in group[1:] if _expression(returned[states[node]], renamed, memo) == first]
-        if len(same) != len(group) - 1:
-            continue  # the induction holds only for the whole group at once
-        for node in same:
+    while True:  # split the groups until each one's members update alike, every group read as its first member
+        computations = _Computations(gm, {node: group[0] for group in groups for node in group})
+        split: list[list[fx.Node]] = []
+        for group in groups:
+            alike: dict[object, list[fx.Node]] = {}
+            for node in group:
+                alike.setdefault(computations.key(returned[states[node]]), []).append(node)
+            split.extend(alike.values())
+        if len(split) == len(groups):
+            break
+        groups = split
+    merged: list[fx.Node] = []
+    for group in groups:
+        for node in group[1:]:
             node.replace_all_uses_with(group[0])
-            merged += 1
+            merged.append(node)
     if merged:
+        _drop_state(lifted, merged)
         gm.graph.lint()
         gm.recompile()
-    return merged
+    return len(merged)
+
+
+def _drop_state(lifted: LiftedState, unread: list[fx.Node]) -> None:
+    """Take the state placeholders ``unread`` (read by nothing now) out of ``lifted``: input, output, spec, initial."""
+    gm = lifted.graph_module
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    states = state_inputs(gm)
+    dropped = {states[node] for node in unread}  # output indices; the state's own index is num_outputs less
+    output.args = (tuple(value for index, value in enumerate(output.args[0]) if index not in dropped),)
+    lifted.state[:] = [spec for index, spec in enumerate(lifted.state) if index + lifted.num_outputs not in dropped]
+    lifted.initial[:] = [value for index, value in enumerate(lifted.initial)
+                         if index + lifted.num_outputs not in dropped]
+    kept = sorted((index, node) for node, index in states.items() if index not in dropped)
+    for position, (_, node) in enumerate(kept):
+        node.meta[STATE_INPUT] = lifted.num_outputs + position
+    for node in unread:
+        gm.graph.erase_node(node)

@@ -68,7 +68,8 @@ def _sidecar(built: BuiltSteps, past: list[str], present: list[str], token_ids: 
                   for p, q, spec in zip(past, present, built.lifted.state, strict=True)],
         **token_ids,
         "notes": ("attention_mask covers the whole cache (1 for real tokens, written or being written); each step "
-                  "writes its tokens at position past_key_values.*.length; feed present.* back as past_key_values.*"),
+                  "writes its tokens at the position its layer's past_key_values.*.length holds (layers whose "
+                  "counters always agree share one); feed present.* back as past_key_values.*"),
     }
 
 
