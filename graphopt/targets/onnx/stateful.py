@@ -12,6 +12,7 @@ state buffer is allocated per step.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
 import onnx
@@ -118,6 +119,7 @@ _TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float1
 """onnxruntime's type names of the outputs a runner allocates itself."""
 
 
+@cache
 def _numpy_dtype(dtype: torch.dtype) -> Any:
     return torch.empty(0, dtype=dtype).numpy().dtype
 
@@ -196,7 +198,7 @@ class StatefulOnnxRunner:
         """Run one call: ``(*inputs, *state) -> (*outputs, *new_state)``."""
         if len(args) != len(self.input_names):
             raise LoweringError(f"the ONNX model takes {len(self.input_names)} tensors, got {len(args)}")
-        tensors = [t.detach().contiguous() for t in args]
+        tensors = [t if t.is_contiguous() and not t.requires_grad else t.detach().contiguous() for t in args]
         binding, new_state = self._state_binding(tensors[-self.count:])
         for name, tensor in zip(self.input_names[:-self.count], tensors, strict=False):
             binding.bind_input(name, "cpu", 0, _numpy_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
