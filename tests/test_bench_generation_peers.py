@@ -426,3 +426,35 @@ def test_generation_repeats_reach_the_bench_and_must_be_positive(monkeypatch) ->
     assert seen["repeats"] == 7
     with pytest.raises(SystemExit):
         parser.parse_args(["--gen-repeats", "0"])
+
+
+def test_generation_json_and_markdown_record_machine_and_peer_versions(monkeypatch, tmp_path) -> None:
+    """A peer's speed moves with its version: the files say which versions ran, where and when."""
+    import argparse
+    import importlib.metadata
+    import json
+
+    import graphopt.bench.generation as generation
+    from graphopt.bench.generation_cli import add_generation_arguments
+
+    parser = argparse.ArgumentParser()
+    add_generation_arguments(parser)
+    parser.add_argument("--batch", type=int, nargs="*", default=[1])
+    row = {"name": "llama.cpp", "batch": 1, "prompt_len": 64, "setup_s": 0.2, "warmup_s": 0.3, "prefill_tok_s": 300.0,
+           "decode_tok_s": 110.0, "prefill_s": 0.2, "decode_s": 1.1, "agree32": 1.0, "common_prefix": 128,
+           "text": "x", "error": None}
+    monkeypatch.setattr(generation, "run_generation_bench", lambda *a, **k: [row])
+    args = parser.parse_args(["--gen-repeats", "3"])
+    args.quiet, args.markdown, args.json = True, tmp_path / "gen.md", tmp_path / "gen.json"
+    generation.run_generation_table(args, ["llama.cpp"], 2, io.StringIO())
+    written = json.loads(args.json.read_text())
+    assert written["rows"] == [row]
+    meta = written["meta"]
+    assert meta["threads"] == 2 and meta["settings"]["repeats"] == 3 and meta["settings"]["backends"] == ["llama.cpp"]
+    assert meta["versions"]["torch"] == torch.__version__
+    assert meta["versions"]["transformers"] == importlib.metadata.version("transformers")
+    assert set(generation.PEER_PACKAGES) <= set(meta["versions"])  # None where a peer is not installed
+    assert meta["machine"]["usable_cores"] >= 1
+    markdown = args.markdown.read_text()
+    assert "| llama.cpp | 1 | 64 |" in markdown
+    assert f"transformers {importlib.metadata.version('transformers')}" in markdown and "**Machine:**" in markdown

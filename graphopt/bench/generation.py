@@ -32,6 +32,7 @@ from graphopt.bench.generation_peers import (
     measure_peers,
     rows_to_markdown,
 )
+from graphopt.bench.report import machine_info, versions
 
 __all__ = ["GraphoptGenerationBackend", "english_prompts", "run_generation_bench", "run_generation_table",
            "smollm2_source"]
@@ -147,15 +148,40 @@ def run_generation_bench(prompt_lens: list[int], batches: list[int], new_tokens:
                          threads=threads, progress=progress)
 
 
+PEER_PACKAGES = ("onnxruntime-genai", "llama_cpp_python", "openvino", "accelerate", "gguf")
+"""Packages whose versions a generation benchmark records beside graphopt's own dependencies (the peers' speed
+moves with them)."""
+
+
 def run_generation_table(args: argparse.Namespace, names: list[str], threads: int, log: TextIO) -> int:
-    """``graphopt bench --generation`` on ``names``: print the table, write --markdown / --json when asked."""
+    """``graphopt bench --generation`` on ``names``: print the table, write --markdown / --json when asked.
+
+    The JSON holds ``meta`` (machine, versions of graphopt, its dependencies and the peers,
+    threads, settings, date, command line) and ``rows``; the markdown ends with the same facts.
+    """
+    started = time.strftime("%Y-%m-%d %H:%M:%S %z")
     rows = run_generation_bench(args.prompt_lens, args.batch, args.new_tokens, names, repeats=args.gen_repeats,
                                 threads=threads, progress=not args.quiet)
+    meta = {"machine": machine_info(), "versions": versions(PEER_PACKAGES), "threads": threads,
+            "settings": {"prompt_lens": list(args.prompt_lens), "batches": list(args.batch),
+                         "new_tokens": args.new_tokens, "repeats": args.gen_repeats, "backends": list(names)},
+            "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"), "argv": list(sys.argv)}
     table = rows_to_markdown(rows)
     print(table)
     if args.markdown:
-        args.markdown.write_text("# graphopt bench --generation\n\n" + table)
+        args.markdown.write_text("# graphopt bench --generation\n\n" + table + "\n" + _facts(meta))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=str))
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     print(f"graphopt bench --generation: {len(rows)} rows", file=log)
     return 0
+
+
+def _facts(meta: dict[str, Any]) -> str:
+    """The markdown lines under the table: when, where, with which versions, and how to run it again."""
+    machine = meta["machine"]
+    installed = ", ".join(f"{name} {version}" for name, version in meta["versions"].items() if version)
+    return (f"- **Run:** {meta['started']} to {meta['finished']}, {meta['threads']} threads\n"
+            f"- **Machine:** {machine['platform']}; CPU {machine['cpu_model']}; "
+            f"{machine['usable_cores']} usable cores\n"
+            f"- **Versions:** {installed}\n"
+            f"- **Command:** `{' '.join(meta['argv'])}`\n")

@@ -165,11 +165,11 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def versions() -> dict[str, str | None]:
-    """Versions of graphopt and the libraries a benchmark depends on."""
+def versions(extra: Sequence[str] = ()) -> dict[str, str | None]:
+    """Versions of graphopt and the libraries a benchmark depends on, and of the ``extra`` packages (peers)."""
     import graphopt
 
-    found = {name: _version(name) for name in ("onnxruntime", "onnx", "onnxscript", "transformers")}
+    found = {name: _version(name) for name in ("onnxruntime", "onnx", "onnxscript", "transformers", *extra)}
     return {
         "graphopt": getattr(graphopt, "__version__", None) or _version("graphopt"),
         "graphopt_commit": _git_commit(),
