@@ -49,6 +49,9 @@ FAMILIES = {
                                                      "tie_word_embeddings": False}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**TINY, "head_dim": 16, "sliding_window": 4,
                                                          "tie_word_embeddings": False}),
+    # ALiBi: its bias is sliced by the cache's fill count (get_seq_length), a number known at run time only
+    "mpt": ("MptConfig", "MptForCausalLM", dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=64,
+                                                expansion_ratio=2, use_cache=True, initializer_range=0.2)),
 }
 # The default run: every family on cpu (whose steps run in onnxruntime by default), onnx and cpu with
 # the steps kept in PyTorch ("cpu-torch") for a full-attention and a sliding-window family (llama on

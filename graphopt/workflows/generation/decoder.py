@@ -72,6 +72,34 @@ def _full_layers(cache: Any, max_cache_len: int) -> Any:
     return cache
 
 
+def _traceable_lengths(cache: Any) -> None:
+    """Let each layer of ``cache`` report its fill count as a bounded integer while torch.export traces it.
+
+    transformers' static layer returns its ``cumulative_length`` tensor from ``get_seq_length``. A
+    model that sizes or slices anything with it (MPT's ALiBi bias: ``max(0, bias.size(1) -
+    (seq + past))``) then asks torch.export for a number it only knows at run time, and the
+    captured shapes do not line up. Traced, the count becomes an unbacked integer known to lie in
+    ``[0, max_cache_len]``, so such expressions resolve from the ranges (``seq >= 1``, ``past >=
+    0``). Eager calls are unchanged. The override is set on this cache's layers only.
+    """
+    for layer in cache.layers:
+        if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) and hasattr(layer, "max_cache_len"):
+            layer.get_seq_length = _bounded_length.__get__(layer)
+
+
+def _bounded_length(layer: Any) -> Any:
+    """``get_seq_length`` of a static cache layer: its counter, an integer in ``[0, max_cache_len]`` under export."""
+    if not getattr(layer, "is_initialized", True):
+        return 0
+    length = layer.cumulative_length
+    if not torch.compiler.is_exporting():
+        return length
+    value = length.item()
+    torch._check(value >= 0)
+    torch._check(value <= layer.max_cache_len)
+    return value
+
+
 class CachedDecoder(nn.Module):
     """``model`` (a causal LM, not copied: pass a copy) with a static cache for ``batch_size`` rows in buffers.
 
@@ -87,6 +115,7 @@ class CachedDecoder(nn.Module):
         self.cache = _static_cache(model, max_cache_len)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._allocate()
+        _traceable_lengths(self.cache)
         # the cache layers keep referencing these tensors; capture rebinds those references to the traced
         # buffers on every call (graphopt.ir.buffer_aliases), so the writes are captured as state
         self._cache_buffers: list[str] = []
