@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphopt.errors import FidelityError, VerificationError
+from graphopt.errors import CaptureError, FidelityError, VerificationError
 from graphopt.ir.capture import capture, eval_twin
 from graphopt.ir.shapes import DynamicDims
 from graphopt.ir.state import LiftedState, lift_state, merge_equal_state
@@ -147,7 +147,16 @@ def trace_steps(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
     prompt = example_prompt(input_ids, batch_size, max_cache_len)
     example = step_inputs(prompt, torch.ones_like(prompt), max_cache_len)
     seq = torch.export.Dim("seq", min=1, max=max_cache_len)
-    captured = capture(decoder, example, dynamic_shapes=({1: seq}, None, {1: seq}), share_weights=True)
+    dynamic_shapes = ({1: seq}, None, {1: seq})
+    try:
+        captured = capture(decoder, example, dynamic_shapes=dynamic_shapes, share_weights=True)
+    except CaptureError:
+        if not decoder.bound_fill_counts():
+            raise
+        captured = capture(decoder, example, dynamic_shapes=dynamic_shapes, share_weights=True)
+        report.notes.append("generation: the model sizes something by the cache's fill count (get_seq_length), "
+                            f"which failed capture as a tensor; captured again with it as an integer in [0, "
+                            f"{max_cache_len}] (torch.export resolves such sizes from those bounds)")
     seconds["capture"] = time.perf_counter() - started
     report.capture_seconds += seconds["capture"]
     report.notes.extend(n for n in captured.notes if "training mode" not in n)

@@ -72,7 +72,7 @@ def _full_layers(cache: Any, max_cache_len: int) -> Any:
     return cache
 
 
-def _traceable_lengths(cache: Any) -> None:
+def _bound_fill_counts(cache: Any) -> bool:
     """Let each layer of ``cache`` report its fill count as a bounded integer while torch.export traces it.
 
     transformers' static layer returns its ``cumulative_length`` tensor from ``get_seq_length``. A
@@ -80,11 +80,15 @@ def _traceable_lengths(cache: Any) -> None:
     (seq + past))``) then asks torch.export for a number it only knows at run time, and the
     captured shapes do not line up. Traced, the count becomes an unbacked integer known to lie in
     ``[0, max_cache_len]``, so such expressions resolve from the ranges (``seq >= 1``, ``past >=
-    0``). Eager calls are unchanged. The override is set on this cache's layers only.
+    0``). Eager calls are unchanged. The override is set on this cache's layers only. Returns
+    whether any layer got it.
     """
+    bounded = False
     for layer in cache.layers:
         if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) and hasattr(layer, "max_cache_len"):
             layer.get_seq_length = _bounded_length.__get__(layer)
+            bounded = True
+    return bounded
 
 
 def _bounded_length(layer: Any) -> Any:
@@ -115,7 +119,6 @@ class CachedDecoder(nn.Module):
         self.cache = _static_cache(model, max_cache_len)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._allocate()
-        _traceable_lengths(self.cache)
         # the cache layers keep referencing these tensors; capture rebinds those references to the traced
         # buffers on every call (graphopt.ir.buffer_aliases), so the writes are captured as state
         self._cache_buffers: list[str] = []
@@ -133,6 +136,15 @@ class CachedDecoder(nn.Module):
         mask = torch.ones(self.batch_size, self.max_cache_len, dtype=torch.long, device=ids.device)
         with torch.no_grad():
             self(ids, mask, torch.zeros_like(ids))
+
+    def bound_fill_counts(self) -> bool:
+        """Make the cache report its fill count to torch.export as an integer in ``[0, max_cache_len]``.
+
+        For capture only, and only where capturing failed without it: the count then enters the
+        graph as a scalar read from the counter (``aten._local_scalar_dense``), which models that
+        never size anything by it do better without. Returns whether the cache has such counters.
+        """
+        return _bound_fill_counts(self.cache)
 
     @torch.no_grad()
     def reset(self) -> None:
