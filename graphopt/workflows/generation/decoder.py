@@ -141,8 +141,8 @@ class CachedDecoder(nn.Module):
         """Make the cache report its fill count to torch.export as an integer in ``[0, max_cache_len]``.
 
         For capture only, and only where capturing failed without it: the count then enters the
-        graph as a scalar read from the counter (``aten._local_scalar_dense``), which models that
-        never size anything by it do better without. Returns whether the cache has such counters.
+        graph as a scalar read from the counter (``aten.item``), which models that never size
+        anything by it do better without. Returns whether the cache has such counters.
         """
         return _bound_fill_counts(self.cache)
 
