@@ -72,25 +72,6 @@ def _full_layers(cache: Any, max_cache_len: int) -> Any:
     return cache
 
 
-def _bound_fill_counts(cache: Any) -> bool:
-    """Let each layer of ``cache`` report its fill count as a bounded integer while torch.export traces it.
-
-    transformers' static layer returns its ``cumulative_length`` tensor from ``get_seq_length``. A
-    model that sizes or slices anything with it (MPT's ALiBi bias: ``max(0, bias.size(1) -
-    (seq + past))``) then asks torch.export for a number it only knows at run time, and the
-    captured shapes do not line up. Traced, the count becomes an unbacked integer known to lie in
-    ``[0, max_cache_len]``, so such expressions resolve from the ranges (``seq >= 1``, ``past >=
-    0``). Eager calls are unchanged. The override is set on this cache's layers only. Returns
-    whether any layer got it.
-    """
-    bounded = False
-    for layer in cache.layers:
-        if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) and hasattr(layer, "max_cache_len"):
-            layer.get_seq_length = _bounded_length.__get__(layer)
-            bounded = True
-    return bounded
-
-
 def _bounded_length(layer: Any) -> Any:
     """``get_seq_length`` of a static cache layer: its counter, an integer in ``[0, max_cache_len]`` under export."""
     if not getattr(layer, "is_initialized", True):
@@ -140,11 +121,22 @@ class CachedDecoder(nn.Module):
     def bound_fill_counts(self) -> bool:
         """Make the cache report its fill count to torch.export as an integer in ``[0, max_cache_len]``.
 
+        transformers' static layer returns its ``cumulative_length`` tensor from ``get_seq_length``.
+        A model that sizes or slices anything with it (MPT's ALiBi bias: ``max(0, bias.size(1) -
+        (seq + past))``) then asks torch.export for a number it only knows at run time, and the
+        captured shapes do not line up. Traced, the count becomes an unbacked integer known to lie
+        in ``[0, max_cache_len]``, so such expressions resolve from the ranges (``seq >= 1``,
+        ``past >= 0``); eager calls are unchanged, and only this cache's layers are overridden.
         For capture only, and only where capturing failed without it: the count then enters the
         graph as a scalar read from the counter (``aten.item``), which models that never size
         anything by it do better without. Returns whether the cache has such counters.
         """
-        return _bound_fill_counts(self.cache)
+        bounded = False
+        for layer in self.cache.layers:
+            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) and hasattr(layer, "max_cache_len"):
+                layer.get_seq_length = _bounded_length.__get__(layer)
+                bounded = True
+        return bounded
 
     @torch.no_grad()
     def reset(self) -> None:
