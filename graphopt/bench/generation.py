@@ -84,7 +84,8 @@ class GraphoptGenerationBackend(GenerationBackend):
             options.update(compress=[WeightOnly(bits=self.bits, group_size=32)], fidelity=fidelity)
         self.model = graphopt.optimize(source.model, (example,), max_cache_len=self.max_cache_len, **options)
         for note in self.model.report.notes:
-            if "weight-only:" in note or note.startswith("lowered steps") or "graphopt's kernels" in note:
+            if ("weight-only:" in note or note.startswith("lowered steps") or "graphopt's kernels" in note
+                    or "graphopt.DecodeAttention" in note):
                 print(f"{self.name}: {note}", file=sys.stderr, flush=True)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> GenerationRun:

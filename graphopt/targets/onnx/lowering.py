@@ -53,6 +53,7 @@ from graphopt.report import PassRecord, ReportSection
 from graphopt.targets.base import LoweringContext
 from graphopt.targets.common.lowering import LoweringResult, run_lowering
 from graphopt.targets.common.weight_only_kernels import weight_only_linears
+from graphopt.targets.onnx.decode_attention import decode_attention_nodes, decode_attention_while, use_decode_attention
 from graphopt.targets.onnx.export import OnnxRuntimeModule, export_prepared, prepare_for_export, quiet_loggers
 from graphopt.targets.onnx.native_kernels import native_int4_library, native_int4_model, native_kernels_run
 from graphopt.targets.onnx.openvino_runtime import CompiledOpenVino, openvino_export, openvino_runner, run_openvino
@@ -158,8 +159,9 @@ def onnxruntime_runner(model: onnx.ModelProto, out_spec: Any, options: OnnxLower
     4-bit ``MatMulNBits`` layers on float activations run ``graphopt.Int4Linear`` (an int8 layer's
     two halves, ``graphopt.Int8Linear``) in the session's copy of the model (``native_kernels``) when
     ``rows``, the most rows any of them reads per call, is at most ``NATIVE_MAX_ROWS``; ``model``
-    itself, what the module saves, keeps ``MatMulNBits``. Appends to ``notes`` what ran, or why
-    graphopt's kernels did not.
+    itself, what the module saves, keeps ``MatMulNBits``. A decoder's ``GroupQueryAttention`` runs
+    ``graphopt.DecodeAttention`` in the session the same way (``decode_attention``). Appends to
+    ``notes`` what ran, or why graphopt's kernels did not.
     """
     session = session_options(options)
     session_model = None
@@ -187,7 +189,22 @@ def onnxruntime_runner(model: onnx.ModelProto, out_spec: Any, options: OnnxLower
                          + (f"; {rewrite.skip_norms} residual adds and RMS norms run inside the kernel after them"
                             if rewrite.skip_norms else "")
                          + "; the exported file keeps MatMulNBits")
-    return OnnxRuntimeModule(model, out_spec, options=session, session_model=session_model)
+    if not (options.native_kernels and options.runtime == "onnxruntime" and decode_attention_nodes(model)):
+        return OnnxRuntimeModule(model, out_spec, options=session, session_model=session_model)
+    library = native_int4_library()
+    if library.path is None:
+        notes.append(f"graphopt.DecodeAttention not used ({library.reason}): GroupQueryAttention runs as exported")
+        return OnnxRuntimeModule(model, out_spec, options=session, session_model=session_model)
+    if session_model is None:  # the session's model is the one saved: swapped for the session only, not copied
+        session.register_custom_ops_library(str(library.path))
+        with decode_attention_while(model) as attention:
+            runner = OnnxRuntimeModule(model, out_spec, options=session)
+    else:  # already a copy with graphopt's int4 kernels, their library registered
+        attention = use_decode_attention(session_model)
+        runner = OnnxRuntimeModule(model, out_spec, options=session, session_model=session_model)
+    notes.append(f"{attention} GroupQueryAttention nodes run graphopt.DecodeAttention (each key/value head's cache "
+                 "read once for all its query heads); the exported file keeps GroupQueryAttention")
+    return runner
 
 
 INT8_ACTIVATIONS_LEVEL = 4

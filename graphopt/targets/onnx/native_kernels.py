@@ -23,7 +23,8 @@ saves and exports stays standard ONNX. The library is compiled with the system's
 graphopt's cache folder the first time it is needed (about a second) and registered with the
 session's options. Where it cannot be used (no compiler, no AVX512-VNNI, onnxruntime older than
 1.20, ``GRAPHOPT_NATIVE_KERNELS=0``) the session runs ``MatMulNBits`` as exported and
-:func:`native_int4_library` says why.
+:func:`native_int4_library` says why. The same library holds ``graphopt.DecodeAttention``, a
+decoder's attention over its cache (:mod:`~graphopt.targets.onnx.decode_attention`).
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ MIN_ONNXRUNTIME = (1, 20)
 TILE = 16
 """Output features per tile of the kernels' weight layout (one AVX-512 register of int32 sums)."""
 
-SOURCE = Path(__file__).with_name("int4_linear.cc")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("int4_linear.cc", "decode_attention.cc"))
+"""The library's sources, compiled together (``int4_linear.cc`` registers every op)."""
+HEADERS = (Path(__file__).with_name("ort_custom_op.h"),)
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fPIC",
                  "-shared", "-fvisibility=hidden")
 
@@ -115,14 +118,18 @@ def _why_not() -> str:
 
 @lru_cache(maxsize=1)
 def native_int4_library() -> NativeLibrary:
-    """The ``Int4Linear`` library for onnxruntime, compiled into the cache folder on first use (once per source)."""
+    """The kernel library graphopt builds for onnxruntime, compiled into the cache folder on first use.
+
+    Built once per source; it holds the int4 / int8 linears and ``graphopt.DecodeAttention``
+    (:mod:`~graphopt.targets.onnx.decode_attention`).
+    """
     reason = _why_not()
     if reason:
         return NativeLibrary(None, reason)
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
         return NativeLibrary(None, "no C++ compiler found (g++, c++ or clang++; or set CXX)")
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     digest = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
     target = _cache_folder() / f"graphopt_int4_linear_{digest}.so"
     if target.exists():
@@ -131,13 +138,14 @@ def native_int4_library() -> NativeLibrary:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as folder:
             built = Path(folder) / target.name
-            subprocess.run([compiler, *COMPILE_FLAGS, "-o", str(built), str(SOURCE)], check=True,
+            subprocess.run([compiler, *COMPILE_FLAGS, "-o", str(built), *map(str, SOURCES)], check=True,
                            capture_output=True, text=True, timeout=300)
             os.replace(built, target)  # atomic: another process building the same source sees a whole file
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
-        return NativeLibrary(None, f"compiling {SOURCE.name} failed: {detail.strip().splitlines()[-1][:200]}")
-    log.info("built graphopt's int4/int8 kernels for onnxruntime: %s", target)
+        names = " and ".join(path.name for path in SOURCES)
+        return NativeLibrary(None, f"compiling {names} failed: {detail.strip().splitlines()[-1][:200]}")
+    log.info("built graphopt's kernels for onnxruntime (int4/int8 linears, decoder attention): %s", target)
     return NativeLibrary(target)
 
 
