@@ -90,7 +90,7 @@ def _eligible(node: onnx.NodeProto, shapes: dict[str, tuple[int | str, ...]]) ->
 def decode_attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The ``GroupQueryAttention`` nodes of ``model`` that ``graphopt.DecodeAttention`` can run.
 
-    Those whose query is one token per row with static shapes (a decode step lowered on its own),
+    Those whose query's width is static (any batch and sequence length: decode and prompt steps),
     whose cache comes in as past key and value, with a head size that is a multiple of 16 (at most
     ``MAX_HEAD_SIZE``), at most ``MAX_GROUP`` query heads per key/value head, half-split rotary if
     any, and no sliding window, soft cap, smooth softmax or extra inputs and outputs.
@@ -143,9 +143,10 @@ def _packed_rotary(node: onnx.NodeProto, heads: int, kv_heads: int, producers: d
            for r in rotations):
         return None
     query, key = rotations
-    if (tuple(query.input[1:]) != tuple(key.input[1:])
-            or any(_attributes(r).get("interleaved", 0) != 0 or "rotary_embedding_dim" in _attributes(r)
-                   for r in rotations)):
+    plain = {"interleaved": 0, "scale": 1.0}  # and num_heads; any other attribute (a partial rotary dim): apart
+    if tuple(query.input[1:]) != tuple(key.input[1:]) or any(
+            set(_attributes(r)) - {*plain, "num_heads"} or any(_attributes(r).get(k, v) != v for k, v in plain.items())
+            for r in rotations):
         return None
     slices = [_last_axis_slice(producers.get(name), producers, initializers)
               for name in (query.input[0], key.input[0], node.input[2])]
@@ -156,8 +157,8 @@ def _packed_rotary(node: onnx.NodeProto, heads: int, kv_heads: int, producers: d
     if not width or not isinstance(width[0], int) or width[0] % (heads + 2 * kv_heads):
         return None
     size = width[0] // (heads + 2 * kv_heads)
-    if [(start, end) for _, start, end in slices] != [(0, heads * size), (heads * size, (heads + kv_heads) * size),
-                                                     ((heads + kv_heads) * size, width[0])]:
+    ranges = [(start, min(end, width[0])) for _, start, end in slices]  # an end past the width: to the end
+    if ranges != [(0, heads * size), (heads * size, (heads + kv_heads) * size), ((heads + kv_heads) * size, width[0])]:
         return None
     if len(shapes.get(query.input[1], ())) != 2:  # positions per token [B, S], as the kernel reads them
         return None
