@@ -247,3 +247,14 @@ def test_queries_and_keys_rotated_apart_are_taken_whole_and_rotated_inside() -> 
     assert np.abs(got[0] - expected[0]).max() < 2e-6 * max(1.0, float(np.abs(expected[0]).max()))
     for got_cache, expected_cache in zip(got[1:], expected[1:], strict=True):
         np.testing.assert_allclose(got_cache[:, :, :21], expected_cache[:, :, :21], atol=1e-6)
+
+
+@needs_library
+@pytest.mark.parametrize("seq", [1, 4])
+def test_a_nan_in_the_cache_comes_out_as_nan(seq: int) -> None:
+    model = _gqa_model(1, 4, 2, 16, 32, 33, packed=False, rotary=False, bias=False, seq=seq)
+    use_decode_attention(model)
+    feeds = _inputs(1, 4, 2, 16, 32, [20], packed=False, rotary=False, bias=False, seq=seq)
+    feeds["past_key"][0, 0, 3] = np.nan  # a slot every token sees, read by key/value head 0's query heads
+    output = _session(model).run(None, feeds)[0].reshape(1, seq, 4, 16)
+    assert np.isnan(output[:, :, :2]).all() and np.isfinite(output[:, :, 2:]).all()

@@ -90,11 +90,18 @@ void attend(const Problem& p, int64_t b, int64_t h, int64_t s, int64_t first, in
                                         : p.bias + b * p.bias_batch_stride + h * p.bias_head_stride + s * p.bias_row_stride;
   const int64_t n = end - first;
   float largest = -std::numeric_limits<float>::infinity();
+  bool nan = false;
   for (int64_t t = 0; t < n; ++t) {
     float score = dot(q, keys + (first + t) * d, d) * p.scale;
     if (bias != nullptr) score += bias[first + t];
     scores[t] = score;
     largest = std::max(largest, score);
+    nan |= std::isnan(score);
+  }
+  if (nan) {  // a NaN anywhere in the inputs comes out as NaN, as it would from the float computation
+    out[0] = 0.0f;
+    std::fill(out + 1, out + d + 2, std::numeric_limits<float>::quiet_NaN());
+    return;
   }
   out[0] = largest;
   if (!(largest > -std::numeric_limits<float>::infinity())) return;  // every slot masked (or NaN): nothing to attend
