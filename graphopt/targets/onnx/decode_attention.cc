@@ -190,20 +190,7 @@ void rotate(const float* x, const float* cos, const float* sin, int64_t d, float
   }
 }
 
-int64_t count(const Shape& shape) {
-  int64_t n = 1;
-  for (int64_t d : shape.dims) n *= d;
-  return n;
-}
-
 void fill_nan(float* data, int64_t n) { std::fill(data, data + n, std::numeric_limits<float>::quiet_NaN()); }
-
-OrtValue* output(OrtKernelContext* context, size_t index, const std::vector<int64_t>& dims) {
-  OrtValue* value = nullptr;
-  slot<OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**)>(kKernelContextGetOutput)(
-      context, index, dims.data(), dims.size(), &value);
-  return value;
-}
 
 void compute(void*, OrtKernelContext* context) {
   const OrtValue* in[13] = {};
@@ -225,12 +212,12 @@ void compute(void*, OrtKernelContext* context) {
   p.head_size = p.heads > 0 ? (packed ? width / (p.heads + 2 * p.kv_heads) : width / p.heads) : 0;
   p.cache_len = cache_shape.dims.size() == 4 ? cache_shape.dims[2] : 0;
   const int64_t d = p.head_size, tokens = p.batch * p.seq;
-  float* y = static_cast<float*>(data_of(output(context, 0, {p.batch, p.seq, p.heads * d})));
-  float* keys = static_cast<float*>(data_of(output(context, 1, cache_shape.dims)));
-  float* values = static_cast<float*>(data_of(output(context, 2, cache_shape.dims)));
+  float* y = static_cast<float*>(data_of(kernel_output(context, 0, {p.batch, p.seq, p.heads * d})));
+  float* keys = static_cast<float*>(data_of(kernel_output(context, 1, cache_shape.dims)));
+  float* values = static_cast<float*>(data_of(kernel_output(context, 2, cache_shape.dims)));
   const float* past_keys = static_cast<const float*>(data_of(in[3]));
   const float* past_values = static_cast<const float*>(data_of(in[4]));
-  const int64_t cache_size = count(cache_shape);
+  const int64_t cache_size = element_count(cache_shape);
   const int32_t* filled = static_cast<const int32_t*>(data_of(in[5]));
   const int64_t total = *static_cast<const int32_t*>(data_of(in[6]));
   const int64_t* position_ids = in[9] != nullptr ? static_cast<const int64_t*>(data_of(in[9])) : nullptr;
@@ -238,10 +225,10 @@ void compute(void*, OrtKernelContext* context) {
   bool ok = ranked && p.seq >= 1 && p.kv_heads > 0 && p.heads % p.kv_heads == 0 && p.heads / p.kv_heads <= kMaxGroup &&
             d > 0 && d % 16 == 0 && d <= kMaxHeadSize && width == d * (packed ? p.heads + 2 * p.kv_heads : p.heads) &&
             cache_shape.dims.size() == 4 && cache_shape.dims[0] == p.batch && cache_shape.dims[1] == p.kv_heads &&
-            cache_shape.dims[3] == d && count(shape_of(in[5])) == p.batch && shape_of(in[4]).dims == cache_shape.dims;
+            cache_shape.dims[3] == d && element_count(shape_of(in[5])) == p.batch && shape_of(in[4]).dims == cache_shape.dims;
   if (ok && !packed) {
-    ok = in[2] != nullptr && count(shape_of(in[1])) == tokens * p.kv_heads * d &&
-         count(shape_of(in[2])) == tokens * p.kv_heads * d;
+    ok = in[2] != nullptr && element_count(shape_of(in[1])) == tokens * p.kv_heads * d &&
+         element_count(shape_of(in[2])) == tokens * p.kv_heads * d;
   }
   // Row b's tokens go to slots filled[b] + 1 - S .. filled[b], inside the cache.
   for (int64_t b = 0; ok && b < p.batch; ++b) ok = filled[b] + 1 >= p.seq && filled[b] < p.cache_len && filled[b] < total;
@@ -250,7 +237,7 @@ void compute(void*, OrtKernelContext* context) {
     ok = table.dims.size() == 2 && table.dims[1] == d / 2 && shape_of(in[8]).dims == table.dims;
     const int64_t positions = ok ? table.dims[0] : 0;
     if (ok && position_ids != nullptr) {
-      ok = count(shape_of(in[9])) == tokens;
+      ok = element_count(shape_of(in[9])) == tokens;
       for (int64_t i = 0; ok && i < tokens; ++i) ok = position_ids[i] >= 0 && position_ids[i] < positions;
     }
     for (int64_t b = 0; ok && position_ids == nullptr && b < p.batch; ++b) ok = filled[b] < positions;
@@ -335,9 +322,7 @@ void compute(void*, OrtKernelContext* context) {
 
 int g_kernel = 0;  // the op keeps no state: every kernel is this one
 void* create_kernel(const CustomOp*, const OrtApi*, const OrtKernelInfo*) { return &g_kernel; }
-void destroy_kernel(void*) {}
 const char* name_of(const CustomOp*) { return "DecodeAttention"; }
-const char* provider(const CustomOp*) { return "CPUExecutionProvider"; }
 int input_type(const CustomOp*, size_t index) {
   switch (index) {
     case 5: case 6: return kInt32;
@@ -354,11 +339,7 @@ int input_characteristic(const CustomOp*, size_t index) {
     default: return kRequired;
   }
 }
-int required(const CustomOp*, size_t) { return kRequired; }
-int default_memory(const CustomOp*, size_t) { return 0; }
-int one(const CustomOp*) { return 1; }
-
-const CustomOp g_op = {14, create_kernel, name_of, provider, input_type, input_count, output_type, output_count,
+const CustomOp g_op = {kCustomOpVersion, create_kernel, name_of, cpu_provider, input_type, input_count, output_type, output_count,
                        compute, destroy_kernel, input_characteristic, required, default_memory, one, one, one, one};
 
 }  // namespace

@@ -173,9 +173,9 @@ def use_decode_attention(model: onnx.ModelProto) -> int:
     (graphopt's export for batches), the kernel takes the projection whole and rotates inside
     (:func:`_packed_rotary`), and the slices and rotations nothing else reads leave the graph.
     """
-    nodes = decode_attention_nodes(model)
     graph = model.graph
     shapes = value_shapes(graph)
+    nodes = [node for node in graph.node if _eligible(node, shapes)]  # decode_attention_nodes, shapes read once
     producers = {name: node for node in graph.node for name in node.output if name}
     initializers = {t.name: t for t in graph.initializer}
     folded: list[onnx.NodeProto] = []

@@ -212,15 +212,9 @@ constexpr Task kTasksByKind[2][2] = {{task<false, false>, task<false, true>}, {t
 // and by gamma, as onnxruntime's SkipSimplifiedLayerNormalization does, into normed [M, K].
 bool skip_rms_norm(const OrtValue* const* inputs, OrtKernelContext* context, const Shape& a_shape, int64_t m,
                    int64_t k, std::vector<float>& normed) {
-  const Shape skip_shape = shape_of(inputs[3]), gamma_shape = shape_of(inputs[4]), epsilon_shape = shape_of(inputs[5]);
-  int64_t skip_size = 1, gamma_size = 1, epsilon_size = 1;
-  for (int64_t d : skip_shape.dims) skip_size *= d;
-  for (int64_t d : gamma_shape.dims) gamma_size *= d;
-  for (int64_t d : epsilon_shape.dims) epsilon_size *= d;
-  OrtValue* sum_value = nullptr;
-  slot<OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**)>(kKernelContextGetOutput)(
-      context, 1, a_shape.dims.data(), a_shape.dims.size(), &sum_value);
-  float* sum = static_cast<float*>(data_of(sum_value));
+  const int64_t skip_size = element_count(shape_of(inputs[3])), gamma_size = element_count(shape_of(inputs[4]));
+  const int64_t epsilon_size = element_count(shape_of(inputs[5]));
+  float* sum = static_cast<float*>(data_of(kernel_output(context, 1, a_shape.dims)));
   if (skip_size != m * k || gamma_size != k || epsilon_size != 1) {
     for (int64_t i = 0; i < m * k; ++i) sum[i] = std::numeric_limits<float>::quiet_NaN();
     return false;
@@ -263,11 +257,8 @@ void compute(void* kernel, OrtKernelContext* context) {
   for (size_t i = 0; i + 1 < a_shape.dims.size(); ++i) p.m *= a_shape.dims[i];
   std::vector<int64_t> out_dims = a_shape.dims;
   out_dims.back() = p.n;
-  OrtValue* output = nullptr;
-  slot<OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**)>(kKernelContextGetOutput)(
-      context, 0, out_dims.data(), out_dims.size(), &output);
   p.weights = static_cast<const uint8_t*>(data_of(inputs[1]));
-  p.y = static_cast<float*>(data_of(output));
+  p.y = static_cast<float*>(data_of(kernel_output(context, 0, out_dims)));
   std::vector<float> normed;
   const bool norm_ok = !kind.normed || skip_rms_norm(inputs, context, a_shape, p.m, p.k, normed);
   if (p.m == 0 || p.n == 0) return;
@@ -299,20 +290,14 @@ const Op& op_of(const CustomOp* api) { return *reinterpret_cast<const Op*>(api);
 void* create_kernel(const CustomOp* api, const OrtApi*, const OrtKernelInfo*) {
   return const_cast<Kernel*>(&op_of(api).kernel);
 }
-void destroy_kernel(void*) {}
 const char* name_of(const CustomOp* api) { return op_of(api).name; }
-const char* provider(const CustomOp*) { return "CPUExecutionProvider"; }
 // Inputs: A float, weights uint8, N int64; normed ops add skip, gamma and epsilon, all float.
 int input_type(const CustomOp*, size_t index) { return index == 1 ? kUint8 : index == 2 ? kInt64 : kFloat; }
 size_t input_count(const CustomOp* api) { return op_of(api).kernel.normed ? 6 : 3; }
 int output_type(const CustomOp*, size_t) { return kFloat; }
 size_t output_count(const CustomOp* api) { return op_of(api).kernel.normed ? 2 : 1; }  // Y, and normed ops' sum
-int required(const CustomOp*, size_t) { return kRequired; }
-int default_memory(const CustomOp*, size_t) { return 0; }
-int one(const CustomOp*) { return 1; }
-
 constexpr Op op(const char* name, bool int8, bool gated, bool normed) {
-  return {{14, create_kernel, name_of, provider, input_type, input_count, output_type, output_count, compute,
+  return {{kCustomOpVersion, create_kernel, name_of, cpu_provider, input_type, input_count, output_type, output_count, compute,
            destroy_kernel, required, required, default_memory, one, one, one, one},
           name,
           {int8, gated, normed}};

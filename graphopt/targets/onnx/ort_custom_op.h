@@ -104,6 +104,29 @@ inline void* data_of(const OrtValue* value) {
   return data;
 }
 
+inline int64_t element_count(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape.dims) n *= d;
+  return n;
+}
+
+// Output `index` of the running kernel, allocated with `dims` (or the buffer the caller bound to it).
+inline OrtValue* kernel_output(OrtKernelContext* context, size_t index, const std::vector<int64_t>& dims) {
+  OrtValue* value = nullptr;
+  slot<OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**)>(kKernelContextGetOutput)(
+      context, index, dims.data(), dims.size(), &value);
+  return value;
+}
+
+// The OrtCustomOp entries every op of this library fills alike: CPU only, no kernel state to free, inputs and
+// outputs in CPU memory, no variadic arguments.
+constexpr uint32_t kCustomOpVersion = 14;
+inline void destroy_kernel(void*) {}
+inline const char* cpu_provider(const CustomOp*) { return "CPUExecutionProvider"; }
+inline int required(const CustomOp*, size_t) { return kRequired; }
+inline int default_memory(const CustomOp*, size_t) { return 0; }
+inline int one(const CustomOp*) { return 1; }
+
 // e^x for float32 lanes: 2^n * e^r with r = x - n ln 2 in [-ln 2 / 2, ln 2 / 2] and e^r to degree 7
 // (truncation below 1e-8 relative, under float32's own rounding); x is first clamped to [-88, 88].
 inline __m512 exp_lanes(__m512 x) {
