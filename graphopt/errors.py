@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from typing import Any
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
 class GraphoptError(Exception):
@@ -54,6 +59,14 @@ class StateError(GraphoptError):
 
 class RollbackWarning(UserWarning):
     """A pass failed verification and was undone; the pipeline went on without it."""
+
+
+def warn_caller(message: str, category: type[Warning]) -> None:
+    """Warn, pointing at the first frame outside graphopt: the user's line that called it, however deep."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class UnknownPassError(GraphoptError, KeyError):

@@ -47,6 +47,7 @@ __all__ = [
     "register_constant",
     "run_and_record",
     "same_shape",
+    "shared_by_copies",
     "snapshot_graph_module",
     "state_update_nodes",
     "tensor_versions",
@@ -222,14 +223,19 @@ def snapshot_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     write into an existing weight; they register a new tensor (``register_constant``) instead,
     and the pass manager checks that they did.
     """
+    with torch_deprecations_silenced():
+        return copy.deepcopy(gm, shared_by_copies(gm))
+
+
+def shared_by_copies(gm: fx.GraphModule) -> dict[int, Any]:
+    """A ``copy.deepcopy`` memo under which a copy of ``gm`` shares its weights and its nodes' meta values."""
     memo: dict[int, Any] = {}
     for _, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
         memo[id(tensor)] = tensor
     for node in gm.graph.nodes:
         for value in node.meta.values():
             memo[id(value)] = value  # meta values are facts about a node: shared, the dicts are copied
-    with torch_deprecations_silenced():
-        return copy.deepcopy(gm, memo)
+    return memo
 
 
 @contextlib.contextmanager

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch.fx as fx
 
-from graphopt.errors import GraphoptError, PassError, RollbackWarning, StateError, VerificationError
+from graphopt.errors import GraphoptError, PassError, RollbackWarning, StateError, VerificationError, warn_caller
+from graphopt.ir.backup import GraphBackup, graph_fingerprint, unchanged_since
 from graphopt.ir.graph import (
     parameter_bytes,
     run_and_record,
-    snapshot_graph_module,
     state_update_nodes,
     tensor_versions,
     written_since,
@@ -147,8 +146,7 @@ class PassManager:
     ) -> tuple[fx.GraphModule, Any, bool]:
         if is_lossy(pass_) and iteration > 1:
             return gm, outputs, False  # a lossy pass runs once: re-running it would compound its error
-        backup = snapshot_graph_module(gm)
-        code_before = gm.code
+        backup = GraphBackup(gm)
         state = {str(u.args[0].target) for u in state_update_nodes(gm) if u.args[0].op == "get_attr"}
         weights = {name: v for name, v in tensor_versions(gm).items() if name not in state}  # state is meant to change
         nodes, weight_bytes = _node_count(gm), parameter_bytes(gm)
@@ -159,7 +157,7 @@ class PassManager:
             if is_lossy(pass_):
                 gm, new_outputs, result = self._attempt_lossy(pass_, gm, outputs, record, report)  # type: ignore[arg-type]
             else:
-                new_outputs, result = self._attempt_exact(pass_, gm, backup, code_before, flat_inputs, outputs, record)
+                new_outputs, result = self._attempt_exact(pass_, gm, backup, flat_inputs, outputs, record)
             _check_weights_untouched(pass_, weights)
         except PassError as error:
             for instrument in self.instruments:
@@ -168,16 +166,15 @@ class PassManager:
             record.status = "rolled back" if self.on_error == "rollback" and error.recoverable else "failed"
             if record.status == "rolled back":
                 try:
-                    self._check_backup_intact(pass_, backup, flat_inputs, outputs, error)
+                    self._check_backup_intact(pass_, backup.module(), flat_inputs, outputs, error)
                 except PassError as fatal:
                     record.status, record.error, error = "failed", str(fatal), fatal
             report.records.append(record)
             if record.status == "failed":
                 error.report = report
                 raise error
-            warnings.warn(f"graphopt: pass {pass_.name!r} was rolled back and skipped: {error}", RollbackWarning,
-                          stacklevel=4)
-            return backup, outputs, False
+            warn_caller(f"graphopt: pass {pass_.name!r} was rolled back and skipped: {error}", RollbackWarning)
+            return backup.module(), outputs, False
         for instrument in self.instruments:
             instrument.after_pass(pass_, gm, result)
         record.status = "changed" if result.changed else "unchanged"
@@ -187,16 +184,21 @@ class PassManager:
         report.records.append(record)
         return gm, new_outputs, result.changed
 
-    def _attempt_exact(self, pass_: Pass, gm: fx.GraphModule, backup: fx.GraphModule, code_before: str,
-                       flat_inputs: tuple[Any, ...], outputs: Any, record: PassRecord) -> tuple[Any, PassResult]:
-        """Run an exact pass in place on ``gm`` and verify it keeps the outputs to tolerance."""
+    def _attempt_exact(self, pass_: Pass, gm: fx.GraphModule, backup: GraphBackup, flat_inputs: tuple[Any, ...],
+                       outputs: Any, record: PassRecord) -> tuple[Any, PassResult]:
+        """Run an exact pass in place on ``gm`` and verify it keeps the outputs to tolerance.
+
+        A pass that reports no change and leaves the graph's structure as it was is not verified
+        (nothing it could have changed would show), and its graph's code is not regenerated.
+        """
+        fingerprint = graph_fingerprint(gm.graph)
         started = time.perf_counter()
         try:
-            result = self._apply(pass_, gm)
+            result = self._apply(pass_, gm, fingerprint)
         finally:
             record.seconds = time.perf_counter() - started
         started = time.perf_counter()
-        untouched = not result.changed and gm.code == code_before
+        untouched = not result.changed and unchanged_since(gm.graph, fingerprint)
         if self.verify and not untouched:
             new_outputs, record.max_abs_diff = self._check(pass_, gm, backup, flat_inputs, outputs)
         else:
@@ -258,10 +260,12 @@ class PassManager:
             raise error from cause
 
     @staticmethod
-    def _apply(pass_: Pass, gm: fx.GraphModule) -> PassResult:
+    def _apply(pass_: Pass, gm: fx.GraphModule, fingerprint: list[tuple[Any, ...]]) -> PassResult:
+        """Run the pass on ``gm``; regenerate its code unless it reports no change and the graph shows none."""
         try:
             result = pass_.run(gm)
-            gm.recompile()
+            if not isinstance(result, PassResult) or result.changed or not unchanged_since(gm.graph, fingerprint):
+                gm.recompile()
         except PassError:
             raise
         except Exception as error:
@@ -271,7 +275,7 @@ class PassManager:
         return result
 
     def _check(
-        self, pass_: Pass, gm: fx.GraphModule, before: fx.GraphModule, flat_inputs: tuple[Any, ...], expected: Any
+        self, pass_: Pass, gm: fx.GraphModule, before: GraphBackup, flat_inputs: tuple[Any, ...], expected: Any
     ) -> tuple[Any, float]:
         self._lint(pass_, gm, check_meta=False)  # refuse in-place ops before running anything
         try:
@@ -294,7 +298,7 @@ class PassManager:
             comparison = compare_outputs(actual, expected, self.tolerance_scale)
         if not comparison.ok:
             try:
-                node = first_divergence(before, gm, flat_inputs, self.tolerance_scale)
+                node = first_divergence(before.module(), gm, flat_inputs, self.tolerance_scale)
             except Exception:  # a diagnosis only: values it cannot compare (quantized tensors) must not hide the error
                 node = None
             where = f"; first diverging node: {node}" if node else ""

@@ -33,6 +33,7 @@ from graphopt.passes.manager import OnError, PassManager
 from graphopt.report import Report
 from graphopt.targets.base import Target, get_target
 from graphopt.targets.tune import lower_model
+from graphopt.workflows.collector import with_eased_collector
 from graphopt.workflows.generation import (
     GenerativeModel,
     generation_compression,
@@ -95,6 +96,7 @@ class _GraphCaller(torch.nn.Module):
             return self.graph_module(*args, **kwargs)
 
 
+@with_eased_collector
 def optimize(
     model: torch.nn.Module,
     example_inputs: Any,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import logging
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
@@ -52,6 +51,7 @@ from graphopt.targets.onnx.model_size import approximate_bytes, check_structure
 from graphopt.targets.onnx.opsets import MAX_OPSET, opset_of, stamp_ir_version
 from graphopt.targets.onnx.quantized import DynamicLinearOp, StaticLinearAsMatmul, StaticLinearFloatOutput
 from graphopt.targets.onnx.quantized import translation_table as quantized_translations
+from graphopt.targets.onnx.session_weights import open_session
 from graphopt.targets.onnx.slice_linears import LinearPerSlice
 from graphopt.targets.onnx.weight_only import MatMulNBitsLinears
 from graphopt.targets.onnx.weight_only import translation_table as weight_only_translations
@@ -316,12 +316,8 @@ class OnnxRuntimeModule(torch.nn.Module):
             self.session = session
         elif runs is None:
             raise LoweringError("OnnxRuntimeModule needs an ONNX model or an onnxruntime session")
-        elif approximate_bytes(runs) < EXTERNAL_DATA_THRESHOLD:
-            self.session = ort.InferenceSession(runs.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        else:  # onnxruntime reads a large model (weights in a side file) from disk
-            with tempfile.TemporaryDirectory() as folder:
-                path = write_model(runs, Path(folder) / "model.onnx")
-                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        else:  # the weights go to onnxruntime in memory, not serialized with the graph (any size)
+            self.session, self._session_weights = open_session(runs, options)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.out_spec = out_spec
 

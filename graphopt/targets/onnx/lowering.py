@@ -59,6 +59,7 @@ from graphopt.targets.onnx.native_kernels import native_int4_library, native_int
 from graphopt.targets.onnx.openvino_runtime import CompiledOpenVino, openvino_export, openvino_runner, run_openvino
 from graphopt.targets.onnx.opsets import FUSED_ATTENTION_OPSET, opset_of
 from graphopt.targets.onnx.options import Level, OnnxLowering
+from graphopt.targets.onnx.session_weights import open_session
 from graphopt.targets.onnx.stateful import StatefulOnnxRunner
 
 __all__ = ["ATTENTION_EXPORT_PASSES", "FUSED_ONNX_OPS", "ExpandAttentionMasks", "ExportedModel", "Level",
@@ -345,7 +346,7 @@ def _feed_for(model: onnx.ModelProto, feed: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(model: onnx.ModelProto, feed: dict[str, Any]) -> list[Any]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session, _weights = open_session(model, ort.SessionOptions())
     return session.run(None, feed)
 
 

@@ -23,6 +23,7 @@ from graphopt.errors import InputError
 from graphopt.passes.base import Pass
 from graphopt.report import Report
 from graphopt.targets.base import Target
+from graphopt.workflows.collector import eased_collector
 from graphopt.workflows.generation.build import BuiltSteps, build_steps
 from graphopt.workflows.generation.compression import StepCompression
 from graphopt.workflows.generation.decoder import step_inputs
@@ -116,7 +117,8 @@ class GenerativeModel(nn.Module):
             if self._source is None:
                 raise InputError(self._unsaved_batch_size(batch_size))
             started = time.perf_counter()
-            built = self._source.build(batch_size, self.max_cache_len, self.target, self.report, self.fallback)
+            with eased_collector():
+                built = self._source.build(batch_size, self.max_cache_len, self.target, self.report, self.fallback)
             if built.target is self.fallback:  # later batch sizes start where this one ended
                 self.target, self.fallback = built.target, None
             self._built[batch_size] = built
