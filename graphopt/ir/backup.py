@@ -4,7 +4,7 @@ The pass manager keeps a copy of the graph before every pass, to roll back a pas
 verification and to find where it diverged. Nearly every pass succeeds, so the copy is almost
 never run: :class:`GraphBackup` copies the structure (graph, submodules, attributes; weights and
 node meta shared) but generates no Python code for it until :meth:`GraphBackup.module` is called.
-On SmolLM2's 2,400-node step graph that halves the copy (58 of 124 ms went to code generation),
+On SmolLM2's 2,400-node step graph that halves the copy (66 of 124 ms went to code generation),
 over 20 passes per build.
 
 :func:`graph_fingerprint` and :func:`unchanged_since` tell cheaply whether a graph's structure
