@@ -194,11 +194,10 @@ class PassManager:
         fingerprint = graph_fingerprint(gm.graph)
         started = time.perf_counter()
         try:
-            result = self._apply(pass_, gm, fingerprint)
+            result, untouched = self._apply(pass_, gm, fingerprint)
         finally:
             record.seconds = time.perf_counter() - started
         started = time.perf_counter()
-        untouched = not result.changed and unchanged_since(gm.graph, fingerprint)
         if self.verify and not untouched:
             new_outputs, record.max_abs_diff = self._check(pass_, gm, backup, flat_inputs, outputs)
         else:
@@ -260,11 +259,17 @@ class PassManager:
             raise error from cause
 
     @staticmethod
-    def _apply(pass_: Pass, gm: fx.GraphModule, fingerprint: list[tuple[Any, ...]]) -> PassResult:
-        """Run the pass on ``gm``; regenerate its code unless it reports no change and the graph shows none."""
+    def _apply(pass_: Pass, gm: fx.GraphModule, fingerprint: list[tuple[Any, ...]]) -> tuple[PassResult, bool]:
+        """Run the pass on ``gm``; return its result and whether it left ``gm`` untouched.
+
+        Untouched means the pass reported no change and the graph's structure shows none; its code
+        is then not regenerated.
+        """
         try:
             result = pass_.run(gm)
-            if not isinstance(result, PassResult) or result.changed or not unchanged_since(gm.graph, fingerprint):
+            untouched = isinstance(result, PassResult) and not result.changed and unchanged_since(gm.graph,
+                                                                                                   fingerprint)
+            if not untouched:
                 gm.recompile()
         except PassError:
             raise
@@ -272,7 +277,7 @@ class PassManager:
             raise PassError(f"pass {pass_.name!r} raised {type(error).__name__}: {error}", pass_.name) from error
         if not isinstance(result, PassResult):
             raise PassError(f"pass {pass_.name!r} returned {type(result).__name__}, expected PassResult", pass_.name)
-        return result
+        return result, untouched
 
     def _check(
         self, pass_: Pass, gm: fx.GraphModule, before: GraphBackup, flat_inputs: tuple[Any, ...], expected: Any
