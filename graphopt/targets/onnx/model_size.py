@@ -12,10 +12,11 @@ weights, are not re-read.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import onnx
 
-__all__ = ["CHECKED_INITIALIZER_BYTES", "approximate_bytes", "check_structure"]
+__all__ = ["CHECKED_INITIALIZER_BYTES", "approximate_bytes", "check_structure", "tensor_bytes", "without_initializers"]
 
 CHECKED_INITIALIZER_BYTES = 4096
 """Initializers up to this size stay in the checked copy (shape tensors, axes, scalars: inference reads them)."""
@@ -24,7 +25,7 @@ _NODE_BYTES = 256
 """A generous serialized size of one node (op type, names, small attributes)."""
 
 
-def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
     """The stored size of ``tensor`` in the model itself (0 for external data), from its shape and type."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         return 0
@@ -33,12 +34,12 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
 
 
 def _graph_bytes(graph: onnx.GraphProto) -> int:
-    total = sum(_tensor_bytes(t) for t in graph.initializer) + _NODE_BYTES * len(graph.node)
+    total = sum(tensor_bytes(t) for t in graph.initializer) + _NODE_BYTES * len(graph.node)
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.HasField("t"):
-                total += _tensor_bytes(attribute.t)
-            total += sum(_tensor_bytes(t) for t in attribute.tensors)
+                total += tensor_bytes(attribute.t)
+            total += sum(tensor_bytes(t) for t in attribute.tensors)
             if attribute.HasField("g"):
                 total += _graph_bytes(attribute.g)
             total += sum(_graph_bytes(g) for g in attribute.graphs)
@@ -56,21 +57,38 @@ def check_structure(model: onnx.ModelProto) -> None:
     Raises what the checker raises: ``onnx.checker.ValidationError``, or shape inference's
     ``onnx.shape_inference.InferenceError``.
     """
-    checked = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(checked, field, getattr(model, field))
-    checked.opset_import.extend(model.opset_import)
-    checked.functions.extend(model.functions)
+    checked = without_initializers(model)
     graph, source = checked.graph, model.graph
-    graph.name = source.name
-    graph.node.extend(source.node)
-    graph.input.extend(source.input)
-    graph.output.extend(source.output)
-    graph.value_info.extend(source.value_info)
     listed = {i.name for i in source.input}
     for tensor in source.initializer:
-        if _tensor_bytes(tensor) <= CHECKED_INITIALIZER_BYTES:
+        if tensor_bytes(tensor) <= CHECKED_INITIALIZER_BYTES:
             graph.initializer.append(tensor)
         elif tensor.name not in listed:
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     onnx.checker.check_model(checked, full_check=True)
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every field but its graph's initializers (nodes, inputs, outputs, opsets...).
+
+    The nodes and other small messages are copied; no weight is, so this costs milliseconds for
+    any model size. Callers add back the initializers they want.
+    """
+    copy = onnx.ModelProto()
+    for descriptor, value in model.ListFields():
+        if descriptor.name != "graph":
+            _copy_field(copy, descriptor, value)
+    for descriptor, value in model.graph.ListFields():
+        if descriptor.name != "initializer":
+            _copy_field(copy.graph, descriptor, value)
+    return copy
+
+
+def _copy_field(target: Any, descriptor: Any, value: Any) -> None:
+    """Copy one set protobuf field (as ``ListFields`` gives it) onto ``target``."""
+    if isinstance(value, (str, bytes, int, float, bool)):
+        setattr(target, descriptor.name, value)
+    elif hasattr(value, "extend"):  # a repeated field
+        getattr(target, descriptor.name).extend(value)
+    else:
+        getattr(target, descriptor.name).CopyFrom(value)

@@ -19,6 +19,8 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from graphopt.targets.onnx.model_size import tensor_bytes, without_initializers
+
 __all__ = ["WEIGHT_APART_MIN_BYTES", "WeightsApart", "open_session", "weights_apart"]
 
 WEIGHT_APART_MIN_BYTES = 1024
@@ -46,16 +48,10 @@ def weights_apart(model: onnx.ModelProto, min_bytes: int = WEIGHT_APART_MIN_BYTE
     Each moved initializer stays in the copy as a stub (name, type, shape, marked as external
     data) so the graph still declares it; onnxruntime replaces the stub with the value given.
     """
-    light = onnx.ModelProto()
-    for descriptor, value in model.ListFields():
-        if descriptor.name != "graph":
-            _copy_field(light, descriptor, value)
+    light = without_initializers(model)
     apart = WeightsApart(light)
-    for descriptor, value in model.graph.ListFields():
-        if descriptor.name != "initializer":
-            _copy_field(light.graph, descriptor, value)
     for initializer in model.graph.initializer:
-        if _stored_bytes(initializer) < max(min_bytes, 1):
+        if initializer.data_type not in _PLAIN_TYPES or tensor_bytes(initializer) < max(min_bytes, 1):
             light.graph.initializer.append(initializer)
             continue
         array = np.ascontiguousarray(numpy_helper.to_array(initializer))
@@ -85,26 +81,8 @@ def open_session(model: onnx.ModelProto, options: Any, providers: list[str] | No
     return session, apart
 
 
-_PLAIN_TYPES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.DOUBLE: 8,
-                onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT16: 2,
-                onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT32: 4, onnx.TensorProto.UINT32: 4,
-                onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8, onnx.TensorProto.BOOL: 1}
-"""Element types NumPy holds as onnxruntime does, by bytes per element; others (bfloat16, 4-bit) stay in the graph."""
-
-
-def _stored_bytes(initializer: onnx.TensorProto) -> int:
-    """Bytes of a movable initializer's values; 0 for one that stays in the graph (type, or data kept apart)."""
-    element = _PLAIN_TYPES.get(initializer.data_type)
-    if element is None or initializer.data_location == onnx.TensorProto.EXTERNAL:
-        return 0
-    return int(np.prod(initializer.dims, dtype=np.int64)) * element
-
-
-def _copy_field(target: Any, descriptor: Any, value: Any) -> None:
-    """Copy one set protobuf field (as ``ListFields`` gives it) onto ``target``."""
-    if isinstance(value, (str, bytes, int, float, bool)):
-        setattr(target, descriptor.name, value)
-    elif hasattr(value, "extend"):  # a repeated field
-        getattr(target, descriptor.name).extend(value)
-    else:
-        getattr(target, descriptor.name).CopyFrom(value)
+_PLAIN_TYPES = frozenset({
+    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+    onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL})
+"""Element types NumPy holds as onnxruntime does; others (bfloat16, 4-bit) stay in the graph."""
