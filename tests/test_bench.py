@@ -245,3 +245,32 @@ def test_quantize_bench_with_compound_rows_beside_the_peers() -> None:
     assert {"openvino f32", "openvino (default precision)", "onnxruntime dynamic int8"} <= set(rows)
     assert "--compound 0.5" in result.meta["command"] and "prune 0.5 + distill" in str(result)
     assert result.meta["command"].endswith("--min-repeats 2 --max-seconds 0.2")  # the command reproduces the timing
+
+
+def test_compound_rows_read_their_text_from_a_file_the_user_gives(tmp_path: Path) -> None:
+    """``--distill-text FILE``: its lines replace pydoc's sentences; a file too short or empty is refused up front."""
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from graphopt.bench.compound import distill_data
+    from graphopt.bench.quantize import _compound
+    from graphopt.errors import InputError
+
+    lines = [f"The {word} sat on the mat number {i}." for i, word in enumerate(["cat", "dog", "bird", "fox"] * 3)]
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join(lines) + "\n", encoding="utf-8")  # blank lines between sentences are skipped
+    example = (torch.zeros(2, 16, dtype=torch.long), torch.ones(2, 16, dtype=torch.long))
+    tokenizer = AutoTokenizer.from_pretrained(zoo.minilm_path(), local_files_only=True)
+    batches = distill_data(example, count=4, batch=2, skip=4, text=path)
+    decoded = [tokenizer.decode(row, skip_special_tokens=True) for ids, _ in batches for row in ids]
+    assert decoded == [line.lower() for line in lines[4:8]]
+
+    namespace = argparse.Namespace(compound=0.5, distill_sentences=4, distill_epochs=1, embedding_bits=3,
+                                   compound_cosine=0.98, distill_text=path)
+    with pytest.raises(InputError, match=r"has 12 sentences; --distill-sentences 4 needs 132"):
+        _compound(namespace)
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    with pytest.raises(InputError, match="no sentences"):
+        _compound(argparse.Namespace(**{**vars(namespace), "distill_text": tmp_path / "empty.txt"}))
+    path.write_text("\n".join(lines * 11), encoding="utf-8")  # 132 lines
+    assert _compound(namespace).describe().endswith(f"--distill-text {path}")

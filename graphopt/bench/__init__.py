@@ -302,6 +302,9 @@ def add_bench_parser(subparsers: Any) -> None:
                              "unlabeled data (pydoc sentences for text models) and quantized (graphopt.recipe)")
     parser.add_argument("--distill-sentences", type=positive_int, default=1280, metavar="N",
                         help="with --compound: how many sentences (or random inputs) to distill on (default 1280)")
+    parser.add_argument("--distill-text", type=Path, default=None, metavar="FILE",
+                        help="with --compound: text models calibrate, distill and validate on this file's lines "
+                             "(one sentence each) instead of pydoc's sentences")
     parser.add_argument("--distill-epochs", type=positive_int, default=2, metavar="N",
                         help="with --compound: distillation epochs (default 2)")
     parser.add_argument("--embedding-bits", type=int, choices=(3, 4, 8), default=4,

@@ -8,13 +8,17 @@ for token inputs, sentences of Python's ``pydoc_data.topics`` tokenized with the
 all-MiniLM-L6-v2 tokenizer (BERT's vocabulary), padded per batch; for other inputs, Gaussian
 inputs of the example's shape. So the rows' fidelity (on the example inputs) is on held-out data.
 The next 128 sentences are distillation's validation batches: the epoch (or the untrained
-weights) with the lowest loss on them is what gets quantized.
+weights) with the lowest loss on them is what gets quantized. ``--distill-text FILE`` (one
+sentence per line) replaces the pydoc sentences in all three roles (pruning's choice, training,
+validation), for text of the domain the model will see; ``scripts/write_everyday_text.py``
+writes such a file of everyday sentences with SmolLM2 through graphopt's own generation.
 ``--distill-sentences N`` (default 1280) and ``--distill-epochs N`` (default 2) size the training;
 int8 schemes store embedding tables in 4 bits there (``--embedding-bits 8``: int8 rows).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +28,9 @@ from torch import nn
 
 from graphopt.bench import zoo
 from graphopt.bench.runner import GraphoptBackend, Runner
+from graphopt.errors import InputError
 
-__all__ = ["Compound", "CompoundBackend", "distill_data", "pydoc_sentences"]
+__all__ = ["Compound", "CompoundBackend", "check_text_size", "distill_data", "pydoc_sentences", "text_sentences"]
 
 DISTILL_SENTENCES = 1280
 """How many sentences (or random inputs) distillation trains on, per epoch."""
@@ -44,7 +49,8 @@ class Compound:
     are about the smallest file; ``Int8Dynamic(embedding_bits=...)``). ``min_cosine``: the
     quantization step's budget (output cosine against the distilled model, ``recipe``'s
     ``fidelity``); a 3-bit word table, say, costs that model about 0.01 and falls back to float
-    under the default 0.99.
+    under the default 0.99. ``text``: a UTF-8 file of one sentence per line that text models
+    calibrate, distill and validate on instead of ``pydoc_data.topics``.
     """
 
     amount: float
@@ -52,6 +58,7 @@ class Compound:
     epochs: int = 2
     embedding_bits: int = 4
     min_cosine: float = 0.99
+    text: str | None = None
 
     def describe(self) -> str:
         """The bench command's flags for it."""
@@ -59,7 +66,8 @@ class Compound:
                 + (f" --distill-sentences {self.sentences}" if self.sentences != DISTILL_SENTENCES else "")
                 + (f" --distill-epochs {self.epochs}" if self.epochs != 2 else "")
                 + (f" --embedding-bits {self.embedding_bits}" if self.embedding_bits != 4 else "")
-                + (f" --compound-cosine {self.min_cosine:g}" if self.min_cosine != 0.99 else ""))
+                + (f" --compound-cosine {self.min_cosine:g}" if self.min_cosine != 0.99 else "")
+                + (f" --distill-text {self.text}" if self.text is not None else ""))
 
 
 def pydoc_sentences() -> list[str]:
@@ -70,15 +78,38 @@ def pydoc_sentences() -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if 40 <= len(s.strip()) <= 300]
 
 
+def text_sentences(path: str | os.PathLike[str]) -> list[str]:
+    """The non-blank lines of the UTF-8 file ``path``, stripped: one sentence each."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            sentences = [line.strip() for line in file if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--distill-text {path}: cannot read it ({exc}); give a UTF-8 text file with one "
+                         f"sentence per line") from exc
+    if not sentences:
+        raise InputError(f"--distill-text {path}: the file has no sentences; give one sentence per line")
+    return sentences
+
+
+def check_text_size(path: str | os.PathLike[str], count: int) -> None:
+    """Fail before any work when ``path`` holds fewer than ``count`` training plus the validation sentences."""
+    have, need = len(text_sentences(path)), count + VALIDATION_SENTENCES
+    if have < need:
+        raise InputError(f"--distill-text {path} has {have} sentences; --distill-sentences {count} needs {need} "
+                         f"({count} to train on, {VALIDATION_SENTENCES} to validate). Lower --distill-sentences "
+                         f"or add sentences to the file")
+
+
 def distill_data(example_inputs: tuple[torch.Tensor, ...], count: int = DISTILL_SENTENCES,
-                 batch: int = DISTILL_BATCH, like_example: bool = False, skip: int = 0
-                 ) -> list[tuple[torch.Tensor, ...]]:
+                 batch: int = DISTILL_BATCH, like_example: bool = False, skip: int = 0,
+                 text: str | os.PathLike[str] | None = None) -> list[tuple[torch.Tensor, ...]]:
     """Unlabeled training batches for ``example_inputs``' model (see the module doc).
 
     ``like_example``: every batch shaped like the example (its batch size; token inputs padded to
     its length), which a graph with static shapes can calibrate on; else sentences are padded per
     batch of ``batch``. ``skip``: start after that many sentences (or random batches' worth), so
-    validation batches share nothing with the training ones.
+    validation batches share nothing with the training ones. ``text``: token inputs read the
+    sentences of that file (``text_sentences``) instead of pydoc's.
     """
     if like_example:
         batch = example_inputs[0].shape[0]
@@ -87,7 +118,7 @@ def distill_data(example_inputs: tuple[torch.Tensor, ...], count: int = DISTILL_
 
         tokenizer = AutoTokenizer.from_pretrained(zoo.minilm_path(), local_files_only=True)
         length = example_inputs[0].shape[1]
-        sentences = pydoc_sentences()[skip:skip + count]
+        sentences = (pydoc_sentences() if text is None else text_sentences(text))[skip:skip + count]
         batches = []
         for start in range(0, len(sentences) - (batch - 1 if like_example else 0), batch):
             tokens = tokenizer(sentences[start:start + batch], padding="max_length" if like_example else True,
@@ -126,11 +157,12 @@ class CompoundBackend(GraphoptBackend):
         from graphopt import Fidelity, Prune, recipe
         from graphopt.passes.quantize import Quantize
 
-        data = distill_data(example_inputs, count=self.compound.sentences)
-        held_out = distill_data(example_inputs, count=VALIDATION_SENTENCES, skip=self.compound.sentences)
+        count, text = self.compound.sentences, self.compound.text
+        data = distill_data(example_inputs, count=count, text=text)
+        held_out = distill_data(example_inputs, count=VALIDATION_SENTENCES, skip=count, text=text)
         distill: dict[str, Any] = {"epochs": self.compound.epochs, "loss": self.loss, "lr": DISTILL_LR,
                                    "validation": held_out}
-        choosing = distill_data(example_inputs, count=self.compound.sentences, like_example=True)
+        choosing = distill_data(example_inputs, count=count, like_example=True, text=text)
         scheme: Any = self.scheme
         if scheme in ("int8", "int8-dynamic"):
             scheme = Quantize(scheme, embedding_bits=self.compound.embedding_bits)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from graphopt.bench import zoo
-from graphopt.bench.compound import Compound, CompoundBackend
+from graphopt.bench.compound import Compound, CompoundBackend, check_text_size
 from graphopt.bench.openvino_peer import OpenVinoBackend
 from graphopt.bench.report import machine_info, versions, write_result_files
 from graphopt.bench.runner import (
@@ -243,6 +243,8 @@ def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], kind
             backends.append((_QuantizedBackend(name=label, target=target, scheme=scheme), target, scheme))
         for scheme in schemes if compound is not None else ():
             label = f"graphopt-{target} prune {compound.amount:g} + distill + {scheme}"
+            if compound.text is not None:  # the rows say what they learned from
+                label += f" (text: {Path(compound.text).name})"
             backend = CompoundBackend(name=label, target=target, compound=compound, scheme=scheme,
                                       loss="kl" if kind == "logits" else "cosine")
             backends.append((backend, target, f"compound {scheme}"))
@@ -300,8 +302,11 @@ def _ratios(rows: list[QuantizeRow]) -> None:
 def _compound(args: Any) -> Compound | None:
     if getattr(args, "compound", None) is None:
         return None
+    if args.distill_text is not None:
+        check_text_size(args.distill_text, args.distill_sentences)
     return Compound(args.compound, sentences=args.distill_sentences, epochs=args.distill_epochs,
-                    embedding_bits=args.embedding_bits, min_cosine=args.compound_cosine)
+                    embedding_bits=args.embedding_bits, min_cosine=args.compound_cosine,
+                    text=None if args.distill_text is None else str(args.distill_text))
 
 
 def run_quantize_bench_command(args: Any, models: Sequence[str], threads: int) -> int:
