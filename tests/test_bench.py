@@ -244,6 +244,11 @@ def test_quantize_bench_with_compound_rows_beside_the_peers() -> None:
     assert compound.min_cosine is not None and compound.ranking_kept is None  # logits: cosine only
     assert {"openvino f32", "openvino (default precision)", "onnxruntime dynamic int8"} <= set(rows)
     assert "--compound 0.5" in result.meta["command"] and "prune 0.5 + distill" in str(result)
+    stages = [row[0] for row in compound.stages]  # each step's size, speed and fidelity, in the JSON and markdown
+    assert stages[0] == "original (eager)" and stages[1].startswith("pruned") and len(stages) == 4
+    assert compound.stages[1][1] < compound.stages[0][1] and compound.stages[3][1] < compound.stages[2][1]
+    assert "Stages of mlp / graphopt-cpu prune 0.5" in result.to_markdown()
+    assert result.to_dict()["rows"][-1]["stages"] == compound.stages
     assert result.meta["command"].endswith("--min-repeats 2 --max-seconds 0.2")  # the command reproduces the timing
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from tabulate import tabulate
 from torch import nn
 
 from graphopt.bench import zoo
@@ -113,6 +114,12 @@ class QuantizeRow:
     rho: float | None = None
     fallen_back: str | None = None
     error: str | None = None
+    stages: list[list[Any]] | None = None
+    """A compound row's ``recipe: stages`` table (``STAGE_HEADERS``): each stage measured where it was made."""
+
+
+STAGE_HEADERS = ("stage", "weights MB", "ms", "speed-up", "mean cosine", "worst cosine")
+"""The columns of ``QuantizeRow.stages`` (``graphopt.recipe``'s stage section, on the example inputs)."""
 
 
 @dataclass
@@ -141,6 +148,15 @@ class QuantizeBenchResult(TableResult):
             r.fallen_back or "-",
             r.error or "",
         ] for r in self.rows]
+
+    def to_markdown(self) -> str:
+        """The table, then each compound row's stages (size, speed and fidelity after each step)."""
+        parts = [super().to_markdown()]
+        for row in self.rows:
+            if row.stages:
+                parts.append(f"\nStages of {row.model} / {row.backend} (measured as the recipe ran them):\n\n"
+                             + tabulate(row.stages, headers=STAGE_HEADERS, tablefmt="github") + "\n")
+        return "".join(parts)
 
 
 def run_quantize_benchmark(
@@ -263,12 +279,21 @@ def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], kind
                     if ranking is not None:
                         row.ranking_kept, row.rho = ranking
                 row.fallen_back = _fallen_back(result.runner)
+                row.stages = _recipe_stages(result.runner)
                 prepared.append((row, result))
             else:
                 row.error = result.error
     time_into_rows(name, prepared, plan, report)
     _ratios(rows)
     return rows
+
+
+def _recipe_stages(runner: Any) -> list[list[Any]] | None:
+    """The rows of ``runner``'s ``recipe: stages`` report section, when ``graphopt.recipe`` made it."""
+    for section in getattr(getattr(runner, "report", None), "sections", []):
+        if section.title == "recipe: stages" and tuple(section.headers) == STAGE_HEADERS:
+            return [list(row) for row in section.rows]
+    return None
 
 
 def _fallen_back(runner: Any) -> str | None:
