@@ -89,7 +89,7 @@ def recipe(
 
 
 def _describe(spec: Any) -> str:
-    """A stage's setting in a few words: ``0.5``, ``0.5 taylor``, ``int8-dynamic``."""
+    """A stage's setting in a few words: ``0.5``, ``0.5 taylor``, ``int8-dynamic`` (a scheme's config: its name)."""
     if isinstance(spec, str):
         return spec
     if isinstance(spec, (int, float)):
@@ -98,7 +98,7 @@ def _describe(spec: Any) -> str:
     if isinstance(amount, float):
         importance = getattr(spec, "importance", "l1")
         return f"{amount:g}" + (f" {importance}" if importance != "l1" else "")
-    return str(getattr(spec, "name", type(spec).__name__))
+    return str(getattr(spec, "scheme", None) or getattr(spec, "name", type(spec).__name__))
 
 
 def _as_inputs(batch: Any) -> tuple[Any, ...]:
