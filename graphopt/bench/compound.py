@@ -60,6 +60,10 @@ class Compound:
     min_cosine: float = 0.99
     text: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.text is not None:  # a short or unreadable file fails here, before any model is built
+            check_text_size(self.text, self.sentences)
+
     def describe(self) -> str:
         """The bench command's flags for it."""
         return (f"--compound {self.amount:g}"

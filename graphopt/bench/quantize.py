@@ -30,7 +30,7 @@ from tabulate import tabulate
 from torch import nn
 
 from graphopt.bench import zoo
-from graphopt.bench.compound import Compound, CompoundBackend, check_text_size
+from graphopt.bench.compound import Compound, CompoundBackend
 from graphopt.bench.openvino_peer import OpenVinoBackend
 from graphopt.bench.report import machine_info, versions, write_result_files
 from graphopt.bench.runner import (
@@ -45,6 +45,7 @@ from graphopt.bench.runner import (
     time_into_rows,
 )
 from graphopt.bench.table import TableResult
+from graphopt.workflows.recipe import STAGE_HEADERS, STAGES_TITLE
 
 __all__ = ["QuantizeBenchResult", "QuantizeRow", "run_quantize_benchmark"]
 
@@ -117,9 +118,6 @@ class QuantizeRow:
     stages: list[list[Any]] | None = None
     """A compound row's ``recipe: stages`` table (``STAGE_HEADERS``): each stage measured where it was made."""
 
-
-STAGE_HEADERS = ("stage", "weights MB", "ms", "speed-up", "mean cosine", "worst cosine")
-"""The columns of ``QuantizeRow.stages`` (``graphopt.recipe``'s stage section, on the example inputs)."""
 
 
 @dataclass
@@ -291,7 +289,7 @@ def _measure(name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], kind
 def _recipe_stages(runner: Any) -> list[list[Any]] | None:
     """The rows of ``runner``'s ``recipe: stages`` report section, when ``graphopt.recipe`` made it."""
     for section in getattr(getattr(runner, "report", None), "sections", []):
-        if section.title == "recipe: stages" and tuple(section.headers) == STAGE_HEADERS:
+        if section.title == STAGES_TITLE and tuple(section.headers) == STAGE_HEADERS:
             return [list(row) for row in section.rows]
     return None
 
@@ -327,8 +325,6 @@ def _ratios(rows: list[QuantizeRow]) -> None:
 def _compound(args: Any) -> Compound | None:
     if getattr(args, "compound", None) is None:
         return None
-    if args.distill_text is not None:
-        check_text_size(args.distill_text, args.distill_sentences)
     return Compound(args.compound, sentences=args.distill_sentences, epochs=args.distill_epochs,
                     embedding_bits=args.embedding_bits, min_cosine=args.compound_cosine,
                     text=None if args.distill_text is None else str(args.distill_text))

@@ -33,10 +33,17 @@ from graphopt.workflows.distill import distill as run_distill
 from graphopt.workflows.optimize import optimize
 from graphopt.workflows.optimized_model import OptimizedModel
 
-__all__ = ["recipe"]
+__all__ = ["STAGES_TITLE", "STAGE_HEADERS", "recipe"]
 
 TIMING_SECONDS = 1.0
 """About how long each stage's latency is measured for (at least 3 calls after a warm-up)."""
+
+
+STAGES_TITLE = "recipe: stages"
+"""The title of the report section measuring each stage."""
+STAGE_HEADERS = ("stage", "weights MB", "ms", "speed-up", "mean cosine", "worst cosine")
+"""Its columns: the stage, stored weight MB, median latency on the example inputs, speed-up over eager,
+mean and worst per-sample cosine to the original."""
 
 
 def recipe(
@@ -148,8 +155,7 @@ def _stage_section(stages: list[tuple[str, Any]], example: tuple[Any, ...], batc
         PlotSpec(kind="line", title="recipe: worst per-sample cosine to the original", x_labels=labels,
                  series={"cosine": cosines}, y_label="cosine"),
     ]
-    return ReportSection("recipe: stages", description,
-                         ["stage", "weights MB", "ms", "speed-up", "mean cosine", "worst cosine"], rows, plots)
+    return ReportSection(STAGES_TITLE, description, list(STAGE_HEADERS), rows, plots)
 
 
 def _leaves(model: Any, inputs: tuple[Any, ...], match: Any) -> list[torch.Tensor]:
