@@ -257,7 +257,7 @@ def test_compound_rows_read_their_text_from_a_file_the_user_gives(tmp_path: Path
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
-    from graphopt.bench.compound import distill_data
+    from graphopt.bench.compound import distill_data, text_sentences
     from graphopt.bench.quantize import _compound
     from graphopt.errors import InputError
 
@@ -266,7 +266,7 @@ def test_compound_rows_read_their_text_from_a_file_the_user_gives(tmp_path: Path
     path.write_text("\n\n".join(lines) + "\n", encoding="utf-8")  # blank lines between sentences are skipped
     example = (torch.zeros(2, 16, dtype=torch.long), torch.ones(2, 16, dtype=torch.long))
     tokenizer = AutoTokenizer.from_pretrained(zoo.minilm_path(), local_files_only=True)
-    batches = distill_data(example, count=4, batch=2, skip=4, text=path)
+    batches = distill_data(example, count=4, batch=2, skip=4, sentences=text_sentences(path))
     decoded = [tokenizer.decode(row, skip_special_tokens=True) for ids, _ in batches for row in ids]
     assert decoded == [line.lower() for line in lines[4:8]]
 

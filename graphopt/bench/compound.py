@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,14 +107,14 @@ def check_text_size(path: str | os.PathLike[str], count: int) -> None:
 
 def distill_data(example_inputs: tuple[torch.Tensor, ...], count: int = DISTILL_SENTENCES,
                  batch: int = DISTILL_BATCH, like_example: bool = False, skip: int = 0,
-                 text: str | os.PathLike[str] | None = None) -> list[tuple[torch.Tensor, ...]]:
+                 sentences: Sequence[str] | None = None) -> list[tuple[torch.Tensor, ...]]:
     """Unlabeled training batches for ``example_inputs``' model (see the module doc).
 
     ``like_example``: every batch shaped like the example (its batch size; token inputs padded to
     its length), which a graph with static shapes can calibrate on; else sentences are padded per
     batch of ``batch``. ``skip``: start after that many sentences (or random batches' worth), so
-    validation batches share nothing with the training ones. ``text``: token inputs read the
-    sentences of that file (``text_sentences``) instead of pydoc's.
+    validation batches share nothing with the training ones. ``sentences``: what token inputs
+    read (``pydoc_sentences()`` when None; ``text_sentences(path)`` for a file).
     """
     if like_example:
         batch = example_inputs[0].shape[0]
@@ -122,10 +123,10 @@ def distill_data(example_inputs: tuple[torch.Tensor, ...], count: int = DISTILL_
 
         tokenizer = AutoTokenizer.from_pretrained(zoo.minilm_path(), local_files_only=True)
         length = example_inputs[0].shape[1]
-        sentences = (pydoc_sentences() if text is None else text_sentences(text))[skip:skip + count]
+        chosen = list(pydoc_sentences() if sentences is None else sentences)[skip:skip + count]
         batches = []
-        for start in range(0, len(sentences) - (batch - 1 if like_example else 0), batch):
-            tokens = tokenizer(sentences[start:start + batch], padding="max_length" if like_example else True,
+        for start in range(0, len(chosen) - (batch - 1 if like_example else 0), batch):
+            tokens = tokenizer(chosen[start:start + batch], padding="max_length" if like_example else True,
                                truncation=True, max_length=length, return_tensors="pt")
             batches.append((tokens["input_ids"], tokens["attention_mask"])[:len(example_inputs)])
         return batches
@@ -161,12 +162,14 @@ class CompoundBackend(GraphoptBackend):
         from graphopt import Fidelity, Prune, recipe
         from graphopt.passes.quantize import Quantize
 
-        count, text = self.compound.sentences, self.compound.text
-        data = distill_data(example_inputs, count=count, text=text)
-        held_out = distill_data(example_inputs, count=VALIDATION_SENTENCES, skip=count, text=text)
+        count = self.compound.sentences
+        path = self.compound.text
+        sentences = pydoc_sentences() if path is None else text_sentences(path)  # read once, used three times
+        data = distill_data(example_inputs, count=count, sentences=sentences)
+        held_out = distill_data(example_inputs, count=VALIDATION_SENTENCES, skip=count, sentences=sentences)
         distill: dict[str, Any] = {"epochs": self.compound.epochs, "loss": self.loss, "lr": DISTILL_LR,
                                    "validation": held_out}
-        choosing = distill_data(example_inputs, count=count, like_example=True, text=text)
+        choosing = distill_data(example_inputs, count=count, like_example=True, sentences=sentences)
         scheme: Any = self.scheme
         if scheme in ("int8", "int8-dynamic"):
             scheme = Quantize(scheme, embedding_bits=self.compound.embedding_bits)
